@@ -1,0 +1,312 @@
+"""Train the shipped "shapes" model from nothing: VAE, then text encoder + UNet.
+
+    python -m sdlens.models.shapes.train --work runs/shapes --minutes 100
+    python -m sdlens.models.shapes.train --work runs/shapes --export sdlens/models/shapes/weights
+
+Seeded and resumable: every phase writes its checkpoint to ``--work`` and a rerun continues
+from the last one. Phases:
+
+1. VAE (AutoencoderKL, 64x64x3 <-> 16x16x4): MSE + a small KL term.
+2. Latent cache: N scenes are encoded once (the posterior's mean and std are kept; a sample is
+   drawn each step), and the scaling factor is computed as SD's was: 1 / std of the latents.
+3. Text encoder + UNet: epsilon prediction on SD's scaled-linear schedule, min-SNR-5 weighting,
+   10% empty captions (for classifier-free guidance), EMA 0.999. With ``--attn-loss W > 0`` an
+   extra loss teaches cross-attention where each object is (see ``attention_loss``); the model
+   card says so and reports the same recipe without it.
+4. Export: a diffusers folder (``StableDiffusionPipeline.save_pretrained``), fp16 safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import architecture
+from .dataset import COLOURS, SHAPES, make_dataset
+
+TOKENIZER_DIR = Path(__file__).parent / "weights" / "tokenizer"
+
+
+def _log(work: Path, **row) -> None:
+    print(json.dumps(row), flush=True)
+    with open(work / "log.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (n, H, W, 3) -> float (n, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# --------------------------------------------------------------------------- phase 1: VAE
+def train_vae(work: Path, steps: int, batch: int, seed: int) -> None:
+    ckpt = work / "vae.pt"
+    if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= steps:
+        return
+    torch.manual_seed(seed)
+    vae = architecture.vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    images, *_ = make_dataset(batch * 64, seed=seed + 1)
+    data = _to_tensor(images)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        x = data[torch.randint(0, len(data), (batch,), generator=g)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=g)).sample
+        mse = F.mse_loss(rec, x)
+        loss = mse + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps:
+            psnr = 10 * math.log10(4 / mse.item())
+            _log(work, phase="vae", step=step, mse=mse.item(), psnr=psnr, s=time.time() - t0)
+    torch.save({"state": vae.state_dict(), "step": steps}, ckpt)
+
+
+# --------------------------------------------------------------------------- phase 2: cache
+@torch.no_grad()
+def build_cache(work: Path, n: int, seed: int) -> None:
+    path = work / "cache.pt"
+    if path.exists():
+        return
+    vae = architecture.vae()
+    vae.load_state_dict(torch.load(work / "vae.pt", weights_only=True)["state"])
+    vae.eval()
+    images, masks, captions, objects = make_dataset(n, seed=seed + 2)
+    means, stds = [], []
+    for i in range(0, n, 256):
+        d = vae.encode(_to_tensor(images[i : i + 256])).latent_dist
+        means.append(d.mean.half())
+        stds.append(d.std.half())
+    mean, std = torch.cat(means), torch.cat(stds)
+    scaling = 1.0 / (mean.float() + std.float() * torch.randn_like(std.float())).std().item()
+    # token positions of each object's colour and shape word (every word is one CLIP token;
+    # position 0 is <|startoftext|>); -1 where there is no second object
+    words = [c.split() for c in captions]
+    obj_tokens = torch.full((n, 2, 2), -1, dtype=torch.long)
+    for i, (w, objs) in enumerate(zip(words, objects)):
+        for k, o in enumerate(objs):
+            for j in range(len(w) - 1):
+                if w[j] == o.colour and w[j + 1] == o.shape:
+                    obj_tokens[i, k] = torch.tensor([j + 1, j + 2])
+    masks_t = torch.from_numpy(masks).float()  # (n, 2, 64, 64)
+    pooled = {r: F.adaptive_avg_pool2d(masks_t, r).half() for r in (16, 8, 4)}
+    torch.save({"mean": mean, "std": std, "captions": captions, "obj_tokens": obj_tokens,
+                "masks": pooled, "scaling_factor": scaling}, path)
+    _log(work, phase="cache", n=n, scaling_factor=scaling)
+
+
+# --------------------------------------------------------------------------- phase 3: UNet
+class CaptureAttnProcessor:
+    """Cross-attention computed with explicit probabilities, which it keeps (with grad)."""
+
+    def __init__(self, store: list):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, **kwargs):
+        b, n, _ = hidden_states.shape
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(q, k, None)  # (b*heads, n, tokens)
+        self.store.append(probs.view(b, attn.heads, n, -1).mean(1))
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def attention_loss(store: list, obj_tokens: torch.Tensor, masks: dict, keep: torch.Tensor):
+    """Where each object's words attend, and how much of the object's attention they take.
+
+    store: per attn2 layer (batch, r*r, tokens); obj_tokens (batch, 2, 2) token positions of
+    (colour, shape) per object; masks {r: (batch, 2, r, r)} coverage; keep (batch,) captions not
+    dropped. Returns (loc, use):
+    - loc: 1 - share of each word's spatial attention mass that falls inside its object
+      (TokenCompose's token loss), averaged over words and layers;
+    - use: inside an object, max(0, 0.5 - attention on its two words), so that the words are
+      not only localised but also used (the prototype's localised-but-unused failure).
+    """
+    loc, use, count = 0.0, 0.0, 0
+    for probs in store:
+        r = int(math.isqrt(probs.shape[1]))
+        for k in range(2):
+            tok = obj_tokens[:, k]  # (batch, 2)
+            valid = (tok[:, 0] >= 0) & keep
+            if not valid.any():
+                continue
+            p, tk = probs[valid], tok[valid]
+            m = masks[r][valid, k].flatten(1).float()  # (b, r*r)
+            a = torch.gather(p, 2, tk[:, None, :].expand(-1, p.shape[1], -1))  # (b, r*r, 2)
+            share = (a * m[..., None]).sum(1) / a.sum(1).clamp_min(1e-8)  # (b, 2)
+            loc = loc + (1 - share).mean()
+            inside = F.relu(0.5 - a.sum(-1))  # (b, r*r)
+            use = use + ((inside * m).sum(1) / m.sum(1).clamp_min(1e-6)).mean()
+            count += 1
+    count = max(count, 1)
+    return loc / count, use / count
+
+
+def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_loss: float,
+               minutes: float, ckpt_every: int) -> bool:
+    """Returns True when ``steps`` were reached (False when stopped by the time limit)."""
+    from transformers import CLIPTokenizer
+
+    cache = torch.load(work / "cache.pt", weights_only=False)
+    mean, std, scaling = cache["mean"], cache["std"], cache["scaling_factor"]
+    n = len(mean)
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+    ids = tokenizer(cache["captions"], padding="max_length", max_length=77, truncation=True,
+                    return_tensors="pt").input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+
+    torch.manual_seed(seed)
+    unet, text = architecture.unet(), architecture.text_encoder()
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
+    scheduler = architecture.scheduler()
+    alphas = scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    g = torch.Generator().manual_seed(seed)
+    start = 0
+    ckpt = work / "unet.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        unet.load_state_dict(state["unet"]); text.load_state_dict(state["text"])
+        ema_unet.load_state_dict(state["ema_unet"]); ema_text.load_state_dict(state["ema_text"])
+        opt.load_state_dict(state["opt"]); g.set_state(state["rng"]); start = state["step"]
+        torch.set_rng_state(state["torch_rng"])
+    if start >= steps:
+        return True
+
+    store: list = []
+    if attn_loss > 0:
+        procs = {name: (CaptureAttnProcessor(store) if ".attn2." in name else proc)
+                 for name, proc in unet.attn_processors.items()}
+        unet.set_attn_processor(procs)
+
+    def save(step: int) -> None:
+        tmp = work / "unet.pt.tmp"
+        torch.save({"unet": unet.state_dict(), "text": text.state_dict(),
+                    "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                    "opt": opt.state_dict(), "rng": g.get_state(), "step": step,
+                    "torch_rng": torch.get_rng_state(), "scaling_factor": scaling}, tmp)
+        tmp.replace(ckpt)
+
+    warmup = 200
+    t0, deadline = time.time(), time.time() + minutes * 60
+    for step in range(start + 1, steps + 1):
+        frac = (step - warmup) / max(1, steps - warmup)
+        for group in opt.param_groups:  # warm-up, then cosine to 10%
+            group["lr"] = lr * (step / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+        idx = torch.randint(0, n, (batch,), generator=g)
+        x0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=g)) * scaling
+        keep = torch.rand(batch, generator=g) >= 0.1  # 10% empty captions for CFG
+        tok = torch.where(keep[:, None], ids[idx], empty_ids)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        store.clear()
+        pred = unet(xt, t, text(tok).last_hidden_state).sample
+        weight = snr[t].clamp(max=5.0) / snr[t]  # min-SNR-5 for epsilon prediction
+        diff = ((pred - noise) ** 2).mean((1, 2, 3))
+        loss = (diff * weight).mean()
+        row = {"phase": "unet", "step": step, "mse": diff.mean().item()}
+        if attn_loss > 0:
+            masks = {r: m[idx] for r, m in cache["masks"].items()}
+            loc, use = attention_loss(store, cache["obj_tokens"][idx], masks, keep)
+            loss = loss + attn_loss * (loc + use)
+            row.update(loc=float(loc), use=float(use))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(list(ema_unet.parameters()) + list(ema_text.parameters()), params):
+                e.lerp_(p, 1 - decay)
+        if step % 50 == 0:
+            _log(work, **row, s=round(time.time() - t0, 1))
+        if step % ckpt_every == 0:
+            save(step)
+        if time.time() > deadline:
+            save(step)
+            return False
+    save(steps)
+    return True
+
+
+# --------------------------------------------------------------------------- phase 4: export
+def export(work: Path, out: Path) -> Path:
+    """Write the EMA weights as a diffusers folder, fp16 safetensors."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    state = torch.load(work / "unet.pt", weights_only=False)
+    unet, text, vae = architecture.unet(), architecture.text_encoder(), architecture.vae()
+    unet.load_state_dict(state["ema_unet"]); text.load_state_dict(state["ema_text"])
+    vae.load_state_dict(torch.load(work / "vae.pt", weights_only=True)["state"])
+    vae.register_to_config(scaling_factor=float(state["scaling_factor"]))
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+        scheduler=architecture.scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.to(torch.float16)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    for keep in ("README.md", "eval.json", "latent_rgb.json"):  # files written by evaluate
+        if (out / keep).exists():
+            shutil.copy(out / keep, tmp / keep)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Train the shipped shapes model (resumable).")
+    p.add_argument("--work", type=Path, default=Path("runs/shapes"), help="checkpoints and logs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=500)
+    p.add_argument("--cache", type=int, default=40000, help="scenes in the latent cache")
+    p.add_argument("--steps", type=int, default=3600, help="UNet optimisation steps")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--attn-loss", type=float, default=0.1,
+                   help="weight of the attention-localisation loss (0: maps learned freely)")
+    p.add_argument("--minutes", type=float, default=1e9, help="stop (with a checkpoint) after")
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--export", type=Path, default=None, help="write the model folder here")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}))
+    train_vae(args.work, args.vae_steps, 32, args.seed)
+    build_cache(args.work, args.cache, args.seed)
+    done = train_unet(args.work, args.steps, args.batch, args.seed, args.lr, args.attn_loss,
+                      args.minutes, args.ckpt_every)
+    _log(args.work, phase="unet-end", finished=done)
+    if args.export:
+        print(export(args.work, args.export))
+
+
+if __name__ == "__main__":
+    main()
