@@ -1,0 +1,207 @@
+"""Random-weight pipelines of the real Stable Diffusion architectures, for tests and benchmarks.
+
+No weights can be downloaded here, so tests run on pipelines built from the real architecture
+configs (SD 1.5, SD 2.1, SDXL, and the shipped "shapes" model) with random weights:
+
+>>> pipe = random_pipeline("sd15")                 # shrunk: fast enough for unit tests
+>>> pipe = random_pipeline("sd15", scale=1.0)      # the full 859M-parameter UNet (benchmarks)
+>>> pipe = random_pipeline("sdxl", task="inpaint") # 9-channel UNet, StableDiffusionXLInpaintPipeline
+
+``scale`` multiplies every channel count (rounded to a multiple of 16) and, below 0.5, keeps one
+resnet / transformer layer per block; block types, attention layout, cross-attention widths'
+structure, prediction type and scheduler are those of the real model. The tokenizer is the real
+CLIP BPE tokenizer (see ``sdlens.models.shapes.tokenizer``); SD 2.x and SDXL's second tokenizer
+pad with "!" as OpenCLIP does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+ARCHS = ("sd15", "sd21", "sdxl", "shapes")
+TASKS = ("txt2img", "img2img", "inpaint")
+TOKENIZER_DIR = Path(__file__).parent / "models" / "shapes" / "weights" / "tokenizer"
+
+# The real UNet / text encoder / VAE hyper-parameters (from the hub configs of
+# stable-diffusion-v1-5, stable-diffusion-2-1 and stable-diffusion-xl-base-1.0).
+_SD15 = dict(
+    unet=dict(
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+        sample_size=64,
+    ),
+    text=[dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+               num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768)],
+    vae=dict(block_out_channels=(128, 256, 512, 512), scaling_factor=0.18215, sample_size=512),
+    scheduler=("PNDMScheduler", dict(skip_prk_steps=True)),
+    prediction_type="epsilon",
+)
+_SD21 = dict(
+    unet=dict(
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+        attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, upcast_attention=True,
+        sample_size=96,
+    ),
+    text=[dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+               num_attention_heads=16, hidden_act="gelu", projection_dim=512)],
+    vae=dict(block_out_channels=(128, 256, 512, 512), scaling_factor=0.18215, sample_size=768),
+    scheduler=("DDIMScheduler", dict(clip_sample=False, set_alpha_to_one=False)),
+    prediction_type="v_prediction",
+)
+_SDXL = dict(
+    unet=dict(
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280), layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+        use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=256, sample_size=128,
+    ),
+    text=[dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+               num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768),
+          dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+               num_attention_heads=20, hidden_act="gelu", projection_dim=1280)],
+    vae=dict(block_out_channels=(128, 256, 512, 512), scaling_factor=0.13025, sample_size=1024),
+    scheduler=("EulerDiscreteScheduler", dict(timestep_spacing="leading")),
+    prediction_type="epsilon",
+)
+
+
+def _shrink(c: int, scale: float) -> int:
+    return c if scale >= 1 else max(16, int(round(c * scale / 16)) * 16)
+
+
+def _unet(cfg: dict, scale: float, cross_dim: int, in_channels: int, proj_dim: int | None,
+          sample_size: int | None):
+    from diffusers import UNet2DConditionModel
+
+    cfg = dict(cfg)
+    channels = tuple(_shrink(c, scale) for c in cfg.pop("block_out_channels"))
+    heads = cfg.pop("attention_head_dim")
+    if scale < 1:
+        # SD 1.x counts heads (8); SD 2.x / SDXL count 64-wide heads: keep the same rule.
+        heads = 8 if isinstance(heads, int) else tuple(max(1, c // 64) for c in channels)
+        if isinstance(heads, int) and min(channels) % heads:
+            heads = 4
+        cfg["layers_per_block"] = 1 if scale < 0.5 else cfg["layers_per_block"]
+        if "transformer_layers_per_block" in cfg:
+            cfg["transformer_layers_per_block"] = tuple(
+                max(1, round(n * scale)) for n in cfg["transformer_layers_per_block"])
+        if "addition_time_embed_dim" in cfg:
+            cfg["addition_time_embed_dim"] = 8
+    if cfg.get("addition_embed_type") == "text_time":
+        cfg["projection_class_embeddings_input_dim"] = 6 * cfg["addition_time_embed_dim"] + proj_dim
+    if sample_size is not None:
+        cfg["sample_size"] = sample_size
+    return UNet2DConditionModel(
+        in_channels=in_channels, out_channels=4, block_out_channels=channels,
+        attention_head_dim=heads, cross_attention_dim=cross_dim,
+        norm_num_groups=32 if scale >= 1 else 8, **cfg)
+
+
+def _text(cfg: dict, scale: float, with_projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = dict(cfg)
+    if scale < 1:
+        heads = 2
+        hidden = max(32, int(round(cfg["hidden_size"] * scale / 32)) * 32)
+        cfg.update(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=heads,
+                   num_hidden_layers=2, projection_dim=hidden)
+    config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                            eos_token_id=49407, pad_token_id=49407, **cfg)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _vae(cfg: dict, scale: float):
+    from diffusers import AutoencoderKL
+
+    cfg = dict(cfg)
+    channels = tuple(_shrink(c, scale / 4) if scale < 1 else c for c in cfg.pop("block_out_channels"))
+    n = len(channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=2 if scale >= 1 else 1, norm_num_groups=32 if scale >= 1 else 8, **cfg)
+
+
+def tokenizer(pad_token: str | None = None):
+    """The real CLIP tokenizer (SD 1.x); ``pad_token="!"`` gives SD 2.x / SDXL-2's padding."""
+    from transformers import CLIPTokenizer
+
+    kwargs = {"pad_token": pad_token} if pad_token else {}
+    return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, **kwargs)
+
+
+def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2img",
+                    seed: int = 0, sample_size: int | None = None,
+                    prediction_type: str | None = None, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32):
+    """A diffusers pipeline of a real SD architecture with random (seeded) weights.
+
+    Args:
+        arch: "sd15", "sd21" (v-prediction), "sdxl", or "shapes" (the shipped model's layout).
+        scale: channel multiplier; 1.0 is the real size, the default 0.05 a ~1-4M-parameter
+            version that keeps every block type and attention layer of the real one.
+        task: "txt2img", "img2img" or "inpaint" (inpainting UNets take 9 input channels).
+        seed: seeds the weights.
+        sample_size: the UNet's latent size (default: 8 when shrunk, the real one at scale 1).
+        prediction_type: override the scheduler's ("epsilon", "v_prediction", "sample").
+    """
+    import diffusers
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(ARCHS)}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+    if not 0 < scale <= 1:
+        raise ValueError(f"scale must be in (0, 1], got {scale}")
+    torch.manual_seed(seed)
+    in_channels = 9 if task == "inpaint" else 4
+    if arch == "shapes":
+        from .models.shapes import architecture as shapes_arch
+
+        unet = shapes_arch.unet()
+        if in_channels != 4:
+            cfg = dict(unet.config)
+            cfg["in_channels"] = in_channels
+            unet = diffusers.UNet2DConditionModel.from_config(cfg)
+        components = dict(unet=unet, vae=shapes_arch.vae(), text_encoder=shapes_arch.text_encoder(),
+                          tokenizer=tokenizer(), scheduler=shapes_arch.scheduler())
+        family = "sd"
+    else:
+        spec = {"sd15": _SD15, "sd21": _SD21, "sdxl": _SDXL}[arch]
+        texts = [_text(c, scale, with_projection=(i == 1)) for i, c in enumerate(spec["text"])]
+        cross_dim = sum(t.config.hidden_size for t in texts)
+        proj_dim = texts[-1].config.projection_dim if arch == "sdxl" else None
+        size = sample_size or (None if scale >= 1 else 8)
+        unet = _unet(spec["unet"], scale, cross_dim, in_channels, proj_dim, size)
+        vae = _vae(spec["vae"], scale)
+        sched_name, sched_kwargs = spec["scheduler"]
+        scheduler = getattr(diffusers, sched_name)(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+            beta_schedule="scaled_linear", steps_offset=1,
+            prediction_type=prediction_type or spec["prediction_type"], **sched_kwargs)
+        components = dict(unet=unet, vae=vae, text_encoder=texts[0], scheduler=scheduler,
+                          tokenizer=tokenizer("!" if arch == "sd21" else None))
+        if arch == "sdxl":
+            components.update(text_encoder_2=texts[1], tokenizer_2=tokenizer("!"))
+        family = "sdxl" if arch == "sdxl" else "sd"
+    if prediction_type and arch == "shapes":
+        components["scheduler"].register_to_config(prediction_type=prediction_type)
+    prefix = {"sd": "StableDiffusion", "sdxl": "StableDiffusionXL"}[family]
+    suffix = {"txt2img": "Pipeline", "img2img": "Img2ImgPipeline", "inpaint": "InpaintPipeline"}[task]
+    cls = getattr(diffusers, prefix + suffix)
+    if family == "sd":
+        components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = cls(**components)
+    pipe.to(device)
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
