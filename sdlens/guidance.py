@@ -1,0 +1,298 @@
+"""Classifier-free guidance and the scheduler, seen from a trace (no UNet call).
+
+CFG: the UNet predicts the noise twice, without the prompt (``noise_uncond``) and with it
+(``noise_text``); the scheduler gets ``uncond + g * (text - uncond)``. The *CFG delta*
+``text - uncond`` is what guidance amplifies: :func:`cfg_delta` gives it per step,
+:func:`guidance_stats` its size, and :func:`x0_at_guidance` what the predicted clean latent x0 of
+one step would have been at another scale ``g'`` (the prediction is affine in the noise, so the
+recorded predictions suffice). Only that step changes: later steps would differ too, which no
+recorded data can tell without running the UNet again.
+
+x0 uses the formula of the trace's scheduler (as ``sdlens.hooks.scheduler`` records it):
+
+* alpha form (DDIM, DDPM, PNDM, ...), ``a = alphas_cumprod[t]``: eps ``x0 = (x - sqrt(1-a) eps) /
+  sqrt(a)``; v ``x0 = sqrt(a) x - sqrt(1-a) v``;
+* sigma form (Euler, LMS, Heun, ...; ``x`` unscaled): eps ``x0 = x - sigma eps``; v
+  ``x0 = -sigma/sqrt(sigma^2+1) v + x/(sigma^2+1)``;
+* alpha/sigma form (DPM-Solver, UniPC, ...): ``alpha = 1/sqrt(sigma^2+1)``,
+  ``sigma_t = sigma alpha``: eps ``x0 = (x - sigma_t eps) / alpha``; v ``x0 = alpha x - sigma_t v``;
+* ``prediction_type == "sample"``: ``x0`` is the prediction itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMS = ("alpha", "sigma", "alpha_sigma")
+_SIGMA_CLASSES = ("Euler", "LMS", "Heun", "KDPM2")
+_ALPHA_SIGMA_CLASSES = ("DPMSolver", "UniPC", "DEIS", "SASolver")
+
+
+def _meta(trace: Any) -> dict:
+    return getattr(trace, "meta", None) or {}
+
+
+def _first(d: dict, *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        if d.get(k) is not None:
+            return d[k]
+    return default
+
+
+def scheduler_class(trace: Any) -> str | None:
+    meta = _meta(trace)
+    cls = _first(meta, "scheduler_class", "scheduler")
+    if isinstance(cls, dict):
+        cls = cls.get("class") or cls.get("_class_name")
+    return cls if isinstance(cls, str) else None
+
+
+def scheduler_config(trace: Any) -> dict:
+    meta = _meta(trace)
+    cfg = _first(meta, "scheduler_config", default=None)
+    if cfg is None and isinstance(meta.get("scheduler"), dict):
+        cfg = meta["scheduler"].get("config")
+    return dict(cfg or {})
+
+
+def prediction_type(trace: Any) -> str:
+    meta = _meta(trace)
+    return _first(meta, "prediction_type", default=None) or scheduler_config(trace).get(
+        "prediction_type", "epsilon")
+
+
+def rebuild_scheduler(trace: Any):
+    """The trace's scheduler, rebuilt from ``meta`` (class name + config), or None."""
+    cls = scheduler_class(trace)
+    if not cls:
+        return None
+    import diffusers
+
+    klass = getattr(diffusers, cls, None)
+    if klass is None:
+        return None
+    try:
+        return klass.from_config(scheduler_config(trace))
+    except Exception:  # noqa: BLE001 - an odd config: the caller reports what is missing
+        return None
+
+
+def schedule_form(trace: Any) -> str:
+    """"alpha", "sigma" or "alpha_sigma": which x0 formula fits the trace's scheduler."""
+    meta = _meta(trace)
+    form = _first(meta, "schedule_form", "x0_form")
+    if form in FORMS:
+        return form
+    cls = scheduler_class(trace) or ""
+    sigmas = getattr(trace, "sigmas", None)
+    if sigmas is None:
+        return "alpha"
+    if any(k in cls for k in _ALPHA_SIGMA_CLASSES):
+        return "alpha_sigma"
+    if any(k in cls for k in _SIGMA_CLASSES):
+        return "sigma"
+    sched = rebuild_scheduler(trace)
+    if sched is not None:
+        try:
+            from .hooks.scheduler import schedule_form as engine_form
+
+            sched.set_timesteps(len(trace.timesteps))
+            form = engine_form(sched)
+            if form in FORMS:
+                return form
+        except Exception:  # noqa: BLE001
+            pass
+    raise ValueError(f"cannot tell the x0 formula of scheduler {cls or '(unknown)'}: the trace "
+                     f"has sigmas but the scheduler is none of {_SIGMA_CLASSES + _ALPHA_SIGMA_CLASSES}"
+                     " nor DDIM-like")
+
+
+def _alphas_cumprod(trace: Any) -> torch.Tensor:
+    sched = rebuild_scheduler(trace)
+    ac = getattr(sched, "alphas_cumprod", None)
+    if ac is None:
+        raise ValueError("this trace's metadata holds no scheduler class/config from which "
+                         "alphas_cumprod can be rebuilt (meta['scheduler_class'] / "
+                         "meta['scheduler_config'])")
+    return ac.float()
+
+
+def _check_step(trace: Any, step: Any) -> int:
+    n = len(trace.timesteps)
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        raise TypeError(f"step must be an int, got {type(step).__name__}")
+    if not -n <= step < n:
+        raise ValueError(f"step {step} is out of range: the run has {n} steps (0..{n - 1})")
+    return int(step) % n
+
+
+def _batch_index(trace: Any, batch: Any) -> Any:
+    if batch is None:
+        return slice(None)
+    n = trace.latents.shape[1]
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)):
+        raise TypeError(f"batch must be None or an int, got {type(batch).__name__}")
+    if not -n <= batch < n:
+        raise ValueError(f"batch={batch} is out of range: the trace holds {n} image(s)")
+    return int(batch)
+
+
+def x0_coefficients(trace: Any, step: int) -> tuple[float, float]:
+    """``(A, B)`` with ``x0 = A * x_t + B * prediction`` at ``step`` for the trace's scheduler."""
+    step = _check_step(trace, step)
+    ptype = prediction_type(trace)
+    if ptype == "sample":
+        return 0.0, 1.0
+    if ptype not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type {ptype!r} is not supported; allowed: epsilon, "
+                         "v_prediction, sample")
+    form = schedule_form(trace)
+    if form == "alpha":
+        a = float(_alphas_cumprod(trace)[int(round(float(trace.timesteps[step])))])
+        if ptype == "epsilon":
+            return 1 / math.sqrt(a), -math.sqrt(1 - a) / math.sqrt(a)
+        return math.sqrt(a), -math.sqrt(1 - a)
+    sigma = float(trace.sigmas[step])
+    if form == "sigma":
+        if ptype == "epsilon":
+            return 1.0, -sigma
+        return 1 / (sigma**2 + 1), -sigma / math.sqrt(sigma**2 + 1)
+    alpha = 1 / math.sqrt(sigma**2 + 1)
+    sigma_t = sigma * alpha
+    if ptype == "epsilon":
+        return 1 / alpha, -sigma_t / alpha
+    return alpha, -sigma_t
+
+
+def _require_cfg(trace: Any) -> None:
+    if getattr(trace, "noise_uncond", None) is None or getattr(trace, "noise_text", None) is None:
+        raise ValueError("this trace has no unconditional prediction (guidance was off, "
+                         "guidance_scale <= 1, or noise was not recorded): there is no CFG delta")
+
+
+def cfg_delta(trace: Any, step: Any = None, batch: Any = None) -> torch.Tensor:
+    """``noise_text - noise_uncond``: ``(steps, batch, C, h, w)``, or one step / one image."""
+    _require_cfg(trace)
+    d = trace.noise_text.float() - trace.noise_uncond.float()
+    if step is not None:
+        d = d[_check_step(trace, step)]
+        return d[_batch_index(trace, batch)]
+    return d[:, _batch_index(trace, batch)]
+
+
+@dataclass
+class GuidanceStats:
+    """Per step (``(steps,)`` arrays for one image): RMS of the CFG delta, of the unconditional
+    and text predictions, the cosine between them and the effective push
+    ``guidance_scale * rms(delta)``."""
+
+    steps: np.ndarray
+    timesteps: np.ndarray
+    delta_rms: np.ndarray
+    uncond_rms: np.ndarray
+    text_rms: np.ndarray
+    cosine: np.ndarray
+    guidance_scale: float
+    push_rms: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.push_rms = self.guidance_scale * self.delta_rms
+
+
+def _rms(x: torch.Tensor) -> np.ndarray:
+    return x.flatten(1).pow(2).mean(1).sqrt().numpy()
+
+
+def guidance_stats(trace: Any, batch: int = 0) -> GuidanceStats:
+    """How hard CFG pulls at each step (see :class:`GuidanceStats`)."""
+    _require_cfg(trace)
+    b = _batch_index(trace, batch)
+    u = trace.noise_uncond[:, b].float()
+    t = trace.noise_text[:, b].float()
+    d = t - u
+    cos = torch.nn.functional.cosine_similarity(u.flatten(1), t.flatten(1), dim=1).numpy()
+    n = len(trace.timesteps)
+    return GuidanceStats(np.arange(n), np.asarray(trace.timesteps, dtype=np.float64), _rms(d),
+                         _rms(u), _rms(t), cos, float(trace.guidance_scale))
+
+
+def x0_at_guidance(trace: Any, step: int, scale: float, batch: Any = None) -> torch.Tensor:
+    """x0 that ``step`` would have predicted at guidance scale ``scale`` (same x_t, same uncond
+    and text predictions): ``(batch, C, h, w)`` or ``(C, h, w)`` for one image. At the recorded
+    scale it equals ``trace.x0[step]``."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise TypeError(f"scale must be a number, got {type(scale).__name__}")
+    _require_cfg(trace)
+    step = _check_step(trace, step)
+    b = _batch_index(trace, batch)
+    u = trace.noise_uncond[step][b].float()
+    t = trace.noise_text[step][b].float()
+    pred = u + float(scale) * (t - u)
+    a, c = x0_coefficients(trace, step)
+    return a * trace.latents[step][b].float() + c * pred
+
+
+def x0_guidance_sweep(trace: Any, step: int, scales: Any, batch: int = 0) -> torch.Tensor:
+    """:func:`x0_at_guidance` for several scales: ``(len(scales), C, h, w)``."""
+    return torch.stack([x0_at_guidance(trace, step, float(s), batch) for s in scales])
+
+
+# --------------------------------------------------------------------------- scheduler view
+@dataclass
+class SchedulerView:
+    """The schedule the run used, one entry per step (``(steps,)`` arrays):
+
+    ``timesteps``; ``alphas_cumprod`` at each timestep (``a_t``; NaN if not rebuildable);
+    ``sigmas`` (recorded for sigma schedulers, else ``sqrt((1 - a_t) / a_t)``);
+    ``log_snr = log(a_t / (1 - a_t)) = -2 log sigma``; ``dt`` = timestep minus the next step's
+    (the last step goes to 0) and ``dsigma`` the same for sigma: the step sizes.
+    """
+
+    scheduler: str
+    prediction_type: str
+    form: str
+    timesteps: np.ndarray
+    sigmas: np.ndarray
+    alphas_cumprod: np.ndarray
+    log_snr: np.ndarray
+    dt: np.ndarray
+    dsigma: np.ndarray
+
+    def to_dict(self) -> dict:
+        out = {}
+        for k, v in vars(self).items():
+            out[k] = v.tolist() if isinstance(v, np.ndarray) else v
+        return out
+
+
+def scheduler_view(trace: Any) -> SchedulerView:
+    """Timesteps, sigmas / alphas and step sizes per step (see :class:`SchedulerView`)."""
+    ts = np.asarray(trace.timesteps, dtype=np.float64)
+    n = len(ts)
+    try:
+        form = schedule_form(trace)
+    except ValueError:
+        form = "unknown"
+    try:
+        ac_table = _alphas_cumprod(trace).double().numpy()
+        idx = np.clip(np.round(ts).astype(int), 0, len(ac_table) - 1)
+        ac = ac_table[idx]
+    except ValueError:
+        ac = np.full(n, np.nan)
+    if getattr(trace, "sigmas", None) is not None:
+        sig = np.asarray(trace.sigmas, dtype=np.float64)
+        if np.isnan(ac).all():
+            ac = 1 / (1 + sig**2)
+    else:
+        sig = np.sqrt((1 - ac) / ac)
+    with np.errstate(divide="ignore"):
+        log_snr = np.log(ac / (1 - ac))
+    dt = ts - np.append(ts[1:], 0.0)
+    dsig = sig - np.append(sig[1:], 0.0)
+    return SchedulerView(scheduler_class(trace) or "unknown", prediction_type(trace), form, ts,
+                         sig, ac, log_snr, dt, dsig)

@@ -1,0 +1,401 @@
+"""Word heatmaps from recorded cross-attention: pooling made explicit.
+
+``word_heatmap(trace, "circle")`` (also ``trace.heatmap("circle")``) answers "where in the image
+did the word *circle* attend?". The recorded maps (see ``sdlens.attention.AttentionMaps``) are
+cross-attention probabilities, per step and per ``attn2`` layer at the layer's own resolution,
+``(steps, batch, tokens, h, w)`` (heads averaged) or ``(steps, batch, heads, tokens, h, w)``.
+
+Pooling ``"sdlens"`` (the default), in this order:
+
+1. **tokens**: a word CLIP split into several sub-word tokens (``dream`` + ``beach</w>``) gets
+   the *mean* of its tokens' maps (as DAAM does); a phrase query (``"red circle"``) the mean of
+   all its tokens;
+2. **heads**: mean over the chosen heads (``heads=None``: all; head-averaged recordings already
+   hold this mean);
+3. **steps**: mean over the chosen recorded steps (``steps=None``: all recorded), or each step on
+   its own with ``per_step=True``;
+4. **layers**: each chosen layer's map is upsampled *bilinearly* (``align_corners=False``) from
+   its own resolution to the output size (default: the image size), then the layers are averaged
+   with *equal weight per layer* (``layers=None``: every recorded layer; a 8x8 middle layer counts
+   as much as a 64x64 one);
+5. **normalisation** (``normalize=True``): min-max to ``[0, 1]`` (per step with ``per_step``).
+   With ``normalize=False`` the values are mean attention probabilities (in ``[0, 1]``).
+
+Pooling ``"daam"`` reproduces DAAM's aggregation (Tang et al., ACL 2023) so results can be put
+next to the paper: each layer's per-head map is upsampled *bicubically* to the latent grid
+(DAAM: 64x64 for 512 px images; here the trace's latent size) and clamped at 0; maps are
+*summed* over heads, layers and steps (a layer with more heads weighs more; with head-averaged
+recordings every layer counts as one head), sub-word tokens are averaged, the result is upsampled
+bicubically to the output size and min-max normalised (then clamped to ``[0, 1]``).
+
+Only the conditional (text) branch's attention is ever recorded, as DAAM keeps it too.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .tokens import Word, available, find_word, trace_words
+
+POOLINGS = ("sdlens", "daam")
+
+
+# --------------------------------------------------------------------------- argument helpers
+def _maps(trace: Any):
+    maps = getattr(trace, "attention", None)
+    if maps is None:
+        raise ValueError("this trace holds no attention maps (recorded with attention=False?); "
+                         "record again with attention on to get heatmaps")
+    if not list(maps.layers):
+        raise ValueError("this trace's attention maps hold no layers")
+    return maps
+
+
+def _n_steps(trace: Any) -> int:
+    ts = getattr(trace, "timesteps", None)
+    if ts is not None:
+        return len(ts)
+    return max(_maps(trace).steps) + 1
+
+
+def resolve_steps(trace: Any, steps: Any) -> list[int]:
+    """Step indices (into ``trace.timesteps``) chosen by ``steps``: None (all recorded), an int
+    (negative counts from the end), a slice / range, or a list of ints. Each must be recorded."""
+    maps = _maps(trace)
+    recorded = [int(s) for s in maps.steps]
+    n = _n_steps(trace)
+    if steps is None:
+        return recorded
+    if isinstance(steps, bool):
+        raise TypeError("steps must be None, an int, a slice/range or a list of ints, not a bool")
+    if isinstance(steps, (int, np.integer)):
+        chosen = [int(steps)]
+    elif isinstance(steps, slice):
+        chosen = list(range(n))[steps]
+    elif isinstance(steps, (range, list, tuple, np.ndarray, torch.Tensor)):
+        chosen = [int(s) for s in (steps.tolist() if hasattr(steps, "tolist") else steps)]
+    else:
+        raise TypeError(f"steps must be None, an int, a slice/range or a list of ints, got "
+                        f"{type(steps).__name__}")
+    out = []
+    for s in chosen:
+        if not -n <= s < n:
+            raise ValueError(f"step {s} is out of range: the run has {n} steps (0..{n - 1})")
+        s = s % n
+        if s not in recorded:
+            raise ValueError(f"step {s} has no attention maps; recorded steps: {recorded}")
+        out.append(s)
+    if not out:
+        raise ValueError(f"steps={steps!r} selects no step; recorded steps: {recorded}")
+    return out
+
+
+def resolve_layers(trace: Any, layers: Any) -> list[str]:
+    """Layer names chosen by ``layers`` (anything ``AttentionMaps.select`` accepts)."""
+    maps = _maps(trace)
+    if layers is None:
+        return list(maps.layers)
+    names = list(maps.select(layers))
+    if not names:
+        raise ValueError(f"layers={layers!r} matches no recorded layer; recorded: "
+                         f"{list(maps.layers)} (also 'down'/'mid'/'up' or a resolution)")
+    return names
+
+
+def output_size(trace: Any, size: Any = None) -> tuple[int, int]:
+    """(H, W) of the output: ``size`` (int or (H, W)), else the image size of the trace."""
+    if size is not None:
+        if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+            size = (int(size), int(size))
+        if (not isinstance(size, (tuple, list)) or len(size) != 2
+                or not all(isinstance(v, (int, np.integer)) and v > 0 for v in size)):
+            raise ValueError(f"size must be a positive int or (H, W), got {size!r}")
+        return int(size[0]), int(size[1])
+    meta = getattr(trace, "meta", None) or {}
+    if meta.get("height") and meta.get("width"):
+        return int(meta["height"]), int(meta["width"])
+    images = getattr(trace, "images", None)
+    if images:
+        w, h = images[0].size
+        return h, w
+    lat = trace.latents
+    return int(lat.shape[-2]) * 8, int(lat.shape[-1]) * 8
+
+
+def _latent_size(trace: Any) -> tuple[int, int]:
+    lat = getattr(trace, "latents", None)
+    if lat is not None:
+        return int(lat.shape[-2]), int(lat.shape[-1])
+    h, w = output_size(trace)
+    return h // 8, w // 8
+
+
+def _check_batch(trace: Any, batch: Any) -> int:
+    n = len(trace.tokens)
+    if not isinstance(batch, (int, np.integer)) or isinstance(batch, bool):
+        raise TypeError(f"batch must be an int, got {type(batch).__name__}")
+    if not -n <= batch < n:
+        raise ValueError(f"batch={batch} is out of range: the trace holds {n} image(s)")
+    return int(batch) % n
+
+
+def _token_index(maps: Any, positions: Sequence[int], what: str) -> list[int]:
+    kept = [int(p) for p in maps.token_positions]
+    idx = []
+    for p in positions:
+        if p not in kept:
+            raise ValueError(f"{what} sits at token position {p}, which was not recorded; "
+                             f"recorded positions: {kept[0]}..{kept[-1]}")
+        idx.append(kept.index(p))
+    return idx
+
+
+def _head_index(m: torch.Tensor, heads: Any, name: str) -> Any:
+    if heads is None:
+        return None
+    if m.ndim != 6:
+        raise ValueError(f"heads={heads!r} needs maps recorded with heads kept; layer {name} was "
+                         f"recorded with heads averaged (record with heads=True)")
+    n = m.shape[2]
+    hs = [heads] if isinstance(heads, (int, np.integer)) else list(heads)
+    for h in hs:
+        if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or not -n <= h < n:
+            raise ValueError(f"head {h!r} is out of range: layer {name} has {n} heads (0..{n - 1})")
+    return [int(h) % n for h in hs]
+
+
+# --------------------------------------------------------------------------- core pooling
+def _layer_maps(maps: Any, name: str, step_idx: list[int], batch: int, tok_idx: list[int],
+                heads: Any) -> torch.Tensor:
+    """(steps, heads', tokens', h, w) float32 for one layer (heads' = 1 when averaged)."""
+    m = maps[name]
+    hidx = _head_index(m, heads, name)
+    m = m[step_idx][:, batch].float()
+    if m.ndim == 4:  # (steps, tokens, h, w)
+        m = m.unsqueeze(1)
+    elif hidx is not None:
+        m = m[:, hidx]
+    return m[:, :, tok_idx]
+
+
+def pooled_map(trace: Any, positions: Sequence[int], steps: Any = None, layers: Any = None,
+               heads: Any = None, batch: int = 0, pooling: str = "sdlens", per_step: bool = False,
+               size: Any = None, normalize: bool = True, what: str = "token") -> torch.Tensor:
+    """Pool the maps of token ``positions`` (merged by their mean) as the module doc says.
+
+    Returns ``(H, W)`` float32, or ``(steps, H, W)`` with ``per_step=True``.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    maps = _maps(trace)
+    batch = _check_batch(trace, batch)
+    steps_ = resolve_steps(trace, steps)
+    recorded = [int(s) for s in maps.steps]
+    step_idx = [recorded.index(s) for s in steps_]
+    names = resolve_layers(trace, layers)
+    tok_idx = _token_index(maps, positions, what)
+    out_hw = output_size(trace, size)
+
+    acc = None
+    if pooling == "sdlens":
+        for name in names:
+            m = _layer_maps(maps, name, step_idx, batch, tok_idx, heads)  # (S, h', t, h, w)
+            m = m.mean(dim=(1, 2))  # heads, then tokens
+            if not per_step:
+                m = m.mean(0, keepdim=True)
+            up = F.interpolate(m[:, None], size=out_hw, mode="bilinear", align_corners=False)[:, 0]
+            acc = up if acc is None else acc + up
+        acc = acc / len(names)
+    else:  # daam
+        grid = _latent_size(trace)
+        for name in names:
+            m = _layer_maps(maps, name, step_idx, batch, tok_idx, heads)  # (S, h', t, h, w)
+            s, nh, nt, h, w = m.shape
+            up = F.interpolate(m.reshape(s * nh * nt, 1, h, w), size=grid, mode="bicubic",
+                               align_corners=False).clamp_(min=0)
+            up = up.reshape(s, nh, nt, *grid).sum(1)  # sum over heads -> (S, t, gh, gw)
+            if not per_step:
+                up = up.sum(0, keepdim=True)
+            acc = up if acc is None else acc + up
+        acc = acc.mean(1)  # merge the word's tokens
+        acc = F.interpolate(acc[:, None], size=out_hw, mode="bicubic", align_corners=False)[:, 0]
+    if normalize:
+        acc = _minmax(acc, what)
+        if pooling == "daam":
+            acc = acc.clamp_(0, 1)
+    return acc if per_step else acc[0]
+
+
+def _minmax(x: torch.Tensor, what: str) -> torch.Tensor:
+    lo = x.amin(dim=(-2, -1), keepdim=True)
+    hi = x.amax(dim=(-2, -1), keepdim=True)
+    span = hi - lo
+    if bool((span <= 1e-12).any()):
+        warnings.warn(f"the map of {what} is constant (no spatial variation) at "
+                      f"{int((span <= 1e-12).sum())} step(s); it normalises to all zeros",
+                      RuntimeWarning, stacklevel=4)
+    return torch.where(span > 1e-12, (x - lo) / span.clamp(min=1e-12), torch.zeros_like(x))
+
+
+# --------------------------------------------------------------------------- public API
+def word_heatmap(trace: Any, word: str, steps: Any = None, layers: Any = None, heads: Any = None,
+                 batch: int = 0, occurrence: int = 0, pooling: str = "sdlens",
+                 per_step: bool = False, size: Any = None, normalize: bool = True) -> torch.Tensor:
+    """Image-resolution heatmap of ``word`` in prompt ``batch`` of ``trace``.
+
+    Args:
+        word: a word of the prompt as typed (case-insensitive); a word CLIP split into sub-word
+            tokens is merged (mean of its tokens); several words (``"red circle"``) are merged
+            the same way. Unknown words raise ``ValueError`` listing the words available.
+        steps: None (all recorded steps), an int, a slice/range or list of step indices.
+        layers: None (all recorded ``attn2`` layers) or anything ``AttentionMaps.select`` takes:
+            ``'down'|'mid'|'up'``, a resolution (``16``), a module path or alias, or a list.
+        heads: None (all; mean) or head indices (needs maps recorded with heads kept).
+        batch: which image of the batch.
+        occurrence: which occurrence of a word that appears more than once (0 = first).
+        pooling: ``"sdlens"`` (default) or ``"daam"``; see the module docstring for both.
+        per_step: return ``(steps, H, W)``, one map per chosen step, instead of ``(H, W)``.
+        size: output (H, W) or int; default the image size.
+        normalize: min-max normalise to ``[0, 1]`` (per step when ``per_step``).
+
+    Returns:
+        ``torch.Tensor`` float32 ``(H, W)`` or ``(steps, H, W)``.
+    """
+    w = find_word(trace, word, batch=_check_batch(trace, batch), occurrence=occurrence)
+    return pooled_map(trace, w.positions, steps, layers, heads, batch, pooling, per_step, size,
+                      normalize, what=repr(w.text))
+
+
+def token_heatmap(trace: Any, positions: int | Sequence[int], **kwargs: Any) -> torch.Tensor:
+    """Like :func:`word_heatmap` for token positions (in the 77-token sequence; 0 is the start
+    token). Several positions are merged by their mean."""
+    if isinstance(positions, (int, np.integer)):
+        positions = [int(positions)]
+    positions = [int(p) for p in positions]
+    if not positions:
+        raise ValueError("positions is empty")
+    return pooled_map(trace, positions, what=f"position(s) {positions}", **kwargs)
+
+
+def word_heatmaps(trace: Any, words: Iterable[str] | None = None, batch: int = 0,
+                  punctuation: bool = False, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """Heatmaps of several words: ``{word: map}``. ``words=None``: every word of the prompt (each
+    distinct word once, first occurrence; punctuation left out unless ``punctuation=True``)."""
+    if words is None:
+        words = []
+        for w in trace_words(trace, batch, punctuation=punctuation):
+            if w.text not in words:
+                words.append(w.text)
+    elif isinstance(words, str):
+        words = [words]
+    return {w: word_heatmap(trace, w, batch=batch, **kwargs) for w in words}
+
+
+def _np(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def binarize(heatmap: Any, threshold: float = 0.4) -> np.ndarray:
+    """DAAM's protocol: min-max normalise to [0, 1], keep pixels ``> threshold``."""
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    h = _np(heatmap).astype(np.float64)
+    lo, hi = h.min(), h.max()
+    h = (h - lo) / (hi - lo) if hi > lo else np.zeros_like(h)
+    return h > threshold
+
+
+def iou(heatmap: Any, mask: Any, threshold: float = 0.4) -> float:
+    """Intersection over union of a heatmap thresholded as DAAM does (normalised to [0, 1],
+    ``> threshold``; the paper uses 0.4) with a boolean ``mask`` of the same (H, W)."""
+    m = _np(mask).astype(bool)
+    h = _np(heatmap)
+    if h.shape != m.shape:
+        raise ValueError(f"heatmap {h.shape} and mask {m.shape} differ in shape; compute the "
+                         f"heatmap with size={m.shape}")
+    b = binarize(h, threshold)
+    union = np.logical_or(b, m).sum()
+    if union == 0:
+        return 1.0
+    return float(np.logical_and(b, m).sum() / union)
+
+
+@dataclass
+class Commitment:
+    """When did a word decide where it goes?
+
+    ``correlation[i]``: Pearson correlation between the word's map at step ``steps[i]`` and its
+    map at the last recorded step. ``step``: the first step from which the correlation stays
+    ``>= threshold`` until the end (None if it never does before the last step).
+    """
+
+    word: str
+    steps: list[int]
+    correlation: np.ndarray
+    threshold: float
+    step: int | None
+
+    def plot(self, ax: Any = None):
+        from .plot import commitment_curves
+
+        return commitment_curves([self], ax=ax)
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.flatten().double()
+    b = b.flatten().double()
+    a = a - a.mean()
+    b = b - b.mean()
+    den = float(a.norm() * b.norm())
+    if den == 0:
+        return 1.0 if float(a.norm()) == float(b.norm()) == 0 else 0.0
+    return float((a @ b) / den)
+
+
+def commitment(trace: Any, word: str, threshold: float = 0.9, **kwargs: Any) -> Commitment:
+    """Per-step correlation of ``word``'s map with its final map, and the commitment step.
+
+    Keyword arguments (``layers``, ``heads``, ``batch``, ``occurrence``, ``pooling``, ``steps``,
+    ``size``) go to :func:`word_heatmap` with ``per_step=True``; maps are compared before
+    normalisation (Pearson correlation ignores scale and offset).
+    """
+    if not -1 <= threshold <= 1:
+        raise ValueError(f"threshold must be a correlation in [-1, 1], got {threshold}")
+    for k in ("per_step", "normalize"):
+        if k in kwargs:
+            raise TypeError(f"commitment() sets {k} itself")
+    maps = word_heatmap(trace, word, per_step=True, normalize=False, **kwargs)
+    steps = resolve_steps(trace, kwargs.get("steps"))
+    final = maps[-1]
+    corr = np.array([_pearson(m, final) for m in maps])
+    step = None
+    above = corr >= threshold
+    for i in range(len(corr)):
+        if above[i:].all():
+            step = steps[i]
+            break
+    return Commitment(word, steps, corr, threshold, step)
+
+
+def commitments(trace: Any, words: Iterable[str] | None = None, threshold: float = 0.9,
+                batch: int = 0, **kwargs: Any) -> list[Commitment]:
+    """:func:`commitment` for several words (default: every non-punctuation word, once)."""
+    if words is None:
+        words = []
+        for w in trace_words(trace, batch, punctuation=False):
+            if w.text not in words:
+                words.append(w.text)
+    return [commitment(trace, w, threshold, batch=batch, **kwargs) for w in words]
+
+
+__all__ = ["word_heatmap", "word_heatmaps", "token_heatmap", "pooled_map", "iou", "binarize",
+           "commitment", "commitments", "Commitment", "resolve_steps", "resolve_layers",
+           "output_size", "POOLINGS", "Word", "available"]

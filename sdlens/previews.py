@@ -1,0 +1,327 @@
+"""Latent -> RGB previews of x_t and x0: linear (instant), VAE (exact), AutoencoderTiny (fast).
+
+Linear decoder: every latent pixel (``C`` channels, as the pipeline holds latents, i.e. already
+multiplied by the VAE's scaling factor) maps to RGB by ``rgb = latent @ M + b`` with a ``(C, 3)``
+matrix ``M``; the output is roughly in ``[-1, 1]`` at the latent resolution (upsampled for show).
+
+* SD 1.x / 2.x: ComfyUI's SD1.5 coefficients (no bias); SDXL: ComfyUI's SDXL coefficients and bias.
+* the shipped "shapes" model: fitted by least squares on (latent, image) pairs
+  (:func:`fit_linear_decoder`, deterministic: the VAE posterior's mean of a fixed, seeded set of
+  scenes); the coefficients ship in ``sdlens/models/shapes/weights/latent_rgb.json`` and are
+  fitted on the fly from the VAE when that file is missing.
+
+VAE decoding (``decoder="vae"``) uses the trace's pipeline (``trace.pipeline``) or a ``vae=`` you
+pass; ``decoder="tiny"`` takes an ``AutoencoderTiny`` (TAESD) you pass. Decodes are batched and
+cached per trace.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+SD1_MATRIX = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
+              [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
+SDXL_MATRIX = [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068],
+               [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]]
+SDXL_BIAS = [0.1084, -0.0175, -0.0011]
+LINEAR = {
+    "sd1": (SD1_MATRIX, [0.0, 0.0, 0.0]),
+    "sd2": (SD1_MATRIX, [0.0, 0.0, 0.0]),
+    "sdxl": (SDXL_MATRIX, SDXL_BIAS),
+    "sdxl-refiner": (SDXL_MATRIX, SDXL_BIAS),
+}
+SHAPES_COEFFS = Path(__file__).parent / "models" / "shapes" / "weights" / "latent_rgb.json"
+KINDS = ("x0", "latents")
+DECODERS = ("linear", "vae", "tiny")
+
+_FITTED: dict[int, dict] = {}  # id(vae) -> coefficients fitted this session (shapes fallback)
+_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+# --------------------------------------------------------------------------- linear decoder
+def latent_to_rgb(latents: torch.Tensor, matrix: Any, bias: Any = None) -> torch.Tensor:
+    """Apply a linear decoder: ``(..., C, h, w)`` -> ``(..., 3, h, w)`` (roughly ``[-1, 1]``)."""
+    m = torch.as_tensor(matrix, dtype=torch.float32)
+    if latents.shape[-3] != m.shape[0]:
+        raise ValueError(f"the linear decoder has {m.shape[0]} input channels, the latents "
+                         f"{latents.shape[-3]} (shape {tuple(latents.shape)})")
+    out = torch.einsum("...chw,cr->...rhw", latents.float(), m)
+    if bias is not None:
+        out = out + torch.as_tensor(bias, dtype=torch.float32)[:, None, None]
+    return out
+
+
+def _deref(obj: Any) -> Any:
+    if isinstance(obj, weakref.ReferenceType):
+        return obj()
+    return obj
+
+
+def _vae_of(trace: Any, vae: Any = None) -> Any:
+    if vae is not None:
+        return getattr(vae, "vae", vae)  # a pipeline works too
+    pipe = _deref(getattr(trace, "pipeline", None))
+    return getattr(pipe, "vae", None) if pipe is not None else None
+
+
+def load_linear_decoder(path: str | Path) -> dict:
+    """Read coefficients written by :func:`save_linear_decoder`."""
+    data = json.loads(Path(path).read_text())
+    if "matrix" not in data:
+        raise ValueError(f"{path} holds no 'matrix'")
+    data.setdefault("bias", [0.0, 0.0, 0.0])
+    return data
+
+
+def save_linear_decoder(coeffs: dict, path: str | Path) -> Path:
+    """Write coefficients (from :func:`fit_linear_decoder`) as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(coeffs, indent=1))
+    return path
+
+
+def linear_decoder(trace: Any, vae: Any = None) -> tuple[list, list]:
+    """``(matrix (C, 3), bias (3,))`` for the trace's model family (``trace.meta['family']``)."""
+    if isinstance(trace, str):
+        family = trace
+    else:
+        family = (getattr(trace, "meta", None) or {}).get("family")
+    if family in LINEAR:
+        return LINEAR[family]
+    if family == "shapes":
+        if SHAPES_COEFFS.exists():
+            c = load_linear_decoder(SHAPES_COEFFS)
+            return c["matrix"], c["bias"]
+        v = _vae_of(trace, vae) if not isinstance(trace, str) else vae
+        if v is None:
+            raise ValueError(f"no linear decoder for the shapes model: {SHAPES_COEFFS} is missing "
+                             "and no VAE is at hand to fit one (pass vae=pipe.vae, or use "
+                             "decoder='vae')")
+        if id(v) not in _FITTED:
+            _FITTED[id(v)] = fit_linear_decoder(v)
+        return _FITTED[id(v)]["matrix"], _FITTED[id(v)]["bias"]
+    raise ValueError(f"no linear latent->RGB decoder for model family {family!r}; known: "
+                     f"{sorted(LINEAR) + ['shapes']}; use decoder='vae' or fit one with "
+                     "sdlens.previews.fit_linear_decoder(vae, images)")
+
+
+def _images_tensor(images: Any) -> torch.Tensor:
+    """uint8 (n, H, W, 3) / PIL list / float (n, 3, H, W) in [-1, 1] -> float (n, 3, H, W)."""
+    if isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
+        images = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be (n, H, W, 3) uint8, got {images.shape}")
+        return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"image tensors must be (n, 3, H, W) in [-1, 1], got "
+                             f"{tuple(images.shape)}")
+        return images.float()
+    raise TypeError(f"images must be a uint8 array, a list of PIL images or a tensor, got "
+                    f"{type(images).__name__}")
+
+
+@torch.no_grad()
+def fit_linear_decoder(vae: Any, images: Any = None, n: int = 512, seed: int = 0,
+                       scaling_factor: float | None = None, batch_size: int = 64) -> dict:
+    """Least-squares linear latent -> RGB decoder for ``vae``.
+
+    Pairs: each image is encoded (the posterior's *mean*, times the scaling factor: the latents
+    a pipeline holds) and area-averaged to the latent grid; ``[latent, 1] @ [M; b] = rgb`` is
+    solved in float64. Deterministic: the same VAE and images give the same coefficients.
+    ``images`` default: ``n`` scenes of the shapes dataset drawn with ``seed``.
+
+    Returns ``{"matrix": (C, 3), "bias": (3,), "rmse": ..., "n_images": ..., "seed": ...,
+    "scaling_factor": ...}`` (JSON-ready; see :func:`save_linear_decoder`).
+    """
+    vae = getattr(vae, "vae", vae)
+    if not hasattr(vae, "encode"):
+        raise TypeError(f"expected a VAE (or a pipeline with .vae), got {type(vae).__name__}")
+    if images is None:
+        from .models.shapes.dataset import make_dataset
+
+        images = make_dataset(n, seed=seed)[0]
+    x = _images_tensor(images)
+    sf = scaling_factor if scaling_factor is not None else float(
+        getattr(getattr(vae, "config", None), "scaling_factor", 1.0) or 1.0)
+    param = next(iter(vae.parameters()), None) if hasattr(vae, "parameters") else None
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    lats = []
+    for i in range(0, len(x), batch_size):
+        post = vae.encode(x[i : i + batch_size].to(device, dtype)).latent_dist
+        lats.append(post.mean.float().cpu() * sf)
+    lat = torch.cat(lats)  # (n, C, h, w)
+    target = F.adaptive_avg_pool2d(x, lat.shape[-2:])  # (n, 3, h, w)
+    a = lat.permute(0, 2, 3, 1).reshape(-1, lat.shape[1]).double()
+    a = torch.cat([a, torch.ones(len(a), 1, dtype=torch.float64)], 1)
+    y = target.permute(0, 2, 3, 1).reshape(-1, 3).double()
+    sol = torch.linalg.lstsq(a, y).solution  # (C + 1, 3)
+    rmse = float((a @ sol - y).pow(2).mean().sqrt())
+    sol = sol.round(decimals=6)  # float noise (~1e-14) between runs must not change the file
+    return {"matrix": sol[:-1].tolist(), "bias": sol[-1].tolist(), "rmse": round(rmse, 6),
+            "n_images": int(len(x)), "seed": seed, "scaling_factor": sf}
+
+
+# --------------------------------------------------------------------------- VAE decoding
+@torch.no_grad()
+def decode_vae(vae: Any, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Decode latents as the pipeline does (``latents / scaling_factor (+ shift)``):
+    ``(n, C, h, w)`` -> ``(n, 3, H, W)`` float32 in ``[-1, 1]`` on the CPU. Works for
+    ``AutoencoderKL`` and ``AutoencoderTiny`` (whose scaling factor is 1)."""
+    vae = getattr(vae, "vae", vae)
+    if not hasattr(vae, "decode"):
+        raise TypeError(f"expected a VAE with .decode, got {type(vae).__name__}")
+    cfg = getattr(vae, "config", None)
+    sf = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
+    shift = getattr(cfg, "shift_factor", None)
+    param = next(iter(vae.parameters()))
+    out = []
+    for i in range(0, len(latents), batch_size):
+        z = latents[i : i + batch_size].to(param.device, torch.float32) / sf
+        if shift:
+            z = z + shift
+        img = vae.decode(z.to(param.dtype)).sample.float()
+        if not torch.isfinite(img).all():
+            raise FloatingPointError("the VAE decoded NaN/inf (SDXL's fp16 VAE does this): decode "
+                                     "in float32 (vae.to(torch.float32)) or use the fp16-fix VAE")
+        out.append(img.clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def to_image(rgb: torch.Tensor, size: tuple[int, int] | None = None,
+             resample: int = Image.BILINEAR) -> Image.Image:
+    """``(3, h, w)`` in ``[-1, 1]`` -> PIL image, resized to ``size`` = (H, W) if given."""
+    arr = ((rgb.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    im = Image.fromarray(arr)
+    if size is not None and (im.size[1], im.size[0]) != tuple(size):
+        im = im.resize((size[1], size[0]), resample)
+    return im
+
+
+# --------------------------------------------------------------------------- previews
+def _select(trace: Any, kind: str, step: int, batch: int) -> torch.Tensor:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    data = trace.x0 if kind == "x0" else trace.latents
+    if data is None:
+        raise ValueError(f"this trace holds no {kind} (not recorded)")
+    n = data.shape[0]
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        raise TypeError(f"step must be an int, got {type(step).__name__}")
+    if not -n <= step < n:
+        what = "x0 has one entry per step" if kind == "x0" else \
+            "latents has steps + 1 entries (x_T ... x_0)"
+        raise ValueError(f"step {step} is out of range for {kind}: 0..{n - 1} ({what})")
+    nb = data.shape[1]
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or not -nb <= batch < nb:
+        raise ValueError(f"batch={batch!r} is out of range: the trace holds {nb} image(s)")
+    x = data[int(step) % n, int(batch) % nb].float()
+    if kind == "latents":
+        x = x * _input_scale(trace, int(step) % n)
+    return x
+
+
+def _input_scale(trace: Any, step: int) -> float:
+    """k-diffusion latents x = x0 + sigma eps are shown as the model sees them (/sqrt(sigma^2+1))."""
+    sig = getattr(trace, "sigmas", None)
+    if sig is None or step >= len(sig):
+        return 1.0
+    from .guidance import schedule_form
+
+    try:
+        form = schedule_form(trace)
+    except ValueError:
+        return 1.0
+    return 1.0 / float(np.sqrt(float(sig[step]) ** 2 + 1)) if form == "sigma" else 1.0
+
+
+def _out_size(trace: Any, size: Any) -> tuple[int, int] | None:
+    if size == "latent":
+        return None
+    from .heatmaps import output_size
+
+    return output_size(trace, size)
+
+
+def previews(trace: Any, kind: str = "x0", steps: Sequence[int] | None = None, batch: int = 0,
+             decoder: str = "linear", vae: Any = None, size: Any = None,
+             batch_size: int = 8) -> list[Image.Image]:
+    """Previews of ``kind`` ("x0" or "latents", i.e. x_t) at several ``steps`` (default: all).
+
+    ``decoder``: "linear" (instant, approximate), "vae" (exact; ``trace.pipeline``'s VAE or
+    ``vae=``), "tiny" (an ``AutoencoderTiny`` passed as ``vae=``). ``size``: (H, W) / int, default
+    the image size; ``"latent"`` keeps the latent resolution (linear only). VAE decodes are
+    batched (``batch_size``) and cached on the trace.
+    """
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    data = trace.x0 if kind == "x0" else trace.latents if kind == "latents" else None
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if data is None:
+        raise ValueError(f"this trace holds no {kind} (not recorded)")
+    if steps is None:
+        steps = list(range(data.shape[0]))
+    elif isinstance(steps, (int, np.integer)):
+        steps = [int(steps)]
+    lat = [_select(trace, kind, s, batch) for s in steps]
+    out_size = _out_size(trace, size)
+    if decoder == "linear":
+        m, b = linear_decoder(trace, vae)
+        rgb = latent_to_rgb(torch.stack(lat), m, b)
+        return [to_image(r, out_size) for r in rgb]
+
+    v = _vae_of(trace, vae)
+    if v is None:
+        raise ValueError(f"decoder={decoder!r} needs a VAE: pass vae=pipe.vae"
+                         + (" or an AutoencoderTiny" if decoder == "tiny" else "")
+                         + ", or keep the pipeline alive (trace.pipeline)")
+    is_tiny = type(v).__name__ == "AutoencoderTiny"
+    if decoder == "tiny" and not is_tiny:
+        raise TypeError(f"decoder='tiny' needs an AutoencoderTiny as vae=, got {type(v).__name__}"
+                        " (e.g. AutoencoderTiny.from_pretrained('madebyollin/taesd'))")
+    try:
+        cache = _CACHE.setdefault(trace, {})
+    except TypeError:  # not weak-referenceable: no cache
+        cache = {}
+    n = data.shape[0]
+    keys = [(kind, int(s) % n, int(batch), id(v)) for s in steps]
+    todo = [i for i, k in enumerate(keys) if k not in cache]
+    if todo:
+        decoded = decode_vae(v, torch.stack([lat[i] for i in todo]), batch_size)
+        for i, img in zip(todo, decoded):
+            cache[keys[i]] = img
+    return [to_image(cache[k], out_size) for k in keys]
+
+
+def preview(trace: Any, kind: str = "x0", step: int = -1, batch: int = 0,
+            decoder: str = "linear", vae: Any = None, size: Any = None) -> Image.Image:
+    """One preview image (see :func:`previews`); ``step=-1``: the last step."""
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        raise TypeError(f"step must be an int, got {type(step).__name__}")
+    return previews(trace, kind, [step], batch, decoder, vae, size)[0]
+
+
+def preview_array(trace: Any, kind: str = "x0", step: int = -1, batch: int = 0,
+                  decoder: str = "linear", vae: Any = None, size: Any = None) -> np.ndarray:
+    """Like :func:`preview`, as a uint8 ``(H, W, 3)`` array."""
+    return np.asarray(preview(trace, kind, step, batch, decoder, vae, size))
+
+
+def clear_cache(trace: Any = None) -> None:
+    """Forget cached VAE decodes (of one trace, or all)."""
+    if trace is None:
+        _CACHE.clear()
+    else:
+        _CACHE.pop(trace, None)

@@ -1,0 +1,258 @@
+"""Synthetic traces that follow THE TRACE CONTRACT (docs/architecture.md), with known answers.
+
+``fake_trace()`` builds the run of "a red circle and a blue square" on a 64x64 image (16x16
+latents, like the shapes model) whose cross-attention is *constructed*: the tokens 'red' and
+'circle' attend a disk, 'blue' and 'square' a square (the masks come from the shapes dataset's
+renderer, so they are the objects' pixels), every other token attends uniformly, and the start
+token takes the rest of each pixel's probability (rows sum to 1 over the 77 positions, like a
+softmax). Until ``commit_step`` the circle's words attend a *different* disk, from then on the
+final one, so the commitment step is known. Noise and latents are random but the x0s and the
+latents follow the recorded scheduler exactly (DDIM alpha form or Euler sigma form).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sdlens.models.shapes.dataset import ShapeObject, render
+
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "sdlens" / "models" / "shapes" / "weights" / "tokenizer"
+
+# layer name -> (h, w) of the map, as in the shapes UNet (16x16 latents)
+LAYERS = {
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn2": (16, 16),
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn2": (8, 8),
+    "mid_block.attentions.0.transformer_blocks.0.attn2": (4, 4),
+    "up_blocks.1.attentions.0.transformer_blocks.0.attn2": (8, 8),
+    "up_blocks.2.attentions.0.transformer_blocks.0.attn2": (16, 16),
+}
+
+CIRCLE = ShapeObject("red", "circle", cx=20.0, cy=24.0, size=24.0)
+SQUARE = ShapeObject("blue", "square", cx=45.0, cy=42.0, size=20.0)
+WRONG_CIRCLE = ShapeObject("red", "circle", cx=46.0, cy=14.0, size=20.0)  # before commitment
+
+
+def _alias(name: str) -> str:
+    m = re.match(r"(down|up)_blocks\.(\d+)\.attentions\.(\d+)", name)
+    if m:
+        return f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
+    m = re.match(r"mid_block\.attentions\.(\d+)", name)
+    return f"mid.{m.group(1)}" if m else name
+
+
+class FakeAttentionMaps:
+    """The contract's ``AttentionMaps``: maps[layer] -> (steps, batch, [heads,] tokens, h, w)."""
+
+    def __init__(self, maps: dict[str, torch.Tensor], steps: list[int], token_positions: list[int]):
+        self._maps = maps
+        self.steps = list(steps)
+        self.token_positions = list(token_positions)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self._maps)
+
+    def resolution(self, layer: str) -> tuple[int, int]:
+        return tuple(self._maps[layer].shape[-2:])
+
+    def __getitem__(self, layer: str) -> torch.Tensor:
+        if layer not in self._maps:
+            raise KeyError(f"{layer!r} not recorded; recorded: {self.layers}")
+        return self._maps[layer]
+
+    def select(self, layers: Any) -> list[str]:
+        if layers is None:
+            return self.layers
+        if isinstance(layers, (list, tuple)):
+            out: list[str] = []
+            for item in layers:
+                out += [n for n in self.select(item) if n not in out]
+            return out
+        if isinstance(layers, int):
+            return [n for n in self.layers if self.resolution(n)[0] == layers]
+        if layers in ("down", "mid", "up"):
+            prefix = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}[layers]
+            return [n for n in self.layers if n.startswith(prefix)]
+        return [n for n in self.layers if n == layers or _alias(n) == layers]
+
+
+@dataclass
+class FakeTrace:
+    images: list
+    prompts: list[str]
+    negative_prompts: list
+    token_ids: list[list[int]]
+    tokens: list[list[str]]
+    truncated_words: list[list[str]]
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor | None
+    latents: torch.Tensor
+    noise_uncond: torch.Tensor | None
+    noise_text: torch.Tensor
+    noise: torch.Tensor
+    x0: torch.Tensor
+    attention: FakeAttentionMaps | None
+    guidance_scale: float
+    do_cfg: bool
+    meta: dict
+    masks: dict = field(default_factory=dict)  # test helper: word -> (64, 64) bool
+    pipeline: Any = None
+
+    def heatmap(self, word: str, **kwargs: Any) -> torch.Tensor:
+        from sdlens.heatmaps import word_heatmap
+
+        return word_heatmap(self, word, **kwargs)
+
+
+_TOKENIZER = None
+
+
+def tokenizer():
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from transformers import CLIPTokenizer
+
+        _TOKENIZER = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    return _TOKENIZER
+
+
+def _pool(mask: np.ndarray, hw: tuple[int, int]) -> torch.Tensor:
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return F.adaptive_avg_pool2d(t, hw)[0, 0]
+
+
+def _scheduler(kind: str):
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+               beta_schedule="scaled_linear", steps_offset=1, prediction_type="epsilon")
+    if kind == "ddim":
+        return DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **cfg)
+    if kind == "euler":
+        return EulerDiscreteScheduler(**cfg)
+    raise ValueError(kind)
+
+
+def fake_trace(prompt: str = "a red circle and a blue square", steps: int = 10,
+               commit_step: int = 4, cfg: float = 7.5, scheduler: str = "ddim",
+               heads: dict[str, int] | None = None, head_maps: dict | None = None,
+               seed: int = 0, batch: int = 1, word_regions: dict[str, str] | None = None,
+               strength: float = 3.0) -> FakeTrace:
+    """A contract-conformant trace with constructed attention (see the module docstring).
+
+    ``word_regions`` maps words (as CLIP spells them, without ``</w>``: 'dream', 'beach') to
+    ``'circle'`` or ``'square'``; default: red/circle -> circle, blue/square -> square.
+    ``heads``: {layer: n_heads} to record heads kept (every head gets the same map unless
+    ``head_maps[layer]`` = {"circle": [heads...]} restricts which heads see the object).
+    """
+    g = torch.Generator().manual_seed(seed)
+    tok = tokenizer()
+    ids = tok(prompt).input_ids
+    strings = tok.convert_ids_to_tokens(ids)
+    if word_regions is None:
+        word_regions = {"red": "circle", "circle": "circle", "blue": "square", "square": "square"}
+    final = render([CIRCLE, SQUARE])
+    wrong = render([WRONG_CIRCLE]).masks[0]
+    regions = {"circle": final.masks[0], "square": final.masks[1]}
+    n_pos = len(ids) - 1  # positions 0..L (start + prompt tokens) are kept
+    positions = list(range(n_pos))
+
+    # per-step logits at image resolution (64x64), per position, then softmax-like normalisation
+    def probs(step: int) -> torch.Tensor:
+        w = torch.full((77, 64, 64), 0.05)
+        w[0] = 1.0
+        for pos in range(1, len(ids) - 1):
+            body = strings[pos].replace("</w>", "")
+            region = word_regions.get(body)
+            if region is None:
+                continue
+            mask = regions[region]
+            if region == "circle" and step < commit_step:
+                mask = wrong
+            w[pos] = 0.05 + strength * torch.from_numpy(mask.astype(np.float32))
+        return w / w.sum(0, keepdim=True)
+
+    sched = _scheduler(scheduler)
+    sched.set_timesteps(steps)
+    timesteps = sched.timesteps.float().clone()
+    sigmas = sched.sigmas[:-1].float().clone() if scheduler == "euler" else None
+
+    maps: dict[str, torch.Tensor] = {}
+    per_step = [probs(s) for s in range(steps)]
+    for name, hw in LAYERS.items():
+        pooled = torch.stack([F.adaptive_avg_pool2d(p[None], hw)[0] for p in per_step])  # (S,77,h,w)
+        pooled = pooled[:, :n_pos]
+        if heads and name in heads:
+            nh = heads[name]
+            m = pooled[:, None, None].repeat(1, batch, nh, 1, 1, 1)  # (S, B, H, T, h, w)
+            if head_maps and name in head_maps:
+                # heads not listed for an object do not see it: they spread that token uniformly
+                for region, hs in head_maps[name].items():
+                    for pos in range(1, n_pos):
+                        body = strings[pos].replace("</w>", "")
+                        if word_regions.get(body) != region:
+                            continue
+                        for h in range(nh):
+                            if h not in hs:
+                                m[:, :, h, pos] = m[:, :, h, pos].mean(dim=(-2, -1), keepdim=True)
+            maps[name] = m.half()
+        else:
+            maps[name] = pooled[:, None].repeat(1, batch, 1, 1, 1).half()
+
+    shape = (batch, 4, 16, 16)
+    latents = [torch.randn(shape, generator=g) * float(sched.init_noise_sigma)]
+    n_unc, n_txt, n_gd, x0s = [], [], [], []
+    ac = sched.alphas_cumprod
+    for i, t in enumerate(sched.timesteps):
+        x = latents[-1]
+        eu = torch.randn(shape, generator=g)
+        et = eu + 0.3 * torch.randn(shape, generator=g)
+        eg = eu + cfg * (et - eu)
+        if scheduler == "ddim":
+            a = ac[int(t)]
+            x0 = (x - (1 - a).sqrt() * eg) / a.sqrt()
+            nxt = sched.step(eg, t, x).prev_sample
+        else:
+            x0 = x - sigmas[i] * eg
+            sched.scale_model_input(x, t)
+            nxt = sched.step(eg, t, x).prev_sample
+        n_unc.append(eu)
+        n_txt.append(et)
+        n_gd.append(eg)
+        x0s.append(x0)
+        latents.append(nxt)
+
+    words = [s.replace("</w>", "") for s in strings[1:-1]]
+    masks = {w: regions[r] for w, r in word_regions.items() if w in words}
+    return FakeTrace(
+        images=[Image.fromarray(final.image)] * batch,
+        prompts=[prompt] * batch,
+        negative_prompts=[None] * batch,
+        token_ids=[list(ids)] * batch,
+        tokens=[list(strings)] * batch,
+        truncated_words=[[] for _ in range(batch)],
+        timesteps=timesteps,
+        sigmas=sigmas,
+        latents=torch.stack(latents),
+        noise_uncond=torch.stack(n_unc),
+        noise_text=torch.stack(n_txt),
+        noise=torch.stack(n_gd),
+        x0=torch.stack(x0s),
+        attention=FakeAttentionMaps(maps, list(range(steps)), positions),
+        guidance_scale=cfg,
+        do_cfg=cfg > 1,
+        meta={"model": "fake", "family": "shapes", "task": "txt2img",
+              "pipeline_class": "StableDiffusionPipeline",
+              "scheduler_class": type(sched).__name__, "scheduler_config": dict(sched.config),
+              "prediction_type": "epsilon", "vae_scaling_factor": 1.0, "height": 64, "width": 64,
+              "seeds": [seed], "steps": steps},
+        masks=masks,
+    )
