@@ -1,0 +1,334 @@
+"""``AttentionMaps``: named access to the cross-attention maps recorded in a trace.
+
+One tensor per ``attn2`` layer, at that layer's own resolution::
+
+    maps[layer]     (steps, batch, tokens, h, w)            heads averaged (default), or
+                    (steps, batch, heads, tokens, h, w)     with ``RecordOptions(heads=True)``
+
+* ``steps`` runs over ``maps.steps`` (indices into ``trace.timesteps``; all steps by default).
+* ``batch`` is the batch item (``trace.prompts[b]``); under classifier-free guidance the maps are
+  those of the text-conditioned half of the UNet batch (the unconditional half attends to the
+  negative / empty prompt and is not recorded).
+* ``tokens`` runs over ``maps.token_positions`` (positions in the text encoder's sequence; by
+  default ``0 .. n-1`` where n is the longest ``trace.token_ids[b]`` in the batch: the start token,
+  the prompt's tokens and the end token; all 77 with ``keep_padding=True``). With
+  ``keep_padding=True`` the maps sum to 1 over the tokens axis (softmax rows).
+* values are attention probabilities (fp16 by default).
+
+Layer names are diffusers module paths (``down_blocks.1.attentions.0.transformer_blocks.0.attn2``).
+Wherever layers are chosen, these forms are accepted (see :func:`resolve_layers`):
+
+* ``None``: all recorded layers
+* ``"down"``, ``"mid"``, ``"up"``: every layer of that part of the UNet
+* an int ``r``: layers whose map has ``max(h, w) == r`` (e.g. 16 for the 16x16 layers of SD 1.5
+  at 512 px); a tuple ``(h, w)`` matches exactly
+* an alias ``"down.1.0"`` = ``down_blocks.1.attentions.0`` (all its transformer blocks),
+  ``"down.1.0.2"`` = its ``transformer_blocks.2``, ``"mid"``/``"mid.0"`` = ``mid_block.attentions.0``,
+  ``"up.1"`` = all of ``up_blocks.1``; or a module path (or a prefix of one)
+* a list of any of these (union, in UNet order)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+PARTS = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
+_PART_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+
+def layer_alias(layer: str) -> str:
+    """Short alias of a module path: ``down_blocks.1.attentions.0.transformer_blocks.0.attn2``
+    -> ``"down.1.0"``; a transformer block other than 0 is appended (``"down.2.1.3"``)."""
+    m = re.match(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2$", layer)
+    if m:
+        part = "down" if m.group(1) == "down_blocks" else "up"
+        alias = f"{part}.{m.group(2)}.{m.group(3)}"
+        return alias if m.group(4) == "0" else f"{alias}.{m.group(4)}"
+    m = re.match(r"^mid_block\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2$", layer)
+    if m:
+        alias = "mid" if m.group(1) == "0" else f"mid.{m.group(1)}"
+        return alias if m.group(2) == "0" else f"mid.{m.group(1)}.{m.group(2)}"
+    return layer
+
+
+def _alias_prefix(name: str) -> str | None:
+    """``"down.1.0.2"`` -> ``"down_blocks.1.attentions.0.transformer_blocks.2"``; None if not an alias."""
+    parts = name.split(".")
+    if parts[0] not in PARTS or not all(p.isdigit() for p in parts[1:]):
+        return None
+    if parts[0] == "mid":
+        # mid[.attention[.transformer_block]]
+        out = "mid_block"
+        rest = parts[1:]
+        if len(rest) > 2:
+            return None
+        if rest:
+            out += f".attentions.{rest[0]}"
+        if len(rest) > 1:
+            out += f".transformer_blocks.{rest[1]}"
+        return out
+    rest = parts[1:]
+    if len(rest) > 3:
+        return None
+    out = PARTS[parts[0]]
+    if rest:
+        out += f".{rest[0]}"
+    if len(rest) > 1:
+        out += f".attentions.{rest[1]}"
+    if len(rest) > 2:
+        out += f".transformer_blocks.{rest[2]}"
+    return out
+
+
+def layer_sort_key(layer: str) -> tuple:
+    """UNet order: down blocks, mid, up blocks; numerically within each."""
+    head = layer.split(".", 1)[0]
+    nums = tuple(int(x) for x in re.findall(r"\d+", layer))
+    return (_PART_ORDER.get(head, 3), nums, layer)
+
+
+def resolve_layers(spec, layers: Sequence[str],
+                   resolution: Callable[[str], tuple[int, int]] | None = None) -> list[str]:
+    """The layers (in UNet order) that ``spec`` names among ``layers``; ValueError if none match.
+
+    Args:
+        spec: None, "down"/"mid"/"up", an int resolution, a (h, w) tuple, an alias ("up.1.0"), a
+            module path or prefix of one, or a list of these.
+        layers: the available layer names (module paths).
+        resolution: layer -> (h, w); needed for int / tuple specs.
+    """
+    layers = list(layers)
+    if spec is None:
+        return sorted(layers, key=layer_sort_key)
+    items = list(spec) if isinstance(spec, (list, set, frozenset)) else [spec]
+    if isinstance(spec, tuple) and not (len(spec) == 2 and all(isinstance(v, int) for v in spec)):
+        items = list(spec)
+    chosen: set[str] = set()
+    for item in items:
+        chosen.update(_resolve_one(item, layers, resolution))
+    return sorted(chosen, key=layer_sort_key)
+
+
+def _available(layers: Sequence[str], resolution) -> str:
+    desc = []
+    for layer in sorted(layers, key=layer_sort_key):
+        res = ""
+        if resolution is not None:
+            try:
+                h, w = resolution(layer)
+                res = f" {h}x{w}"
+            except (KeyError, ValueError):
+                pass
+        desc.append(f"{layer_alias(layer)} ({layer}{res})")
+    return ", ".join(desc)
+
+
+def _resolve_one(item, layers: Sequence[str], resolution) -> list[str]:
+    if isinstance(item, bool) or item is None:
+        raise ValueError(f"invalid layer selector {item!r}; use None, 'down', 'mid', 'up', a "
+                         "resolution int, an alias like 'up.1.0', a module path, or a list")
+    if isinstance(item, int) or (isinstance(item, tuple) and len(item) == 2
+                                 and all(isinstance(v, int) for v in item)):
+        if resolution is None:
+            raise ValueError("layer resolutions are not known yet; choose layers by name or place")
+        if isinstance(item, int):
+            out = [l for l in layers if max(resolution(l)) == item]
+        else:
+            out = [l for l in layers if tuple(resolution(l)) == tuple(item)]
+        if not out:
+            avail = sorted({tuple(resolution(l)) for l in layers}, reverse=True)
+            raise ValueError(f"no attention layer has resolution {item!r}; available resolutions "
+                             f"(h, w): {avail} (an int matches max(h, w))")
+        return out
+    if not isinstance(item, str):
+        raise ValueError(f"invalid layer selector {item!r} of type {type(item).__name__}; use None, "
+                         "'down', 'mid', 'up', a resolution int, an alias like 'up.1.0', a module "
+                         "path, or a list of these")
+    name = item.strip()
+    if name.endswith(".processor"):
+        name = name[: -len(".processor")]
+    if name in layers:
+        return [name]
+    prefix = _alias_prefix(name) or name
+    out = [l for l in layers if l == prefix or l.startswith(prefix + ".")]
+    if not out:
+        raise ValueError(f"unknown attention layer {item!r}; available layers: "
+                         f"{_available(layers, resolution)}; or 'down', 'mid', 'up', a resolution")
+    return out
+
+
+class AttentionMaps:
+    """Recorded cross-attention maps, by layer (see the module docstring for shapes and selectors).
+
+    Args:
+        tensors: layer -> tensor, or layer -> zero-argument loader returning it (lazy loading).
+        resolutions: layer -> (h, w) of that layer's maps.
+        steps: indices (into ``trace.timesteps``) of the recorded steps.
+        token_positions: positions (in the text encoder's sequence) along the tokens axis.
+        heads: True if the heads axis was kept.
+        tokens: per batch item, the token strings (``trace.tokens``), for word lookup.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor | Callable[[], torch.Tensor]],
+                 resolutions: Mapping[str, Sequence[int]], steps: Sequence[int],
+                 token_positions: Sequence[int], heads: bool = False,
+                 tokens: Sequence[Sequence[str]] | None = None):
+        self._tensors = dict(tensors)
+        self._cache: dict[str, torch.Tensor] = {}
+        self._resolutions = {k: (int(v[0]), int(v[1])) for k, v in resolutions.items()}
+        self.layers: list[str] = sorted(self._tensors, key=layer_sort_key)
+        self.steps: list[int] = [int(s) for s in steps]
+        self.token_positions: list[int] = [int(p) for p in token_positions]
+        self.heads: bool = bool(heads)
+        self.tokens = [list(t) for t in tokens] if tokens is not None else None
+        missing = [l for l in self.layers if l not in self._resolutions]
+        if missing:
+            raise ValueError(f"no resolution given for layers {missing}")
+
+    # ------------------------------------------------------------------ layers
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __contains__(self, layer) -> bool:
+        try:
+            return bool(self.select(layer).layers)
+        except ValueError:
+            return False
+
+    def __bool__(self) -> bool:
+        return bool(self.layers)
+
+    def __repr__(self) -> str:
+        res = sorted({self._resolutions[l] for l in self.layers}, reverse=True)
+        return (f"AttentionMaps({len(self.layers)} layers at {res}, {len(self.steps)} steps, "
+                f"{len(self.token_positions)} tokens{', heads kept' if self.heads else ''})")
+
+    def resolution(self, layer: str) -> tuple[int, int]:
+        """(h, w) of ``layer``'s maps (a module path or an alias naming one layer)."""
+        return self._resolutions[self._one(layer)]
+
+    @property
+    def resolutions(self) -> dict[str, tuple[int, int]]:
+        """layer -> (h, w)."""
+        return {l: self._resolutions[l] for l in self.layers}
+
+    def alias(self, layer: str) -> str:
+        """Short alias of a layer (``"down.1.0"``)."""
+        return layer_alias(self._one(layer))
+
+    def names(self, layers=None) -> list[str]:
+        """Module paths of the layers ``layers`` selects (see the module docstring)."""
+        return resolve_layers(layers, self.layers, lambda l: self._resolutions[l])
+
+    def select(self, layers=None) -> "AttentionMaps":
+        """A view restricted to the layers ``layers`` selects. Iterating it (or ``.layers``) gives
+        their module paths; indexing it gives their maps. ValueError for unknown names (the
+        message lists the available layers)."""
+        chosen = self.names(layers)
+        sub = AttentionMaps({l: self._tensors[l] for l in chosen},
+                            {l: self._resolutions[l] for l in chosen}, self.steps,
+                            self.token_positions, self.heads, self.tokens)
+        sub._cache = self._cache  # share loaded tensors
+        return sub
+
+    def _one(self, layer: str) -> str:
+        chosen = self.names(layer)
+        if len(chosen) != 1:
+            raise ValueError(f"{layer!r} names {len(chosen)} layers ({', '.join(chosen)}); "
+                             "name one layer")
+        return chosen[0]
+
+    # ------------------------------------------------------------------ tensors
+    def __getitem__(self, layer: str) -> torch.Tensor:
+        """(steps, batch, tokens, h, w) maps of one layer (heads kept: (steps, batch, heads,
+        tokens, h, w)). ``layer``: module path or alias naming a single layer."""
+        name = self._one(layer) if layer not in self._tensors else layer
+        t = self._cache.get(name)
+        if t is None:
+            src = self._tensors[name]
+            t = src() if callable(src) else src
+            self._cache[name] = t
+        return t
+
+    def step_position(self, step: int) -> int:
+        """Position along the steps axis of trace step ``step`` (negative counts from the end of
+        the recorded steps); IndexError if it is out of range or was not recorded."""
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise TypeError(f"step must be an int, got {type(step).__name__}")
+        if step < 0:
+            if -step > len(self.steps):
+                raise IndexError(f"step {step} out of range: {len(self.steps)} steps recorded")
+            return len(self.steps) + step
+        if step not in self.steps:
+            lo, hi = (self.steps[0], self.steps[-1]) if self.steps else (None, None)
+            raise IndexError(f"step {step} was not recorded; recorded steps: "
+                             f"{self.steps if len(self.steps) <= 20 else f'{lo}..{hi} ({len(self.steps)} steps)'}")
+        return self.steps.index(step)
+
+    def token_index(self, token: int | str, batch: int = 0) -> list[int]:
+        """Indices along the tokens axis for ``token``: a position in the text encoder's sequence
+        (int), or a word (str, case-insensitive; its sub-word tokens; every occurrence) of batch
+        item ``batch``. ValueError lists the words available."""
+        if isinstance(token, int) and not isinstance(token, bool):
+            if token not in self.token_positions:
+                raise IndexError(f"token position {token} was not recorded; recorded positions: "
+                                 f"{self.token_positions[0]}..{self.token_positions[-1]}")
+            return [self.token_positions.index(token)]
+        if not isinstance(token, str):
+            raise TypeError(f"token must be a position (int) or a word (str), got {type(token).__name__}")
+        if self.tokens is None:
+            raise ValueError("this trace has no token strings (the prompt was given as embeddings); "
+                             "use token positions")
+        if not 0 <= batch < len(self.tokens):
+            raise IndexError(f"batch item {batch} out of range (batch size {len(self.tokens)})")
+        words = _words(self.tokens[batch])
+        target = token.strip().lower()
+        hits = [pos for text, positions in words if text == target for pos in positions]
+        hits = [self.token_positions.index(p) for p in hits if p in self.token_positions]
+        if not hits:
+            avail = [text for text, _ in words]
+            raise ValueError(f"word {token!r} is not in prompt {batch}; its words: {avail}")
+        return hits
+
+    def get(self, layer: str, step: int | None = None, token: int | str | None = None,
+            batch: int | None = None) -> torch.Tensor:
+        """Maps of one layer, optionally at one trace step, one token (position or word, summed
+        over its sub-word tokens) and one batch item; indexed axes are dropped.
+
+        Returns (steps?, batch?, [heads,] h, w) with the tokens axis dropped when ``token`` is
+        given, else (steps?, batch?, [heads,] tokens, h, w).
+        """
+        t = self[layer]
+        if token is not None:
+            idx = self.token_index(token, batch or 0)
+            tok_axis = 3 if self.heads else 2
+            t = t.index_select(tok_axis, torch.tensor(idx)).float().sum(tok_axis)
+        if batch is not None:
+            if not -t.shape[1] <= batch < t.shape[1]:
+                raise IndexError(f"batch item {batch} out of range (batch size {t.shape[1]})")
+            t = t[:, batch]
+        if step is not None:
+            t = t[self.step_position(step)]
+        return t
+
+
+def _words(tokens: Sequence[str]) -> list[tuple[str, list[int]]]:
+    """(lower-case text, positions) per word; a word ends with a ``</w>`` token."""
+    words, cur, pos = [], [], []
+    for i, tok in enumerate(tokens):
+        if tok in ("<|startoftext|>", "<|endoftext|>"):
+            continue
+        cur.append(tok[:-4] if tok.endswith("</w>") else tok)
+        pos.append(i)
+        if tok.endswith("</w>"):
+            words.append(("".join(cur).lower(), pos))
+            cur, pos = [], []
+    if cur:
+        words.append(("".join(cur).lower(), pos))
+    return words

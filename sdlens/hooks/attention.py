@@ -1,0 +1,138 @@
+"""A recording processor for cross-attention (``attn2``) layers that wraps the existing processor.
+
+The wrapped processor computes the layer's output exactly as before (SDPA, attention slicing,
+LoRA, IP-Adapter processors ... keep working, and the output is bit-identical). In addition the
+recorder computes the attention probabilities itself, ``softmax(q k^T * attn.scale)`` from
+``attn.to_q`` / ``attn.to_k`` (cross-attention has only ~77 keys: cheap), for the batch rows it is
+asked for only, reduces them on the device (token positions kept, heads averaged) and hands the
+device tensor to the recorder. Nothing here synchronises the device (no ``.cpu()``/``.item()``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Protocol
+
+import torch
+
+
+class AttentionSink(Protocol):
+    def attention_request(self, layer: str):
+        """None (do not record this call) or (rows: slice, n_tokens: int | None,
+        keep_heads: bool, dtype)."""
+
+    def put_attention(self, layer: str, probs: torch.Tensor, n_queries: int) -> None:
+        """probs: (B, T, HW) or (B, heads, T, HW) on the device."""
+
+
+def attention_probabilities(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                            attention_mask: torch.Tensor | None = None,
+                            temb: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-attention probabilities of an ``Attention`` module, as ``AttnProcessor`` /
+    ``AttnProcessor2_0`` compute them, in float32.
+
+    Args:
+        attn: diffusers ``Attention`` module (an ``attn2``).
+        hidden_states: (B, HW, C) image tokens (or (B, C, h, w)).
+        encoder_hidden_states: (B, K, D) text tokens.
+        attention_mask: optional mask as passed to the processor.
+        temb: time embedding (only for spatial-norm attention).
+
+    Returns:
+        (B, heads, HW, K) float32, rows summing to 1.
+    """
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if hidden_states.ndim == 4:
+        b, c, h, w = hidden_states.shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    batch = hidden_states.shape[0]
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    if getattr(attn, "norm_q", None) is not None:
+        query = attn.norm_q(query)
+    if getattr(attn, "norm_k", None) is not None:
+        key = attn.norm_k(key)
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * float(attn.scale)
+    if attention_mask is not None:
+        mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+        mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.float()
+    return scores.softmax(dim=-1)
+
+
+def _signature_without_self(fn) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+class RecordingProcessor:
+    """Wraps the processor of one ``attn2`` layer; records its attention probabilities.
+
+    Args:
+        inner: the processor that was installed (it computes the output, unchanged).
+        layer: the layer's module path (``down_blocks.1.attentions.0.transformer_blocks.0.attn2``).
+        sink: the recorder (see :class:`AttentionSink`).
+    """
+
+    def __init__(self, inner, layer: str, sink: AttentionSink):
+        self.inner = inner
+        self.layer = layer
+        self.sink = sink
+        sig = _signature_without_self(inner.__call__)
+        self._inner_params = None
+        if sig is not None and not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+            self._inner_params = set(sig.parameters)
+        # ``Attention.forward`` filters cross_attention_kwargs by ``inspect.signature(
+        # processor.__call__)``; expose the inner processor's signature so exactly the same
+        # kwargs reach it as without sdlens (an instance attribute wins attribute lookup, while
+        # calling the object still uses the class's __call__).
+        if sig is not None:
+            def _call(*args, **kwargs):
+                return RecordingProcessor.__call__(self, *args, **kwargs)
+            _call.__signature__ = sig
+            self.__dict__["__call__"] = _call
+
+    def __repr__(self) -> str:
+        return f"RecordingProcessor({self.inner!r}, layer={self.layer!r})"
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        request = self.sink.attention_request(self.layer)
+        if request is not None:
+            ehs = kwargs.get("encoder_hidden_states", args[0] if len(args) > 0 else None)
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            temb = kwargs.get("temb", args[2] if len(args) > 2 else None)
+            if ehs is not None and torch.is_tensor(ehs):
+                self._record(attn, hidden_states, ehs, mask, temb, request)
+        if self._inner_params is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in self._inner_params}
+        return self.inner(attn, hidden_states, *args, **kwargs)
+
+    @torch.no_grad()
+    def _record(self, attn, hidden_states, ehs, mask, temb, request) -> None:
+        rows, n_tokens, keep_heads, dtype = request
+        hs = hidden_states[rows]
+        ehs = ehs[rows]
+        if mask is not None and mask.shape[0] == hidden_states.shape[0]:
+            mask = mask[rows]
+        if temb is not None and torch.is_tensor(temb) and temb.shape[0] == hidden_states.shape[0]:
+            temb = temb[rows]
+        probs = attention_probabilities(attn, hs, ehs, mask, temb)  # (B, heads, HW, K)
+        if n_tokens is not None:
+            probs = probs[..., :n_tokens]
+        if not keep_heads:
+            probs = probs.mean(dim=1)  # (B, HW, T)
+        probs = probs.transpose(-1, -2).to(dtype).contiguous()  # (B, [heads,] T, HW)
+        self.sink.put_attention(self.layer, probs, probs.shape[-1])

@@ -1,0 +1,860 @@
+"""Recording a diffusers Stable Diffusion run: ``trace()``, ``generate()`` and ``RecordOptions``.
+
+>>> with sdlens.trace(pipe) as tr:                 # every pipeline call inside is recorded
+...     out = pipe("a red circle", num_inference_steps=25, generator=torch.Generator().manual_seed(0))
+>>> tr.latents.shape                                # tr shows the last call; tr.runs all of them
+>>> tr = sdlens.generate(pipe, "a red circle", seed=0, steps=25)
+
+How it works (everything is undone in ``try/finally``, also on exceptions and KeyboardInterrupt):
+
+* ``pipe``'s class is swapped, for the length of the ``with`` block, for a subclass whose
+  ``__call__`` records the call's arguments (prompts, batch size, seeds) and then runs the
+  original ``__call__``. For the length of each call sdlens installs:
+* a :class:`~sdlens.hooks.attention.RecordingProcessor` around the processor of every ``attn2``
+  layer (the original processor still computes the output: traced images are identical),
+* forward (pre-)hooks on the UNet (batch layout, uncond/text noise),
+* a ``scheduler.step`` wrapper (latents, guided noise, timesteps, sigmas, x0),
+* a ``callback_on_step_end`` composed with the user's (latents after the step as the pipeline
+  holds them, e.g. after inpainting's re-blending or a user callback that edits them).
+
+Device tensors are reduced on the device, and copied to the host after each step with
+non-blocking copies; nothing synchronises the device inside a layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import inspect
+import math
+import os
+import random
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .attention import layer_sort_key, resolve_layers
+from .hooks import scheduler as sched_hooks
+from .hooks.attention import RecordingProcessor
+from .hooks.unet import UNetHooks
+from .trace import Trace
+
+RECORDABLE = ("latents", "noise", "x0", "attention")
+SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+             "StableDiffusionInpaintPipeline", "StableDiffusionXLPipeline",
+             "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+_ATT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class TraceTooLarge(ValueError):
+    """The estimated trace size exceeds ``RecordOptions.max_bytes``."""
+
+
+# ====================================================================== options
+@dataclass
+class RecordOptions:
+    """What to record.
+
+    Args:
+        record: which kinds of data to keep, a subset of ("latents", "noise", "x0", "attention").
+            Timesteps, sigmas, prompts, tokens and images are always kept.
+        layers: which ``attn2`` layers' maps to keep: None (all), "down" / "mid" / "up", a
+            resolution int (max(h, w) of the map, e.g. 16), an alias ("up.1.0"), a module path,
+            or a list of these (see :mod:`sdlens.attention`).
+        steps: at which steps to keep attention maps (latents/noise/x0 are small and always kept
+            for every step): None (all), a list/range of step indices (negative ones count from
+            the end), or a slice (``slice(None, None, 5)``: every 5th step).
+        heads: keep the heads axis of the maps (default: average over heads on the device).
+        keep_padding: keep all 77 token positions (default: the start token, the prompt's tokens
+            and the end token; rows then no longer sum to 1 over the kept tokens).
+        max_bytes: refuse (``TraceTooLarge``, a ValueError) to run when the trace is estimated to
+            need more host memory than this; default 50% of the available host memory.
+        attention_dtype: dtype of the stored maps (float16 default; bfloat16 or float32).
+    """
+
+    record: Sequence[str] = RECORDABLE
+    layers: Any = None
+    steps: Any = None
+    heads: bool = False
+    keep_padding: bool = False
+    max_bytes: int | None = None
+    attention_dtype: torch.dtype = torch.float16
+
+    def __post_init__(self):
+        rec = (self.record,) if isinstance(self.record, str) else self.record
+        try:
+            rec = tuple(rec)
+        except TypeError:
+            raise ValueError(f"record must be a subset of {RECORDABLE}, got {self.record!r}") from None
+        bad = [r for r in rec if r not in RECORDABLE]
+        if bad:
+            raise ValueError(f"record: unknown kind(s) {bad}; allowed: {', '.join(RECORDABLE)}")
+        self.record = tuple(r for r in RECORDABLE if r in rec)
+        if self.layers is not None:
+            items = self.layers if isinstance(self.layers, (list, tuple, set)) else [self.layers]
+            if isinstance(self.layers, tuple) and len(self.layers) == 2 and \
+                    all(isinstance(v, int) for v in self.layers):
+                items = [self.layers]
+            for it in items:
+                ok = (isinstance(it, str) and it.strip()) or \
+                     (isinstance(it, int) and not isinstance(it, bool) and it > 0) or \
+                     (isinstance(it, tuple) and len(it) == 2 and all(isinstance(v, int) for v in it))
+                if not ok:
+                    raise ValueError(f"layers: invalid selector {it!r}; allowed: None (all), 'down', "
+                                     "'mid', 'up', a resolution int, an alias like 'up.1.0', a "
+                                     "module path, or a list of these")
+        s = self.steps
+        if s is not None and not isinstance(s, slice):
+            if isinstance(s, (int, bool)):
+                raise ValueError(f"steps: got the int {s!r}; use a list of step indices ([{s}]), a "
+                                 f"slice (slice(None, None, {s}) for every {s}th step) or None (all)")
+            try:
+                s = list(s)
+            except TypeError:
+                raise ValueError(f"steps: expected None, a list of step indices or a slice, got "
+                                 f"{type(self.steps).__name__}") from None
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in s):
+                raise ValueError(f"steps: step indices must be ints, got {s!r}")
+            self.steps = s
+        if isinstance(s, slice) and s.step is not None and s.step <= 0:
+            raise ValueError(f"steps: slice step must be positive, got {s.step}")
+        if not isinstance(self.heads, bool):
+            raise ValueError(f"heads must be True or False, got {self.heads!r}")
+        if not isinstance(self.keep_padding, bool):
+            raise ValueError(f"keep_padding must be True or False, got {self.keep_padding!r}")
+        if self.max_bytes is not None and (isinstance(self.max_bytes, bool) or
+                                           not isinstance(self.max_bytes, (int, float))
+                                           or self.max_bytes <= 0):
+            raise ValueError(f"max_bytes must be a positive number of bytes or None, got "
+                             f"{self.max_bytes!r}")
+        if self.attention_dtype not in _ATT_DTYPES:
+            raise ValueError(f"attention_dtype must be one of {_ATT_DTYPES}, got "
+                             f"{self.attention_dtype!r}")
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form (stored in ``trace.meta['options']``)."""
+        steps = self.steps
+        if isinstance(steps, slice):
+            steps = {"slice": [steps.start, steps.stop, steps.step]}
+        layers = self.layers
+        if isinstance(layers, (set, tuple)):
+            layers = list(layers)
+        return dict(record=list(self.record), layers=layers, steps=steps, heads=self.heads,
+                    keep_padding=self.keep_padding, max_bytes=self.max_bytes,
+                    attention_dtype=str(self.attention_dtype).replace("torch.", ""))
+
+    @classmethod
+    def from_kwargs(cls, options: "RecordOptions | None" = None, **kwargs) -> "RecordOptions":
+        """``options`` updated with keyword arguments; unknown names -> ValueError."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        bad = [k for k in kwargs if k not in names]
+        if bad:
+            raise ValueError(f"unknown option(s) {bad}; allowed: {', '.join(names)}")
+        if options is None:
+            return cls(**kwargs)
+        if not isinstance(options, cls):
+            raise ValueError(f"options must be a RecordOptions, got {type(options).__name__}")
+        return dataclasses.replace(options, **kwargs)
+
+
+def default_max_bytes() -> int:
+    """50% of the host memory available now (MemAvailable), or 8 GiB if it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    try:
+        import psutil  # type: ignore
+
+        return int(psutil.virtual_memory().available // 2)
+    except Exception:
+        return 8 << 30
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
+
+
+# ====================================================================== pipeline checks
+def check_pipeline(pipe) -> list[str]:
+    """The pipeline's ``attn2`` layer names; TypeError / NotImplementedError if untraceable."""
+    cls = type(pipe).__name__
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        kind = "transformer-based (e.g. SD3, Flux, PixArt)" if getattr(pipe, "transformer", None) \
+            is not None else "UNet-less"
+        raise NotImplementedError(
+            f"sdlens cannot trace {cls}: it is a {kind} pipeline without a `unet`; supported: "
+            f"{', '.join(SUPPORTED)} (and SD 2.x v-prediction models)")
+    if not hasattr(unet, "attn_processors") or not hasattr(unet, "set_attn_processor"):
+        raise TypeError(f"sdlens cannot trace {cls}: its unet ({type(unet).__name__}) has no "
+                        f"attention processors; supported: {', '.join(SUPPORTED)}")
+    layers = [k[: -len(".processor")] for k in unet.attn_processors if k.endswith(".attn2.processor")]
+    if not layers:
+        raise TypeError(f"sdlens cannot trace {cls}: its UNet has no cross-attention (attn2) "
+                        f"layers; supported: text-conditioned UNets in {', '.join(SUPPORTED)}")
+    if getattr(pipe, "scheduler", None) is None or not hasattr(pipe.scheduler, "step"):
+        raise TypeError(f"sdlens cannot trace {cls}: it has no scheduler with a step() method")
+    if getattr(pipe, "tokenizer", None) is None and getattr(pipe, "tokenizer_2", None) is None:
+        raise TypeError(f"sdlens cannot trace {cls}: it has no tokenizer")
+    return sorted(layers, key=layer_sort_key)
+
+
+def _layer_level(layer: str, n_down: int) -> int:
+    """Downsampling level of a layer: down_blocks.i -> i, mid -> n_down-1, up_blocks.i -> n_down-1-i."""
+    parts = layer.split(".")
+    if parts[0] == "down_blocks":
+        return int(parts[1])
+    if parts[0] == "up_blocks":
+        return n_down - 1 - int(parts[1])
+    if parts[0] == "mid_block":
+        return n_down - 1
+    raise ValueError(f"cannot tell the resolution of layer {layer!r}")
+
+
+def _level_shape(h: int, w: int, level: int) -> tuple[int, int]:
+    for _ in range(level):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
+
+
+def _describe(pipe) -> dict:
+    """family / task / pipeline facts (sdlens.pipeline.describe when available)."""
+    cls = type(pipe).__name__
+    try:
+        from .pipeline import describe
+
+        info = describe(pipe)
+        d = dataclasses.asdict(info)
+        return {"family": d.get("family"), "task": d.get("task"), "name_or_path": d.get("name_or_path")}
+    except Exception:
+        pass
+    unet = pipe.unet
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":
+        family = "sdxl" if getattr(pipe, "text_encoder", None) is not None else "sdxl-refiner"
+    elif unet.config.cross_attention_dim == 1024:
+        family = "sd2"
+    elif unet.config.cross_attention_dim == 768:
+        family = "sd1"
+    else:
+        family = "sd"
+    task = "inpaint" if "Inpaint" in cls else "img2img" if "Img2Img" in cls else "txt2img"
+    name = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "")
+    return {"family": family, "task": task, "name_or_path": str(name or "")}
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# ====================================================================== tokens
+def tokenize_prompt(tokenizer, prompt: str) -> tuple[list[int], list[str], list[str]]:
+    """(kept ids, kept token strings, words cut by the length limit) for one prompt, as the
+    pipeline's tokenizer call (``truncation=True, max_length=model_max_length``) keeps them."""
+    max_len = int(getattr(tokenizer, "model_max_length", 77) or 77)
+    if max_len > 10_000:
+        max_len = 77
+    ids = list(tokenizer(prompt, truncation=False, add_special_tokens=True)["input_ids"])
+    cut_words: list[str] = []
+    if len(ids) > max_len:
+        body = ids[1:-1]
+        keep = max_len - 2
+        toks = tokenizer.convert_ids_to_tokens(body)
+        words, cur = [], []
+        for i, tok in enumerate(toks):
+            cur.append(i)
+            if tok.endswith("</w>") or i == len(toks) - 1:
+                words.append(cur)
+                cur = []
+        for w in words:
+            if w[-1] >= keep:
+                text = tokenizer.convert_tokens_to_string([toks[i] for i in w]).strip()
+                cut_words.append(text)
+        ids = ids[: max_len - 1] + [ids[-1]]
+    return ids, list(tokenizer.convert_ids_to_tokens(ids)), cut_words
+
+
+# ====================================================================== one run
+class _Run:
+    """State of one traced pipeline call (hook callbacks land here)."""
+
+    def __init__(self, session: "_Session", pipe, params: dict):
+        self.session = session
+        self.opts = session.options
+        self.pipe = pipe
+        self.params = params
+        self.step = 0
+        self.layout: str | None = None  # "cfg" | "single"
+        self.batch = None  # number of latents (batch items)
+        self.latent_hw = None
+        self.total_steps = None
+        self.att_steps: set[int] = set()
+        self.att_now = False
+        self.rows = None
+        self.n_tokens = None
+        self.token_count_seen = None
+        self.unet_calls_this_step = 0
+        self.warned_double = False
+        self.pending_noise = None  # (uncond | None, text)
+        self.pending_att: dict[str, torch.Tensor] = {}
+        # host data
+        self.latents: list[torch.Tensor | None] = []
+        self.noise: list[torch.Tensor] = []
+        self.noise_text: list[torch.Tensor] = []
+        self.noise_uncond: list[torch.Tensor | None] = []
+        self.x0: list[torch.Tensor | None] = []
+        self.timesteps: list[float] = []
+        self.sigmas: list[float | None] = []
+        self.att: dict[str, list[torch.Tensor]] = {l: [] for l in session.selected_layers}
+        self.att_rec_steps: list[int] = []
+        self.devices: set[torch.device] = set()
+        self.x0_agreement: list[float] = []
+
+    # ---------------------------------------------------------------- host copies
+    def _host(self, t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        self.devices.add(t.device)
+        if t.device.type == "cpu":
+            return t.detach().to(dtype=dtype, copy=True)
+        return t.detach().to(device="cpu", dtype=dtype, non_blocking=True)
+
+    # ---------------------------------------------------------------- UNet hooks
+    def before_unet(self, sample: torch.Tensor) -> None:
+        n = sample.shape[0]
+        if self.layout is None:
+            self._first_unet_call(sample)
+        expected = 2 * self.batch if self.layout == "cfg" else self.batch
+        if n != expected:
+            raise RuntimeError(f"sdlens: the UNet was called with batch {n} at step {self.step}, "
+                               f"expected {expected}; this pipeline's batch layout is not supported")
+        self.unet_calls_this_step += 1
+        if self.unet_calls_this_step > 1 and not self.warned_double:
+            self.warned_double = True
+            warnings.warn("sdlens: the UNet was called more than once before a scheduler step; "
+                          "noise and attention are recorded from the last call", stacklevel=2)
+        self.att_now = "attention" in self.opts.record and self.step in self.att_steps
+        self.pending_att = {}
+
+    def _first_unet_call(self, sample: torch.Tensor) -> None:
+        n = sample.shape[0]
+        b = self.session_batch
+        if n == 2 * b:
+            self.layout = "cfg"
+            self.rows = slice(b, 2 * b)
+        elif n == b:
+            self.layout = "single"
+            self.rows = slice(0, b)
+        else:
+            raise RuntimeError(f"sdlens: the UNet sees batch {n} but the call has {b} batch items "
+                               "(prompts x num_images_per_prompt); cannot tell the guidance layout")
+        self.batch = b
+        self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        self.latent_channels = int(self.pipe.unet.config.out_channels)
+        total = getattr(self.pipe, "_num_timesteps", None)
+        if not isinstance(total, int) or total <= 0:
+            ts = getattr(self.pipe.scheduler, "timesteps", None)
+            total = len(ts) - int(getattr(self.pipe.scheduler, "begin_index", None) or 0) if ts is not None else 0
+        self.total_steps = int(total)
+        self.att_steps = self._resolve_steps(self.opts.steps, self.total_steps)
+        self.resolutions = self._layer_resolutions()
+        self.selected = resolve_layers(self.opts.layers, self.session.layers,
+                                       lambda l: self.resolutions[l])
+        self.att = {l: [] for l in self.selected}
+        if self.opts.keep_padding:
+            self.n_tokens = None
+        else:
+            self.n_tokens = self.max_token_len
+        self._check_size()
+
+    def _resolve_steps(self, spec, total: int) -> set[int]:
+        if spec is None:
+            return set(range(total))
+        if isinstance(spec, slice):
+            return set(range(total)[spec])
+        out = set()
+        for i in spec:
+            j = i + total if i < 0 else i
+            if not 0 <= j < total:
+                raise ValueError(f"steps: index {i} is out of range for this run of {total} steps")
+            out.add(j)
+        return out
+
+    def _layer_resolutions(self) -> dict[str, tuple[int, int]]:
+        n_down = len(self.pipe.unet.down_blocks)
+        h, w = self.latent_hw
+        return {l: _level_shape(h, w, _layer_level(l, n_down)) for l in self.session.layers}
+
+    def estimate_bytes(self) -> dict[str, int]:
+        """Estimated host bytes per kind of data (from the shapes known at the first UNet call)."""
+        b, s = self.batch, self.total_steps
+        h, w = self.latent_hw
+        c = self.latent_channels
+        per = b * c * h * w * 4
+        rec = self.opts.record
+        est = {"latents": (s + 1) * per if "latents" in rec else 0,
+               "noise": s * per * (3 if self.layout == "cfg" else 2) if "noise" in rec else 0,
+               "x0": s * per if "x0" in rec else 0, "attention": 0}
+        if "attention" in rec:
+            itemsize = torch.empty((), dtype=self.opts.attention_dtype).element_size()
+            tokens = self.n_tokens or 77
+            modules = dict(self.pipe.unet.named_modules())
+            for l in self.selected:
+                lh, lw = self.resolutions[l]
+                heads = int(getattr(modules.get(l), "heads", 1)) if self.opts.heads else 1
+                est["attention"] += len(self.att_steps) * b * heads * tokens * lh * lw * itemsize
+        return est
+
+    def _check_size(self) -> None:
+        est = self.estimate_bytes()
+        total = sum(est.values())
+        self.estimated = est
+        limit = self.opts.max_bytes if self.opts.max_bytes is not None else default_max_bytes()
+        if total > limit:
+            parts = ", ".join(f"{k} {_human(v)}" for k, v in est.items() if v)
+            raise TraceTooLarge(
+                f"sdlens: this trace would need about {_human(total)} ({parts}), more than "
+                f"max_bytes={_human(limit)}. Shrink it with: layers= (e.g. 'up' or 16: fewer "
+                "attention layers), steps= (e.g. slice(None, None, 5): attention every 5th step), "
+                "heads=False (average heads), keep_padding=False, record=(...) without "
+                "'attention' or 'noise', fewer images per call; or raise max_bytes")
+
+    # ---------------------------------------------------------------- attention sink
+    def attention_request(self, layer: str):
+        if not self.att_now or layer not in self.att:
+            return None
+        return (self.rows, self.n_tokens, self.opts.heads, self.opts.attention_dtype)
+
+    def put_attention(self, layer: str, probs: torch.Tensor, n_queries: int) -> None:
+        lh, lw = self.resolutions[layer]
+        if n_queries != lh * lw:
+            raise RuntimeError(f"sdlens: layer {layer} has {n_queries} positions, expected "
+                               f"{lh}x{lw} from the latent size {self.latent_hw}")
+        if self.token_count_seen is None:
+            self.token_count_seen = int(probs.shape[-2])
+        self.pending_att[layer] = probs
+
+    def after_unet(self, out: torch.Tensor) -> None:
+        if "noise" not in self.opts.record:
+            return
+        if self.layout == "cfg":
+            uncond, text = out.chunk(2)
+            self.pending_noise = (self._host(uncond), self._host(text))
+        else:
+            self.pending_noise = (None, self._host(out))
+
+    # ---------------------------------------------------------------- scheduler
+    def on_step(self, sample, model_output, timestep, sigma, x0, prev_sample, reported) -> None:
+        rec = self.opts.record
+        if self.layout is None:
+            raise RuntimeError("sdlens: scheduler.step was called before the UNet")
+        if sample.shape[0] != self.batch:
+            raise RuntimeError(f"sdlens: scheduler.step got {sample.shape[0]} latents, expected "
+                               f"{self.batch}")
+        if "latents" in rec:
+            if self.step == 0:
+                self.latents.append(self._host(sample))
+            self.latents.append(self._host(prev_sample))
+        if "noise" in rec:
+            uncond, text = self.pending_noise if self.pending_noise is not None else (None, None)
+            self.noise_uncond.append(uncond)
+            self.noise_text.append(text)
+            self.noise.append(self._host(model_output))
+            self.pending_noise = None
+        if "x0" in rec:
+            self.x0.append(self._host(x0) if x0 is not None else None)
+        self.timesteps.append(float(timestep) if not torch.is_tensor(timestep)
+                              else self._host(timestep.reshape(()), torch.float32))
+        self.sigmas.append(None if sigma is None else self._host(sigma.reshape(()), torch.float32))
+        if self.att_now:
+            for layer in self.att:
+                t = self.pending_att.get(layer)
+                if t is None:
+                    raise RuntimeError(f"sdlens: layer {layer} was not called at step {self.step}")
+                self.att[layer].append(self._host(t, t.dtype))
+            self.att_rec_steps.append(self.step)
+        self.pending_att = {}
+        self.att_now = False
+        self.unet_calls_this_step = 0
+        self.step += 1
+
+    def on_step_end(self, latents) -> None:
+        """Latents after the step as the pipeline holds them (after re-blending / callbacks)."""
+        if "latents" in self.opts.record and torch.is_tensor(latents) and self.step > 0 \
+                and len(self.latents) == self.step + 1:
+            self.latents[self.step] = self._host(latents)
+
+    # ---------------------------------------------------------------- result
+    def finish(self, output) -> Trace:
+        for dev in self.devices:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+        if self.layout is None or self.step == 0:
+            raise RuntimeError("sdlens: the pipeline call finished without any denoising step "
+                               "(nothing was recorded)")
+        tensors: dict[str, Any] = {}
+
+        def scal(xs):
+            return torch.stack([x if torch.is_tensor(x) else torch.tensor(float(x)) for x in xs]).float()
+
+        tensors["timesteps"] = scal(self.timesteps)
+        tensors["sigmas"] = scal(self.sigmas) if all(s is not None for s in self.sigmas) else None
+        rec = self.opts.record
+        if "latents" in rec:
+            tensors["latents"] = torch.stack(self.latents)
+        if "noise" in rec:
+            tensors["noise"] = torch.stack(self.noise)
+            tensors["noise_text"] = torch.stack(self.noise_text)
+            tensors["noise_uncond"] = torch.stack(self.noise_uncond) if self.layout == "cfg" else None
+        if "x0" in rec:
+            tensors["x0"] = torch.stack(self.x0) if all(x is not None for x in self.x0) else None
+        att_info = None
+        if "attention" in rec:
+            n_tok = self.token_count_seen if self.token_count_seen is not None else (self.n_tokens or 0)
+            for layer, chunks in self.att.items():
+                lh, lw = self.resolutions[layer]
+                if chunks:
+                    t = torch.stack(chunks)  # (S, B, [heads,] T, HW)
+                else:
+                    shape = (0, self.batch) + ((1,) if self.opts.heads else ()) + (n_tok, lh * lw)
+                    t = torch.zeros(shape, dtype=self.opts.attention_dtype)
+                tensors[f"attention/{layer}"] = t.reshape(*t.shape[:-1], lh, lw)
+                self.att[layer] = []
+            att_info = {"layers": list(self.att), "resolutions": {l: list(self.resolutions[l])
+                                                                  for l in self.att},
+                        "steps": list(self.att_rec_steps), "token_positions": list(range(n_tok)),
+                        "heads": self.opts.heads,
+                        "dtype": str(self.opts.attention_dtype).replace("torch.", "")}
+        images = _output_images(self.pipe, output)
+        info = {
+            "prompts": self.prompts, "negative_prompts": self.negative_prompts,
+            "token_ids": self.token_ids, "tokens": self.tokens,
+            "truncated_words": self.truncated_words,
+            "guidance_scale": float(self.guidance_scale), "do_cfg": self.layout == "cfg",
+            "num_steps": self.step, "attention": att_info, "meta": self.meta(),
+        }
+        return Trace(tensors, info, images, self.pipe)
+
+    def meta(self) -> dict:
+        pipe, p = self.pipe, self.params
+        desc = _describe(pipe)
+        sched = pipe.scheduler
+        vae = getattr(pipe, "vae", None)
+        vsf = getattr(pipe, "vae_scale_factor", 8)
+        h, w = self.latent_hw
+        return {
+            "sdlens_version": _version("sdlens"), "diffusers_version": _version("diffusers"),
+            "torch_version": torch.__version__,
+            "model_id": desc.get("name_or_path") or str(pipe.config.get("_name_or_path", "") or ""),
+            "family": desc.get("family"), "task": desc.get("task"),
+            "pipeline_class": self.session.orig_cls.__name__,
+            "scheduler_class": type(sched).__name__, "scheduler_config": dict(sched.config),
+            "prediction_type": sched.config.get("prediction_type", "epsilon"),
+            "vae_scaling_factor": float(vae.config.scaling_factor) if vae is not None else None,
+            "height": h * vsf, "width": w * vsf, "latent_height": h, "latent_width": w,
+            "seeds": self.seeds, "num_inference_steps": p.get("num_inference_steps"),
+            "steps": self.step, "strength": p.get("strength"),
+            "guidance_scale": float(self.guidance_scale),
+            "guidance_rescale": p.get("guidance_rescale"),
+            "num_images_per_prompt": p.get("num_images_per_prompt") or 1,
+            "device": str(pipe.unet.device), "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+            "options": self.opts.to_dict(), "estimated_bytes": self.estimated,
+            "unet_calls": self.step,
+        }
+
+
+def _output_images(pipe, output) -> list:
+    """PIL images from a pipeline output (output_type pil / np / pt); [] for latents."""
+    images = output[0] if isinstance(output, (tuple, list)) else getattr(output, "images", None)
+    if images is None:
+        return []
+    from PIL import Image
+
+    if isinstance(images, list) and all(isinstance(i, Image.Image) for i in images):
+        return [i.copy() for i in images]
+    try:
+        import numpy as np
+
+        if torch.is_tensor(images):
+            if images.ndim != 4 or images.shape[1] not in (1, 3):
+                return []  # latents
+            arr = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+        elif isinstance(images, np.ndarray):
+            if images.ndim != 4 or images.shape[-1] not in (1, 3):
+                return []
+            arr = images
+        else:
+            return []
+        arr = (np.clip(arr, 0, 1) * 255).round().astype("uint8")
+        return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+    except Exception:
+        return []
+
+
+# ====================================================================== session
+_ACTIVE: dict[int, "_Session"] = {}
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _traced_class(cls: type) -> type:
+    sub = _SUBCLASSES.get(cls)
+    if sub is None:
+        def __call__(self, *args, **kwargs):
+            session = _ACTIVE.get(id(self))
+            if session is None:  # not traced (should not happen): behave as the original
+                return cls.__call__(self, *args, **kwargs)
+            return session.run(self, args, kwargs)
+
+        sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                         "__doc__": cls.__doc__, "_sdlens_traced": True})
+        _SUBCLASSES[cls] = sub
+    return sub
+
+
+class _Session:
+    def __init__(self, pipe, options: RecordOptions):
+        self.pipe = pipe
+        self.options = options
+        self.layers = check_pipeline(pipe)
+        self.selected_layers = list(self.layers)
+        self.orig_cls = type(pipe)
+        self.live = Trace()
+        self.live._runs = []
+        self.active = False
+
+    # -------------------------------------------------------------- enter / exit
+    def __enter__(self) -> Trace:
+        pipe = self.pipe
+        if id(pipe) in _ACTIVE or getattr(type(pipe), "_sdlens_traced", False):
+            raise RuntimeError("this pipeline is already being traced (nested sdlens.trace)")
+        _ACTIVE[id(pipe)] = self
+        try:
+            pipe.__class__ = _traced_class(self.orig_cls)
+        except BaseException:
+            _ACTIVE.pop(id(pipe), None)
+            raise
+        self.active = True
+        return self.live
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if type(self.pipe) is not self.orig_cls:
+                self.pipe.__class__ = self.orig_cls
+        finally:
+            _ACTIVE.pop(id(self.pipe), None)
+            self.active = False
+
+    # -------------------------------------------------------------- one call
+    def run(self, pipe, args, kwargs):
+        orig_call = self.orig_cls.__call__
+        sig = inspect.signature(orig_call)
+        bound = sig.bind(pipe, *args, **kwargs)
+        params = dict(bound.arguments)
+        params.pop("self", None)
+        defaults = {k: v.default for k, v in sig.parameters.items()
+                    if v.default is not inspect.Parameter.empty}
+        full = {**defaults, **params}
+        run = _Run(self, pipe, full)
+        self._prepare(run, full)
+        call_kwargs = dict(params)
+        if "callback_on_step_end" in sig.parameters:
+            self._compose_callback(run, call_kwargs, full)
+        unet = pipe.unet
+        saved_procs = dict(unet.attn_processors)
+        saved_fwd = (dict(unet._forward_hooks), dict(unet._forward_pre_hooks))
+        hooks = wrapper = None
+        try:
+            procs = {k: (RecordingProcessor(v, k[: -len(".processor")], run)
+                         if k.endswith(".attn2.processor") else v) for k, v in saved_procs.items()}
+            unet.set_attn_processor(dict(procs))
+            hooks = UNetHooks(unet, run.before_unet, run.after_unet)
+            wrapper = sched_hooks.install(pipe.scheduler, run.on_step,
+                                          want_x0="x0" in self.options.record)
+            output = orig_call(pipe, **call_kwargs)
+        finally:
+            try:
+                if wrapper is not None:
+                    sched_hooks.uninstall(pipe.scheduler, wrapper)
+            finally:
+                try:
+                    if hooks is not None:
+                        hooks.remove()
+                finally:
+                    unet.set_attn_processor(dict(saved_procs))
+        result = run.finish(output)
+        self.live._runs.append(result)
+        self.live._adopt(result)
+        return output
+
+    def _compose_callback(self, run: _Run, call_kwargs: dict, full: dict) -> None:
+        user_cb = full.get("callback_on_step_end")
+        inputs = full.get("callback_on_step_end_tensor_inputs") or ["latents"]
+        try:
+            from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+            if isinstance(user_cb, (PipelineCallback, MultiPipelineCallbacks)):
+                inputs = list(user_cb.tensor_inputs)
+        except ImportError:
+            pass
+        inputs = list(inputs)
+        if "latents" not in inputs:
+            inputs.append("latents")
+
+        def callback(pipe, i, t, cb_kwargs):
+            outputs = cb_kwargs
+            if user_cb is not None:
+                outputs = user_cb(pipe, i, t, cb_kwargs)
+                if outputs is None:
+                    outputs = {}
+            lat = outputs.get("latents", cb_kwargs.get("latents")) if isinstance(outputs, dict) \
+                else cb_kwargs.get("latents")
+            run.on_step_end(lat)
+            return outputs if user_cb is not None else {}
+
+        call_kwargs["callback_on_step_end"] = callback
+        call_kwargs["callback_on_step_end_tensor_inputs"] = inputs
+
+    def _prepare(self, run: _Run, p: dict) -> None:
+        """Prompts, tokens, batch size, seeds, guidance from the call's arguments."""
+        pipe = self.pipe
+        prompt = p.get("prompt")
+        n_per = int(p.get("num_images_per_prompt") or 1)
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif isinstance(prompt, (list, tuple)):
+            prompts = list(prompt)
+        elif prompt is None and torch.is_tensor(p.get("prompt_embeds")):
+            prompts = [None] * int(p["prompt_embeds"].shape[0])
+        else:
+            raise TypeError(f"sdlens: prompt must be a str or a list of str (or prompt_embeds "
+                            f"given), got {type(prompt).__name__}")
+        neg = p.get("negative_prompt")
+        if neg is None:
+            negs = [None] * len(prompts)
+        elif isinstance(neg, str):
+            negs = [neg] * len(prompts)
+        else:
+            negs = list(neg)
+            if len(negs) != len(prompts):
+                negs = (negs + [None] * len(prompts))[: len(prompts)]
+        run.prompts = [q for q in prompts for _ in range(n_per)]
+        run.negative_prompts = [q for q in negs for _ in range(n_per)]
+        run.session_batch = len(run.prompts)
+        tok = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+        run.token_ids, run.tokens, run.truncated_words = [], [], []
+        cache: dict[str, tuple] = {}
+        for b, q in enumerate(run.prompts):
+            if q is None:
+                ids, toks, cut = [], [], []
+            else:
+                if q not in cache:
+                    cache[q] = tokenize_prompt(tok, q)
+                ids, toks, cut = cache[q]
+            run.token_ids.append(list(ids))
+            run.tokens.append(list(toks))
+            run.truncated_words.append(list(cut))
+        for q, (ids, toks, cut) in cache.items():
+            if cut:
+                warnings.warn(f"sdlens: the prompt {q[:60]!r}... is longer than 75 tokens; the "
+                              f"pipeline cuts these words: {cut} (see trace.truncated_words)",
+                              stacklevel=4)
+        run.max_token_len = max((len(i) for i in run.token_ids), default=0) or None
+        gs = p.get("guidance_scale")
+        run.guidance_scale = float(gs) if gs is not None else float("nan")
+        gen = p.get("generator")
+        gens = gen if isinstance(gen, (list, tuple)) else ([gen] if gen is not None else [])
+        run.seeds = [int(g.initial_seed()) for g in gens if isinstance(g, torch.Generator)] or None
+
+
+def trace(pipe, options: RecordOptions | None = None, **kwargs):
+    """Record every call of ``pipe`` made inside the ``with`` block.
+
+    >>> with sdlens.trace(pipe, layers="up", steps=slice(None, None, 2)) as tr:
+    ...     pipe("a red circle", num_inference_steps=25, generator=torch.Generator().manual_seed(0))
+    >>> tr.latents.shape        # (26, 1, 4, h, w)
+
+    Args:
+        pipe: a diffusers Stable Diffusion pipeline (SD 1.x/2.x/SDXL; txt2img, img2img,
+            inpaint). Other pipelines raise TypeError / NotImplementedError.
+        options: a :class:`RecordOptions`; keyword arguments (``record``, ``layers``, ``steps``,
+            ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``) override its fields.
+
+    Returns:
+        a context manager whose ``as`` value is a :class:`~sdlens.trace.Trace` that shows the
+        *last* recorded call (``tr.runs``: every call, in order). The pipeline's own return value
+        is untouched. On exit the pipeline is exactly as before (same processor objects, no
+        hooks, ``scheduler.step`` the class method), also after an exception.
+    """
+    opts = RecordOptions.from_kwargs(options, **kwargs)
+    return _Session(pipe, opts)
+
+
+_GENERATE_ARGS = {"steps": "num_inference_steps"}
+
+
+def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, steps: int = 25,
+             guidance_scale: float | None = None, negative_prompt: str | list[str] | None = None,
+             height: int | None = None, width: int | None = None,
+             options: RecordOptions | None = None, **kwargs) -> Trace:
+    """Run ``pipe`` once, traced, and return the :class:`~sdlens.trace.Trace` (images included).
+
+    Args:
+        pipe: a diffusers SD pipeline (see :func:`trace`).
+        prompt: a prompt or a list of prompts.
+        seed: an int (one CPU generator for the whole batch), a list of ints (one generator per
+            batch item: prompts x num_images_per_prompt), or None (a random seed, recorded in
+            ``trace.meta['seeds']``).
+        steps: ``num_inference_steps``.
+        guidance_scale: classifier-free guidance scale (None: the pipeline's default; <= 1 turns
+            guidance off).
+        negative_prompt: a negative prompt (or one per prompt).
+        height, width: image size in pixels (None: the model's default).
+        options: a :class:`RecordOptions`.
+        **kwargs: RecordOptions fields (``record``, ``layers``, ``steps`` is the step count here,
+            use ``attention_steps`` for RecordOptions.steps, ``heads``, ``keep_padding``,
+            ``max_bytes``, ``attention_dtype``); everything else goes to the pipeline call
+            (``num_images_per_prompt``, ``image``, ``mask_image``, ``strength``, ...).
+    """
+    opt_names = {f.name for f in dataclasses.fields(RecordOptions)} - {"steps"}
+    opt_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in opt_names}
+    if "attention_steps" in kwargs:
+        opt_kwargs["steps"] = kwargs.pop("attention_steps")
+    if "generator" in kwargs:
+        raise ValueError("generate() takes seed=, not generator= (use sdlens.trace with your own "
+                         "generator)")
+    if seed is None:
+        seed = random.randrange(2 ** 31)
+    if isinstance(seed, (list, tuple)):
+        seeds = [int(s) for s in seed]
+        generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    elif isinstance(seed, int) and not isinstance(seed, bool):
+        seeds = [int(seed)]
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+    else:
+        raise ValueError(f"seed must be an int, a list of ints or None, got {seed!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    call = dict(prompt=prompt, num_inference_steps=steps, generator=generator, **kwargs)
+    if guidance_scale is not None:
+        call["guidance_scale"] = guidance_scale
+    if negative_prompt is not None:
+        call["negative_prompt"] = negative_prompt
+    if height is not None:
+        call["height"] = height
+    if width is not None:
+        call["width"] = width
+    with trace(pipe, options, **opt_kwargs) as tr:
+        pipe(**call)
+    return tr.runs[-1]
