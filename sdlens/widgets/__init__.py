@@ -1,0 +1,29 @@
+"""Notebook panels (anywidget + ipywidgets).
+
+* :class:`TraceViewer` — scrub a trace's steps: x_t, x0, guided noise, CFG delta; word heatmaps.
+* :class:`Studio` — prompt box + Generate; streams x0 previews while sampling; A/B of two runs.
+* :class:`GridViewer` — a labelled CFG x seed (x prompt) grid; click a cell for its TraceViewer.
+* :class:`TokenView` — the prompt's tokens with their share of attention; hover for ids.
+
+``Trace`` displays as a :class:`TraceViewer` in a notebook through :func:`trace_mimebundle`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .frames import TraceFrames
+from .grid_viewer import GridViewer
+from .studio import Interrupted, Studio
+from .token_view import TokenView
+from .trace_viewer import TraceViewer
+
+
+def trace_mimebundle(trace: Any, include: Any = None, exclude: Any = None) -> dict:
+    """The notebook representation of ``trace``: a :class:`TraceViewer` (what
+    ``Trace._repr_mimebundle_`` returns)."""
+    return TraceViewer(trace)._repr_mimebundle_(include=include, exclude=exclude)
+
+
+__all__ = ["GridViewer", "Interrupted", "Studio", "TokenView", "TraceFrames", "TraceViewer",
+           "trace_mimebundle"]

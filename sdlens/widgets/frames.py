@@ -1,0 +1,336 @@
+"""Encoded frames for the widgets: every image a panel can show, rendered once in the kernel.
+
+A :class:`TraceFrames` turns a trace into PNG/JPEG bytes that the browser switches between
+without asking the kernel again:
+
+* ``base(batch)``: per step, ``x_t`` (the latents the UNet saw), the ``x0`` prediction, the
+  guided ``noise`` and the ``cfg_delta`` (``noise_text - noise_uncond``), plus the output image.
+  ``x_t`` / ``x0`` go through the latent->RGB decoder of :mod:`sdlens.previews` (linear by
+  default); noise and delta through the same linear map, scaled by one robust maximum over all
+  steps (so their magnitude over the run stays comparable), and are sent at the latent
+  resolution (the browser scales them up, pixelated).
+* ``heat(batch, layers)``: per word of the prompt, its heatmap at every recorded step and summed
+  over steps (:func:`sdlens.heatmaps.word_heatmap`), as RGBA PNGs (a colormap whose alpha is the
+  heat, for overlaying on an image).
+
+Everything is cached per (batch) and per (batch, layers): switching back is free.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+PANELS = ("x_t", "x0", "noise", "cfg_delta")
+PANEL_LABELS = {"x_t": "x_t (latents)", "x0": "x0 prediction", "noise": "guided noise",
+                "cfg_delta": "CFG delta (text - uncond)"}
+FORMATS = ("png", "jpeg", "auto")
+
+
+# --------------------------------------------------------------------------- encoding
+def encode(img: Image.Image | np.ndarray, fmt: str = "png", quality: int = 90) -> bytes:
+    """PIL image or uint8 array (H, W[, 3|4]) -> PNG / JPEG bytes (``fmt='auto'``: PNG up to
+    128 px or with alpha, JPEG above)."""
+    if isinstance(img, np.ndarray):
+        img = Image.fromarray(img)
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "auto":
+        fmt = "png" if (max(img.size) <= 128 or img.mode in ("RGBA", "LA")) else "jpeg"
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        img.convert("RGB").save(buf, format="JPEG", quality=quality)
+    else:
+        img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def mime(data: bytes) -> str:
+    """'image/png' or 'image/jpeg' from the bytes' signature."""
+    return "image/png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "image/jpeg"
+
+
+def decode(data: bytes) -> Image.Image:
+    """Bytes -> PIL image (tests, debugging)."""
+    return Image.open(io.BytesIO(data)).copy()
+
+
+_LUTS: dict[str, np.ndarray] = {}
+
+
+def _lut(cmap: str) -> np.ndarray:
+    if cmap not in _LUTS:
+        import matplotlib
+
+        cm = matplotlib.colormaps[cmap]
+        _LUTS[cmap] = (cm(np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
+    return _LUTS[cmap]
+
+
+def heat_rgba(values: Any, cmap: str = "jet", max_alpha: float = 0.85) -> np.ndarray:
+    """(H, W) values in [0, 1] -> RGBA uint8 overlay: colour from ``cmap``, alpha grows with the
+    value (0 is fully transparent)."""
+    v = values.detach().float().cpu().numpy() if torch.is_tensor(values) else np.asarray(values, np.float32)
+    if v.ndim != 2:
+        raise ValueError(f"expected an (H, W) map, got shape {v.shape}")
+    v = np.nan_to_num(np.clip(v, 0.0, 1.0))
+    idx = (v * 255).round().astype(np.uint8)
+    rgb = _lut(cmap)[idx]
+    alpha = (np.sqrt(v) * max_alpha * 255).round().astype(np.uint8)
+    return np.dstack([rgb, alpha])
+
+
+def signed_rgb(x: torch.Tensor, scale: float) -> np.ndarray:
+    """(3, h, w) roughly centred at 0 -> uint8 (h, w, 3), ``scale`` mapping to full saturation."""
+    y = (x.float() / max(scale, 1e-12)).clamp(-1, 1)
+    return ((y + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+
+def _display_size(trace: Any, max_side: int) -> tuple[int, int]:
+    from ..heatmaps import output_size
+
+    h, w = output_size(trace)
+    s = min(1.0, max_side / max(h, w))
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
+# --------------------------------------------------------------------------- words & layers
+@dataclass(frozen=True)
+class WordChip:
+    """A word of the prompt as a chip: ``key`` is unique (text, or text#occurrence)."""
+
+    key: str
+    text: str
+    occurrence: int
+    positions: tuple[int, ...]
+    tokens: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "text": self.text, "occurrence": self.occurrence,
+                "positions": list(self.positions), "tokens": list(self.tokens)}
+
+
+def word_chips(trace: Any, batch: int = 0) -> list[WordChip]:
+    """The prompt's words (punctuation left out) as chips, in prompt order."""
+    from ..tokens import trace_words
+
+    if not getattr(trace, "tokens", None) or not trace.tokens[batch]:
+        return []
+    chips = []
+    for w in trace_words(trace, batch, punctuation=False):
+        key = w.text if w.occurrence == 0 else f"{w.text}#{w.occurrence}"
+        chips.append(WordChip(key, w.text, w.occurrence, tuple(w.positions), tuple(w.tokens)))
+    return chips
+
+
+def layer_options(trace: Any) -> list[tuple[str, str]]:
+    """``[(key, label)]`` of the layer choices: all layers, each resolution, down / mid / up,
+    then each layer by alias. Keys are selectors :func:`sdlens.heatmaps.word_heatmap` takes
+    (``'all'`` stands for None, ``'res:16'`` for the int 16)."""
+    from ..attention import layer_alias
+
+    maps = getattr(trace, "attention", None)
+    if maps is None or not list(maps.layers):
+        return []
+    layers = list(maps.layers)
+    opts = [("all", f"all layers ({len(layers)})")]
+    res = sorted({tuple(maps.resolution(l)) for l in layers}, reverse=True)
+    if len(res) > 1:
+        for h, w in res:
+            n = sum(1 for l in layers if tuple(maps.resolution(l)) == (h, w))
+            opts.append((f"res:{max(h, w)}", f"{h}x{w} ({n} layer{'s' * (n != 1)})"))
+    groups = [g for g in ("down", "mid", "up")
+              if any(l.startswith({"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}[g])
+                     for l in layers)]
+    if len(groups) > 1:
+        for g in groups:
+            opts.append((g, f"{g} blocks"))
+    if len(layers) > 1:
+        for l in layers:
+            h, w = maps.resolution(l)
+            opts.append((l, f"{layer_alias(l)} ({h}x{w})"))
+    return opts
+
+
+def layer_selector(key: str) -> Any:
+    """Option key -> selector for :func:`sdlens.heatmaps.word_heatmap`."""
+    if key == "all":
+        return None
+    if key.startswith("res:"):
+        return int(key[4:])
+    return key
+
+
+# --------------------------------------------------------------------------- frames
+class TraceFrames:
+    """Encoded frames of one trace (see the module docstring), cached.
+
+    Args:
+        trace: a :class:`~sdlens.trace.Trace` (anything following the trace contract).
+        max_side: longest side in pixels of the x_t / x0 / image frames (default 256).
+        heat_side: longest side of heatmap frames (default 128; the browser scales them).
+        decoder: latent->RGB decoder for x_t / x0 (``"linear"``, ``"vae"``, ``"tiny"``).
+        vae: the VAE / AutoencoderTiny for ``decoder='vae'|'tiny'``.
+        fmt: ``"png"``, ``"jpeg"`` or ``"auto"`` (PNG up to 128 px, else JPEG) for image frames.
+        cmap: matplotlib colormap of the heatmaps.
+    """
+
+    def __init__(self, trace: Any, max_side: int = 256, heat_side: int = 128,
+                 decoder: str = "linear", vae: Any = None, fmt: str = "auto", cmap: str = "jet"):
+        if fmt not in FORMATS:
+            raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+        if not isinstance(max_side, int) or max_side < 8:
+            raise ValueError(f"max_side must be an int >= 8, got {max_side!r}")
+        if not isinstance(heat_side, int) or heat_side < 4:
+            raise ValueError(f"heat_side must be an int >= 4, got {heat_side!r}")
+        self.trace = trace
+        self.max_side = max_side
+        self.heat_side = heat_side
+        self.decoder = decoder
+        self.vae = vae
+        self.fmt = fmt
+        self.cmap = cmap
+        self.size = _display_size(trace, max_side)
+        self.heat_size = _display_size(trace, min(heat_side, max(self.size)))
+        self._base: dict[int, dict[str, list[bytes]]] = {}
+        self._image: dict[int, bytes] = {}
+        self._heat: dict[tuple[int, str], dict[str, dict]] = {}
+        self._scales: dict[tuple[str, int], float] = {}
+
+    # ---------------------------------------------------------------- facts
+    @property
+    def n_steps(self) -> int:
+        return int(len(self.trace.timesteps))
+
+    @property
+    def n_batch(self) -> int:
+        for name in ("latents", "x0", "noise"):
+            t = getattr(self.trace, name, None)
+            if t is not None:
+                return int(t.shape[1])
+        return len(self.trace.prompts)
+
+    def panels(self) -> list[str]:
+        """Panels this trace can fill (x0 needs x0 recorded, cfg_delta a CFG run, ...)."""
+        t = self.trace
+        out = []
+        if getattr(t, "latents", None) is not None:
+            out.append("x_t")
+        if getattr(t, "x0", None) is not None:
+            out.append("x0")
+        if getattr(t, "noise", None) is not None:
+            out.append("noise")
+        if getattr(t, "noise_uncond", None) is not None and getattr(t, "noise_text", None) is not None:
+            out.append("cfg_delta")
+        return out
+
+    def heat_index(self) -> list[int]:
+        """For each step, the index into the recorded attention steps to show (the latest
+        recorded step at or before it; -1 before the first recorded one)."""
+        maps = getattr(self.trace, "attention", None)
+        if maps is None:
+            return [-1] * self.n_steps
+        rec = [int(s) for s in maps.steps]
+        out, j = [], -1
+        for s in range(self.n_steps):
+            while j + 1 < len(rec) and rec[j + 1] <= s:
+                j += 1
+            out.append(j)
+        return out
+
+    # ---------------------------------------------------------------- base frames
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C, h, w) -> (..., 3, h, w) with the family's linear decoder (first 3 channels
+        when the family has none)."""
+        from ..previews import latent_to_rgb, linear_decoder
+
+        try:
+            m, b = linear_decoder(self.trace, self.vae)
+            return latent_to_rgb(x, m, None)  # no bias: noise and deltas are centred at 0
+        except ValueError:
+            return x[..., :3, :, :].float()
+
+    def _scale(self, name: str, data: torch.Tensor, batch: int) -> float:
+        key = (name, batch)
+        if key not in self._scales:
+            v = data.abs().flatten().float()
+            if v.numel() > 2_000_000:
+                v = v[torch.linspace(0, v.numel() - 1, 2_000_000).long()]
+            self._scales[key] = float(torch.quantile(v, 0.995)) or 1.0
+        return self._scales[key]
+
+    def base(self, batch: int = 0) -> dict[str, list[bytes]]:
+        """``{panel: [bytes per step]}`` for image ``batch``."""
+        if not 0 <= batch < self.n_batch:
+            raise ValueError(f"batch={batch} is out of range: the trace holds {self.n_batch} image(s)")
+        if batch in self._base:
+            return self._base[batch]
+        from ..previews import previews
+
+        t, n = self.trace, self.n_steps
+        out: dict[str, list[bytes]] = {}
+        for panel in self.panels():
+            if panel in ("x_t", "x0"):
+                kind = "latents" if panel == "x_t" else "x0"
+                imgs = previews(t, kind, list(range(n)), batch, self.decoder, self.vae, self.size)
+                out[panel] = [encode(im, self.fmt) for im in imgs]
+            else:
+                if panel == "noise":
+                    data = t.noise[:n, batch].float()
+                else:
+                    from ..guidance import cfg_delta
+
+                    data = cfg_delta(t, batch=batch)[:n].float()
+                rgb = self._linear(data)  # (S, 3, h, w)
+                scale = self._scale(panel, rgb, batch)
+                out[panel] = [encode(signed_rgb(r, scale), "png") for r in rgb]
+        self._base[batch] = out
+        return out
+
+    def image(self, batch: int = 0) -> bytes:
+        """The pipeline's output image ``batch`` (resized to the display size)."""
+        if batch not in self._image:
+            images = getattr(self.trace, "images", None) or []
+            if batch >= len(images):
+                return b""
+            im = images[batch].convert("RGB")
+            if (im.size[1], im.size[0]) != self.size:
+                im = im.resize((self.size[1], self.size[0]), Image.BILINEAR)
+            self._image[batch] = encode(im, self.fmt)
+        return self._image[batch]
+
+    # ---------------------------------------------------------------- heatmaps
+    def heat(self, batch: int = 0, layers: str = "all",
+             words: Sequence[WordChip] | None = None) -> dict[str, dict]:
+        """``{word key: {"steps": [bytes per recorded step], "sum": bytes}}`` for the words of
+        prompt ``batch`` with the layer choice ``layers`` (a key of :func:`layer_options`)."""
+        maps = getattr(self.trace, "attention", None)
+        if maps is None:
+            return {}
+        keys = [k for k, _ in layer_options(self.trace)]
+        if layers not in keys:
+            raise ValueError(f"layers={layers!r} is not a choice here; choices: {keys}")
+        cache_key = (batch, layers)
+        if cache_key in self._heat:
+            return self._heat[cache_key]
+        from ..heatmaps import word_heatmap
+
+        sel = layer_selector(layers)
+        out: dict[str, dict] = {}
+        for chip in (words if words is not None else word_chips(self.trace, batch)):
+            kw = dict(layers=sel, batch=batch, occurrence=chip.occurrence, size=self.heat_size)
+            import warnings
+
+            with warnings.catch_warnings():  # constant maps (e.g. a 1x1 layer) are fine here
+                warnings.simplefilter("ignore", RuntimeWarning)
+                per = word_heatmap(self.trace, chip.text, per_step=True, **kw)
+                total = word_heatmap(self.trace, chip.text, per_step=False, **kw)
+            out[chip.key] = {"steps": [encode(heat_rgba(m, self.cmap), "png") for m in per],
+                             "sum": encode(heat_rgba(total, self.cmap), "png")}
+        self._heat[cache_key] = out
+        return out

@@ -1,0 +1,155 @@
+"""``GridViewer(grid)``: a labelled CFG x seed (x prompt ...) grid; click a cell for its steps.
+
+The grid (a :class:`sdlens.sweep.Grid`) is laid out as ``Grid.plot`` does: the last axis runs
+along the columns, the axes before it along the rows (combined labels). Thumbnails are sent once;
+clicking a cell sets ``selected`` (a flat cell index) and the kernel opens that cell's
+:class:`TraceViewer` below the grid (built once per cell, then reused).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anywidget
+import ipywidgets as W
+import numpy as np
+import traitlets
+from PIL import Image
+
+from .frames import encode
+from .trace_viewer import TraceViewer
+
+_STATIC = Path(__file__).parent / "static"
+
+
+def _label(axis: str, value: Any) -> str:
+    try:
+        from ..sweep import _label as sweep_label
+
+        return sweep_label(axis, value)
+    except Exception:  # a grid-like object from elsewhere
+        return f"{axis} {value}"
+
+
+class GridPanel(anywidget.AnyWidget):
+    """The clickable thumbnail table (front end of :class:`GridViewer`)."""
+
+    _esm = _STATIC / "grid.js"
+    _css = _STATIC / "sdlens.css"
+
+    title = traitlets.Unicode("").tag(sync=True)
+    axis_text = traitlets.Unicode("").tag(sync=True)
+    col_labels = traitlets.List(traitlets.Unicode()).tag(sync=True)
+    row_labels = traitlets.List(traitlets.Unicode()).tag(sync=True)
+    thumbs = traitlets.List(traitlets.Bytes()).tag(sync=True)
+    cell_px = traitlets.Int(96).tag(sync=True)
+    selected = traitlets.Int(-1).tag(sync=True)
+
+
+class GridViewer(W.VBox):
+    """A sweep grid with labelled rows and columns; clicking a cell opens its TraceViewer.
+
+    Args:
+        grid: a :class:`sdlens.sweep.Grid` (``axes``, ``fixed``, ``images``, ``traces``).
+        cell_px: thumbnail size on screen.
+        viewer: keyword arguments for the cells' :class:`TraceViewer` s.
+    """
+
+    def __init__(self, grid: Any, cell_px: int = 96, viewer: dict | None = None, **kwargs: Any):
+        for attr in ("axes", "images"):
+            if not hasattr(grid, attr):
+                raise TypeError(f"GridViewer needs a sdlens.sweep.Grid (with .{attr}), got "
+                                f"{type(grid).__name__}")
+        self.grid = grid
+        self.viewer_kwargs = dict(viewer or {})
+        self._viewers: dict[int, TraceViewer] = {}
+        names = list(grid.axes)
+        shape = tuple(len(v) for v in grid.axes.values())
+        self.shape = shape
+        if len(shape) == 0:
+            n_cols, col_labels, row_index = 1, [""], [()]
+        else:
+            n_cols = shape[-1]
+            col_labels = [_label(names[-1], v) for v in grid.axes[names[-1]]]
+            row_index = list(np.ndindex(*shape[:-1])) if len(shape) > 1 else [()]
+        row_labels = ["\n".join(_label(a, grid.axes[a][i]) for a, i in zip(names[:-1], idx))
+                      for idx in row_index]
+        images = np.asarray(grid.images, dtype=object).reshape(-1)
+        thumbs = []
+        for im in images:
+            im = im.convert("RGB")
+            if max(im.size) > 256:
+                im.thumbnail((256, 256), Image.BILINEAR)
+            thumbs.append(encode(im, "auto"))
+        fixed = getattr(grid, "fixed", {}) or {}
+        title = ", ".join(_label(a, v) for a, v in fixed.items() if v is not None and a != "prompt")
+        prompt = fixed.get("prompt")
+        if prompt:
+            title = f"{prompt!r}" + (f" · {title}" if title else "")
+        axis_text = (f"columns: {names[-1]}" + (f" · rows: {', '.join(names[:-1])}" if len(names) > 1 else "")
+                     if names else "")
+        if getattr(grid, "traces", None) is None:
+            axis_text += " · (run without traces: cells do not open)"
+        self.panel = GridPanel(title=title, axis_text=axis_text, col_labels=col_labels,
+                               row_labels=row_labels, thumbs=thumbs, cell_px=int(cell_px))
+        self.detail_title = W.HTML("")
+        self.detail = W.VBox([])
+        self.panel.observe(self._on_select, names="selected")
+        super().__init__([self.panel, self.detail_title, self.detail], **kwargs)
+
+    # ---------------------------------------------------------------- cells
+    def index_of(self, flat: int) -> tuple:
+        """Grid index (one int per axis) of flat cell number ``flat``."""
+        return tuple(int(i) for i in np.unravel_index(flat, self.shape)) if self.shape else ()
+
+    def settings(self, flat: int) -> dict:
+        return self.grid.settings(self.index_of(flat)) if hasattr(self.grid, "settings") else {}
+
+    def trace_at(self, flat: int) -> Any:
+        traces = getattr(self.grid, "traces", None)
+        if traces is None:
+            raise ValueError("this grid was run without traces (record=None): no steps to show")
+        return np.asarray(traces, dtype=object).reshape(-1)[flat]
+
+    def viewer_at(self, flat: int) -> TraceViewer:
+        """The TraceViewer of cell ``flat`` (built on first use)."""
+        if flat not in self._viewers:
+            self._viewers[flat] = TraceViewer(self.trace_at(flat), **self.viewer_kwargs)
+        return self._viewers[flat]
+
+    def select(self, *index: int) -> TraceViewer:
+        """Open a cell as a click does: ``select(flat)`` or ``select(i, j, ...)``."""
+        flat = index[0] if len(index) == 1 else int(np.ravel_multi_index(index, self.shape))
+        self.panel.selected = int(flat)
+        return self.viewer
+
+    @property
+    def selected(self) -> int:
+        return self.panel.selected
+
+    @property
+    def viewer(self) -> TraceViewer | None:
+        """The TraceViewer on show (None before a click)."""
+        return self.detail.children[0] if self.detail.children else None
+
+    def _on_select(self, change: dict) -> None:
+        flat = change["new"]
+        n = len(self.panel.thumbs)
+        if flat < 0:
+            self.detail.children = ()
+            self.detail_title.value = ""
+            return
+        if flat >= n:
+            self.panel.selected = change["old"]
+            raise ValueError(f"cell {flat} is out of range: the grid has {n} cells")
+        s = self.settings(flat)
+        desc = ", ".join(f"{k} {v}" for k, v in s.items() if v is not None)
+        try:
+            v = self.viewer_at(flat)
+        except ValueError as e:
+            self.detail_title.value = f"<b>cell {self.index_of(flat)}</b>: {e}"
+            self.detail.children = ()
+            return
+        self.detail_title.value = f"<b>cell {self.index_of(flat)}</b>: {desc}"
+        self.detail.children = (v,)

@@ -1,0 +1,283 @@
+"""``Studio(pipe)``: generate in a notebook and watch it denoise.
+
+Prompt, negative prompt, seed, steps, CFG scale, scheduler and a Generate button. Sampling runs
+traced (:func:`sdlens.recorder.generate`) in a background thread, so the kernel stays free to
+handle the Interrupt button; a ``callback_on_step_end`` streams the x0 prediction of every step
+(linear latent->RGB decoder) into the live preview and moves the progress bar. Interrupt raises
+:class:`Interrupted` inside that callback: the pipeline call stops and the trace engine restores
+every hook. When a run finishes the live preview gives way to a :class:`TraceViewer` of it;
+generating again keeps the previous run beside it (A/B), with the settings that changed marked.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+from typing import Any
+
+import ipywidgets as W
+import torch
+
+from .frames import encode
+from .trace_viewer import TraceViewer
+
+DEFAULT_PROMPT = "a red circle and a blue square"
+
+
+class Interrupted(Exception):
+    """Raised in the step callback when the user presses Interrupt."""
+
+
+def _live_x0(pipe) -> torch.Tensor | None:
+    """The x0 the trace engine just recorded for this step (None when it keeps none)."""
+    try:
+        from ..hooks.scheduler import StepWrapper
+    except ImportError:  # pragma: no cover
+        return None
+    step = getattr(pipe.scheduler, "step", None)
+    if not isinstance(step, StepWrapper):
+        return None
+    run = getattr(step.on_step, "__self__", None)
+    xs = getattr(run, "x0", None)
+    if not xs or xs[-1] is None:
+        return None
+    return xs[-1]
+
+
+class Studio(W.VBox):
+    """A generation panel for ``pipe`` (see the module docstring).
+
+    Args:
+        pipe: a diffusers Stable Diffusion pipeline (``sdlens.load_pipeline()``).
+        prompt, negative_prompt, seed, steps, guidance_scale, scheduler: initial control values
+            (``steps`` / ``guidance_scale`` None: 20 / 7.5; ``scheduler`` "default" keeps the
+            pipeline's, else a short name from ``sdlens.pipeline.SCHEDULERS``).
+        keep: how many finished runs stay on screen side by side (2: A/B).
+        preview_px: size of the live preview on screen.
+        viewer: keyword arguments for each run's :class:`TraceViewer`.
+        record: keyword arguments for :func:`sdlens.recorder.generate` (``layers``, ...).
+    """
+
+    def __init__(self, pipe: Any, prompt: str = DEFAULT_PROMPT, negative_prompt: str = "",
+                 seed: int = 0, steps: int | None = None, guidance_scale: float | None = None,
+                 scheduler: str = "default", keep: int = 2, preview_px: int = 192,
+                 viewer: dict | None = None, record: dict | None = None, **kwargs: Any):
+        from ..pipeline import SCHEDULERS, describe
+
+        if not hasattr(pipe, "unet") or not hasattr(pipe, "scheduler"):
+            raise TypeError(f"Studio needs a diffusers Stable Diffusion pipeline, got {type(pipe).__name__}")
+        if not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be a positive int, got {keep!r}")
+        sched_opts = ["default"] + list(SCHEDULERS)
+        if scheduler not in sched_opts:
+            raise ValueError(f"scheduler must be one of {sched_opts}, got {scheduler!r}")
+        self.pipe = pipe
+        self.info = describe(pipe)
+        self.keep = keep
+        self.viewer_kwargs = dict(viewer or {})
+        self.record_kwargs = dict(record or {})
+        self.runs: list[dict] = []  # {"settings": ..., "trace": ..., "viewer": ..., "seconds": ...}
+        self.streamed: list[bytes] = []  # the live previews of the current / last run
+        self.error: BaseException | None = None
+        self.interrupted_at: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._decoder = None
+
+        style = {"description_width": "110px"}
+        lay = W.Layout(width="520px")
+        self.prompt = W.Textarea(prompt, description="prompt", layout=W.Layout(width="520px", height="52px"), style=style)
+        self.negative_prompt = W.Text(negative_prompt, description="negative prompt", layout=lay, style=style)
+        self.seed = W.IntText(seed, description="seed", style=style, layout=W.Layout(width="220px"))
+        self.steps = W.IntSlider(steps or 20, min=1, max=150, description="steps", style=style, layout=lay)
+        self.guidance_scale = W.FloatSlider(7.5 if guidance_scale is None else guidance_scale, min=0.0,
+                                            max=30.0, step=0.5, description="CFG scale", style=style, layout=lay)
+        self.scheduler = W.Dropdown(options=[(f"default ({self.info.scheduler_class})", "default")]
+                                    + [(f"{k} ({v})", k) for k, v in SCHEDULERS.items()],
+                                    value=scheduler, description="scheduler", style=style, layout=lay)
+        self.generate_button = W.Button(description="Generate", button_style="primary", icon="play")
+        self.interrupt_button = W.Button(description="Interrupt", button_style="danger", icon="stop",
+                                         disabled=True)
+        self.clear_button = W.Button(description="Clear runs", icon="trash")
+        self.progress = W.IntProgress(value=0, min=0, max=1, description="", layout=W.Layout(width="360px"))
+        self.status = W.HTML("")
+        self.live = W.Image(format="png", width=preview_px, height=preview_px)
+        self.live_caption = W.HTML("")
+        self.live_box = W.VBox([self.live, self.live_caption], layout=W.Layout(display="none"))
+        self.results = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
+
+        self.generate_button.on_click(lambda _b: self.generate())
+        self.interrupt_button.on_click(lambda _b: self.interrupt())
+        self.clear_button.on_click(lambda _b: self.clear())
+        controls = W.VBox([
+            self.prompt, self.negative_prompt, W.HBox([self.seed]), self.steps,
+            self.guidance_scale, self.scheduler,
+            W.HBox([self.generate_button, self.interrupt_button, self.clear_button, self.progress]),
+            self.status,
+        ])
+        super().__init__([controls, self.live_box, self.results], **kwargs)
+
+    # ---------------------------------------------------------------- settings
+    def settings(self) -> dict:
+        """The controls' current values."""
+        return {"prompt": self.prompt.value, "negative_prompt": self.negative_prompt.value,
+                "seed": int(self.seed.value), "steps": int(self.steps.value),
+                "guidance_scale": float(self.guidance_scale.value),
+                "scheduler": self.scheduler.value}
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def traces(self) -> list:
+        return [r["trace"] for r in self.runs]
+
+    @property
+    def viewer(self) -> TraceViewer | None:
+        """The TraceViewer of the latest finished run."""
+        return self.runs[-1]["viewer"] if self.runs else None
+
+    # ---------------------------------------------------------------- actions
+    def generate(self, wait: bool = False, timeout: float | None = None) -> None:
+        """Start a run with the current settings (the Generate button). ``wait``: block until it
+        ends (scripts, tests, notebooks run top to bottom)."""
+        if self.running:
+            raise RuntimeError("a run is in progress; Interrupt it or wait for it")
+        s = self.settings()
+        if not s["prompt"].strip():
+            self.status.value = "<b style='color:#b00'>enter a prompt</b>"
+            raise ValueError("the prompt is empty")
+        self._stop.clear()
+        self.error = None
+        self.interrupted_at = None
+        self.streamed = []
+        self.progress.max = s["steps"]
+        self.progress.value = 0
+        self.progress.bar_style = ""
+        self.generate_button.disabled = True
+        self.interrupt_button.disabled = False
+        self.live_box.layout.display = "flex"
+        self.live_caption.value = ""
+        self.status.value = "sampling…"
+        self._thread = threading.Thread(target=self._run, args=(s,), daemon=True, name="sdlens-studio")
+        self._thread.start()
+        if wait:
+            self.wait(timeout)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the current run (if any) has finished."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError(f"the run did not finish within {timeout} s")
+
+    def interrupt(self) -> None:
+        """Stop the current run after the step in progress (the Interrupt button)."""
+        if self.running:
+            self._stop.set()
+            self.status.value = "interrupting…"
+
+    def clear(self) -> None:
+        """Forget the finished runs."""
+        self.runs.clear()
+        self.results.children = ()
+
+    # ---------------------------------------------------------------- the run
+    def _live_png(self, pipe, cb_kwargs: dict) -> tuple[bytes, str]:
+        from ..previews import latent_to_rgb, linear_decoder, to_image
+
+        if self._decoder is None:
+            try:
+                self._decoder = linear_decoder(self.info.family, vae=pipe.vae)
+            except ValueError:
+                self._decoder = (None, None)
+        x = _live_x0(pipe)
+        what = "x0 prediction"
+        if x is None:
+            x, what = cb_kwargs.get("latents"), "x_t (no x0 recorded)"
+        x = x[0].detach().float().cpu()
+        m, b = self._decoder
+        rgb = latent_to_rgb(x, m, b) if m is not None else x[:3]
+        lo_h = max(64, rgb.shape[-2])
+        return encode(to_image(rgb, (lo_h, round(lo_h * rgb.shape[-1] / rgb.shape[-2]))), "png"), what
+
+    def _callback(self, pipe, i: int, t: Any, cb_kwargs: dict) -> dict:
+        if self._stop.is_set():
+            self.interrupted_at = i
+            raise Interrupted(f"interrupted at step {i + 1}")
+        ts = getattr(pipe.scheduler, "timesteps", None)
+        n = (len(ts) if ts is not None else 0) or self.progress.max
+        png, what = self._live_png(pipe, cb_kwargs)
+        self.streamed.append(png)
+        self.live.value = png
+        self.live_caption.value = f"{what} · step {i + 1}/{n} · t={float(t):.0f}"
+        if self.progress.max != n:
+            self.progress.max = n
+        self.progress.value = i + 1
+        return {}
+
+    def _run(self, s: dict) -> None:
+        from ..pipeline import make_scheduler
+        from ..recorder import generate
+
+        pipe = self.pipe
+        original = pipe.scheduler
+        t0 = time.perf_counter()
+        try:
+            if s["scheduler"] != "default":
+                pipe.scheduler = make_scheduler(s["scheduler"], original.config)
+            tr = generate(pipe, s["prompt"], seed=s["seed"], steps=s["steps"],
+                          guidance_scale=s["guidance_scale"],
+                          negative_prompt=s["negative_prompt"] or None,
+                          callback_on_step_end=self._callback, **self.record_kwargs)
+            seconds = time.perf_counter() - t0
+            self.status.value = f"done in {seconds:.1f} s · building the viewer…"
+            viewer = TraceViewer(tr, **self.viewer_kwargs)
+            self.runs.append({"settings": s, "trace": tr, "viewer": viewer, "seconds": seconds})
+            self.runs[:] = self.runs[-self.keep:]
+            self._show_runs()
+            self.progress.bar_style = "success"
+            self.live_box.layout.display = "none"
+            self.status.value = f"done in {seconds:.1f} s"
+        except Interrupted as e:
+            self.progress.bar_style = "warning"
+            self.status.value = f"<b>{html.escape(str(e))}</b> (the pipeline is restored; no trace kept)"
+        except Exception as e:  # shown in the panel; also kept for the caller
+            self.error = e
+            self.progress.bar_style = "danger"
+            self.status.value = f"<b style='color:#b00'>{html.escape(type(e).__name__)}: {html.escape(str(e))}</b>"
+        finally:
+            pipe.scheduler = original
+            self.generate_button.disabled = False
+            self.interrupt_button.disabled = True
+
+    def _show_runs(self) -> None:
+        boxes = []
+        letters = "ABCDEFGHIJ"
+        for k, run in enumerate(self.runs):
+            s = run["settings"]
+            other = self.runs[k - 1]["settings"] if k > 0 else (self.runs[1]["settings"] if len(self.runs) > 1 else None)
+            parts = []
+            for key, label in [("prompt", "prompt"), ("negative_prompt", "negative"), ("seed", "seed"),
+                               ("steps", "steps"), ("guidance_scale", "CFG"), ("scheduler", "scheduler")]:
+                v = s[key]
+                if key == "negative_prompt" and not v:
+                    continue
+                text = f"{label} {html.escape(repr(v) if isinstance(v, str) and key != 'scheduler' else str(v))}"
+                if other is not None and other[key] != v:
+                    text = f"<b style='color:#c60'>{text}</b>"
+                parts.append(text)
+            head = W.HTML(f"<b>{letters[k % len(letters)]}</b> · " + " · ".join(parts)
+                          + f" · {run['seconds']:.1f} s")
+            boxes.append(W.VBox([head, run["viewer"]], layout=W.Layout(border="1px solid #ddd",
+                                                                        padding="4px", margin="2px")))
+        self.results.children = tuple(boxes)
+
+    def ab_diff(self) -> dict:
+        """The settings that differ between the last two runs: ``{name: (A, B)}``."""
+        if len(self.runs) < 2:
+            return {}
+        a, b = self.runs[-2]["settings"], self.runs[-1]["settings"]
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}

@@ -1,0 +1,92 @@
+"""``TokenView(trace)``: the prompt as CLIP tokenised it, with each token's attention share.
+
+Each token is a chip (special tokens greyed, words cut by the 77-token limit struck through);
+a bar under it shows its share of the cross-attention the *prompt's* tokens received (the start
+token takes most of every row's probability, so it is left out of the bars; its raw share is in
+the hover text). Hovering shows position, id, BPE string and word, and sets ``hovered``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anywidget
+import traitlets
+
+_STATIC = Path(__file__).parent / "static"
+SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+
+
+class TokenView(anywidget.AnyWidget):
+    """Tokens of prompt ``batch`` of ``trace`` with their attention share.
+
+    Attributes (synced): ``rows`` (one dict per token: position, token, id, text, word,
+    attention, share, special, cut), ``hovered`` (the position under the mouse, -1 none).
+    """
+
+    _esm = _STATIC / "token_view.js"
+    _css = _STATIC / "sdlens.css"
+
+    title = traitlets.Unicode("").tag(sync=True)
+    footer = traitlets.Unicode("").tag(sync=True)
+    rows = traitlets.List(traitlets.Dict()).tag(sync=True)
+    hovered = traitlets.Int(-1).tag(sync=True)
+    batch = traitlets.Int(0).tag(sync=True)
+
+    def __init__(self, trace: Any, batch: int = 0, **kwargs: Any):
+        prompts = getattr(trace, "prompts", None)
+        if prompts is None or getattr(trace, "tokens", None) is None:
+            raise TypeError(f"TokenView needs a Trace, got {type(trace).__name__}")
+        if not isinstance(batch, int) or not 0 <= batch < len(prompts):
+            raise ValueError(f"batch={batch!r} is out of range: the trace holds {len(prompts)} prompt(s)")
+        super().__init__(**kwargs)
+        self.trace = trace
+        self._fill(batch)
+        self.observe(lambda ch: self._fill(ch["new"]), names="batch")
+
+    def _fill(self, batch: int) -> None:
+        from ..tokens import token_view
+
+        view = token_view(self.trace, batch)
+        self.view = view
+        prompt_total = sum(r.attention or 0.0 for r in view.rows if r.token not in SPECIAL)
+        rows = []
+        for r in view.rows:
+            special = r.token in SPECIAL
+            share = None
+            if r.attention is not None and not special and prompt_total > 0:
+                share = r.attention / prompt_total
+            rows.append({"position": r.position, "token": r.token, "id": r.id, "text": r.text,
+                         "word": r.word, "attention": r.attention, "share": share,
+                         "special": special, "cut": False})
+        for k, word in enumerate(view.truncated_words):
+            rows.append({"position": -1 - k, "token": word, "id": None, "text": word, "word": word,
+                         "attention": None, "share": None, "special": False, "cut": True})
+        with self.hold_trait_notifications():
+            self.rows = rows
+            self.title = f"{view.prompt!r}: {view.n_prompt_tokens} of {view.limit} prompt tokens"
+            notes = []
+            if view.truncated:
+                notes.append(f"cut by the 77-token limit: {' '.join(view.truncated_words)}")
+            if any(r["attention"] is not None for r in rows):
+                start = next((r["attention"] for r in rows if r["token"] == SPECIAL[0]), None)
+                notes.append("bars: share of the prompt tokens' attention (mean over recorded steps, "
+                             "layers, heads, pixels)"
+                             + (f"; the start token took {100 * start:.1f}% of all" if start is not None else ""))
+            else:
+                notes.append("no attention recorded: ids only")
+            self.footer = " · ".join(notes)
+
+    def shares(self) -> dict[str, float]:
+        """``{word-token text: share}`` of the prompt tokens (what the bars show)."""
+        return {f"{r['position']}:{r['text']}": r["share"] for r in self.rows if r["share"] is not None}
+
+    def hover_text(self, position: int | None = None) -> str:
+        """The text the view shows for the hovered token (or ``position``)."""
+        pos = self.hovered if position is None else position
+        for r in self.rows:
+            if r["position"] == pos:
+                return (f"position {r['position']} · id {r['id']} · token {r['token']!r}"
+                        + (f" · word {r['word']!r}" if r["word"] else ""))
+        return ""

@@ -1,0 +1,254 @@
+"""``TraceViewer(trace)``: scrub the denoising steps of a traced run in a notebook.
+
+Every frame (x_t, x0, guided noise, CFG delta per step; each word's heatmap per step and summed)
+is encoded once in the kernel (:mod:`sdlens.widgets.frames`) and sent to the browser as binary
+buffers; the step slider, play/pause, word chips and the per-step/summed toggle switch images in
+the browser with no kernel round trip. Changing the layer choice or the batch item asks the kernel
+once for that choice's frames (cached on both sides of the wire afterwards).
+
+State lives in synced traitlets, so the kernel sees what the user did (``viewer.step``,
+``viewer.word``, ...) and can drive the view (``viewer.step = 10``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import anywidget
+import traitlets
+
+from .frames import PANEL_LABELS, TraceFrames, layer_options, word_chips
+
+_STATIC = Path(__file__).parent / "static"
+HEAT_MODES = ("step", "sum")
+
+
+def _fmt_num(x: float) -> str:
+    return f"{x:g}" if not math.isnan(x) else "?"
+
+
+def describe_trace(trace: Any, batch: int = 0) -> str:
+    """One line: prompt, seed, CFG, steps, scheduler."""
+    meta = getattr(trace, "meta", None) or {}
+    prompts = getattr(trace, "prompts", None) or [""]
+    parts = [repr(prompts[batch] if batch < len(prompts) else prompts[0])]
+    negs = getattr(trace, "negative_prompts", None) or []
+    if batch < len(negs) and negs[batch]:
+        parts.append(f"negative {negs[batch]!r}")
+    seeds = meta.get("seeds")
+    if seeds:
+        parts.append(f"seed {seeds[batch] if batch < len(seeds) else seeds[0]}")
+    gs = getattr(trace, "guidance_scale", float("nan"))
+    parts.append(f"CFG {_fmt_num(float(gs))}")
+    parts.append(f"{len(trace.timesteps)} steps")
+    sched = meta.get("scheduler_class") or meta.get("scheduler")
+    if sched:
+        parts.append(str(sched).replace("Scheduler", ""))
+    return " · ".join(parts)
+
+
+class TraceViewer(anywidget.AnyWidget):
+    """Step scrubber for a trace: x_t, x0, guided noise and CFG delta side by side, the output
+    image, and the prompt's words as chips that overlay their heatmap (at the current step, or
+    summed over steps).
+
+    Args:
+        trace: a :class:`~sdlens.trace.Trace`.
+        step: the step to show first (default: the last).
+        word: a word to overlay from the start (as typed; None: no overlay).
+        layers: layer choice for heatmaps (``"all"``, ``"res:16"``, ``"up"``, a module path;
+            see :attr:`layer_options`).
+        batch: which image of the batch.
+        heat_mode: ``"step"`` (the map at the current step) or ``"sum"`` (summed over steps).
+        max_side, heat_side, decoder, vae, fmt, cmap: frame rendering, see
+            :class:`~sdlens.widgets.frames.TraceFrames`.
+        fps: playback speed.
+    """
+
+    _esm = _STATIC / "trace_viewer.js"
+    _css = _STATIC / "sdlens.css"
+
+    # what the view shows (kernel -> browser)
+    title = traitlets.Unicode("").tag(sync=True)
+    n_steps = traitlets.Int(0).tag(sync=True)
+    timesteps = traitlets.List(traitlets.Float()).tag(sync=True)
+    panels = traitlets.List(traitlets.Dict()).tag(sync=True)
+    frames = traitlets.Dict().tag(sync=True)  # panel -> [bytes per step]  (binary buffers)
+    image = traitlets.Bytes(b"").tag(sync=True)
+    words = traitlets.List(traitlets.Dict()).tag(sync=True)
+    heat = traitlets.Dict().tag(sync=True)  # word key -> {"steps": [bytes], "sum": bytes}
+    heat_index = traitlets.List(traitlets.Int()).tag(sync=True)
+    layer_options = traitlets.List(traitlets.List()).tag(sync=True)
+    batch_options = traitlets.List(traitlets.List()).tag(sync=True)
+    notes = traitlets.List(traitlets.Unicode()).tag(sync=True)
+    display_px = traitlets.Int(192).tag(sync=True)
+
+    # what the user does (browser <-> kernel)
+    step = traitlets.Int(0).tag(sync=True)
+    playing = traitlets.Bool(False).tag(sync=True)
+    fps = traitlets.Int(8).tag(sync=True)
+    word = traitlets.Unicode("").tag(sync=True)
+    heat_mode = traitlets.Unicode("step").tag(sync=True)
+    opacity = traitlets.Float(0.7).tag(sync=True)
+    layers = traitlets.Unicode("all").tag(sync=True)
+    batch = traitlets.Int(0).tag(sync=True)
+    loading = traitlets.Bool(False).tag(sync=True)
+
+    def __init__(self, trace: Any, step: int = -1, word: str | None = None, layers: str = "all",
+                 batch: int = 0, heat_mode: str = "step", max_side: int = 256,
+                 heat_side: int = 128, decoder: str = "linear", vae: Any = None, fmt: str = "auto",
+                 cmap: str = "jet", fps: int = 8, display_px: int = 192, **kwargs: Any):
+        if trace is None or getattr(trace, "timesteps", None) is None:
+            raise TypeError(f"TraceViewer needs a Trace, got {type(trace).__name__}")
+        self._frames = TraceFrames(trace, max_side, heat_side, decoder, vae, fmt, cmap)
+        fr = self._frames
+        n = fr.n_steps
+        if heat_mode not in HEAT_MODES:
+            raise ValueError(f"heat_mode must be one of {HEAT_MODES}, got {heat_mode!r}")
+        if not isinstance(step, int) or not -n <= step < n:
+            raise ValueError(f"step={step!r} is out of range: the trace has {n} steps (0..{n - 1})")
+        if not isinstance(batch, int) or not 0 <= batch < fr.n_batch:
+            raise ValueError(f"batch={batch!r} is out of range: the trace holds {fr.n_batch} image(s)")
+        opts = layer_options(trace)
+        keys = [k for k, _ in opts]
+        if opts and layers not in keys:
+            raise ValueError(f"layers={layers!r} is not a choice for this trace; choices: {keys}")
+        super().__init__(**kwargs)
+        self.trace = trace
+        notes = []
+        if getattr(trace, "attention", None) is None:
+            notes.append("no attention maps recorded: word heatmaps are off")
+        if "cfg_delta" not in fr.panels():
+            notes.append("no CFG delta: guidance was off (or noise not recorded)")
+        if "x0" not in fr.panels():
+            notes.append("no x0 recorded")
+        prompts = list(getattr(trace, "prompts", None) or [])
+        with self.hold_trait_notifications():
+            self.n_steps = n
+            self.timesteps = [float(v) for v in trace.timesteps]
+            self.panels = [{"name": p, "label": PANEL_LABELS[p]} for p in fr.panels()]
+            self.heat_index = fr.heat_index()
+            self.layer_options = [[k, label] for k, label in opts]
+            self.batch_options = [[i, f"{i}: {prompts[i] if i < len(prompts) else ''}"[:80]]
+                                  for i in range(fr.n_batch)]
+            self.notes = notes
+            self.fps = int(fps)
+            self.display_px = int(display_px)
+            self.heat_mode = heat_mode
+            self.layers = layers if opts else "all"
+            self.batch = batch
+            self.step = step % n
+        self._load_batch()
+        if word:
+            self.select_word(word)
+        self.observe(self._on_batch, names="batch")
+        self.observe(self._on_layers, names="layers")
+
+    # ---------------------------------------------------------------- loading
+    def _load_batch(self) -> None:
+        fr, b = self._frames, self.batch
+        self.loading = True
+        try:
+            chips = word_chips(self.trace, b) if getattr(self.trace, "attention", None) is not None else []
+            frames = fr.base(b)
+            heat = fr.heat(b, self.layers, chips) if chips else {}
+            with self.hold_trait_notifications():
+                self.title = describe_trace(self.trace, b)
+                self.frames = frames
+                self.image = fr.image(b)
+                self.words = [c.to_dict() for c in chips]
+                self.heat = heat
+                if self.word and self.word not in heat:
+                    self.word = ""
+        finally:
+            self.loading = False
+
+    def _on_batch(self, change: dict) -> None:
+        if not 0 <= change["new"] < self._frames.n_batch:
+            self.batch = change["old"]
+            raise ValueError(f"batch={change['new']} is out of range: the trace holds "
+                             f"{self._frames.n_batch} image(s)")
+        self._load_batch()
+
+    def _on_layers(self, change: dict) -> None:
+        keys = [k for k, _ in self.layer_options]
+        if change["new"] not in keys:
+            self.layers = change["old"]
+            raise ValueError(f"layers={change['new']!r} is not a choice; choices: {keys}")
+        self._load_batch()
+
+    @traitlets.validate("step")
+    def _valid_step(self, proposal: dict) -> int:
+        v = int(proposal["value"])
+        n = self.n_steps
+        if n and not 0 <= v < n:
+            raise traitlets.TraitError(f"step={v} is out of range 0..{n - 1}")
+        return v
+
+    @traitlets.validate("heat_mode")
+    def _valid_mode(self, proposal: dict) -> str:
+        if proposal["value"] not in HEAT_MODES:
+            raise traitlets.TraitError(f"heat_mode must be one of {HEAT_MODES}, got {proposal['value']!r}")
+        return proposal["value"]
+
+    @traitlets.validate("word")
+    def _valid_word(self, proposal: dict) -> str:
+        v = proposal["value"]
+        if v and self.words and v not in {w["key"] for w in self.words}:
+            raise traitlets.TraitError(f"word {v!r} is not a word of the prompt; words: "
+                                       f"{[w['key'] for w in self.words]}")
+        return v
+
+    # ---------------------------------------------------------------- API
+    @property
+    def word_keys(self) -> list[str]:
+        return [w["key"] for w in self.words]
+
+    def select_word(self, word: str | None) -> None:
+        """Overlay ``word``'s heatmap (as typed, case-insensitive; None or '' clears); clicking a
+        chip in the browser does the same."""
+        if not word:
+            self.word = ""
+            return
+        keys = self.word_keys
+        if word in keys:
+            self.word = word
+            return
+        low = {k.lower(): k for k in keys}
+        if word.lower() in low:
+            self.word = low[word.lower()]
+            return
+        raise ValueError(f"{word!r} is not a word of prompt {self.batch}; words: {keys}")
+
+    def overlay(self, step: int | None = None) -> bytes | None:
+        """The heatmap frame overlaid now (or at ``step``): None without a selected word."""
+        if not self.word or self.word not in self.heat:
+            return None
+        h = self.heat[self.word]
+        if self.heat_mode == "sum":
+            return h["sum"]
+        i = self.heat_index[self.step if step is None else step]
+        return h["steps"][i] if i >= 0 else None
+
+    def displayed(self) -> dict[str, bytes | None]:
+        """What the view shows at the current state: ``{panel: frame bytes, "image": ...,
+        "overlay": heatmap bytes or None}`` (the browser shows the same frames)."""
+        out: dict[str, bytes | None] = {p: self.frames[p][self.step] for p in self.frames}
+        out["image"] = self.image
+        out["overlay"] = self.overlay()
+        return out
+
+    def frame_bytes(self) -> int:
+        """Bytes of encoded frames currently held by the view (what went over the wire)."""
+        n = sum(len(b) for fr in self.frames.values() for b in fr) + len(self.image)
+        n += sum(len(b) for h in self.heat.values() for b in h["steps"]) + \
+            sum(len(h["sum"]) for h in self.heat.values())
+        return n
+
+    def play(self) -> None:
+        self.playing = True
+
+    def pause(self) -> None:
+        self.playing = False
