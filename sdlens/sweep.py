@@ -1,0 +1,913 @@
+"""Grids of runs: prompt x guidance x seed (x steps x scheduler), batched, labelled, saved.
+
+>>> grid = sdlens.sweep(pipe, "a red circle", seeds=range(4), guidance_scales=[1, 3, 7.5, 12])
+>>> grid.axes                     # {'guidance': [1.0, 3.0, 7.5, 12.0], 'seed': [0, 1, 2, 3]}
+>>> grid.images[2, 1]             # PIL image of guidance 7.5, seed 1
+>>> grid.arrays[2, 1]             # the same as float32 (H, W, 3) in [0, 1]
+>>> grid.traces[2, 1]             # its (light) Trace
+>>> grid.plot()                   # a labelled matplotlib figure, like A1111's X/Y/Z plot
+>>> grid.save("grid.sdlens"); sdlens.load("grid.sdlens")
+
+How the cells are run
+---------------------
+Cells that share the number of steps and the scheduler are packed into one pipeline call: a list
+of prompts (one per cell) and a list of ``torch.Generator`` s (one per cell, seeded with the cell's
+seed); diffusers draws every batch item's starting noise from its own generator, so each cell
+starts exactly where the single run ``pipe(prompt, generator=torch.Generator().manual_seed(seed))``
+starts.
+
+Different guidance scales share a call too. diffusers takes one scalar ``guidance_scale``; the
+call runs with ``G = max(g_i)`` and a forward hook on the UNet replaces the text half of its output
+by ``c'_i = u_i + (g_i / G)(c_i - u_i)``, so that the pipeline's ``u + G (c' - u)`` is
+``u + g_i (c - u)``: what the single run with ``g_i`` computes, up to float rounding. Cells with
+``g <= 1`` run without classifier-free guidance (as the single runs do: the pipeline then never
+computes the unconditional half) in calls of their own. ``guidance_rescale`` (which reads the raw
+text prediction) and UNets that embed the guidance scale (``time_cond_proj_dim``, LCM) are handled
+by giving every guidance scale calls of its own.
+
+Calls are chunked so that a batch fits the memory budget (:func:`estimate_cell_bytes`, a
+documented rough estimate) and ``max_batch``; with ``chunk=False`` a grid that does not fit one
+call per (steps, scheduler, cfg on/off) group is refused with a ValueError instead.
+
+Under ``accelerate launch`` (more than one process) the batches are shared among the processes
+and the cells gathered on every process; ``sdlens sweep`` writes its outputs on the main process
+only. Load the pipeline on ``accelerate.PartialState().device`` in each process.
+
+Axis syntax (A1111's X/Y/Z plot), for the CLI and for string arguments: see :func:`parse_axis`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+AXES = ("prompt", "scheduler", "steps", "guidance", "seed")  # canonical order, outermost first
+AXIS_LABELS = {"prompt": "", "scheduler": "", "steps": "steps ", "guidance": "CFG ", "seed": "seed "}
+FORMAT_VERSION = 1
+KIND = "grid"
+
+AXIS_SYNTAX = """allowed axis syntax (as in A1111's X/Y/Z plot), parts separated by commas:
+  7.5            one value
+  1,5,9          a list
+  0-7            an inclusive range in steps of 1 (0,1,...,7)
+  1-10 (+2)      an inclusive range with an increment (1,3,5,7,9); (-2) counts down
+  1-13 [5]       5 evenly spaced values from 1 to 13 (1,4,7,10,13)
+  parts combine: "0-3, 10, 20-30 [3]\""""
+
+
+# ---------------------------------------------------------------------------------------------
+# axis parsing
+
+_NUM = r"[+-]?\s*\d+(?:\.\d*)?(?:[eE][+-]?\d+)?"
+_RANGE = re.compile(
+    rf"^\s*({_NUM})\s*-\s*({_NUM})\s*(?:\(\s*({_NUM})\s*\)|\[\s*(\d+)\s*\])?\s*$")
+_SINGLE = re.compile(rf"^\s*({_NUM})\s*$")
+
+
+def _num(text: str) -> float:
+    return float(text.replace(" ", ""))
+
+
+def parse_axis(text: str | Iterable, kind: type = float, name: str = "axis") -> list:
+    """Parse an axis like A1111's X/Y/Z plot: ``"0-7"``, ``"1,5,9"``, ``"1-13 [5]"``,
+    ``"1-10 (+2)"`` (see ``AXIS_SYNTAX``). ``kind`` is int or float. Lists / ranges of numbers
+    pass through (checked). Raises ValueError with the allowed syntax for empty or malformed axes.
+    """
+    if not isinstance(text, str):
+        try:
+            values = list(text)
+        except TypeError:
+            values = [text]
+        if not values:
+            raise ValueError(f"{name}: the axis is empty; give at least one value\n{AXIS_SYNTAX}")
+        return [_check_value(v, kind, name) for v in values]
+    if not text.strip():
+        raise ValueError(f"{name}: the axis is empty; give at least one value\n{AXIS_SYNTAX}")
+    values: list = []
+    for part in text.split(","):
+        if not part.strip():
+            raise ValueError(f"{name}: empty entry in {text!r}\n{AXIS_SYNTAX}")
+        m = _SINGLE.match(part)
+        if m:
+            values.append(_num(m.group(1)))
+            continue
+        m = _RANGE.match(part)
+        if not m:
+            raise ValueError(f"{name}: cannot parse {part.strip()!r} in {text!r}\n{AXIS_SYNTAX}")
+        a, b = _num(m.group(1)), _num(m.group(2))
+        if m.group(4) is not None:  # [count]
+            count = int(m.group(4))
+            if count < 1:
+                raise ValueError(f"{name}: [{count}] must ask for at least one value\n{AXIS_SYNTAX}")
+            part_values = [a] if count == 1 else list(np.linspace(a, b, count))
+        else:
+            step = _num(m.group(3)) if m.group(3) is not None else (1.0 if b >= a else -1.0)
+            if step == 0:
+                raise ValueError(f"{name}: the increment in {part.strip()!r} is zero\n{AXIS_SYNTAX}")
+            n = math.floor((b - a) / step + 1e-9) + 1
+            if n < 1:
+                raise ValueError(f"{name}: {part.strip()!r} is empty (the increment goes away from "
+                                 f"the end)\n{AXIS_SYNTAX}")
+            part_values = [a + i * step for i in range(n)]
+        values.extend(round(float(v), 10) for v in part_values)
+    return [_check_value(v, kind, name) for v in values]
+
+
+def _check_value(v, kind, name):
+    if isinstance(v, str):
+        out = parse_axis(v, kind, name)
+        if len(out) != 1:
+            raise ValueError(f"{name}: {v!r} is not a single value")
+        return out[0]
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: {v!r} is not a number\n{AXIS_SYNTAX}") from None
+    if not math.isfinite(f):
+        raise ValueError(f"{name}: {v!r} is not finite")
+    if kind is int:
+        if f != round(f):
+            raise ValueError(f"{name}: {v!r} is not an integer\n{AXIS_SYNTAX}")
+        return int(round(f))
+    return f
+
+
+def _as_list(value, name: str, kind=None) -> list:
+    if value is None:
+        return [None]
+    if isinstance(value, str) and kind is None:
+        return [value]
+    if kind is not None:
+        return parse_axis(value, kind, name)
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise ValueError(f"{name}: the axis is empty; give at least one value")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+def estimate_cell_bytes(pipe, height: int | None = None, width: int | None = None,
+                        cfg: bool = True, trace_bytes: int = 0) -> int:
+    """A rough upper estimate of the memory one grid cell adds to a batch, in bytes.
+
+    Per UNet row (two rows per cell under classifier-free guidance, one without): 40 tensors of
+    the top-resolution feature map (``block_out_channels[0]`` x latent h x w: resnet and
+    transformer intermediates, GEGLU's 8x-wide projection, skip connections), plus one
+    self-attention score matrix at the top resolution (heads x (hw)^2; SDPA often avoids it,
+    the estimate does not count on that). Per cell: the VAE decoder's activations at image size
+    (4 tensors of its widest top-resolution channel count) and the float32 output image, plus
+    ``trace_bytes`` (what the recorder keeps for the cell). Weights are not counted (they are
+    loaded already).
+    """
+    unet = pipe.unet
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    height = height or unet.config.sample_size * scale
+    width = width or unet.config.sample_size * scale
+    h, w = height // scale, width // scale
+    itemsize = torch.finfo(unet.dtype).bits // 8 if unet.dtype.is_floating_point else 4
+    c0 = unet.config.block_out_channels[0]
+    heads = unet.config.attention_head_dim
+    heads = heads[0] if isinstance(heads, (list, tuple)) else heads
+    heads = unet.config.num_attention_heads or heads
+    heads = heads[0] if isinstance(heads, (list, tuple)) else heads
+    row = 40 * c0 * h * w * itemsize + int(heads) * (h * w) ** 2 * itemsize
+    vae_c = pipe.vae.config.block_out_channels[0]
+    vae = 4 * vae_c * height * width * itemsize + 3 * height * width * 4
+    return int((2 if cfg else 1) * row + vae + trace_bytes)
+
+
+def default_memory_budget(device: torch.device | str | None = None) -> int:
+    """80% of the free memory of a CUDA device, else half of the available RAM (Linux
+    ``MemAvailable``; 8 GiB where that cannot be read)."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.8)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+# ---------------------------------------------------------------------------------------------
+# planning
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid; ``index`` is its position along every axis in ``AXES`` order."""
+
+    index: tuple
+    prompt: str
+    scheduler: str | None
+    steps: int
+    guidance: float
+    seed: int
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance > 1
+
+
+@dataclass
+class Batch:
+    """Cells that run in one pipeline call."""
+
+    cells: list[Cell]
+    scheduler: str | None
+    steps: int
+    cfg: bool
+
+    @property
+    def guidance(self) -> float:
+        return max(c.guidance for c in self.cells) if self.cfg else self.cells[0].guidance
+
+
+def plan_batches(cells: Sequence[Cell], cell_bytes, budget: int, max_batch: int | None = None,
+                 chunk: bool = True, split_guidance: bool = False,
+                 min_batches: int = 1) -> list[Batch]:
+    """Group cells by (scheduler, steps, cfg on/off[, guidance]) and chunk each group.
+
+    ``cell_bytes(cfg) -> int`` gives a cell's memory. ``min_batches``: split each group into at
+    least this many batches where it has the cells (for sharing among processes).
+    """
+    groups: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        key = (c.scheduler, c.steps, c.cfg) + ((c.guidance,) if split_guidance else ())
+        groups.setdefault(key, []).append(c)
+    batches = []
+    for key, group in groups.items():
+        scheduler, steps, cfg = key[:3]
+        per = cell_bytes(cfg)
+        fit = max(1, budget // per) if per > 0 else len(group)
+        size = min(fit, max_batch or fit, len(group))
+        if size < len(group) and not chunk:
+            raise ValueError(
+                f"the grid does not fit one pipeline call: {len(group)} cells (steps={steps}, "
+                f"scheduler={scheduler or 'default'}, {'with' if cfg else 'without'} CFG) need "
+                f"~{_fmt_bytes(per * len(group))} (~{_fmt_bytes(per)} per cell, "
+                f"estimate_cell_bytes), the memory budget is {_fmt_bytes(budget)}"
+                + (f" and max_batch={max_batch}" if max_batch else "")
+                + "; allow chunking (chunk=True, the CLI's default), raise memory_budget / "
+                  "max_batch, or make the grid smaller")
+        if per > budget:
+            warnings.warn(f"one cell needs ~{_fmt_bytes(per)}, more than the memory budget "
+                          f"{_fmt_bytes(budget)}; running one cell per call", stacklevel=3)
+        n = max(math.ceil(len(group) / size), min(min_batches, len(group)))
+        bounds = np.linspace(0, len(group), n + 1).round().astype(int)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            batches.append(Batch(group[a:b], scheduler, steps, cfg))
+    return batches
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-sample guidance
+
+class PerSampleGuidance:
+    """Forward hook on the UNet giving every batch item its own guidance scale.
+
+    The pipeline runs with the scalar ``G``; the hook rewrites the text half of the UNet output
+    ``c_i`` to ``u_i + (g_i / G)(c_i - u_i)`` so that the pipeline's ``u + G (c' - u)`` equals
+    ``u + g_i (c - u)``. Registered *after* sdlens' recording hooks, which therefore record the
+    model's true text prediction. Use as a context manager; the hook always comes off.
+    """
+
+    def __init__(self, unet, scales: Sequence[float], G: float):
+        if G <= 1:
+            raise ValueError(f"per-sample guidance needs the call's guidance scale > 1, got {G}")
+        self.unet = unet
+        self.ratios = torch.tensor([float(g) / float(G) for g in scales], dtype=torch.float32)
+        self.handle = None
+
+    def __enter__(self):
+        self.handle = self.unet.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        return False
+
+    def _hook(self, module, args, output):
+        is_tuple = isinstance(output, (tuple, list))
+        out = output[0] if is_tuple else output.sample
+        n = len(self.ratios)
+        if out.shape[0] != 2 * n:
+            raise RuntimeError(f"per-sample guidance expected the UNet batch cat([uncond, text]) of "
+                               f"{2 * n} rows, got {out.shape[0]}")
+        u, c = out.chunk(2)
+        r = self.ratios.to(out.device).view(-1, *([1] * (out.ndim - 1)))
+        c2 = (u.float() + r * (c.float() - u.float())).to(out.dtype)
+        new = torch.cat([u, c2])
+        if is_tuple:
+            return type(output)([new, *output[1:]]) if isinstance(output, list) else (new, *output[1:])
+        output.sample = new
+        return output
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+def generator_for(pipe, seed: int) -> torch.Generator:
+    """The generator sdlens seeds a run with: a CPU generator (images do not depend on the
+    device's random number generator; diffusers moves the noise to the pipeline's device)."""
+    return torch.Generator("cpu").manual_seed(int(seed))
+
+
+def _pipe_kwargs(batch: Batch, negative_prompt, height, width, extra) -> dict:
+    prompts = [c.prompt for c in batch.cells]
+    kwargs = dict(extra)
+    kwargs.update(prompt=prompts, generator=[generator_for(None, c.seed) for c in batch.cells],
+                  num_inference_steps=batch.steps, guidance_scale=batch.guidance,
+                  output_type="np")
+    if negative_prompt is not None:
+        kwargs["negative_prompt"] = [negative_prompt] * len(prompts)
+    if height is not None:
+        kwargs["height"] = height
+    if width is not None:
+        kwargs["width"] = width
+    return kwargs
+
+
+def _record_options(record) -> dict | None:
+    """``record`` for the trace engine: None/False (no traces), "light", "full", or a dict of
+    options passed to ``sdlens.recorder.trace``."""
+    if record is None or record is False:
+        return None
+    if isinstance(record, dict):
+        return dict(record)
+    if record is True or record == "full":
+        return {}
+    if record == "light":
+        return dict(LIGHT_RECORD)
+    raise ValueError(f"record must be None, 'light', 'full' or a dict of trace options; got {record!r}")
+
+
+# what a light trace keeps (options of sdlens.recorder.trace)
+LIGHT_RECORD: dict = {"record": ("latents", "x0", "attention"), "attention_steps": "sum"}
+
+
+def _run_batch(pipe, batch: Batch, negative_prompt, height, width, extra, record_opts):
+    """Run one batch; returns (float images (n, H, W, 3), list of per-cell traces or Nones)."""
+    kwargs = _pipe_kwargs(batch, negative_prompt, height, width, extra)
+    scales = [c.guidance for c in batch.cells]
+    mixed = batch.cfg and len(set(scales)) > 1
+    traces: list = [None] * len(batch.cells)
+    if record_opts is None:
+        if mixed:
+            with PerSampleGuidance(pipe.unet, scales, batch.guidance):
+                out = pipe(**kwargs)
+        else:
+            out = pipe(**kwargs)
+    else:
+        from . import recorder
+
+        with recorder.trace(pipe, **record_opts) as rec:
+            if mixed:
+                with PerSampleGuidance(pipe.unet, scales, batch.guidance):
+                    out = pipe(**kwargs)
+            else:
+                out = pipe(**kwargs)
+        full = rec.trace if hasattr(rec, "trace") else rec
+        traces = [_cell_trace(full, i, c) for i, c in enumerate(batch.cells)]
+    images = np.asarray(out.images, dtype=np.float32)
+    return images, traces
+
+
+def _cell_trace(trace, i: int, cell: Cell):
+    """Batch item ``i`` of a batched trace, with the cell's own guidance scale."""
+    t = trace.select(i) if hasattr(trace, "select") else trace.batch_item(i)
+    t.guidance_scale = float(cell.guidance)
+    t.do_cfg = cell.guidance > 1
+    t.meta = dict(t.meta)
+    t.meta.update(seeds=[int(cell.seed)], guidance_scale=float(cell.guidance),
+                  sweep_cell=list(cell.index))
+    return t
+
+
+class _Scheduler:
+    """Sets ``pipe.scheduler`` for an outer-loop scheduler value; restores the original."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.original = pipe.scheduler
+
+    def set(self, name):
+        from .pipeline import make_scheduler
+
+        self.pipe.scheduler = self.original if name is None else make_scheduler(
+            name, self.original.config)
+
+    def restore(self):
+        self.pipe.scheduler = self.original
+
+
+def _distributed_state():
+    """accelerate's PartialState when launched with more than one process, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state if state.num_processes > 1 else None
+
+
+def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales: Any = (7.5,),
+          steps: Any = 20, scheduler: Any = None, record: Any = "light",
+          negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
+          max_batch: int | None = None, memory_budget: int | None = None, chunk: bool = True,
+          progress: bool = True, keep_axes: Sequence[str] = (), **pipe_kwargs) -> "Grid":
+    """Run a grid of prompt x guidance x seed (x steps x scheduler) and return a :class:`Grid`.
+
+    Args:
+        pipe: a diffusers SD / SDXL txt2img pipeline.
+        prompts: one prompt or a list (the "prompt" axis).
+        seeds: ints, or an axis string ``"0-7"`` (see :func:`parse_axis`).
+        guidance_scales: floats or an axis string ``"1-13 [5]"``; ``<= 1`` runs without CFG.
+        steps: int, list of ints or axis string (each value runs as separate calls).
+        scheduler: None (the pipeline's), a short name (``sdlens.pipeline.SCHEDULERS``), or a
+            list of them (separate calls per value; the pipeline's scheduler is restored).
+        record: "light" (default: per-step latents and x0 plus step-summed attention), "full"
+            (the trace engine's defaults), None (no traces, fastest) or a dict of options for
+            ``sdlens.recorder.trace``.
+        negative_prompt, height, width, **pipe_kwargs: passed to every pipeline call
+            (``generator``, ``prompt_embeds``, ``output_type``, ... are set by the sweep).
+        max_batch: at most this many cells per call.
+        memory_budget: bytes a call may use (default :func:`default_memory_budget`).
+        chunk: False refuses (ValueError) grids that need more than one call per group.
+        progress: a tqdm progress bar (main process only).
+        keep_axes: axes kept in ``grid.axes`` even with a single value (by default only axes
+            with more than one value are axes; the others are ``grid.fixed``).
+
+    Every cell equals the single run ``pipe(prompt, generator=torch.Generator().manual_seed(
+    seed), guidance_scale=g, num_inference_steps=steps)`` within float rounding.
+    """
+    for key in ("generator", "prompt_embeds", "negative_prompt_embeds", "latents",
+                "num_images_per_prompt", "output_type", "prompt", "guidance_scale",
+                "num_inference_steps"):
+        if key in pipe_kwargs:
+            raise TypeError(f"sweep sets {key!r} itself; pass it through the sweep's own arguments")
+    if "image" in pipe_kwargs or "mask_image" in pipe_kwargs:
+        pass  # img2img / inpaint: the same image for every cell
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompt_list:
+        raise ValueError("prompts: the axis is empty; give at least one prompt")
+    if not all(isinstance(p, str) for p in prompt_list):
+        raise TypeError("prompts must be strings")
+    seed_list = parse_axis(seeds, int, "seeds") if not isinstance(seeds, int) else [seeds]
+    cfg_list = (parse_axis(guidance_scales, float, "guidance_scales")
+                if not isinstance(guidance_scales, (int, float)) else [float(guidance_scales)])
+    steps_list = parse_axis(steps, int, "steps") if not isinstance(steps, int) else [steps]
+    if any(s < 1 for s in steps_list):
+        raise ValueError(f"steps must be >= 1, got {steps_list}")
+    sched_list = [scheduler] if scheduler is None or isinstance(scheduler, str) and "," not in \
+        scheduler else ([s.strip() for s in scheduler.split(",")] if isinstance(scheduler, str)
+                        else list(scheduler))
+    if not sched_list:
+        raise ValueError("scheduler: the axis is empty")
+    from .pipeline import make_scheduler
+
+    for s in sched_list:  # fail before running anything
+        if s is not None:
+            make_scheduler(s, pipe.scheduler.config)
+    values = {"prompt": prompt_list, "scheduler": sched_list, "steps": steps_list,
+              "guidance": cfg_list, "seed": seed_list}
+    for k in keep_axes:
+        if k not in AXES:
+            raise ValueError(f"keep_axes: unknown axis {k!r}; axes: {', '.join(AXES)}")
+
+    cells = [Cell(idx, prompt_list[idx[0]], sched_list[idx[1]], steps_list[idx[2]],
+                  cfg_list[idx[3]], seed_list[idx[4]])
+             for idx in np.ndindex(*(len(values[a]) for a in AXES))]
+
+    record_opts = _record_options(record)
+    budget = int(memory_budget) if memory_budget is not None else default_memory_budget(pipe.device)
+    trace_bytes = _trace_bytes(pipe, record_opts, steps_list, height, width)
+    split_guidance = (pipe_kwargs.get("guidance_rescale", 0.0) or 0.0) > 0 or \
+        getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
+    state = _distributed_state()
+    nproc = state.num_processes if state else 1
+    batches = plan_batches(
+        cells, lambda cfg: estimate_cell_bytes(pipe, height, width, cfg, trace_bytes), budget,
+        max_batch=max_batch, chunk=chunk, split_guidance=split_guidance, min_batches=nproc)
+    mine = batches[state.process_index::nproc] if state else batches
+    # outer loop: the scheduler, then steps (A1111 puts the most expensive axis outside)
+    order = sorted(range(len(mine)), key=lambda k: (sched_list.index(mine[k].scheduler),
+                                                     steps_list.index(mine[k].steps)))
+    main = state is None or state.is_main_process
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(cells) if state is None else sum(len(b.cells) for b in mine),
+               disable=not progress or not main, desc="sweep", unit="cell")
+    results: dict[tuple, tuple] = {}
+    sched = _Scheduler(pipe)
+    try:
+        for k in order:
+            b = mine[k]
+            sched.set(b.scheduler)
+            images, traces = _run_batch(pipe, b, negative_prompt, height, width, pipe_kwargs,
+                                        record_opts)
+            for cell, img, tr in zip(b.cells, images, traces):
+                results[cell.index] = (img, tr)
+            bar.update(len(b.cells))
+    finally:
+        sched.restore()
+        bar.close()
+    if state is not None:
+        from accelerate.utils import gather_object
+
+        gathered = gather_object([(idx, img, tr) for idx, (img, tr) in results.items()])
+        results = {tuple(idx): (img, tr) for idx, img, tr in gathered}
+    if len(results) != len(cells):
+        raise RuntimeError(f"sweep: {len(results)} of {len(cells)} cells came back")
+
+    full_shape = tuple(len(values[a]) for a in AXES)
+    keep = [a for a in AXES if len(values[a]) > 1 or a in keep_axes]
+    shape = tuple(len(values[a]) for a in keep)
+    sample = next(iter(results.values()))[0]
+    arrays = np.empty(full_shape + sample.shape, dtype=np.float32)
+    traces = np.empty(full_shape, dtype=object)
+    for idx, (img, tr) in results.items():
+        arrays[idx] = img
+        traces[idx] = tr
+    arrays = arrays.reshape(shape + sample.shape)
+    traces = traces.reshape(shape)
+    fixed = {a: values[a][0] for a in AXES if a not in keep}
+    meta = dict(
+        negative_prompt=negative_prompt, height=int(sample.shape[0]), width=int(sample.shape[1]),
+        record=record if isinstance(record, (str, type(None))) else "custom",
+        batches=len(batches), processes=nproc, memory_budget=budget,
+        pipeline=_pipeline_meta(pipe), pipe_kwargs=_jsonable(pipe_kwargs),
+    )
+    return Grid({a: values[a] for a in keep}, fixed, arrays,
+                traces if record_opts is not None else None, meta)
+
+
+def _trace_bytes(pipe, record_opts, steps_list, height, width) -> int:
+    """Memory a cell's trace keeps (the recorder's estimate where it offers one)."""
+    if record_opts is None:
+        return 0
+    try:
+        from . import recorder
+
+        est = getattr(recorder, "estimate_cell_bytes", None) or getattr(recorder, "estimate_bytes", None)
+        if est is not None:
+            return int(est(pipe, steps=max(steps_list), height=height, width=width, batch=1,
+                           **record_opts))
+    except Exception:  # noqa: BLE001 - fall back to the latents-only estimate below
+        pass
+    unet = pipe.unet
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    h = (height or unet.config.sample_size * scale) // scale
+    w = (width or unet.config.sample_size * scale) // scale
+    per_step = unet.config.out_channels * h * w * 4
+    return int((max(steps_list) + 1) * per_step * (2 if record_opts == LIGHT_RECORD else 6))
+
+
+def _pipeline_meta(pipe) -> dict:
+    try:
+        from .pipeline import describe
+
+        info = describe(pipe)
+        return {"family": info.family, "pipeline_class": info.pipeline_class,
+                "scheduler_class": info.scheduler_class, "name_or_path": info.name_or_path}
+    except Exception:  # noqa: BLE001
+        return {"pipeline_class": type(pipe).__name__}
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        try:
+            json.dumps(v)
+            out[k] = v
+        except TypeError:
+            out[k] = repr(v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the grid
+
+def _label(axis: str, value) -> str:
+    if axis == "prompt":
+        text = str(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+    if axis == "scheduler":
+        return str(value or "default scheduler")
+    if axis == "guidance":
+        return f"CFG {value:g}"
+    return f"{AXIS_LABELS[axis]}{value}"
+
+
+class Grid:
+    """The result of :func:`sweep`.
+
+    Attributes:
+        axes: ``{name: values}`` of the axes that vary, outermost first (names from ``AXES``:
+            prompt, scheduler, steps, guidance, seed).
+        fixed: ``{name: value}`` of the axes with one value.
+        arrays: float32 ``axes shape + (H, W, 3)`` in [0, 1].
+        images: object array of PIL images, ``axes shape`` (``grid.images[i, j]``).
+        traces: object array of Traces (or None when recorded without traces).
+        meta: how the grid was run.
+    """
+
+    kind = KIND
+
+    def __init__(self, axes: dict, fixed: dict, arrays: np.ndarray, traces: np.ndarray | None,
+                 meta: dict | None = None):
+        self.axes = dict(axes)
+        self.fixed = dict(fixed)
+        self.arrays = arrays
+        self.traces = traces
+        self.meta = dict(meta or {})
+        self._images = None
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(len(v) for v in self.axes.values())
+
+    def __len__(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+    def __repr__(self) -> str:
+        axes = ", ".join(f"{k}={v!r}" for k, v in self.axes.items())
+        fixed = ", ".join(f"{k}={v!r}" for k, v in self.fixed.items())
+        return f"Grid({axes}; fixed {fixed}; traces={'yes' if self.traces is not None else 'no'})"
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            from PIL import Image
+
+            imgs = np.empty(self.shape, dtype=object)
+            for idx in np.ndindex(*self.shape):
+                imgs[idx] = Image.fromarray(
+                    (np.clip(self.arrays[idx], 0, 1) * 255).round().astype(np.uint8))
+            self._images = imgs
+        return self._images
+
+    def settings(self, index: Sequence[int] | int) -> dict:
+        """The run settings of cell ``index``: prompt, scheduler, steps, guidance, seed."""
+        index = (index,) if isinstance(index, (int, np.integer)) else tuple(index)
+        if len(index) != len(self.axes):
+            raise IndexError(f"the grid has {len(self.axes)} axes ({', '.join(self.axes)}), "
+                             f"got index {index}")
+        out = dict(self.fixed)
+        out.update({a: vals[i] for (a, vals), i in zip(self.axes.items(), index)})
+        return {a: out[a] for a in AXES}
+
+    def index(self, **coords) -> tuple:
+        """The index of the cell with the given axis values: ``grid.index(guidance=7.5, seed=3)``."""
+        idx = []
+        for a, vals in self.axes.items():
+            if a not in coords:
+                raise KeyError(f"give a value for every axis: {', '.join(self.axes)}")
+            v = coords.pop(a)
+            matches = [i for i, x in enumerate(vals) if x == v or (
+                isinstance(x, float) and isinstance(v, (int, float)) and abs(x - v) < 1e-9)]
+            if not matches:
+                raise KeyError(f"{a}={v!r} is not on the grid; values: {vals}")
+            idx.append(matches[0])
+        for a, v in coords.items():
+            if a not in self.fixed or self.fixed[a] != v:
+                raise KeyError(f"{a}={v!r}: not an axis of the grid ({', '.join(self.axes)})")
+        return tuple(idx)
+
+    def cell(self, **coords):
+        """The PIL image at the given axis values."""
+        return self.images[self.index(**coords)]
+
+    def trace(self, **coords):
+        if self.traces is None:
+            raise ValueError("this grid was run without traces (record=None)")
+        return self.traces[self.index(**coords)]
+
+    # -- plotting ----------------------------------------------------------------------------
+    def plot(self, cell_size: float = 1.6, title: str | None = None):
+        """A labelled matplotlib Figure: the last axis runs along the columns, the one before
+        along the rows, earlier axes (Z) stack further row blocks with combined labels."""
+        import matplotlib.pyplot as plt
+
+        names = list(self.axes)
+        shape = self.shape
+        if len(shape) == 0:
+            rows, cols, row_names, col_name = 1, 1, [], None
+        elif len(shape) == 1:
+            rows, cols, row_names, col_name = 1, shape[0], [], names[0]
+        else:
+            cols, col_name = shape[-1], names[-1]
+            row_names = names[:-1]
+            rows = int(np.prod(shape[:-1]))
+        fig, axs = plt.subplots(rows, cols, figsize=(cell_size * cols + 1.2 * bool(row_names) + 0.2,
+                                                     cell_size * rows + 0.6), squeeze=False)
+        flat = self.arrays.reshape((rows, cols) + self.arrays.shape[len(shape):])
+        row_idx = list(np.ndindex(*shape[:-1])) if len(shape) >= 2 else [()]
+        for r in range(rows):
+            for c in range(cols):
+                ax = axs[r, c]
+                ax.imshow(np.clip(flat[r, c], 0, 1), interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for s in ax.spines.values():
+                    s.set_visible(False)
+                if r == 0 and col_name is not None:
+                    ax.set_title(_label(col_name, self.axes[col_name][c]), fontsize=9)
+                if c == 0 and row_names:
+                    label = "\n".join(_label(a, self.axes[a][i])
+                                      for a, i in zip(row_names, row_idx[r]))
+                    ax.set_ylabel(label, fontsize=9, rotation=0, ha="right", va="center")
+        fixed = ", ".join(f"{_label(a, v)}" for a, v in self.fixed.items()
+                          if not (a == "scheduler" and v is None))
+        fig.suptitle(title if title is not None else fixed, fontsize=10)
+        fig.tight_layout()
+        return fig
+
+    def _repr_png_(self):  # notebooks show the plot
+        import matplotlib.pyplot as plt
+
+        fig = self.plot()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80)
+        plt.close(fig)
+        return buf.getvalue()
+
+    # -- save / load -------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """One safetensors file: the float images, each cell's trace (as the bytes of the trace
+        engine's own safetensors file) and JSON metadata with ``"kind": "grid"``. No pickle."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {"arrays": torch.from_numpy(np.ascontiguousarray(self.arrays))}
+        if self.traces is not None:
+            for k, idx in enumerate(np.ndindex(*self.shape)):
+                tensors[f"trace.{k}"] = torch.frombuffer(bytearray(_trace_bytes_of(self.traces[idx])),
+                                                         dtype=torch.uint8)
+        header = {"kind": KIND, "format": FORMAT_VERSION,
+                  "axes": [[a, v] for a, v in self.axes.items()], "fixed": self.fixed,
+                  "traces": self.traces is not None, "meta": _jsonable(self.meta)}
+        save_file(tensors, str(path), metadata={"kind": KIND, "sdlens": json.dumps(header)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Grid":
+        """Read a grid written by :meth:`save`."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+            if md.get("kind") != KIND:
+                raise ValueError(f"{path} is not an sdlens grid (kind={md.get('kind')!r})")
+            header = json.loads(md["sdlens"])
+            if header.get("format", 0) > FORMAT_VERSION:
+                raise ValueError(f"{path} was written by a newer sdlens (grid format "
+                                 f"{header['format']}); upgrade sdlens")
+            arrays = f.get_tensor("arrays").numpy()
+            axes = {a: v for a, v in header["axes"]}
+            shape = tuple(len(v) for v in axes.values())
+            traces = None
+            if header.get("traces"):
+                traces = np.empty(shape, dtype=object)
+                for k, idx in enumerate(np.ndindex(*shape)):
+                    traces[idx] = _trace_from_bytes(f.get_tensor(f"trace.{k}").numpy().tobytes())
+        return cls(axes, header["fixed"], arrays, traces, header.get("meta"))
+
+
+def is_grid_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a grid file (for ``sdlens.load``'s dispatch on ``kind``)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("kind") == KIND
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _trace_bytes_of(trace) -> bytes:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "cell.sdlens"
+        trace.save(p)
+        return p.read_bytes()
+
+
+def _trace_from_bytes(data: bytes):
+    import tempfile
+
+    from .trace import load as load_trace
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "cell.sdlens"
+        p.write_bytes(data)
+        return load_trace(p)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: `sdlens sweep "PROMPT" --seeds 0-3 --cfg "1-13 [5]" --out grid.png`
+
+def add_sweep_parser(subparsers) -> Any:
+    """Register ``sdlens sweep`` on an argparse subparsers object (``run_sweep`` is its func)."""
+    p = subparsers.add_parser(
+        "sweep", help="a labelled grid of prompt x CFG x seed (x steps x scheduler)",
+        description="Run a grid of runs, batched, and save a labelled image grid (and traces). "
+                    "Works under `accelerate launch` (cells shared among processes).",
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+        epilog=AXIS_SYNTAX)
+    _add_arguments(p)
+    p.set_defaults(func=run_sweep)
+    return p
+
+
+def _add_arguments(p) -> None:
+    p.add_argument("prompt", nargs="+", help="one or more prompts (the prompt axis)")
+    p.add_argument("--seeds", default="0", help='seed axis, e.g. "0-7" or "1,5,9" (default 0)')
+    p.add_argument("--cfg", default="7.5", help='guidance axis, e.g. "1,3,7.5,12" or "1-13 [5]"')
+    p.add_argument("--steps", default="20", help='steps axis, e.g. "20" or "10,20,40"')
+    p.add_argument("--scheduler", default=None,
+                   help="scheduler axis: comma-separated short names (ddim, euler, dpm++, ...)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--model", default=None, help="model folder or hub id (default: the shipped model)")
+    p.add_argument("--device", default=None, help="default: cuda if available (per process), else cpu")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--out", default="grid.png", help="the labelled grid image (PNG)")
+    p.add_argument("--traces", default=None, help="also save the grid with traces (.sdlens)")
+    p.add_argument("--record", default="light", choices=("light", "full"),
+                   help="what each cell's trace keeps (with --traces)")
+    p.add_argument("--max-batch", type=int, default=None, help="at most this many cells per call")
+    p.add_argument("--memory-budget", type=float, default=None, help="GiB a call may use")
+    p.add_argument("--no-chunk", action="store_true",
+                   help="refuse grids that do not fit one call per group")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_sweep(args) -> int:
+    """Run ``sdlens sweep`` from parsed arguments; the main process writes the outputs."""
+    from .pipeline import load_pipeline
+
+    state = _distributed_state()
+    device = args.device or (state.device if state is not None else None)
+    pipe = load_pipeline(args.model, device=device)
+    grid = sweep(
+        pipe, args.prompt, seeds=args.seeds, guidance_scales=args.cfg, steps=args.steps,
+        scheduler=args.scheduler, record=args.record if args.traces else None,
+        negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+        max_batch=args.max_batch, chunk=not args.no_chunk, progress=not args.quiet,
+        memory_budget=int(args.memory_budget * 2**30) if args.memory_budget else None)
+    if state is None or state.is_main_process:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        fig = grid.plot()
+        fig.savefig(args.out, dpi=100)
+        print(f"wrote {args.out} ({' x '.join(f'{len(v)} {a}' for a, v in grid.axes.items()) or '1 cell'})")
+        if args.traces:
+            grid.save(args.traces)
+            print(f"wrote {args.traces}")
+    if state is not None:
+        state.wait_for_everyone()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m sdlens.sweep", description="sdlens sweep",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=AXIS_SYNTAX)
+    _add_arguments(p)
+    return run_sweep(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
