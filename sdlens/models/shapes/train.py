@@ -189,6 +189,9 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
         ema_unet.load_state_dict(state["ema_unet"]); ema_text.load_state_dict(state["ema_text"])
         opt.load_state_dict(state["opt"]); g.set_state(state["rng"]); start = state["step"]
         torch.set_rng_state(state["torch_rng"])
+        elapsed_before = state.get("elapsed", 0.0)
+    else:
+        elapsed_before = 0.0
     if start >= steps:
         return True
 
@@ -203,13 +206,24 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
         torch.save({"unet": unet.state_dict(), "text": text.state_dict(),
                     "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
                     "opt": opt.state_dict(), "rng": g.get_state(), "step": step,
-                    "torch_rng": torch.get_rng_state(), "scaling_factor": scaling}, tmp)
+                    "torch_rng": torch.get_rng_state(), "scaling_factor": scaling,
+                    "elapsed": elapsed_before + time.time() - t0}, tmp)
         tmp.replace(ckpt)
+        if step % 500 == 0:  # EMA snapshots, to compare recipes at equal steps
+            torch.save({"ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                        "scaling_factor": scaling, "step": step}, work / f"ema-{step}.pt")
 
     warmup = 200
-    t0, deadline = time.time(), time.time() + minutes * 60
+    t0 = time.time()
     for step in range(start + 1, steps + 1):
-        frac = (step - warmup) / max(1, steps - warmup)
+        # progress through the run: by steps, or by time when a time budget binds first, so the
+        # learning rate anneals fully either way
+        elapsed = elapsed_before + time.time() - t0
+        progress = max(step / steps, elapsed / (minutes * 60))
+        if progress >= 1:
+            save(step - 1)
+            return False
+        frac = max(0.0, (progress - warmup / steps) / (1 - warmup / steps))
         for group in opt.param_groups:  # warm-up, then cosine to 10%
             group["lr"] = lr * (step / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
         idx = torch.randint(0, n, (batch,), generator=g)
@@ -240,12 +254,9 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
             for e, p in zip(list(ema_unet.parameters()) + list(ema_text.parameters()), params):
                 e.lerp_(p, 1 - decay)
         if step % 50 == 0:
-            _log(work, **row, s=round(time.time() - t0, 1))
+            _log(work, **row, lr=opt.param_groups[0]["lr"], s=round(elapsed, 1))
         if step % ckpt_every == 0:
             save(step)
-        if time.time() > deadline:
-            save(step)
-            return False
     save(steps)
     return True
 
@@ -290,7 +301,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--attn-loss", type=float, default=0.1,
                    help="weight of the attention-localisation loss (0: maps learned freely)")
-    p.add_argument("--minutes", type=float, default=1e9, help="stop (with a checkpoint) after")
+    p.add_argument("--minutes", type=float, default=1e9,
+                   help="time budget of the UNet phase (over all resumes): the learning-rate "
+                        "schedule anneals to it, and training stops there with a checkpoint")
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--export", type=Path, default=None, help="write the model folder here")
