@@ -103,6 +103,8 @@ def linear_decoder(trace: Any, vae: Any = None) -> tuple[list, list]:
             return c["matrix"], c["bias"]
         v = _vae_of(trace, vae) if not isinstance(trace, str) else vae
         if v is None:
+            v = _folder_vae(trace)
+        if v is None:
             raise ValueError(f"no linear decoder for the shapes model: {SHAPES_COEFFS} is missing "
                              "and no VAE is at hand to fit one (pass vae=pipe.vae, or use "
                              "decoder='vae')")
@@ -112,6 +114,31 @@ def linear_decoder(trace: Any, vae: Any = None) -> tuple[list, list]:
     raise ValueError(f"no linear latent->RGB decoder for model family {family!r}; known: "
                      f"{sorted(LINEAR) + ['shapes']}; use decoder='vae' or fit one with "
                      "sdlens.previews.fit_linear_decoder(vae, images)")
+
+
+_FOLDER_VAES: dict[str, Any] = {}
+
+
+def _folder_vae(trace: Any) -> Any:
+    """The VAE of the trace's model folder (``meta['model_id']``) or of the shipped model's
+    folder, when one is on disk; else None."""
+    candidates = []
+    if not isinstance(trace, str):
+        model = (getattr(trace, "meta", None) or {}).get("model_id")
+        if model:
+            candidates.append(Path(str(model)).expanduser())
+    candidates.append(SHAPES_COEFFS.parent)
+    for folder in candidates:
+        if not (folder / "vae" / "config.json").exists():
+            continue
+        key = str(folder.resolve())
+        if key not in _FOLDER_VAES:
+            from diffusers import AutoencoderKL
+
+            _FOLDER_VAES[key] = AutoencoderKL.from_pretrained(folder / "vae",
+                                                              torch_dtype=torch.float32).eval()
+        return _FOLDER_VAES[key]
+    return None
 
 
 def _images_tensor(images: Any) -> torch.Tensor:
@@ -132,7 +159,7 @@ def _images_tensor(images: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fit_linear_decoder(vae: Any, images: Any = None, n: int = 512, seed: int = 0,
+def fit_linear_decoder(vae: Any, images: Any = None, n: int = 256, seed: int = 0,
                        scaling_factor: float | None = None, batch_size: int = 64) -> dict:
     """Least-squares linear latent -> RGB decoder for ``vae``.
 

@@ -1,0 +1,452 @@
+"""The ``sdlens`` command (also ``python -m sdlens``).
+
+    sdlens demo --out DIR                        trace the shipped model, write figures + report
+    sdlens trace "PROMPT" --out run.sdlens [--model ID_OR_PATH] [--seed] [--steps] [--cfg] ...
+    sdlens report run.sdlens --out report.html   one self-contained HTML file
+    sdlens info run.sdlens                       what a trace holds (alias: inspect)
+
+Errors (wrong arguments, a missing file, an unknown model or word) print one line and exit
+with status 2, without a traceback.
+
+Adding a command: write ``add_arguments(parser)`` and ``run(args) -> int`` and call
+``register(name, help, add_arguments, run)``; a module listed in ``COMMAND_MODULES`` that defines
+``register_cli(register)`` is imported and asked to register its commands (``sdlens.sweep`` does
+this for ``sdlens sweep``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+EXIT_USAGE = 2
+DEMO_PROMPTS = ("a red circle and a blue square",)
+COMMAND_MODULES = ("sdlens.sweep",)
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class UsageError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage block
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+    aliases: tuple[str, ...] = ()
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(name: str, help: str, add_arguments: Callable, run: Callable,
+             aliases: tuple[str, ...] = ()) -> Command:
+    """Register a subcommand (see the module docstring). Re-registering a name replaces it."""
+    cmd = Command(name, help, add_arguments, run, tuple(aliases))
+    COMMANDS[name] = cmd
+    return cmd
+
+
+def _log(args: argparse.Namespace, msg: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _progress(args: argparse.Namespace, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=getattr(args, "quiet", False), file=sys.stderr,
+                leave=False)
+
+
+# --------------------------------------------------------------------------- shared options
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="hub id or local diffusers folder (default: the shipped shapes model)")
+    p.add_argument("--scheduler", default=None,
+                   help="ddim, ddpm, pndm, euler, euler_a, lms, heun, dpm++, unipc "
+                        "(default: the model's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if any)")
+    p.add_argument("--dtype", default=None, choices=_DTYPES,
+                   help="default float16 on cuda, else float32")
+
+
+def _add_run_options(p: argparse.ArgumentParser, steps: int, cfg: float | None) -> None:
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default {steps})")
+    p.add_argument("--cfg", type=float, default=cfg,
+                   help="guidance scale (default: " + ("the model's" if cfg is None else f"{cfg:g}")
+                   + "; <= 1 turns guidance off)")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--height", type=int, default=None, help="image height in px")
+    p.add_argument("--width", type=int, default=None, help="image width in px")
+    p.add_argument("--heads", action="store_true", help="keep attention heads (bigger trace)")
+    p.add_argument("--layers", default=None,
+                   help="attention layers to keep: down, mid, up, a resolution (16), an alias "
+                        "(up.1.0) or a comma-separated list (default: all)")
+
+
+def _load_pipe(args: argparse.Namespace):
+    import torch
+
+    from .pipeline import load_pipeline
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    return load_pipeline(args.model, device=args.device, dtype=dtype, scheduler=args.scheduler)
+
+
+def _layers_arg(text: str | None) -> Any:
+    if text is None:
+        return None
+    items: list[Any] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part:
+            items.append(int(part) if part.isdigit() else part)
+    return items[0] if len(items) == 1 else items
+
+
+def _generate(pipe, args: argparse.Namespace, prompt: str, seed: int | None = None,
+              cfg: float | None = None):
+    from .recorder import generate
+
+    kwargs: dict[str, Any] = {}
+    if args.heads:
+        kwargs["heads"] = True
+    layers = _layers_arg(args.layers)
+    if layers is not None:
+        kwargs["layers"] = layers
+    return generate(pipe, prompt, seed=args.seed if seed is None else seed, steps=args.steps,
+                    guidance_scale=args.cfg if cfg is None else cfg,
+                    negative_prompt=args.negative, height=args.height, width=args.width, **kwargs)
+
+
+def _trace_file(path: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UsageError(f"no such trace file: {p}")
+    if p.is_dir():
+        raise UsageError(f"{p} is a folder, not a trace file")
+    return p
+
+
+def _load_trace(path: str):
+    from .trace import load
+
+    return load(_trace_file(path))
+
+
+# --------------------------------------------------------------------------- trace
+def _trace_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the prompt (quote it)")
+    p.add_argument("--out", "-o", required=True, help="trace file to write (e.g. run.sdlens)")
+    _add_model_options(p)
+    _add_run_options(p, steps=25, cfg=None)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+
+def _trace_run(args: argparse.Namespace) -> int:
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name such as run.sdlens")
+    _log(args, "loading the model ...")
+    pipe = _load_pipe(args)
+    t0 = time.time()
+    with _progress(args, 1, "tracing") as bar:
+        tr = _generate(pipe, args, args.prompt)
+        bar.update()
+    tr.save(out)
+    _warn_truncated(tr)
+    print(f"wrote {out}  ({_size(out)}, {len(tr.timesteps)} steps, {time.time() - t0:.1f} s)")
+    return 0
+
+
+def _warn_truncated(tr) -> None:
+    for words in tr.truncated_words:
+        if words:
+            print(f"warning: CLIP's 75-token limit cut: {' '.join(words)}", file=sys.stderr)
+
+
+def _size(path: Path) -> str:
+    n = path.stat().st_size
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+# --------------------------------------------------------------------------- report
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trace", help="a trace file written by `sdlens trace` or trace.save()")
+    p.add_argument("--out", "-o", default=None, help="HTML file (default: TRACE with .html)")
+    p.add_argument("--batch", type=int, default=0, help="which image of the batch (default 0)")
+    p.add_argument("--words", default=None, help="comma-separated words (default: all)")
+    p.add_argument("--pooling", default="sdlens", choices=("sdlens", "daam"))
+    p.add_argument("--quiet", "-q", action="store_true")
+
+
+def _report_run(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    tr = _load_trace(args.trace)
+    out = Path(args.out).expanduser() if args.out else Path(args.trace).with_suffix(".html")
+    words = [w.strip() for w in args.words.split(",") if w.strip()] if args.words else None
+    with _progress(args, 1, "report") as bar:
+        path = write_report(tr, out, batch=args.batch, words=words, pooling=args.pooling)
+        bar.update()
+    print(f"wrote {path}  ({_size(path)})")
+    return 0
+
+
+# --------------------------------------------------------------------------- info
+def _info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trace", help="a trace file")
+
+
+def describe_trace(tr, path: Path | None = None) -> str:
+    """A plain-text summary of what a trace holds."""
+    meta = tr.meta or {}
+    lines = []
+    if path is not None:
+        lines.append(f"file         {path}  ({_size(path)})")
+    lines += [
+        f"model        {meta.get('model_id')}  (family {meta.get('family')}, task {meta.get('task')})",
+        f"pipeline     {meta.get('pipeline_class')}",
+        f"scheduler    {meta.get('scheduler_class')}, prediction {meta.get('prediction_type')}",
+        f"steps        {len(tr.timesteps)}   guidance {tr.guidance_scale:g}"
+        + ("" if tr.do_cfg else " (off)") + f"   seeds {meta.get('seeds')}",
+        f"size         {meta.get('width')} x {meta.get('height')} px",
+    ]
+    for i, p in enumerate(tr.prompts):
+        n_tok = sum(1 for t in tr.tokens[i] if t not in ("<|startoftext|>", "<|endoftext|>"))
+        lines.append(f"prompt {i}     {p!r}  ({n_tok} of 75 tokens)")
+        if tr.truncated_words[i]:
+            lines.append(f"  CUT by the 75-token limit: {' '.join(tr.truncated_words[i])}")
+    lines.append("tensors")
+    for name in ("timesteps", "sigmas", "latents", "noise_uncond", "noise_text", "noise", "x0"):
+        t = getattr(tr, name)
+        if t is None:
+            lines.append(f"  {name:<13} -")
+        else:
+            mib = t.numel() * t.element_size() / 2**20
+            lines.append(f"  {name:<13} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+                         f"  {mib:.2f} MiB")
+    att = tr.attention
+    if att is None:
+        lines.append("attention    not recorded")
+    else:
+        total = 0.0
+        for layer in att.layers:
+            t = att[layer]
+            total += t.numel() * t.element_size() / 2**20
+        steps = att.steps
+        lines.append(f"attention    {len(att.layers)} layers, {len(steps)} steps, "
+                     f"{len(att.token_positions)} token positions"
+                     f"{', heads kept' if att.heads else ''}, {total:.2f} MiB")
+        for layer in att.layers:
+            h, w = att.resolution(layer)
+            lines.append(f"  {att.alias(layer):<10} {h}x{w}  {layer}")
+    lines.append(f"images       {len(tr.images)}")
+    return "\n".join(lines)
+
+
+def _info_run(args: argparse.Namespace) -> int:
+    path = _trace_file(args.trace)
+    tr = _load_trace(args.trace)
+    print(describe_trace(tr, path))
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", "-o", default="sdlens-demo", help="folder to write into")
+    p.add_argument("--prompt", action="append", default=None,
+                   help=f"prompt(s) to trace (repeatable; default {DEMO_PROMPTS[0]!r})")
+    _add_model_options(p)
+    _add_run_options(p, steps=20, cfg=5.0)
+    p.add_argument("--grid-cfg", default="1,3,5,9", help="guidance scales of the CFG x seed grid")
+    p.add_argument("--grid-seeds", default="0,1,2", help="seeds of the CFG x seed grid")
+    p.add_argument("--no-grid", action="store_true", help="skip the CFG x seed grid")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise UsageError(f"{what} is empty")
+    return vals
+
+
+def cfg_seed_grid(pipe, prompt: str, cfgs: list[float], seeds: list[int], steps: int,
+                  progress: Any = None, **call_kwargs: Any):
+    """Images of ``prompt`` for every (guidance scale, seed), untraced: ``[[PIL per seed] per
+    cfg]`` (one batched pipeline call per scale, one generator per seed)."""
+    import torch
+
+    rows = []
+    for cfg in cfgs:
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        out = pipe([prompt] * len(seeds), num_inference_steps=steps, guidance_scale=cfg,
+                   generator=gens, **call_kwargs)
+        rows.append(list(out.images))
+        if progress is not None:
+            progress.update()
+    return rows
+
+
+def grid_figure(rows, cfgs: list[float], seeds: list[int], prompt: str):
+    """A labelled figure of :func:`cfg_seed_grid`'s images (rows: guidance scale, columns: seed)."""
+    from matplotlib.figure import Figure
+    import numpy as np
+
+    fig = Figure(figsize=(1.6 * len(seeds) + 0.8, 1.6 * len(cfgs) + 0.6), layout="constrained")
+    axes = fig.subplots(len(cfgs), len(seeds), squeeze=False)
+    for r, (cfg, images) in enumerate(zip(cfgs, rows)):
+        for c, (seed, im) in enumerate(zip(seeds, images)):
+            ax = axes[r, c]
+            ax.imshow(np.asarray(im), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"seed {seed}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"cfg {cfg:g}", fontsize=9)
+    fig.suptitle(f"{prompt!r}: guidance scale x seed", fontsize=10)
+    return fig
+
+
+def _demo_run(args: argparse.Namespace) -> int:
+    from . import plot
+    from .report import write_report
+
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    prompts = args.prompt or list(DEMO_PROMPTS)
+    cfgs = _floats(args.grid_cfg, "--grid-cfg")
+    try:
+        seeds = [int(s) for s in args.grid_seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--grid-seeds must be comma-separated ints, got {args.grid_seeds!r}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    _log(args, "loading the model ...")
+    pipe = _load_pipe(args)
+    written: list[Path] = []
+    per_prompt = 6
+    total = per_prompt * len(prompts) + (0 if args.no_grid else len(cfgs))
+    with _progress(args, total, "demo") as bar:
+        for i, prompt in enumerate(prompts):
+            stem = "" if len(prompts) == 1 else f"{i}-"
+            tr = _generate(pipe, args, prompt)
+            _warn_truncated(tr)
+            bar.update()
+            files = {
+                "image": out / f"{stem}image.png",
+                "trace": out / f"{stem}run.sdlens",
+                "heatmaps": out / f"{stem}heatmaps.png",
+                "steps": out / f"{stem}steps.png",
+                "report": out / f"{stem}report.html",
+            }
+            tr.images[0].save(files["image"])
+            tr.save(files["trace"])
+            bar.update()
+            plot.heatmap_grid(tr).savefig(files["heatmaps"], dpi=110)
+            bar.update()
+            plot.step_strip(tr).savefig(files["steps"], dpi=110)
+            bar.update()
+            write_report(tr, files["report"])
+            bar.update(2)
+            written += list(files.values())
+        if not args.no_grid:
+            rows = cfg_seed_grid(pipe, prompts[0], cfgs, seeds, args.steps, progress=bar,
+                                 negative_prompt=args.negative, height=args.height,
+                                 width=args.width)
+            path = out / "grid.png"
+            grid_figure(rows, cfgs, seeds, prompts[0]).savefig(path, dpi=110)
+            written.append(path)
+    for path in written:
+        print(f"wrote {path}")
+    print(f"done in {time.time() - t0:.1f} s; open {written[4 if len(written) > 4 else 0]} "
+          "in a browser")
+    return 0
+
+
+register("demo", "trace the shipped model and write heatmaps, a step strip, a CFG x seed grid "
+         "and an HTML report", _demo_args, _demo_run)
+register("trace", "trace one prompt and save the trace file", _trace_args, _trace_run)
+register("report", "write a self-contained HTML report of a trace file", _report_args, _report_run)
+register("info", "print what a trace file holds", _info_args, _info_run, aliases=("inspect",))
+
+
+def _load_command_modules() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        hook = getattr(mod, "register_cli", None)
+        if callable(hook):
+            hook(register)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_command_modules()
+    parser = _Parser(prog="sdlens", description="See inside Stable Diffusion while it samples.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"sdlens {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, aliases=list(cmd.aliases))
+        cmd.add_arguments(p)
+        p.set_defaults(_command=cmd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: returns the exit status (0 ok, 2 user error, 1 unexpected error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cmd = getattr(args, "_command", None)
+    if cmd is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    prog = f"sdlens {cmd.name}"
+    try:
+        return int(cmd.run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ValueError, TypeError, FileNotFoundError, NotImplementedError,
+            ConnectionError, PermissionError, IsADirectoryError) as e:
+        if os.environ.get("SDLENS_DEBUG"):
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""Matplotlib figures of a trace. Every function returns a ``matplotlib.figure.Figure``.
+
+Figures are built with ``matplotlib.figure.Figure`` (not pyplot), so they show once in a notebook
+(as the cell's value), never pile up in pyplot's state, and save with ``fig.savefig("x.png")``.
+Functions that draw one panel take ``ax=`` to draw into an axes of yours.
+
+>>> from sdlens import plot
+>>> plot.heatmap_grid(trace)                 # every word's heatmap over the image
+>>> plot.step_strip(trace, n=8)              # x_t / x0 / noise / CFG delta over 8 steps
+>>> plot.token_view(trace); plot.scheduler_curves(trace); plot.commitment_curves(trace)
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from . import guidance as _guidance
+from . import heatmaps as _heatmaps
+from . import previews as _previews
+from .tokens import find_word, token_view as _token_view, trace_words
+
+STRIP_ROWS = ("latents", "x0", "noise", "cfg")
+_ROW_TITLES = {"latents": "x_t (latents)", "x0": "x0 (predicted)", "noise": "noise (guided)",
+               "cfg": "|CFG delta|", "image": "image"}
+
+
+def _new_axes(ax: Any, figsize: tuple[float, float]):
+    if ax is None:
+        fig = Figure(figsize=figsize, layout="constrained")
+        return fig, fig.add_subplot()
+    return ax.figure, ax
+
+
+def _np(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def _image(trace: Any, batch: int) -> np.ndarray | None:
+    images = getattr(trace, "images", None)
+    if images and len(images) > batch:
+        return np.asarray(images[batch].convert("RGB"))
+    return None
+
+
+def _strip_axis(ax: Any) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def to_png(fig: Figure, dpi: int = 100) -> bytes:
+    """A figure as PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- heatmaps
+def overlay(trace: Any, word: str, ax: Any = None, batch: int = 0, alpha: float = 0.55,
+            cmap: str = "jet", colorbar: bool = True, title: str | None = None,
+            **heatmap_kwargs: Any) -> Figure:
+    """One word's heatmap over the image (``heatmap_kwargs`` go to ``word_heatmap``)."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    fig, ax = _new_axes(ax, (3.2, 3.2))
+    img = _image(trace, batch)
+    size = heatmap_kwargs.pop("size", None) or (img.shape[:2] if img is not None else None)
+    h = _np(_heatmaps.word_heatmap(trace, word, batch=batch, size=size, **heatmap_kwargs))
+    if img is not None:
+        ax.imshow(img)
+        im = ax.imshow(h, cmap=cmap, alpha=alpha, vmin=0, vmax=1 if h.max() <= 1 else None)
+    else:
+        im = ax.imshow(h, cmap=cmap)
+    w = find_word(trace, word, batch, heatmap_kwargs.get("occurrence", 0))
+    sub = "" if len(w.tokens) == 1 else f"\n({' + '.join(t.replace('</w>', '') for t in w.tokens)})"
+    ax.set_title(title if title is not None else f"{w.text!r}{sub}", fontsize=10)
+    _strip_axis(ax)
+    if colorbar:
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="attention (normalised)")
+    return fig
+
+
+def heatmap_grid(trace: Any, words: Iterable[str] | None = None, batch: int = 0, ncols: int = 4,
+                 alpha: float = 0.55, cmap: str = "jet", show_image: bool = True,
+                 panel_size: float = 2.6, **heatmap_kwargs: Any) -> Figure:
+    """Heatmap overlays of several words (default: every word of the prompt, punctuation left
+    out) in a grid, the image first, one shared colour bar."""
+    if words is None:
+        words = []
+        for w in trace_words(trace, batch, punctuation=False):
+            if w.text not in words:
+                words.append(w.text)
+    elif isinstance(words, str):
+        words = [words]
+    words = list(words)
+    if not words:
+        raise ValueError("no words to show")
+    if not isinstance(ncols, int) or ncols < 1:
+        raise ValueError(f"ncols must be a positive int, got {ncols!r}")
+    img = _image(trace, batch)
+    n = len(words) + (1 if show_image and img is not None else 0)
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(panel_size * ncols + 0.8, panel_size * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    i = 0
+    if show_image and img is not None:
+        axes[0].imshow(img)
+        axes[0].set_title("image", fontsize=10)
+        _strip_axis(axes[0])
+        i = 1
+    for w in words:
+        overlay(trace, w, ax=axes[i], batch=batch, alpha=alpha, cmap=cmap, colorbar=False,
+                **heatmap_kwargs)
+        i += 1
+    for ax in axes[i:]:
+        ax.set_visible(False)
+    mappable = axes[i - 1].images[-1]
+    fig.colorbar(mappable, ax=list(axes[:i]), fraction=0.03, pad=0.02,
+                 label="attention (normalised)")
+    pooling = heatmap_kwargs.get("pooling", "sdlens")
+    fig.suptitle(f"{trace.prompts[batch]!r}  -  word heatmaps ({pooling} pooling)", fontsize=11)
+    return fig
+
+
+def heatmap_steps(trace: Any, word: str, steps: Any = None, n: int = 8, batch: int = 0,
+                  cmap: str = "jet", alpha: float = 0.55, **heatmap_kwargs: Any) -> Figure:
+    """A word's map forming: its per-step heatmap at ``n`` evenly spaced recorded steps (or the
+    ``steps`` given), each normalised on its own."""
+    chosen = _pick_steps([int(s) for s in trace.attention.steps], steps, n)
+    maps = _np(_heatmaps.word_heatmap(trace, word, steps=chosen, per_step=True, batch=batch,
+                                      **heatmap_kwargs))
+    img = _image(trace, batch)
+    fig = Figure(figsize=(1.9 * len(chosen) + 0.8, 2.3), layout="constrained")
+    axes = fig.subplots(1, len(chosen), squeeze=False)[0]
+    for ax, s, m in zip(axes, chosen, maps):
+        if img is not None:
+            ax.imshow(img)
+        im = ax.imshow(m, cmap=cmap, alpha=alpha if img is not None else 1, vmin=0, vmax=1)
+        ax.set_title(f"step {s}", fontsize=9)
+        _strip_axis(ax)
+    fig.colorbar(im, ax=list(axes), fraction=0.03, pad=0.02)
+    fig.suptitle(f"{word!r} per step", fontsize=10)
+    return fig
+
+
+# --------------------------------------------------------------------------- step strip
+def _pick_steps(available: Sequence[int], steps: Any, n: int) -> list[int]:
+    if steps is not None:
+        if isinstance(steps, (int, np.integer)):
+            steps = [int(steps)]
+        elif isinstance(steps, slice):
+            steps = list(available)[steps]
+        return [int(s) for s in steps]
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if len(available) <= n:
+        return list(available)
+    idx = np.linspace(0, len(available) - 1, n).round().astype(int)
+    return [int(available[i]) for i in idx]
+
+
+def _signed_rgb(x: torch.Tensor) -> np.ndarray:
+    """(C, h, w) noise -> false-colour (h, w, 3): its first 3 channels, each scaled by the
+    largest absolute value to [-1, 1] then to [0, 1]."""
+    x = x.float()[:3]
+    x = x / x.abs().amax().clamp(min=1e-8)
+    return ((x + 1) / 2).permute(1, 2, 0).numpy()
+
+
+def step_strip(trace: Any, steps: Any = None, n: int = 8, rows: Sequence[str] = STRIP_ROWS,
+               batch: int = 0, decoder: str = "linear", vae: Any = None,
+               panel_size: float = 1.7) -> Figure:
+    """How the picture forms: one column per chosen step (default ``n`` evenly spaced), rows
+
+    * ``latents``: x_t before the step (linear preview / VAE), ``x0``: the predicted clean image,
+    * ``noise``: the guided noise prediction (false colour: first 3 channels, symmetric scale),
+    * ``cfg``: per-pixel norm over channels of ``noise_text - noise_uncond`` (shared colour scale).
+    """
+    rows = [rows] if isinstance(rows, str) else list(rows)
+    bad = [r for r in rows if r not in STRIP_ROWS]
+    if bad or not rows:
+        raise ValueError(f"rows must be a non-empty list of {STRIP_ROWS}, got {rows}")
+    n_steps = len(trace.timesteps)
+    chosen = _pick_steps(list(range(n_steps)), steps, n)
+    for s in chosen:
+        if not -n_steps <= s < n_steps:
+            raise ValueError(f"step {s} is out of range: the run has {n_steps} steps")
+    chosen = [s % n_steps for s in chosen]
+    if "cfg" in rows and getattr(trace, "noise_uncond", None) is None:
+        rows = [r for r in rows if r != "cfg"]  # guidance off: no delta to show
+    if "noise" in rows and getattr(trace, "noise", None) is None:
+        rows = [r for r in rows if r != "noise"]
+    if "x0" in rows and getattr(trace, "x0", None) is None:
+        rows = [r for r in rows if r != "x0"]
+    fig = Figure(figsize=(panel_size * len(chosen) + 1.6, panel_size * len(rows) + 0.5),
+                 layout="constrained")
+    axes = fig.subplots(len(rows), len(chosen), squeeze=False)
+    cfg_max = None
+    if "cfg" in rows:
+        delta = _guidance.cfg_delta(trace, batch=batch)[chosen].norm(dim=1)  # (S, h, w)
+        cfg_max = float(delta.max())
+    for r, row in enumerate(rows):
+        if row in ("latents", "x0"):
+            ims = _previews.previews(trace, row, chosen, batch, decoder, vae)
+        for c, s in enumerate(chosen):
+            ax = axes[r, c]
+            if row in ("latents", "x0"):
+                ax.imshow(np.asarray(ims[c]))
+            elif row == "noise":
+                ax.imshow(_signed_rgb(trace.noise[s, batch]), interpolation="nearest")
+            else:
+                im = ax.imshow(_np(delta[c]), cmap="magma", vmin=0, vmax=cfg_max,
+                               interpolation="nearest")
+            _strip_axis(ax)
+            if r == 0:
+                ax.set_title(f"step {s}\nt={float(trace.timesteps[s]):.0f}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(_ROW_TITLES[row], fontsize=9)
+        if row == "cfg":
+            fig.colorbar(im, ax=list(axes[r]), fraction=0.02, pad=0.01, label="L2 over channels")
+    fig.suptitle(f"{trace.prompts[batch]!r}: step by step ({decoder} preview)", fontsize=10)
+    return fig
+
+
+def guidance_strip(trace: Any, step: int, scales: Sequence[float] = (1, 3, 5, 7.5, 10, 15),
+                   batch: int = 0, panel_size: float = 1.8) -> Figure:
+    """What x0 of ``step`` would have been at other guidance scales (linear preview)."""
+    x0s = _guidance.x0_guidance_sweep(trace, step, scales, batch)
+    m, b = _previews.linear_decoder(trace)
+    size = _heatmaps.output_size(trace)
+    fig = Figure(figsize=(panel_size * len(scales), panel_size + 0.5), layout="constrained")
+    axes = fig.subplots(1, len(scales), squeeze=False)[0]
+    for ax, s, x in zip(axes, scales, x0s):
+        ax.imshow(np.asarray(_previews.to_image(_previews.latent_to_rgb(x, m, b), size)))
+        rec = " (recorded)" if abs(float(s) - float(trace.guidance_scale)) < 1e-6 else ""
+        ax.set_title(f"cfg {s:g}{rec}", fontsize=9)
+        _strip_axis(ax)
+    fig.suptitle(f"x0 at step {step} for other guidance scales", fontsize=10)
+    return fig
+
+
+# --------------------------------------------------------------------------- curves
+def guidance_curves(trace: Any, batch: int = 0, ax: Any = None) -> Figure:
+    """Per step: RMS of the CFG delta, of the unconditional and text predictions, and the
+    cosine between the two predictions (right axis)."""
+    st = _guidance.guidance_stats(trace, batch)
+    fig, ax = _new_axes(ax, (5.5, 3.2))
+    ax.plot(st.steps, st.delta_rms, "o-", ms=3, label="RMS(text - uncond)")
+    ax.plot(st.steps, st.uncond_rms, "--", label="RMS(uncond)")
+    ax.plot(st.steps, st.text_rms, ":", label="RMS(text)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("RMS")
+    ax2 = ax.twinx()
+    ax2.plot(st.steps, st.cosine, color="grey", alpha=0.6, label="cos(uncond, text)")
+    ax2.set_ylabel("cosine", color="grey")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="best")
+    ax.set_title(f"classifier-free guidance (scale {st.guidance_scale:g})", fontsize=10)
+    return fig
+
+
+def scheduler_curves(trace: Any) -> Figure:
+    """Timesteps, sigma (log scale), alphas_cumprod / log-SNR and step sizes per step."""
+    v = _guidance.scheduler_view(trace)
+    steps = np.arange(len(v.timesteps))
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    (a, b), (c, d) = fig.subplots(2, 2)
+    a.plot(steps, v.timesteps, "o-", ms=3)
+    a.set(title="timestep t", xlabel="step", ylabel="t")
+    b.semilogy(steps, v.sigmas, "o-", ms=3)
+    b.set(title="sigma = sqrt((1-a)/a)", xlabel="step", ylabel="sigma (log)")
+    c.plot(steps, v.alphas_cumprod, "o-", ms=3, label="alphas_cumprod a_t")
+    c.set(title="signal level", xlabel="step", ylabel="a_t")
+    c2 = c.twinx()
+    c2.plot(steps, v.log_snr, color="tab:orange", alpha=0.7)
+    c2.set_ylabel("log SNR", color="tab:orange")
+    d.bar(steps, v.dt, label="dt")
+    d.set(title="step size", xlabel="step", ylabel="t - t_next")
+    d2 = d.twinx()
+    d2.plot(steps, v.dsigma, color="tab:red", marker="o", ms=3)
+    d2.set_ylabel("sigma - sigma_next", color="tab:red")
+    fig.suptitle(f"{v.scheduler} ({v.form} form, {v.prediction_type}), {len(steps)} steps",
+                 fontsize=11)
+    return fig
+
+
+def commitment_curves(source: Any, words: Iterable[str] | None = None, threshold: float = 0.9,
+                      ax: Any = None, **kwargs: Any) -> Figure:
+    """Per word, the correlation of its step-t map with its final map, the threshold and the
+    commitment step (marker). ``source``: a trace or a list of ``Commitment`` s."""
+    if isinstance(source, (list, tuple)) and all(isinstance(c, _heatmaps.Commitment) for c in source):
+        comms = list(source)
+    else:
+        comms = _heatmaps.commitments(source, words, threshold, **kwargs)
+    if not comms:
+        raise ValueError("no words to show")
+    fig, ax = _new_axes(ax, (5.5, 3.2))
+    for c in comms:
+        (line,) = ax.plot(c.steps, c.correlation, "o-", ms=3, label=f"{c.word!r} (step {c.step})")
+        if c.step is not None:
+            ax.axvline(c.step, color=line.get_color(), ls=":", alpha=0.7)
+    ax.axhline(comms[0].threshold, color="k", ls="--", lw=0.8, label=f"threshold {comms[0].threshold}")
+    ax.set(xlabel="step", ylabel="corr(map_t, final map)", ylim=(-1.05, 1.05))
+    ax.set_title("when does each word commit to its place?", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def token_view(trace: Any, batch: int = 0, ax: Any = None, include_start: bool = False) -> Figure:
+    """The prompt's tokens (one bar each, coloured by word) and the share of cross-attention
+    each received over the run. The start token, which takes most of the attention in every
+    layer, is left out unless ``include_start``."""
+    view = _token_view(trace, batch)
+    rows = [r for r in view.rows if (include_start or r.position != 0)]
+    rows = [r for r in rows if r.attention is not None]
+    if not rows:
+        raise ValueError("no token of this trace has recorded attention")
+    fig, ax = _new_axes(ax, (max(4.0, 0.55 * len(rows) + 1.5), 3.4))
+    colours = [f"C{r.word_index % 10}" if r.word_index >= 0 else "grey" for r in rows]
+    x = np.arange(len(rows))
+    ax.bar(x, [r.attention for r in rows], color=colours)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{r.text}\n{r.position}" for r in rows], rotation=60, fontsize=8)
+    ax.set_ylabel("share of cross-attention")
+    title = f"{view.n_prompt_tokens} of {view.limit} tokens: {view.prompt!r}"
+    if view.truncated:
+        title += f"\nCUT by the {view.limit}-token limit: {' '.join(view.truncated_words)}"
+    ax.set_title(title, fontsize=9, color="red" if view.truncated else "black")
+    return fig
+
+
+def comparison(cmp: Any, axes: Any = None) -> Figure:
+    """A :class:`sdlens.compare.Comparison`: x0 distance per step (with the parting step) and
+    the change of each word's map."""
+    if axes is None:
+        fig = Figure(figsize=(9, 3.2), layout="constrained")
+        a, b = fig.subplots(1, 2)
+    else:
+        a, b = axes
+        fig = a.figure
+    a.plot(cmp.steps, cmp.x0_relative, "o-", ms=3, label="x0 relative distance")
+    a.plot(np.arange(len(cmp.latent_rms)), cmp.latent_rms / max(cmp.latent_rms.max(), 1e-12),
+           "--", label="x_t RMS distance (scaled to max 1)")
+    if cmp.parting_step is not None:
+        a.axvline(cmp.parting_step, color="red", ls=":", label=f"part ways: step {cmp.parting_step}")
+    a.set(xlabel="step", ylabel="distance")
+    a.legend(fontsize=8)
+    a.set_title("how far apart are the runs?", fontsize=10)
+    for w, c in cmp.word_change.items():
+        b.plot(cmp.map_steps, c, "o-", ms=3, label=repr(w))
+    b.set(xlabel="step", ylabel="mean |map_a - map_b|", ylim=(0, 1))
+    b.set_title("change of each word's map", fontsize=10)
+    if cmp.word_change:
+        b.legend(fontsize=8)
+    fig.suptitle(f"A: {cmp.label_a}\nB: {cmp.label_b}", fontsize=9)
+    return fig
+
+
+__all__ = ["overlay", "heatmap_grid", "heatmap_steps", "step_strip", "guidance_strip",
+           "guidance_curves", "scheduler_curves", "commitment_curves", "token_view", "comparison",
+           "to_png"]

@@ -1,0 +1,339 @@
+"""A self-contained HTML report of a trace: one file, images inlined, no kernel, no network.
+
+>>> sdlens.report.write_report(trace, "report.html")
+
+Sections: settings; the final image with every word's heatmap; a step scrubber (slider + play
+button; per step the x_t and x0 previews and the chosen word's map, all pre-rendered as PNG and
+switched by a few lines of JavaScript); the step strip; the prompt's tokens with each token's
+share of attention and what the 75-token limit cut; commitment curves; guidance curves and the
+x0 of one step at other guidance scales; the scheduler's curves. A section that cannot be built
+from this trace (e.g. no attention recorded) says why instead.
+
+The scrubber also reads the page's address: ``report.html#step=5&word=circle`` opens at step 5
+showing the map of "circle".
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+from PIL import Image
+
+from . import guidance as _guidance
+from . import heatmaps as _heatmaps
+from . import plot as _plot
+from . import previews as _previews
+from .tokens import token_view, trace_words
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;
+max-width:1100px;color:#222;line-height:1.4;padding:0 12px}
+h1{font-size:1.5em;margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:1.8em}
+table{border-collapse:collapse;font-size:.9em} td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
+th{background:#f4f4f4} .pix{image-rendering:pixelated} .fig{max-width:100%}
+.note{background:#fff6e0;border-left:4px solid #f0b400;padding:6px 10px;margin:8px 0}
+.warn{background:#fde8e8;border-left:4px solid #d33;padding:6px 10px;margin:8px 0}
+.scrub{display:flex;gap:18px;flex-wrap:wrap;align-items:flex-start}
+.scrub figure{margin:0;text-align:center} .scrub figcaption{font-size:.85em;color:#555}
+.controls{margin:10px 0;display:flex;gap:12px;align-items:center;flex-wrap:wrap}
+#step-slider{width:420px} code{background:#f4f4f4;padding:0 3px}
+"""
+
+_JS = """
+(function(){
+  const F = JSON.parse(document.getElementById('frames').textContent);
+  const slider = document.getElementById('step-slider');
+  const label = document.getElementById('step-label');
+  const wordSel = document.getElementById('word-select');
+  const xt = document.getElementById('scrub-xt'), x0 = document.getElementById('scrub-x0');
+  const mp = document.getElementById('scrub-map'), mpcap = document.getElementById('map-caption');
+  function show(){
+    const i = parseInt(slider.value);
+    label.textContent = 'step ' + i + ' / ' + (F.t.length - 1) + '   (t = ' + F.t[i] + ')';
+    if (xt && F.xt.length) xt.src = F.xt[i];
+    if (x0 && F.x0.length) x0.src = F.x0[i];
+    if (mp && wordSel) {
+      const w = wordSel.value, m = F.maps[w];
+      if (m) { mp.src = m[i];
+        mpcap.textContent = JSON.stringify(w) + ' at step ' + F.mapstep[i] +
+          (F.mapstep[i] === i ? '' : ' (nearest recorded step)'); }
+    }
+  }
+  slider.addEventListener('input', show);
+  if (wordSel) wordSel.addEventListener('change', show);
+  let timer = null;
+  const play = document.getElementById('play');
+  play.addEventListener('click', function(){
+    if (timer) { clearInterval(timer); timer = null; play.textContent = 'play'; return; }
+    play.textContent = 'pause';
+    timer = setInterval(function(){
+      slider.value = (parseInt(slider.value) + 1) % F.t.length; show(); }, 350);
+  });
+  const q = new URLSearchParams(location.hash.replace(/^#/, ''));
+  if (q.has('word') && wordSel && F.maps[q.get('word')]) wordSel.value = q.get('word');
+  if (q.has('step')) { slider.value = q.get('step'); slider.dispatchEvent(new Event('input')); }
+  else show();
+})();
+"""
+
+
+def _png_uri(data: bytes | Image.Image) -> str:
+    if isinstance(data, Image.Image):
+        buf = io.BytesIO()
+        data.save(buf, format="PNG", optimize=True)
+        data = buf.getvalue()
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _fig_uri(fig: Any, dpi: int = 90) -> str:
+    return _png_uri(_plot.to_png(fig, dpi=dpi))
+
+
+def _img_tag(uri: str, alt: str, width: int | None = None, cls: str = "fig", **attrs: str) -> str:
+    w = f' width="{width}"' if width else ""
+    extra = "".join(f' {k.replace("_", "-")}="{html.escape(v)}"' for k, v in attrs.items())
+    return f'<img class="{cls}" src="{uri}" alt="{html.escape(alt)}"{w}{extra}>'
+
+
+def overlay_image(image: np.ndarray, heat: np.ndarray, alpha: float = 0.55,
+                  cmap: str = "jet") -> Image.Image:
+    """RGB ``image`` (H, W, 3) uint8 blended with ``heat`` (H, W) in [0, 1] through ``cmap``."""
+    from matplotlib import colormaps
+
+    colours = colormaps[cmap](np.clip(heat, 0, 1))[..., :3]
+    out = (1 - alpha) * image.astype(np.float32) / 255 + alpha * colours
+    return Image.fromarray((out * 255).round().clip(0, 255).astype(np.uint8))
+
+
+class _Doc:
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def add(self, s: str) -> None:
+        self.parts.append(s)
+
+    def section(self, title: str, build: Callable[[], str]) -> None:
+        self.add(f"<h2>{html.escape(title)}</h2>")
+        try:
+            self.add(build())
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            self.add(f'<div class="note">Not available for this trace: {html.escape(str(e))}</div>')
+
+
+def _settings(trace: Any, batch: int) -> str:
+    meta = trace.meta or {}
+    seeds = meta.get("seeds") or []
+    rows = [
+        ("prompt", trace.prompts[batch]),
+        ("negative prompt", (trace.negative_prompts or [None] * (batch + 1))[batch]),
+        ("model", meta.get("model_id") or meta.get("model")),
+        ("family / task", f"{meta.get('family')} / {meta.get('task')}"),
+        ("pipeline", meta.get("pipeline_class")),
+        ("scheduler", f"{meta.get('scheduler_class')} ({_guidance.prediction_type(trace)})"),
+        ("steps", len(trace.timesteps)),
+        ("guidance scale", f"{trace.guidance_scale:g}" + ("" if trace.do_cfg else " (off)")),
+        ("seed", seeds[batch] if len(seeds) > batch else (seeds[0] if seeds else None)),
+        ("size", f"{meta.get('width')} x {meta.get('height')} px, latents "
+                 f"{tuple(trace.latents.shape[-3:]) if trace.latents is not None else '?'}"),
+        ("versions", ", ".join(f"{k.replace('_version', '')} {v}" for k, v in meta.items()
+                               if k.endswith("_version"))),
+    ]
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in rows if v is not None)
+    return f"<table>{body}</table>"
+
+
+def _final(trace: Any, batch: int, words: list[str], kw: dict) -> str:
+    out = []
+    images = trace.images
+    if images and len(images) > batch:
+        out.append(_img_tag(_png_uri(images[batch]), "final image", 256, "pix"))
+    if words and trace.attention is not None:
+        fig = _plot.heatmap_grid(trace, words, batch=batch, **kw)
+        out.append("<br>" + _img_tag(_fig_uri(fig), "word heatmaps"))
+        out.append("<p>Pooling: " + html.escape(kw.get("pooling", "sdlens")) + " (see "
+                   "<code>sdlens.heatmaps</code>: sub-word tokens averaged, bilinear upsampling, "
+                   "equal weight per layer, mean over steps, min-max normalised).</p>")
+    elif trace.attention is None:
+        out.append('<div class="note">No attention maps were recorded: no heatmaps.</div>')
+    return "\n".join(out)
+
+
+def _scrubber(trace: Any, batch: int, words: list[str], decoder: str, vae: Any,
+              kw: dict, display: int) -> str:
+    n = len(trace.timesteps)
+    frames: dict[str, Any] = {"t": [round(float(t), 2) for t in trace.timesteps], "xt": [],
+                              "x0": [], "maps": {}, "mapstep": list(range(n))}
+    notes = []
+    try:
+        frames["xt"] = [_png_uri(im) for im in
+                        _previews.previews(trace, "latents", list(range(n)), batch, decoder, vae)]
+        if trace.x0 is not None:
+            frames["x0"] = [_png_uri(im) for im in
+                            _previews.previews(trace, "x0", list(range(n)), batch, decoder, vae)]
+    except (ValueError, TypeError) as e:
+        notes.append(f"No latent previews: {e}")
+    images = trace.images
+    base = np.asarray(images[batch].convert("RGB")) if images and len(images) > batch else None
+    if trace.attention is not None and words:
+        recorded = [int(s) for s in trace.attention.steps]
+        nearest = [max([s for s in recorded if s <= i] or [recorded[0]]) for i in range(n)]
+        frames["mapstep"] = nearest
+        size = base.shape[:2] if base is not None else None
+        for w in words:
+            maps = _heatmaps.word_heatmap(trace, w, batch=batch, per_step=True, size=size,
+                                          **{k: v for k, v in kw.items() if k != "steps"})
+            maps = maps.numpy()
+            by_step = {s: m for s, m in zip(recorded, maps)}
+            pngs = {}
+            for s in recorded:
+                heat = by_step[s]
+                img = overlay_image(base, heat) if base is not None else Image.fromarray(
+                    (heat * 255).astype(np.uint8))
+                pngs[s] = _png_uri(img)
+            frames["maps"][w] = [pngs[nearest[i]] for i in range(n)]
+    parts = ['<div class="controls"><button id="play">play</button>'
+             f'<input type="range" id="step-slider" min="0" max="{n - 1}" value="{n - 1}" step="1">'
+             '<span id="step-label"></span>']
+    if frames["maps"]:
+        opts = "".join(f'<option value="{html.escape(w)}">{html.escape(w)}</option>'
+                       for w in frames["maps"])
+        parts.append(f'<label>word <select id="word-select">{opts}</select></label>')
+    parts.append("</div><div class=\"scrub\">")
+    if frames["xt"]:
+        parts.append(f'<figure><img id="scrub-xt" class="pix" width="{display}" alt="x_t">'
+                     f'<figcaption>x_t (latents before the step, {decoder} preview)</figcaption></figure>')
+    if frames["x0"]:
+        parts.append(f'<figure><img id="scrub-x0" class="pix" width="{display}" alt="x0">'
+                     f'<figcaption>x0 (predicted clean image, {decoder} preview)</figcaption></figure>')
+    if frames["maps"]:
+        parts.append(f'<figure><img id="scrub-map" class="pix" width="{display}" alt="word map">'
+                     '<figcaption id="map-caption"></figcaption></figure>')
+    parts.append("</div>")
+    for note in notes:
+        parts.append(f'<div class="note">{html.escape(note)}</div>')
+    data = json.dumps(frames).replace("</", "<\\/")
+    parts.append(f'<script type="application/json" id="frames">{data}</script>')
+    parts.append(f"<script>{_JS}</script>")
+    parts.append("<p>Drag the slider or press play; each step's maps are normalised on their own."
+                 " Open <code>report.html#step=3&amp;word=circle</code> to start at a step.</p>")
+    return "\n".join(parts)
+
+
+def _tokens(trace: Any, batch: int) -> str:
+    view = token_view(trace, batch)
+    out = []
+    if view.truncated:
+        out.append(f'<div class="warn">The prompt is longer than CLIP\'s {view.limit} tokens: '
+                   f'the pipeline cut <b>{html.escape(" ".join(view.truncated_words))}</b>; '
+                   'those words had no effect and have no maps.</div>')
+    out.append(f"<p>{view.n_prompt_tokens} of {view.limit} prompt tokens. The share of attention "
+               "is the attention probability a token received, averaged over recorded steps, "
+               "layers, heads and pixels (the start token takes most of it).</p>")
+    head = "<tr><th>position</th><th>token</th><th>id</th><th>word</th><th>attention share</th></tr>"
+    rows = "".join(
+        f"<tr><td>{r.position}</td><td><code>{html.escape(r.token)}</code></td>"
+        f"<td>{'' if r.id is None else r.id}</td><td>{html.escape(r.word)}</td>"
+        f"<td>{'' if r.attention is None else f'{r.attention:.4f}'}</td></tr>" for r in view.rows)
+    out.append(f"<table>{head}{rows}</table>")
+    if trace.attention is not None:
+        out.append("<br>" + _img_tag(_fig_uri(_plot.token_view(trace, batch)), "token view"))
+    return "\n".join(out)
+
+
+def _commitment(trace: Any, batch: int, words: list[str], kw: dict) -> str:
+    if trace.attention is None:
+        raise ValueError("no attention maps were recorded")
+    if len(trace.attention.steps) < 2:
+        raise ValueError("attention was recorded at fewer than 2 steps")
+    kw = {k: v for k, v in kw.items() if k not in ("steps",)}
+    comms = _heatmaps.commitments(trace, words, batch=batch, **kw)
+    rows = "".join(f"<tr><td>{html.escape(c.word)}</td><td>{c.step}</td></tr>" for c in comms)
+    fig = _plot.commitment_curves(comms)
+    return ("<p>Correlation of each word's step-t map with its final map; the commitment step is "
+            f"the first step from which it stays above {comms[0].threshold}.</p>"
+            + _img_tag(_fig_uri(fig), "commitment curves")
+            + f"<table><tr><th>word</th><th>commitment step</th></tr>{rows}</table>")
+
+
+def _guidance_section(trace: Any, batch: int) -> str:
+    out = [_img_tag(_fig_uri(_plot.guidance_curves(trace, batch)), "guidance curves")]
+    n = len(trace.timesteps)
+    step = n // 3
+    try:
+        fig = _plot.guidance_strip(trace, step, batch=batch)
+        out.append("<p>x0 of step " + str(step) + " recomputed from the recorded predictions at other"
+                   " guidance scales (no new UNet call; later steps would differ too).</p>")
+        out.append(_img_tag(_fig_uri(fig), "x0 at other guidance scales"))
+    except ValueError as e:
+        out.append(f'<div class="note">{html.escape(str(e))}</div>')
+    return "\n".join(out)
+
+
+def _scheduler_section(trace: Any) -> str:
+    v = _guidance.scheduler_view(trace)
+    head = "<tr><th>step</th><th>t</th><th>sigma</th><th>alphas_cumprod</th><th>dt</th></tr>"
+    rows = "".join(f"<tr><td>{i}</td><td>{t:.1f}</td><td>{s:.4f}</td><td>{a:.5f}</td>"
+                   f"<td>{d:.1f}</td></tr>"
+                   for i, (t, s, a, d) in enumerate(zip(v.timesteps, v.sigmas, v.alphas_cumprod,
+                                                        v.dt)))
+    return (_img_tag(_fig_uri(_plot.scheduler_curves(trace)), "scheduler curves")
+            + f"<details><summary>table</summary><table>{head}{rows}</table></details>")
+
+
+def build_report(trace: Any, batch: int = 0, words: Iterable[str] | None = None,
+                 decoder: str = "linear", vae: Any = None, title: str | None = None,
+                 display_size: int = 256, **heatmap_kwargs: Any) -> str:
+    """The report's HTML as a string (see the module docstring). ``words``: the words to show
+    (default every non-punctuation word); ``decoder``: latent previews ("linear", "vae",
+    "tiny" with ``vae=``); ``heatmap_kwargs`` (``layers``, ``pooling``...) go to the heatmaps."""
+    if getattr(trace, "latents", None) is None or getattr(trace, "timesteps", None) is None:
+        raise TypeError(f"expected a Trace with latents, got {type(trace).__name__}")
+    if not 0 <= batch < len(trace.prompts):
+        raise ValueError(f"batch={batch} is out of range: the trace holds {len(trace.prompts)} "
+                         "image(s)")
+    if words is None:
+        words = []
+        for w in trace_words(trace, batch, punctuation=False):
+            if w.text not in words:
+                words.append(w.text)
+    else:
+        words = [words] if isinstance(words, str) else list(words)
+    prompt = trace.prompts[batch]
+    doc = _Doc()
+    doc.add("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title or 'sdlens report: ' + str(prompt))}</title>"
+            f"<style>{_CSS}</style></head><body>")
+    doc.add(f"<h1>{html.escape(title or 'sdlens report')}</h1><p><b>{html.escape(str(prompt))}</b></p>")
+    doc.section("Settings", lambda: _settings(trace, batch))
+    doc.section("Image and word heatmaps", lambda: _final(trace, batch, words, heatmap_kwargs))
+    doc.section("Step by step", lambda: _scrubber(trace, batch, words, decoder, vae,
+                                                  heatmap_kwargs, display_size))
+    doc.section("Step strip", lambda: _img_tag(_fig_uri(_plot.step_strip(
+        trace, batch=batch, decoder=decoder, vae=vae)), "step strip"))
+    doc.section("Tokens", lambda: _tokens(trace, batch))
+    doc.section("When does each word commit?",
+                lambda: _commitment(trace, batch, words, heatmap_kwargs))
+    doc.section("Classifier-free guidance", lambda: _guidance_section(trace, batch))
+    doc.section("Scheduler", lambda: _scheduler_section(trace))
+    doc.add("<p style=\"color:#888;font-size:.8em\">Made by sdlens from a recorded trace; this "
+            "file needs no kernel and no network.</p></body></html>")
+    return "\n".join(doc.parts)
+
+
+def write_report(trace: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
+    """Write :func:`build_report`'s HTML to ``path`` (UTF-8); returns the path."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the report's file name (report.html)")
+    text = build_report(trace, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
