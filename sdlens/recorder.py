@@ -262,6 +262,35 @@ def _version(pkg: str) -> str:
 
 
 # ====================================================================== tokens
+def _token_text(tokenizer, tokens: list[str]) -> str:
+    """Readable text of a word's BPE tokens (``</w>`` dropped, byte-level chars decoded)."""
+    body = "".join(t[:-4] if t.endswith("</w>") else t for t in tokens)
+    dec = getattr(tokenizer, "byte_decoder", None)
+    if not isinstance(dec, dict):
+        dec = _BYTE_DECODER
+    try:
+        return bytearray(dec[c] for c in body).decode("utf-8", errors="replace").strip()
+    except KeyError:  # not a byte-level BPE
+        return body.strip()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-level BPE alphabet: byte -> printable character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+
+
 def tokenize_prompt(tokenizer, prompt: str) -> tuple[list[int], list[str], list[str]]:
     """(kept ids, kept token strings, words cut by the length limit) for one prompt, as the
     pipeline's tokenizer call (``truncation=True, max_length=model_max_length``) keeps them."""
@@ -282,8 +311,7 @@ def tokenize_prompt(tokenizer, prompt: str) -> tuple[list[int], list[str], list[
                 cur = []
         for w in words:
             if w[-1] >= keep:
-                text = tokenizer.convert_tokens_to_string([toks[i] for i in w]).strip()
-                cut_words.append(text)
+                cut_words.append(_token_text(tokenizer, [toks[i] for i in w]))
         ids = ids[: max_len - 1] + [ids[-1]]
     return ids, list(tokenizer.convert_ids_to_tokens(ids)), cut_words
 
@@ -850,6 +878,8 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
     if guidance_scale is not None:
         call["guidance_scale"] = guidance_scale
     if negative_prompt is not None:
+        if isinstance(prompt, (list, tuple)) and isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * len(prompt)  # SD pipelines want the same type
         call["negative_prompt"] = negative_prompt
     if height is not None:
         call["height"] = height

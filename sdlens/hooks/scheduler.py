@@ -20,8 +20,9 @@ in the *pipeline's* latent convention (the tensor the pipeline passes to ``step`
   ``x0 = (x - sigma_t eps) / alpha_t``; v ``x0 = alpha_t x - sigma_t v``.
 * ``prediction_type == "sample"``: ``x0 = model_output``.
 
-Thresholding / clipping that some schedulers apply to their own x0 is *not* applied (sdlens reports
-the model's prediction). For schedulers outside these families the scheduler's own
+With ``clip_sample=True`` in the scheduler's config (DDIM/DDPM) x0 is clamped to
+``[-clip_sample_range, clip_sample_range]`` as the scheduler does; with dynamic ``thresholding``
+the scheduler's own ``pred_original_sample`` is used. For schedulers outside these families the scheduler's own
 ``pred_original_sample`` is used when it returns one, else x0 is not recorded (with a warning).
 """
 
@@ -157,6 +158,12 @@ class StepWrapper:
             else:
                 x0 = compute_x0(self.form, self.prediction_type, sample, model_output, timestep,
                                 sched, index_before)
+            cfg = sched.config
+            if x0 is not None and cfg.get("thresholding", False) and reported is not None:
+                x0 = reported.float()  # dynamic thresholding: the scheduler's own x0
+            elif x0 is not None and cfg.get("clip_sample", False):
+                r = float(cfg.get("clip_sample_range", 1.0))
+                x0 = x0.clamp(-r, r)  # what DDIM/DDPM use (and report) with clip_sample=True
             if x0 is None:
                 if reported is not None:
                     x0 = reported.float()
