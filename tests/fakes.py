@@ -144,12 +144,15 @@ def _scheduler(kind: str):
 def fake_trace(prompt: str = "a red circle and a blue square", steps: int = 10,
                commit_step: int = 4, cfg: float = 7.5, scheduler: str = "ddim",
                heads: dict[str, int] | None = None, head_maps: dict | None = None,
-               seed: int = 0, batch: int = 1, word_regions: dict[str, str] | None = None,
-               strength: float = 3.0) -> FakeTrace:
+               seed: int = 0, batch: int = 1, word_regions: dict | None = None,
+               strength: float = 3.0, layer_regions: dict[str, dict] | None = None,
+               layers: dict[str, tuple[int, int]] | None = None) -> FakeTrace:
     """A contract-conformant trace with constructed attention (see the module docstring).
 
-    ``word_regions`` maps words (as CLIP spells them, without ``</w>``: 'dream', 'beach') to
-    ``'circle'`` or ``'square'``; default: red/circle -> circle, blue/square -> square.
+    ``word_regions`` maps words (as CLIP spells them, without ``</w>``: 'dream', 'beach') or
+    token positions (int) to ``'circle'`` or ``'square'``; default: red/circle -> circle,
+    blue/square -> square. ``layer_regions[layer]`` overrides ``word_regions`` in one layer.
+    ``layers``: {name: (h, w)} (default ``LAYERS``).
     ``heads``: {layer: n_heads} to record heads kept (every head gets the same map unless
     ``head_maps[layer]`` = {"circle": [heads...]} restricts which heads see the object).
     """
@@ -166,12 +169,12 @@ def fake_trace(prompt: str = "a red circle and a blue square", steps: int = 10,
     positions = list(range(n_pos))
 
     # per-step logits at image resolution (64x64), per position, then softmax-like normalisation
-    def probs(step: int) -> torch.Tensor:
+    def probs(step: int, regions_of: dict) -> torch.Tensor:
         w = torch.full((77, 64, 64), 0.05)
         w[0] = 1.0
         for pos in range(1, len(ids) - 1):
             body = strings[pos].replace("</w>", "")
-            region = word_regions.get(body)
+            region = regions_of.get(pos, regions_of.get(body))
             if region is None:
                 continue
             mask = regions[region]
@@ -186,8 +189,13 @@ def fake_trace(prompt: str = "a red circle and a blue square", steps: int = 10,
     sigmas = sched.sigmas[:-1].float().clone() if scheduler == "euler" else None
 
     maps: dict[str, torch.Tensor] = {}
-    per_step = [probs(s) for s in range(steps)]
-    for name, hw in LAYERS.items():
+    layers = LAYERS if layers is None else layers
+    default = [probs(s, word_regions) for s in range(steps)]
+    for name, hw in layers.items():
+        if layer_regions and name in layer_regions:
+            per_step = [probs(s, {**word_regions, **layer_regions[name]}) for s in range(steps)]
+        else:
+            per_step = default
         pooled = torch.stack([F.adaptive_avg_pool2d(p[None], hw)[0] for p in per_step])  # (S,77,h,w)
         pooled = pooled[:, :n_pos]
         if heads and name in heads:
@@ -198,7 +206,7 @@ def fake_trace(prompt: str = "a red circle and a blue square", steps: int = 10,
                 for region, hs in head_maps[name].items():
                     for pos in range(1, n_pos):
                         body = strings[pos].replace("</w>", "")
-                        if word_regions.get(body) != region:
+                        if word_regions.get(pos, word_regions.get(body)) != region:
                             continue
                         for h in range(nh):
                             if h not in hs:
@@ -232,6 +240,8 @@ def fake_trace(prompt: str = "a red circle and a blue square", steps: int = 10,
 
     words = [s.replace("</w>", "") for s in strings[1:-1]]
     masks = {w: regions[r] for w, r in word_regions.items() if w in words}
+    masks.update({"circle-region": regions["circle"], "square-region": regions["square"],
+                  "wrong-circle": wrong})
     return FakeTrace(
         images=[Image.fromarray(final.image)] * batch,
         prompts=[prompt] * batch,
@@ -256,3 +266,27 @@ def fake_trace(prompt: str = "a red circle and a blue square", steps: int = 10,
               "seeds": [seed], "steps": steps},
         masks=masks,
     )
+
+
+_FOLDER = None
+
+
+def random_shapes_folder() -> Path:
+    """A diffusers folder of the shapes architecture with random weights (built once per
+    process, in a temporary folder): a stand-in for the shipped model in CLI tests."""
+    global _FOLDER
+    if _FOLDER is None:
+        import tempfile
+
+        from sdlens.testing import random_pipeline
+
+        folder = Path(tempfile.mkdtemp(prefix="sdlens-shapes-")) / "model"
+        random_pipeline("shapes").save_pretrained(folder)
+        _FOLDER = folder
+    return _FOLDER
+
+
+def shipped_model_available() -> bool:
+    from sdlens.pipeline import SHIPPED_MODEL
+
+    return (SHIPPED_MODEL / "model_index.json").exists()
