@@ -83,7 +83,7 @@ class TraceViewer(anywidget.AnyWidget):
     layer_options = traitlets.List(traitlets.List()).tag(sync=True)
     batch_options = traitlets.List(traitlets.List()).tag(sync=True)
     notes = traitlets.List(traitlets.Unicode()).tag(sync=True)
-    display_px = traitlets.Int(192).tag(sync=True)
+    display_px = traitlets.Int(160).tag(sync=True)
 
     # what the user does (browser <-> kernel)
     step = traitlets.Int(0).tag(sync=True)
@@ -99,7 +99,7 @@ class TraceViewer(anywidget.AnyWidget):
     def __init__(self, trace: Any, step: int = -1, word: str | None = None, layers: str = "all",
                  batch: int = 0, heat_mode: str = "step", max_side: int = 256,
                  heat_side: int = 128, decoder: str = "linear", vae: Any = None, fmt: str = "auto",
-                 cmap: str = "jet", fps: int = 8, display_px: int = 192, **kwargs: Any):
+                 cmap: str = "jet", fps: int = 8, display_px: int = 160, **kwargs: Any):
         if trace is None or getattr(trace, "timesteps", None) is None:
             raise TypeError(f"TraceViewer needs a Trace, got {type(trace).__name__}")
         self._frames = TraceFrames(trace, max_side, heat_side, decoder, vae, fmt, cmap)
