@@ -1,6 +1,6 @@
 """Intervening on tokens: reweight a word's cross-attention, or take a word away.
 
->>> trace = sdlens.steer.reweight(pipe, "a red circle", {"red": 2.0}, seed=0)
+>>> trace = sdlens.steer.reweight(pipe, "a red circle", {"red": 2.0}, seed=0, steps=25)
 >>> trace = sdlens.generate(pipe, "a red circle", reweight={"red": 2.0}, reweight_steps=(0, 10))
 >>> fx = sdlens.token_effects(pipe, "a red circle and a blue square", seed=0)
 >>> fx.effects                        # {'a': 0.01, 'red': 0.12, ...}: mean |pixel change|
@@ -120,14 +120,15 @@ def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
         prompt: the prompt(s) of the call (to find the words' token positions).
         weights: ``{word: weight}``; a word may be several consecutive words ("red circle") or an
             int token position. Every occurrence of the word is reweighted.
-        steps: ``(start, end)`` denoising step indices (end exclusive, None for the end) or
-            fractions of the run as floats (``(0.0, 0.5)``: the first half); None: every step.
+        steps: ``(start, end)`` denoising step indices (end exclusive, None for the end; the
+            step axis of a Trace: one UNet call each) or fractions of the run as floats
+            (``(0.0, 0.5)``: the first half); None: every step.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
     factors, positions = _factors(_tokenizer(pipe), prompts, weights)
     steps = _check_steps(steps)
-    state = SteeringState(factors, positions, steps, scheduler=pipe.scheduler)
+    state = SteeringState(factors, positions, steps, pipe=pipe)
     restore = install(pipe.unet, state)
     try:
         yield state
@@ -160,27 +161,30 @@ def _check_steps(steps):
     return (start, end)
 
 
-def reweight(pipe, prompt: str, weights: Mapping[Any, float], steps=None, baseline: bool = False,
-             **generate_kwargs):
+def reweight(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
+             reweight_steps=None, baseline: bool = False, **generate_kwargs):
     """Generate ``prompt`` with the chosen words' cross-attention scaled; returns the Trace
-    (``trace.meta["reweight"]`` holds the weights and steps). ``baseline=True`` also runs the
-    unsteered image with the same settings and returns ``(steered, original)``.
+    (``trace.meta["reweight"]`` holds the weights, step range and token positions).
+    ``baseline=True`` also runs the unsteered image with the same settings and returns
+    ``(steered, original)``.
 
     Args:
         weights: ``{"red": 2.0, "circle": 0.5}`` (see :func:`reweighting`).
-        steps: ``(start, end)`` step range (indices, or fractions as floats); None = all steps.
-        **generate_kwargs: for ``sdlens.generate`` (seed, steps via ``num_inference_steps`` or
-            the trace engine's ``steps=``, guidance_scale, ...).
+        reweight_steps: ``(start, end)`` denoising-step range (indices, end exclusive; or
+            fractions of the run as floats); None = every step.
+        **generate_kwargs: for ``sdlens.generate``: ``seed``, ``steps`` (the number of steps),
+            ``guidance_scale``, ``negative_prompt``, record options, ...
     """
     from .recorder import generate
 
     n_images = int(generate_kwargs.get("num_images_per_prompt", 1) or 1)
-    with reweighting(pipe, prompt, weights, steps, num_images_per_prompt=n_images) as state:
+    with reweighting(pipe, prompt, weights, reweight_steps,
+                     num_images_per_prompt=n_images) as state:
         trace = generate(pipe, prompt, **generate_kwargs)
-    trace.meta = dict(getattr(trace, "meta", {}) or {})
-    trace.meta["reweight"] = {"weights": {str(k): float(v) for k, v in weights.items()},
-                              "steps": list(state.steps) if state.steps else None,
-                              "positions": state.positions, "renormalised": False}
+    trace._require()["meta"]["reweight"] = {
+        "weights": {str(k): float(v) for k, v in weights.items()},
+        "steps": list(state.steps) if state.steps else None,
+        "positions": state.positions, "renormalised": False}
     if baseline:
         return trace, generate(pipe, prompt, **generate_kwargs)
     return trace

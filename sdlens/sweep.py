@@ -38,6 +38,7 @@ Axis syntax (A1111's X/Y/Z plot), for the CLI and for string arguments: see :fun
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -53,6 +54,7 @@ import torch
 
 AXES = ("prompt", "scheduler", "steps", "guidance", "seed")  # canonical order, outermost first
 AXIS_LABELS = {"prompt": "", "scheduler": "", "steps": "steps ", "guidance": "CFG ", "seed": "seed "}
+FORMAT = "sdlens.grid"  # safetensors metadata "format" (traces: "sdlens.trace")
 FORMAT_VERSION = 1
 KIND = "grid"
 
@@ -142,19 +144,6 @@ def _check_value(v, kind, name):
             raise ValueError(f"{name}: {v!r} is not an integer\n{AXIS_SYNTAX}")
         return int(round(f))
     return f
-
-
-def _as_list(value, name: str, kind=None) -> list:
-    if value is None:
-        return [None]
-    if isinstance(value, str) and kind is None:
-        return [value]
-    if kind is not None:
-        return parse_axis(value, kind, name)
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not values:
-        raise ValueError(f"{name}: the axis is empty; give at least one value")
-    return values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,8 +281,10 @@ class PerSampleGuidance:
 
     The pipeline runs with the scalar ``G``; the hook rewrites the text half of the UNet output
     ``c_i`` to ``u_i + (g_i / G)(c_i - u_i)`` so that the pipeline's ``u + G (c' - u)`` equals
-    ``u + g_i (c - u)``. Registered *after* sdlens' recording hooks, which therefore record the
-    model's true text prediction. Use as a context manager; the hook always comes off.
+    ``u + g_i (c - u)``. The forward hook is registered at the UNet's first call (from a pre-hook)
+    so that it runs *after* every hook installed before that call, sdlens' recording hooks
+    included: traces record the model's true text prediction. Use as a context manager; the
+    hooks always come off.
     """
 
     def __init__(self, unet, scales: Sequence[float], G: float):
@@ -301,17 +292,24 @@ class PerSampleGuidance:
             raise ValueError(f"per-sample guidance needs the call's guidance scale > 1, got {G}")
         self.unet = unet
         self.ratios = torch.tensor([float(g) / float(G) for g in scales], dtype=torch.float32)
-        self.handle = None
+        self.pre = self.post = None
+        self.calls = 0
 
     def __enter__(self):
-        self.handle = self.unet.register_forward_hook(self._hook)
+        self.pre = self.unet.register_forward_pre_hook(self._register)
         return self
 
     def __exit__(self, *exc):
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
+        for h in (self.pre, self.post):
+            if h is not None:
+                h.remove()
+        self.pre = self.post = None
         return False
+
+    def _register(self, module, args):
+        if self.post is None:
+            self.post = self.unet.register_forward_hook(self._hook)
+        return None
 
     def _hook(self, module, args, output):
         is_tuple = isinstance(output, (tuple, list))
@@ -324,8 +322,9 @@ class PerSampleGuidance:
         r = self.ratios.to(out.device).view(-1, *([1] * (out.ndim - 1)))
         c2 = (u.float() + r * (c.float() - u.float())).to(out.dtype)
         new = torch.cat([u, c2])
+        self.calls += 1
         if is_tuple:
-            return type(output)([new, *output[1:]]) if isinstance(output, list) else (new, *output[1:])
+            return [new, *output[1:]] if isinstance(output, list) else (new, *output[1:])
         output.sample = new
         return output
 
@@ -354,22 +353,34 @@ def _pipe_kwargs(batch: Batch, negative_prompt, height, width, extra) -> dict:
     return kwargs
 
 
-def _record_options(record) -> dict | None:
-    """``record`` for the trace engine: None/False (no traces), "light", "full", or a dict of
-    options passed to ``sdlens.recorder.trace``."""
+def _record_options(record):
+    """``record`` for the trace engine: None/False (no traces), "light", "full" (or True), or a
+    dict of ``sdlens.recorder.RecordOptions`` fields. Returns None, "light" or a dict."""
     if record is None or record is False:
         return None
     if isinstance(record, dict):
+        from .recorder import RecordOptions
+
+        RecordOptions.from_kwargs(**record)  # unknown / bad options fail before running
         return dict(record)
     if record is True or record == "full":
         return {}
     if record == "light":
-        return dict(LIGHT_RECORD)
-    raise ValueError(f"record must be None, 'light', 'full' or a dict of trace options; got {record!r}")
+        return "light"
+    raise ValueError(f"record must be None, 'light', 'full' or a dict of trace options "
+                     f"(sdlens.recorder.RecordOptions fields); got {record!r}")
 
 
-# what a light trace keeps (options of sdlens.recorder.trace)
-LIGHT_RECORD: dict = {"record": ("latents", "x0", "attention"), "attention_steps": "sum"}
+LIGHT_ATTENTION_STEPS = 5
+
+
+def _options_for(record_opts, steps: int) -> dict:
+    """A light trace keeps latents and x0 at every step and the cross-attention maps (heads
+    averaged, every layer) at ``LIGHT_ATTENTION_STEPS`` evenly spaced steps; no noise."""
+    if record_opts == "light":
+        every = max(1, math.ceil(steps / LIGHT_ATTENTION_STEPS))
+        return {"record": ("latents", "x0", "attention"), "steps": slice(None, None, every)}
+    return dict(record_opts)
 
 
 def _run_batch(pipe, batch: Batch, negative_prompt, height, width, extra, record_opts):
@@ -377,37 +388,67 @@ def _run_batch(pipe, batch: Batch, negative_prompt, height, width, extra, record
     kwargs = _pipe_kwargs(batch, negative_prompt, height, width, extra)
     scales = [c.guidance for c in batch.cells]
     mixed = batch.cfg and len(set(scales)) > 1
+    guidance = (PerSampleGuidance(pipe.unet, scales, batch.guidance) if mixed
+                else contextlib.nullcontext())
     traces: list = [None] * len(batch.cells)
     if record_opts is None:
-        if mixed:
-            with PerSampleGuidance(pipe.unet, scales, batch.guidance):
-                out = pipe(**kwargs)
-        else:
+        with guidance:
             out = pipe(**kwargs)
     else:
-        from . import recorder
+        from .recorder import trace as record_trace
 
-        with recorder.trace(pipe, **record_opts) as rec:
-            if mixed:
-                with PerSampleGuidance(pipe.unet, scales, batch.guidance):
-                    out = pipe(**kwargs)
-            else:
+        with record_trace(pipe, **_options_for(record_opts, batch.steps)) as rec:
+            with guidance:
                 out = pipe(**kwargs)
-        full = rec.trace if hasattr(rec, "trace") else rec
-        traces = [_cell_trace(full, i, c) for i, c in enumerate(batch.cells)]
+        full = rec.runs[-1]
+        traces = [cell_trace(full, i, guidance=c.guidance, seed=c.seed)
+                  for i, c in enumerate(batch.cells)]
     images = np.asarray(out.images, dtype=np.float32)
     return images, traces
 
 
-def _cell_trace(trace, i: int, cell: Cell):
-    """Batch item ``i`` of a batched trace, with the cell's own guidance scale."""
-    t = trace.select(i) if hasattr(trace, "select") else trace.batch_item(i)
-    t.guidance_scale = float(cell.guidance)
-    t.do_cfg = cell.guidance > 1
-    t.meta = dict(t.meta)
-    t.meta.update(seeds=[int(cell.seed)], guidance_scale=float(cell.guidance),
-                  sweep_cell=list(cell.index))
-    return t
+def cell_trace(trace, i: int, guidance: float | None = None, seed: int | None = None,
+               extra_meta: dict | None = None):
+    """Batch item ``i`` of a batched Trace as a Trace of its own (what the single run of that
+    item records): tensors sliced on the batch axis, the attention maps' token axis cut to the
+    item's own tokens (unless padding was kept), its prompt, seed and guidance scale."""
+    from .trace import Trace
+
+    info = trace._require()
+    if not 0 <= i < trace.batch_size:
+        raise IndexError(f"batch item {i} of a trace of {trace.batch_size}")
+    tensors = {}
+    for name in ("timesteps", "sigmas"):
+        tensors[name] = trace._tensor(name)
+    for name in ("latents", "noise_uncond", "noise_text", "noise", "x0"):
+        t = trace._tensor(name)
+        tensors[name] = None if t is None else t[:, i: i + 1].clone()
+    new = json.loads(json.dumps(info, default=str))
+    for key in ("prompts", "negative_prompts", "token_ids", "tokens", "truncated_words"):
+        new[key] = [info[key][i]]
+    att = info.get("attention")
+    if att is not None:
+        keep_padding = bool(info["meta"].get("options", {}).get("keep_padding", False))
+        n_tok = len(att["token_positions"])
+        own = len(info["token_ids"][i]) if not keep_padding and info["token_ids"][i] else n_tok
+        own = min(own, n_tok)
+        maps = trace.attention
+        for layer in att["layers"]:
+            m = maps[layer][:, i: i + 1]
+            tok_axis = 3 if att["heads"] else 2
+            tensors[f"attention/{layer}"] = m.narrow(tok_axis, 0, own).clone()
+        new["attention"]["token_positions"] = list(att["token_positions"][:own])
+    if guidance is not None:
+        new["guidance_scale"] = float(guidance)
+        new["meta"]["guidance_scale"] = float(guidance)
+        new["do_cfg"] = bool(info["do_cfg"]) and guidance > 1
+    if seed is not None:
+        new["meta"]["seeds"] = [int(seed)]
+    if extra_meta:
+        new["meta"].update(extra_meta)
+    images = trace.images
+    return Trace({k: v for k, v in tensors.items()}, new, [images[i]] if images else [],
+                 trace.pipeline)
 
 
 class _Scheduler:
@@ -569,24 +610,25 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
 
 
 def _trace_bytes(pipe, record_opts, steps_list, height, width) -> int:
-    """Memory a cell's trace keeps (the recorder's estimate where it offers one)."""
+    """Host memory one cell's trace keeps: latents and x0 (and noise, 3 tensors, for full traces)
+    at every step, attention maps (float16, heads averaged, 77 tokens at most) of every layer at
+    the recorded steps."""
     if record_opts is None:
         return 0
-    try:
-        from . import recorder
-
-        est = getattr(recorder, "estimate_cell_bytes", None) or getattr(recorder, "estimate_bytes", None)
-        if est is not None:
-            return int(est(pipe, steps=max(steps_list), height=height, width=width, batch=1,
-                           **record_opts))
-    except Exception:  # noqa: BLE001 - fall back to the latents-only estimate below
-        pass
     unet = pipe.unet
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     h = (height or unet.config.sample_size * scale) // scale
     w = (width or unet.config.sample_size * scale) // scale
+    steps = max(steps_list)
     per_step = unet.config.out_channels * h * w * 4
-    return int((max(steps_list) + 1) * per_step * (2 if record_opts == LIGHT_RECORD else 6))
+    opts = _options_for(record_opts, steps)
+    rec = opts.get("record", ("latents", "noise", "x0", "attention"))
+    kinds = ("latents" in rec) + ("x0" in rec) + 3 * ("noise" in rec)
+    n_att = sum(1 for k in unet.attn_processors if ".attn2." in k)
+    att_steps = len(range(steps)[opts["steps"]]) if isinstance(opts.get("steps"), slice) else steps
+    # every attn2 map is at most h x w; 77 tokens is the upper bound without keep_padding too
+    att = n_att * att_steps * 77 * h * w * 2 if "attention" in rec else 0
+    return int((steps + 1) * per_step * kinds + att)
 
 
 def _pipeline_meta(pipe) -> dict:
@@ -761,7 +803,8 @@ class Grid:
     # -- save / load -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """One safetensors file: the float images, each cell's trace (as the bytes of the trace
-        engine's own safetensors file) and JSON metadata with ``"kind": "grid"``. No pickle."""
+        engine's own safetensors file, a uint8 tensor) and JSON metadata; the safetensors
+        metadata has ``format = "sdlens.grid"`` (traces: ``"sdlens.trace"``). No pickle."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -773,7 +816,8 @@ class Grid:
         header = {"kind": KIND, "format": FORMAT_VERSION,
                   "axes": [[a, v] for a, v in self.axes.items()], "fixed": self.fixed,
                   "traces": self.traces is not None, "meta": _jsonable(self.meta)}
-        save_file(tensors, str(path), metadata={"kind": KIND, "sdlens": json.dumps(header)})
+        save_file(tensors, str(path), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
+                                                "kind": KIND, "sdlens": json.dumps(header)})
         return path
 
     @classmethod
@@ -784,8 +828,9 @@ class Grid:
         path = Path(path)
         with safe_open(str(path), framework="pt") as f:
             md = f.metadata() or {}
-            if md.get("kind") != KIND:
-                raise ValueError(f"{path} is not an sdlens grid (kind={md.get('kind')!r})")
+            if md.get("format") != FORMAT:
+                raise ValueError(f"{path} is not an sdlens grid (format={md.get('format')!r}; "
+                                 f"grids are written by Grid.save, traces open with sdlens.load)")
             header = json.loads(md["sdlens"])
             if header.get("format", 0) > FORMAT_VERSION:
                 raise ValueError(f"{path} was written by a newer sdlens (grid format "
@@ -807,7 +852,7 @@ def is_grid_file(path: str | os.PathLike) -> bool:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("kind") == KIND
+            return (f.metadata() or {}).get("format") == FORMAT
     except Exception:  # noqa: BLE001
         return False
 
@@ -826,10 +871,15 @@ def _trace_from_bytes(data: bytes):
 
     from .trace import load as load_trace
 
+    from .trace import Trace
+
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "cell.sdlens"
         p.write_bytes(data)
-        return load_trace(p)
+        lazy = load_trace(p)
+        # read everything now: the temporary file goes away
+        tensors = {k: (v() if callable(v) else v) for k, v in lazy._tensors.items()}
+        return Trace(tensors, lazy._require(), lazy.images, None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,31 +36,30 @@ class SteeringState:
         positions: the token positions to correct (those named by the user, whatever their
             weight: a weight of 1 runs the same code and adds zeros).
         steps: (start, end) step indices, end exclusive (None: to the end), or fractions of the
-            run in [0, 1] when floats; None: every step.
+            run in [0, 1] when floats; None: every step. A step is one UNet call (one
+            ``scheduler.step``), as on a Trace's step axis.
+        pipe: the pipeline (for the number of steps, with fractional ranges).
     """
 
-    def __init__(self, factors: torch.Tensor, positions: list[int], steps=None, scheduler=None):
+    def __init__(self, factors: torch.Tensor, positions: list[int], steps=None, pipe=None):
         self.factors = factors.float()
         self.positions = sorted(set(int(p) for p in positions))
         self.steps = steps
-        self.scheduler = scheduler
+        self.pipe = pipe
         self.step = -1
-        self._last_t = None
         self.total = None
         self.calls = 0  # processor calls that applied a correction (for tests / sanity)
 
-    # the UNet pre-hook: count denoising steps by changes of the timestep
+    # the UNet pre-hook: one UNet call per ``scheduler.step`` in SD pipelines, so the step index
+    # counts UNet calls (the same step axis as a Trace's: ``trace.timesteps``)
     def pre_hook(self, module, args, kwargs):
-        t = args[1] if len(args) > 1 else kwargs.get("timestep")
-        value = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
-        if value != self._last_t:
-            self.step += 1
-            self._last_t = value
-        if self.total is None and self.scheduler is not None:
-            ts = getattr(self.scheduler, "timesteps", None)
-            n = 0 if ts is None else len(ts)
-            order = int(getattr(self.scheduler, "order", 1) or 1)
-            self.total = max(1, -(-n // order)) if n else None
+        self.step += 1
+        if self.total is None and self.pipe is not None:
+            total = getattr(self.pipe, "_num_timesteps", None)
+            if not isinstance(total, int) or total <= 0:
+                ts = getattr(self.pipe.scheduler, "timesteps", None)
+                total = len(ts) if ts is not None else None
+            self.total = total
         return None
 
     def active(self) -> bool:
@@ -69,7 +68,7 @@ class SteeringState:
         start, end = self.steps
         if isinstance(start, float) or isinstance(end, float):
             if self.total is None:
-                raise RuntimeError("fractional reweight steps need the scheduler's timesteps")
+                raise RuntimeError("fractional reweight steps need the number of steps (pass pipe=)")
             start = 0 if start is None else int(round(start * self.total))
             end = self.total if end is None else int(round(end * self.total))
         start = 0 if start is None else start
