@@ -261,6 +261,56 @@ def _version(pkg: str) -> str:
         return "unknown"
 
 
+def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
+                         latent_hw: tuple[int, int] | None = None, n_tokens: int = 77,
+                         do_cfg: bool = True, options: RecordOptions | None = None,
+                         layers: Sequence[str] | None = None,
+                         attention_steps: int | None = None) -> dict[str, int]:
+    """Host bytes a trace of ``pipe`` will take, per kind of data (before running anything).
+
+    Args:
+        pipe: the pipeline (its UNet's layers, heads and latent channels are read).
+        batch: batch items (prompts x num_images_per_prompt).
+        steps: scheduler steps (``num_inference_steps``; about twice that for Heun/KDPM2).
+        latent_hw: latent (h, w) (default: the UNet's ``sample_size``).
+        n_tokens: kept token positions (default 77, the worst case).
+        do_cfg: classifier-free guidance on (3 noise tensors instead of 2).
+        options: a :class:`RecordOptions` (what is recorded, layers, steps, heads, dtype).
+        layers: already-resolved layer names (default: from ``options.layers``).
+        attention_steps: already-resolved number of steps with attention maps.
+
+    Returns:
+        {"latents": ..., "noise": ..., "x0": ..., "attention": ...} in bytes.
+    """
+    opts = options or RecordOptions()
+    unet = pipe.unet
+    if latent_hw is None:
+        size = unet.config.sample_size
+        latent_hw = (size, size) if isinstance(size, int) else tuple(size)
+    h, w = latent_hw
+    all_layers = check_pipeline(pipe)
+    n_down = len(unet.down_blocks)
+    res = {l: _level_shape(h, w, _layer_level(l, n_down)) for l in all_layers}
+    if layers is None:
+        layers = resolve_layers(opts.layers, all_layers, lambda l: res[l])
+    if attention_steps is None:
+        attention_steps = len(range(steps)[opts.steps]) if isinstance(opts.steps, slice) \
+            else (steps if opts.steps is None else len(set(opts.steps)))
+    c = int(unet.config.out_channels)
+    per = batch * c * h * w * 4
+    rec = opts.record
+    est = {"latents": (steps + 1) * per if "latents" in rec else 0,
+           "noise": steps * per * (3 if do_cfg else 2) if "noise" in rec else 0,
+           "x0": steps * per if "x0" in rec else 0, "attention": 0}
+    if "attention" in rec:
+        itemsize = torch.empty((), dtype=opts.attention_dtype).element_size()
+        for l in layers:
+            lh, lw = res[l]
+            heads = int(unet.get_submodule(l).heads) if opts.heads else 1
+            est["attention"] += attention_steps * batch * heads * n_tokens * lh * lw * itemsize
+    return est
+
+
 # ====================================================================== tokens
 def _token_text(tokenizer, tokens: list[str]) -> str:
     """Readable text of a word's BPE tokens (``</w>`` dropped, byte-level chars decoded)."""
@@ -427,23 +477,10 @@ class _Run:
 
     def estimate_bytes(self) -> dict[str, int]:
         """Estimated host bytes per kind of data (from the shapes known at the first UNet call)."""
-        b, s = self.batch, self.total_steps
-        h, w = self.latent_hw
-        c = self.latent_channels
-        per = b * c * h * w * 4
-        rec = self.opts.record
-        est = {"latents": (s + 1) * per if "latents" in rec else 0,
-               "noise": s * per * (3 if self.layout == "cfg" else 2) if "noise" in rec else 0,
-               "x0": s * per if "x0" in rec else 0, "attention": 0}
-        if "attention" in rec:
-            itemsize = torch.empty((), dtype=self.opts.attention_dtype).element_size()
-            tokens = self.n_tokens or 77
-            modules = dict(self.pipe.unet.named_modules())
-            for l in self.selected:
-                lh, lw = self.resolutions[l]
-                heads = int(getattr(modules.get(l), "heads", 1)) if self.opts.heads else 1
-                est["attention"] += len(self.att_steps) * b * heads * tokens * lh * lw * itemsize
-        return est
+        return estimate_trace_bytes(
+            self.pipe, batch=self.batch, steps=self.total_steps, latent_hw=self.latent_hw,
+            n_tokens=self.n_tokens or 77, do_cfg=self.layout == "cfg", options=self.opts,
+            layers=self.selected, attention_steps=len(self.att_steps))
 
     def _check_size(self) -> None:
         est = self.estimate_bytes()

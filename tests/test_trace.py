@@ -261,13 +261,14 @@ def _reference_x0(sched, model_output, t, sample, out):
     return out[1] if isinstance(out, tuple) else out.pred_original_sample
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
+# x0 = model_output for "sample": checked on three schedulers (diffusers' LMS, PNDM and Euler
+# ancestral do not implement prediction_type="sample").
+X0_CASES = [(s, p) for s in SCHEDULERS for p in ("epsilon", "v_prediction")] + [
+    (s, "sample") for s in ("DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler")]
+
+
+@pytest.mark.parametrize("scheduler,prediction_type", X0_CASES, ids=[f"{s}-{p}" for s, p in X0_CASES])
 def test_x0_agrees_with_scheduler(scheduler, prediction_type):
-    if prediction_type == "sample" and scheduler not in ("DDIMScheduler", "EulerDiscreteScheduler",
-                                                         "DPMSolverMultistepScheduler"):
-        pytest.skip("x0 = model_output for 'sample'; checked on three schedulers (diffusers' "
-                    "LMS, PNDM and Euler ancestral do not implement it)")
     pipe = _pipe("sd15")
     saved = pipe.scheduler
     cls = getattr(diffusers, scheduler)
@@ -662,3 +663,36 @@ def test_generate_arguments():
         generate(pipe, "x", seed="zero")
     with pytest.raises(ValueError, match="generator"):
         generate(pipe, "x", generator=torch.Generator())
+
+
+# ============================================================================ size estimate
+def test_estimate_equals_recorded_size():
+    pipe = _pipe("sd15")
+    with trace(pipe, layers=["up", "mid"], steps=slice(0, None, 2)) as tr:
+        _call(pipe, prompt=["a red circle", "a blue square"], num_inference_steps=4)
+    est = tr.meta["estimated_bytes"]
+    assert est["latents"] == tr.latents.nbytes and est["x0"] == tr.x0.nbytes
+    assert est["noise"] == tr.noise.nbytes + tr.noise_text.nbytes + tr.noise_uncond.nbytes
+    maps = tr.attention
+    assert est["attention"] == sum(maps[l].nbytes for l in maps.layers) > 0
+
+
+def test_default_trace_of_full_size_sd15_is_under_100_mb():
+    """The real SD 1.5 UNet built on the meta device (no memory): 50 steps, 512 px, a typical
+    prompt (12 tokens with start/end), CFG on."""
+    from types import SimpleNamespace
+
+    from sdlens.recorder import estimate_trace_bytes
+    from sdlens.testing import _SD15
+
+    cfg = dict(_SD15["unet"])
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(cross_attention_dim=768, **cfg)
+    pipe = SimpleNamespace(unet=unet, scheduler=diffusers.DDIMScheduler(),
+                           tokenizer=_pipe("sd15").tokenizer)
+    est = estimate_trace_bytes(pipe, batch=1, steps=50, latent_hw=(64, 64), n_tokens=12)
+    assert sum(est.values()) < 100e6, est
+    assert est["attention"] == 50 * 12 * 2 * (5 * 64 * 64 + 5 * 32 * 32 + 5 * 16 * 16 + 8 * 8)
+    heads = estimate_trace_bytes(pipe, batch=1, steps=50, latent_hw=(64, 64), n_tokens=12,
+                                 options=RecordOptions(heads=True))
+    assert heads["attention"] == 8 * est["attention"]
