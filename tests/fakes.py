@@ -84,7 +84,7 @@ class FakeAttentionMaps:
         return [n for n in self.layers if n == layers or _alias(n) == layers]
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity, like the real Trace
 class FakeTrace:
     images: list
     prompts: list[str]
