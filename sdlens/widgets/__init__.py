@@ -19,9 +19,10 @@ from .token_view import TokenView
 from .trace_viewer import TraceViewer
 
 
-def trace_mimebundle(trace: Any, include: Any = None, exclude: Any = None) -> dict:
+def trace_mimebundle(trace: Any, include: Any = None, exclude: Any = None):
     """The notebook representation of ``trace``: a :class:`TraceViewer` (what
-    ``Trace._repr_mimebundle_`` returns)."""
+    ``Trace._repr_mimebundle_`` returns; a mimebundle dict or ``(data, metadata)``, both of which
+    IPython accepts)."""
     return TraceViewer(trace)._repr_mimebundle_(include=include, exclude=exclude)
 
 

@@ -1,0 +1,318 @@
+"""Widget logic in Python, on real traces (tiny random-weight pipelines, the real trace engine):
+frames produced, state changes, clicks and slider moves as the front end sends them (comm
+messages), Studio streaming / interrupt / A/B, GridViewer cells, TokenView."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import traitlets
+from PIL import Image
+
+from sdlens.recorder import generate
+from sdlens.testing import random_pipeline
+from sdlens.widgets import GridViewer, Studio, TokenView, TraceViewer, trace_mimebundle
+from sdlens.widgets.frames import decode, heat_rgba, word_chips
+
+PROMPT = "a red circle and a blue square"
+
+
+def _arr(b: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(b)).convert("RGBA" if b[:4] == b"\x89PNG" else "RGB"))
+
+
+def _front_end_sends(widget, **state) -> None:
+    """Deliver a state update exactly as the browser's widget manager sends it."""
+    widget._handle_msg({"content": {"data": {"method": "update", "state": state, "buffer_paths": []}},
+                        "buffers": []})
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return random_pipeline("sd15", scale=0.05)
+
+
+@pytest.fixture(scope="module")
+def trace(pipe):
+    return generate(pipe, PROMPT, seed=0, steps=5)
+
+
+@pytest.fixture(scope="module")
+def viewer(trace):
+    return TraceViewer(trace)
+
+
+# ------------------------------------------------------------------------------ TraceViewer
+def test_viewer_frames_are_the_traces_previews(viewer, trace):
+    from sdlens.previews import preview
+
+    n = len(trace.timesteps)
+    assert viewer.n_steps == n and viewer.step == n - 1  # opens at the last step
+    assert [p["name"] for p in viewer.panels] == ["x_t", "x0", "noise", "cfg_delta"]
+    for name, frames in viewer.frames.items():
+        assert len(frames) == n, name
+        assert all(isinstance(b, bytes) and b[:4] == b"\x89PNG" for b in frames)
+    h, w = trace.images[0].size[1], trace.images[0].size[0]
+    for k in (0, n // 2, n - 1):
+        got = _arr(viewer.frames["x0"][k])[..., :3]
+        want = np.asarray(preview(trace, "x0", k, size=(h, w)))
+        assert got.shape == want.shape and np.array_equal(got, want)
+        got = _arr(viewer.frames["x_t"][k])[..., :3]
+        assert np.array_equal(got, np.asarray(preview(trace, "latents", k, size=(h, w))))
+    # noise / delta frames are at the latent resolution and change from step to step
+    assert _arr(viewer.frames["noise"][0]).shape[:2] == tuple(trace.noise.shape[-2:])
+    assert viewer.frames["cfg_delta"][0] != viewer.frames["cfg_delta"][-1]
+    assert np.array_equal(_arr(viewer.image)[..., :3], np.asarray(trace.images[0].convert("RGB")))
+
+
+def test_viewer_frames_travel_as_binary_buffers(viewer):
+    from ipywidgets.widgets.widget import _remove_buffers
+
+    state, paths, buffers = _remove_buffers(viewer.get_state())
+    n_frames = sum(len(f) for f in viewer.frames.values())
+    n_heat = sum(len(h["steps"]) + 1 for h in viewer.heat.values())
+    assert len(buffers) == n_frames + n_heat + 1  # + the output image
+    assert ["frames", "x0", 0] in paths
+    assert state["frames"]["x0"][0] is None  # not in the JSON part
+    assert sum(len(b) for b in buffers) == viewer.frame_bytes()
+
+
+def test_viewer_words_and_heatmaps(viewer, trace):
+    from sdlens.heatmaps import word_heatmap
+
+    assert viewer.word_keys == ["a", "red", "circle", "and", "a#1", "blue", "square"]
+    assert viewer.overlay() is None
+    for key, h in viewer.heat.items():
+        assert len(h["steps"]) == len(trace.attention.steps)
+    # the frame is the colormapped heatmap of the word at that step
+    k = 2
+    want = heat_rgba(word_heatmap(trace, "circle", steps=k, size=viewer._frames.heat_size))
+    assert np.array_equal(_arr(viewer.heat["circle"]["steps"][k]), want)
+    want = heat_rgba(word_heatmap(trace, "circle", size=viewer._frames.heat_size))
+    assert np.array_equal(_arr(viewer.heat["circle"]["sum"]), want)
+    # the second "a" is its own chip, with its own map
+    assert viewer.heat["a#1"]["sum"] != viewer.heat["a"]["sum"]
+
+
+def test_viewer_state_changes_switch_the_displayed_frames(trace):
+    v = TraceViewer(trace)
+    before = v.displayed()
+    assert before["overlay"] is None
+    _front_end_sends(v, step=1)  # the slider moved
+    assert v.step == 1
+    now = v.displayed()
+    assert now["x0"] == v.frames["x0"][1] and now["x0"] != before["x0"]
+    assert now["image"] == before["image"]
+    _front_end_sends(v, word="circle")  # a chip was clicked
+    ov1 = v.displayed()["overlay"]
+    assert ov1 == v.heat["circle"]["steps"][v.heat_index[1]]
+    _front_end_sends(v, step=3)
+    assert v.displayed()["overlay"] == v.heat["circle"]["steps"][v.heat_index[3]] != ov1
+    _front_end_sends(v, heat_mode="sum")
+    assert v.displayed()["overlay"] == v.heat["circle"]["sum"]
+    v.select_word("SQUARE")  # case-insensitive, from Python
+    assert v.word == "square"
+    v.select_word(None)
+    assert v.displayed()["overlay"] is None
+
+
+def test_viewer_rejects_bad_state(trace):
+    v = TraceViewer(trace)
+    with pytest.raises(traitlets.TraitError, match="out of range"):
+        v.step = v.n_steps
+    with pytest.raises(traitlets.TraitError, match="not a word"):
+        v.word = "triangle"
+    with pytest.raises(ValueError, match="words"):
+        v.select_word("triangle")
+    with pytest.raises(traitlets.TraitError, match="heat_mode"):
+        v.heat_mode = "max"
+    with pytest.raises(ValueError, match="choices"):
+        v.layers = "sideways"
+    assert v.layers == "all"
+    with pytest.raises(ValueError, match="step"):
+        TraceViewer(trace, step=99)
+    with pytest.raises(ValueError, match="layers"):
+        TraceViewer(trace, layers="nope")
+    with pytest.raises(TypeError):
+        TraceViewer("not a trace")
+
+
+def test_viewer_layer_choice_recomputes_heatmaps(trace):
+    from sdlens.heatmaps import word_heatmap
+
+    v = TraceViewer(trace, word="circle")
+    keys = [k for k, _ in v.layer_options]
+    assert keys[0] == "all" and "res:8" in keys and "up" in keys
+    all_sum = v.heat["circle"]["sum"]
+    _front_end_sends(v, layers="res:8")
+    assert v.word == "circle"  # the selection survives
+    want = heat_rgba(word_heatmap(trace, "circle", layers=8, size=v._frames.heat_size))
+    assert np.array_equal(_arr(v.heat["circle"]["sum"]), want)
+    assert v.heat["circle"]["sum"] != all_sum
+    layer = trace.attention.layers[0]
+    v.layers = layer  # a single layer by module path
+    want = heat_rgba(word_heatmap(trace, "circle", layers=layer, size=v._frames.heat_size))
+    assert np.array_equal(_arr(v.heat["circle"]["sum"]), want)
+    v.layers = "all"
+    assert v.heat["circle"]["sum"] == all_sum  # cached
+
+
+def test_viewer_batch_items(pipe):
+    tr = generate(pipe, ["a red circle", "a blue square on the left"], seed=[1, 2], steps=3)
+    v = TraceViewer(tr)
+    assert len(v.batch_options) == 2
+    assert "red circle" in v.title and "seed 1" in v.title
+    x0_first = v.frames["x0"][-1]
+    _front_end_sends(v, batch=1)
+    assert "blue square" in v.title and "seed 2" in v.title
+    assert "left" in v.word_keys and "red" not in v.word_keys
+    assert v.frames["x0"][-1] != x0_first
+    with pytest.raises(ValueError, match="out of range"):
+        v.batch = 2
+    assert v.batch == 1
+
+
+def test_viewer_without_cfg_or_attention(pipe):
+    tr = generate(pipe, PROMPT, seed=0, steps=3, guidance_scale=1.0)
+    v = TraceViewer(tr)
+    assert "cfg_delta" not in v.frames and "noise" in v.frames
+    assert any("CFG" in n for n in v.notes)
+    tr2 = generate(pipe, PROMPT, seed=0, steps=3, record=("latents", "x0"))
+    v2 = TraceViewer(tr2)
+    assert list(v2.frames) == ["x_t", "x0"] and v2.words == [] and v2.heat == {}
+    assert any("attention" in n for n in v2.notes)
+    assert v2.displayed()["overlay"] is None
+
+
+def test_trace_displays_as_a_viewer(trace):
+    bundle = trace_mimebundle(trace)
+    if isinstance(bundle, tuple):  # (data, metadata), as IPython accepts from _repr_mimebundle_
+        bundle = bundle[0]
+    view = bundle["application/vnd.jupyter.widget-view+json"]
+    assert view["model_id"] and "text/plain" in bundle
+
+
+def test_frame_size_cap_and_jpeg(trace):
+    v = TraceViewer(trace, max_side=32, fmt="jpeg")  # max_side caps the image size (64 here)
+    assert v.frames["x0"][0][:2] == b"\xff\xd8"
+    assert decode(v.frames["x0"][0]).size == (32, 32)
+    assert decode(v.image).size == (32, 32)
+
+
+# ------------------------------------------------------------------------------ Studio
+def test_studio_streams_x0_and_becomes_a_viewer_then_ab(pipe):
+    from sdlens.previews import preview
+
+    s = Studio(pipe, steps=4, seed=3)
+    s.generate_button.click()  # the Generate button: runs in a background thread
+    s.wait(300)
+    assert s.error is None, s.error
+    tr = s.traces[-1]
+    n = len(tr.timesteps)
+    assert len(s.streamed) == n and s.progress.value == n == s.progress.max
+    # the last streamed frame is the x0 prediction of the last step
+    live = _arr(s.streamed[-1])[..., :3]
+    want = np.asarray(preview(tr, "x0", -1, size=live.shape[:2]))
+    assert np.abs(live.astype(int) - want.astype(int)).max() <= 1
+    assert s.live.value == s.streamed[-1]
+    assert isinstance(s.viewer, TraceViewer) and s.viewer.trace is tr
+    assert s.live_box.layout.display == "none" and len(s.results.children) == 1
+    assert tr.meta["seeds"] == [3] and tr.guidance_scale == 7.5
+
+    s.guidance_scale.value = 3.0
+    s.generate(wait=True, timeout=300)
+    assert len(s.runs) == 2 and len(s.results.children) == 2
+    assert s.ab_diff() == {"guidance_scale": (7.5, 3.0)}
+    assert "CFG 3.0" in s.results.children[1].children[0].value
+    assert s.traces[1].guidance_scale == 3.0
+    assert not torch.equal(s.traces[0].x0, s.traces[1].x0)
+    s.seed.value = 4
+    s.generate(wait=True, timeout=300)
+    assert len(s.runs) == 2 and s.ab_diff() == {"seed": (3, 4)}  # keeps the last two
+
+
+def test_studio_interrupt_restores_the_pipeline(pipe):
+    s = Studio(pipe, steps=20)
+    procs = dict(pipe.unet.attn_processors)
+    cls = type(pipe)
+    scheduler = pipe.scheduler
+
+    def press_interrupt(change):  # runs in the sampling thread, as the kernel would in between
+        if change["new"] == 2:
+            s.interrupt_button.click()
+
+    s.progress.observe(press_interrupt, names="value")
+    s.scheduler.value = "euler"
+    s.generate()
+    s.wait(300)
+    assert s.interrupted_at == 2 and s.runs == [] and s.error is None
+    assert "interrupted" in s.status.value
+    assert len(s.streamed) == 2
+    assert type(pipe) is cls and "step" not in vars(pipe.scheduler)
+    assert pipe.scheduler is scheduler  # the scheduler choice is undone
+    assert all(pipe.unet.attn_processors[k] is v for k, v in procs.items())
+    assert not s.generate_button.disabled and s.interrupt_button.disabled
+    # and the pipeline still works, traced or not
+    s.progress.unobserve(press_interrupt, names="value")
+    s.steps.value = 3
+    s.generate(wait=True, timeout=300)
+    assert s.error is None and len(s.runs) == 1
+    assert s.traces[0].meta["scheduler_class"] == "EulerDiscreteScheduler"
+    assert pipe.scheduler is scheduler
+
+
+def test_studio_reports_errors_in_the_panel(pipe):
+    s = Studio(pipe, steps=2)
+    s.prompt.value = "   "
+    with pytest.raises(ValueError, match="empty"):
+        s.generate()
+    s.prompt.value = PROMPT
+    s.steps.value = 2
+    s.record_kwargs = {"layers": "no-such-layer"}
+    s.generate(wait=True, timeout=300)
+    assert s.error is not None and "no-such-layer" in s.status.value
+    assert s.runs == [] and not s.running
+    with pytest.raises(ValueError, match="scheduler"):
+        Studio(pipe, scheduler="warp")
+
+
+# ------------------------------------------------------------------------------ GridViewer
+def test_grid_viewer_labels_and_cell_clicks(pipe):
+    from sdlens.sweep import sweep
+
+    grid = sweep(pipe, "a red circle", seeds=[0, 1], guidance_scales=[1.0, 7.5], steps=3, progress=False)
+    g = GridViewer(grid)
+    assert g.panel.row_labels == ["CFG 1", "CFG 7.5"]
+    assert g.panel.col_labels == ["seed 0", "seed 1"]
+    assert len(g.panel.thumbs) == 4
+    assert np.array_equal(_arr(g.panel.thumbs[2])[..., :3], np.asarray(grid.images[1, 0].convert("RGB")))
+    assert g.viewer is None
+    _front_end_sends(g.panel, selected=3)  # a click on row 1, column 1
+    assert g.viewer is not None and g.viewer.trace is grid.traces[1, 1]
+    assert "seed 1" in g.detail_title.value or "seed" in g.detail_title.value
+    v = g.select(0, 1)
+    assert g.selected == 1 and v.trace is grid.traces[0, 1]
+    assert g.select(1, 1) is g.viewer_at(3)  # built once per cell
+    with pytest.raises(ValueError, match="out of range"):
+        g.panel.selected = 4
+
+
+# ------------------------------------------------------------------------------ TokenView
+def test_token_view(trace, pipe):
+    tv = TokenView(trace)
+    ids = [r["id"] for r in tv.rows]
+    assert ids == trace.token_ids[0]
+    shares = [r["share"] for r in tv.rows if r["share"] is not None]
+    assert len(shares) == len(trace.token_ids[0]) - 2 and abs(sum(shares) - 1) < 1e-6
+    assert "7 of 75" in tv.title
+    _front_end_sends(tv, hovered=3)
+    assert tv.hover_text() == f"position 3 · id {trace.token_ids[0][3]} · token 'circle</w>' · word 'circle'"
+    with pytest.warns(UserWarning, match="longer than 75 tokens"):
+        long = generate(pipe, " ".join(["red circle"] * 45), seed=0, steps=2, record=("latents",))
+    tl = TokenView(long)
+    cut = [r for r in tl.rows if r["cut"]]
+    assert cut and [r["text"] for r in cut] == long.truncated_words[0]
+    assert "cut by the 77-token limit" in tl.footer and "no attention" in tl.footer
