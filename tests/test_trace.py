@@ -696,3 +696,102 @@ def test_default_trace_of_full_size_sd15_is_under_100_mb():
     heads = estimate_trace_bytes(pipe, batch=1, steps=50, latent_hw=(64, 64), n_tokens=12,
                                  options=RecordOptions(heads=True))
     assert heads["attention"] == 8 * est["attention"]
+
+
+# ============================================================================ more pipelines
+def test_sdxl_refiner_layout_uses_tokenizer_2():
+    """The SDXL refiner has only text_encoder_2 / tokenizer_2 (and aesthetic-score time ids)."""
+    base = _pipe("sdxl", "img2img")
+    te2 = base.text_encoder_2
+    cfg = dict(base.unet.config)
+    cfg["cross_attention_dim"] = te2.config.hidden_size
+    cfg["projection_class_embeddings_input_dim"] = 5 * cfg["addition_time_embed_dim"] + \
+        te2.config.projection_dim
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel.from_config(cfg)
+    pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae, text_encoder=None, text_encoder_2=te2, tokenizer=None,
+        tokenizer_2=base.tokenizer_2, unet=unet, scheduler=base.scheduler,
+        requires_aesthetics_score=True)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(_inputs("img2img"), strength=0.5)
+    ref = _call(pipe, **kw)
+    with trace(pipe) as tr:
+        out = _call(pipe, **kw)
+    assert np.abs(out - ref).max() <= 1e-5
+    assert tr.meta["family"] == "sdxl-refiner"
+    assert tr.tokens[0][1:-1] == base.tokenizer_2.tokenize(PROMPT)
+
+
+def test_bfloat16_pipeline_lands_on_host_in_float32():
+    pipe = random_pipeline("sd15", dtype=torch.bfloat16)
+    ref = _call(pipe, num_inference_steps=3)
+    with trace(pipe) as tr:
+        out = _call(pipe, num_inference_steps=3)
+    assert np.abs(out - ref).max() == 0
+    assert tr.latents.dtype == tr.noise.dtype == tr.x0.dtype == torch.float32
+    assert tr.latents.device.type == "cpu"
+    maps = tr.attention
+    assert maps[maps.layers[0]].dtype == torch.float16
+    assert tr.meta["dtype"] == "bfloat16"
+
+
+def test_prompt_embeds_without_prompt_keeps_all_positions():
+    pipe = _pipe("sd15")
+    embeds, neg = pipe.encode_prompt(PROMPT, "cpu", 1, True)
+    with trace(pipe) as tr:
+        _call(pipe, prompt=None, prompt_embeds=embeds, negative_prompt_embeds=neg)
+    assert tr.prompts == [None] and tr.tokens == [[]]
+    assert tr.attention.token_positions == list(range(77))
+    with pytest.raises(ValueError, match="no token strings"):
+        tr.attention.token_index("circle")
+
+
+def test_heatmap_delegates_to_heatmaps_module():
+    from sdlens.heatmaps import word_heatmap
+
+    pipe = _pipe("sd15")
+    with trace(pipe) as tr:
+        _call(pipe, num_inference_steps=3)
+    hm = tr.heatmap("circle", size=16)
+    assert torch.equal(hm, word_heatmap(tr, "circle", size=16))
+    with pytest.raises(ValueError, match="circle"):  # the message lists the prompt's words
+        tr.heatmap("triangle")
+
+
+def test_wraps_custom_and_sliced_processors():
+    """The recording processor wraps whatever was installed: its extra cross_attention_kwargs
+    still reach it, attention slicing keeps working, images stay identical."""
+    import inspect
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    seen = []
+
+    class Custom(AttnProcessor2_0):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                     temb=None, gain=1.0):
+            seen.append(gain)
+            return AttnProcessor2_0.__call__(self, attn, hidden_states, encoder_hidden_states,
+                                             attention_mask, temb) * gain
+
+    pipe = random_pipeline("sd15", seed=1)
+    pipe.unet.set_attn_processor(Custom())
+    kw = dict(cross_attention_kwargs={"gain": 0.5})
+    ref = _call(pipe, **kw)
+    n_ref = len(seen)
+    state = _state(pipe)
+    with trace(pipe) as tr:
+        out = _call(pipe, **kw)
+        proc = pipe.unet.attn_processors["mid_block.attentions.0.transformer_blocks.0.attn2.processor"]
+        assert "gain" in inspect.signature(proc.__call__).parameters
+    _assert_restored(pipe, state)
+    assert np.abs(out - ref).max() == 0 and seen[n_ref:] == [0.5] * n_ref
+    assert tr.attention is not None
+    pipe.enable_attention_slicing(1)
+    ref = _call(pipe)
+    with trace(pipe, keep_padding=True, attention_dtype=torch.float32) as tr:
+        out = _call(pipe)
+    assert np.abs(out - ref).max() == 0
+    m = tr.attention["up.3.0"]
+    torch.testing.assert_close(m.sum(2), torch.ones_like(m.sum(2)), atol=1e-5, rtol=0)

@@ -82,8 +82,11 @@ def compute_x0(form: str, prediction_type: str, sample: torch.Tensor, model_outp
     if prediction_type == "sample":
         return m.clone()
     if form == "alpha":
-        t = int(timestep.item()) if torch.is_tensor(timestep) else int(timestep)
-        a = scheduler.alphas_cumprod[t].to(device=x.device, dtype=torch.float32)
+        ac = scheduler.alphas_cumprod.to(device=x.device, dtype=torch.float32)
+        if torch.is_tensor(timestep):  # index on the device: no host sync
+            a = ac[timestep.to(device=x.device).long().reshape(())]
+        else:
+            a = ac[int(timestep)]
         if prediction_type == "epsilon":
             return (x - (1 - a).sqrt() * m) / a.sqrt()
         return a.sqrt() * x - (1 - a).sqrt() * m
