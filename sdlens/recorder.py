@@ -553,6 +553,8 @@ class _Run:
         self.pending_att = {}
         self.att_now = False
         self.unet_calls_this_step = 0
+        self.last = {"step": self.step, "timestep": timestep, "sigma": sigma, "sample": sample,
+                     "noise": model_output, "x0": x0, "prev_sample": prev_sample}
         self.step += 1
 
     def on_step_end(self, latents) -> None:
@@ -669,6 +671,21 @@ def _output_images(pipe, output) -> list:
 
 
 # ====================================================================== session
+def live_state(pipe) -> dict | None:
+    """While ``pipe`` is being traced (e.g. from a ``callback_on_step_end``): the step just
+    taken, as device tensors (no copy, no sync)::
+
+        {"step": i, "timestep": t, "sigma": sigma or None, "sample": x_t (B, C, h, w),
+         "noise": guided prediction, "x0": predicted clean latent (float32) or None,
+         "prev_sample": what the scheduler returned}
+
+    None when ``pipe`` is not being traced or no step has been taken yet.
+    """
+    session = _ACTIVE.get(id(pipe))
+    run = getattr(session, "current", None) if session is not None else None
+    return dict(run.last) if run is not None and getattr(run, "last", None) else None
+
+
 _ACTIVE: dict[int, "_Session"] = {}
 _SUBCLASSES: dict[type, type] = {}
 
@@ -698,6 +715,7 @@ class _Session:
         self.live = Trace()
         self.live._runs = []
         self.active = False
+        self.current: _Run | None = None
 
     # -------------------------------------------------------------- enter / exit
     def __enter__(self) -> Trace:
@@ -732,7 +750,9 @@ class _Session:
                     if v.default is not inspect.Parameter.empty}
         full = {**defaults, **params}
         run = _Run(self, pipe, full)
+        run.last = None
         self._prepare(run, full)
+        self.current = run
         call_kwargs = dict(params)
         if "callback_on_step_end" in sig.parameters:
             self._compose_callback(run, call_kwargs, full)
@@ -758,6 +778,7 @@ class _Session:
                         hooks.remove()
                 finally:
                     unet.set_attn_processor(dict(saved_procs))
+                    self.current = None
         result = run.finish(output)
         self.live._runs.append(result)
         self.live._adopt(result)

@@ -218,6 +218,14 @@ class Trace:
 
         return word_heatmap(self, word, **kwargs)
 
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        """Notebook display: a TraceViewer (sdlens.widgets), plain text where widgets are missing."""
+        try:
+            from .widgets import trace_mimebundle
+        except ImportError:
+            return {"text/plain": repr(self)}
+        return trace_mimebundle(self, include=include, exclude=exclude)
+
     def __repr__(self) -> str:
         if self._info is None:
             return "Trace(empty)"

@@ -795,3 +795,23 @@ def test_wraps_custom_and_sliced_processors():
     assert np.abs(out - ref).max() == 0
     m = tr.attention["up.3.0"]
     torch.testing.assert_close(m.sum(2), torch.ones_like(m.sum(2)), atol=1e-5, rtol=0)
+
+
+def test_live_state_in_callback():
+    from sdlens.recorder import live_state
+
+    pipe = _pipe("sd15")
+    got = []
+
+    def cb(p, i, t, kw):
+        st = live_state(p)
+        got.append((i, st["step"], st["x0"].clone(), st["prev_sample"].clone()))
+        return kw
+
+    assert live_state(pipe) is None
+    with trace(pipe) as tr:
+        _call(pipe, callback_on_step_end=cb)
+    assert live_state(pipe) is None
+    assert [g[0] for g in got] == [g[1] for g in got] == list(range(tr.num_steps))
+    for i, _, x0, prev in got:
+        assert torch.equal(x0, tr.x0[i]) and torch.equal(prev, tr.latents[i + 1])
