@@ -6,6 +6,7 @@ configs (SD 1.5, SD 2.1, SDXL, and the shipped "shapes" model) with random weigh
 >>> pipe = random_pipeline("sd15")                 # shrunk: fast enough for unit tests
 >>> pipe = random_pipeline("sd15", scale=1.0)      # the full 859M-parameter UNet (benchmarks)
 >>> pipe = random_pipeline("sdxl", task="inpaint") # 9-channel UNet, StableDiffusionXLInpaintPipeline
+>>> refiner = random_pipeline("sdxl-refiner")      # SDXL refiner: text_encoder_2 only, img2img
 
 ``scale`` multiplies every channel count (rounded to a multiple of 16) and, below 0.5, keeps one
 resnet / transformer layer per block; block types, attention layout, cross-attention widths'
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("sd15", "sd21", "sdxl", "shapes")
+ARCHS = ("sd15", "sd21", "sdxl", "sdxl-refiner", "shapes")
 TASKS = ("txt2img", "img2img", "inpaint")
 TOKENIZER_DIR = Path(__file__).parent / "models" / "shapes" / "weights" / "tokenizer"
 
@@ -70,6 +71,22 @@ _SDXL = dict(
     scheduler=("EulerDiscreteScheduler", dict(timestep_spacing="leading")),
     prediction_type="epsilon",
 )
+# stable-diffusion-xl-refiner-1.0: only the OpenCLIP bigG encoder; 5 time ids (aesthetic score).
+_SDXL_REFINER = dict(
+    unet=dict(
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                          "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(384, 768, 1536, 1536), layers_per_block=2,
+        transformer_layers_per_block=(4, 4, 4, 4), attention_head_dim=(6, 12, 24, 24),
+        use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=256, sample_size=128, n_time_ids=5,
+    ),
+    text=[_SDXL["text"][1]],
+    vae=_SDXL["vae"],
+    scheduler=_SDXL["scheduler"],
+    prediction_type="epsilon",
+)
 
 
 def _shrink(c: int, scale: float) -> int:
@@ -81,6 +98,7 @@ def _unet(cfg: dict, scale: float, cross_dim: int, in_channels: int, proj_dim: i
     from diffusers import UNet2DConditionModel
 
     cfg = dict(cfg)
+    n_time_ids = cfg.pop("n_time_ids", 6)
     channels = tuple(_shrink(c, scale) for c in cfg.pop("block_out_channels"))
     heads = cfg.pop("attention_head_dim")
     if scale < 1:
@@ -95,7 +113,8 @@ def _unet(cfg: dict, scale: float, cross_dim: int, in_channels: int, proj_dim: i
         if "addition_time_embed_dim" in cfg:
             cfg["addition_time_embed_dim"] = 8
     if cfg.get("addition_embed_type") == "text_time":
-        cfg["projection_class_embeddings_input_dim"] = 6 * cfg["addition_time_embed_dim"] + proj_dim
+        cfg["projection_class_embeddings_input_dim"] = (n_time_ids * cfg["addition_time_embed_dim"]
+                                                        + proj_dim)
     if sample_size is not None:
         cfg["sample_size"] = sample_size
     return UNet2DConditionModel(
@@ -145,7 +164,9 @@ def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2im
     """A diffusers pipeline of a real SD architecture with random (seeded) weights.
 
     Args:
-        arch: "sd15", "sd21" (v-prediction), "sdxl", or "shapes" (the shipped model's layout).
+        arch: "sd15", "sd21" (v-prediction), "sdxl", "sdxl-refiner" (text_encoder_2 /
+            tokenizer_2 only, aesthetic-score time ids; an img2img pipeline: task "txt2img" gives
+            StableDiffusionXLImg2ImgPipeline), or "shapes" (the shipped model's layout).
         scale: channel multiplier; 1.0 is the real size, the default 0.05 a ~1-4M-parameter
             version that keeps every block type and attention layer of the real one.
         task: "txt2img", "img2img" or "inpaint" (inpainting UNets take 9 input channels).
@@ -175,10 +196,12 @@ def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2im
                           tokenizer=tokenizer(), scheduler=shapes_arch.scheduler())
         family = "sd"
     else:
-        spec = {"sd15": _SD15, "sd21": _SD21, "sdxl": _SDXL}[arch]
-        texts = [_text(c, scale, with_projection=(i == 1)) for i, c in enumerate(spec["text"])]
+        spec = {"sd15": _SD15, "sd21": _SD21, "sdxl": _SDXL, "sdxl-refiner": _SDXL_REFINER}[arch]
+        refiner = arch == "sdxl-refiner"
+        texts = [_text(c, scale, with_projection=(i == 1 or refiner))
+                 for i, c in enumerate(spec["text"])]
         cross_dim = sum(t.config.hidden_size for t in texts)
-        proj_dim = texts[-1].config.projection_dim if arch == "sdxl" else None
+        proj_dim = texts[-1].config.projection_dim if arch.startswith("sdxl") else None
         size = sample_size or (None if scale >= 1 else 8)
         unet = _unet(spec["unet"], scale, cross_dim, in_channels, proj_dim, size)
         vae = _vae(spec["vae"], scale)
@@ -191,7 +214,11 @@ def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2im
                           tokenizer=tokenizer("!" if arch == "sd21" else None))
         if arch == "sdxl":
             components.update(text_encoder_2=texts[1], tokenizer_2=tokenizer("!"))
-        family = "sdxl" if arch == "sdxl" else "sd"
+        if refiner:
+            components.update(text_encoder=None, tokenizer=None, text_encoder_2=texts[0],
+                              tokenizer_2=tokenizer("!"), requires_aesthetics_score=True)
+            task = "img2img" if task == "txt2img" else task
+        family = "sdxl" if arch.startswith("sdxl") else "sd"
     if prediction_type and arch == "shapes":
         components["scheduler"].register_to_config(prediction_type=prediction_type)
     prefix = {"sd": "StableDiffusion", "sdxl": "StableDiffusionXL"}[family]
