@@ -171,3 +171,77 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def write_model_card(folder, results: list[dict], train: dict) -> None:
+    """Write the model card (README.md) of a shapes model folder from measured results.
+
+    ``results``: what ``evaluate`` returned per guidance scale (and recipe); ``train``: facts of
+    the training run (steps, minutes, attention-loss weight, the ablation's results).
+    """
+    from pathlib import Path
+
+    def row(r):
+        return (f"| {r.get('recipe', 'shipped')} | {r['guidance_scale']} | {r['single_colour']:.2f} | "
+                f"{r['single_shape']:.2f} | {r['double_both_colours']:.2f} | "
+                f"{r['double_both_shapes']:.2f} | {r['iou_colour_words']:.2f} | "
+                f"{r['iou_shape_words']:.2f} | {r['iou_mean']:.2f} | {r['images']} |")
+
+    table = "\n".join(row(r) for r in results)
+    card = f"""# shapes — a small Stable Diffusion trained by sdlens
+
+A Stable Diffusion of the same component classes as SD 1.x, small enough to train on 2 CPU cores,
+shipped inside sdlens as its default model. Its world is coloured shapes, so the ground truth of
+every heatmap is known.
+
+**The cross-attention maps of this model were taught, not learned freely**: training added a loss
+(weight {train['attn_loss']}) that rewards each colour and shape word's attention for falling inside
+its object's mask and for taking at least half of the attention inside the object
+(`sdlens.models.shapes.train.attention_loss`). What the same recipe gives without that loss is in
+the table below (recipe "no attention loss"). When you read a heatmap of this model, you are
+reading attention that was supervised to be right; on hub models the maps are whatever the model
+learned.
+
+## Data
+Generated on the fly by `sdlens.models.shapes.dataset`: 64x64 images on a light background with one
+(40%) or two (60%) non-overlapping objects from {{circle, square, triangle}} x {{red, green, blue,
+yellow}}, sizes 18-30 px, random positions; captions from a small grammar ("a red circle", "a blue
+square and a yellow triangle", 30% with a true place phrase: "on the left", "at the top", ...).
+Every scene comes with per-object masks. {train['cache']:,} scenes were encoded once by the VAE
+(posterior mean and std kept; a latent is sampled each step).
+
+## Architecture (diffusers classes, loaded by `StableDiffusionPipeline.from_pretrained(folder)`)
+| component | class | size |
+|---|---|---|
+| tokenizer | `CLIPTokenizer`, the real CLIP BPE vocabulary (49408 ids, 77 positions) from open-clip's `bpe_simple_vocab_16e6.txt.gz` | |
+| text encoder | `CLIPTextModel`, hidden 64, 3 layers, 4 heads | 3.3M |
+| UNet | `UNet2DConditionModel`, 64/128/128 channels, 7 cross-attention layers (16x16, 8x8, 4x4) | 5.8M |
+| VAE | `AutoencoderKL` 64x64x3 <-> 16x16x4 (f=4), scaling factor {train['scaling_factor']:.4f} (1/std of the latents, as SD's was computed) | 0.7M |
+| scheduler | `DDIMScheduler`, scaled-linear betas 0.00085-0.012, epsilon prediction | |
+
+Weights are stored in fp16 safetensors.
+
+## Training (`python -m sdlens.models.shapes.train`)
+VAE: {train['vae_steps']} steps, batch 32, MSE + 1e-6 KL, PSNR {train['vae_psnr']:.1f} dB.
+Text encoder + UNet from scratch: {train['unet_steps']} steps of batch {train['batch']} in
+{train['unet_minutes']:.0f} minutes on 2 CPU cores (shared with other work), AdamW lr 1e-3 with
+warm-up and a cosine schedule annealed to the time budget, min-SNR-5 weighting, 10% empty captions
+(for classifier-free guidance), EMA 0.999, seed 0. The whole run (VAE, cache, UNet) is
+reproducible and resumable from its checkpoints.
+
+## Measured (`python -m sdlens.models.shapes.evaluate`)
+25 DDIM steps; prompts: all 12 single-object captions and 24 two-object captions (distinct colours)
+without place words; seeds from {EVAL_SEED}, never used in training or tuning. Colour: an object is
+present when >= {MIN_PIXELS} pixels lie within RGB distance {COLOUR_TOL} of its colour. Shape: the
+fill ratio of that colour's largest blob in its bounding box (square 1, circle 0.785, triangle
+0.5). Heatmap IoU: each word's map (sdlens pooling: all layers, all steps), normalised to [0, 1]
+and thresholded at 0.4 (DAAM's protocol), against the object's colour segment in the generated
+image.
+
+| recipe | CFG | single: colour | single: shape | two: both colours | two: both shapes | IoU colour words | IoU shape words | IoU mean | images |
+|---|---|---|---|---|---|---|---|---|---|
+{table}
+
+{train.get('notes', '')}
+"""
+    Path(folder, "README.md").write_text(card)

@@ -244,7 +244,7 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
             masks = {r: m[idx] for r, m in cache["masks"].items()}
             loc, use = attention_loss(store, cache["obj_tokens"][idx], masks, keep)
             loss = loss + attn_loss * (loc + use)
-            row.update(loc=float(loc), use=float(use))
+            row.update(loc=float(loc.detach()), use=float(use.detach()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
