@@ -80,9 +80,20 @@ def word_positions(tokenizer, prompt: str, word: str | int) -> list[int]:
         raise ValueError(f"{word!r} is not a word")
     keys = [_strip_punct(_normal(w)) for w, _ in words]
     found: list[int] = []
+    split = prompt.split()
     for i in range(len(words) - len(target) + 1):
         if keys[i: i + len(target)] == target:
             pos = [p for _, ps in words[i: i + len(target)] for p in ps]
+            # leave out punctuation glued to the first / last word ("Red," -> "red")
+            first, last = split[i], split[i + len(target) - 1]
+            lead = len(first) - len(first.lstrip(".,;:!?\"'()[]{}"))
+            trail = len(last) - len(last.rstrip(".,;:!?\"'()[]{}"))
+            if lead or trail:
+                before = " ".join(split[:i])
+                start = 1 + _n_tokens(tokenizer, (before + " " + first[:lead]).strip())
+                core = " ".join(split[i: i + len(target)])
+                end = 1 + _n_tokens(tokenizer, (before + " " + core[: len(core) - trail]).strip())
+                pos = [p for p in pos if start <= p < end]
             if not pos:
                 raise ValueError(f"{word!r} lies beyond the 77-token limit of the text encoder: "
                                  "the pipeline cuts it off, so it cannot be reweighted")

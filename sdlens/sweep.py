@@ -31,7 +31,10 @@ call per (steps, scheduler, cfg on/off) group is refused with a ValueError inste
 
 Under ``accelerate launch`` (more than one process) the batches are shared among the processes
 and the cells gathered on every process; ``sdlens sweep`` writes its outputs on the main process
-only. Load the pipeline on ``accelerate.PartialState().device`` in each process.
+only. Load the pipeline on ``accelerate.PartialState().device`` in each process. On GPUs:
+``accelerate launch --multi_gpu --num_processes N -m sdlens.sweep "PROMPT" ...``; on CPUs the same
+command works (the processes use gloo; accelerate's ``--cpu`` flag alone starts one process
+unless mpirun is configured), as does ``torchrun --nproc_per_node N -m sdlens.sweep ...``.
 
 Axis syntax (A1111's X/Y/Z plot), for the CLI and for string arguments: see :func:`parse_axis`.
 """
@@ -469,12 +472,17 @@ class _Scheduler:
 
 
 def _distributed_state():
-    """accelerate's PartialState when launched with more than one process, else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """accelerate's PartialState when launched with more than one process, else None. Without
+    CUDA (or with ACCELERATE_USE_CPU set) the processes talk over gloo on the CPU."""
+    world = max(int(os.environ.get(k, "1") or 1) for k in
+                ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if world <= 1:
         return None
     from accelerate import PartialState
 
-    state = PartialState()
+    cpu = not torch.cuda.is_available() or \
+        os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    state = PartialState(cpu=True) if cpu else PartialState()
     return state if state.num_processes > 1 else None
 
 
@@ -582,8 +590,18 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
     if state is not None:
         from accelerate.utils import gather_object
 
-        gathered = gather_object([(idx, img, tr) for idx, (img, tr) in results.items()])
-        results = {tuple(idx): (img, tr) for idx, img, tr in gathered}
+        # traces travel as their own safetensors bytes (they hold a weak reference to the pipeline)
+        mine_payload = [(idx, img, None if tr is None else _trace_bytes_of(tr))
+                        for idx, (img, tr) in results.items()]
+        gathered = gather_object(mine_payload)
+        own = results
+        results = {}
+        for idx, img, data in gathered:
+            idx = tuple(idx)
+            if idx in own:
+                results[idx] = own[idx]
+            else:
+                results[idx] = (img, None if data is None else _trace_from_bytes(data))
     if len(results) != len(cells):
         raise RuntimeError(f"sweep: {len(results)} of {len(cells)} cells came back")
 

@@ -275,7 +275,10 @@ def test_cli_run_sweep(saved_model, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_sweep_equals_one_process(saved_model, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="1")
+    # accelerate's --cpu alone starts one process (its multi-CPU launch goes through mpirun);
+    # --multi_gpu starts the processes with torchrun and sdlens then uses gloo on the CPU
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="1",
+               CUDA_VISIBLE_DEVICES="")
     env.pop("WORLD_SIZE", None)
     common = [*CLI_ARGS, "--model", str(saved_model)]
     one = subprocess.run([sys.executable, "-m", "sdlens.sweep", *common, "--out",
@@ -284,7 +287,7 @@ def test_two_process_sweep_equals_one_process(saved_model, tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "--cpu", "-m", "sdlens.sweep", *common, "--out",
+                          "--multi_gpu", "-m", "sdlens.sweep", *common, "--out",
                           str(tmp_path / "two.png"), "--traces", str(tmp_path / "two.sdlens")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]

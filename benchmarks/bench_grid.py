@@ -1,0 +1,112 @@
+"""Benchmark: a 4 seeds x 4 CFG grid, batched by ``sdlens.sweep`` vs the same 16 runs as
+sequential pipeline calls, measured side by side in one process (alternating, same machine).
+
+    python benchmarks/bench_grid.py                 # shipped model (64 px) + full-size SD 1.5 UNet at 256 px
+    python benchmarks/bench_grid.py --only shapes   # one of: shapes, sd15
+    python benchmarks/bench_grid.py --smoke         # tiny random pipelines, seconds
+
+Prints one markdown table row per model: median (min-max) seconds of each way over ``--repeats``
+repeats, the speed-up (sequential / batched median) and the largest pixel difference between the
+two ways' images (they must agree: every grid cell equals its single run). Random weights for
+SD 1.5 (``sdlens.testing.random_pipeline("sd15", scale=1.0)``: the real 859M-parameter UNet);
+timings do not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sdlens.sweep as S  # noqa: E402
+from sdlens.pipeline import SHIPPED_MODEL  # noqa: E402
+
+SEEDS = [0, 1, 2, 3]
+CFGS = [1.0, 3.0, 7.5, 12.0]
+PROMPT = "a red circle and a blue square"
+
+
+def sequential(pipe, steps, size):
+    out = []
+    for g in CFGS:
+        for s in SEEDS:
+            out.append(pipe(PROMPT, generator=torch.Generator().manual_seed(s), guidance_scale=g,
+                            num_inference_steps=steps, height=size, width=size,
+                            output_type="np").images[0])
+    return np.stack(out).reshape(len(CFGS), len(SEEDS), *out[0].shape)
+
+
+def batched(pipe, steps, size, max_batch):
+    grid = S.sweep(pipe, PROMPT, seeds=SEEDS, guidance_scales=CFGS, steps=steps, height=size,
+                   width=size, record=None, progress=False, max_batch=max_batch)
+    return grid.arrays, grid.meta["batches"]
+
+
+def bench(name, pipe, steps, size, repeats, max_batch):
+    seq_t, bat_t = [], []
+    diff = 0.0
+    calls = None
+    for r in range(repeats):
+        order = (0, 1) if r % 2 == 0 else (1, 0)  # alternate which way runs first
+        for which in order:
+            t0 = time.perf_counter()
+            if which == 0:
+                a = sequential(pipe, steps, size)
+                seq_t.append(time.perf_counter() - t0)
+            else:
+                b, calls = batched(pipe, steps, size, max_batch)
+                bat_t.append(time.perf_counter() - t0)
+        diff = max(diff, float(np.abs(a - b).max()))
+
+    def fmt(ts):
+        return f"{statistics.median(ts):.2f} ({min(ts):.2f}-{max(ts):.2f})"
+
+    ratio = statistics.median(seq_t) / statistics.median(bat_t)
+    print(f"| {name} | {size} px | {steps} | 4 seeds x 4 CFG ({calls} batched calls) | "
+          f"{fmt(seq_t)} | {fmt(bat_t)} | {ratio:.2f}x | {diff:.1e} |", flush=True)
+    return ratio
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny random pipelines, 3 steps, 1 repeat")
+    p.add_argument("--only", choices=("shapes", "sd15"), default=None)
+    p.add_argument("--steps", type=int, default=None, help="default 20 (smoke: 3)")
+    p.add_argument("--repeats", type=int, default=None, help="default 3 (smoke: 1)")
+    p.add_argument("--max-batch", type=int, default=None, help="cells per call (default: memory budget)")
+    args = p.parse_args(argv)
+    from sdlens.testing import random_pipeline
+
+    steps = args.steps or (3 if args.smoke else 20)
+    repeats = args.repeats or (1 if args.smoke else 3)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'smoke' if args.smoke else 'full'} run", flush=True)
+    print("| model | size | steps | grid | sequential s, median (min-max) | batched s | "
+          "speed-up | max |diff| |")
+    print("|---|---|---|---|---|---|---|---|")
+    if args.only in (None, "shapes"):
+        if args.smoke or not (SHIPPED_MODEL / "model_index.json").exists():
+            pipe, name = random_pipeline("shapes"), "shapes architecture (random weights)"
+        else:
+            from sdlens.pipeline import load_pipeline
+
+            pipe, name = load_pipeline(device="cpu"), "shipped shapes model"
+        bench(name, pipe, steps, 64, repeats, args.max_batch)
+    if args.only in (None, "sd15"):
+        if args.smoke:
+            pipe, size, name = random_pipeline("sd15"), 64, "SD 1.5 architecture, scale 0.05"
+        else:
+            pipe, size, name = random_pipeline("sd15", scale=1.0), 256, "SD 1.5 full-size UNet"
+        bench(name, pipe, steps, size, repeats, args.max_batch)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,243 @@
+"""Token steering: the reweighting processor (exact maths, weight 1 is a bitwise no-op, step
+ranges, hooks restored), reweight() traces, and word ablation (batched == single runs)."""
+
+import numpy as np
+import pytest
+import torch
+
+from sdlens import steer
+from sdlens.hooks.steering import ReweightProcessor, SteeringState
+from sdlens.pipeline import SHIPPED_MODEL
+from sdlens.testing import random_pipeline
+
+P = "a red circle and a blue square"
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return random_pipeline("sd15", seed=2)
+
+
+def run(pipe, prompt=P, seed=0, steps=4, g=7.5, **kw):
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), guidance_scale=g,
+                num_inference_steps=steps, output_type="np", **kw).images[0]
+
+
+# ----------------------------------------------------------------------------- the processor
+def test_processor_is_the_equalizer():
+    """(P * w) V through to_out, computed explicitly, equals the processor's output."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet = random_pipeline("sd15", seed=3).unet
+    name, attn = next((n, m) for n, m in unet.named_modules() if n.endswith("attn2"))
+    torch.manual_seed(0)
+    hs = torch.randn(4, 16, attn.to_q.in_features)
+    ehs = torch.randn(4, 77, attn.to_k.in_features)
+    factors = torch.ones(2, 77)
+    factors[0, 2], factors[0, 3], factors[1, 5] = 3.0, 0.25, 0.0
+    state = SteeringState(factors, [2, 3, 5])
+    with torch.no_grad():
+        got = ReweightProcessor(AttnProcessor2_0(), name, state)(attn, hs, encoder_hidden_states=ehs)
+        plain = AttnProcessor2_0()(attn, hs, encoder_hidden_states=ehs)
+        # explicit: softmax, multiply the columns, no renormalisation, values, to_out
+        h = attn.heads
+        q = attn.to_q(hs).view(4, 16, h, -1).transpose(1, 2)
+        k = attn.to_k(ehs).view(4, 77, h, -1).transpose(1, 2)
+        v = attn.to_v(ehs).view(4, 77, h, -1).transpose(1, 2)
+        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
+        w = torch.cat([torch.ones(2, 77), factors])  # uncond half untouched, text half steered
+        out = (probs * w[:, None, None, :]) @ v
+        want = attn.to_out[0](out.transpose(1, 2).reshape(4, 16, -1)) / attn.rescale_output_factor
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[:2], plain[:2])  # the unconditional rows are bit-identical
+    assert (got[2:] - plain[2:]).abs().max() > 1e-3
+
+
+def test_weight_one_is_a_bitwise_noop(pipe):
+    base = run(pipe)
+    with steer.reweighting(pipe, P, {"red": 1.0, "circle": 1.0, "square": 1.0}) as state:
+        same = run(pipe)
+    assert state.positions == [2, 3, 7] and state.calls > 0  # the processor did run
+    assert np.array_equal(base, same)
+
+
+def test_reweight_changes_the_image_within_its_steps(pipe):
+    base = run(pipe, steps=6)
+    n_layers = sum(1 for k in pipe.unet.attn_processors if ".attn2." in k)
+    with steer.reweighting(pipe, P, {"red": 4.0}) as state:
+        all_steps = run(pipe, steps=6)
+    assert np.abs(all_steps - base).max() > 1e-2
+    calls_all = state.calls
+    with steer.reweighting(pipe, P, {"red": 4.0}, steps=(3, None)) as state:
+        late = run(pipe, steps=6)
+    assert state.calls * 2 > calls_all > state.calls > 0  # fewer steps steered
+    assert 0 < np.abs(late - base).max() < np.abs(all_steps - base).max()
+    with steer.reweighting(pipe, P, {"red": 4.0}, steps=(0.0, 0.5)) as state:
+        run(pipe, steps=6)
+    assert state.calls == n_layers * (state.total // 2) or state.calls == n_layers * round(state.total / 2)
+    with steer.reweighting(pipe, P, {"red": 4.0}, steps=(50, None)) as state:
+        never = run(pipe, steps=6)
+    assert state.calls == 0 and np.array_equal(never, base)
+
+
+def test_reweighting_restores_processors_and_hooks_on_errors(pipe):
+    procs = dict(pipe.unet.attn_processors)
+    pre = dict(pipe.unet._forward_pre_hooks)
+    def boom(pipe, i, t, kwargs):
+        raise KeyboardInterrupt  # the user stops the run half-way
+
+    with pytest.raises(KeyboardInterrupt):
+        with steer.reweighting(pipe, P, {"red": 2.0}) as state:
+            assert any(isinstance(p, ReweightProcessor) for p in pipe.unet.attn_processors.values())
+            run(pipe, callback_on_step_end=boom)
+    assert state.calls > 0
+    after = pipe.unet.attn_processors
+    assert all(after[k] is procs[k] for k in procs)
+    assert dict(pipe.unet._forward_pre_hooks) == pre
+
+
+def test_words_and_errors(pipe):
+    tok = pipe.tokenizer
+    assert steer.word_positions(tok, P, "red") == [2]
+    assert steer.word_positions(tok, P, "a") == [1, 5]  # every occurrence
+    assert steer.word_positions(tok, P, "blue square") == [6, 7]
+    assert steer.word_positions(tok, "A Red, circle", "red") == [2]
+    assert steer.word_positions(tok, "a dreambeach", "dreambeach") == [2, 3]  # two sub-word tokens
+    assert steer.word_positions(tok, P, 4) == [4]
+    with pytest.raises(ValueError, match=r"'purple' is not a word .*'red', 'circle'"):
+        with steer.reweighting(pipe, P, {"purple": 2.0}):
+            pass
+    with pytest.raises(ValueError, match="outside"):
+        steer.word_positions(tok, P, 40)
+    with pytest.raises(ValueError, match="at least one"):
+        with steer.reweighting(pipe, P, {}):
+            pass
+    for bad in [5, (3, 1), (0.5, 2.0), ("a", 3)]:
+        with pytest.raises(ValueError, match="steps"):
+            with steer.reweighting(pipe, P, {"red": 2.0}, steps=bad):
+                pass
+    long = " ".join(["word"] * 80) + " red"
+    with pytest.raises(ValueError, match="77-token limit"):
+        steer.word_positions(tok, long, "red")
+
+
+def test_reweight_returns_a_traced_run(pipe):
+    steered, original = steer.reweight(pipe, P, {"red": 3.0}, reweight_steps=(0, 2), seed=1,
+                                       steps=4, baseline=True)
+    assert steered.meta["reweight"] == {"weights": {"red": 3.0}, "steps": [0, 2], "positions": [2],
+                                        "renormalised": False}
+    assert "reweight" not in original.meta
+    a, b = np.asarray(steered.images[0], float), np.asarray(original.images[0], float)
+    assert np.abs(a - b).max() > 0
+    with steer.reweighting(pipe, P, {"red": 3.0}, steps=(0, 2)):
+        direct = run(pipe, seed=1, steps=4)
+    assert np.abs(np.asarray(steered.images[0], float) / 255 - direct).max() <= 1 / 255 + 1e-6
+    assert steered.latents is not None and steered.attention is not None
+
+
+# ----------------------------------------------------------------------------- ablation
+def test_token_effects_remove_equals_single_runs(pipe):
+    fx = steer.token_effects(pipe, P, seed=3, steps=4, record=None)
+    words = P.split()
+    assert fx.words == ["a", "red", "circle", "and", "a#2", "blue", "square"]
+    np.testing.assert_allclose(fx.image, run(pipe, seed=3), atol=ATOL, rtol=0)
+    for i, w in enumerate(["red", "and", "a#2"]):
+        k = fx.words.index(w)
+        ref = run(pipe, " ".join(words[:k] + words[k + 1:]), seed=3)
+        np.testing.assert_allclose(fx.ablated[w], ref, atol=ATOL, rtol=0)
+        diff = np.abs(ref - fx.image).mean(-1)
+        np.testing.assert_allclose(fx.maps[w], diff, atol=ATOL)
+        assert fx.effects[w] == pytest.approx(float(fx.maps[w].mean()))
+    assert fx.maps["red"].shape == fx.image.shape[:2]
+    assert all(v > 0 for v in fx.effects.values())
+    assert fx.ranked()[0][1] == max(fx.effects.values())
+
+
+def test_token_effects_pad_equals_padded_embeddings(pipe):
+    fx = steer.token_effects(pipe, P, seed=0, steps=4, mode="pad", words=["red", "square"],
+                             record="light")
+    assert fx.words == ["red", "square"]
+    tok = pipe.tokenizer
+    for w, pos in (("red", 2), ("square", 7)):
+        ids = tok(P, padding="max_length", max_length=77, truncation=True,
+                  return_tensors="pt").input_ids
+        ids[0, pos] = tok.pad_token_id
+        with torch.no_grad():
+            emb = pipe.text_encoder(ids)[0]
+        ref = pipe(prompt_embeds=emb, generator=torch.Generator().manual_seed(0),
+                   num_inference_steps=4, output_type="np").images[0]
+        np.testing.assert_allclose(fx.ablated[w], ref, atol=ATOL, rtol=0)
+        assert fx.traces[w].prompts == [P] and fx.traces[w].latents is not None
+    assert fx.trace.prompts == [P]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = fx.plot()
+    assert [ax.get_title() for ax in fig.axes][:3] == ["original", "padded 'red'", "padded 'square'"]
+
+
+def test_token_effects_errors(pipe):
+    with pytest.raises(ValueError, match="'purple'.*not in the prompt"):
+        steer.token_effects(pipe, P, words=["purple"], steps=2, record=None)
+    with pytest.raises(ValueError, match="mode"):
+        steer.token_effects(pipe, P, mode="zero", steps=2, record=None)
+
+
+# ----------------------------------------------------------------------------- shipped model
+SHIPPED = SHIPPED_MODEL
+needs_model = pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(),
+                                 reason="shipped weights not built yet")
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    from sdlens.pipeline import load_pipeline
+
+    return load_pipeline(device="cpu")
+
+
+def share(image, colour):
+    from sdlens.models.shapes.evaluate import colour_segments
+
+    img = np.clip(np.asarray(image) * 255, 0, 255).round().astype(np.uint8)
+    return float(colour_segments(img)[colour].mean())
+
+
+@needs_model
+def test_shipped_raising_a_colour_weight_increases_its_pixel_share(shapes):
+    import sdlens.sweep as S
+
+    prompt = "a red circle and a blue square"
+    seeds = list(range(6))
+    with steer.reweighting(shapes, [prompt] * len(seeds), {"blue": 3.0}):
+        up = S.sweep(shapes, prompt, seeds=seeds, guidance_scales=[7.5], steps=20, record=None,
+                     progress=False)
+    base = S.sweep(shapes, prompt, seeds=seeds, guidance_scales=[7.5], steps=20, record=None,
+                   progress=False)
+    before = np.mean([share(base.arrays[k], "blue") for k in range(len(seeds))])
+    after = np.mean([share(up.arrays[k], "blue") for k in range(len(seeds))])
+    assert after > before * 1.2 and after - before > 0.01, (before, after)
+
+
+@needs_model
+def test_shipped_ablating_the_colour_word_changes_the_colour(shapes):
+    fx = steer.token_effects(shapes, "a red circle", seed=0, steps=20, record=None)
+    assert share(fx.image, "red") > 0.03
+    assert share(fx.ablated["red"], "red") < 0.5 * share(fx.image, "red")
+    assert fx.effects["red"] == max(fx.effects.values())
+
+
+@needs_model
+def test_shipped_ablating_an_absent_word_changes_little(shapes):
+    # "green" names nothing in the image the rest of the prompt draws... it is absent when padded
+    fx = steer.token_effects(shapes, "a red circle", seed=0, steps=20, mode="pad", record=None)
+    assert fx.effects["red"] > 3 * fx.effects["a"]
