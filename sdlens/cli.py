@@ -99,14 +99,22 @@ def _add_run_options(p: argparse.ArgumentParser, steps: int, cfg: float | None) 
                         "(up.1.0) or a comma-separated list (default: all)")
 
 
+def _check_run_args(args: argparse.Namespace) -> None:
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    for name in ("height", "width"):
+        v = getattr(args, name, None)
+        if v is not None and (v < 8 or v % 8):
+            raise UsageError(f"--{name} must be a positive multiple of 8, got {v}")
+
+
 def _load_pipe(args: argparse.Namespace):
     import torch
 
     from .pipeline import load_pipeline
 
+    _check_run_args(args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
     return load_pipeline(args.model, device=args.device, dtype=dtype, scheduler=args.scheduler)
 
 
@@ -164,6 +172,7 @@ def _trace_run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name such as run.sdlens")
+    _check_run_args(args)
     _log(args, "loading the model ...")
     pipe = _load_pipe(args)
     t0 = time.time()
@@ -347,6 +356,7 @@ def _demo_run(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.grid_seeds.split(",") if s.strip()]
     except ValueError:
         raise UsageError(f"--grid-seeds must be comma-separated ints, got {args.grid_seeds!r}") from None
+    _check_run_args(args)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     _log(args, "loading the model ...")

@@ -176,12 +176,13 @@ def _layer_maps(maps: Any, name: str, step_idx: list[int], batch: int, tok_idx: 
     """(steps, heads', tokens', h, w) float32 for one layer (heads' = 1 when averaged)."""
     m = maps[name]
     hidx = _head_index(m, heads, name)
-    m = m[step_idx][:, batch].float()
+    m = m[:, batch]  # a view; select before copying: tokens, heads, then steps
     if m.ndim == 4:  # (steps, tokens, h, w)
         m = m.unsqueeze(1)
     elif hidx is not None:
         m = m[:, hidx]
-    return m[:, :, tok_idx]
+    m = m[:, :, tok_idx]
+    return m[step_idx].float()
 
 
 def pooled_map(trace: Any, positions: Sequence[int], steps: Any = None, layers: Any = None,

@@ -30,7 +30,7 @@ from . import guidance as _guidance
 from . import heatmaps as _heatmaps
 from . import plot as _plot
 from . import previews as _previews
-from .tokens import token_view, trace_words
+from .tokens import find_word, token_view, trace_words
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;
@@ -306,6 +306,8 @@ def build_report(trace: Any, batch: int = 0, words: Iterable[str] | None = None,
                 words.append(w.text)
     else:
         words = [words] if isinstance(words, str) else list(words)
+        for w in words:  # unknown words are the caller's error, not a note in the report
+            find_word(trace, w, batch)
     prompt = trace.prompts[batch]
     doc = _Doc()
     doc.add("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
