@@ -132,7 +132,7 @@ def test_trace_viewer_in_jupyterlab(chromium, tmp_path):
 
             # --- the kernel saw the slider and the click
             page.keyboard.press("Home")
-            page.wait_for_timeout(500)  # the view tells the kernel at most every 100 ms
+            page.wait_for_timeout(500)
             text = _run_cell(page, "print(f'step={viewer.step} word={viewer.word}')")
             page.screenshot(path=str(ARTIFACTS / "browser-04-kernel.png"))
             assert re.search(r"step=0 word=circle", text), text

@@ -188,6 +188,10 @@ def test_viewer_without_cfg_or_attention(pipe):
 
 
 def test_trace_displays_as_a_viewer(trace):
+    bundle = trace._repr_mimebundle_()  # what a notebook calls to show a Trace
+    if isinstance(bundle, tuple):
+        bundle = bundle[0]
+    assert "application/vnd.jupyter.widget-view+json" in bundle
     bundle = trace_mimebundle(trace)
     if isinstance(bundle, tuple):  # (data, metadata), as IPython accepts from _repr_mimebundle_
         bundle = bundle[0]

@@ -73,16 +73,33 @@ def _lut(cmap: str) -> np.ndarray:
 
 
 def heat_rgba(values: Any, cmap: str = "jet", max_alpha: float = 0.85) -> np.ndarray:
-    """(H, W) values in [0, 1] -> RGBA uint8 overlay: colour from ``cmap``, alpha grows with the
-    value (0 is fully transparent)."""
+    """(..., H, W) values in [0, 1] -> RGBA uint8 (..., H, W, 4) overlay: colour from ``cmap``,
+    alpha grows with the value (0 is fully transparent)."""
     v = values.detach().float().cpu().numpy() if torch.is_tensor(values) else np.asarray(values, np.float32)
-    if v.ndim != 2:
+    if v.ndim < 2:
         raise ValueError(f"expected an (H, W) map, got shape {v.shape}")
     v = np.nan_to_num(np.clip(v, 0.0, 1.0))
     idx = (v * 255).round().astype(np.uint8)
     rgb = _lut(cmap)[idx]
     alpha = (np.sqrt(v) * max_alpha * 255).round().astype(np.uint8)
-    return np.dstack([rgb, alpha])
+    return np.concatenate([rgb, alpha[..., None]], axis=-1)
+
+
+_POOL = None
+
+
+def encode_many(images: Sequence[Any], fmt: str = "png") -> list[bytes]:
+    """:func:`encode` over a list, in threads (PIL's encoders release the GIL)."""
+    global _POOL
+    if len(images) < 8:
+        return [encode(im, fmt) for im in images]
+    if _POOL is None:
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                   thread_name_prefix="sdlens-encode")
+    return list(_POOL.map(lambda im: encode(im, fmt), images))
 
 
 def signed_rgb(x: torch.Tensor, scale: float) -> np.ndarray:
@@ -278,7 +295,7 @@ class TraceFrames:
             if panel in ("x_t", "x0"):
                 kind = "latents" if panel == "x_t" else "x0"
                 imgs = previews(t, kind, list(range(n)), batch, self.decoder, self.vae, self.size)
-                out[panel] = [encode(im, self.fmt) for im in imgs]
+                out[panel] = encode_many(imgs, self.fmt)
             else:
                 if panel == "noise":
                     data = t.noise[:n, batch].float()
@@ -288,7 +305,7 @@ class TraceFrames:
                     data = cfg_delta(t, batch=batch)[:n].float()
                 rgb = self._linear(data)  # (S, 3, h, w)
                 scale = self._scale(panel, rgb, batch)
-                out[panel] = [encode(signed_rgb(r, scale), "png") for r in rgb]
+                out[panel] = encode_many([signed_rgb(r, scale) for r in rgb], "png")
         self._base[batch] = out
         return out
 
@@ -330,7 +347,8 @@ class TraceFrames:
                 warnings.simplefilter("ignore", RuntimeWarning)
                 per = word_heatmap(self.trace, chip.text, per_step=True, **kw)
                 total = word_heatmap(self.trace, chip.text, per_step=False, **kw)
-            out[chip.key] = {"steps": [encode(heat_rgba(m, self.cmap), "png") for m in per],
-                             "sum": encode(heat_rgba(total, self.cmap), "png")}
+            rgba = heat_rgba(torch.cat([per, total[None]]), self.cmap)
+            frames = encode_many(list(rgba), "png")
+            out[chip.key] = {"steps": frames[:-1], "sum": frames[-1]}
         self._heat[cache_key] = out
         return out

@@ -30,19 +30,11 @@ class Interrupted(Exception):
 
 
 def _live_x0(pipe) -> torch.Tensor | None:
-    """The x0 the trace engine just recorded for this step (None when it keeps none)."""
-    try:
-        from ..hooks.scheduler import StepWrapper
-    except ImportError:  # pragma: no cover
-        return None
-    step = getattr(pipe.scheduler, "step", None)
-    if not isinstance(step, StepWrapper):
-        return None
-    run = getattr(step.on_step, "__self__", None)
-    xs = getattr(run, "x0", None)
-    if not xs or xs[-1] is None:
-        return None
-    return xs[-1]
+    """The x0 the trace engine computed for the step just taken (None when it has none)."""
+    from ..recorder import live_state
+
+    state = live_state(pipe)
+    return None if state is None else state.get("x0")
 
 
 class Studio(W.VBox):

@@ -26,7 +26,6 @@ function h(tag, attrs = {}, children = []) {
 function render({ model, el }) {
   const urls = { frames: {}, image: "", heat: {} };
   let timer = null;
-  let saveTimer = null;
 
   const root = h("div", { class: "sdl-viewer" });
   el.appendChild(root);
@@ -176,13 +175,9 @@ function render({ model, el }) {
   }
 
   function saveStep(step) {
-    // the view switched already; tell the kernel, at most every 100 ms
+    // the view switched already; tell the kernel (ipywidgets drops the echoes of older values)
     model.set("step", step);
-    if (saveTimer) return;
-    saveTimer = setTimeout(() => {
-      saveTimer = null;
-      model.save_changes();
-    }, 100);
+    model.save_changes();
   }
 
   function setStep(step) {
@@ -298,7 +293,6 @@ function render({ model, el }) {
 
   return () => {
     stopTimer();
-    if (saveTimer) clearTimeout(saveTimer);
     for (const [ev, fn] of Object.entries(handlers)) model.off(ev, fn);
     for (const list of Object.values(urls.frames)) list.forEach((u) => u && URL.revokeObjectURL(u));
     for (const hm of Object.values(urls.heat)) {
