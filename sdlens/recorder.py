@@ -341,6 +341,18 @@ def _bytes_to_unicode() -> dict[int, str]:
 _BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
 
 
+def _token_strings(tokenizer, ids) -> list[str]:
+    """``convert_ids_to_tokens``, with added non-special tokens (textual inversion's
+    ``<my-token>``; the tokenizer always splits them out as whole words) ending in ``</w>`` so
+    that they form a word of their own instead of merging with the next word."""
+    toks = list(tokenizer.convert_ids_to_tokens(ids))
+    try:
+        added = set(tokenizer.get_added_vocab()) - set(tokenizer.all_special_tokens)
+    except (AttributeError, TypeError):
+        return toks
+    return [t + "</w>" if t in added and not t.endswith("</w>") else t for t in toks]
+
+
 def tokenize_prompt(tokenizer, prompt: str) -> tuple[list[int], list[str], list[str]]:
     """(kept ids, kept token strings, words cut by the length limit) for one prompt, as the
     pipeline's tokenizer call (``truncation=True, max_length=model_max_length``) keeps them."""
@@ -352,7 +364,7 @@ def tokenize_prompt(tokenizer, prompt: str) -> tuple[list[int], list[str], list[
     if len(ids) > max_len:
         body = ids[1:-1]
         keep = max_len - 2
-        toks = tokenizer.convert_ids_to_tokens(body)
+        toks = _token_strings(tokenizer, body)
         words, cur = [], []
         for i, tok in enumerate(toks):
             cur.append(i)
@@ -363,7 +375,7 @@ def tokenize_prompt(tokenizer, prompt: str) -> tuple[list[int], list[str], list[
             if w[-1] >= keep:
                 cut_words.append(_token_text(tokenizer, [toks[i] for i in w]))
         ids = ids[: max_len - 1] + [ids[-1]]
-    return ids, list(tokenizer.convert_ids_to_tokens(ids)), cut_words
+    return ids, _token_strings(tokenizer, ids), cut_words
 
 
 # ====================================================================== one run
@@ -845,8 +857,9 @@ class _Session:
             if q is None:
                 ids, toks, cut = [], [], []
             else:
-                if q not in cache:
-                    cache[q] = tokenize_prompt(tok, q)
+                if q not in cache:  # multi-vector textual inversion: as the pipeline expands it
+                    conv = getattr(pipe, "maybe_convert_prompt", None)
+                    cache[q] = tokenize_prompt(tok, conv(q, tok) if callable(conv) else q)
                 ids, toks, cut = cache[q]
             run.token_ids.append(list(ids))
             run.tokens.append(list(toks))
