@@ -501,9 +501,10 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
         steps: int, list of ints or axis string (each value runs as separate calls).
         scheduler: None (the pipeline's), a short name (``sdlens.pipeline.SCHEDULERS``), or a
             list of them (separate calls per value; the pipeline's scheduler is restored).
-        record: "light" (default: per-step latents and x0 plus step-summed attention), "full"
-            (the trace engine's defaults), None (no traces, fastest) or a dict of options for
-            ``sdlens.recorder.trace``.
+        record: "light" (default: latents and x0 at every step, cross-attention maps of every
+            layer, heads averaged, at ~5 evenly spaced steps; no noise), "full" (the trace
+            engine's defaults: everything at every step), None (no traces, fastest) or a dict
+            of ``sdlens.recorder.RecordOptions`` fields.
         negative_prompt, height, width, **pipe_kwargs: passed to every pipeline call
             (``generator``, ``prompt_embeds``, ``output_type``, ... are set by the sweep).
         max_batch: at most this many cells per call.

@@ -159,6 +159,19 @@ def test_sdxl_grid_equals_single_runs():
                                        rtol=0)
 
 
+def test_img2img_grid_equals_single_runs():
+    from PIL import Image
+
+    pipe = random_pipeline("sd15", task="img2img")
+    img = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    grid = S.sweep(pipe, P1, seeds=[0, 1], guidance_scales=[1.0, 3.0, 6.0], steps=4, progress=False,
+                   record=None, image=img, strength=0.6)
+    for j, g in enumerate([1.0, 3.0, 6.0]):
+        for k in range(2):
+            ref = single(pipe, P1, k, g, 4, image=img, strength=0.6)
+            np.testing.assert_allclose(grid.arrays[j, k], ref, atol=ATOL, rtol=0)
+
+
 # ----------------------------------------------------------------------------- memory budget
 def test_chunking_by_memory_budget(pipe):
     per = S.estimate_cell_bytes(pipe, cfg=True)
