@@ -254,6 +254,9 @@ class Trace:
         if att is not None:
             for layer in att.layers:
                 tensors[f"attention/{layer}"] = att[layer].detach().cpu().contiguous().clone()
+        for name in self._tensors:  # e.g. a base + refiner trace's refiner maps (sdlens.adapters)
+            if name.startswith("parts/") and self._tensor(name) is not None:
+                tensors[name] = self._tensor(name).detach().cpu().contiguous().clone()
         for i, img in enumerate(self.images):
             buf = io.BytesIO()
             img.save(buf, format="PNG")
