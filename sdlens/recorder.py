@@ -412,7 +412,6 @@ class _Run:
         self.att: dict[str, list[torch.Tensor]] = {l: [] for l in session.selected_layers}
         self.att_rec_steps: list[int] = []
         self.devices: set[torch.device] = set()
-        self.x0_agreement: list[float] = []
 
     # ---------------------------------------------------------------- host copies
     def _host(self, t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -452,7 +451,6 @@ class _Run:
                                "(prompts x num_images_per_prompt); cannot tell the guidance layout")
         self.batch = b
         self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
-        self.latent_channels = int(self.pipe.unet.config.out_channels)
         total = getattr(self.pipe, "_num_timesteps", None)
         if not isinstance(total, int) or total <= 0:
             ts = getattr(self.pipe.scheduler, "timesteps", None)

@@ -196,7 +196,7 @@ class Trace:
 
     @property
     def meta(self) -> dict:
-        return json.loads(json.dumps(self._require()["meta"]))
+        return json.loads(json.dumps(_jsonable(self._require()["meta"])))
 
     @property
     def num_steps(self) -> int:

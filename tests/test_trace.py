@@ -246,7 +246,8 @@ def test_heads_kept():
 
 SCHEDULERS = ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
               "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler", "HeunDiscreteScheduler",
-              "PNDMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"]
+              "PNDMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+              "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"]
 
 
 def _reference_x0(sched, model_output, t, sample, out):
@@ -296,9 +297,10 @@ def test_x0_agrees_with_scheduler(scheduler, prediction_type):
     assert tr.meta["scheduler_class"] == scheduler
     assert len(refs) == tr.num_steps
     torch.testing.assert_close(tr.x0, torch.stack(refs).float(), rtol=1e-4, atol=1e-4)
-    if scheduler == "HeunDiscreteScheduler":
+    if scheduler in ("HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+                     "KDPM2AncestralDiscreteScheduler"):
         assert tr.num_steps == 2 * 3 - 1  # two UNet calls per timestep but the first
-    if scheduler.startswith(("Euler", "LMS", "Heun")):
+    if scheduler.startswith(("Euler", "LMS", "Heun", "KDPM2")):
         assert tr.sigmas is not None and tr.sigmas.shape == (tr.num_steps,)
     elif scheduler in ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler"):
         assert tr.sigmas is None

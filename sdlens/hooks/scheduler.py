@@ -11,9 +11,9 @@ in the *pipeline's* latent convention (the tensor the pipeline passes to ``step`
 * alpha form (DDIM, DDPM, PNDM, LCM, ...), ``a_t = alphas_cumprod[t]``:
   epsilon ``x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t)``; v ``x0 = sqrt(a_t) x - sqrt(1-a_t) v``.
 * sigma form, k-diffusion schedulers (Euler, Euler ancestral, LMS, Heun, KDPM2, ...), whose
-  latents are *not* scaled by ``scale_model_input`` when handed to ``step``; ``sigma`` is
-  ``scheduler.sigmas[step_index]`` (the sigma the model was evaluated at; for Heun's second stage
-  that is the next sigma): epsilon ``x0 = x - sigma eps``; v
+  latents are *not* scaled by ``scale_model_input`` when handed to ``step``; ``sigma`` is the
+  sigma the model was evaluated at, ``scheduler.sigmas[step_index]`` (for Heun's second stage
+  that is the next sigma; KDPM2's second stage uses its interpolated sigma): epsilon ``x0 = x - sigma eps``; v
   ``x0 = -sigma/sqrt(sigma^2+1) v + x/(sigma^2+1)``.
 * alpha/sigma form (DPM-Solver multistep/singlestep, UniPC, DEIS, SA-Solver), with
   ``alpha_t, sigma_t`` from ``scheduler.sigmas[step_index]``: epsilon
@@ -64,8 +64,22 @@ def _sigma_at(scheduler, index: int | None):
     return sigmas[index]
 
 
+def model_sigma(scheduler, step_index: int | None, first_order: bool = True):
+    """The sigma the model was evaluated at for the step at ``step_index`` (the index *before*
+    the step): ``sigmas[step_index]``, except in the second stage of KDPM2 / KDPM2 ancestral,
+    which evaluate the model at an interpolated sigma (``sigmas_interpol``)."""
+    interpol = getattr(scheduler, "sigmas_interpol", None)
+    if not first_order and interpol is not None and step_index is not None:
+        name = type(scheduler).__name__
+        idx = step_index - 1 if name == "KDPM2AncestralDiscreteScheduler" else step_index
+        if 0 <= idx < len(interpol):
+            return interpol[idx]
+    return _sigma_at(scheduler, step_index)
+
+
 def compute_x0(form: str, prediction_type: str, sample: torch.Tensor, model_output: torch.Tensor,
-               timestep, scheduler, step_index: int | None) -> torch.Tensor | None:
+               timestep, scheduler, step_index: int | None,
+               sigma: torch.Tensor | None = None) -> torch.Tensor | None:
     """Predicted clean latent (float32, on ``sample``'s device) or None if the form is unknown.
 
     Args:
@@ -76,6 +90,7 @@ def compute_x0(form: str, prediction_type: str, sample: torch.Tensor, model_outp
         timestep: the timestep passed to ``step``.
         scheduler: the scheduler (its ``alphas_cumprod`` / ``sigmas`` are read, never changed).
         step_index: the scheduler's ``step_index`` *before* this step (sigma schedulers).
+        sigma: the sigma the model was evaluated at (default ``scheduler.sigmas[step_index]``).
     """
     x = sample.float()
     m = model_output.float()
@@ -90,7 +105,8 @@ def compute_x0(form: str, prediction_type: str, sample: torch.Tensor, model_outp
         if prediction_type == "epsilon":
             return (x - (1 - a).sqrt() * m) / a.sqrt()
         return a.sqrt() * x - (1 - a).sqrt() * m
-    sigma = _sigma_at(scheduler, step_index)
+    if sigma is None:
+        sigma = _sigma_at(scheduler, step_index)
     if sigma is None:
         return None
     sigma = sigma.to(device=x.device, dtype=torch.float32)
@@ -143,6 +159,7 @@ class StepWrapper:
         if self.form is None:
             self.form = schedule_form(sched)
         index_before = getattr(sched, "step_index", None)
+        first_order = bool(getattr(sched, "state_in_first_order", True))
         out = self.original(model_output, timestep, sample, *args, **kwargs)
         index_after = getattr(sched, "step_index", None)
         if index_before is None and index_after is not None:
@@ -154,13 +171,15 @@ class StepWrapper:
         else:
             prev_sample = out.prev_sample
             reported = getattr(out, "pred_original_sample", None)
+        sigma = model_sigma(sched, index_before, first_order) \
+            if self.form in ("sigma", "alpha_sigma") else None
         x0 = None
         if self.want_x0:
             if self.prediction_type not in PREDICTION_TYPES:
                 x0 = None
             else:
                 x0 = compute_x0(self.form, self.prediction_type, sample, model_output, timestep,
-                                sched, index_before)
+                                sched, index_before, sigma)
             cfg = sched.config
             if x0 is not None and cfg.get("thresholding", False) and reported is not None:
                 x0 = reported.float()  # dynamic thresholding: the scheduler's own x0
@@ -177,7 +196,6 @@ class StepWrapper:
                         f"{self.prediction_type!r} (supported: DDIM, DDPM, PNDM, Euler, Euler "
                         "ancestral, LMS, Heun, DPM-Solver, UniPC; epsilon, v_prediction, sample); "
                         "trace.x0 will be None", stacklevel=2)
-        sigma = _sigma_at(sched, index_before) if self.form in ("sigma", "alpha_sigma") else None
         self.on_step(sample, model_output, timestep, sigma, x0, prev_sample, reported)
         return out
 
