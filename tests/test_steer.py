@@ -206,25 +206,23 @@ def shapes():
 
 
 def share(image, colour):
+    """Fraction of the image's pixels that are ``colour`` (float [0, 1] arrays or PIL images)."""
     from sdlens.models.shapes.evaluate import colour_segments
 
-    img = np.clip(np.asarray(image) * 255, 0, 255).round().astype(np.uint8)
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        img = np.clip(img * 255, 0, 255).round().astype(np.uint8)
     return float(colour_segments(img)[colour].mean())
 
 
 @needs_model
 def test_shipped_raising_a_colour_weight_increases_its_pixel_share(shapes):
-    import sdlens.sweep as S
-
     prompt = "a red circle and a blue square"
     seeds = list(range(6))
-    with steer.reweighting(shapes, [prompt] * len(seeds), {"blue": 3.0}):
-        up = S.sweep(shapes, prompt, seeds=seeds, guidance_scales=[7.5], steps=20, record=None,
-                     progress=False)
-    base = S.sweep(shapes, prompt, seeds=seeds, guidance_scales=[7.5], steps=20, record=None,
-                   progress=False)
-    before = np.mean([share(base.arrays[k], "blue") for k in range(len(seeds))])
-    after = np.mean([share(up.arrays[k], "blue") for k in range(len(seeds))])
+    up, base = steer.reweight(shapes, [prompt] * len(seeds), {"blue": 3.0}, seed=seeds, steps=20,
+                              guidance_scale=7.5, record=("latents",), baseline=True)
+    before = np.mean([share(im, "blue") for im in base.images])
+    after = np.mean([share(im, "blue") for im in up.images])
     assert after > before * 1.2 and after - before > 0.01, (before, after)
 
 
