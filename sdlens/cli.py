@@ -8,10 +8,16 @@
 Errors (wrong arguments, a missing file, an unknown model or word) print one line and exit
 with status 2, without a traceback.
 
-Adding a command: write ``add_arguments(parser)`` and ``run(args) -> int`` and call
-``register(name, help, add_arguments, run)``; a module listed in ``COMMAND_MODULES`` that defines
-``register_cli(register)`` is imported and asked to register its commands (``sdlens.sweep`` does
-this for ``sdlens sweep``).
+Adding a command, either way:
+
+* write ``add_arguments(parser)`` and ``run(args) -> int`` and call
+  ``register(name, help, add_arguments, run)`` (or list a module defining
+  ``register_cli(register)`` in ``COMMAND_MODULES``);
+* or list ``(module, function)`` in ``SUBPARSER_HOOKS``: ``function(subparsers)`` adds its own
+  subparser and sets ``func`` (``args -> int``). ``sdlens sweep`` comes from
+  ``sdlens.sweep.add_sweep_parser`` this way.
+
+Modules are imported only when present; their commands get the same one-line errors.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from typing import Any, Callable
 
 EXIT_USAGE = 2
 DEMO_PROMPTS = ("a red circle and a blue square",)
-COMMAND_MODULES = ("sdlens.sweep",)
+COMMAND_MODULES = ()  # modules with register_cli(register)
+# (module, function): function(subparsers) adds its own subparser and sets `func` (args -> int)
+SUBPARSER_HOOKS = (("sdlens.sweep", "add_sweep_parser"),)
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -410,15 +418,19 @@ register("info", "print what a trace file holds", _info_args, _info_run, aliases
 
 def _load_command_modules() -> None:
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            raise
-        hook = getattr(mod, "register_cli", None)
+        mod = _import_optional(name)
+        hook = getattr(mod, "register_cli", None) if mod is not None else None
         if callable(hook):
             hook(register)
+
+
+def _import_optional(name: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            return None
+        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -432,6 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, aliases=list(cmd.aliases))
         cmd.add_arguments(p)
         p.set_defaults(_command=cmd)
+    for module, function in SUBPARSER_HOOKS:
+        mod = _import_optional(module)
+        hook = getattr(mod, function, None) if mod is not None else None
+        if callable(hook):
+            hook(sub)
     return parser
 
 
@@ -440,12 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cmd = getattr(args, "_command", None)
-    if cmd is None:
+    run = cmd.run if cmd is not None else getattr(args, "func", None)
+    if run is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    prog = f"sdlens {cmd.name}"
+    prog = f"sdlens {args.command}"
     try:
-        return int(cmd.run(args) or 0)
+        return int(run(args) or 0)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

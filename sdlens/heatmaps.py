@@ -335,7 +335,8 @@ class Commitment:
 
     ``correlation[i]``: Pearson correlation between the word's map at step ``steps[i]`` and its
     map at the last recorded step. ``step``: the first step from which the correlation stays
-    ``>= threshold`` until the end (None if it never does before the last step).
+    ``>= threshold`` until the end (the last step always qualifies: its correlation with itself
+    is 1, so a word that only settles at the end commits at the last step).
     """
 
     word: str

@@ -365,6 +365,9 @@ def comparison(cmp: Any, axes: Any = None) -> Figure:
     return fig
 
 
-__all__ = ["overlay", "heatmap_grid", "heatmap_steps", "step_strip", "guidance_strip",
+heatmaps = heatmap_grid  # the README's name for it
+
+
+__all__ = ["overlay", "heatmap_grid", "heatmaps", "heatmap_steps", "step_strip", "guidance_strip",
            "guidance_curves", "scheduler_curves", "commitment_curves", "token_view", "comparison",
            "to_png"]

@@ -30,7 +30,7 @@ from . import guidance as _guidance
 from . import heatmaps as _heatmaps
 from . import plot as _plot
 from . import previews as _previews
-from .tokens import find_word, token_view, trace_words
+from .tokens import find_word, nearest_tokens, token_view, trace_words
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;
@@ -245,6 +245,21 @@ def _tokens(trace: Any, batch: int) -> str:
     out.append(f"<table>{head}{rows}</table>")
     if trace.attention is not None:
         out.append("<br>" + _img_tag(_fig_uri(_plot.token_view(trace, batch)), "token view"))
+    pipe = getattr(trace, "pipeline", None)
+    if pipe is not None and getattr(pipe, "text_encoder", None) is not None \
+            and getattr(pipe, "tokenizer", None) is not None:
+        rows = []
+        texts = list(dict.fromkeys(w.text for w in view.words if not w.is_punctuation))
+        for text in texts[:12]:
+            near = nearest_tokens(pipe, text, k=6)
+            rows.append(f"<tr><td>{html.escape(text)}</td><td>"
+                        + ", ".join(f"{html.escape(t)} ({c:.2f})" for t, _, c in near)
+                        + "</td></tr>")
+        out.append("<h3>Nearest tokens in the text encoder's embedding table</h3><p>Cosine "
+                   "similarity of input embeddings: the tokens a word is close to before any "
+                   "context (why \"man\" also pulls \"guy\").</p>"
+                   f"<table><tr><th>word</th><th>nearest tokens (cosine)</th></tr>{''.join(rows)}"
+                   "</table>")
     return "\n".join(out)
 
 
