@@ -55,7 +55,6 @@ from .attention import AttentionMaps
 
 FORMAT = "sdlens.trace"
 FORMAT_VERSION = 1
-_TENSOR_FIELDS = ("timesteps", "sigmas", "latents", "noise_uncond", "noise_text", "noise", "x0")
 
 
 class Trace:
@@ -201,7 +200,10 @@ class Trace:
     @property
     def num_steps(self) -> int:
         """Number of recorded steps (``scheduler.step`` calls)."""
-        return int(self._require()["num_steps"])
+        info = self._require()
+        if "num_steps" in info:
+            return int(info["num_steps"])
+        return int(len(self.timesteps))
 
     @property
     def batch_size(self) -> int:
@@ -230,7 +232,7 @@ class Trace:
         if self._info is None:
             return "Trace(empty)"
         info = self._info
-        return (f"Trace({info['meta'].get('pipeline_class')}, {self.batch_size} image(s), "
+        return (f"Trace({info.get('meta', {}).get('pipeline_class')}, {self.batch_size} image(s), "
                 f"{self.num_steps} steps, prompts={info['prompts']!r}"
                 f"{', from ' + self._source if self._source else ''})")
 
@@ -246,17 +248,15 @@ class Trace:
         info = self._require()
         path = Path(path).expanduser()
         tensors: dict[str, torch.Tensor] = {}
-        for name in _TENSOR_FIELDS:
+        # every tensor the trace holds: the contract's fields, attention/<layer>, and any extra
+        # ones other sdlens modules add (e.g. 'parts/...' of a combined base + refiner trace,
+        # sdlens.adapters); the images are re-encoded below
+        for name in list(self._tensors):
+            if name.startswith("images/"):
+                continue
             t = self._tensor(name)
             if t is not None:
                 tensors[name] = t.detach().cpu().contiguous().clone()
-        att = self.attention
-        if att is not None:
-            for layer in att.layers:
-                tensors[f"attention/{layer}"] = att[layer].detach().cpu().contiguous().clone()
-        for name in self._tensors:  # e.g. a base + refiner trace's refiner maps (sdlens.adapters)
-            if name.startswith("parts/") and self._tensor(name) is not None:
-                tensors[name] = self._tensor(name).detach().cpu().contiguous().clone()
         for i, img in enumerate(self.images):
             buf = io.BytesIO()
             img.save(buf, format="PNG")

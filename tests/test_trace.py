@@ -617,6 +617,12 @@ def test_save_load_round_trip(tmp_path):
     back.save(path)
     again = load(path)
     assert torch.equal(again.latents, tr.latents)
+    # tensors other modules add (e.g. sdlens.adapters' 'parts/...') survive a round trip
+    from sdlens.trace import Trace
+
+    extra = Trace(dict(tr._tensors, **{"parts/x": torch.arange(3.0)}), tr._info, tr.images)
+    extra.save(tmp_path / "extra.sdlens")
+    assert torch.equal(load(tmp_path / "extra.sdlens")._tensor("parts/x"), torch.arange(3.0))
 
 
 def test_load_errors(tmp_path):
