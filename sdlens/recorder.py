@@ -398,6 +398,7 @@ class _Run:
         self.n_tokens = None
         self.token_count_seen = None
         self.unet_calls_this_step = 0
+        self.unet_calls = 0
         self.warned_double = False
         self.pending_noise = None  # (uncond | None, text)
         self.pending_att: dict[str, torch.Tensor] = {}
@@ -430,6 +431,7 @@ class _Run:
             raise RuntimeError(f"sdlens: the UNet was called with batch {n} at step {self.step}, "
                                f"expected {expected}; this pipeline's batch layout is not supported")
         self.unet_calls_this_step += 1
+        self.unet_calls += 1
         if self.unet_calls_this_step > 1 and not self.warned_double:
             self.warned_double = True
             warnings.warn("sdlens: the UNet was called more than once before a scheduler step; "
@@ -648,7 +650,7 @@ class _Run:
             "num_images_per_prompt": p.get("num_images_per_prompt") or 1,
             "device": str(pipe.unet.device), "dtype": str(pipe.unet.dtype).replace("torch.", ""),
             "options": self.opts.to_dict(), "estimated_bytes": self.estimated,
-            "unet_calls": self.step,
+            "unet_calls": self.unet_calls,
         }
 
 
