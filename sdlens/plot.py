@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import io
 import math
+from importlib import import_module
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from . import guidance as _guidance
-from . import heatmaps as _heatmaps
-from . import previews as _previews
 from .tokens import find_word, token_view as _token_view, trace_words
+_guidance = import_module("sdlens.guidance")
+_heatmaps = import_module("sdlens.heatmaps")
+_previews = import_module("sdlens.previews")
 
 STRIP_ROWS = ("latents", "x0", "noise", "cfg")
 _ROW_TITLES = {"latents": "x_t (latents)", "x0": "x0 (predicted)", "noise": "noise (guided)",

@@ -20,17 +20,18 @@ import html
 import io
 import json
 import os
+from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 from PIL import Image
 
-from . import guidance as _guidance
-from . import heatmaps as _heatmaps
-from . import plot as _plot
-from . import previews as _previews
 from .tokens import find_word, nearest_tokens, token_view, trace_words
+_guidance = import_module("sdlens.guidance")
+_heatmaps = import_module("sdlens.heatmaps")
+_plot = import_module("sdlens.plot")
+_previews = import_module("sdlens.previews")
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;

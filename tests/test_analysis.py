@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import import_module
+
 import math
 from types import SimpleNamespace
 
@@ -11,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from fakes import fake_trace, tokenizer
-from sdlens import compare as cmp_mod
-from sdlens import guidance as G
-from sdlens import previews as P
-from sdlens import tokens as T
+from sdlens.compare import compare as _compare
+G = import_module("sdlens.guidance")
+P = import_module("sdlens.previews")
+T = import_module("sdlens.tokens")
 
 
 # --------------------------------------------------------------------------- tokens
@@ -271,7 +273,7 @@ def test_autoencoder_tiny_decoding():
 # --------------------------------------------------------------------------- compare
 def test_compare_with_itself_is_zero():
     tr = fake_trace()
-    c = cmp_mod.compare(tr, tr)
+    c = _compare(tr, tr)
     assert np.all(c.latent_rms == 0) and np.all(c.x0_rms == 0) and np.all(c.x0_relative == 0)
     assert c.parting_step is None
     assert c.words == ["a", "red", "circle", "and", "blue", "square"]
@@ -282,7 +284,7 @@ def test_compare_with_itself_is_zero():
 def test_compare_word_change_shows_where_maps_differ():
     a = fake_trace(commit_step=4)
     b = fake_trace(commit_step=7)  # same noise (same seed), circle words settle later
-    c = cmp_mod.compare(a, b)
+    c = _compare(a, b)
     assert np.all(c.x0_rms == 0)
     for w in ("circle", "red"):
         ch = c.word_change[w]
@@ -294,7 +296,7 @@ def test_compare_word_change_shows_where_maps_differ():
 
 def test_compare_seeds_part_ways():
     a, b = fake_trace(seed=0), fake_trace(seed=1)
-    c = cmp_mod.compare(a, b, maps=False)
+    c = _compare(a, b, maps=False)
     assert c.parting_step is not None and 0 <= c.parting_step < 10
     assert (c.x0_rms > 0).all() and c.word_change == {}
     # once parted, each run's x0 is nearer its own final x0 than the other's
@@ -307,18 +309,18 @@ def test_compare_guidance_scales_part_at_a_known_step():
     a, b = fake_trace(), fake_trace()
     b.x0 = b.x0.clone()
     b.x0[5:] += 3.0 * torch.randn_like(b.x0[5:])
-    c = cmp_mod.compare(a, b, maps=False)
+    c = _compare(a, b, maps=False)
     assert np.all(c.x0_rms[:5] == 0) and np.all(c.x0_rms[5:] > 0)
     assert c.parting_step is not None and c.parting_step >= 5
 
 
 def test_compare_errors():
     with pytest.raises(ValueError, match="differ in shape"):
-        cmp_mod.compare(fake_trace(steps=10), fake_trace(steps=8))
+        _compare(fake_trace(steps=10), fake_trace(steps=8))
     with pytest.raises(TypeError, match="not a Trace"):
-        cmp_mod.compare(fake_trace(), object())
+        _compare(fake_trace(), object())
     with pytest.raises(ValueError, match="batch_b"):
-        cmp_mod.compare(fake_trace(), fake_trace(), batch_b=4)
+        _compare(fake_trace(), fake_trace(), batch_b=4)
 
 
 # --------------------------------------------------------------------------- real traces
@@ -339,9 +341,9 @@ def test_real_counterfactual_and_compare(real_shapes):
         assert torch.allclose(G.x0_at_guidance(a, step, 5.0), a.x0[step], rtol=1e-4, atol=1e-4)
     # the first step of run b is run a's first step at scale 9: same x_T, same predictions
     assert torch.allclose(G.x0_at_guidance(a, 0, 9.0), b.x0[0], rtol=1e-3, atol=1e-3)
-    c = cmp_mod.compare(a, b)
+    c = _compare(a, b)
     assert c.latent_rms[0] == 0 and c.x0_rms[0] > 0
-    same = cmp_mod.compare(a, a)
+    same = _compare(a, a)
     assert same.parting_step is None and np.all(same.x0_rms == 0)
     # VAE preview through the live pipeline, batched and cached
     ims = P.previews(a, "x0", [0, 5], decoder="vae")

@@ -126,6 +126,7 @@ def _run(*args, cwd=None):
                           text=True, env=env, cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow  # two fresh interpreters (torch, diffusers imports)
 def test_python_m_sdlens_usage_errors_exit_2_without_traceback(tmp_path):
     r = _run("trace", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from importlib import import_module
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fakes import LAYERS, fake_trace
-from sdlens import heatmaps as hm
+hm = import_module("sdlens.heatmaps")
 from sdlens.tokens import find_word
 
 L16 = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import import_module
+
 import io
 
 import numpy as np
@@ -11,7 +13,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from fakes import fake_trace
-from sdlens import plot
+plot = import_module("sdlens.plot")
 from sdlens.compare import compare
 from sdlens.guidance import guidance_stats, scheduler_view
 from sdlens.heatmaps import commitment
