@@ -1,0 +1,461 @@
+"""Benchmark 3: sdlens against DAAM's way of getting cross-attention heatmaps.
+
+    python benchmarks/bench_daam.py --setup      # once: builds /tmp/daamvenv with DAAM 0.2.0
+    python benchmarks/bench_daam.py [--smoke | --quick | --full]
+
+(a) **DAAM 0.2.0 itself**, in its own venv (it pins diffusers 0.21.2 / transformers 4.30.2 and
+    cannot be installed beside current diffusers): ``--setup`` creates ``/tmp/daamvenv`` (torch
+    2.13.0, ``pip install --no-deps daam==0.2.0``, then its runtime requirements with the pinned
+    versions) and records every failure. The run then starts that venv's Python on this same file
+    (``--daam-child``), which builds the SD 1.5 architecture with random weights in diffusers
+    0.21.2 and times plain generation vs ``daam.trace(pipe)`` (+ ``compute_global_heat_map`` and
+    a word map), alternating, at 256 px (our settings) and at 512 px (the latent grid DAAM
+    expects), and also tries DAAM's spaCy-based word parsing. What fails is reported with the
+    exact error.
+(b) **DAAM's method inside our venv** (current diffusers): on every ``attn2`` layer the classic
+    ``AttnProcessor`` (no SDPA: ``softmax(QK^T)`` materialised for all heads) and the
+    probabilities of the conditional half summed per (layer, head) over all steps, as DAAM's
+    ``UNetCrossAttentionHooker`` / ``RawHeatMapCollection`` do (vectorised here; DAAM loops over
+    tokens and heads in Python). Timed against untraced and sdlens in the SD 1.5 loop of
+    benchmark 1 (same process, alternating).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DAAM_VENV = Path(os.environ.get("SDLENS_DAAM_VENV", "/tmp/daamvenv"))
+DAAM_PY = DAAM_VENV / "bin" / "python"
+SETUP_JSON_NAME = "daam_setup.json"
+# DAAM 0.2.0's requirements.txt: scikit-image, diffusers==0.21.2, spacy, gradio, ftfy,
+# transformers==4.30.2, pandas, numba, nltk, inflect, joblib, accelerate==0.23.0.
+# gradio is only used by its demo; huggingface_hub must predate the removal of
+# `cached_download` (diffusers 0.21.2 imports it).
+DAAM_DEPS = ["diffusers==0.21.2", "transformers==4.30.2", "accelerate==0.23.0",
+             "huggingface_hub==0.25.2", "scikit-image", "spacy", "ftfy", "pandas", "numba", "nltk",
+             "inflect", "joblib", "matplotlib", "scipy", "safetensors", "numpy<2"]
+
+
+# ====================================================================== (b) in our venv
+def daam_method_side(pipe, kw):
+    """A callable running ``pipe(**kw())`` with DAAM's method installed on every attn2 layer."""
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor
+
+    class Store:
+        def __init__(self):
+            self.sums: dict[str, torch.Tensor] = {}
+
+    class DaamMethodProcessor(AttnProcessor):
+        """Classic attention (probabilities materialised), cond-half probs summed per head."""
+
+        def __init__(self, name: str, store: Store):
+            super().__init__()
+            self.name, self.store = name, store
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                     temb=None, *args, **kwargs):
+            orig = attn.get_attention_scores
+            store, name = self.store, self.name
+
+            def scores(query, key, mask=None):
+                probs = orig(query, key, mask)  # (batch * heads, HW, tokens)
+                b = probs.shape[0] // attn.heads
+                p = probs.detach().view(b, attn.heads, probs.shape[1], probs.shape[2])[b // 2:]
+                prev = store.sums.get(name)
+                store.sums[name] = p.float() if prev is None else prev + p.float()
+                return probs
+
+            attn.get_attention_scores = scores
+            try:
+                return super().__call__(attn, hidden_states, encoder_hidden_states,
+                                        attention_mask, temb, *args, **kwargs)
+            finally:
+                del attn.get_attention_scores
+
+    def fn():
+        unet = pipe.unet
+        saved = dict(unet.attn_processors)
+        store = Store()
+        procs = {k: (DaamMethodProcessor(k, store) if k.endswith("attn2.processor") else v)
+                 for k, v in saved.items()}
+        unet.set_attn_processor(dict(procs))
+        try:
+            with torch.inference_mode():
+                out = pipe(**kw())
+        finally:
+            unet.set_attn_processor(dict(saved))
+        return out, store.sums
+    return fn
+
+
+def part_b(s, ctx: dict) -> dict:
+    import common as C
+    import bench_overhead
+
+    sd = bench_overhead.sd15_loop(s, ctx)
+    st = sd["stats"]
+    rows = [C.time_row(n, st[n], st["untraced"]) for n in ("untraced", "sdlens", "daam-method")]
+    r_daam = st["daam-method"].median / st["untraced"].median
+    r_sdl = st["sdlens"].median / st["untraced"].median
+    mem = []
+    for n in ("untraced", "sdlens", "daam-method"):
+        pk = st[n].peak_rss
+        mem.append(C.fmt_bytes(sorted(pk)[len(pk) // 2]) if pk else "–")
+    for r, m in zip(rows, mem):
+        r.append(m)
+    notes = [f"{sd['settings']}, same process, sides alternating after a warm-up.",
+             f"DAAM's method costs {r_daam:.3f}x untraced; sdlens's default recording {r_sdl:.3f}x "
+             f"(sdlens keeps SDPA for the output and recomputes only softmax(QK^T) on attn2, "
+             "head-averaged on the device, per step and per layer).",
+             "daam-method keeps less than sdlens: one sum over steps per (layer, head), no per-step "
+             "maps, no latents / noise / x0.",
+             "peak RSS: median over runs of the run's RSS high-water mark above its starting RSS "
+             "(VmHWM reset per run through /proc/self/clear_refs)."]
+    return {"table": C.table("3b. DAAM's method (classic AttnProcessor on every attn2, probs summed "
+                             "per layer and head over steps) vs untraced, in our venv",
+                             C.TIME_COLUMNS + ["peak RSS above start (median)"], rows, notes),
+            "raw": {"ratio_daam_method": r_daam, "ratio_sdlens": r_sdl}}
+
+
+# ====================================================================== (a) DAAM itself
+def _log(msg: str, path: Path) -> None:
+    with open(path, "a") as f:
+        f.write(msg + "\n")
+
+
+def setup(work: Path, timeout_s: int = 900) -> dict:
+    """Create the DAAM venv; returns (and writes) a status dict with every failure."""
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "daam_setup.log"
+    log.write_text("")
+    status = {"venv": str(DAAM_VENV), "steps": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    t_end = time.monotonic() + timeout_s
+
+    def step(name, cmd):
+        left = max(10, int(t_end - time.monotonic()))
+        _log(f"$ {' '.join(cmd)}", log)
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+            _log(p.stdout[-20000:] + p.stderr[-20000:], log)
+            err = [l for l in (p.stderr or "").splitlines() if l.startswith("ERROR") or "Error" in l]
+            rec = {"step": name, "rc": p.returncode, "s": round(time.monotonic() - t0, 1),
+                   "errors": err[-5:]}
+        except subprocess.TimeoutExpired:
+            rec = {"step": name, "rc": None, "s": round(time.monotonic() - t0, 1),
+                   "errors": [f"timed out after {left} s (time box)"]}
+        status["steps"].append(rec)
+        (work / SETUP_JSON_NAME).write_text(json.dumps(status, indent=1))
+        return rec["rc"] == 0
+
+    ok = DAAM_PY.exists() or step("create venv", [sys.executable, "-m", "venv", str(DAAM_VENV)])
+    pip = [str(DAAM_PY), "-m", "pip", "install", "-q"]
+    ok = ok and step("torch==2.13.0", pip + ["torch==2.13.0"])
+    # What the issue expects to fail: installing DAAM with its dependencies beside current
+    # diffusers (resolution only, nothing installed).
+    step("daam==0.2.0 with deps next to diffusers 0.42.1 (dry run)",
+         pip + ["--dry-run", "daam==0.2.0", "diffusers==0.42.1"])
+    ok = ok and step("daam==0.2.0 --no-deps", pip + ["--no-deps", "daam==0.2.0"])
+    ok = ok and step("DAAM runtime deps (pinned)", pip + DAAM_DEPS)
+    step("import daam", [str(DAAM_PY), "-c", "import daam, diffusers, transformers; "
+                         "print(daam.__version__, diffusers.__version__, transformers.__version__)"])
+    # DAAM's word parsing: spacy.load('en_core_web_md'), else `python -m spacy download` (network)
+    step("spaCy model en_core_web_md (load)", [str(DAAM_PY), "-c",
+                                                "import spacy; spacy.load('en_core_web_md')"])
+    step("spaCy model en_core_web_md (download)",
+         ["timeout", "120", str(DAAM_PY), "-m", "spacy", "download", "en_core_web_md"])
+    status["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    status["ok"] = bool(ok)
+    (work / SETUP_JSON_NAME).write_text(json.dumps(status, indent=1))
+    return status
+
+
+CHILD_NOTE = "runs inside the DAAM venv: no sdlens imports"
+
+
+def child(args) -> int:
+    """Inside the DAAM venv: build SD 1.5 (random weights) in diffusers 0.21.2, time plain vs DAAM."""
+    import statistics
+    import traceback
+
+    res: dict = {"versions": {}, "runs": [], "errors": {}}
+
+    def err(key, e):
+        tb = traceback.format_exc().strip().splitlines()
+        res["errors"][key] = {"error": f"{type(e).__name__}: {e}"[:800], "where": tb[-3:-1]}
+
+    def dump():
+        print("@@DAAMJSON@@" + json.dumps(res))
+
+    try:
+        import torch
+        torch.set_num_threads(args.threads)
+        import diffusers
+        import transformers
+        res["versions"] = {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                           "transformers": transformers.__version__}
+    except Exception as e:
+        err("import torch/diffusers/transformers", e)
+        dump()
+        return 0
+    try:
+        import daam
+        res["versions"]["daam"] = daam.__version__
+    except Exception as e:
+        err("import daam", e)
+        dump()
+        return 0
+    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    def build():
+        torch.manual_seed(0)
+        tiny = args.smoke
+        ch = (32, 64, 64, 64) if tiny else (320, 640, 1280, 1280)
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4,  # the real SD 1.5 config
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=ch, layers_per_block=2, attention_head_dim=8,
+            cross_attention_dim=64 if tiny else 768, norm_num_groups=32)
+        hid = 64 if tiny else 768
+        text = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=hid, intermediate_size=4 * hid,
+            num_hidden_layers=2 if tiny else 12, num_attention_heads=2 if tiny else 12,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=hid))
+        vch = (32, 32, 64, 64) if tiny else (128, 256, 512, 512)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                            block_out_channels=vch, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+                            norm_num_groups=32, sample_size=512)
+        sched = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", steps_offset=1, skip_prk_steps=True)
+        tok = CLIPTokenizer.from_pretrained(args.tokenizer)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                       scheduler=sched, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def call(pipe, size, steps):
+        return pipe(args.prompt, num_inference_steps=steps, guidance_scale=7.5, height=size,
+                    width=size, generator=torch.Generator("cpu").manual_seed(0),
+                    output_type="latent")
+
+    def plain(pipe, size, steps):
+        with torch.no_grad():
+            call(pipe, size, steps)
+
+    def with_daam(pipe, size, steps, word):
+        t0 = time.perf_counter()
+        with torch.no_grad(), daam.trace(pipe) as tc:
+            call(pipe, size, steps)
+            t1 = time.perf_counter()
+            hm = tc.compute_global_heat_map()
+            wm = hm.compute_word_heat_map(word)
+            t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, tuple(wm.heatmap.shape)
+
+    try:
+        t0 = time.perf_counter()
+        pipe = build()
+        build_s = time.perf_counter() - t0
+        res["build_s"] = build_s
+    except Exception as e:
+        err("build pipeline", e)
+        dump()
+        return 0
+    for size in args.sizes:
+        steps = args.steps
+        key = f"{size}px"
+        run = {"size": size, "steps": steps, "build_s": build_s, "plain": [], "daam": [],
+               "daam_heatmap": [], "ok": False}
+        res["runs"].append(run)
+        try:  # warm-up, 1 step each
+            plain(pipe, size, 1)
+            with_daam(pipe, size, 1, args.word)
+        except Exception as e:
+            err(f"{key}: DAAM trace (warm-up, 1 step)", e)
+            try:
+                for _ in range(max(1, args.reps)):
+                    t0 = time.perf_counter()
+                    plain(pipe, size, steps)
+                    run["plain"].append(time.perf_counter() - t0)
+            except Exception as e2:
+                err(f"{key}: plain generation", e2)
+            dump()
+            continue
+        try:
+            for r in range(args.reps):
+                order = ("plain", "daam") if r % 2 == 0 else ("daam", "plain")
+                for side in order:
+                    if side == "plain":
+                        t0 = time.perf_counter()
+                        plain(pipe, size, steps)
+                        run["plain"].append(time.perf_counter() - t0)
+                    else:
+                        gen_s, heat_s, shape = with_daam(pipe, size, steps, args.word)
+                        run["daam"].append(gen_s)
+                        run["daam_heatmap"].append(heat_s)
+                        run["heatmap_shape"] = shape
+            run["ok"] = True
+            run["ratio"] = statistics.median(run["daam"]) / statistics.median(run["plain"])
+        except Exception as e:
+            err(f"{key}: DAAM timed runs", e)
+        dump()
+    # DAAM's syntactic word parsing (GlobalHeatMap.parsed_heat_maps) needs spaCy's
+    # en_core_web_md; DAAM would shell out to `python -m spacy download` (tried in --setup).
+    try:
+        import spacy
+
+        spacy.load("en_core_web_md")
+        size = args.sizes[-1]
+        with torch.no_grad(), daam.trace(pipe) as tc:
+            call(pipe, size, 1)
+            list(tc.compute_global_heat_map().parsed_heat_maps())
+        res["spacy_parsing"] = "ok"
+    except BaseException as e:
+        err("DAAM parsed_heat_maps: spacy.load('en_core_web_md')", e)
+        res["spacy_parsing"] = "failed"
+    dump()
+    return 0
+
+
+def part_a(s, ctx: dict, work: Path) -> dict:
+    """Run the child in the DAAM venv (if set up); rows for the table + exact errors."""
+    import common as C
+
+    status_path = work / SETUP_JSON_NAME
+    setup_status = json.loads(status_path.read_text()) if status_path.exists() else None
+    if setup_status is None:
+        cand = HERE / "_work" / SETUP_JSON_NAME
+        if cand.exists():
+            setup_status = json.loads(cand.read_text())
+    rows, notes, raw = [], [], {"setup": setup_status}
+    if setup_status:
+        for st in setup_status.get("steps", []):
+            rows.append([f"setup: {st['step']}", "ok" if st["rc"] == 0 else f"FAILED (rc {st['rc']})",
+                         f"{st['s']} s", "; ".join(st.get("errors") or [])[:600]])
+    if not DAAM_PY.exists():
+        rows.append(["DAAM venv", "not present", "", f"{DAAM_VENV} missing: run "
+                     "`python benchmarks/bench_daam.py --setup` (needs network for PyPI)"])
+        return {"rows": rows, "notes": notes, "raw": raw}
+    if s.smoke:
+        sizes, steps, reps = [64], 2, 1
+    else:
+        sizes = [256, 512] if s.device == "cpu" else [512]
+        steps = 2 if s.mode == "quick" else s.steps
+        reps = 2 if s.mode == "quick" else s.reps
+    env = dict(os.environ, OMP_NUM_THREADS=str(s.extra.get("threads", 2)),
+               MKL_NUM_THREADS=str(s.extra.get("threads", 2)), PYTHONNOUSERSITE="1")
+    env.pop("PYTHONPATH", None)
+    cmd = [str(DAAM_PY), str(Path(__file__).resolve()), "--daam-child", "--steps", str(steps),
+           "--reps", str(reps), "--threads", str(s.extra.get("threads", 2)),
+           "--tokenizer", str(REPO / "sdlens" / "models" / "shapes" / "weights" / "tokenizer"),
+           "--prompt", s.prompt, "--word", "circle", "--sizes", *map(str, sizes)]
+    if s.smoke:
+        cmd.append("--smoke")
+    timeout = int(min(420, max(60, s.remaining() - 200))) if s.deadline else 900
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                           cwd="/tmp")
+        out = p.stdout
+        tail = (p.stderr or "")[-1500:]
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        tail = f"timed out after {timeout} s"
+    res = None
+    for line in out.splitlines():
+        if line.startswith("@@DAAMJSON@@"):
+            res = json.loads(line[len("@@DAAMJSON@@"):])
+    raw["child"] = res
+    raw["child_s"] = time.monotonic() - t0
+    if res is None:
+        rows.append(["DAAM child run", "FAILED", f"{raw['child_s']:.0f} s", tail.strip()[-600:]])
+        return {"rows": rows, "notes": notes, "raw": raw}
+    v = res.get("versions", {})
+    notes.append("DAAM venv versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
+    for run in res.get("runs", []):
+        label = f"DAAM 0.2.0 trace, {run['size']} px, {run['steps']} steps, CFG 7.5"
+        if run.get("ok"):
+            import statistics
+            pm, dm = statistics.median(run["plain"]), statistics.median(run["daam"])
+            rows.append([label, "ok", f"plain {C.fmt_s(pm)} (min {C.fmt_s(min(run['plain']))}, max "
+                         f"{C.fmt_s(max(run['plain']))}); DAAM {C.fmt_s(dm)} (min "
+                         f"{C.fmt_s(min(run['daam']))}, max {C.fmt_s(max(run['daam']))}); "
+                         f"ratio {dm / pm:.3f}x; n={len(run['daam'])}",
+                         f"+ global heat map and word map: {C.fmt_s(statistics.median(run['daam_heatmap']))}"
+                         f" (map {run.get('heatmap_shape')})"])
+        else:
+            pl = run.get("plain") or []
+            rows.append([label, "FAILED", (f"plain generation alone {C.fmt_s(statistics_median(pl))}"
+                                           if pl else ""), ""])
+    if "spacy_parsing" in res:
+        rows.append(["DAAM word parsing (parsed_heat_maps, spaCy)", res["spacy_parsing"], "", ""])
+    for k, e in res.get("errors", {}).items():
+        rows.append([f"error: {k}", "FAILED", "", f"`{e['error']}`"])
+    return {"rows": rows, "notes": notes, "raw": raw}
+
+
+def statistics_median(xs):
+    import statistics
+    return statistics.median(xs)
+
+
+def run(s, ctx: dict) -> dict:
+    import common as C
+
+    work = Path(ctx.get("work") or (HERE / "_work"))
+    tables = []
+    a = part_a(s, ctx, work)
+    tables.append(C.table("3a. DAAM 0.2.0 itself, in its own venv (diffusers 0.21.2)",
+                          ["what", "status", "time", "detail / exact error"], a["rows"],
+                          a["notes"] + [
+                              "Same architecture (SD 1.5 UNet/VAE/CLIP-L sizes, random weights, "
+                              "PNDM), same prompt and seed; DAAM's trace sets the latent grid from "
+                              "unet.config.sample_size (64 for 512 px, 96 otherwise).",
+                              "Quick mode: 2 steps per run (DAAM needs 512 px on this CPU); plain "
+                              "and DAAM alternate after a 1-step warm-up."]))
+    b = part_b(s, ctx)
+    tables.append(b["table"])
+    return {"tables": tables, "raw": {"a": a["raw"], "b": b["raw"]}}
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--daam-child" in argv:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--daam-child", action="store_true")
+        ap.add_argument("--smoke", action="store_true")
+        ap.add_argument("--steps", type=int, default=2)
+        ap.add_argument("--reps", type=int, default=2)
+        ap.add_argument("--threads", type=int, default=2)
+        ap.add_argument("--tokenizer", required=True)
+        ap.add_argument("--prompt", required=True)
+        ap.add_argument("--word", default="circle")
+        ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+        return child(ap.parse_args(argv))
+    if "--setup" in argv:
+        st = setup(HERE / "_work")
+        print(json.dumps(st, indent=1))
+        return 0
+    sys.path.insert(0, str(HERE))
+    import common as C
+    return C.standalone(run, argv, __doc__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""Benchmark 1: the time sdlens's default recording adds to a generation.
+
+    python benchmarks/bench_overhead.py [--smoke | --quick | --full] [--device cuda]
+
+Sides, alternating in one process after a warm-up, same seed and call:
+- **untraced**: ``pipe(...)`` (diffusers' default SDPA attention);
+- **sdlens**: the same call inside ``sdlens.trace(pipe)`` with the default ``RecordOptions``
+  (latents, noise, x0 every step; head-averaged cross-attention maps of all 16 ``attn2`` layers at
+  every step);
+- **daam-method** (SD 1.5 only; reported by benchmark 3b): DAAM's way of getting the maps, see
+  ``bench_daam.py``.
+
+On the full-size SD 1.5 architecture (random weights) at 256 px, 10 steps, CFG 7.5 on the CPU
+(512 px, 50 steps, fp16 on CUDA), and on the shipped model at its own size, 25 steps.
+Target: traced / untraced <= 1.10 on the CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common as C  # noqa: E402
+
+TARGET = 1.10
+
+
+def sd15_loop(s: C.Settings, ctx: dict, with_daam: bool = True) -> dict:
+    """The SD 1.5 alternating loop (shared with benchmarks 3b and 4 through ``ctx``)."""
+    if "sd15_loop" in ctx:
+        return ctx["sd15_loop"]
+    import bench_daam
+
+    pipe = C.sd15_pipeline(s)
+    kw = lambda: C.call_kwargs(s)  # noqa: E731
+    sides = {"untraced": C.untraced(pipe, kw), "sdlens": C.traced(pipe, kw)}
+    if with_daam:
+        sides["daam-method"] = bench_daam.daam_method_side(pipe, kw)
+    # warm-up with 2 steps (the same code paths, a fifth of the time)
+    warm = {n: f for n, f in {
+        "untraced": C.untraced(pipe, lambda: C.call_kwargs(s, steps=2)),
+        "sdlens": C.traced(pipe, lambda: C.call_kwargs(s, steps=2)),
+        **({"daam-method": bench_daam.daam_method_side(pipe, lambda: C.call_kwargs(s, steps=2))}
+           if with_daam else {})}.items()}
+    print(f"  SD 1.5 loop: {s.describe()}")
+    C.alternate(warm, s, reps=0, warmup=s.warmup, log=None)
+    budget = s.extra.get("sd15_loop_budget_s")
+    stats = C.alternate(sides, s, reps=s.reps, warmup=0, budget_s=budget, keep=("sdlens",))
+    out = {"stats": stats, "settings": s.describe(), "build_s": s.extra.get("sd15_build_s")}
+    ctx["sd15_loop"] = out
+    return out
+
+
+def shipped_loop(s: C.Settings, ctx: dict) -> dict:
+    if "shipped_loop" in ctx:
+        return ctx["shipped_loop"]
+    pipe, label = C.shipped_pipeline(s)
+    size = C.shipped_size(pipe)
+    kw = lambda: C.call_kwargs(s, steps=s.shipped_steps, height=size)  # noqa: E731
+    print(f"  shipped model loop: {label}, {size} px, {s.shipped_steps} steps")
+    stats = C.alternate({"untraced": C.untraced(pipe, kw), "sdlens": C.traced(pipe, kw)}, s,
+                        reps=s.shipped_reps, warmup=max(1, s.warmup), keep=("sdlens",))
+    out = {"stats": stats, "label": label, "size": size}
+    ctx["shipped_loop"] = out
+    return out
+
+
+def run(s: C.Settings, ctx: dict) -> dict:
+    sd = sd15_loop(s, ctx)
+    st = sd["stats"]
+    sh = shipped_loop(s, ctx)
+    sst = sh["stats"]
+    r_sd = st["sdlens"].median / st["untraced"].median
+    r_sh = sst["sdlens"].median / sst["untraced"].median
+    verdict = lambda r: "meets" if r <= TARGET else "misses"  # noqa: E731
+    rows = [
+        ["SD 1.5 " + ("(full size)" if s.sd15_scale >= 1 else f"(scale {s.sd15_scale})")]
+        + C.time_row("untraced", st["untraced"], st["untraced"]),
+        [""] + C.time_row("sdlens (default recording)", st["sdlens"], st["untraced"]),
+        [sh["label"]] + C.time_row("untraced", sst["untraced"], sst["untraced"]),
+        [""] + C.time_row("sdlens (default recording)", sst["sdlens"], sst["untraced"]),
+    ]
+    notes = [
+        f"SD 1.5: {sd['settings']}; ratio {r_sd:.3f}x {verdict(r_sd)} the target <= {TARGET}x.",
+        f"Shipped model: {sh['size']} px, {s.shipped_steps} steps, CFG {s.guidance}; ratio "
+        f"{r_sh:.3f}x {verdict(r_sh)} the target <= {TARGET}x.",
+        "Timed: prompt encoding + the denoising loop (output_type='latent'); the VAE decode is "
+        "not timed (sdlens does not touch it; it would only dilute the ratio). Traced side "
+        "includes building the Trace object.",
+    ]
+    if sd.get("build_s"):
+        notes.append(f"Building the random-weight SD 1.5 pipeline took {sd['build_s']:.0f} s "
+                     "(not timed).")
+    return {"tables": [C.table("1. Overhead: traced (default recording) vs untraced",
+                               ["model"] + C.TIME_COLUMNS, rows, notes)],
+            "raw": {"sd15": {k: v.to_dict() for k, v in st.items()},
+                    "shipped": {k: v.to_dict() for k, v in sst.items()},
+                    "ratio_sd15": r_sd, "ratio_shipped": r_sh, "target": TARGET}}
+
+
+def main(argv=None) -> int:
+    return C.standalone(run, argv, __doc__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

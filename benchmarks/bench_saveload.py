@@ -1,0 +1,162 @@
+"""Benchmark 7: writing and opening a 1 GB trace; opening must be lazy.
+
+    python benchmarks/bench_saveload.py [--smoke | --quick | --full]
+
+The trace is a real run: the SD 1.5 layout (channel scale 0.05, every attention layer's 8 heads
+and resolutions kept) at 512 px with heads kept and all 77 token positions, for as many steps as
+sdlens's size estimate needs to reach ~1 GiB (smoke: ~5 MB). Then:
+
+- **write**: ``trace.save(path)`` (atomic temp file + rename), and the ``fsync`` after it;
+- **open, cold** (the file evicted from the page cache with ``posix_fadvise(DONTNEED)``):
+  ``sdlens.load(path)`` (lazy: reads the header) vs reading everything eagerly with
+  ``safetensors.torch.load_file``; for the lazy side also the first tensor access
+  (``trace.latents``; then the largest attention layer) and reading every tensor;
+- the RSS growth of opening (lazy: should be ~0).
+Sides alternate; each is repeated.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common as C  # noqa: E402
+
+
+def evict(path: Path) -> bool:
+    """Drop the file's pages from the page cache (cold read next time)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def make_trace(s: C.Settings, target_bytes: int):
+    from sdlens.recorder import RecordOptions, estimate_trace_bytes, generate
+    from sdlens.testing import random_pipeline
+
+    size = 64 if s.smoke else 512
+    pipe = random_pipeline("sd15", scale=0.05, sample_size=size // 8)
+    opts = RecordOptions(heads=True, keep_padding=True)
+    per_step = sum(estimate_trace_bytes(pipe, steps=1, latent_hw=(size // 8, size // 8),
+                                        n_tokens=77, options=opts).values())
+    steps = max(2, min(400, round(target_bytes / per_step)))
+    t0 = time.perf_counter()
+    tr = generate(pipe, s.prompt, seed=0, steps=steps, options=opts, output_type="latent")
+    gen_s = time.perf_counter() - t0
+    del pipe
+    return tr, steps, gen_s, size
+
+
+def run(s: C.Settings, ctx: dict) -> dict:
+    import bench_recording
+    import safetensors.torch
+
+    from sdlens.trace import load
+
+    target = (5 << 20) if s.smoke else (1 << 30)
+    tr, steps, gen_s, size = make_trace(s, target)
+    nbytes = sum(bench_recording.trace_nbytes(tr).values())
+    print(f"  save/load: trace of {C.fmt_bytes(nbytes)} ({steps} steps at {size} px) made in {gen_s:.1f} s")
+    reps = 2 if s.mode != "full" else 4
+    tmpdir = Path(ctx.get("tmp") or tempfile.gettempdir())
+    d = Path(tempfile.mkdtemp(prefix="sdlens-bench-saveload-", dir=tmpdir))
+    path = d / "big.sdlens"
+    save_t, fsync_t = [], []
+    lazy = {"open": [], "first": [], "first_att": [], "all": [], "rss_open": []}
+    eager, cold_ok = [], True
+    try:
+        for r in range(reps):
+            t0 = time.perf_counter()
+            tr.save(path)
+            save_t.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            fd = os.open(path, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+            fsync_t.append(time.perf_counter() - t0)
+        file_bytes = path.stat().st_size
+        del tr
+        gc.collect()
+        for r in range(reps):
+            for side in (("lazy", "eager") if r % 2 == 0 else ("eager", "lazy")):
+                cold_ok &= evict(path)
+                gc.collect()
+                if side == "lazy":
+                    rss0 = C.rss_bytes() or 0
+                    t0 = time.perf_counter()
+                    t = load(path)
+                    t1 = time.perf_counter()
+                    lazy["rss_open"].append((C.rss_bytes() or 0) - rss0)
+                    _ = t.latents
+                    t2 = time.perf_counter()
+                    att = t.attention
+                    big = max(att.layers, key=lambda l: att.resolution(l)[0] * att.resolution(l)[1])
+                    _ = att[big]
+                    t3 = time.perf_counter()
+                    for name in ("timesteps", "sigmas", "noise_uncond", "noise_text", "noise", "x0"):
+                        getattr(t, name)
+                    for l in att.layers:
+                        _ = att[l]
+                    t4 = time.perf_counter()
+                    lazy["open"].append(t1 - t0)
+                    lazy["first"].append(t2 - t1)
+                    lazy["first_att"].append(t3 - t2)
+                    lazy["all"].append(t4 - t0)
+                    del t, att, _
+                else:
+                    t0 = time.perf_counter()
+                    full = safetensors.torch.load_file(str(path))
+                    eager.append(time.perf_counter() - t0)
+                    del full
+    finally:
+        for p in d.iterdir():
+            p.unlink()
+        d.rmdir()
+
+    def cell(xs):
+        return f"{C.fmt_s(statistics.median(xs))} (min {C.fmt_s(min(xs))}, max {C.fmt_s(max(xs))})"
+
+    cold = "cold (file evicted from the page cache)" if cold_ok else "page cache NOT evicted"
+    ratio = statistics.median(lazy["open"]) / statistics.median(eager)
+    rows = [
+        ["write: trace.save(path)", cell(save_t), f"{file_bytes / save_t[0] / 2**20:.0f} MiB/s (first)"],
+        ["fsync after save", cell(fsync_t), ""],
+        [f"open: sdlens.load(path), {cold}", cell(lazy["open"]),
+         f"RSS +{C.fmt_bytes(statistics.median(lazy['rss_open']))}; {ratio:.4f}x the eager read"],
+        ["first tensor access: trace.latents", cell(lazy["first"]), ""],
+        [f"first attention layer ({big})", cell(lazy["first_att"]), ""],
+        ["open + read every tensor (lazy, one by one)", cell(lazy["all"]), ""],
+        [f"eager: safetensors.torch.load_file(path), {cold}", cell(eager), "1 (baseline)"],
+    ]
+    notes = [f"Trace: {C.fmt_bytes(nbytes)} of tensors ({C.fmt_bytes(file_bytes)} on disk), a real "
+             f"{steps}-step run at {size} px with heads kept and all 77 tokens "
+             f"(SD 1.5 layout, scale 0.05; generated in {gen_s:.0f} s, not timed here).",
+             f"{reps} repeats per side, sides alternating. Disk: the filesystem of {tmpdir}.",
+             "Open is lazy: it reads the safetensors header and the JSON metadata only; each "
+             "tensor is read on first access."]
+    return {"tables": [C.table("7. Save / load of a ~1 GB trace", ["operation", "median (min, max)",
+                                                                   "note"], rows, notes)],
+            "raw": {"bytes": nbytes, "file_bytes": file_bytes, "steps": steps, "save_s": save_t,
+                    "fsync_s": fsync_t, "lazy": lazy, "eager_s": eager, "cold": cold_ok}}
+
+
+def main(argv=None) -> int:
+    return C.standalone(run, argv, __doc__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

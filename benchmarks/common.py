@@ -1,0 +1,475 @@
+"""Shared helpers for the sdlens benchmarks: settings per mode, pipelines, alternating timing,
+peak-memory probes, machine description and markdown tables.
+
+Every benchmark module has ``run(settings, ctx) -> dict`` (called by ``run.py``, which shares one
+process and one pipeline cache between them) and a ``main()`` for running it alone. A result dict
+is ``{"tables": [table, ...], "notes": [str, ...], "raw": {...}}`` and a table is
+``{"title": str, "columns": [str], "rows": [[cell]], "notes": [str]}``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+WORK = REPO / "benchmarks" / "_work"
+
+import torch  # noqa: E402
+
+PROMPT = "a red circle and a blue square on a white background"
+
+
+# ====================================================================== settings
+@dataclass
+class Settings:
+    """What a benchmark run uses (see :func:`make_settings`)."""
+
+    mode: str                      # "smoke" | "quick" | "full"
+    device: str                    # "cpu" | "cuda"
+    dtype: torch.dtype
+    height: int                    # SD 1.5 image size in pixels
+    steps: int                     # SD 1.5 denoising steps
+    guidance: float
+    sd15_scale: float              # 1.0 = the full 859M-parameter UNet
+    shipped_steps: int
+    reps: int                      # timed runs per side (at least; loops may stop early on budget)
+    shipped_reps: int
+    warmup: int
+    prompt: str = PROMPT
+    deadline: float | None = None  # time.monotonic() by which run.py wants to be done
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def smoke(self) -> bool:
+        return self.mode == "smoke"
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    def remaining(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+    def describe(self) -> str:
+        size = "full-size" if self.sd15_scale >= 1 else f"channel scale {self.sd15_scale}"
+        return (f"SD 1.5 architecture ({size}, random weights) at {self.height} px, {self.steps} "
+                f"steps, CFG {self.guidance}, {self.device}, {self.dtype_name}")
+
+
+def make_settings(mode: str = "quick", device: str | None = None) -> Settings:
+    """Settings for a mode: ``smoke`` (tiny, only checks the scripts work), ``quick`` (the full
+    architectures, few repeats: under 10 minutes on 2 CPU cores) or ``full`` (more repeats)."""
+    if mode not in ("smoke", "quick", "full"):
+        raise ValueError(f"mode must be smoke, quick or full, got {mode!r}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = device.startswith("cuda")
+    if mode == "smoke":
+        return Settings(mode, device, torch.float16 if cuda else torch.float32, height=64, steps=3,
+                        guidance=7.5, sd15_scale=0.05, shipped_steps=3, reps=2, shipped_reps=2,
+                        warmup=1)
+    if cuda:  # the issue's GPU settings: fp16, 512 px, 50 steps
+        return Settings(mode, device, torch.float16, height=512, steps=50, guidance=7.5,
+                        sd15_scale=1.0, shipped_steps=25, reps=3 if mode == "quick" else 7,
+                        shipped_reps=5 if mode == "quick" else 15, warmup=1)
+    return Settings(mode, device, torch.float32, height=256, steps=10, guidance=7.5, sd15_scale=1.0,
+                    shipped_steps=25, reps=2 if mode == "quick" else 5,
+                    shipped_reps=5 if mode == "quick" else 15, warmup=1)
+
+
+def add_common_args(ap) -> None:
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: only checks that it works")
+    ap.add_argument("--quick", action="store_true", help="full architectures, few repeats (default)")
+    ap.add_argument("--full", action="store_true", help="more repeats")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def settings_from_args(args) -> Settings:
+    mode = "smoke" if args.smoke else "full" if getattr(args, "full", False) else "quick"
+    return make_settings(mode, args.device)
+
+
+# ====================================================================== pipelines
+_PIPES: dict[tuple, Any] = {}
+
+
+def sd15_pipeline(s: Settings):
+    """The SD 1.5 architecture with random weights (full size unless smoke), cached."""
+    from sdlens.testing import random_pipeline
+
+    key = ("sd15", s.sd15_scale, s.height, s.device, s.dtype)
+    if key not in _PIPES:
+        t0 = time.perf_counter()
+        cache = sd15_cache_dir(s)
+        if not s.smoke and (cache / "model_index.json").exists():
+            # the same seeded random weights, saved by an earlier run (bench_memory saves them)
+            from diffusers import StableDiffusionPipeline
+
+            pipe = StableDiffusionPipeline.from_pretrained(cache, torch_dtype=s.dtype).to(s.device)
+            pipe.set_progress_bar_config(disable=True)
+            s.extra["sd15_source"] = f"loaded from {cache.relative_to(REPO)} (saved by an earlier run)"
+        else:
+            pipe = random_pipeline("sd15", scale=s.sd15_scale, sample_size=s.height // 8,
+                                   device=s.device, dtype=s.dtype)
+            s.extra["sd15_source"] = "built with random_pipeline('sd15', scale=%s)" % s.sd15_scale
+        _PIPES[key] = pipe
+        s.extra["sd15_build_s"] = time.perf_counter() - t0
+    return _PIPES[key]
+
+
+def sd15_cache_dir(s: Settings) -> Path:
+    """Where the SD 1.5 random pipeline is saved (fp32, CPU) for reuse by later processes."""
+    import diffusers
+
+    return WORK / f"sd15-random-scale{s.sd15_scale}-{s.height}px-diffusers{diffusers.__version__}"
+
+
+def shipped_pipeline(s: Settings):
+    """(pipe, label): the shipped model (``sdlens.load_pipeline()``) when its weights exist,
+    else a random-weight pipeline of its architecture (said in the label)."""
+    key = ("shipped", s.device, s.dtype)
+    if key not in _PIPES:
+        from sdlens.pipeline import SHIPPED_MODEL
+
+        if (SHIPPED_MODEL / "model_index.json").exists():
+            from sdlens.pipeline import load_pipeline
+
+            pipe = load_pipeline(device=s.device, dtype=s.dtype)
+            label = "shipped shapes model (sdlens.load_pipeline())"
+        else:
+            from sdlens.testing import random_pipeline
+
+            pipe = random_pipeline("shapes", device=s.device, dtype=s.dtype)
+            label = "shapes architecture, random weights (shipped weights not present yet)"
+        pipe.set_progress_bar_config(disable=True)
+        _PIPES[key] = (pipe, label)
+    return _PIPES[key]
+
+
+def shipped_size(pipe) -> int:
+    size = pipe.unet.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    return int(size) * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def call_kwargs(s: Settings, steps: int | None = None, height: int | None = None,
+                guidance: float | None = None) -> dict:
+    """The pipeline call every side makes (same seed; latents out, the VAE decode is not timed:
+    sdlens does not touch it, including it would only dilute the ratios)."""
+    h = height or s.height
+    return dict(prompt=s.prompt, num_inference_steps=steps or s.steps,
+                guidance_scale=s.guidance if guidance is None else guidance, height=h, width=h,
+                generator=torch.Generator("cpu").manual_seed(0), output_type="latent")
+
+
+def untraced(pipe, kw: Callable[[], dict]) -> Callable[[], Any]:
+    def fn():
+        with torch.inference_mode():
+            return pipe(**kw())
+    return fn
+
+
+def traced(pipe, kw: Callable[[], dict], **options) -> Callable[[], Any]:
+    from sdlens.recorder import trace
+
+    def fn():
+        with torch.inference_mode():
+            with trace(pipe, **options) as tr:
+                pipe(**kw())
+        return tr.runs[-1]
+    return fn
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ====================================================================== memory probes
+def _status() -> dict[str, int]:
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    out[line.split(":")[0]] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def rss_bytes() -> int | None:
+    return _status().get("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    return _status().get("VmHWM")
+
+
+# ====================================================================== timing
+@dataclass
+class Stats:
+    times: list[float]
+    peak_rss: list[int] = field(default_factory=list)     # run peak above the RSS at its start
+    cuda_peak: list[int] = field(default_factory=list)    # max_memory_allocated above the start
+    result: Any = None                                    # the last run's return value (if kept)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def min(self) -> float:
+        return min(self.times)
+
+    @property
+    def max(self) -> float:
+        return max(self.times)
+
+    def to_dict(self) -> dict:
+        d = {"median_s": self.median, "min_s": self.min, "max_s": self.max, "n": len(self.times),
+             "times_s": self.times}
+        if self.peak_rss:
+            d["peak_rss_above_start_bytes"] = self.peak_rss
+        if self.cuda_peak:
+            d["cuda_peak_above_start_bytes"] = self.cuda_peak
+        return d
+
+
+def alternate(sides: dict[str, Callable[[], Any]], s: Settings, reps: int, warmup: int | None = None,
+              budget_s: float | None = None, min_reps: int = 2, keep: tuple[str, ...] = (),
+              log: Callable[[str], None] | None = print) -> dict[str, Stats]:
+    """Run every side ``warmup`` times, then ``reps`` rounds in which every side runs once; the
+    order rotates from round to round (A B C, B C A, C A B, ...) so that drifts in machine speed
+    hit every side alike. After ``min_reps`` rounds, stops early when ``budget_s`` (seconds since
+    the first timed round) or the settings' deadline would be exceeded by another round.
+    Each run also records its peak RSS above the RSS at its start (VmHWM reset per run) and, on
+    CUDA, its peak allocated memory above the start. ``keep``: sides whose last result is kept."""
+    names = list(sides)
+    warmup = s.warmup if warmup is None else warmup
+    for _ in range(warmup):
+        for name in names:
+            sides[name]()
+            sync(s.device)
+            gc.collect()
+    stats = {n: Stats([]) for n in names}
+    t_start = time.monotonic()
+    round_times: list[float] = []
+    cuda = s.device.startswith("cuda")
+    for r in range(reps):
+        if r >= min_reps and round_times:
+            per_round = statistics.median(round_times)
+            if budget_s is not None and time.monotonic() - t_start + per_round > budget_s:
+                break
+            if s.remaining() < per_round + 30:
+                break
+        t_round = time.monotonic()
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            gc.collect()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                cuda0 = torch.cuda.memory_allocated()
+            have_hwm = reset_peak_rss()
+            rss0 = rss_bytes()
+            t0 = time.perf_counter()
+            out = sides[name]()
+            sync(s.device)
+            dt = time.perf_counter() - t0
+            st = stats[name]
+            st.times.append(dt)
+            if have_hwm and rss0 is not None:
+                st.peak_rss.append(max(0, (peak_rss_bytes() or 0) - rss0))
+            if cuda:
+                st.cuda_peak.append(torch.cuda.max_memory_allocated() - cuda0)
+            if name in keep:
+                st.result = out
+            del out
+            if log:
+                log(f"    {name}: {dt:.3f} s")
+        round_times.append(time.monotonic() - t_round)
+    return stats
+
+
+# ====================================================================== formatting
+def fmt_s(x: float | None) -> str:
+    if x is None:
+        return "–"
+    if x >= 100:
+        return f"{x:.0f} s"
+    if x >= 1:
+        return f"{x:.2f} s"
+    if x >= 1e-3:
+        return f"{x * 1e3:.1f} ms"
+    return f"{x * 1e6:.0f} µs"
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}x"
+
+
+def time_row(label: str, st: Stats, base: Stats | None) -> list[str]:
+    """[side, median, min, max, n, ratio of medians vs base]."""
+    ratio = st.median / base.median if base is not None else None
+    return [label, fmt_s(st.median), fmt_s(st.min), fmt_s(st.max), str(len(st.times)),
+            fmt_ratio(ratio) if base is not None and st is not base else "1 (baseline)"]
+
+
+TIME_COLUMNS = ["side", "median", "min", "max", "runs", "ratio (median / baseline median)"]
+
+
+def table(title: str, columns: list[str], rows: list[list], notes: list[str] | None = None) -> dict:
+    return {"title": title, "columns": columns, "rows": [[str(c) for c in r] for r in rows],
+            "notes": list(notes or [])}
+
+
+def markdown_table(t: dict) -> str:
+    cols = t["columns"]
+    lines = [f"#### {t['title']}", "", "| " + " | ".join(cols) + " |",
+             "|" + "|".join("---" for _ in cols) + "|"]
+    for r in t["rows"]:
+        cells = [str(c).replace("|", "\\|").replace("\n", " ") for c in r]
+        cells += [""] * (len(cols) - len(cells))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for n in t.get("notes", []):
+        lines.append(f"- {n}")
+    if t.get("notes"):
+        lines.append("")
+    return "\n".join(lines)
+
+
+def result_markdown(res: dict) -> str:
+    parts = [markdown_table(t) for t in res.get("tables", [])]
+    if res.get("notes"):
+        parts.append("\n".join(f"- {n}" for n in res["notes"]) + "\n")
+    return "\n".join(parts)
+
+
+# ====================================================================== machine
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(pkg: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info(s: Settings | None = None) -> dict:
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    mem = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    info = {
+        "cpu": cpu_model(), "logical_cpus": os.cpu_count(), "usable_cpus": usable,
+        "torch_threads": torch.get_num_threads(), "memory_bytes": mem,
+        "gpu": gpu or "none (CUDA not available)", "python": platform.python_version(),
+        "torch": torch.__version__, "diffusers": _version("diffusers"),
+        "transformers": _version("transformers"), "safetensors": _version("safetensors"),
+        "os": platform.platform(),
+    }
+    if s is not None:
+        info.update(device=s.device, dtype=s.dtype_name, mode=s.mode)
+    return info
+
+
+def busy_processes(limit: int = 8) -> list[str]:
+    """Other processes using the CPU now (``ps``; our own process tree left out)."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid,ppid,pcpu,etime,args", "--sort=-pcpu"],
+                             capture_output=True, text=True, timeout=10).stdout.splitlines()[1:]
+    except Exception:
+        return []
+    mine = {os.getpid(), os.getppid()}
+    rows = []
+    for line in out:
+        parts = line.split(None, 4)
+        if len(parts) < 5:
+            continue
+        pid, ppid, pcpu = int(parts[0]), int(parts[1]), float(parts[2])
+        if pid in mine or ppid == os.getpid() or pcpu < 5 or parts[4].startswith("ps "):
+            continue
+        rows.append(f"pid {pid} {pcpu:.0f}% cpu: {parts[4][:100]}")
+        if len(rows) >= limit:
+            break
+    return rows
+
+
+def loadavg() -> tuple[float, float, float] | None:
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, default=str))
+
+
+def standalone(run: Callable, argv=None, doc: str = "") -> int:
+    """``main()`` of a benchmark module: parse the common flags, run, print markdown."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_common_args(ap)
+    args = ap.parse_args(argv)
+    s = settings_from_args(args)
+    info = machine_info(s)
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    res = run(s, {})
+    print(result_markdown(res))
+    return 0
