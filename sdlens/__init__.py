@@ -2,13 +2,41 @@
 
 The front door::
 
-    pipe = sdlens.load_pipeline()                      # the shipped model (CPU, seconds)
+    pipe = sdlens.load_pipeline()                       # the shipped model (CPU, seconds)
     trace = sdlens.generate(pipe, "a red circle", seed=0)
-    trace.heatmap("circle")
+    trace.heatmap("circle")                             # (H, W) in [0, 1]
+    with sdlens.trace(pipe) as tr: pipe(...)            # record ordinary pipeline calls
+    grid = sdlens.sweep(pipe, "a red circle", seeds=range(4), guidance_scales=[1, 3, 7.5])
+    sdlens.compare(trace_a, trace_b); sdlens.token_effects(pipe, "a red circle")
+    sdlens.load("run.sdlens")                           # a saved Trace or Grid
 """
 
+from __future__ import annotations
+
+import os
+
+from . import plot
+from .adapters import lora_effect, trace_base_refiner
+from .compare import Comparison, compare
 from .pipeline import describe, load_pipeline
+from .recorder import RecordOptions, TraceTooLarge, generate, trace
+from .steer import reweight, token_effects
+from .sweep import Grid, sweep
+from .trace import Trace
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "describe", "load_pipeline"]
+
+def load(path: str | os.PathLike) -> Trace | Grid:
+    """Open a file written by ``Trace.save`` or ``Grid.save`` (lazily: tensors load on access)."""
+    from .sweep import is_grid_file
+    from .trace import load as load_trace
+
+    return Grid.load(path) if is_grid_file(path) else load_trace(path)
+
+
+__all__ = [
+    "Comparison", "Grid", "RecordOptions", "Trace", "TraceTooLarge", "__version__", "compare",
+    "describe", "generate", "load", "load_pipeline", "lora_effect", "plot", "reweight", "sweep",
+    "token_effects", "trace", "trace_base_refiner",
+]

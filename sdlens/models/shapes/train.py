@@ -262,12 +262,13 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
 
 
 # --------------------------------------------------------------------------- phase 4: export
-def export(work: Path, out: Path) -> Path:
-    """Write the EMA weights as a diffusers folder, fp16 safetensors."""
+def export(work: Path, out: Path, snapshot: Path | None = None) -> Path:
+    """Write the EMA weights (of the last checkpoint, or of an ``ema-STEP.pt`` snapshot) as a
+    diffusers folder, fp16 safetensors."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    state = torch.load(work / "unet.pt", weights_only=False)
+    state = torch.load(snapshot or work / "unet.pt", weights_only=False)
     unet, text, vae = architecture.unet(), architecture.text_encoder(), architecture.vae()
     unet.load_state_dict(state["ema_unet"]); text.load_state_dict(state["ema_text"])
     vae.load_state_dict(torch.load(work / "vae.pt", weights_only=True)["state"])
