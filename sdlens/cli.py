@@ -164,7 +164,12 @@ def _trace_file(path: str) -> Path:
 def _load_trace(path: str):
     from .trace import load
 
-    return load(_trace_file(path))
+    p = _trace_file(path)
+    sweep = _import_optional("sdlens.sweep")
+    if sweep is not None and getattr(sweep, "is_grid_file", None) and sweep.is_grid_file(p):
+        raise UsageError(f"{p} is a sweep grid file, not a trace; open it in Python with "
+                         "sdlens.load(path) and grid.plot()")
+    return load(p)
 
 
 # --------------------------------------------------------------------------- trace
