@@ -12,7 +12,8 @@ LoRA
     >>> eff.traces[2].heatmap("circle"); eff.comparisons[1.0].word_change; eff.figure
 
     All scales run as ONE batched pipeline call (batch item i runs adapter ``"red"`` at
-    ``scales[i]``; see :func:`lora_effect` for how, and ``batched=False`` for one call per scale).
+    ``scales[i]``; see :func:`lora_effect` for how and how faithful, and ``batched=False`` for
+    one call per scale).
 
 Textual inversion
     >>> pipe.load_textual_inversion("learned_embeds.safetensors", token="<my-token>")
@@ -254,10 +255,13 @@ def lora_effect(pipe, prompt: str, adapter: str, scales: Sequence[float] = (0, 0
         scales: LoRA scales (0 = without the adapter, 1 = as trained).
         seed, steps, guidance_scale, negative_prompt: as :func:`sdlens.generate`.
         batched: run all scales as one pipeline call of ``len(scales)`` images (per-row LoRA
-            scales, see below); False: one call per scale. The batched run gives each image
-            what its own call gives, up to float rounding of batched matrix products
-            (the tests check < 1e-4 on the latents). Adapters that cannot be batched
-            (DoRA) run one call per scale with a warning.
+            scales, see below); False: one call per scale. Image i of the batched call is bit
+            for bit what diffusers gives for a batch of the same size at ``scales[i]``
+            (``set_adapters``), which differs from a call of one image only by the device's
+            batch-size rounding (on CPU ~5e-5 on the latents of a plain SD run, more where a
+            strong LoRA amplifies it). ``batched=False`` reproduces single calls exactly
+            (scale 0 == the pipeline without the LoRA, bit for bit). Adapters that cannot be
+            batched (DoRA) run one call per scale with a warning.
         words: words whose maps to compare (default: every word of the prompt).
         figure: build ``LoraEffect.figure`` (matplotlib).
         options, **kwargs: RecordOptions and pipeline arguments, as :func:`sdlens.generate`.

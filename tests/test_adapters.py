@@ -61,7 +61,7 @@ def _random_lora(unet, folder, seed=1) -> str:
     with torch.no_grad():
         for name, p in twin.named_parameters():
             if "lora_B" in name:  # peft initialises B to zero (no effect): make it do something
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     return _save_lora(unet, folder, twin)
 
 
@@ -125,6 +125,7 @@ def test_lora_traced_equals_untraced_at_scale_07(lora_pipe, base_trace):
 
 def test_fused_lora_traced_equals_untraced(lora_pipe):
     pipe = lora_pipe
+    weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     pipe.fuse_lora(lora_scale=0.7)
     try:
         ref = _run(pipe)
@@ -135,6 +136,7 @@ def test_fused_lora_traced_equals_untraced(lora_pipe):
             adapters.lora_effect(pipe, PROMPT, "rand")
     finally:
         pipe.unfuse_lora()
+        pipe.unet.load_state_dict(weights)  # unfusing subtracts the delta again: not bit-exact
 
 
 def test_lora_scale_zero_is_the_same_trace_as_no_lora(lora_pipe, base_trace):
@@ -170,20 +172,25 @@ def test_lora_effect_batched_equals_sequential_and_restores(lora_pipe, base_trac
     traces, fig = eff
     assert isinstance(fig, Figure) and len(fig.axes) == 5
     assert [t.meta["lora"]["scale"] for t in traces] == [0.0, 0.5, 1.0]
+    # batch item i of the batched call is bit for bit what diffusers' own batched call at
+    # scales[i] gives (set_adapters, three identical prompts and seeds) ...
+    for i, (s, a) in enumerate(zip(eff.scales, traces)):
+        pipe.set_adapters("rand", s)
+        plain = generate(pipe, [PROMPT] * 3, seed=[0] * 3, steps=STEPS)
+        assert torch.equal(a.latents, plain.latents[:, i:i + 1]), s
+        assert torch.equal(a.x0, plain.x0[:, i:i + 1]), s
+        layer = a.attention.layers[-1]
+        assert torch.equal(a.attention[layer], plain.attention[layer][:, i:i + 1])
+    # ... and within the CPU's batch-size rounding of one call per scale
     for a, b in zip(traces, seq.traces):
         assert a.latents.shape == b.latents.shape == base_trace.latents.shape
-        torch.testing.assert_close(a.latents, b.latents, atol=1e-4, rtol=0)
-        torch.testing.assert_close(a.x0, b.x0, atol=1e-4, rtol=0)
-        for layer in a.attention.layers:
-            torch.testing.assert_close(a.attention[layer].float(), b.attention[layer].float(),
-                                       atol=2e-3, rtol=0)
+        assert (a.latents - b.latents).abs().max() < 1e-2 * b.latents.abs().max()
     # each sequential run is what diffusers' own set_adapters gives at that scale
     for s, t in zip(seq.scales, seq.traces):
         pipe.set_adapters("rand", s)
         assert np.abs(_run(pipe) - np.asarray(t.images[0], dtype=np.float32)).max() == 0
     pipe.set_adapters("rand", 1.0)
     assert torch.equal(seq.traces[0].latents, base_trace.latents)
-    torch.testing.assert_close(traces[0].latents, base_trace.latents, atol=1e-4, rtol=0)
     # zero change at the reference, growing with the scale
     c0, c5, c1 = (eff.comparisons[s] for s in (0.0, 0.5, 1.0))
     assert c0.x0_rms.max() == 0 and all(v.max() == 0 for v in c0.word_change.values())
@@ -238,7 +245,8 @@ def test_trained_lora_turns_the_image_red(tmp_path):
         opt.step()
     folder = _save_lora(pipe.unet, tmp_path, unet)
     pipe.load_lora_weights(folder, adapter_name="red")
-    eff = adapters.lora_effect(pipe, PROMPT, "red", scales=[0, 1.0], seed=0, steps=4)
+    eff = adapters.lora_effect(pipe, PROMPT, "red", scales=[0, 1.0], seed=0, steps=4,
+                               batched=False)
 
     def red(tr):
         im = np.asarray(tr.images[0], dtype=np.float32) / 255
@@ -246,10 +254,10 @@ def test_trained_lora_turns_the_image_red(tmp_path):
 
     r0, r1 = red(eff.traces[0]), red(eff.traces[1])
     assert r1 > r0 + 0.1, (r0, r1)
-    assert red(no_lora) == pytest.approx(r0, abs=1e-3)
+    assert red(no_lora) == r0
     c0 = compare(no_lora, eff.traces[0])
     c1 = compare(no_lora, eff.traces[1])
-    assert c0.x0_rms.max() < 1e-4 and max(v.max() for v in c0.word_change.values()) < 1e-2
+    assert c0.x0_rms.max() == 0 and max(v.max() for v in c0.word_change.values()) == 0
     assert c1.x0_rms[-1] > 100 * max(c0.x0_rms[-1], 1e-6)
     assert max(v.max() for v in c1.word_change.values()) > 1e-2
     assert eff.comparisons[1.0].x0_rms[-1] > 0
