@@ -125,7 +125,7 @@ def _resolve(model: str | os.PathLike | None) -> tuple[str, dict]:
         if not (SHIPPED_MODEL / "model_index.json").exists():
             raise FileNotFoundError(
                 f"the shipped model is missing from {SHIPPED_MODEL}; reinstall sdlens or rebuild "
-                "it with `python -m sdlens.models.shapes.train --export {SHIPPED_MODEL}`")
+                f"it with `python -m sdlens.models.shapes.train --export {SHIPPED_MODEL}`")
         model = SHIPPED_MODEL
     path = Path(model).expanduser()
     if path.is_dir():
