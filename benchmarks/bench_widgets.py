@@ -128,8 +128,8 @@ def bench_browser(trace_path: Path, switches: int) -> dict:
         return {"browser": "skipped: no Chromium (apt-get install chromium)"}
     work = Path(tempfile.mkdtemp(prefix="sdlens-bench-"))
     write_notebook(work / "bench.ipynb", [
-        "import sdlens.trace\nfrom sdlens.widgets import TraceViewer",
-        f"trace = sdlens.trace.load({str(trace_path)!r})\nviewer = TraceViewer(trace)\nviewer",
+        "from sdlens.trace import load as load_trace\nfrom sdlens.widgets import TraceViewer",
+        f"trace = load_trace({str(trace_path)!r})\nviewer = TraceViewer(trace)\nviewer",
     ])
     out = {}
     with JupyterLab(work) as lab, browser() as b:

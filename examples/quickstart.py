@@ -10,7 +10,6 @@ from _common import parse, save_fig, save_image, setup
 def main(argv=None):
     args = parse("quickstart", __doc__, argv)
     pipe, prompt, a, b, steps = setup(args)
-    import sdlens.trace
     from sdlens import plot
     from sdlens.recorder import generate
 
@@ -22,7 +21,9 @@ def main(argv=None):
     save_fig(plot.heatmap_grid(trace), args.out / "heatmaps.png")
     save_fig(plot.token_view(trace), args.out / "tokens.png")
     path = trace.save(args.out / "quickstart.sdlens")
-    loaded = sdlens.trace.load(path)
+    from sdlens.trace import load as load_trace
+
+    loaded = load_trace(path)
     assert (loaded.x0 == trace.x0).all()
     print("saved and reloaded", path)
 
