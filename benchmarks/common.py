@@ -176,8 +176,7 @@ def call_kwargs(s: Settings, steps: int | None = None, height: int | None = None
 
 def untraced(pipe, kw: Callable[[], dict]) -> Callable[[], Any]:
     def fn():
-        with torch.inference_mode():
-            return pipe(**kw())
+        return pipe(**kw())  # the pipeline's own no_grad, as users run it
     return fn
 
 
@@ -185,9 +184,8 @@ def traced(pipe, kw: Callable[[], dict], **options) -> Callable[[], Any]:
     from sdlens.recorder import trace
 
     def fn():
-        with torch.inference_mode():
-            with trace(pipe, **options) as tr:
-                pipe(**kw())
+        with trace(pipe, **options) as tr:
+            pipe(**kw())
         return tr.runs[-1]
     return fn
 

@@ -36,7 +36,8 @@ sys.path.insert(0, str(HERE))
 
 import common as C  # noqa: E402
 
-ORDER = ["overhead", "daam", "recording", "memory", "saveload", "grid", "widgets"]
+# cheap and required first; the SD 1.5 memory children (optional under --quick's budget) last
+ORDER = ["overhead", "recording", "saveload", "grid", "widgets", "daam", "memory"]
 TITLES = {
     "overhead": "1. Overhead: traced vs untraced",
     "recording": "2. Recording variants: time and bytes vs the estimate",
@@ -72,7 +73,7 @@ def run_grid(s: C.Settings, ctx: dict) -> dict:
     args = ["--smoke"] if s.smoke else ["--only", "shapes"] + (["--repeats", "2"] if s.mode == "quick" else [])
     if s.mode == "full":
         args = []
-    timeout = 120 if s.smoke else max(60, min(300, s.remaining() - 150))
+    timeout = 120 if s.smoke else max(60, min(150, s.remaining() - 300))
     r = _external("bench_grid.py", args, s, timeout)
     if "error" in r:
         return {"tables": [C.table(TITLES["grid"], ["status"], [[r["error"]]])], "raw": r}
@@ -94,8 +95,9 @@ def run_grid(s: C.Settings, ctx: dict) -> dict:
 
 
 def run_widgets(s: C.Settings, ctx: dict) -> dict:
-    args = ["--smoke", "--no-browser"] if s.smoke else (["--switches", "50"] if s.mode == "quick" else [])
-    timeout = 120 if s.smoke else max(60, min(300, s.remaining() - 60))
+    args = ["--smoke", "--no-browser"] if s.smoke else (["--switches", "50", "--builds", "2"]
+                                                         if s.mode == "quick" else [])
+    timeout = 120 if s.smoke else max(60, min(180, s.remaining() - 200))
     json_path = HERE / "_work" / "bench_widgets.json"
     t_start = time.time()
     r = _external("bench_widgets.py", args, s, timeout)
@@ -253,11 +255,13 @@ def main(argv=None) -> int:
                     help="seconds the whole run may take (default: quick 570, smoke/full none)")
     args = ap.parse_args(argv)
     s = C.settings_from_args(args)
-    threads = args.threads or len(os.sched_getaffinity(0))
+    # smoke only checks the scripts: one thread (as the test suite runs), no OpenMP barriers
+    # stalled by other processes; quick/full: every usable core
+    threads = args.threads or (1 if s.smoke else len(os.sched_getaffinity(0)))
     C.torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     s.extra["threads"] = threads
-    budget = args.budget if args.budget is not None else (570 if s.mode == "quick" else None)
+    budget = args.budget if args.budget is not None else (560 if s.mode == "quick" else None)
     t0 = time.monotonic()
     if budget:
         s.deadline = t0 + budget
@@ -286,9 +290,21 @@ def main(argv=None) -> int:
         res["seconds"] = time.monotonic() - t
         results[name] = res
         print(C.result_markdown(res), flush=True)
+        if name != names[-1]:  # a partial file, so that an interrupted run still leaves numbers
+            write_md(out_path, s, info, start, results, names, argv, t0, partial=True)
+    total = write_md(out_path, s, info, start, results, names, argv, t0, partial=False)
+    print(f"wrote {out_path} ({total:.0f} s)")
+    return 1 if any(v.get("failed") for v in results.values()) else 0
+
+
+def write_md(out_path: Path, s, info, start, results, names, argv, t0, partial: bool) -> float:
     total = time.monotonic() - t0
     end = {"load": C.loadavg(), "busy": C.busy_processes()}
-    parts = [header_md(s, info, start, end, total, argv), summary_md(results, s)]
+    parts = [header_md(s, info, start, end, total, argv)]
+    if partial:
+        parts.append(f"**PARTIAL: the run was still going** (done: {', '.join(results)}; "
+                     f"to do: {', '.join(n for n in names if n not in results)}).\n")
+    parts.append(summary_md(results, s))
     for name in SECTION_ORDER:
         if name not in results:
             continue
@@ -304,8 +320,7 @@ def main(argv=None) -> int:
                  HERE / "_work" / "results.json",
                  {"machine": info, "start": start, "end": end, "total_s": total,
                   "results": {k: v.get("raw") for k, v in results.items()}})
-    print(f"wrote {out_path} ({total:.0f} s)")
-    return 1 if any(v.get("failed") for v in results.values()) else 0
+    return total
 
 
 if __name__ == "__main__":
