@@ -906,7 +906,8 @@ _GENERATE_ARGS = {"steps": "num_inference_steps"}
 def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, steps: int = 25,
              guidance_scale: float | None = None, negative_prompt: str | list[str] | None = None,
              height: int | None = None, width: int | None = None,
-             options: RecordOptions | None = None, **kwargs) -> Trace:
+             options: RecordOptions | None = None, reweight: dict | None = None,
+             reweight_steps=None, **kwargs) -> Trace:
     """Run ``pipe`` once, traced, and return the :class:`~sdlens.trace.Trace` (images included).
 
     Args:
@@ -921,11 +922,22 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
         negative_prompt: a negative prompt (or one per prompt).
         height, width: image size in pixels (None: the model's default).
         options: a :class:`RecordOptions`.
+        reweight: ``{word: weight}`` scales those words' cross-attention (prompt-to-prompt's
+            equalizer, see :func:`sdlens.steer.reweight`); ``reweight_steps``: ``(start, end)``
+            step range (None: every step). The weights are recorded in ``meta["reweight"]``.
         **kwargs: RecordOptions fields (``record``, ``layers``, ``steps`` is the step count here,
             use ``attention_steps`` for RecordOptions.steps, ``heads``, ``keep_padding``,
             ``max_bytes``, ``attention_dtype``); everything else goes to the pipeline call
             (``num_images_per_prompt``, ``image``, ``mask_image``, ``strength``, ...).
     """
+    if reweight is not None:
+        from .steer import reweight as steered  # which calls back here without reweight=
+
+        return steered(pipe, prompt, reweight, reweight_steps, seed=seed, steps=steps,
+                       guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                       height=height, width=width, options=options, **kwargs)
+    if reweight_steps is not None:
+        raise ValueError("reweight_steps= needs reweight={word: weight, ...}")
     opt_names = {f.name for f in dataclasses.fields(RecordOptions)} - {"steps"}
     opt_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in opt_names}
     if "attention_steps" in kwargs:

@@ -249,3 +249,22 @@ def test_shipped_ablating_an_absent_word_changes_little(shapes):
     fx = steer.token_effects(shapes, "a red circle photo", seed=0, steps=20, record=None)
     assert fx.effects["photo"] < 0.1 * fx.effects["red"]
     assert share(fx.ablated["photo"], "red") > 0.5 * share(fx.image, "red")
+
+
+def test_generate_takes_reweight_like_steer_reweight():
+    import sdlens
+    from sdlens.testing import random_pipeline
+
+    pipe = random_pipeline("sd15")
+    plain = sdlens.generate(pipe, "a red circle", seed=0, steps=3, guidance_scale=5.0)
+    same = sdlens.generate(pipe, "a red circle", seed=0, steps=3, guidance_scale=5.0,
+                           reweight={"red": 1.0})
+    steered = sdlens.generate(pipe, "a red circle", seed=0, steps=3, guidance_scale=5.0,
+                              reweight={"red": 4.0}, reweight_steps=(0, 2))
+    assert same.meta["reweight"]["weights"] == {"red": 1.0}
+    assert torch.equal(plain.latents, same.latents)
+    assert not torch.equal(plain.latents, steered.latents)
+    with pytest.raises(ValueError, match="words"):
+        sdlens.generate(pipe, "a red circle", seed=0, steps=2, reweight={"purple": 2.0})
+    with pytest.raises(ValueError, match="reweight="):
+        sdlens.generate(pipe, "a red circle", seed=0, steps=2, reweight_steps=(0, 1))
