@@ -41,6 +41,7 @@ from .attention import layer_sort_key, resolve_layers
 from .hooks import scheduler as sched_hooks
 from .hooks.attention import RecordingProcessor
 from .hooks.unet import UNetHooks
+from .tokens import _BYTE_DECODER
 from .trace import Trace
 
 RECORDABLE = ("latents", "noise", "x0", "attention")
@@ -322,23 +323,6 @@ def _token_text(tokenizer, tokens: list[str]) -> str:
         return bytearray(dec[c] for c in body).decode("utf-8", errors="replace").strip()
     except KeyError:  # not a byte-level BPE
         return body.strip()
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte-level BPE alphabet: byte -> printable character."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
 
 
 def _token_strings(tokenizer, ids) -> list[str]:

@@ -32,8 +32,8 @@ MAX_PROMPT_TOKENS = MAX_POSITIONS - 2  # 75
 _END = "</w>"
 
 
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's byte -> printable unicode map used by CLIP's BPE."""
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable-character map, the alphabet of CLIP's byte-level BPE."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
     chars = printable[:]
@@ -43,10 +43,10 @@ def _byte_decoder() -> dict[str, int]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
+    return {b: chr(c) for b, c in zip(printable, chars)}
 
 
-_BYTE_DECODER = _byte_decoder()
+_BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
 
 
 def token_text(token: str) -> str:

@@ -18,22 +18,10 @@ import gzip
 import json
 from pathlib import Path
 
+from ...tokens import bytes_to_unicode
+
 N_MERGES = 49152 - 256 - 2  # = 48894, the merges OpenAI's tokenizer uses
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars)))
 
 
 def find_open_clip_vocab() -> Path:
@@ -56,7 +44,7 @@ def build_vocab(vocab_gz: str | Path) -> tuple[dict[str, int], list[str]]:
     """Return ``(token -> id, merge lines)`` exactly as OpenAI's CLIP tokenizer orders them."""
     lines = gzip.open(vocab_gz, "rt", encoding="utf-8").read().split("\n")
     merges = lines[1 : 1 + N_MERGES]  # line 0 is a version header
-    byte_chars = list(_bytes_to_unicode().values())
+    byte_chars = list(bytes_to_unicode().values())
     tokens = byte_chars + [c + "</w>" for c in byte_chars]
     tokens += ["".join(m.split()) for m in merges]
     tokens += [BOS, EOS]
