@@ -754,7 +754,6 @@ class _Session:
             self._compose_callback(run, call_kwargs, full)
         unet = pipe.unet
         saved_procs = dict(unet.attn_processors)
-        saved_fwd = (dict(unet._forward_hooks), dict(unet._forward_pre_hooks))
         hooks = wrapper = None
         try:
             procs = {k: (RecordingProcessor(v, k[: -len(".processor")], run)
