@@ -56,7 +56,8 @@ def estimate(pipe, s: C.Settings, steps: int, height: int, options: dict, n_toke
     from sdlens.recorder import RecordOptions, estimate_trace_bytes
 
     vsf = int(getattr(pipe, "vae_scale_factor", 8))
-    est = estimate_trace_bytes(pipe, batch=1, steps=steps, latent_hw=(height // vsf, height // vsf),
+    est = estimate_trace_bytes(pipe, batch=1, num_inference_steps=steps,
+                               latent_hw=(height // vsf, height // vsf),
                                n_tokens=n_tokens, do_cfg=s.guidance > 1,
                                options=RecordOptions(**options))
     return sum(est.values())
@@ -88,7 +89,7 @@ def bytes_row(model: str, variant: str, pipe, s, steps, height, options, tr) -> 
 
 BYTES_COLUMNS = ["model", "variant", "trace tensors (actual)",
                  "sdlens's estimate (trace.meta, made before the first step)",
-                 "its error (within 10%?)", "estimate_trace_bytes(steps=num_inference_steps) "
+                 "its error (within 10%?)", "estimate_trace_bytes(num_inference_steps=) "
                  "called before the run", "its error (within 10%?)", "estimate, 77 tokens",
                  "saved file"]
 
@@ -154,14 +155,13 @@ def run(s: C.Settings, ctx: dict) -> dict:
                           BYTES_COLUMNS, brows,
                           [f"Worst error of sdlens's estimate over {len(checked)} real runs: "
                            f"{worst:.1%} (target within 10%); of the standalone call with "
-                           f"steps=num_inference_steps: {worst_pre:.1%}." if worst is not None
+                           f"num_inference_steps=: {worst_pre:.1%}." if worst is not None
                            else "no runs checked",
                            "PNDM (SD 1.5's scheduler, skip_prk_steps) takes num_inference_steps + 1 "
-                           "scheduler steps, so estimate_trace_bytes(steps=num_inference_steps) "
-                           "undercounts it by one step; sdlens's own estimate (made at the first "
-                           "UNet call, from the scheduler's timesteps) does not.",
+                           "scheduler steps; estimate_trace_bytes(num_inference_steps=) counts "
+                           "them from the scheduler (sdlens.recorder.scheduler_steps).",
                            "'estimate before the run' = sdlens.recorder.estimate_trace_bytes(pipe,"
-                           " steps=, latent_hw=, n_tokens=<the prompt's tokens incl. start/end>, "
+                           " num_inference_steps=, latent_hw=, n_tokens=<the prompt's tokens incl. start/end>, "
                            "options=) summed; '77 tokens' is its worst case (keep_padding / "
                            "prompt not known yet).",
                            "'not run': estimate only (quick mode runs only the default variant "

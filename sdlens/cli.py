@@ -318,44 +318,6 @@ def _floats(text: str, what: str) -> list[float]:
     return vals
 
 
-def cfg_seed_grid(pipe, prompt: str, cfgs: list[float], seeds: list[int], steps: int,
-                  progress: Any = None, **call_kwargs: Any):
-    """Images of ``prompt`` for every (guidance scale, seed), untraced: ``[[PIL per seed] per
-    cfg]`` (one batched pipeline call per scale, one generator per seed)."""
-    import torch
-
-    rows = []
-    for cfg in cfgs:
-        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        out = pipe([prompt] * len(seeds), num_inference_steps=steps, guidance_scale=cfg,
-                   generator=gens, **call_kwargs)
-        rows.append(list(out.images))
-        if progress is not None:
-            progress.update()
-    return rows
-
-
-def grid_figure(rows, cfgs: list[float], seeds: list[int], prompt: str):
-    """A labelled figure of :func:`cfg_seed_grid`'s images (rows: guidance scale, columns: seed)."""
-    from matplotlib.figure import Figure
-    import numpy as np
-
-    fig = Figure(figsize=(1.6 * len(seeds) + 0.8, 1.6 * len(cfgs) + 0.6), layout="constrained")
-    axes = fig.subplots(len(cfgs), len(seeds), squeeze=False)
-    for r, (cfg, images) in enumerate(zip(cfgs, rows)):
-        for c, (seed, im) in enumerate(zip(seeds, images)):
-            ax = axes[r, c]
-            ax.imshow(np.asarray(im), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(f"seed {seed}", fontsize=9)
-            if c == 0:
-                ax.set_ylabel(f"cfg {cfg:g}", fontsize=9)
-    fig.suptitle(f"{prompt!r}: guidance scale x seed", fontsize=10)
-    return fig
-
-
 def _demo_run(args: argparse.Namespace) -> int:
     from . import plot
     from .report import write_report
@@ -376,7 +338,7 @@ def _demo_run(args: argparse.Namespace) -> int:
     pipe = _load_pipe(args)
     written: list[Path] = []
     per_prompt = 6
-    total = per_prompt * len(prompts) + (0 if args.no_grid else len(cfgs))
+    total = per_prompt * len(prompts) + (0 if args.no_grid else 1)
     with _progress(args, total, "demo") as bar:
         for i, prompt in enumerate(prompts):
             stem = "" if len(prompts) == 1 else f"{i}-"
@@ -401,11 +363,19 @@ def _demo_run(args: argparse.Namespace) -> int:
             bar.update(2)
             written += list(files.values())
         if not args.no_grid:
-            rows = cfg_seed_grid(pipe, prompts[0], cfgs, seeds, args.steps, progress=bar,
-                                 negative_prompt=args.negative, height=args.height,
-                                 width=args.width)
+            import matplotlib.pyplot as plt
+
+            from .sweep import sweep
+
+            # untraced and batched: the sweep runs every (cfg, seed) cell in one call
+            grid = sweep(pipe, prompts[0], seeds=seeds, guidance_scales=cfgs, steps=args.steps,
+                         record=None, negative_prompt=args.negative, height=args.height,
+                         width=args.width, progress=False, keep_axes=("guidance", "seed"))
+            bar.update()
             path = out / "grid.png"
-            grid_figure(rows, cfgs, seeds, prompts[0]).savefig(path, dpi=110)
+            fig = grid.plot(title=f"{prompts[0]!r}: guidance scale x seed")
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
             written.append(path)
     for path in written:
         print(f"wrote {path}")

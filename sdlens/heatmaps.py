@@ -40,6 +40,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from .tokens import Word, available, find_word, trace_words
 
@@ -217,10 +218,10 @@ def pooled_map(trace: Any, positions: Sequence[int], steps: Any = None, layers: 
         grid = _latent_size(trace)
         for name in names:
             m = _layer_maps(maps, name, step_idx, batch, tok_idx, heads)  # (S, h', t, h, w)
-            s, nh, nt, h, w = m.shape
-            up = F.interpolate(m.reshape(s * nh * nt, 1, h, w), size=grid, mode="bicubic",
-                               align_corners=False).clamp_(min=0)
-            up = up.reshape(s, nh, nt, *grid).sum(1)  # sum over heads -> (S, t, gh, gw)
+            s, nh = m.shape[:2]
+            up = F.interpolate(rearrange(m, "s nh t h w -> (s nh t) 1 h w"), size=grid,
+                               mode="bicubic", align_corners=False).clamp_(min=0)
+            up = rearrange(up, "(s nh t) 1 gh gw -> s nh t gh gw", s=s, nh=nh).sum(1)  # (S, t, gh, gw)
             if not per_step:
                 up = up.sum(0, keepdim=True)
             acc = up if acc is None else acc + up

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from PIL import Image
 
 SD1_MATRIX = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
@@ -190,9 +191,9 @@ def fit_linear_decoder(vae: Any, images: Any = None, n: int = 256, seed: int = 0
         lats.append(post.mean.float().cpu() * sf)
     lat = torch.cat(lats)  # (n, C, h, w)
     target = F.adaptive_avg_pool2d(x, lat.shape[-2:])  # (n, 3, h, w)
-    a = lat.permute(0, 2, 3, 1).reshape(-1, lat.shape[1]).double()
+    a = rearrange(lat, "n c h w -> (n h w) c").double()
     a = torch.cat([a, torch.ones(len(a), 1, dtype=torch.float64)], 1)
-    y = target.permute(0, 2, 3, 1).reshape(-1, 3).double()
+    y = rearrange(target, "n c h w -> (n h w) c").double()
     sol = torch.linalg.lstsq(a, y).solution  # (C + 1, 3)
     rmse = float((a @ sol - y).pow(2).mean().sqrt())
     sol = sol.round(decimals=6)  # float noise (~1e-14) between runs must not change the file

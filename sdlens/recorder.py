@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
+from einops import rearrange
 
 from .attention import layer_sort_key, resolve_layers
 from .hooks import scheduler as sched_hooks
@@ -262,17 +263,35 @@ def _version(pkg: str) -> str:
         return "unknown"
 
 
+def scheduler_steps(scheduler, num_inference_steps: int) -> int:
+    """How many steps (UNet calls) ``scheduler`` takes for ``num_inference_steps``: one more for
+    PNDM with ``skip_prk_steps`` (SD 1.5's default), ``2 n - 1`` for Heun / KDPM2. Read from a
+    copy's ``set_timesteps``; the pipeline's scheduler is not touched."""
+    import copy
+
+    sched = copy.deepcopy(scheduler)
+    try:
+        sched.set_timesteps(num_inference_steps)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"num_inference_steps={num_inference_steps!r}: the scheduler refused it "
+                         f"({e})") from None
+    return len(sched.timesteps)
+
+
 def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
                          latent_hw: tuple[int, int] | None = None, n_tokens: int = 77,
                          do_cfg: bool = True, options: RecordOptions | None = None,
                          layers: Sequence[str] | None = None,
-                         attention_steps: int | None = None) -> dict[str, int]:
+                         attention_steps: int | None = None,
+                         num_inference_steps: int | None = None) -> dict[str, int]:
     """Host bytes a trace of ``pipe`` will take, per kind of data (before running anything).
 
     Args:
         pipe: the pipeline (its UNet's layers, heads and latent channels are read).
         batch: batch items (prompts x num_images_per_prompt).
-        steps: scheduler steps (``num_inference_steps``; about twice that for Heun/KDPM2).
+        steps: scheduler steps (UNet calls). Prefer ``num_inference_steps``, which converts.
+        num_inference_steps: the pipeline argument; when given, ``steps`` is the number of steps
+            the pipeline's scheduler really takes for it (:func:`scheduler_steps`).
         latent_hw: latent (h, w) (default: the UNet's ``sample_size``).
         n_tokens: kept token positions (default 77, the worst case).
         do_cfg: classifier-free guidance on (3 noise tensors instead of 2).
@@ -285,6 +304,8 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
     """
     opts = options or RecordOptions()
     unet = pipe.unet
+    if num_inference_steps is not None:
+        steps = scheduler_steps(pipe.scheduler, num_inference_steps)
     if latent_hw is None:
         size = unet.config.sample_size
         latent_hw = (size, size) if isinstance(size, int) else tuple(size)
@@ -593,7 +614,7 @@ class _Run:
                 else:
                     shape = (0, self.batch) + ((1,) if self.opts.heads else ()) + (n_tok, lh * lw)
                     t = torch.zeros(shape, dtype=self.opts.attention_dtype)
-                tensors[f"attention/{layer}"] = t.reshape(*t.shape[:-1], lh, lw)
+                tensors[f"attention/{layer}"] = rearrange(t, "... (h w) -> ... h w", h=lh, w=lw)
                 self.att[layer] = []
             att_info = {"layers": list(self.att), "resolutions": {l: list(self.resolutions[l])
                                                                   for l in self.att},

@@ -21,13 +21,7 @@ ATOL = 1e-4
 P1, P2 = "a red circle", "a blue square and a green triangle"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the tiny pipelines are dominated by thread overhead on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

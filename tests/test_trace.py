@@ -706,6 +706,32 @@ def test_default_trace_of_full_size_sd15_is_under_100_mb():
     assert heads["attention"] == 8 * est["attention"]
 
 
+def test_size_estimate_counts_the_schedulers_real_steps():
+    """PNDM (SD 1.5's default, skip_prk_steps) takes num_inference_steps + 1 steps, Heun 2n - 1:
+    the estimate from num_inference_steps counts what the recorder will store."""
+    from types import SimpleNamespace
+
+    from sdlens.recorder import estimate_trace_bytes, scheduler_steps
+
+    base = _pipe("sd15")
+    pndm = diffusers.PNDMScheduler.from_config(base.scheduler.config, skip_prk_steps=True)
+    heun = diffusers.HeunDiscreteScheduler.from_config(base.scheduler.config)
+    assert scheduler_steps(pndm, 10) == 11
+    assert scheduler_steps(heun, 10) == 19
+    for sched, n in ((pndm, 11), (heun, 19)):
+        pipe = SimpleNamespace(unet=base.unet, scheduler=sched, tokenizer=base.tokenizer)
+        assert estimate_trace_bytes(pipe, num_inference_steps=10, n_tokens=5) == \
+            estimate_trace_bytes(pipe, steps=n, n_tokens=5)
+    run = random_pipeline("sd15")
+    run.scheduler = pndm
+    tr = generate(run, "a cat", seed=0, steps=10, guidance_scale=7.5)
+    assert len(tr.timesteps) == 11
+    est = estimate_trace_bytes(run, num_inference_steps=10, n_tokens=len(tr.tokens[0]) + 2,
+                               latent_hw=tuple(tr.latents.shape[-2:]))
+    assert est["latents"] == tr.latents.numel() * 4
+    assert est["noise"] == 3 * tr.noise.numel() * 4
+
+
 # ============================================================================ more pipelines
 def test_sdxl_refiner_layout_uses_tokenizer_2():
     """The SDXL refiner has only text_encoder_2 / tokenizer_2 (and aesthetic-score time ids)."""

@@ -14,6 +14,7 @@ import inspect
 from typing import Protocol
 
 import torch
+from einops import rearrange
 
 
 class AttentionSink(Protocol):
@@ -27,7 +28,8 @@ class AttentionSink(Protocol):
 
 def attention_probabilities(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                             attention_mask: torch.Tensor | None = None,
-                            temb: torch.Tensor | None = None) -> torch.Tensor:
+                            temb: torch.Tensor | None = None, rows: slice = slice(None),
+                            with_values: bool = False):
     """Cross-attention probabilities of an ``Attention`` module, as ``AttnProcessor`` /
     ``AttnProcessor2_0`` compute them, in float32.
 
@@ -35,27 +37,33 @@ def attention_probabilities(attn, hidden_states: torch.Tensor, encoder_hidden_st
         attn: diffusers ``Attention`` module (an ``attn2``).
         hidden_states: (B, HW, C) image tokens (or (B, C, h, w)).
         encoder_hidden_states: (B, K, D) text tokens.
-        attention_mask: optional mask as passed to the processor.
+        attention_mask: optional mask as passed to the processor (for all B rows).
         temb: time embedding (only for spatial-norm attention).
+        rows: the batch rows to compute (e.g. the text half of a CFG batch); the norms run on
+            all rows (they are per sample), the projections only on these.
+        with_values: also return the values ``to_v(encoder_hidden_states)``.
 
     Returns:
-        (B, heads, HW, K) float32, rows summing to 1.
+        probs (n, heads, HW, K) float32, rows summing to 1 (n: the selected rows); with
+        ``with_values`` the pair (probs, values (n, heads, K, head_dim)).
     """
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
     if hidden_states.ndim == 4:
-        b, c, h, w = hidden_states.shape
-        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        hidden_states = rearrange(hidden_states, "b c h w -> b (h w) c")
     batch = hidden_states.shape[0]
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    hidden_states, encoder_hidden_states = hidden_states[rows], encoder_hidden_states[rows]
     query = attn.to_q(hidden_states)
     if attn.norm_cross:
         encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
     key = attn.to_k(encoder_hidden_states)
-    head_dim = key.shape[-1] // attn.heads
-    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return rearrange(t, "n l (heads d) -> n heads l d", heads=attn.heads)
+
+    query, key = heads(query), heads(key)
     if getattr(attn, "norm_q", None) is not None:
         query = attn.norm_q(query)
     if getattr(attn, "norm_k", None) is not None:
@@ -63,12 +71,15 @@ def attention_probabilities(attn, hidden_states: torch.Tensor, encoder_hidden_st
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * float(attn.scale)
     if attention_mask is not None:
         mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
-        mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
+        mask = mask.view(batch, attn.heads, -1, mask.shape[-1])[rows]
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask.float()
-    return scores.softmax(dim=-1)
+    probs = scores.softmax(dim=-1)
+    if not with_values:
+        return probs
+    return probs, heads(attn.to_v(encoder_hidden_states))
 
 
 def _signature_without_self(fn) -> inspect.Signature | None:

@@ -25,6 +25,9 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
+
+from .attention import attention_probabilities
 
 
 class SteeringState:
@@ -130,50 +133,22 @@ class ReweightProcessor:
         st = self.state
         batch = hidden_states.shape[0]
         rows = self._rows(batch)
-        hs = hidden_states
-        if attn.spatial_norm is not None:
-            hs = attn.spatial_norm(hs, temb)
-        input_ndim = hs.ndim
-        if input_ndim == 4:
-            b, c, h, w = hs.shape
-            hs = hs.view(b, c, h * w).transpose(1, 2)
-        if attn.group_norm is not None:
-            hs = attn.group_norm(hs.transpose(1, 2)).transpose(1, 2)
-        hs, e = hs[rows], ehs[rows]
-        n = hs.shape[0]
-        query = attn.to_q(hs)
-        if attn.norm_cross:
-            e = attn.norm_encoder_hidden_states(e)
-        key = attn.to_k(e)
-        value = attn.to_v(e)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(n, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(n, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(n, -1, attn.heads, head_dim).transpose(1, 2)
-        if getattr(attn, "norm_q", None) is not None:
-            query = attn.norm_q(query)
-        if getattr(attn, "norm_k", None) is not None:
-            key = attn.norm_k(key)
-        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * float(attn.scale)
-        if mask is not None:
-            m = attn.prepare_attention_mask(mask, key.shape[2], batch)
-            m = m.view(batch, attn.heads, -1, m.shape[-1])[rows]
-            scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
-        probs = scores.softmax(dim=-1)  # (n, heads, HW, K)
+        probs, value = attention_probabilities(attn, hidden_states, ehs, mask, temb, rows=rows,
+                                               with_values=True)  # (n, heads, HW, K), (n, heads, K, d)
         pos = torch.tensor(st.positions, device=probs.device)
         pos = pos[pos < probs.shape[-1]]
         f = (st.factors.to(probs.device)[:, pos] - 1.0)  # (n, P)
         weighted = probs[..., pos] * f[:, None, None, :]  # (n, heads, HW, P)
         delta = torch.matmul(weighted, value.float()[:, :, pos, :])  # (n, heads, HW, d)
-        delta = delta.transpose(1, 2).reshape(n, -1, attn.heads * head_dim)
+        delta = rearrange(delta, "n heads l d -> n l (heads d)")
         proj = attn.to_out[0]
         if isinstance(proj, torch.nn.Linear) and type(proj) is torch.nn.Linear:
             delta = F.linear(delta.to(proj.weight.dtype), proj.weight)
         else:  # LoRA and other wrappers: linear, so f(x) - f(0) is the bias-free part
             d = delta.to(out.dtype)
             delta = proj(d) - proj(torch.zeros_like(d[:, :1]))
-        if input_ndim == 4:
-            delta = delta.transpose(-1, -2).reshape(n, *out.shape[1:])
+        if hidden_states.ndim == 4:
+            delta = rearrange(delta, "n (h w) c -> n c h w", h=out.shape[2])
         delta = (delta / attn.rescale_output_factor).to(out.dtype)
         st.calls += 1
         full = torch.zeros_like(out)
