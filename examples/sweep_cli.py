@@ -1,9 +1,8 @@
-"""A CFG x seed grid from Python and from the command line.
+"""A CFG x seed grid and per-token effects from Python; the same grid from the command line.
 
-    python examples/sweep_cli.py                    # the shipped model (or a tiny random one)
+    python examples/sweep_cli.py [--model HUB_ID --device cuda]
 
-The same from the shell (``sdlens sweep`` once the CLI registers it; ``python -m sdlens.sweep``
-always works), also across processes with accelerate:
+The same grid from the shell, also across processes with accelerate:
 
     sdlens sweep "a red circle and a blue square" --seeds 0-3 --cfg "1-13 [4]" --out grid.png \\
         --traces grid.sdlens
@@ -11,42 +10,28 @@ always works), also across processes with accelerate:
         --cfg 1,3,7.5,12 --out grid.png
 """
 
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-
-S = __import__("importlib").import_module("sdlens.sweep")  # noqa: E402 (sdlens.sweep: the function once exported)
-from sdlens.pipeline import SHIPPED_MODEL, load_pipeline  # noqa: E402
-from sdlens.steer import token_effects  # noqa: E402
-from sdlens.testing import random_pipeline  # noqa: E402
+from _common import parse, save_fig, setup
 
 
-def main() -> None:
-    if (SHIPPED_MODEL / "model_index.json").exists():
-        pipe = load_pipeline(device="cpu")
-    else:
-        print("the shipped model is not built yet: using a tiny random-weight pipeline")
-        pipe = random_pipeline("shapes")
-    prompt = "a red circle and a blue square"
-    grid = S.sweep(pipe, prompt, seeds=S.parse_axis("0-3", int),
-                   guidance_scales=S.parse_axis("1-13 [4]"), steps=20)
+def main(argv=None):
+    args = parse("sweep_cli", __doc__, argv)
+    pipe, prompt, a, b, steps = setup(args)
+    import sdlens
+
+    # 4 seeds x 4 guidance scales, batched into as few pipeline calls as memory allows
+    grid = sdlens.sweep(pipe, prompt, seeds="0-3", guidance_scales="1-13 [4]", steps=steps)
     print(grid)
     print("cell (CFG 5, seed 2):", grid.settings(grid.index(guidance=5.0, seed=2)))
-    grid.plot().savefig("grid.png", dpi=100)
-    grid.save("grid.sdlens")
-    back = S.Grid.load("grid.sdlens")
-    print("reloaded:", back, "trace of one cell:", back.traces[1, 2])
-    fx = token_effects(pipe, prompt, seed=0, steps=20, record=None)
-    print(fx)
-    fx.plot().savefig("token_effects.png", dpi=100)
-    print("wrote grid.png, grid.sdlens, token_effects.png")
+    save_fig(grid.plot(), args.out / "grid.png")
+    grid.save(args.out / "grid.sdlens")
+    back = sdlens.load(args.out / "grid.sdlens")
+    print("reloaded:", back, "trace of cell (CFG 1, seed 0):", back.trace(guidance=1.0, seed=0))
+
+    # what each prompt word does to the image: the image with that word's attention removed
+    effects = sdlens.token_effects(pipe, prompt, seed=0, steps=steps, record=None)
+    print(effects)
+    save_fig(effects.plot(), args.out / "token_effects.png")
+    print(f"wrote {args.out}/grid.png, grid.sdlens, token_effects.png")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,36 @@
+"""Every script in examples/ runs top to bottom on the shipped model and writes its PNGs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
+
+
+def test_every_example_is_covered():
+    assert len(SCRIPTS) >= 6, SCRIPTS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_example_runs_on_the_shipped_model(script, tmp_path):
+    env = dict(os.environ, MPLBACKEND="Agg", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, str(EXAMPLES / script), "--steps", "6", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    pngs = sorted(out.glob("*.png"))
+    assert pngs, f"{script} wrote no PNGs: {p.stdout[-1000:]}"
+    for png in pngs:
+        with Image.open(png) as im:
+            assert im.width >= 64 and im.height >= 64, png
+            lo, hi = im.convert("L").getextrema()
+            assert hi - lo > 64, f"{png.name} is blank (grey levels {lo}..{hi})"
+    assert not (tmp_path / "grid.png").exists()  # nothing written outside --out
