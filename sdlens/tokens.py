@@ -105,7 +105,28 @@ def words_from_tokens(tokens: Sequence[str]) -> list[Word]:
         if tok.endswith(_END):
             close()
     close()  # a run without a final </w> (cut mid-word by truncation) still forms a word
-    return words
+    return _merge_vectors(words)
+
+
+def _merge_vectors(words: list[Word]) -> list[Word]:
+    """A multi-vector textual-inversion token ``<t>`` is expanded by diffusers into the words
+    ``<t> <t>_1 <t>_2 ...``: they are one word (its heatmap covers every vector)."""
+    groups: list[tuple[str, list[Word]]] = []  # (the head's text, its words)
+    for w in words:
+        if groups and w.text == f"{groups[-1][0]}_{len(groups[-1][1])}":
+            groups[-1][1].append(w)
+        else:
+            groups.append((w.text, [w]))
+    if len(groups) == len(words):
+        return words
+    out: list[Word] = []
+    seen: dict[str, int] = {}
+    for text, ws in groups:
+        occ = seen.get(text, 0)
+        seen[text] = occ + 1
+        out.append(Word(text, len(out), sum((w.positions for w in ws), ()),
+                        sum((w.tokens for w in ws), ()), occ))
+    return out
 
 
 def _strip(token: str) -> str:

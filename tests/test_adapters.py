@@ -335,6 +335,12 @@ def test_multi_vector_textual_inversion_positions(ti_pipe):
 
     torch.testing.assert_close(both, token_heatmap(tr, [2, 3], size=8))
     assert not torch.allclose(both, token_heatmap(tr, [2], size=8))
+    # the trace's words see <multi> as one word over both vectors
+    from sdlens.tokens import trace_words
+
+    assert [(w.text, w.positions) for w in trace_words(tr)] == \
+        [("a", (1,)), ("<multi>", (2, 3)), ("circle", (4,))]
+    torch.testing.assert_close(tr.heatmap("<multi>", size=8), both)
     ti = adapters.textual_inversion(pipe, "<multi>", k=3)
     assert len(ti.neighbours[1]) == 2 and all(len(n) == 3 for n in ti.neighbours[1])
 
