@@ -345,6 +345,29 @@ def test_multi_vector_textual_inversion_positions(ti_pipe):
     assert len(ti.neighbours[1]) == 2 and all(len(n) == 3 for n in ti.neighbours[1])
 
 
+def test_textual_inversion_on_sdxl_both_encoders():
+    """SDXL: the token is loaded into both text encoders (as SDXL embeddings ship, clip_l +
+    clip_g); tracing keeps the image, the trace's tokens (tokenizer 1) hold it as one word and
+    its heatmap is a real map."""
+    from sdlens.tokens import trace_words
+
+    pipe = random_pipeline("sdxl")
+    for enc, tok in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):
+        table = enc.get_input_embeddings().weight.detach()
+        vec = torch.randn(1, table.shape[1], generator=torch.Generator().manual_seed(1)) * table.std()
+        pipe.load_textual_inversion(vec, token="<xl-token>", text_encoder=enc, tokenizer=tok)
+    prompt = "a <xl-token> on a square"
+    ref = _run(pipe, prompt)
+    with trace(pipe) as tr:
+        out = _run(pipe, prompt)
+    assert np.abs(out - ref).max() == 0
+    new_id = pipe.tokenizer.convert_tokens_to_ids("<xl-token>")
+    assert new_id >= pipe.tokenizer.vocab_size and new_id in tr.token_ids[0]
+    assert "<xl-token>" in [w.text for w in trace_words(tr)]
+    m = tr.heatmap("<xl-token>", size=8)
+    assert m.shape == (8, 8) and torch.isfinite(m).all() and float(m.sum()) > 0
+
+
 # ============================================================================ SDXL refiner
 @pytest.mark.slow
 def test_sdxl_base_and_refiner_as_one_trace(tmp_path):
