@@ -223,11 +223,10 @@ Weights are stored in fp16 safetensors.
 
 ## Training (`python -m sdlens.models.shapes.train`)
 VAE: {train['vae_steps']} steps, batch 32, MSE + 1e-6 KL, PSNR {train['vae_psnr']:.1f} dB.
-Text encoder + UNet from scratch: {train['unet_steps']} steps of batch {train['batch']} in
-{train['unet_minutes']:.0f} minutes on 2 CPU cores (shared with other work), AdamW lr 1e-3 with
-warm-up and a cosine schedule annealed to the time budget, min-SNR-5 weighting, 10% empty captions
-(for classifier-free guidance), EMA 0.999, seed 0. The whole run (VAE, cache, UNet) is
-reproducible and resumable from its checkpoints.
+Text encoder + UNet from scratch: {train['unet_steps']:,} steps of batch {train['batch']} in
+{train['unet_minutes']:.0f} minutes on 2 CPU cores, AdamW, {train.get('schedule', 'lr 1e-3 with warm-up and a cosine schedule annealed to the time budget')},
+min-SNR-5 weighting, 10% empty captions (for classifier-free guidance), EMA 0.999, seed 0. The
+whole run (VAE, cache, UNet) is resumable from its checkpoints.
 
 ## Measured (`python -m sdlens.models.shapes.evaluate`)
 25 DDIM steps; prompts: all 12 single-object captions and 24 two-object captions (distinct colours)
