@@ -190,6 +190,27 @@ def setup(work: Path, timeout_s: int = 900, resume: bool = False) -> dict:
 CHILD_NOTE = "runs inside the DAAM venv: no sdlens imports"
 
 
+def slow_tokenizer_folder(folder: str) -> str:
+    """transformers 4.30's slow CLIPTokenizer needs vocab.json + merges.txt, and its tokenizers
+    0.13 cannot parse today's tokenizer.json; both files are written from that json (same
+    vocabulary and merges, so the same token ids)."""
+    import tempfile
+
+    src = Path(folder)
+    if (src / "vocab.json").exists():
+        return folder
+    model = json.loads((src / "tokenizer.json").read_text())["model"]
+    out = Path(tempfile.mkdtemp(prefix="daam-tok-"))
+    (out / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    keep = {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token",
+                                "model_max_length") if k in cfg}
+    (out / "tokenizer_config.json").write_text(json.dumps(keep))
+    return str(out)
+
+
 def child(args) -> int:
     """Inside the DAAM venv: build SD 1.5 (random weights) in diffusers 0.21.2, time plain vs DAAM."""
     import statistics
@@ -248,7 +269,7 @@ def child(args) -> int:
                             norm_num_groups=32, sample_size=512)
         sched = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", steps_offset=1, skip_prk_steps=True)
-        tok = CLIPTokenizer.from_pretrained(args.tokenizer)
+        tok = CLIPTokenizer.from_pretrained(slow_tokenizer_folder(args.tokenizer))
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
                                        scheduler=sched, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
