@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{'smoke' if args.smoke else 'full'} run", flush=True)
     print("| model | size | steps | grid | sequential s, median (min-max) | batched s | "
-          "speed-up | max |diff| |")
+          "speed-up | max abs difference of the images |")
     print("|---|---|---|---|---|---|---|---|")
     if args.only in (None, "shapes"):
         if args.smoke or not (SHIPPED_MODEL / "model_index.json").exists():
