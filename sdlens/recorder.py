@@ -23,17 +23,13 @@ non-blocking copies; nothing synchronises the device inside a layer.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.metadata
 import inspect
-import math
-import os
 import random
 import warnings
-import weakref
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from einops import rearrange
