@@ -41,6 +41,15 @@ def _run(pipe, prompt=PROMPT, seed=0, **kw):
     return _images(pipe(prompt, generator=torch.Generator().manual_seed(seed), **kw))
 
 
+def _traced_unchanged(pipe, prompt):
+    """Trace ``prompt``; the traced image must equal the untraced one exactly. Returns the trace."""
+    ref = _run(pipe, prompt)
+    with trace(pipe) as tr:
+        out = _run(pipe, prompt)
+    assert np.abs(out - ref).max() == 0
+    return tr
+
+
 def _save_lora(unet, folder, adapter_unet=None) -> str:
     """Save the peft adapter of ``adapter_unet`` with diffusers' own LoRA save function."""
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -285,10 +294,7 @@ def ti_pipe(tmp_path_factory):
 def test_textual_inversion_traced_named_and_heatmap(ti_pipe):
     pipe = ti_pipe
     prompt = "a <my-token> on a square"
-    ref = _run(pipe, prompt)
-    with trace(pipe) as tr:
-        out = _run(pipe, prompt)
-    assert np.abs(out - ref).max() == 0
+    tr = _traced_unchanged(pipe, prompt)
     new_id = pipe.tokenizer.convert_tokens_to_ids("<my-token>")
     assert tr.token_ids[0] == pipe.tokenizer(prompt).input_ids
     assert new_id in tr.token_ids[0] and new_id >= pipe.tokenizer.vocab_size
@@ -321,10 +327,7 @@ def test_multi_vector_textual_inversion_positions(ti_pipe):
     prompt = "a <multi> circle"
     assert adapters.textual_inversion_tokens(pipe) == {"<my-token>": ["<my-token>"],
                                                        "<multi>": ["<multi>", "<multi>_1"]}
-    ref = _run(pipe, prompt)
-    with trace(pipe) as tr:
-        out = _run(pipe, prompt)
-    assert np.abs(out - ref).max() == 0
+    tr = _traced_unchanged(pipe, prompt)
     # as the pipeline encodes it: <multi> expands to its two vectors
     assert tr.token_ids[0] == pipe.tokenizer(pipe.maybe_convert_prompt(prompt, pipe.tokenizer)
                                              ).input_ids
@@ -357,10 +360,7 @@ def test_textual_inversion_on_sdxl_both_encoders():
         vec = torch.randn(1, table.shape[1], generator=torch.Generator().manual_seed(1)) * table.std()
         pipe.load_textual_inversion(vec, token="<xl-token>", text_encoder=enc, tokenizer=tok)
     prompt = "a <xl-token> on a square"
-    ref = _run(pipe, prompt)
-    with trace(pipe) as tr:
-        out = _run(pipe, prompt)
-    assert np.abs(out - ref).max() == 0
+    tr = _traced_unchanged(pipe, prompt)
     new_id = pipe.tokenizer.convert_tokens_to_ids("<xl-token>")
     assert new_id >= pipe.tokenizer.vocab_size and new_id in tr.token_ids[0]
     assert "<xl-token>" in [w.text for w in trace_words(tr)]
