@@ -4,8 +4,11 @@ sequential pipeline calls, measured side by side in one process (alternating, sa
     python benchmarks/bench_grid.py                 # shipped model (64 px) + full-size SD 1.5 UNet at 256 px
     python benchmarks/bench_grid.py --only shapes   # one of: shapes, sd15
     python benchmarks/bench_grid.py --smoke         # tiny random pipelines, seconds
+    python benchmarks/bench_grid.py --only sd15 --steps 4 --repeats 1 --md benchmarks/RESULTS-grid-sd15.md
 
-Prints one markdown table row per model: median (min-max) seconds of each way over ``--repeats``
+``--md PATH`` also writes the table, with the machine and the command, to a markdown file
+(``run.py --quick`` includes ``RESULTS-grid-sd15.md``, the SD 1.5 grid being too slow for its
+10-minute budget). Prints one markdown table row per model: median (min-max) seconds of each way over ``--repeats``
 repeats, the speed-up (sequential / batched median) and the largest pixel difference between the
 two ways' images (they must agree: every grid cell equals its single run). Random weights for
 SD 1.5 (``sdlens.testing.random_pipeline("sd15", scale=1.0)``: the real 859M-parameter UNet);
@@ -69,9 +72,26 @@ def bench(name, pipe, steps, size, repeats, max_batch):
         return f"{statistics.median(ts):.2f} ({min(ts):.2f}-{max(ts):.2f})"
 
     ratio = statistics.median(seq_t) / statistics.median(bat_t)
-    print(f"| {name} | {size} px | {steps} | 4 seeds x 4 CFG ({calls} batched calls) | "
-          f"{fmt(seq_t)} | {fmt(bat_t)} | {ratio:.2f}x | {diff:.1e} |", flush=True)
-    return ratio
+    row = (f"| {name} | {size} px | {steps} | 4 seeds x 4 CFG ({calls} batched calls) | "
+           f"{fmt(seq_t)} | {fmt(bat_t)} | {ratio:.2f}x | {diff:.1e} |")
+    print(row, flush=True)
+    return row
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    import diffusers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {len(os.sched_getaffinity(0))} usable CPUs, {torch.get_num_threads()} torch "
+            f"threads; python {platform.python_version()}, torch {torch.__version__}, diffusers "
+            f"{diffusers.__version__}; float32 on the CPU")
 
 
 def main(argv=None) -> int:
@@ -81,16 +101,19 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="default 20 (smoke: 3)")
     p.add_argument("--repeats", type=int, default=None, help="default 3 (smoke: 1)")
     p.add_argument("--max-batch", type=int, default=None, help="cells per call (default: memory budget)")
+    p.add_argument("--md", type=Path, default=None, help="also write the table to this markdown file")
     args = p.parse_args(argv)
+    t_start = time.time()
     from sdlens.testing import random_pipeline
 
     steps = args.steps or (3 if args.smoke else 20)
     repeats = args.repeats or (1 if args.smoke else 3)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{'smoke' if args.smoke else 'full'} run", flush=True)
-    print("| model | size | steps | grid | sequential s, median (min-max) | batched s | "
-          "speed-up | max abs difference of the images |")
-    print("|---|---|---|---|---|---|---|---|")
+    header = ("| model | size | steps | grid | sequential s, median (min-max) | batched s | "
+              "speed-up | max abs difference of the images |\n|---|---|---|---|---|---|---|---|")
+    print(header)
+    rows = []
     if args.only in (None, "shapes"):
         if args.smoke or not (SHIPPED_MODEL / "model_index.json").exists():
             pipe, name = random_pipeline("shapes"), "shapes architecture (random weights)"
@@ -98,13 +121,22 @@ def main(argv=None) -> int:
             from sdlens.pipeline import load_pipeline
 
             pipe, name = load_pipeline(device="cpu"), "shipped shapes model"
-        bench(name, pipe, steps, 64, repeats, args.max_batch)
+        rows.append(bench(name, pipe, steps, 64, repeats, args.max_batch))
     if args.only in (None, "sd15"):
         if args.smoke:
             pipe, size, name = random_pipeline("sd15"), 64, "SD 1.5 architecture, scale 0.05"
         else:
             pipe, size, name = random_pipeline("sd15", scale=1.0), 256, "SD 1.5 full-size UNet"
-        bench(name, pipe, steps, size, repeats, args.max_batch)
+        rows.append(bench(name, pipe, steps, size, repeats, args.max_batch))
+    if args.md:
+        cmd = "python benchmarks/bench_grid.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        args.md.write_text(
+            f"# Grid benchmark: 4 seeds x 4 CFG, batched vs sequential\n\n"
+            f"`{cmd}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(t_start))} "
+            f"({(time.time() - t_start) / 60:.1f} min). Machine: {machine()}.\n\n"
+            f"{header}\n" + "\n".join(rows) + "\n\n"
+            f"Both ways in one process, alternating; {repeats} repeat(s) per way; prompt "
+            f"{PROMPT!r}, seeds {SEEDS}, CFG {CFGS}.\n")
     return 0
 
 

@@ -258,13 +258,15 @@ class Stats:
 
 def alternate(sides: dict[str, Callable[[], Any]], s: Settings, reps: int, warmup: int | None = None,
               budget_s: float | None = None, min_reps: int = 2, keep: tuple[str, ...] = (),
-              log: Callable[[str], None] | None = print) -> dict[str, Stats]:
+              log: Callable[[str], None] | None = print,
+              max_runs: dict[str, int] | None = None) -> dict[str, Stats]:
     """Run every side ``warmup`` times, then ``reps`` rounds in which every side runs once; the
     order rotates from round to round (A B C, B C A, C A B, ...) so that drifts in machine speed
     hit every side alike. After ``min_reps`` rounds, stops early when ``budget_s`` (seconds since
     the first timed round) or the settings' deadline would be exceeded by another round.
     Each run also records its peak RSS above the RSS at its start (VmHWM reset per run) and, on
-    CUDA, its peak allocated memory above the start. ``keep``: sides whose last result is kept."""
+    CUDA, its peak allocated memory above the start. ``keep``: sides whose last result is kept.
+    ``max_runs``: sides timed fewer times than the others (they sit out the later rounds)."""
     names = list(sides)
     warmup = s.warmup if warmup is None else warmup
     for _ in range(warmup):
@@ -286,6 +288,8 @@ def alternate(sides: dict[str, Callable[[], Any]], s: Settings, reps: int, warmu
         t_round = time.monotonic()
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
+            if max_runs and len(stats[name].times) >= max_runs.get(name, reps):
+                continue
             gc.collect()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -353,7 +357,9 @@ def table(title: str, columns: list[str], rows: list[list], notes: list[str] | N
             "notes": list(notes or [])}
 
 
-def markdown_table(t: dict) -> str:
+def markdown_table(t: dict | str) -> str:
+    if isinstance(t, str):  # already markdown (a separately measured table, included as written)
+        return t
     cols = t["columns"]
     lines = [f"#### {t['title']}", "", "| " + " | ".join(cols) + " |",
              "|" + "|".join("---" for _ in cols) + "|"]

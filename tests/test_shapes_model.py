@@ -57,21 +57,21 @@ def test_two_object_prompts_draw_both_colours(rates):
     assert rates["double_both_colours"] >= 0.70
 
 
-def test_colour_word_heatmaps_lie_on_their_objects(rates):
-    # measured 0.74 on the model card's seeds
-    assert rates["iou_colour_words"] >= 0.6
-
-
-@pytest.mark.xfail(strict=True, reason="target not met: mean IoU 0.46 on the model card's seeds "
-                   "(colour words 0.74, shape words 0.17: the shape words' maps peak at the object's "
-                   "centre); see the model card and issue 2")
 def test_word_heatmaps_lie_on_their_objects(rates):
+    # DAAM's protocol against the generated objects; measured on the model card's seeds: mean 0.74
     assert rates["iou_mean"] >= 0.5
+
+
+def test_colour_and_shape_words_both_localise(rates):
+    # neither kind of word may hide behind the other in the mean: measured colour 0.64, shape 0.84
+    # (before the refine stage's coverage term, shape words peaked at the centre: 0.17)
+    assert rates["iou_colour_words"] >= 0.55
+    assert rates["iou_shape_words"] >= 0.55
 
 
 def test_cfg_makes_two_object_prompts_right(pipe, rates):
     # CFG binds the two objects of a prompt: measured on the model card's 6 seeds, both shapes
-    # 0.67 at CFG 7.5 vs 0.55 at CFG 1, both colours 1.00 vs 0.96.
+    # 0.80 at CFG 7.5 vs 0.52 at CFG 1, both colours 1.00 vs 0.94.
     doubles = [p for p in ev.default_prompts() if " and " in p]
     no_cfg = ev.evaluate(pipe, doubles, SEEDS, 1.0, progress=False)
     print("\nshapes model, CFG 1:", json.dumps(no_cfg))

@@ -196,8 +196,9 @@ every heatmap is known.
 
 **The cross-attention maps of this model were taught, not learned freely**: training added a loss
 (weight {train['attn_loss']}) that rewards each colour and shape word's attention for falling inside
-its object's mask and for taking at least half of the attention inside the object
-(`sdlens.models.shapes.train.attention_loss`). What the same recipe gives without that loss is in
+its object's mask and for taking at least half of the attention inside the object, and a last,
+short stage added a term (weight {train.get('cover', 0)}) that asks each word's map to cover its
+whole object rather than peak at its centre (`sdlens.models.shapes.train.attention_loss`). What the same recipe gives without that loss is in
 the table below (recipe "no attention loss"). When you read a heatmap of this model, you are
 reading attention that was supervised to be right; on hub models the maps are whatever the model
 learned.
@@ -225,8 +226,9 @@ Weights are stored in fp16 safetensors.
 VAE: {train['vae_steps']} steps, batch 32, MSE + 1e-6 KL, PSNR {train['vae_psnr']:.1f} dB.
 Text encoder + UNet from scratch: {train['unet_steps']:,} steps of batch {train['batch']} in
 {train['unet_minutes']:.0f} minutes on 2 CPU cores, AdamW, {train.get('schedule', 'lr 1e-3 with warm-up and a cosine schedule annealed to the time budget')},
-min-SNR-5 weighting, 10% empty captions (for classifier-free guidance), EMA 0.999, seed 0. The
-whole run (VAE, cache, UNet) is resumable from its checkpoints.
+min-SNR-5 weighting, 10% empty captions (for classifier-free guidance), EMA 0.999, seed 0.
+{train.get('refine', '')}
+The whole run (VAE, cache, UNet, refine) is resumable from its checkpoints.
 
 ## Measured (`python -m sdlens.models.shapes.evaluate`)
 25 DDIM steps; prompts: all 12 single-object captions and 24 two-object captions (distinct colours)

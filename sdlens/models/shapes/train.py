@@ -13,7 +13,11 @@ from the last one. Phases:
    10% empty captions (for classifier-free guidance), EMA 0.999. With ``--attn-loss W > 0`` an
    extra loss teaches cross-attention where each object is (see ``attention_loss``); the model
    card says so and reports the same recipe without it.
-4. Export: a diffusers folder (``StableDiffusionPipeline.save_pretrained``), fp16 safetensors.
+4. Refine (``--refine-steps``, after the UNet stage's step or time budget is spent): a short stage
+   at a low learning rate that adds the per-word coverage term (``--cover``) to the attention
+   loss, so that shape words' maps cover their object instead of peaking at its centre.
+5. Export: a diffusers folder (``StableDiffusionPipeline.save_pretrained``), fp16 safetensors,
+   from the last stage's EMA weights.
 """
 
 from __future__ import annotations
@@ -133,13 +137,16 @@ def attention_loss(store: list, obj_tokens: torch.Tensor, masks: dict, keep: tor
 
     store: per attn2 layer (batch, r*r, tokens); obj_tokens (batch, 2, 2) token positions of
     (colour, shape) per object; masks {r: (batch, 2, r, r)} coverage; keep (batch,) captions not
-    dropped. Returns (loc, use):
+    dropped. Returns (loc, use, cover), each averaged over objects and layers:
     - loc: 1 - share of each word's spatial attention mass that falls inside its object
-      (TokenCompose's token loss), averaged over words and layers;
+      (TokenCompose's token loss);
     - use: inside an object, max(0, 0.5 - attention on its two words), so that the words are
-      not only localised but also used (the prototype's localised-but-unused failure).
+      not only localised but also used (the prototype's localised-but-unused failure);
+    - cover: inside an object, max(0, 0.5 - a / max(a)) for each word's map a, so that every
+      word's map is flat over its object rather than a peak at its centre (``loc`` and ``use``
+      alone let the shape word shrink to a few pixels while the colour word covered the object).
     """
-    loc, use, count = 0.0, 0.0, 0
+    loc, use, cover, count = 0.0, 0.0, 0.0, 0
     for probs in store:
         r = int(math.isqrt(probs.shape[1]))
         for k in range(2):
@@ -154,14 +161,24 @@ def attention_loss(store: list, obj_tokens: torch.Tensor, masks: dict, keep: tor
             loc = loc + (1 - share).mean()
             inside = F.relu(0.5 - a.sum(-1))  # (b, r*r)
             use = use + ((inside * m).sum(1) / m.sum(1).clamp_min(1e-6)).mean()
+            flat = F.relu(0.5 - a / a.amax(1, keepdim=True).clamp_min(1e-8))  # (b, r*r, 2)
+            cover = cover + ((flat * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1e-6)).mean()
             count += 1
     count = max(count, 1)
-    return loc / count, use / count
+    return loc / count, use / count, cover / count
 
 
 def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_loss: float,
-               minutes: float, ckpt_every: int) -> bool:
-    """Returns True when ``steps`` were reached (False when stopped by the time limit)."""
+               minutes: float, ckpt_every: int, *, stage: str = "unet", init_from: Path | None = None,
+               cover: float = 0.0, ema: float = 0.999, warmup: int = 200,
+               snapshot_every: int = 500) -> bool:
+    """One training stage of text encoder + UNet, checkpointed to ``work/{stage}.pt``.
+
+    ``init_from``: a finished stage's checkpoint whose weights (live and EMA, not the optimizer)
+    this stage starts from. ``cover``: weight of the coverage part of ``attention_loss`` (added to
+    ``attn_loss * (loc + use)``). Returns True when ``steps`` were reached (False when stopped by
+    the time limit).
+    """
     from transformers import CLIPTokenizer
 
     cache = torch.load(work / "cache.pt", weights_only=False)
@@ -182,7 +199,11 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
     snr = alphas / (1 - alphas)
     g = torch.Generator().manual_seed(seed)
     start = 0
-    ckpt = work / "unet.pt"
+    ckpt = work / f"{stage}.pt"
+    if not ckpt.exists() and init_from is not None:
+        state = torch.load(init_from, weights_only=False)
+        unet.load_state_dict(state["unet"]); text.load_state_dict(state["text"])
+        ema_unet.load_state_dict(state["ema_unet"]); ema_text.load_state_dict(state["ema_text"])
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         unet.load_state_dict(state["unet"]); text.load_state_dict(state["text"])
@@ -202,27 +223,26 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
         unet.set_attn_processor(procs)
 
     def save(step: int) -> None:
-        tmp = work / "unet.pt.tmp"
+        tmp = work / f"{stage}.pt.tmp"
         torch.save({"unet": unet.state_dict(), "text": text.state_dict(),
                     "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
                     "opt": opt.state_dict(), "rng": g.get_state(), "step": step,
                     "torch_rng": torch.get_rng_state(), "scaling_factor": scaling,
                     "elapsed": elapsed_before + time.time() - t0}, tmp)
         tmp.replace(ckpt)
-        if step % 500 == 0:  # EMA snapshots, to compare recipes at equal steps
+        if step % snapshot_every == 0:  # EMA snapshots, to compare recipes at equal steps
             torch.save({"ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                        "scaling_factor": scaling, "step": step}, work / f"ema-{step}.pt")
+                        "scaling_factor": scaling, "step": step}, work / f"ema-{stage}-{step}.pt")
 
-    warmup = 200
     t0 = time.time()
     for step in range(start + 1, steps + 1):
         # progress through the run: by steps, or by time when a time budget binds first, so the
         # learning rate anneals fully either way
         elapsed = elapsed_before + time.time() - t0
-        progress = max(step / steps, elapsed / (minutes * 60))
-        if progress >= 1:
+        if elapsed >= minutes * 60:
             save(step - 1)
             return False
+        progress = min(1.0, max(step / steps, elapsed / (minutes * 60)))
         frac = max(0.0, (progress - warmup / steps) / (1 - warmup / steps))
         for group in opt.param_groups:  # warm-up, then cosine to 10%
             group["lr"] = lr * (step / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
@@ -239,17 +259,17 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
         weight = snr[t].clamp(max=5.0) / snr[t]  # min-SNR-5 for epsilon prediction
         diff = ((pred - noise) ** 2).mean((1, 2, 3))
         loss = (diff * weight).mean()
-        row = {"phase": "unet", "step": step, "mse": diff.mean().item()}
+        row = {"phase": stage, "step": step, "mse": diff.mean().item()}
         if attn_loss > 0:
             masks = {r: m[idx] for r, m in cache["masks"].items()}
-            loc, use = attention_loss(store, cache["obj_tokens"][idx], masks, keep)
-            loss = loss + attn_loss * (loc + use)
-            row.update(loc=float(loc.detach()), use=float(use.detach()))
+            loc, use, cov = attention_loss(store, cache["obj_tokens"][idx], masks, keep)
+            loss = loss + attn_loss * (loc + use) + cover * cov
+            row.update(loc=float(loc.detach()), use=float(use.detach()), cover=float(cov.detach()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
+        decay = min(ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for e, p in zip(list(ema_unet.parameters()) + list(ema_text.parameters()), params):
                 e.lerp_(p, 1 - decay)
@@ -263,12 +283,13 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
 
 # --------------------------------------------------------------------------- phase 4: export
 def export(work: Path, out: Path, snapshot: Path | None = None) -> Path:
-    """Write the EMA weights (of the last checkpoint, or of an ``ema-STEP.pt`` snapshot) as a
-    diffusers folder, fp16 safetensors."""
+    """Write the EMA weights (of the last stage's checkpoint — ``refine.pt`` when that stage ran,
+    else ``unet.pt`` — or of an ``ema-*.pt`` snapshot) as a diffusers folder, fp16 safetensors."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    state = torch.load(snapshot or work / "unet.pt", weights_only=False)
+    last = work / "refine.pt" if (work / "refine.pt").exists() else work / "unet.pt"
+    state = torch.load(snapshot or last, weights_only=False)
     unet, text, vae = architecture.unet(), architecture.text_encoder(), architecture.vae()
     unet.load_state_dict(state["ema_unet"]); text.load_state_dict(state["ema_text"])
     vae.load_state_dict(torch.load(work / "vae.pt", weights_only=True)["state"])
@@ -305,6 +326,12 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=1e9,
                    help="time budget of the UNet phase (over all resumes): the learning-rate "
                         "schedule anneals to it, and training stops there with a checkpoint")
+    p.add_argument("--refine-steps", type=int, default=1000,
+                   help="steps of the refine stage (0: none), which starts from the UNet stage's "
+                        "weights and adds the per-word coverage term to the attention loss")
+    p.add_argument("--refine-lr", type=float, default=1e-4)
+    p.add_argument("--cover", type=float, default=0.1,
+                   help="weight of the coverage term in the refine stage")
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--export", type=Path, default=None, help="write the model folder here")
@@ -318,6 +345,14 @@ def main() -> None:
     done = train_unet(args.work, args.steps, args.batch, args.seed, args.lr, args.attn_loss,
                       args.minutes, args.ckpt_every)
     _log(args.work, phase="unet-end", finished=done)
+    if args.refine_steps and args.attn_loss > 0:
+        # a short stage at a low learning rate: the UNet stage's recipe leaves shape words'
+        # maps peaked at their objects' centres; this one flattens them over the object
+        train_unet(args.work, args.refine_steps, args.batch, args.seed + 1, args.refine_lr,
+                   args.attn_loss, 1e9, args.ckpt_every, stage="refine",
+                   init_from=args.work / "unet.pt", cover=args.cover, ema=0.995, warmup=50,
+                   snapshot_every=250)
+        _log(args.work, phase="refine-end")
     if args.export:
         print(export(args.work, args.export))
 

@@ -1,0 +1,51 @@
+"""The training recipe's attention loss scores maps the way its docstring says (synthetic maps)."""
+
+import torch
+
+from sdlens.models.shapes.train import attention_loss
+
+
+def _scene(word_maps):
+    """One 4x4 attention layer, one caption with one object (tokens 1 = colour, 2 = shape) in the
+    top-left 2x2 block; ``word_maps`` (2, 4, 4) the two words' attention per pixel."""
+    r, tokens = 4, 8
+    probs = torch.full((1, r * r, tokens), 0.0)
+    probs[0, :, 1] = word_maps[0].flatten()
+    probs[0, :, 2] = word_maps[1].flatten()
+    probs[0, :, 0] = 1 - probs[0, :, 1:3].sum(-1)  # the rest on <|startoftext|>
+    mask = torch.zeros(1, 2, r, r)
+    mask[0, 0, :2, :2] = 1
+    obj_tokens = torch.tensor([[[1, 2], [-1, -1]]])
+    return [probs], obj_tokens, {r: mask}, torch.tensor([True])
+
+
+def test_flat_maps_on_their_object_cost_nothing():
+    maps = torch.zeros(2, 4, 4)
+    maps[:, :2, :2] = 0.4  # each word: 0.4 everywhere on its object, nothing elsewhere
+    loc, use, cover = attention_loss(*_scene(maps))
+    assert loc.item() < 1e-6 and use.item() < 1e-6 and cover.item() < 1e-6
+
+
+def test_a_peak_at_the_centre_is_localised_but_not_covering():
+    maps = torch.zeros(2, 4, 4)
+    maps[0, :2, :2] = 0.5       # colour word covers the object
+    maps[1, 0, 0] = 0.45        # shape word: one pixel of it
+    loc, use, cover = attention_loss(*_scene(maps))
+    assert loc.item() < 1e-6     # all of both words' mass is inside the object
+    assert use.item() < 1e-6     # the two words together take >= 0.5 everywhere on it
+    # the shape word is below half its peak on 3 of the object's 4 pixels: 0.5 * 3/4 over 2 words
+    assert abs(cover.item() - 0.5 * 0.75 / 2) < 1e-5
+
+
+def test_attention_outside_the_object_is_penalised():
+    maps = torch.zeros(2, 4, 4)
+    maps[:, 2:, 2:] = 0.4       # both words on the wrong quarter
+    loc, use, cover = attention_loss(*_scene(maps))
+    assert abs(loc.item() - 1.0) < 1e-6 and abs(use.item() - 0.5) < 1e-6 and abs(cover.item() - 0.5) < 1e-6
+
+
+def test_dropped_captions_are_ignored():
+    maps = torch.zeros(2, 4, 4)
+    store, tok, masks, _ = _scene(maps)
+    loc, use, cover = attention_loss(store, tok, masks, torch.tensor([False]))
+    assert loc == use == cover == 0.0
