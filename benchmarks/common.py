@@ -174,6 +174,36 @@ def call_kwargs(s: Settings, steps: int | None = None, height: int | None = None
                 generator=torch.Generator("cpu").manual_seed(0), output_type="latent")
 
 
+class StepClock:
+    """Wall time of every denoising step of a side's calls, stamped by a ``callback_on_step_end``
+    (sdlens composes its own callback with it, so both sides are stamped at the same point).
+
+    ``wrap(kw)`` returns a kwargs factory that starts a new run and adds the callback. ``steps``:
+    the intervals between consecutive step ends of each run, over all runs (s) — the first step,
+    which follows prompt encoding, is left out. A run of N steps gives N - 1 samples, so a
+    per-step median stays robust when a quick benchmark can afford one run per side."""
+
+    def __init__(self, device: str = "cpu"):
+        self.runs: list[list[float]] = []
+        self.device = device
+
+    def wrap(self, kw: Callable[[], dict]) -> Callable[[], dict]:
+        def make() -> dict:
+            stamps: list[float] = []
+            self.runs.append(stamps)
+
+            def stamp(pipe, step, timestep, callback_kwargs):
+                sync(self.device)
+                stamps.append(time.perf_counter())
+                return callback_kwargs
+            return dict(kw(), callback_on_step_end=stamp)
+        return make
+
+    @property
+    def steps(self) -> list[float]:
+        return [b - a for run in self.runs for a, b in zip(run, run[1:])]
+
+
 def untraced(pipe, kw: Callable[[], dict]) -> Callable[[], Any]:
     def fn():
         return pipe(**kw())  # the pipeline's own no_grad, as users run it
