@@ -113,7 +113,7 @@ def build_cache(work: Path, n: int, seed: int) -> None:
     _log(work, phase="cache", n=n, scaling_factor=scaling)
 
 
-# --------------------------------------------------------------------------- phase 3: UNet
+# --------------------------------------------------------------------------- phase 3 and 4: UNet, refine
 class CaptureAttnProcessor:
     """Cross-attention computed with explicit probabilities, which it keeps (with grad)."""
 
@@ -281,7 +281,7 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
     return True
 
 
-# --------------------------------------------------------------------------- phase 4: export
+# --------------------------------------------------------------------------- phase 5: export
 def export(work: Path, out: Path, snapshot: Path | None = None) -> Path:
     """Write the EMA weights (of the last stage's checkpoint — ``refine.pt`` when that stage ran,
     else ``unet.pt`` — or of an ``ema-*.pt`` snapshot) as a diffusers folder, fp16 safetensors."""
