@@ -213,8 +213,9 @@ def share(image, colour):
 @needs_model
 def test_shipped_raising_a_colour_weight_increases_its_pixel_share(shapes):
     # measured (6 seeds, 20 steps, CFG 7.5; the refined model): blue share 0.121 at weight 1,
-    # 0.143 at 1.5, 0.083 at 0.5 (0.048 at 0.25, 0 at 0). Without renormalisation large weights (3.0) push the features off the training
-    # distribution and the blue square dissolves (share -> 0.01): steer with weights near 1.
+    # 0.143 at 1.5, 0.083 at 0.5 (0.048 at 0.25, 0 at 0). On the earlier weights, large weights
+    # (3.0) pushed the features off the training distribution and the blue square dissolved
+    # (share -> 0.01): without renormalisation, steer with weights near 1.
     prompt = "a red circle and a blue square"
     seeds = list(range(6))
     kw = dict(seed=seeds, steps=20, guidance_scale=7.5, record=("latents",))
