@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py
 
 S = __import__("importlib").import_module("sdlens.sweep")  # noqa: E402 (sdlens.sweep: the function once exported)
 from sdlens.pipeline import SHIPPED_MODEL  # noqa: E402
@@ -84,12 +85,9 @@ def machine() -> str:
 
     import diffusers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {len(os.sched_getaffinity(0))} usable CPUs, {torch.get_num_threads()} torch "
+    from common import cpu_model
+
+    return (f"{cpu_model()}, {len(os.sched_getaffinity(0))} usable CPUs, {torch.get_num_threads()} torch "
             f"threads; python {platform.python_version()}, torch {torch.__version__}, diffusers "
             f"{diffusers.__version__}; float32 on the CPU")
 

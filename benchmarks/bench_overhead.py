@@ -42,11 +42,10 @@ def sd15_loop(s: C.Settings, ctx: dict, with_daam: bool = True) -> dict:
     if with_daam:
         sides["daam-method"] = bench_daam.daam_method_side(pipe, clocks["daam-method"].wrap(kw))
     # warm-up with 1 step (the same code paths, a tenth of the time)
-    warm = {n: f for n, f in {
-        "untraced": C.untraced(pipe, lambda: C.call_kwargs(s, steps=1)),
-        "sdlens": C.traced(pipe, lambda: C.call_kwargs(s, steps=1)),
-        **({"daam-method": bench_daam.daam_method_side(pipe, lambda: C.call_kwargs(s, steps=1))}
-           if with_daam else {})}.items()}
+    warm_kw = lambda: C.call_kwargs(s, steps=1)  # noqa: E731
+    warm = {"untraced": C.untraced(pipe, warm_kw), "sdlens": C.traced(pipe, warm_kw)}
+    if with_daam:
+        warm["daam-method"] = bench_daam.daam_method_side(pipe, warm_kw)
     print(f"  SD 1.5 loop: {s.describe()}")
     C.alternate(warm, s, reps=0, warmup=s.warmup, log=None)
     budget = s.extra.get("sd15_loop_budget_s")

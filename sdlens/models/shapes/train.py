@@ -200,14 +200,13 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
     g = torch.Generator().manual_seed(seed)
     start = 0
     ckpt = work / f"{stage}.pt"
-    if not ckpt.exists() and init_from is not None:
-        state = torch.load(init_from, weights_only=False)
+    resume = ckpt.exists()
+    source = ckpt if resume else init_from  # this stage's checkpoint, else where it starts from
+    if source is not None:
+        state = torch.load(source, weights_only=False)
         unet.load_state_dict(state["unet"]); text.load_state_dict(state["text"])
         ema_unet.load_state_dict(state["ema_unet"]); ema_text.load_state_dict(state["ema_text"])
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        unet.load_state_dict(state["unet"]); text.load_state_dict(state["text"])
-        ema_unet.load_state_dict(state["ema_unet"]); ema_text.load_state_dict(state["ema_text"])
+    if resume:
         opt.load_state_dict(state["opt"]); g.set_state(state["rng"]); start = state["step"]
         torch.set_rng_state(state["torch_rng"])
         elapsed_before = state.get("elapsed", 0.0)
