@@ -221,6 +221,13 @@ def summary_md(results: dict, s: C.Settings) -> str:
                    f"{s.steps} steps: **{r['ratio_sd15_per_step']:.3f}x** per denoising step, "
                    f"{r['ratio_sd15']:.3f}x per whole run ({n} run(s) per side); shipped model: "
                    f"**{r['ratio_shipped']:.3f}x** (target <= {r['target']:.2f}x on the CPU).")
+    g = r.get("shipped_generation_s") or {}
+    if g:
+        out.append(f"- **Shipped model, {r['shipped_steps']}-step generation** (CFG 7.5, prompt + "
+                   f"denoising loop, untraced, median): **{C.fmt_s(g['untraced'])}** with torch's "
+                   "default threads" + (f", **{C.fmt_s(g['untraced, 1 thread'])}** with one thread"
+                                         if 'untraced, 1 thread' in g else "")
+                   + (" (target: well under 1 s on the CPU)." if r["shipped_steps"] == 25 else "."))
     d = (results.get("daam", {}).get("raw") or {}).get("b") or {}
     if "ratio_daam_method" in d:
         out.append(f"- **DAAM's method** (classic attention on every attn2, summed): "

@@ -173,6 +173,33 @@ if __name__ == "__main__":
     main()
 
 
+def unet_description() -> dict:
+    """The shipped architecture's UNet in words (channels, levels, cross-attention layers and
+    their resolutions, heads) and its parameter count, read from ``architecture``."""
+    from .architecture import LATENT_SIZE, UNET_CONFIG, unet
+
+    model = unet()
+    cfg = UNET_CONFIG
+    sizes: dict[int, int] = {}
+    for name, module in model.named_modules():
+        if name.endswith("attn2"):
+            level = int(name.split(".")[1]) if name.startswith(("down", "up")) else len(cfg["block_out_channels"]) - 1
+            if name.startswith("up"):
+                level = len(cfg["block_out_channels"]) - 1 - level
+            r = LATENT_SIZE >> level
+            sizes[r] = sizes.get(r, 0) + 1
+    heads = cfg["attention_head_dim"]
+    heads = heads if isinstance(heads, (tuple, list)) else [heads] * len(cfg["block_out_channels"])
+    head_sizes = sorted({c // h for c, h in zip(cfg["block_out_channels"], heads)})
+    text = (f"{'/'.join(map(str, cfg['block_out_channels']))} channels, "
+            f"{len(cfg['block_out_channels'])} levels, "
+            f"{'no middle block, ' if cfg.get('mid_block_type', '') is None else ''}"
+            f"{sum(sizes.values())} cross-attention layers ("
+            + ", ".join(f"{n} at {r}x{r}" for r, n in sorted(sizes.items(), reverse=True))
+            + f"), head size {'/'.join(map(str, head_sizes))}")
+    return {"text": text, "params": sum(p.numel() for p in model.parameters())}
+
+
 def write_model_card(folder, results: list[dict], train: dict) -> None:
     """Write the model card (README.md) of a shapes model folder from measured results.
 
@@ -188,6 +215,7 @@ def write_model_card(folder, results: list[dict], train: dict) -> None:
                 f"{r['iou_shape_words']:.2f} | {r['iou_mean']:.2f} | {r['images']} |")
 
     table = "\n".join(row(r) for r in results)
+    unet = unet_description()
     card = f"""# shapes — a small Stable Diffusion trained by sdlens
 
 A Stable Diffusion of the same component classes as SD 1.x, small enough to train on 2 CPU cores,
@@ -216,7 +244,7 @@ Every scene comes with per-object masks. {train['cache']:,} scenes were encoded 
 |---|---|---|
 | tokenizer | `CLIPTokenizer`, the real CLIP BPE vocabulary (49408 ids, 77 positions) from open-clip's `bpe_simple_vocab_16e6.txt.gz` | |
 | text encoder | `CLIPTextModel`, hidden 64, 3 layers, 4 heads | 3.3M |
-| UNet | `UNet2DConditionModel`, 64/128/128 channels, 7 cross-attention layers (16x16, 8x8, 4x4) | 5.8M |
+| UNet | `UNet2DConditionModel`, {unet['text']} | {unet['params'] / 1e6:.1f}M |
 | VAE | `AutoencoderKL` 64x64x3 <-> 16x16x4 (f=4), scaling factor {train['scaling_factor']:.4f} (1/std of the latents, as SD's was computed) | 0.7M |
 | scheduler | `DDIMScheduler`, scaled-linear betas 0.00085-0.012, epsilon prediction | |
 

@@ -52,12 +52,12 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- phase 1: VAE
-def train_vae(work: Path, steps: int, batch: int, seed: int) -> None:
+def train_vae(work: Path, steps: int, batch: int, seed: int, device: str = "cpu") -> None:
     ckpt = work / "vae.pt"
     if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= steps:
         return
     torch.manual_seed(seed)
-    vae = architecture.vae()
+    vae = architecture.vae().to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     images, *_ = make_dataset(batch * 64, seed=seed + 1)
@@ -65,9 +65,10 @@ def train_vae(work: Path, steps: int, batch: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
     for step in range(1, steps + 1):
-        x = data[torch.randint(0, len(data), (batch,), generator=g)]
+        x = data[torch.randint(0, len(data), (batch,), generator=g)].to(device)
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample(generator=g)).sample
+        eps = torch.randn(post.mean.shape, generator=g).to(device)  # drawn on the CPU: same on any device
+        rec = vae.decode(post.mean + post.std * eps).sample
         mse = F.mse_loss(rec, x)
         loss = mse + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -82,19 +83,19 @@ def train_vae(work: Path, steps: int, batch: int, seed: int) -> None:
 
 # --------------------------------------------------------------------------- phase 2: cache
 @torch.no_grad()
-def build_cache(work: Path, n: int, seed: int) -> None:
+def build_cache(work: Path, n: int, seed: int, device: str = "cpu") -> None:
     path = work / "cache.pt"
     if path.exists():
         return
     vae = architecture.vae()
-    vae.load_state_dict(torch.load(work / "vae.pt", weights_only=True)["state"])
-    vae.eval()
+    vae.load_state_dict(torch.load(work / "vae.pt", weights_only=True, map_location="cpu")["state"])
+    vae.eval().to(device)
     images, masks, captions, objects = make_dataset(n, seed=seed + 2)
     means, stds = [], []
     for i in range(0, n, 256):
-        d = vae.encode(_to_tensor(images[i : i + 256])).latent_dist
-        means.append(d.mean.half())
-        stds.append(d.std.half())
+        d = vae.encode(_to_tensor(images[i : i + 256]).to(device)).latent_dist
+        means.append(d.mean.half().cpu())
+        stds.append(d.std.half().cpu())
     mean, std = torch.cat(means), torch.cat(stds)
     scaling = 1.0 / (mean.float() + std.float() * torch.randn_like(std.float())).std().item()
     # token positions of each object's colour and shape word (every word is one CLIP token;
@@ -171,13 +172,14 @@ def attention_loss(store: list, obj_tokens: torch.Tensor, masks: dict, keep: tor
 def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_loss: float,
                minutes: float, ckpt_every: int, *, stage: str = "unet", init_from: Path | None = None,
                cover: float = 0.0, ema: float = 0.999, warmup: int = 200,
-               snapshot_every: int = 500) -> bool:
+               snapshot_every: int = 500, device: str = "cpu") -> bool:
     """One training stage of text encoder + UNet, checkpointed to ``work/{stage}.pt``.
 
     ``init_from``: a finished stage's checkpoint whose weights (live and EMA, not the optimizer)
     this stage starts from. ``cover``: weight of the coverage part of ``attention_loss`` (added to
     ``attn_loss * (loc + use)``). Returns True when ``steps`` were reached (False when stopped by
-    the time limit).
+    the time limit). ``device``: where the models run; the data and its random draws stay on the
+    CPU, so a run draws the same batches on any device.
     """
     from transformers import CLIPTokenizer
 
@@ -191,8 +193,6 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
 
     torch.manual_seed(seed)
     unet, text = architecture.unet(), architecture.text_encoder()
-    params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
     scheduler = architecture.scheduler()
     alphas = scheduler.alphas_cumprod
@@ -203,17 +203,25 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
     resume = ckpt.exists()
     source = ckpt if resume else init_from  # this stage's checkpoint, else where it starts from
     if source is not None:
-        state = torch.load(source, weights_only=False)
+        state = torch.load(source, weights_only=False, map_location="cpu")
         unet.load_state_dict(state["unet"]); text.load_state_dict(state["text"])
         ema_unet.load_state_dict(state["ema_unet"]); ema_text.load_state_dict(state["ema_text"])
     if resume:
-        opt.load_state_dict(state["opt"]); g.set_state(state["rng"]); start = state["step"]
+        g.set_state(state["rng"]); start = state["step"]
         torch.set_rng_state(state["torch_rng"])
         elapsed_before = state.get("elapsed", 0.0)
     else:
         elapsed_before = 0.0
     if start >= steps:
         return True
+    for module in (unet, text, ema_unet, ema_text):
+        module.to(device)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    if resume:
+        opt.load_state_dict(state["opt"])
+    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
+    alphas, snr = alphas.to(device), snr.to(device)
 
     store: list = []
     if attn_loss > 0:
@@ -251,6 +259,7 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
         tok = torch.where(keep[:, None], ids[idx], empty_ids)
         t = torch.randint(0, 1000, (batch,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
+        x0, tok, t, noise, keep = (v.to(device) for v in (x0, tok, t, noise, keep))
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         store.clear()
@@ -260,8 +269,8 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
         loss = (diff * weight).mean()
         row = {"phase": stage, "step": step, "mse": diff.mean().item()}
         if attn_loss > 0:
-            masks = {r: m[idx] for r, m in cache["masks"].items()}
-            loc, use, cov = attention_loss(store, cache["obj_tokens"][idx], masks, keep)
+            masks = {r: m[idx].to(device) for r, m in cache["masks"].items()}
+            loc, use, cov = attention_loss(store, cache["obj_tokens"][idx].to(device), masks, keep)
             loss = loss + attn_loss * (loc + use) + cover * cov
             row.update(loc=float(loc.detach()), use=float(use.detach()), cover=float(cov.detach()))
         opt.zero_grad(set_to_none=True)
@@ -270,8 +279,7 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
         opt.step()
         decay = min(ema, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(list(ema_unet.parameters()) + list(ema_text.parameters()), params):
-                e.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         if step % 50 == 0:
             _log(work, **row, lr=opt.param_groups[0]["lr"], s=round(elapsed, 1))
         if step % ckpt_every == 0:
@@ -288,7 +296,7 @@ def export(work: Path, out: Path, snapshot: Path | None = None) -> Path:
     from transformers import CLIPTokenizer
 
     last = work / "refine.pt" if (work / "refine.pt").exists() else work / "unet.pt"
-    state = torch.load(snapshot or last, weights_only=False)
+    state = torch.load(snapshot or last, weights_only=False, map_location="cpu")
     unet, text, vae = architecture.unet(), architecture.text_encoder(), architecture.vae()
     unet.load_state_dict(state["ema_unet"]); text.load_state_dict(state["ema_text"])
     vae.load_state_dict(torch.load(work / "vae.pt", weights_only=True)["state"])
@@ -333,6 +341,7 @@ def main() -> None:
                    help="weight of the coverage term in the refine stage")
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="where the models train (cpu, cuda, ...)")
     p.add_argument("--export", type=Path, default=None, help="write the model folder here")
     args = p.parse_args()
     for name in ("refine_steps", "cover", "refine_lr"):
@@ -342,10 +351,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}))
-    train_vae(args.work, args.vae_steps, 32, args.seed)
-    build_cache(args.work, args.cache, args.seed)
+    train_vae(args.work, args.vae_steps, 32, args.seed, args.device)
+    build_cache(args.work, args.cache, args.seed, args.device)
     done = train_unet(args.work, args.steps, args.batch, args.seed, args.lr, args.attn_loss,
-                      args.minutes, args.ckpt_every)
+                      args.minutes, args.ckpt_every, device=args.device)
     _log(args.work, phase="unet-end", finished=done)
     if args.refine_steps and args.attn_loss > 0:
         # a short stage at a low learning rate: the UNet stage's recipe leaves shape words'
@@ -353,7 +362,7 @@ def main() -> None:
         train_unet(args.work, args.refine_steps, args.batch, args.seed + 1, args.refine_lr,
                    args.attn_loss, 1e9, args.ckpt_every, stage="refine",
                    init_from=args.work / "unet.pt", cover=args.cover, ema=0.995, warmup=50,
-                   snapshot_every=250)
+                   snapshot_every=250, device=args.device)
         _log(args.work, phase="refine-end")
     if args.export:
         print(export(args.work, args.export))
