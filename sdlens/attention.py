@@ -31,7 +31,7 @@ Wherever layers are chosen, these forms are accepted (see :func:`resolve_layers`
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 

@@ -251,7 +251,6 @@ def test_shipped_model_heatmaps_lie_on_their_objects():
 def test_shipped_linear_preview_is_close_to_the_vae():
     """Linear latent->RGB preview vs the VAE decode of the same x0, at the latent grid:
     mean absolute error below 0.15 (colour values in [-1, 1])."""
-    import torch
     import torch.nn.functional as F
 
     from sdlens import previews as P

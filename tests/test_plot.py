@@ -8,7 +8,6 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from matplotlib.figure import Figure
 from PIL import Image
 

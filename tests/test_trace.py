@@ -9,7 +9,6 @@ import functools
 import json
 import struct
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import torch
 from PIL import Image
 
 import diffusers
-from sdlens.attention import AttentionMaps, layer_alias
+from sdlens.attention import layer_alias
 from sdlens.recorder import RecordOptions, TraceTooLarge, generate, trace
 from sdlens.testing import random_pipeline
 from sdlens.trace import FORMAT_VERSION, load

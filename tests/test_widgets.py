@@ -15,7 +15,7 @@ from PIL import Image
 from sdlens.recorder import generate
 from sdlens.testing import random_pipeline
 from sdlens.widgets import GridViewer, Studio, TokenView, TraceViewer, trace_mimebundle
-from sdlens.widgets.frames import decode, heat_rgba, word_chips
+from sdlens.widgets.frames import decode, heat_rgba
 
 PROMPT = "a red circle and a blue square"
 

@@ -68,9 +68,8 @@ class GridViewer(W.VBox):
         shape = tuple(len(v) for v in grid.axes.values())
         self.shape = shape
         if len(shape) == 0:
-            n_cols, col_labels, row_index = 1, [""], [()]
+            col_labels, row_index = [""], [()]
         else:
-            n_cols = shape[-1]
             col_labels = [_label(names[-1], v) for v in grid.axes[names[-1]]]
             row_index = list(np.ndindex(*shape[:-1])) if len(shape) > 1 else [()]
         row_labels = ["\n".join(_label(a, grid.axes[a][i]) for a, i in zip(names[:-1], idx))

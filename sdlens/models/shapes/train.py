@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from . import architecture
-from .dataset import COLOURS, SHAPES, make_dataset
+from .dataset import make_dataset
 
 TOKENIZER_DIR = Path(__file__).parent / "weights" / "tokenizer"
 
