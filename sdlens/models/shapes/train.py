@@ -2,9 +2,9 @@
 
     python -m sdlens.models.shapes.train --work runs/shapes --export sdlens/models/shapes/weights
 
-The defaults are the shipped model's recipe (about 2 hours on 2 CPU cores; ``--device cuda``
-trains on a GPU, drawing the same batches). ``--minutes`` puts a time budget on the UNet stage
-instead of its step count. Seeded and resumable: every phase writes its checkpoint to ``--work`` and a rerun continues
+``--minutes`` puts a time budget on the UNet stage (the learning rate anneals to it); the model
+card gives the shipped model's exact commands. ``--device cuda`` trains on a GPU, drawing the
+same batches as on the CPU. Seeded and resumable: every phase writes its checkpoint to ``--work`` and a rerun continues
 from the last one. Phases:
 
 1. VAE (AutoencoderKL, 64x64x3 <-> 16x16x4): MSE + a small KL term.
@@ -326,7 +326,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=500)
     p.add_argument("--cache", type=int, default=40000, help="scenes in the latent cache")
-    p.add_argument("--steps", type=int, default=9000, help="UNet optimisation steps")
+    p.add_argument("--steps", type=int, default=3600, help="UNet optimisation steps")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--attn-loss", type=float, default=0.1,
