@@ -70,7 +70,7 @@ def shipped_loop(s: C.Settings, ctx: dict) -> dict:
     print(f"  shipped model loop: {label}, {size} px, {s.shipped_steps} steps")
     sides = {"untraced": C.untraced(pipe, kw), "sdlens": C.traced(pipe, kw)}
     if s.device == "cpu":
-        # the shipped model's ops are tiny (16x16 latents, 32-64 channels): on few cores one
+        # the shipped model's ops are tiny (16x16 latents, 64-128 channels): on few cores one
         # thread is often faster than torch's default, so the generation time is given both ways
         sides["untraced, 1 thread"] = one_thread(C.untraced(pipe, kw))
     stats = C.alternate(sides, s, reps=s.shipped_reps, warmup=max(1, s.warmup), keep=("sdlens",))

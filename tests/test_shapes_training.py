@@ -1,4 +1,5 @@
-"""The training recipe's attention loss scores maps the way its docstring says (synthetic maps)."""
+"""The training recipe's pieces: the attention loss scores maps the way its docstring says
+(synthetic maps), and the model card describes the UNet that ships."""
 
 import torch
 
@@ -49,3 +50,22 @@ def test_dropped_captions_are_ignored():
     store, tok, masks, _ = _scene(maps)
     loc, use, cover = attention_loss(store, tok, masks, torch.tensor([False]))
     assert loc == use == cover == 0.0
+
+
+def test_model_card_describes_the_shipped_unet():
+    """The card's UNet row is read from ``architecture``; it must match the shipped weights."""
+    import json
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+
+    from sdlens.models.shapes.evaluate import unet_description
+
+    folder = Path(__file__).resolve().parents[1] / "sdlens/models/shapes/weights/unet"
+    shipped = UNet2DConditionModel.from_pretrained(folder)
+    desc = unet_description()
+    channels = json.loads((folder / "config.json").read_text())["block_out_channels"]
+    assert desc["text"].startswith("/".join(map(str, channels)) + " channels, 3 levels")
+    n_attn2 = sum(1 for name in shipped.attn_processors if ".attn2." in name)
+    assert f"{n_attn2} cross-attention layers (3 at 16x16, 3 at 8x8, 1 at 4x4)" in desc["text"]
+    assert desc["params"] == sum(p.numel() for p in shipped.parameters())

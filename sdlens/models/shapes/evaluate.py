@@ -180,14 +180,15 @@ def unet_description() -> dict:
 
     model = unet()
     cfg = UNET_CONFIG
-    sizes: dict[int, int] = {}
-    for name, module in model.named_modules():
+    deepest = len(cfg["block_out_channels"]) - 1
+    sizes: dict[int, int] = {}  # latent resolution -> attn2 layers there
+    for name, _ in model.named_modules():
         if name.endswith("attn2"):
-            level = int(name.split(".")[1]) if name.startswith(("down", "up")) else len(cfg["block_out_channels"]) - 1
-            if name.startswith("up"):
-                level = len(cfg["block_out_channels"]) - 1 - level
-            r = LATENT_SIZE >> level
-            sizes[r] = sizes.get(r, 0) + 1
+            part, index = name.split(".")[:2]
+            # down_blocks.i is at level i, up_blocks.i at level deepest - i, the mid block deepest
+            level = (int(index) if part == "down_blocks" else
+                     deepest - int(index) if part == "up_blocks" else deepest)
+            sizes[LATENT_SIZE >> level] = sizes.get(LATENT_SIZE >> level, 0) + 1
     heads = cfg["attention_head_dim"]
     heads = heads if isinstance(heads, (tuple, list)) else [heads] * len(cfg["block_out_channels"])
     head_sizes = sorted({c // h for c, h in zip(cfg["block_out_channels"], heads)})

@@ -4,8 +4,8 @@
 
 ``--minutes`` puts a time budget on the UNet stage (the learning rate anneals to it); the model
 card gives the shipped model's exact commands. ``--device cuda`` trains on a GPU, drawing the
-same batches as on the CPU. Seeded and resumable: every phase writes its checkpoint to ``--work`` and a rerun continues
-from the last one. Phases:
+same batches as on the CPU. Seeded and resumable: every phase writes its checkpoint to
+``--work`` and a rerun continues from the last one. Phases:
 
 1. VAE (AutoencoderKL, 64x64x3 <-> 16x16x4): MSE + a small KL term.
 2. Latent cache: N scenes are encoded once (the posterior's mean and std are kept; a sample is
@@ -68,7 +68,7 @@ def train_vae(work: Path, steps: int, batch: int, seed: int, device: str = "cpu"
     for step in range(1, steps + 1):
         x = data[torch.randint(0, len(data), (batch,), generator=g)].to(device)
         post = vae.encode(x).latent_dist
-        eps = torch.randn(post.mean.shape, generator=g).to(device)  # drawn on the CPU: same on any device
+        eps = torch.randn(post.mean.shape, generator=g).to(device)  # CPU draws: same on any device
         rec = vae.decode(post.mean + post.std * eps).sample
         mse = F.mse_loss(rec, x)
         loss = mse + 1e-6 * post.kl().mean()
