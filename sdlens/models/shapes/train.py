@@ -79,7 +79,8 @@ def train_vae(work: Path, steps: int, batch: int, seed: int, device: str = "cpu"
         if step % 50 == 0 or step == steps:
             psnr = 10 * math.log10(4 / mse.item())
             _log(work, phase="vae", step=step, mse=mse.item(), psnr=psnr, s=time.time() - t0)
-    torch.save({"state": vae.state_dict(), "step": steps}, ckpt)
+    # CPU tensors, so that every reader (cache, export) loads it on any machine
+    torch.save({"state": {k: v.cpu() for k, v in vae.state_dict().items()}, "step": steps}, ckpt)
 
 
 # --------------------------------------------------------------------------- phase 2: cache
@@ -345,6 +346,10 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="where the models train (cpu, cuda, ...)")
     p.add_argument("--export", type=Path, default=None, help="write the model folder here")
     args = p.parse_args()
+    try:
+        torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...): {e}")
     for name in ("refine_steps", "cover", "refine_lr"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
