@@ -24,6 +24,7 @@ non-blocking copies; nothing synchronises the device inside a layer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import inspect
 import random
@@ -252,7 +253,8 @@ def _describe(pipe) -> dict:
     return {"family": family, "task": task, "name_or_path": str(name or "")}
 
 
-def _version(pkg: str) -> str:
+@functools.lru_cache(maxsize=None)
+def _version(pkg: str) -> str:  # cached: the metadata lookup costs ms at every traced call
     try:
         return importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
@@ -306,7 +308,7 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
         size = unet.config.sample_size
         latent_hw = (size, size) if isinstance(size, int) else tuple(size)
     h, w = latent_hw
-    all_layers = check_pipeline(pipe)
+    all_layers = check_pipeline(pipe) if layers is None else list(layers)
     n_down = len(unet.down_blocks)
     res = {l: _level_shape(h, w, _layer_level(l, n_down)) for l in all_layers}
     if layers is None:
@@ -416,9 +418,13 @@ class _Run:
         self.devices: set[torch.device] = set()
 
     # ---------------------------------------------------------------- host copies
-    def _host(self, t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    def _host(self, t: torch.Tensor, dtype=torch.float32, owned: bool = False) -> torch.Tensor:
+        """A host copy of ``t`` (``owned``: ``t`` was made by sdlens, nothing else holds it, so
+        on the CPU it is kept as it is instead of copied)."""
         self.devices.add(t.device)
         if t.device.type == "cpu":
+            if owned and t.dtype == dtype:
+                return t.detach()
             return t.detach().to(dtype=dtype, copy=True)
         return t.detach().to(device="cpu", dtype=dtype, non_blocking=True)
 
@@ -561,7 +567,7 @@ class _Run:
                 t = self.pending_att.get(layer)
                 if t is None:
                     raise RuntimeError(f"sdlens: layer {layer} was not called at step {self.step}")
-                self.att[layer].append(self._host(t, t.dtype))
+                self.att[layer].append(self._host(t, t.dtype, owned=True))
             self.att_rec_steps.append(self.step)
         self.pending_att = {}
         self.att_now = False

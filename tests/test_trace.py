@@ -231,6 +231,43 @@ def test_attention_rows_sum_to_one_and_match_diffusers():
     assert (d.float().sum(2) < 1.0 + 1e-3).all()
 
 
+def test_attention_follows_text_embeddings_changed_during_the_run():
+    # the recorder reuses a layer's keys while the text embeddings stay the same tensor; a
+    # callback that swaps them (step 0) or edits them in place (step 1) must show in the maps
+    pipe = _pipe("sd15")
+    layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    attn = pipe.unet.get_submodule(layer)
+    captured = []
+
+    def hook(module, args, kwargs):
+        hs = args[0] if args else kwargs["hidden_states"]
+        q = module.head_to_batch_dim(module.to_q(hs))
+        k = module.head_to_batch_dim(module.to_k(kwargs["encoder_hidden_states"]))
+        p = module.get_attention_scores(q, k)
+        captured.append(p.view(hs.shape[0], module.heads, *p.shape[1:])[1:].mean(1))
+
+    def cb(p, i, t, kw):
+        if i == 0:
+            return {"prompt_embeds": kw["prompt_embeds"] * 1.5}
+        if i == 1:
+            kw["prompt_embeds"].mul_(-1.0)
+        return {}
+
+    h = attn.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with trace(pipe, keep_padding=True, attention_dtype=torch.float32) as tr:
+            _call(pipe, callback_on_step_end=cb,
+                  callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+    finally:
+        h.remove()
+    h_, w_ = tr.attention.resolution(layer)
+    ref = torch.stack(captured).transpose(-1, -2).reshape(len(captured), 1, 77, h_, w_)
+    torch.testing.assert_close(tr.attention[layer], ref, rtol=1e-4, atol=1e-6)
+    steps = tr.attention[layer]
+    assert not torch.allclose(steps[1], steps[0], atol=1e-3)  # the edits did change the maps
+    assert not torch.allclose(steps[2], steps[1], atol=1e-3)
+
+
 def test_heads_kept():
     pipe = _pipe("sd15")
     with trace(pipe, heads=True, keep_padding=True, attention_dtype=torch.float32,

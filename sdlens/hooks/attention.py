@@ -5,7 +5,9 @@ LoRA, IP-Adapter processors ... keep working, and the output is bit-identical). 
 recorder computes the attention probabilities itself, ``softmax(q k^T * attn.scale)`` from
 ``attn.to_q`` / ``attn.to_k`` (cross-attention has only ~77 keys: cheap), for the batch rows it is
 asked for only, reduces them on the device (token positions kept, heads averaged) and hands the
-device tensor to the recorder. Nothing here synchronises the device (no ``.cpu()``/``.item()``).
+device tensor to the recorder. The keys depend only on the text, so they are computed once per
+call of the pipeline (again if the text embeddings change) and reused at every step. Nothing here
+synchronises the device (no ``.cpu()``/``.item()``).
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class RecordingProcessor:
         self.inner = inner
         self.layer = layer
         self.sink = sink
+        self._keys = None  # (ehs, its version, rows, keys (B, heads, K, d)): see _token_maps
         sig = _signature_without_self(inner.__call__)
         self._inner_params = None
         if sig is not None and not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
@@ -135,15 +138,48 @@ class RecordingProcessor:
     def _record(self, attn, hidden_states, ehs, mask, temb, request) -> None:
         rows, n_tokens, keep_heads, dtype = request
         hs = hidden_states[rows]
-        ehs = ehs[rows]
         if mask is not None and mask.shape[0] == hidden_states.shape[0]:
             mask = mask[rows]
         if temb is not None and torch.is_tensor(temb) and temb.shape[0] == hidden_states.shape[0]:
             temb = temb[rows]
-        probs = attention_probabilities(attn, hs, ehs, mask, temb)  # (B, heads, HW, K)
+        if mask is None and getattr(attn, "norm_q", None) is None:
+            probs = self._token_maps(attn, hs, ehs, rows, temb)  # (B, heads, K, HW)
+        else:  # rare layouts: the reference computation, then (B, heads, K, HW)
+            probs = attention_probabilities(attn, hs, ehs[rows], mask, temb).transpose(-1, -2)
         if n_tokens is not None:
-            probs = probs[..., :n_tokens]
+            probs = probs[:, :, :n_tokens]
         if not keep_heads:
-            probs = probs.mean(dim=1)  # (B, HW, T)
-        probs = probs.transpose(-1, -2).to(dtype).contiguous()  # (B, [heads,] T, HW)
+            probs = probs[:, 0] if probs.shape[1] == 1 else probs.mean(dim=1)  # (B, T, HW)
+        probs = probs.to(dtype).contiguous()  # (B, [heads,] T, HW)
         self.sink.put_attention(self.layer, probs, probs.shape[-1])
+
+    def _token_maps(self, attn, hs: torch.Tensor, ehs: torch.Tensor, rows: slice,
+                    temb: torch.Tensor | None) -> torch.Tensor:
+        """``attention_probabilities`` without a mask, laid out (B, heads, K, HW) (softmax over K).
+
+        This runs at every layer and step, so it is lean: the keys (scaled, float32) depend only
+        on the text, which a pipeline passes unchanged at every step, so they are computed once
+        per ``ehs`` tensor (same object, same in-place version) and reused; the scores are made
+        as ``k q^T`` directly in the recorded layout (no transpose copy).
+        """
+        cached = self._keys
+        if cached is not None and cached[0] is ehs and cached[1] == ehs._version and cached[2] == rows:
+            key = cached[3]
+        else:
+            e = ehs[rows]
+            if attn.norm_cross:
+                e = attn.norm_encoder_hidden_states(e)
+            key = rearrange(attn.to_k(e), "n k (heads d) -> n heads k d", heads=attn.heads)
+            if getattr(attn, "norm_k", None) is not None:
+                key = attn.norm_k(key)
+            key = key.float() * float(attn.scale)
+            # holding ``ehs`` keeps its memory from being reused by another tensor
+            self._keys = (ehs, ehs._version, rows, key)
+        if attn.spatial_norm is not None:
+            hs = attn.spatial_norm(hs, temb)
+        if hs.ndim == 4:
+            hs = rearrange(hs, "b c h w -> b (h w) c")
+        if attn.group_norm is not None:
+            hs = attn.group_norm(hs.transpose(1, 2)).transpose(1, 2)
+        query = rearrange(attn.to_q(hs).float(), "n l (heads d) -> n heads d l", heads=attn.heads)
+        return torch.matmul(key, query).softmax(dim=-2)
