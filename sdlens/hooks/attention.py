@@ -28,6 +28,17 @@ class AttentionSink(Protocol):
         """probs: (B, T, HW) or (B, heads, T, HW) on the device."""
 
 
+def _normed_queries_input(attn, hidden_states: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
+    """The image tokens as ``to_q`` sees them: spatial norm, (B, HW, C) layout, group norm."""
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if hidden_states.ndim == 4:
+        hidden_states = rearrange(hidden_states, "b c h w -> b (h w) c")
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states
+
+
 def attention_probabilities(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                             attention_mask: torch.Tensor | None = None,
                             temb: torch.Tensor | None = None, rows: slice = slice(None),
@@ -49,13 +60,8 @@ def attention_probabilities(attn, hidden_states: torch.Tensor, encoder_hidden_st
         probs (n, heads, HW, K) float32, rows summing to 1 (n: the selected rows); with
         ``with_values`` the pair (probs, values (n, heads, K, head_dim)).
     """
-    if attn.spatial_norm is not None:
-        hidden_states = attn.spatial_norm(hidden_states, temb)
-    if hidden_states.ndim == 4:
-        hidden_states = rearrange(hidden_states, "b c h w -> b (h w) c")
+    hidden_states = _normed_queries_input(attn, hidden_states, temb)
     batch = hidden_states.shape[0]
-    if attn.group_norm is not None:
-        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
     hidden_states, encoder_hidden_states = hidden_states[rows], encoder_hidden_states[rows]
     query = attn.to_q(hidden_states)
     if attn.norm_cross:
@@ -175,11 +181,6 @@ class RecordingProcessor:
             key = key.float() * float(attn.scale)
             # holding ``ehs`` keeps its memory from being reused by another tensor
             self._keys = (ehs, ehs._version, rows, key)
-        if attn.spatial_norm is not None:
-            hs = attn.spatial_norm(hs, temb)
-        if hs.ndim == 4:
-            hs = rearrange(hs, "b c h w -> b (h w) c")
-        if attn.group_norm is not None:
-            hs = attn.group_norm(hs.transpose(1, 2)).transpose(1, 2)
+        hs = _normed_queries_input(attn, hs, temb)
         query = rearrange(attn.to_q(hs).float(), "n l (heads d) -> n heads d l", heads=attn.heads)
         return torch.matmul(key, query).softmax(dim=-2)
