@@ -5,6 +5,7 @@ sequential pipeline calls, measured side by side in one process (alternating, sa
     python benchmarks/bench_grid.py --only shapes   # one of: shapes, sd15
     python benchmarks/bench_grid.py --smoke         # tiny random pipelines, seconds
     python benchmarks/bench_grid.py --only sd15 --steps 4 --repeats 1 --md benchmarks/RESULTS-grid-sd15.md
+    python benchmarks/bench_grid.py --device cuda   # on a GPU: SD 1.5 in float16 at 512 px
 
 ``--md PATH`` also writes the table, with the machine and the command, to a markdown file
 (``run.py --quick`` includes ``RESULTS-grid-sd15.md``, the SD 1.5 grid being too slow for its
@@ -79,7 +80,7 @@ def bench(name, pipe, steps, size, repeats, max_batch):
     return row
 
 
-def machine() -> str:
+def machine(device: str) -> str:
     import os
     import platform
 
@@ -89,7 +90,9 @@ def machine() -> str:
 
     return (f"{cpu_model()}, {len(os.sched_getaffinity(0))} usable CPUs, {torch.get_num_threads()} torch "
             f"threads; python {platform.python_version()}, torch {torch.__version__}, diffusers "
-            f"{diffusers.__version__}; float32 on the CPU")
+            f"{diffusers.__version__}; "
+            + (f"{torch.cuda.get_device_name(0)}, SD 1.5 in float16, the shipped model in float32"
+               if device == "cuda" else "float32 on the CPU"))
 
 
 def main(argv=None) -> int:
@@ -99,6 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="default 20 (smoke: 3)")
     p.add_argument("--repeats", type=int, default=None, help="default 3 (smoke: 1)")
     p.add_argument("--max-batch", type=int, default=None, help="cells per call (default: memory budget)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: SD 1.5 in float16 at 512 px (default cpu: float32, 256 px)")
     p.add_argument("--md", type=Path, default=None, help="also write the table to this markdown file")
     args = p.parse_args(argv)
     t_start = time.time()
@@ -106,7 +111,8 @@ def main(argv=None) -> int:
 
     steps = args.steps or (3 if args.smoke else 20)
     repeats = args.repeats or (1 if args.smoke else 3)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    dev = args.device
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {dev}, "
           f"{'smoke' if args.smoke else 'full'} run", flush=True)
     header = ("| model | size | steps | grid | sequential s, median (min-max) | batched s | "
               "speed-up | max abs difference of the images |\n|---|---|---|---|---|---|---|---|")
@@ -114,15 +120,20 @@ def main(argv=None) -> int:
     rows = []
     if args.only in (None, "shapes"):
         if args.smoke or not (SHIPPED_MODEL / "model_index.json").exists():
-            pipe, name = random_pipeline("shapes"), "shapes architecture (random weights)"
+            pipe = random_pipeline("shapes", device=dev)
+            name = "shapes architecture (random weights)"
         else:
             from sdlens.pipeline import load_pipeline
 
-            pipe, name = load_pipeline(device="cpu"), "shipped shapes model"
+            pipe = load_pipeline(device=dev, dtype=torch.float32)
+            name = "shipped shapes model"
         rows.append(bench(name, pipe, steps, 64, repeats, args.max_batch))
     if args.only in (None, "sd15"):
         if args.smoke:
-            pipe, size, name = random_pipeline("sd15"), 64, "SD 1.5 architecture, scale 0.05"
+            pipe, size, name = random_pipeline("sd15", device=dev), 64, "SD 1.5 architecture, scale 0.05"
+        elif dev == "cuda":
+            pipe = random_pipeline("sd15", scale=1.0, device=dev, dtype=torch.float16)
+            size, name = 512, "SD 1.5 full-size UNet, float16"
         else:
             pipe, size, name = random_pipeline("sd15", scale=1.0), 256, "SD 1.5 full-size UNet"
         rows.append(bench(name, pipe, steps, size, repeats, args.max_batch))
@@ -131,7 +142,7 @@ def main(argv=None) -> int:
         args.md.write_text(
             f"# Grid benchmark: 4 seeds x 4 CFG, batched vs sequential\n\n"
             f"`{cmd}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(t_start))} "
-            f"({(time.time() - t_start) / 60:.1f} min). Machine: {machine()}.\n\n"
+            f"({(time.time() - t_start) / 60:.1f} min). Machine: {machine(dev)}.\n\n"
             f"{header}\n" + "\n".join(rows) + "\n\n"
             f"Both ways in one process, alternating; {repeats} repeat(s) per way; prompt "
             f"{PROMPT!r}, seeds {SEEDS}, CFG {CFGS}.\n")
