@@ -45,6 +45,13 @@ def test_shipped_model_traced_equals_untraced_on_cuda(dtype):
         assert m.device.type == "cpu" and torch.isfinite(m.float()).all()
     h = tr.heatmap("circle")
     assert h.shape[-2:] == (64, 64) and float(h.max()) == pytest.approx(1.0)
+    # the last recorded latents are exactly the ones the pipeline returns (a copy read before its
+    # transfer finished would not be)
+    with sdlens.trace(pipe) as tr2:
+        final = pipe(PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=25,
+                     guidance_scale=7.5, output_type="latent").images
+    assert final.device.type == "cuda"
+    torch.testing.assert_close(tr2.latents[-1], final.float().cpu(), rtol=0, atol=0)
 
 
 def test_shipped_model_heatmaps_on_cuda_match_cpu():
