@@ -388,7 +388,7 @@ def write_md(out_path: Path, s, info, start, results, names, argv, t0, partial: 
         res = results[name]
         parts.append(f"## {TITLES[name]}\n\n_{res['seconds']:.0f} s_\n")
         parts.append(C.result_markdown(res))
-    if not s.device.startswith("cuda"):
+    if not partial and not s.device.startswith("cuda"):  # quoted once, in the finished file
         parts.append(gpu_section_md())
     skipped = [n for n in ORDER if n not in names]
     if skipped:

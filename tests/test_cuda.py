@@ -21,10 +21,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 PROMPT = "a red circle and a blue square"
 
 
-def _images(pipe, prompt=PROMPT, seed=0, steps=6, **kw):
-    out = pipe(prompt, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
-               output_type="np", **kw).images
-    return out
+def _images(pipe, prompt=PROMPT, seed=0, *, steps, **kw):
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
+                output_type="np", **kw).images
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
