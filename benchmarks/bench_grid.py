@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py
 
-S = __import__("importlib").import_module("sdlens.sweep")  # noqa: E402 (sdlens.sweep: the function once exported)
+S = __import__("importlib").import_module("sdlens.experiments.sweep")  # noqa: E402 (sdlens.sweep: the function once exported)
 from sdlens.pipeline import SHIPPED_MODEL  # noqa: E402
 
 SEEDS = [0, 1, 2, 3]

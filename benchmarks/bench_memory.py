@@ -105,7 +105,8 @@ def sd15_meta_pipe():
 
 
 def size_table(s: C.Settings, ctx: dict) -> tuple[dict, dict]:
-    from sdlens.recorder import RecordOptions, estimate_trace_bytes, tokenize_prompt
+    from sdlens.engine.options import RecordOptions, estimate_trace_bytes
+    from sdlens.engine.session import tokenize_prompt
 
     pipe = sd15_meta_pipe()
     n_tok = len(tokenize_prompt(pipe.tokenizer, s.prompt)[0])

@@ -46,14 +46,14 @@ def trace_nbytes(tr) -> dict[str, int]:
 
 
 def n_prompt_tokens(pipe, prompt: str) -> int:
-    from sdlens.recorder import tokenize_prompt
+    from sdlens.engine.session import tokenize_prompt
 
     ids, _, _ = tokenize_prompt(pipe.tokenizer, prompt)
     return len(ids)
 
 
 def estimate(pipe, s: C.Settings, steps: int, height: int, options: dict, n_tokens: int) -> int:
-    from sdlens.recorder import RecordOptions, estimate_trace_bytes
+    from sdlens.engine.options import RecordOptions, estimate_trace_bytes
 
     vsf = int(getattr(pipe, "vae_scale_factor", 8))
     est = estimate_trace_bytes(pipe, batch=1, num_inference_steps=steps,

@@ -45,7 +45,8 @@ def evict(path: Path) -> bool:
 
 
 def make_trace(s: C.Settings, target_bytes: int):
-    from sdlens.recorder import RecordOptions, estimate_trace_bytes, generate
+    from sdlens.engine.options import RecordOptions, estimate_trace_bytes
+    from sdlens.engine.session import generate
     from sdlens.testing import random_pipeline
 
     # 256 px: a 1 GB trace takes ~4x more steps than at 512 px but a third of the time to make

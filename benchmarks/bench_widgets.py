@@ -93,7 +93,7 @@ def bench_baseline(b, steps: int, panels: int, switches: int) -> float:
 
 def make_trace(steps: int, smoke: bool):
     from sdlens.pipeline import SHIPPED_MODEL, load_pipeline
-    from sdlens.recorder import generate
+    from sdlens.engine.session import generate
     from sdlens.testing import random_pipeline
 
     if smoke:
@@ -122,7 +122,7 @@ def bench_build(trace, builds: int) -> dict:
 
 
 def bench_browser(trace_path: Path, switches: int) -> dict:
-    from sdlens.widgets.browser import JupyterLab, browser, find_chromium, open_and_run, write_notebook
+    from browser import JupyterLab, browser, find_chromium, open_and_run, write_notebook
 
     if find_chromium() is None:
         return {"browser": "skipped: no Chromium (apt-get install chromium)"}

@@ -211,7 +211,7 @@ def untraced(pipe, kw: Callable[[], dict]) -> Callable[[], Any]:
 
 
 def traced(pipe, kw: Callable[[], dict], **options) -> Callable[[], Any]:
-    from sdlens.recorder import trace
+    from sdlens.engine.session import trace
 
     def fn():
         with trace(pipe, **options) as tr:

@@ -12,8 +12,8 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     from sdlens import plot
-    from sdlens.heatmaps import binarize, commitments, iou, word_heatmap
-    from sdlens.recorder import generate
+    from sdlens.analysis.heatmaps import binarize, commitments, iou, word_heatmap
+    from sdlens.engine.session import generate
 
     trace = generate(pipe, prompt, seed=0, steps=steps)
     save_fig(plot.heatmap_grid(trace), args.out / "heatmaps.png")

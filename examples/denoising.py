@@ -12,9 +12,9 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     from sdlens import plot
-    from sdlens.compare import compare
+    from sdlens.analysis.compare import compare
     from sdlens.pipeline import make_scheduler
-    from sdlens.recorder import generate
+    from sdlens.engine.session import generate
 
     trace = generate(pipe, prompt, seed=0, steps=steps)
     save_fig(plot.step_strip(trace, n=8), args.out / "x_t_vs_x0.png")

@@ -10,8 +10,8 @@ def main(argv=None):
     args = parse("guidance_and_seeds", __doc__, argv)
     pipe, prompt, a, b, steps = setup(args)
     from sdlens import plot
-    from sdlens.recorder import generate
-    from sdlens.sweep import sweep
+    from sdlens.engine.session import generate
+    from sdlens.experiments.sweep import sweep
 
     grid = sweep(pipe, prompt, seeds=[0, 1, 2], guidance_scales=[1, 3, 7.5, 12], steps=steps, progress=False)
     print(grid)

@@ -14,8 +14,8 @@ def main(argv=None):
     from PIL import Image
 
     from sdlens import plot
-    from sdlens.heatmaps import binarize, word_heatmap
-    from sdlens.recorder import generate
+    from sdlens.analysis.heatmaps import binarize, word_heatmap
+    from sdlens.engine.session import generate
 
     img2img = AutoPipelineForImage2Image.from_pipe(pipe)
     inpaint = AutoPipelineForInpainting.from_pipe(pipe)

@@ -11,7 +11,7 @@ def main(argv=None):
     args = parse("quickstart", __doc__, argv)
     pipe, prompt, a, b, steps = setup(args)
     from sdlens import plot
-    from sdlens.recorder import generate
+    from sdlens.engine.session import generate
 
     trace = generate(pipe, prompt, seed=0, steps=steps)
     print(trace)

@@ -6,7 +6,7 @@ The same grid from the shell, also across processes with accelerate:
 
     sdlens sweep "a red circle and a blue square" --seeds 0-3 --cfg "1-13 [4]" --out grid.png \\
         --traces grid.sdlens
-    accelerate launch --multi_gpu --num_processes 2 -m sdlens.sweep "a red circle" --seeds 0-7 \\
+    accelerate launch --multi_gpu --num_processes 2 -m sdlens.experiments.sweep "a red circle" --seeds 0-7 \\
         --cfg 1,3,7.5,12 --out grid.png
 """
 

@@ -14,9 +14,9 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     from sdlens import plot
-    from sdlens.recorder import generate
-    from sdlens.steer import reweight, token_effects
-    from sdlens.tokens import tokenize, token_view
+    from sdlens.engine.session import generate
+    from sdlens.experiments.steer import reweight, token_effects
+    from sdlens.analysis.tokens import tokenize, token_view
 
     print(tokenize(prompt, pipe))
     print(tokenize("a dreambeach circle", pipe))

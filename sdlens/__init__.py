@@ -15,22 +15,23 @@ from __future__ import annotations
 
 import os
 
-from . import plot
-from .adapters import lora_effect, trace_base_refiner
-from .compare import Comparison, compare
-from .pipeline import describe, load_pipeline
-from .recorder import RecordOptions, TraceTooLarge, generate, trace
-from .steer import reweight, token_effects
-from .sweep import Grid, sweep
-from .trace import Trace
+from sdlens.views import plot
+from sdlens.experiments.adapters import lora_effect, trace_base_refiner
+from sdlens.analysis.compare import Comparison, compare
+from sdlens.pipeline import describe, load_pipeline
+from sdlens.engine.options import RecordOptions, TraceTooLarge
+from sdlens.engine.session import generate, trace
+from sdlens.experiments.steer import reweight, token_effects
+from sdlens.experiments.sweep import Grid, sweep
+from sdlens.trace.core import Trace
 
 __version__ = "0.1.0"
 
 
 def load(path: str | os.PathLike) -> Trace | Grid:
     """Open a file written by ``Trace.save`` or ``Grid.save`` (lazily: tensors load on access)."""
-    from .sweep import is_grid_file
-    from .trace import load as load_trace
+    from sdlens.experiments.sweep import is_grid_file
+    from sdlens.trace.core import load as load_trace
 
     return Grid.load(path) if is_grid_file(path) else load_trace(path)
 

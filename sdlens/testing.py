@@ -185,7 +185,7 @@ def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2im
     torch.manual_seed(seed)
     in_channels = 9 if task == "inpaint" else 4
     if arch == "shapes":
-        from .models.shapes import architecture as shapes_arch
+        from sdlens.models.shapes import architecture as shapes_arch
 
         unet = shapes_arch.unet()
         if in_channels != 4:

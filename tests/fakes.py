@@ -107,7 +107,7 @@ class FakeTrace:
     pipeline: Any = None
 
     def heatmap(self, word: str, **kwargs: Any) -> torch.Tensor:
-        from sdlens.heatmaps import word_heatmap
+        from sdlens.analysis.heatmaps import word_heatmap
 
         return word_heatmap(self, word, **kwargs)
 

@@ -20,11 +20,11 @@ from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 import diffusers  # noqa: E402
-from sdlens import adapters  # noqa: E402
-from sdlens.compare import compare  # noqa: E402
-from sdlens.recorder import generate, trace  # noqa: E402
+from sdlens.experiments import adapters  # noqa: E402
+from sdlens.analysis.compare import compare  # noqa: E402
+from sdlens.engine.session import generate, trace  # noqa: E402
 from sdlens.testing import random_pipeline  # noqa: E402
-from sdlens.tokens import nearest_tokens, token_view  # noqa: E402
+from sdlens.analysis.tokens import nearest_tokens, token_view  # noqa: E402
 from sdlens.trace import load  # noqa: E402
 
 PROMPT = "a red circle"
@@ -334,12 +334,12 @@ def test_multi_vector_textual_inversion_positions(ti_pipe):
     assert tr.tokens[0][1:-1] == ["a</w>", "<multi></w>", "<multi>_1</w>", "circle</w>"]
     assert tr.heatmap("circle", size=8).shape == (8, 8)
     both = adapters.textual_inversion_heatmap(tr, "<multi>", size=8)
-    from sdlens.heatmaps import token_heatmap
+    from sdlens.analysis.heatmaps import token_heatmap
 
     torch.testing.assert_close(both, token_heatmap(tr, [2, 3], size=8))
     assert not torch.allclose(both, token_heatmap(tr, [2], size=8))
     # the trace's words see <multi> as one word over both vectors
-    from sdlens.tokens import trace_words
+    from sdlens.analysis.tokens import trace_words
 
     assert [(w.text, w.positions) for w in trace_words(tr)] == \
         [("a", (1,)), ("<multi>", (2, 3)), ("circle", (4,))]
@@ -352,7 +352,7 @@ def test_textual_inversion_on_sdxl_both_encoders():
     """SDXL: the token is loaded into both text encoders (as SDXL embeddings ship, clip_l +
     clip_g); tracing keeps the image, the trace's tokens (tokenizer 1) hold it as one word and
     its heatmap is a real map."""
-    from sdlens.tokens import trace_words
+    from sdlens.analysis.tokens import trace_words
 
     pipe = random_pipeline("sdxl")
     for enc, tok in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from fakes import fake_trace, tokenizer
-from sdlens.compare import compare as _compare
-G = import_module("sdlens.guidance")
-P = import_module("sdlens.previews")
-T = import_module("sdlens.tokens")
+from sdlens.analysis.compare import compare as _compare
+G = import_module("sdlens.analysis.guidance")
+P = import_module("sdlens.analysis.previews")
+T = import_module("sdlens.analysis.tokens")
 
 
 # --------------------------------------------------------------------------- tokens
@@ -267,7 +267,9 @@ def test_autoencoder_tiny_decoding():
     ims = P.previews(tr, "x0", [0, 9], decoder="tiny", vae=tiny)
     assert len(ims) == 2 and ims[0].size == (64, 64)
     direct = P.decode_vae(tiny, tr.x0[9, :1])
-    assert np.array_equal(np.asarray(ims[1]), np.asarray(P.to_image(direct[0], (64, 64))))
+    # a batch of 2 and a batch of 1 may round differently in the convolutions: allow one level
+    diff = np.abs(np.asarray(ims[1]).astype(int) - np.asarray(P.to_image(direct[0], (64, 64))).astype(int))
+    assert diff.max() <= 1
 
 
 # --------------------------------------------------------------------------- compare
@@ -326,7 +328,7 @@ def test_compare_errors():
 # --------------------------------------------------------------------------- real traces
 @pytest.fixture(scope="module")
 def real_shapes():
-    from sdlens.recorder import generate
+    from sdlens.engine.session import generate
     from sdlens.testing import random_pipeline
 
     pipe = random_pipeline("shapes")
@@ -357,7 +359,7 @@ def test_real_counterfactual_and_compare(real_shapes):
 @pytest.mark.parametrize("arch", ["sd15", "sd21", "sdxl"])
 def test_real_counterfactual_every_architecture(arch):
     """PNDM (sd15), DDIM v-prediction (sd21), Euler (sdxl): the recorded scale reproduces x0."""
-    from sdlens.recorder import generate
+    from sdlens.engine.session import generate
     from sdlens.testing import random_pipeline
 
     tr = generate(random_pipeline(arch), "a red circle", seed=0, steps=4, guidance_scale=6.0)

@@ -39,7 +39,7 @@ def chromium():
         import jupyterlab  # noqa: F401
     except ImportError:
         _missing("jupyterlab is not installed (pip install -e '.[dev]')")
-    from sdlens.widgets.browser import find_chromium
+    from browser import find_chromium
 
     exe = find_chromium()
     if exe is None:
@@ -48,7 +48,7 @@ def chromium():
 
 
 NOTEBOOK = [
-    "from sdlens.recorder import generate\n"
+    "from sdlens import generate\n"
     "from sdlens.testing import random_pipeline\n"
     "from sdlens.widgets import TraceViewer",
     "pipe = random_pipeline('sd15', scale=0.05)\n"
@@ -78,7 +78,7 @@ def _run_cell(page, code: str, timeout_ms: int = 60_000) -> str:
 
 
 def test_trace_viewer_in_jupyterlab(chromium, tmp_path):
-    from sdlens.widgets.browser import JupyterLab, browser, open_and_run, write_notebook
+    from browser import JupyterLab, browser, open_and_run, write_notebook
 
     ARTIFACTS.mkdir(exist_ok=True)
     write_notebook(tmp_path / "viewer.ipynb", NOTEBOOK)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fakes import random_shapes_folder, shipped_model_available
-from sdlens.cli import main
+from sdlens.views.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -215,10 +215,10 @@ def test_demo_on_the_shipped_model(tmp_path):
 @shipped
 def test_shipped_model_heatmaps_lie_on_their_objects():
     """Each object word's map peaks inside that object (found by colour) and overlaps it."""
-    from sdlens.heatmaps import iou
+    from sdlens.analysis.heatmaps import iou
     from sdlens.models.shapes.evaluate import colour_segments, largest_blob
     from sdlens.pipeline import load_pipeline
-    from sdlens.recorder import generate
+    from sdlens.engine.session import generate
 
     pipe = load_pipeline(device="cpu")
     prompts = ["a red circle and a blue square", "a green triangle and a yellow circle"]
@@ -255,7 +255,7 @@ def test_shipped_linear_preview_is_close_to_the_vae():
 
     from sdlens import previews as P
     from sdlens.pipeline import load_pipeline
-    from sdlens.recorder import generate
+    from sdlens.engine.session import generate
 
     pipe = load_pipeline(device="cpu")
     tr = generate(pipe, "a red circle and a blue square", seed=1000, steps=25, guidance_scale=7.5)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import sdlens
-from sdlens.heatmaps import iou
-from sdlens.hooks import attention as att_hooks
+from sdlens.analysis.heatmaps import iou
+from sdlens.engine import sites as att_hooks
 from sdlens.testing import random_pipeline
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from fakes import LAYERS, fake_trace
-hm = import_module("sdlens.heatmaps")
-from sdlens.tokens import find_word
+hm = import_module("sdlens.analysis.heatmaps")
+from sdlens.analysis.tokens import find_word
 
 L16 = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
 L8 = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
@@ -246,7 +246,7 @@ def test_commitment_finds_the_step_the_word_settles(tr):
 # --------------------------------------------------------------------------- real traces
 @pytest.fixture(scope="module")
 def real():
-    from sdlens.recorder import generate
+    from sdlens.engine.session import generate
     from sdlens.testing import random_pipeline
 
     pipe = random_pipeline("sd15")

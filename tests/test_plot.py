@@ -12,11 +12,11 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from fakes import fake_trace
-plot = import_module("sdlens.plot")
-from sdlens.compare import compare
-from sdlens.guidance import guidance_stats, scheduler_view
-from sdlens.heatmaps import commitment
-from sdlens.tokens import token_view
+plot = import_module("sdlens.views.plot")
+from sdlens.analysis.compare import compare
+from sdlens.analysis.guidance import guidance_stats, scheduler_view
+from sdlens.analysis.heatmaps import commitment
+from sdlens.analysis.tokens import token_view
 
 
 @pytest.fixture(scope="module")

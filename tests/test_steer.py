@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdlens import steer
-from sdlens.hooks.steering import ReweightProcessor, SteeringState
+from sdlens.experiments import steer
+from sdlens.engine.steering import ReweightProcessor, SteeringState
 from sdlens.pipeline import SHIPPED_MODEL
 from sdlens.testing import random_pipeline
 

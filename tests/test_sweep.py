@@ -14,7 +14,7 @@ import torch
 from sdlens.pipeline import SHIPPED_MODEL, make_scheduler
 from sdlens.testing import random_pipeline
 
-S = importlib.import_module("sdlens.sweep")  # `sdlens.sweep` may be the function once exported
+S = importlib.import_module("sdlens.experiments.sweep")  # `sdlens.sweep` may be the function once exported
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-4
@@ -193,7 +193,7 @@ def test_chunking_by_memory_budget(pipe):
 
 # ----------------------------------------------------------------------------- traces
 def test_grid_traces_equal_single_traces(pipe):
-    import sdlens.recorder as rec
+    import sdlens.engine.session as rec
 
     grid = S.sweep(pipe, [P1, P2], seeds=[0, 1], guidance_scales=[1.0, 3.0, 7.5], steps=4,
                    record="full", progress=False)

@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 import diffusers
-from sdlens.attention import layer_alias
-from sdlens.recorder import RecordOptions, TraceTooLarge, generate, trace
+from sdlens.engine.arch.unet import layer_alias
+from sdlens.engine.options import RecordOptions, TraceTooLarge
+from sdlens.engine.session import generate, trace
 from sdlens.testing import random_pipeline
 from sdlens.trace import FORMAT_VERSION, load
 
@@ -403,7 +404,7 @@ def test_user_callback_still_works_and_edits_are_recorded():
 
 
 def test_no_device_sync_inside_attention_layers(monkeypatch):
-    from sdlens.hooks import attention as att_hooks
+    from sdlens.engine import sites as att_hooks
 
     inside = {"on": False}
     orig_record = att_hooks.RecordingProcessor._record
@@ -726,7 +727,7 @@ def test_default_trace_of_full_size_sd15_is_under_100_mb():
     prompt (12 tokens with start/end), CFG on."""
     from types import SimpleNamespace
 
-    from sdlens.recorder import estimate_trace_bytes
+    from sdlens.engine.options import estimate_trace_bytes
     from sdlens.testing import _SD15
 
     cfg = dict(_SD15["unet"])
@@ -747,7 +748,7 @@ def test_size_estimate_counts_the_schedulers_real_steps():
     the estimate from num_inference_steps counts what the recorder will store."""
     from types import SimpleNamespace
 
-    from sdlens.recorder import estimate_trace_bytes, scheduler_steps
+    from sdlens.engine.options import estimate_trace_bytes, scheduler_steps
 
     base = _pipe("sd15")
     pndm = diffusers.PNDMScheduler.from_config(base.scheduler.config, skip_prk_steps=True)
@@ -818,7 +819,7 @@ def test_prompt_embeds_without_prompt_keeps_all_positions():
 
 
 def test_heatmap_delegates_to_heatmaps_module():
-    from sdlens.heatmaps import word_heatmap
+    from sdlens.analysis.heatmaps import word_heatmap
 
     pipe = _pipe("sd15")
     with trace(pipe) as tr:
@@ -868,7 +869,7 @@ def test_wraps_custom_and_sliced_processors():
 
 
 def test_live_state_in_callback():
-    from sdlens.recorder import live_state
+    from sdlens.engine.session import live_state
 
     pipe = _pipe("sd15")
     got = []

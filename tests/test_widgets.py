@@ -12,10 +12,10 @@ import torch
 import traitlets
 from PIL import Image
 
-from sdlens.recorder import generate
+from sdlens.engine.session import generate
 from sdlens.testing import random_pipeline
 from sdlens.widgets import GridViewer, Studio, TokenView, TraceViewer, trace_mimebundle
-from sdlens.widgets.frames import decode, heat_rgba
+from sdlens.views.widgets.frames import decode, heat_rgba
 
 PROMPT = "a red circle and a blue square"
 
@@ -47,7 +47,7 @@ def viewer(trace):
 
 # ------------------------------------------------------------------------------ TraceViewer
 def test_viewer_frames_are_the_traces_previews(viewer, trace):
-    from sdlens.previews import preview
+    from sdlens.analysis.previews import preview
 
     n = len(trace.timesteps)
     assert viewer.n_steps == n and viewer.step == n - 1  # opens at the last step
@@ -81,7 +81,7 @@ def test_viewer_frames_travel_as_binary_buffers(viewer):
 
 
 def test_viewer_words_and_heatmaps(viewer, trace):
-    from sdlens.heatmaps import word_heatmap
+    from sdlens.analysis.heatmaps import word_heatmap
 
     assert viewer.word_keys == ["a", "red", "circle", "and", "a#1", "blue", "square"]
     assert viewer.overlay() is None
@@ -141,7 +141,7 @@ def test_viewer_rejects_bad_state(trace):
 
 
 def test_viewer_layer_choice_recomputes_heatmaps(trace):
-    from sdlens.heatmaps import word_heatmap
+    from sdlens.analysis.heatmaps import word_heatmap
 
     v = TraceViewer(trace, word="circle")
     keys = [k for k, _ in v.layer_options]
@@ -208,7 +208,7 @@ def test_frame_size_cap_and_jpeg(trace):
 
 # ------------------------------------------------------------------------------ Studio
 def test_studio_streams_x0_and_becomes_a_viewer_then_ab(pipe):
-    from sdlens.previews import preview
+    from sdlens.analysis.previews import preview
 
     s = Studio(pipe, steps=4, seed=3)
     s.generate_button.click()  # the Generate button: runs in a background thread
@@ -285,7 +285,7 @@ def test_studio_reports_errors_in_the_panel(pipe):
 
 # ------------------------------------------------------------------------------ GridViewer
 def test_grid_viewer_labels_and_cell_clicks(pipe):
-    from sdlens.sweep import sweep
+    from sdlens.experiments.sweep import sweep
 
     grid = sweep(pipe, "a red circle", seeds=[0, 1], guidance_scales=[1.0, 7.5], steps=3, progress=False)
     g = GridViewer(grid)

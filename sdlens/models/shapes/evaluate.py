@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dataset import COLOURS, SHAPES
+from sdlens.models.shapes.dataset import COLOURS, SHAPES
 
 COLOUR_TOL = 80  # max Euclidean RGB distance to a palette colour
 MIN_PIXELS = 30  # of 64 x 64
@@ -85,7 +85,7 @@ def parse_prompt(prompt: str) -> list[tuple[str, str]]:
 
 
 def judge(trace, batch: int, prompt: str, seed: int, threshold: float = 0.4) -> Judgement:
-    from ...heatmaps import iou
+    from sdlens.analysis.heatmaps import iou
 
     image = np.asarray(trace.images[batch].convert("RGB"))
     segments = colour_segments(image)
@@ -137,7 +137,7 @@ def evaluate(pipe, prompts: list[str], seeds: list[int], guidance_scale: float =
 
 def default_prompts(n_double: int = 24, seed: int = 0) -> list[str]:
     """The 12 single-object captions and ``n_double`` two-object captions (distinct colours)."""
-    from .dataset import all_prompts
+    from sdlens.models.shapes.dataset import all_prompts
 
     singles = all_prompts(two_objects=False)
     doubles = [p for p in all_prompts() if " and " in p
@@ -176,7 +176,7 @@ if __name__ == "__main__":
 def unet_description() -> dict:
     """The shipped architecture's UNet in words (channels, levels, cross-attention layers and
     their resolutions, heads) and its parameter count, read from ``architecture``."""
-    from .architecture import LATENT_SIZE, UNET_CONFIG, unet
+    from sdlens.models.shapes.architecture import LATENT_SIZE, UNET_CONFIG, unet
 
     model = unet()
     cfg = UNET_CONFIG

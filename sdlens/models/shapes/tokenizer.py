@@ -18,7 +18,7 @@ import gzip
 import json
 from pathlib import Path
 
-from ...tokens import bytes_to_unicode
+from sdlens.analysis.tokens import bytes_to_unicode
 
 N_MERGES = 49152 - 256 - 2  # = 48894, the merges OpenAI's tokenizer uses
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"

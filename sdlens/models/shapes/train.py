@@ -35,8 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import architecture
-from .dataset import make_dataset
+from sdlens.models.shapes import architecture
+from sdlens.models.shapes.dataset import make_dataset
 
 TOKENIZER_DIR = Path(__file__).parent / "weights" / "tokenizer"
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .attention import attention_probabilities
+from sdlens.engine.sites import attention_probabilities
 
 
 class SteeringState:

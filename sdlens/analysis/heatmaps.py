@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .tokens import Word, available, find_word, trace_words
+from sdlens.analysis.tokens import Word, available, find_word, trace_words
 
 POOLINGS = ("sdlens", "daam")
 
@@ -347,7 +347,7 @@ class Commitment:
     step: int | None
 
     def plot(self, ax: Any = None):
-        from .plot import commitment_curves
+        from sdlens.views.plot import commitment_curves
 
         return commitment_curves([self], ax=ax)
 

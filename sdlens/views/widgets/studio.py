@@ -19,8 +19,8 @@ from typing import Any
 import ipywidgets as W
 import torch
 
-from .frames import encode
-from .trace_viewer import TraceViewer
+from sdlens.views.widgets.frames import encode
+from sdlens.views.widgets.trace_viewer import TraceViewer
 
 DEFAULT_PROMPT = "a red circle and a blue square"
 
@@ -31,7 +31,7 @@ class Interrupted(Exception):
 
 def _live_x0(pipe) -> torch.Tensor | None:
     """The x0 the trace engine computed for the step just taken (None when it has none)."""
-    from ..recorder import live_state
+    from sdlens.engine.session import live_state
 
     state = live_state(pipe)
     return None if state is None else state.get("x0")
@@ -55,7 +55,7 @@ class Studio(W.VBox):
                  seed: int = 0, steps: int | None = None, guidance_scale: float | None = None,
                  scheduler: str = "default", keep: int = 2, preview_px: int = 192,
                  viewer: dict | None = None, record: dict | None = None, **kwargs: Any):
-        from ..pipeline import SCHEDULERS, describe
+        from sdlens.pipeline import SCHEDULERS, describe
 
         if not hasattr(pipe, "unet") or not hasattr(pipe, "scheduler"):
             raise TypeError(f"Studio needs a diffusers Stable Diffusion pipeline, got {type(pipe).__name__}")
@@ -178,7 +178,7 @@ class Studio(W.VBox):
 
     # ---------------------------------------------------------------- the run
     def _live_png(self, pipe, cb_kwargs: dict) -> tuple[bytes, str]:
-        from ..previews import latent_to_rgb, linear_decoder, to_image
+        from sdlens.analysis.previews import latent_to_rgb, linear_decoder, to_image
 
         if self._decoder is None:
             try:
@@ -211,8 +211,8 @@ class Studio(W.VBox):
         return {}
 
     def _run(self, s: dict) -> None:
-        from ..pipeline import make_scheduler
-        from ..recorder import generate
+        from sdlens.pipeline import make_scheduler
+        from sdlens.engine.session import generate
 
         pipe = self.pipe
         original = pipe.scheduler

@@ -27,11 +27,11 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from PIL import Image
 
-from .tokens import find_word, nearest_tokens, token_view, trace_words
-_guidance = import_module("sdlens.guidance")
-_heatmaps = import_module("sdlens.heatmaps")
-_plot = import_module("sdlens.plot")
-_previews = import_module("sdlens.previews")
+from sdlens.analysis.tokens import find_word, nearest_tokens, token_view, trace_words
+_guidance = import_module("sdlens.analysis.guidance")
+_heatmaps = import_module("sdlens.analysis.heatmaps")
+_plot = import_module("sdlens.views.plot")
+_previews = import_module("sdlens.analysis.previews")
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;

@@ -176,7 +176,7 @@ def fit_linear_decoder(vae: Any, images: Any = None, n: int = 256, seed: int = 0
     if not hasattr(vae, "encode"):
         raise TypeError(f"expected a VAE (or a pipeline with .vae), got {type(vae).__name__}")
     if images is None:
-        from .models.shapes.dataset import make_dataset
+        from sdlens.models.shapes.dataset import make_dataset
 
         images = make_dataset(n, seed=seed)[0]
     x = _images_tensor(images)
@@ -265,7 +265,7 @@ def _input_scale(trace: Any, step: int) -> float:
     sig = getattr(trace, "sigmas", None)
     if sig is None or step >= len(sig):
         return 1.0
-    from .guidance import schedule_form
+    from sdlens.analysis.guidance import schedule_form
 
     try:
         form = schedule_form(trace)
@@ -277,7 +277,7 @@ def _input_scale(trace: Any, step: int) -> float:
 def _out_size(trace: Any, size: Any) -> tuple[int, int] | None:
     if size == "latent":
         return None
-    from .heatmaps import output_size
+    from sdlens.analysis.heatmaps import output_size
 
     return output_size(trace, size)
 

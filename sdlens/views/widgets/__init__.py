@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .frames import TraceFrames
-from .grid_viewer import GridViewer
-from .studio import Interrupted, Studio
-from .token_view import TokenView
-from .trace_viewer import TraceViewer
+from sdlens.views.widgets.frames import TraceFrames
+from sdlens.views.widgets.grid_viewer import GridViewer
+from sdlens.views.widgets.studio import Interrupted, Studio
+from sdlens.views.widgets.token_view import TokenView
+from sdlens.views.widgets.trace_viewer import TraceViewer
 
 
 def trace_mimebundle(trace: Any, include: Any = None, exclude: Any = None):

@@ -32,9 +32,9 @@ call per (steps, scheduler, cfg on/off) group is refused with a ValueError inste
 Under ``accelerate launch`` (more than one process) the batches are shared among the processes
 and the cells gathered on every process; ``sdlens sweep`` writes its outputs on the main process
 only. Load the pipeline on ``accelerate.PartialState().device`` in each process. On GPUs:
-``accelerate launch --multi_gpu --num_processes N -m sdlens.sweep "PROMPT" ...``; on CPUs the same
+``accelerate launch --multi_gpu --num_processes N -m sdlens.experiments.sweep "PROMPT" ...``; on CPUs the same
 command works (the processes use gloo; accelerate's ``--cpu`` flag alone starts one process
-unless mpirun is configured), as does ``torchrun --nproc_per_node N -m sdlens.sweep ...``.
+unless mpirun is configured), as does ``torchrun --nproc_per_node N -m sdlens.experiments.sweep ...``.
 
 Axis syntax (A1111's X/Y/Z plot), for the CLI and for string arguments: see :func:`parse_axis`.
 """
@@ -362,7 +362,7 @@ def _record_options(record):
     if record is None or record is False:
         return None
     if isinstance(record, dict):
-        from .recorder import RecordOptions
+        from sdlens.engine.options import RecordOptions
 
         RecordOptions.from_kwargs(**record)  # unknown / bad options fail before running
         return dict(record)
@@ -398,7 +398,7 @@ def _run_batch(pipe, batch: Batch, negative_prompt, height, width, extra, record
         with guidance:
             out = pipe(**kwargs)
     else:
-        from .recorder import trace as record_trace
+        from sdlens.engine.session import trace as record_trace
 
         with record_trace(pipe, **_options_for(record_opts, batch.steps)) as rec:
             with guidance:
@@ -415,7 +415,7 @@ def cell_trace(trace, i: int, guidance: float | None = None, seed: int | None = 
     """Batch item ``i`` of a batched Trace as a Trace of its own (what the single run of that
     item records): tensors sliced on the batch axis, the attention maps' token axis cut to the
     item's own tokens (unless padding was kept), its prompt, seed and guidance scale."""
-    from .trace import Trace
+    from sdlens.trace.core import Trace
 
     info = trace._require()
     if not 0 <= i < trace.batch_size:
@@ -462,7 +462,7 @@ class _Scheduler:
         self.original = pipe.scheduler
 
     def set(self, name):
-        from .pipeline import make_scheduler
+        from sdlens.pipeline import make_scheduler
 
         self.pipe.scheduler = self.original if name is None else make_scheduler(
             name, self.original.config)
@@ -541,7 +541,7 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
                         else list(scheduler))
     if not sched_list:
         raise ValueError("scheduler: the axis is empty")
-    from .pipeline import make_scheduler
+    from sdlens.pipeline import make_scheduler
 
     for s in sched_list:  # fail before running anything
         if s is not None:
@@ -653,7 +653,7 @@ def _trace_bytes(pipe, record_opts, steps_list, height, width) -> int:
 
 def _pipeline_meta(pipe) -> dict:
     try:
-        from .pipeline import describe
+        from sdlens.pipeline import describe
 
         info = describe(pipe)
         return {"family": info.family, "pipeline_class": info.pipeline_class,
@@ -889,9 +889,9 @@ def _trace_bytes_of(trace) -> bytes:
 def _trace_from_bytes(data: bytes):
     import tempfile
 
-    from .trace import load as load_trace
+    from sdlens.trace.core import load as load_trace
 
-    from .trace import Trace
+    from sdlens.trace.core import Trace
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "cell.sdlens"
@@ -943,7 +943,7 @@ def _add_arguments(p) -> None:
 
 def run_sweep(args) -> int:
     """Run ``sdlens sweep`` from parsed arguments; the main process writes the outputs."""
-    from .pipeline import load_pipeline
+    from sdlens.pipeline import load_pipeline
 
     state = _distributed_state()
     device = args.device or (state.device if state is not None else None)
@@ -972,7 +972,7 @@ def run_sweep(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m sdlens.sweep", description="sdlens sweep",
+    p = argparse.ArgumentParser(prog="python -m sdlens.experiments.sweep", description="sdlens sweep",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=AXIS_SYNTAX)
     _add_arguments(p)

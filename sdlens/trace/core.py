@@ -51,7 +51,7 @@ from typing import Any, Callable
 
 import torch
 
-from .attention import AttentionMaps
+from sdlens.trace.maps import AttentionMaps
 
 FORMAT = "sdlens.trace"
 FORMAT_VERSION = 1
@@ -216,14 +216,14 @@ class Trace:
 
     def heatmap(self, word, **kwargs):
         """Word heatmap; see :func:`sdlens.heatmaps.word_heatmap` (all keyword arguments go there)."""
-        from .heatmaps import word_heatmap
+        from sdlens.analysis.heatmaps import word_heatmap
 
         return word_heatmap(self, word, **kwargs)
 
     def _repr_mimebundle_(self, include=None, exclude=None):
         """Notebook display: a TraceViewer (sdlens.widgets), plain text where widgets are missing."""
         try:
-            from .widgets import trace_mimebundle
+            from sdlens.views.widgets import trace_mimebundle
         except ImportError:
             return {"text/plain": repr(self)}
         return trace_mimebundle(self, include=include, exclude=exclude)

@@ -46,7 +46,7 @@ class TokenView(anywidget.AnyWidget):
         self.observe(lambda ch: self._fill(ch["new"]), names="batch")
 
     def _fill(self, batch: int) -> None:
-        from ..tokens import token_view
+        from sdlens.analysis.tokens import token_view
 
         view = token_view(self.trace, batch)
         self.view = view

@@ -119,7 +119,7 @@ def _check_run_args(args: argparse.Namespace) -> None:
 def _load_pipe(args: argparse.Namespace):
     import torch
 
-    from .pipeline import load_pipeline
+    from sdlens.pipeline import load_pipeline
 
     _check_run_args(args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -139,7 +139,7 @@ def _layers_arg(text: str | None) -> Any:
 
 def _generate(pipe, args: argparse.Namespace, prompt: str, seed: int | None = None,
               cfg: float | None = None):
-    from .recorder import generate
+    from sdlens.engine.session import generate
 
     kwargs: dict[str, Any] = {}
     if args.heads:
@@ -162,7 +162,7 @@ def _trace_file(path: str) -> Path:
 
 
 def _load_trace(path: str):
-    from .trace import load
+    from sdlens.trace.core import load
 
     p = _trace_file(path)
     sweep = _import_optional("sdlens.sweep")
@@ -224,7 +224,7 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 
 
 def _report_run(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from sdlens.views.report import write_report
 
     tr = _load_trace(args.trace)
     out = Path(args.out).expanduser() if args.out else Path(args.trace).with_suffix(".html")
@@ -319,8 +319,8 @@ def _floats(text: str, what: str) -> list[float]:
 
 
 def _demo_run(args: argparse.Namespace) -> int:
-    from . import plot
-    from .report import write_report
+    from sdlens.views import plot
+    from sdlens.views.report import write_report
 
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
@@ -365,7 +365,7 @@ def _demo_run(args: argparse.Namespace) -> int:
         if not args.no_grid:
             import matplotlib.pyplot as plt
 
-            from .sweep import sweep
+            from sdlens.experiments.sweep import sweep
 
             # untraced and batched: the sweep runs every (cfg, seed) cell in one call
             grid = sweep(pipe, prompts[0], seeds=seeds, guidance_scales=cfgs, steps=args.steps,
@@ -411,7 +411,7 @@ def _import_optional(name: str):
 def build_parser() -> argparse.ArgumentParser:
     _load_command_modules()
     parser = _Parser(prog="sdlens", description="See inside Stable Diffusion while it samples.")
-    from . import __version__
+    from sdlens import __version__
 
     parser.add_argument("--version", action="version", version=f"sdlens {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

@@ -109,7 +109,7 @@ def signed_rgb(x: torch.Tensor, scale: float) -> np.ndarray:
 
 
 def _display_size(trace: Any, max_side: int) -> tuple[int, int]:
-    from ..heatmaps import output_size
+    from sdlens.analysis.heatmaps import output_size
 
     h, w = output_size(trace)
     s = min(1.0, max_side / max(h, w))
@@ -134,7 +134,7 @@ class WordChip:
 
 def word_chips(trace: Any, batch: int = 0) -> list[WordChip]:
     """The prompt's words (punctuation left out) as chips, in prompt order."""
-    from ..tokens import trace_words
+    from sdlens.analysis.tokens import trace_words
 
     if not getattr(trace, "tokens", None) or not trace.tokens[batch]:
         return []
@@ -149,7 +149,7 @@ def layer_options(trace: Any) -> list[tuple[str, str]]:
     """``[(key, label)]`` of the layer choices: all layers, each resolution, down / mid / up,
     then each layer by alias. Keys are selectors :func:`sdlens.heatmaps.word_heatmap` takes
     (``'all'`` stands for None, ``'res:16'`` for the int 16)."""
-    from ..attention import layer_alias
+    from sdlens.engine.arch.unet import layer_alias
 
     maps = getattr(trace, "attention", None)
     if maps is None or not list(maps.layers):
@@ -264,7 +264,7 @@ class TraceFrames:
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         """(..., C, h, w) -> (..., 3, h, w) with the family's linear decoder (first 3 channels
         when the family has none)."""
-        from ..previews import latent_to_rgb, linear_decoder
+        from sdlens.analysis.previews import latent_to_rgb, linear_decoder
 
         try:
             m, b = linear_decoder(self.trace, self.vae)
@@ -287,7 +287,7 @@ class TraceFrames:
             raise ValueError(f"batch={batch} is out of range: the trace holds {self.n_batch} image(s)")
         if batch in self._base:
             return self._base[batch]
-        from ..previews import previews
+        from sdlens.analysis.previews import previews
 
         t, n = self.trace, self.n_steps
         out: dict[str, list[bytes]] = {}
@@ -300,7 +300,7 @@ class TraceFrames:
                 if panel == "noise":
                     data = t.noise[:n, batch].float()
                 else:
-                    from ..guidance import cfg_delta
+                    from sdlens.analysis.guidance import cfg_delta
 
                     data = cfg_delta(t, batch=batch)[:n].float()
                 rgb = self._linear(data)  # (S, 3, h, w)
@@ -335,7 +335,7 @@ class TraceFrames:
         cache_key = (batch, layers)
         if cache_key in self._heat:
             return self._heat[cache_key]
-        from ..heatmaps import word_heatmap
+        from sdlens.analysis.heatmaps import word_heatmap
 
         sel = layer_selector(layers)
         out: dict[str, dict] = {}

@@ -19,7 +19,7 @@ from typing import Any
 import anywidget
 import traitlets
 
-from .frames import PANEL_LABELS, TraceFrames, layer_options, word_chips
+from sdlens.views.widgets.frames import PANEL_LABELS, TraceFrames, layer_options, word_chips
 
 _STATIC = Path(__file__).parent / "static"
 HEAT_MODES = ("step", "sum")

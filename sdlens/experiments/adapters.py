@@ -40,9 +40,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .compare import Comparison, compare
-from .recorder import RecordOptions, generate, trace as _trace
-from .trace import Trace
+from sdlens.analysis.compare import Comparison, compare
+from sdlens.engine.options import RecordOptions
+from sdlens.engine.session import generate, trace as _trace
+from sdlens.trace.core import Trace
 
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -302,7 +303,7 @@ def lora_effect(pipe, prompt: str, adapter: str, scales: Sequence[float] = (0, 0
                 state.restore()
                 state.activate()
         if ran_batched:
-            from .sweep import cell_trace
+            from sdlens.experiments.sweep import cell_trace
 
             traces = [cell_trace(full, i, seed=seed, extra_meta={"lora": {
                 "adapter": adapter, "scale": s, "batched": True}})
@@ -416,7 +417,7 @@ def textual_inversion(pipe, name: str, k: int = 8) -> TextualInversion:
     """The textual-inversion token ``name`` of ``pipe`` and its embedding's ``k`` nearest
     vocabulary neighbours per vector and text encoder. Unknown names raise ValueError listing
     the loaded ones."""
-    from .tokens import nearest_tokens
+    from sdlens.analysis.tokens import nearest_tokens
 
     loaded = textual_inversion_tokens(pipe)
     if name not in loaded:
@@ -446,7 +447,7 @@ def textual_inversion_heatmap(trace: Trace, name: str, batch: int = 0, occurrenc
     """Heatmap of a textual-inversion token over all its vectors (``<t>``, ``<t>_1``, ...; for a
     single-vector token the same as ``trace.heatmap(name)``). ``kwargs`` go to
     :func:`sdlens.heatmaps.token_heatmap` (steps, layers, size, ...)."""
-    from .heatmaps import token_heatmap
+    from sdlens.analysis.heatmaps import token_heatmap
 
     runs = _ti_positions(trace.tokens[batch], name)
     if not runs:
@@ -503,7 +504,7 @@ def textual_inversion_view(trace: Trace, batch: int = 0, pipe=None, k: int = 8
     """Token view of ``trace`` (batch item ``batch``) with the nearest vocabulary neighbours of
     every textual-inversion token in the prompt. ``pipe``: the pipeline (default: the traced one,
     while it is alive); needed for the embeddings."""
-    from .tokens import token_view
+    from sdlens.analysis.tokens import token_view
 
     pipe = pipe if pipe is not None else trace.pipeline
     if pipe is None:

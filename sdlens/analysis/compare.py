@@ -20,8 +20,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .heatmaps import word_heatmap
-from .tokens import trace_words
+from sdlens.analysis.heatmaps import word_heatmap
+from sdlens.analysis.tokens import trace_words
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Comparison:
         return self.summary()
 
     def plot(self, **kwargs: Any):
-        from .plot import comparison
+        from sdlens.views.plot import comparison
 
         return comparison(self, **kwargs)
 

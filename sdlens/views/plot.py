@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from .tokens import find_word, token_view as _token_view, trace_words
-_guidance = import_module("sdlens.guidance")
-_heatmaps = import_module("sdlens.heatmaps")
-_previews = import_module("sdlens.previews")
+from sdlens.analysis.tokens import find_word, token_view as _token_view, trace_words
+_guidance = import_module("sdlens.analysis.guidance")
+_heatmaps = import_module("sdlens.analysis.heatmaps")
+_previews = import_module("sdlens.analysis.previews")
 
 STRIP_ROWS = ("latents", "x0", "noise", "cfg")
 _ROW_TITLES = {"latents": "x_t (latents)", "x0": "x0 (predicted)", "noise": "noise (guided)",

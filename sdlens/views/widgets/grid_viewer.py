@@ -17,15 +17,15 @@ import numpy as np
 import traitlets
 from PIL import Image
 
-from .frames import encode
-from .trace_viewer import TraceViewer
+from sdlens.views.widgets.frames import encode
+from sdlens.views.widgets.trace_viewer import TraceViewer
 
 _STATIC = Path(__file__).parent / "static"
 
 
 def _label(axis: str, value: Any) -> str:
     try:
-        from ..sweep import _label as sweep_label
+        from sdlens.experiments.sweep import _label as sweep_label
 
         return sweep_label(axis, value)
     except Exception:  # a grid-like object from elsewhere

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .hooks.steering import SteeringState, install
+from sdlens.engine.steering import SteeringState, install
 
 MAX_POSITIONS = 77
 
@@ -186,7 +186,7 @@ def reweight(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
         **generate_kwargs: for ``sdlens.generate``: ``seed``, ``steps`` (the number of steps),
             ``guidance_scale``, ``negative_prompt``, record options, ...
     """
-    from .recorder import generate
+    from sdlens.engine.session import generate
 
     n_images = int(generate_kwargs.get("num_images_per_prompt", 1) or 1)
     with reweighting(pipe, prompt, weights, reweight_steps,
@@ -330,7 +330,7 @@ def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
     Returns a :class:`TokenEffects`: per word the (H, W) map of mean |RGB change| and its mean
     as the effect size.
     """
-    from .sweep import Batch, Cell, _record_options, _run_batch
+    from sdlens.experiments.sweep import Batch, Cell, _record_options, _run_batch
 
     if mode not in ("remove", "pad"):
         raise ValueError(f"mode must be 'remove' or 'pad', got {mode!r}")

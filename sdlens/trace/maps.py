@@ -35,60 +35,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-PARTS = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
-_PART_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
-
-
-def layer_alias(layer: str) -> str:
-    """Short alias of a module path: ``down_blocks.1.attentions.0.transformer_blocks.0.attn2``
-    -> ``"down.1.0"``; a transformer block other than 0 is appended (``"down.2.1.3"``)."""
-    m = re.match(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2$", layer)
-    if m:
-        part = "down" if m.group(1) == "down_blocks" else "up"
-        alias = f"{part}.{m.group(2)}.{m.group(3)}"
-        return alias if m.group(4) == "0" else f"{alias}.{m.group(4)}"
-    m = re.match(r"^mid_block\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2$", layer)
-    if m:
-        alias = "mid" if m.group(1) == "0" else f"mid.{m.group(1)}"
-        return alias if m.group(2) == "0" else f"mid.{m.group(1)}.{m.group(2)}"
-    return layer
-
-
-def _alias_prefix(name: str) -> str | None:
-    """``"down.1.0.2"`` -> ``"down_blocks.1.attentions.0.transformer_blocks.2"``; None if not an alias."""
-    parts = name.split(".")
-    if parts[0] not in PARTS or not all(p.isdigit() for p in parts[1:]):
-        return None
-    if parts[0] == "mid":
-        # mid[.attention[.transformer_block]]
-        out = "mid_block"
-        rest = parts[1:]
-        if len(rest) > 2:
-            return None
-        if rest:
-            out += f".attentions.{rest[0]}"
-        if len(rest) > 1:
-            out += f".transformer_blocks.{rest[1]}"
-        return out
-    rest = parts[1:]
-    if len(rest) > 3:
-        return None
-    out = PARTS[parts[0]]
-    if rest:
-        out += f".{rest[0]}"
-    if len(rest) > 1:
-        out += f".attentions.{rest[1]}"
-    if len(rest) > 2:
-        out += f".transformer_blocks.{rest[2]}"
-    return out
-
-
-def layer_sort_key(layer: str) -> tuple:
-    """UNet order: down blocks, mid, up blocks; numerically within each."""
-    head = layer.split(".", 1)[0]
-    nums = tuple(int(x) for x in re.findall(r"\d+", layer))
-    return (_PART_ORDER.get(head, 3), nums, layer)
-
+from sdlens.engine.arch.unet import alias_prefix, layer_alias, layer_sort_key
 
 def resolve_layers(spec, layers: Sequence[str],
                    resolution: Callable[[str], tuple[int, int]] | None = None) -> list[str]:
@@ -152,7 +99,7 @@ def _resolve_one(item, layers: Sequence[str], resolution) -> list[str]:
         name = name[: -len(".processor")]
     if name in layers:
         return [name]
-    prefix = _alias_prefix(name) or name
+    prefix = alias_prefix(name) or name
     out = [l for l in layers if l == prefix or l.startswith(prefix + ".")]
     if not out:
         raise ValueError(f"unknown attention layer {item!r}; available layers: "

@@ -99,7 +99,7 @@ def schedule_form(trace: Any) -> str:
     sched = rebuild_scheduler(trace)
     if sched is not None:
         try:
-            from .hooks.scheduler import schedule_form as engine_form
+            from sdlens.engine.schedules import schedule_form as engine_form
 
             sched.set_timesteps(len(trace.timesteps))
             form = engine_form(sched)

@@ -35,204 +35,20 @@ from typing import Any, Sequence
 import torch
 from einops import rearrange
 
-from .attention import layer_sort_key, resolve_layers
-from .hooks import scheduler as sched_hooks
-from .hooks.attention import RecordingProcessor
-from .hooks.unet import UNetHooks
-from .tokens import _BYTE_DECODER
-from .trace import Trace
-
-RECORDABLE = ("latents", "noise", "x0", "attention")
-SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
-             "StableDiffusionInpaintPipeline", "StableDiffusionXLPipeline",
-             "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
-_ATT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-class TraceTooLarge(ValueError):
-    """The estimated trace size exceeds ``RecordOptions.max_bytes``."""
-
-
-# ====================================================================== options
-@dataclass
-class RecordOptions:
-    """What to record.
-
-    Args:
-        record: which kinds of data to keep, a subset of ("latents", "noise", "x0", "attention").
-            Timesteps, sigmas, prompts, tokens and images are always kept.
-        layers: which ``attn2`` layers' maps to keep: None (all), "down" / "mid" / "up", a
-            resolution int (max(h, w) of the map, e.g. 16), an alias ("up.1.0"), a module path,
-            or a list of these (see :mod:`sdlens.attention`).
-        steps: at which steps to keep attention maps (latents/noise/x0 are small and always kept
-            for every step): None (all), a list/range of step indices (negative ones count from
-            the end), or a slice (``slice(None, None, 5)``: every 5th step).
-        heads: keep the heads axis of the maps (default: average over heads on the device).
-        keep_padding: keep all 77 token positions (default: the start token, the prompt's tokens
-            and the end token; rows then no longer sum to 1 over the kept tokens).
-        max_bytes: refuse (``TraceTooLarge``, a ValueError) to run when the trace is estimated to
-            need more host memory than this; default 50% of the available host memory.
-        attention_dtype: dtype of the stored maps (float16 default; bfloat16 or float32).
-    """
-
-    record: Sequence[str] = RECORDABLE
-    layers: Any = None
-    steps: Any = None
-    heads: bool = False
-    keep_padding: bool = False
-    max_bytes: int | None = None
-    attention_dtype: torch.dtype = torch.float16
-
-    def __post_init__(self):
-        rec = (self.record,) if isinstance(self.record, str) else self.record
-        try:
-            rec = tuple(rec)
-        except TypeError:
-            raise ValueError(f"record must be a subset of {RECORDABLE}, got {self.record!r}") from None
-        bad = [r for r in rec if r not in RECORDABLE]
-        if bad:
-            raise ValueError(f"record: unknown kind(s) {bad}; allowed: {', '.join(RECORDABLE)}")
-        self.record = tuple(r for r in RECORDABLE if r in rec)
-        if self.layers is not None:
-            items = self.layers if isinstance(self.layers, (list, tuple, set)) else [self.layers]
-            if isinstance(self.layers, tuple) and len(self.layers) == 2 and \
-                    all(isinstance(v, int) for v in self.layers):
-                items = [self.layers]
-            for it in items:
-                ok = (isinstance(it, str) and it.strip()) or \
-                     (isinstance(it, int) and not isinstance(it, bool) and it > 0) or \
-                     (isinstance(it, tuple) and len(it) == 2 and all(isinstance(v, int) for v in it))
-                if not ok:
-                    raise ValueError(f"layers: invalid selector {it!r}; allowed: None (all), 'down', "
-                                     "'mid', 'up', a resolution int, an alias like 'up.1.0', a "
-                                     "module path, or a list of these")
-        s = self.steps
-        if s is not None and not isinstance(s, slice):
-            if isinstance(s, (int, bool)):
-                raise ValueError(f"steps: got the int {s!r}; use a list of step indices ([{s}]), a "
-                                 f"slice (slice(None, None, {s}) for every {s}th step) or None (all)")
-            try:
-                s = list(s)
-            except TypeError:
-                raise ValueError(f"steps: expected None, a list of step indices or a slice, got "
-                                 f"{type(self.steps).__name__}") from None
-            if not all(isinstance(i, int) and not isinstance(i, bool) for i in s):
-                raise ValueError(f"steps: step indices must be ints, got {s!r}")
-            self.steps = s
-        if isinstance(s, slice) and s.step is not None and s.step <= 0:
-            raise ValueError(f"steps: slice step must be positive, got {s.step}")
-        if not isinstance(self.heads, bool):
-            raise ValueError(f"heads must be True or False, got {self.heads!r}")
-        if not isinstance(self.keep_padding, bool):
-            raise ValueError(f"keep_padding must be True or False, got {self.keep_padding!r}")
-        if self.max_bytes is not None and (isinstance(self.max_bytes, bool) or
-                                           not isinstance(self.max_bytes, (int, float))
-                                           or self.max_bytes <= 0):
-            raise ValueError(f"max_bytes must be a positive number of bytes or None, got "
-                             f"{self.max_bytes!r}")
-        if self.attention_dtype not in _ATT_DTYPES:
-            raise ValueError(f"attention_dtype must be one of {_ATT_DTYPES}, got "
-                             f"{self.attention_dtype!r}")
-
-    def to_dict(self) -> dict:
-        """JSON-friendly form (stored in ``trace.meta['options']``)."""
-        steps = self.steps
-        if isinstance(steps, slice):
-            steps = {"slice": [steps.start, steps.stop, steps.step]}
-        layers = self.layers
-        if isinstance(layers, (set, tuple)):
-            layers = list(layers)
-        return dict(record=list(self.record), layers=layers, steps=steps, heads=self.heads,
-                    keep_padding=self.keep_padding, max_bytes=self.max_bytes,
-                    attention_dtype=str(self.attention_dtype).replace("torch.", ""))
-
-    @classmethod
-    def from_kwargs(cls, options: "RecordOptions | None" = None, **kwargs) -> "RecordOptions":
-        """``options`` updated with keyword arguments; unknown names -> ValueError."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        bad = [k for k in kwargs if k not in names]
-        if bad:
-            raise ValueError(f"unknown option(s) {bad}; allowed: {', '.join(names)}")
-        if options is None:
-            return cls(**kwargs)
-        if not isinstance(options, cls):
-            raise ValueError(f"options must be a RecordOptions, got {type(options).__name__}")
-        return dataclasses.replace(options, **kwargs)
-
-
-def default_max_bytes() -> int:
-    """50% of the host memory available now (MemAvailable), or 8 GiB if it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
-    except OSError:
-        pass
-    try:
-        import psutil  # type: ignore
-
-        return int(psutil.virtual_memory().available // 2)
-    except Exception:
-        return 8 << 30
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n} B"
-
-
-# ====================================================================== pipeline checks
-def check_pipeline(pipe) -> list[str]:
-    """The pipeline's ``attn2`` layer names; TypeError / NotImplementedError if untraceable."""
-    cls = type(pipe).__name__
-    unet = getattr(pipe, "unet", None)
-    if unet is None:
-        kind = "transformer-based (e.g. SD3, Flux, PixArt)" if getattr(pipe, "transformer", None) \
-            is not None else "UNet-less"
-        raise NotImplementedError(
-            f"sdlens cannot trace {cls}: it is a {kind} pipeline without a `unet`; supported: "
-            f"{', '.join(SUPPORTED)} (and SD 2.x v-prediction models)")
-    if not hasattr(unet, "attn_processors") or not hasattr(unet, "set_attn_processor"):
-        raise TypeError(f"sdlens cannot trace {cls}: its unet ({type(unet).__name__}) has no "
-                        f"attention processors; supported: {', '.join(SUPPORTED)}")
-    layers = [k[: -len(".processor")] for k in unet.attn_processors if k.endswith(".attn2.processor")]
-    if not layers:
-        raise TypeError(f"sdlens cannot trace {cls}: its UNet has no cross-attention (attn2) "
-                        f"layers; supported: text-conditioned UNets in {', '.join(SUPPORTED)}")
-    if getattr(pipe, "scheduler", None) is None or not hasattr(pipe.scheduler, "step"):
-        raise TypeError(f"sdlens cannot trace {cls}: it has no scheduler with a step() method")
-    if getattr(pipe, "tokenizer", None) is None and getattr(pipe, "tokenizer_2", None) is None:
-        raise TypeError(f"sdlens cannot trace {cls}: it has no tokenizer")
-    return sorted(layers, key=layer_sort_key)
-
-
-def _layer_level(layer: str, n_down: int) -> int:
-    """Downsampling level of a layer: down_blocks.i -> i, mid -> n_down-1, up_blocks.i -> n_down-1-i."""
-    parts = layer.split(".")
-    if parts[0] == "down_blocks":
-        return int(parts[1])
-    if parts[0] == "up_blocks":
-        return n_down - 1 - int(parts[1])
-    if parts[0] == "mid_block":
-        return n_down - 1
-    raise ValueError(f"cannot tell the resolution of layer {layer!r}")
-
-
-def _level_shape(h: int, w: int, level: int) -> tuple[int, int]:
-    for _ in range(level):
-        h, w = (h + 1) // 2, (w + 1) // 2
-    return h, w
-
+from sdlens.engine.arch.unet import SUPPORTED, check_pipeline, layer_level, layer_sort_key, level_shape
+from sdlens.engine.options import RecordOptions, TraceTooLarge, _human, default_max_bytes, estimate_trace_bytes, scheduler_steps
+from sdlens.trace.maps import resolve_layers
+from sdlens.engine import schedules as sched_hooks
+from sdlens.engine.sites import RecordingProcessor
+from sdlens.engine.arch.unet import UNetHooks
+from sdlens.analysis.tokens import _BYTE_DECODER
+from sdlens.trace.core import Trace
 
 def _describe(pipe) -> dict:
     """family / task / pipeline facts (sdlens.pipeline.describe when available)."""
     cls = type(pipe).__name__
     try:
-        from .pipeline import describe
+        from sdlens.pipeline import describe
 
         info = describe(pipe)
         d = dataclasses.asdict(info)
@@ -259,76 +75,6 @@ def _version(pkg: str) -> str:  # cached: the metadata lookup costs ms at every 
         return importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def scheduler_steps(scheduler, num_inference_steps: int) -> int:
-    """How many steps (UNet calls) ``scheduler`` takes for ``num_inference_steps``: one more for
-    PNDM with ``skip_prk_steps`` (SD 1.5's default), ``2 n - 1`` for Heun / KDPM2. Read from a
-    copy's ``set_timesteps``; the pipeline's scheduler is not touched."""
-    import copy
-
-    sched = copy.deepcopy(scheduler)
-    try:
-        sched.set_timesteps(num_inference_steps)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"num_inference_steps={num_inference_steps!r}: the scheduler refused it "
-                         f"({e})") from None
-    return len(sched.timesteps)
-
-
-def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
-                         latent_hw: tuple[int, int] | None = None, n_tokens: int = 77,
-                         do_cfg: bool = True, options: RecordOptions | None = None,
-                         layers: Sequence[str] | None = None,
-                         attention_steps: int | None = None,
-                         num_inference_steps: int | None = None) -> dict[str, int]:
-    """Host bytes a trace of ``pipe`` will take, per kind of data (before running anything).
-
-    Args:
-        pipe: the pipeline (its UNet's layers, heads and latent channels are read).
-        batch: batch items (prompts x num_images_per_prompt).
-        steps: scheduler steps (UNet calls). Prefer ``num_inference_steps``, which converts.
-        num_inference_steps: the pipeline argument; when given, ``steps`` is the number of steps
-            the pipeline's scheduler really takes for it (:func:`scheduler_steps`).
-        latent_hw: latent (h, w) (default: the UNet's ``sample_size``).
-        n_tokens: kept token positions (default 77, the worst case).
-        do_cfg: classifier-free guidance on (3 noise tensors instead of 2).
-        options: a :class:`RecordOptions` (what is recorded, layers, steps, heads, dtype).
-        layers: already-resolved layer names (default: from ``options.layers``).
-        attention_steps: already-resolved number of steps with attention maps.
-
-    Returns:
-        {"latents": ..., "noise": ..., "x0": ..., "attention": ...} in bytes.
-    """
-    opts = options or RecordOptions()
-    unet = pipe.unet
-    if num_inference_steps is not None:
-        steps = scheduler_steps(pipe.scheduler, num_inference_steps)
-    if latent_hw is None:
-        size = unet.config.sample_size
-        latent_hw = (size, size) if isinstance(size, int) else tuple(size)
-    h, w = latent_hw
-    all_layers = check_pipeline(pipe) if layers is None else list(layers)
-    n_down = len(unet.down_blocks)
-    res = {l: _level_shape(h, w, _layer_level(l, n_down)) for l in all_layers}
-    if layers is None:
-        layers = resolve_layers(opts.layers, all_layers, lambda l: res[l])
-    if attention_steps is None:
-        attention_steps = len(range(steps)[opts.steps]) if isinstance(opts.steps, slice) \
-            else (steps if opts.steps is None else len(set(opts.steps)))
-    c = int(unet.config.out_channels)
-    per = batch * c * h * w * 4
-    rec = opts.record
-    est = {"latents": (steps + 1) * per if "latents" in rec else 0,
-           "noise": steps * per * (3 if do_cfg else 2) if "noise" in rec else 0,
-           "x0": steps * per if "x0" in rec else 0, "attention": 0}
-    if "attention" in rec:
-        itemsize = torch.empty((), dtype=opts.attention_dtype).element_size()
-        for l in layers:
-            lh, lw = res[l]
-            heads = int(unet.get_submodule(l).heads) if opts.heads else 1
-            est["attention"] += attention_steps * batch * heads * n_tokens * lh * lw * itemsize
-    return est
 
 
 # ====================================================================== tokens
@@ -492,7 +238,7 @@ class _Run:
     def _layer_resolutions(self) -> dict[str, tuple[int, int]]:
         n_down = len(self.pipe.unet.down_blocks)
         h, w = self.latent_hw
-        return {l: _level_shape(h, w, _layer_level(l, n_down)) for l in self.session.layers}
+        return {l: level_shape(h, w, layer_level(l, n_down)) for l in self.session.layers}
 
     def estimate_bytes(self) -> dict[str, int]:
         """Estimated host bytes per kind of data (from the shapes known at the first UNet call)."""
@@ -937,7 +683,7 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
             (``num_images_per_prompt``, ``image``, ``mask_image``, ``strength``, ...).
     """
     if reweight is not None:
-        from .steer import reweight as steered  # which calls back here without reweight=
+        from sdlens.experiments.steer import reweight as steered  # which calls back here without reweight=
 
         return steered(pipe, prompt, reweight, reweight_steps, seed=seed, steps=steps,
                        guidance_scale=guidance_scale, negative_prompt=negative_prompt,
