@@ -28,6 +28,15 @@ from sdlens.trace.core import Trace
 __version__ = "0.1.0"
 
 
+def __getattr__(name: str):
+    # ``sdlens.testing`` without an explicit import (it pulls in the model builders: lazy)
+    if name == "testing":
+        import importlib
+
+        return importlib.import_module("sdlens.testing")
+    raise AttributeError(f"module 'sdlens' has no attribute {name!r}")
+
+
 def load(path: str | os.PathLike) -> Trace | Grid:
     """Open a file written by ``Trace.save`` or ``Grid.save`` (lazily: tensors load on access)."""
     from sdlens.experiments.sweep import is_grid_file
