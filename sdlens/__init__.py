@@ -15,17 +15,33 @@ from __future__ import annotations
 
 import os
 
-from sdlens.views import plot
-from sdlens.experiments.adapters import lora_effect, trace_base_refiner
 from sdlens.analysis.compare import Comparison, compare
-from sdlens.pipeline import describe, load_pipeline
+from sdlens.analysis.heatmaps import Commitment
 from sdlens.engine.options import RecordOptions, TraceTooLarge
 from sdlens.engine.session import generate, trace
+from sdlens.experiments.adapters import lora_effect, trace_base_refiner
 from sdlens.experiments.steer import reweight, token_effects
-from sdlens.experiments.sweep import Grid, sweep
-from sdlens.trace.core import Trace
+from sdlens.experiments.sweep import Grid, is_grid_file, sweep
+from sdlens.pipeline import describe, load_pipeline
+from sdlens.trace.core import Trace, load as load_trace
+from sdlens.version import __version__
+from sdlens.views import plot
 
-__version__ = "0.1.0"
+
+def _show_trace(trace: Trace, include=None, exclude=None):
+    """A Trace in a notebook: a TraceViewer; its repr where the widget packages are missing."""
+    try:  # imported on first display: `import sdlens` does not load anywidget / ipywidgets
+        from sdlens.views.widgets import trace_mimebundle
+    except ImportError:
+        return {"text/plain": repr(trace)}
+    return trace_mimebundle(trace, include=include, exclude=exclude)
+
+
+# Data flows one way: the Trace and the analysis results import no views. The front door, which
+# every `import sdlens.<anything>` runs first, tells them how to show themselves.
+Trace.display_hook = _show_trace
+Commitment.plot_hook = plot.commitment_curves
+Comparison.plot_hook = plot.comparison
 
 
 def __getattr__(name: str):
@@ -39,9 +55,6 @@ def __getattr__(name: str):
 
 def load(path: str | os.PathLike) -> Trace | Grid:
     """Open a file written by ``Trace.save`` or ``Grid.save`` (lazily: tensors load on access)."""
-    from sdlens.experiments.sweep import is_grid_file
-    from sdlens.trace.core import load as load_trace
-
     return Grid.load(path) if is_grid_file(path) else load_trace(path)
 
 

@@ -148,13 +148,12 @@ def test_help_and_unknown_command(capsys):
 
 
 def test_sweep_subcommand_is_hooked_in(capsys):
-    pytest.importorskip("sdlens.sweep")
     assert main(["sweep", "a red circle", "--model", "/no/such/model", "--quiet"]) == 2
     assert "sdlens sweep: error: no such folder" in capsys.readouterr().err
 
 
 def test_register_adds_a_subcommand(capsys):
-    from sdlens import cli
+    from sdlens.views import cli
 
     seen = {}
     cli.register("echo-test", "test command", lambda p: p.add_argument("x"),

@@ -6,7 +6,7 @@
 * ``x0_rms`` ``(steps,)`` and ``x0_relative`` (the RMS divided by the mean RMS of the two x0s);
 * ``word_change`` ``{word: (recorded steps,)}``: for each word in both prompts, the mean absolute
   difference of its two per-step heatmaps (each min-max normalised to [0, 1]; 0 = same map,
-  1 = opposite), from :func:`sdlens.heatmaps.word_heatmap` with ``per_step=True``;
+  1 = opposite), from :func:`sdlens.analysis.heatmaps.word_heatmap` with ``per_step=True``;
 * ``parting_step``: the first step from which each run's x0 is closer to *its own* final x0
   than to the other run's final x0, and stays so until the end - from there on one can tell which
   picture each run becomes. None when the runs never part (e.g. a trace with itself).
@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -39,6 +39,10 @@ class Comparison:
     word_change: dict[str, np.ndarray] = field(default_factory=dict)
     map_steps: list[int] = field(default_factory=list)
 
+    #: Draws a comparison: ``hook(comparison, **kwargs) -> Figure``. Analysis imports no views: the
+    #: front door ``sdlens`` sets it to :func:`sdlens.plot.comparison`.
+    plot_hook: ClassVar[Callable[..., Any] | None] = None
+
     @property
     def words(self) -> list[str]:
         return list(self.word_change)
@@ -56,9 +60,8 @@ class Comparison:
         return self.summary()
 
     def plot(self, **kwargs: Any):
-        from sdlens.views.plot import comparison
-
-        return comparison(self, **kwargs)
+        """The comparison's curves (a matplotlib Figure; keyword arguments go to the hook)."""
+        return type(self).plot_hook(self, **kwargs)  # off the class: the plain function
 
 
 def _rms(x: torch.Tensor) -> np.ndarray:
@@ -88,7 +91,7 @@ def compare(trace_a: Any, trace_b: Any, batch_a: int = 0, batch_b: int = 0,
     Both runs must have the same number of steps and latent shape. ``words``: the words whose
     maps to compare (default: every non-punctuation word found in both prompts); ``maps=False``
     skips the maps. ``heatmap_kwargs`` (``layers``, ``pooling``, ``size``...) go to
-    :func:`sdlens.heatmaps.word_heatmap`.
+    :func:`sdlens.analysis.heatmaps.word_heatmap`.
     """
     for name, t in (("trace_a", trace_a), ("trace_b", trace_b)):
         if getattr(t, "latents", None) is None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -346,10 +346,13 @@ class Commitment:
     threshold: float
     step: int | None
 
-    def plot(self, ax: Any = None):
-        from sdlens.views.plot import commitment_curves
+    #: Draws commitments: ``hook([commitment, ...], ax=None) -> Figure``. Analysis imports no views:
+    #: the front door ``sdlens`` sets it to :func:`sdlens.plot.commitment_curves`.
+    plot_hook: ClassVar[Callable[..., Any] | None] = None
 
-        return commitment_curves([self], ax=ax)
+    def plot(self, ax: Any = None):
+        """This word's correlation curve and commitment step (a matplotlib Figure)."""
+        return type(self).plot_hook([self], ax=ax)  # off the class: the plain function
 
 
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:

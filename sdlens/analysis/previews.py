@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
+from sdlens.analysis.heatmaps import output_size
+
 SD1_MATRIX = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
               [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
 SDXL_MATRIX = [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068],
@@ -277,8 +279,6 @@ def _input_scale(trace: Any, step: int) -> float:
 def _out_size(trace: Any, size: Any) -> tuple[int, int] | None:
     if size == "latent":
         return None
-    from sdlens.analysis.heatmaps import output_size
-
     return output_size(trace, size)
 
 

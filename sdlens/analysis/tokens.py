@@ -46,7 +46,8 @@ def bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, chars)}
 
 
-_BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
+# byte-level BPE character -> the byte it stands for (CLIP / GPT-2's table, inverted)
+BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
 
 
 def token_text(token: str) -> str:
@@ -55,7 +56,7 @@ def token_text(token: str) -> str:
     if token in SPECIAL:
         return token
     try:
-        return bytes(_BYTE_DECODER[c] for c in body).decode("utf-8", errors="replace")
+        return bytes(BYTE_DECODER[c] for c in body).decode("utf-8", errors="replace")
     except KeyError:  # not a byte-level BPE string (another tokenizer): show it as it is
         return body
 
@@ -135,7 +136,7 @@ def _strip(token: str) -> str:
 
 def _decode(body: str) -> str:
     try:
-        return bytes(_BYTE_DECODER[c] for c in body).decode("utf-8", errors="replace")
+        return bytes(BYTE_DECODER[c] for c in body).decode("utf-8", errors="replace")
     except KeyError:
         return body
 

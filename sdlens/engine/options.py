@@ -143,7 +143,8 @@ def default_max_bytes() -> int:
         return 8 << 30
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """``n`` bytes for a message: ``"512 B"``, ``"1.5 MB"`` (binary multiples)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"

@@ -676,7 +676,8 @@ def _jsonable(d: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the grid
 
-def _label(axis: str, value) -> str:
+def axis_label(axis: str, value) -> str:
+    """How a grid labels one value of an axis: ``"CFG 7.5"``, ``"seed 3"``, a shortened prompt."""
     if axis == "prompt":
         text = str(value)
         return text if len(text) <= 40 else text[:37] + "..."
@@ -800,12 +801,12 @@ class Grid:
                 for s in ax.spines.values():
                     s.set_visible(False)
                 if r == 0 and col_name is not None:
-                    ax.set_title(_label(col_name, self.axes[col_name][c]), fontsize=9)
+                    ax.set_title(axis_label(col_name, self.axes[col_name][c]), fontsize=9)
                 if c == 0 and row_names:
-                    label = "\n".join(_label(a, self.axes[a][i])
+                    label = "\n".join(axis_label(a, self.axes[a][i])
                                       for a, i in zip(row_names, row_idx[r]))
                     ax.set_ylabel(label, fontsize=9, rotation=0, ha="right", va="center")
-        fixed = ", ".join(f"{_label(a, v)}" for a, v in self.fixed.items()
+        fixed = ", ".join(f"{axis_label(a, v)}" for a, v in self.fixed.items()
                           if not (a == "scheduler" and v is None))
         fig.suptitle(title if title is not None else fixed, fontsize=10)
         fig.tight_layout()

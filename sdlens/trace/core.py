@@ -47,7 +47,7 @@ import struct
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -64,6 +64,10 @@ class Trace:
     built by hand. Inside ``with sdlens.trace(pipe) as tr:`` the object ``tr`` shows the *last*
     call made in the block; ``tr.runs`` lists the traces of all calls, in order.
     """
+
+    #: How a notebook shows a Trace: ``hook(trace, include=, exclude=) -> mimebundle``; None shows
+    #: the repr. The Trace imports no views: the front door ``sdlens`` sets it (a TraceViewer).
+    display_hook: ClassVar[Callable[..., Any] | None] = None
 
     def __init__(self, tensors: dict[str, Any] | None = None, info: dict | None = None,
                  images: list | Callable[[], list] | None = None, pipeline=None,
@@ -221,12 +225,11 @@ class Trace:
         return word_heatmap(self, word, **kwargs)
 
     def _repr_mimebundle_(self, include=None, exclude=None):
-        """Notebook display: a TraceViewer (sdlens.widgets), plain text where widgets are missing."""
-        try:
-            from sdlens.views.widgets import trace_mimebundle
-        except ImportError:
+        """Notebook display through :attr:`display_hook`."""
+        hook = type(self).display_hook  # read off the class: the plain function, not bound to self
+        if hook is None:
             return {"text/plain": repr(self)}
-        return trace_mimebundle(self, include=include, exclude=exclude)
+        return hook(self, include=include, exclude=exclude)
 
     def __repr__(self) -> str:
         if self._info is None:

@@ -8,22 +8,15 @@
 Errors (wrong arguments, a missing file, an unknown model or word) print one line and exit
 with status 2, without a traceback.
 
-Adding a command, either way:
-
-* write ``add_arguments(parser)`` and ``run(args) -> int`` and call
-  ``register(name, help, add_arguments, run)`` (or list a module defining
-  ``register_cli(register)`` in ``COMMAND_MODULES``);
-* or list ``(module, function)`` in ``SUBPARSER_HOOKS``: ``function(subparsers)`` adds its own
-  subparser and sets ``func`` (``args -> int``). ``sdlens sweep`` comes from
-  ``sdlens.sweep.add_sweep_parser`` this way.
-
-Modules are imported only when present; their commands get the same one-line errors.
+Adding a command: write ``add_arguments(parser)`` and ``run(args) -> int`` and call
+``register(name, help, add_arguments, run)``. ``sdlens sweep`` adds its own subparser
+(:func:`sdlens.experiments.sweep.add_sweep_parser`, which sets ``func``); its errors print the
+same one line.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import time
@@ -31,11 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from sdlens.engine.options import human_bytes
+from sdlens.engine.session import generate
+from sdlens.experiments.sweep import add_sweep_parser, is_grid_file, sweep
+from sdlens.pipeline import load_pipeline
+from sdlens.trace.core import load
+from sdlens.version import __version__
+from sdlens.views import plot
+from sdlens.views.report import write_report
+
 EXIT_USAGE = 2
 DEMO_PROMPTS = ("a red circle and a blue square",)
-COMMAND_MODULES = ()  # modules with register_cli(register)
-# (module, function): function(subparsers) adds its own subparser and sets `func` (args -> int)
-SUBPARSER_HOOKS = (("sdlens.sweep", "add_sweep_parser"),)
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -119,8 +118,6 @@ def _check_run_args(args: argparse.Namespace) -> None:
 def _load_pipe(args: argparse.Namespace):
     import torch
 
-    from sdlens.pipeline import load_pipeline
-
     _check_run_args(args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return load_pipeline(args.model, device=args.device, dtype=dtype, scheduler=args.scheduler)
@@ -139,8 +136,6 @@ def _layers_arg(text: str | None) -> Any:
 
 def _generate(pipe, args: argparse.Namespace, prompt: str, seed: int | None = None,
               cfg: float | None = None):
-    from sdlens.engine.session import generate
-
     kwargs: dict[str, Any] = {}
     if args.heads:
         kwargs["heads"] = True
@@ -162,11 +157,8 @@ def _trace_file(path: str) -> Path:
 
 
 def _load_trace(path: str):
-    from sdlens.trace.core import load
-
     p = _trace_file(path)
-    sweep = _import_optional("sdlens.sweep")
-    if sweep is not None and getattr(sweep, "is_grid_file", None) and sweep.is_grid_file(p):
+    if is_grid_file(p):
         raise UsageError(f"{p} is a sweep grid file, not a trace; open it in Python with "
                          "sdlens.load(path) and grid.plot()")
     return load(p)
@@ -194,7 +186,8 @@ def _trace_run(args: argparse.Namespace) -> int:
         bar.update()
     tr.save(out)
     _warn_truncated(tr)
-    print(f"wrote {out}  ({_size(out)}, {len(tr.timesteps)} steps, {time.time() - t0:.1f} s)")
+    print(f"wrote {out}  ({human_bytes(out.stat().st_size)}, {len(tr.timesteps)} steps, "
+          f"{time.time() - t0:.1f} s)")
     return 0
 
 
@@ -202,15 +195,6 @@ def _warn_truncated(tr) -> None:
     for words in tr.truncated_words:
         if words:
             print(f"warning: CLIP's 75-token limit cut: {' '.join(words)}", file=sys.stderr)
-
-
-def _size(path: Path) -> str:
-    n = path.stat().st_size
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
 
 
 # --------------------------------------------------------------------------- report
@@ -224,15 +208,13 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 
 
 def _report_run(args: argparse.Namespace) -> int:
-    from sdlens.views.report import write_report
-
     tr = _load_trace(args.trace)
     out = Path(args.out).expanduser() if args.out else Path(args.trace).with_suffix(".html")
     words = [w.strip() for w in args.words.split(",") if w.strip()] if args.words else None
     with _progress(args, 1, "report") as bar:
         path = write_report(tr, out, batch=args.batch, words=words, pooling=args.pooling)
         bar.update()
-    print(f"wrote {path}  ({_size(path)})")
+    print(f"wrote {path}  ({human_bytes(path.stat().st_size)})")
     return 0
 
 
@@ -246,7 +228,7 @@ def describe_trace(tr, path: Path | None = None) -> str:
     meta = tr.meta or {}
     lines = []
     if path is not None:
-        lines.append(f"file         {path}  ({_size(path)})")
+        lines.append(f"file         {path}  ({human_bytes(path.stat().st_size)})")
     lines += [
         f"model        {meta.get('model_id')}  (family {meta.get('family')}, task {meta.get('task')})",
         f"pipeline     {meta.get('pipeline_class')}",
@@ -319,9 +301,6 @@ def _floats(text: str, what: str) -> list[float]:
 
 
 def _demo_run(args: argparse.Namespace) -> int:
-    from sdlens.views import plot
-    from sdlens.views.report import write_report
-
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
@@ -365,8 +344,6 @@ def _demo_run(args: argparse.Namespace) -> int:
         if not args.no_grid:
             import matplotlib.pyplot as plt
 
-            from sdlens.experiments.sweep import sweep
-
             # untraced and batched: the sweep runs every (cfg, seed) cell in one call
             grid = sweep(pipe, prompts[0], seeds=seeds, guidance_scales=cfgs, steps=args.steps,
                          record=None, negative_prompt=args.negative, height=args.height,
@@ -391,39 +368,15 @@ register("report", "write a self-contained HTML report of a trace file", _report
 register("info", "print what a trace file holds", _info_args, _info_run, aliases=("inspect",))
 
 
-def _load_command_modules() -> None:
-    for name in COMMAND_MODULES:
-        mod = _import_optional(name)
-        hook = getattr(mod, "register_cli", None) if mod is not None else None
-        if callable(hook):
-            hook(register)
-
-
-def _import_optional(name: str):
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name == name:
-            return None
-        raise
-
-
 def build_parser() -> argparse.ArgumentParser:
-    _load_command_modules()
     parser = _Parser(prog="sdlens", description="See inside Stable Diffusion while it samples.")
-    from sdlens import __version__
-
     parser.add_argument("--version", action="version", version=f"sdlens {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for cmd in COMMANDS.values():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, aliases=list(cmd.aliases))
         cmd.add_arguments(p)
         p.set_defaults(_command=cmd)
-    for module, function in SUBPARSER_HOOKS:
-        mod = _import_optional(module)
-        hook = getattr(mod, function, None) if mod is not None else None
-        if callable(hook):
-            hook(sub)
+    add_sweep_parser(sub)
     return parser
 
 

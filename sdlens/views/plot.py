@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import io
 import math
-from importlib import import_module
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from sdlens.analysis.guidance import cfg_delta, guidance_stats, scheduler_view, x0_guidance_sweep
+from sdlens.analysis.heatmaps import Commitment, commitments, output_size, word_heatmap
+from sdlens.analysis.previews import latent_to_rgb, linear_decoder, previews, to_image
 from sdlens.analysis.tokens import find_word, token_view as _token_view, trace_words
-_guidance = import_module("sdlens.analysis.guidance")
-_heatmaps = import_module("sdlens.analysis.heatmaps")
-_previews = import_module("sdlens.analysis.previews")
 
 STRIP_ROWS = ("latents", "x0", "noise", "cfg")
 _ROW_TITLES = {"latents": "x_t (latents)", "x0": "x0 (predicted)", "noise": "noise (guided)",
@@ -73,7 +72,7 @@ def overlay(trace: Any, word: str, ax: Any = None, batch: int = 0, alpha: float 
     fig, ax = _new_axes(ax, (3.2, 3.2))
     img = _image(trace, batch)
     size = heatmap_kwargs.pop("size", None) or (img.shape[:2] if img is not None else None)
-    h = _np(_heatmaps.word_heatmap(trace, word, batch=batch, size=size, **heatmap_kwargs))
+    h = _np(word_heatmap(trace, word, batch=batch, size=size, **heatmap_kwargs))
     if img is not None:
         ax.imshow(img)
         im = ax.imshow(h, cmap=cmap, alpha=alpha, vmin=0, vmax=1 if h.max() <= 1 else None)
@@ -136,7 +135,7 @@ def heatmap_steps(trace: Any, word: str, steps: Any = None, n: int = 8, batch: i
     """A word's map forming: its per-step heatmap at ``n`` evenly spaced recorded steps (or the
     ``steps`` given), each normalised on its own."""
     chosen = _pick_steps([int(s) for s in trace.attention.steps], steps, n)
-    maps = _np(_heatmaps.word_heatmap(trace, word, steps=chosen, per_step=True, batch=batch,
+    maps = _np(word_heatmap(trace, word, steps=chosen, per_step=True, batch=batch,
                                       **heatmap_kwargs))
     img = _image(trace, batch)
     fig = Figure(figsize=(1.9 * len(chosen) + 0.8, 2.3), layout="constrained")
@@ -206,11 +205,11 @@ def step_strip(trace: Any, steps: Any = None, n: int = 8, rows: Sequence[str] = 
     axes = fig.subplots(len(rows), len(chosen), squeeze=False)
     cfg_max = None
     if "cfg" in rows:
-        delta = _guidance.cfg_delta(trace, batch=batch)[chosen].norm(dim=1)  # (S, h, w)
+        delta = cfg_delta(trace, batch=batch)[chosen].norm(dim=1)  # (S, h, w)
         cfg_max = float(delta.max())
     for r, row in enumerate(rows):
         if row in ("latents", "x0"):
-            ims = _previews.previews(trace, row, chosen, batch, decoder, vae)
+            ims = previews(trace, row, chosen, batch, decoder, vae)
         for c, s in enumerate(chosen):
             ax = axes[r, c]
             if row in ("latents", "x0"):
@@ -234,13 +233,13 @@ def step_strip(trace: Any, steps: Any = None, n: int = 8, rows: Sequence[str] = 
 def guidance_strip(trace: Any, step: int, scales: Sequence[float] = (1, 3, 5, 7.5, 10, 15),
                    batch: int = 0, panel_size: float = 1.8) -> Figure:
     """What x0 of ``step`` would have been at other guidance scales (linear preview)."""
-    x0s = _guidance.x0_guidance_sweep(trace, step, scales, batch)
-    m, b = _previews.linear_decoder(trace)
-    size = _heatmaps.output_size(trace)
+    x0s = x0_guidance_sweep(trace, step, scales, batch)
+    m, b = linear_decoder(trace)
+    size = output_size(trace)
     fig = Figure(figsize=(panel_size * len(scales), panel_size + 0.5), layout="constrained")
     axes = fig.subplots(1, len(scales), squeeze=False)[0]
     for ax, s, x in zip(axes, scales, x0s):
-        ax.imshow(np.asarray(_previews.to_image(_previews.latent_to_rgb(x, m, b), size)))
+        ax.imshow(np.asarray(to_image(latent_to_rgb(x, m, b), size)))
         rec = " (recorded)" if abs(float(s) - float(trace.guidance_scale)) < 1e-6 else ""
         ax.set_title(f"cfg {s:g}{rec}", fontsize=9)
         _strip_axis(ax)
@@ -252,7 +251,7 @@ def guidance_strip(trace: Any, step: int, scales: Sequence[float] = (1, 3, 5, 7.
 def guidance_curves(trace: Any, batch: int = 0, ax: Any = None) -> Figure:
     """Per step: RMS of the CFG delta, of the unconditional and text predictions, and the
     cosine between the two predictions (right axis)."""
-    st = _guidance.guidance_stats(trace, batch)
+    st = guidance_stats(trace, batch)
     fig, ax = _new_axes(ax, (5.5, 3.2))
     ax.plot(st.steps, st.delta_rms, "o-", ms=3, label="RMS(text - uncond)")
     ax.plot(st.steps, st.uncond_rms, "--", label="RMS(uncond)")
@@ -271,7 +270,7 @@ def guidance_curves(trace: Any, batch: int = 0, ax: Any = None) -> Figure:
 
 def scheduler_curves(trace: Any) -> Figure:
     """Timesteps, sigma (log scale), alphas_cumprod / log-SNR and step sizes per step."""
-    v = _guidance.scheduler_view(trace)
+    v = scheduler_view(trace)
     steps = np.arange(len(v.timesteps))
     fig = Figure(figsize=(8, 5), layout="constrained")
     (a, b), (c, d) = fig.subplots(2, 2)
@@ -298,10 +297,10 @@ def commitment_curves(source: Any, words: Iterable[str] | None = None, threshold
                       ax: Any = None, **kwargs: Any) -> Figure:
     """Per word, the correlation of its step-t map with its final map, the threshold and the
     commitment step (marker). ``source``: a trace or a list of ``Commitment`` s."""
-    if isinstance(source, (list, tuple)) and all(isinstance(c, _heatmaps.Commitment) for c in source):
+    if isinstance(source, (list, tuple)) and all(isinstance(c, Commitment) for c in source):
         comms = list(source)
     else:
-        comms = _heatmaps.commitments(source, words, threshold, **kwargs)
+        comms = commitments(source, words, threshold, **kwargs)
     if not comms:
         raise ValueError("no words to show")
     fig, ax = _new_axes(ax, (5.5, 3.2))
@@ -340,7 +339,7 @@ def token_view(trace: Any, batch: int = 0, ax: Any = None, include_start: bool =
 
 
 def comparison(cmp: Any, axes: Any = None) -> Figure:
-    """A :class:`sdlens.compare.Comparison`: x0 distance per step (with the parting step) and
+    """A :class:`sdlens.analysis.compare.Comparison`: x0 distance per step (with the parting step) and
     the change of each word's map."""
     if axes is None:
         fig = Figure(figsize=(9, 3.2), layout="constrained")

@@ -1,6 +1,6 @@
 """A self-contained HTML report of a trace: one file, images inlined, no kernel, no network.
 
->>> sdlens.report.write_report(trace, "report.html")
+>>> sdlens.views.report.write_report(trace, "report.html")
 
 Sections: settings; the final image with every word's heatmap; a step scrubber (slider + play
 button; per step the x_t and x0 previews and the chosen word's map, all pre-rendered as PNG and
@@ -20,18 +20,17 @@ import html
 import io
 import json
 import os
-from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 from PIL import Image
 
+from sdlens.analysis.guidance import prediction_type, scheduler_view
+from sdlens.analysis.heatmaps import commitments, word_heatmap
+from sdlens.analysis.previews import previews
 from sdlens.analysis.tokens import find_word, nearest_tokens, token_view, trace_words
-_guidance = import_module("sdlens.analysis.guidance")
-_heatmaps = import_module("sdlens.analysis.heatmaps")
-_plot = import_module("sdlens.views.plot")
-_previews = import_module("sdlens.analysis.previews")
+from sdlens.views import plot
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;
@@ -94,7 +93,7 @@ def _png_uri(data: bytes | Image.Image) -> str:
 
 
 def _fig_uri(fig: Any, dpi: int = 90) -> str:
-    return _png_uri(_plot.to_png(fig, dpi=dpi))
+    return _png_uri(plot.to_png(fig, dpi=dpi))
 
 
 def _img_tag(uri: str, alt: str, width: int | None = None, cls: str = "fig", **attrs: str) -> str:
@@ -137,7 +136,7 @@ def _settings(trace: Any, batch: int) -> str:
         ("model", meta.get("model_id") or meta.get("model")),
         ("family / task", f"{meta.get('family')} / {meta.get('task')}"),
         ("pipeline", meta.get("pipeline_class")),
-        ("scheduler", f"{meta.get('scheduler_class')} ({_guidance.prediction_type(trace)})"),
+        ("scheduler", f"{meta.get('scheduler_class')} ({prediction_type(trace)})"),
         ("steps", len(trace.timesteps)),
         ("guidance scale", f"{trace.guidance_scale:g}" + ("" if trace.do_cfg else " (off)")),
         ("seed", seeds[batch] if len(seeds) > batch else (seeds[0] if seeds else None)),
@@ -157,10 +156,10 @@ def _final(trace: Any, batch: int, words: list[str], kw: dict) -> str:
     if images and len(images) > batch:
         out.append(_img_tag(_png_uri(images[batch]), "final image", 256, "pix"))
     if words and trace.attention is not None:
-        fig = _plot.heatmap_grid(trace, words, batch=batch, **kw)
+        fig = plot.heatmap_grid(trace, words, batch=batch, **kw)
         out.append("<br>" + _img_tag(_fig_uri(fig), "word heatmaps"))
         out.append("<p>Pooling: " + html.escape(kw.get("pooling", "sdlens")) + " (see "
-                   "<code>sdlens.heatmaps</code>: sub-word tokens averaged, bilinear upsampling, "
+                   "<code>sdlens.analysis.heatmaps</code>: sub-word tokens averaged, bilinear upsampling, "
                    "equal weight per layer, mean over steps, min-max normalised).</p>")
     elif trace.attention is None:
         out.append('<div class="note">No attention maps were recorded: no heatmaps.</div>')
@@ -175,10 +174,10 @@ def _scrubber(trace: Any, batch: int, words: list[str], decoder: str, vae: Any,
     notes = []
     try:
         frames["xt"] = [_png_uri(im) for im in
-                        _previews.previews(trace, "latents", list(range(n)), batch, decoder, vae)]
+                        previews(trace, "latents", list(range(n)), batch, decoder, vae)]
         if trace.x0 is not None:
             frames["x0"] = [_png_uri(im) for im in
-                            _previews.previews(trace, "x0", list(range(n)), batch, decoder, vae)]
+                            previews(trace, "x0", list(range(n)), batch, decoder, vae)]
     except (ValueError, TypeError) as e:
         notes.append(f"No latent previews: {e}")
     images = trace.images
@@ -189,7 +188,7 @@ def _scrubber(trace: Any, batch: int, words: list[str], decoder: str, vae: Any,
         frames["mapstep"] = nearest
         size = base.shape[:2] if base is not None else None
         for w in words:
-            maps = _heatmaps.word_heatmap(trace, w, batch=batch, per_step=True, size=size,
+            maps = word_heatmap(trace, w, batch=batch, per_step=True, size=size,
                                           **{k: v for k, v in kw.items() if k != "steps"})
             maps = maps.numpy()
             by_step = {s: m for s, m in zip(recorded, maps)}
@@ -245,7 +244,7 @@ def _tokens(trace: Any, batch: int) -> str:
         f"<td>{'' if r.attention is None else f'{r.attention:.4f}'}</td></tr>" for r in view.rows)
     out.append(f"<table>{head}{rows}</table>")
     if trace.attention is not None:
-        out.append("<br>" + _img_tag(_fig_uri(_plot.token_view(trace, batch)), "token view"))
+        out.append("<br>" + _img_tag(_fig_uri(plot.token_view(trace, batch)), "token view"))
     pipe = getattr(trace, "pipeline", None)
     if pipe is not None and getattr(pipe, "text_encoder", None) is not None \
             and getattr(pipe, "tokenizer", None) is not None:
@@ -270,9 +269,9 @@ def _commitment(trace: Any, batch: int, words: list[str], kw: dict) -> str:
     if len(trace.attention.steps) < 2:
         raise ValueError("attention was recorded at fewer than 2 steps")
     kw = {k: v for k, v in kw.items() if k not in ("steps",)}
-    comms = _heatmaps.commitments(trace, words, batch=batch, **kw)
+    comms = commitments(trace, words, batch=batch, **kw)
     rows = "".join(f"<tr><td>{html.escape(c.word)}</td><td>{c.step}</td></tr>" for c in comms)
-    fig = _plot.commitment_curves(comms)
+    fig = plot.commitment_curves(comms)
     return ("<p>Correlation of each word's step-t map with its final map; the commitment step is "
             f"the first step from which it stays above {comms[0].threshold}.</p>"
             + _img_tag(_fig_uri(fig), "commitment curves")
@@ -280,11 +279,11 @@ def _commitment(trace: Any, batch: int, words: list[str], kw: dict) -> str:
 
 
 def _guidance_section(trace: Any, batch: int) -> str:
-    out = [_img_tag(_fig_uri(_plot.guidance_curves(trace, batch)), "guidance curves")]
+    out = [_img_tag(_fig_uri(plot.guidance_curves(trace, batch)), "guidance curves")]
     n = len(trace.timesteps)
     step = n // 3
     try:
-        fig = _plot.guidance_strip(trace, step, batch=batch)
+        fig = plot.guidance_strip(trace, step, batch=batch)
         out.append("<p>x0 of step " + str(step) + " recomputed from the recorded predictions at other"
                    " guidance scales (no new UNet call; later steps would differ too).</p>")
         out.append(_img_tag(_fig_uri(fig), "x0 at other guidance scales"))
@@ -294,13 +293,13 @@ def _guidance_section(trace: Any, batch: int) -> str:
 
 
 def _scheduler_section(trace: Any) -> str:
-    v = _guidance.scheduler_view(trace)
+    v = scheduler_view(trace)
     head = "<tr><th>step</th><th>t</th><th>sigma</th><th>alphas_cumprod</th><th>dt</th></tr>"
     rows = "".join(f"<tr><td>{i}</td><td>{t:.1f}</td><td>{s:.4f}</td><td>{a:.5f}</td>"
                    f"<td>{d:.1f}</td></tr>"
                    for i, (t, s, a, d) in enumerate(zip(v.timesteps, v.sigmas, v.alphas_cumprod,
                                                         v.dt)))
-    return (_img_tag(_fig_uri(_plot.scheduler_curves(trace)), "scheduler curves")
+    return (_img_tag(_fig_uri(plot.scheduler_curves(trace)), "scheduler curves")
             + f"<details><summary>table</summary><table>{head}{rows}</table></details>")
 
 
@@ -334,7 +333,7 @@ def build_report(trace: Any, batch: int = 0, words: Iterable[str] | None = None,
     doc.section("Image and word heatmaps", lambda: _final(trace, batch, words, heatmap_kwargs))
     doc.section("Step by step", lambda: _scrubber(trace, batch, words, decoder, vae,
                                                   heatmap_kwargs, display_size))
-    doc.section("Step strip", lambda: _img_tag(_fig_uri(_plot.step_strip(
+    doc.section("Step strip", lambda: _img_tag(_fig_uri(plot.step_strip(
         trace, batch=batch, decoder=decoder, vae=vae)), "step strip"))
     doc.section("Tokens", lambda: _tokens(trace, batch))
     doc.section("When does each word commit?",

@@ -109,13 +109,13 @@ def judge(trace, batch: int, prompt: str, seed: int, threshold: float = 0.4) -> 
 def evaluate(pipe, prompts: list[str], seeds: list[int], guidance_scale: float = 7.5,
              steps: int = 25, progress: bool = True) -> dict:
     """Generate every (prompt, seed) with sdlens and return the rates (see module docstring)."""
-    import sdlens
     from tqdm.auto import tqdm
+
+    from sdlens.engine.session import generate
 
     judgements = []
     for seed in tqdm(seeds, disable=not progress, desc=f"cfg {guidance_scale}"):
-        trace = sdlens.generate(pipe, prompts, seed=seed, steps=steps,
-                                guidance_scale=guidance_scale)
+        trace = generate(pipe, prompts, seed=seed, steps=steps, guidance_scale=guidance_scale)
         judgements += [judge(trace, b, p, seed) for b, p in enumerate(prompts)]
     single = [j for j in judgements if len(j.colours_right) == 1]
     double = [j for j in judgements if len(j.colours_right) == 2]
@@ -147,7 +147,7 @@ def default_prompts(n_double: int = 24, seed: int = 0) -> list[str]:
 
 
 def main() -> None:
-    import sdlens
+    from sdlens.pipeline import load_pipeline
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="model folder (default: the shipped model)")
@@ -155,7 +155,7 @@ def main() -> None:
     p.add_argument("--cfg", type=float, nargs="+", default=[7.5, 1.0])
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    pipe = sdlens.load_pipeline(args.model, device="cpu")
+    pipe = load_pipeline(args.model, device="cpu")
     prompts = default_prompts()
     results = []
     for g in args.cfg:

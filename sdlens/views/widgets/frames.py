@@ -5,12 +5,12 @@ without asking the kernel again:
 
 * ``base(batch)``: per step, ``x_t`` (the latents the UNet saw), the ``x0`` prediction, the
   guided ``noise`` and the ``cfg_delta`` (``noise_text - noise_uncond``), plus the output image.
-  ``x_t`` / ``x0`` go through the latent->RGB decoder of :mod:`sdlens.previews` (linear by
+  ``x_t`` / ``x0`` go through the latent->RGB decoder of :mod:`sdlens.analysis.previews` (linear by
   default); noise and delta through the same linear map, scaled by one robust maximum over all
   steps (so their magnitude over the run stays comparable), and are sent at the latent
   resolution (the browser scales them up, pixelated).
 * ``heat(batch, layers)``: per word of the prompt, its heatmap at every recorded step and summed
-  over steps (:func:`sdlens.heatmaps.word_heatmap`), as RGBA PNGs (a colormap whose alpha is the
+  over steps (:func:`sdlens.analysis.heatmaps.word_heatmap`), as RGBA PNGs (a colormap whose alpha is the
   heat, for overlaying on an image).
 
 Everything is cached per (batch) and per (batch, layers): switching back is free.
@@ -25,6 +25,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from sdlens.analysis.guidance import cfg_delta
+from sdlens.analysis.heatmaps import output_size, word_heatmap
+from sdlens.analysis.previews import latent_to_rgb, linear_decoder, previews
+from sdlens.analysis.tokens import trace_words
 
 PANELS = ("x_t", "x0", "noise", "cfg_delta")
 PANEL_LABELS = {"x_t": "x_t (latents)", "x0": "x0 prediction", "noise": "guided noise",
@@ -109,8 +114,6 @@ def signed_rgb(x: torch.Tensor, scale: float) -> np.ndarray:
 
 
 def _display_size(trace: Any, max_side: int) -> tuple[int, int]:
-    from sdlens.analysis.heatmaps import output_size
-
     h, w = output_size(trace)
     s = min(1.0, max_side / max(h, w))
     return max(1, round(h * s)), max(1, round(w * s))
@@ -134,8 +137,6 @@ class WordChip:
 
 def word_chips(trace: Any, batch: int = 0) -> list[WordChip]:
     """The prompt's words (punctuation left out) as chips, in prompt order."""
-    from sdlens.analysis.tokens import trace_words
-
     if not getattr(trace, "tokens", None) or not trace.tokens[batch]:
         return []
     chips = []
@@ -147,10 +148,8 @@ def word_chips(trace: Any, batch: int = 0) -> list[WordChip]:
 
 def layer_options(trace: Any) -> list[tuple[str, str]]:
     """``[(key, label)]`` of the layer choices: all layers, each resolution, down / mid / up,
-    then each layer by alias. Keys are selectors :func:`sdlens.heatmaps.word_heatmap` takes
+    then each layer by alias. Keys are selectors :func:`sdlens.analysis.heatmaps.word_heatmap` takes
     (``'all'`` stands for None, ``'res:16'`` for the int 16)."""
-    from sdlens.engine.arch.unet import layer_alias
-
     maps = getattr(trace, "attention", None)
     if maps is None or not list(maps.layers):
         return []
@@ -161,21 +160,26 @@ def layer_options(trace: Any) -> list[tuple[str, str]]:
         for h, w in res:
             n = sum(1 for l in layers if tuple(maps.resolution(l)) == (h, w))
             opts.append((f"res:{max(h, w)}", f"{h}x{w} ({n} layer{'s' * (n != 1)})"))
-    groups = [g for g in ("down", "mid", "up")
-              if any(l.startswith({"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}[g])
-                     for l in layers)]
+    groups = [g for g in ("down", "mid", "up") if _selects_any(maps, g)]
     if len(groups) > 1:
         for g in groups:
             opts.append((g, f"{g} blocks"))
     if len(layers) > 1:
         for l in layers:
             h, w = maps.resolution(l)
-            opts.append((l, f"{layer_alias(l)} ({h}x{w})"))
+            opts.append((l, f"{maps.alias(l)} ({h}x{w})"))
     return opts
 
 
+def _selects_any(maps: Any, selector: Any) -> bool:
+    try:
+        return bool(maps.names(selector))
+    except ValueError:  # AttentionMaps' answer when a selector matches none of its layers
+        return False
+
+
 def layer_selector(key: str) -> Any:
-    """Option key -> selector for :func:`sdlens.heatmaps.word_heatmap`."""
+    """Option key -> selector for :func:`sdlens.analysis.heatmaps.word_heatmap`."""
     if key == "all":
         return None
     if key.startswith("res:"):
@@ -264,8 +268,6 @@ class TraceFrames:
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         """(..., C, h, w) -> (..., 3, h, w) with the family's linear decoder (first 3 channels
         when the family has none)."""
-        from sdlens.analysis.previews import latent_to_rgb, linear_decoder
-
         try:
             m, b = linear_decoder(self.trace, self.vae)
             return latent_to_rgb(x, m, None)  # no bias: noise and deltas are centred at 0
@@ -287,8 +289,6 @@ class TraceFrames:
             raise ValueError(f"batch={batch} is out of range: the trace holds {self.n_batch} image(s)")
         if batch in self._base:
             return self._base[batch]
-        from sdlens.analysis.previews import previews
-
         t, n = self.trace, self.n_steps
         out: dict[str, list[bytes]] = {}
         for panel in self.panels():
@@ -300,8 +300,6 @@ class TraceFrames:
                 if panel == "noise":
                     data = t.noise[:n, batch].float()
                 else:
-                    from sdlens.analysis.guidance import cfg_delta
-
                     data = cfg_delta(t, batch=batch)[:n].float()
                 rgb = self._linear(data)  # (S, 3, h, w)
                 scale = self._scale(panel, rgb, batch)
@@ -335,8 +333,6 @@ class TraceFrames:
         cache_key = (batch, layers)
         if cache_key in self._heat:
             return self._heat[cache_key]
-        from sdlens.analysis.heatmaps import word_heatmap
-
         sel = layer_selector(layers)
         out: dict[str, dict] = {}
         for chip in (words if words is not None else word_chips(self.trace, batch)):

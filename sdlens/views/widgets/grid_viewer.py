@@ -1,6 +1,6 @@
 """``GridViewer(grid)``: a labelled CFG x seed (x prompt ...) grid; click a cell for its steps.
 
-The grid (a :class:`sdlens.sweep.Grid`) is laid out as ``Grid.plot`` does: the last axis runs
+The grid (a :class:`sdlens.experiments.sweep.Grid`) is laid out as ``Grid.plot`` does: the last axis runs
 along the columns, the axes before it along the rows (combined labels). Thumbnails are sent once;
 clicking a cell sets ``selected`` (a flat cell index) and the kernel opens that cell's
 :class:`TraceViewer` below the grid (built once per cell, then reused).
@@ -17,6 +17,7 @@ import numpy as np
 import traitlets
 from PIL import Image
 
+from sdlens.experiments.sweep import axis_label
 from sdlens.views.widgets.frames import encode
 from sdlens.views.widgets.trace_viewer import TraceViewer
 
@@ -25,10 +26,8 @@ _STATIC = Path(__file__).parent / "static"
 
 def _label(axis: str, value: Any) -> str:
     try:
-        from sdlens.experiments.sweep import _label as sweep_label
-
-        return sweep_label(axis, value)
-    except Exception:  # a grid-like object from elsewhere
+        return axis_label(axis, value)
+    except (KeyError, TypeError, ValueError):  # an axis sweep does not know (a grid-like object from elsewhere)
         return f"{axis} {value}"
 
 
@@ -51,7 +50,7 @@ class GridViewer(W.VBox):
     """A sweep grid with labelled rows and columns; clicking a cell opens its TraceViewer.
 
     Args:
-        grid: a :class:`sdlens.sweep.Grid` (``axes``, ``fixed``, ``images``, ``traces``).
+        grid: a :class:`sdlens.experiments.sweep.Grid` (``axes``, ``fixed``, ``images``, ``traces``).
         cell_px: thumbnail size on screen.
         viewer: keyword arguments for the cells' :class:`TraceViewer` s.
     """
@@ -59,7 +58,7 @@ class GridViewer(W.VBox):
     def __init__(self, grid: Any, cell_px: int = 96, viewer: dict | None = None, **kwargs: Any):
         for attr in ("axes", "images"):
             if not hasattr(grid, attr):
-                raise TypeError(f"GridViewer needs a sdlens.sweep.Grid (with .{attr}), got "
+                raise TypeError(f"GridViewer needs a sdlens.experiments.sweep.Grid (with .{attr}), got "
                                 f"{type(grid).__name__}")
         self.grid = grid
         self.viewer_kwargs = dict(viewer or {})

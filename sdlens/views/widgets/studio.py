@@ -1,7 +1,7 @@
 """``Studio(pipe)``: generate in a notebook and watch it denoise.
 
 Prompt, negative prompt, seed, steps, CFG scale, scheduler and a Generate button. Sampling runs
-traced (:func:`sdlens.recorder.generate`) in a background thread, so the kernel stays free to
+traced (:func:`sdlens.engine.session.generate`) in a background thread, so the kernel stays free to
 handle the Interrupt button; a ``callback_on_step_end`` streams the x0 prediction of every step
 (linear latent->RGB decoder) into the live preview and moves the progress bar. Interrupt raises
 :class:`Interrupted` inside that callback: the pipeline call stops and the trace engine restores
@@ -19,6 +19,9 @@ from typing import Any
 import ipywidgets as W
 import torch
 
+from sdlens.analysis.previews import latent_to_rgb, linear_decoder, to_image
+from sdlens.engine.session import generate, live_state
+from sdlens.pipeline import SCHEDULERS, describe, make_scheduler
 from sdlens.views.widgets.frames import encode
 from sdlens.views.widgets.trace_viewer import TraceViewer
 
@@ -31,8 +34,6 @@ class Interrupted(Exception):
 
 def _live_x0(pipe) -> torch.Tensor | None:
     """The x0 the trace engine computed for the step just taken (None when it has none)."""
-    from sdlens.engine.session import live_state
-
     state = live_state(pipe)
     return None if state is None else state.get("x0")
 
@@ -48,15 +49,13 @@ class Studio(W.VBox):
         keep: how many finished runs stay on screen side by side (2: A/B).
         preview_px: size of the live preview on screen.
         viewer: keyword arguments for each run's :class:`TraceViewer`.
-        record: keyword arguments for :func:`sdlens.recorder.generate` (``layers``, ...).
+        record: keyword arguments for :func:`sdlens.engine.session.generate` (``layers``, ...).
     """
 
     def __init__(self, pipe: Any, prompt: str = DEFAULT_PROMPT, negative_prompt: str = "",
                  seed: int = 0, steps: int | None = None, guidance_scale: float | None = None,
                  scheduler: str = "default", keep: int = 2, preview_px: int = 192,
                  viewer: dict | None = None, record: dict | None = None, **kwargs: Any):
-        from sdlens.pipeline import SCHEDULERS, describe
-
         if not hasattr(pipe, "unet") or not hasattr(pipe, "scheduler"):
             raise TypeError(f"Studio needs a diffusers Stable Diffusion pipeline, got {type(pipe).__name__}")
         if not isinstance(keep, int) or keep < 1:
@@ -178,8 +177,6 @@ class Studio(W.VBox):
 
     # ---------------------------------------------------------------- the run
     def _live_png(self, pipe, cb_kwargs: dict) -> tuple[bytes, str]:
-        from sdlens.analysis.previews import latent_to_rgb, linear_decoder, to_image
-
         if self._decoder is None:
             try:
                 self._decoder = linear_decoder(self.info.family, vae=pipe.vae)
@@ -211,9 +208,6 @@ class Studio(W.VBox):
         return {}
 
     def _run(self, s: dict) -> None:
-        from sdlens.pipeline import make_scheduler
-        from sdlens.engine.session import generate
-
         pipe = self.pipe
         original = pipe.scheduler
         t0 = time.perf_counter()

@@ -14,6 +14,8 @@ from typing import Any
 import anywidget
 import traitlets
 
+from sdlens.analysis.tokens import token_view
+
 _STATIC = Path(__file__).parent / "static"
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
@@ -46,8 +48,6 @@ class TokenView(anywidget.AnyWidget):
         self.observe(lambda ch: self._fill(ch["new"]), names="batch")
 
     def _fill(self, batch: int) -> None:
-        from sdlens.analysis.tokens import token_view
-
         view = token_view(self.trace, batch)
         self.view = view
         prompt_total = sum(r.attention or 0.0 for r in view.rows if r.token not in SPECIAL)
