@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from importlib import import_module
-
 import io
 
 import numpy as np
@@ -12,11 +10,11 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from fakes import fake_trace
-plot = import_module("sdlens.views.plot")
 from sdlens.analysis.compare import compare
 from sdlens.analysis.guidance import guidance_stats, scheduler_view
 from sdlens.analysis.heatmaps import commitment
 from sdlens.analysis.tokens import token_view
+from sdlens.views import plot
 
 
 @pytest.fixture(scope="module")
