@@ -159,8 +159,8 @@ def _final(trace: Any, batch: int, words: list[str], kw: dict) -> str:
         fig = plot.heatmap_grid(trace, words, batch=batch, **kw)
         out.append("<br>" + _img_tag(_fig_uri(fig), "word heatmaps"))
         out.append("<p>Pooling: " + html.escape(kw.get("pooling", "sdlens")) + " (see "
-                   "<code>sdlens.analysis.heatmaps</code>: sub-word tokens averaged, bilinear upsampling, "
-                   "equal weight per layer, mean over steps, min-max normalised).</p>")
+                   "<code>sdlens.analysis.heatmaps</code>: sub-word tokens averaged, bilinear "
+                   "upsampling, equal weight per layer, mean over steps, min-max normalised).</p>")
     elif trace.attention is None:
         out.append('<div class="note">No attention maps were recorded: no heatmaps.</div>')
     return "\n".join(out)

@@ -5,13 +5,13 @@ without asking the kernel again:
 
 * ``base(batch)``: per step, ``x_t`` (the latents the UNet saw), the ``x0`` prediction, the
   guided ``noise`` and the ``cfg_delta`` (``noise_text - noise_uncond``), plus the output image.
-  ``x_t`` / ``x0`` go through the latent->RGB decoder of :mod:`sdlens.analysis.previews` (linear by
-  default); noise and delta through the same linear map, scaled by one robust maximum over all
-  steps (so their magnitude over the run stays comparable), and are sent at the latent
+  ``x_t`` / ``x0`` go through the latent->RGB decoder of :mod:`sdlens.analysis.previews`
+  (linear by default); noise and delta through the same linear map, scaled by one robust maximum
+  over all steps (so their magnitude over the run stays comparable), and are sent at the latent
   resolution (the browser scales them up, pixelated).
 * ``heat(batch, layers)``: per word of the prompt, its heatmap at every recorded step and summed
-  over steps (:func:`sdlens.analysis.heatmaps.word_heatmap`), as RGBA PNGs (a colormap whose alpha is the
-  heat, for overlaying on an image).
+  over steps (:func:`sdlens.analysis.heatmaps.word_heatmap`), as RGBA PNGs (a colormap whose
+  alpha is the heat, for overlaying on an image).
 
 Everything is cached per (batch) and per (batch, layers): switching back is free.
 """
@@ -148,8 +148,8 @@ def word_chips(trace: Any, batch: int = 0) -> list[WordChip]:
 
 def layer_options(trace: Any) -> list[tuple[str, str]]:
     """``[(key, label)]`` of the layer choices: all layers, each resolution, down / mid / up,
-    then each layer by alias. Keys are selectors :func:`sdlens.analysis.heatmaps.word_heatmap` takes
-    (``'all'`` stands for None, ``'res:16'`` for the int 16)."""
+    then each layer by alias. Keys are selectors :func:`sdlens.analysis.heatmaps.word_heatmap`
+    takes (``'all'`` stands for None, ``'res:16'`` for the int 16)."""
     maps = getattr(trace, "attention", None)
     if maps is None or not list(maps.layers):
         return []

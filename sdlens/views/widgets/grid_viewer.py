@@ -27,7 +27,7 @@ _STATIC = Path(__file__).parent / "static"
 def _label(axis: str, value: Any) -> str:
     try:
         return axis_label(axis, value)
-    except (KeyError, TypeError, ValueError):  # an axis sweep does not know (a grid-like object from elsewhere)
+    except (KeyError, TypeError, ValueError):  # an axis sweep does not know (a grid-like object)
         return f"{axis} {value}"
 
 
