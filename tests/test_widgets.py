@@ -5,6 +5,9 @@ messages), Studio streaming / interrupt / A/B, GridViewer cells, TokenView."""
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -197,6 +200,16 @@ def test_trace_displays_as_a_viewer(trace):
         bundle = bundle[0]
     view = bundle["application/vnd.jupyter.widget-view+json"]
     assert view["model_id"] and "text/plain" in bundle
+
+
+def test_import_sdlens_loads_no_widget_packages():
+    # the Trace's display imports the widgets on first use (the front door sets Trace.display_hook)
+    code = ("import sys, sdlens; from sdlens.trace.core import Trace; "
+            "assert Trace.display_hook is not None; "
+            "print(sorted(m for m in ('anywidget', 'ipywidgets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.stdout.strip() == "[]"
 
 
 def test_frame_size_cap_and_jpeg(trace):
