@@ -36,12 +36,12 @@ import torch
 from einops import rearrange
 
 from sdlens.engine.arch.unet import SUPPORTED, check_pipeline, layer_level, layer_sort_key, level_shape
-from sdlens.engine.options import RecordOptions, TraceTooLarge, _human, default_max_bytes, estimate_trace_bytes, scheduler_steps
+from sdlens.engine.options import RecordOptions, TraceTooLarge, human_bytes, default_max_bytes, estimate_trace_bytes, scheduler_steps
 from sdlens.trace.maps import resolve_layers
 from sdlens.engine import schedules as sched_hooks
 from sdlens.engine.sites import RecordingProcessor
 from sdlens.engine.arch.unet import UNetHooks
-from sdlens.analysis.tokens import _BYTE_DECODER
+from sdlens.analysis.tokens import BYTE_DECODER
 from sdlens.trace.core import Trace
 
 def _describe(pipe) -> dict:
@@ -83,7 +83,7 @@ def _token_text(tokenizer, tokens: list[str]) -> str:
     body = "".join(t[:-4] if t.endswith("</w>") else t for t in tokens)
     dec = getattr(tokenizer, "byte_decoder", None)
     if not isinstance(dec, dict):
-        dec = _BYTE_DECODER
+        dec = BYTE_DECODER
     try:
         return bytearray(dec[c] for c in body).decode("utf-8", errors="replace").strip()
     except KeyError:  # not a byte-level BPE
@@ -253,10 +253,10 @@ class _Run:
         self.estimated = est
         limit = self.opts.max_bytes if self.opts.max_bytes is not None else default_max_bytes()
         if total > limit:
-            parts = ", ".join(f"{k} {_human(v)}" for k, v in est.items() if v)
+            parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in est.items() if v)
             raise TraceTooLarge(
-                f"sdlens: this trace would need about {_human(total)} ({parts}), more than "
-                f"max_bytes={_human(limit)}. Shrink it with: layers= (e.g. 'up' or 16: fewer "
+                f"sdlens: this trace would need about {human_bytes(total)} ({parts}), more than "
+                f"max_bytes={human_bytes(limit)}. Shrink it with: layers= (e.g. 'up' or 16: fewer "
                 "attention layers), steps= (e.g. slice(None, None, 5): attention every 5th step), "
                 "heads=False (average heads), keep_padding=False, record=(...) without "
                 "'attention' or 'noise', fewer images per call; or raise max_bytes")
