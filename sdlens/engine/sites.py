@@ -490,7 +490,8 @@ def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
     prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
     factors, positions = reweight_factors(pipeline_tokenizer(pipe), prompts, weights)
     editor = Reweight(factors, positions, check_step_range(steps), pipe=pipe)
+    layers = attention_sites(pipe)
     with Hooks() as hooks:
-        hooks.wrap_sites(pipe.unet, attention_sites(pipe), editors=[editor])
+        hooks.wrap_sites(pipe.unet, layers, editors=[editor])
         hooks.forward_pre_hook(pipe.unet, editor.count_step, with_kwargs=True)
         yield editor
