@@ -7,12 +7,13 @@
 >>> fx.maps["red"]                    # (H, W) where removing "red" changed the image
 >>> fx.plot()
 
-Reweighting is prompt-to-prompt's equalizer: the attention probabilities of the chosen tokens in
-every cross-attention layer are multiplied by the weight, in the text half of the
-batch, at the chosen steps; rows are **not renormalised** (see :class:`sdlens.engine.sites.Reweight`). A
-weight of 1.0 is an exact no-op. The traces record the model's attention probabilities *before*
-the equalizer (the steered attention is those maps times the weights at the steered steps);
-``trace.meta["reweight"]`` says what was steered.
+Reweighting is prompt-to-prompt's equalizer (:class:`sdlens.engine.sites.Reweight`, the
+engine's editor that ``sdlens.generate(reweight=...)`` installs): the attention probabilities of
+the chosen tokens in every cross-attention layer are multiplied by the weight, in the text half of
+the batch, at the chosen steps; rows are **not renormalised**. A weight of 1.0 is an exact no-op.
+The traces record the model's attention probabilities *before* the equalizer (the steered
+attention is those maps times the weights at the steered steps); ``trace.meta["reweight"]`` says
+what was steered.
 """
 
 from __future__ import annotations
