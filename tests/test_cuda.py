@@ -83,7 +83,7 @@ def test_random_archs_fp16_traced_equals_untraced(arch):
 def test_no_device_sync_inside_attention_layers_on_cuda(monkeypatch):
     """Recording must not stall the GPU: CUDA's sync debug mode raises on any synchronising call
     (a ``.cpu()``, ``.item()``, blocking copy) made while an attention layer records."""
-    orig = att_hooks.RecordingProcessor._record
+    orig = att_hooks.AttentionRecorder.record
 
     def guarded(self, *a, **k):
         torch.cuda.set_sync_debug_mode("error")
@@ -92,7 +92,7 @@ def test_no_device_sync_inside_attention_layers_on_cuda(monkeypatch):
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    monkeypatch.setattr(att_hooks.RecordingProcessor, "_record", guarded)
+    monkeypatch.setattr(att_hooks.AttentionRecorder, "record", guarded)
     pipe = random_pipeline("sd15", scale=0.1, device="cuda", dtype=torch.float16)
     tr = sdlens.generate(pipe, PROMPT, seed=0, steps=4)
     assert len(tr.attention.steps) == tr.num_steps

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from sdlens.analysis.tokens import word_positions
+from sdlens.engine.sites import Hooks, Reweight, SiteProcessor, reweighting
 from sdlens.experiments import steer
-from sdlens.engine.steering import ReweightProcessor, SteeringState
 from sdlens.pipeline import SHIPPED_MODEL
 from sdlens.testing import random_pipeline
 
@@ -39,9 +40,10 @@ def test_processor_is_the_equalizer():
     ehs = torch.randn(4, 77, attn.to_k.in_features)
     factors = torch.ones(2, 77)
     factors[0, 2], factors[0, 3], factors[1, 5] = 3.0, 0.25, 0.0
-    state = SteeringState(factors, [2, 3, 5])
+    editor = Reweight(factors, [2, 3, 5])
     with torch.no_grad():
-        got = ReweightProcessor(AttnProcessor2_0(), name, state)(attn, hs, encoder_hidden_states=ehs)
+        got = SiteProcessor(AttnProcessor2_0(), name, editors=[editor])(attn, hs,
+                                                                       encoder_hidden_states=ehs)
         plain = AttnProcessor2_0()(attn, hs, encoder_hidden_states=ehs)
         # explicit: softmax, multiply the columns, no renormalisation, values, to_out
         h = attn.heads
@@ -59,7 +61,7 @@ def test_processor_is_the_equalizer():
 
 def test_weight_one_is_a_bitwise_noop(pipe):
     base = run(pipe)
-    with steer.reweighting(pipe, P, {"red": 1.0, "circle": 1.0, "square": 1.0}) as state:
+    with reweighting(pipe, P, {"red": 1.0, "circle": 1.0, "square": 1.0}) as state:
         same = run(pipe)
     assert state.positions == [2, 3, 7] and state.calls > 0  # the processor did run
     assert np.array_equal(base, same)
@@ -68,18 +70,18 @@ def test_weight_one_is_a_bitwise_noop(pipe):
 def test_reweight_changes_the_image_within_its_steps(pipe):
     base = run(pipe, steps=6)
     n_layers = sum(1 for k in pipe.unet.attn_processors if ".attn2." in k)
-    with steer.reweighting(pipe, P, {"red": 4.0}) as state:
+    with reweighting(pipe, P, {"red": 4.0}) as state:
         all_steps = run(pipe, steps=6)
     assert np.abs(all_steps - base).max() > 1e-2
     calls_all = state.calls
-    with steer.reweighting(pipe, P, {"red": 4.0}, steps=(3, None)) as state:
+    with reweighting(pipe, P, {"red": 4.0}, steps=(3, None)) as state:
         late = run(pipe, steps=6)
     assert state.calls * 2 > calls_all > state.calls > 0  # fewer steps steered
     assert 0 < np.abs(late - base).max() < np.abs(all_steps - base).max()
-    with steer.reweighting(pipe, P, {"red": 4.0}, steps=(0.0, 0.5)) as state:
+    with reweighting(pipe, P, {"red": 4.0}, steps=(0.0, 0.5)) as state:
         run(pipe, steps=6)
     assert state.calls == n_layers * (state.total // 2) or state.calls == n_layers * round(state.total / 2)
-    with steer.reweighting(pipe, P, {"red": 4.0}, steps=(50, None)) as state:
+    with reweighting(pipe, P, {"red": 4.0}, steps=(50, None)) as state:
         never = run(pipe, steps=6)
     assert state.calls == 0 and np.array_equal(never, base)
 
@@ -91,8 +93,9 @@ def test_reweighting_restores_processors_and_hooks_on_errors(pipe):
         raise KeyboardInterrupt  # the user stops the run half-way
 
     with pytest.raises(KeyboardInterrupt):
-        with steer.reweighting(pipe, P, {"red": 2.0}) as state:
-            assert any(isinstance(p, ReweightProcessor) for p in pipe.unet.attn_processors.values())
+        with reweighting(pipe, P, {"red": 2.0}) as state:
+            assert any(isinstance(p, SiteProcessor) and p.editors == (state,)
+                       for p in pipe.unet.attn_processors.values())
             run(pipe, callback_on_step_end=boom)
     assert state.calls > 0
     after = pipe.unet.attn_processors
@@ -100,29 +103,61 @@ def test_reweighting_restores_processors_and_hooks_on_errors(pipe):
     assert dict(pipe.unet._forward_pre_hooks) == pre
 
 
+def test_hooks_restore_everything_after_an_exception_in_the_block(pipe):
+    """The one installer: processors, forward hooks, forward pre-hooks and undo steps all come
+    off when the block raises (in reverse order), and the processor objects are the saved ones."""
+    unet = pipe.unet
+    procs = dict(unet.attn_processors)
+    fwd, pre = dict(unet._forward_hooks), dict(unet._forward_pre_hooks)
+    emb = pipe.text_encoder.get_input_embeddings()
+    emb_fwd = dict(emb._forward_hooks)
+    sites = list(procs)[:2]
+    layers = [k[: -len(".processor")] for k in sites]
+    undone = []
+    with pytest.raises(RuntimeError, match="boom"):
+        with Hooks() as hooks:
+            wrapped = hooks.wrap_sites(unet, layers)
+            hooks.forward_hook(unet, lambda *a: None)
+            hooks.forward_pre_hook(unet, lambda *a, **k: None, with_kwargs=True)
+            hooks.forward_hook(emb, lambda *a: None)
+            hooks.undo(lambda: undone.append(len(unet._forward_hooks)))
+            assert [unet.attn_processors[k] for k in sites] == [wrapped[l] for l in layers]
+            assert all(unet.attn_processors[k] is procs[k] for k in procs if k not in sites)
+            raise RuntimeError("boom")
+    after = unet.attn_processors
+    assert all(after[k] is procs[k] for k in procs)
+    assert dict(unet._forward_hooks) == fwd and dict(unet._forward_pre_hooks) == pre
+    assert dict(emb._forward_hooks) == emb_fwd
+    assert undone == [len(fwd) + 1]  # reverse order: the undo step ran before the hooks came off
+    with pytest.raises(ValueError, match="no attention processor"):
+        with Hooks() as hooks:
+            hooks.wrap_sites(unet, ["not.a.layer"])
+    assert all(unet.attn_processors[k] is procs[k] for k in procs)
+
+
 def test_words_and_errors(pipe):
     tok = pipe.tokenizer
-    assert steer.word_positions(tok, P, "red") == [2]
-    assert steer.word_positions(tok, P, "a") == [1, 5]  # every occurrence
-    assert steer.word_positions(tok, P, "blue square") == [6, 7]
-    assert steer.word_positions(tok, "A Red, circle", "red") == [2]
-    assert steer.word_positions(tok, "a dreambeach", "dreambeach") == [2, 3]  # two sub-word tokens
-    assert steer.word_positions(tok, P, 4) == [4]
+    assert word_positions(tok, P, "red") == [2]
+    assert word_positions(tok, P, "a") == [1, 5]  # every occurrence
+    assert word_positions(tok, P, "blue square") == [6, 7]
+    assert word_positions(tok, "A Red, circle", "red") == [2]
+    assert word_positions(tok, "a dreambeach", "dreambeach") == [2, 3]  # two sub-word tokens
+    assert word_positions(tok, P, 4) == [4]
     with pytest.raises(ValueError, match=r"'purple' is not a word .*'red', 'circle'"):
-        with steer.reweighting(pipe, P, {"purple": 2.0}):
+        with reweighting(pipe, P, {"purple": 2.0}):
             pass
     with pytest.raises(ValueError, match="outside"):
-        steer.word_positions(tok, P, 40)
+        word_positions(tok, P, 40)
     with pytest.raises(ValueError, match="at least one"):
-        with steer.reweighting(pipe, P, {}):
+        with reweighting(pipe, P, {}):
             pass
     for bad in [5, (3, 1), (0.5, 2.0), ("a", 3)]:
         with pytest.raises(ValueError, match="steps"):
-            with steer.reweighting(pipe, P, {"red": 2.0}, steps=bad):
+            with reweighting(pipe, P, {"red": 2.0}, steps=bad):
                 pass
     long = " ".join(["word"] * 80) + " red"
     with pytest.raises(ValueError, match="77-token limit"):
-        steer.word_positions(tok, long, "red")
+        word_positions(tok, long, "red")
 
 
 def test_reweight_returns_a_traced_run(pipe):
@@ -133,7 +168,7 @@ def test_reweight_returns_a_traced_run(pipe):
     assert "reweight" not in original.meta
     a, b = np.asarray(steered.images[0], float), np.asarray(original.images[0], float)
     assert np.abs(a - b).max() > 0
-    with steer.reweighting(pipe, P, {"red": 3.0}, steps=(0, 2)):
+    with reweighting(pipe, P, {"red": 3.0}, steps=(0, 2)):
         direct = run(pipe, seed=1, steps=4)
     assert np.abs(np.asarray(steered.images[0], float) / 255 - direct).max() <= 1 / 255 + 1e-6
     assert steered.latents is not None and steered.attention is not None

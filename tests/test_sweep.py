@@ -290,13 +290,13 @@ def test_two_process_sweep_equals_one_process(saved_model, tmp_path):
                CUDA_VISIBLE_DEVICES="")
     env.pop("WORLD_SIZE", None)
     common = [*CLI_ARGS, "--model", str(saved_model)]
-    one = subprocess.run([sys.executable, "-m", "sdlens.sweep", *common, "--out",
+    one = subprocess.run([sys.executable, "-m", "sdlens.experiments.sweep", *common, "--out",
                           str(tmp_path / "one.png"), "--traces", str(tmp_path / "one.sdlens")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "--multi_gpu", "-m", "sdlens.sweep", *common, "--out",
+                          "--multi_gpu", "-m", "sdlens.experiments.sweep", *common, "--out",
                           str(tmp_path / "two.png"), "--traces", str(tmp_path / "two.sdlens")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]

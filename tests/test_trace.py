@@ -407,7 +407,7 @@ def test_no_device_sync_inside_attention_layers(monkeypatch):
     from sdlens.engine import sites as att_hooks
 
     inside = {"on": False}
-    orig_record = att_hooks.RecordingProcessor._record
+    orig_record = att_hooks.AttentionRecorder.record
 
     def guarded(self, *a, **k):
         inside["on"] = True
@@ -425,7 +425,7 @@ def test_no_device_sync_inside_attention_layers(monkeypatch):
             return orig(self, *a, **k)
         return f
 
-    monkeypatch.setattr(att_hooks.RecordingProcessor, "_record", guarded)
+    monkeypatch.setattr(att_hooks.AttentionRecorder, "record", guarded)
     for name in ("cpu", "item", "tolist", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, forbid(name))
     pipe = _pipe("sd15")

@@ -405,3 +405,75 @@ def nearest_tokens(source: Any, word: str, k: int = 10, tokenizer: Any = None,
     top = torch.topk(sims, min(k, len(sims))).indices.tolist()
     strings = tok.convert_ids_to_tokens(top)
     return [(token_text(s), int(i), float(sims[i])) for s, i in zip(strings, top)]
+
+
+# ====================================================================== words as typed (steering)
+def _n_tokens(tokenizer, text: str) -> int:
+    """Number of prompt tokens of ``text`` (without start / end tokens)."""
+    return len(tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
+
+
+def prompt_words(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
+    """The prompt's words (split at white space, as typed) with their token positions in the
+    77-token sequence (position 0 is the start token). Words cut by the 77-token limit get []."""
+    words = prompt.split()
+    out, start = [], 1
+    for i, w in enumerate(words):
+        end = 1 + _n_tokens(tokenizer, " ".join(words[: i + 1]))
+        positions = [p for p in range(start, end) if p < MAX_POSITIONS - 1]
+        out.append((w, positions))
+        start = end
+    return out
+
+
+def _normal(word: str) -> str:
+    return " ".join(word.lower().split())
+
+
+def _strip_punct(word: str) -> str:
+    return word.strip(".,;:!?\"'()[]{}")
+
+
+def word_key(word: str) -> str:
+    """How :func:`word_positions` compares words: lower case, white space normalised,
+    surrounding punctuation stripped."""
+    return _strip_punct(_normal(word))
+
+
+def word_positions(tokenizer, prompt: str, word: str | int) -> list[int]:
+    """Token positions of every occurrence of ``word`` (a word or several consecutive words of the
+    prompt, case-insensitive, surrounding punctuation ignored) in ``prompt``; an int is taken as
+    a token position. ValueError listing the prompt's words for a word that is not there."""
+    if isinstance(word, (int, np.integer)):
+        n = 1 + _n_tokens(tokenizer, prompt)
+        if not 1 <= int(word) < min(n, MAX_POSITIONS - 1):
+            raise ValueError(f"token position {word} is outside the prompt's tokens 1..{n - 1}")
+        return [int(word)]
+    words = prompt_words(tokenizer, prompt)
+    target = [_strip_punct(w) for w in _normal(str(word)).split()]
+    if not target or not all(target):
+        raise ValueError(f"{word!r} is not a word")
+    keys = [word_key(w) for w, _ in words]
+    found: list[int] = []
+    split = prompt.split()
+    for i in range(len(words) - len(target) + 1):
+        if keys[i: i + len(target)] == target:
+            pos = [p for _, ps in words[i: i + len(target)] for p in ps]
+            # leave out punctuation glued to the first / last word ("Red," -> "red")
+            first, last = split[i], split[i + len(target) - 1]
+            lead = len(first) - len(first.lstrip(".,;:!?\"'()[]{}"))
+            trail = len(last) - len(last.rstrip(".,;:!?\"'()[]{}"))
+            if lead or trail:
+                before = " ".join(split[:i])
+                start = 1 + _n_tokens(tokenizer, (before + " " + first[:lead]).strip())
+                core = " ".join(split[i: i + len(target)])
+                end = 1 + _n_tokens(tokenizer, (before + " " + core[: len(core) - trail]).strip())
+                pos = [p for p in pos if start <= p < end]
+            if not pos:
+                raise ValueError(f"{word!r} lies beyond the 77-token limit of the text encoder: "
+                                 "the pipeline cuts it off, so it cannot be reweighted")
+            found += pos
+    if not found:
+        raise ValueError(f"{word!r} is not a word of the prompt {prompt!r}; its words: "
+                         f"{', '.join(repr(w) for w, _ in words)}")
+    return found

@@ -5,13 +5,15 @@
 >>> tr.latents.shape                                # tr shows the last call; tr.runs all of them
 >>> tr = sdlens.generate(pipe, "a red circle", seed=0, steps=25)
 
-How it works (everything is undone in ``try/finally``, also on exceptions and KeyboardInterrupt):
+How it works (everything is installed through :class:`~sdlens.engine.sites.Hooks` and undone on
+exit, also on exceptions and KeyboardInterrupt):
 
 * ``pipe``'s class is swapped, for the length of the ``with`` block, for a subclass whose
   ``__call__`` records the call's arguments (prompts, batch size, seeds) and then runs the
   original ``__call__``. For the length of each call sdlens installs:
-* a :class:`~sdlens.hooks.attention.RecordingProcessor` around the processor of every ``attn2``
-  layer (the original processor still computes the output: traced images are identical),
+* a :class:`~sdlens.engine.sites.SiteProcessor` with an
+  :class:`~sdlens.engine.sites.AttentionRecorder` around the processor of every cross-attention
+  site (the original processor still computes the output: traced images are identical),
 * forward (pre-)hooks on the UNet (batch layout, uncond/text noise),
 * a ``scheduler.step`` wrapper (latents, guided noise, timesteps, sigmas, x0),
 * a ``callback_on_step_end`` composed with the user's (latents after the step as the pipeline
@@ -39,7 +41,7 @@ from sdlens.engine.arch.unet import SUPPORTED, check_pipeline, layer_level, laye
 from sdlens.engine.options import RecordOptions, TraceTooLarge, human_bytes, default_max_bytes, estimate_trace_bytes, scheduler_steps
 from sdlens.trace.maps import resolve_layers
 from sdlens.engine import schedules as sched_hooks
-from sdlens.engine.sites import RecordingProcessor
+from sdlens.engine.sites import AttentionRecorder, Hooks, reweighting
 from sdlens.engine.arch.unet import UNetHooks
 from sdlens.analysis.tokens import BYTE_DECODER
 from sdlens.trace.core import Trace
@@ -522,27 +524,16 @@ class _Session:
         if "callback_on_step_end" in sig.parameters:
             self._compose_callback(run, call_kwargs, full)
         unet = pipe.unet
-        saved_procs = dict(unet.attn_processors)
-        hooks = wrapper = None
         try:
-            procs = {k: (RecordingProcessor(v, k[: -len(".processor")], run)
-                         if k.endswith(".attn2.processor") else v) for k, v in saved_procs.items()}
-            unet.set_attn_processor(dict(procs))
-            hooks = UNetHooks(unet, run.before_unet, run.after_unet)
-            wrapper = sched_hooks.install(pipe.scheduler, run.on_step,
-                                          want_x0="x0" in self.options.record)
-            output = orig_call(pipe, **call_kwargs)
+            with Hooks() as hooks:
+                hooks.wrap_sites(unet, self.layers, observers=[AttentionRecorder(run)])
+                hooks.undo(UNetHooks(unet, run.before_unet, run.after_unet).remove)
+                wrapper = sched_hooks.install(pipe.scheduler, run.on_step,
+                                              want_x0="x0" in self.options.record)
+                hooks.undo(functools.partial(sched_hooks.uninstall, pipe.scheduler, wrapper))
+                output = orig_call(pipe, **call_kwargs)
         finally:
-            try:
-                if wrapper is not None:
-                    sched_hooks.uninstall(pipe.scheduler, wrapper)
-            finally:
-                try:
-                    if hooks is not None:
-                        hooks.remove()
-                finally:
-                    unet.set_attn_processor(dict(saved_procs))
-                    self.current = None
+            self.current = None
         result = run.finish(output)
         self.live._runs.append(result)
         self.live._adopt(result)
@@ -675,19 +666,23 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
         height, width: image size in pixels (None: the model's default).
         options: a :class:`RecordOptions`.
         reweight: ``{word: weight}`` scales those words' cross-attention (prompt-to-prompt's
-            equalizer, see :func:`sdlens.steer.reweight`); ``reweight_steps``: ``(start, end)``
-            step range (None: every step). The weights are recorded in ``meta["reweight"]``.
+            equalizer, see :func:`sdlens.engine.sites.reweighting`); ``reweight_steps``:
+            ``(start, end)`` step range (None: every step). The weights are recorded in
+            ``meta["reweight"]``.
         **kwargs: RecordOptions fields (``record``, ``layers``, ``steps`` is the step count here,
             use ``attention_steps`` for RecordOptions.steps, ``heads``, ``keep_padding``,
             ``max_bytes``, ``attention_dtype``); everything else goes to the pipeline call
             (``num_images_per_prompt``, ``image``, ``mask_image``, ``strength``, ...).
     """
     if reweight is not None:
-        from sdlens.experiments.steer import reweight as steered  # which calls back here without reweight=
-
-        return steered(pipe, prompt, reweight, reweight_steps, seed=seed, steps=steps,
-                       guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                       height=height, width=width, options=options, **kwargs)
+        n_images = int(kwargs.get("num_images_per_prompt", 1) or 1)
+        with reweighting(pipe, prompt, reweight, reweight_steps,
+                         num_images_per_prompt=n_images) as editor:
+            tr = generate(pipe, prompt, seed=seed, steps=steps, guidance_scale=guidance_scale,
+                          negative_prompt=negative_prompt, height=height, width=width,
+                          options=options, **kwargs)
+        tr._require()["meta"]["reweight"] = editor.describe(reweight)
+        return tr
     if reweight_steps is not None:
         raise ValueError("reweight_steps= needs reweight={word: weight, ...}")
     opt_names = {f.name for f in dataclasses.fields(RecordOptions)} - {"steps"}

@@ -1,33 +1,45 @@
-"""A recording processor for cross-attention (``attn2``) layers that wraps the existing processor.
+"""Attention sites, and the one installer for every hook sdlens puts on a live pipeline.
 
-The wrapped processor computes the layer's output exactly as before (SDPA, attention slicing,
-LoRA, IP-Adapter processors ... keep working, and the output is bit-identical). In addition the
-recorder computes the attention probabilities itself, ``softmax(q k^T * attn.scale)`` from
-``attn.to_q`` / ``attn.to_k`` (cross-attention has only ~77 keys: cheap), for the batch rows it is
-asked for only, reduces them on the device (token positions kept, heads averaged) and hands the
-device tensor to the recorder. The keys depend only on the text, so they are computed once per
-call of the pipeline (again if the text embeddings change) and reused at every step. Nothing here
-synchronises the device (no ``.cpu()``/``.item()``).
+Recording and editing are one mechanism (as baukit's ``TraceDict`` with retain / edit):
+
+* A *site* is a cross-attention layer of the backbone (which layers: :func:`attention_sites`).
+  :class:`SiteProcessor` wraps the processor installed there. The wrapped processor computes the
+  layer's output exactly as before (SDPA, attention slicing, LoRA, IP-Adapter processors ... keep
+  working); around it the wrapper runs *observers* (``observe(attn, layer, call)``, before the
+  inner processor; they change nothing: :class:`AttentionRecorder`) and *editors*
+  (``edit(attn, layer, call, out) -> out``, after it: :class:`Reweight`).
+* :class:`Hooks` installs processor wrappers on chosen sites, forward hooks and forward
+  pre-hooks on modules (and any other undo step) and restores everything on exit, in reverse
+  order, also on exceptions and KeyboardInterrupt.
+
+Observers and editors recompute the attention probabilities themselves,
+``softmax(q k^T * attn.scale)`` from ``attn.to_q`` / ``attn.to_k`` (cross-attention has only ~77
+keys: cheap), for the batch rows they need only. Nothing here synchronises the device (no
+``.cpu()`` / ``.item()``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Protocol
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 
-
-class AttentionSink(Protocol):
-    def attention_request(self, layer: str):
-        """None (do not record this call) or (rows: slice, n_tokens: int | None,
-        keep_heads: bool, dtype)."""
-
-    def put_attention(self, layer: str, probs: torch.Tensor, n_queries: int) -> None:
-        """probs: (B, T, HW) or (B, heads, T, HW) on the device."""
+from sdlens.analysis.tokens import MAX_POSITIONS, word_positions
+from sdlens.engine.arch.unet import check_pipeline
 
 
+def attention_sites(pipe) -> list[str]:
+    """The module paths of ``pipe``'s cross-attention layers (from the backbone's adapter);
+    TypeError / NotImplementedError for pipelines sdlens cannot hook."""
+    return check_pipeline(pipe)
+
+
+# ====================================================================== attention maths
 def _normed_queries_input(attn, hidden_states: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
     """The image tokens as ``to_q`` sees them: spatial norm, (B, HW, C) layout, group norm."""
     if attn.spatial_norm is not None:
@@ -47,7 +59,7 @@ def attention_probabilities(attn, hidden_states: torch.Tensor, encoder_hidden_st
     ``AttnProcessor2_0`` compute them, in float32.
 
     Args:
-        attn: diffusers ``Attention`` module (an ``attn2``).
+        attn: diffusers ``Attention`` module (a cross-attention site).
         hidden_states: (B, HW, C) image tokens (or (B, C, h, w)).
         encoder_hidden_states: (B, K, D) text tokens.
         attention_mask: optional mask as passed to the processor (for all B rows).
@@ -90,28 +102,52 @@ def attention_probabilities(attn, hidden_states: torch.Tensor, encoder_hidden_st
     return probs, heads(attn.to_v(encoder_hidden_states))
 
 
-def _signature_without_self(fn) -> inspect.Signature | None:
-    try:
-        return inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None
+# ====================================================================== the site wrapper
+class SiteCall(NamedTuple):
+    """The arguments of one processor call, as ``Attention.forward`` passes them."""
+
+    hidden_states: torch.Tensor  # (B, HW, C) or (B, C, h, w)
+    encoder_hidden_states: Any  # (B, K, D) text tokens (None for self-attention)
+    attention_mask: Any
+    temb: Any
+
+    @classmethod
+    def parse(cls, hidden_states, args: tuple, kwargs: dict) -> "SiteCall":
+        return cls(hidden_states,
+                   kwargs.get("encoder_hidden_states", args[0] if len(args) > 0 else None),
+                   kwargs.get("attention_mask", args[1] if len(args) > 1 else None),
+                   kwargs.get("temb", args[2] if len(args) > 2 else None))
 
 
-class RecordingProcessor:
-    """Wraps the processor of one ``attn2`` layer; records its attention probabilities.
+class Observer(Protocol):
+    def observe(self, attn, layer: str, call: SiteCall) -> None: ...
+
+
+class Editor(Protocol):
+    def edit(self, attn, layer: str, call: SiteCall, out: torch.Tensor) -> torch.Tensor: ...
+
+
+class SiteProcessor:
+    """Wraps the processor of one attention site; runs ``observers`` before and ``editors``
+    after the unchanged inner processor.
 
     Args:
-        inner: the processor that was installed (it computes the output, unchanged).
-        layer: the layer's module path (``down_blocks.1.attentions.0.transformer_blocks.0.attn2``).
-        sink: the recorder (see :class:`AttentionSink`).
+        inner: the processor that was installed (it computes the output).
+        layer: the site's module path.
+        observers: objects with ``observe(attn, layer, call)``.
+        editors: objects with ``edit(attn, layer, call, out) -> out``, applied in order.
     """
 
-    def __init__(self, inner, layer: str, sink: AttentionSink):
+    def __init__(self, inner, layer: str, observers: Sequence[Observer] = (),
+                 editors: Sequence[Editor] = ()):
         self.inner = inner
         self.layer = layer
-        self.sink = sink
-        self._keys = None  # (ehs, its version, rows, keys (B, heads, K, d)): see _token_maps
-        sig = _signature_without_self(inner.__call__)
+        self.observers = tuple(observers)
+        self.editors = tuple(editors)
+        try:
+            sig = inspect.signature(inner.__call__)
+        except (TypeError, ValueError):
+            sig = None
         self._inner_params = None
         if sig is not None and not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
             self._inner_params = set(sig.parameters)
@@ -121,35 +157,122 @@ class RecordingProcessor:
         # calling the object still uses the class's __call__).
         if sig is not None:
             def _call(*args, **kwargs):
-                return RecordingProcessor.__call__(self, *args, **kwargs)
+                return SiteProcessor.__call__(self, *args, **kwargs)
             _call.__signature__ = sig
             self.__dict__["__call__"] = _call
 
     def __repr__(self) -> str:
-        return f"RecordingProcessor({self.inner!r}, layer={self.layer!r})"
+        return (f"SiteProcessor({self.inner!r}, layer={self.layer!r}, observers={self.observers!r}, "
+                f"editors={self.editors!r})")
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
-        request = self.sink.attention_request(self.layer)
-        if request is not None:
-            ehs = kwargs.get("encoder_hidden_states", args[0] if len(args) > 0 else None)
-            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-            temb = kwargs.get("temb", args[2] if len(args) > 2 else None)
-            if ehs is not None and torch.is_tensor(ehs):
-                self._record(attn, hidden_states, ehs, mask, temb, request)
+        call = SiteCall.parse(hidden_states, args, kwargs)
+        for observer in self.observers:
+            observer.observe(attn, self.layer, call)
         if self._inner_params is not None:
             kwargs = {k: v for k, v in kwargs.items() if k in self._inner_params}
-        return self.inner(attn, hidden_states, *args, **kwargs)
+        out = self.inner(attn, hidden_states, *args, **kwargs)
+        for editor in self.editors:
+            out = editor.edit(attn, self.layer, call, out)
+        return out
+
+
+# ====================================================================== the installer
+class Hooks:
+    """Everything sdlens installs on a live pipeline, undone together on exit (reverse order;
+    every undo step runs even if one fails).
+
+    >>> with Hooks() as hooks:
+    ...     hooks.wrap_sites(pipe.unet, attention_sites(pipe), observers=[recorder])
+    ...     hooks.forward_pre_hook(pipe.unet, count_step, with_kwargs=True)
+    ...     pipe(...)
+    """
+
+    def __init__(self):
+        self._undo = contextlib.ExitStack()
+
+    def __enter__(self) -> "Hooks":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.remove()
+        return False
+
+    def remove(self) -> None:
+        """Undo everything installed so far."""
+        self._undo.close()
+
+    def undo(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` on exit (for anything else installed, e.g. a ``scheduler.step`` wrapper)."""
+        self._undo.callback(fn)
+
+    def wrap_sites(self, model, layers: Sequence[str], observers: Sequence[Observer] = (),
+                   editors: Sequence[Editor] = ()) -> dict[str, SiteProcessor]:
+        """Wrap the processors of ``layers`` (module paths in ``model``) in
+        :class:`SiteProcessor` s; returns ``{layer: wrapper}``. On exit the saved processor
+        objects are put back."""
+        saved = dict(model.attn_processors)
+        keys = {f"{layer}.processor": layer for layer in layers}
+        missing = [layer for key, layer in keys.items() if key not in saved]
+        if missing:
+            raise ValueError(f"{type(model).__name__} has no attention processor at {missing}")
+        wrapped = {k: SiteProcessor(p, keys[k], observers, editors) if k in keys else p
+                   for k, p in saved.items()}
+        # registered first: a failure half-way through setting the processors is undone too;
+        # set_attn_processor empties the dict it is given, so each call gets a copy
+        self.undo(lambda: model.set_attn_processor(dict(saved)))
+        model.set_attn_processor(dict(wrapped))
+        return {layer: wrapped[k] for k, layer in keys.items()}
+
+    def forward_hook(self, module: torch.nn.Module, fn: Callable, with_kwargs: bool = False):
+        """``module.register_forward_hook(fn)``, removed on exit; returns the handle."""
+        handle = module.register_forward_hook(fn, with_kwargs=with_kwargs)
+        self.undo(handle.remove)
+        return handle
+
+    def forward_pre_hook(self, module: torch.nn.Module, fn: Callable, with_kwargs: bool = False):
+        """``module.register_forward_pre_hook(fn)``, removed on exit; returns the handle."""
+        handle = module.register_forward_pre_hook(fn, with_kwargs=with_kwargs)
+        self.undo(handle.remove)
+        return handle
+
+
+# ====================================================================== observer: record
+class AttentionSink(Protocol):
+    def attention_request(self, layer: str):
+        """None (do not record this call) or (rows: slice, n_tokens: int | None,
+        keep_heads: bool, dtype)."""
+
+    def put_attention(self, layer: str, probs: torch.Tensor, n_queries: int) -> None:
+        """probs: (B, T, HW) or (B, heads, T, HW) on the device."""
+
+
+class AttentionRecorder:
+    """Observer: the attention probabilities of the batch rows ``sink`` asks for, reduced on the
+    device (token positions kept, heads averaged unless asked for) and handed to ``sink`` as a
+    device tensor. The keys depend only on the text, so they are computed once per call of the
+    pipeline and site (again if the text embeddings change) and reused at every step."""
+
+    def __init__(self, sink: AttentionSink):
+        self.sink = sink
+        self._keys: dict[str, tuple] = {}  # layer -> (ehs, its version, rows, keys (B, heads, K, d))
+
+    def observe(self, attn, layer: str, call: SiteCall) -> None:
+        request = self.sink.attention_request(layer)
+        if request is not None and torch.is_tensor(call.encoder_hidden_states):
+            self.record(attn, layer, call, request)
 
     @torch.no_grad()
-    def _record(self, attn, hidden_states, ehs, mask, temb, request) -> None:
+    def record(self, attn, layer: str, call: SiteCall, request) -> None:
         rows, n_tokens, keep_heads, dtype = request
+        hidden_states, ehs, mask, temb = call
         hs = hidden_states[rows]
         if mask is not None and mask.shape[0] == hidden_states.shape[0]:
             mask = mask[rows]
         if temb is not None and torch.is_tensor(temb) and temb.shape[0] == hidden_states.shape[0]:
             temb = temb[rows]
         if mask is None and getattr(attn, "norm_q", None) is None:
-            probs = self._token_maps(attn, hs, ehs, rows, temb)  # (B, heads, K, HW)
+            probs = self._token_maps(attn, layer, hs, ehs, rows, temb)  # (B, heads, K, HW)
         else:  # rare layouts: the reference computation, then (B, heads, K, HW)
             probs = attention_probabilities(attn, hs, ehs[rows], mask, temb).transpose(-1, -2)
         if n_tokens is not None:
@@ -157,18 +280,18 @@ class RecordingProcessor:
         if not keep_heads:
             probs = probs[:, 0] if probs.shape[1] == 1 else probs.mean(dim=1)  # (B, T, HW)
         probs = probs.to(dtype).contiguous()  # (B, [heads,] T, HW)
-        self.sink.put_attention(self.layer, probs, probs.shape[-1])
+        self.sink.put_attention(layer, probs, probs.shape[-1])
 
-    def _token_maps(self, attn, hs: torch.Tensor, ehs: torch.Tensor, rows: slice,
+    def _token_maps(self, attn, layer: str, hs: torch.Tensor, ehs: torch.Tensor, rows: slice,
                     temb: torch.Tensor | None) -> torch.Tensor:
         """``attention_probabilities`` without a mask, laid out (B, heads, K, HW) (softmax over K).
 
-        This runs at every layer and step, so it is lean: the keys (scaled, float32) depend only
+        This runs at every site and step, so it is lean: the keys (scaled, float32) depend only
         on the text, which a pipeline passes unchanged at every step, so they are computed once
         per ``ehs`` tensor (same object, same in-place version) and reused; the scores are made
         as ``k q^T`` directly in the recorded layout (no transpose copy).
         """
-        cached = self._keys
+        cached = self._keys.get(layer)
         if cached is not None and cached[0] is ehs and cached[1] == ehs._version and cached[2] == rows:
             key = cached[3]
         else:
@@ -180,7 +303,195 @@ class RecordingProcessor:
                 key = attn.norm_k(key)
             key = key.float() * float(attn.scale)
             # holding ``ehs`` keeps its memory from being reused by another tensor
-            self._keys = (ehs, ehs._version, rows, key)
+            self._keys[layer] = (ehs, ehs._version, rows, key)
         hs = _normed_queries_input(attn, hs, temb)
         query = rearrange(attn.to_q(hs).float(), "n l (heads d) -> n heads d l", heads=attn.heads)
         return torch.matmul(key, query).softmax(dim=-2)
+
+
+# ====================================================================== editor: reweight
+def check_step_range(steps):
+    """``(start, end)`` step indices (end exclusive, None: open) or fractions of the run in
+    [0, 1] as floats, checked and normalised; None stays None (every step)."""
+    if steps is None:
+        return None
+    try:
+        start, end = steps
+    except (TypeError, ValueError):
+        raise ValueError(f"steps must be (start, end), e.g. (0, 10) or (0.0, 0.5); got {steps!r}") from None
+    for v in (start, end):
+        if v is not None and not isinstance(v, (int, float, np.integer, np.floating)):
+            raise ValueError(f"steps must be (start, end) numbers or None; got {steps!r}")
+    if any(isinstance(v, (float, np.floating)) for v in (start, end)):
+        start = None if start is None else float(start)
+        end = None if end is None else float(end)
+        if not all(v is None or 0.0 <= v <= 1.0 for v in (start, end)):
+            raise ValueError(f"fractional steps must lie in [0, 1]; got {steps!r}")
+    else:
+        start = None if start is None else int(start)
+        end = None if end is None else int(end)
+        if (start is not None and start < 0) or (end is not None and end < 0):
+            raise ValueError(f"step indices must be >= 0; got {steps!r}")
+    if start is not None and end is not None and end <= start:
+        raise ValueError(f"steps {steps!r}: the range is empty (end <= start)")
+    return (start, end)
+
+
+class Reweight:
+    """Editor: scale chosen tokens' cross-attention (prompt-to-prompt's equalizer).
+
+    With attention probabilities ``P`` (rows sum to 1 over the text tokens), values ``V`` and
+    per-token factors ``w`` the equalizer's output is ``(P * w) V``, and
+
+        (P * w) V = P V + ((w - 1) * P) V
+
+    so the editor adds ``to_out(((w - 1) * P) V)`` (the output projection without its bias,
+    divided by ``rescale_output_factor``) to the inner processor's output. Only the reweighted
+    positions' columns of ``P`` and rows of ``V`` enter the correction. The probabilities are
+    **not renormalised** (as in prompt-to-prompt): a weight of 2 doubles the token's share of
+    every pixel's attention. A weight of exactly 1 adds an exact zero: the output is
+    bit-identical to the unsteered one. Only the conditional (text) half of a
+    classifier-free-guidance batch is reweighted; the unconditional half (the negative prompt,
+    whose token positions are different words) is not.
+
+    Args:
+        factors: (items, 77) float32, the multiplier of every token position per batch item
+            (1 where not reweighted).
+        positions: the token positions to correct (those named by the user, whatever their
+            weight: a weight of 1 runs the same code and adds zeros).
+        steps: ``(start, end)`` from :func:`check_step_range`; None: every step. A step is one
+            backbone call (one ``scheduler.step``), as on a Trace's step axis, counted by
+            :meth:`count_step` (a forward pre-hook on the backbone).
+        pipe: the pipeline (for the number of steps, with fractional ranges).
+    """
+
+    def __init__(self, factors: torch.Tensor, positions: Sequence[int], steps=None, pipe=None):
+        self.factors = factors.float()
+        self.positions = sorted(set(int(p) for p in positions))
+        self.steps = steps
+        self.pipe = pipe
+        self.step = -1
+        self.total = None
+        self.calls = 0  # site calls that applied a correction (for tests / sanity)
+
+    def count_step(self, module, args, kwargs):
+        """Forward pre-hook on the backbone: one call per ``scheduler.step`` in SD pipelines."""
+        self.step += 1
+        if self.total is None and self.pipe is not None:
+            total = getattr(self.pipe, "_num_timesteps", None)
+            if not isinstance(total, int) or total <= 0:
+                ts = getattr(self.pipe.scheduler, "timesteps", None)
+                total = len(ts) if ts is not None else None
+            self.total = total
+        return None
+
+    def active(self) -> bool:
+        if self.steps is None:
+            return True
+        start, end = self.steps
+        if isinstance(start, float) or isinstance(end, float):
+            if self.total is None:
+                raise RuntimeError("fractional reweight steps need the number of steps (pass pipe=)")
+            start = 0 if start is None else int(round(start * self.total))
+            end = self.total if end is None else int(round(end * self.total))
+        start = 0 if start is None else start
+        return self.step >= start and (end is None or self.step < end)
+
+    def edit(self, attn, layer: str, call: SiteCall, out: torch.Tensor) -> torch.Tensor:
+        ehs = call.encoder_hidden_states
+        if ehs is None or not torch.is_tensor(ehs) or not self.positions or not self.active():
+            return out
+        return out + self._correction(attn, call, out)
+
+    def _rows(self, batch: int) -> slice:
+        n = self.factors.shape[0]
+        if batch == 2 * n:
+            return slice(n, 2 * n)  # cat([uncond, text]): the text half
+        if batch == n:
+            return slice(0, n)
+        raise RuntimeError(f"reweighting was set up for {n} batch items but the backbone saw a "
+                           f"batch of {batch} (neither {n} nor 2 x {n} under classifier-free "
+                           "guidance)")
+
+    def _correction(self, attn, call: SiteCall, out: torch.Tensor) -> torch.Tensor:
+        hidden_states = call.hidden_states
+        rows = self._rows(hidden_states.shape[0])
+        probs, value = attention_probabilities(
+            attn, hidden_states, call.encoder_hidden_states, call.attention_mask, call.temb,
+            rows=rows, with_values=True)  # (n, heads, HW, K), (n, heads, K, d)
+        pos = torch.tensor(self.positions, device=probs.device)
+        pos = pos[pos < probs.shape[-1]]
+        f = (self.factors.to(probs.device)[:, pos] - 1.0)  # (n, P)
+        weighted = probs[..., pos] * f[:, None, None, :]  # (n, heads, HW, P)
+        delta = torch.matmul(weighted, value.float()[:, :, pos, :])  # (n, heads, HW, d)
+        delta = rearrange(delta, "n heads l d -> n l (heads d)")
+        proj = attn.to_out[0]
+        if isinstance(proj, torch.nn.Linear) and type(proj) is torch.nn.Linear:
+            delta = F.linear(delta.to(proj.weight.dtype), proj.weight)
+        else:  # LoRA and other wrappers: linear, so f(x) - f(0) is the bias-free part
+            d = delta.to(out.dtype)
+            delta = proj(d) - proj(torch.zeros_like(d[:, :1]))
+        if hidden_states.ndim == 4:
+            delta = rearrange(delta, "n (h w) c -> n c h w", h=out.shape[2])
+        delta = (delta / attn.rescale_output_factor).to(out.dtype)
+        self.calls += 1
+        full = torch.zeros_like(out)
+        full[rows] = delta
+        return full
+
+    def describe(self, weights: Mapping[Any, float]) -> dict:
+        """What was steered, for ``trace.meta["reweight"]``."""
+        return {"weights": {str(k): float(v) for k, v in weights.items()},
+                "steps": list(self.steps) if self.steps else None,
+                "positions": self.positions, "renormalised": False}
+
+
+def pipeline_tokenizer(pipe):
+    """The tokenizer whose token positions a pipeline's prompts are recorded in."""
+    tok = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+    if tok is None:
+        raise TypeError(f"{type(pipe).__name__} has no tokenizer")
+    return tok
+
+
+def reweight_factors(tokenizer, prompts: Sequence[str], weights: Mapping[Any, float]
+                     ) -> tuple[torch.Tensor, list[int]]:
+    """(items, 77) factors for ``{word: weight}`` in each prompt, and the positions named."""
+    if not weights:
+        raise ValueError("reweight needs at least one {word: weight}")
+    factors = torch.ones(len(prompts), MAX_POSITIONS)
+    positions: set[int] = set()
+    for i, prompt in enumerate(prompts):
+        for word, w in weights.items():
+            w = float(w)
+            if not np.isfinite(w):
+                raise ValueError(f"the weight of {word!r} is not finite: {w}")
+            for p in word_positions(tokenizer, prompt, word):
+                factors[i, p] = w
+                positions.add(p)
+    return factors, sorted(positions)
+
+
+@contextlib.contextmanager
+def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float], steps=None,
+                num_images_per_prompt: int = 1) -> Iterator[Reweight]:
+    """Install the equalizer on every cross-attention site of ``pipe`` for the pipeline calls
+    in the ``with`` block (restored on exit, also on errors). Yields the :class:`Reweight`.
+
+    Args:
+        prompt: the prompt(s) of the call (to find the words' token positions).
+        weights: ``{word: weight}``; a word may be several consecutive words ("red circle") or an
+            int token position. Every occurrence of the word is reweighted.
+        steps: ``(start, end)`` denoising step indices (end exclusive, None for the end; the
+            step axis of a Trace: one backbone call each) or fractions of the run as floats
+            (``(0.0, 0.5)``: the first half); None: every step.
+    """
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+    factors, positions = reweight_factors(pipeline_tokenizer(pipe), prompts, weights)
+    editor = Reweight(factors, positions, check_step_range(steps), pipe=pipe)
+    layers = attention_sites(pipe)
+    with Hooks() as hooks:
+        hooks.wrap_sites(pipe.unet, layers, editors=[editor])
+        hooks.forward_pre_hook(pipe.unet, editor.count_step, with_kwargs=True)
+        yield editor

@@ -31,18 +31,20 @@ SDXL base + refiner
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from sdlens.analysis.compare import Comparison, compare
+from sdlens.engine.batch import cell_trace
 from sdlens.engine.options import RecordOptions
 from sdlens.engine.session import generate, trace as _trace
+from sdlens.engine.sites import Hooks
 from sdlens.trace.core import Trace
 
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -139,28 +141,21 @@ class _AdapterScale:
                 p.requires_grad_(g)
 
 
-@contextlib.contextmanager
-def _per_row_scales(layers: list, adapter: str, scales: Sequence[float]) -> Iterator[None]:
-    """Batch item ``i % len(scales)`` of every LoRA layer of ``adapter`` runs at ``scales[i]``.
+def _per_row_scales(hooks: Hooks, layers: list, adapter: str, scales: Sequence[float]) -> None:
+    """For the life of ``hooks``: batch item ``i % len(scales)`` of every LoRA layer of
+    ``adapter`` runs at ``scales[i]``.
 
     peft computes ``base(x) + lora_B(lora_A(x)) * scaling``. Here ``scaling`` is set to 1 and a
     forward hook on ``lora_B`` multiplies its output, row by row, by the scaling peft itself
     computes for each scale (``set_scale``): the same products as one call per scale. Rows are
     batch items; the UNet's batch under classifier-free guidance is ``[uncond x k, text x k]``
     and the text encoders see ``k`` prompts, so row ``r`` belongs to scale ``r % k``.
+    NotImplementedError (before anything changes) for adapters that cannot be batched (DoRA).
     """
     k = len(scales)
-    handles = []
-    coefs = {}
     for m in layers:
         if adapter in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(adapter):
             raise NotImplementedError("DoRA / LoRA variants cannot be batched over scales")
-        row = []
-        for s in scales:
-            m.set_scale(adapter, float(s))
-            row.append(float(m.scaling[adapter]))
-        coefs[id(m)] = row
-        m.scaling[adapter] = 1.0
 
     def make_hook(row):
         cache: dict = {}
@@ -178,13 +173,17 @@ def _per_row_scales(layers: list, adapter: str, scales: Sequence[float]) -> Iter
             return out * c.view(n, *([1] * (out.ndim - 1)))
         return hook
 
-    try:
-        for m in layers:
-            handles.append(m.lora_B[adapter].register_forward_hook(make_hook(coefs[id(m)])))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    def restore(m, scaling):
+        m.scaling[adapter] = scaling
+
+    for m in layers:
+        hooks.undo(functools.partial(restore, m, m.scaling[adapter]))
+        row = []
+        for s in scales:
+            m.set_scale(adapter, float(s))
+            row.append(float(m.scaling[adapter]))
+        m.scaling[adapter] = 1.0
+        hooks.forward_hook(m.lora_B[adapter], make_hook(row))
 
 
 @dataclass
@@ -292,7 +291,8 @@ def lora_effect(pipe, prompt: str, adapter: str, scales: Sequence[float] = (0, 0
         state.activate()
         if batched and len(scales) > 1:
             try:
-                with _per_row_scales(layers, adapter, scales):
+                with Hooks() as hooks:
+                    _per_row_scales(hooks, layers, adapter, scales)
                     full = generate(pipe, [prompt] * len(scales), seed=[seed] * len(scales),
                                     steps=steps, guidance_scale=guidance_scale,
                                     negative_prompt=negative_prompt, options=options, **kwargs)
@@ -300,11 +300,7 @@ def lora_effect(pipe, prompt: str, adapter: str, scales: Sequence[float] = (0, 0
             except NotImplementedError as e:
                 warnings.warn(f"sdlens.lora_effect: {e}; running one call per scale",
                               stacklevel=2)
-                state.restore()
-                state.activate()
         if ran_batched:
-            from sdlens.experiments.sweep import cell_trace
-
             traces = [cell_trace(full, i, seed=seed, extra_meta={"lora": {
                 "adapter": adapter, "scale": s, "batched": True}})
                 for i, s in enumerate(scales)]

@@ -7,170 +7,31 @@
 >>> fx.maps["red"]                    # (H, W) where removing "red" changed the image
 >>> fx.plot()
 
-Reweighting is prompt-to-prompt's equalizer: the attention probabilities of the chosen tokens in
-every cross-attention (``attn2``) layer are multiplied by the weight, in the text half of the
-batch, at the chosen steps; rows are **not renormalised** (see :mod:`sdlens.hooks.steering`). A
-weight of 1.0 is an exact no-op. The traces record the model's attention probabilities *before*
-the equalizer (the steered attention is those maps times the weights at the steered steps);
-``trace.meta["reweight"]`` says what was steered.
+Reweighting is prompt-to-prompt's equalizer (:class:`sdlens.engine.sites.Reweight`, the
+engine's editor that ``sdlens.generate(reweight=...)`` installs): the attention probabilities of
+the chosen tokens in every cross-attention layer are multiplied by the weight, in the text half of
+the batch, at the chosen steps; rows are **not renormalised**. A weight of 1.0 is an exact no-op.
+The traces record the model's attention probabilities *before* the equalizer (the steered
+attention is those maps times the weights at the steered steps); ``trace.meta["reweight"]`` says
+what was steered.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from sdlens.engine.steering import SteeringState, install
-
-MAX_POSITIONS = 77
+from sdlens.analysis.tokens import prompt_words, word_key
+from sdlens.engine.batch import Batch, Cell, batch_record_options, run_batch
+from sdlens.engine.session import generate
+from sdlens.engine.sites import Hooks, pipeline_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
-# words and token positions
-
-def _tokenizer(pipe):
-    tok = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
-    if tok is None:
-        raise TypeError(f"{type(pipe).__name__} has no tokenizer")
-    return tok
-
-
-def _n_tokens(tokenizer, text: str) -> int:
-    """Number of prompt tokens of ``text`` (without start / end tokens)."""
-    return len(tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
-
-
-def prompt_words(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
-    """The prompt's words (split at white space, as typed) with their token positions in the
-    77-token sequence (position 0 is the start token). Words cut by the 77-token limit get []."""
-    words = prompt.split()
-    out, start = [], 1
-    for i, w in enumerate(words):
-        end = 1 + _n_tokens(tokenizer, " ".join(words[: i + 1]))
-        positions = [p for p in range(start, end) if p < MAX_POSITIONS - 1]
-        out.append((w, positions))
-        start = end
-    return out
-
-
-def _normal(word: str) -> str:
-    return " ".join(word.lower().split())
-
-
-def _strip_punct(word: str) -> str:
-    return word.strip(".,;:!?\"'()[]{}")
-
-
-def word_positions(tokenizer, prompt: str, word: str | int) -> list[int]:
-    """Token positions of every occurrence of ``word`` (a word or several consecutive words of the
-    prompt, case-insensitive, surrounding punctuation ignored) in ``prompt``; an int is taken as
-    a token position. ValueError listing the prompt's words for a word that is not there."""
-    if isinstance(word, (int, np.integer)):
-        n = 1 + _n_tokens(tokenizer, prompt)
-        if not 1 <= int(word) < min(n, MAX_POSITIONS - 1):
-            raise ValueError(f"token position {word} is outside the prompt's tokens 1..{n - 1}")
-        return [int(word)]
-    words = prompt_words(tokenizer, prompt)
-    target = [_strip_punct(w) for w in _normal(str(word)).split()]
-    if not target or not all(target):
-        raise ValueError(f"{word!r} is not a word")
-    keys = [_strip_punct(_normal(w)) for w, _ in words]
-    found: list[int] = []
-    split = prompt.split()
-    for i in range(len(words) - len(target) + 1):
-        if keys[i: i + len(target)] == target:
-            pos = [p for _, ps in words[i: i + len(target)] for p in ps]
-            # leave out punctuation glued to the first / last word ("Red," -> "red")
-            first, last = split[i], split[i + len(target) - 1]
-            lead = len(first) - len(first.lstrip(".,;:!?\"'()[]{}"))
-            trail = len(last) - len(last.rstrip(".,;:!?\"'()[]{}"))
-            if lead or trail:
-                before = " ".join(split[:i])
-                start = 1 + _n_tokens(tokenizer, (before + " " + first[:lead]).strip())
-                core = " ".join(split[i: i + len(target)])
-                end = 1 + _n_tokens(tokenizer, (before + " " + core[: len(core) - trail]).strip())
-                pos = [p for p in pos if start <= p < end]
-            if not pos:
-                raise ValueError(f"{word!r} lies beyond the 77-token limit of the text encoder: "
-                                 "the pipeline cuts it off, so it cannot be reweighted")
-            found += pos
-    if not found:
-        raise ValueError(f"{word!r} is not a word of the prompt {prompt!r}; its words: "
-                         f"{', '.join(repr(w) for w, _ in words)}")
-    return found
-
-
-def _factors(tokenizer, prompts: Sequence[str], weights: Mapping[Any, float]):
-    """(items, 77) factors and the positions named."""
-    if not weights:
-        raise ValueError("reweight needs at least one {word: weight}")
-    factors = torch.ones(len(prompts), MAX_POSITIONS)
-    positions: set[int] = set()
-    for i, prompt in enumerate(prompts):
-        for word, w in weights.items():
-            w = float(w)
-            if not np.isfinite(w):
-                raise ValueError(f"the weight of {word!r} is not finite: {w}")
-            for p in word_positions(tokenizer, prompt, word):
-                factors[i, p] = w
-                positions.add(p)
-    return factors, sorted(positions)
-
-
-@contextlib.contextmanager
-def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float], steps=None,
-                num_images_per_prompt: int = 1):
-    """Install the equalizer on every ``attn2`` layer of ``pipe.unet`` for the pipeline calls in
-    the ``with`` block (restored on exit, also on errors). Yields the :class:`SteeringState`.
-
-    Args:
-        prompt: the prompt(s) of the call (to find the words' token positions).
-        weights: ``{word: weight}``; a word may be several consecutive words ("red circle") or an
-            int token position. Every occurrence of the word is reweighted.
-        steps: ``(start, end)`` denoising step indices (end exclusive, None for the end; the
-            step axis of a Trace: one UNet call each) or fractions of the run as floats
-            (``(0.0, 0.5)``: the first half); None: every step.
-    """
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-    factors, positions = _factors(_tokenizer(pipe), prompts, weights)
-    steps = _check_steps(steps)
-    state = SteeringState(factors, positions, steps, pipe=pipe)
-    restore = install(pipe.unet, state)
-    try:
-        yield state
-    finally:
-        restore()
-
-
-def _check_steps(steps):
-    if steps is None:
-        return None
-    try:
-        start, end = steps
-    except (TypeError, ValueError):
-        raise ValueError(f"steps must be (start, end), e.g. (0, 10) or (0.0, 0.5); got {steps!r}") from None
-    for v in (start, end):
-        if v is not None and not isinstance(v, (int, float, np.integer, np.floating)):
-            raise ValueError(f"steps must be (start, end) numbers or None; got {steps!r}")
-    if any(isinstance(v, (float, np.floating)) for v in (start, end)):
-        start = None if start is None else float(start)
-        end = None if end is None else float(end)
-        if not all(v is None or 0.0 <= v <= 1.0 for v in (start, end)):
-            raise ValueError(f"fractional steps must lie in [0, 1]; got {steps!r}")
-    else:
-        start = None if start is None else int(start)
-        end = None if end is None else int(end)
-        if (start is not None and start < 0) or (end is not None and end < 0):
-            raise ValueError(f"step indices must be >= 0; got {steps!r}")
-    if start is not None and end is not None and end <= start:
-        raise ValueError(f"steps {steps!r}: the range is empty (end <= start)")
-    return (start, end)
-
+# reweighting
 
 def reweight(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
              reweight_steps=None, baseline: bool = False, **generate_kwargs):
@@ -180,22 +41,14 @@ def reweight(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
     ``(steered, original)``.
 
     Args:
-        weights: ``{"red": 2.0, "circle": 0.5}`` (see :func:`reweighting`).
+        weights: ``{"red": 2.0, "circle": 0.5}`` (see :func:`sdlens.engine.sites.reweighting`).
         reweight_steps: ``(start, end)`` denoising-step range (indices, end exclusive; or
             fractions of the run as floats); None = every step.
         **generate_kwargs: for ``sdlens.generate``: ``seed``, ``steps`` (the number of steps),
             ``guidance_scale``, ``negative_prompt``, record options, ...
     """
-    from sdlens.engine.session import generate
-
-    n_images = int(generate_kwargs.get("num_images_per_prompt", 1) or 1)
-    with reweighting(pipe, prompt, weights, reweight_steps,
-                     num_images_per_prompt=n_images) as state:
-        trace = generate(pipe, prompt, **generate_kwargs)
-    trace._require()["meta"]["reweight"] = {
-        "weights": {str(k): float(v) for k, v in weights.items()},
-        "steps": list(state.steps) if state.steps else None,
-        "positions": state.positions, "renormalised": False}
+    trace = generate(pipe, prompt, reweight=weights, reweight_steps=reweight_steps,
+                     **generate_kwargs)
     if baseline:
         return trace, generate(pipe, prompt, **generate_kwargs)
     return trace
@@ -267,16 +120,15 @@ class TokenEffects:
 
 
 class _PadEmbeddings:
-    """Forward hook on a text encoder's token-embedding module: in the call that embeds the
+    """Forward hook for a text encoder's token-embedding module: in the call that embeds the
     prompt batch (every row equal to the prompt's ids), row ``r``'s positions ``rows[r]`` get the
     padding token's embedding."""
 
-    def __init__(self, module, prompt_ids: torch.Tensor, pad_id: int, rows: list[list[int]]):
-        self.module, self.prompt_ids, self.pad_id, self.rows = module, prompt_ids, pad_id, rows
+    def __init__(self, prompt_ids: torch.Tensor, pad_id: int, rows: list[list[int]]):
+        self.prompt_ids, self.pad_id, self.rows = prompt_ids, pad_id, rows
         self.applied = 0
-        self.handle = module.register_forward_hook(self._hook)
 
-    def _hook(self, module, args, output):
+    def __call__(self, module, args, output):
         ids = args[0] if args else None
         if ids is None or not torch.is_tensor(ids) or ids.ndim != 2 or ids.shape[0] != len(self.rows):
             return None
@@ -292,9 +144,6 @@ class _PadEmbeddings:
                 out[r, p] = pad
         self.applied += 1
         return out
-
-    def remove(self):
-        self.handle.remove()
 
 
 def _variants(prompt: str, words: list[tuple[str, list[int]]], mode: str):
@@ -330,18 +179,16 @@ def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
     Returns a :class:`TokenEffects`: per word the (H, W) map of mean |RGB change| and its mean
     as the effect size.
     """
-    from sdlens.experiments.sweep import Batch, Cell, _record_options, _run_batch
-
     if mode not in ("remove", "pad"):
         raise ValueError(f"mode must be 'remove' or 'pad', got {mode!r}")
-    tokenizer = _tokenizer(pipe)
+    tokenizer = pipeline_tokenizer(pipe)
     all_words = prompt_words(tokenizer, prompt)
     if not all_words:
         raise ValueError("the prompt has no words to ablate")
     names, prompts, rows = _variants(prompt, all_words, mode)
     if words is not None:
-        wanted = [_strip_punct(_normal(w)) for w in words]
-        keys = [_strip_punct(_normal(n.split("#")[0])) for n in names]
+        wanted = [word_key(w) for w in words]
+        keys = [word_key(n.split("#")[0]) for n in names]
         missing = [w for w, wn in zip(words, wanted) if wn not in keys]
         if missing:
             raise ValueError(f"{', '.join(map(repr, missing))} not in the prompt {prompt!r}; its "
@@ -350,7 +197,7 @@ def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
         names = [names[i] for i in keep]
         prompts = [prompts[i] for i in keep]
         rows = None if rows is None else [rows[i] for i in keep]
-    record_opts = _record_options(record)
+    record_opts = batch_record_options(record)
     g = float(guidance_scale)
     variants = list(zip(names, prompts, rows or [None] * len(names)))
     size = max_batch or (len(variants) + 1)
@@ -362,16 +209,12 @@ def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
     for chunk in chunks:
         cells = [Cell((k,), p, None, int(steps), g, int(seed)) for k, (_, p, _) in enumerate(chunk)]
         batch = Batch(cells, None, int(steps), g > 1)
-        hooks = []
-        try:
-            if mode == "pad":
-                hooks = _pad_hooks(pipe, prompt, [r or [] for _, _, r in chunk])
-            imgs, trs = _run_batch(pipe, batch, negative_prompt, None, None, pipe_kwargs, record_opts)
-            if mode == "pad" and not all(h.applied for h in hooks):
+        with Hooks() as hooks:
+            pads = _pad_hooks(hooks, pipe, prompt, [r or [] for _, _, r in chunk]) \
+                if mode == "pad" else []
+            imgs, trs = run_batch(pipe, batch, negative_prompt, None, None, pipe_kwargs, record_opts)
+            if not all(p.applied for p in pads):
                 raise RuntimeError("pad ablation: the prompt's embedding call was not seen")
-        finally:
-            for h in hooks:
-                h.remove()
         for (name, _, _), img, tr in zip(chunk, imgs, trs):
             images[name], traces[name] = img, tr
     base = images.pop("__original__")
@@ -382,21 +225,19 @@ def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
                         base_trace, traces if record_opts is not None else {})
 
 
-def _pad_hooks(pipe, prompt: str, rows: list[list[int]]) -> list[_PadEmbeddings]:
-    hooks = []
-    try:
-        for tok_name, enc_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
-            tok, enc = getattr(pipe, tok_name, None), getattr(pipe, enc_name, None)
-            if tok is None or enc is None:
-                continue
-            ids = tok(prompt, padding="max_length", max_length=tok.model_max_length,
-                      truncation=True, return_tensors="pt").input_ids[0]
-            pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-            hooks.append(_PadEmbeddings(enc.get_input_embeddings(), ids, int(pad_id), rows))
-    except Exception:
-        for h in hooks:
-            h.remove()
-        raise
-    if not hooks:
+def _pad_hooks(hooks: Hooks, pipe, prompt: str, rows: list[list[int]]) -> list[_PadEmbeddings]:
+    """Install a :class:`_PadEmbeddings` on the token embeddings of every text encoder."""
+    pads = []
+    for tok_name, enc_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+        tok, enc = getattr(pipe, tok_name, None), getattr(pipe, enc_name, None)
+        if tok is None or enc is None:
+            continue
+        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids[0]
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad = _PadEmbeddings(ids, int(pad_id), rows)
+        hooks.forward_hook(enc.get_input_embeddings(), pad)
+        pads.append(pad)
+    if not pads:
         raise TypeError(f"{type(pipe).__name__} has no text encoder to ablate words in")
-    return hooks
+    return pads

@@ -1,0 +1,265 @@
+"""Batched pipeline calls: cells, batches, planning, running.
+
+A *cell* is one run (prompt, scheduler, steps, guidance, seed); a *batch* is the cells that run
+in one pipeline call: a list of prompts (one per cell) and a list of CPU ``torch.Generator`` s
+(one per cell, seeded with the cell's seed). diffusers draws every batch item's starting noise
+from its own generator, so each cell starts exactly where its single run starts. Different
+guidance scales share a call through :class:`PerSampleGuidance`. Each cell's trace is cut out of
+the batched trace (:func:`cell_trace`). :mod:`sdlens.experiments.sweep` (grids), ``token_effects``
+and ``lora_effect`` build on this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from sdlens.engine.options import RecordOptions
+from sdlens.engine.session import trace as record_trace
+from sdlens.engine.sites import Hooks
+from sdlens.trace.core import Trace
+
+
+# ====================================================================== cells and batches
+
+@dataclass(frozen=True)
+class Cell:
+    """One run; ``index`` is its position in the caller's grid (a sweep: along every axis)."""
+
+    index: tuple
+    prompt: str
+    scheduler: str | None
+    steps: int
+    guidance: float
+    seed: int
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance > 1
+
+
+@dataclass
+class Batch:
+    """Cells that run in one pipeline call."""
+
+    cells: list[Cell]
+    scheduler: str | None
+    steps: int
+    cfg: bool
+
+    @property
+    def guidance(self) -> float:
+        return max(c.guidance for c in self.cells) if self.cfg else self.cells[0].guidance
+
+
+def plan_batches(cells: Sequence[Cell], cell_bytes, budget: int, max_batch: int | None = None,
+                 chunk: bool = True, split_guidance: bool = False,
+                 min_batches: int = 1) -> list[Batch]:
+    """Group cells by (scheduler, steps, cfg on/off[, guidance]) and chunk each group.
+
+    ``cell_bytes(cfg) -> int`` gives a cell's memory. ``min_batches``: split each group into at
+    least this many batches where it has the cells (for sharing among processes).
+    """
+    groups: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        key = (c.scheduler, c.steps, c.cfg) + ((c.guidance,) if split_guidance else ())
+        groups.setdefault(key, []).append(c)
+    batches = []
+    for key, group in groups.items():
+        scheduler, steps, cfg = key[:3]
+        per = cell_bytes(cfg)
+        fit = max(1, budget // per) if per > 0 else len(group)
+        size = min(fit, max_batch or fit, len(group))
+        if size < len(group) and not chunk:
+            raise ValueError(
+                f"the grid does not fit one pipeline call: {len(group)} cells (steps={steps}, "
+                f"scheduler={scheduler or 'default'}, {'with' if cfg else 'without'} CFG) need "
+                f"~{_fmt_bytes(per * len(group))} (~{_fmt_bytes(per)} per cell, "
+                f"estimate_cell_bytes), the memory budget is {_fmt_bytes(budget)}"
+                + (f" and max_batch={max_batch}" if max_batch else "")
+                + "; allow chunking (chunk=True, the CLI's default), raise memory_budget / "
+                  "max_batch, or make the grid smaller")
+        if per > budget:
+            warnings.warn(f"one cell needs ~{_fmt_bytes(per)}, more than the memory budget "
+                          f"{_fmt_bytes(budget)}; running one cell per call", stacklevel=3)
+        n = max(math.ceil(len(group) / size), min(min_batches, len(group)))
+        bounds = np.linspace(0, len(group), n + 1).round().astype(int)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            batches.append(Batch(group[a:b], scheduler, steps, cfg))
+    return batches
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# ====================================================================== per-sample guidance
+
+class PerSampleGuidance:
+    """Gives every batch item its own guidance scale, through a forward hook on the backbone.
+
+    The pipeline runs with the scalar ``G``; the hook rewrites the text half of the backbone's
+    output ``c_i`` to ``u_i + (g_i / G)(c_i - u_i)`` so that the pipeline's ``u + G (c' - u)``
+    equals ``u + g_i (c - u)``. The forward hook is registered at the backbone's first call
+    (from a pre-hook) so that it runs *after* every hook installed before that call, sdlens'
+    recording hooks included: traces record the model's true text prediction.
+    """
+
+    def __init__(self, scales: Sequence[float], G: float):
+        if G <= 1:
+            raise ValueError(f"per-sample guidance needs the call's guidance scale > 1, got {G}")
+        self.ratios = torch.tensor([float(g) / float(G) for g in scales], dtype=torch.float32)
+        self.post = None
+        self.calls = 0
+
+    def install(self, hooks: Hooks, unet: torch.nn.Module) -> None:
+        """Install on ``unet`` for the life of ``hooks``."""
+        def register(module, args):
+            if self.post is None:
+                self.post = hooks.forward_hook(unet, self._hook)
+            return None
+
+        hooks.forward_pre_hook(unet, register)
+
+    def _hook(self, module, args, output):
+        is_tuple = isinstance(output, (tuple, list))
+        out = output[0] if is_tuple else output.sample
+        n = len(self.ratios)
+        if out.shape[0] != 2 * n:
+            raise RuntimeError(f"per-sample guidance expected the backbone batch cat([uncond, "
+                               f"text]) of {2 * n} rows, got {out.shape[0]}")
+        u, c = out.chunk(2)
+        r = self.ratios.to(out.device).view(-1, *([1] * (out.ndim - 1)))
+        c2 = (u.float() + r * (c.float() - u.float())).to(out.dtype)
+        new = torch.cat([u, c2])
+        self.calls += 1
+        if is_tuple:
+            return [new, *output[1:]] if isinstance(output, list) else (new, *output[1:])
+        output.sample = new
+        return output
+
+
+# ====================================================================== running
+
+def generator_for(pipe, seed: int) -> torch.Generator:
+    """The generator sdlens seeds a run with: a CPU generator (images do not depend on the
+    device's random number generator; diffusers moves the noise to the pipeline's device)."""
+    return torch.Generator("cpu").manual_seed(int(seed))
+
+
+def batch_call_kwargs(batch: Batch, negative_prompt, height, width, extra) -> dict:
+    """The pipeline arguments of one batched call: a prompt and a generator per cell."""
+    prompts = [c.prompt for c in batch.cells]
+    kwargs = dict(extra)
+    kwargs.update(prompt=prompts, generator=[generator_for(None, c.seed) for c in batch.cells],
+                  num_inference_steps=batch.steps, guidance_scale=batch.guidance,
+                  output_type="np")
+    if negative_prompt is not None:
+        kwargs["negative_prompt"] = [negative_prompt] * len(prompts)
+    if height is not None:
+        kwargs["height"] = height
+    if width is not None:
+        kwargs["width"] = width
+    return kwargs
+
+
+def batch_record_options(record):
+    """``record`` for the trace engine: None/False (no traces), "light", "full" (or True), or a
+    dict of :class:`~sdlens.engine.options.RecordOptions` fields. Returns None, "light" or a dict."""
+    if record is None or record is False:
+        return None
+    if isinstance(record, dict):
+        RecordOptions.from_kwargs(**record)  # unknown / bad options fail before running
+        return dict(record)
+    if record is True or record == "full":
+        return {}
+    if record == "light":
+        return "light"
+    raise ValueError(f"record must be None, 'light', 'full' or a dict of trace options "
+                     f"(sdlens.RecordOptions fields); got {record!r}")
+
+
+LIGHT_ATTENTION_STEPS = 5
+
+
+def trace_options(record_opts, steps: int) -> dict:
+    """A light trace keeps latents and x0 at every step and the cross-attention maps (heads
+    averaged, every layer) at ``LIGHT_ATTENTION_STEPS`` evenly spaced steps; no noise."""
+    if record_opts == "light":
+        every = max(1, math.ceil(steps / LIGHT_ATTENTION_STEPS))
+        return {"record": ("latents", "x0", "attention"), "steps": slice(None, None, every)}
+    return dict(record_opts)
+
+
+def run_batch(pipe, batch: Batch, negative_prompt, height, width, extra, record_opts):
+    """Run one batch; returns (float images (n, H, W, 3), list of per-cell traces or Nones).
+    ``record_opts``: from :func:`batch_record_options`."""
+    kwargs = batch_call_kwargs(batch, negative_prompt, height, width, extra)
+    scales = [c.guidance for c in batch.cells]
+    mixed = batch.cfg and len(set(scales)) > 1
+    traces: list = [None] * len(batch.cells)
+    recording = contextlib.nullcontext() if record_opts is None else \
+        record_trace(pipe, **trace_options(record_opts, batch.steps))
+    with recording as rec, Hooks() as hooks:
+        if mixed:
+            PerSampleGuidance(scales, batch.guidance).install(hooks, pipe.unet)
+        out = pipe(**kwargs)
+    if rec is not None:
+        full = rec.runs[-1]
+        traces = [cell_trace(full, i, guidance=c.guidance, seed=c.seed)
+                  for i, c in enumerate(batch.cells)]
+    images = np.asarray(out.images, dtype=np.float32)
+    return images, traces
+
+
+def cell_trace(trace, i: int, guidance: float | None = None, seed: int | None = None,
+               extra_meta: dict | None = None):
+    """Batch item ``i`` of a batched Trace as a Trace of its own (what the single run of that
+    item records): tensors sliced on the batch axis, the attention maps' token axis cut to the
+    item's own tokens (unless padding was kept), its prompt, seed and guidance scale."""
+    info = trace._require()
+    if not 0 <= i < trace.batch_size:
+        raise IndexError(f"batch item {i} of a trace of {trace.batch_size}")
+    tensors = {}
+    for name in ("timesteps", "sigmas"):
+        tensors[name] = trace._tensor(name)
+    for name in ("latents", "noise_uncond", "noise_text", "noise", "x0"):
+        t = trace._tensor(name)
+        tensors[name] = None if t is None else t[:, i: i + 1].clone()
+    new = json.loads(json.dumps(info, default=str))
+    for key in ("prompts", "negative_prompts", "token_ids", "tokens", "truncated_words"):
+        new[key] = [info[key][i]]
+    att = info.get("attention")
+    if att is not None:
+        keep_padding = bool(info["meta"].get("options", {}).get("keep_padding", False))
+        n_tok = len(att["token_positions"])
+        own = len(info["token_ids"][i]) if not keep_padding and info["token_ids"][i] else n_tok
+        own = min(own, n_tok)
+        maps = trace.attention
+        for layer in att["layers"]:
+            m = maps[layer][:, i: i + 1]
+            tok_axis = 3 if att["heads"] else 2
+            tensors[f"attention/{layer}"] = m.narrow(tok_axis, 0, own).clone()
+        new["attention"]["token_positions"] = list(att["token_positions"][:own])
+    if guidance is not None:
+        new["guidance_scale"] = float(guidance)
+        new["meta"]["guidance_scale"] = float(guidance)
+        new["do_cfg"] = bool(info["do_cfg"]) and guidance > 1
+    if seed is not None:
+        new["meta"]["seeds"] = [int(seed)]
+    if extra_meta:
+        new["meta"].update(extra_meta)
+    images = trace.images
+    return Trace({k: v for k, v in tensors.items()}, new, [images[i]] if images else [],
+                 trace.pipeline)
