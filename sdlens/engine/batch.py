@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from sdlens.engine.options import RecordOptions
+from sdlens.engine.options import RecordOptions, human_bytes
 from sdlens.engine.session import trace as record_trace
 from sdlens.engine.sites import Hooks
 from sdlens.trace.core import Trace
@@ -81,27 +81,19 @@ def plan_batches(cells: Sequence[Cell], cell_bytes, budget: int, max_batch: int 
             raise ValueError(
                 f"the grid does not fit one pipeline call: {len(group)} cells (steps={steps}, "
                 f"scheduler={scheduler or 'default'}, {'with' if cfg else 'without'} CFG) need "
-                f"~{_fmt_bytes(per * len(group))} (~{_fmt_bytes(per)} per cell, "
-                f"estimate_cell_bytes), the memory budget is {_fmt_bytes(budget)}"
+                f"~{human_bytes(per * len(group))} (~{human_bytes(per)} per cell, "
+                f"estimate_cell_bytes), the memory budget is {human_bytes(budget)}"
                 + (f" and max_batch={max_batch}" if max_batch else "")
                 + "; allow chunking (chunk=True, the CLI's default), raise memory_budget / "
                   "max_batch, or make the grid smaller")
         if per > budget:
-            warnings.warn(f"one cell needs ~{_fmt_bytes(per)}, more than the memory budget "
-                          f"{_fmt_bytes(budget)}; running one cell per call", stacklevel=3)
+            warnings.warn(f"one cell needs ~{human_bytes(per)}, more than the memory budget "
+                          f"{human_bytes(budget)}; running one cell per call", stacklevel=3)
         n = max(math.ceil(len(group) / size), min(min_batches, len(group)))
         bounds = np.linspace(0, len(group), n + 1).round().astype(int)
         for a, b in zip(bounds[:-1], bounds[1:]):
             batches.append(Batch(group[a:b], scheduler, steps, cfg))
     return batches
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 # ====================================================================== per-sample guidance
