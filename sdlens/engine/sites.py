@@ -1,4 +1,4 @@
-"""A recording processor for cross-attention (``attn2``) layers that wraps the existing processor.
+"""A recording processor for cross-attention sites that wraps the existing processor.
 
 The wrapped processor computes the layer's output exactly as before (SDPA, attention slicing,
 LoRA, IP-Adapter processors ... keep working, and the output is bit-identical). In addition the
@@ -47,7 +47,7 @@ def attention_probabilities(attn, hidden_states: torch.Tensor, encoder_hidden_st
     ``AttnProcessor2_0`` compute them, in float32.
 
     Args:
-        attn: diffusers ``Attention`` module (an ``attn2``).
+        attn: diffusers ``Attention`` module (a cross-attention site).
         hidden_states: (B, HW, C) image tokens (or (B, C, h, w)).
         encoder_hidden_states: (B, K, D) text tokens.
         attention_mask: optional mask as passed to the processor (for all B rows).
@@ -98,11 +98,11 @@ def _signature_without_self(fn) -> inspect.Signature | None:
 
 
 class RecordingProcessor:
-    """Wraps the processor of one ``attn2`` layer; records its attention probabilities.
+    """Wraps the processor of one cross-attention site; records its attention probabilities.
 
     Args:
         inner: the processor that was installed (it computes the output, unchanged).
-        layer: the layer's module path (``down_blocks.1.attentions.0.transformer_blocks.0.attn2``).
+        layer: the site's module path (as the backbone adapter names it, :mod:`sdlens.engine.arch`).
         sink: the recorder (see :class:`AttentionSink`).
     """
 

@@ -1,6 +1,6 @@
 """Steering processors: scale chosen tokens' cross-attention (prompt-to-prompt's equalizer).
 
-:class:`ReweightProcessor` wraps the processor installed on an ``attn2`` layer. The wrapped
+:class:`ReweightProcessor` wraps the processor installed on a cross-attention site. The wrapped
 processor computes the layer's output as before (SDPA, LoRA, whatever it is); the reweighting is
 added as a correction. With attention probabilities ``P`` (rows sum to 1 over the text tokens),
 values ``V`` and per-token factors ``w`` the equalizer's output is ``(P * w) V``, and
@@ -86,7 +86,8 @@ def _signature(fn):
 
 
 class ReweightProcessor:
-    """Wraps one ``attn2`` processor and applies the equalizer of ``state`` to its output."""
+    """Wraps one cross-attention site's processor and applies the equalizer of ``state`` to its
+    output."""
 
     def __init__(self, inner, layer: str, state: SteeringState):
         self.inner = inner
@@ -157,7 +158,8 @@ class ReweightProcessor:
 
 
 def install(unet, state: SteeringState):
-    """Wrap every ``attn2`` processor of ``unet`` and add the step-counting pre-hook.
+    """Wrap the processor of every cross-attention site of ``unet`` and add the step-counting
+    pre-hook.
     Returns a function that restores the previous processors (call it in ``finally``)."""
     saved = dict(unet.attn_processors)
     steered = {k: (ReweightProcessor(p, k[: -len(".processor")], state) if ".attn2." in k else p)

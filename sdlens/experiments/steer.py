@@ -8,7 +8,7 @@
 >>> fx.plot()
 
 Reweighting is prompt-to-prompt's equalizer: the attention probabilities of the chosen tokens in
-every cross-attention (``attn2``) layer are multiplied by the weight, in the text half of the
+every cross-attention site are multiplied by the weight, in the text half of the
 batch, at the chosen steps; rows are **not renormalised** (see :mod:`sdlens.hooks.steering`). A
 weight of 1.0 is an exact no-op. The traces record the model's attention probabilities *before*
 the equalizer (the steered attention is those maps times the weights at the steered steps);
@@ -124,7 +124,7 @@ def _factors(tokenizer, prompts: Sequence[str], weights: Mapping[Any, float]):
 @contextlib.contextmanager
 def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float], steps=None,
                 num_images_per_prompt: int = 1):
-    """Install the equalizer on every ``attn2`` layer of ``pipe.unet`` for the pipeline calls in
+    """Install the equalizer on every cross-attention site of ``pipe``'s denoiser for the calls in
     the ``with`` block (restored on exit, also on errors). Yields the :class:`SteeringState`.
 
     Args:

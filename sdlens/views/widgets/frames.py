@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdlens.engine.arch import naming_for
+
 PANELS = ("x_t", "x0", "noise", "cfg_delta")
 PANEL_LABELS = {"x_t": "x_t (latents)", "x0": "x0 prediction", "noise": "guided noise",
                 "cfg_delta": "CFG delta (text - uncond)"}
@@ -149,8 +151,6 @@ def layer_options(trace: Any) -> list[tuple[str, str]]:
     """``[(key, label)]`` of the layer choices: all layers, each resolution, down / mid / up,
     then each layer by alias. Keys are selectors :func:`sdlens.heatmaps.word_heatmap` takes
     (``'all'`` stands for None, ``'res:16'`` for the int 16)."""
-    from sdlens.engine.arch.unet import layer_alias
-
     maps = getattr(trace, "attention", None)
     if maps is None or not list(maps.layers):
         return []
@@ -161,16 +161,15 @@ def layer_options(trace: Any) -> list[tuple[str, str]]:
         for h, w in res:
             n = sum(1 for l in layers if tuple(maps.resolution(l)) == (h, w))
             opts.append((f"res:{max(h, w)}", f"{h}x{w} ({n} layer{'s' * (n != 1)})"))
-    groups = [g for g in ("down", "mid", "up")
-              if any(l.startswith({"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}[g])
-                     for l in layers)]
+    naming = naming_for((getattr(trace, "meta", None) or {}).get("family"))
+    groups = [g for g in naming.groups if any(naming.group(l) == g for l in layers)]
     if len(groups) > 1:
         for g in groups:
             opts.append((g, f"{g} blocks"))
     if len(layers) > 1:
         for l in layers:
             h, w = maps.resolution(l)
-            opts.append((l, f"{layer_alias(l)} ({h}x{w})"))
+            opts.append((l, f"{naming.alias(l)} ({h}x{w})"))
     return opts
 
 
