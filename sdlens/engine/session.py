@@ -46,7 +46,7 @@ from sdlens.pipeline import pipeline_task
 from sdlens.trace.core import Trace
 
 
-def traceable(pipe) -> BackboneAdapter:
+def check_pipeline(pipe) -> BackboneAdapter:
     """The backbone adapter of ``pipe``; TypeError if sdlens cannot trace it."""
     adapter = adapter_for(pipe)
     cls = type(pipe).__name__
@@ -460,7 +460,7 @@ class _Session:
     def __init__(self, pipe, options: RecordOptions):
         self.pipe = pipe
         self.options = options
-        self.adapter = traceable(pipe)
+        self.adapter = check_pipeline(pipe)
         self.layers = self.adapter.sites()
         self.selected_layers = list(self.layers)
         self.orig_cls = type(pipe)
