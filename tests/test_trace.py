@@ -647,6 +647,14 @@ def test_unet_naming_without_a_pipeline():
                   key=naming.sort_key) == ["down_blocks.2.y", "down_blocks.10.y", "mid_block.x", site]
     with pytest.raises(ValueError, match="unknown model family 'kandinsky'.*sd1"):
         naming_for("kandinsky")
+    # saved traces resolve selectors through their family's naming
+    from sdlens.trace import AttentionMaps
+
+    maps = AttentionMaps({site: torch.zeros(1, 1, 3, 2, 2)}, {site: (2, 2)}, [0], [0, 1, 2],
+                         family="sdxl")
+    assert maps.names("up.1") == [site] and maps.alias(site) == "up.1.2.3"
+    with pytest.raises(ValueError, match="unknown model family"):
+        AttentionMaps({}, {}, [], [], family="kandinsky")
 
 
 def test_unsupported_pipelines():

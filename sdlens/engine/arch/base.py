@@ -13,6 +13,7 @@ A new family (SD3, Flux, PixArt, Sana: transformer denoisers) is one subclass of
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Callable, ClassVar
 
 import torch
@@ -93,7 +94,7 @@ class DenoiserHooks:
         self.handles = []
 
 
-class BackboneAdapter:
+class BackboneAdapter(ABC):
     """One live pipeline of a backbone family, as the engine sees it.
 
     Construct it through :func:`sdlens.engine.arch.adapter_for`, which picks the family; the
@@ -118,51 +119,53 @@ class BackboneAdapter:
         self.pipe = pipe
 
     @classmethod
+    @abstractmethod
     def handles(cls, pipe) -> bool:
         """Whether ``pipe`` is of this family (by its components, not its class name)."""
-        raise NotImplementedError
 
     # ---------------------------------------------------------------- the denoiser
     @property
+    @abstractmethod
     def denoiser(self) -> torch.nn.Module:
         """The module called once per denoising step (UNet or transformer)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def family(self) -> str:
         """The model family (one of ``families``), from the pipeline's components."""
-        raise NotImplementedError
 
+    @abstractmethod
     def default_latent_hw(self) -> tuple[int, int]:
         """Latent (h, w) of the pipeline's default image size."""
-        raise NotImplementedError
 
+    @abstractmethod
     def latent_channels(self) -> int:
         """Channels of the denoiser's prediction (and of the latents the scheduler steps)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def hooks(self, before: Callable[[torch.Tensor], None],
               after: Callable[[torch.Tensor], None]) -> DenoiserHooks:
         """Install :class:`DenoiserHooks` (``before(sample)``, ``after(output)``) on the denoiser."""
-        raise NotImplementedError
 
+    @abstractmethod
     def activation_bytes(self, latent_hw: tuple[int, int]) -> int:
         """A rough upper estimate of the memory one row of the denoiser's batch needs at
         latent (h, w) during a forward (weights not counted)."""
-        raise NotImplementedError
 
     # ---------------------------------------------------------------- sites
+    @abstractmethod
     def site_of(self, processor_key: str) -> str | None:
-        """The site a key of ``denoiser.attn_processors`` belongs to; None for other processors."""
-        raise NotImplementedError
+        """The site a key of ``denoiser.attn_processors`` belongs to; None for other processors.
+        (Installers wrap the processors that have a site and set them all back with
+        ``denoiser.set_attn_processor``.)"""
 
     def sites(self) -> list[str]:
         """The denoiser's sites (module paths), in the naming's order."""
         keys = [self.site_of(k) for k in self.denoiser.attn_processors]
         return sorted((s for s in keys if s is not None), key=self.naming.sort_key)
 
+    @abstractmethod
     def resolutions(self, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
         """site -> (h, w) of its map when the latents are (h, w)."""
-        raise NotImplementedError
 
     def heads(self, site: str) -> int:
         """Attention heads of a site."""
