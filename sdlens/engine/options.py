@@ -231,6 +231,17 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
     return est
 
 
+def _vae_scale(pipe) -> int:
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def latent_hw(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    """Latent (h, w) of a ``height`` x ``width`` pixel image (None: the model's default size)."""
+    h0, w0 = adapter_for(pipe).default_latent_hw()
+    scale = _vae_scale(pipe)
+    return (height // scale if height else h0, width // scale if width else w0)
+
+
 def estimate_cell_bytes(pipe, height: int | None = None, width: int | None = None,
                         cfg: bool = True, trace_bytes: int = 0) -> int:
     """A rough upper estimate of the memory one batch item (a grid cell) adds to a batched
@@ -244,13 +255,11 @@ def estimate_cell_bytes(pipe, height: int | None = None, width: int | None = Non
     are loaded already).
     """
     adapter = adapter_for(pipe)
-    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    h0, w0 = adapter.default_latent_hw()
-    height = height or h0 * scale
-    width = width or w0 * scale
+    hw = latent_hw(pipe, height, width)
+    height, width = height or hw[0] * _vae_scale(pipe), width or hw[1] * _vae_scale(pipe)
     dtype = adapter.denoiser.dtype
     itemsize = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
-    row = adapter.activation_bytes((height // scale, width // scale))
+    row = adapter.activation_bytes(hw)
     vae_c = pipe.vae.config.block_out_channels[0]
     vae = 4 * vae_c * height * width * itemsize + 3 * height * width * 4
     return int((2 if cfg else 1) * row + vae + trace_bytes)

@@ -55,9 +55,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from sdlens.engine.arch import adapter_for
 from sdlens.engine.options import (RecordOptions, default_memory_budget, estimate_cell_bytes,
-                                   estimate_trace_bytes)
+                                   estimate_trace_bytes, latent_hw)
 
 AXES = ("prompt", "scheduler", "steps", "guidance", "seed")  # canonical order, outermost first
 AXIS_LABELS = {"prompt": "", "scheduler": "", "steps": "steps ", "guidance": "CFG ", "seed": "seed "}
@@ -588,12 +587,9 @@ def _trace_bytes(pipe, record_opts, steps_list, height, width) -> int:
     if record_opts is None:
         return 0
     steps = max(steps_list)
-    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    h0, w0 = adapter_for(pipe).default_latent_hw()
-    latent_hw = (height // scale if height else h0, width // scale if width else w0)
     opts = RecordOptions(**_options_for(record_opts, steps))
-    return sum(estimate_trace_bytes(pipe, num_inference_steps=steps, latent_hw=latent_hw,
-                                    options=opts).values())
+    return sum(estimate_trace_bytes(pipe, num_inference_steps=steps,
+                                    latent_hw=latent_hw(pipe, height, width), options=opts).values())
 
 
 def _pipeline_meta(pipe) -> dict:
