@@ -15,17 +15,9 @@ from pathlib import Path
 
 import torch
 
-SHIPPED_MODEL = Path(__file__).parent / "models" / "shapes" / "weights"
+from sdlens.engine.arch import SUPPORTED_PIPELINES, adapter_for
 
-# Pipeline classes sdlens can trace, by the `_class_name` of a model_index.json.
-SUPPORTED_PIPELINES = (
-    "StableDiffusionPipeline",
-    "StableDiffusionImg2ImgPipeline",
-    "StableDiffusionInpaintPipeline",
-    "StableDiffusionXLPipeline",
-    "StableDiffusionXLImg2ImgPipeline",
-    "StableDiffusionXLInpaintPipeline",
-)
+SHIPPED_MODEL = Path(__file__).parent / "models" / "shapes" / "weights"
 
 # Short scheduler names accepted wherever a scheduler is chosen.
 SCHEDULERS = {
@@ -57,44 +49,22 @@ class PipelineInfo:
     name_or_path: str
 
 
-def _family(pipe) -> str:
-    unet = pipe.unet
-    if getattr(unet.config, "addition_embed_type", None) == "text_time":
-        return "sdxl" if getattr(pipe, "text_encoder", None) is not None else "sdxl-refiner"
-    name = str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", ""))
-    if name and Path(name).resolve() == SHIPPED_MODEL.resolve():
-        return "shapes"
-    cross = unet.config.cross_attention_dim
-    if cross == 64 and unet.config.sample_size == 16:
-        return "shapes"
-    # SD 2.x's OpenCLIP text encoder uses gelu, SD 1.x's CLIP ViT-L quick_gelu (true of shrunk
-    # random-weight copies too, whose widths differ from the real 1024 / 768)
-    act = getattr(getattr(pipe, "text_encoder", None), "config", None)
-    if cross == 1024 or getattr(act, "hidden_act", None) == "gelu":
-        return "sd2"
-    return "sd1"
+def pipeline_task(pipe) -> str:
+    """"txt2img", "img2img" or "inpaint", from the pipeline's class."""
+    cls = type(pipe).__name__
+    return "inpaint" if "Inpaint" in cls else "img2img" if "Img2Img" in cls else "txt2img"
 
 
 def describe(pipe) -> PipelineInfo:
     """Tell what kind of pipeline ``pipe`` is; TypeError for pipelines sdlens cannot trace."""
-    cls = type(pipe).__name__
-    unet = getattr(pipe, "unet", None)
-    if unet is None:
-        raise TypeError(
-            f"{cls} has no UNet (transformer-based models such as SD3 or Flux are not supported "
-            f"yet); sdlens traces UNet pipelines: {', '.join(SUPPORTED_PIPELINES)}")
-    n_cross = sum(1 for k in unet.attn_processors if ".attn2." in k)
-    if n_cross == 0:
-        raise TypeError(f"{cls}'s UNet has no cross-attention (attn2) layers; sdlens traces "
-                        f"text-conditioned UNets: {', '.join(SUPPORTED_PIPELINES)}")
-    task = "inpaint" if "Inpaint" in cls else "img2img" if "Img2Img" in cls else "txt2img"
+    adapter = adapter_for(pipe)
     return PipelineInfo(
-        family=_family(pipe), task=task, pipeline_class=cls,
+        family=adapter.family(), task=pipeline_task(pipe), pipeline_class=type(pipe).__name__,
         scheduler_class=type(pipe.scheduler).__name__,
         prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
         vae_scaling_factor=float(pipe.vae.config.scaling_factor),
         latent_channels=int(pipe.vae.config.latent_channels),
-        cross_attention_layers=n_cross,
+        cross_attention_layers=len(adapter.sites()),
         name_or_path=str(getattr(pipe, "name_or_path", "") or ""),
     )
 

@@ -2,7 +2,7 @@
 
 ``word_heatmap(trace, "circle")`` (also ``trace.heatmap("circle")``) answers "where in the image
 did the word *circle* attend?". The recorded maps (see ``sdlens.attention.AttentionMaps``) are
-cross-attention probabilities, per step and per ``attn2`` layer at the layer's own resolution,
+cross-attention probabilities, per step and per cross-attention site at the site's own resolution,
 ``(steps, batch, tokens, h, w)`` (heads averaged) or ``(steps, batch, heads, tokens, h, w)``.
 
 Pooling ``"sdlens"`` (the default), in this order:
@@ -256,7 +256,7 @@ def word_heatmap(trace: Any, word: str, steps: Any = None, layers: Any = None, h
             tokens is merged (mean of its tokens); several words (``"red circle"``) are merged
             the same way. Unknown words raise ``ValueError`` listing the words available.
         steps: None (all recorded steps), an int, a slice/range or list of step indices.
-        layers: None (all recorded ``attn2`` layers) or anything ``AttentionMaps.select`` takes:
+        layers: None (all recorded layers) or anything ``AttentionMaps.select`` takes:
             ``'down'|'mid'|'up'``, a resolution (``16``), a module path or alias, or a list.
         heads: None (all; mean) or head indices (needs maps recorded with heads kept).
         batch: which image of the batch.

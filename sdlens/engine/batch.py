@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from sdlens.engine.arch import adapter_for
 from sdlens.engine.options import RecordOptions, human_bytes
 from sdlens.engine.session import trace as record_trace
 from sdlens.engine.sites import Hooks
@@ -205,7 +206,7 @@ def run_batch(pipe, batch: Batch, negative_prompt, height, width, extra, record_
         record_trace(pipe, **trace_options(record_opts, batch.steps))
     with recording as rec, Hooks() as hooks:
         if mixed:
-            PerSampleGuidance(scales, batch.guidance).install(hooks, pipe.unet)
+            PerSampleGuidance(scales, batch.guidance).install(hooks, adapter_for(pipe).denoiser)
         out = pipe(**kwargs)
     if rec is not None:
         full = rec.runs[-1]

@@ -1,4 +1,6 @@
-"""What to record (``RecordOptions``) and the one estimate of a trace's size before it runs."""
+"""What to record (``RecordOptions``) and the one estimate of memory before a run: a trace's host
+bytes (:func:`estimate_trace_bytes`), a batched call's (:func:`estimate_cell_bytes`) and the
+budgets they are held to (:func:`default_max_bytes`, :func:`default_memory_budget`)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
-from sdlens.engine.arch.unet import check_pipeline, layer_level, level_shape
+from sdlens.engine.arch import adapter_for
 from sdlens.trace.maps import resolve_layers
 
 RECORDABLE = ("latents", "noise", "x0", "attention")
@@ -27,9 +29,9 @@ class RecordOptions:
     Args:
         record: which kinds of data to keep, a subset of ("latents", "noise", "x0", "attention").
             Timesteps, sigmas, prompts, tokens and images are always kept.
-        layers: which ``attn2`` layers' maps to keep: None (all), "down" / "mid" / "up", a
-            resolution int (max(h, w) of the map, e.g. 16), an alias ("up.1.0"), a module path,
-            or a list of these (see :mod:`sdlens.attention`).
+        layers: which cross-attention sites' maps to keep: None (all), a group ("down" / "mid"
+            / "up"), a resolution int (max(h, w) of the map, e.g. 16), an alias ("up.1.0"), a
+            module path, or a list of these (see :mod:`sdlens.trace.maps`).
         steps: at which steps to keep attention maps (latents/noise/x0 are small and always kept
             for every step): None (all), a list/range of step indices (negative ones count from
             the end), or a slice (``slice(None, None, 5)``: every 5th step).
@@ -127,7 +129,8 @@ class RecordOptions:
 
 
 def default_max_bytes() -> int:
-    """50% of the host memory available now (MemAvailable), or 8 GiB if it cannot be read."""
+    """50% of the host memory available now (MemAvailable), or 8 GiB if it cannot be read: the
+    default limit of a trace (``RecordOptions.max_bytes``)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -143,8 +146,18 @@ def default_max_bytes() -> int:
         return 8 << 30
 
 
+def default_memory_budget(device: torch.device | str | None = None) -> int:
+    """Memory a batched call may use: 80% of the free memory of a CUDA device, else
+    :func:`default_max_bytes` (half the available host memory)."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.8)
+    return default_max_bytes()
+
+
 def human_bytes(n: float) -> str:
-    """``n`` bytes for a message: ``"512 B"``, ``"1.5 MB"`` (binary multiples)."""
+    """``1536`` -> ``"1.5 KB"``."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -153,7 +166,7 @@ def human_bytes(n: float) -> str:
 
 
 def scheduler_steps(scheduler, num_inference_steps: int) -> int:
-    """How many steps (UNet calls) ``scheduler`` takes for ``num_inference_steps``: one more for
+    """How many steps (denoiser calls) ``scheduler`` takes for ``num_inference_steps``: one more for
     PNDM with ``skip_prk_steps`` (SD 1.5's default), ``2 n - 1`` for Heun / KDPM2. Read from a
     copy's ``set_timesteps``; the pipeline's scheduler is not touched."""
     import copy
@@ -176,39 +189,35 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
     """Host bytes a trace of ``pipe`` will take, per kind of data (before running anything).
 
     Args:
-        pipe: the pipeline (its UNet's layers, heads and latent channels are read).
+        pipe: the pipeline (its denoiser's sites, heads and latent channels are read).
         batch: batch items (prompts x num_images_per_prompt).
-        steps: scheduler steps (UNet calls). Prefer ``num_inference_steps``, which converts.
+        steps: scheduler steps (denoiser calls). Prefer ``num_inference_steps``, which converts.
         num_inference_steps: the pipeline argument; when given, ``steps`` is the number of steps
             the pipeline's scheduler really takes for it (:func:`scheduler_steps`).
-        latent_hw: latent (h, w) (default: the UNet's ``sample_size``).
+        latent_hw: latent (h, w) (default: the denoiser's default sample size).
         n_tokens: kept token positions (default 77, the worst case).
         do_cfg: classifier-free guidance on (3 noise tensors instead of 2).
         options: a :class:`RecordOptions` (what is recorded, layers, steps, heads, dtype).
-        layers: already-resolved layer names (default: from ``options.layers``).
+        layers: already-resolved site names (default: from ``options.layers``).
         attention_steps: already-resolved number of steps with attention maps.
 
     Returns:
         {"latents": ..., "noise": ..., "x0": ..., "attention": ...} in bytes.
     """
     opts = options or RecordOptions()
-    unet = pipe.unet
+    adapter = adapter_for(pipe)
     if num_inference_steps is not None:
         steps = scheduler_steps(pipe.scheduler, num_inference_steps)
     if latent_hw is None:
-        size = unet.config.sample_size
-        latent_hw = (size, size) if isinstance(size, int) else tuple(size)
+        latent_hw = adapter.default_latent_hw()
     h, w = latent_hw
-    all_layers = check_pipeline(pipe) if layers is None else list(layers)
-    n_down = len(unet.down_blocks)
-    res = {l: level_shape(h, w, layer_level(l, n_down)) for l in all_layers}
+    res = adapter.resolutions((h, w))
     if layers is None:
-        layers = resolve_layers(opts.layers, all_layers, lambda l: res[l])
+        layers = resolve_layers(opts.layers, adapter.sites(), lambda l: res[l], adapter.naming)
     if attention_steps is None:
         attention_steps = len(range(steps)[opts.steps]) if isinstance(opts.steps, slice) \
             else (steps if opts.steps is None else len(set(opts.steps)))
-    c = int(unet.config.out_channels)
-    per = batch * c * h * w * 4
+    per = batch * adapter.latent_channels() * h * w * 4
     rec = opts.record
     est = {"latents": (steps + 1) * per if "latents" in rec else 0,
            "noise": steps * per * (3 if do_cfg else 2) if "noise" in rec else 0,
@@ -217,7 +226,40 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
         itemsize = torch.empty((), dtype=opts.attention_dtype).element_size()
         for l in layers:
             lh, lw = res[l]
-            heads = int(unet.get_submodule(l).heads) if opts.heads else 1
+            heads = adapter.heads(l) if opts.heads else 1
             est["attention"] += attention_steps * batch * heads * n_tokens * lh * lw * itemsize
     return est
 
+
+def _vae_scale(pipe) -> int:
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def latent_hw(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    """Latent (h, w) of a ``height`` x ``width`` pixel image (None: the model's default size)."""
+    h0, w0 = adapter_for(pipe).default_latent_hw()
+    scale = _vae_scale(pipe)
+    return (height // scale if height else h0, width // scale if width else w0)
+
+
+def estimate_cell_bytes(pipe, height: int | None = None, width: int | None = None,
+                        cfg: bool = True, trace_bytes: int = 0) -> int:
+    """A rough upper estimate of the memory one batch item (a grid cell) adds to a batched
+    pipeline call, in bytes.
+
+    Per row of the denoiser's batch (two per item under classifier-free guidance, one without):
+    the denoiser's activations (:meth:`~sdlens.engine.arch.base.BackboneAdapter.activation_bytes`).
+    Per item: the VAE decoder's activations at image size (4 tensors of its widest
+    top-resolution channel count) and the float32 output image, plus ``trace_bytes`` (what the
+    recorder keeps for the item, :func:`estimate_trace_bytes`). Weights are not counted (they
+    are loaded already).
+    """
+    adapter = adapter_for(pipe)
+    hw = latent_hw(pipe, height, width)
+    height, width = height or hw[0] * _vae_scale(pipe), width or hw[1] * _vae_scale(pipe)
+    dtype = adapter.denoiser.dtype
+    itemsize = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+    row = adapter.activation_bytes(hw)
+    vae_c = pipe.vae.config.block_out_channels[0]
+    vae = 4 * vae_c * height * width * itemsize + 3 * height * width * 4
+    return int((2 if cfg else 1) * row + vae + trace_bytes)

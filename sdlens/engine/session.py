@@ -13,8 +13,9 @@ exit, also on exceptions and KeyboardInterrupt):
   original ``__call__``. For the length of each call sdlens installs:
 * a :class:`~sdlens.engine.sites.SiteProcessor` with an
   :class:`~sdlens.engine.sites.AttentionRecorder` around the processor of every cross-attention
-  site (the original processor still computes the output: traced images are identical),
-* forward (pre-)hooks on the UNet (batch layout, uncond/text noise),
+  site that the pipeline's backbone adapter (:mod:`sdlens.engine.arch`) names (the original
+  processor still computes the output: traced images are identical),
+* forward (pre-)hooks on the denoiser (batch layout, uncond/text noise),
 * a ``scheduler.step`` wrapper (latents, guided noise, timesteps, sigmas, x0),
 * a ``callback_on_step_end`` composed with the user's (latents after the step as the pipeline
   holds them, e.g. after inpainting's re-blending or a user callback that edits them).
@@ -37,38 +38,25 @@ from typing import Any, Sequence
 import torch
 from einops import rearrange
 
-from sdlens.engine.arch.unet import SUPPORTED, check_pipeline, layer_level, layer_sort_key, level_shape
-from sdlens.engine.options import RecordOptions, TraceTooLarge, human_bytes, default_max_bytes, estimate_trace_bytes, scheduler_steps
-from sdlens.trace.maps import resolve_layers
-from sdlens.engine import schedules as sched_hooks
-from sdlens.engine.sites import AttentionRecorder, Hooks, reweighting
-from sdlens.engine.arch.unet import UNetHooks
 from sdlens.analysis.tokens import BYTE_DECODER
+from sdlens.engine import schedules as sched_hooks
+from sdlens.engine.arch import BackboneAdapter, adapter_for
+from sdlens.engine.options import (RecordOptions, TraceTooLarge, default_max_bytes,
+                                   estimate_trace_bytes, human_bytes)
+from sdlens.engine.sites import AttentionRecorder, Hooks, reweighting
+from sdlens.pipeline import pipeline_task
 from sdlens.trace.core import Trace
 
-def _describe(pipe) -> dict:
-    """family / task / pipeline facts (sdlens.pipeline.describe when available)."""
-    cls = type(pipe).__name__
-    try:
-        from sdlens.pipeline import describe
 
-        info = describe(pipe)
-        d = dataclasses.asdict(info)
-        return {"family": d.get("family"), "task": d.get("task"), "name_or_path": d.get("name_or_path")}
-    except Exception:
-        pass
-    unet = pipe.unet
-    if getattr(unet.config, "addition_embed_type", None) == "text_time":
-        family = "sdxl" if getattr(pipe, "text_encoder", None) is not None else "sdxl-refiner"
-    elif unet.config.cross_attention_dim == 1024:
-        family = "sd2"
-    elif unet.config.cross_attention_dim == 768:
-        family = "sd1"
-    else:
-        family = "sd"
-    task = "inpaint" if "Inpaint" in cls else "img2img" if "Img2Img" in cls else "txt2img"
-    name = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "")
-    return {"family": family, "task": task, "name_or_path": str(name or "")}
+def check_pipeline(pipe) -> BackboneAdapter:
+    """The backbone adapter of ``pipe``; TypeError if sdlens cannot trace it."""
+    adapter = adapter_for(pipe)
+    cls = type(pipe).__name__
+    if getattr(pipe, "scheduler", None) is None or not hasattr(pipe.scheduler, "step"):
+        raise TypeError(f"sdlens cannot trace {cls}: it has no scheduler with a step() method")
+    if getattr(pipe, "tokenizer", None) is None and getattr(pipe, "tokenizer_2", None) is None:
+        raise TypeError(f"sdlens cannot trace {cls}: it has no tokenizer")
+    return adapter
 
 
 @functools.lru_cache(maxsize=None)
@@ -176,7 +164,7 @@ class _Run:
             return t.detach().to(dtype=dtype, copy=True)
         return t.detach().to(device="cpu", dtype=dtype, non_blocking=True)
 
-    # ---------------------------------------------------------------- UNet hooks
+    # ---------------------------------------------------------------- denoiser hooks
     def before_unet(self, sample: torch.Tensor) -> None:
         n = sample.shape[0]
         if self.layout is None:
@@ -199,7 +187,7 @@ class _Run:
         b = self.session_batch
         if n == 2 * b:
             self.layout = "cfg"
-            self.rows = slice(b, 2 * b)
+            self.rows = self.session.adapter.cfg_rows(b)["text"]
         elif n == b:
             self.layout = "single"
             self.rows = slice(0, b)
@@ -214,9 +202,10 @@ class _Run:
             total = len(ts) - int(getattr(self.pipe.scheduler, "begin_index", None) or 0) if ts is not None else 0
         self.total_steps = int(total)
         self.att_steps = self._resolve_steps(self.opts.steps, self.total_steps)
-        self.resolutions = self._layer_resolutions()
+        adapter = self.session.adapter
+        self.resolutions = adapter.resolutions(self.latent_hw)
         self.selected = resolve_layers(self.opts.layers, self.session.layers,
-                                       lambda l: self.resolutions[l])
+                                       lambda l: self.resolutions[l], adapter.naming)
         self.att = {l: [] for l in self.selected}
         if self.opts.keep_padding:
             self.n_tokens = None
@@ -237,16 +226,12 @@ class _Run:
             out.add(j)
         return out
 
-    def _layer_resolutions(self) -> dict[str, tuple[int, int]]:
-        n_down = len(self.pipe.unet.down_blocks)
-        h, w = self.latent_hw
-        return {l: level_shape(h, w, layer_level(l, n_down)) for l in self.session.layers}
-
     def estimate_bytes(self) -> dict[str, int]:
         """Estimated host bytes per kind of data (from the shapes known at the first UNet call)."""
         return estimate_trace_bytes(
             self.pipe, batch=self.batch, steps=self.total_steps, latent_hw=self.latent_hw,
-            n_tokens=self.n_tokens or 77, do_cfg=self.layout == "cfg", options=self.opts,
+            n_tokens=self.n_tokens or self.session.adapter.max_text_tokens,
+            do_cfg=self.layout == "cfg", options=self.opts,
             layers=self.selected, attention_steps=len(self.att_steps))
 
     def _check_size(self) -> None:
@@ -282,8 +267,8 @@ class _Run:
         if "noise" not in self.opts.record:
             return
         if self.layout == "cfg":
-            uncond, text = out.chunk(2)
-            self.pending_noise = (self._host(uncond), self._host(text))
+            halves = self.session.adapter.split_cfg(out)
+            self.pending_noise = (self._host(halves["uncond"]), self._host(halves["text"]))
         else:
             self.pending_noise = (None, self._host(out))
 
@@ -383,7 +368,7 @@ class _Run:
 
     def meta(self) -> dict:
         pipe, p = self.pipe, self.params
-        desc = _describe(pipe)
+        denoiser = self.session.adapter.denoiser
         sched = pipe.scheduler
         vae = getattr(pipe, "vae", None)
         vsf = getattr(pipe, "vae_scale_factor", 8)
@@ -391,8 +376,9 @@ class _Run:
         return {
             "sdlens_version": _version("sdlens"), "diffusers_version": _version("diffusers"),
             "torch_version": torch.__version__,
-            "model_id": desc.get("name_or_path") or str(pipe.config.get("_name_or_path", "") or ""),
-            "family": desc.get("family"), "task": desc.get("task"),
+            "model_id": str(getattr(pipe, "name_or_path", None)
+                            or pipe.config.get("_name_or_path", "") or ""),
+            "family": self.session.adapter.family(), "task": pipeline_task(pipe),
             "pipeline_class": self.session.orig_cls.__name__,
             "scheduler_class": type(sched).__name__, "scheduler_config": dict(sched.config),
             "prediction_type": sched.config.get("prediction_type", "epsilon"),
@@ -403,7 +389,7 @@ class _Run:
             "guidance_scale": float(self.guidance_scale),
             "guidance_rescale": p.get("guidance_rescale"),
             "num_images_per_prompt": p.get("num_images_per_prompt") or 1,
-            "device": str(pipe.unet.device), "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+            "device": str(denoiser.device), "dtype": str(denoiser.dtype).replace("torch.", ""),
             "options": self.opts.to_dict(), "estimated_bytes": self.estimated,
             "unet_calls": self.unet_calls,
         }
@@ -476,7 +462,8 @@ class _Session:
     def __init__(self, pipe, options: RecordOptions):
         self.pipe = pipe
         self.options = options
-        self.layers = check_pipeline(pipe)
+        self.adapter = check_pipeline(pipe)
+        self.layers = self.adapter.sites()
         self.selected_layers = list(self.layers)
         self.orig_cls = type(pipe)
         self.live = Trace()
@@ -523,11 +510,24 @@ class _Session:
         call_kwargs = dict(params)
         if "callback_on_step_end" in sig.parameters:
             self._compose_callback(run, call_kwargs, full)
-        unet = pipe.unet
+        adapter = self.adapter
+        denoiser = adapter.denoiser
+
+        def before(module, args, kwargs):
+            sample = adapter.denoiser_input(args, kwargs)
+            if sample is not None:
+                run.before_unet(sample)
+
+        def after(module, args, kwargs, output):
+            out = adapter.denoiser_output(output)
+            if out is not None:
+                run.after_unet(out)
+
         try:
             with Hooks() as hooks:
-                hooks.wrap_sites(unet, self.layers, observers=[AttentionRecorder(run)])
-                hooks.undo(UNetHooks(unet, run.before_unet, run.after_unet).remove)
+                hooks.wrap_sites(denoiser, self.layers, observers=[AttentionRecorder(run)])
+                hooks.forward_pre_hook(denoiser, before, with_kwargs=True)
+                hooks.forward_hook(denoiser, after, with_kwargs=True)
                 wrapper = sched_hooks.install(pipe.scheduler, run.on_step,
                                               want_x0="x0" in self.options.record)
                 hooks.undo(functools.partial(sched_hooks.uninstall, pipe.scheduler, wrapper))
@@ -629,7 +629,7 @@ def trace(pipe, options: RecordOptions | None = None, **kwargs):
 
     Args:
         pipe: a diffusers Stable Diffusion pipeline (SD 1.x/2.x/SDXL; txt2img, img2img,
-            inpaint). Other pipelines raise TypeError / NotImplementedError.
+            inpaint). Other pipelines raise TypeError.
         options: a :class:`RecordOptions`; keyword arguments (``record``, ``layers``, ``steps``,
             ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``) override its fields.
 

@@ -2,7 +2,8 @@
 
 Recording and editing are one mechanism (as baukit's ``TraceDict`` with retain / edit):
 
-* A *site* is a cross-attention layer of the backbone (which layers: :func:`attention_sites`).
+* A *site* is a cross-attention layer of the backbone (which layers: the backbone adapter's
+  ``sites()``, :mod:`sdlens.engine.arch`).
   :class:`SiteProcessor` wraps the processor installed there. The wrapped processor computes the
   layer's output exactly as before (SDPA, attention slicing, LoRA, IP-Adapter processors ... keep
   working); around it the wrapper runs *observers* (``observe(attn, layer, call)``, before the
@@ -30,13 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from sdlens.analysis.tokens import MAX_POSITIONS, word_positions
-from sdlens.engine.arch.unet import check_pipeline
-
-
-def attention_sites(pipe) -> list[str]:
-    """The module paths of ``pipe``'s cross-attention layers (from the backbone's adapter);
-    TypeError / NotImplementedError for pipelines sdlens cannot hook."""
-    return check_pipeline(pipe)
+from sdlens.engine.arch import adapter_for
 
 
 # ====================================================================== attention maths
@@ -183,8 +178,8 @@ class Hooks:
     every undo step runs even if one fails).
 
     >>> with Hooks() as hooks:
-    ...     hooks.wrap_sites(pipe.unet, attention_sites(pipe), observers=[recorder])
-    ...     hooks.forward_pre_hook(pipe.unet, count_step, with_kwargs=True)
+    ...     hooks.wrap_sites(adapter.denoiser, adapter.sites(), observers=[recorder])
+    ...     hooks.forward_pre_hook(adapter.denoiser, count_step, with_kwargs=True)
     ...     pipe(...)
     """
 
@@ -490,8 +485,8 @@ def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
     prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
     factors, positions = reweight_factors(pipeline_tokenizer(pipe), prompts, weights)
     editor = Reweight(factors, positions, check_step_range(steps), pipe=pipe)
-    layers = attention_sites(pipe)
+    adapter = adapter_for(pipe)
     with Hooks() as hooks:
-        hooks.wrap_sites(pipe.unet, layers, editors=[editor])
-        hooks.forward_pre_hook(pipe.unet, editor.count_step, with_kwargs=True)
+        hooks.wrap_sites(adapter.denoiser, adapter.sites(), editors=[editor])
+        hooks.forward_pre_hook(adapter.denoiser, editor.count_step, with_kwargs=True)
         yield editor

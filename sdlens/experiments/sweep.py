@@ -52,7 +52,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from sdlens.engine.arch import adapter_for
 from sdlens.engine.batch import Cell, batch_record_options, plan_batches, run_batch, trace_options
+from sdlens.engine.options import (RecordOptions, default_memory_budget, estimate_cell_bytes,
+                                   estimate_trace_bytes, latent_hw)
 
 AXES = ("prompt", "scheduler", "steps", "guidance", "seed")  # canonical order, outermost first
 AXIS_LABELS = {"prompt": "", "scheduler": "", "steps": "steps ", "guidance": "CFG ", "seed": "seed "}
@@ -146,55 +149,6 @@ def _check_value(v, kind, name):
             raise ValueError(f"{name}: {v!r} is not an integer\n{AXIS_SYNTAX}")
         return int(round(f))
     return f
-
-
-# ---------------------------------------------------------------------------------------------
-# memory
-
-def estimate_cell_bytes(pipe, height: int | None = None, width: int | None = None,
-                        cfg: bool = True, trace_bytes: int = 0) -> int:
-    """A rough upper estimate of the memory one grid cell adds to a batch, in bytes.
-
-    Per UNet row (two rows per cell under classifier-free guidance, one without): 40 tensors of
-    the top-resolution feature map (``block_out_channels[0]`` x latent h x w: resnet and
-    transformer intermediates, GEGLU's 8x-wide projection, skip connections), plus one
-    self-attention score matrix at the top resolution (heads x (hw)^2; SDPA often avoids it,
-    the estimate does not count on that). Per cell: the VAE decoder's activations at image size
-    (4 tensors of its widest top-resolution channel count) and the float32 output image, plus
-    ``trace_bytes`` (what the recorder keeps for the cell). Weights are not counted (they are
-    loaded already).
-    """
-    unet = pipe.unet
-    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    height = height or unet.config.sample_size * scale
-    width = width or unet.config.sample_size * scale
-    h, w = height // scale, width // scale
-    itemsize = torch.finfo(unet.dtype).bits // 8 if unet.dtype.is_floating_point else 4
-    c0 = unet.config.block_out_channels[0]
-    heads = unet.config.attention_head_dim
-    heads = heads[0] if isinstance(heads, (list, tuple)) else heads
-    heads = unet.config.num_attention_heads or heads
-    heads = heads[0] if isinstance(heads, (list, tuple)) else heads
-    row = 40 * c0 * h * w * itemsize + int(heads) * (h * w) ** 2 * itemsize
-    vae_c = pipe.vae.config.block_out_channels[0]
-    vae = 4 * vae_c * height * width * itemsize + 3 * height * width * 4
-    return int((2 if cfg else 1) * row + vae + trace_bytes)
-
-
-def default_memory_budget(device: torch.device | str | None = None) -> int:
-    """80% of the free memory of a CUDA device, else half of the available RAM (Linux
-    ``MemAvailable``; 8 GiB where that cannot be read)."""
-    device = torch.device(device or "cpu")
-    if device.type == "cuda" and torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.8)
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 // 2
-    except OSError:
-        pass
-    return 8 * 2**30
 
 
 class _Scheduler:
@@ -303,7 +257,7 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
     budget = int(memory_budget) if memory_budget is not None else default_memory_budget(pipe.device)
     trace_bytes = _trace_bytes(pipe, record_opts, steps_list, height, width)
     split_guidance = (pipe_kwargs.get("guidance_rescale", 0.0) or 0.0) > 0 or \
-        getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
+        getattr(adapter_for(pipe).denoiser.config, "time_cond_proj_dim", None) is not None
     state = _distributed_state()
     nproc = state.num_processes if state else 1
     batches = plan_batches(
@@ -373,25 +327,14 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
 
 
 def _trace_bytes(pipe, record_opts, steps_list, height, width) -> int:
-    """Host memory one cell's trace keeps: latents and x0 (and noise, 3 tensors, for full traces)
-    at every step, attention maps (float16, heads averaged, 77 tokens at most) of every layer at
-    the recorded steps."""
+    """Host memory one cell's trace keeps (:func:`estimate_trace_bytes` for the longest run, 77
+    tokens, CFG on: the worst case)."""
     if record_opts is None:
         return 0
-    unet = pipe.unet
-    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    h = (height or unet.config.sample_size * scale) // scale
-    w = (width or unet.config.sample_size * scale) // scale
     steps = max(steps_list)
-    per_step = unet.config.out_channels * h * w * 4
-    opts = trace_options(record_opts, steps)
-    rec = opts.get("record", ("latents", "noise", "x0", "attention"))
-    kinds = ("latents" in rec) + ("x0" in rec) + 3 * ("noise" in rec)
-    n_att = sum(1 for k in unet.attn_processors if ".attn2." in k)
-    att_steps = len(range(steps)[opts["steps"]]) if isinstance(opts.get("steps"), slice) else steps
-    # every attn2 map is at most h x w; 77 tokens is the upper bound without keep_padding too
-    att = n_att * att_steps * 77 * h * w * 2 if "attention" in rec else 0
-    return int((steps + 1) * per_step * kinds + att)
+    opts = RecordOptions(**trace_options(record_opts, steps))
+    return sum(estimate_trace_bytes(pipe, num_inference_steps=steps,
+                                    latent_hw=latent_hw(pipe, height, width), options=opts).values())
 
 
 def _pipeline_meta(pipe) -> dict:

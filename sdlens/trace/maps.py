@@ -1,13 +1,14 @@
 """``AttentionMaps``: named access to the cross-attention maps recorded in a trace.
 
-One tensor per ``attn2`` layer, at that layer's own resolution::
+One tensor per cross-attention site (a place where image tokens attend to text tokens), at that
+site's own resolution::
 
     maps[layer]     (steps, batch, tokens, h, w)            heads averaged (default), or
                     (steps, batch, heads, tokens, h, w)     with ``RecordOptions(heads=True)``
 
 * ``steps`` runs over ``maps.steps`` (indices into ``trace.timesteps``; all steps by default).
 * ``batch`` is the batch item (``trace.prompts[b]``); under classifier-free guidance the maps are
-  those of the text-conditioned half of the UNet batch (the unconditional half attends to the
+  those of the text-conditioned half of the denoiser batch (the unconditional half attends to the
   negative / empty prompt and is not recorded).
 * ``tokens`` runs over ``maps.token_positions`` (positions in the text encoder's sequence; by
   default ``0 .. n-1`` where n is the longest ``trace.token_ids[b]`` in the batch: the start token,
@@ -15,53 +16,59 @@ One tensor per ``attn2`` layer, at that layer's own resolution::
   ``keep_padding=True`` the maps sum to 1 over the tokens axis (softmax rows).
 * values are attention probabilities (fp16 by default).
 
-Layer names are diffusers module paths (``down_blocks.1.attentions.0.transformer_blocks.0.attn2``).
-Wherever layers are chosen, these forms are accepted (see :func:`resolve_layers`):
+Layers are named by the site's module path in the denoiser; the model family's naming
+(:func:`sdlens.engine.arch.naming_for`, from ``trace.meta["family"]``) gives them aliases, groups
+and an order. Wherever layers are chosen, these forms are accepted (see :func:`resolve_layers`):
 
 * ``None``: all recorded layers
-* ``"down"``, ``"mid"``, ``"up"``: every layer of that part of the UNet
+* a group: every layer of that part of the denoiser (the UNet's ``"down"``, ``"mid"``, ``"up"``)
 * an int ``r``: layers whose map has ``max(h, w) == r`` (e.g. 16 for the 16x16 layers of SD 1.5
   at 512 px); a tuple ``(h, w)`` matches exactly
-* an alias ``"down.1.0"`` = ``down_blocks.1.attentions.0`` (all its transformer blocks),
-  ``"down.1.0.2"`` = its ``transformer_blocks.2``, ``"mid"``/``"mid.0"`` = ``mid_block.attentions.0``,
-  ``"up.1"`` = all of ``up_blocks.1``; or a module path (or a prefix of one)
-* a list of any of these (union, in UNet order)
+* an alias (the UNet's ``"down.1.0"``: block 1, attention 0, all its transformer blocks;
+  ``"down.1.0.2"``: its transformer block 2; ``"mid"``; ``"up.1"``: all of up block 1); or a
+  module path (or a prefix of one)
+* a list of any of these (union, in the denoiser's order)
 """
 
 from __future__ import annotations
 
-import re
 from typing import Callable, Mapping, Sequence
 
 import torch
 
-from sdlens.engine.arch.unet import alias_prefix, layer_alias, layer_sort_key
+from sdlens.engine.arch import naming_for
+from sdlens.engine.arch.base import SiteNaming
+
 
 def resolve_layers(spec, layers: Sequence[str],
-                   resolution: Callable[[str], tuple[int, int]] | None = None) -> list[str]:
-    """The layers (in UNet order) that ``spec`` names among ``layers``; ValueError if none match.
+                   resolution: Callable[[str], tuple[int, int]] | None = None,
+                   naming: SiteNaming | None = None) -> list[str]:
+    """The layers (in the denoiser's order) that ``spec`` names among ``layers``; ValueError if
+    none match.
 
     Args:
-        spec: None, "down"/"mid"/"up", an int resolution, a (h, w) tuple, an alias ("up.1.0"), a
-            module path or prefix of one, or a list of these.
+        spec: None, a group ("down"/"mid"/"up"), an int resolution, a (h, w) tuple, an alias
+            ("up.1.0"), a module path or prefix of one, or a list of these.
         layers: the available layer names (module paths).
         resolution: layer -> (h, w); needed for int / tuple specs.
+        naming: the family's naming (default: the UNet's, :func:`naming_for` ``(None)``).
     """
     layers = list(layers)
+    naming = naming or naming_for(None)
     if spec is None:
-        return sorted(layers, key=layer_sort_key)
+        return sorted(layers, key=naming.sort_key)
     items = list(spec) if isinstance(spec, (list, set, frozenset)) else [spec]
     if isinstance(spec, tuple) and not (len(spec) == 2 and all(isinstance(v, int) for v in spec)):
         items = list(spec)
     chosen: set[str] = set()
     for item in items:
-        chosen.update(_resolve_one(item, layers, resolution))
-    return sorted(chosen, key=layer_sort_key)
+        chosen.update(_resolve_one(item, layers, resolution, naming))
+    return sorted(chosen, key=naming.sort_key)
 
 
-def _available(layers: Sequence[str], resolution) -> str:
+def _available(layers: Sequence[str], resolution, naming: SiteNaming) -> str:
     desc = []
-    for layer in sorted(layers, key=layer_sort_key):
+    for layer in sorted(layers, key=naming.sort_key):
         res = ""
         if resolution is not None:
             try:
@@ -69,14 +76,19 @@ def _available(layers: Sequence[str], resolution) -> str:
                 res = f" {h}x{w}"
             except (KeyError, ValueError):
                 pass
-        desc.append(f"{layer_alias(layer)} ({layer}{res})")
+        desc.append(f"{naming.alias(layer)} ({layer}{res})")
     return ", ".join(desc)
 
 
-def _resolve_one(item, layers: Sequence[str], resolution) -> list[str]:
+def _forms(naming: SiteNaming) -> str:
+    """The selector forms, for error messages."""
+    groups = "".join(f"{g!r}, " for g in naming.groups)
+    return f"None, {groups}a resolution int, an alias, a module path, or a list of these"
+
+
+def _resolve_one(item, layers: Sequence[str], resolution, naming: SiteNaming) -> list[str]:
     if isinstance(item, bool) or item is None:
-        raise ValueError(f"invalid layer selector {item!r}; use None, 'down', 'mid', 'up', a "
-                         "resolution int, an alias like 'up.1.0', a module path, or a list")
+        raise ValueError(f"invalid layer selector {item!r}; use {_forms(naming)}")
     if isinstance(item, int) or (isinstance(item, tuple) and len(item) == 2
                                  and all(isinstance(v, int) for v in item)):
         if resolution is None:
@@ -91,19 +103,18 @@ def _resolve_one(item, layers: Sequence[str], resolution) -> list[str]:
                              f"(h, w): {avail} (an int matches max(h, w))")
         return out
     if not isinstance(item, str):
-        raise ValueError(f"invalid layer selector {item!r} of type {type(item).__name__}; use None, "
-                         "'down', 'mid', 'up', a resolution int, an alias like 'up.1.0', a module "
-                         "path, or a list of these")
+        raise ValueError(f"invalid layer selector {item!r} of type {type(item).__name__}; use "
+                         f"{_forms(naming)}")
     name = item.strip()
     if name.endswith(".processor"):
         name = name[: -len(".processor")]
     if name in layers:
         return [name]
-    prefix = alias_prefix(name) or name
+    prefix = naming.expand(name) or name
     out = [l for l in layers if l == prefix or l.startswith(prefix + ".")]
     if not out:
         raise ValueError(f"unknown attention layer {item!r}; available layers: "
-                         f"{_available(layers, resolution)}; or 'down', 'mid', 'up', a resolution")
+                         f"{_available(layers, resolution, naming)}; or {_forms(naming)}")
     return out
 
 
@@ -117,16 +128,20 @@ class AttentionMaps:
         token_positions: positions (in the text encoder's sequence) along the tokens axis.
         heads: True if the heads axis was kept.
         tokens: per batch item, the token strings (``trace.tokens``), for word lookup.
+        family: the model family (``trace.meta["family"]``) whose naming resolves layer
+            selectors (None: the UNet's, as in traces that did not record one).
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor | Callable[[], torch.Tensor]],
                  resolutions: Mapping[str, Sequence[int]], steps: Sequence[int],
                  token_positions: Sequence[int], heads: bool = False,
-                 tokens: Sequence[Sequence[str]] | None = None):
+                 tokens: Sequence[Sequence[str]] | None = None, family: str | None = None):
+        self.family = family
+        self.naming: SiteNaming = naming_for(family)
         self._tensors = dict(tensors)
         self._cache: dict[str, torch.Tensor] = {}
         self._resolutions = {k: (int(v[0]), int(v[1])) for k, v in resolutions.items()}
-        self.layers: list[str] = sorted(self._tensors, key=layer_sort_key)
+        self.layers: list[str] = sorted(self._tensors, key=self.naming.sort_key)
         self.steps: list[int] = [int(s) for s in steps]
         self.token_positions: list[int] = [int(p) for p in token_positions]
         self.heads: bool = bool(heads)
@@ -167,11 +182,11 @@ class AttentionMaps:
 
     def alias(self, layer: str) -> str:
         """Short alias of a layer (``"down.1.0"``)."""
-        return layer_alias(self._one(layer))
+        return self.naming.alias(self._one(layer))
 
     def names(self, layers=None) -> list[str]:
         """Module paths of the layers ``layers`` selects (see the module docstring)."""
-        return resolve_layers(layers, self.layers, lambda l: self._resolutions[l])
+        return resolve_layers(layers, self.layers, lambda l: self._resolutions[l], self.naming)
 
     def select(self, layers=None) -> "AttentionMaps":
         """A view restricted to the layers ``layers`` selects. Iterating it (or ``.layers``) gives
@@ -180,7 +195,7 @@ class AttentionMaps:
         chosen = self.names(layers)
         sub = AttentionMaps({l: self._tensors[l] for l in chosen},
                             {l: self._resolutions[l] for l in chosen}, self.steps,
-                            self.token_positions, self.heads, self.tokens)
+                            self.token_positions, self.heads, self.tokens, self.family)
         sub._cache = self._cache  # share loaded tensors
         return sub
 

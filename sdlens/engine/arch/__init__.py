@@ -1,1 +1,38 @@
-"""engine/arch"""
+"""One adapter per backbone family (see :mod:`sdlens.engine.arch.base` for what one provides).
+
+>>> adapter = adapter_for(pipe)          # TypeError for pipelines sdlens cannot trace
+>>> adapter.sites()                      # the cross-attention sites, in the denoiser's order
+>>> naming_for(trace.meta["family"])     # a saved trace's site naming, no pipeline needed
+"""
+
+from __future__ import annotations
+
+from sdlens.engine.arch.base import BackboneAdapter, SiteNaming
+from sdlens.engine.arch.unet import UNetAdapter
+
+ADAPTERS: tuple[type[BackboneAdapter], ...] = (UNetAdapter,)
+SUPPORTED_PIPELINES = tuple(p for a in ADAPTERS for p in a.pipelines)
+
+
+def adapter_for(pipe) -> BackboneAdapter:
+    """The adapter of ``pipe``'s backbone family; TypeError naming the supported pipelines if
+    sdlens cannot trace it."""
+    for cls in ADAPTERS:
+        if cls.handles(pipe):
+            return cls(pipe)
+    kind = "a transformer-based pipeline (SD3, Flux, PixArt, Sana: not supported yet)" \
+        if getattr(pipe, "transformer", None) is not None else "a pipeline without a `unet`"
+    raise TypeError(f"sdlens cannot trace {type(pipe).__name__}: it is {kind}; supported: "
+                    f"{', '.join(SUPPORTED_PIPELINES)} (and SD 2.x v-prediction models)")
+
+
+def naming_for(family: str | None) -> SiteNaming:
+    """The site naming of a model family (``trace.meta["family"]``); None (traces that did not
+    record one) is a UNet family. ValueError for unknown families."""
+    if family is None:
+        return UNetAdapter.naming
+    for cls in ADAPTERS:
+        if family in cls.families:
+            return cls.naming
+    known = [f for cls in ADAPTERS for f in cls.families]
+    raise ValueError(f"unknown model family {family!r}; known: {', '.join(known)}")

@@ -160,7 +160,7 @@ def layer_options(trace: Any) -> list[tuple[str, str]]:
         for h, w in res:
             n = sum(1 for l in layers if tuple(maps.resolution(l)) == (h, w))
             opts.append((f"res:{max(h, w)}", f"{h}x{w} ({n} layer{'s' * (n != 1)})"))
-    groups = [g for g in ("down", "mid", "up") if _selects_any(maps, g)]
+    groups = [g for g in maps.naming.groups if _selects_any(maps, g)]
     if len(groups) > 1:
         for g in groups:
             opts.append((g, f"{g} blocks"))

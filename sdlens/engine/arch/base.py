@@ -1,0 +1,148 @@
+"""What a backbone family provides to the engine: the seam between sdlens and a model architecture.
+
+sdlens records at *sites*: the places where image tokens attend to text tokens (cross-attention
+modules). A site is named by its module path inside the denoiser; the family's :class:`SiteNaming`
+gives those paths short aliases, groups and an order (pure naming: saved traces use it without a
+pipeline). A :class:`BackboneAdapter` wraps one live pipeline of its family and tells the engine
+where the sites are, the resolution of each site's map, the text length, how classifier-free
+guidance lays out the denoiser's batch, and how to hook the denoiser's forward.
+
+A new family (SD3, Flux, PixArt, Sana: transformer denoisers) is one subclass of each, listed in
+``sdlens.engine.arch.ADAPTERS``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+
+class SiteNaming:
+    """How a family names its sites, without a pipeline.
+
+    Attributes:
+        groups: names of the parts of the denoiser a selector may name (e.g. ``"down"``), in
+            the denoiser's order; each is also an alias (``expand(group)`` is its path prefix).
+    """
+
+    groups: ClassVar[tuple[str, ...]] = ()
+
+    def alias(self, site: str) -> str:
+        """Short alias of a site's module path (the path itself where there is none)."""
+        return site
+
+    def expand(self, name: str) -> str | None:
+        """The module-path prefix an alias (or group) stands for; None if ``name`` is not one."""
+        return None
+
+    def group(self, site: str) -> str | None:
+        """The group (one of ``groups``) a site belongs to; None if none."""
+        for g in self.groups:
+            prefix = self.expand(g)
+            if prefix is not None and (site == prefix or site.startswith(prefix + ".")):
+                return g
+        return None
+
+    def sort_key(self, site: str) -> tuple:
+        """Key that puts sites in the denoiser's order."""
+        return (site,)
+
+
+class BackboneAdapter(ABC):
+    """One live pipeline of a backbone family, as the engine sees it.
+
+    Construct it through :func:`sdlens.engine.arch.adapter_for`, which picks the family; the
+    constructor raises TypeError when the pipeline's denoiser has no sites.
+
+    Class attributes:
+        pipelines: the diffusers pipeline classes of this family that sdlens traces.
+        families: the model families (``trace.meta["family"]``) whose traces it names.
+        naming: the family's :class:`SiteNaming`.
+        max_text_tokens: text positions the denoiser attends to at most (CLIP: 77).
+        cfg_halves: the halves of the denoiser batch under classifier-free guidance, in batch
+            order (diffusers' SD pipelines: ``cat([uncond, text])``).
+    """
+
+    pipelines: ClassVar[tuple[str, ...]] = ()
+    families: ClassVar[tuple[str, ...]] = ()
+    naming: ClassVar[SiteNaming] = SiteNaming()
+    max_text_tokens: ClassVar[int] = 77
+    cfg_halves: ClassVar[tuple[str, str]] = ("uncond", "text")
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @classmethod
+    @abstractmethod
+    def handles(cls, pipe) -> bool:
+        """Whether ``pipe`` is of this family (by its components, not its class name)."""
+
+    # ---------------------------------------------------------------- the denoiser
+    @property
+    @abstractmethod
+    def denoiser(self) -> torch.nn.Module:
+        """The module called once per denoising step (UNet or transformer)."""
+
+    @abstractmethod
+    def family(self) -> str:
+        """The model family (one of ``families``), from the pipeline's components."""
+
+    @abstractmethod
+    def default_latent_hw(self) -> tuple[int, int]:
+        """Latent (h, w) of the pipeline's default image size."""
+
+    @abstractmethod
+    def latent_channels(self) -> int:
+        """Channels of the denoiser's prediction (and of the latents the scheduler steps)."""
+
+    # the denoiser's forward, as the engine's forward (pre-)hooks see it
+    sample_arg: ClassVar[str] = "sample"
+
+    def denoiser_input(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The latent input (B_denoiser, C_in, h, w) of one denoiser call, from the arguments a
+        forward pre-hook receives; None if it is not a tensor."""
+        sample = args[0] if args else kwargs.get(self.sample_arg)
+        return sample if torch.is_tensor(sample) else None
+
+    def denoiser_output(self, output) -> torch.Tensor | None:
+        """The prediction (B_denoiser, C_out, h, w) of one denoiser call, from what its forward
+        returned (a tuple or an output dataclass); None if it is not a tensor."""
+        out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+        return out if torch.is_tensor(out) else None
+
+    @abstractmethod
+    def activation_bytes(self, latent_hw: tuple[int, int]) -> int:
+        """A rough upper estimate of the memory one row of the denoiser's batch needs at
+        latent (h, w) during a forward (weights not counted)."""
+
+    # ---------------------------------------------------------------- sites
+    @abstractmethod
+    def site_of(self, processor_key: str) -> str | None:
+        """The site a key of ``denoiser.attn_processors`` belongs to; None for other processors.
+        (Installers wrap the processors that have a site and set them all back with
+        ``denoiser.set_attn_processor``.)"""
+
+    def sites(self) -> list[str]:
+        """The denoiser's sites (module paths), in the naming's order."""
+        keys = [self.site_of(k) for k in self.denoiser.attn_processors]
+        return sorted((s for s in keys if s is not None), key=self.naming.sort_key)
+
+    @abstractmethod
+    def resolutions(self, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
+        """site -> (h, w) of its map when the latents are (h, w)."""
+
+    def heads(self, site: str) -> int:
+        """Attention heads of a site."""
+        return int(self.denoiser.get_submodule(site).heads)
+
+    # ---------------------------------------------------------------- guidance layout
+    def cfg_rows(self, batch: int) -> dict[str, slice]:
+        """Rows of each half (``cfg_halves``) in a denoiser batch of ``2 * batch`` rows."""
+        return {half: slice(i * batch, (i + 1) * batch) for i, half in enumerate(self.cfg_halves)}
+
+    def split_cfg(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A denoiser batch (input or output) under classifier-free guidance, by half."""
+        rows = self.cfg_rows(t.shape[0] // 2)
+        return {half: t[r] for half, r in rows.items()}
