@@ -55,6 +55,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from sdlens.trace.core import Trace
+from sdlens.trace.ops import replace, select_batch
+
 AXES = ("prompt", "scheduler", "steps", "guidance", "seed")  # canonical order, outermost first
 AXIS_LABELS = {"prompt": "", "scheduler": "", "steps": "steps ", "guidance": "CFG ", "seed": "seed "}
 FORMAT = "sdlens.grid"  # safetensors metadata "format" (traces: "sdlens.trace")
@@ -410,48 +413,20 @@ def _run_batch(pipe, batch: Batch, negative_prompt, height, width, extra, record
     return images, traces
 
 
-def cell_trace(trace, i: int, guidance: float | None = None, seed: int | None = None,
-               extra_meta: dict | None = None):
+def cell_trace(trace: Trace, i: int, guidance: float | None = None, seed: int | None = None,
+               extra_meta: dict | None = None) -> Trace:
     """Batch item ``i`` of a batched Trace as a Trace of its own (what the single run of that
-    item records): tensors sliced on the batch axis, the attention maps' token axis cut to the
-    item's own tokens (unless padding was kept), its prompt, seed and guidance scale."""
-    from sdlens.trace.core import Trace
-
-    info = trace._require()
-    if not 0 <= i < trace.batch_size:
-        raise IndexError(f"batch item {i} of a trace of {trace.batch_size}")
-    tensors = {}
-    for name in ("timesteps", "sigmas"):
-        tensors[name] = trace._tensor(name)
-    for name in ("latents", "noise_uncond", "noise_text", "noise", "x0"):
-        t = trace._tensor(name)
-        tensors[name] = None if t is None else t[:, i: i + 1].clone()
-    new = json.loads(json.dumps(info, default=str))
-    for key in ("prompts", "negative_prompts", "token_ids", "tokens", "truncated_words"):
-        new[key] = [info[key][i]]
-    att = info.get("attention")
-    if att is not None:
-        keep_padding = bool(info["meta"].get("options", {}).get("keep_padding", False))
-        n_tok = len(att["token_positions"])
-        own = len(info["token_ids"][i]) if not keep_padding and info["token_ids"][i] else n_tok
-        own = min(own, n_tok)
-        maps = trace.attention
-        for layer in att["layers"]:
-            m = maps[layer][:, i: i + 1]
-            tok_axis = 3 if att["heads"] else 2
-            tensors[f"attention/{layer}"] = m.narrow(tok_axis, 0, own).clone()
-        new["attention"]["token_positions"] = list(att["token_positions"][:own])
+    item records, :func:`~sdlens.trace.ops.select_batch`), with its seed and guidance scale."""
+    cell = select_batch(trace, i)
+    changes: dict = {}
+    meta = cell.meta
     if guidance is not None:
-        new["guidance_scale"] = float(guidance)
-        new["meta"]["guidance_scale"] = float(guidance)
-        new["do_cfg"] = bool(info["do_cfg"]) and guidance > 1
+        changes.update(guidance_scale=float(guidance), do_cfg=cell.do_cfg and guidance > 1)
+        meta["guidance_scale"] = float(guidance)
     if seed is not None:
-        new["meta"]["seeds"] = [int(seed)]
-    if extra_meta:
-        new["meta"].update(extra_meta)
-    images = trace.images
-    return Trace({k: v for k, v in tensors.items()}, new, [images[i]] if images else [],
-                 trace.pipeline)
+        meta["seeds"] = [int(seed)]
+    meta.update(extra_meta or {})
+    return replace(cell, meta=meta, **changes)
 
 
 class _Scheduler:
@@ -593,7 +568,7 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
         from accelerate.utils import gather_object
 
         # traces travel as their own safetensors bytes (they hold a weak reference to the pipeline)
-        mine_payload = [(idx, img, None if tr is None else _trace_bytes_of(tr))
+        mine_payload = [(idx, img, None if tr is None else tr.to_bytes())
                         for idx, (img, tr) in results.items()]
         gathered = gather_object(mine_payload)
         own = results
@@ -603,7 +578,7 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
             if idx in own:
                 results[idx] = own[idx]
             else:
-                results[idx] = (img, None if data is None else _trace_from_bytes(data))
+                results[idx] = (img, None if data is None else Trace.from_bytes(data))
     if len(results) != len(cells):
         raise RuntimeError(f"sweep: {len(results)} of {len(cells)} cells came back")
 
@@ -831,7 +806,7 @@ class Grid:
         tensors = {"arrays": torch.from_numpy(np.ascontiguousarray(self.arrays))}
         if self.traces is not None:
             for k, idx in enumerate(np.ndindex(*self.shape)):
-                tensors[f"trace.{k}"] = torch.frombuffer(bytearray(_trace_bytes_of(self.traces[idx])),
+                tensors[f"trace.{k}"] = torch.frombuffer(bytearray(self.traces[idx].to_bytes()),
                                                          dtype=torch.uint8)
         header = {"kind": KIND, "format": FORMAT_VERSION,
                   "axes": [[a, v] for a, v in self.axes.items()], "fixed": self.fixed,
@@ -862,7 +837,7 @@ class Grid:
             if header.get("traces"):
                 traces = np.empty(shape, dtype=object)
                 for k, idx in enumerate(np.ndindex(*shape)):
-                    traces[idx] = _trace_from_bytes(f.get_tensor(f"trace.{k}").numpy().tobytes())
+                    traces[idx] = Trace.from_bytes(f.get_tensor(f"trace.{k}").numpy().tobytes())
         return cls(axes, header["fixed"], arrays, traces, header.get("meta"))
 
 
@@ -875,31 +850,6 @@ def is_grid_file(path: str | os.PathLike) -> bool:
             return (f.metadata() or {}).get("format") == FORMAT
     except Exception:  # noqa: BLE001
         return False
-
-
-def _trace_bytes_of(trace) -> bytes:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "cell.sdlens"
-        trace.save(p)
-        return p.read_bytes()
-
-
-def _trace_from_bytes(data: bytes):
-    import tempfile
-
-    from sdlens.trace.core import load as load_trace
-
-    from sdlens.trace.core import Trace
-
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "cell.sdlens"
-        p.write_bytes(data)
-        lazy = load_trace(p)
-        # read everything now: the temporary file goes away
-        tensors = {k: (v() if callable(v) else v) for k, v in lazy._tensors.items()}
-        return Trace(tensors, lazy._require(), lazy.images, None)
 
 
 # ---------------------------------------------------------------------------------------------

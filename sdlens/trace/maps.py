@@ -117,12 +117,13 @@ class AttentionMaps:
         token_positions: positions (in the text encoder's sequence) along the tokens axis.
         heads: True if the heads axis was kept.
         tokens: per batch item, the token strings (``trace.tokens``), for word lookup.
+        dtype: the maps' dtype name ("float16"); default: that of the first layer's tensor.
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor | Callable[[], torch.Tensor]],
                  resolutions: Mapping[str, Sequence[int]], steps: Sequence[int],
                  token_positions: Sequence[int], heads: bool = False,
-                 tokens: Sequence[Sequence[str]] | None = None):
+                 tokens: Sequence[Sequence[str]] | None = None, dtype: str | None = None):
         self._tensors = dict(tensors)
         self._cache: dict[str, torch.Tensor] = {}
         self._resolutions = {k: (int(v[0]), int(v[1])) for k, v in resolutions.items()}
@@ -134,6 +135,19 @@ class AttentionMaps:
         missing = [l for l in self.layers if l not in self._resolutions]
         if missing:
             raise ValueError(f"no resolution given for layers {missing}")
+        self._dtype = dtype
+
+    @property
+    def dtype(self) -> str | None:
+        """The maps' dtype name ("float16"; None when no layer was recorded)."""
+        if self._dtype is None and self.layers:
+            self._dtype = str(self[self.layers[0]].dtype).replace("torch.", "")
+        return self._dtype
+
+    def source(self, layer: str) -> torch.Tensor | Callable[[], torch.Tensor]:
+        """``layer``'s maps (module path) if loaded, else the zero-argument loader that reads
+        them: what a new trace over the same maps holds without reading them."""
+        return self._cache.get(layer, self._tensors[layer])
 
     # ------------------------------------------------------------------ layers
     def __len__(self) -> int:
@@ -180,7 +194,7 @@ class AttentionMaps:
         chosen = self.names(layers)
         sub = AttentionMaps({l: self._tensors[l] for l in chosen},
                             {l: self._resolutions[l] for l in chosen}, self.steps,
-                            self.token_positions, self.heads, self.tokens)
+                            self.token_positions, self.heads, self.tokens, self._dtype)
         sub._cache = self._cache  # share loaded tensors
         return sub
 
