@@ -151,9 +151,9 @@ def test_scheduler_view():
     assert v.scheduler == "DDIMScheduler" and v.form == "alpha"
     assert np.allclose(v.dt[:-1], 100) and v.dt[-1] == v.timesteps[-1]
     assert v.dt.sum() == pytest.approx(v.timesteps[0])
-    assert np.allclose(v.sigmas, np.sqrt((1 - v.alphas_cumprod) / v.alphas_cumprod))
+    assert np.allclose(v.sigmas, np.sqrt((1 - v.alpha_bar) / v.alpha_bar))
     assert np.allclose(v.log_snr, -2 * np.log(v.sigmas))
-    assert (np.diff(v.alphas_cumprod) > 0).all()  # less noise at every step
+    assert (np.diff(v.alpha_bar) > 0).all()  # less noise at every step
     te = fake_trace(scheduler="euler")
     ve = G.scheduler_view(te)
     assert np.allclose(ve.sigmas, te.sigmas.numpy()) and ve.form == "sigma"
