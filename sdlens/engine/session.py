@@ -30,7 +30,7 @@ import inspect
 import random
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from einops import rearrange

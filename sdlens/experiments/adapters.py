@@ -519,8 +519,9 @@ def textual_inversion_view(trace: Trace, batch: int = 0, pipe=None, k: int = 8
 
 
 # ============================================================================ SDXL refiner
-_PART_FIELDS = ("prompts", "negative_prompts", "token_ids", "tokens", "truncated_words",
-                "guidance_scale", "do_cfg", "num_steps", "attention")  # per run, in meta["parts"]
+_RUN_FIELDS = ("prompts", "negative_prompts", "token_ids", "tokens", "truncated_words",
+               "guidance_scale", "do_cfg")  # Trace.build fields of each run
+_PART_FIELDS = _RUN_FIELDS + ("num_steps", "attention")  # what info["parts"] keeps per run
 
 
 def combine_base_refiner(base_trace: Trace, refiner_trace: Trace) -> Trace:
@@ -595,7 +596,7 @@ def part(trace: Trace, name: str) -> Trace:
                              att["token_positions"], att["heads"], dtype=att.get("dtype"))
     elif att is None:
         maps = None
-    return replace(steps, **{k: p[k] for k in _PART_FIELDS if k not in ("num_steps", "attention")},
+    return replace(steps, **{k: p[k] for k in _RUN_FIELDS},
                    noise_uncond=steps.noise_uncond if p["do_cfg"] else None, attention=maps,
                    meta=dict(p["meta"], step_offset=start), extra_tensors={}, extra_info={})
 

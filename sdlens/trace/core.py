@@ -22,7 +22,9 @@ about twice as many for Heun / KDPM2, whose every step calls the UNet twice):
 ``noise_text``              (steps, batch, C, h, w)
 ``noise``                   (steps, batch, C, h, w)               the guided prediction the scheduler used
 ``x0``                      (steps, batch, C, h, w)               predicted clean latent (sdlens computes it)
-``attention``               :class:`~sdlens.attention.AttentionMaps`
+``attention``               AttentionMaps, per layer              :class:`~sdlens.trace.maps.AttentionMaps`;
+                            (steps', batch, tokens, h, w)         steps' = its recorded steps; heads kept:
+                                                                  (steps', batch, heads, tokens, h, w)
 ``guidance_scale``          float; ``do_cfg``: bool
 ``meta``                    dict                                  model id, family, task, pipeline and
                                                                   scheduler class + config, prediction type,
@@ -30,12 +32,15 @@ about twice as many for Heun / KDPM2, whose every step calls the UNet twice):
                                                                   steps, versions, options
 ==========================  ====================================  =========================================
 
-Tensors that were not recorded (``RecordOptions.record``) are None.
+Tensors that were not recorded (``RecordOptions.record``) are None. Every trace is made by
+:meth:`Trace.build`, which takes exactly these fields and checks the shapes; the operations of
+:mod:`sdlens.trace.ops` (select batch items, slice or join steps, replace fields) build on it.
 
 File format (one file, no pickle): a safetensors file whose tensors are ``latents``, ``noise``,
 ..., ``attention/<layer>`` and ``images/<i>`` (PNG bytes as uint8), and whose ``__metadata__``
 holds ``format = "sdlens.trace"``, ``format_version`` and ``sdlens`` (a JSON document with
 everything else). Loading reads only the header; tensors are read on first access.
+:meth:`Trace.to_bytes` / :meth:`Trace.from_bytes` are the same file in memory.
 """
 
 from __future__ import annotations
@@ -353,7 +358,10 @@ class Trace:
             header = json.loads(data[8: 8 + n].decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"not an sdlens trace: not a safetensors file ({e})") from None
-        tensors = load_tensors(data)
+        try:
+            tensors = load_tensors(data)
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"trace bytes are damaged: safetensors cannot read them ({e})") from None
         info, _ = _info_from_metadata(header.get("__metadata__") or {}, lambda: set(tensors),
                                       "trace bytes")
         return cls(tensors, info, _image_reader(tensors, info), None)
