@@ -7,15 +7,17 @@ renderer, so they are the objects' pixels), every other token attends uniformly,
 token takes the rest of each pixel's probability (rows sum to 1 over the 77 positions, like a
 softmax). Until ``commit_step`` the circle's words attend a *different* disk, from then on the
 final one, so the commitment step is known. Noise and latents are random but the x0s and the
-latents follow the recorded scheduler exactly (DDIM alpha form or Euler sigma form).
+latents follow the recorded scheduler exactly (DDIM alpha form or Euler sigma form; computed
+here from the scheduler itself, independently of sdlens's schedule table, as known answers).
+
+The trace is a real :class:`~sdlens.trace.Trace` made by ``Trace.build`` with real
+``AttentionMaps``; the known answers ride along as ``trace.masks`` (word or region -> (64, 64)
+bool). Make variants with :func:`sdlens.trace.replace` (the masks stay with the original).
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sdlens.models.shapes.dataset import ShapeObject, render
+from sdlens.trace import AttentionMaps, Trace
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "sdlens" / "models" / "shapes" / "weights" / "tokenizer"
 
@@ -38,78 +41,6 @@ LAYERS = {
 CIRCLE = ShapeObject("red", "circle", cx=20.0, cy=24.0, size=24.0)
 SQUARE = ShapeObject("blue", "square", cx=45.0, cy=42.0, size=20.0)
 WRONG_CIRCLE = ShapeObject("red", "circle", cx=46.0, cy=14.0, size=20.0)  # before commitment
-
-
-def _alias(name: str) -> str:
-    m = re.match(r"(down|up)_blocks\.(\d+)\.attentions\.(\d+)", name)
-    if m:
-        return f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
-    m = re.match(r"mid_block\.attentions\.(\d+)", name)
-    return f"mid.{m.group(1)}" if m else name
-
-
-class FakeAttentionMaps:
-    """The contract's ``AttentionMaps``: maps[layer] -> (steps, batch, [heads,] tokens, h, w)."""
-
-    def __init__(self, maps: dict[str, torch.Tensor], steps: list[int], token_positions: list[int]):
-        self._maps = maps
-        self.steps = list(steps)
-        self.token_positions = list(token_positions)
-
-    @property
-    def layers(self) -> list[str]:
-        return list(self._maps)
-
-    def resolution(self, layer: str) -> tuple[int, int]:
-        return tuple(self._maps[layer].shape[-2:])
-
-    def __getitem__(self, layer: str) -> torch.Tensor:
-        if layer not in self._maps:
-            raise KeyError(f"{layer!r} not recorded; recorded: {self.layers}")
-        return self._maps[layer]
-
-    def select(self, layers: Any) -> list[str]:
-        if layers is None:
-            return self.layers
-        if isinstance(layers, (list, tuple)):
-            out: list[str] = []
-            for item in layers:
-                out += [n for n in self.select(item) if n not in out]
-            return out
-        if isinstance(layers, int):
-            return [n for n in self.layers if self.resolution(n)[0] == layers]
-        if layers in ("down", "mid", "up"):
-            prefix = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}[layers]
-            return [n for n in self.layers if n.startswith(prefix)]
-        return [n for n in self.layers if n == layers or _alias(n) == layers]
-
-
-@dataclass(eq=False)  # hashable by identity, like the real Trace
-class FakeTrace:
-    images: list
-    prompts: list[str]
-    negative_prompts: list
-    token_ids: list[list[int]]
-    tokens: list[list[str]]
-    truncated_words: list[list[str]]
-    timesteps: torch.Tensor
-    sigmas: torch.Tensor | None
-    latents: torch.Tensor
-    noise_uncond: torch.Tensor | None
-    noise_text: torch.Tensor
-    noise: torch.Tensor
-    x0: torch.Tensor
-    attention: FakeAttentionMaps | None
-    guidance_scale: float
-    do_cfg: bool
-    meta: dict
-    masks: dict = field(default_factory=dict)  # test helper: word -> (64, 64) bool
-    pipeline: Any = None
-
-    def heatmap(self, word: str, **kwargs: Any) -> torch.Tensor:
-        from sdlens.analysis.heatmaps import word_heatmap
-
-        return word_heatmap(self, word, **kwargs)
 
 
 _TOKENIZER = None
@@ -146,14 +77,14 @@ def fake_trace(prompt: str = "a red circle and a blue square", steps: int = 10,
                heads: dict[str, int] | None = None, head_maps: dict | None = None,
                seed: int = 0, batch: int = 1, word_regions: dict | None = None,
                strength: float = 3.0, layer_regions: dict[str, dict] | None = None,
-               layers: dict[str, tuple[int, int]] | None = None) -> FakeTrace:
+               layers: dict[str, tuple[int, int]] | None = None) -> Trace:
     """A contract-conformant trace with constructed attention (see the module docstring).
 
     ``word_regions`` maps words (as CLIP spells them, without ``</w>``: 'dream', 'beach') or
     token positions (int) to ``'circle'`` or ``'square'``; default: red/circle -> circle,
     blue/square -> square. ``layer_regions[layer]`` overrides ``word_regions`` in one layer.
     ``layers``: {name: (h, w)} (default ``LAYERS``).
-    ``heads``: {layer: n_heads} to record heads kept (every head gets the same map unless
+    ``heads``: {layer: n_heads} for every layer: heads kept (every head gets the same map unless
     ``head_maps[layer]`` = {"circle": [heads...]} restricts which heads see the object).
     """
     g = torch.Generator().manual_seed(seed)
@@ -242,7 +173,7 @@ def fake_trace(prompt: str = "a red circle and a blue square", steps: int = 10,
     masks = {w: regions[r] for w, r in word_regions.items() if w in words}
     masks.update({"circle-region": regions["circle"], "square-region": regions["square"],
                   "wrong-circle": wrong})
-    return FakeTrace(
+    tr = Trace.build(
         images=[Image.fromarray(final.image)] * batch,
         prompts=[prompt] * batch,
         negative_prompts=[None] * batch,
@@ -256,7 +187,7 @@ def fake_trace(prompt: str = "a red circle and a blue square", steps: int = 10,
         noise_text=torch.stack(n_txt),
         noise=torch.stack(n_gd),
         x0=torch.stack(x0s),
-        attention=FakeAttentionMaps(maps, list(range(steps)), positions),
+        attention=AttentionMaps(maps, layers, range(steps), positions, heads=bool(heads)),
         guidance_scale=cfg,
         do_cfg=cfg > 1,
         meta={"model": "fake", "family": "shapes", "task": "txt2img",
@@ -264,8 +195,9 @@ def fake_trace(prompt: str = "a red circle and a blue square", steps: int = 10,
               "scheduler_class": type(sched).__name__, "scheduler_config": dict(sched.config),
               "prediction_type": "epsilon", "vae_scaling_factor": 1.0, "height": 64, "width": 64,
               "seeds": [seed], "steps": steps},
-        masks=masks,
     )
+    tr.masks = masks
+    return tr
 
 
 _FOLDER = None

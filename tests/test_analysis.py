@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from fakes import fake_trace, tokenizer
 from sdlens.analysis.compare import compare as _compare
+from sdlens.trace import replace
 G = import_module("sdlens.analysis.guidance")
 P = import_module("sdlens.analysis.previews")
 T = import_module("sdlens.analysis.tokens")
@@ -109,7 +110,7 @@ def test_x0_coefficients_known_values():
     ac = float(sched.alphas_cumprod[int(tr.timesteps[0])])
     a, b = G.x0_coefficients(tr, 0)
     assert a == pytest.approx(1 / math.sqrt(ac)) and b == pytest.approx(-math.sqrt(1 - ac) / math.sqrt(ac))
-    tr.meta["prediction_type"] = "v_prediction"
+    tr = replace(tr, meta={**tr.meta, "prediction_type": "v_prediction"})
     a, b = G.x0_coefficients(tr, 0)
     assert a == pytest.approx(math.sqrt(ac)) and b == pytest.approx(-math.sqrt(1 - ac))
     te = fake_trace(scheduler="euler")
@@ -127,7 +128,7 @@ def test_cfg_delta_and_stats():
     assert np.allclose(st.delta_rms, rms, atol=1e-6)
     assert np.allclose(st.push_rms, 7.5 * rms, atol=1e-5)
     assert ((st.cosine > 0.9) & (st.cosine <= 1)).all()  # the fake's text = uncond + 0.3 noise
-    tr.noise_uncond = None
+    tr = replace(tr, noise_uncond=None)
     with pytest.raises(ValueError, match="no unconditional"):
         G.cfg_delta(tr)
     with pytest.raises(ValueError, match="no unconditional"):
@@ -150,9 +151,9 @@ def test_scheduler_view():
     assert v.scheduler == "DDIMScheduler" and v.form == "alpha"
     assert np.allclose(v.dt[:-1], 100) and v.dt[-1] == v.timesteps[-1]
     assert v.dt.sum() == pytest.approx(v.timesteps[0])
-    assert np.allclose(v.sigmas, np.sqrt((1 - v.alphas_cumprod) / v.alphas_cumprod))
+    assert np.allclose(v.sigmas, np.sqrt((1 - v.alpha_bar) / v.alpha_bar))
     assert np.allclose(v.log_snr, -2 * np.log(v.sigmas))
-    assert (np.diff(v.alphas_cumprod) > 0).all()  # less noise at every step
+    assert (np.diff(v.alpha_bar) > 0).all()  # less noise at every step
     te = fake_trace(scheduler="euler")
     ve = G.scheduler_view(te)
     assert np.allclose(ve.sigmas, te.sigmas.numpy()) and ve.form == "sigma"
@@ -213,9 +214,13 @@ def test_fit_linear_decoder_recovers_a_linear_vae():
         P.fit_linear_decoder(object())
 
 
+def _sd1(tr):
+    """``tr`` as an SD 1.x trace: the SD 1.x linear decoder for previews."""
+    return replace(tr, meta={**tr.meta, "family": "sd1"})
+
+
 def test_previews_linear_vae_and_cache():
-    tr = fake_trace()
-    tr.meta["family"] = "sd1"
+    tr = _sd1(fake_trace())
     ims = P.previews(tr, "x0", [0, 5, 9])
     assert len(ims) == 3 and ims[0].size == (64, 64) and ims[0].mode == "RGB"
     small = P.preview(tr, "latents", step=10, size="latent")
@@ -238,8 +243,7 @@ def test_previews_linear_vae_and_cache():
 
 
 def test_preview_errors():
-    tr = fake_trace()
-    tr.meta["family"] = "sd1"
+    tr = _sd1(fake_trace())
     with pytest.raises(ValueError, match="out of range"):
         P.preview(tr, "x0", step=10)  # x0 has 10 entries, latents 11
     assert P.preview(tr, "latents", step=10).size == (64, 64)
@@ -251,7 +255,7 @@ def test_preview_errors():
         P.preview(tr, decoder="vae")
     with pytest.raises(TypeError, match="AutoencoderTiny"):
         P.preview(tr, decoder="tiny", vae=LinearVAE())
-    tr.meta["family"] = "kandinsky"
+    tr = replace(tr, meta={**tr.meta, "family": "kandinsky"})
     with pytest.raises(ValueError, match="no linear latent->RGB decoder"):
         P.preview(tr)
 
@@ -309,8 +313,9 @@ def test_compare_guidance_scales_part_at_a_known_step():
     """Same seed, noise identical until step 5, then the runs' predictions differ: they part
     at step 5 or later, never before."""
     a, b = fake_trace(), fake_trace()
-    b.x0 = b.x0.clone()
-    b.x0[5:] += 3.0 * torch.randn_like(b.x0[5:])
+    x0 = b.x0.clone()
+    x0[5:] += 3.0 * torch.randn_like(x0[5:])
+    b = replace(b, x0=x0)
     c = _compare(a, b, maps=False)
     assert np.all(c.x0_rms[:5] == 0) and np.all(c.x0_rms[5:] > 0)
     assert c.parting_step is not None and c.parting_step >= 5

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from fakes import LAYERS, fake_trace
 hm = import_module("sdlens.analysis.heatmaps")
 from sdlens.analysis.tokens import find_word
+from sdlens.trace import AttentionMaps, replace
 
 L16 = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
 L8 = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
@@ -125,8 +126,7 @@ def test_unknown_word_lists_the_words(tr):
 
 
 def test_truncated_word_says_it_was_cut(tr):
-    tr2 = fake_trace()
-    tr2.truncated_words = [["zebra"]]
+    tr2 = replace(fake_trace(), truncated_words=[["zebra"]])
     with pytest.raises(ValueError, match="75-token"):
         tr2.heatmap("zebra")
 
@@ -138,7 +138,7 @@ def test_truncated_word_says_it_was_cut(tr):
     (dict(heads=0), ValueError, "heads averaged"),
     (dict(batch=3), ValueError, "out of range"),
     (dict(batch=1.0), TypeError, "batch must be an int"),
-    (dict(layers="nonexistent"), ValueError, "matches no recorded layer"),
+    (dict(layers="nonexistent"), ValueError, "unknown attention layer 'nonexistent'"),
     (dict(size=0), ValueError, "size must be"),
 ])
 def test_bad_arguments(tr, kwargs, exc, match):
@@ -153,9 +153,9 @@ def test_word_must_be_a_string(tr):
 
 def test_unrecorded_step_is_an_error():
     t = fake_trace()
-    t.attention.steps = [0, 2, 4, 6, 8]  # pretend every 2nd step was recorded
-    for name in list(t.attention._maps):
-        t.attention._maps[name] = t.attention._maps[name][::2]
+    m = t.attention  # pretend every 2nd step was recorded
+    t = replace(t, attention=AttentionMaps({l: m[l][::2] for l in m.layers}, m.resolutions,
+                                           [0, 2, 4, 6, 8], m.token_positions))
     assert t.heatmap("circle", per_step=True).shape == (5, 64, 64)
     with pytest.raises(ValueError, match="recorded steps: \\[0, 2, 4, 6, 8\\]"):
         t.heatmap("circle", steps=3)

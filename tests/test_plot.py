@@ -15,13 +15,13 @@ from sdlens.analysis.guidance import guidance_stats, scheduler_view
 from sdlens.analysis.heatmaps import commitment
 from sdlens.analysis.tokens import token_view
 from sdlens.views import plot
+from sdlens.trace import replace
 
 
 @pytest.fixture(scope="module")
 def tr():
     t = fake_trace()
-    t.meta["family"] = "sd1"  # the SD 1.x linear decoder for previews
-    return t
+    return replace(t, meta={**t.meta, "family": "sd1"})  # the SD 1.x linear decoder for previews
 
 
 def _png(fig: Figure) -> Image.Image:
@@ -89,9 +89,7 @@ def test_step_strip(tr):
     _png(fig)
     one = plot.step_strip(tr, steps=[2, 5], rows=["x0"])
     assert len(_main_axes(one)) == 2
-    nocfg = fake_trace()
-    nocfg.meta["family"] = "sd1"
-    nocfg.noise_uncond = None
+    nocfg = replace(tr, noise_uncond=None)
     assert len(_main_axes(plot.step_strip(nocfg, n=2))) == 3 * 2  # no CFG row without guidance
     with pytest.raises(ValueError, match="rows must be"):
         plot.step_strip(tr, rows=["latent"])
@@ -106,8 +104,7 @@ def test_token_view_bars_are_the_attention_shares(tr):
     shares = [r.attention for r in token_view(tr).rows[1:] if r.attention is not None]
     assert np.allclose(heights, shares)
     assert "7 of 75 tokens" in ax.get_title()
-    t = fake_trace()
-    t.truncated_words = [["zebra", "giraffe"]]
+    t = replace(fake_trace(), truncated_words=[["zebra", "giraffe"]])
     assert "CUT" in _main_axes(plot.token_view(t))[0].get_title()
 
 

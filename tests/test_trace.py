@@ -714,9 +714,9 @@ def test_save_load_round_trip(tmp_path):
     again = load(path)
     assert torch.equal(again.latents, tr.latents)
     # tensors other modules add (e.g. sdlens.adapters' 'parts/...') survive a round trip
-    from sdlens.trace import Trace
+    from sdlens.trace import replace
 
-    extra = Trace(dict(tr._tensors, **{"parts/x": torch.arange(3.0)}), tr._info, tr.images)
+    extra = replace(tr, extra_tensors={"parts/x": torch.arange(3.0)})
     extra.save(tmp_path / "extra.sdlens")
     assert torch.equal(load(tmp_path / "extra.sdlens")._tensor("parts/x"), torch.arange(3.0))
 

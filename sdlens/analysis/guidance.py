@@ -8,29 +8,21 @@ one step would have been at another scale ``g'`` (the prediction is affine in th
 recorded predictions suffice). Only that step changes: later steps would differ too, which no
 recorded data can tell without running the UNet again.
 
-x0 uses the formula of the trace's scheduler (as ``sdlens.hooks.scheduler`` records it):
-
-* alpha form (DDIM, DDPM, PNDM, ...), ``a = alphas_cumprod[t]``: eps ``x0 = (x - sqrt(1-a) eps) /
-  sqrt(a)``; v ``x0 = sqrt(a) x - sqrt(1-a) v``;
-* sigma form (Euler, LMS, Heun, ...; ``x`` unscaled): eps ``x0 = x - sigma eps``; v
-  ``x0 = -sigma/sqrt(sigma^2+1) v + x/(sigma^2+1)``;
-* alpha/sigma form (DPM-Solver, UniPC, ...): ``alpha = 1/sqrt(sigma^2+1)``,
-  ``sigma_t = sigma alpha``: eps ``x0 = (x - sigma_t eps) / alpha``; v ``x0 = alpha x - sigma_t v``;
-* ``prediction_type == "sample"``: ``x0`` is the prediction itself.
+x0 uses the formula of the trace's scheduler, from the schedule table
+(:mod:`sdlens.engine.schedules`, the one the recorder uses) on a scheduler rebuilt from the
+trace's ``meta``: ``x0 = a * x_t + b * prediction`` with ``(a, b)`` from
+:func:`x0_coefficients`; ``prediction_type == "sample"``: ``x0`` is the prediction itself.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-FORMS = ("alpha", "sigma", "alpha_sigma")
-_SIGMA_CLASSES = ("Euler", "LMS", "Heun", "KDPM2")
-_ALPHA_SIGMA_CLASSES = ("DPMSolver", "UniPC", "DEIS", "SASolver")
+from sdlens.engine import schedules
 
 
 def _meta(trace: Any) -> dict:
@@ -66,60 +58,47 @@ def prediction_type(trace: Any) -> str:
         "prediction_type", "epsilon")
 
 
-def rebuild_scheduler(trace: Any):
+def _scheduler(trace: Any):
     """The trace's scheduler, rebuilt from ``meta`` (class name + config), or None."""
-    cls = scheduler_class(trace)
-    if not cls:
-        return None
-    import diffusers
-
-    klass = getattr(diffusers, cls, None)
-    if klass is None:
-        return None
-    try:
-        return klass.from_config(scheduler_config(trace))
-    except Exception:  # noqa: BLE001 - an odd config: the caller reports what is missing
-        return None
+    return schedules.rebuild_scheduler(scheduler_class(trace), scheduler_config(trace))
 
 
 def schedule_form(trace: Any) -> str:
-    """"alpha", "sigma" or "alpha_sigma": which x0 formula fits the trace's scheduler."""
+    """The row of the schedule table (``sdlens.engine.schedules.FORMS``: "alpha", "sigma",
+    "alpha_sigma", "flow") that fits the trace's scheduler."""
     meta = _meta(trace)
     form = _first(meta, "schedule_form", "x0_form")
-    if form in FORMS:
+    if form in schedules.FORMS:
         return form
     cls = scheduler_class(trace) or ""
     sigmas = getattr(trace, "sigmas", None)
     if sigmas is None:
         return "alpha"
-    if any(k in cls for k in _ALPHA_SIGMA_CLASSES):
-        return "alpha_sigma"
-    if any(k in cls for k in _SIGMA_CLASSES):
-        return "sigma"
-    sched = rebuild_scheduler(trace)
+    form = schedules.form_of_class(cls)
+    if form is not None:
+        return form
+    sched = _scheduler(trace)
     if sched is not None:
         try:
-            from sdlens.engine.schedules import schedule_form as engine_form
-
             sched.set_timesteps(len(trace.timesteps))
-            form = engine_form(sched)
-            if form in FORMS:
+            form = schedules.schedule_form(sched)
+            if form in schedules.FORMS:
                 return form
         except Exception:  # noqa: BLE001
             pass
+    known = sorted({part for part, _ in schedules.CLASS_FORMS})
     raise ValueError(f"cannot tell the x0 formula of scheduler {cls or '(unknown)'}: the trace "
-                     f"has sigmas but the scheduler is none of {_SIGMA_CLASSES + _ALPHA_SIGMA_CLASSES}"
-                     " nor DDIM-like")
+                     f"has sigmas but the scheduler is none of {known} nor DDIM-like")
 
 
-def _alphas_cumprod(trace: Any) -> torch.Tensor:
-    sched = rebuild_scheduler(trace)
-    ac = getattr(sched, "alphas_cumprod", None)
-    if ac is None:
+def _alpha_bars(trace: Any) -> torch.Tensor:
+    """``(num_train_timesteps,)``: ``a_t`` of the trace's scheduler, rebuilt from ``meta``."""
+    ab = schedules.alpha_bars(_scheduler(trace))
+    if ab is None:
         raise ValueError("this trace's metadata holds no scheduler class/config from which "
-                         "alphas_cumprod can be rebuilt (meta['scheduler_class'] / "
+                         "the a_t table can be rebuilt (meta['scheduler_class'] / "
                          "meta['scheduler_config'])")
-    return ac.float()
+    return ab
 
 
 def _check_step(trace: Any, step: Any) -> int:
@@ -146,27 +125,14 @@ def x0_coefficients(trace: Any, step: int) -> tuple[float, float]:
     """``(A, B)`` with ``x0 = A * x_t + B * prediction`` at ``step`` for the trace's scheduler."""
     step = _check_step(trace, step)
     ptype = prediction_type(trace)
-    if ptype == "sample":
-        return 0.0, 1.0
-    if ptype not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type {ptype!r} is not supported; allowed: epsilon, "
-                         "v_prediction, sample")
-    form = schedule_form(trace)
-    if form == "alpha":
-        a = float(_alphas_cumprod(trace)[int(round(float(trace.timesteps[step])))])
-        if ptype == "epsilon":
-            return 1 / math.sqrt(a), -math.sqrt(1 - a) / math.sqrt(a)
-        return math.sqrt(a), -math.sqrt(1 - a)
-    sigma = float(trace.sigmas[step])
-    if form == "sigma":
-        if ptype == "epsilon":
-            return 1.0, -sigma
-        return 1 / (sigma**2 + 1), -sigma / math.sqrt(sigma**2 + 1)
-    alpha = 1 / math.sqrt(sigma**2 + 1)
-    sigma_t = sigma * alpha
-    if ptype == "epsilon":
-        return 1 / alpha, -sigma_t / alpha
-    return alpha, -sigma_t
+    form, level = None, None
+    if ptype in ("epsilon", "v_prediction"):  # the others need no schedule
+        form = schedule_form(trace)
+        if schedules.TABLE[form].level == "alpha_bar":
+            level = float(_alpha_bars(trace)[int(round(float(trace.timesteps[step])))])
+        else:
+            level = float(trace.sigmas[step])
+    return schedules.x0_coefficients(form, ptype, level)
 
 
 def _require_cfg(trace: Any) -> None:
@@ -247,7 +213,7 @@ def x0_guidance_sweep(trace: Any, step: int, scales: Any, batch: int = 0) -> tor
 class SchedulerView:
     """The schedule the run used, one entry per step (``(steps,)`` arrays):
 
-    ``timesteps``; ``alphas_cumprod`` at each timestep (``a_t``; NaN if not rebuildable);
+    ``timesteps``; ``alpha_bar`` = ``a_t`` at each timestep (NaN if not rebuildable);
     ``sigmas`` (recorded for sigma schedulers, else ``sqrt((1 - a_t) / a_t)``);
     ``log_snr = log(a_t / (1 - a_t)) = -2 log sigma``; ``dt`` = timestep minus the next step's
     (the last step goes to 0) and ``dsigma`` the same for sigma: the step sizes.
@@ -258,7 +224,7 @@ class SchedulerView:
     form: str
     timesteps: np.ndarray
     sigmas: np.ndarray
-    alphas_cumprod: np.ndarray
+    alpha_bar: np.ndarray
     log_snr: np.ndarray
     dt: np.ndarray
     dsigma: np.ndarray
@@ -279,7 +245,7 @@ def scheduler_view(trace: Any) -> SchedulerView:
     except ValueError:
         form = "unknown"
     try:
-        ac_table = _alphas_cumprod(trace).double().numpy()
+        ac_table = _alpha_bars(trace).double().numpy()
         idx = np.clip(np.round(ts).astype(int), 0, len(ac_table) - 1)
         ac = ac_table[idx]
     except ValueError:

@@ -29,6 +29,8 @@ from einops import rearrange
 from PIL import Image
 
 from sdlens.analysis.heatmaps import output_size
+from sdlens.analysis.guidance import schedule_form
+from sdlens.engine.schedules import input_scale
 
 SD1_MATRIX = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
               [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
@@ -263,17 +265,16 @@ def _select(trace: Any, kind: str, step: int, batch: int) -> torch.Tensor:
 
 
 def _input_scale(trace: Any, step: int) -> float:
-    """k-diffusion latents x = x0 + sigma eps are shown as the model sees them (/sqrt(sigma^2+1))."""
+    """Latents are shown as the model sees them (the schedule table's input scale: k-diffusion
+    latents x = x0 + sigma eps are divided by sqrt(sigma^2 + 1))."""
     sig = getattr(trace, "sigmas", None)
     if sig is None or step >= len(sig):
         return 1.0
-    from sdlens.analysis.guidance import schedule_form
-
     try:
         form = schedule_form(trace)
     except ValueError:
         return 1.0
-    return 1.0 / float(np.sqrt(float(sig[step]) ** 2 + 1)) if form == "sigma" else 1.0
+    return input_scale(form, float(sig[step]))
 
 
 def _out_size(trace: Any, size: Any) -> tuple[int, int] | None:

@@ -12,7 +12,6 @@ and ``lora_effect`` build on this.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from sdlens.engine.options import RecordOptions, human_bytes
 from sdlens.engine.session import trace as record_trace
 from sdlens.engine.sites import Hooks
 from sdlens.trace.core import Trace
+from sdlens.trace.ops import replace, select_batch
 
 
 # ====================================================================== cells and batches
@@ -216,43 +216,17 @@ def run_batch(pipe, batch: Batch, negative_prompt, height, width, extra, record_
     return images, traces
 
 
-def cell_trace(trace, i: int, guidance: float | None = None, seed: int | None = None,
-               extra_meta: dict | None = None):
+def cell_trace(trace: Trace, i: int, guidance: float | None = None, seed: int | None = None,
+               extra_meta: dict | None = None) -> Trace:
     """Batch item ``i`` of a batched Trace as a Trace of its own (what the single run of that
-    item records): tensors sliced on the batch axis, the attention maps' token axis cut to the
-    item's own tokens (unless padding was kept), its prompt, seed and guidance scale."""
-    info = trace._require()
-    if not 0 <= i < trace.batch_size:
-        raise IndexError(f"batch item {i} of a trace of {trace.batch_size}")
-    tensors = {}
-    for name in ("timesteps", "sigmas"):
-        tensors[name] = trace._tensor(name)
-    for name in ("latents", "noise_uncond", "noise_text", "noise", "x0"):
-        t = trace._tensor(name)
-        tensors[name] = None if t is None else t[:, i: i + 1].clone()
-    new = json.loads(json.dumps(info, default=str))
-    for key in ("prompts", "negative_prompts", "token_ids", "tokens", "truncated_words"):
-        new[key] = [info[key][i]]
-    att = info.get("attention")
-    if att is not None:
-        keep_padding = bool(info["meta"].get("options", {}).get("keep_padding", False))
-        n_tok = len(att["token_positions"])
-        own = len(info["token_ids"][i]) if not keep_padding and info["token_ids"][i] else n_tok
-        own = min(own, n_tok)
-        maps = trace.attention
-        for layer in att["layers"]:
-            m = maps[layer][:, i: i + 1]
-            tok_axis = 3 if att["heads"] else 2
-            tensors[f"attention/{layer}"] = m.narrow(tok_axis, 0, own).clone()
-        new["attention"]["token_positions"] = list(att["token_positions"][:own])
+    item records, :func:`~sdlens.trace.ops.select_batch`), with its seed and guidance scale."""
+    cell = select_batch(trace, i)
+    changes: dict = {}
+    meta = cell.meta
     if guidance is not None:
-        new["guidance_scale"] = float(guidance)
-        new["meta"]["guidance_scale"] = float(guidance)
-        new["do_cfg"] = bool(info["do_cfg"]) and guidance > 1
+        changes.update(guidance_scale=float(guidance), do_cfg=cell.do_cfg and guidance > 1)
+        meta["guidance_scale"] = float(guidance)
     if seed is not None:
-        new["meta"]["seeds"] = [int(seed)]
-    if extra_meta:
-        new["meta"].update(extra_meta)
-    images = trace.images
-    return Trace({k: v for k, v in tensors.items()}, new, [images[i]] if images else [],
-                 trace.pipeline)
+        meta["seeds"] = [int(seed)]
+    meta.update(extra_meta or {})
+    return replace(cell, meta=meta, **changes)

@@ -32,8 +32,6 @@ import importlib.metadata
 import inspect
 import random
 import warnings
-from dataclasses import dataclass
-from typing import Any, Sequence
 
 import torch
 from einops import rearrange
@@ -46,6 +44,7 @@ from sdlens.engine.options import (RecordOptions, TraceTooLarge, default_max_byt
 from sdlens.engine.sites import AttentionRecorder, Hooks, reweighting
 from sdlens.pipeline import pipeline_task
 from sdlens.trace.core import Trace
+from sdlens.trace.maps import AttentionMaps, resolve_layers
 
 
 def check_pipeline(pipe) -> BackboneAdapter:
@@ -323,25 +322,24 @@ class _Run:
         if self.layout is None or self.step == 0:
             raise RuntimeError("sdlens: the pipeline call finished without any denoising step "
                                "(nothing was recorded)")
-        tensors: dict[str, Any] = {}
 
         def scal(xs):
             return torch.stack([x if torch.is_tensor(x) else torch.tensor(float(x)) for x in xs]).float()
 
-        tensors["timesteps"] = scal(self.timesteps)
-        tensors["sigmas"] = scal(self.sigmas) if all(s is not None for s in self.sigmas) else None
         rec = self.opts.record
+        recorded = {}
         if "latents" in rec:
-            tensors["latents"] = torch.stack(self.latents)
+            recorded["latents"] = torch.stack(self.latents)
         if "noise" in rec:
-            tensors["noise"] = torch.stack(self.noise)
-            tensors["noise_text"] = torch.stack(self.noise_text)
-            tensors["noise_uncond"] = torch.stack(self.noise_uncond) if self.layout == "cfg" else None
-        if "x0" in rec:
-            tensors["x0"] = torch.stack(self.x0) if all(x is not None for x in self.x0) else None
-        att_info = None
+            recorded["noise"] = torch.stack(self.noise)
+            recorded["noise_text"] = torch.stack(self.noise_text)
+            recorded["noise_uncond"] = torch.stack(self.noise_uncond) if self.layout == "cfg" else None
+        if "x0" in rec and all(x is not None for x in self.x0):
+            recorded["x0"] = torch.stack(self.x0)
+        maps = None
         if "attention" in rec:
             n_tok = self.token_count_seen if self.token_count_seen is not None else (self.n_tokens or 0)
+            layers = {}
             for layer, chunks in self.att.items():
                 lh, lw = self.resolutions[layer]
                 if chunks:
@@ -349,22 +347,19 @@ class _Run:
                 else:
                     shape = (0, self.batch) + ((1,) if self.opts.heads else ()) + (n_tok, lh * lw)
                     t = torch.zeros(shape, dtype=self.opts.attention_dtype)
-                tensors[f"attention/{layer}"] = rearrange(t, "... (h w) -> ... h w", h=lh, w=lw)
+                layers[layer] = rearrange(t, "... (h w) -> ... h w", h=lh, w=lw)
                 self.att[layer] = []
-            att_info = {"layers": list(self.att), "resolutions": {l: list(self.resolutions[l])
-                                                                  for l in self.att},
-                        "steps": list(self.att_rec_steps), "token_positions": list(range(n_tok)),
-                        "heads": self.opts.heads,
-                        "dtype": str(self.opts.attention_dtype).replace("torch.", "")}
-        images = _output_images(self.pipe, output)
-        info = {
-            "prompts": self.prompts, "negative_prompts": self.negative_prompts,
-            "token_ids": self.token_ids, "tokens": self.tokens,
-            "truncated_words": self.truncated_words,
-            "guidance_scale": float(self.guidance_scale), "do_cfg": self.layout == "cfg",
-            "num_steps": self.step, "attention": att_info, "meta": self.meta(),
-        }
-        return Trace(tensors, info, images, self.pipe)
+            maps = AttentionMaps(layers, {l: self.resolutions[l] for l in layers},
+                                 self.att_rec_steps, range(n_tok), self.opts.heads,
+                                 family=self.session.adapter.family(), dtype=str(self.opts.attention_dtype).replace("torch.", ""))
+        return Trace.build(
+            prompts=self.prompts, negative_prompts=self.negative_prompts,
+            token_ids=self.token_ids, tokens=self.tokens, truncated_words=self.truncated_words,
+            timesteps=scal(self.timesteps),
+            sigmas=scal(self.sigmas) if all(s is not None for s in self.sigmas) else None,
+            attention=maps, guidance_scale=self.guidance_scale, do_cfg=self.layout == "cfg",
+            meta=self.meta(), images=_output_images(self.pipe, output), pipeline=self.pipe,
+            **recorded)
 
     def meta(self) -> dict:
         pipe, p = self.pipe, self.params

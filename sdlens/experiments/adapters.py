@@ -46,6 +46,8 @@ from sdlens.engine.options import RecordOptions
 from sdlens.engine.session import generate, trace as _trace
 from sdlens.engine.sites import Hooks
 from sdlens.trace.core import Trace
+from sdlens.trace.maps import AttentionMaps
+from sdlens.trace.ops import concat_steps, replace, slice_steps
 
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -513,7 +515,9 @@ def textual_inversion_view(trace: Trace, batch: int = 0, pipe=None, k: int = 8
 
 
 # ============================================================================ SDXL refiner
-_PART_FIELDS = ("latents", "noise_uncond", "noise_text", "noise", "x0")
+_RUN_FIELDS = ("prompts", "negative_prompts", "token_ids", "tokens", "truncated_words",
+               "guidance_scale", "do_cfg")  # Trace.build fields of each run
+_PART_FIELDS = _RUN_FIELDS + ("num_steps", "attention")  # what info["parts"] keeps per run
 
 
 def combine_base_refiner(base_trace: Trace, refiner_trace: Trace) -> Trace:
@@ -529,53 +533,31 @@ def combine_base_refiner(base_trace: Trace, refiner_trace: Trace) -> Trace:
                             generator=g).images[0]
         whole = combine_base_refiner(tb, tr)
 
-    The result runs over all steps: ``timesteps``, ``sigmas``, ``latents`` (x_T of the base ...
-    the refiner's x_0), ``noise*`` and ``x0`` are the two runs joined;
-    ``meta["handover_step"]`` is the first step the refiner ran, ``meta["parts"]`` describes both
-    runs. ``attention``, ``tokens`` and ``token_ids`` are the base's (steps 0 .. handover-1);
-    :func:`part` gives each run as a Trace of its own, the refiner with its own tokens
-    (tokenizer_2) and maps. ``images`` are the refiner's. Saves and loads as one file.
+    The result runs over all steps (:func:`~sdlens.trace.ops.concat_steps`): ``timesteps``,
+    ``sigmas``, ``latents`` (x_T of the base ... the refiner's x_0), ``noise*`` and ``x0`` are
+    the two runs joined; ``meta["handover_step"]`` is the first step the refiner ran,
+    ``meta["parts"]`` describes both runs. ``attention``, ``tokens`` and ``token_ids`` are the
+    base's (steps 0 .. handover-1); :func:`part` gives each run as a Trace of its own, the
+    refiner with its own tokens (tokenizer_2) and maps. ``images`` are the refiner's. Saves and
+    loads as one file.
     """
     base_trace, refiner_trace = base_trace.runs[-1], refiner_trace.runs[-1]
     bi, ri = base_trace._require(), refiner_trace._require()
     if base_trace.batch_size != refiner_trace.batch_size:
         raise ValueError(f"the base run has {base_trace.batch_size} image(s), the refiner run "
                          f"{refiner_trace.batch_size}")
+    whole = concat_steps(base_trace, refiner_trace)
     lb, lr = base_trace.latents, refiner_trace.latents
-    if lb is not None and lr is not None and lb.shape[1:] != lr.shape[1:]:
-        raise ValueError(f"latent shapes differ: base {tuple(lb.shape[1:])}, refiner "
-                         f"{tuple(lr.shape[1:])}")
-    h = base_trace.num_steps
-    n = h + refiner_trace.num_steps
-    tensors: dict[str, Any] = {}
-    tb, tr = base_trace.timesteps, refiner_trace.timesteps
-    tensors["timesteps"] = torch.cat([tb, tr])
-    sb, sr = base_trace.sigmas, refiner_trace.sigmas
-    tensors["sigmas"] = torch.cat([sb, sr]) if sb is not None and sr is not None else None
-    gap = None
-    for name in _PART_FIELDS:
-        a, b = base_trace._tensor(name), refiner_trace._tensor(name)
-        if a is None or b is None:
-            tensors[name] = None
-        elif name == "latents":
-            gap = float((a[-1] - b[0]).abs().max())
-            tensors[name] = torch.cat([a, b[1:]])
-        else:
-            tensors[name] = torch.cat([a, b])
-    ba, ra = base_trace.attention, refiner_trace.attention
-    if ba is not None:
-        for layer in ba.layers:
-            tensors[f"attention/{layer}"] = ba[layer]
-    if ra is not None:
-        for layer in ra.layers:
-            tensors[f"parts/refiner/attention/{layer}"] = ra[layer]
+    gap = float((lb[-1] - lr[0]).abs().max()) if lb is not None and lr is not None else None
+    h, n = base_trace.num_steps, whole.num_steps
+    ra = refiner_trace.attention
+    extra = {f"parts/refiner/attention/{layer}": ra.source(layer) for layer in ra.layers} \
+        if ra is not None else {}
     bm, rm = base_trace.meta, refiner_trace.meta
-    parts = []
-    for name, info, meta, start, stop in (("base", bi, bm, 0, h), ("refiner", ri, rm, h, n)):
-        parts.append({"name": name, "start": start, "stop": stop, "meta": meta,
-                      **{k: info[k] for k in ("prompts", "negative_prompts", "token_ids",
-                                             "tokens", "truncated_words", "guidance_scale",
-                                             "do_cfg", "num_steps", "attention")}})
+    parts = [{"name": name, "start": start, "stop": stop, "meta": meta,
+              **{k: info[k] for k in _PART_FIELDS}}
+             for name, info, meta, start, stop in (("base", bi, bm, 0, h),
+                                                   ("refiner", ri, rm, h, n))]
     meta = dict(bm)
     meta.update(handover_step=h, steps=n, unet_calls=bm.get("unet_calls", h) +
                 rm.get("unet_calls", n - h), handover=rm.get("denoising_start"),
@@ -583,21 +565,15 @@ def combine_base_refiner(base_trace: Trace, refiner_trace: Trace) -> Trace:
                 refiner_family=rm.get("family"), handover_latent_gap=gap,
                 parts=[{"name": p["name"], "start": p["start"], "stop": p["stop"],
                         "pipeline_class": p["meta"].get("pipeline_class")} for p in parts])
-    info = {k: bi[k] for k in ("prompts", "negative_prompts", "token_ids", "tokens",
-                               "truncated_words", "guidance_scale")}
-    info.update(do_cfg=bool(bi["do_cfg"] and ri["do_cfg"]), num_steps=n,
-                attention=bi.get("attention"), meta=meta, parts=parts)
-    if not info["do_cfg"]:
-        tensors["noise_uncond"] = None
-    return Trace(tensors, json.loads(json.dumps(info, default=str)),
-                 lambda: refiner_trace.images, refiner_trace.pipeline)
+    return replace(whole, meta=meta, extra_tensors=extra,
+                   extra_info={"parts": json.loads(json.dumps(parts, default=str))})
 
 
 def part(trace: Trace, name: str) -> Trace:
     """One run of a combined base + refiner trace (``"base"`` or ``"refiner"``) as a Trace of its
-    own: its steps (indexed from 0), its prompts' tokens, its attention maps and meta."""
-    info = trace._require()
-    parts = info.get("parts")
+    own: its steps (indexed from 0, :func:`~sdlens.trace.ops.slice_steps`), its prompts' tokens,
+    its attention maps and meta."""
+    parts = trace._require().get("parts")
     if not parts:
         raise ValueError("this trace is not a combined base + refiner trace (no parts); see "
                          "sdlens.adapters.trace_base_refiner")
@@ -606,25 +582,19 @@ def part(trace: Trace, name: str) -> Trace:
         raise ValueError(f"unknown part {name!r}; parts: {names}")
     p = parts[names.index(name)]
     start, stop = int(p["start"]), int(p["stop"])
-    tensors: dict[str, Any] = {}
-    for f in ("timesteps", "sigmas", "noise_uncond", "noise_text", "noise", "x0"):
-        t = trace._tensor(f)
-        tensors[f] = None if t is None else t[start:stop]
-    lat = trace.latents
-    tensors["latents"] = None if lat is None else lat[start:stop + 1]
-    if not p["do_cfg"]:
-        tensors["noise_uncond"] = None
+    steps = slice_steps(trace, start, stop)
+    maps = steps.attention
     att = p.get("attention")
-    if att is not None:
-        prefix = "attention/" if name == parts[0]["name"] else f"parts/{name}/attention/"
-        for layer in att["layers"]:
-            tensors[f"attention/{layer}"] = (lambda key: lambda: trace._tensor(key))(prefix + layer)
-    new = {k: p[k] for k in ("prompts", "negative_prompts", "token_ids", "tokens",
-                             "truncated_words", "guidance_scale", "do_cfg", "num_steps",
-                             "attention", "meta")}
-    new["meta"] = dict(new["meta"], step_offset=start)
-    is_last = name == names[-1]
-    return Trace(tensors, new, (lambda: trace.images) if is_last else [], trace.pipeline)
+    if att is not None and name != parts[0]["name"]:  # the first part's maps are the trace's
+        prefix = f"parts/{name}/attention/"
+        maps = AttentionMaps({l: (lambda key: lambda: trace._tensor(key))(prefix + l)
+                              for l in att["layers"]}, att["resolutions"], att["steps"],
+                             att["token_positions"], att["heads"], dtype=att.get("dtype"))
+    elif att is None:
+        maps = None
+    return replace(steps, **{k: p[k] for k in _RUN_FIELDS},
+                   noise_uncond=steps.noise_uncond if p["do_cfg"] else None, attention=maps,
+                   meta=dict(p["meta"], step_offset=start), extra_tensors={}, extra_info={})
 
 
 def trace_base_refiner(base, refiner, prompt: str | list[str], seed: int = 0, steps: int = 25,

@@ -56,6 +56,7 @@ from sdlens.engine.arch import adapter_for
 from sdlens.engine.batch import Cell, batch_record_options, plan_batches, run_batch, trace_options
 from sdlens.engine.options import (RecordOptions, default_memory_budget, estimate_cell_bytes,
                                    estimate_trace_bytes, latent_hw)
+from sdlens.trace.core import Trace
 
 AXES = ("prompt", "scheduler", "steps", "guidance", "seed")  # canonical order, outermost first
 AXIS_LABELS = {"prompt": "", "scheduler": "", "steps": "steps ", "guidance": "CFG ", "seed": "seed "}
@@ -290,7 +291,7 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
         from accelerate.utils import gather_object
 
         # traces travel as their own safetensors bytes (they hold a weak reference to the pipeline)
-        mine_payload = [(idx, img, None if tr is None else _trace_bytes_of(tr))
+        mine_payload = [(idx, img, None if tr is None else tr.to_bytes())
                         for idx, (img, tr) in results.items()]
         gathered = gather_object(mine_payload)
         own = results
@@ -300,7 +301,7 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
             if idx in own:
                 results[idx] = own[idx]
             else:
-                results[idx] = (img, None if data is None else _trace_from_bytes(data))
+                results[idx] = (img, None if data is None else Trace.from_bytes(data))
     if len(results) != len(cells):
         raise RuntimeError(f"sweep: {len(results)} of {len(cells)} cells came back")
 
@@ -518,7 +519,7 @@ class Grid:
         tensors = {"arrays": torch.from_numpy(np.ascontiguousarray(self.arrays))}
         if self.traces is not None:
             for k, idx in enumerate(np.ndindex(*self.shape)):
-                tensors[f"trace.{k}"] = torch.frombuffer(bytearray(_trace_bytes_of(self.traces[idx])),
+                tensors[f"trace.{k}"] = torch.frombuffer(bytearray(self.traces[idx].to_bytes()),
                                                          dtype=torch.uint8)
         header = {"kind": KIND, "format": FORMAT_VERSION,
                   "axes": [[a, v] for a, v in self.axes.items()], "fixed": self.fixed,
@@ -549,7 +550,7 @@ class Grid:
             if header.get("traces"):
                 traces = np.empty(shape, dtype=object)
                 for k, idx in enumerate(np.ndindex(*shape)):
-                    traces[idx] = _trace_from_bytes(f.get_tensor(f"trace.{k}").numpy().tobytes())
+                    traces[idx] = Trace.from_bytes(f.get_tensor(f"trace.{k}").numpy().tobytes())
         return cls(axes, header["fixed"], arrays, traces, header.get("meta"))
 
 
@@ -562,31 +563,6 @@ def is_grid_file(path: str | os.PathLike) -> bool:
             return (f.metadata() or {}).get("format") == FORMAT
     except Exception:  # noqa: BLE001
         return False
-
-
-def _trace_bytes_of(trace) -> bytes:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "cell.sdlens"
-        trace.save(p)
-        return p.read_bytes()
-
-
-def _trace_from_bytes(data: bytes):
-    import tempfile
-
-    from sdlens.trace.core import load as load_trace
-
-    from sdlens.trace.core import Trace
-
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "cell.sdlens"
-        p.write_bytes(data)
-        lazy = load_trace(p)
-        # read everything now: the temporary file goes away
-        tensors = {k: (v() if callable(v) else v) for k, v in lazy._tensors.items()}
-        return Trace(tensors, lazy._require(), lazy.images, None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,9 @@ about twice as many for Heun / KDPM2, whose every step calls the UNet twice):
 ``noise_text``              (steps, batch, C, h, w)
 ``noise``                   (steps, batch, C, h, w)               the guided prediction the scheduler used
 ``x0``                      (steps, batch, C, h, w)               predicted clean latent (sdlens computes it)
-``attention``               :class:`~sdlens.attention.AttentionMaps`
+``attention``               AttentionMaps, per layer              :class:`~sdlens.trace.maps.AttentionMaps`;
+                            (steps', batch, tokens, h, w)         steps' = its recorded steps; heads kept:
+                                                                  (steps', batch, heads, tokens, h, w)
 ``guidance_scale``          float; ``do_cfg``: bool
 ``meta``                    dict                                  model id, family, task, pipeline and
                                                                   scheduler class + config, prediction type,
@@ -30,12 +32,15 @@ about twice as many for Heun / KDPM2, whose every step calls the UNet twice):
                                                                   steps, versions, options
 ==========================  ====================================  =========================================
 
-Tensors that were not recorded (``RecordOptions.record``) are None.
+Tensors that were not recorded (``RecordOptions.record``) are None. Every trace is made by
+:meth:`Trace.build`, which takes exactly these fields and checks the shapes; the operations of
+:mod:`sdlens.trace.ops` (select batch items, slice or join steps, replace fields) build on it.
 
 File format (one file, no pickle): a safetensors file whose tensors are ``latents``, ``noise``,
 ..., ``attention/<layer>`` and ``images/<i>`` (PNG bytes as uint8), and whose ``__metadata__``
 holds ``format = "sdlens.trace"``, ``format_version`` and ``sdlens`` (a JSON document with
 everything else). Loading reads only the header; tensors are read on first access.
+:meth:`Trace.to_bytes` / :meth:`Trace.from_bytes` are the same file in memory.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import struct
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
@@ -60,9 +65,12 @@ FORMAT_VERSION = 1
 class Trace:
     """The record of one traced pipeline call (see the module docstring for every field).
 
-    Created by :func:`sdlens.trace` / :func:`sdlens.generate` or :func:`load`; not meant to be
-    built by hand. Inside ``with sdlens.trace(pipe) as tr:`` the object ``tr`` shows the *last*
-    call made in the block; ``tr.runs`` lists the traces of all calls, in order.
+    Created by :func:`sdlens.trace` / :func:`sdlens.generate` or :func:`load`. Every producer
+    of a new trace (the recorder, sweep cells, the refiner join, the operations of
+    :mod:`sdlens.trace.ops`, test fakes) goes through :meth:`build`, which checks the shapes;
+    ``Trace(...)`` itself only holds storage (``load`` reads files into it lazily). Inside
+    ``with sdlens.trace(pipe) as tr:`` the object ``tr`` shows the *last* call made in the
+    block; ``tr.runs`` lists the traces of all calls, in order.
     """
 
     #: How a notebook shows a Trace: ``hook(trace, include=, exclude=) -> mimebundle``; None shows
@@ -80,6 +88,77 @@ class Trace:
         self._attention: AttentionMaps | None = None
         self._source = source
         self._runs: list[Trace] | None = None
+
+    @classmethod
+    def build(cls, *, prompts: Sequence, negative_prompts: Sequence, token_ids: Sequence,
+              tokens: Sequence, truncated_words: Sequence, timesteps: torch.Tensor,
+              sigmas: torch.Tensor | None = None, latents: torch.Tensor | None = None,
+              noise_uncond: torch.Tensor | None = None, noise_text: torch.Tensor | None = None,
+              noise: torch.Tensor | None = None, x0: torch.Tensor | None = None,
+              attention: AttentionMaps | None = None, guidance_scale: float, do_cfg: bool,
+              meta: dict, images: list | Callable[[], list] = (), pipeline=None,
+              extra_tensors: dict | None = None, extra_info: dict | None = None) -> "Trace":
+        """THE constructor of a trace from the contract's fields (module docstring), shapes
+        checked (ValueError names the field): with ``steps = len(timesteps)`` and ``batch =
+        len(prompts)``, ``sigmas`` (steps,), ``latents`` (steps+1, batch, C, h, w), ``noise*`` /
+        ``x0`` (steps, batch, C, h, w), each layer of ``attention`` (len(attention.steps), batch,
+        [heads,] len(attention.token_positions), h, w) with its recorded steps in 0..steps-1.
+
+        ``images`` may be a zero-argument callable (read on first access) and the maps of
+        ``attention`` may be unloaded (checked when loaded). ``extra_tensors`` (name -> tensor or
+        loader) and ``extra_info`` (JSON-able) travel with the trace and its file unchecked
+        (e.g. the refiner part of a combined base + refiner trace, sdlens.experiments.adapters).
+        """
+        steps = int(len(timesteps))
+        batch = len(prompts)
+        for name, value in (("negative_prompts", negative_prompts), ("token_ids", token_ids),
+                            ("tokens", tokens), ("truncated_words", truncated_words)):
+            if len(value) != batch:
+                raise ValueError(f"Trace.build: {name} has {len(value)} entries, prompts {batch}")
+        tensors: dict[str, Any] = {"timesteps": _checked("timesteps", timesteps, (steps,))}
+        tensors["sigmas"] = _checked("sigmas", sigmas, (steps,))
+        tensors["latents"] = _checked("latents", latents, (steps + 1, batch), 5)
+        for name, t in (("noise_uncond", noise_uncond), ("noise_text", noise_text),
+                        ("noise", noise), ("x0", x0)):
+            tensors[name] = _checked(name, t, (steps, batch), 5)
+        att_info = None
+        if attention is not None:
+            if any(not 0 <= s < steps for s in attention.steps):
+                raise ValueError(f"Trace.build: attention steps {attention.steps} are not all in "
+                                 f"0..{steps - 1}")
+            lead = (len(attention.steps), batch) + ((None,) if attention.heads else ())
+            resolutions = attention.resolutions
+            for layer in attention.layers:
+                src = attention.source(layer)
+                if torch.is_tensor(src):
+                    _checked(f"attention[{layer!r}]", src, lead + (
+                        len(attention.token_positions),) + resolutions[layer])
+                tensors[f"attention/{layer}"] = src
+            att_info = {"layers": list(attention.layers),
+                        "resolutions": {l: list(r) for l, r in attention.resolutions.items()},
+                        "steps": list(attention.steps),
+                        "token_positions": list(attention.token_positions),
+                        "heads": attention.heads, "dtype": attention.dtype}
+        tensors.update(extra_tensors or {})
+        info = {"prompts": list(prompts), "negative_prompts": list(negative_prompts),
+                "token_ids": [list(t) for t in token_ids], "tokens": [list(t) for t in tokens],
+                "truncated_words": [list(t) for t in truncated_words],
+                "guidance_scale": float(guidance_scale), "do_cfg": bool(do_cfg),
+                "num_steps": steps, "attention": att_info, "meta": meta, **(extra_info or {})}
+        return cls(tensors, info, images if callable(images) else list(images), pipeline)
+
+    def fields(self) -> dict:
+        """The keyword arguments of :meth:`build` that make this trace again (tensors are read;
+        attention maps and images stay unloaded; ``meta`` is a copy)."""
+        info = self._require()
+        extra_tensors = {k: v for k, v in self._tensors.items()
+                         if k not in _TENSOR_FIELDS and not k.startswith(("attention/", "images/"))}
+        images = self._images
+        return {**{k: getattr(self, k) for k in _INFO_FIELDS + _TENSOR_FIELDS},
+                "attention": self.attention, "meta": self.meta,
+                "images": images if callable(images) else list(images or []),
+                "pipeline": self.pipeline, "extra_tensors": extra_tensors,
+                "extra_info": {k: v for k, v in info.items() if k not in _BUILT_KEYS}}
 
     # ------------------------------------------------------------------ plumbing
     def _require(self) -> dict:
@@ -186,7 +265,8 @@ class Trace:
                 {l: self._tensors[f"attention/{l}"] for l in att["layers"]},
                 {l: tuple(r) for l, r in att["resolutions"].items()}, att["steps"],
                 att["token_positions"], att["heads"],
-                info["tokens"] if info.get("tokens") and all(info["tokens"]) else None)
+                info["tokens"] if info.get("tokens") and all(info["tokens"]) else None,
+                family=info.get("meta", {}).get("family"), dtype=att.get("dtype"))
         return self._attention
 
     @property
@@ -248,12 +328,54 @@ class Trace:
         """
         from safetensors.torch import save_file
 
-        info = self._require()
+        tensors, metadata = self._payload()
         path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    def to_bytes(self) -> bytes:
+        """The bytes :meth:`save` would write (e.g. to embed a trace in a grid file)."""
+        from safetensors.torch import save
+
+        tensors, metadata = self._payload()
+        return save(tensors, metadata=metadata)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Trace":
+        """A trace from the bytes of a trace file (:meth:`to_bytes`), all tensors read now."""
+        from safetensors.torch import load as load_tensors
+
+        if len(data) < 8:
+            raise ValueError("not an sdlens trace: too short for a safetensors header")
+        (n,) = struct.unpack("<Q", data[:8])
+        try:
+            header = json.loads(data[8: 8 + n].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"not an sdlens trace: not a safetensors file ({e})") from None
+        try:
+            tensors = load_tensors(data)
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"trace bytes are damaged: safetensors cannot read them ({e})") from None
+        info, _ = _info_from_metadata(header.get("__metadata__") or {}, lambda: set(tensors),
+                                      "trace bytes")
+        return cls(tensors, info, _image_reader(tensors, info), None)
+
+    def _payload(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors and the ``__metadata__`` of the trace's file."""
+        info = self._require()
         tensors: dict[str, torch.Tensor] = {}
-        # every tensor the trace holds: the contract's fields, attention/<layer>, and any extra
-        # ones other sdlens modules add (e.g. 'parts/...' of a combined base + refiner trace,
-        # sdlens.adapters); the images are re-encoded below
+        # every tensor the trace holds: the contract's fields, attention/<layer>, and the extra
+        # ones of Trace.build (e.g. 'parts/...' of a combined base + refiner trace); the images
+        # are re-encoded below
         for name in list(self._tensors):
             if name.startswith("images/"):
                 continue
@@ -269,17 +391,28 @@ class Trace:
         doc["tensors"] = sorted(tensors)
         metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
                     "sdlens": json.dumps(_jsonable(doc))}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return tensors, metadata
+
+
+_INFO_FIELDS = ("prompts", "negative_prompts", "token_ids", "tokens", "truncated_words",
+                "guidance_scale", "do_cfg")
+_TENSOR_FIELDS = ("timesteps", "sigmas", "latents", "noise_uncond", "noise_text", "noise", "x0")
+_BUILT_KEYS = set(_INFO_FIELDS) | {"num_steps", "attention", "meta"}
+
+
+def _checked(name: str, t, lead: tuple, ndim: int | None = None):
+    """``t`` (None passes) if its leading sizes are ``lead`` (None: any size) and it has ``ndim``
+    dimensions (default ``len(lead)``); ValueError otherwise."""
+    if t is None:
+        return None
+    if not torch.is_tensor(t):
+        raise ValueError(f"Trace.build: {name} must be a tensor, got {type(t).__name__}")
+    want = len(lead) if ndim is None else ndim
+    if t.ndim != want or any(n is not None and t.shape[i] != n for i, n in enumerate(lead)):
+        dims = ", ".join("*" if n is None else str(n) for n in lead)
+        raise ValueError(f"Trace.build: {name} has shape {tuple(t.shape)}, expected {want} "
+                         f"dimensions starting ({dims})")
+    return t
 
 
 def _jsonable(x):
@@ -359,32 +492,15 @@ def load(path: str | os.PathLike) -> Trace:
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not an sdlens trace file")
     header, _ = _read_header(path)
-    meta = header.get("__metadata__") or {}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is a safetensors file but not an sdlens trace (no "
-                         f"format={FORMAT!r} metadata); sdlens traces are written by trace.save()")
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
-        raise ValueError(f"{path}: unreadable sdlens format version "
-                         f"{meta.get('format_version')!r}") from None
-    if version > FORMAT_VERSION:
-        raise ValueError(f"{path} was written by a newer sdlens (trace format version {version}); "
-                         f"this sdlens reads format versions up to {FORMAT_VERSION}: upgrade sdlens")
-    if version < 1:
-        raise ValueError(f"{path}: unknown sdlens trace format version {version}")
-    try:
-        info = json.loads(meta["sdlens"])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: damaged sdlens metadata ({e})") from None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{path} is damaged: safetensors cannot read it ({e})") from None
-    missing = [k for k in info.get("tensors", []) if k not in keys]
-    if missing:
-        raise ValueError(f"{path} is damaged: tensors {missing[:5]} are missing")
+
+    def keys() -> set[str]:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return set(f.keys())
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{path} is damaged: safetensors cannot read it ({e})") from None
+
+    info, names = _info_from_metadata(header.get("__metadata__") or {}, keys, str(path))
 
     def loader(name: str):
         def _load():
@@ -392,20 +508,56 @@ def load(path: str | os.PathLike) -> Trace:
                 return f.get_tensor(name)
         return _load
 
-    tensors = {k: loader(k) for k in keys}
-    n_images = int(info.get("n_images", 0))
+    tensors = {k: loader(k) for k in names}
+    return Trace(tensors, info, _image_reader(tensors, info), None, source=str(path))
+
+
+def _info_from_metadata(meta: dict, keys: Callable[[], set[str]], where: str
+                        ) -> tuple[dict, set[str]]:
+    """The trace's JSON document from a safetensors ``__metadata__`` (format and version checked
+    first, then that the listed tensors are among ``keys()``, the file's tensor names), and
+    those names."""
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{where} is a safetensors file but not an sdlens trace (no "
+                         f"format={FORMAT!r} metadata); sdlens traces are written by trace.save()")
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise ValueError(f"{where}: unreadable sdlens format version "
+                         f"{meta.get('format_version')!r}") from None
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{where} was written by a newer sdlens (trace format version {version}); "
+                         f"this sdlens reads format versions up to {FORMAT_VERSION}: upgrade sdlens")
+    if version < 1:
+        raise ValueError(f"{where}: unknown sdlens trace format version {version}")
+    try:
+        info = json.loads(meta["sdlens"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where}: damaged sdlens metadata ({e})") from None
+    names = keys()
+    missing = [k for k in info.get("tensors", []) if k not in names]
+    if missing:
+        raise ValueError(f"{where} is damaged: tensors {missing[:5]} are missing")
+    info.pop("tensors", None)
+    info["n_images"] = int(info.get("n_images", 0))
+    return info, names
+
+
+def _image_reader(tensors: dict, info: dict) -> Callable[[], list]:
+    """Reads the PNG images of a trace file (tensors ``images/<i>``, loaded or loaders) on call;
+    takes ``n_images`` out of ``info``."""
+    n_images = info.pop("n_images")
 
     def images():
         from PIL import Image
 
         out = []
         for i in range(n_images):
-            data = tensors[f"images/{i}"]().numpy().tobytes()
+            src = tensors[f"images/{i}"]
+            data = (src() if callable(src) else src).numpy().tobytes()
             img = Image.open(io.BytesIO(data))
             img.load()
             out.append(img)
         return out
 
-    info.pop("tensors", None)
-    info.pop("n_images", None)
-    return Trace(tensors, info, images, None, source=str(path))
+    return images

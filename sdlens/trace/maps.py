@@ -130,12 +130,14 @@ class AttentionMaps:
         tokens: per batch item, the token strings (``trace.tokens``), for word lookup.
         family: the model family (``trace.meta["family"]``) whose naming resolves layer
             selectors (None: the UNet's, as in traces that did not record one).
+        dtype: the maps' dtype name ("float16"); default: that of the first layer's tensor.
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor | Callable[[], torch.Tensor]],
                  resolutions: Mapping[str, Sequence[int]], steps: Sequence[int],
                  token_positions: Sequence[int], heads: bool = False,
-                 tokens: Sequence[Sequence[str]] | None = None, family: str | None = None):
+                 tokens: Sequence[Sequence[str]] | None = None, family: str | None = None,
+                 dtype: str | None = None):
         self.family = family
         self.naming: SiteNaming = naming_for(family)
         self._tensors = dict(tensors)
@@ -149,6 +151,19 @@ class AttentionMaps:
         missing = [l for l in self.layers if l not in self._resolutions]
         if missing:
             raise ValueError(f"no resolution given for layers {missing}")
+        self._dtype = dtype
+
+    @property
+    def dtype(self) -> str | None:
+        """The maps' dtype name ("float16"; None when no layer was recorded)."""
+        if self._dtype is None and self.layers:
+            self._dtype = str(self[self.layers[0]].dtype).replace("torch.", "")
+        return self._dtype
+
+    def source(self, layer: str) -> torch.Tensor | Callable[[], torch.Tensor]:
+        """``layer``'s maps (module path) if loaded, else the zero-argument loader that reads
+        them: what a new trace over the same maps holds without reading them."""
+        return self._cache.get(layer, self._tensors[layer])
 
     # ------------------------------------------------------------------ layers
     def __len__(self) -> int:
@@ -195,7 +210,8 @@ class AttentionMaps:
         chosen = self.names(layers)
         sub = AttentionMaps({l: self._tensors[l] for l in chosen},
                             {l: self._resolutions[l] for l in chosen}, self.steps,
-                            self.token_positions, self.heads, self.tokens, self.family)
+                            self.token_positions, self.heads, self.tokens, self.family,
+                            self._dtype)
         sub._cache = self._cache  # share loaded tensors
         return sub
 

@@ -269,7 +269,7 @@ def guidance_curves(trace: Any, batch: int = 0, ax: Any = None) -> Figure:
 
 
 def scheduler_curves(trace: Any) -> Figure:
-    """Timesteps, sigma (log scale), alphas_cumprod / log-SNR and step sizes per step."""
+    """Timesteps, sigma (log scale), alpha_bar a_t / log-SNR and step sizes per step."""
     v = scheduler_view(trace)
     steps = np.arange(len(v.timesteps))
     fig = Figure(figsize=(8, 5), layout="constrained")
@@ -278,7 +278,7 @@ def scheduler_curves(trace: Any) -> Figure:
     a.set(title="timestep t", xlabel="step", ylabel="t")
     b.semilogy(steps, v.sigmas, "o-", ms=3)
     b.set(title="sigma = sqrt((1-a)/a)", xlabel="step", ylabel="sigma (log)")
-    c.plot(steps, v.alphas_cumprod, "o-", ms=3, label="alphas_cumprod a_t")
+    c.plot(steps, v.alpha_bar, "o-", ms=3, label="alpha_bar a_t")
     c.set(title="signal level", xlabel="step", ylabel="a_t")
     c2 = c.twinx()
     c2.plot(steps, v.log_snr, color="tab:orange", alpha=0.7)

@@ -294,10 +294,10 @@ def _guidance_section(trace: Any, batch: int) -> str:
 
 def _scheduler_section(trace: Any) -> str:
     v = scheduler_view(trace)
-    head = "<tr><th>step</th><th>t</th><th>sigma</th><th>alphas_cumprod</th><th>dt</th></tr>"
+    head = "<tr><th>step</th><th>t</th><th>sigma</th><th>alpha_bar</th><th>dt</th></tr>"
     rows = "".join(f"<tr><td>{i}</td><td>{t:.1f}</td><td>{s:.4f}</td><td>{a:.5f}</td>"
                    f"<td>{d:.1f}</td></tr>"
-                   for i, (t, s, a, d) in enumerate(zip(v.timesteps, v.sigmas, v.alphas_cumprod,
+                   for i, (t, s, a, d) in enumerate(zip(v.timesteps, v.sigmas, v.alpha_bar,
                                                         v.dt)))
     return (_img_tag(_fig_uri(plot.scheduler_curves(trace)), "scheduler curves")
             + f"<details><summary>table</summary><table>{head}{rows}</table></details>")
