@@ -24,98 +24,51 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from sdlens.analysis.tokens import (MAX_POSITIONS, TokenView, Word, available, no_word_error,
+                                    tokenize, word_matches)
 from sdlens.engine.steering import SteeringState, install
-
-MAX_POSITIONS = 77
+from sdlens.trace.steps import step_window
 
 
 # ---------------------------------------------------------------------------------------------
-# words and token positions
+# words and token positions: the words of sdlens.analysis.tokens, as the heatmaps see them
 
-def _tokenizer(pipe):
-    tok = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
-    if tok is None:
-        raise TypeError(f"{type(pipe).__name__} has no tokenizer")
-    return tok
-
-
-def _n_tokens(tokenizer, text: str) -> int:
-    """Number of prompt tokens of ``text`` (without start / end tokens)."""
-    return len(tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
-
-
-def prompt_words(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
-    """The prompt's words (split at white space, as typed) with their token positions in the
-    77-token sequence (position 0 is the start token). Words cut by the 77-token limit get []."""
-    words = prompt.split()
-    out, start = [], 1
-    for i, w in enumerate(words):
-        end = 1 + _n_tokens(tokenizer, " ".join(words[: i + 1]))
-        positions = [p for p in range(start, end) if p < MAX_POSITIONS - 1]
-        out.append((w, positions))
-        start = end
-    return out
-
-
-def _normal(word: str) -> str:
-    return " ".join(word.lower().split())
-
-
-def _strip_punct(word: str) -> str:
-    return word.strip(".,;:!?\"'()[]{}")
+def _positions(view: TokenView, word: str | int) -> list[int]:
+    """Token positions of every occurrence of ``word`` in the tokenized prompt ``view``."""
+    if isinstance(word, (int, np.integer)) and not isinstance(word, bool):
+        if not 1 <= int(word) <= view.n_prompt_tokens:
+            raise ValueError(f"token position {word} is outside the prompt's tokens "
+                             f"1..{view.n_prompt_tokens}")
+        return [int(word)]
+    matches = word_matches(view.words, str(word))
+    if not matches:
+        raise no_word_error(view.words, str(word), view.truncated_words,
+                            f"the prompt {view.prompt!r}")
+    return [p for w in matches for p in w.positions]
 
 
 def word_positions(tokenizer, prompt: str, word: str | int) -> list[int]:
-    """Token positions of every occurrence of ``word`` (a word or several consecutive words of the
-    prompt, case-insensitive, surrounding punctuation ignored) in ``prompt``; an int is taken as
-    a token position. ValueError listing the prompt's words for a word that is not there."""
-    if isinstance(word, (int, np.integer)):
-        n = 1 + _n_tokens(tokenizer, prompt)
-        if not 1 <= int(word) < min(n, MAX_POSITIONS - 1):
-            raise ValueError(f"token position {word} is outside the prompt's tokens 1..{n - 1}")
-        return [int(word)]
-    words = prompt_words(tokenizer, prompt)
-    target = [_strip_punct(w) for w in _normal(str(word)).split()]
-    if not target or not all(target):
-        raise ValueError(f"{word!r} is not a word")
-    keys = [_strip_punct(_normal(w)) for w, _ in words]
-    found: list[int] = []
-    split = prompt.split()
-    for i in range(len(words) - len(target) + 1):
-        if keys[i: i + len(target)] == target:
-            pos = [p for _, ps in words[i: i + len(target)] for p in ps]
-            # leave out punctuation glued to the first / last word ("Red," -> "red")
-            first, last = split[i], split[i + len(target) - 1]
-            lead = len(first) - len(first.lstrip(".,;:!?\"'()[]{}"))
-            trail = len(last) - len(last.rstrip(".,;:!?\"'()[]{}"))
-            if lead or trail:
-                before = " ".join(split[:i])
-                start = 1 + _n_tokens(tokenizer, (before + " " + first[:lead]).strip())
-                core = " ".join(split[i: i + len(target)])
-                end = 1 + _n_tokens(tokenizer, (before + " " + core[: len(core) - trail]).strip())
-                pos = [p for p in pos if start <= p < end]
-            if not pos:
-                raise ValueError(f"{word!r} lies beyond the 77-token limit of the text encoder: "
-                                 "the pipeline cuts it off, so it cannot be reweighted")
-            found += pos
-    if not found:
-        raise ValueError(f"{word!r} is not a word of the prompt {prompt!r}; its words: "
-                         f"{', '.join(repr(w) for w, _ in words)}")
-    return found
+    """Token positions (in the 77-token sequence) of every occurrence of ``word`` in ``prompt``:
+    a word of the prompt or several consecutive words (case-insensitive; the words of
+    :func:`sdlens.analysis.tokens.tokenize`), or an int token position. ``tokenizer``: a
+    tokenizer or a pipeline. ValueError listing the prompt's words for a word that is not there,
+    or saying that the 77-token limit cut it."""
+    return _positions(tokenize(prompt, tokenizer), word)
 
 
-def _factors(tokenizer, prompts: Sequence[str], weights: Mapping[Any, float]):
+def _factors(pipe, prompts: Sequence[str], weights: Mapping[Any, float]):
     """(items, 77) factors and the positions named."""
     if not weights:
         raise ValueError("reweight needs at least one {word: weight}")
     factors = torch.ones(len(prompts), MAX_POSITIONS)
     positions: set[int] = set()
+    views = {p: tokenize(p, pipe) for p in dict.fromkeys(prompts)}
     for i, prompt in enumerate(prompts):
         for word, w in weights.items():
             w = float(w)
             if not np.isfinite(w):
                 raise ValueError(f"the weight of {word!r} is not finite: {w}")
-            for p in word_positions(tokenizer, prompt, word):
+            for p in _positions(views[prompt], word):
                 factors[i, p] = w
                 positions.add(p)
     return factors, sorted(positions)
@@ -137,39 +90,14 @@ def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-    factors, positions = _factors(_tokenizer(pipe), prompts, weights)
-    steps = _check_steps(steps)
+    factors, positions = _factors(pipe, prompts, weights)
+    steps = step_window(steps)
     state = SteeringState(factors, positions, steps, pipe=pipe)
     restore = install(pipe.unet, state)
     try:
         yield state
     finally:
         restore()
-
-
-def _check_steps(steps):
-    if steps is None:
-        return None
-    try:
-        start, end = steps
-    except (TypeError, ValueError):
-        raise ValueError(f"steps must be (start, end), e.g. (0, 10) or (0.0, 0.5); got {steps!r}") from None
-    for v in (start, end):
-        if v is not None and not isinstance(v, (int, float, np.integer, np.floating)):
-            raise ValueError(f"steps must be (start, end) numbers or None; got {steps!r}")
-    if any(isinstance(v, (float, np.floating)) for v in (start, end)):
-        start = None if start is None else float(start)
-        end = None if end is None else float(end)
-        if not all(v is None or 0.0 <= v <= 1.0 for v in (start, end)):
-            raise ValueError(f"fractional steps must lie in [0, 1]; got {steps!r}")
-    else:
-        start = None if start is None else int(start)
-        end = None if end is None else int(end)
-        if (start is not None and start < 0) or (end is not None and end < 0):
-            raise ValueError(f"step indices must be >= 0; got {steps!r}")
-    if start is not None and end is not None and end <= start:
-        raise ValueError(f"steps {steps!r}: the range is empty (end <= start)")
-    return (start, end)
 
 
 def reweight(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
@@ -297,16 +225,23 @@ class _PadEmbeddings:
         self.handle.remove()
 
 
-def _variants(prompt: str, words: list[tuple[str, list[int]]], mode: str):
-    names, seen = [], {}
-    for w, _ in words:
-        seen[w] = seen.get(w, 0) + 1
-        names.append(w if seen[w] == 1 else f"{w}#{seen[w]}")
+def _without(prompt: str, word: Word, words: Sequence[Word]) -> str:
+    """``prompt`` with ``word`` taken out: its characters cut; where the tokenizer's text
+    normalisation hid them (no ``span``), the other words' texts joined, which CLIP tokenizes
+    alike."""
+    if word.span is not None:
+        a, b = word.span
+        return f"{prompt[:a].rstrip()} {prompt[b:].lstrip()}".strip()
+    gone = set(word.positions)
+    return " ".join(w.text for w in words if gone.isdisjoint(w.positions))
+
+
+def _variants(prompt: str, chosen: Sequence[Word], words: Sequence[Word], mode: str):
+    """Names (a repeat as ``"a#2"``), prompts and padded positions of each ablation."""
+    names = [w.text if w.occurrence == 0 else f"{w.text}#{w.occurrence + 1}" for w in chosen]
     if mode == "remove":
-        split = prompt.split()
-        prompts = [" ".join(split[:i] + split[i + 1:]) for i in range(len(split))]
-        return names, prompts, None
-    return names, [prompt] * len(words), [ps for _, ps in words]
+        return names, [_without(prompt, w, words) for w in chosen], None
+    return names, [prompt] * len(chosen), [list(w.positions) for w in chosen]
 
 
 def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
@@ -323,7 +258,9 @@ def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
             counterfactual "the prompt without this word"); "pad" keeps the positions and gives
             the word's tokens the padding token's input embedding (the text encoder then
             contextualises the prompt without it; every other position stays where it was).
-        words: the words to ablate (default: every word of the prompt, split at white space).
+        words: the words to ablate (default: every word of the prompt but punctuation: the words
+            of :func:`sdlens.analysis.tokens.tokenize`, as the heatmaps see them; a repeated word
+            is ablated once per occurrence, named ``"a"``, ``"a#2"``, ...).
         steps, guidance_scale, negative_prompt, **pipe_kwargs: as for the pipeline.
         record: traces to keep, as for :func:`sdlens.sweep` ("light", "full", None).
 
@@ -334,22 +271,20 @@ def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
 
     if mode not in ("remove", "pad"):
         raise ValueError(f"mode must be 'remove' or 'pad', got {mode!r}")
-    tokenizer = _tokenizer(pipe)
-    all_words = prompt_words(tokenizer, prompt)
-    if not all_words:
-        raise ValueError("the prompt has no words to ablate")
-    names, prompts, rows = _variants(prompt, all_words, mode)
-    if words is not None:
-        wanted = [_strip_punct(_normal(w)) for w in words]
-        keys = [_strip_punct(_normal(n.split("#")[0])) for n in names]
-        missing = [w for w, wn in zip(words, wanted) if wn not in keys]
+    all_words = tokenize(prompt, pipe).words
+    if words is None:
+        chosen = [w for w in all_words if not w.is_punctuation]
+    else:
+        found = {w: word_matches(all_words, w) for w in words}
+        missing = [w for w, m in found.items() if not m]
         if missing:
             raise ValueError(f"{', '.join(map(repr, missing))} not in the prompt {prompt!r}; its "
-                             f"words: {', '.join(repr(w) for w, _ in all_words)}")
-        keep = [i for i, k in enumerate(keys) if k in wanted]
-        names = [names[i] for i in keep]
-        prompts = [prompts[i] for i in keep]
-        rows = None if rows is None else [rows[i] for i in keep]
+                             f"words: {available(all_words)}")
+        chosen = list({(w.positions, w.text): w for m in found.values() for w in m}.values())
+        chosen.sort(key=lambda w: w.positions)
+    if not chosen:
+        raise ValueError("the prompt has no words to ablate")
+    names, prompts, rows = _variants(prompt, chosen, all_words, mode)
     record_opts = _record_options(record)
     g = float(guidance_scale)
     variants = list(zip(names, prompts, rows or [None] * len(names)))

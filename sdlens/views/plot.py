@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from sdlens.analysis.tokens import find_word, token_view as _token_view, trace_words
+from sdlens.analysis.tokens import find_word, token_text, token_view as _token_view, trace_words
+from sdlens.trace.steps import select_steps
 _guidance = import_module("sdlens.analysis.guidance")
 _heatmaps = import_module("sdlens.analysis.heatmaps")
 _previews = import_module("sdlens.analysis.previews")
@@ -80,7 +81,7 @@ def overlay(trace: Any, word: str, ax: Any = None, batch: int = 0, alpha: float 
     else:
         im = ax.imshow(h, cmap=cmap)
     w = find_word(trace, word, batch, heatmap_kwargs.get("occurrence", 0))
-    sub = "" if len(w.tokens) == 1 else f"\n({' + '.join(t.replace('</w>', '') for t in w.tokens)})"
+    sub = "" if len(w.tokens) == 1 else f"\n({' + '.join(token_text(t) for t in w.tokens)})"
     ax.set_title(title if title is not None else f"{w.text!r}{sub}", fontsize=10)
     _strip_axis(ax)
     if colorbar:
@@ -135,7 +136,7 @@ def heatmap_steps(trace: Any, word: str, steps: Any = None, n: int = 8, batch: i
                   cmap: str = "jet", alpha: float = 0.55, **heatmap_kwargs: Any) -> Figure:
     """A word's map forming: its per-step heatmap at ``n`` evenly spaced recorded steps (or the
     ``steps`` given), each normalised on its own."""
-    chosen = _pick_steps([int(s) for s in trace.attention.steps], steps, n)
+    chosen = _pick_steps(steps, n, len(trace.timesteps), trace.attention.steps)
     maps = _np(_heatmaps.word_heatmap(trace, word, steps=chosen, per_step=True, batch=batch,
                                       **heatmap_kwargs))
     img = _image(trace, batch)
@@ -153,17 +154,17 @@ def heatmap_steps(trace: Any, word: str, steps: Any = None, n: int = 8, batch: i
 
 
 # --------------------------------------------------------------------------- step strip
-def _pick_steps(available: Sequence[int], steps: Any, n: int) -> list[int]:
+def _pick_steps(steps: Any, n: int, n_steps: int, recorded: Sequence[int] | None = None
+                ) -> list[int]:
+    """``steps`` as :func:`sdlens.trace.steps.select_steps` reads it; None: ``n`` evenly spaced
+    steps of ``recorded`` (default all ``n_steps``)."""
     if steps is not None:
-        if isinstance(steps, (int, np.integer)):
-            steps = [int(steps)]
-        elif isinstance(steps, slice):
-            steps = list(available)[steps]
-        return [int(s) for s in steps]
+        return select_steps(steps, n_steps, recorded)
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
+    available = list(recorded) if recorded is not None else list(range(n_steps))
     if len(available) <= n:
-        return list(available)
+        return available
     idx = np.linspace(0, len(available) - 1, n).round().astype(int)
     return [int(available[i]) for i in idx]
 
@@ -189,12 +190,7 @@ def step_strip(trace: Any, steps: Any = None, n: int = 8, rows: Sequence[str] = 
     bad = [r for r in rows if r not in STRIP_ROWS]
     if bad or not rows:
         raise ValueError(f"rows must be a non-empty list of {STRIP_ROWS}, got {rows}")
-    n_steps = len(trace.timesteps)
-    chosen = _pick_steps(list(range(n_steps)), steps, n)
-    for s in chosen:
-        if not -n_steps <= s < n_steps:
-            raise ValueError(f"step {s} is out of range: the run has {n_steps} steps")
-    chosen = [s % n_steps for s in chosen]
+    chosen = _pick_steps(steps, n, len(trace.timesteps))
     if "cfg" in rows and getattr(trace, "noise_uncond", None) is None:
         rows = [r for r in rows if r != "cfg"]  # guidance off: no delta to show
     if "noise" in rows and getattr(trace, "noise", None) is None:
