@@ -226,12 +226,13 @@ class _PadEmbeddings:
 
 
 def _without(prompt: str, word: Word, words: Sequence[Word]) -> str:
-    """``prompt`` with ``word`` taken out: its characters cut; where the tokenizer's text
+    """``prompt`` with ``word`` taken out: its characters cut, with the space before it when it
+    was glued to what follows (``"a red, circle"`` -> ``"a, circle"``); where the tokenizer's text
     normalisation hid them (no ``span``), the other words' texts joined, which CLIP tokenizes
     alike."""
     if word.span is not None:
-        a, b = word.span
-        return f"{prompt[:a].rstrip()} {prompt[b:].lstrip()}".strip()
+        left, right = prompt[: word.span[0]], prompt[word.span[1]:]
+        return (left.rstrip() + (" " if right[:1].isspace() else "") + right.lstrip()).strip()
     gone = set(word.positions)
     return " ".join(w.text for w in words if gone.isdisjoint(w.positions))
 
@@ -324,7 +325,9 @@ def _pad_hooks(pipe, prompt: str, rows: list[list[int]]) -> list[_PadEmbeddings]
             tok, enc = getattr(pipe, tok_name, None), getattr(pipe, enc_name, None)
             if tok is None or enc is None:
                 continue
-            ids = tok(prompt, padding="max_length", max_length=tok.model_max_length,
+            convert = getattr(pipe, "maybe_convert_prompt", None)  # as the pipeline encodes it
+            text = convert(prompt, tok) if callable(convert) else prompt
+            ids = tok(text, padding="max_length", max_length=tok.model_max_length,
                       truncation=True, return_tensors="pt").input_ids[0]
             pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
             hooks.append(_PadEmbeddings(enc.get_input_embeddings(), ids, int(pad_id), rows))

@@ -113,11 +113,11 @@ def step_window(spec: Any) -> tuple | None:
     if any(isinstance(v, (float, np.floating)) for v in (start, end)):
         start, end = (None if v is None else float(v) for v in (start, end))
         if not all(v is None or 0.0 <= v <= 1.0 for v in (start, end)):
-            raise ValueError(f"fractional steps must lie in [0, 1]; got {spec!r}")
+            raise ValueError(f"steps: fractions of the run must lie in [0, 1]; got {spec!r}")
     else:
         start, end = (None if v is None else int(v) for v in (start, end))
         if (start is not None and start < 0) or (end is not None and end < 0):
-            raise ValueError(f"step indices must be >= 0; got {spec!r}")
+            raise ValueError(f"steps: step indices must be >= 0; got {spec!r}")
     if start is not None and end is not None and end <= start:
         raise ValueError(f"steps {spec!r}: the range is empty (end <= start)")
     return (start, end)
