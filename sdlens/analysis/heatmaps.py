@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from sdlens.analysis.tokens import Word, available, find_word, trace_words
+from sdlens.analysis.tokens import Word, available, find_word, word_texts
 from sdlens.trace.steps import select_steps
 
 POOLINGS = ("sdlens", "daam")
@@ -266,10 +266,7 @@ def word_heatmaps(trace: Any, words: Iterable[str] | None = None, batch: int = 0
     """Heatmaps of several words: ``{word: map}``. ``words=None``: every word of the prompt (each
     distinct word once, first occurrence; punctuation left out unless ``punctuation=True``)."""
     if words is None:
-        words = []
-        for w in trace_words(trace, batch, punctuation=punctuation):
-            if w.text not in words:
-                words.append(w.text)
+        words = word_texts(trace, batch, punctuation)
     elif isinstance(words, str):
         words = [words]
     return {w: word_heatmap(trace, w, batch=batch, **kwargs) for w in words}
@@ -368,10 +365,7 @@ def commitments(trace: Any, words: Iterable[str] | None = None, threshold: float
                 batch: int = 0, **kwargs: Any) -> list[Commitment]:
     """:func:`commitment` for several words (default: every non-punctuation word, once)."""
     if words is None:
-        words = []
-        for w in trace_words(trace, batch, punctuation=False):
-            if w.text not in words:
-                words.append(w.text)
+        words = word_texts(trace, batch)
     return [commitment(trace, w, threshold, batch=batch, **kwargs) for w in words]
 
 

@@ -105,6 +105,11 @@ class Word:
     def is_punctuation(self) -> bool:
         return not any(ch.isalnum() for ch in self.text)
 
+    @property
+    def name(self) -> str:
+        """The text, and for a repeat which one: ``"a"``, ``"a#2"``, ..."""
+        return self.text if self.occurrence == 0 else f"{self.text}#{self.occurrence + 1}"
+
 
 def words_from_tokens(tokens: Sequence[str], prompt: str | None = None) -> list[Word]:
     """Group a tokenizer's token strings (with the special tokens) into :class:`Word` s (the
@@ -295,6 +300,12 @@ def trace_words(trace: Any, batch: int = 0, punctuation: bool = True) -> list[Wo
     """The words of batch item ``batch`` of a trace (from ``trace.tokens``)."""
     words = words_from_tokens(_trace_tokens(trace, batch), _prompt(trace, batch))
     return words if punctuation else [w for w in words if not w.is_punctuation]
+
+
+def word_texts(trace: Any, batch: int = 0, punctuation: bool = False) -> list[str]:
+    """Each distinct word of a trace's prompt once, in prompt order (punctuation left out unless
+    ``punctuation=True``): the default word list of the heatmap, plot and report APIs."""
+    return list(dict.fromkeys(w.text for w in trace_words(trace, batch, punctuation)))
 
 
 def find_word(trace: Any, word: str, batch: int = 0, occurrence: int = 0) -> Word:

@@ -239,7 +239,7 @@ def _without(prompt: str, word: Word, words: Sequence[Word]) -> str:
 
 def _variants(prompt: str, chosen: Sequence[Word], words: Sequence[Word], mode: str):
     """Names (a repeat as ``"a#2"``), prompts and padded positions of each ablation."""
-    names = [w.text if w.occurrence == 0 else f"{w.text}#{w.occurrence + 1}" for w in chosen]
+    names = [w.name for w in chosen]
     if mode == "remove":
         return names, [_without(prompt, w, words) for w in chosen], None
     return names, [prompt] * len(chosen), [list(w.positions) for w in chosen]

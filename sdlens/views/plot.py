@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from sdlens.analysis.tokens import find_word, token_text, token_view as _token_view, trace_words
+from sdlens.analysis.tokens import find_word, token_text, token_view as _token_view, word_texts
 from sdlens.trace.steps import select_steps
 _guidance = import_module("sdlens.analysis.guidance")
 _heatmaps = import_module("sdlens.analysis.heatmaps")
@@ -95,10 +95,7 @@ def heatmap_grid(trace: Any, words: Iterable[str] | None = None, batch: int = 0,
     """Heatmap overlays of several words (default: every word of the prompt, punctuation left
     out) in a grid, the image first, one shared colour bar."""
     if words is None:
-        words = []
-        for w in trace_words(trace, batch, punctuation=False):
-            if w.text not in words:
-                words.append(w.text)
+        words = word_texts(trace, batch)
     elif isinstance(words, str):
         words = [words]
     words = list(words)
