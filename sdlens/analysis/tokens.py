@@ -199,7 +199,7 @@ def _consumed(texts: Sequence[str], i: int, parts: Sequence[str]) -> int:
     A word may take several parts (``"dream beach"`` or ``"<my-token>"`` -> one word)."""
     k, j = 0, i
     while k < len(parts):
-        if j >= len(texts):
+        if j >= len(texts) or not texts[j]:
             return 0
         acc = ""
         while k < len(parts) and len(acc) < len(texts[j]):
