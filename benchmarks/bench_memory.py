@@ -106,10 +106,10 @@ def sd15_meta_pipe():
 
 def size_table(s: C.Settings, ctx: dict) -> tuple[dict, dict]:
     from sdlens.engine.options import RecordOptions, estimate_trace_bytes
-    from sdlens.engine.session import tokenize_prompt
+    from sdlens.analysis.tokens import tokenize
 
     pipe = sd15_meta_pipe()
-    n_tok = len(tokenize_prompt(pipe.tokenizer, s.prompt)[0])
+    n_tok = len(tokenize(s.prompt, pipe.tokenizer).ids)
     rows, raw = [], {}
     per_token = None
     for label, n, opts in [(f"default, this benchmark's prompt ({n_tok} tokens incl. start/end)",

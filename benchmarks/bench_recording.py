@@ -46,10 +46,9 @@ def trace_nbytes(tr) -> dict[str, int]:
 
 
 def n_prompt_tokens(pipe, prompt: str) -> int:
-    from sdlens.engine.session import tokenize_prompt
+    from sdlens.analysis.tokens import tokenize
 
-    ids, _, _ = tokenize_prompt(pipe.tokenizer, prompt)
-    return len(ids)
+    return len(tokenize(prompt, pipe.tokenizer).ids)
 
 
 def estimate(pipe, s: C.Settings, steps: int, height: int, options: dict, n_tokens: int) -> int:

@@ -11,7 +11,6 @@ import ast
 import re
 from pathlib import Path
 
-import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "sdlens"
 

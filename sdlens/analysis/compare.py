@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from sdlens.analysis.heatmaps import word_heatmap
-from sdlens.analysis.tokens import trace_words
+from sdlens.analysis.tokens import word_texts
 
 
 @dataclass
@@ -128,12 +128,8 @@ def compare(trace_a: Any, trace_b: Any, batch_a: int = 0, batch_b: int = 0,
                  and getattr(trace_b, "attention", None) is not None)
     if maps and have_maps:
         if words is None:
-            wa = [w.text for w in trace_words(trace_a, ba, punctuation=False)]
-            wb = {w.text for w in trace_words(trace_b, bb, punctuation=False)}
-            words = []
-            for w in wa:
-                if w in wb and w not in words:
-                    words.append(w)
+            wb = set(word_texts(trace_b, bb))
+            words = [w for w in word_texts(trace_a, ba) if w in wb]
         elif isinstance(words, str):
             words = [words]
         sa = [int(s) for s in trace_a.attention.steps]

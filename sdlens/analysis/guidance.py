@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from sdlens.engine import schedules
+from sdlens.trace.steps import select_step
 
 
 def _meta(trace: Any) -> dict:
@@ -101,15 +102,6 @@ def _alpha_bars(trace: Any) -> torch.Tensor:
     return ab
 
 
-def _check_step(trace: Any, step: Any) -> int:
-    n = len(trace.timesteps)
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-        raise TypeError(f"step must be an int, got {type(step).__name__}")
-    if not -n <= step < n:
-        raise ValueError(f"step {step} is out of range: the run has {n} steps (0..{n - 1})")
-    return int(step) % n
-
-
 def _batch_index(trace: Any, batch: Any) -> Any:
     if batch is None:
         return slice(None)
@@ -123,7 +115,7 @@ def _batch_index(trace: Any, batch: Any) -> Any:
 
 def x0_coefficients(trace: Any, step: int) -> tuple[float, float]:
     """``(A, B)`` with ``x0 = A * x_t + B * prediction`` at ``step`` for the trace's scheduler."""
-    step = _check_step(trace, step)
+    step = select_step(step, len(trace.timesteps))
     ptype = prediction_type(trace)
     form, level = None, None
     if ptype in ("epsilon", "v_prediction"):  # the others need no schedule
@@ -146,7 +138,7 @@ def cfg_delta(trace: Any, step: Any = None, batch: Any = None) -> torch.Tensor:
     _require_cfg(trace)
     d = trace.noise_text.float() - trace.noise_uncond.float()
     if step is not None:
-        d = d[_check_step(trace, step)]
+        d = d[select_step(step, len(trace.timesteps))]
         return d[_batch_index(trace, batch)]
     return d[:, _batch_index(trace, batch)]
 
@@ -194,7 +186,7 @@ def x0_at_guidance(trace: Any, step: int, scale: float, batch: Any = None) -> to
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
         raise TypeError(f"scale must be a number, got {type(scale).__name__}")
     _require_cfg(trace)
-    step = _check_step(trace, step)
+    step = select_step(step, len(trace.timesteps))
     b = _batch_index(trace, batch)
     u = trace.noise_uncond[step][b].float()
     t = trace.noise_text[step][b].float()

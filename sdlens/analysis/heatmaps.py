@@ -9,7 +9,8 @@ Pooling ``"sdlens"`` (the default), in this order:
 
 1. **tokens**: a word CLIP split into several sub-word tokens (``dream`` + ``beach</w>``) gets
    the *mean* of its tokens' maps (as DAAM does); a phrase query (``"red circle"``) the mean of
-   all its tokens;
+   all its tokens (the words are those of :mod:`sdlens.analysis.tokens`, and
+   ``AttentionMaps.get(layer, token=word)`` pools the same way);
 2. **heads**: mean over the chosen heads (``heads=None``: all; head-averaged recordings already
    hold this mean);
 3. **steps**: mean over the chosen recorded steps (``steps=None``: all recorded), or each step on
@@ -42,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from sdlens.analysis.tokens import Word, available, find_word, trace_words
+from sdlens.analysis.tokens import Word, available, find_word, word_texts
+from sdlens.trace.steps import select_steps
 
 POOLINGS = ("sdlens", "daam")
 
@@ -66,35 +68,9 @@ def _n_steps(trace: Any) -> int:
 
 
 def resolve_steps(trace: Any, steps: Any) -> list[int]:
-    """Step indices (into ``trace.timesteps``) chosen by ``steps``: None (all recorded), an int
-    (negative counts from the end), a slice / range, or a list of ints. Each must be recorded."""
-    maps = _maps(trace)
-    recorded = [int(s) for s in maps.steps]
-    n = _n_steps(trace)
-    if steps is None:
-        return recorded
-    if isinstance(steps, bool):
-        raise TypeError("steps must be None, an int, a slice/range or a list of ints, not a bool")
-    if isinstance(steps, (int, np.integer)):
-        chosen = [int(steps)]
-    elif isinstance(steps, slice):
-        chosen = list(range(n))[steps]
-    elif isinstance(steps, (range, list, tuple, np.ndarray, torch.Tensor)):
-        chosen = [int(s) for s in (steps.tolist() if hasattr(steps, "tolist") else steps)]
-    else:
-        raise TypeError(f"steps must be None, an int, a slice/range or a list of ints, got "
-                        f"{type(steps).__name__}")
-    out = []
-    for s in chosen:
-        if not -n <= s < n:
-            raise ValueError(f"step {s} is out of range: the run has {n} steps (0..{n - 1})")
-        s = s % n
-        if s not in recorded:
-            raise ValueError(f"step {s} has no attention maps; recorded steps: {recorded}")
-        out.append(s)
-    if not out:
-        raise ValueError(f"steps={steps!r} selects no step; recorded steps: {recorded}")
-    return out
+    """Step indices (into ``trace.timesteps``) chosen by ``steps`` among the steps with attention
+    maps (:func:`sdlens.trace.steps.select_steps`: None = all recorded)."""
+    return select_steps(steps, _n_steps(trace), recorded=[int(s) for s in _maps(trace).steps])
 
 
 def resolve_layers(trace: Any, layers: Any) -> list[str]:
@@ -290,10 +266,7 @@ def word_heatmaps(trace: Any, words: Iterable[str] | None = None, batch: int = 0
     """Heatmaps of several words: ``{word: map}``. ``words=None``: every word of the prompt (each
     distinct word once, first occurrence; punctuation left out unless ``punctuation=True``)."""
     if words is None:
-        words = []
-        for w in trace_words(trace, batch, punctuation=punctuation):
-            if w.text not in words:
-                words.append(w.text)
+        words = word_texts(trace, batch, punctuation)
     elif isinstance(words, str):
         words = [words]
     return {w: word_heatmap(trace, w, batch=batch, **kwargs) for w in words}
@@ -395,10 +368,7 @@ def commitments(trace: Any, words: Iterable[str] | None = None, threshold: float
                 batch: int = 0, **kwargs: Any) -> list[Commitment]:
     """:func:`commitment` for several words (default: every non-punctuation word, once)."""
     if words is None:
-        words = []
-        for w in trace_words(trace, batch, punctuation=False):
-            if w.text not in words:
-                words.append(w.text)
+        words = word_texts(trace, batch)
     return [commitment(trace, w, threshold, batch=batch, **kwargs) for w in words]
 
 

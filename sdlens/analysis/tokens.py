@@ -1,24 +1,39 @@
-"""Words and tokens: how CLIP cut the prompt, and what each token did.
+"""Words and tokens: the one model of what a prompt's *words* are, and what each token did.
 
-A *word* is what the user typed; a *token* is what CLIP's byte-level BPE made of it. APIs in
-sdlens take words; token positions are available for those who need them.
+A *word* is what the user typed; a *token* is what the tokenizer made of it. Every sdlens API that
+takes words (heatmaps, ``AttentionMaps.get(token=...)``, steering, token effects, the token view,
+report and CLI) uses the words this module builds, and they are built from the tokenizer's own
+token strings (never by splitting the prompt at spaces).
 
 How tokens are grouped into words
 ---------------------------------
-CLIP's BPE marks the last sub-word token of every pre-token with ``</w>`` (``'dream', 'beach</w>'``
-is the word "dreambeach"; ``'circle</w>', ',</w>'`` are the words "circle" and ","). A word is
-therefore a maximal run of tokens that ends with a ``</w>`` token; its text is the tokens joined,
-with ``</w>`` removed and the byte-level characters decoded back to UTF-8. ``<|startoftext|>`` and
-``<|endoftext|>`` belong to no word. Words are lower case, as CLIP's tokenizer lower-cases.
+* CLIP's byte-level BPE marks the last sub-word token of every pre-token with ``</w>``
+  (``'dream', 'beach</w>'`` is the word "dreambeach"; ``'circle</w>', ',</w>'`` are the words
+  "circle" and ","). A word is a run of tokens up to a ``</w>`` token; its text is the tokens
+  joined, ``</w>`` removed, the byte-level characters decoded back to UTF-8. Punctuation is a word
+  of its own, as CLIP splits it; CLIP lower-cases, so words are lower case.
+* SentencePiece marks the *first* piece of a word with ``▁`` (``'▁red'``): such a token starts a
+  new word (for the T5 / Gemma text encoders).
+* An added token (textual inversion's ``<my-token>``) is a word of its own: :func:`tokenize`
+  marks it as a word end (``'<my-token></w>'``, as ``Trace.tokens`` stores it). A multi-vector
+  textual-inversion token ``<t>``, which the pipeline expands into ``<t> <t>_1 <t>_2``, is one word
+  over all its vectors.
+* ``<|startoftext|>`` and ``<|endoftext|>`` belong to no word. A word that appears more than once
+  is told apart by its ``occurrence`` (0 = first).
 
 Positions are positions in the 77-token sequence the text encoder saw: position 0 is
 ``<|startoftext|>``, the prompt's first token is at position 1, and at most 75 prompt tokens fit
-(``MAX_PROMPT_TOKENS``); the pipeline silently drops the rest, ``Trace.truncated_words`` and
-:func:`tokenize` say which words were cut.
+(``MAX_PROMPT_TOKENS``); the pipeline drops the rest. The words with a token beyond the limit are
+``truncated_words`` (:func:`tokenize`, ``Trace.truncated_words``); the tokens of a word cut in its
+middle that did fit still form a (partial) word.
+
+Pooling: a word of several tokens (or a phrase of several words) stands for the *mean* of its
+tokens' maps, everywhere (``AttentionMaps.get``, the heatmaps), as DAAM does.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -29,7 +44,8 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 SPECIAL = (BOS, EOS)
 MAX_POSITIONS = 77
 MAX_PROMPT_TOKENS = MAX_POSITIONS - 2  # 75
-_END = "</w>"
+END_MARK = "</w>"  # CLIP BPE: the last piece of a word
+START_MARK = "\u2581"  # SentencePiece ("▁"): the first piece of a word
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -50,101 +66,124 @@ def bytes_to_unicode() -> dict[int, str]:
 BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
 
 
-def token_text(token: str) -> str:
-    """The readable text of one BPE token string: ``'caf\\u00c3\\u00a9</w>'`` -> ``'café'``."""
-    body = token[: -len(_END)] if token.endswith(_END) else token
-    if token in SPECIAL:
-        return token
+def _body(token: str) -> str:
+    """A token string without its word marks."""
+    if token.endswith(END_MARK):
+        token = token[: -len(END_MARK)]
+    return token[len(START_MARK):] if token.startswith(START_MARK) else token
+
+
+def _decode(body: str) -> str:
     try:
         return bytes(BYTE_DECODER[c] for c in body).decode("utf-8", errors="replace")
-    except KeyError:  # not a byte-level BPE string (another tokenizer): show it as it is
+    except KeyError:  # not a byte-level BPE string (an added token, another tokenizer): as it is
         return body
+
+
+def token_text(token: str) -> str:
+    """The readable text of one token string: ``'caf\\u00c3\\u00a9</w>'`` -> ``'café'``."""
+    return token if token in SPECIAL else _decode(_body(token))
 
 
 @dataclass(frozen=True)
 class Word:
-    """One word of a prompt: its text, its index among the prompt's words, its token positions
-    (in the 77-token sequence), its token strings and which occurrence of the same text it is."""
+    """One word of a prompt.
+
+    ``text``: lower-case text as the tokenizer saw it; ``index``: its index among the prompt's
+    words; ``positions``: its token positions (in the 77-token sequence); ``tokens``: its token
+    strings; ``occurrence``: which occurrence of the same text it is (0 = first); ``span``:
+    ``(start, end)`` characters of the prompt it was typed as (None where unknown).
+    """
 
     text: str
     index: int
     positions: tuple[int, ...]
     tokens: tuple[str, ...]
     occurrence: int = 0
+    span: tuple[int, int] | None = None
 
     @property
     def is_punctuation(self) -> bool:
         return not any(ch.isalnum() for ch in self.text)
 
+    @property
+    def name(self) -> str:
+        """The text, and for a repeat which one: ``"a"``, ``"a#2"``, ..."""
+        return self.text if self.occurrence == 0 else f"{self.text}#{self.occurrence + 1}"
 
-def words_from_tokens(tokens: Sequence[str]) -> list[Word]:
-    """Group a tokenizer's token strings (with the special tokens) into :class:`Word` s.
 
-    ``tokens[i]`` is taken to sit at position ``i`` of the text encoder's sequence, as
-    ``Trace.tokens`` does (position 0 = ``<|startoftext|>``).
+def words_from_tokens(tokens: Sequence[str], prompt: str | None = None) -> list[Word]:
+    """Group a tokenizer's token strings (with the special tokens) into :class:`Word` s (the
+    rules are in the module docstring). ``tokens[i]`` sits at position ``i`` of the text
+    encoder's sequence, as in ``Trace.tokens``. ``prompt``: the text they came from, to find
+    each word's ``span``.
     """
     if isinstance(tokens, str):
         raise TypeError("tokens must be a list of token strings, not one string")
-    words: list[Word] = []
+    runs: list[list[int]] = []
     run: list[int] = []
-    seen: dict[str, int] = {}
-
-    def close() -> None:
-        if not run:
-            return
-        text = _decode("".join(_strip(tokens[p]) for p in run))
-        occ = seen.get(text, 0)
-        seen[text] = occ + 1
-        words.append(Word(text, len(words), tuple(run), tuple(tokens[p] for p in run), occ))
-        run.clear()
-
     for pos, tok in enumerate(tokens):
-        if tok in SPECIAL:
-            close()
-            continue
+        if tok in SPECIAL or tok.startswith(START_MARK):
+            if run:
+                runs.append(run)
+            run = []
+            if tok in SPECIAL:
+                continue
         run.append(pos)
-        if tok.endswith(_END):
-            close()
-    close()  # a run without a final </w> (cut mid-word by truncation) still forms a word
-    return _merge_vectors(words)
-
-
-def _merge_vectors(words: list[Word]) -> list[Word]:
-    """A multi-vector textual-inversion token ``<t>`` is expanded by diffusers into the words
-    ``<t> <t>_1 <t>_2 ...``: they are one word (its heatmap covers every vector)."""
-    groups: list[tuple[str, list[Word]]] = []  # (the head's text, its words)
-    for w in words:
-        if groups and w.text == f"{groups[-1][0]}_{len(groups[-1][1])}":
-            groups[-1][1].append(w)
-        else:
-            groups.append((w.text, [w]))
-    if len(groups) == len(words):
-        return words
-    out: list[Word] = []
+        if tok.endswith(END_MARK):
+            runs.append(run)
+            run = []
+    if run:  # a run without an end mark (SentencePiece, or cut mid-word by the limit)
+        runs.append(run)
+    groups = [(_decode("".join(_body(tokens[p]) for p in r)), r) for r in runs]
+    groups = _merge_vectors(groups)
+    spans = _spans([t for t, _ in groups], prompt)
+    words: list[Word] = []
     seen: dict[str, int] = {}
-    for text, ws in groups:
+    for (text, run), span in zip(groups, spans):
         occ = seen.get(text, 0)
         seen[text] = occ + 1
-        out.append(Word(text, len(out), sum((w.positions for w in ws), ()),
-                        sum((w.tokens for w in ws), ()), occ))
+        words.append(Word(text, len(words), tuple(run), tuple(tokens[p] for p in run), occ, span))
+    return words
+
+
+def _merge_vectors(groups: list[tuple[str, list[int]]]) -> list[tuple[str, list[int]]]:
+    """A multi-vector textual-inversion token ``<t>`` is expanded by diffusers into the words
+    ``<t> <t>_1 <t>_2 ...``: they are one word (its maps cover every vector)."""
+    out: list[tuple[str, list[int]]] = []
+    n_vectors = 0
+    for text, run in groups:
+        if out and text == f"{out[-1][0]}_{n_vectors}":
+            out[-1][1].extend(run)
+            n_vectors += 1
+        else:
+            out.append((text, list(run)))
+            n_vectors = 1
     return out
 
 
-def _strip(token: str) -> str:
-    return token[: -len(_END)] if token.endswith(_END) else token
-
-
-def _decode(body: str) -> str:
-    try:
-        return bytes(BYTE_DECODER[c] for c in body).decode("utf-8", errors="replace")
-    except KeyError:
-        return body
+def _spans(texts: Sequence[str], prompt: str | None) -> list[tuple[int, int] | None]:
+    """Where each word's text lies in ``prompt``, found in order (case-insensitive); None where
+    the tokenizer's text normalisation makes it unfindable."""
+    if not prompt:
+        return [None] * len(texts)
+    low = prompt.lower()
+    if len(low) != len(prompt):  # a character whose lower case is longer: offsets would shift
+        return [None] * len(texts)
+    out: list[tuple[int, int] | None] = []
+    at = 0
+    for text in texts:
+        i = low.find(text.lower(), at) if text else -1
+        if i < 0:
+            out.append(None)
+            continue
+        out.append((i, i + len(text)))
+        at = i + len(text)
+    return out
 
 
 def split_words(text: str) -> list[str]:
     """Split a query the way CLIP pre-tokenises (letters, single digits, punctuation runs)."""
-    import re
-
     try:
         import regex
 
@@ -153,6 +192,86 @@ def split_words(text: str) -> list[str]:
         return [w.lower() for w in pat.findall(text)]
     except ImportError:  # pragma: no cover - regex ships with transformers
         return [w.lower() for w in re.findall(r"[^\W\d_]+|\d|[^\s\w]+", text)]
+
+
+# --------------------------------------------------------------------------- finding words
+def _consumed(texts: Sequence[str], i: int, parts: Sequence[str]) -> int:
+    """How many words from ``texts[i]`` on the query ``parts`` spell out exactly (0: no match).
+    A word may take several parts (``"dream beach"`` or ``"<my-token>"`` -> one word)."""
+    k, j = 0, i
+    while k < len(parts):
+        if j >= len(texts) or not texts[j]:
+            return 0
+        acc = ""
+        while k < len(parts) and len(acc) < len(texts[j]):
+            acc += parts[k]
+            k += 1
+        if acc != texts[j]:
+            return 0
+        j += 1
+    return j - i
+
+
+def _merged(group: Sequence[Word], occurrence: int) -> Word:
+    if len(group) == 1:
+        return group[0]
+    a, b = group[0].span, group[-1].span
+    return Word(" ".join(w.text for w in group), group[0].index,
+                tuple(p for w in group for p in w.positions),
+                tuple(t for w in group for t in w.tokens), occurrence,
+                (a[0], b[1]) if a and b else None)
+
+
+def word_matches(words: Sequence[Word], query: str) -> list[Word]:
+    """Every occurrence of ``query`` among ``words``, in prompt order: a word as typed
+    (case-insensitive; ``"dreambeach"``, ``"<my-token>"``, ``","``) or several consecutive words
+    (``"red circle"``, returned merged into one :class:`Word` over all their tokens)."""
+    if not isinstance(query, str):
+        raise TypeError(f"a word must be a str, got {type(query).__name__}")
+    parts = split_words(query) or ([query.strip().lower()] if query.strip() else [])
+    if not parts:
+        raise ValueError(f"empty word {query!r}; words in the prompt: {available(words)}")
+    texts = [w.text.lower() for w in words]
+    found: list[Word] = []
+    for i in range(len(words)):
+        n = _consumed(texts, i, parts)
+        if n:
+            found.append(_merged(words[i: i + n], len(found)))
+    return found
+
+
+def no_word_error(words: Sequence[Word], query: str, truncated: Sequence[str] = (),
+                  where: str = "the prompt") -> ValueError:
+    """The error for a query that names no word: it was cut by the length limit, or here are
+    the words there are."""
+    cut = [t.lower() for t in truncated]
+    if cut and (query.strip().lower() in cut or any(p in cut for p in split_words(query))):
+        return ValueError(f"{query!r} lies beyond the text encoder's {MAX_POSITIONS}-token limit "
+                          f"({MAX_PROMPT_TOKENS}-token prompts): the pipeline cut it, so it has no "
+                          f"token positions (no attention maps, nothing to steer); words cut: "
+                          f"{list(truncated)}")
+    return ValueError(f"{query!r} is not a word of {where}; its words: {available(words)}")
+
+
+def match_word(words: Sequence[Word], query: str, occurrence: int = 0,
+               truncated: Sequence[str] = (), where: str = "the prompt") -> Word:
+    """The :class:`Word` that ``query`` names (see :func:`word_matches`); ``occurrence`` picks
+    among repeats (0 = first, negative from the end). ValueError for a word that is not there
+    (listing the words, or saying the length limit cut it: ``truncated``)."""
+    if not isinstance(occurrence, (int, np.integer)) or isinstance(occurrence, bool):
+        raise TypeError(f"occurrence must be an int, got {type(occurrence).__name__}")
+    matches = word_matches(words, query)
+    if not matches:
+        raise no_word_error(words, query, truncated, where)
+    if not -len(matches) <= occurrence < len(matches):
+        raise ValueError(f"occurrence={occurrence} but {query!r} occurs {len(matches)} time(s) "
+                         f"in {where} (occurrence 0..{len(matches) - 1})")
+    return matches[int(occurrence)]
+
+
+def available(words: Sequence[Word]) -> str:
+    """The distinct word texts, quoted, for messages."""
+    return ", ".join(repr(t) for t in dict.fromkeys(w.text for w in words))
 
 
 def _trace_tokens(trace: Any, batch: int) -> list[str]:
@@ -168,72 +287,39 @@ def _trace_tokens(trace: Any, batch: int) -> list[str]:
     return list(tokens[batch])
 
 
+def _prompt(trace: Any, batch: int) -> str:
+    prompts = getattr(trace, "prompts", None)
+    return (prompts[batch] or "") if prompts and len(prompts) > batch else ""
+
+
+def _truncated(trace: Any, batch: int) -> list[str]:
+    tw = getattr(trace, "truncated_words", None)
+    return list(tw[batch]) if tw is not None and len(tw) > batch else []
+
+
 def trace_words(trace: Any, batch: int = 0, punctuation: bool = True) -> list[Word]:
     """The words of batch item ``batch`` of a trace (from ``trace.tokens``)."""
-    words = words_from_tokens(_trace_tokens(trace, batch))
+    words = words_from_tokens(_trace_tokens(trace, batch), _prompt(trace, batch))
     return words if punctuation else [w for w in words if not w.is_punctuation]
 
 
-def find_word(trace: Any, word: str, batch: int = 0, occurrence: int = 0) -> Word:
-    """The :class:`Word` of ``trace`` (batch item ``batch``) that matches ``word``.
+def word_texts(trace: Any, batch: int = 0, punctuation: bool = False) -> list[str]:
+    """Each distinct word of a trace's prompt once, in prompt order (punctuation left out unless
+    ``punctuation=True``): the default word list of the heatmap, plot and report APIs."""
+    return list(dict.fromkeys(w.text for w in trace_words(trace, batch, punctuation)))
 
-    ``word`` is matched case-insensitively against the words CLIP made (so ``"dreambeach"``
-    finds the word of tokens ``dream`` + ``beach</w>``). A query of several words
-    (``"red circle"``) matches consecutive words and returns them as one merged :class:`Word`.
-    ``occurrence`` picks among repeats (0 = first). Unknown words raise ``ValueError`` listing the
-    words available; a word cut by the 75-token limit says so.
+
+def find_word(trace: Any, word: str, batch: int = 0, occurrence: int = 0) -> Word:
+    """The :class:`Word` of ``trace`` (batch item ``batch``) that ``word`` names (see
+    :func:`word_matches`: ``"dreambeach"`` finds the word of tokens ``dream`` + ``beach</w>``;
+    ``"red circle"`` two words merged). ``occurrence`` picks among repeats (0 = first). Unknown
+    words raise ``ValueError`` listing the words available; a word cut by the length limit says so.
     """
     if not isinstance(word, str):
         raise TypeError(f"word must be a str, got {type(word).__name__}; for token positions "
                         f"use sdlens.heatmaps.token_heatmap")
-    if not isinstance(occurrence, (int, np.integer)) or isinstance(occurrence, bool):
-        raise TypeError(f"occurrence must be an int, got {type(occurrence).__name__}")
-    words = trace_words(trace, batch)
-    parts = split_words(word)
-    if not parts:
-        raise ValueError(f"empty word {word!r}; words in the prompt: {available(words)}")
-    # a query written without the spaces CLIP would split on ("circle," -> circle ,) works too
-    matches: list[list[Word]] = []
-    texts = [w.text for w in words]
-    joined = "".join(parts)
-    for i in range(len(words)):
-        # the plain case: consecutive words equal to the query's pre-tokens
-        if texts[i : i + len(parts)] == parts:
-            matches.append(words[i : i + len(parts)])
-    if not matches:  # e.g. a query "dream beach" for the word "dreambeach"
-        matches = [[w] for w in words if w.text == joined]
-    if not matches:
-        truncated = []
-        tw = getattr(trace, "truncated_words", None)
-        if tw is not None and len(tw) > batch:
-            truncated = [t.lower() for t in tw[batch]]
-        if word.strip().lower() in truncated or any(p in truncated for p in parts):
-            raise ValueError(f"{word!r} was cut from the prompt by CLIP's {MAX_PROMPT_TOKENS}-token "
-                             f"limit, so it has no attention maps; words cut: {tw[batch]}")
-        raise ValueError(f"{word!r} is not a word of prompt {batch} "
-                         f"({_prompt(trace, batch)!r}); words available: {available(words)}")
-    if not -len(matches) <= occurrence < len(matches):
-        raise ValueError(f"occurrence={occurrence} but {word!r} occurs {len(matches)} time(s) in "
-                         f"the prompt (occurrence 0..{len(matches) - 1})")
-    group = matches[occurrence]
-    if len(group) == 1:
-        return group[0]
-    return Word(" ".join(w.text for w in group), group[0].index,
-                tuple(p for w in group for p in w.positions),
-                tuple(t for w in group for t in w.tokens), occurrence % len(matches))
-
-
-def available(words: Sequence[Word]) -> str:
-    out: list[str] = []
-    for w in words:
-        if w.text not in out:
-            out.append(w.text)
-    return ", ".join(repr(t) for t in out)
-
-
-def _prompt(trace: Any, batch: int) -> str:
-    prompts = getattr(trace, "prompts", None)
-    return prompts[batch] if prompts and len(prompts) > batch else ""
+    return match_word(trace_words(trace, batch), word, occurrence, _truncated(trace, batch),
+                      f"prompt {batch} ({_prompt(trace, batch)!r})")
 
 
 # --------------------------------------------------------------------------- token view
@@ -255,8 +341,8 @@ class TokenRow:
 class TokenView:
     """The prompt as the tokenizer split it.
 
-    ``rows``: one :class:`TokenRow` per token (start token, prompt tokens, end token);
-    ``words``: the :class:`Word` s; ``n_prompt_tokens`` of at most ``limit`` (75);
+    ``rows``: one :class:`TokenRow` per token the text encoder sees (start token, prompt tokens,
+    end token); ``words``: the :class:`Word` s; ``n_prompt_tokens`` of at most ``limit`` (75);
     ``truncated_words``: what the pipeline cut. ``attention`` (when computed from a trace) is each
     token's share of the cross-attention: the attention probability it received, averaged over
     recorded steps, layers, heads and pixels (all 77 positions together sum to 1).
@@ -273,6 +359,16 @@ class TokenView:
     def truncated(self) -> bool:
         return bool(self.truncated_words)
 
+    @property
+    def ids(self) -> list[int | None]:
+        """The token ids, position by position (as ``Trace.token_ids``)."""
+        return [r.id for r in self.rows]
+
+    @property
+    def tokens(self) -> list[str]:
+        """The token strings, position by position (as ``Trace.tokens``)."""
+        return [r.token for r in self.rows]
+
     def to_dict(self) -> dict:
         return {
             "prompt": self.prompt,
@@ -281,7 +377,8 @@ class TokenView:
             "truncated_words": list(self.truncated_words),
             "tokens": [vars(r).copy() for r in self.rows],
             "words": [{"text": w.text, "index": w.index, "positions": list(w.positions),
-                       "tokens": list(w.tokens), "occurrence": w.occurrence} for w in self.words],
+                       "tokens": list(w.tokens), "occurrence": w.occurrence,
+                       "span": None if w.span is None else list(w.span)} for w in self.words],
         }
 
     def __str__(self) -> str:
@@ -295,30 +392,56 @@ class TokenView:
         return "\n".join(lines)
 
 
+def tokenizer_of(source: Any) -> Any:
+    """The tokenizer of ``source``: a tokenizer itself, or a pipeline's ``tokenizer`` (its
+    ``tokenizer_2`` when it has no first one, as the SDXL refiner)."""
+    if hasattr(source, "convert_ids_to_tokens"):
+        return source
+    for name in ("tokenizer", "tokenizer_2"):
+        tok = getattr(source, name, None)
+        if tok is not None:
+            return tok
+    raise TypeError(f"expected a tokenizer or a pipeline with .tokenizer, got "
+                    f"{type(source).__name__}")
+
+
+def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """``convert_ids_to_tokens``, with added non-special tokens (textual inversion's
+    ``<my-token>``; the tokenizer always splits them out whole) marked as word ends
+    (``<my-token></w>``) so that each is a word of its own instead of merging with the next."""
+    toks = list(tokenizer.convert_ids_to_tokens(list(ids)))
+    try:
+        added = set(tokenizer.get_added_vocab()) - set(tokenizer.all_special_tokens)
+    except (AttributeError, TypeError):
+        return toks
+    return [t + END_MARK if t in added and not t.endswith(END_MARK) else t for t in toks]
+
+
 def tokenize(prompt: str, tokenizer: Any) -> TokenView:
-    """How ``tokenizer`` (a ``CLIPTokenizer`` or a pipeline) cuts ``prompt``, with what the
-    77-position limit removes. Needs no trace: check a prompt before running it."""
+    """How ``tokenizer`` (a tokenizer, or a pipeline: its tokenizer, and multi-vector
+    textual-inversion tokens expanded as the pipeline expands them) cuts ``prompt``, keeping what
+    the pipeline keeps (``truncation=True, max_length=model_max_length``) and naming the words the
+    limit cuts. Needs no trace: check a prompt before running it. ``Trace.tokens`` /
+    ``token_ids`` / ``truncated_words`` are recorded with it."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-    tok = getattr(tokenizer, "tokenizer", tokenizer)
-    if not hasattr(tok, "convert_ids_to_tokens"):
-        raise TypeError(f"expected a tokenizer or a pipeline with .tokenizer, got "
-                        f"{type(tokenizer).__name__}")
-    ids = list(tok(prompt, truncation=False, add_special_tokens=True).input_ids)
-    strings = tok.convert_ids_to_tokens(ids)
+    tok = tokenizer_of(tokenizer)
+    convert = getattr(tokenizer, "maybe_convert_prompt", None) if tok is not tokenizer else None
+    text = convert(prompt, tok) if callable(convert) else prompt
+    ids = list(tok(text, truncation=False, add_special_tokens=True).input_ids)
+    strings = token_strings(tok, ids)
     limit = getattr(tok, "model_max_length", MAX_POSITIONS)
     limit = MAX_POSITIONS if not limit or limit > 10_000 else int(limit)
-    all_words = words_from_tokens(strings)
     kept_n = min(len(ids) - 2, limit - 2)
-    kept_words = [w for w in all_words if max(w.positions) <= kept_n]
-    cut = [w.text for w in all_words if max(w.positions) > kept_n]
+    cut = [w.text for w in words_from_tokens(strings) if max(w.positions) > kept_n]
     keep = list(range(kept_n + 1)) + [len(ids) - 1]
-    rows = _rows([strings[i] for i in keep], [ids[i] for i in keep])
-    return TokenView(prompt, rows, kept_words, kept_n, limit - 2, cut)
+    strings, ids = [strings[i] for i in keep], [ids[i] for i in keep]
+    words = words_from_tokens(strings, prompt)
+    return TokenView(prompt, _rows(strings, ids, words), words, kept_n, limit - 2, cut)
 
 
-def _rows(strings: Sequence[str], ids: Sequence[int] | None) -> list[TokenRow]:
-    words = words_from_tokens(strings)
+def _rows(strings: Sequence[str], ids: Sequence[int] | None, words: Sequence[Word]
+          ) -> list[TokenRow]:
     owner = {p: w for w in words for p in w.positions}
     rows = []
     for pos, s in enumerate(strings):
@@ -354,16 +477,15 @@ def token_view(trace: Any, batch: int = 0, attention: bool = True) -> TokenView:
     attention was recorded) each token's share of cross-attention over the run."""
     strings = _trace_tokens(trace, batch)
     ids = trace.token_ids[batch] if getattr(trace, "token_ids", None) is not None else None
-    rows = _rows(strings, ids)
+    words = trace_words(trace, batch)
+    rows = _rows(strings, ids, words)
     if attention and getattr(trace, "attention", None) is not None:
         att = token_attention(trace, batch)
         for r in rows:
             r.attention = att.get(r.position)
-    tw = getattr(trace, "truncated_words", None)
-    cut = list(tw[batch]) if tw is not None and len(tw) > batch else []
-    words = words_from_tokens(strings)
     n_prompt = sum(1 for s in strings if s not in SPECIAL)
-    return TokenView(_prompt(trace, batch), rows, words, n_prompt, MAX_PROMPT_TOKENS, cut)
+    return TokenView(_prompt(trace, batch), rows, words, n_prompt, MAX_PROMPT_TOKENS,
+                     _truncated(trace, batch))
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -407,73 +529,21 @@ def nearest_tokens(source: Any, word: str, k: int = 10, tokenizer: Any = None,
     return [(token_text(s), int(i), float(sims[i])) for s, i in zip(strings, top)]
 
 
-# ====================================================================== words as typed (steering)
-def _n_tokens(tokenizer, text: str) -> int:
-    """Number of prompt tokens of ``text`` (without start / end tokens)."""
-    return len(tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
-
-
-def prompt_words(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
-    """The prompt's words (split at white space, as typed) with their token positions in the
-    77-token sequence (position 0 is the start token). Words cut by the 77-token limit get []."""
-    words = prompt.split()
-    out, start = [], 1
-    for i, w in enumerate(words):
-        end = 1 + _n_tokens(tokenizer, " ".join(words[: i + 1]))
-        positions = [p for p in range(start, end) if p < MAX_POSITIONS - 1]
-        out.append((w, positions))
-        start = end
-    return out
-
-
-def _normal(word: str) -> str:
-    return " ".join(word.lower().split())
-
-
-def _strip_punct(word: str) -> str:
-    return word.strip(".,;:!?\"'()[]{}")
-
-
-def word_key(word: str) -> str:
-    """How :func:`word_positions` compares words: lower case, white space normalised,
-    surrounding punctuation stripped."""
-    return _strip_punct(_normal(word))
-
-
-def word_positions(tokenizer, prompt: str, word: str | int) -> list[int]:
-    """Token positions of every occurrence of ``word`` (a word or several consecutive words of the
-    prompt, case-insensitive, surrounding punctuation ignored) in ``prompt``; an int is taken as
-    a token position. ValueError listing the prompt's words for a word that is not there."""
-    if isinstance(word, (int, np.integer)):
-        n = 1 + _n_tokens(tokenizer, prompt)
-        if not 1 <= int(word) < min(n, MAX_POSITIONS - 1):
-            raise ValueError(f"token position {word} is outside the prompt's tokens 1..{n - 1}")
+# --------------------------------------------------------------------------- token positions of words
+def word_positions(tokenizer: Any, prompt: str, word: str | int) -> list[int]:
+    """Token positions (in the text encoder's sequence) of every occurrence of ``word`` in
+    ``prompt``: a word of the prompt or several consecutive words (case-insensitive; the words of
+    :func:`tokenize`), or an int token position. ``tokenizer``: a tokenizer or a pipeline (which
+    expands multi-vector textual-inversion tokens as it encodes them). ValueError listing the
+    prompt's words for a word that is not there, or saying that the length limit cut it."""
+    view = tokenize(prompt, tokenizer)
+    if isinstance(word, (int, np.integer)) and not isinstance(word, bool):
+        if not 1 <= int(word) <= view.n_prompt_tokens:
+            raise ValueError(f"token position {word} is outside the prompt's tokens "
+                             f"1..{view.n_prompt_tokens}")
         return [int(word)]
-    words = prompt_words(tokenizer, prompt)
-    target = [_strip_punct(w) for w in _normal(str(word)).split()]
-    if not target or not all(target):
-        raise ValueError(f"{word!r} is not a word")
-    keys = [word_key(w) for w, _ in words]
-    found: list[int] = []
-    split = prompt.split()
-    for i in range(len(words) - len(target) + 1):
-        if keys[i: i + len(target)] == target:
-            pos = [p for _, ps in words[i: i + len(target)] for p in ps]
-            # leave out punctuation glued to the first / last word ("Red," -> "red")
-            first, last = split[i], split[i + len(target) - 1]
-            lead = len(first) - len(first.lstrip(".,;:!?\"'()[]{}"))
-            trail = len(last) - len(last.rstrip(".,;:!?\"'()[]{}"))
-            if lead or trail:
-                before = " ".join(split[:i])
-                start = 1 + _n_tokens(tokenizer, (before + " " + first[:lead]).strip())
-                core = " ".join(split[i: i + len(target)])
-                end = 1 + _n_tokens(tokenizer, (before + " " + core[: len(core) - trail]).strip())
-                pos = [p for p in pos if start <= p < end]
-            if not pos:
-                raise ValueError(f"{word!r} lies beyond the 77-token limit of the text encoder: "
-                                 "the pipeline cuts it off, so it cannot be reweighted")
-            found += pos
-    if not found:
-        raise ValueError(f"{word!r} is not a word of the prompt {prompt!r}; its words: "
-                         f"{', '.join(repr(w) for w, _ in words)}")
-    return found
+    matches = word_matches(view.words, str(word))
+    if not matches:
+        raise no_word_error(view.words, str(word), view.truncated_words,
+                            f"the prompt {view.prompt!r}")
+    return [p for w in matches for p in w.positions]

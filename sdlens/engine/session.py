@@ -36,7 +36,7 @@ import warnings
 import torch
 from einops import rearrange
 
-from sdlens.analysis.tokens import BYTE_DECODER
+from sdlens.analysis.tokens import tokenize
 from sdlens.engine import schedules as sched_hooks
 from sdlens.engine.arch import BackboneAdapter, adapter_for
 from sdlens.engine.options import (RecordOptions, TraceTooLarge, default_max_bytes,
@@ -45,6 +45,7 @@ from sdlens.engine.sites import AttentionRecorder, Hooks, reweighting
 from sdlens.pipeline import pipeline_task
 from sdlens.trace.core import Trace
 from sdlens.trace.maps import AttentionMaps, resolve_layers
+from sdlens.trace.steps import select_steps
 
 
 def check_pipeline(pipe) -> BackboneAdapter:
@@ -64,56 +65,6 @@ def _version(pkg: str) -> str:  # cached: the metadata lookup costs ms at every 
         return importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-# ====================================================================== tokens
-def _token_text(tokenizer, tokens: list[str]) -> str:
-    """Readable text of a word's BPE tokens (``</w>`` dropped, byte-level chars decoded)."""
-    body = "".join(t[:-4] if t.endswith("</w>") else t for t in tokens)
-    dec = getattr(tokenizer, "byte_decoder", None)
-    if not isinstance(dec, dict):
-        dec = BYTE_DECODER
-    try:
-        return bytearray(dec[c] for c in body).decode("utf-8", errors="replace").strip()
-    except KeyError:  # not a byte-level BPE
-        return body.strip()
-
-
-def _token_strings(tokenizer, ids) -> list[str]:
-    """``convert_ids_to_tokens``, with added non-special tokens (textual inversion's
-    ``<my-token>``; the tokenizer always splits them out as whole words) ending in ``</w>`` so
-    that they form a word of their own instead of merging with the next word."""
-    toks = list(tokenizer.convert_ids_to_tokens(ids))
-    try:
-        added = set(tokenizer.get_added_vocab()) - set(tokenizer.all_special_tokens)
-    except (AttributeError, TypeError):
-        return toks
-    return [t + "</w>" if t in added and not t.endswith("</w>") else t for t in toks]
-
-
-def tokenize_prompt(tokenizer, prompt: str) -> tuple[list[int], list[str], list[str]]:
-    """(kept ids, kept token strings, words cut by the length limit) for one prompt, as the
-    pipeline's tokenizer call (``truncation=True, max_length=model_max_length``) keeps them."""
-    max_len = int(getattr(tokenizer, "model_max_length", 77) or 77)
-    if max_len > 10_000:
-        max_len = 77
-    ids = list(tokenizer(prompt, truncation=False, add_special_tokens=True)["input_ids"])
-    cut_words: list[str] = []
-    if len(ids) > max_len:
-        body = ids[1:-1]
-        keep = max_len - 2
-        toks = _token_strings(tokenizer, body)
-        words, cur = [], []
-        for i, tok in enumerate(toks):
-            cur.append(i)
-            if tok.endswith("</w>") or i == len(toks) - 1:
-                words.append(cur)
-                cur = []
-        for w in words:
-            if w[-1] >= keep:
-                cut_words.append(_token_text(tokenizer, [toks[i] for i in w]))
-        ids = ids[: max_len - 1] + [ids[-1]]
-    return ids, _token_strings(tokenizer, ids), cut_words
 
 
 # ====================================================================== one run
@@ -200,7 +151,7 @@ class _Run:
             ts = getattr(self.pipe.scheduler, "timesteps", None)
             total = len(ts) - int(getattr(self.pipe.scheduler, "begin_index", None) or 0) if ts is not None else 0
         self.total_steps = int(total)
-        self.att_steps = self._resolve_steps(self.opts.steps, self.total_steps)
+        self.att_steps = set(select_steps(self.opts.steps, self.total_steps))
         adapter = self.session.adapter
         self.resolutions = adapter.resolutions(self.latent_hw)
         self.selected = resolve_layers(self.opts.layers, self.session.layers,
@@ -212,18 +163,6 @@ class _Run:
             self.n_tokens = self.max_token_len
         self._check_size()
 
-    def _resolve_steps(self, spec, total: int) -> set[int]:
-        if spec is None:
-            return set(range(total))
-        if isinstance(spec, slice):
-            return set(range(total)[spec])
-        out = set()
-        for i in spec:
-            j = i + total if i < 0 else i
-            if not 0 <= j < total:
-                raise ValueError(f"steps: index {i} is out of range for this run of {total} steps")
-            out.add(j)
-        return out
 
     def estimate_bytes(self) -> dict[str, int]:
         """Estimated host bytes per kind of data (from the shapes known at the first UNet call)."""
@@ -588,16 +527,15 @@ class _Session:
         run.prompts = [q for q in prompts for _ in range(n_per)]
         run.negative_prompts = [q for q in negs for _ in range(n_per)]
         run.session_batch = len(run.prompts)
-        tok = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
         run.token_ids, run.tokens, run.truncated_words = [], [], []
         cache: dict[str, tuple] = {}
         for b, q in enumerate(run.prompts):
             if q is None:
                 ids, toks, cut = [], [], []
             else:
-                if q not in cache:  # multi-vector textual inversion: as the pipeline expands it
-                    conv = getattr(pipe, "maybe_convert_prompt", None)
-                    cache[q] = tokenize_prompt(tok, conv(q, tok) if callable(conv) else q)
+                if q not in cache:  # as the pipeline encodes it (multi-vector TI expanded)
+                    view = tokenize(q, pipe)
+                    cache[q] = (view.ids, view.tokens, view.truncated_words)
                 ids, toks, cut = cache[q]
             run.token_ids.append(list(ids))
             run.tokens.append(list(toks))

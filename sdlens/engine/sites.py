@@ -32,6 +32,7 @@ from einops import rearrange
 
 from sdlens.analysis.tokens import MAX_POSITIONS, word_positions
 from sdlens.engine.arch import adapter_for
+from sdlens.trace.steps import step_window
 
 
 # ====================================================================== attention maths
@@ -305,33 +306,6 @@ class AttentionRecorder:
 
 
 # ====================================================================== editor: reweight
-def check_step_range(steps):
-    """``(start, end)`` step indices (end exclusive, None: open) or fractions of the run in
-    [0, 1] as floats, checked and normalised; None stays None (every step)."""
-    if steps is None:
-        return None
-    try:
-        start, end = steps
-    except (TypeError, ValueError):
-        raise ValueError(f"steps must be (start, end), e.g. (0, 10) or (0.0, 0.5); got {steps!r}") from None
-    for v in (start, end):
-        if v is not None and not isinstance(v, (int, float, np.integer, np.floating)):
-            raise ValueError(f"steps must be (start, end) numbers or None; got {steps!r}")
-    if any(isinstance(v, (float, np.floating)) for v in (start, end)):
-        start = None if start is None else float(start)
-        end = None if end is None else float(end)
-        if not all(v is None or 0.0 <= v <= 1.0 for v in (start, end)):
-            raise ValueError(f"fractional steps must lie in [0, 1]; got {steps!r}")
-    else:
-        start = None if start is None else int(start)
-        end = None if end is None else int(end)
-        if (start is not None and start < 0) or (end is not None and end < 0):
-            raise ValueError(f"step indices must be >= 0; got {steps!r}")
-    if start is not None and end is not None and end <= start:
-        raise ValueError(f"steps {steps!r}: the range is empty (end <= start)")
-    return (start, end)
-
-
 class Reweight:
     """Editor: scale chosen tokens' cross-attention (prompt-to-prompt's equalizer).
 
@@ -354,7 +328,7 @@ class Reweight:
             (1 where not reweighted).
         positions: the token positions to correct (those named by the user, whatever their
             weight: a weight of 1 runs the same code and adds zeros).
-        steps: ``(start, end)`` from :func:`check_step_range`; None: every step. A step is one
+        steps: ``(start, end)`` from :func:`sdlens.trace.steps.step_window`; None: every step. A step is one
             backbone call (one ``scheduler.step``), as on a Trace's step axis, counted by
             :meth:`count_step` (a forward pre-hook on the backbone).
         pipe: the pipeline (for the number of steps, with fractional ranges).
@@ -441,17 +415,10 @@ class Reweight:
                 "positions": self.positions, "renormalised": False}
 
 
-def pipeline_tokenizer(pipe):
-    """The tokenizer whose token positions a pipeline's prompts are recorded in."""
-    tok = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
-    if tok is None:
-        raise TypeError(f"{type(pipe).__name__} has no tokenizer")
-    return tok
-
-
-def reweight_factors(tokenizer, prompts: Sequence[str], weights: Mapping[Any, float]
+def reweight_factors(pipe, prompts: Sequence[str], weights: Mapping[Any, float]
                      ) -> tuple[torch.Tensor, list[int]]:
-    """(items, 77) factors for ``{word: weight}`` in each prompt, and the positions named."""
+    """(items, 77) factors for ``{word: weight}`` in each prompt of ``pipe``'s call, and the
+    positions named."""
     if not weights:
         raise ValueError("reweight needs at least one {word: weight}")
     factors = torch.ones(len(prompts), MAX_POSITIONS)
@@ -461,7 +428,7 @@ def reweight_factors(tokenizer, prompts: Sequence[str], weights: Mapping[Any, fl
             w = float(w)
             if not np.isfinite(w):
                 raise ValueError(f"the weight of {word!r} is not finite: {w}")
-            for p in word_positions(tokenizer, prompt, word):
+            for p in word_positions(pipe, prompt, word):
                 factors[i, p] = w
                 positions.add(p)
     return factors, sorted(positions)
@@ -483,8 +450,8 @@ def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-    factors, positions = reweight_factors(pipeline_tokenizer(pipe), prompts, weights)
-    editor = Reweight(factors, positions, check_step_range(steps), pipe=pipe)
+    factors, positions = reweight_factors(pipe, prompts, weights)
+    editor = Reweight(factors, positions, step_window(steps), pipe=pipe)
     adapter = adapter_for(pipe)
     with Hooks() as hooks:
         hooks.wrap_sites(adapter.denoiser, adapter.sites(), editors=[editor])

@@ -41,6 +41,8 @@ import numpy as np
 import torch
 
 from sdlens.analysis.compare import Comparison, compare
+from sdlens.analysis.heatmaps import word_heatmap
+from sdlens.analysis.tokens import nearest_tokens, token_view, trace_words, word_matches
 from sdlens.engine.batch import cell_trace
 from sdlens.engine.options import RecordOptions
 from sdlens.engine.session import generate, trace as _trace
@@ -415,8 +417,6 @@ def textual_inversion(pipe, name: str, k: int = 8) -> TextualInversion:
     """The textual-inversion token ``name`` of ``pipe`` and its embedding's ``k`` nearest
     vocabulary neighbours per vector and text encoder. Unknown names raise ValueError listing
     the loaded ones."""
-    from sdlens.analysis.tokens import nearest_tokens
-
     loaded = textual_inversion_tokens(pipe)
     if name not in loaded:
         raise ValueError(f"unknown textual-inversion token {name!r}; loaded: "
@@ -442,38 +442,10 @@ def textual_inversion(pipe, name: str, k: int = 8) -> TextualInversion:
 
 def textual_inversion_heatmap(trace: Trace, name: str, batch: int = 0, occurrence: int = 0,
                               **kwargs) -> torch.Tensor:
-    """Heatmap of a textual-inversion token over all its vectors (``<t>``, ``<t>_1``, ...; for a
-    single-vector token the same as ``trace.heatmap(name)``). ``kwargs`` go to
-    :func:`sdlens.heatmaps.token_heatmap` (steps, layers, size, ...)."""
-    from sdlens.analysis.heatmaps import token_heatmap
-
-    runs = _ti_positions(trace.tokens[batch], name)
-    if not runs:
-        raise ValueError(f"{name!r} is not in prompt {batch} ({trace.prompts[batch]!r})")
-    if not -len(runs) <= occurrence < len(runs):
-        raise ValueError(f"occurrence={occurrence} but {name!r} occurs {len(runs)} time(s)")
-    return token_heatmap(trace, runs[occurrence], batch=batch, **kwargs)
-
-
-def _ti_positions(tokens: Sequence[str], name: str) -> list[list[int]]:
-    """Position runs of ``name`` and its ``name_k`` vectors in a trace's token strings."""
-    def body(t):
-        return t[:-4] if t.endswith("</w>") else t
-
-    runs: list[list[int]] = []
-    i = 0
-    while i < len(tokens):
-        if body(tokens[i]) == name:
-            run = [i]
-            j = i + 1
-            while j < len(tokens) and body(tokens[j]) == f"{name}_{len(run)}":
-                run.append(j)
-                j += 1
-            runs.append(run)
-            i = j
-        else:
-            i += 1
-    return runs
+    """Heatmap of a textual-inversion token over all its vectors (``<t>``, ``<t>_1``, ...: one
+    word, see :mod:`sdlens.analysis.tokens`), the same as ``trace.heatmap(name)``. ``kwargs`` go
+    to :func:`sdlens.heatmaps.word_heatmap` (steps, layers, size, ...)."""
+    return word_heatmap(trace, name, batch=batch, occurrence=occurrence, **kwargs)
 
 
 @dataclass
@@ -502,15 +474,13 @@ def textual_inversion_view(trace: Trace, batch: int = 0, pipe=None, k: int = 8
     """Token view of ``trace`` (batch item ``batch``) with the nearest vocabulary neighbours of
     every textual-inversion token in the prompt. ``pipe``: the pipeline (default: the traced one,
     while it is alive); needed for the embeddings."""
-    from sdlens.analysis.tokens import token_view
-
     pipe = pipe if pipe is not None else trace.pipeline
     if pipe is None:
         raise ValueError("textual_inversion_view needs the pipeline (pipe=) for the embeddings; "
                          "a loaded trace does not hold it")
     loaded = textual_inversion_tokens(pipe)
-    found = {n: textual_inversion(pipe, n, k=k) for n in loaded
-             if _ti_positions(trace.tokens[batch], n)}
+    words = trace_words(trace, batch)
+    found = {n: textual_inversion(pipe, n, k=k) for n in loaded if word_matches(words, n)}
     return TextualInversionView(token_view(trace, batch), found)
 
 

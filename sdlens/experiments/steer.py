@@ -24,10 +24,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from sdlens.analysis.tokens import prompt_words, word_key
+from sdlens.analysis.tokens import Word, available, tokenize, word_matches
 from sdlens.engine.batch import Batch, Cell, batch_record_options, run_batch
 from sdlens.engine.session import generate
-from sdlens.engine.sites import Hooks, pipeline_tokenizer
+from sdlens.engine.sites import Hooks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,16 +146,24 @@ class _PadEmbeddings:
         return out
 
 
-def _variants(prompt: str, words: list[tuple[str, list[int]]], mode: str):
-    names, seen = [], {}
-    for w, _ in words:
-        seen[w] = seen.get(w, 0) + 1
-        names.append(w if seen[w] == 1 else f"{w}#{seen[w]}")
+def _without(prompt: str, word: Word, words: Sequence[Word]) -> str:
+    """``prompt`` with ``word`` taken out: its characters cut, with the space before it when it
+    was glued to what follows (``"a red, circle"`` -> ``"a, circle"``); where the tokenizer's text
+    normalisation hid them (no ``span``), the other words' texts joined, which CLIP tokenizes
+    alike."""
+    if word.span is not None:
+        left, right = prompt[: word.span[0]], prompt[word.span[1]:]
+        return (left.rstrip() + (" " if right[:1].isspace() else "") + right.lstrip()).strip()
+    gone = set(word.positions)
+    return " ".join(w.text for w in words if gone.isdisjoint(w.positions))
+
+
+def _variants(prompt: str, chosen: Sequence[Word], words: Sequence[Word], mode: str):
+    """Names (a repeat as ``"a#2"``), prompts and padded positions of each ablation."""
+    names = [w.name for w in chosen]
     if mode == "remove":
-        split = prompt.split()
-        prompts = [" ".join(split[:i] + split[i + 1:]) for i in range(len(split))]
-        return names, prompts, None
-    return names, [prompt] * len(words), [ps for _, ps in words]
+        return names, [_without(prompt, w, words) for w in chosen], None
+    return names, [prompt] * len(chosen), [list(w.positions) for w in chosen]
 
 
 def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
@@ -172,7 +180,9 @@ def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
             counterfactual "the prompt without this word"); "pad" keeps the positions and gives
             the word's tokens the padding token's input embedding (the text encoder then
             contextualises the prompt without it; every other position stays where it was).
-        words: the words to ablate (default: every word of the prompt, split at white space).
+        words: the words to ablate (default: every word of the prompt but punctuation: the words
+            of :func:`sdlens.analysis.tokens.tokenize`, as the heatmaps see them; a repeated word
+            is ablated once per occurrence, named ``"a"``, ``"a#2"``, ...).
         steps, guidance_scale, negative_prompt, **pipe_kwargs: as for the pipeline.
         record: traces to keep, as for :func:`sdlens.sweep` ("light", "full", None).
 
@@ -181,22 +191,20 @@ def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
     """
     if mode not in ("remove", "pad"):
         raise ValueError(f"mode must be 'remove' or 'pad', got {mode!r}")
-    tokenizer = pipeline_tokenizer(pipe)
-    all_words = prompt_words(tokenizer, prompt)
-    if not all_words:
-        raise ValueError("the prompt has no words to ablate")
-    names, prompts, rows = _variants(prompt, all_words, mode)
-    if words is not None:
-        wanted = [word_key(w) for w in words]
-        keys = [word_key(n.split("#")[0]) for n in names]
-        missing = [w for w, wn in zip(words, wanted) if wn not in keys]
+    all_words = tokenize(prompt, pipe).words
+    if words is None:
+        chosen = [w for w in all_words if not w.is_punctuation]
+    else:
+        found = {w: word_matches(all_words, w) for w in words}
+        missing = [w for w, m in found.items() if not m]
         if missing:
             raise ValueError(f"{', '.join(map(repr, missing))} not in the prompt {prompt!r}; its "
-                             f"words: {', '.join(repr(w) for w, _ in all_words)}")
-        keep = [i for i, k in enumerate(keys) if k in wanted]
-        names = [names[i] for i in keep]
-        prompts = [prompts[i] for i in keep]
-        rows = None if rows is None else [rows[i] for i in keep]
+                             f"words: {available(all_words)}")
+        chosen = list({(w.positions, w.text): w for m in found.values() for w in m}.values())
+        chosen.sort(key=lambda w: w.positions)
+    if not chosen:
+        raise ValueError("the prompt has no words to ablate")
+    names, prompts, rows = _variants(prompt, chosen, all_words, mode)
     record_opts = batch_record_options(record)
     g = float(guidance_scale)
     variants = list(zip(names, prompts, rows or [None] * len(names)))
@@ -228,11 +236,13 @@ def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
 def _pad_hooks(hooks: Hooks, pipe, prompt: str, rows: list[list[int]]) -> list[_PadEmbeddings]:
     """Install a :class:`_PadEmbeddings` on the token embeddings of every text encoder."""
     pads = []
+    convert = getattr(pipe, "maybe_convert_prompt", None)  # as the pipeline encodes it
     for tok_name, enc_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
         tok, enc = getattr(pipe, tok_name, None), getattr(pipe, enc_name, None)
         if tok is None or enc is None:
             continue
-        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length,
+        text = convert(prompt, tok) if callable(convert) else prompt
+        ids = tok(text, padding="max_length", max_length=tok.model_max_length,
                   truncation=True, return_tensors="pt").input_ids[0]
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         pad = _PadEmbeddings(ids, int(pad_id), rows)

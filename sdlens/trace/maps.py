@@ -36,8 +36,10 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from sdlens.analysis.tokens import match_word, words_from_tokens
 from sdlens.engine.arch import naming_for
 from sdlens.engine.arch.base import SiteNaming
+from sdlens.trace.steps import select_step
 
 
 def resolve_layers(spec, layers: Sequence[str],
@@ -125,6 +127,8 @@ class AttentionMaps:
         tensors: layer -> tensor, or layer -> zero-argument loader returning it (lazy loading).
         resolutions: layer -> (h, w) of that layer's maps.
         steps: indices (into ``trace.timesteps``) of the recorded steps.
+        n_steps: the number of steps of the run (``len(trace.timesteps)``); default: up to the
+            last recorded step. Negative steps count back from it.
         token_positions: positions (in the text encoder's sequence) along the tokens axis.
         heads: True if the heads axis was kept.
         tokens: per batch item, the token strings (``trace.tokens``), for word lookup.
@@ -137,7 +141,7 @@ class AttentionMaps:
                  resolutions: Mapping[str, Sequence[int]], steps: Sequence[int],
                  token_positions: Sequence[int], heads: bool = False,
                  tokens: Sequence[Sequence[str]] | None = None, family: str | None = None,
-                 dtype: str | None = None):
+                 dtype: str | None = None, n_steps: int | None = None):
         self.family = family
         self.naming: SiteNaming = naming_for(family)
         self._tensors = dict(tensors)
@@ -145,6 +149,7 @@ class AttentionMaps:
         self._resolutions = {k: (int(v[0]), int(v[1])) for k, v in resolutions.items()}
         self.layers: list[str] = sorted(self._tensors, key=self.naming.sort_key)
         self.steps: list[int] = [int(s) for s in steps]
+        self.n_steps: int = int(n_steps) if n_steps is not None else max(self.steps, default=-1) + 1
         self.token_positions: list[int] = [int(p) for p in token_positions]
         self.heads: bool = bool(heads)
         self.tokens = [list(t) for t in tokens] if tokens is not None else None
@@ -210,8 +215,8 @@ class AttentionMaps:
         chosen = self.names(layers)
         sub = AttentionMaps({l: self._tensors[l] for l in chosen},
                             {l: self._resolutions[l] for l in chosen}, self.steps,
-                            self.token_positions, self.heads, self.tokens, self.family,
-                            self._dtype)
+                            self.token_positions, self.heads, self.tokens, family=self.family,
+                            dtype=self._dtype, n_steps=self.n_steps)
         sub._cache = self._cache  # share loaded tensors
         return sub
 
@@ -235,58 +240,51 @@ class AttentionMaps:
         return t
 
     def step_position(self, step: int) -> int:
-        """Position along the steps axis of trace step ``step`` (negative counts from the end of
-        the recorded steps); IndexError if it is out of range or was not recorded."""
-        if not isinstance(step, int) or isinstance(step, bool):
-            raise TypeError(f"step must be an int, got {type(step).__name__}")
-        if step < 0:
-            if -step > len(self.steps):
-                raise IndexError(f"step {step} out of range: {len(self.steps)} steps recorded")
-            return len(self.steps) + step
-        if step not in self.steps:
-            lo, hi = (self.steps[0], self.steps[-1]) if self.steps else (None, None)
-            raise IndexError(f"step {step} was not recorded; recorded steps: "
-                             f"{self.steps if len(self.steps) <= 20 else f'{lo}..{hi} ({len(self.steps)} steps)'}")
-        return self.steps.index(step)
+        """Position along the steps axis of trace step ``step`` (an int, negative counting from
+        the end of the run; see :func:`sdlens.trace.steps.select_step`). StepError (a ValueError
+        and an IndexError) if it is out of range or was not recorded."""
+        return self.steps.index(select_step(step, self.n_steps, self.steps))
 
-    def token_index(self, token: int | str, batch: int = 0) -> list[int]:
+    def token_index(self, token: int | str, batch: int = 0, occurrence: int = 0) -> list[int]:
         """Indices along the tokens axis for ``token``: a position in the text encoder's sequence
-        (int), or a word (str, case-insensitive; its sub-word tokens; every occurrence) of batch
-        item ``batch``. ValueError lists the words available."""
+        (int), or a word of batch item ``batch`` (str: the words of
+        :mod:`sdlens.analysis.tokens`, as the heatmaps take them: ``"dreambeach"`` gives both its
+        sub-word tokens, ``"red circle"`` the tokens of both words; ``occurrence`` picks among
+        repeats). ValueError lists the words available."""
         if isinstance(token, int) and not isinstance(token, bool):
-            if token not in self.token_positions:
-                raise IndexError(f"token position {token} was not recorded; recorded positions: "
+            positions: Sequence[int] = [token]
+        elif isinstance(token, str):
+            if self.tokens is None:
+                raise ValueError("this trace has no token strings (the prompt was given as "
+                                 "embeddings); use token positions")
+            if not 0 <= batch < len(self.tokens):
+                raise IndexError(f"batch item {batch} out of range (batch size {len(self.tokens)})")
+            words = words_from_tokens(self.tokens[batch])
+            positions = match_word(words, token, occurrence, where=f"prompt {batch}").positions
+        else:
+            raise TypeError(f"token must be a position (int) or a word (str), got "
+                            f"{type(token).__name__}")
+        for p in positions:
+            if p not in self.token_positions:
+                raise IndexError(f"token position {p} was not recorded; recorded positions: "
                                  f"{self.token_positions[0]}..{self.token_positions[-1]}")
-            return [self.token_positions.index(token)]
-        if not isinstance(token, str):
-            raise TypeError(f"token must be a position (int) or a word (str), got {type(token).__name__}")
-        if self.tokens is None:
-            raise ValueError("this trace has no token strings (the prompt was given as embeddings); "
-                             "use token positions")
-        if not 0 <= batch < len(self.tokens):
-            raise IndexError(f"batch item {batch} out of range (batch size {len(self.tokens)})")
-        words = _words(self.tokens[batch])
-        target = token.strip().lower()
-        hits = [pos for text, positions in words if text == target for pos in positions]
-        hits = [self.token_positions.index(p) for p in hits if p in self.token_positions]
-        if not hits:
-            avail = [text for text, _ in words]
-            raise ValueError(f"word {token!r} is not in prompt {batch}; its words: {avail}")
-        return hits
+        return [self.token_positions.index(p) for p in positions]
 
     def get(self, layer: str, step: int | None = None, token: int | str | None = None,
-            batch: int | None = None) -> torch.Tensor:
-        """Maps of one layer, optionally at one trace step, one token (position or word, summed
-        over its sub-word tokens) and one batch item; indexed axes are dropped.
+            batch: int | None = None, occurrence: int = 0) -> torch.Tensor:
+        """Maps of one layer, optionally at one trace step, one token and one batch item;
+        indexed axes are dropped. ``token``: a position, or a word / phrase whose sub-word
+        tokens are pooled by their **mean** (as the heatmaps pool them); ``occurrence`` picks
+        among a word's repeats.
 
         Returns (steps?, batch?, [heads,] h, w) with the tokens axis dropped when ``token`` is
         given, else (steps?, batch?, [heads,] tokens, h, w).
         """
         t = self[layer]
         if token is not None:
-            idx = self.token_index(token, batch or 0)
+            idx = self.token_index(token, batch or 0, occurrence)
             tok_axis = 3 if self.heads else 2
-            t = t.index_select(tok_axis, torch.tensor(idx)).float().sum(tok_axis)
+            t = t.index_select(tok_axis, torch.tensor(idx)).float().mean(tok_axis)
         if batch is not None:
             if not -t.shape[1] <= batch < t.shape[1]:
                 raise IndexError(f"batch item {batch} out of range (batch size {t.shape[1]})")
@@ -294,19 +292,3 @@ class AttentionMaps:
         if step is not None:
             t = t[self.step_position(step)]
         return t
-
-
-def _words(tokens: Sequence[str]) -> list[tuple[str, list[int]]]:
-    """(lower-case text, positions) per word; a word ends with a ``</w>`` token."""
-    words, cur, pos = [], [], []
-    for i, tok in enumerate(tokens):
-        if tok in ("<|startoftext|>", "<|endoftext|>"):
-            continue
-        cur.append(tok[:-4] if tok.endswith("</w>") else tok)
-        pos.append(i)
-        if tok.endswith("</w>"):
-            words.append(("".join(cur).lower(), pos))
-            cur, pos = [], []
-    if cur:
-        words.append(("".join(cur).lower(), pos))
-    return words

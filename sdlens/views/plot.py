@@ -23,7 +23,8 @@ from matplotlib.figure import Figure
 from sdlens.analysis.guidance import cfg_delta, guidance_stats, scheduler_view, x0_guidance_sweep
 from sdlens.analysis.heatmaps import Commitment, commitments, output_size, word_heatmap
 from sdlens.analysis.previews import latent_to_rgb, linear_decoder, previews, to_image
-from sdlens.analysis.tokens import find_word, token_view as _token_view, trace_words
+from sdlens.analysis.tokens import find_word, token_text, token_view as _token_view, word_texts
+from sdlens.trace.steps import select_steps
 
 STRIP_ROWS = ("latents", "x0", "noise", "cfg")
 _ROW_TITLES = {"latents": "x_t (latents)", "x0": "x0 (predicted)", "noise": "noise (guided)",
@@ -79,7 +80,7 @@ def overlay(trace: Any, word: str, ax: Any = None, batch: int = 0, alpha: float 
     else:
         im = ax.imshow(h, cmap=cmap)
     w = find_word(trace, word, batch, heatmap_kwargs.get("occurrence", 0))
-    sub = "" if len(w.tokens) == 1 else f"\n({' + '.join(t.replace('</w>', '') for t in w.tokens)})"
+    sub = "" if len(w.tokens) == 1 else f"\n({' + '.join(token_text(t) for t in w.tokens)})"
     ax.set_title(title if title is not None else f"{w.text!r}{sub}", fontsize=10)
     _strip_axis(ax)
     if colorbar:
@@ -93,10 +94,7 @@ def heatmap_grid(trace: Any, words: Iterable[str] | None = None, batch: int = 0,
     """Heatmap overlays of several words (default: every word of the prompt, punctuation left
     out) in a grid, the image first, one shared colour bar."""
     if words is None:
-        words = []
-        for w in trace_words(trace, batch, punctuation=False):
-            if w.text not in words:
-                words.append(w.text)
+        words = word_texts(trace, batch)
     elif isinstance(words, str):
         words = [words]
     words = list(words)
@@ -134,7 +132,7 @@ def heatmap_steps(trace: Any, word: str, steps: Any = None, n: int = 8, batch: i
                   cmap: str = "jet", alpha: float = 0.55, **heatmap_kwargs: Any) -> Figure:
     """A word's map forming: its per-step heatmap at ``n`` evenly spaced recorded steps (or the
     ``steps`` given), each normalised on its own."""
-    chosen = _pick_steps([int(s) for s in trace.attention.steps], steps, n)
+    chosen = _pick_steps(steps, n, len(trace.timesteps), trace.attention.steps)
     maps = _np(word_heatmap(trace, word, steps=chosen, per_step=True, batch=batch,
                                       **heatmap_kwargs))
     img = _image(trace, batch)
@@ -152,17 +150,17 @@ def heatmap_steps(trace: Any, word: str, steps: Any = None, n: int = 8, batch: i
 
 
 # --------------------------------------------------------------------------- step strip
-def _pick_steps(available: Sequence[int], steps: Any, n: int) -> list[int]:
+def _pick_steps(steps: Any, n: int, n_steps: int, recorded: Sequence[int] | None = None
+                ) -> list[int]:
+    """``steps`` as :func:`sdlens.trace.steps.select_steps` reads it; None: ``n`` evenly spaced
+    steps of ``recorded`` (default all ``n_steps``)."""
     if steps is not None:
-        if isinstance(steps, (int, np.integer)):
-            steps = [int(steps)]
-        elif isinstance(steps, slice):
-            steps = list(available)[steps]
-        return [int(s) for s in steps]
+        return select_steps(steps, n_steps, recorded)
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
+    available = list(recorded) if recorded is not None else list(range(n_steps))
     if len(available) <= n:
-        return list(available)
+        return available
     idx = np.linspace(0, len(available) - 1, n).round().astype(int)
     return [int(available[i]) for i in idx]
 
@@ -188,12 +186,7 @@ def step_strip(trace: Any, steps: Any = None, n: int = 8, rows: Sequence[str] = 
     bad = [r for r in rows if r not in STRIP_ROWS]
     if bad or not rows:
         raise ValueError(f"rows must be a non-empty list of {STRIP_ROWS}, got {rows}")
-    n_steps = len(trace.timesteps)
-    chosen = _pick_steps(list(range(n_steps)), steps, n)
-    for s in chosen:
-        if not -n_steps <= s < n_steps:
-            raise ValueError(f"step {s} is out of range: the run has {n_steps} steps")
-    chosen = [s % n_steps for s in chosen]
+    chosen = _pick_steps(steps, n, len(trace.timesteps))
     if "cfg" in rows and getattr(trace, "noise_uncond", None) is None:
         rows = [r for r in rows if r != "cfg"]  # guidance off: no delta to show
     if "noise" in rows and getattr(trace, "noise", None) is None:

@@ -29,7 +29,7 @@ from PIL import Image
 from sdlens.analysis.guidance import prediction_type, scheduler_view
 from sdlens.analysis.heatmaps import commitments, word_heatmap
 from sdlens.analysis.previews import previews
-from sdlens.analysis.tokens import find_word, nearest_tokens, token_view, trace_words
+from sdlens.analysis.tokens import find_word, nearest_tokens, token_view, word_texts
 from sdlens.views import plot
 
 _CSS = """
@@ -315,10 +315,7 @@ def build_report(trace: Any, batch: int = 0, words: Iterable[str] | None = None,
         raise ValueError(f"batch={batch} is out of range: the trace holds {len(trace.prompts)} "
                          "image(s)")
     if words is None:
-        words = []
-        for w in trace_words(trace, batch, punctuation=False):
-            if w.text not in words:
-                words.append(w.text)
+        words = word_texts(trace, batch)
     else:
         words = [words] if isinstance(words, str) else list(words)
         for w in words:  # unknown words are the caller's error, not a note in the report
