@@ -132,7 +132,7 @@ def size_table(s: C.Settings, ctx: dict) -> tuple[dict, dict]:
     max_tokens = int((TARGET_MB * 1e6 - base) // per_token) if per_token else None
     worst = ctx.get("estimate_worst_error")
     notes = ["SD 1.5 at 512 px (64x64 latents), 50 steps, CFG on, batch 1, fp16 maps; computed "
-             "with sdlens.recorder.estimate_trace_bytes on the real SD 1.5 UNet config (built on "
+             "with sdlens.engine.options.estimate_trace_bytes on the real SD 1.5 UNet config (built on "
              "the meta device).",
              f"A default trace stays under {TARGET_MB} MB for prompts of up to {max_tokens} token "
              "positions (start + prompt tokens + end); each extra token adds "

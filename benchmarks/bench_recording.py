@@ -7,7 +7,7 @@ latents, noise, x0), heads kept, attention at every 5th step only, attention off
 All sides alternate in one process after a warm-up.
 
 Bytes: the tensors the Trace holds (latents, the three noise tensors, x0, attention maps), the
-saved file's size, and ``sdlens.recorder.estimate_trace_bytes`` computed *before* the run from
+saved file's size, and ``sdlens.engine.options.estimate_trace_bytes`` computed *before* the run from
 the pipeline and the options (with the prompt's token count; the estimate stored in
 ``trace.meta['estimated_bytes']`` is shown too). Target: estimate within 10%.
 
@@ -158,8 +158,8 @@ def run(s: C.Settings, ctx: dict) -> dict:
                            else "no runs checked",
                            "PNDM (SD 1.5's scheduler, skip_prk_steps) takes num_inference_steps + 1 "
                            "scheduler steps; estimate_trace_bytes(num_inference_steps=) counts "
-                           "them from the scheduler (sdlens.recorder.scheduler_steps).",
-                           "'estimate before the run' = sdlens.recorder.estimate_trace_bytes(pipe,"
+                           "them from the scheduler (sdlens.engine.options.scheduler_steps).",
+                           "'estimate before the run' = sdlens.engine.options.estimate_trace_bytes(pipe,"
                            " num_inference_steps=, latent_hw=, n_tokens=<the prompt's tokens incl. start/end>, "
                            "options=) summed; '77 tokens' is its worst case (keep_padding / "
                            "prompt not known yet).",

@@ -40,7 +40,7 @@ class Comparison:
     map_steps: list[int] = field(default_factory=list)
 
     #: Draws a comparison: ``hook(comparison, **kwargs) -> Figure``. Analysis imports no views: the
-    #: front door ``sdlens`` sets it to :func:`sdlens.plot.comparison`.
+    #: front door ``sdlens`` sets it to :func:`sdlens.views.plot.comparison`.
     plot_hook: ClassVar[Callable[..., Any] | None] = None
 
     @property

@@ -1,7 +1,7 @@
 """Word heatmaps from recorded cross-attention: pooling made explicit.
 
 ``word_heatmap(trace, "circle")`` (also ``trace.heatmap("circle")``) answers "where in the image
-did the word *circle* attend?". The recorded maps (see ``sdlens.attention.AttentionMaps``) are
+did the word *circle* attend?". The recorded maps (see ``sdlens.trace.AttentionMaps``) are
 cross-attention probabilities, per step and per cross-attention site at the site's own resolution,
 ``(steps, batch, tokens, h, w)`` (heads averaged) or ``(steps, batch, heads, tokens, h, w)``.
 
@@ -320,7 +320,7 @@ class Commitment:
     step: int | None
 
     #: Draws commitments: ``hook([commitment, ...], ax=None) -> Figure``. Analysis imports no views:
-    #: the front door ``sdlens`` sets it to :func:`sdlens.plot.commitment_curves`.
+    #: the front door ``sdlens`` sets it to :func:`sdlens.views.plot.commitment_curves`.
     plot_hook: ClassVar[Callable[..., Any] | None] = None
 
     def plot(self, ax: Any = None):

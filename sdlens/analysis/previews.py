@@ -118,7 +118,7 @@ def linear_decoder(trace: Any, vae: Any = None) -> tuple[list, list]:
         return _FITTED[id(v)]["matrix"], _FITTED[id(v)]["bias"]
     raise ValueError(f"no linear latent->RGB decoder for model family {family!r}; known: "
                      f"{sorted(LINEAR) + ['shapes']}; use decoder='vae' or fit one with "
-                     "sdlens.previews.fit_linear_decoder(vae, images)")
+                     "sdlens.analysis.previews.fit_linear_decoder(vae, images)")
 
 
 _FOLDER_VAES: dict[str, Any] = {}

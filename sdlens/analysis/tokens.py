@@ -317,7 +317,7 @@ def find_word(trace: Any, word: str, batch: int = 0, occurrence: int = 0) -> Wor
     """
     if not isinstance(word, str):
         raise TypeError(f"word must be a str, got {type(word).__name__}; for token positions "
-                        f"use sdlens.heatmaps.token_heatmap")
+                        f"use sdlens.analysis.heatmaps.token_heatmap")
     return match_word(trace_words(trace, batch), word, occurrence, _truncated(trace, batch),
                       f"prompt {batch} ({_prompt(trace, batch)!r})")
 

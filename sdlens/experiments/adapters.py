@@ -396,7 +396,7 @@ def textual_inversion_tokens(pipe) -> dict[str, list[str]]:
 class TextualInversion:
     """One textual-inversion token: its name, vector tokens and ids (per text encoder), the
     embedding norms, and each vector's nearest vocabulary neighbours ``[(text, id, cosine)]``
-    (from :func:`sdlens.tokens.nearest_tokens`, other added tokens left out)."""
+    (from :func:`sdlens.analysis.tokens.nearest_tokens`, other added tokens left out)."""
 
     name: str
     tokens: list[str]
@@ -444,13 +444,13 @@ def textual_inversion_heatmap(trace: Trace, name: str, batch: int = 0, occurrenc
                               **kwargs) -> torch.Tensor:
     """Heatmap of a textual-inversion token over all its vectors (``<t>``, ``<t>_1``, ...: one
     word, see :mod:`sdlens.analysis.tokens`), the same as ``trace.heatmap(name)``. ``kwargs`` go
-    to :func:`sdlens.heatmaps.word_heatmap` (steps, layers, size, ...)."""
+    to :func:`sdlens.analysis.heatmaps.word_heatmap` (steps, layers, size, ...)."""
     return word_heatmap(trace, name, batch=batch, occurrence=occurrence, **kwargs)
 
 
 @dataclass
 class TextualInversionView:
-    """The token view of a trace's prompt (:func:`sdlens.tokens.token_view`) and, for each
+    """The token view of a trace's prompt (:func:`sdlens.analysis.tokens.token_view`) and, for each
     textual-inversion token in it, its :class:`TextualInversion` (nearest neighbours)."""
 
     tokens: Any
@@ -546,7 +546,7 @@ def part(trace: Trace, name: str) -> Trace:
     parts = trace._require().get("parts")
     if not parts:
         raise ValueError("this trace is not a combined base + refiner trace (no parts); see "
-                         "sdlens.adapters.trace_base_refiner")
+                         "sdlens.trace_base_refiner")
     names = [p["name"] for p in parts]
     if name not in names:
         raise ValueError(f"unknown part {name!r}; parts: {names}")

@@ -1,6 +1,6 @@
 """Intervening on tokens: reweight a word's cross-attention, or take a word away.
 
->>> trace = sdlens.steer.reweight(pipe, "a red circle", {"red": 2.0}, seed=0, steps=25)
+>>> trace = sdlens.reweight(pipe, "a red circle", {"red": 2.0}, seed=0, steps=25)
 >>> trace = sdlens.generate(pipe, "a red circle", reweight={"red": 2.0}, reweight_steps=(0, 10))
 >>> fx = sdlens.token_effects(pipe, "a red circle and a blue square", seed=0)
 >>> fx.effects                        # {'a': 0.01, 'red': 0.12, ...}: mean |pixel change|

@@ -202,7 +202,7 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
         record: "light" (default: latents and x0 at every step, cross-attention maps of every
             layer, heads averaged, at ~5 evenly spaced steps; no noise), "full" (the trace
             engine's defaults: everything at every step), None (no traces, fastest) or a dict
-            of ``sdlens.recorder.RecordOptions`` fields.
+            of ``sdlens.RecordOptions`` fields.
         negative_prompt, height, width, **pipe_kwargs: passed to every pipeline call
             (``generator``, ``prompt_embeds``, ``output_type``, ... are set by the sweep).
         max_batch: at most this many cells per call.

@@ -266,7 +266,8 @@ class Trace:
                 {l: tuple(r) for l, r in att["resolutions"].items()}, att["steps"],
                 att["token_positions"], att["heads"],
                 info["tokens"] if info.get("tokens") and all(info["tokens"]) else None,
-                family=info.get("meta", {}).get("family"), dtype=att.get("dtype"))
+                family=info.get("meta", {}).get("family"), dtype=att.get("dtype"),
+                n_steps=len(self.timesteps))
         return self._attention
 
     @property
@@ -299,7 +300,7 @@ class Trace:
         return self._pipeline_ref() if self._pipeline_ref is not None else None
 
     def heatmap(self, word, **kwargs):
-        """Word heatmap; see :func:`sdlens.heatmaps.word_heatmap` (all keyword arguments go there)."""
+        """Word heatmap; see :func:`sdlens.analysis.heatmaps.word_heatmap` (all keyword arguments go there)."""
         from sdlens.analysis.heatmaps import word_heatmap
 
         return word_heatmap(self, word, **kwargs)
