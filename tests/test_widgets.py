@@ -86,7 +86,7 @@ def test_viewer_frames_travel_as_binary_buffers(viewer):
 def test_viewer_words_and_heatmaps(viewer, trace):
     from sdlens.analysis.heatmaps import word_heatmap
 
-    assert viewer.word_keys == ["a", "red", "circle", "and", "a#1", "blue", "square"]
+    assert viewer.word_keys == ["a", "red", "circle", "and", "a#2", "blue", "square"]
     assert viewer.overlay() is None
     for key, h in viewer.heat.items():
         assert len(h["steps"]) == len(trace.attention.steps)
@@ -97,7 +97,7 @@ def test_viewer_words_and_heatmaps(viewer, trace):
     want = heat_rgba(word_heatmap(trace, "circle", size=viewer._frames.heat_size))
     assert np.array_equal(_arr(viewer.heat["circle"]["sum"]), want)
     # the second "a" is its own chip, with its own map
-    assert viewer.heat["a#1"]["sum"] != viewer.heat["a"]["sum"]
+    assert viewer.heat["a#2"]["sum"] != viewer.heat["a"]["sum"]
 
 
 def test_viewer_state_changes_switch_the_displayed_frames(trace):

@@ -123,14 +123,12 @@ def _check_batch(trace: Any, batch: Any) -> int:
 
 
 def _token_index(maps: Any, positions: Sequence[int], what: str) -> list[int]:
-    kept = [int(p) for p in maps.token_positions]
-    idx = []
-    for p in positions:
-        if p not in kept:
-            raise ValueError(f"{what} sits at token position {p}, which was not recorded; "
-                             f"recorded positions: {kept[0]}..{kept[-1]}")
-        idx.append(kept.index(p))
-    return idx
+    """Indices along the maps' tokens axis of ``positions`` (:meth:`AttentionMaps.token_index`),
+    with ``what`` named when a position was not recorded."""
+    try:
+        return [i for p in positions for i in maps.token_index(int(p))]
+    except IndexError as e:
+        raise ValueError(f"{what}: {e}") from None
 
 
 def _head_index(m: torch.Tensor, heads: Any, name: str) -> Any:

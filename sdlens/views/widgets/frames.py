@@ -122,7 +122,7 @@ def _display_size(trace: Any, max_side: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------- words & layers
 @dataclass(frozen=True)
 class WordChip:
-    """A word of the prompt as a chip: ``key`` is unique (text, or text#occurrence)."""
+    """A word of the prompt as a chip: ``key`` is unique (:attr:`Word.name`: "a", "a#2")."""
 
     key: str
     text: str
@@ -141,8 +141,7 @@ def word_chips(trace: Any, batch: int = 0) -> list[WordChip]:
         return []
     chips = []
     for w in trace_words(trace, batch, punctuation=False):
-        key = w.text if w.occurrence == 0 else f"{w.text}#{w.occurrence}"
-        chips.append(WordChip(key, w.text, w.occurrence, tuple(w.positions), tuple(w.tokens)))
+        chips.append(WordChip(w.name, w.text, w.occurrence, tuple(w.positions), tuple(w.tokens)))
     return chips
 
 

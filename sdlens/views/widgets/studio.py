@@ -20,6 +20,7 @@ import ipywidgets as W
 import torch
 
 from sdlens.analysis.previews import latent_to_rgb, linear_decoder, to_image
+from sdlens.engine.arch import adapter_for
 from sdlens.engine.session import generate, live_state
 from sdlens.pipeline import SCHEDULERS, describe, make_scheduler
 from sdlens.views.widgets.frames import encode
@@ -56,8 +57,7 @@ class Studio(W.VBox):
                  seed: int = 0, steps: int | None = None, guidance_scale: float | None = None,
                  scheduler: str = "default", keep: int = 2, preview_px: int = 192,
                  viewer: dict | None = None, record: dict | None = None, **kwargs: Any):
-        if not hasattr(pipe, "unet") or not hasattr(pipe, "scheduler"):
-            raise TypeError(f"Studio needs a diffusers Stable Diffusion pipeline, got {type(pipe).__name__}")
+        adapter_for(pipe)  # TypeError naming the supported pipelines
         if not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be a positive int, got {keep!r}")
         sched_opts = ["default"] + list(SCHEDULERS)
