@@ -19,7 +19,8 @@ from sdlens.analysis.compare import Comparison, compare
 from sdlens.analysis.heatmaps import Commitment
 from sdlens.engine.options import RecordOptions, TraceTooLarge
 from sdlens.engine.session import generate, trace
-from sdlens.experiments.adapters import lora_effect, trace_base_refiner
+from sdlens.experiments.lora import lora_effect
+from sdlens.experiments.refiner import trace_base_refiner
 from sdlens.experiments.steer import reweight, token_effects
 from sdlens.experiments.sweep import Grid, is_grid_file, sweep
 from sdlens.pipeline import describe, load_pipeline

@@ -20,7 +20,8 @@ from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 import diffusers  # noqa: E402
-from sdlens.experiments import adapters  # noqa: E402
+from sdlens.experiments import lora, textual_inversion  # noqa: E402
+from sdlens.experiments.refiner import part, trace_base_refiner  # noqa: E402
 from sdlens.analysis.compare import compare  # noqa: E402
 from sdlens.engine.session import generate, trace  # noqa: E402
 from sdlens.testing import random_pipeline  # noqa: E402
@@ -89,7 +90,7 @@ def base_trace(pipe):
 def lora_pipe(pipe, base_trace, tmp_path_factory):
     folder = _random_lora(pipe.unet, tmp_path_factory.mktemp("lora"))
     pipe.load_lora_weights(folder, adapter_name="rand")
-    assert adapters.lora_adapters(pipe) == {"rand": ["unet"]}
+    assert lora.lora_adapters(pipe) == {"rand": ["unet"]}
     return pipe
 
 
@@ -142,7 +143,7 @@ def test_fused_lora_traced_equals_untraced(lora_pipe):
             out = _run(pipe)
         assert np.abs(out - ref).max() == 0
         with pytest.raises(ValueError, match="fused"):
-            adapters.lora_effect(pipe, PROMPT, "rand")
+            lora.lora_effect(pipe, PROMPT, "rand")
     finally:
         pipe.unfuse_lora()
         pipe.unet.load_state_dict(weights)  # unfusing subtracts the delta again: not bit-exact
@@ -173,8 +174,8 @@ def test_lora_effect_batched_equals_sequential_and_restores(lora_pipe, base_trac
     pipe.set_adapters("rand", 0.3)
     layers = [m for m in pipe.unet.modules() if isinstance(m, LoraLayer)]
     before = [(list(m.active_adapters), dict(m.scaling)) for m in layers]
-    eff = adapters.lora_effect(pipe, PROMPT, "rand", scales=[0, 0.5, 1.0], seed=0, steps=STEPS)
-    seq = adapters.lora_effect(pipe, PROMPT, "rand", scales=[0, 0.5, 1.0], seed=0, steps=STEPS,
+    eff = lora.lora_effect(pipe, PROMPT, "rand", scales=[0, 0.5, 1.0], seed=0, steps=STEPS)
+    seq = lora.lora_effect(pipe, PROMPT, "rand", scales=[0, 0.5, 1.0], seed=0, steps=STEPS,
                                batched=False, figure=False)
     assert [(list(m.active_adapters), dict(m.scaling)) for m in layers] == before
     assert eff.batched and not seq.batched and eff.reference == 0.0
@@ -210,13 +211,13 @@ def test_lora_effect_batched_equals_sequential_and_restores(lora_pipe, base_trac
 
 def test_unknown_adapter_names_give_clear_errors(lora_pipe, ti_pipe):
     with pytest.raises(ValueError, match=r"unknown LoRA adapter 'nope'; loaded adapters: 'rand'"):
-        adapters.lora_effect(lora_pipe, PROMPT, "nope")
+        lora.lora_effect(lora_pipe, PROMPT, "nope")
     with pytest.raises(TypeError, match="name of a loaded LoRA adapter"):
-        adapters.lora_effect(lora_pipe, PROMPT, 3)
+        lora.lora_effect(lora_pipe, PROMPT, 3)
     with pytest.raises(ValueError, match="no LoRA adapters loaded"):
-        adapters.lora_effect(ti_pipe, PROMPT, "rand")  # a pipeline without LoRA
+        lora.lora_effect(ti_pipe, PROMPT, "rand")  # a pipeline without LoRA
     with pytest.raises(ValueError, match="unknown textual-inversion token '<none>'"):
-        adapters.textual_inversion(ti_pipe, "<none>")
+        textual_inversion.textual_inversion(ti_pipe, "<none>")
 
 
 @pytest.mark.slow
@@ -255,7 +256,7 @@ def test_trained_lora_turns_the_image_red(tmp_path):
         opt.step()
     folder = _save_lora(pipe.unet, tmp_path, unet)
     pipe.load_lora_weights(folder, adapter_name="red")
-    eff = adapters.lora_effect(pipe, PROMPT, "red", scales=[0, 1.0], seed=0, steps=4,
+    eff = lora.lora_effect(pipe, PROMPT, "red", scales=[0, 1.0], seed=0, steps=4,
                                batched=False)
 
     def red(tr):
@@ -308,15 +309,15 @@ def test_textual_inversion_traced_named_and_heatmap(ti_pipe):
     assert pos == [2]
     layer = tr.attention.layers[0]
     assert not torch.equal(tr.attention[layer][:, 0, 2], tr.attention[layer][:, 0, 5])
-    torch.testing.assert_close(adapters.textual_inversion_heatmap(tr, "<my-token>", size=16), hm)
+    torch.testing.assert_close(textual_inversion.textual_inversion_heatmap(tr, "<my-token>", size=16), hm)
     # nearest vocabulary neighbours: the embedding was made next to "circle"
-    ti = adapters.textual_inversion(pipe, "<my-token>", k=5)
+    ti = textual_inversion.textual_inversion(pipe, "<my-token>", k=5)
     assert ti.tokens == ["<my-token>"] and ti.ids == {1: [new_id]}
     assert ti.neighbours[1][0][0][0] == "circle" and ti.neighbours[1][0][0][2] > 0.99
     assert all(i < pipe.tokenizer.vocab_size for _, i, _ in ti.neighbours[1][0])
     assert ti.neighbours[1][0] == [n for n in nearest_tokens(pipe, "<my-token>", k=7)
                                    if n[1] < pipe.tokenizer.vocab_size][:5]
-    tv = adapters.textual_inversion_view(tr)
+    tv = textual_inversion.textual_inversion_view(tr)
     assert list(tv.inversions) == ["<my-token>"]
     assert "circle" in str(tv) and "<my-token>" in str(tv)
     assert tv.to_dict()["textual_inversions"]["<my-token>"]["ids"] == {"1": [new_id]}
@@ -325,7 +326,7 @@ def test_textual_inversion_traced_named_and_heatmap(ti_pipe):
 def test_multi_vector_textual_inversion_positions(ti_pipe):
     pipe = ti_pipe
     prompt = "a <multi> circle"
-    assert adapters.textual_inversion_tokens(pipe) == {"<my-token>": ["<my-token>"],
+    assert textual_inversion.textual_inversion_tokens(pipe) == {"<my-token>": ["<my-token>"],
                                                        "<multi>": ["<multi>", "<multi>_1"]}
     tr = _traced_unchanged(pipe, prompt)
     # as the pipeline encodes it: <multi> expands to its two vectors
@@ -333,7 +334,7 @@ def test_multi_vector_textual_inversion_positions(ti_pipe):
                                              ).input_ids
     assert tr.tokens[0][1:-1] == ["a</w>", "<multi></w>", "<multi>_1</w>", "circle</w>"]
     assert tr.heatmap("circle", size=8).shape == (8, 8)
-    both = adapters.textual_inversion_heatmap(tr, "<multi>", size=8)
+    both = textual_inversion.textual_inversion_heatmap(tr, "<multi>", size=8)
     from sdlens.analysis.heatmaps import token_heatmap
 
     torch.testing.assert_close(both, token_heatmap(tr, [2, 3], size=8))
@@ -344,7 +345,7 @@ def test_multi_vector_textual_inversion_positions(ti_pipe):
     assert [(w.text, w.positions) for w in trace_words(tr)] == \
         [("a", (1,)), ("<multi>", (2, 3)), ("circle", (4,))]
     torch.testing.assert_close(tr.heatmap("<multi>", size=8), both)
-    ti = adapters.textual_inversion(pipe, "<multi>", k=3)
+    ti = textual_inversion.textual_inversion(pipe, "<multi>", k=3)
     assert len(ti.neighbours[1]) == 2 and all(len(n) == 3 for n in ti.neighbours[1])
 
 
@@ -383,7 +384,7 @@ def test_sdxl_base_and_refiner_as_one_trace(tmp_path):
     ref = _images(refiner(PROMPT, num_inference_steps=steps, denoising_start=handover,
                           image=lat, generator=g))
 
-    tr = adapters.trace_base_refiner(base, refiner, PROMPT, seed=0, steps=steps,
+    tr = trace_base_refiner(base, refiner, PROMPT, seed=0, steps=steps,
                                      handover=handover)
     assert np.abs(np.asarray(tr.images[0], dtype=np.float32) - ref[0]).max() == 0
     h = tr.meta["handover_step"]
@@ -393,7 +394,7 @@ def test_sdxl_base_and_refiner_as_one_trace(tmp_path):
     base.scheduler.set_timesteps(steps)
     assert tr.timesteps.tolist() == base.scheduler.timesteps.float().tolist()
     assert [p["name"] for p in tr.meta["parts"]] == ["base", "refiner"]
-    b, r = adapters.part(tr, "base"), adapters.part(tr, "refiner")
+    b, r = part(tr, "base"), part(tr, "refiner")
     assert b.num_steps == h and r.num_steps == steps - h and r.meta["step_offset"] == h
     assert torch.equal(r.latents[0], b.latents[-1]) and torch.equal(r.latents, tr.latents[h:])
     assert r.tokens[0][1:-1] == refiner.tokenizer_2.tokenize(PROMPT)
@@ -404,14 +405,14 @@ def test_sdxl_base_and_refiner_as_one_trace(tmp_path):
     assert r.heatmap("circle", size=8).shape == (8, 8)
     assert b.heatmap("circle", size=8).shape == (8, 8)
     with pytest.raises(ValueError, match="unknown part"):
-        adapters.part(tr, "middle")
+        part(tr, "middle")
     # one file
     path = tr.save(tmp_path / "whole.sdlens")
     back = load(path)
     assert back.meta["handover_step"] == h and torch.equal(back.latents, tr.latents)
-    rb = adapters.part(back, "refiner")
+    rb = part(back, "refiner")
     for layer in r.attention.layers:
         assert torch.equal(rb.attention[layer], r.attention[layer])
     assert rb.tokens == r.tokens
     with pytest.raises(ValueError, match="handover"):
-        adapters.trace_base_refiner(base, refiner, PROMPT, handover=1.0)
+        trace_base_refiner(base, refiner, PROMPT, handover=1.0)

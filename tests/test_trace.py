@@ -713,7 +713,7 @@ def test_save_load_round_trip(tmp_path):
     back.save(path)
     again = load(path)
     assert torch.equal(again.latents, tr.latents)
-    # tensors other modules add (e.g. sdlens.adapters' 'parts/...') survive a round trip
+    # tensors other modules add (e.g. sdlens.experiments.refiner's 'parts/...') survive a round trip
     from sdlens.trace import replace
 
     extra = replace(tr, extra_tensors={"parts/x": torch.arange(3.0)})

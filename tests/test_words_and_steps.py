@@ -154,14 +154,14 @@ def test_phrases_and_case_work_in_both(traces):
 
 
 def test_textual_inversion_tokens_are_words(pipe, traces):
-    from sdlens.experiments import adapters
+    from sdlens.experiments import textual_inversion
 
     tr = traces["textual inversion"]
     assert tr.tokens[0][2] == "<my-token></w>"  # a word of its own, not merged with "and"
     assert tr.tokens[0][5:7] == ["<multi></w>", "<multi>_1</w>"]
-    torch.testing.assert_close(adapters.textual_inversion_heatmap(tr, "<multi>", size=8),
+    torch.testing.assert_close(textual_inversion.textual_inversion_heatmap(tr, "<multi>", size=8),
                                heatmaps.token_heatmap(tr, [5, 6], size=8))
-    assert list(adapters.textual_inversion_view(tr).inversions) == ["<my-token>", "<multi>"]
+    assert list(textual_inversion.textual_inversion_view(tr).inversions) == ["<my-token>", "<multi>"]
     # steering finds the same positions (in the expanded prompt the pipeline encodes)
     assert word_positions(pipe, PROMPTS["textual inversion"], "<multi>") == [5, 6]
     assert word_positions(pipe, PROMPTS["textual inversion"], "a") == [1, 4]

@@ -107,7 +107,7 @@ class Trace:
         ``images`` may be a zero-argument callable (read on first access) and the maps of
         ``attention`` may be unloaded (checked when loaded). ``extra_tensors`` (name -> tensor or
         loader) and ``extra_info`` (JSON-able) travel with the trace and its file unchecked
-        (e.g. the refiner part of a combined base + refiner trace, sdlens.experiments.adapters).
+        (e.g. the refiner part of a combined base + refiner trace, sdlens.experiments.refiner).
         """
         steps = int(len(timesteps))
         batch = len(prompts)

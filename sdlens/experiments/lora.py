@@ -1,55 +1,35 @@
-"""LoRA, textual inversion and the SDXL refiner: traced and compared.
+"""LoRA, traced and compared: what an adapter does to the image, per scale.
 
 Tracing works unchanged on pipelines with diffusers' loaders applied (``pipe.load_lora_weights``,
-``set_adapters``, ``fuse_lora``, ``pipe.load_textual_inversion``): sdlens' recording processors
-wrap whatever processor is installed, and the attention probabilities are computed through the
-layer's own ``to_q`` / ``to_k`` (peft's LoRA layers included, at their current scale), so traced
-images stay identical to untraced ones. This module adds what is specific to adapters:
+``set_adapters``, ``fuse_lora``): sdlens' site processors wrap whatever processor is installed,
+and the attention probabilities are computed through the layer's own ``to_q`` / ``to_k`` (peft's
+LoRA layers included, at their current scale), so traced images stay identical to untraced ones.
 
-LoRA
     >>> pipe.load_lora_weights("my_lora.safetensors", adapter_name="red")   # needs `peft`
     >>> eff = sdlens.lora_effect(pipe, "a circle", "red", scales=[0, 0.5, 1.0], seed=0)
     >>> eff.traces[2].heatmap("circle"); eff.comparisons[1.0].word_change; eff.figure
 
-    All scales run as ONE batched pipeline call (batch item i runs adapter ``"red"`` at
-    ``scales[i]``; see :func:`lora_effect` for how and how faithful, and ``batched=False`` for
-    one call per scale).
-
-Textual inversion
-    >>> pipe.load_textual_inversion("learned_embeds.safetensors", token="<my-token>")
-    >>> tr = sdlens.generate(pipe, "a <my-token> circle")
-    >>> tr.heatmap("<my-token>")                  # the token is a word named as loaded
-    >>> print(textual_inversion_view(tr))          # token table + nearest vocabulary neighbours
-
-SDXL base + refiner
-    >>> tr = trace_base_refiner(base, refiner, "a red circle", steps=25, handover=0.8, seed=0)
-    >>> tr.meta["handover_step"]                   # first step run by the refiner
-    >>> part(tr, "refiner").tokens                 # the refiner's steps with its own tokens
-
-    or trace the two calls yourself and join them with :func:`combine_base_refiner`.
+All scales run as ONE batched pipeline call (batch item i runs adapter ``"red"`` at
+``scales[i]``; see :func:`lora_effect` for how and how faithful, and ``batched=False`` for one
+call per scale).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from sdlens.analysis.compare import Comparison, compare
-from sdlens.analysis.heatmaps import word_heatmap
-from sdlens.analysis.tokens import nearest_tokens, token_view, trace_words, word_matches
 from sdlens.engine.batch import cell_trace
 from sdlens.engine.options import RecordOptions
-from sdlens.engine.session import generate, trace as _trace
+from sdlens.engine.session import generate
 from sdlens.engine.sites import Hooks
 from sdlens.trace.core import Trace
-from sdlens.trace.maps import AttentionMaps
-from sdlens.trace.ops import concat_steps, replace, slice_steps
 
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -361,250 +341,3 @@ def lora_effect_figure(effect: LoraEffect):
         b.legend(fontsize=8)
     fig.suptitle(f"LoRA {effect.adapter!r}: {effect.traces[0].prompts[0]!r}", fontsize=10)
     return fig
-
-
-# ============================================================================ textual inversion
-def _tokenizers(pipe) -> list[tuple[int, Any, Any]]:
-    out = []
-    for enc, suffix in ((1, ""), (2, "_2")):
-        tok = getattr(pipe, "tokenizer" + suffix, None)
-        te = getattr(pipe, "text_encoder" + suffix, None)
-        if tok is not None and te is not None:
-            out.append((enc, tok, te))
-    return out
-
-
-def textual_inversion_tokens(pipe) -> dict[str, list[str]]:
-    """Textual-inversion tokens loaded in ``pipe``: ``{name: [vector tokens]}`` (a multi-vector
-    embedding ``<t>`` is loaded by diffusers as tokens ``<t>``, ``<t>_1``, ...)."""
-    names: dict[str, list[str]] = {}
-    for _, tok, _ in _tokenizers(pipe):
-        added = [t for t, _ in sorted(tok.get_added_vocab().items(), key=lambda kv: kv[1])
-                 if t not in set(tok.all_special_tokens)]
-        for t in added:
-            base, _, idx = t.rpartition("_")
-            if base and idx.isdigit() and base in added:
-                names.setdefault(base, [base])
-                if t not in names[base]:
-                    names[base].append(t)
-            elif t not in names:
-                names[t] = [t]
-    return names
-
-
-@dataclass
-class TextualInversion:
-    """One textual-inversion token: its name, vector tokens and ids (per text encoder), the
-    embedding norms, and each vector's nearest vocabulary neighbours ``[(text, id, cosine)]``
-    (from :func:`sdlens.analysis.tokens.nearest_tokens`, other added tokens left out)."""
-
-    name: str
-    tokens: list[str]
-    ids: dict[int, list[int]]
-    norms: dict[int, list[float]]
-    neighbours: dict[int, list[list[tuple[str, int, float]]]] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        lines = [f"{self.name}: {len(self.tokens)} vector(s)"]
-        for enc, per in self.neighbours.items():
-            for tok, norm, nb in zip(self.tokens, self.norms[enc], per):
-                near = ", ".join(f"{t!r} {c:.2f}" for t, _, c in nb)
-                lines.append(f"  encoder {enc} {tok} (norm {norm:.3f}) nearest: {near}")
-        return "\n".join(lines)
-
-
-def textual_inversion(pipe, name: str, k: int = 8) -> TextualInversion:
-    """The textual-inversion token ``name`` of ``pipe`` and its embedding's ``k`` nearest
-    vocabulary neighbours per vector and text encoder. Unknown names raise ValueError listing
-    the loaded ones."""
-    loaded = textual_inversion_tokens(pipe)
-    if name not in loaded:
-        raise ValueError(f"unknown textual-inversion token {name!r}; loaded: "
-                         f"{', '.join(repr(n) for n in loaded) or 'none'} (load one with "
-                         "pipe.load_textual_inversion(path, token=...))")
-    vectors = loaded[name]
-    ids, norms, neighbours = {}, {}, {}
-    for enc, tok, te in _tokenizers(pipe):
-        vids = tok.convert_tokens_to_ids(vectors)
-        if any(i is None or i == tok.unk_token_id for i in vids):
-            continue  # not loaded into this encoder
-        table = te.get_input_embeddings().weight.detach()
-        ids[enc] = [int(i) for i in vids]
-        norms[enc] = [float(table[i].float().norm()) for i in vids]
-        n_added = len(tok) - tok.vocab_size
-        per = []
-        for v in vectors:
-            near = nearest_tokens(pipe, v, k=k + max(0, n_added), encoder=enc)
-            per.append([n for n in near if n[1] < tok.vocab_size][:k])
-        neighbours[enc] = per
-    return TextualInversion(name, list(vectors), ids, norms, neighbours)
-
-
-def textual_inversion_heatmap(trace: Trace, name: str, batch: int = 0, occurrence: int = 0,
-                              **kwargs) -> torch.Tensor:
-    """Heatmap of a textual-inversion token over all its vectors (``<t>``, ``<t>_1``, ...: one
-    word, see :mod:`sdlens.analysis.tokens`), the same as ``trace.heatmap(name)``. ``kwargs`` go
-    to :func:`sdlens.analysis.heatmaps.word_heatmap` (steps, layers, size, ...)."""
-    return word_heatmap(trace, name, batch=batch, occurrence=occurrence, **kwargs)
-
-
-@dataclass
-class TextualInversionView:
-    """The token view of a trace's prompt (:func:`sdlens.analysis.tokens.token_view`) and, for each
-    textual-inversion token in it, its :class:`TextualInversion` (nearest neighbours)."""
-
-    tokens: Any
-    inversions: dict[str, TextualInversion]
-
-    def to_dict(self) -> dict:
-        d = self.tokens.to_dict()
-        d["textual_inversions"] = {
-            n: {"tokens": ti.tokens, "ids": {str(k): v for k, v in ti.ids.items()},
-                "neighbours": {str(k): [[list(x) for x in nb] for nb in v]
-                               for k, v in ti.neighbours.items()}}
-            for n, ti in self.inversions.items()}
-        return d
-
-    def __str__(self) -> str:
-        return "\n".join([str(self.tokens)] + [str(ti) for ti in self.inversions.values()])
-
-
-def textual_inversion_view(trace: Trace, batch: int = 0, pipe=None, k: int = 8
-                           ) -> TextualInversionView:
-    """Token view of ``trace`` (batch item ``batch``) with the nearest vocabulary neighbours of
-    every textual-inversion token in the prompt. ``pipe``: the pipeline (default: the traced one,
-    while it is alive); needed for the embeddings."""
-    pipe = pipe if pipe is not None else trace.pipeline
-    if pipe is None:
-        raise ValueError("textual_inversion_view needs the pipeline (pipe=) for the embeddings; "
-                         "a loaded trace does not hold it")
-    loaded = textual_inversion_tokens(pipe)
-    words = trace_words(trace, batch)
-    found = {n: textual_inversion(pipe, n, k=k) for n in loaded if word_matches(words, n)}
-    return TextualInversionView(token_view(trace, batch), found)
-
-
-# ============================================================================ SDXL refiner
-_RUN_FIELDS = ("prompts", "negative_prompts", "token_ids", "tokens", "truncated_words",
-               "guidance_scale", "do_cfg")  # Trace.build fields of each run
-_PART_FIELDS = _RUN_FIELDS + ("num_steps", "attention")  # what info["parts"] keeps per run
-
-
-def combine_base_refiner(base_trace: Trace, refiner_trace: Trace) -> Trace:
-    """One trace of an SDXL base run (``denoising_end``) followed by a refiner run
-    (``denoising_start``, ``image=`` the base's latents), as recorded by two ``sdlens.trace``
-    blocks::
-
-        with sdlens.trace(base) as tb:
-            lat = base(prompt, num_inference_steps=25, denoising_end=0.8, output_type="latent",
-                       generator=g).images
-        with sdlens.trace(refiner) as tr:
-            image = refiner(prompt, num_inference_steps=25, denoising_start=0.8, image=lat,
-                            generator=g).images[0]
-        whole = combine_base_refiner(tb, tr)
-
-    The result runs over all steps (:func:`~sdlens.trace.ops.concat_steps`): ``timesteps``,
-    ``sigmas``, ``latents`` (x_T of the base ... the refiner's x_0), ``noise*`` and ``x0`` are
-    the two runs joined; ``meta["handover_step"]`` is the first step the refiner ran,
-    ``meta["parts"]`` describes both runs. ``attention``, ``tokens`` and ``token_ids`` are the
-    base's (steps 0 .. handover-1); :func:`part` gives each run as a Trace of its own, the
-    refiner with its own tokens (tokenizer_2) and maps. ``images`` are the refiner's. Saves and
-    loads as one file.
-    """
-    base_trace, refiner_trace = base_trace.runs[-1], refiner_trace.runs[-1]
-    bi, ri = base_trace._require(), refiner_trace._require()
-    if base_trace.batch_size != refiner_trace.batch_size:
-        raise ValueError(f"the base run has {base_trace.batch_size} image(s), the refiner run "
-                         f"{refiner_trace.batch_size}")
-    whole = concat_steps(base_trace, refiner_trace)
-    lb, lr = base_trace.latents, refiner_trace.latents
-    gap = float((lb[-1] - lr[0]).abs().max()) if lb is not None and lr is not None else None
-    h, n = base_trace.num_steps, whole.num_steps
-    ra = refiner_trace.attention
-    extra = {f"parts/refiner/attention/{layer}": ra.source(layer) for layer in ra.layers} \
-        if ra is not None else {}
-    bm, rm = base_trace.meta, refiner_trace.meta
-    parts = [{"name": name, "start": start, "stop": stop, "meta": meta,
-              **{k: info[k] for k in _PART_FIELDS}}
-             for name, info, meta, start, stop in (("base", bi, bm, 0, h),
-                                                   ("refiner", ri, rm, h, n))]
-    meta = dict(bm)
-    meta.update(handover_step=h, steps=n, unet_calls=bm.get("unet_calls", h) +
-                rm.get("unet_calls", n - h), handover=rm.get("denoising_start"),
-                refiner_pipeline_class=rm.get("pipeline_class"),
-                refiner_family=rm.get("family"), handover_latent_gap=gap,
-                parts=[{"name": p["name"], "start": p["start"], "stop": p["stop"],
-                        "pipeline_class": p["meta"].get("pipeline_class")} for p in parts])
-    return replace(whole, meta=meta, extra_tensors=extra,
-                   extra_info={"parts": json.loads(json.dumps(parts, default=str))})
-
-
-def part(trace: Trace, name: str) -> Trace:
-    """One run of a combined base + refiner trace (``"base"`` or ``"refiner"``) as a Trace of its
-    own: its steps (indexed from 0, :func:`~sdlens.trace.ops.slice_steps`), its prompts' tokens,
-    its attention maps and meta."""
-    parts = trace._require().get("parts")
-    if not parts:
-        raise ValueError("this trace is not a combined base + refiner trace (no parts); see "
-                         "sdlens.trace_base_refiner")
-    names = [p["name"] for p in parts]
-    if name not in names:
-        raise ValueError(f"unknown part {name!r}; parts: {names}")
-    p = parts[names.index(name)]
-    start, stop = int(p["start"]), int(p["stop"])
-    steps = slice_steps(trace, start, stop)
-    maps = steps.attention
-    att = p.get("attention")
-    if att is not None and name != parts[0]["name"]:  # the first part's maps are the trace's
-        prefix = f"parts/{name}/attention/"
-        maps = AttentionMaps({l: (lambda key: lambda: trace._tensor(key))(prefix + l)
-                              for l in att["layers"]}, att["resolutions"], att["steps"],
-                             att["token_positions"], att["heads"], dtype=att.get("dtype"))
-    elif att is None:
-        maps = None
-    return replace(steps, **{k: p[k] for k in _RUN_FIELDS},
-                   noise_uncond=steps.noise_uncond if p["do_cfg"] else None, attention=maps,
-                   meta=dict(p["meta"], step_offset=start), extra_tensors={}, extra_info={})
-
-
-def trace_base_refiner(base, refiner, prompt: str | list[str], seed: int = 0, steps: int = 25,
-                       handover: float = 0.8, guidance_scale: float | None = None,
-                       negative_prompt: str | list[str] | None = None,
-                       options: RecordOptions | None = None, base_kwargs: dict | None = None,
-                       refiner_kwargs: dict | None = None, **kwargs) -> Trace:
-    """Run SDXL ``base`` for the first ``handover`` of the schedule and ``refiner`` for the rest
-    (diffusers' ensemble of experts: ``denoising_end=handover`` / ``denoising_start=handover``,
-    the base's latents handed over) and return ONE trace of the whole run (see
-    :func:`combine_base_refiner`): ``meta["handover_step"]`` marks the refiner's first step.
-
-    Both calls share one CPU generator seeded with ``seed`` (the base draws x_T from it, the
-    refiner continues it), as ``g = torch.Generator().manual_seed(seed)`` passed to both calls
-    would. ``kwargs`` go to both calls, ``base_kwargs`` / ``refiner_kwargs`` to one;
-    ``options`` (and RecordOptions keyword arguments) apply to both recordings.
-    """
-    if not 0 < handover < 1:
-        raise ValueError(f"handover must be in (0, 1) (the fraction of the schedule the base "
-                         f"runs), got {handover!r}")
-    if getattr(refiner, "tokenizer_2", None) is None or getattr(refiner, "text_encoder_2",
-                                                                None) is None:
-        raise TypeError("refiner must be an SDXL refiner (StableDiffusionXLImg2ImgPipeline with "
-                        "text_encoder_2 / tokenizer_2)")
-    opt_names = {f for f in RecordOptions.__dataclass_fields__}
-    opt_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in opt_names}
-    opts = RecordOptions.from_kwargs(options, **opt_kwargs)
-    if "generator" in kwargs:
-        raise ValueError("trace_base_refiner takes seed=, not generator=")
-    g = torch.Generator("cpu").manual_seed(int(seed))
-    common = dict(prompt=prompt, num_inference_steps=steps, generator=g, **kwargs)
-    if guidance_scale is not None:
-        common["guidance_scale"] = guidance_scale
-    if negative_prompt is not None:
-        common["negative_prompt"] = negative_prompt
-    with _trace(base, opts) as tb:
-        latents = base(**common, denoising_end=handover, output_type="latent",
-                       **(base_kwargs or {})).images
-    with _trace(refiner, opts) as tr:
-        refiner(**common, image=latents, denoising_start=handover, **(refiner_kwargs or {}))
-    whole = combine_base_refiner(tb, tr)
-    whole._info["meta"].update(handover=float(handover), seeds=[int(seed)])
-    return whole
