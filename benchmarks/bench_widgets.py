@@ -29,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # tests/browser.py: JupyterLab + Chromium drivers
 
 PROMPT = "a red circle and a blue square"
 

@@ -358,7 +358,7 @@ def gpu_section_md() -> str:
                "softmax(QK^T)V kernels can be faster than the SDPA kernel the pipeline uses. sdlens "
                "keeps the pipeline's own attention kernels (a traced image equals the untraced one "
                "exactly) and adds the probabilities' recomputation on top.")
-    out.append("- `tests/test_cuda.py` checks the GPU path (traced = untraced in fp32 and fp16, "
+    out.append("- `tests/engine/test_cuda.py` checks the GPU path (traced = untraced in fp32 and fp16, "
                "CUDA vs CPU heatmaps, no device sync inside an attention layer, sweeps, steering); "
                "it is skipped where there is no CUDA.\n")
     if "memory" in texts:

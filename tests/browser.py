@@ -1,6 +1,6 @@
 """Drive the widgets in a real browser: JupyterLab on localhost + Playwright + Chromium.
 
-Used by ``tests/test_browser.py`` and ``benchmarks/bench_widgets.py``; handy for debugging a view
+Used by ``tests/views/test_browser.py`` and ``benchmarks/bench_widgets.py``; handy for debugging a view
 too. Needs ``jupyterlab`` and ``playwright`` (the ``dev`` extra) and a Chromium binary
 (``apt-get install chromium``: Playwright's own download is not needed).
 
@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator, Sequence
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",

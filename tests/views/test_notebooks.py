@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = REPO / "notebooks"
 WEIGHTS = REPO / "sdlens" / "models" / "shapes" / "weights" / "model_index.json"
 EXPECTED = ["attention", "denoising", "guidance-and-seeds", "img2img-and-inpainting", "quickstart", "tokens"]

@@ -16,7 +16,7 @@ from sdlens.testing import random_pipeline
 
 S = importlib.import_module("sdlens.experiments.sweep")  # `sdlens.sweep` may be the function once exported
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-4
 P1, P2 = "a red circle", "a blue square and a green triangle"
 

@@ -18,7 +18,7 @@ import pytest
 from fakes import random_shapes_folder, shipped_model_available
 from sdlens.views.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 

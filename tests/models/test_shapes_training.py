@@ -61,7 +61,7 @@ def test_model_card_describes_the_shipped_unet():
 
     from sdlens.models.shapes.evaluate import unet_description
 
-    folder = Path(__file__).resolve().parents[1] / "sdlens/models/shapes/weights/unet"
+    folder = Path(__file__).resolve().parents[2] / "sdlens/models/shapes/weights/unet"
     shipped = UNet2DConditionModel.from_pretrained(folder)
     desc = unet_description()
     channels = json.loads((folder / "config.json").read_text())["block_out_channels"]

@@ -2,7 +2,7 @@
 
 What a GPU adds that the CPU tests cannot see: fp16 SDPA kernels, asynchronous device-to-host
 copies of the recordings (they must land complete and unchanged), and device syncs (none may
-happen inside an attention layer). Run on a GPU machine with ``pytest tests/test_cuda.py``.
+happen inside an attention layer). Run on a GPU machine with ``pytest tests/engine/test_cuda.py``.
 """
 
 from __future__ import annotations
