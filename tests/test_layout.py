@@ -11,6 +11,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 
 PKG = Path(__file__).resolve().parents[1] / "sdlens"
 
@@ -168,3 +170,15 @@ def test_alphas_cumprod_only_in_the_schedule_table():
         if "alphas_cumprod" in path.read_text():
             where.append(rel)
     assert where == []
+
+
+@pytest.mark.parametrize("base", ["sdlens.engine.arch", "sdlens.analysis.tokens"])
+def test_the_bottom_layer_imports_nothing_else_from_sdlens(base):
+    # the backbone naming and the Word model are read by every package (the Trace included), so
+    # they must not reach up into any of them
+    graph = import_graph()
+    mods = [m for m in graph if m == base or m.startswith(base + ".")]
+    assert mods
+    up = {m: sorted(d for d in graph[m] if not (d == base or d.startswith(base + ".")))
+          for m in mods}
+    assert {m: d for m, d in up.items() if d} == {}
