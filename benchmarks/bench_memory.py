@@ -44,7 +44,7 @@ def child(args) -> int:
         if args.path:
             from diffusers import StableDiffusionPipeline
 
-            pipe = StableDiffusionPipeline.from_pretrained(args.path, torch_dtype=s.dtype).to(s.device)
+            pipe = StableDiffusionPipeline.from_pretrained(args.path, dtype=s.dtype).to(s.device)
             pipe.set_progress_bar_config(disable=True)
         else:
             pipe = C.sd15_pipeline(s)

@@ -117,7 +117,7 @@ def sd15_pipeline(s: Settings):
             # the same seeded random weights, saved by an earlier run (bench_memory saves them)
             from diffusers import StableDiffusionPipeline
 
-            pipe = StableDiffusionPipeline.from_pretrained(cache, torch_dtype=s.dtype).to(s.device)
+            pipe = StableDiffusionPipeline.from_pretrained(cache, dtype=s.dtype).to(s.device)
             pipe.set_progress_bar_config(disable=True)
             s.extra["sd15_source"] = f"loaded from {cache.relative_to(REPO)} (saved by an earlier run)"
         else:

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +160,40 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+class _DropNotice(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """Loading prints third-party chatter that is not the user's business: diffusers' and
+    transformers' per-component progress bars, and transformers' notice that an image processor
+    (which the pipelines sdlens loads never use) "requires torchvision ... falling back". Exactly
+    those are silenced for the length of the load; everything else still reaches the user."""
+    from diffusers.utils import logging as d_logging
+    from transformers.utils import logging as t_logging
+
+    bars = (d_logging.is_progress_bar_enabled(), t_logging.is_progress_bar_enabled())
+    notice = logging.getLogger("transformers.utils.import_utils")
+    drop = _DropNotice("requires torchvision (not installed); falling back to")
+    d_logging.disable_progress_bar()
+    t_logging.disable_progress_bar()
+    notice.addFilter(drop)
+    try:
+        yield
+    finally:
+        notice.removeFilter(drop)
+        if bars[0]:
+            d_logging.enable_progress_bar()
+        if bars[1]:
+            t_logging.enable_progress_bar()
+
+
 def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.device | None = None,
                   dtype: torch.dtype | None = None, scheduler=None, progress_bar: bool = False):
     """Load a Stable Diffusion pipeline that sdlens can trace.
@@ -186,11 +222,11 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
     if cls_name not in SUPPORTED_PIPELINES:
         raise TypeError(f"{source} is a {cls_name or 'pipeline of unknown class'}; sdlens "
                         f"supports {', '.join(SUPPORTED_PIPELINES)}")
-    cls = getattr(diffusers, cls_name)
     kwargs = {}
     if "safety_checker" in index:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    pipe = cls.from_pretrained(source, torch_dtype=dtype, **kwargs)
+    with _quiet_loading():  # the class lookup imports the pipeline's module: quiet it too
+        pipe = getattr(diffusers, cls_name).from_pretrained(source, dtype=dtype, **kwargs)
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.to(device)

@@ -141,7 +141,7 @@ def _folder_vae(trace: Any) -> Any:
             from diffusers import AutoencoderKL
 
             _FOLDER_VAES[key] = AutoencoderKL.from_pretrained(folder / "vae",
-                                                              torch_dtype=torch.float32).eval()
+                                                              dtype=torch.float32).eval()
         return _FOLDER_VAES[key]
     return None
 
