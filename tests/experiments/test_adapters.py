@@ -221,8 +221,25 @@ def test_unknown_adapter_names_give_clear_errors(lora_pipe, ti_pipe):
 
 
 @pytest.mark.slow
+def _train_red(unet, opt, sched, emb, alphas, vae, gen, steps: int = 40) -> None:
+    """Train the LoRA so that the decoded x0's red channel rises (red minus green / blue)."""
+    for _ in range(steps):
+        t = sched.timesteps[torch.randint(len(sched.timesteps), (1,), generator=gen)].item()
+        x = torch.randn(2, 4, 16, 16, generator=gen)
+        eps_u, eps_t = unet(torch.cat([x, x]), t, encoder_hidden_states=emb.repeat_interleave(
+            2, 0)).sample.chunk(2)
+        eps = eps_u + 7.5 * (eps_t - eps_u)
+        a = alphas[int(t)]
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        img = vae.decode(x0 / vae.config.scaling_factor).sample.clamp(-1, 1)
+        loss = (img[:, 1:].mean() - img[:, 0].mean())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def test_trained_lora_turns_the_image_red(tmp_path):
-    """A LoRA trained (40 optimizer steps) so the decoded image's red channel rises (red minus
+    """A LoRA trained (80 optimizer steps) so the decoded image's red channel rises (red minus
     the mean of green and blue): at scale 1 the image is redder and compare() reports a change;
     at scale 0 the trace is the one without the LoRA and compare() reports zero change."""
     pipe = random_pipeline("shapes")
@@ -241,19 +258,13 @@ def test_trained_lora_turns_the_image_red(tmp_path):
     alphas = sched.alphas_cumprod
     gen = torch.Generator().manual_seed(0)
     vae = pipe.vae.requires_grad_(False)
-    for _ in range(40):
-        t = sched.timesteps[torch.randint(len(sched.timesteps), (1,), generator=gen)].item()
-        x = torch.randn(2, 4, 16, 16, generator=gen)
-        eps_u, eps_t = unet(torch.cat([x, x]), t, encoder_hidden_states=emb.repeat_interleave(
-            2, 0)).sample.chunk(2)
-        eps = eps_u + 7.5 * (eps_t - eps_u)
-        a = alphas[int(t)]
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-        img = vae.decode(x0 / vae.config.scaling_factor).sample.clamp(-1, 1)
-        loss = (img[:, 1:].mean() - img[:, 0].mean())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    # one thread: the same float reductions, so the same LoRA, on any machine and OMP setting
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _train_red(unet, opt, sched, emb, alphas, vae, gen, steps=80)
+    finally:
+        torch.set_num_threads(threads)
     folder = _save_lora(pipe.unet, tmp_path, unet)
     pipe.load_lora_weights(folder, adapter_name="red")
     eff = lora.lora_effect(pipe, PROMPT, "red", scales=[0, 1.0], seed=0, steps=4,
@@ -264,7 +275,9 @@ def test_trained_lora_turns_the_image_red(tmp_path):
         return float(im[..., 0].mean() - im[..., 1:].mean())
 
     r0, r1 = red(eff.traces[0]), red(eff.traces[1])
-    assert r1 > r0 + 0.005, (r0, r1)  # measured: 0.101 -> 0.114 (red minus green/blue, 0..1)
+    # measured 0.101 -> 0.120 with OMP_NUM_THREADS 1 and 2 (the LoRA is trained on one thread, so
+    # it is the same LoRA everywhere); the bar is a quarter of that rise, far above float noise
+    assert r1 > r0 + 0.005, (r0, r1)
     assert red(no_lora) == r0
     c0 = compare(no_lora, eff.traces[0])
     c1 = compare(no_lora, eff.traces[1])
