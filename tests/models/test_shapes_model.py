@@ -1,7 +1,7 @@
 """The shipped model draws what was asked, CFG matters, and its word maps lie on their objects.
 
-Measured on seeds never used in training (see the model card for the full evaluation). The
-rates are printed (``pytest -s`` or ``-ra`` shows them) and checked against the targets.
+Checked against the targets on the **validation** seeds (the model card reports the test seeds,
+which no test or decision looks at). The rates are printed (``pytest -s`` shows them).
 """
 
 import json
@@ -16,7 +16,7 @@ from sdlens.pipeline import SHIPPED_MODEL
 pytestmark = pytest.mark.skipif(not (SHIPPED_MODEL / "model_index.json").exists(),
                                 reason="the shipped model has not been exported yet")
 
-SEEDS = [ev.EVAL_SEED + i for i in range(6)]  # the model card's evaluation set
+SEEDS = [ev.VALIDATION_SEED + i for i in range(ev.N_SEEDS)]
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +31,43 @@ def rates(pipe):
     return r
 
 
-def test_the_evaluation_measures_ground_truth_correctly():
-    # the colour / shape judges are right on the generator's own scenes
-    rng = np.random.default_rng(0)
-    right = []
-    for _ in range(100):
-        from sdlens.models.shapes.dataset import random_scene
+class _Rendered:
+    """What ``judge`` reads of a trace, for scenes drawn by the generator itself: the images, and
+    each word's heatmap given as its object's mask (or as noise, to check IoU can fall)."""
 
-        scene = random_scene(rng)
-        seg = ev.colour_segments(scene.image)
-        for obj, mask in zip(scene.objects, scene.masks):
-            right.append(ev.classify_shape(seg[obj.colour] & mask) == obj.shape)
-    assert np.mean(right) == 1.0
+    def __init__(self, scenes, exact: bool = True):
+        from PIL import Image
+
+        self.images = [Image.fromarray(sc.image) for sc in scenes]
+        self.scenes, self.exact = scenes, exact
+
+    def heatmap(self, word, batch=0, occurrence=0):
+        sc = self.scenes[batch]
+        hits = [k for k, o in enumerate(sc.objects) if word in (o.colour, o.shape)]
+        mask = sc.masks[hits[occurrence]].astype(np.float32)
+        return mask if self.exact else np.random.default_rng(batch).random(mask.shape)
+
+
+def test_judge_is_right_on_the_generators_own_scenes():
+    # judge() as evaluate() uses it: every colour and shape right, and a word map equal to its
+    # object's mask has IoU ~1 with the colour segment; a random map has a low IoU. Scenes with
+    # two objects of one colour are left out, as the evaluation's prompts leave them out: the judge
+    # finds an object by its colour (it would judge both by the larger one)
+    from sdlens.models.shapes.dataset import random_scene
+
+    rng = np.random.default_rng(0)
+    scenes = [sc for sc in (random_scene(rng) for _ in range(80))
+              if len({o.colour for o in sc.objects}) == len(sc.objects)]
+    assert len(scenes) > 50
+    for tr in (_Rendered(scenes), _Rendered(scenes, exact=False)):
+        js = [ev.judge(tr, b, sc.caption, 0) for b, sc in enumerate(scenes)]
+        assert all(all(j.colours_right) and all(j.shapes_right) for j in js)
+        ious = [v for j in js for v in j.ious.values()]
+        if tr.exact:
+            # anti-aliased edges: on the smallest objects the colour segment misses a rim of pixels
+            assert min(ious) > 0.75 and np.mean(ious) > 0.9, (min(ious), np.mean(ious))
+        else:
+            assert np.mean(ious) < 0.5
 
 
 def test_single_objects_have_the_right_colour(rates):
