@@ -45,7 +45,8 @@ LINEAR = {
 }
 SHAPES_COEFFS = Path(__file__).parent / "models" / "shapes" / "weights" / "latent_rgb.json"
 KINDS = ("x0", "latents")
-DECODERS = ("linear", "vae", "tiny")
+DECODERS = ("auto", "linear", "vae", "tiny")
+CHEAP_VAE_PARAMS = 5_000_000  # the shipped models' VAEs (0.7M) decode in milliseconds; SD's (84M) does not
 
 _FITTED: dict[int, dict] = {}  # id(vae) -> coefficients fitted this session (shapes fallback)
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
@@ -75,6 +76,20 @@ def _vae_of(trace: Any, vae: Any = None) -> Any:
         return getattr(vae, "vae", vae)  # a pipeline works too
     pipe = _deref(getattr(trace, "pipeline", None))
     return getattr(pipe, "vae", None) if pipe is not None else None
+
+
+def resolve_decoder(trace: Any, decoder: str = "auto", vae: Any = None) -> str:
+    """The decoder ``decoder`` stands for: "auto" is the VAE decode where a cheap VAE is at hand
+    (the trace's pipeline's or ``vae=``, or the shipped model's folder for its traces) and the
+    linear preview elsewhere; other names stand for themselves."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if decoder != "auto":
+        return decoder
+    v = _vae_of(trace, vae) or _folder_vae(trace)
+    cheap = v is not None and hasattr(v, "parameters") and \
+        sum(p.numel() for p in v.parameters()) <= CHEAP_VAE_PARAMS
+    return "vae" if cheap else "linear"
 
 
 def load_linear_decoder(path: str | Path) -> dict:
@@ -128,11 +143,11 @@ def _folder_vae(trace: Any) -> Any:
     """The VAE of the trace's model folder (``meta['model_id']``) or of the shipped model's
     folder, when one is on disk; else None."""
     candidates = []
-    if not isinstance(trace, str):
-        model = (getattr(trace, "meta", None) or {}).get("model_id")
-        if model:
-            candidates.append(Path(str(model)).expanduser())
-    candidates.append(SHAPES_COEFFS.parent)
+    meta = {} if isinstance(trace, str) else (getattr(trace, "meta", None) or {})
+    if meta.get("model_id"):
+        candidates.append(Path(str(meta["model_id"])).expanduser())
+    if (trace if isinstance(trace, str) else meta.get("family")) == "shapes":
+        candidates.append(SHAPES_COEFFS.parent)  # only the shipped model's own traces
     for folder in candidates:
         if not (folder / "vae" / "config.json").exists():
             continue
@@ -165,13 +180,23 @@ def _images_tensor(images: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def fit_linear_decoder(vae: Any, images: Any = None, n: int = 256, seed: int = 0,
-                       scaling_factor: float | None = None, batch_size: int = 64) -> dict:
+                       scaling_factor: float | None = None, batch_size: int = 64,
+                       latents: torch.Tensor | None = None) -> dict:
     """Least-squares linear latent -> RGB decoder for ``vae``.
 
-    Pairs: each image is encoded (the posterior's *mean*, times the scaling factor: the latents
-    a pipeline holds) and area-averaged to the latent grid; ``[latent, 1] @ [M; b] = rgb`` is
-    solved in float64. Deterministic: the same VAE and images give the same coefficients.
-    ``images`` default: ``n`` scenes of the shapes dataset drawn with ``seed``.
+    Pairs (latent pixel, RGB of its patch), two ways:
+
+    * ``latents`` given — **against the decoder** (preferred: it fits what the preview replaces):
+      latents as the pipeline holds them (e.g. ``trace.x0`` of a few traced runs, flattened to
+      ``(n, C, h, w)``: predictions from every step, so the fit also covers early, off-manifold
+      ones) and their VAE decodes, area-averaged to the latent grid;
+    * else — against the encoder: each image is encoded (the posterior's *mean*, times the
+      scaling factor) and the image area-averaged to the latent grid; ``images`` default: ``n``
+      scenes of the shapes dataset drawn with ``seed``.
+
+    ``[latent, 1] @ [M; b] = rgb`` is solved in float64: the same inputs give the same
+    coefficients. To make one for your own model: trace a few prompts, then
+    ``save_linear_decoder(fit_linear_decoder(pipe.vae, latents=x0s), path)``.
 
     Returns ``{"matrix": (C, 3), "bias": (3,), "rmse": ..., "n_images": ..., "seed": ...,
     "scaling_factor": ...}`` (JSON-ready; see :func:`save_linear_decoder`).
@@ -179,21 +204,27 @@ def fit_linear_decoder(vae: Any, images: Any = None, n: int = 256, seed: int = 0
     vae = getattr(vae, "vae", vae)
     if not hasattr(vae, "encode"):
         raise TypeError(f"expected a VAE (or a pipeline with .vae), got {type(vae).__name__}")
-    if images is None:
-        from sdlens.models.shapes.dataset import make_dataset
-
-        images = make_dataset(n, seed=seed)[0]
-    x = _images_tensor(images)
     sf = scaling_factor if scaling_factor is not None else float(
         getattr(getattr(vae, "config", None), "scaling_factor", 1.0) or 1.0)
-    param = next(iter(vae.parameters()), None) if hasattr(vae, "parameters") else None
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None else torch.float32
-    lats = []
-    for i in range(0, len(x), batch_size):
-        post = vae.encode(x[i : i + batch_size].to(device, dtype)).latent_dist
-        lats.append(post.mean.float().cpu() * sf)
-    lat = torch.cat(lats)  # (n, C, h, w)
+    if latents is not None:
+        lat = latents.float().cpu()  # (n, C, h, w)
+        x = decode_vae(vae, lat, batch_size)  # (n, 3, H, W)
+        source = "decoder"
+    else:
+        if images is None:
+            from sdlens.models.shapes.dataset import make_dataset
+
+            images = make_dataset(n, seed=seed)[0]
+        x = _images_tensor(images)
+        param = next(iter(vae.parameters()), None) if hasattr(vae, "parameters") else None
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None else torch.float32
+        lats = []
+        for i in range(0, len(x), batch_size):
+            post = vae.encode(x[i : i + batch_size].to(device, dtype)).latent_dist
+            lats.append(post.mean.float().cpu() * sf)
+        lat = torch.cat(lats)  # (n, C, h, w)
+        source = "encoder"
     target = F.adaptive_avg_pool2d(x, lat.shape[-2:])  # (n, 3, h, w)
     a = rearrange(lat, "n c h w -> (n h w) c").double()
     a = torch.cat([a, torch.ones(len(a), 1, dtype=torch.float64)], 1)
@@ -202,7 +233,7 @@ def fit_linear_decoder(vae: Any, images: Any = None, n: int = 256, seed: int = 0
     rmse = float((a @ sol - y).pow(2).mean().sqrt())
     sol = sol.round(decimals=6)  # float noise (~1e-14) between runs must not change the file
     return {"matrix": sol[:-1].tolist(), "bias": sol[-1].tolist(), "rmse": round(rmse, 6),
-            "n_images": int(len(x)), "seed": seed, "scaling_factor": sf}
+            "n_images": int(len(x)), "seed": seed, "scaling_factor": sf, "fit": source}
 
 
 # --------------------------------------------------------------------------- VAE decoding
@@ -284,17 +315,17 @@ def _out_size(trace: Any, size: Any) -> tuple[int, int] | None:
 
 
 def previews(trace: Any, kind: str = "x0", steps: Sequence[int] | None = None, batch: int = 0,
-             decoder: str = "linear", vae: Any = None, size: Any = None,
+             decoder: str = "auto", vae: Any = None, size: Any = None,
              batch_size: int = 8) -> list[Image.Image]:
     """Previews of ``kind`` ("x0" or "latents", i.e. x_t) at several ``steps`` (default: all).
 
-    ``decoder``: "linear" (instant, approximate), "vae" (exact; ``trace.pipeline``'s VAE or
-    ``vae=``), "tiny" (an ``AutoencoderTiny`` passed as ``vae=``). ``size``: (H, W) / int, default
+    ``decoder``: "auto" (the VAE decode where it is cheap, else linear: :func:`resolve_decoder`),
+    "linear" (instant, approximate), "vae" (exact; ``trace.pipeline``'s VAE, ``vae=``, or the
+    shipped model's own), "tiny" (an ``AutoencoderTiny`` passed as ``vae=``). ``size``: (H, W) / int, default
     the image size; ``"latent"`` keeps the latent resolution (linear only). VAE decodes are
     batched (``batch_size``) and cached on the trace.
     """
-    if decoder not in DECODERS:
-        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    decoder = resolve_decoder(trace, decoder, vae)
     data = trace.x0 if kind == "x0" else trace.latents if kind == "latents" else None
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -311,7 +342,7 @@ def previews(trace: Any, kind: str = "x0", steps: Sequence[int] | None = None, b
         rgb = latent_to_rgb(torch.stack(lat), m, b)
         return [to_image(r, out_size) for r in rgb]
 
-    v = _vae_of(trace, vae)
+    v = _vae_of(trace, vae) or (_folder_vae(trace) if decoder == "vae" else None)
     if v is None:
         raise ValueError(f"decoder={decoder!r} needs a VAE: pass vae=pipe.vae"
                          + (" or an AutoencoderTiny" if decoder == "tiny" else "")
@@ -335,7 +366,7 @@ def previews(trace: Any, kind: str = "x0", steps: Sequence[int] | None = None, b
 
 
 def preview(trace: Any, kind: str = "x0", step: int = -1, batch: int = 0,
-            decoder: str = "linear", vae: Any = None, size: Any = None) -> Image.Image:
+            decoder: str = "auto", vae: Any = None, size: Any = None) -> Image.Image:
     """One preview image (see :func:`previews`); ``step=-1``: the last step."""
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
         raise TypeError(f"step must be an int, got {type(step).__name__}")
@@ -343,7 +374,7 @@ def preview(trace: Any, kind: str = "x0", step: int = -1, batch: int = 0,
 
 
 def preview_array(trace: Any, kind: str = "x0", step: int = -1, batch: int = 0,
-                  decoder: str = "linear", vae: Any = None, size: Any = None) -> np.ndarray:
+                  decoder: str = "auto", vae: Any = None, size: Any = None) -> np.ndarray:
     """Like :func:`preview`, as a uint8 ``(H, W, 3)`` array."""
     return np.asarray(preview(trace, kind, step, batch, decoder, vae, size))
 

@@ -2,6 +2,7 @@
 
     python -m sdlens.models.shapes.card            # rewrite weights/README.md and README.md's paragraph
     python -m sdlens.models.shapes.card --measure  # re-measure the test rows first (~10 min, CPU)
+    python -m sdlens.models.shapes.card --fit-preview  # refit weights/latent_rgb.json (~3 min)
 
 Inputs, next to the weights:
 
@@ -242,11 +243,40 @@ def measure(folder: Path = WEIGHTS, seeds: int = ev.N_SEEDS) -> list[dict]:
     return rows
 
 
+PREVIEW_SEEDS = (0, 1)  # training seeds: the preview fit looks at neither split
+
+
+def fit_preview(folder: Path = WEIGHTS) -> dict:
+    """Fit the linear latent -> RGB preview of the model in ``folder`` against its VAE decoder
+    (:func:`sdlens.analysis.previews.fit_linear_decoder` with ``latents=``): the x0 predictions
+    of every step of the evaluation's 36 prompts at ``PREVIEW_SEEDS`` (25 DDIM steps, CFG 7.5),
+    and write ``latent_rgb.json``."""
+    import torch
+    from einops import rearrange
+
+    from sdlens.analysis.previews import fit_linear_decoder, save_linear_decoder
+    from sdlens.engine.session import generate
+    from sdlens.pipeline import load_pipeline
+
+    pipe = load_pipeline(folder, device="cpu")
+    x0 = [rearrange(generate(pipe, ev.default_prompts(), seed=s, steps=25, guidance_scale=7.5).x0,
+                    "steps b c h w -> (steps b) c h w") for s in PREVIEW_SEEDS]
+    coeffs = fit_linear_decoder(pipe.vae, latents=torch.cat(x0), seed=PREVIEW_SEEDS[0])
+    coeffs["fit_on"] = (f"x0 of every step, {len(ev.default_prompts())} prompts x seeds "
+                        f"{list(PREVIEW_SEEDS)}, 25 DDIM steps, CFG 7.5")
+    save_linear_decoder(coeffs, folder / "latent_rgb.json")
+    return coeffs
+
+
 if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--measure", action="store_true", help="re-measure the test rows first")
-    if ap.parse_args().measure:
+    ap.add_argument("--fit-preview", action="store_true", help="refit the linear preview first")
+    args = ap.parse_args()
+    if args.fit_preview:
+        fit_preview()
+    if args.measure:
         measure()
     write()

@@ -313,7 +313,8 @@ def export(work: Path, out: Path, snapshot: Path | None = None) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    for keep in ("README.md", "eval.json", "latent_rgb.json"):  # files written by evaluate
+    # files written by sdlens.models.shapes.card (the card, its result files, the preview fit)
+    for keep in ("README.md", "evaluation.json", "training.json", "latent_rgb.json"):
         if (out / keep).exists():
             shutil.copy(out / keep, tmp / keep)
     shutil.rmtree(out, ignore_errors=True)
