@@ -118,7 +118,7 @@ def x0_coefficients(trace: Any, step: int) -> tuple[float, float]:
     step = select_step(step, len(trace.timesteps))
     ptype = prediction_type(trace)
     form, level = None, None
-    if ptype in ("epsilon", "v_prediction"):  # the others need no schedule
+    if ptype in ("epsilon", "v_prediction", "flow"):  # "sample" needs no schedule
         form = schedule_form(trace)
         if schedules.TABLE[form].level == "alpha_bar":
             level = float(_alpha_bars(trace)[int(round(float(trace.timesteps[step])))])
