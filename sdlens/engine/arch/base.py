@@ -73,7 +73,7 @@ class BackboneAdapter(ABC):
     naming: ClassVar[SiteNaming] = SiteNaming()
     max_text_tokens: ClassVar[int] = 77
     cfg_halves: ClassVar[tuple[str, str]] = ("uncond", "text")
-    # "cross": a site attends from image tokens to text tokens only (the UNet's attn2);
+    # "cross": a site attends from image tokens to text tokens only (the UNet's sites);
     # "joint": one softmax over [image; text] keys (SD3's MMDiT), in ``joint_order``
     attention_kind: ClassVar[str] = "cross"
 
