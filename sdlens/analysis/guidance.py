@@ -244,7 +244,9 @@ def scheduler_view(trace: Any) -> SchedulerView:
         ac = np.full(n, np.nan)
     if getattr(trace, "sigmas", None) is not None:
         sig = np.asarray(trace.sigmas, dtype=np.float64)
-        if np.isnan(ac).all():
+        if form == "flow":  # x_t = (1 - sigma) x0 + sigma eps: SNR = ((1 - sigma) / sigma)^2
+            ac = (1 - sig) ** 2 / ((1 - sig) ** 2 + sig**2)
+        elif np.isnan(ac).all():
             ac = 1 / (1 + sig**2)
     else:
         sig = np.sqrt((1 - ac) / ac)
