@@ -383,6 +383,7 @@ class TokenRow:
     word_index: int
     word: str
     attention: float | None = None
+    encoder: str = ""  # which text encoder's segment it sits in (several encoders: SD3)
 
 
 @dataclass
@@ -424,6 +425,7 @@ class TokenView:
             "n_prompt_tokens": self.n_prompt_tokens,
             "limit": self.limit,
             "truncated_words": list(self.truncated_words),
+            "segments": [dict(seg) for seg in self.segments],
             "tokens": [vars(r).copy() for r in self.rows],
             "words": [{"text": w.text, "index": w.index, "positions": list(w.positions),
                        "tokens": list(w.tokens), "occurrence": w.occurrence,
@@ -436,8 +438,9 @@ class TokenView:
                  + (f"; CUT: {' '.join(self.truncated_words)}" if self.truncated else "")]
         for r in self.rows:
             att = "" if r.attention is None else f"  attention {r.attention:.4f}"
-            lines.append(f"  {r.position:>2}  {r.token:<20} {'' if r.id is None else r.id:>6}  "
-                         f"{r.word}{att}")
+            enc = f"{r.encoder:<5} " if r.encoder else ""
+            lines.append(f"  {enc}{r.position:>2}  {r.token:<20} "
+                         f"{'' if r.id is None else r.id:>6}  {r.word}{att}")
         return "\n".join(lines)
 
 
@@ -536,18 +539,21 @@ def tokenize_segments(prompt: str, parts: Sequence[tuple[str, Any, int]]) -> Tok
     strings, ids = strings[:last], ids[:last]
     words = words_from_tokens(strings, prompt, segments)
     n_prompt = sum(1 for t in strings if t not in NO_WORD)
-    return TokenView(prompt, _rows(strings, ids, words), words, n_prompt,
+    return TokenView(prompt, _rows(strings, ids, words, segments), words, n_prompt,
                      sum(int(s["length"]) for s in segments), list(cut or []), segments)
 
 
-def _rows(strings: Sequence[str], ids: Sequence[int] | None, words: Sequence[Word]
-          ) -> list[TokenRow]:
+def _rows(strings: Sequence[str], ids: Sequence[int] | None, words: Sequence[Word],
+          segments: Sequence[dict] | None = None) -> list[TokenRow]:
     owner = {p: w for w in words for p in w.positions}
+    encoder = {p: str(seg["encoder"]) for seg in segments or ()
+               for p in range(int(seg["start"]), int(seg["start"]) + int(seg["length"]))}
     rows = []
     for pos, s in enumerate(strings):
         w = owner.get(pos)
         rows.append(TokenRow(pos, s, None if ids is None else int(ids[pos]), token_text(s),
-                             -1 if w is None else w.index, "" if w is None else w.text))
+                             -1 if w is None else w.index, "" if w is None else w.text,
+                             encoder=encoder.get(pos, "")))
     return rows
 
 
@@ -578,14 +584,17 @@ def token_view(trace: Any, batch: int = 0, attention: bool = True) -> TokenView:
     strings = _trace_tokens(trace, batch)
     ids = trace.token_ids[batch] if getattr(trace, "token_ids", None) is not None else None
     words = trace_words(trace, batch)
-    rows = _rows(strings, ids, words)
+    segments = getattr(trace, "text_segments", None)
+    segments = segments[batch] if segments else None
+    rows = _rows(strings, ids, words, segments)
     if attention and getattr(trace, "attention", None) is not None:
         att = token_attention(trace, batch)
         for r in rows:
             r.attention = att.get(r.position)
     n_prompt = sum(1 for s in strings if s not in NO_WORD)
-    return TokenView(_prompt(trace, batch), rows, words, n_prompt, MAX_PROMPT_TOKENS,
-                     _truncated(trace, batch))
+    limit = sum(int(seg["length"]) for seg in segments) if segments else MAX_PROMPT_TOKENS
+    return TokenView(_prompt(trace, batch), rows, words, n_prompt, limit,
+                     _truncated(trace, batch), list(segments or []))
 
 
 # --------------------------------------------------------------------------- embeddings

@@ -231,3 +231,16 @@ def test_unsupported_transformer_pipeline_is_a_type_error():
 def test_reweighting_joint_attention_says_it_is_not_supported():
     with pytest.raises(TypeError, match="joint attention is not supported"):
         sdlens.generate(pipe_of("sd3"), PROMPT, steps=1, reweight={"red": 2.0})
+
+
+def test_token_view_says_which_encoder_saw_each_token():
+    from sdlens.analysis.tokens import token_view
+
+    _, _, _, tr = traced("sd3")
+    view = token_view(tr)
+    n_clip = tr.text_segments[0][0]["tokens"]
+    assert {r.encoder for r in view.rows[:n_clip]} == {"clip"}
+    assert {r.encoder for r in view.rows[77:]} == {"t5"}
+    assert view.to_dict()["segments"] == tr.text_segments[0]
+    att = sum(r.attention for r in view.rows if r.attention is not None)
+    assert 0 < att < 1  # the text share of joint attention: the rest went to the image keys
