@@ -583,7 +583,8 @@ class _Session:
         run.segments = segments
         for q, (ids, toks, cut, _) in cache.items():
             if cut:
-                warnings.warn(f"sdlens: the prompt {q[:60]!r}... is longer than 75 tokens; the "
+                limit = "75 tokens" if parts is None else "every text encoder's limit"
+                warnings.warn(f"sdlens: the prompt {q[:60]!r}... is longer than {limit}; the "
                               f"pipeline cuts these words: {cut} (see trace.truncated_words)",
                               stacklevel=4)
         run.max_token_len = max((len(i) for i in run.token_ids), default=0) or None

@@ -244,3 +244,17 @@ def test_token_view_says_which_encoder_saw_each_token():
     assert view.to_dict()["segments"] == tr.text_segments[0]
     att = sum(r.attention for r in view.rows if r.attention is not None)
     assert 0 < att < 1  # the text share of joint attention: the rest went to the image keys
+
+
+def test_cfg_sweep_cells_are_single_runs():
+    pipe = pipe_of("sd3")
+    grid = sdlens.sweep(pipe, PROMPT, seeds=[0], guidance_scales=[1.0, 4.0], steps=2,
+                        record="full", progress=False)
+    for g in (1.0, 4.0):
+        cell = grid.trace(guidance=g)
+        single = sdlens.generate(pipe, PROMPT, seed=0, steps=2, guidance_scale=g)
+        assert cell.do_cfg == single.do_cfg == (g > 1) and cell.prediction_type == "flow"
+        torch.testing.assert_close(cell.latents, single.latents, rtol=1e-4, atol=1e-4)
+        assert cell.attention.token_positions == single.attention.token_positions
+        torch.testing.assert_close(cell.heatmap("red"), single.heatmap("red"), rtol=1e-3,
+                                   atol=1e-3)
