@@ -164,6 +164,7 @@ class _Run:
         elif self.segments is not None:  # each segment's own tokens, its padding left out
             self.n_tokens = [p for i, seg in enumerate(self.segments[0]) for p in range(
                 seg["start"], seg["start"] + max(item[i]["tokens"] for item in self.segments))]
+            self.n_tokens = self.n_tokens or None  # prompts given as embeddings: keep them all
         else:
             self.n_tokens = self.max_token_len
         self._check_size()

@@ -250,7 +250,7 @@ def reduce_maps(probs: torch.Tensor, tokens, keep_heads: bool, dtype) -> torch.T
     if isinstance(tokens, int):
         probs = probs[:, :, :tokens]
     elif tokens is not None:
-        index = torch.as_tensor(list(tokens), device=probs.device)
+        index = torch.as_tensor(list(tokens), dtype=torch.long, device=probs.device)
         probs = probs.index_select(2, index[index < probs.shape[2]])
     if not keep_heads:
         probs = probs[:, 0] if probs.shape[1] == 1 else probs.mean(dim=1)  # (B, T, HW)

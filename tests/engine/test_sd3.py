@@ -258,3 +258,23 @@ def test_cfg_sweep_cells_are_single_runs():
         assert cell.attention.token_positions == single.attention.token_positions
         torch.testing.assert_close(cell.heatmap("red"), single.heatmap("red"), rtol=1e-3,
                                    atol=1e-3)
+
+
+def test_batch_of_prompts_and_embeddings():
+    from sdlens.trace.ops import select_batch
+
+    pipe = pipe_of("sd3")
+    prompts = ["a red circle", "a large blue square on the beach at night"]
+    tr = sdlens.generate(pipe, prompts, seed=0, steps=2, num_images_per_prompt=2)
+    (c0, t0), (c1, t1) = ([s["tokens"] for s in tr.text_segments[b]] for b in (0, 2))
+    assert c0 < c1 and t0 < t1
+    assert tr.attention.token_positions == list(range(c1)) + list(range(77, 77 + t1))
+    one = select_batch(tr, 2)
+    assert one.text_segments == [tr.text_segments[2]]
+    torch.testing.assert_close(one.heatmap("beach"), tr.heatmap("beach", batch=2))
+    embeds = pipe.encode_prompt(prompts[0], None, None, do_classifier_free_guidance=True)
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+             "negative_pooled_prompt_embeds")
+    with sdlens.trace(pipe) as tr2:  # no prompt: no tokens, every position kept
+        pipe(**dict(zip(names, embeds)), num_inference_steps=1, output_type="latent")
+    assert tr2.attention.token_positions == list(range(77 + 256)) and tr2.tokens == [[]]
