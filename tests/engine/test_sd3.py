@@ -208,13 +208,19 @@ def test_skip_layer_guidance_call_is_not_a_step():
     assert tr.meta["unet_calls"] == STEPS
 
 
-def test_img2img():
-    pipe = pipe_of("sd3", task="img2img")
-    image = torch.rand(1, 3, 64, 64)
-    plain, _ = run(pipe, False, image=image, strength=0.5)
-    out, tr = run(pipe, True, image=image, strength=0.5)
+@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+def test_img2img_and_inpaint(task):
+    pipe = pipe_of("sd3", task=task)
+    kw = dict(image=torch.rand(1, 3, 64, 64), strength=0.5)
+    if task == "inpaint":
+        mask = torch.zeros(1, 1, 64, 64)
+        mask[..., 16:48, 16:48] = 1
+        kw["mask_image"] = mask
+    plain, _ = run(pipe, False, **kw)
+    out, tr = run(pipe, True, **kw)
     assert torch.equal(plain, out) and tr.num_steps == 2
-    torch.testing.assert_close(tr.x0[-1], tr.latents[-1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(tr.latents[-1], out.float())  # inpainting's re-blended latents
+    assert tr.meta["task"] == task and len(tr.attention.layers) == 2
 
 
 def test_unsupported_transformer_pipeline_is_a_type_error():
