@@ -607,8 +607,8 @@ def trace(pipe, options: RecordOptions | None = None, **kwargs):
     >>> tr.latents.shape        # (26, 1, 4, h, w)
 
     Args:
-        pipe: a diffusers Stable Diffusion pipeline (SD 1.x/2.x/SDXL; txt2img, img2img,
-            inpaint). Other pipelines raise TypeError.
+        pipe: a diffusers Stable Diffusion pipeline (SD 1.x/2.x/SDXL, SD3 / SD3.5; txt2img,
+            img2img, inpaint). Other pipelines raise TypeError naming the supported ones.
         options: a :class:`RecordOptions`; keyword arguments (``record``, ``layers``, ``steps``,
             ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``) override its fields.
 
