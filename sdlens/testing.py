@@ -7,6 +7,8 @@ configs (SD 1.5, SD 2.1, SDXL, and the shipped "shapes" model) with random weigh
 >>> pipe = random_pipeline("sd15", scale=1.0)      # the full 859M-parameter UNet (benchmarks)
 >>> pipe = random_pipeline("sdxl", task="inpaint") # 9-channel UNet, StableDiffusionXLInpaintPipeline
 >>> refiner = random_pipeline("sdxl-refiner")      # SDXL refiner: text_encoder_2 only, img2img
+>>> sd3 = random_pipeline("sd3")                   # SD3 medium's MMDiT, CLIP-L/G + a tiny T5
+>>> sd35 = random_pipeline("sd35", t5=False)       # SD3.5 medium, text_encoder_3=None
 
 ``scale`` multiplies every channel count (rounded to a multiple of 16) and, below 0.5, keeps one
 resnet / transformer layer per block; block types, attention layout, cross-attention widths'
@@ -21,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("sd15", "sd21", "sdxl", "sdxl-refiner", "shapes")
+SD3_ARCHS = ("sd3", "sd35")
+ARCHS = ("sd15", "sd21", "sdxl", "sdxl-refiner", "shapes") + SD3_ARCHS
 TASKS = ("txt2img", "img2img", "inpaint")
 TOKENIZER_DIR = Path(__file__).parent / "models" / "shapes" / "weights" / "tokenizer"
 
@@ -160,7 +163,7 @@ def tokenizer(pad_token: str | None = None):
 def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2img",
                     seed: int = 0, sample_size: int | None = None,
                     prediction_type: str | None = None, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32):
+                    dtype: torch.dtype = torch.float32, t5: bool = True):
     """A diffusers pipeline of a real SD architecture with random (seeded) weights.
 
     Args:
@@ -172,7 +175,10 @@ def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2im
         task: "txt2img", "img2img" or "inpaint" (inpainting UNets take 9 input channels).
         seed: seeds the weights.
         sample_size: the UNet's latent size (default: 8 when shrunk, the real one at scale 1).
-        prediction_type: override the scheduler's ("epsilon", "v_prediction", "sample").
+        prediction_type: override the scheduler's ("epsilon", "v_prediction", "sample"; not
+            for the flow-matching "sd3" / "sd35").
+        t5: "sd3" / "sd35" only: with a T5 encoder (False: ``text_encoder_3=None``, as the
+            pipelines allow; the T5 segment of the text is zeros).
     """
     import diffusers
 
@@ -182,6 +188,8 @@ def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2im
         raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
     if not 0 < scale <= 1:
         raise ValueError(f"scale must be in (0, 1], got {scale}")
+    if arch in SD3_ARCHS:
+        return _finish(sd3_pipeline(arch, scale, task, seed, sample_size, t5), device, dtype)
     torch.manual_seed(seed)
     in_channels = 9 if task == "inpaint" else 4
     if arch == "shapes":
@@ -226,9 +234,136 @@ def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2im
     cls = getattr(diffusers, prefix + suffix)
     if family == "sd":
         components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = cls(**components)
+    return _finish(cls(**components), device, dtype)
+
+
+def _finish(pipe, device, dtype):
     pipe.to(device)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ====================================================================== SD3 / SD3.5 (MMDiT)
+# The transformer configs of stabilityai/stable-diffusion-3-medium-diffusers and
+# stable-diffusion-3.5-medium (diffusers' SD3Transformer2DModel); CLIP-L and CLIP-G as SDXL's
+# encoders (both with projection); T5-XXL (google/t5-v1_1-xxl's encoder); the 16-channel VAE.
+_SD3 = dict(
+    transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16,
+                     num_layers=24, attention_head_dim=64, num_attention_heads=24,
+                     caption_projection_dim=1536, pos_embed_max_size=192,
+                     dual_attention_layers=(), qk_norm=None),
+    scheduler=dict(num_train_timesteps=1000, shift=3.0),
+)
+_SD35 = dict(
+    transformer=dict(_SD3["transformer"], pos_embed_max_size=384,
+                     dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+    scheduler=_SD3["scheduler"],
+)
+_T5_XXL = dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, vocab_size=32128,
+               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
+_SD3_VAE = dict(block_out_channels=(128, 256, 512, 512), latent_channels=16,
+                scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                use_post_quant_conv=False, sample_size=1024)
+
+_T5_TOKENIZER = None
+
+
+def t5_tokenizer():
+    """A T5-style SentencePiece tokenizer built here, because T5's real vocabulary cannot be
+    downloaded: a small unigram model trained (in memory, deterministically) on a few hundred
+    generated prompts, wrapped as a ``T5Tokenizer`` (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, no
+    extra ids). Its pieces start words with ``"▁"`` as T5's do; words outside its training text
+    split into short pieces. Cached per process."""
+    global _T5_TOKENIZER
+    if _T5_TOKENIZER is None:
+        import io
+        import random
+
+        import sentencepiece as spm
+        from transformers import T5Tokenizer
+
+        rng = random.Random(0)
+        adjectives = ("red green blue yellow purple orange small large bright dark shiny old "
+                      "young happy wooden golden").split()
+        nouns = ("circle square triangle cat dog house tree car ball flower mountain river "
+                 "beach city sky robot painting portrait").split()
+        places = "on the beach|in the city|under the sky|near a river|at night".split("|")
+        sentences = [f"a {rng.choice(adjectives)} {rng.choice(nouns)} and a "
+                     f"{rng.choice(adjectives)} {rng.choice(nouns)} {rng.choice(places)}"
+                     for _ in range(600)]
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences), model_writer=model, vocab_size=200,
+            model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+            character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+        sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+        vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+        _T5_TOKENIZER = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+    return _T5_TOKENIZER
+
+
+def _t5(scale: float, d_model: int, vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = dict(_T5_XXL)
+    if scale < 1:
+        cfg.update(d_model=d_model, d_ff=2 * d_model, num_layers=2, num_heads=2,
+                   d_kv=d_model // 2)
+        cfg["vocab_size"] = vocab_size
+    return T5EncoderModel(T5Config(**cfg, decoder_start_token_id=0, pad_token_id=0,
+                                   eos_token_id=1))
+
+
+def sd3_pipeline(arch: str = "sd3", scale: float = 0.05, task: str = "txt2img", seed: int = 0,
+                 sample_size: int | None = None, t5: bool = True):
+    """A random-weight ``StableDiffusion3Pipeline`` (or Img2Img / Inpaint) of SD3 medium
+    ("sd3") or SD3.5 medium ("sd35": dual-attention blocks, RMS q/k norms), on the CPU in
+    float32 (see :func:`random_pipeline`). Shrunk (``scale < 1``): a few transformer blocks of 2
+    heads (SD3.5: the first ~half dual-attention, as the real one), 2-layer CLIP encoders, a
+    2-layer T5 over :func:`t5_tokenizer`'s vocabulary, a small 16-channel VAE with SD3's
+    scaling and shift factors, 8x8 latents (64 px images)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    spec = {"sd3": _SD3, "sd35": _SD35}[arch]
+    clip_l = _text(_SDXL["text"][0], scale, with_projection=True)
+    clip_g = _text(_SDXL["text"][1], scale, with_projection=True)
+    clip_width = clip_l.config.hidden_size + clip_g.config.hidden_size
+    tcfg = dict(spec["transformer"])
+    if scale < 1:
+        heads, head_dim = 2, 16
+        n = max(2, round(tcfg["num_layers"] * scale))
+        dual = tcfg["dual_attention_layers"]
+        tcfg.update(num_layers=n, num_attention_heads=heads, attention_head_dim=head_dim,
+                    caption_projection_dim=heads * head_dim, pos_embed_max_size=16,
+                    sample_size=sample_size or 8,
+                    dual_attention_layers=tuple(range(max(1, round(len(dual) / 24 * n))))
+                    if dual else ())
+    elif sample_size is not None:
+        tcfg["sample_size"] = sample_size
+    joint_dim = _T5_XXL["d_model"] if scale >= 1 else max(clip_width, _shrink(4096, scale / 1.5))
+    tok3 = t5_tokenizer()
+    text_encoder_3 = _t5(scale, joint_dim, len(tok3)) if t5 else None
+    transformer = diffusers.SD3Transformer2DModel(
+        joint_attention_dim=joint_dim,
+        pooled_projection_dim=clip_l.config.projection_dim + clip_g.config.projection_dim, **tcfg)
+    vcfg = dict(_SD3_VAE)
+    channels = tuple(_shrink(c, scale / 4) if scale < 1 else c
+                     for c in vcfg.pop("block_out_channels"))
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        layers_per_block=2 if scale >= 1 else 1, norm_num_groups=32 if scale >= 1 else 8, **vcfg)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**spec["scheduler"])
+    cls = {"txt2img": "StableDiffusion3Pipeline", "img2img": "StableDiffusion3Img2ImgPipeline",
+           "inpaint": "StableDiffusion3InpaintPipeline"}[task]
+    for module in (clip_l, clip_g, text_encoder_3, transformer, vae):
+        if module is not None:
+            module.eval()  # T5's dropout is on in training mode: runs would differ
+    return getattr(diffusers, cls)(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip_l,
+        tokenizer=tokenizer(), text_encoder_2=clip_g, tokenizer_2=tokenizer("!"),
+        text_encoder_3=text_encoder_3, tokenizer_3=tok3)

@@ -118,7 +118,7 @@ def x0_coefficients(trace: Any, step: int) -> tuple[float, float]:
     step = select_step(step, len(trace.timesteps))
     ptype = prediction_type(trace)
     form, level = None, None
-    if ptype in ("epsilon", "v_prediction"):  # the others need no schedule
+    if ptype in ("epsilon", "v_prediction", "flow"):  # "sample" needs no schedule
         form = schedule_form(trace)
         if schedules.TABLE[form].level == "alpha_bar":
             level = float(_alpha_bars(trace)[int(round(float(trace.timesteps[step])))])
@@ -244,7 +244,9 @@ def scheduler_view(trace: Any) -> SchedulerView:
         ac = np.full(n, np.nan)
     if getattr(trace, "sigmas", None) is not None:
         sig = np.asarray(trace.sigmas, dtype=np.float64)
-        if np.isnan(ac).all():
+        if form == "flow":  # x_t = (1 - sigma) x0 + sigma eps: SNR = ((1 - sigma) / sigma)^2
+            ac = (1 - sig) ** 2 / ((1 - sig) ** 2 + sig**2)
+        elif np.isnan(ac).all():
             ac = 1 / (1 + sig**2)
     else:
         sig = np.sqrt((1 - ac) / ac)

@@ -110,27 +110,30 @@ def save_linear_decoder(coeffs: dict, path: str | Path) -> Path:
 
 
 def linear_decoder(trace: Any, vae: Any = None) -> tuple[list, list]:
-    """``(matrix (C, 3), bias (3,))`` for the trace's model family (``trace.meta['family']``)."""
+    """``(matrix (C, 3), bias (3,))`` for the trace's model family (``trace.meta['family']``);
+    a family without a table (SD3) gets one fitted to the VAE at hand (``vae=`` or the live
+    pipeline's), once per VAE."""
     if isinstance(trace, str):
         family = trace
     else:
         family = (getattr(trace, "meta", None) or {}).get("family")
     if family in LINEAR:
         return LINEAR[family]
-    if family == "shapes":
-        if SHAPES_COEFFS.exists():
-            c = load_linear_decoder(SHAPES_COEFFS)
-            return c["matrix"], c["bias"]
-        v = _vae_of(trace, vae) if not isinstance(trace, str) else vae
-        if v is None:
-            v = _folder_vae(trace)
-        if v is None:
-            raise ValueError(f"no linear decoder for the shapes model: {SHAPES_COEFFS} is missing "
-                             "and no VAE is at hand to fit one (pass vae=pipe.vae, or use "
-                             "decoder='vae')")
+    if family == "shapes" and SHAPES_COEFFS.exists():
+        c = load_linear_decoder(SHAPES_COEFFS)
+        return c["matrix"], c["bias"]
+    # no table (the shapes model without its file, SD3's 16 channels): fit one to the VAE at hand
+    v = _vae_of(trace, vae) if not isinstance(trace, str) else vae
+    if v is None and family == "shapes":
+        v = _folder_vae(trace)
+    if v is not None:
         if id(v) not in _FITTED:
             _FITTED[id(v)] = fit_linear_decoder(v)
         return _FITTED[id(v)]["matrix"], _FITTED[id(v)]["bias"]
+    if family == "shapes":
+        raise ValueError(f"no linear decoder for the shapes model: {SHAPES_COEFFS} is missing "
+                         "and no VAE is at hand to fit one (pass vae=pipe.vae, or use "
+                         "decoder='vae')")
     raise ValueError(f"no linear latent->RGB decoder for model family {family!r}; known: "
                      f"{sorted(LINEAR) + ['shapes']}; use decoder='vae' or fit one with "
                      "sdlens.analysis.previews.fit_linear_decoder(vae, images)")
@@ -216,13 +219,14 @@ def fit_linear_decoder(vae: Any, images: Any = None, n: int = 256, seed: int = 0
 
             images = make_dataset(n, seed=seed)[0]
         x = _images_tensor(images)
+        shift = float(getattr(getattr(vae, "config", None), "shift_factor", None) or 0.0)  # SD3
         param = next(iter(vae.parameters()), None) if hasattr(vae, "parameters") else None
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None else torch.float32
         lats = []
         for i in range(0, len(x), batch_size):
             post = vae.encode(x[i : i + batch_size].to(device, dtype)).latent_dist
-            lats.append(post.mean.float().cpu() * sf)
+            lats.append((post.mean.float().cpu() - shift) * sf)
         lat = torch.cat(lats)  # (n, C, h, w)
         source = "encoder"
     target = F.adaptive_avg_pool2d(x, lat.shape[-2:])  # (n, 3, h, w)

@@ -18,8 +18,23 @@ How tokens are grouped into words
   marks it as a word end (``'<my-token></w>'``, as ``Trace.tokens`` stores it). A multi-vector
   textual-inversion token ``<t>``, which the pipeline expands into ``<t> <t>_1 <t>_2``, is one word
   over all its vectors.
-* ``<|startoftext|>`` and ``<|endoftext|>`` belong to no word. A word that appears more than once
-  is told apart by its ``occurrence`` (0 = first).
+* ``<|startoftext|>`` and ``<|endoftext|>`` (and SentencePiece's ``</s>``, ``<pad>``, ``<unk>``)
+  belong to no word. A word that appears more than once is told apart by its ``occurrence``
+  (0 = first).
+
+Several text encoders (SD3: CLIP then T5)
+-----------------------------------------
+A backbone whose text sequence joins several encoders' tokens (SD3: CLIP's 77 positions, then
+T5's ``max_sequence_length``) has *segments*: ``[{"encoder": "clip", "start": 0, "length": 77,
+"tokens": n}, {"encoder": "t5", "start": 77, "length": 256, "tokens": m}]`` (``tokens``: the
+segment's own tokens, padding excluded; positions ``start .. start+tokens-1``). Words are found
+in each segment by the rules above and then **pooled**: a word of the CLIP segment and the word
+of the T5 segment with the same text and occurrence are ONE :class:`Word` over the positions of
+both (``trace.heatmap("red")`` is the mean of the maps of CLIP's ``red</w>`` and T5's ``▁red``),
+and :attr:`Word.encoders` says which encoders saw it. A word that only one encoder carries (past
+CLIP's 77 tokens, or split differently by the two tokenizers) is a word of that encoder alone,
+listed after the CLIP words. :func:`tokenize_segments` builds the token list of such a text
+sequence.
 
 Positions are positions in the 77-token sequence the text encoder saw: position 0 is
 ``<|startoftext|>``, the prompt's first token is at position 1, and at most 75 prompt tokens fit
@@ -42,6 +57,8 @@ import torch
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 SPECIAL = (BOS, EOS)
+# special tokens of SentencePiece tokenizers (T5): like CLIP's, they belong to no word
+NO_WORD = frozenset(SPECIAL + ("</s>", "<pad>", "<unk>", "<s>"))
 MAX_POSITIONS = 77
 MAX_PROMPT_TOKENS = MAX_POSITIONS - 2  # 75
 END_MARK = "</w>"  # CLIP BPE: the last piece of a word
@@ -82,7 +99,7 @@ def _decode(body: str) -> str:
 
 def token_text(token: str) -> str:
     """The readable text of one token string: ``'caf\\u00c3\\u00a9</w>'`` -> ``'café'``."""
-    return token if token in SPECIAL else _decode(_body(token))
+    return token if token in NO_WORD else _decode(_body(token))
 
 
 @dataclass(frozen=True)
@@ -101,6 +118,7 @@ class Word:
     tokens: tuple[str, ...]
     occurrence: int = 0
     span: tuple[int, int] | None = None
+    encoders: tuple[str, ...] = ()  # which text encoders carry it (several-encoder models only)
 
     @property
     def is_punctuation(self) -> bool:
@@ -112,22 +130,26 @@ class Word:
         return self.text if self.occurrence == 0 else f"{self.text}#{self.occurrence + 1}"
 
 
-def words_from_tokens(tokens: Sequence[str], prompt: str | None = None) -> list[Word]:
+def words_from_tokens(tokens: Sequence[str], prompt: str | None = None,
+                      segments: Sequence[dict] | None = None) -> list[Word]:
     """Group a tokenizer's token strings (with the special tokens) into :class:`Word` s (the
     rules are in the module docstring). ``tokens[i]`` sits at position ``i`` of the text
     encoder's sequence, as in ``Trace.tokens``. ``prompt``: the text they came from, to find
-    each word's ``span``.
+    each word's ``span``. ``segments``: the text sequence's encoder segments (module docstring;
+    None: one encoder), whose words are found apart and pooled.
     """
     if isinstance(tokens, str):
         raise TypeError("tokens must be a list of token strings, not one string")
+    if segments:
+        return _segment_words(tokens, prompt, segments)
     runs: list[list[int]] = []
     run: list[int] = []
     for pos, tok in enumerate(tokens):
-        if tok in SPECIAL or tok.startswith(START_MARK):
+        if tok in NO_WORD or tok.startswith(START_MARK):
             if run:
                 runs.append(run)
             run = []
-            if tok in SPECIAL:
+            if tok in NO_WORD:
                 continue
         run.append(pos)
         if tok.endswith(END_MARK):
@@ -145,6 +167,28 @@ def words_from_tokens(tokens: Sequence[str], prompt: str | None = None) -> list[
         seen[text] = occ + 1
         words.append(Word(text, len(words), tuple(run), tuple(tokens[p] for p in run), occ, span))
     return words
+
+
+def _segment_words(tokens: Sequence[str], prompt: str | None, segments: Sequence[dict]
+                   ) -> list[Word]:
+    """Words of each encoder segment, pooled by (text, occurrence) across segments (module
+    docstring); positions are positions in the whole text sequence."""
+    merged: dict[tuple[str, int], dict] = {}
+    for seg in segments:
+        start, n = int(seg["start"]), int(seg.get("tokens", 0))
+        if n <= 0:
+            continue
+        # the segment's tokens alone, at their own positions (NO_WORD padding in front)
+        part = ["<pad>"] * start + list(tokens[start: start + n])
+        for w in words_from_tokens(part, prompt):
+            entry = merged.setdefault((w.text, w.occurrence), {
+                "positions": [], "tokens": [], "span": w.span, "encoders": []})
+            entry["positions"].extend(w.positions)
+            entry["tokens"].extend(w.tokens)
+            entry["encoders"].append(str(seg["encoder"]))
+            entry["span"] = entry["span"] or w.span
+    return [Word(text, i, tuple(e["positions"]), tuple(e["tokens"]), occ, e["span"],
+                 tuple(e["encoders"])) for i, ((text, occ), e) in enumerate(merged.items())]
 
 
 def _merge_vectors(groups: list[tuple[str, list[int]]]) -> list[tuple[str, list[int]]]:
@@ -219,7 +263,8 @@ def _merged(group: Sequence[Word], occurrence: int) -> Word:
     return Word(" ".join(w.text for w in group), group[0].index,
                 tuple(p for w in group for p in w.positions),
                 tuple(t for w in group for t in w.tokens), occurrence,
-                (a[0], b[1]) if a and b else None)
+                (a[0], b[1]) if a and b else None,
+                tuple(dict.fromkeys(e for w in group for e in w.encoders)))
 
 
 def word_matches(words: Sequence[Word], query: str) -> list[Word]:
@@ -298,8 +343,11 @@ def _truncated(trace: Any, batch: int) -> list[str]:
 
 
 def trace_words(trace: Any, batch: int = 0, punctuation: bool = True) -> list[Word]:
-    """The words of batch item ``batch`` of a trace (from ``trace.tokens``)."""
-    words = words_from_tokens(_trace_tokens(trace, batch), _prompt(trace, batch))
+    """The words of batch item ``batch`` of a trace (from ``trace.tokens``; a trace of several
+    text encoders: pooled over its ``text_segments``)."""
+    segments = getattr(trace, "text_segments", None)
+    segments = segments[batch] if segments else None
+    words = words_from_tokens(_trace_tokens(trace, batch), _prompt(trace, batch), segments)
     return words if punctuation else [w for w in words if not w.is_punctuation]
 
 
@@ -335,6 +383,7 @@ class TokenRow:
     word_index: int
     word: str
     attention: float | None = None
+    encoder: str = ""  # which text encoder's segment it sits in (several encoders: SD3)
 
 
 @dataclass
@@ -354,6 +403,7 @@ class TokenView:
     n_prompt_tokens: int
     limit: int = MAX_PROMPT_TOKENS
     truncated_words: list[str] = field(default_factory=list)
+    segments: list[dict] = field(default_factory=list)  # several text encoders: module docstring
 
     @property
     def truncated(self) -> bool:
@@ -375,6 +425,7 @@ class TokenView:
             "n_prompt_tokens": self.n_prompt_tokens,
             "limit": self.limit,
             "truncated_words": list(self.truncated_words),
+            "segments": [dict(seg) for seg in self.segments],
             "tokens": [vars(r).copy() for r in self.rows],
             "words": [{"text": w.text, "index": w.index, "positions": list(w.positions),
                        "tokens": list(w.tokens), "occurrence": w.occurrence,
@@ -387,8 +438,9 @@ class TokenView:
                  + (f"; CUT: {' '.join(self.truncated_words)}" if self.truncated else "")]
         for r in self.rows:
             att = "" if r.attention is None else f"  attention {r.attention:.4f}"
-            lines.append(f"  {r.position:>2}  {r.token:<20} {'' if r.id is None else r.id:>6}  "
-                         f"{r.word}{att}")
+            enc = f"{r.encoder:<5} " if r.encoder else ""
+            lines.append(f"  {enc}{r.position:>2}  {r.token:<20} "
+                         f"{'' if r.id is None else r.id:>6}  {r.word}{att}")
         return "\n".join(lines)
 
 
@@ -440,14 +492,68 @@ def tokenize(prompt: str, tokenizer: Any) -> TokenView:
     return TokenView(prompt, _rows(strings, ids, words), words, kept_n, limit - 2, cut)
 
 
-def _rows(strings: Sequence[str], ids: Sequence[int] | None, words: Sequence[Word]
-          ) -> list[TokenRow]:
+def tokenize_segments(prompt: str, parts: Sequence[tuple[str, Any, int]]) -> TokenView:
+    """:func:`tokenize` for a text sequence joined from several encoders' tokens (SD3: CLIP's 77
+    positions, then T5's). ``parts``: ``(encoder name, tokenizer or None, length)`` in sequence
+    order; a segment without a tokenizer (SD3 with ``text_encoder_3=None``: zeros) holds no
+    tokens. Each segment keeps what its pipeline keeps (``truncation=True, max_length=length``);
+    the positions between a segment's last token and the next segment are its padding (the
+    tokenizer's pad token). ``truncated_words``: words that no segment carries."""
+    strings: list[str] = []
+    ids: list[int] = []
+    segments: list[dict] = []
+    cut: list[str] | None = None
+    start = 0
+    for encoder, tok, length in parts:
+        seg = {"encoder": encoder, "start": start, "length": int(length), "tokens": 0}
+        segments.append(seg)
+        if tok is not None:
+            if getattr(tokenizer_of(tok), "bos_token", None) == BOS:  # CLIP: as tokenize() does
+                view = tokenize(prompt, tok)
+                seg_ids, seg_strings, seg_cut = view.ids, view.tokens, view.truncated_words
+            else:
+                tk = tokenizer_of(tok)
+                seg_ids = list(tk(prompt, truncation=True, max_length=int(length)).input_ids)
+                full = list(tk(prompt, truncation=False).input_ids)
+                seg_strings = token_strings(tk, seg_ids)
+                kept = {(w.text, w.occurrence) for w in words_from_tokens(seg_strings)}
+                seg_cut = [w.text for w in words_from_tokens(token_strings(tk, full))
+                           if (w.text, w.occurrence) not in kept]
+            seg_ids, seg_strings = list(seg_ids)[: int(length)], list(seg_strings)[: int(length)]
+            seg["tokens"] = len(seg_ids)
+            strings += seg_strings
+            ids += [int(i) for i in seg_ids]
+            carried = {w.text for w in words_from_tokens(seg_strings)}
+            cut = list(seg_cut) if cut is None else [w for w in cut if w not in carried]
+            pad = tokenizer_of(tok)
+            pad_id = getattr(pad, "pad_token_id", None)
+            pad_str = getattr(pad, "pad_token", None) or "<pad>"
+        else:
+            pad_id, pad_str = 0, "<pad>"
+        start += int(length)
+        if len(segments) < len(parts):  # pad up to the next segment
+            n_pad = start - len(strings)
+            strings += [pad_str if pad_str in NO_WORD else "<pad>"] * n_pad
+            ids += [int(pad_id or 0)] * n_pad
+    last = max((s["start"] + s["tokens"] for s in segments if s["tokens"]), default=0)
+    strings, ids = strings[:last], ids[:last]
+    words = words_from_tokens(strings, prompt, segments)
+    n_prompt = sum(1 for t in strings if t not in NO_WORD)
+    return TokenView(prompt, _rows(strings, ids, words, segments), words, n_prompt,
+                     sum(int(s["length"]) for s in segments), list(cut or []), segments)
+
+
+def _rows(strings: Sequence[str], ids: Sequence[int] | None, words: Sequence[Word],
+          segments: Sequence[dict] | None = None) -> list[TokenRow]:
     owner = {p: w for w in words for p in w.positions}
+    encoder = {p: str(seg["encoder"]) for seg in segments or ()
+               for p in range(int(seg["start"]), int(seg["start"]) + int(seg["length"]))}
     rows = []
     for pos, s in enumerate(strings):
         w = owner.get(pos)
         rows.append(TokenRow(pos, s, None if ids is None else int(ids[pos]), token_text(s),
-                             -1 if w is None else w.index, "" if w is None else w.text))
+                             -1 if w is None else w.index, "" if w is None else w.text,
+                             encoder=encoder.get(pos, "")))
     return rows
 
 
@@ -478,14 +584,17 @@ def token_view(trace: Any, batch: int = 0, attention: bool = True) -> TokenView:
     strings = _trace_tokens(trace, batch)
     ids = trace.token_ids[batch] if getattr(trace, "token_ids", None) is not None else None
     words = trace_words(trace, batch)
-    rows = _rows(strings, ids, words)
+    segments = getattr(trace, "text_segments", None)
+    segments = segments[batch] if segments else None
+    rows = _rows(strings, ids, words, segments)
     if attention and getattr(trace, "attention", None) is not None:
         att = token_attention(trace, batch)
         for r in rows:
             r.attention = att.get(r.position)
-    n_prompt = sum(1 for s in strings if s not in SPECIAL)
-    return TokenView(_prompt(trace, batch), rows, words, n_prompt, MAX_PROMPT_TOKENS,
-                     _truncated(trace, batch))
+    n_prompt = sum(1 for s in strings if s not in NO_WORD)
+    limit = sum(int(seg["length"]) for seg in segments) if segments else MAX_PROMPT_TOKENS
+    return TokenView(_prompt(trace, batch), rows, words, n_prompt, limit,
+                     _truncated(trace, batch), list(segments or []))
 
 
 # --------------------------------------------------------------------------- embeddings

@@ -167,6 +167,15 @@ def schedule_form(scheduler) -> str:
     return "unknown"
 
 
+def prediction_kind(scheduler) -> str:
+    """What the model predicts under ``scheduler``, as ``Trace.prediction_type`` says it:
+    "flow" (a velocity) for flow-matching schedulers (their configs name no prediction type),
+    else the config's "epsilon" / "v_prediction" / "sample"."""
+    if type(scheduler).__name__.startswith("FlowMatch") or schedule_form(scheduler) == "flow":
+        return "flow"
+    return scheduler.config.get("prediction_type", "epsilon") or "epsilon"
+
+
 def rebuild_scheduler(class_name: str | None, config: dict):
     """The diffusers scheduler ``class_name`` made from ``config`` (a saved trace's
     ``meta["scheduler_class"]`` / ``meta["scheduler_config"]``), or None if it cannot be."""
@@ -193,13 +202,17 @@ def alpha_bars(scheduler) -> torch.Tensor | None:
 def x0_coefficients(form: str | None, prediction_type: str, level: float | None
                     ) -> tuple[float, float]:
     """``(a, b)`` with ``x0 = a * x_t + b * prediction`` for a row of the table at noise
-    ``level`` (``a_t`` for the alpha form, else sigma; neither is read for "sample"); ValueError
-    for an unknown prediction type or form."""
+    ``level`` (``a_t`` for the alpha form, else sigma; neither is read for "sample"; "flow", the
+    velocity, is read by the flow row only); ValueError for an unknown prediction type or form."""
     if prediction_type == "sample":
         return 0.0, 1.0
-    if prediction_type not in ("epsilon", "v_prediction"):
+    if prediction_type == "flow":  # a velocity: only the flow row reads it
+        form = "flow" if form in (None, "flow") else form
+        if form != "flow":
+            raise ValueError(f"prediction_type 'flow' needs the flow form, not {form!r}")
+    elif prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type {prediction_type!r} is not supported; allowed: "
-                         "epsilon, v_prediction, sample")
+                         "epsilon, v_prediction, sample, flow")
     if form not in TABLE:
         raise ValueError(f"unknown schedule form {form!r}; forms: {FORMS}")
     return TABLE[form].coefficients(prediction_type == "epsilon", float(level))

@@ -36,12 +36,12 @@ import warnings
 import torch
 from einops import rearrange
 
-from sdlens.analysis.tokens import tokenize
+from sdlens.analysis.tokens import tokenize, tokenize_segments
 from sdlens.engine import schedules as sched_hooks
 from sdlens.engine.arch import BackboneAdapter, adapter_for
 from sdlens.engine.options import (RecordOptions, TraceTooLarge, default_max_bytes,
                                    estimate_trace_bytes, human_bytes)
-from sdlens.engine.sites import AttentionRecorder, Hooks, reweighting
+from sdlens.engine.sites import Hooks, recorder_for, reweighting
 from sdlens.pipeline import pipeline_task
 from sdlens.trace.core import Trace
 from sdlens.trace.maps import AttentionMaps, resolve_layers
@@ -91,6 +91,8 @@ class _Run:
         self.warned_double = False
         self.pending_noise = None  # (uncond | None, text)
         self.pending_att: dict[str, torch.Tensor] = {}
+        self.aux = False  # inside an auxiliary denoiser call (not recorded)
+        self.segments = None  # per item: the text encoders' segments (several encoders)
         # host data
         self.latents: list[torch.Tensor | None] = []
         self.noise: list[torch.Tensor] = []
@@ -159,6 +161,10 @@ class _Run:
         self.att = {l: [] for l in self.selected}
         if self.opts.keep_padding:
             self.n_tokens = None
+        elif self.segments is not None:  # each segment's own tokens, its padding left out
+            self.n_tokens = [p for i, seg in enumerate(self.segments[0]) for p in range(
+                seg["start"], seg["start"] + max(item[i]["tokens"] for item in self.segments))]
+            self.n_tokens = self.n_tokens or None  # prompts given as embeddings: keep them all
         else:
             self.n_tokens = self.max_token_len
         self._check_size()
@@ -168,9 +174,16 @@ class _Run:
         """Estimated host bytes per kind of data (from the shapes known at the first UNet call)."""
         return estimate_trace_bytes(
             self.pipe, batch=self.batch, steps=self.total_steps, latent_hw=self.latent_hw,
-            n_tokens=self.n_tokens or self.session.adapter.max_text_tokens,
+            n_tokens=(len(self.n_tokens) if isinstance(self.n_tokens, list) else self.n_tokens)
+            or self.text_length(),
             do_cfg=self.layout == "cfg", options=self.opts,
             layers=self.selected, attention_steps=len(self.att_steps))
+
+    def text_length(self) -> int:
+        """Positions of the denoiser's text sequence (77; SD3: CLIP + T5)."""
+        if self.segments:
+            return sum(int(seg["length"]) for seg in self.segments[0])
+        return self.session.adapter.max_text_tokens
 
     def _check_size(self) -> None:
         est = self.estimate_bytes()
@@ -188,7 +201,7 @@ class _Run:
 
     # ---------------------------------------------------------------- attention sink
     def attention_request(self, layer: str):
-        if not self.att_now or layer not in self.att:
+        if self.aux or not self.att_now or layer not in self.att:
             return None
         return (self.rows, self.n_tokens, self.opts.heads, self.opts.attention_dtype)
 
@@ -277,7 +290,13 @@ class _Run:
             recorded["x0"] = torch.stack(self.x0)
         maps = None
         if "attention" in rec:
-            n_tok = self.token_count_seen if self.token_count_seen is not None else (self.n_tokens or 0)
+            if isinstance(self.n_tokens, list):
+                positions = list(self.n_tokens)
+            else:
+                n_tok = self.token_count_seen if self.token_count_seen is not None \
+                    else (self.n_tokens or 0)
+                positions = list(range(n_tok))
+            n_tok = len(positions)
             layers = {}
             for layer, chunks in self.att.items():
                 lh, lw = self.resolutions[layer]
@@ -289,7 +308,7 @@ class _Run:
                 layers[layer] = rearrange(t, "... (h w) -> ... h w", h=lh, w=lw)
                 self.att[layer] = []
             maps = AttentionMaps(layers, {l: self.resolutions[l] for l in layers},
-                                 self.att_rec_steps, range(n_tok), self.opts.heads,
+                                 self.att_rec_steps, positions, self.opts.heads,
                                  family=self.session.adapter.family(), dtype=str(self.opts.attention_dtype).replace("torch.", ""))
         return Trace.build(
             prompts=self.prompts, negative_prompts=self.negative_prompts,
@@ -298,6 +317,7 @@ class _Run:
             sigmas=scal(self.sigmas) if all(s is not None for s in self.sigmas) else None,
             attention=maps, guidance_scale=self.guidance_scale, do_cfg=self.layout == "cfg",
             meta=self.meta(), images=_output_images(self.pipe, output), pipeline=self.pipe,
+            extra_info={"text_segments": self.segments} if self.segments is not None else None,
             **recorded)
 
     def meta(self) -> dict:
@@ -315,8 +335,9 @@ class _Run:
             "family": self.session.adapter.family(), "task": pipeline_task(pipe),
             "pipeline_class": self.session.orig_cls.__name__,
             "scheduler_class": type(sched).__name__, "scheduler_config": dict(sched.config),
-            "prediction_type": sched.config.get("prediction_type", "epsilon"),
+            "prediction_type": sched_hooks.prediction_kind(sched),
             "vae_scaling_factor": float(vae.config.scaling_factor) if vae is not None else None,
+            "vae_shift_factor": _shift_factor(vae),
             "height": h * vsf, "width": w * vsf, "latent_height": h, "latent_width": w,
             "seeds": self.seeds, "num_inference_steps": p.get("num_inference_steps"),
             "steps": self.step, "strength": p.get("strength"),
@@ -327,6 +348,12 @@ class _Run:
             "options": self.opts.to_dict(), "estimated_bytes": self.estimated,
             "unet_calls": self.unet_calls,
         }
+
+
+def _shift_factor(vae) -> float | None:
+    """The VAE's latent shift (SD3: latents are ``z / scaling + shift`` before decoding)."""
+    shift = vae.config.get("shift_factor", None) if vae is not None else None
+    return float(shift) if shift is not None else None
 
 
 def _output_images(pipe, output) -> list:
@@ -448,18 +475,25 @@ class _Session:
         denoiser = adapter.denoiser
 
         def before(module, args, kwargs):
+            run.aux = adapter.auxiliary_call(args, kwargs)
+            if run.aux:  # e.g. SD3.5's skip-layer guidance: not a step's prediction
+                return
             sample = adapter.denoiser_input(args, kwargs)
             if sample is not None:
                 run.before_unet(sample)
 
         def after(module, args, kwargs, output):
+            if run.aux:
+                run.aux = False
+                return
             out = adapter.denoiser_output(output)
             if out is not None:
                 run.after_unet(out)
 
         try:
             with Hooks() as hooks:
-                hooks.wrap_sites(denoiser, self.layers, observers=[AttentionRecorder(run)])
+                hooks.wrap_sites(denoiser, self.layers,
+                                 observers=[recorder_for(adapter.attention_kind, run)])
                 hooks.forward_pre_hook(denoiser, before, with_kwargs=True)
                 hooks.forward_hook(denoiser, after, with_kwargs=True)
                 wrapper = sched_hooks.install(pipe.scheduler, run.on_step,
@@ -528,24 +562,36 @@ class _Session:
         run.negative_prompts = [q for q in negs for _ in range(n_per)]
         run.session_batch = len(run.prompts)
         run.token_ids, run.tokens, run.truncated_words = [], [], []
+        parts = self.adapter.text_parts(p)
+        segments = [] if parts is not None else None
         cache: dict[str, tuple] = {}
         for b, q in enumerate(run.prompts):
             if q is None:
                 ids, toks, cut = [], [], []
+                segs = [{"encoder": name, "start": sum(n for _, _, n in parts[:i]),
+                         "length": n, "tokens": 0} for i, (name, _, n) in enumerate(parts)] \
+                    if parts is not None else None
             else:
                 if q not in cache:  # as the pipeline encodes it (multi-vector TI expanded)
-                    view = tokenize(q, pipe)
-                    cache[q] = (view.ids, view.tokens, view.truncated_words)
-                ids, toks, cut = cache[q]
+                    view = tokenize(q, pipe) if parts is None else tokenize_segments(q, parts)
+                    cache[q] = (view.ids, view.tokens, view.truncated_words, view.segments)
+                ids, toks, cut, segs = cache[q]
             run.token_ids.append(list(ids))
             run.tokens.append(list(toks))
             run.truncated_words.append(list(cut))
-        for q, (ids, toks, cut) in cache.items():
+            if segments is not None:
+                segments.append([dict(seg) for seg in segs])
+        run.segments = segments
+        for q, (ids, toks, cut, _) in cache.items():
             if cut:
-                warnings.warn(f"sdlens: the prompt {q[:60]!r}... is longer than 75 tokens; the "
+                limit = "75 tokens" if parts is None else "every text encoder's limit"
+                warnings.warn(f"sdlens: the prompt {q[:60]!r}... is longer than {limit}; the "
                               f"pipeline cuts these words: {cut} (see trace.truncated_words)",
                               stacklevel=4)
         run.max_token_len = max((len(i) for i in run.token_ids), default=0) or None
+        if segments is not None:
+            total = sum(n for _, _, n in parts)
+            run.max_token_len = total if run.max_token_len is None else run.max_token_len
         gs = p.get("guidance_scale")
         run.guidance_scale = float(gs) if gs is not None else float("nan")
         gen = p.get("generator")
@@ -561,8 +607,8 @@ def trace(pipe, options: RecordOptions | None = None, **kwargs):
     >>> tr.latents.shape        # (26, 1, 4, h, w)
 
     Args:
-        pipe: a diffusers Stable Diffusion pipeline (SD 1.x/2.x/SDXL; txt2img, img2img,
-            inpaint). Other pipelines raise TypeError.
+        pipe: a diffusers Stable Diffusion pipeline (SD 1.x/2.x/SDXL, SD3 / SD3.5; txt2img,
+            img2img, inpaint). Other pipelines raise TypeError naming the supported ones.
         options: a :class:`RecordOptions`; keyword arguments (``record``, ``layers``, ``steps``,
             ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``) override its fields.
 

@@ -236,11 +236,25 @@ class Hooks:
 # ====================================================================== observer: record
 class AttentionSink(Protocol):
     def attention_request(self, layer: str):
-        """None (do not record this call) or (rows: slice, n_tokens: int | None,
-        keep_heads: bool, dtype)."""
+        """None (do not record this call) or (rows: slice, tokens: int | Sequence[int] | None
+        (the first n positions, or these positions), keep_heads: bool, dtype)."""
 
     def put_attention(self, layer: str, probs: torch.Tensor, n_queries: int) -> None:
         """probs: (B, T, HW) or (B, heads, T, HW) on the device."""
+
+
+def reduce_maps(probs: torch.Tensor, tokens, keep_heads: bool, dtype) -> torch.Tensor:
+    """The recorded form of (B, heads, K, HW) probabilities: the kept token positions
+    (``tokens``: None all, an int the first n, a sequence of positions), heads averaged unless
+    kept, in ``dtype``; (B, [heads,] T, HW), on the device."""
+    if isinstance(tokens, int):
+        probs = probs[:, :, :tokens]
+    elif tokens is not None:
+        index = torch.as_tensor(list(tokens), dtype=torch.long, device=probs.device)
+        probs = probs.index_select(2, index[index < probs.shape[2]])
+    if not keep_heads:
+        probs = probs[:, 0] if probs.shape[1] == 1 else probs.mean(dim=1)  # (B, T, HW)
+    return probs.to(dtype).contiguous()
 
 
 class AttentionRecorder:
@@ -271,11 +285,7 @@ class AttentionRecorder:
             probs = self._token_maps(attn, layer, hs, ehs, rows, temb)  # (B, heads, K, HW)
         else:  # rare layouts: the reference computation, then (B, heads, K, HW)
             probs = attention_probabilities(attn, hs, ehs[rows], mask, temb).transpose(-1, -2)
-        if n_tokens is not None:
-            probs = probs[:, :, :n_tokens]
-        if not keep_heads:
-            probs = probs[:, 0] if probs.shape[1] == 1 else probs.mean(dim=1)  # (B, T, HW)
-        probs = probs.to(dtype).contiguous()  # (B, [heads,] T, HW)
+        probs = reduce_maps(probs, n_tokens, keep_heads, dtype)  # (B, [heads,] T, HW)
         self.sink.put_attention(layer, probs, probs.shape[-1])
 
     def _token_maps(self, attn, layer: str, hs: torch.Tensor, ehs: torch.Tensor, rows: slice,
@@ -303,6 +313,65 @@ class AttentionRecorder:
         hs = _normed_queries_input(attn, hs, temb)
         query = rearrange(attn.to_q(hs).float(), "n l (heads d) -> n heads d l", heads=attn.heads)
         return torch.matmul(key, query).softmax(dim=-2)
+
+
+class JointAttentionRecorder(AttentionRecorder):
+    """Observer of a *joint*-attention site (SD3's MMDiT, ``JointAttnProcessor2_0``): the image
+    tokens' attention to the text tokens, laid out and reduced as :class:`AttentionRecorder`'s.
+
+    Joint attention is one softmax over the keys of [image tokens; text tokens] (heads, q/k
+    norms: ``norm_q`` / ``norm_k`` on the image stream, ``norm_added_k`` on the text stream,
+    ``add_k_proj`` for the text keys). The recorded map is the text columns of that softmax, so
+    a pixel's row over the text tokens sums to its *text share* (the rest went to image keys):
+    ``p(text j) = exp(s_j - logsumexp(all image and text scores))``. The image keys' part of the
+    normaliser is computed in chunks of queries (the image-image scores are (HW x HW) per head).
+    The text stream changes at every block and step, so nothing is cached.
+    """
+
+    chunk_bytes = 256 << 20  # the image-image scores held at once
+
+    def observe(self, attn, layer: str, call: SiteCall) -> None:
+        request = self.sink.attention_request(layer)
+        if request is not None and torch.is_tensor(call.encoder_hidden_states):
+            rows, n_tokens, keep_heads, dtype = request
+            probs = self.text_probabilities(attn, call.hidden_states[rows],
+                                            call.encoder_hidden_states[rows])
+            probs = reduce_maps(probs, n_tokens, keep_heads, dtype)
+            self.sink.put_attention(layer, probs, probs.shape[-1])
+
+    @torch.no_grad()
+    def text_probabilities(self, attn, hs: torch.Tensor, ehs: torch.Tensor) -> torch.Tensor:
+        """(B, heads, T, HW) float32: image queries' probabilities on the text keys, softmax
+        over all keys ([image; text]), from ``hs`` (B, HW, C) and ``ehs`` (B, T, C) as the
+        processor receives them."""
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return rearrange(t, "n l (heads d) -> n heads l d", heads=attn.heads)
+
+        query, key = heads(attn.to_q(hs)), heads(attn.to_k(hs))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        text_key = heads(attn.add_k_proj(ehs))
+        if getattr(attn, "norm_added_k", None) is not None:
+            text_key = attn.norm_added_k(text_key)
+        query = query.float() * float(attn.scale)  # (B, heads, HW, d)
+        key, text_key = key.float(), text_key.float()
+        text_scores = torch.matmul(text_key, query.transpose(-1, -2))  # (B, heads, T, HW)
+        n, h, hw = query.shape[0], query.shape[1], query.shape[2]
+        chunk = max(1, min(hw, self.chunk_bytes // max(1, 4 * n * h * key.shape[2])))
+        image_lse = torch.cat([torch.matmul(query[:, :, i: i + chunk], key.transpose(-1, -2))
+                               .logsumexp(dim=-1) for i in range(0, hw, chunk)], dim=-1)
+        lse = torch.logaddexp(image_lse, text_scores.logsumexp(dim=-2))  # (B, heads, HW)
+        return (text_scores - lse[:, :, None, :]).exp()
+
+
+def recorder_for(kind: str, sink: AttentionSink) -> AttentionRecorder:
+    """The attention observer for a backbone's ``attention_kind`` ("cross" or "joint")."""
+    if kind == "joint":
+        return JointAttentionRecorder(sink)
+    return AttentionRecorder(sink)
 
 
 # ====================================================================== editor: reweight
@@ -450,9 +519,13 @@ def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+    adapter = adapter_for(pipe)
+    if adapter.attention_kind != "cross":
+        raise TypeError(f"token reweighting works on cross-attention backbones (the UNet "
+                        f"models); {type(pipe).__name__}'s {adapter.attention_kind} attention is "
+                        "not supported yet")
     factors, positions = reweight_factors(pipe, prompts, weights)
     editor = Reweight(factors, positions, step_window(steps), pipe=pipe)
-    adapter = adapter_for(pipe)
     with Hooks() as hooks:
         hooks.wrap_sites(adapter.denoiser, adapter.sites(), editors=[editor])
         hooks.forward_pre_hook(adapter.denoiser, editor.count_step, with_kwargs=True)

@@ -26,6 +26,10 @@ about twice as many for Heun / KDPM2, whose every step calls the UNet twice):
                             (steps', batch, tokens, h, w)         steps' = its recorded steps; heads kept:
                                                                   (steps', batch, heads, tokens, h, w)
 ``guidance_scale``          float; ``do_cfg``: bool
+``prediction_type``         str                                   what ``noise`` holds: epsilon,
+                                                                  v_prediction, sample or flow (velocity)
+``text_segments``           list[list[dict]] or None              several text encoders (SD3): each
+                                                                  encoder's positions in the text sequence
 ``meta``                    dict                                  model id, family, task, pipeline and
                                                                   scheduler class + config, prediction type,
                                                                   VAE scaling factor, height, width, seeds,
@@ -267,8 +271,23 @@ class Trace:
                 att["token_positions"], att["heads"],
                 info["tokens"] if info.get("tokens") and all(info["tokens"]) else None,
                 family=info.get("meta", {}).get("family"), dtype=att.get("dtype"),
-                n_steps=len(self.timesteps))
+                n_steps=len(self.timesteps), segments=info.get("text_segments"))
         return self._attention
+
+    @property
+    def text_segments(self) -> list[list[dict]] | None:
+        """Per batch item, the text encoders' segments of the text sequence (models of several
+        text encoders, SD3: ``[{"encoder": "clip", "start": 0, "length": 77, "tokens": n},
+        {"encoder": "t5", "start": 77, "length": 256, "tokens": m}]``, see
+        :mod:`sdlens.analysis.tokens`); None for one text encoder (the UNet models)."""
+        segs = self._require().get("text_segments")
+        return None if segs is None else [[dict(s) for s in item] for item in segs]
+
+    @property
+    def prediction_type(self) -> str:
+        """What ``noise`` / ``noise_text`` / ``noise_uncond`` hold: "epsilon" (noise),
+        "v_prediction", "sample" (x0 itself) or "flow" (the velocity of flow matching, SD3)."""
+        return str(self._require()["meta"].get("prediction_type") or "epsilon")
 
     @property
     def guidance_scale(self) -> float:

@@ -135,14 +135,18 @@ class AttentionMaps:
         family: the model family (``trace.meta["family"]``) whose naming resolves layer
             selectors (None: the UNet's, as in traces that did not record one).
         dtype: the maps' dtype name ("float16"); default: that of the first layer's tensor.
+        segments: per batch item, the text encoders' segments (``trace.text_segments``: SD3's
+            CLIP and T5 positions) whose words are pooled; None: one text encoder.
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor | Callable[[], torch.Tensor]],
                  resolutions: Mapping[str, Sequence[int]], steps: Sequence[int],
                  token_positions: Sequence[int], heads: bool = False,
                  tokens: Sequence[Sequence[str]] | None = None, family: str | None = None,
-                 dtype: str | None = None, n_steps: int | None = None):
+                 dtype: str | None = None, n_steps: int | None = None,
+                 segments: Sequence[Sequence[dict]] | None = None):
         self.family = family
+        self.segments = [list(s) for s in segments] if segments else None
         self.naming: SiteNaming = naming_for(family)
         self._tensors = dict(tensors)
         self._cache: dict[str, torch.Tensor] = {}
@@ -216,7 +220,7 @@ class AttentionMaps:
         sub = AttentionMaps({l: self._tensors[l] for l in chosen},
                             {l: self._resolutions[l] for l in chosen}, self.steps,
                             self.token_positions, self.heads, self.tokens, family=self.family,
-                            dtype=self._dtype, n_steps=self.n_steps)
+                            dtype=self._dtype, n_steps=self.n_steps, segments=self.segments)
         sub._cache = self._cache  # share loaded tensors
         return sub
 
@@ -259,7 +263,8 @@ class AttentionMaps:
                                  "embeddings); use token positions")
             if not 0 <= batch < len(self.tokens):
                 raise IndexError(f"batch item {batch} out of range (batch size {len(self.tokens)})")
-            words = words_from_tokens(self.tokens[batch])
+            words = words_from_tokens(self.tokens[batch], segments=self.segments[batch]
+                                      if self.segments and batch < len(self.segments) else None)
             positions = match_word(words, token, occurrence, where=f"prompt {batch}").positions
         else:
             raise TypeError(f"token must be a position (int) or a word (str), got "

@@ -52,6 +52,8 @@ def select_batch(trace: Trace, items: int | Sequence[int]) -> Trace:
     f = trace.fields()
     for name in _PER_ITEM:
         f[name] = [f[name][i] for i in idx]
+    if f["extra_info"].get("text_segments"):  # several text encoders (SD3): per item too
+        f["extra_info"]["text_segments"] = [f["extra_info"]["text_segments"][i] for i in idx]
     for name in _PER_STEP[2:] + ("latents",):
         t = f[name]
         f[name] = None if t is None else t[:, idx]  # advanced indexing: a compact copy

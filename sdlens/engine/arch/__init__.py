@@ -8,9 +8,10 @@
 from __future__ import annotations
 
 from sdlens.engine.arch.base import BackboneAdapter, SiteNaming
+from sdlens.engine.arch.mmdit import MMDiTAdapter
 from sdlens.engine.arch.unet import UNetAdapter
 
-ADAPTERS: tuple[type[BackboneAdapter], ...] = (UNetAdapter,)
+ADAPTERS: tuple[type[BackboneAdapter], ...] = (UNetAdapter, MMDiTAdapter)
 SUPPORTED_PIPELINES = tuple(p for a in ADAPTERS for p in a.pipelines)
 
 
@@ -20,8 +21,9 @@ def adapter_for(pipe) -> BackboneAdapter:
     for cls in ADAPTERS:
         if cls.handles(pipe):
             return cls(pipe)
-    kind = "a transformer-based pipeline (SD3, Flux, PixArt, Sana: not supported yet)" \
-        if getattr(pipe, "transformer", None) is not None else "a pipeline without a `unet`"
+    transformer = getattr(pipe, "transformer", None)
+    kind = f"a pipeline whose transformer ({type(transformer).__name__}) sdlens does not " \
+        "support" if transformer is not None else "a pipeline without a `unet` or `transformer`"
     raise TypeError(f"sdlens cannot trace {type(pipe).__name__}: it is {kind}; supported: "
                     f"{', '.join(SUPPORTED_PIPELINES)} (and SD 2.x v-prediction models)")
 

@@ -63,6 +63,9 @@ class BackboneAdapter(ABC):
         max_text_tokens: text positions the denoiser attends to at most (CLIP: 77).
         cfg_halves: the halves of the denoiser batch under classifier-free guidance, in batch
             order (diffusers' SD pipelines: ``cat([uncond, text])``).
+        attention_kind: what a site's attention is: ``"cross"`` (image queries, text keys) or
+            ``"joint"`` (one softmax over image and text keys; the recorder keeps the text
+            columns).
     """
 
     pipelines: ClassVar[tuple[str, ...]] = ()
@@ -70,6 +73,9 @@ class BackboneAdapter(ABC):
     naming: ClassVar[SiteNaming] = SiteNaming()
     max_text_tokens: ClassVar[int] = 77
     cfg_halves: ClassVar[tuple[str, str]] = ("uncond", "text")
+    # "cross": a site attends from image tokens to text tokens only (the UNet's sites);
+    # "joint": one softmax over [image; text] keys (SD3's MMDiT), in ``joint_order``
+    attention_kind: ClassVar[str] = "cross"
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -111,6 +117,17 @@ class BackboneAdapter(ABC):
         returned (a tuple or an output dataclass); None if it is not a tensor."""
         out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
         return out if torch.is_tensor(out) else None
+
+    def auxiliary_call(self, args: tuple, kwargs: dict) -> bool:
+        """Whether a denoiser call (its forward pre-hook's arguments) is an extra call that is
+        not a step's prediction (SD3.5's skip-layer guidance); such calls are not recorded."""
+        return False
+
+    def text_parts(self, params: dict) -> list[tuple[str, object, int]] | None:
+        """Several text encoders joined along the text sequence (SD3: CLIP then T5): their
+        ``(encoder name, tokenizer or None, length)`` in sequence order, for the pipeline call's
+        arguments ``params``; None for one text encoder (77 CLIP positions)."""
+        return None
 
     @abstractmethod
     def activation_bytes(self, latent_hw: tuple[int, int]) -> int:

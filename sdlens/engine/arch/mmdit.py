@@ -1,0 +1,129 @@
+"""The MMDiT family: Stable Diffusion 3 / 3.5 (``SD3Transformer2DModel``; txt2img, img2img, inpaint).
+
+Sites are the joint-attention modules of the transformer blocks, ``transformer_blocks.N.attn``
+(aliases ``"block.N"`` and ``"N"``; the group ``"blocks"`` is all of them). Joint attention is one
+softmax over the keys of [image tokens; text tokens] (``JointAttnProcessor2_0`` concatenates image
+first, then text: :attr:`MMDiTAdapter.joint_order`); the recorded map of a site is each image
+patch's attention to each text token, a part of a row whose rest goes to the image keys
+(:class:`sdlens.engine.sites.JointAttentionRecorder`). SD3.5's dual-attention blocks
+(``dual_attention_layers``) have a second, image-only attention ``attn2``: no text there, not a
+site. A site's map is at the latents' resolution divided by the patch size (2).
+
+The text sequence is CLIP-L and CLIP-G's 77 positions (their hidden states joined channel-wise),
+then T5's ``max_sequence_length`` (256 by default; zeros when ``text_encoder_3`` is None):
+:meth:`MMDiTAdapter.text_parts`. Classifier-free guidance is diffusers' ``cat([uncond, text])``;
+the transformer takes the latents as ``hidden_states=`` and returns ``.sample``. SD3.5's
+skip-layer guidance calls the transformer a second time per step on the text half with
+``skip_layers=``: an auxiliary call (:meth:`MMDiTAdapter.auxiliary_call`), not recorded.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from sdlens.engine.arch.base import BackboneAdapter, SiteNaming
+
+_SITE = re.compile(r"^transformer_blocks\.(\d+)\.attn$")
+
+
+class MMDiTNaming(SiteNaming):
+    """``transformer_blocks.N.attn`` <-> ``"block.N"`` (or ``"N"``); the group ``"blocks"``."""
+
+    groups = ("blocks",)
+
+    def alias(self, site: str) -> str:
+        m = _SITE.match(site)
+        return f"block.{m.group(1)}" if m else site
+
+    def expand(self, name: str) -> str | None:
+        if name == "blocks":
+            return "transformer_blocks"
+        m = re.match(r"^(?:block\.)?(\d+)$", name)
+        return f"transformer_blocks.{int(m.group(1))}.attn" if m else None
+
+    def sort_key(self, site: str) -> tuple:
+        m = _SITE.match(site)
+        return (int(m.group(1)), site) if m else (10 ** 6, site)
+
+
+class MMDiTAdapter(BackboneAdapter):
+    """A pipeline whose denoiser is an ``SD3Transformer2DModel`` (``pipe.transformer``)."""
+
+    pipelines = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
+                 "StableDiffusion3InpaintPipeline")
+    families = ("sd3", "sd35")
+    naming = MMDiTNaming()
+    max_text_tokens = 77 + 256  # CLIP + T5 at the pipelines' default max_sequence_length
+    sample_arg = "hidden_states"
+    attention_kind = "joint"
+    joint_order = ("image", "text")  # JointAttnProcessor2_0: cat([image, text]) keys
+    clip_positions = 77
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        cls = type(pipe).__name__
+        self._sites = super().sites()
+        if not self._sites:
+            raise TypeError(f"sdlens cannot trace {cls}: its transformer has no joint-attention "
+                            f"blocks; supported: {', '.join(self.pipelines)}")
+
+    @classmethod
+    def handles(cls, pipe) -> bool:
+        return type(getattr(pipe, "transformer", None)).__name__ == "SD3Transformer2DModel"
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    def family(self) -> str:
+        """"sd35" (dual-attention blocks or q/k norms, as SD3.5 medium / large), else "sd3"."""
+        cfg = self.pipe.transformer.config
+        return "sd35" if (cfg.get("dual_attention_layers") or cfg.get("qk_norm")) else "sd3"
+
+    def default_latent_hw(self) -> tuple[int, int]:
+        size = self.pipe.transformer.config.sample_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def latent_channels(self) -> int:
+        return int(self.pipe.transformer.config.out_channels)
+
+    def patch_size(self) -> int:
+        return int(self.pipe.transformer.config.patch_size)
+
+    def auxiliary_call(self, args: tuple, kwargs: dict) -> bool:
+        """Skip-layer guidance's extra call (``skip_layers=``): not a step's prediction."""
+        return kwargs.get("skip_layers") is not None
+
+    def text_parts(self, params: dict) -> list[tuple[str, object, int]]:
+        """The text sequence's segments in order: ``(encoder, tokenizer or None, length)``; T5
+        has no tokens when ``text_encoder_3`` is None (its positions are zeros)."""
+        n_t5 = int(params.get("max_sequence_length") or 256)
+        t5 = self.pipe.tokenizer_3 if getattr(self.pipe, "text_encoder_3", None) is not None \
+            else None
+        return [("clip", self.pipe.tokenizer, self.clip_positions), ("t5", t5, n_t5)]
+
+    def activation_bytes(self, latent_hw: tuple[int, int]) -> int:
+        """30 tensors of the joint sequence's width (blocks' norms, projections, the 4x MLP) and
+        one attention score matrix (heads x n^2, n = patches + text tokens)."""
+        tr = self.pipe.transformer
+        h, w = latent_hw
+        p = self.patch_size()
+        itemsize = torch.finfo(tr.dtype).bits // 8 if tr.dtype.is_floating_point else 4
+        n = (h // p) * (w // p) + self.max_text_tokens
+        heads = int(tr.config.num_attention_heads)
+        dim = heads * int(tr.config.attention_head_dim)
+        return 30 * dim * n * itemsize + heads * n * n * itemsize
+
+    def site_of(self, processor_key: str) -> str | None:
+        site = processor_key[: -len(".processor")] if processor_key.endswith(".processor") else ""
+        return site if _SITE.match(site) else None
+
+    def sites(self) -> list[str]:
+        return list(self._sites)
+
+    def resolutions(self, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
+        p = self.patch_size()
+        hw = (latent_hw[0] // p, latent_hw[1] // p)
+        return {s: hw for s in self._sites}
