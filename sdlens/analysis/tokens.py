@@ -18,12 +18,16 @@ How tokens are grouped into words
   marks it as a word end (``'<my-token></w>'``, as ``Trace.tokens`` stores it). A multi-vector
   textual-inversion token ``<t>``, which the pipeline expands into ``<t> <t>_1 <t>_2``, is one word
   over all its vectors.
-* ``<|startoftext|>`` and ``<|endoftext|>`` belong to no word. A word that appears more than once
+* ``<|startoftext|>`` and ``<|endoftext|>`` belong to no word, nor do SentencePiece's specials
+  (T5's ``</s>`` end token, Gemma's ``<bos>``, ``<pad>``); a piece without ``▁`` continues the
+  word before it. A word that appears more than once
   is told apart by its ``occurrence`` (0 = first).
 
 Positions are positions in the 77-token sequence the text encoder saw: position 0 is
 ``<|startoftext|>``, the prompt's first token is at position 1, and at most 75 prompt tokens fit
-(``MAX_PROMPT_TOKENS``); the pipeline drops the rest. The words with a token beyond the limit are
+(``MAX_PROMPT_TOKENS``); the pipeline drops the rest. (T5, as PixArt uses it: no start token,
+the prompt from position 0, ``</s>`` after it, 300 positions; Gemma, as Sana uses it: ``<bos>``
+then the prompt, no end token.) The words with a token beyond the limit are
 ``truncated_words`` (:func:`tokenize`, ``Trace.truncated_words``); the tokens of a word cut in its
 middle that did fit still form a (partial) word.
 
@@ -41,7 +45,10 @@ import numpy as np
 import torch
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-SPECIAL = (BOS, EOS)
+# SentencePiece tokenizers' specials: T5 ends with "</s>" and pads with "<pad>"; Gemma starts
+# with "<bos>" and pads with "<pad>"; Llama-style "<s>"
+SENTENCEPIECE_SPECIAL = ("</s>", "<s>", "<pad>", "<bos>", "<eos>")
+SPECIAL = (BOS, EOS) + SENTENCEPIECE_SPECIAL
 MAX_POSITIONS = 77
 MAX_PROMPT_TOKENS = MAX_POSITIONS - 2  # 75
 END_MARK = "</w>"  # CLIP BPE: the last piece of a word
@@ -417,11 +424,13 @@ def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     return [t + END_MARK if t in added and not t.endswith(END_MARK) else t for t in toks]
 
 
-def tokenize(prompt: str, tokenizer: Any) -> TokenView:
+def tokenize(prompt: str, tokenizer: Any, limit: int | None = None) -> TokenView:
     """How ``tokenizer`` (a tokenizer, or a pipeline: its tokenizer, and multi-vector
     textual-inversion tokens expanded as the pipeline expands them) cuts ``prompt``, keeping what
-    the pipeline keeps (``truncation=True, max_length=model_max_length``) and naming the words the
-    limit cuts. Needs no trace: check a prompt before running it. ``Trace.tokens`` /
+    the pipeline keeps (``truncation=True, max_length=limit``; ``limit`` defaults to the
+    tokenizer's ``model_max_length``, 77 for CLIP) and naming the words the limit cuts. A start
+    token (CLIP's, Gemma's ``<bos>``) and an end token (CLIP's, T5's ``</s>``) are kept where the
+    tokenizer adds them. Needs no trace: check a prompt before running it. ``Trace.tokens`` /
     ``token_ids`` / ``truncated_words`` are recorded with it."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
@@ -430,14 +439,17 @@ def tokenize(prompt: str, tokenizer: Any) -> TokenView:
     text = convert(prompt, tok) if callable(convert) else prompt
     ids = list(tok(text, truncation=False, add_special_tokens=True).input_ids)
     strings = token_strings(tok, ids)
-    limit = getattr(tok, "model_max_length", MAX_POSITIONS)
-    limit = MAX_POSITIONS if not limit or limit > 10_000 else int(limit)
-    kept_n = min(len(ids) - 2, limit - 2)
-    cut = [w.text for w in words_from_tokens(strings) if max(w.positions) > kept_n]
-    keep = list(range(kept_n + 1)) + [len(ids) - 1]
+    if limit is None:
+        limit = getattr(tok, "model_max_length", MAX_POSITIONS)
+        limit = MAX_POSITIONS if not limit or limit > 10_000 else int(limit)
+    lead = int(bool(ids) and ids[0] == getattr(tok, "bos_token_id", None))
+    tail = int(len(ids) > lead and ids[-1] == getattr(tok, "eos_token_id", None))
+    kept_n = min(len(ids) - lead - tail, limit - lead - tail)
+    cut = [w.text for w in words_from_tokens(strings) if max(w.positions) >= lead + kept_n]
+    keep = list(range(lead + kept_n)) + ([len(ids) - 1] if tail else [])
     strings, ids = [strings[i] for i in keep], [ids[i] for i in keep]
     words = words_from_tokens(strings, prompt)
-    return TokenView(prompt, _rows(strings, ids, words), words, kept_n, limit - 2, cut)
+    return TokenView(prompt, _rows(strings, ids, words), words, kept_n, limit - lead - tail, cut)
 
 
 def _rows(strings: Sequence[str], ids: Sequence[int] | None, words: Sequence[Word]

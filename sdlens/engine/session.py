@@ -36,7 +36,7 @@ import warnings
 import torch
 from einops import rearrange
 
-from sdlens.analysis.tokens import tokenize
+from sdlens.analysis.tokens import token_strings, tokenize, tokenizer_of
 from sdlens.engine import schedules as sched_hooks
 from sdlens.engine.arch import BackboneAdapter, adapter_for
 from sdlens.engine.options import (RecordOptions, TraceTooLarge, default_max_bytes,
@@ -529,21 +529,27 @@ class _Session:
         run.session_batch = len(run.prompts)
         run.token_ids, run.tokens, run.truncated_words = [], [], []
         cache: dict[str, tuple] = {}
+        adapter = self.adapter
         for b, q in enumerate(run.prompts):
             if q is None:
                 ids, toks, cut = [], [], []
             else:
                 if q not in cache:  # as the pipeline encodes it (multi-vector TI expanded)
-                    view = tokenize(q, pipe)
-                    cache[q] = (view.ids, view.tokens, view.truncated_words)
+                    text = adapter.encoded_prompt(q, p)
+                    laid_out = adapter.text_tokens(text, p)
+                    if laid_out is not None:  # the adapter's own text layout
+                        cache[q] = (laid_out, token_strings(tokenizer_of(pipe), laid_out), [])
+                    else:
+                        view = tokenize(text, pipe, limit=adapter.text_length(p))
+                        cache[q] = (view.ids, view.tokens, view.truncated_words)
                 ids, toks, cut = cache[q]
             run.token_ids.append(list(ids))
             run.tokens.append(list(toks))
             run.truncated_words.append(list(cut))
         for q, (ids, toks, cut) in cache.items():
             if cut:
-                warnings.warn(f"sdlens: the prompt {q[:60]!r}... is longer than 75 tokens; the "
-                              f"pipeline cuts these words: {cut} (see trace.truncated_words)",
+                warnings.warn(f"sdlens: the prompt {q[:60]!r}... is longer than the text "
+                              f"encoder's limit; the pipeline cuts these words: {cut} (see trace.truncated_words)",
                               stacklevel=4)
         run.max_token_len = max((len(i) for i in run.token_ids), default=0) or None
         gs = p.get("guidance_scale")

@@ -8,9 +8,10 @@
 from __future__ import annotations
 
 from sdlens.engine.arch.base import BackboneAdapter, SiteNaming
+from sdlens.engine.arch.dit import PixArtAdapter, SanaAdapter
 from sdlens.engine.arch.unet import UNetAdapter
 
-ADAPTERS: tuple[type[BackboneAdapter], ...] = (UNetAdapter,)
+ADAPTERS: tuple[type[BackboneAdapter], ...] = (UNetAdapter, PixArtAdapter, SanaAdapter)
 SUPPORTED_PIPELINES = tuple(p for a in ADAPTERS for p in a.pipelines)
 
 
@@ -20,10 +21,10 @@ def adapter_for(pipe) -> BackboneAdapter:
     for cls in ADAPTERS:
         if cls.handles(pipe):
             return cls(pipe)
-    kind = "a transformer-based pipeline (SD3, Flux, PixArt, Sana: not supported yet)" \
+    kind = "a transformer-based pipeline sdlens has no adapter for" \
         if getattr(pipe, "transformer", None) is not None else "a pipeline without a `unet`"
     raise TypeError(f"sdlens cannot trace {type(pipe).__name__}: it is {kind}; supported: "
-                    f"{', '.join(SUPPORTED_PIPELINES)} (and SD 2.x v-prediction models)")
+                    f"{', '.join(SUPPORTED_PIPELINES)}")
 
 
 def naming_for(family: str | None) -> SiteNaming:
