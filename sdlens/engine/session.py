@@ -538,18 +538,18 @@ class _Session:
                     text = adapter.encoded_prompt(q, p)
                     laid_out = adapter.text_tokens(text, p)
                     if laid_out is not None:  # the adapter's own text layout
-                        cache[q] = (laid_out, token_strings(tokenizer_of(pipe), laid_out), [])
+                        cache[q] = (laid_out, token_strings(tokenizer_of(pipe), laid_out), [], None)
                     else:
                         view = tokenize(text, pipe, limit=adapter.text_length(p))
-                        cache[q] = (view.ids, view.tokens, view.truncated_words)
-                ids, toks, cut = cache[q]
+                        cache[q] = (view.ids, view.tokens, view.truncated_words, view.limit)
+                ids, toks, cut, _ = cache[q]
             run.token_ids.append(list(ids))
             run.tokens.append(list(toks))
             run.truncated_words.append(list(cut))
-        for q, (ids, toks, cut) in cache.items():
+        for q, (ids, toks, cut, limit) in cache.items():
             if cut:
-                warnings.warn(f"sdlens: the prompt {q[:60]!r}... is longer than the text "
-                              f"encoder's limit; the pipeline cuts these words: {cut} (see trace.truncated_words)",
+                warnings.warn(f"sdlens: the prompt {q[:60]!r}... is longer than {limit} tokens; "
+                              f"the pipeline cuts these words: {cut} (see trace.truncated_words)",
                               stacklevel=4)
         run.max_token_len = max((len(i) for i in run.token_ids), default=0) or None
         gs = p.get("guidance_scale")
