@@ -47,6 +47,13 @@ def _normed_queries_input(attn, hidden_states: torch.Tensor, temb: torch.Tensor 
     return hidden_states
 
 
+def _across_heads(norm, flat: torch.Tensor) -> bool:
+    """Whether a q/k norm normalises over all heads at once (``qk_norm="rms_norm_across_heads"``:
+    applied before the heads are split, as Sana's processor does)."""
+    dim = getattr(norm, "dim", None)
+    return dim is not None and tuple(dim) == (flat.shape[-1],)
+
+
 def attention_probabilities(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                             attention_mask: torch.Tensor | None = None,
                             temb: torch.Tensor | None = None, rows: slice = slice(None),
@@ -79,11 +86,15 @@ def attention_probabilities(attn, hidden_states: torch.Tensor, encoder_hidden_st
     def heads(t: torch.Tensor) -> torch.Tensor:
         return rearrange(t, "n l (heads d) -> n heads l d", heads=attn.heads)
 
-    query, key = heads(query), heads(key)
-    if getattr(attn, "norm_q", None) is not None:
-        query = attn.norm_q(query)
-    if getattr(attn, "norm_k", None) is not None:
-        key = attn.norm_k(key)
+    if _across_heads(getattr(attn, "norm_q", None), query):  # Sana 1.5's qk_norm
+        query, key = attn.norm_q(query), attn.norm_k(key)
+    else:
+        query, key = heads(query), heads(key)
+        if getattr(attn, "norm_q", None) is not None:
+            query = attn.norm_q(query)
+        if getattr(attn, "norm_k", None) is not None:
+            key = attn.norm_k(key)
+    query, key = (heads(query), heads(key)) if query.ndim == 3 else (query, key)
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * float(attn.scale)
     if attention_mask is not None:
         mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)

@@ -255,3 +255,27 @@ def test_t5_limit_cuts_words():
     view = tokenize(" ".join(["red"] * 20), t5_tokenizer(), limit=8)
     assert len(view.tokens) == 8 and view.tokens[-1] == "</s>"
     assert view.n_prompt_tokens == 7 and view.truncated_words
+
+
+@pytest.mark.parametrize("qk_norm", [None, "rms_norm_across_heads"])
+def test_recorded_probabilities_reproduce_sana_cross_attention(qk_norm):
+    """probs @ values through the output projection is the processor's own output (with the
+    padding mask, and with Sana 1.5's across-heads q/k norm)."""
+    from diffusers import SanaTransformer2DModel
+
+    from sdlens.engine.sites import attention_probabilities
+
+    torch.manual_seed(0)
+    t = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                               attention_head_dim=8, num_layers=1, num_cross_attention_heads=2,
+                               cross_attention_head_dim=8, cross_attention_dim=16,
+                               caption_channels=16, sample_size=4, qk_norm=qk_norm).eval()
+    attn = t.transformer_blocks[0].attn2
+    hs, ehs = torch.randn(2, 16, 16), torch.randn(2, 5, 16)
+    mask = (1 - torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]).float())[:, None] * -10000.0
+    with torch.no_grad():
+        ref = attn(hs, encoder_hidden_states=ehs, attention_mask=mask)
+        probs, values = attention_probabilities(attn, hs, ehs, mask, with_values=True)
+        out = attn.to_out[0](torch.einsum("nhqk,nhkd->nqhd", probs, values).flatten(2))
+    assert probs[0, :, :, 3:].max() < 1e-4
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
