@@ -138,7 +138,7 @@ def test_sana_flow_match_euler():
 
 
 # ---------------------------------------------------------------- attention and tokens
-def _encoded_ids(pipe, arch):
+def _encoded_ids(pipe, arch, **kw):
     """The ids the text encoder saw for the prompt (padding dropped), as the pipeline laid
     them out (Sana: instruction tail kept)."""
     seen = []
@@ -150,11 +150,11 @@ def _encoded_ids(pipe, arch):
 
     handle = pipe.text_encoder.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        run(pipe, arch, guidance_scale=1.0)
+        run(pipe, arch, guidance_scale=1.0, **kw)
     finally:
         handle.remove()
     ids, mask = seen[0]
-    if arch == "sana":  # the pipeline keeps token 0 and the last max_sequence_length - 1
+    if arch == "sana" and ids.shape[1] > 300:  # instruction: token 0 and the last 299 kept
         keep = [0] + list(range(ids.shape[1] - 299, ids.shape[1]))
         ids, mask = ids[:, keep], mask[:, keep]
     return [int(i) for i, m in zip(ids[0], mask[0]) if m]
@@ -279,3 +279,22 @@ def test_recorded_probabilities_reproduce_sana_cross_attention(qk_norm):
         out = attn.to_out[0](torch.einsum("nhqk,nhkd->nqhd", probs, values).flatten(2))
     assert probs[0, :, :, 3:].max() < 1e-4
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sana_without_instruction_and_a_batch():
+    """complex_human_instruction=None: the prompt's own Gemma tokens; two prompts of different
+    lengths: the shorter one's padding positions get no attention."""
+    pipe = pipe_of("sana")
+    assert tokenize("a red circle", pipe).tokens[0] == "<bos>"
+    prompts = ["a red circle", "a small blue square on the beach, highly detailed."]
+    with sdlens.trace(pipe) as tr:
+        run(pipe, "sana", prompt=prompts, complex_human_instruction=None)
+    for b, p in enumerate(prompts):
+        assert tr.token_ids[b] == _encoded_ids(pipe, "sana", prompt=p,
+                                               complex_human_instruction=None)
+    n0 = len(tr.token_ids[0])
+    m = tr.attention[tr.attention.layers[0]].float()
+    assert m.shape[2] == len(tr.token_ids[1]) > n0
+    assert m[:, 0, n0:].max() < 1e-3
+    torch.testing.assert_close(m.sum(dim=2), torch.ones_like(m.sum(dim=2)), atol=2e-3, rtol=0)
+    assert tr.heatmap("square", batch=1).shape == (32, 32)
