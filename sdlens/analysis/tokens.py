@@ -496,7 +496,13 @@ def token_view(trace: Any, batch: int = 0, attention: bool = True) -> TokenView:
         for r in rows:
             r.attention = att.get(r.position)
     n_prompt = sum(1 for s in strings if s not in SPECIAL)
-    return TokenView(_prompt(trace, batch), rows, words, n_prompt, MAX_PROMPT_TOKENS,
+    # the text encoder's limit (meta["text_length"]: 300 for PixArt / Sana; 77 where absent)
+    # less the start / end tokens it adds
+    meta = getattr(trace, "meta", None) or {}
+    length = int(meta.get("text_length") or MAX_POSITIONS)
+    n_special = sum(1 for s in (strings[:1] + strings[-1:] if len(strings) > 1 else strings)
+                    if s in SPECIAL)
+    return TokenView(_prompt(trace, batch), rows, words, n_prompt, length - n_special,
                      _truncated(trace, batch))
 
 

@@ -326,6 +326,7 @@ class _Run:
             "device": str(denoiser.device), "dtype": str(denoiser.dtype).replace("torch.", ""),
             "options": self.opts.to_dict(), "estimated_bytes": self.estimated,
             "unet_calls": self.unet_calls,
+            "text_length": self.session.adapter.text_length(p),  # None: the tokenizer's (77)
         }
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sdlens
-from sdlens.analysis.tokens import tokenize, word_texts, words_from_tokens
+from sdlens.analysis.tokens import token_view, tokenize, word_texts, words_from_tokens
 from sdlens.engine.arch import adapter_for, naming_for
 from sdlens.engine.arch.dit import PixArtAdapter, SanaAdapter
 from sdlens.testing import gemma_tokenizer, random_pipeline, t5_tokenizer
@@ -165,6 +165,8 @@ def test_tokens_line_up_with_the_text_axis(arch):
     pipe = pipe_of(arch)
     tr, _ = traced(arch)
     assert tr.token_ids[0] == _encoded_ids(pipe, arch)
+    assert tr.meta["text_length"] == 300
+    assert token_view(tr).limit == 299  # less T5's </s> / Gemma's <bos>
     maps = tr.attention
     n = pipe.transformer.config.num_layers
     p = pipe.transformer.config.patch_size
