@@ -300,3 +300,31 @@ def test_sana_without_instruction_and_a_batch():
     assert m[:, 0, n0:].max() < 1e-3
     torch.testing.assert_close(m.sum(dim=2), torch.ones_like(m.sum(dim=2)), atol=2e-3, rtol=0)
     assert tr.heatmap("square", batch=1).shape == (32, 32)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reweight_on_the_cross_attention(arch):
+    """The equalizer (engine/sites.py's Reweight) on the DiT sites: a weight of 1 changes
+    nothing, bit for bit; another weight changes the result."""
+    pipe = pipe_of(arch)
+    kw = call_kwargs(arch)
+    kw.pop("prompt"), kw.pop("num_inference_steps")
+    base = sdlens.generate(pipe, PROMPT, seed=0, steps=2, **kw)
+    one = sdlens.generate(pipe, PROMPT, seed=0, steps=2, reweight={"circle": 1.0}, **kw)
+    three = sdlens.generate(pipe, PROMPT, seed=0, steps=2, reweight={"circle": 3.0}, **kw)
+    assert torch.equal(base.latents, one.latents)
+    assert not torch.equal(base.latents, three.latents)
+
+
+def test_pixart_alpha_pipeline():
+    """PixArtAlphaPipeline (same transformer class; 120 text tokens by default)."""
+    from diffusers import PixArtAlphaPipeline
+
+    alpha = PixArtAlphaPipeline(**pipe_of("pixart").components)
+    alpha.set_progress_bar_config(disable=True)
+    ref = run(alpha, "pixart", num_inference_steps=2)
+    with sdlens.trace(alpha) as tr:
+        images = run(alpha, "pixart", num_inference_steps=2)
+    assert (images == ref).all()
+    assert tr.meta["family"] == "pixart" and tr.meta["text_length"] == 120
+    assert tr.tokens[0][-1] == "</s>" and len(tr.attention.layers) == 2
