@@ -36,12 +36,12 @@ import warnings
 import torch
 from einops import rearrange
 
-from sdlens.analysis.tokens import token_strings, tokenize, tokenizer_of
 from sdlens.engine import schedules as sched_hooks
 from sdlens.engine.arch import BackboneAdapter, adapter_for
 from sdlens.engine.options import (RecordOptions, TraceTooLarge, default_max_bytes,
                                    estimate_trace_bytes, human_bytes)
 from sdlens.engine.sites import AttentionRecorder, Hooks, reweighting
+from sdlens.engine.text import text_axis
 from sdlens.pipeline import pipeline_task
 from sdlens.trace.core import Trace
 from sdlens.trace.maps import AttentionMaps, resolve_layers
@@ -536,13 +536,7 @@ class _Session:
                 ids, toks, cut = [], [], []
             else:
                 if q not in cache:  # as the pipeline encodes it (multi-vector TI expanded)
-                    text = adapter.encoded_prompt(q, p)
-                    laid_out = adapter.text_tokens(text, p)
-                    if laid_out is not None:  # the adapter's own text layout
-                        cache[q] = (laid_out, token_strings(tokenizer_of(pipe), laid_out), [], None)
-                    else:
-                        view = tokenize(text, pipe, limit=adapter.text_length(p))
-                        cache[q] = (view.ids, view.tokens, view.truncated_words, view.limit)
+                    cache[q] = text_axis(pipe, q, p, adapter)
                 ids, toks, cut, _ = cache[q]
             run.token_ids.append(list(ids))
             run.tokens.append(list(toks))

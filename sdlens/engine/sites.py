@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from sdlens.analysis.tokens import MAX_POSITIONS, word_positions
+from sdlens.analysis.tokens import MAX_POSITIONS
 from sdlens.engine.arch import adapter_for
+from sdlens.engine.text import word_positions
 from sdlens.trace.steps import step_window
 
 
@@ -432,17 +433,18 @@ def reweight_factors(pipe, prompts: Sequence[str], weights: Mapping[Any, float]
     positions named."""
     if not weights:
         raise ValueError("reweight needs at least one {word: weight}")
-    factors = torch.ones(len(prompts), MAX_POSITIONS)
-    positions: set[int] = set()
+    named: list[tuple[int, int, float]] = []  # (item, position, weight)
     for i, prompt in enumerate(prompts):
         for word, w in weights.items():
             w = float(w)
             if not np.isfinite(w):
                 raise ValueError(f"the weight of {word!r} is not finite: {w}")
-            for p in word_positions(pipe, prompt, word):
-                factors[i, p] = w
-                positions.add(p)
-    return factors, sorted(positions)
+            named += [(i, p, w) for p in word_positions(pipe, prompt, word)]
+    # T5 / Gemma texts (PixArt, Sana) run past CLIP's 77 positions
+    factors = torch.ones(len(prompts), max([MAX_POSITIONS] + [p + 1 for _, p, _ in named]))
+    for i, p, w in named:
+        factors[i, p] = w
+    return factors, sorted({p for _, p, _ in named})
 
 
 @contextlib.contextmanager

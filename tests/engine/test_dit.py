@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import sdlens
-from sdlens.analysis.tokens import token_view, tokenize, word_texts, words_from_tokens
+from sdlens.analysis.tokens import find_word, token_view, tokenize, word_texts, words_from_tokens
 from sdlens.engine.arch import adapter_for, naming_for
 from sdlens.engine.arch.dit import PixArtAdapter, SanaAdapter
+from sdlens.engine.text import word_positions
 from sdlens.testing import gemma_tokenizer, random_pipeline, t5_tokenizer
 
 PROMPT = "A red circle on the beach"
@@ -314,6 +315,10 @@ def test_reweight_on_the_cross_attention(arch):
     three = sdlens.generate(pipe, PROMPT, seed=0, steps=2, reweight={"circle": 3.0}, **kw)
     assert torch.equal(base.latents, one.latents)
     assert not torch.equal(base.latents, three.latents)
+    # steering finds a word where the trace's text axis has it (Sana: instruction layout)
+    tr, _ = traced(arch)
+    for w in ("red", "circle", "beach"):
+        assert word_positions(pipe, PROMPT, w) == list(find_word(tr, w).positions)
 
 
 def test_pixart_alpha_pipeline():
