@@ -62,6 +62,7 @@ class DiTAdapter(BackboneAdapter):
     naming = DiTNaming()
     max_text_tokens = 300
     sample_arg = "hidden_states"
+    self_attention_quadratic: int = 1  # softmax self-attention (0: linear attention)
 
     def __init__(self, pipe):
         super().__init__(pipe)
@@ -127,8 +128,6 @@ class DiTAdapter(BackboneAdapter):
         inner = t.config.num_attention_heads * t.config.attention_head_dim
         quadratic = self.self_attention_quadratic * t.config.num_attention_heads * tokens ** 2
         return (30 * tokens * inner + quadratic) * itemsize
-
-    self_attention_quadratic: int = 1
 
     def site_of(self, processor_key: str) -> str | None:
         site = processor_key[: -len(".processor")] if processor_key.endswith(".processor") else ""
