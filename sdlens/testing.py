@@ -19,6 +19,7 @@ pad with "!" as OpenCLIP does.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -169,7 +170,8 @@ def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2im
     Args:
         arch: "sd15", "sd21" (v-prediction), "sdxl", "sdxl-refiner" (text_encoder_2 /
             tokenizer_2 only, aesthetic-score time ids; an img2img pipeline: task "txt2img" gives
-            StableDiffusionXLImg2ImgPipeline), or "shapes" (the shipped model's layout).
+            StableDiffusionXLImg2ImgPipeline), "shapes" (the shipped model's layout), or the
+            diffusion transformers "pixart" (PixArt-Σ) and "sana" (:func:`random_dit_pipeline`).
         scale: channel multiplier; 1.0 is the real size, the default 0.05 a ~1-4M-parameter
             version that keeps every block type and attention layer of the real one.
         task: "txt2img", "img2img" or "inpaint" (inpainting UNets take 9 input channels).
@@ -182,8 +184,12 @@ def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2im
     """
     import diffusers
 
+    if arch in DIT_ARCHS:
+        if task != "txt2img" or prediction_type is not None:
+            raise ValueError(f"{arch}: only task='txt2img' with its own prediction type")
+        return random_dit_pipeline(arch, scale, seed, sample_size, device=device, dtype=dtype)
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(ARCHS)}")
+        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(ARCHS + DIT_ARCHS)}")
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
     if not 0 < scale <= 1:
@@ -245,6 +251,210 @@ def _finish(pipe, device, dtype):
     return pipe
 
 
+# ====================================================================== diffusion transformers:
+# PixArt-Σ and Sana (cross-attention DiTs)
+#
+# The real T5 / Gemma-2 vocabularies cannot be downloaded here, so their tokenizers are
+# SentencePiece models trained locally (in about a second) on a few hundred generated prompts,
+# wrapped as transformers' ``T5Tokenizer`` (unigram, ``</s>`` end token, ``<pad>``) and
+# ``GemmaTokenizer`` (BPE with byte fallback, ``<bos>`` start token, no dummy prefix). Their
+# pieces are SentencePiece pieces ("▁red") as the real ones are; their vocabularies are tiny.
+
+DIT_ARCHS = ("pixart", "sana")
+
+# PixArt-alpha/PixArt-Sigma-XL-2-1024-MS (transformer), google/t5-v1_1-xxl (text encoder), the
+# SDXL VAE PixArt-Σ uses, its DPM-Solver++ scheduler.
+_PIXART_SIGMA = dict(
+    transformer=dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
+                     num_layers=28, cross_attention_dim=1152, attention_bias=True,
+                     activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                     norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+                     caption_channels=4096, sample_size=128, patch_size=2, interpolation_scale=2,
+                     use_additional_conditions=False),
+    text=dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+              feed_forward_proj="gated-gelu"),
+    vae=_SDXL["vae"],
+)
+# Efficient-Large-Model/Sana_1600M_1024px_diffusers (transformer), google/gemma-2-2b-it (text
+# encoder), mit-han-lab/dc-ae-f32c32-sana-1.0 (AutoencoderDC), DPM-Solver++ on flow sigmas.
+_SANA_1600M = dict(
+    transformer=dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32,
+                     num_layers=20, num_cross_attention_heads=20, cross_attention_head_dim=112,
+                     cross_attention_dim=2240, caption_channels=2304, mlp_ratio=2.5,
+                     sample_size=32, patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6,
+                     attention_bias=False),
+    text=dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+              num_attention_heads=8, num_key_value_heads=4, head_dim=256),
+    vae=dict(latent_channels=32, attention_head_dim=32,
+             encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+             decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+             encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+             decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+             encoder_layers_per_block=(2, 2, 2, 3, 3, 3),
+             decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
+             encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+             decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+             upsample_block_type="interpolate", downsample_block_type="Conv",
+             decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407),
+)
+# a shrunk DC-AE: three stages (f4: SanaPipeline wants sizes divisible by 32, 32 px -> 8x8
+# latents), the real block kinds and 32 latent channels
+_SANA_VAE_SMALL = dict(latent_channels=32, attention_head_dim=8,
+                       encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+                       decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+                       encoder_block_out_channels=(8, 16, 32),
+                       decoder_block_out_channels=(8, 16, 32),
+                       encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+                       encoder_qkv_multiscales=((), (), (5,)),
+                       decoder_qkv_multiscales=((), (), (5,)),
+                       upsample_block_type="interpolate", downsample_block_type="Conv",
+                       decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                       scaling_factor=0.41407)
+
+
+def _prompt_corpus(n: int = 600, seed: int = 0) -> list[str]:
+    """Generated prompts to train the local SentencePiece models on."""
+    import random
+
+    rng = random.Random(seed)
+    colors = "red green blue yellow black white orange purple pink brown gray golden".split()
+    things = ("circle square triangle star cat dog house tree car boat mountain river flower "
+              "bird castle robot horse lighthouse beach forest city").split()
+    places = "beach forest city desert sky ocean garden street room field lake island".split()
+    adjectives = "small large bright dark old new shiny soft tall tiny huge round".split()
+    styles = ["highly detailed", "a photo", "an oil painting", "at night", "in the rain",
+              "cinematic lighting", "watercolor", "sharp focus"]
+    out = []
+    for _ in range(n):
+        s = (f"a {rng.choice(adjectives)} {rng.choice(colors)} {rng.choice(things)} "
+             f"on the {rng.choice(places)}")
+        if rng.random() < 0.5:
+            s += f", {rng.choice(styles)}."
+        out.append(s)
+    return out
+
+
+@functools.lru_cache(maxsize=None)  # a second's training, once per process and kind
+def _spm_pieces(**options) -> tuple[tuple[str, float], ...]:
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_prompt_corpus()), model_writer=buf,
+                                   hard_vocab_limit=False, minloglevel=2, **options)
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    return tuple((sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size()))
+
+
+def t5_tokenizer(max_length: int = 300):
+    """A T5-style SentencePiece tokenizer (unigram; ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2),
+    trained locally on generated prompts (the real T5 vocabulary cannot be had here)."""
+    from transformers import T5Tokenizer
+
+    pieces = _spm_pieces(vocab_size=400, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
+                         bos_id=-1)
+    return T5Tokenizer(vocab=list(pieces), extra_ids=0, model_max_length=max_length)
+
+
+def gemma_tokenizer(max_length: int = 300):
+    """A Gemma-style SentencePiece tokenizer (BPE with byte fallback, no dummy prefix;
+    ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3), trained locally on generated prompts
+    (the real Gemma vocabulary cannot be had here)."""
+    from transformers import GemmaTokenizer
+
+    pieces = _spm_pieces(vocab_size=600, model_type="bpe", pad_id=0, eos_id=1, bos_id=2,
+                         unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+                         unk_piece="<unk>", byte_fallback=True, add_dummy_prefix=False,
+                         normalization_rule_name="identity")
+    vocab = {p: i for i, (p, _) in enumerate(pieces)}
+    return GemmaTokenizer(**GemmaTokenizer.convert_to_native_format(vocab=vocab),
+                          add_bos_token=True, model_max_length=max_length)
+
+
+def _dit_pipeline(arch: str, scale: float, sample_size: int | None, layers: int | None):
+    import diffusers
+
+    small = scale < 1
+    if arch == "pixart":
+        from transformers import T5Config, T5EncoderModel
+
+        spec = _PIXART_SIGMA
+        tok = t5_tokenizer()
+        text_cfg = dict(spec["text"])
+        if small:
+            text_cfg.update(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2)
+        text = T5EncoderModel(T5Config(vocab_size=len(tok), pad_token_id=0, eos_token_id=1,
+                                       decoder_start_token_id=0, **text_cfg))
+        cfg = dict(spec["transformer"])
+        if small:
+            cfg.update(num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
+                       num_layers=layers or 2, sample_size=sample_size or 8)
+        elif sample_size:
+            cfg["sample_size"] = sample_size
+        cfg["caption_channels"] = text.config.d_model
+        transformer = diffusers.PixArtTransformer2DModel(**cfg)
+        vae = _vae(spec["vae"], scale)
+        scheduler = diffusers.DPMSolverMultistepScheduler(
+            beta_start=0.0001, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon",
+            solver_order=2, algorithm_type="dpmsolver++", lower_order_final=True)
+        return diffusers.PixArtSigmaPipeline(tokenizer=tok, text_encoder=text, vae=vae,
+                                             transformer=transformer, scheduler=scheduler)
+    from transformers import Gemma2Config, Gemma2Model
+
+    spec = _SANA_1600M
+    tok = gemma_tokenizer()
+    text_cfg = dict(spec["text"])
+    if small:
+        text_cfg.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    text = Gemma2Model(Gemma2Config(vocab_size=len(tok), pad_token_id=0, eos_token_id=1,
+                                    bos_token_id=2, attn_implementation="eager", **text_cfg))
+    cfg = dict(spec["transformer"])
+    if small:
+        cfg.update(num_attention_heads=2, attention_head_dim=16, num_cross_attention_heads=2,
+                   cross_attention_head_dim=16, cross_attention_dim=32, num_layers=layers or 2,
+                   sample_size=sample_size or 8)
+    elif sample_size:
+        cfg["sample_size"] = sample_size
+    cfg["caption_channels"] = text.config.hidden_size
+    transformer = diffusers.SanaTransformer2DModel(**cfg)
+    vae = diffusers.AutoencoderDC(**(_SANA_VAE_SMALL if small else spec["vae"]))
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        beta_start=0.0001, beta_end=0.02, beta_schedule="linear", prediction_type="flow_prediction",
+        use_flow_sigmas=True, flow_shift=3.0, solver_order=2, algorithm_type="dpmsolver++",
+        lower_order_final=True)
+    return diffusers.SanaPipeline(tokenizer=tok, text_encoder=text, vae=vae,
+                                  transformer=transformer, scheduler=scheduler)
+
+
+def random_dit_pipeline(arch: str = "pixart", scale: float = 0.05, seed: int = 0,
+                        sample_size: int | None = None, layers: int | None = None,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A PixArt-Σ (``"pixart"``) or Sana (``"sana"``) pipeline of the real architecture with
+    random (seeded) weights; :func:`random_pipeline` dispatches here for those archs.
+
+    At ``scale=1`` the real sizes (PixArt-Σ XL/2 1024: 28 blocks, T5-XXL, SDXL VAE; Sana 1600M:
+    20 blocks, Gemma-2 2B, DC-AE f32c32); below, 2 blocks (``layers``), 32-wide transformers,
+    tiny text encoders and VAEs (Sana: a two-stage DC-AE), latents 8x8 (``sample_size``). The
+    tokenizers are local SentencePiece models (:func:`t5_tokenizer`, :func:`gemma_tokenizer`).
+    """
+    if arch not in DIT_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(DIT_ARCHS)}")
+    if not 0 < scale <= 1:
+        raise ValueError(f"scale must be in (0, 1], got {scale}")
+    torch.manual_seed(seed)
+    pipe = _dit_pipeline(arch, scale, sample_size, layers)
+    for module in pipe.components.values():  # as from_pretrained leaves them (T5 has dropout)
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    pipe.to(device)
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 # ====================================================================== SD3 / SD3.5 (MMDiT)
 # The transformer configs of stabilityai/stable-diffusion-3-medium-diffusers and
 # stable-diffusion-3.5-medium (diffusers' SD3Transformer2DModel); CLIP-L and CLIP-G as SDXL's
@@ -266,43 +476,6 @@ _T5_XXL = dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, v
 _SD3_VAE = dict(block_out_channels=(128, 256, 512, 512), latent_channels=16,
                 scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
                 use_post_quant_conv=False, sample_size=1024)
-
-_T5_TOKENIZER = None
-
-
-def t5_tokenizer():
-    """A T5-style SentencePiece tokenizer built here, because T5's real vocabulary cannot be
-    downloaded: a small unigram model trained (in memory, deterministically) on a few hundred
-    generated prompts, wrapped as a ``T5Tokenizer`` (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, no
-    extra ids). Its pieces start words with ``"▁"`` as T5's do; words outside its training text
-    split into short pieces. Cached per process."""
-    global _T5_TOKENIZER
-    if _T5_TOKENIZER is None:
-        import io
-        import random
-
-        import sentencepiece as spm
-        from transformers import T5Tokenizer
-
-        rng = random.Random(0)
-        adjectives = ("red green blue yellow purple orange small large bright dark shiny old "
-                      "young happy wooden golden").split()
-        nouns = ("circle square triangle cat dog house tree car ball flower mountain river "
-                 "beach city sky robot painting portrait").split()
-        places = "on the beach|in the city|under the sky|near a river|at night".split("|")
-        sentences = [f"a {rng.choice(adjectives)} {rng.choice(nouns)} and a "
-                     f"{rng.choice(adjectives)} {rng.choice(nouns)} {rng.choice(places)}"
-                     for _ in range(600)]
-        model = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_writer=model, vocab_size=200,
-            model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-            character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
-        sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-        vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-        _T5_TOKENIZER = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
-    return _T5_TOKENIZER
-
 
 def _t5(scale: float, d_model: int, vocab_size: int):
     from transformers import T5Config, T5EncoderModel
@@ -344,7 +517,7 @@ def sd3_pipeline(arch: str = "sd3", scale: float = 0.05, task: str = "txt2img", 
     elif sample_size is not None:
         tcfg["sample_size"] = sample_size
     joint_dim = _T5_XXL["d_model"] if scale >= 1 else max(clip_width, _shrink(4096, scale / 1.5))
-    tok3 = t5_tokenizer()
+    tok3 = t5_tokenizer(max_length=512)
     text_encoder_3 = _t5(scale, joint_dim, len(tok3)) if t5 else None
     transformer = diffusers.SD3Transformer2DModel(
         joint_attention_dim=joint_dim,

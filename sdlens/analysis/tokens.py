@@ -18,9 +18,10 @@ How tokens are grouped into words
   marks it as a word end (``'<my-token></w>'``, as ``Trace.tokens`` stores it). A multi-vector
   textual-inversion token ``<t>``, which the pipeline expands into ``<t> <t>_1 <t>_2``, is one word
   over all its vectors.
-* ``<|startoftext|>`` and ``<|endoftext|>`` (and SentencePiece's ``</s>``, ``<pad>``, ``<unk>``)
-  belong to no word. A word that appears more than once is told apart by its ``occurrence``
-  (0 = first).
+* ``<|startoftext|>`` and ``<|endoftext|>`` belong to no word, nor do SentencePiece's specials
+  (T5's ``</s>`` end token, Gemma's ``<bos>``, ``<pad>``); a piece without ``▁`` continues the
+  word before it. A word that appears more than once
+  is told apart by its ``occurrence`` (0 = first).
 
 Several text encoders (SD3: CLIP then T5)
 -----------------------------------------
@@ -38,7 +39,9 @@ sequence.
 
 Positions are positions in the 77-token sequence the text encoder saw: position 0 is
 ``<|startoftext|>``, the prompt's first token is at position 1, and at most 75 prompt tokens fit
-(``MAX_PROMPT_TOKENS``); the pipeline drops the rest. The words with a token beyond the limit are
+(``MAX_PROMPT_TOKENS``); the pipeline drops the rest. (T5, as PixArt uses it: no start token,
+the prompt from position 0, ``</s>`` after it, 300 positions; Gemma, as Sana uses it: ``<bos>``
+then the prompt, no end token.) The words with a token beyond the limit are
 ``truncated_words`` (:func:`tokenize`, ``Trace.truncated_words``); the tokens of a word cut in its
 middle that did fit still form a (partial) word.
 
@@ -56,9 +59,10 @@ import numpy as np
 import torch
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-SPECIAL = (BOS, EOS)
-# special tokens of SentencePiece tokenizers (T5): like CLIP's, they belong to no word
-NO_WORD = frozenset(SPECIAL + ("</s>", "<pad>", "<unk>", "<s>"))
+# SentencePiece tokenizers' specials: T5 ends with "</s>" and pads with "<pad>"; Gemma starts
+# with "<bos>" and pads with "<pad>"; Llama-style "<s>"; unknown pieces "<unk>"
+SENTENCEPIECE_SPECIAL = ("</s>", "<s>", "<pad>", "<bos>", "<eos>", "<unk>")
+SPECIAL = (BOS, EOS) + SENTENCEPIECE_SPECIAL  # tokens that belong to no word
 MAX_POSITIONS = 77
 MAX_PROMPT_TOKENS = MAX_POSITIONS - 2  # 75
 END_MARK = "</w>"  # CLIP BPE: the last piece of a word
@@ -99,7 +103,7 @@ def _decode(body: str) -> str:
 
 def token_text(token: str) -> str:
     """The readable text of one token string: ``'caf\\u00c3\\u00a9</w>'`` -> ``'café'``."""
-    return token if token in NO_WORD else _decode(_body(token))
+    return token if token in SPECIAL else _decode(_body(token))
 
 
 @dataclass(frozen=True)
@@ -145,11 +149,11 @@ def words_from_tokens(tokens: Sequence[str], prompt: str | None = None,
     runs: list[list[int]] = []
     run: list[int] = []
     for pos, tok in enumerate(tokens):
-        if tok in NO_WORD or tok.startswith(START_MARK):
+        if tok in SPECIAL or tok.startswith(START_MARK):
             if run:
                 runs.append(run)
             run = []
-            if tok in NO_WORD:
+            if tok in SPECIAL:
                 continue
         run.append(pos)
         if tok.endswith(END_MARK):
@@ -178,7 +182,7 @@ def _segment_words(tokens: Sequence[str], prompt: str | None, segments: Sequence
         start, n = int(seg["start"]), int(seg.get("tokens", 0))
         if n <= 0:
             continue
-        # the segment's tokens alone, at their own positions (NO_WORD padding in front)
+        # the segment's tokens alone, at their own positions (SPECIAL padding in front)
         part = ["<pad>"] * start + list(tokens[start: start + n])
         for w in words_from_tokens(part, prompt):
             entry = merged.setdefault((w.text, w.occurrence), {
@@ -469,11 +473,13 @@ def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     return [t + END_MARK if t in added and not t.endswith(END_MARK) else t for t in toks]
 
 
-def tokenize(prompt: str, tokenizer: Any) -> TokenView:
+def tokenize(prompt: str, tokenizer: Any, limit: int | None = None) -> TokenView:
     """How ``tokenizer`` (a tokenizer, or a pipeline: its tokenizer, and multi-vector
     textual-inversion tokens expanded as the pipeline expands them) cuts ``prompt``, keeping what
-    the pipeline keeps (``truncation=True, max_length=model_max_length``) and naming the words the
-    limit cuts. Needs no trace: check a prompt before running it. ``Trace.tokens`` /
+    the pipeline keeps (``truncation=True, max_length=limit``; ``limit`` defaults to the
+    tokenizer's ``model_max_length``, 77 for CLIP) and naming the words the limit cuts. A start
+    token (CLIP's, Gemma's ``<bos>``) and an end token (CLIP's, T5's ``</s>``) are kept where the
+    tokenizer adds them. Needs no trace: check a prompt before running it. ``Trace.tokens`` /
     ``token_ids`` / ``truncated_words`` are recorded with it."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
@@ -482,14 +488,17 @@ def tokenize(prompt: str, tokenizer: Any) -> TokenView:
     text = convert(prompt, tok) if callable(convert) else prompt
     ids = list(tok(text, truncation=False, add_special_tokens=True).input_ids)
     strings = token_strings(tok, ids)
-    limit = getattr(tok, "model_max_length", MAX_POSITIONS)
-    limit = MAX_POSITIONS if not limit or limit > 10_000 else int(limit)
-    kept_n = min(len(ids) - 2, limit - 2)
-    cut = [w.text for w in words_from_tokens(strings) if max(w.positions) > kept_n]
-    keep = list(range(kept_n + 1)) + [len(ids) - 1]
+    if limit is None:
+        limit = getattr(tok, "model_max_length", MAX_POSITIONS)
+        limit = MAX_POSITIONS if not limit or limit > 10_000 else int(limit)
+    lead = int(bool(ids) and ids[0] == getattr(tok, "bos_token_id", None))
+    tail = int(len(ids) > lead and ids[-1] == getattr(tok, "eos_token_id", None))
+    kept_n = min(len(ids) - lead - tail, limit - lead - tail)
+    cut = [w.text for w in words_from_tokens(strings) if max(w.positions) >= lead + kept_n]
+    keep = list(range(lead + kept_n)) + ([len(ids) - 1] if tail else [])
     strings, ids = [strings[i] for i in keep], [ids[i] for i in keep]
     words = words_from_tokens(strings, prompt)
-    return TokenView(prompt, _rows(strings, ids, words), words, kept_n, limit - 2, cut)
+    return TokenView(prompt, _rows(strings, ids, words), words, kept_n, limit - lead - tail, cut)
 
 
 def tokenize_segments(prompt: str, parts: Sequence[tuple[str, Any, int]]) -> TokenView:
@@ -533,12 +542,12 @@ def tokenize_segments(prompt: str, parts: Sequence[tuple[str, Any, int]]) -> Tok
         start += int(length)
         if len(segments) < len(parts):  # pad up to the next segment
             n_pad = start - len(strings)
-            strings += [pad_str if pad_str in NO_WORD else "<pad>"] * n_pad
+            strings += [pad_str if pad_str in SPECIAL else "<pad>"] * n_pad
             ids += [int(pad_id or 0)] * n_pad
     last = max((s["start"] + s["tokens"] for s in segments if s["tokens"]), default=0)
     strings, ids = strings[:last], ids[:last]
     words = words_from_tokens(strings, prompt, segments)
-    n_prompt = sum(1 for t in strings if t not in NO_WORD)
+    n_prompt = sum(1 for t in strings if t not in SPECIAL)
     return TokenView(prompt, _rows(strings, ids, words, segments), words, n_prompt,
                      sum(int(s["length"]) for s in segments), list(cut or []), segments)
 
@@ -591,8 +600,15 @@ def token_view(trace: Any, batch: int = 0, attention: bool = True) -> TokenView:
         att = token_attention(trace, batch)
         for r in rows:
             r.attention = att.get(r.position)
-    n_prompt = sum(1 for s in strings if s not in NO_WORD)
-    limit = sum(int(seg["length"]) for seg in segments) if segments else MAX_PROMPT_TOKENS
+    n_prompt = sum(1 for s in strings if s not in SPECIAL)
+    if segments:  # several encoders (SD3): their lengths
+        limit = sum(int(seg["length"]) for seg in segments)
+    else:  # the text encoder's limit (meta["text_length"]: 300 for PixArt / Sana; 77 where
+        # absent) less the start / end tokens it adds
+        meta = getattr(trace, "meta", None) or {}
+        length = int(meta.get("text_length") or MAX_POSITIONS)
+        limit = length - sum(1 for s in (strings[:1] + strings[-1:] if len(strings) > 1
+                                         else strings) if s in SPECIAL)
     return TokenView(_prompt(trace, batch), rows, words, n_prompt, limit,
                      _truncated(trace, batch), list(segments or []))
 
@@ -636,23 +652,3 @@ def nearest_tokens(source: Any, word: str, k: int = 10, tokenizer: Any = None,
     top = torch.topk(sims, min(k, len(sims))).indices.tolist()
     strings = tok.convert_ids_to_tokens(top)
     return [(token_text(s), int(i), float(sims[i])) for s, i in zip(strings, top)]
-
-
-# --------------------------------------------------------------------------- token positions of words
-def word_positions(tokenizer: Any, prompt: str, word: str | int) -> list[int]:
-    """Token positions (in the text encoder's sequence) of every occurrence of ``word`` in
-    ``prompt``: a word of the prompt or several consecutive words (case-insensitive; the words of
-    :func:`tokenize`), or an int token position. ``tokenizer``: a tokenizer or a pipeline (which
-    expands multi-vector textual-inversion tokens as it encodes them). ValueError listing the
-    prompt's words for a word that is not there, or saying that the length limit cut it."""
-    view = tokenize(prompt, tokenizer)
-    if isinstance(word, (int, np.integer)) and not isinstance(word, bool):
-        if not 1 <= int(word) <= view.n_prompt_tokens:
-            raise ValueError(f"token position {word} is outside the prompt's tokens "
-                             f"1..{view.n_prompt_tokens}")
-        return [int(word)]
-    matches = word_matches(view.words, str(word))
-    if not matches:
-        raise no_word_error(view.words, str(word), view.truncated_words,
-                            f"the prompt {view.prompt!r}")
-    return [p for w in matches for p in w.positions]

@@ -24,7 +24,8 @@ alpha_sigma    DPM-Solver multistep/singlestep,    ``(x - sigma_t eps) / alpha_t
                ``alpha_t = 1/sqrt(sigma^2+1)``,
                ``sigma_t = sigma alpha_t``)
 flow           flow matching (FlowMatch Euler /    ``x - sigma v`` (the model predicts the
-               Heun, ...; ``sigma``)               velocity ``v = eps - x0``)
+               Heun, ...; DPM-Solver / UniPC with  velocity ``v = eps - x0``; the config's
+               ``use_flow_sigmas``; ``sigma``)     ``flow_prediction`` means v)
 =============  ==================================  =============================================
 
 ``prediction_type == "sample"``: ``x0 = m`` in every form. ``sigma`` is the sigma the model was
@@ -54,6 +55,8 @@ import numpy as np
 import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# what flow-sigma DPM-Solver / UniPC configs call the velocity (Sana); the flow row reads it
+FLOW_PREDICTION = "flow_prediction"
 
 
 # --------------------------------------------------------------------------- the table
@@ -153,7 +156,9 @@ def schedule_form(scheduler) -> str:
         return "unknown"
     if hasattr(scheduler, "_sigma_to_alpha_sigma_t") and hasattr(scheduler, "sigmas"):
         if scheduler.config.get("use_flow_sigmas", False):
-            return "unknown"
+            # DPM-Solver / UniPC on flow sigmas (Sana): alpha_t = 1 - sigma, sigma_t = sigma,
+            # the model predicts the velocity and x0 = x - sigma v
+            return "flow"
         return "alpha_sigma"
     if hasattr(scheduler, "sigmas") and hasattr(scheduler, "step_index"):
         try:
@@ -206,10 +211,10 @@ def x0_coefficients(form: str | None, prediction_type: str, level: float | None
     velocity, is read by the flow row only); ValueError for an unknown prediction type or form."""
     if prediction_type == "sample":
         return 0.0, 1.0
-    if prediction_type == "flow":  # a velocity: only the flow row reads it
+    if prediction_type in ("flow", FLOW_PREDICTION):  # a velocity: only the flow row reads it
         form = "flow" if form in (None, "flow") else form
         if form != "flow":
-            raise ValueError(f"prediction_type 'flow' needs the flow form, not {form!r}")
+            raise ValueError(f"prediction_type {prediction_type!r} needs the flow form, not {form!r}")
     elif prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type {prediction_type!r} is not supported; allowed: "
                          "epsilon, v_prediction, sample, flow")
@@ -334,7 +339,8 @@ class StepWrapper:
             if self.form in TABLE and TABLE[self.form].level == "sigma" else None
         x0 = None
         if self.want_x0:
-            if self.prediction_type not in PREDICTION_TYPES:
+            if self.prediction_type not in PREDICTION_TYPES and not (
+                    self.prediction_type == FLOW_PREDICTION and self.form == "flow"):
                 x0 = None
             else:
                 x0 = compute_x0(self.form, self.prediction_type, sample, model_output, timestep,

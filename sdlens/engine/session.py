@@ -36,12 +36,13 @@ import warnings
 import torch
 from einops import rearrange
 
-from sdlens.analysis.tokens import tokenize, tokenize_segments
+from sdlens.analysis.tokens import tokenize_segments
 from sdlens.engine import schedules as sched_hooks
 from sdlens.engine.arch import BackboneAdapter, adapter_for
 from sdlens.engine.options import (RecordOptions, TraceTooLarge, default_max_bytes,
                                    estimate_trace_bytes, human_bytes)
 from sdlens.engine.sites import Hooks, recorder_for, reweighting
+from sdlens.engine.text import text_axis
 from sdlens.pipeline import pipeline_task
 from sdlens.trace.core import Trace
 from sdlens.trace.maps import AttentionMaps, resolve_layers
@@ -347,6 +348,7 @@ class _Run:
             "device": str(denoiser.device), "dtype": str(denoiser.dtype).replace("torch.", ""),
             "options": self.opts.to_dict(), "estimated_bytes": self.estimated,
             "unet_calls": self.unet_calls,
+            "text_length": self.session.adapter.text_length(p),  # None: the tokenizer's (77)
         }
 
 
@@ -565,6 +567,7 @@ class _Session:
         parts = self.adapter.text_parts(p)
         segments = [] if parts is not None else None
         cache: dict[str, tuple] = {}
+        adapter = self.adapter
         for b, q in enumerate(run.prompts):
             if q is None:
                 ids, toks, cut = [], [], []
@@ -573,19 +576,24 @@ class _Session:
                     if parts is not None else None
             else:
                 if q not in cache:  # as the pipeline encodes it (multi-vector TI expanded)
-                    view = tokenize(q, pipe) if parts is None else tokenize_segments(q, parts)
-                    cache[q] = (view.ids, view.tokens, view.truncated_words, view.segments)
-                ids, toks, cut, segs = cache[q]
+                    if parts is None:  # one text encoder: the adapter lays the text out
+                        axis = text_axis(pipe, q, p, adapter)
+                        cache[q] = (axis.ids, axis.tokens, axis.truncated_words, None, axis.limit)
+                    else:  # several (SD3: CLIP then T5)
+                        view = tokenize_segments(q, parts)
+                        cache[q] = (view.ids, view.tokens, view.truncated_words, view.segments,
+                                    None)
+                ids, toks, cut, segs, _ = cache[q]
             run.token_ids.append(list(ids))
             run.tokens.append(list(toks))
             run.truncated_words.append(list(cut))
             if segments is not None:
                 segments.append([dict(seg) for seg in segs])
         run.segments = segments
-        for q, (ids, toks, cut, _) in cache.items():
+        for q, (ids, toks, cut, _, limit) in cache.items():
             if cut:
-                limit = "75 tokens" if parts is None else "every text encoder's limit"
-                warnings.warn(f"sdlens: the prompt {q[:60]!r}... is longer than {limit}; the "
+                what = f"{limit} tokens" if limit else "every text encoder's limit"
+                warnings.warn(f"sdlens: the prompt {q[:60]!r}... is longer than {what}; the "
                               f"pipeline cuts these words: {cut} (see trace.truncated_words)",
                               stacklevel=4)
         run.max_token_len = max((len(i) for i in run.token_ids), default=0) or None

@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from sdlens.analysis.tokens import MAX_POSITIONS, word_positions
+from sdlens.analysis.tokens import MAX_POSITIONS
 from sdlens.engine.arch import adapter_for
+from sdlens.engine.text import word_positions
 from sdlens.trace.steps import step_window
 
 
@@ -45,6 +46,13 @@ def _normed_queries_input(attn, hidden_states: torch.Tensor, temb: torch.Tensor 
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
     return hidden_states
+
+
+def _across_heads(norm, flat: torch.Tensor) -> bool:
+    """Whether a q/k norm normalises over all heads at once (``qk_norm="rms_norm_across_heads"``:
+    applied before the heads are split, as Sana's processor does)."""
+    dim = getattr(norm, "dim", None)
+    return dim is not None and tuple(dim) == (flat.shape[-1],)
 
 
 def attention_probabilities(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
@@ -79,11 +87,15 @@ def attention_probabilities(attn, hidden_states: torch.Tensor, encoder_hidden_st
     def heads(t: torch.Tensor) -> torch.Tensor:
         return rearrange(t, "n l (heads d) -> n heads l d", heads=attn.heads)
 
-    query, key = heads(query), heads(key)
-    if getattr(attn, "norm_q", None) is not None:
-        query = attn.norm_q(query)
-    if getattr(attn, "norm_k", None) is not None:
-        key = attn.norm_k(key)
+    if _across_heads(getattr(attn, "norm_q", None), query):  # Sana 1.5's qk_norm
+        query, key = attn.norm_q(query), attn.norm_k(key)
+    else:
+        query, key = heads(query), heads(key)
+        if getattr(attn, "norm_q", None) is not None:
+            query = attn.norm_q(query)
+        if getattr(attn, "norm_k", None) is not None:
+            key = attn.norm_k(key)
+    query, key = (heads(query), heads(key)) if query.ndim == 3 else (query, key)
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * float(attn.scale)
     if attention_mask is not None:
         mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
@@ -490,17 +502,18 @@ def reweight_factors(pipe, prompts: Sequence[str], weights: Mapping[Any, float]
     positions named."""
     if not weights:
         raise ValueError("reweight needs at least one {word: weight}")
-    factors = torch.ones(len(prompts), MAX_POSITIONS)
-    positions: set[int] = set()
+    named: list[tuple[int, int, float]] = []  # (item, position, weight)
     for i, prompt in enumerate(prompts):
         for word, w in weights.items():
             w = float(w)
             if not np.isfinite(w):
                 raise ValueError(f"the weight of {word!r} is not finite: {w}")
-            for p in word_positions(pipe, prompt, word):
-                factors[i, p] = w
-                positions.add(p)
-    return factors, sorted(positions)
+            named += [(i, p, w) for p in word_positions(pipe, prompt, word)]
+    # T5 / Gemma texts (PixArt, Sana) run past CLIP's 77 positions
+    factors = torch.ones(len(prompts), max([MAX_POSITIONS] + [p + 1 for _, p, _ in named]))
+    for i, p, w in named:
+        factors[i, p] = w
+    return factors, sorted({p for _, p, _ in named})
 
 
 @contextlib.contextmanager

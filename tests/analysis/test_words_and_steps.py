@@ -15,7 +15,8 @@ import torch
 
 import sdlens
 from sdlens.analysis import guidance, heatmaps
-from sdlens.analysis.tokens import (token_view, tokenize, trace_words, word_matches, word_positions,
+from sdlens.engine.text import word_positions
+from sdlens.analysis.tokens import (token_view, tokenize, trace_words, word_matches,
                                     words_from_tokens)
 from sdlens.experiments import steer
 from sdlens.testing import random_pipeline

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdlens.analysis.tokens import word_positions
+from sdlens.engine.text import word_positions
 from sdlens.engine.sites import Hooks, Reweight, SiteProcessor, reweighting
 from sdlens.experiments import steer
 from sdlens.pipeline import SHIPPED_MODEL
@@ -136,7 +136,7 @@ def test_hooks_restore_everything_after_an_exception_in_the_block(pipe):
 
 
 def test_words_and_errors(pipe):
-    tok = pipe.tokenizer
+    tok = pipe  # positions as the pipeline lays its text out
     assert word_positions(tok, P, "red") == [2]
     assert word_positions(tok, P, "a") == [1, 5]  # every occurrence
     assert word_positions(tok, P, "blue square") == [6, 7]

@@ -8,10 +8,11 @@
 from __future__ import annotations
 
 from sdlens.engine.arch.base import BackboneAdapter, SiteNaming
+from sdlens.engine.arch.dit import PixArtAdapter, SanaAdapter
 from sdlens.engine.arch.mmdit import MMDiTAdapter
 from sdlens.engine.arch.unet import UNetAdapter
 
-ADAPTERS: tuple[type[BackboneAdapter], ...] = (UNetAdapter, MMDiTAdapter)
+ADAPTERS: tuple[type[BackboneAdapter], ...] = (UNetAdapter, MMDiTAdapter, PixArtAdapter, SanaAdapter)
 SUPPORTED_PIPELINES = tuple(p for a in ADAPTERS for p in a.pipelines)
 
 
@@ -25,7 +26,7 @@ def adapter_for(pipe) -> BackboneAdapter:
     kind = f"a pipeline whose transformer ({type(transformer).__name__}) sdlens does not " \
         "support" if transformer is not None else "a pipeline without a `unet` or `transformer`"
     raise TypeError(f"sdlens cannot trace {type(pipe).__name__}: it is {kind}; supported: "
-                    f"{', '.join(SUPPORTED_PIPELINES)} (and SD 2.x v-prediction models)")
+                    f"{', '.join(SUPPORTED_PIPELINES)}")
 
 
 def naming_for(family: str | None) -> SiteNaming:

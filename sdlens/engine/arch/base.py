@@ -134,6 +134,22 @@ class BackboneAdapter(ABC):
         """A rough upper estimate of the memory one row of the denoiser's batch needs at
         latent (h, w) during a forward (weights not counted)."""
 
+    # ---------------------------------------------------------------- text
+    def text_length(self, params: dict) -> int | None:
+        """Text positions the pipeline encodes for a call with ``params`` (its arguments);
+        None: the tokenizer's ``model_max_length`` (CLIP: 77)."""
+        return None
+
+    def encoded_prompt(self, prompt: str, params: dict) -> str:
+        """The prompt as the pipeline hands it to its tokenizer (e.g. lower-cased)."""
+        return prompt
+
+    def text_tokens(self, prompt: str, params: dict) -> list[int] | None:
+        """The token ids at the text axis's positions when the pipeline lays its text out other
+        than as the tokenizer cuts ``encoded_prompt`` (e.g. a prepended instruction, partly
+        kept); None where it does not."""
+        return None
+
     # ---------------------------------------------------------------- sites
     @abstractmethod
     def site_of(self, processor_key: str) -> str | None:
