@@ -36,7 +36,8 @@ import warnings
 import torch
 from einops import rearrange
 
-from sdlens.analysis.tokens import tokenize
+from sdlens.analysis.tokens import (IMAGE_PROMPT_POSITION, check_user_tokens, image_prompt_tokens,
+                                    tokenize)
 from sdlens.engine import schedules as sched_hooks
 from sdlens.engine.arch import BackboneAdapter, adapter_for
 from sdlens.engine.options import (RecordOptions, TraceTooLarge, default_max_bytes,
@@ -54,8 +55,6 @@ def check_pipeline(pipe) -> BackboneAdapter:
     cls = type(pipe).__name__
     if getattr(pipe, "scheduler", None) is None or not hasattr(pipe.scheduler, "step"):
         raise TypeError(f"sdlens cannot trace {cls}: it has no scheduler with a step() method")
-    if getattr(pipe, "tokenizer", None) is None and getattr(pipe, "tokenizer_2", None) is None:
-        raise TypeError(f"sdlens cannot trace {cls}: it has no tokenizer")
     return adapter
 
 
@@ -91,6 +90,8 @@ class _Run:
         self.warned_double = False
         self.pending_noise = None  # (uncond | None, text)
         self.pending_att: dict[str, torch.Tensor] = {}
+        self.image_tokens: tuple[int, ...] = ()  # image-prompt tokens per IP-Adapter
+        self.skipped: dict[str, str] = {}  # layer -> what could not be recorded
         # host data
         self.latents: list[torch.Tensor | None] = []
         self.noise: list[torch.Tensor] = []
@@ -192,14 +193,30 @@ class _Run:
             return None
         return (self.rows, self.n_tokens, self.opts.heads, self.opts.attention_dtype)
 
-    def put_attention(self, layer: str, probs: torch.Tensor, n_queries: int) -> None:
+    def put_attention(self, layer: str, probs: torch.Tensor, n_queries: int,
+                      image_tokens: tuple[int, ...] = ()) -> None:
         lh, lw = self.resolutions[layer]
         if n_queries != lh * lw:
-            raise RuntimeError(f"sdlens: layer {layer} has {n_queries} positions, expected "
-                               f"{lh}x{lw} from the latent size {self.latent_hw}")
+            return self.skip(layer, f"{n_queries} positions, expected {lh}x{lw} from the latent "
+                                    f"size {self.latent_hw}")
         if self.token_count_seen is None:
             self.token_count_seen = int(probs.shape[-2])
+            self.image_tokens = tuple(image_tokens)
+        elif int(probs.shape[-2]) != self.token_count_seen or tuple(image_tokens) != self.image_tokens:
+            return self.skip(layer, f"{probs.shape[-2]} tokens, other layers had "
+                                    f"{self.token_count_seen}")
         self.pending_att[layer] = probs
+
+    def skip(self, layer: str, what: str) -> None:
+        """A site call sdlens cannot record: the layer's maps are left out of the trace (named in
+        ``meta["skipped"]``), one warning per call of the pipeline, and the run goes on."""
+        if layer in self.skipped:
+            return
+        if not self.skipped:
+            warnings.warn(f"sdlens: cannot record the attention of layer {layer} ({what}); its "
+                          "maps are left out of the trace (see trace.meta['skipped'] for every "
+                          "layer skipped); the generation is not affected", stacklevel=2)
+        self.skipped[layer] = what
 
     def after_unet(self, out: torch.Tensor) -> None:
         if "noise" not in self.opts.record:
@@ -236,9 +253,10 @@ class _Run:
         if self.att_now:
             for layer in self.att:
                 t = self.pending_att.get(layer)
-                if t is None:
-                    raise RuntimeError(f"sdlens: layer {layer} was not called at step {self.step}")
-                self.att[layer].append(self._host(t, t.dtype, owned=True))
+                if t is None and layer not in self.skipped:
+                    self.skip(layer, f"not called (or not recorded) at step {self.step}")
+                if layer not in self.skipped:
+                    self.att[layer].append(self._host(t, t.dtype, owned=True))
             self.att_rec_steps.append(self.step)
         self.pending_att = {}
         self.att_now = False
@@ -280,6 +298,9 @@ class _Run:
             n_tok = self.token_count_seen if self.token_count_seen is not None else (self.n_tokens or 0)
             layers = {}
             for layer, chunks in self.att.items():
+                if layer in self.skipped:  # no maps rather than wrong or partial ones
+                    self.att[layer] = []
+                    continue
                 lh, lw = self.resolutions[layer]
                 if chunks:
                     t = torch.stack(chunks)  # (S, B, [heads,] T, HW)
@@ -288,12 +309,18 @@ class _Run:
                     t = torch.zeros(shape, dtype=self.opts.attention_dtype)
                 layers[layer] = rearrange(t, "... (h w) -> ... h w", h=lh, w=lw)
                 self.att[layer] = []
+            n_img = sum(self.image_tokens)
+            positions = list(range(n_tok - n_img)) + [IMAGE_PROMPT_POSITION + j for j in range(n_img)]
             maps = AttentionMaps(layers, {l: self.resolutions[l] for l in layers},
-                                 self.att_rec_steps, range(n_tok), self.opts.heads,
+                                 self.att_rec_steps, positions, self.opts.heads,
                                  family=self.session.adapter.family(), dtype=str(self.opts.attention_dtype).replace("torch.", ""))
+        tokens = self.tokens
+        if self.image_tokens and maps is not None:
+            extra = image_prompt_tokens(self.image_tokens)
+            tokens = [list(t) + extra for t in tokens]
         return Trace.build(
             prompts=self.prompts, negative_prompts=self.negative_prompts,
-            token_ids=self.token_ids, tokens=self.tokens, truncated_words=self.truncated_words,
+            token_ids=self.token_ids, tokens=tokens, truncated_words=self.truncated_words,
             timesteps=scal(self.timesteps),
             sigmas=scal(self.sigmas) if all(s is not None for s in self.sigmas) else None,
             attention=maps, guidance_scale=self.guidance_scale, do_cfg=self.layout == "cfg",
@@ -326,7 +353,32 @@ class _Run:
             "device": str(denoiser.device), "dtype": str(denoiser.dtype).replace("torch.", ""),
             "options": self.opts.to_dict(), "estimated_bytes": self.estimated,
             "unet_calls": self.unet_calls,
+            **({"skipped": dict(self.skipped)} if self.skipped else {}),
+            **({"image_prompt_tokens": list(self.image_tokens)} if self.image_tokens else {}),
+            **({"words_unknown": True} if self.words_unknown else {}),
+            **self.conditioning(),
         }
+
+    def conditioning(self) -> dict:
+        """What conditions the run besides the text: ControlNet's scales, IP-Adapter's scales."""
+        p, out = self.params, {}
+        if getattr(self.pipe, "controlnet", None) is not None:
+            scale = p.get("controlnet_conditioning_scale")
+            out["controlnet"] = {
+                "class": type(self.pipe.controlnet).__name__,
+                "conditioning_scale": [float(x) for x in scale] if isinstance(scale, (list, tuple))
+                else (float(scale) if scale is not None else None),
+                "guess_mode": bool(p.get("guess_mode") or False),
+                "control_guidance_start": p.get("control_guidance_start"),
+                "control_guidance_end": p.get("control_guidance_end")}
+        if self.image_tokens:
+            scales = []
+            for proc in self.session.adapter.denoiser.attn_processors.values():
+                if hasattr(proc, "to_k_ip") and hasattr(proc, "scale"):
+                    scales = [s if isinstance(s, (int, float)) else list(s) for s in proc.scale]
+                    break
+            out["ip_adapter"] = {"adapters": len(self.image_tokens), "scale": scales}
+        return out
 
 
 def _output_images(pipe, output) -> list:
@@ -393,9 +445,10 @@ def _traced_class(cls: type) -> type:
 
 
 class _Session:
-    def __init__(self, pipe, options: RecordOptions):
+    def __init__(self, pipe, options: RecordOptions, tokens=None):
         self.pipe = pipe
         self.options = options
+        self.tokens = tokens  # the user's token strings for prompt_embeds calls
         self.adapter = check_pipeline(pipe)
         self.layers = self.adapter.sites()
         self.selected_layers = list(self.layers)
@@ -528,9 +581,16 @@ class _Session:
         run.negative_prompts = [q for q in negs for _ in range(n_per)]
         run.session_batch = len(run.prompts)
         run.token_ids, run.tokens, run.truncated_words = [], [], []
+        given = None
+        if prompt is None and self.tokens is not None:
+            given = check_user_tokens(self.tokens, len(prompts), int(p["prompt_embeds"].shape[1]))
+            given = [t for t in given for _ in range(n_per)]
+        run.words_unknown = prompt is None and given is None
         cache: dict[str, tuple] = {}
         for b, q in enumerate(run.prompts):
-            if q is None:
+            if given is not None:
+                ids, toks, cut = [], given[b], []
+            elif q is None:
                 ids, toks, cut = [], [], []
             else:
                 if q not in cache:  # as the pipeline encodes it (multi-vector TI expanded)
@@ -545,7 +605,7 @@ class _Session:
                 warnings.warn(f"sdlens: the prompt {q[:60]!r}... is longer than 75 tokens; the "
                               f"pipeline cuts these words: {cut} (see trace.truncated_words)",
                               stacklevel=4)
-        run.max_token_len = max((len(i) for i in run.token_ids), default=0) or None
+        run.max_token_len = max((len(t) for t in run.tokens), default=0) or None
         gs = p.get("guidance_scale")
         run.guidance_scale = float(gs) if gs is not None else float("nan")
         gen = p.get("generator")
@@ -553,7 +613,7 @@ class _Session:
         run.seeds = [int(g.initial_seed()) for g in gens if isinstance(g, torch.Generator)] or None
 
 
-def trace(pipe, options: RecordOptions | None = None, **kwargs):
+def trace(pipe, options: RecordOptions | None = None, tokens=None, **kwargs):
     """Record every call of ``pipe`` made inside the ``with`` block.
 
     >>> with sdlens.trace(pipe, layers="up", steps=slice(None, None, 2)) as tr:
@@ -565,6 +625,11 @@ def trace(pipe, options: RecordOptions | None = None, **kwargs):
             inpaint). Other pipelines raise TypeError.
         options: a :class:`RecordOptions`; keyword arguments (``record``, ``layers``, ``steps``,
             ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``) override its fields.
+        tokens: for calls made with ``prompt_embeds`` (and no ``prompt``): the token strings
+            the embeddings were made from, position by position (``["<|startoftext|>", "a</w>",
+            "red</w>", ...]``; plain words without ``</w>`` are one word each), one list for
+            every prompt or one list per prompt. Without it the words are unknown: the maps keep
+            every position and the views show positions (``trace.meta["words_unknown"]``).
 
     Returns:
         a context manager whose ``as`` value is a :class:`~sdlens.trace.Trace` that shows the
@@ -573,7 +638,7 @@ def trace(pipe, options: RecordOptions | None = None, **kwargs):
         hooks, ``scheduler.step`` the class method), also after an exception.
     """
     opts = RecordOptions.from_kwargs(options, **kwargs)
-    return _Session(pipe, opts)
+    return _Session(pipe, opts, tokens)
 
 
 _GENERATE_ARGS = {"steps": "num_inference_steps"}
@@ -583,12 +648,12 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
              guidance_scale: float | None = None, negative_prompt: str | list[str] | None = None,
              height: int | None = None, width: int | None = None,
              options: RecordOptions | None = None, reweight: dict | None = None,
-             reweight_steps=None, **kwargs) -> Trace:
+             reweight_steps=None, tokens=None, **kwargs) -> Trace:
     """Run ``pipe`` once, traced, and return the :class:`~sdlens.trace.Trace` (images included).
 
     Args:
         pipe: a diffusers SD pipeline (see :func:`trace`).
-        prompt: a prompt or a list of prompts.
+        prompt: a prompt or a list of prompts (None with ``prompt_embeds=`` given).
         seed: an int (one CPU generator for the whole batch), a list of ints (one generator per
             batch item: prompts x num_images_per_prompt), or None (a random seed, recorded in
             ``trace.meta['seeds']``).
@@ -605,7 +670,9 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
         **kwargs: RecordOptions fields (``record``, ``layers``, ``steps`` is the step count here,
             use ``attention_steps`` for RecordOptions.steps, ``heads``, ``keep_padding``,
             ``max_bytes``, ``attention_dtype``); everything else goes to the pipeline call
-            (``num_images_per_prompt``, ``image``, ``mask_image``, ``strength``, ...).
+            (``num_images_per_prompt``, ``image``, ``mask_image``, ``strength``,
+            ``prompt_embeds``, ``ip_adapter_image_embeds``, ...).
+        tokens: the token strings of ``prompt_embeds`` (see :func:`trace`).
     """
     if reweight is not None:
         n_images = int(kwargs.get("num_images_per_prompt", 1) or 1)
@@ -648,6 +715,8 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
         call["height"] = height
     if width is not None:
         call["width"] = width
-    with trace(pipe, options, **opt_kwargs) as tr:
+    if prompt is None:
+        call.pop("prompt")
+    with trace(pipe, options, tokens=tokens, **opt_kwargs) as tr:
         pipe(**call)
     return tr.runs[-1]
