@@ -68,3 +68,17 @@ def test_tokens_given_by_the_user():
     assert t.heatmap("red circle").ndim == 2
     with pytest.raises(ValueError, match="positions"):
         sdlens.generate(pipe, None, seed=0, steps=2, tokens=["a"] * 78, output_type="np", **kw)
+
+
+def test_views_show_positions_when_words_are_unknown(tmp_path):
+    from sdlens.views.report import build_report
+    from sdlens.views.widgets.frames import TraceFrames, word_chips
+
+    pipe, kw = embeddings_pipe("sd15")
+    t = sdlens.generate(pipe, None, seed=0, steps=2, output_type="np", **kw)
+    chips = word_chips(t)
+    assert [c.key for c in chips] == [f"#{p}" for p in range(1, 13)]
+    heat = TraceFrames(t).heat(0, "all", chips[:2])
+    assert list(heat) == ["#1", "#2"] and len(heat["#1"]["steps"]) == len(t.attention.steps)
+    html = build_report(t)
+    assert "Words unknown" in html
