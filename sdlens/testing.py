@@ -283,7 +283,11 @@ def controlnet_for(pipe, seed: int = 0):
 
     torch.manual_seed(seed)
     # the condition image is at pixel size: four embedding widths = three 2x downsamplings (vae/8)
-    net = diffusers.ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(4, 8, 16, 16))
+    unet = pipe.unet
+    if unet.config.in_channels != unet.config.out_channels:  # inpainting: the net sees the latents
+        cfg = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+        unet = diffusers.UNet2DConditionModel.from_config({**cfg, "in_channels": cfg["out_channels"]})
+    net = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 16, 16))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in net.named_parameters():

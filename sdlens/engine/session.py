@@ -92,6 +92,9 @@ class _Run:
         self.pending_att: dict[str, torch.Tensor] = {}
         self.image_tokens: tuple[int, ...] = ()  # image-prompt tokens per IP-Adapter
         self.skipped: dict[str, str] = {}  # layer -> what could not be recorded
+        self.control: list[torch.Tensor] = []  # per step (batch, nets, blocks) residual RMS
+        self.pending_control: dict[int, torch.Tensor] = {}  # net -> (batch, blocks)
+        self.n_nets = 0
         # host data
         self.latents: list[torch.Tensor | None] = []
         self.noise: list[torch.Tensor] = []
@@ -227,6 +230,19 @@ class _Run:
         else:
             self.pending_noise = (None, self._host(out))
 
+    def after_controlnet(self, net: int, output) -> None:
+        """One ControlNet's residuals (down blocks, then mid) at this step: their RMS per batch
+        item (the text rows under CFG; guess mode runs the net on those alone)."""
+        if isinstance(output, (tuple, list)):
+            down, mid = output[0], output[1]
+        else:
+            down, mid = output.down_block_res_samples, output.mid_block_res_sample
+        res = list(down) + [mid]
+        n, b = res[0].shape[0], self.session_batch
+        rows = self.session.adapter.cfg_rows(b)["text"] if n == 2 * b else slice(0, n)
+        rms = torch.stack([r[rows].detach().float().pow(2).mean(dim=(1, 2, 3)).sqrt() for r in res], 1)
+        self.pending_control[net] = self._host(rms, owned=True)
+
     # ---------------------------------------------------------------- scheduler
     def on_step(self, sample, model_output, timestep, sigma, x0, prev_sample, reported) -> None:
         rec = self.opts.record
@@ -258,6 +274,16 @@ class _Run:
                 if layer not in self.skipped:
                     self.att[layer].append(self._host(t, t.dtype, owned=True))
             self.att_rec_steps.append(self.step)
+        if self.n_nets:
+            blocks = next(iter(self.pending_control.values())).shape[1] if self.pending_control \
+                else None
+            if blocks is not None:  # a net not called at this step: NaN
+                nan = torch.full((self.batch, blocks), float("nan"))
+                self.control.append(torch.stack([self.pending_control.get(i, nan)
+                                                 for i in range(self.n_nets)], 1))
+            else:
+                self.control.append(None)
+            self.pending_control = {}
         self.pending_att = {}
         self.att_now = False
         self.unet_calls_this_step = 0
@@ -314,10 +340,15 @@ class _Run:
             maps = AttentionMaps(layers, {l: self.resolutions[l] for l in layers},
                                  self.att_rec_steps, positions, self.opts.heads,
                                  family=self.session.adapter.family(), dtype=str(self.opts.attention_dtype).replace("torch.", ""))
+        extra = {}
+        if self.n_nets and any(c is not None for c in self.control):
+            like = next(c for c in self.control if c is not None)
+            extra["controlnet/residual_rms"] = torch.stack(
+                [c if c is not None else torch.full_like(like, float("nan")) for c in self.control])
         tokens = self.tokens
         if self.image_tokens and maps is not None:
-            extra = image_prompt_tokens(self.image_tokens)
-            tokens = [list(t) + extra for t in tokens]
+            image_tokens = image_prompt_tokens(self.image_tokens)
+            tokens = [list(t) + image_tokens for t in tokens]
         return Trace.build(
             prompts=self.prompts, negative_prompts=self.negative_prompts,
             token_ids=self.token_ids, tokens=tokens, truncated_words=self.truncated_words,
@@ -325,7 +356,7 @@ class _Run:
             sigmas=scal(self.sigmas) if all(s is not None for s in self.sigmas) else None,
             attention=maps, guidance_scale=self.guidance_scale, do_cfg=self.layout == "cfg",
             meta=self.meta(), images=_output_images(self.pipe, output), pipeline=self.pipe,
-            **recorded)
+            extra_tensors=extra or None, **recorded)
 
     def meta(self) -> dict:
         pipe, p = self.pipe, self.params
@@ -515,6 +546,13 @@ class _Session:
                 hooks.wrap_sites(denoiser, self.layers, observers=[AttentionRecorder(run)])
                 hooks.forward_pre_hook(denoiser, before, with_kwargs=True)
                 hooks.forward_hook(denoiser, after, with_kwargs=True)
+                control = getattr(pipe, "controlnet", None)
+                if "controlnet" in self.options.record and control is not None:
+                    nets = list(getattr(control, "nets", None) or [control])
+                    run.n_nets = len(nets)
+                    for i, net in enumerate(nets):
+                        hooks.forward_hook(net, functools.partial(
+                            lambda i, module, args, output: run.after_controlnet(i, output), i))
                 wrapper = sched_hooks.install(pipe.scheduler, run.on_step,
                                               want_x0="x0" in self.options.record)
                 hooks.undo(functools.partial(sched_hooks.uninstall, pipe.scheduler, wrapper))
