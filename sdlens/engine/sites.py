@@ -137,13 +137,6 @@ class Editor(Protocol):
     def edit(self, attn, layer: str, call: SiteCall, out: torch.Tensor) -> torch.Tensor: ...
 
 
-# the parameters of diffusers' attention processors (``AttnProcessor2_0``, sliced, xformers,
-# ``IPAdapterAttnProcessor2_0`` ...): a processor that takes others may compute its attention in a
-# way sdlens cannot reproduce, so the recorder skips it (``SiteProcessor.unknown_parameters``)
-KNOWN_PARAMETERS = frozenset({"self", "attn", "hidden_states", "encoder_hidden_states",
-                              "attention_mask", "temb", "scale", "ip_adapter_masks"})
-
-
 class SiteProcessor:
     """Wraps the processor of one attention site; runs ``observers`` before and ``editors``
     after the unchanged inner processor.
@@ -166,9 +159,6 @@ class SiteProcessor:
         except (TypeError, ValueError):
             sig = None
         self._inner_params = None
-        self.unknown_parameters = tuple(
-            n for n, p in (sig.parameters.items() if sig is not None else ())
-            if n not in KNOWN_PARAMETERS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
         if sig is not None and not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
             self._inner_params = set(sig.parameters)
         # ``Attention.forward`` filters cross_attention_kwargs by ``inspect.signature(
@@ -287,12 +277,6 @@ class AttentionRecorder:
         if request is None:
             return
         # sdlens is never the reason a generation fails: what it cannot read it skips
-        unknown = getattr(attn.processor, "unknown_parameters", ())
-        if unknown:
-            inner = getattr(attn.processor, "inner", attn.processor)
-            self.sink.skip(layer, f"processor {type(inner).__name__} with an unknown signature "
-                                  f"(parameters {', '.join(unknown)})")
-            return
         text, _ = call.text_and_images()
         if not torch.is_tensor(text):
             self.sink.skip(layer, f"encoder_hidden_states of type {type(text).__name__} "
@@ -301,7 +285,8 @@ class AttentionRecorder:
         try:
             self.record(attn, layer, call, request)
         except Exception as e:  # noqa: BLE001 - an unknown processor / layout
-            self.sink.skip(layer, f"{type(e).__name__}: {e}")
+            inner = getattr(attn.processor, "inner", attn.processor)
+            self.sink.skip(layer, f"processor {type(inner).__name__}: {type(e).__name__}: {e}")
 
     @torch.no_grad()
     def record(self, attn, layer: str, call: SiteCall, request) -> None:

@@ -7,7 +7,6 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import sdlens
 from tests.pipelines import assert_restored, cached_pipe, call_pipe, pipe_state
@@ -15,20 +14,31 @@ from tests.pipelines import assert_restored, cached_pipe, call_pipe, pipe_state
 
 class GatedContextProcessor:
     """A processor with a signature sdlens does not know (``gate=``) that projects the text to
-    another width before attending: sdlens' own ``to_k(text)`` cannot run on it."""
+    another width before the module's ``to_k`` / ``to_v`` (which it replaced to take that
+    width): sdlens' own ``to_k(text)`` cannot run on it."""
 
     def __init__(self, attn, width: int, seed: int):
         g = torch.Generator().manual_seed(seed)
         self.proj = torch.randn(attn.to_k.in_features, width, generator=g) * 0.1
         self.to_k = torch.randn(attn.to_q.out_features, width, generator=g) * 0.1
         self.to_v = torch.randn(attn.to_q.out_features, width, generator=g) * 0.1
+        self.attn = attn
+        self.saved = (attn.to_k, attn.to_v)
+        attn.to_k = torch.nn.Linear(width, attn.to_q.out_features, bias=False)
+        attn.to_v = torch.nn.Linear(width, attn.to_q.out_features, bias=False)
+        with torch.no_grad():
+            attn.to_k.weight.copy_(self.to_k)
+            attn.to_v.weight.copy_(self.to_v)
+
+    def restore(self):
+        self.attn.to_k, self.attn.to_v = self.saved
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  gate: float = 1.0, **kwargs):
         ctx = encoder_hidden_states @ self.proj
         q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        k = attn.head_to_batch_dim(F.linear(ctx, self.to_k))
-        v = attn.head_to_batch_dim(F.linear(ctx, self.to_v))
+        k = attn.head_to_batch_dim(attn.to_k(ctx))
+        v = attn.head_to_batch_dim(attn.to_v(ctx))
         out = attn.batch_to_head_dim(torch.bmm(attn.get_attention_scores(q, k), v))
         return attn.to_out[1](attn.to_out[0](out * gate)) / attn.rescale_output_factor
 
@@ -38,7 +48,8 @@ def test_unknown_processor_warns_once_and_the_generation_finishes():
     procs = dict(pipe.unet.attn_processors)
     odd = next(k for k in procs if k.endswith("attn2.processor"))
     custom = dict(procs)
-    custom[odd] = GatedContextProcessor(pipe.unet.get_submodule(odd[: -len(".processor")]), 12, 0)
+    gated = GatedContextProcessor(pipe.unet.get_submodule(odd[: -len(".processor")]), 12, 0)
+    custom[odd] = gated
     pipe.unet.set_attn_processor(dict(custom))
     try:
         plain = call_pipe(pipe, num_inference_steps=2)
@@ -49,6 +60,7 @@ def test_unknown_processor_warns_once_and_the_generation_finishes():
                 traced = call_pipe(pipe, num_inference_steps=2)
     finally:
         pipe.unet.set_attn_processor(dict(procs))
+        gated.restore()
     ours = [w for w in caught if "sdlens: cannot record" in str(w.message)]
     layer = odd[: -len(".processor")]
     assert len(ours) == 1 and layer in str(ours[0].message)
