@@ -87,3 +87,14 @@ def test_controlnet_residuals_follow_the_scale_and_are_opt_in():
     full, half = (controlnet_residuals(r).rms for r in tr.runs)
     # the residuals are scaled inside the ControlNet: the first step's are exactly halved
     torch.testing.assert_close(half[0], full[0] * 0.5)
+
+
+def test_controlnet_residuals_plot():
+    from sdlens.views import plot
+
+    pipe = control_pipe(nets=2)
+    with sdlens.trace(pipe, record=KINDS) as tr:
+        call(pipe, "txt2img", nets=2)
+    fig = plot.controlnet_residuals(tr.runs[-1])
+    blocks = len(pipe.controlnet.nets[0].controlnet_down_blocks) + 1
+    assert fig.axes[0].get_images()[0].get_array().shape == (len(tr.runs[-1].timesteps), blocks)
