@@ -12,6 +12,7 @@ import torch
 import sdlens
 from sdlens.analysis.tokens import IMAGE_PROMPT_POSITION
 from sdlens.testing import ip_adapter_state_dict, random_pipeline
+from sdlens.trace.core import Trace
 from tests.pipelines import assert_restored, call_pipe, pipe_state
 
 EMBED = 8  # width of the image / face-ID embedding the tests pass
@@ -63,6 +64,9 @@ def test_ip_adapter_traced_faithfully_with_image_prompt_maps(arch, kind):
     assert img.shape == (tr.meta["height"], tr.meta["width"]) or img.ndim == 2
     assert float(img.max()) > 0
     assert "image prompt" in sdlens.analysis.tokens.word_texts(tr)
+    back = Trace.from_bytes(tr.to_bytes())  # the file keeps the positions
+    assert back.attention.token_positions == maps.token_positions and back.tokens == tr.tokens
+    torch.testing.assert_close(back.heatmap("image prompt"), img)
 
 
 def test_ip_adapter_with_masks_and_two_adapters():
