@@ -102,3 +102,20 @@ def test_ip_adapter_without_guidance():
     tr = traced_and_plain(pipe, guidance_scale=1.0,
                           ip_adapter_image_embeds=image_embeds(["plain"], cfg=False))
     assert not tr.do_cfg and tr.meta["image_prompt_tokens"] == [4]
+
+
+def test_ip_adapter_with_a_tiny_image_encoder():
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=16, projection_dim=EMBED, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, image_size=32, patch_size=8)).eval()
+    pipe = ip_pipe("sd15", ("plain",))
+    pipe.register_modules(image_encoder=encoder, feature_extractor=CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}))
+    rng = np.random.default_rng(0)
+    ref = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    tr = traced_and_plain(pipe, ip_adapter_image=ref)
+    assert tr.meta["image_prompt_tokens"] == [4]
