@@ -187,6 +187,14 @@ class SiteProcessor:
         return out
 
 
+def innermost(processor):
+    """The processor that computes a site's output, under any :class:`SiteProcessor` s
+    (reweighting inside a trace wraps a site twice)."""
+    while isinstance(processor, SiteProcessor):
+        processor = processor.inner
+    return processor
+
+
 # ====================================================================== the installer
 class Hooks:
     """Everything sdlens installs on a live pipeline, undone together on exit (reverse order;
@@ -285,7 +293,7 @@ class AttentionRecorder:
         try:
             self.record(attn, layer, call, request)
         except Exception as e:  # noqa: BLE001 - an unknown processor / layout
-            inner = getattr(attn.processor, "inner", attn.processor)
+            inner = innermost(attn.processor)
             self.sink.skip(layer, f"processor {type(inner).__name__}: {type(e).__name__}: {e}")
 
     @torch.no_grad()
@@ -321,7 +329,7 @@ class AttentionRecorder:
         per IP-Adapter ``i`` a softmax over its own keys ``to_k_ip[i](images[i])`` (with
         ``ip_adapter_masks``, one softmax per reference image), scaled by 1/sqrt(head_dim) as
         its SDPA is. Returns ((B, heads, K_img, HW) float32, tokens per adapter)."""
-        processor = getattr(attn.processor, "inner", attn.processor)
+        processor = innermost(attn.processor)
         to_k_ip = getattr(processor, "to_k_ip", None)
         if to_k_ip is None or len(to_k_ip) != len(images):
             raise TypeError(f"{type(processor).__name__} has no to_k_ip for {len(images)} "
@@ -434,10 +442,10 @@ class Reweight:
         return self.step >= start and (end is None or self.step < end)
 
     def edit(self, attn, layer: str, call: SiteCall, out: torch.Tensor) -> torch.Tensor:
-        ehs = call.encoder_hidden_states
+        ehs, _ = call.text_and_images()  # with an IP-Adapter: its text part (same equalizer)
         if ehs is None or not torch.is_tensor(ehs) or not self.positions or not self.active():
             return out
-        return out + self._correction(attn, call, out)
+        return out + self._correction(attn, call._replace(encoder_hidden_states=ehs), out)
 
     def _rows(self, batch: int) -> slice:
         n = self.factors.shape[0]

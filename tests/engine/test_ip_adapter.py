@@ -119,3 +119,17 @@ def test_ip_adapter_with_a_tiny_image_encoder():
     ref = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
     tr = traced_and_plain(pipe, ip_adapter_image=ref)
     assert tr.meta["image_prompt_tokens"] == [4]
+
+
+def test_reweighting_the_text_with_an_ip_adapter():
+    """The equalizer edits the text part of an IP-Adapter site (weight 1: bit-identical)."""
+    pipe = ip_pipe("sd15", ("plain",))
+    kw = dict(ip_adapter_image_embeds=image_embeds(["plain"]), output_type="np")
+    base = sdlens.generate(pipe, "a red circle", seed=0, steps=2, **kw)
+    same = sdlens.generate(pipe, "a red circle", seed=0, steps=2, reweight={"red": 1.0}, **kw)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="sdlens")
+        more = sdlens.generate(pipe, "a red circle", seed=0, steps=2, reweight={"red": 3.0}, **kw)
+    assert more.meta["image_prompt_tokens"] == [4] and "skipped" not in more.meta
+    assert torch.equal(base.latents, same.latents)
+    assert not torch.equal(base.latents, more.latents)
