@@ -80,5 +80,8 @@ def test_views_show_positions_when_words_are_unknown(tmp_path):
     assert [c.key for c in chips] == [f"#{p}" for p in range(1, 13)]
     heat = TraceFrames(t).heat(0, "all", chips[:2])
     assert list(heat) == ["#1", "#2"] and len(heat["#1"]["steps"]) == len(t.attention.steps)
+    from sdlens.views.widgets.trace_viewer import describe_trace
+
+    assert "words unknown" in describe_trace(t)
     html = build_report(t)
     assert "Words unknown" in html
