@@ -98,3 +98,15 @@ def test_controlnet_residuals_plot():
     fig = plot.controlnet_residuals(tr.runs[-1])
     blocks = len(pipe.controlnet.nets[0].controlnet_down_blocks) + 1
     assert fig.axes[0].get_images()[0].get_array().shape == (len(tr.runs[-1].timesteps), blocks)
+
+
+def test_controlnet_guess_mode():
+    """Guess mode runs the net on the conditional rows only: traced faithfully, residuals kept."""
+    pipe = control_pipe()
+    plain = call(pipe, "txt2img", guess_mode=True)
+    with sdlens.trace(pipe, record=KINDS) as tr:
+        traced = call(pipe, "txt2img", guess_mode=True)
+    np.testing.assert_array_equal(plain, traced)
+    t = tr.runs[-1]
+    assert t.meta["controlnet"]["guess_mode"] is True
+    assert torch.isfinite(controlnet_residuals(t).rms).all()

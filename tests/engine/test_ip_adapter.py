@@ -69,11 +69,12 @@ def test_ip_adapter_traced_faithfully_with_image_prompt_maps(arch, kind):
     torch.testing.assert_close(back.heatmap("image prompt"), img)
 
 
-def test_ip_adapter_with_masks_and_two_adapters():
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_ip_adapter_with_masks_and_two_adapters(arch):
     from diffusers.image_processor import IPAdapterMaskProcessor
 
     kinds = ("plain", "faceid")
-    pipe = ip_pipe("sd15", kinds)
+    pipe = ip_pipe(arch, kinds)
     m0 = np.zeros((64, 64), np.float32)
     m0[:, :32] = 1
     masks = IPAdapterMaskProcessor().preprocess([torch.from_numpy(m0)[None], torch.from_numpy(1 - m0)[None]],
