@@ -95,6 +95,7 @@ class _Run:
         self.control: list[torch.Tensor] = []  # per step (batch, nets, blocks) residual RMS
         self.pending_control: dict[int, torch.Tensor] = {}  # net -> (batch, blocks)
         self.n_nets = 0
+        self.abandoned: str | None = None  # why this call is not recorded (it still runs)
         # host data
         self.latents: list[torch.Tensor | None] = []
         self.noise: list[torch.Tensor] = []
@@ -118,15 +119,28 @@ class _Run:
             return t.detach().to(dtype=dtype, copy=True)
         return t.detach().to(device="cpu", dtype=dtype, non_blocking=True)
 
+    def abandon(self, reason: str) -> None:
+        """Stop recording this call (a layout sdlens does not understand); the pipeline runs on
+        untouched, one warning, and the call adds no trace."""
+        if self.abandoned is None:
+            self.abandoned = reason
+            self.att_now = False
+            warnings.warn(f"sdlens: stopped recording this pipeline call: {reason}; the "
+                          "generation is not affected, but this call has no trace", stacklevel=3)
+
     # ---------------------------------------------------------------- denoiser hooks
     def before_unet(self, sample: torch.Tensor) -> None:
+        if self.abandoned:
+            return
         n = sample.shape[0]
         if self.layout is None:
             self._first_unet_call(sample)
+            if self.abandoned:
+                return
         expected = 2 * self.batch if self.layout == "cfg" else self.batch
         if n != expected:
-            raise RuntimeError(f"sdlens: the UNet was called with batch {n} at step {self.step}, "
-                               f"expected {expected}; this pipeline's batch layout is not supported")
+            return self.abandon(f"the UNet was called with batch {n} at step {self.step}, "
+                                f"expected {expected} (a batch layout sdlens does not know)")
         self.unet_calls_this_step += 1
         self.unet_calls += 1
         if self.unet_calls_this_step > 1 and not self.warned_double:
@@ -146,8 +160,8 @@ class _Run:
             self.layout = "single"
             self.rows = slice(0, b)
         else:
-            raise RuntimeError(f"sdlens: the UNet sees batch {n} but the call has {b} batch items "
-                               "(prompts x num_images_per_prompt); cannot tell the guidance layout")
+            return self.abandon(f"the UNet sees batch {n} but the call has {b} batch items "
+                                "(prompts x num_images_per_prompt); cannot tell the guidance layout")
         self.batch = b
         self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
         total = getattr(self.pipe, "_num_timesteps", None)
@@ -192,7 +206,7 @@ class _Run:
 
     # ---------------------------------------------------------------- attention sink
     def attention_request(self, layer: str):
-        if not self.att_now or layer not in self.att:
+        if not self.att_now or self.abandoned or layer not in self.att:
             return None
         return (self.rows, self.n_tokens, self.opts.heads, self.opts.attention_dtype)
 
@@ -222,7 +236,7 @@ class _Run:
         self.skipped[layer] = what
 
     def after_unet(self, out: torch.Tensor) -> None:
-        if "noise" not in self.opts.record:
+        if "noise" not in self.opts.record or self.abandoned:
             return
         if self.layout == "cfg":
             halves = self.session.adapter.split_cfg(out)
@@ -233,6 +247,8 @@ class _Run:
     def after_controlnet(self, net: int, output) -> None:
         """One ControlNet's residuals (down blocks, then mid) at this step: their RMS per batch
         item (the text rows under CFG; guess mode runs the net on those alone)."""
+        if self.abandoned:
+            return
         if isinstance(output, (tuple, list)):
             down, mid = output[0], output[1]
         else:
@@ -246,11 +262,13 @@ class _Run:
     # ---------------------------------------------------------------- scheduler
     def on_step(self, sample, model_output, timestep, sigma, x0, prev_sample, reported) -> None:
         rec = self.opts.record
+        if self.abandoned:
+            return
         if self.layout is None:
-            raise RuntimeError("sdlens: scheduler.step was called before the UNet")
+            return self.abandon("scheduler.step was called before the UNet")
         if sample.shape[0] != self.batch:
-            raise RuntimeError(f"sdlens: scheduler.step got {sample.shape[0]} latents, expected "
-                               f"{self.batch}")
+            return self.abandon(f"scheduler.step got {sample.shape[0]} latents, expected "
+                                f"{self.batch}")
         if "latents" in rec:
             if self.step == 0:
                 self.latents.append(self._host(sample))
@@ -293,18 +311,21 @@ class _Run:
 
     def on_step_end(self, latents) -> None:
         """Latents after the step as the pipeline holds them (after re-blending / callbacks)."""
-        if "latents" in self.opts.record and torch.is_tensor(latents) and self.step > 0 \
+        if "latents" in self.opts.record and not self.abandoned and torch.is_tensor(latents) \
+                and self.step > 0 \
                 and len(self.latents) == self.step + 1:
             self.latents[self.step] = self._host(latents)
 
     # ---------------------------------------------------------------- result
-    def finish(self, output) -> Trace:
+    def finish(self, output) -> Trace | None:
+        """The call's Trace; None when it was not recorded (:meth:`abandon`)."""
         for dev in self.devices:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
-        if self.layout is None or self.step == 0:
-            raise RuntimeError("sdlens: the pipeline call finished without any denoising step "
-                               "(nothing was recorded)")
+        if not self.abandoned and (self.layout is None or self.step == 0):
+            self.abandon("the pipeline call finished without any denoising step")
+        if self.abandoned:
+            return None
 
         def scal(xs):
             return torch.stack([x if torch.is_tensor(x) else torch.tensor(float(x)) for x in xs]).float()
@@ -488,6 +509,7 @@ class _Session:
         self.live._runs = []
         self.active = False
         self.current: _Run | None = None
+        self.abandoned: list[str] = []  # why calls were not recorded
 
     # -------------------------------------------------------------- enter / exit
     def __enter__(self) -> Trace:
@@ -560,8 +582,11 @@ class _Session:
         finally:
             self.current = None
         result = run.finish(output)
-        self.live._runs.append(result)
-        self.live._adopt(result)
+        if result is not None:
+            self.live._runs.append(result)
+            self.live._adopt(result)
+        else:
+            self.abandoned.append(run.abandoned)
         return output
 
     def _compose_callback(self, run: _Run, call_kwargs: dict, full: dict) -> None:
@@ -756,6 +781,9 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
         call["width"] = width
     if prompt is None:
         call.pop("prompt")
-    with trace(pipe, options, tokens=tokens, **opt_kwargs) as tr:
+    session = trace(pipe, options, tokens=tokens, **opt_kwargs)
+    with session as tr:
         pipe(**call)
+    if session.abandoned:  # the pipeline ran, but there is no trace to return
+        raise RuntimeError(f"sdlens could not record this call: {session.abandoned[-1]}")
     return tr.runs[-1]

@@ -109,3 +109,27 @@ def test_unexpected_encoder_hidden_states_type_is_skipped():
     assert len(t.meta["skipped"]) == len(blocks) and "dict" in next(iter(t.meta["skipped"].values()))
     assert t.attention is None or not t.attention.layers
     assert t.latents.shape[0] == len(t.timesteps) + 1  # everything else recorded
+
+
+def test_a_batch_layout_sdlens_does_not_know_stops_recording_not_the_run():
+    """A callback that calls the UNet on one row (the pipeline runs guidance on two): sdlens
+    stops recording that call with one warning; the pipeline's output is untouched."""
+    pipe = cached_pipe("sd15")
+    width = pipe.unet.config.cross_attention_dim
+
+    def probe(p, i, t, kw):
+        with torch.no_grad():
+            p.unet(kw["latents"], t, encoder_hidden_states=torch.zeros(1, 77, width))
+        return {}
+
+    plain = call_pipe(pipe, num_inference_steps=2, callback_on_step_end=probe)
+    state = pipe_state(pipe)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with sdlens.trace(pipe) as tr:
+            traced = call_pipe(pipe, num_inference_steps=2, callback_on_step_end=probe)
+            call_pipe(pipe, num_inference_steps=2)  # the next call is recorded again
+    assert_restored(pipe, state)
+    np.testing.assert_array_equal(plain, traced)
+    assert sum("stopped recording" in str(w.message) for w in caught) == 1
+    assert len(tr.runs) == 1 and tr.runs[0].latents is not None
