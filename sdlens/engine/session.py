@@ -247,16 +247,21 @@ class _Run:
     def after_controlnet(self, net: int, output) -> None:
         """One ControlNet's residuals (down blocks, then mid) at this step: their RMS per batch
         item (the text rows under CFG; guess mode runs the net on those alone)."""
-        if self.abandoned:
+        if self.abandoned or not self.n_nets:
             return
-        if isinstance(output, (tuple, list)):
-            down, mid = output[0], output[1]
-        else:
-            down, mid = output.down_block_res_samples, output.mid_block_res_sample
-        res = list(down) + [mid]
-        n, b = res[0].shape[0], self.session_batch
-        rows = self.session.adapter.cfg_rows(b)["text"] if n == 2 * b else slice(0, n)
-        rms = torch.stack([r[rows].detach().float().pow(2).mean(dim=(1, 2, 3)).sqrt() for r in res], 1)
+        try:
+            if isinstance(output, (tuple, list)):
+                down, mid = output[0], output[1]
+            else:
+                down, mid = output.down_block_res_samples, output.mid_block_res_sample
+            res = list(down) + [mid]
+            n, b = res[0].shape[0], self.session_batch
+            rows = self.session.adapter.cfg_rows(b)["text"] if n == 2 * b else slice(0, n)
+            rms = torch.stack([r[rows].detach().float().pow(2).mean(dim=(1, 2, 3)).sqrt()
+                               for r in res], 1)
+        except Exception as e:  # noqa: BLE001 - a ControlNet output sdlens does not know
+            self.n_nets, self.control = 0, []
+            return self.skip("controlnet residuals", f"{type(e).__name__}: {e}")
         self.pending_control[net] = self._host(rms, owned=True)
 
     # ---------------------------------------------------------------- scheduler
