@@ -540,3 +540,66 @@ def sd3_pipeline(arch: str = "sd3", scale: float = 0.05, task: str = "txt2img", 
         transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip_l,
         tokenizer=tokenizer(), text_encoder_2=clip_g, tokenizer_2=tokenizer("!"),
         text_encoder_3=text_encoder_3, tokenizer_3=tok3)
+
+
+def ip_adapter_state_dict(unet, kind: str = "plain", image_embed_dim: int = 8,
+                          num_tokens: int = 4, seed: int = 0) -> dict:
+    """A random-weight IP-Adapter for ``unet`` in the layout of the released checkpoints
+    (``{"image_proj": ..., "ip_adapter": ...}``), for
+    ``unet._load_ip_adapter_weights([...])`` / ``pipe.load_ip_adapter``.
+
+    Args:
+        kind: "plain" (``ImageProjection``: 4 tokens from a CLIP image embedding) or "faceid"
+            (``IPAdapterFaceIDImageProjection``: ``num_tokens`` tokens from a face-ID embedding).
+        image_embed_dim: the width of the image (or face-ID) embedding the pipeline is given.
+    """
+    if kind not in ("plain", "faceid"):
+        raise ValueError(f"unknown IP-Adapter kind {kind!r}; allowed: plain, faceid")
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    cross = unet.config.cross_attention_dim
+    if kind == "plain":
+        num_tokens = 4  # what diffusers' loader assumes for this layout
+        image_proj = {"proj.weight": rand(cross * num_tokens, image_embed_dim),
+                      "proj.bias": rand(cross * num_tokens)}
+    else:
+        mult = 2
+        image_proj = {"proj.0.weight": rand(image_embed_dim * mult, image_embed_dim),
+                      "proj.0.bias": rand(image_embed_dim * mult),
+                      "proj.2.weight": rand(cross * num_tokens, image_embed_dim * mult),
+                      "proj.2.bias": rand(cross * num_tokens)}
+    image_proj.update({"norm.weight": 1 + rand(cross), "norm.bias": rand(cross)})
+    ip_adapter = {}
+    key_id = 1  # the checkpoints number the cross-attention layers 1, 3, 5, ...
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        hidden = unet.get_submodule(name[: -len(".processor")]).to_q.out_features
+        ip_adapter[f"{key_id}.to_k_ip.weight"] = rand(hidden, cross)
+        ip_adapter[f"{key_id}.to_v_ip.weight"] = rand(hidden, cross)
+        key_id += 2
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def controlnet_for(pipe, seed: int = 0):
+    """A random-weight ``ControlNetModel`` for ``pipe``'s UNet (``ControlNetModel.from_unet``,
+    its zero convolutions randomised so that the condition acts)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    # the condition image is at pixel size: four embedding widths = three 2x downsamplings (vae/8)
+    unet = pipe.unet
+    if unet.config.in_channels != unet.config.out_channels:  # inpainting: the net sees the latents
+        cfg = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+        unet = diffusers.UNet2DConditionModel.from_config({**cfg, "in_channels": cfg["out_channels"]})
+    net = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 16, 16))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block",
+                                "controlnet_cond_embedding.conv_out")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return net.to(device=pipe.unet.device, dtype=pipe.unet.dtype)

@@ -45,6 +45,16 @@ then the prompt, no end token.) The words with a token beyond the limit are
 ``truncated_words`` (:func:`tokenize`, ``Trace.truncated_words``); the tokens of a word cut in its
 middle that did fit still form a (partial) word.
 
+Image-prompt tokens (IP-Adapter): after the text tokens, ``Trace.tokens`` lists the image-prompt
+tokens the denoiser attended to, ``<image prompt a:k>`` (token ``k`` of IP-Adapter ``a``; with
+several reference images for one adapter their tokens follow each other). They sit at positions
+``IMAGE_PROMPT_POSITION + j`` (j counting all image-prompt tokens: past any text encoder's
+sequence), and each adapter's tokens are one word, ``"image prompt"`` (a second adapter's is
+``"image prompt#2"``).
+
+Words unknown: a call made with ``prompt_embeds`` and no tokenizer-made tokens has no words
+(``Trace.tokens`` is empty for it); its maps keep every position, read by position.
+
 Pooling: a word of several tokens (or a phrase of several words) stands for the *mean* of its
 tokens' maps, everywhere (``AttentionMaps.get``, the heatmaps), as DAAM does.
 """
@@ -67,6 +77,58 @@ MAX_POSITIONS = 77
 MAX_PROMPT_TOKENS = MAX_POSITIONS - 2  # 75
 END_MARK = "</w>"  # CLIP BPE: the last piece of a word
 START_MARK = "\u2581"  # SentencePiece ("▁"): the first piece of a word
+IMAGE_PROMPT_POSITION = 1000  # position of the first image-prompt token (IP-Adapter)
+IMAGE_PROMPT_WORD = "image prompt"
+_IMAGE_TOKEN = re.compile(r"^<image prompt (\d+):(\d+)>$")
+WORDS_UNKNOWN = ("the prompt was given as embeddings (prompt_embeds), so its words are unknown; "
+                 "read its maps by token position (e.g. maps.get(layer, token=3), "
+                 "sdlens.analysis.heatmaps.token_heatmap), or pass the tokens: "
+                 "sdlens.trace(pipe, tokens=[...]) / generate(..., tokens=[...])")
+
+
+def image_prompt_tokens(counts: Sequence[int]) -> list[str]:
+    """The token strings of the image-prompt tokens, ``counts[a]`` tokens for IP-Adapter ``a``."""
+    return [f"<image prompt {a}:{k}>" for a, n in enumerate(counts) for k in range(n)]
+
+
+def is_image_prompt_token(token: str) -> bool:
+    return bool(_IMAGE_TOKEN.match(token))
+
+
+def token_positions(tokens: Sequence[str]) -> list[int]:
+    """The position of each token string of ``Trace.tokens``: its index for text tokens,
+    ``IMAGE_PROMPT_POSITION + j`` for the j-th image-prompt token."""
+    out, j = [], 0
+    for i, tok in enumerate(tokens):
+        if is_image_prompt_token(tok):
+            out.append(IMAGE_PROMPT_POSITION + j)
+            j += 1
+        else:
+            out.append(i)
+    return out
+
+
+def check_user_tokens(tokens: Any, n_prompts: int, length: int) -> list[list[str]]:
+    """The user's token strings for ``prompt_embeds`` (one list for every prompt, or one per
+    prompt) as one list per prompt, checked against the embeddings' ``length`` positions. Plain
+    words (no token carries ``</w>`` or ``▁``) are made one word each."""
+    if isinstance(tokens, str) or not isinstance(tokens, (list, tuple)) or not tokens:
+        raise TypeError("tokens must be a non-empty list of token strings (or one list per "
+                        f"prompt), got {tokens!r}")
+    per = [list(tokens)] * n_prompts if all(isinstance(t, str) for t in tokens) else \
+        [list(t) for t in tokens]
+    if len(per) != n_prompts:
+        raise ValueError(f"tokens has {len(per)} lists but prompt_embeds holds {n_prompts} prompts")
+    out = []
+    for toks in per:
+        if not all(isinstance(t, str) for t in toks):
+            raise TypeError(f"tokens must be strings, got {toks!r}")
+        if len(toks) > length:
+            raise ValueError(f"{len(toks)} tokens given but prompt_embeds has {length} positions")
+        if not any(t.endswith(END_MARK) or t.startswith(START_MARK) for t in toks):
+            toks = [t if t in SPECIAL else t + END_MARK for t in toks]
+        out.append(toks)
+    return out
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -148,7 +210,12 @@ def words_from_tokens(tokens: Sequence[str], prompt: str | None = None,
         return _segment_words(tokens, prompt, segments)
     runs: list[list[int]] = []
     run: list[int] = []
+    images: dict[str, list[int]] = {}  # IP-Adapter -> its image-prompt tokens' indices
     for pos, tok in enumerate(tokens):
+        m = _IMAGE_TOKEN.match(tok)
+        if m:
+            images.setdefault(m.group(1), []).append(pos)
+            continue
         if tok in SPECIAL or tok.startswith(START_MARK):
             if run:
                 runs.append(run)
@@ -170,6 +237,10 @@ def words_from_tokens(tokens: Sequence[str], prompt: str | None = None,
         occ = seen.get(text, 0)
         seen[text] = occ + 1
         words.append(Word(text, len(words), tuple(run), tuple(tokens[p] for p in run), occ, span))
+    where = token_positions(tokens) if images else []
+    for occ, idx in enumerate(images.values()):
+        words.append(Word(IMAGE_PROMPT_WORD, len(words), tuple(where[i] for i in idx),
+                          tuple(tokens[i] for i in idx), occ, None))
     return words
 
 
@@ -280,6 +351,8 @@ def word_matches(words: Sequence[Word], query: str) -> list[Word]:
     parts = split_words(query) or ([query.strip().lower()] if query.strip() else [])
     if not parts:
         raise ValueError(f"empty word {query!r}; words in the prompt: {available(words)}")
+    if query.strip().lower() == IMAGE_PROMPT_WORD:  # the image prompt is one word of two parts
+        return [w for w in words if w.text == IMAGE_PROMPT_WORD]
     texts = [w.text.lower() for w in words]
     found: list[Word] = []
     for i in range(len(words)):
@@ -299,6 +372,8 @@ def no_word_error(words: Sequence[Word], query: str, truncated: Sequence[str] = 
                           f"({MAX_PROMPT_TOKENS}-token prompts): the pipeline cut it, so it has no "
                           f"token positions (no attention maps, nothing to steer); words cut: "
                           f"{list(truncated)}")
+    if not words:
+        return ValueError(f"{query!r}: no words for {where}: {WORDS_UNKNOWN}")
     return ValueError(f"{query!r} is not a word of {where}; its words: {available(words)}")
 
 
@@ -437,6 +512,11 @@ class TokenView:
         }
 
     def __str__(self) -> str:
+        if not self.words:
+            lines = ["words unknown: " + WORDS_UNKNOWN]
+            lines += [f"  {r.position:>2}  {r.token}" + ("" if r.attention is None else
+                      f"  attention {r.attention:.4f}") for r in self.rows]
+            return "\n".join(lines)
         lines = [f"prompt: {self.prompt!r}",
                  f"{self.n_prompt_tokens} of {self.limit} prompt tokens"
                  + (f"; CUT: {' '.join(self.truncated_words)}" if self.truncated else "")]
@@ -558,11 +638,11 @@ def _rows(strings: Sequence[str], ids: Sequence[int] | None, words: Sequence[Wor
     encoder = {p: str(seg["encoder"]) for seg in segments or ()
                for p in range(int(seg["start"]), int(seg["start"]) + int(seg["length"]))}
     rows = []
-    for pos, s in enumerate(strings):
+    for i, (pos, s) in enumerate(zip(token_positions(strings), strings)):
         w = owner.get(pos)
-        rows.append(TokenRow(pos, s, None if ids is None else int(ids[pos]), token_text(s),
-                             -1 if w is None else w.index, "" if w is None else w.text,
-                             encoder=encoder.get(pos, "")))
+        rows.append(TokenRow(pos, s, None if ids is None or i >= len(ids) else int(ids[i]),
+                             token_text(s), -1 if w is None else w.index,
+                             "" if w is None else w.text, encoder=encoder.get(pos, "")))
     return rows
 
 
@@ -596,19 +676,23 @@ def token_view(trace: Any, batch: int = 0, attention: bool = True) -> TokenView:
     segments = getattr(trace, "text_segments", None)
     segments = segments[batch] if segments else None
     rows = _rows(strings, ids, words, segments)
-    if attention and getattr(trace, "attention", None) is not None:
+    maps = getattr(trace, "attention", None)
+    if not strings and maps is not None:  # words unknown (prompt_embeds): one row per position
+        rows = [TokenRow(p, f"<position {p}>", None, f"#{p}", -1, "") for p in maps.token_positions]
+    if attention and maps is not None:
         att = token_attention(trace, batch)
         for r in rows:
             r.attention = att.get(r.position)
-    n_prompt = sum(1 for s in strings if s not in SPECIAL)
+    n_prompt = sum(1 for s in strings if s not in SPECIAL and not is_image_prompt_token(s))
     if segments:  # several encoders (SD3): their lengths
         limit = sum(int(seg["length"]) for seg in segments)
     else:  # the text encoder's limit (meta["text_length"]: 300 for PixArt / Sana; 77 where
         # absent) less the start / end tokens it adds
         meta = getattr(trace, "meta", None) or {}
         length = int(meta.get("text_length") or MAX_POSITIONS)
-        limit = length - sum(1 for s in (strings[:1] + strings[-1:] if len(strings) > 1
-                                         else strings) if s in SPECIAL)
+        text = [s for s in strings if not is_image_prompt_token(s)]
+        limit = length - sum(1 for s in (text[:1] + text[-1:] if len(text) > 1 else text)
+                             if s in SPECIAL)
     return TokenView(_prompt(trace, batch), rows, words, n_prompt, limit,
                      _truncated(trace, batch), list(segments or []))
 

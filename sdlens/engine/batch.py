@@ -209,6 +209,8 @@ def run_batch(pipe, batch: Batch, negative_prompt, height, width, extra, record_
             PerSampleGuidance(scales, batch.guidance).install(hooks, adapter_for(pipe).denoiser)
         out = pipe(**kwargs)
     if rec is not None:
+        if not rec.runs:  # sdlens stopped recording the call (it warned why); the images stand
+            raise RuntimeError("sdlens could not record this batch (see the warning above)")
         full = rec.runs[-1]
         traces = [cell_trace(full, i, guidance=c.guidance, seed=c.seed)
                   for i, c in enumerate(batch.cells)]

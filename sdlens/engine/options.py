@@ -13,7 +13,11 @@ import torch
 from sdlens.engine.arch import adapter_for
 from sdlens.trace.maps import resolve_layers
 
-RECORDABLE = ("latents", "noise", "x0", "attention")
+RECORDABLE = ("latents", "noise", "x0", "attention")  # the default
+# opt-in kinds: "controlnet": the ControlNet residuals' RMS per net, block and step (ControlNet
+# pipelines only; ``sdlens.analysis.controlnet``)
+OPTIONAL = ("controlnet",)
+KINDS = RECORDABLE + OPTIONAL
 _ATT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -27,8 +31,10 @@ class RecordOptions:
     """What to record.
 
     Args:
-        record: which kinds of data to keep, a subset of ("latents", "noise", "x0", "attention").
-            Timesteps, sigmas, prompts, tokens and images are always kept.
+        record: which kinds of data to keep, a subset of ("latents", "noise", "x0", "attention",
+            "controlnet"); the default is all but "controlnet" (opt-in: the ControlNet residuals'
+            RMS per block and step). Timesteps, sigmas, prompts, tokens and images are always
+            kept.
         layers: which cross-attention sites' maps to keep: None (all), a group ("down" / "mid"
             / "up"), a resolution int (max(h, w) of the map, e.g. 16), an alias ("up.1.0"), a
             module path, or a list of these (see :mod:`sdlens.trace.maps`).
@@ -56,11 +62,11 @@ class RecordOptions:
         try:
             rec = tuple(rec)
         except TypeError:
-            raise ValueError(f"record must be a subset of {RECORDABLE}, got {self.record!r}") from None
-        bad = [r for r in rec if r not in RECORDABLE]
+            raise ValueError(f"record must be a subset of {KINDS}, got {self.record!r}") from None
+        bad = [r for r in rec if r not in KINDS]
         if bad:
-            raise ValueError(f"record: unknown kind(s) {bad}; allowed: {', '.join(RECORDABLE)}")
-        self.record = tuple(r for r in RECORDABLE if r in rec)
+            raise ValueError(f"record: unknown kind(s) {bad}; allowed: {', '.join(KINDS)}")
+        self.record = tuple(r for r in KINDS if r in rec)
         if self.layers is not None:
             items = self.layers if isinstance(self.layers, (list, tuple, set)) else [self.layers]
             if isinstance(self.layers, tuple) and len(self.layers) == 2 and \

@@ -36,7 +36,8 @@ import warnings
 import torch
 from einops import rearrange
 
-from sdlens.analysis.tokens import tokenize_segments
+from sdlens.analysis.tokens import (IMAGE_PROMPT_POSITION, check_user_tokens,
+                                    image_prompt_tokens, tokenize_segments)
 from sdlens.engine import schedules as sched_hooks
 from sdlens.engine.arch import BackboneAdapter, adapter_for
 from sdlens.engine.options import (RecordOptions, TraceTooLarge, default_max_bytes,
@@ -55,8 +56,6 @@ def check_pipeline(pipe) -> BackboneAdapter:
     cls = type(pipe).__name__
     if getattr(pipe, "scheduler", None) is None or not hasattr(pipe.scheduler, "step"):
         raise TypeError(f"sdlens cannot trace {cls}: it has no scheduler with a step() method")
-    if getattr(pipe, "tokenizer", None) is None and getattr(pipe, "tokenizer_2", None) is None:
-        raise TypeError(f"sdlens cannot trace {cls}: it has no tokenizer")
     return adapter
 
 
@@ -94,6 +93,12 @@ class _Run:
         self.pending_att: dict[str, torch.Tensor] = {}
         self.aux = False  # inside an auxiliary denoiser call (not recorded)
         self.segments = None  # per item: the text encoders' segments (several encoders)
+        self.image_tokens: tuple[int, ...] = ()  # image-prompt tokens per IP-Adapter
+        self.skipped: dict[str, str] = {}  # layer -> what could not be recorded
+        self.control: list[torch.Tensor] = []  # per step (batch, nets, blocks) residual RMS
+        self.pending_control: dict[int, torch.Tensor] = {}  # net -> (batch, blocks)
+        self.n_nets = 0
+        self.abandoned: str | None = None  # why this call is not recorded (it still runs)
         # host data
         self.latents: list[torch.Tensor | None] = []
         self.noise: list[torch.Tensor] = []
@@ -117,15 +122,28 @@ class _Run:
             return t.detach().to(dtype=dtype, copy=True)
         return t.detach().to(device="cpu", dtype=dtype, non_blocking=True)
 
+    def abandon(self, reason: str) -> None:
+        """Stop recording this call (a layout sdlens does not understand); the pipeline runs on
+        untouched, one warning, and the call adds no trace."""
+        if self.abandoned is None:
+            self.abandoned = reason
+            self.att_now = False
+            warnings.warn(f"sdlens: stopped recording this pipeline call: {reason}; the "
+                          "generation is not affected, but this call has no trace", stacklevel=3)
+
     # ---------------------------------------------------------------- denoiser hooks
     def before_unet(self, sample: torch.Tensor) -> None:
+        if self.abandoned:
+            return
         n = sample.shape[0]
         if self.layout is None:
             self._first_unet_call(sample)
+            if self.abandoned:
+                return
         expected = 2 * self.batch if self.layout == "cfg" else self.batch
         if n != expected:
-            raise RuntimeError(f"sdlens: the UNet was called with batch {n} at step {self.step}, "
-                               f"expected {expected}; this pipeline's batch layout is not supported")
+            return self.abandon(f"the UNet was called with batch {n} at step {self.step}, "
+                                f"expected {expected} (a batch layout sdlens does not know)")
         self.unet_calls_this_step += 1
         self.unet_calls += 1
         if self.unet_calls_this_step > 1 and not self.warned_double:
@@ -145,8 +163,8 @@ class _Run:
             self.layout = "single"
             self.rows = slice(0, b)
         else:
-            raise RuntimeError(f"sdlens: the UNet sees batch {n} but the call has {b} batch items "
-                               "(prompts x num_images_per_prompt); cannot tell the guidance layout")
+            return self.abandon(f"the UNet sees batch {n} but the call has {b} batch items "
+                                "(prompts x num_images_per_prompt); cannot tell the guidance layout")
         self.batch = b
         self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
         total = getattr(self.pipe, "_num_timesteps", None)
@@ -202,21 +220,37 @@ class _Run:
 
     # ---------------------------------------------------------------- attention sink
     def attention_request(self, layer: str):
-        if self.aux or not self.att_now or layer not in self.att:
+        if self.aux or not self.att_now or self.abandoned or layer not in self.att:
             return None
         return (self.rows, self.n_tokens, self.opts.heads, self.opts.attention_dtype)
 
-    def put_attention(self, layer: str, probs: torch.Tensor, n_queries: int) -> None:
+    def put_attention(self, layer: str, probs: torch.Tensor, n_queries: int,
+                      image_tokens: tuple[int, ...] = ()) -> None:
         lh, lw = self.resolutions[layer]
         if n_queries != lh * lw:
-            raise RuntimeError(f"sdlens: layer {layer} has {n_queries} positions, expected "
-                               f"{lh}x{lw} from the latent size {self.latent_hw}")
+            return self.skip(layer, f"{n_queries} positions, expected {lh}x{lw} from the latent "
+                                    f"size {self.latent_hw}")
         if self.token_count_seen is None:
             self.token_count_seen = int(probs.shape[-2])
+            self.image_tokens = tuple(image_tokens)
+        elif int(probs.shape[-2]) != self.token_count_seen or tuple(image_tokens) != self.image_tokens:
+            return self.skip(layer, f"{probs.shape[-2]} tokens, other layers had "
+                                    f"{self.token_count_seen}")
         self.pending_att[layer] = probs
 
+    def skip(self, layer: str, what: str) -> None:
+        """A site call sdlens cannot record: the layer's maps are left out of the trace (named in
+        ``meta["skipped"]``), one warning per call of the pipeline, and the run goes on."""
+        if layer in self.skipped:
+            return
+        if not self.skipped:
+            warnings.warn(f"sdlens: cannot record the attention of layer {layer} ({what}); its "
+                          "maps are left out of the trace (see trace.meta['skipped'] for every "
+                          "layer skipped); the generation is not affected", stacklevel=2)
+        self.skipped[layer] = what
+
     def after_unet(self, out: torch.Tensor) -> None:
-        if "noise" not in self.opts.record:
+        if "noise" not in self.opts.record or self.abandoned:
             return
         if self.layout == "cfg":
             halves = self.session.adapter.split_cfg(out)
@@ -224,14 +258,36 @@ class _Run:
         else:
             self.pending_noise = (None, self._host(out))
 
+    def after_controlnet(self, net: int, output) -> None:
+        """One ControlNet's residuals (down blocks, then mid) at this step: their RMS per batch
+        item (the text rows under CFG; guess mode runs the net on those alone)."""
+        if self.abandoned or not self.n_nets:
+            return
+        try:
+            if isinstance(output, (tuple, list)):
+                down, mid = output[0], output[1]
+            else:
+                down, mid = output.down_block_res_samples, output.mid_block_res_sample
+            res = list(down) + [mid]
+            n, b = res[0].shape[0], self.session_batch
+            rows = self.session.adapter.cfg_rows(b)["text"] if n == 2 * b else slice(0, n)
+            rms = torch.stack([r[rows].detach().float().pow(2).mean(dim=(1, 2, 3)).sqrt()
+                               for r in res], 1)
+        except Exception as e:  # noqa: BLE001 - a ControlNet output sdlens does not know
+            self.n_nets, self.control = 0, []
+            return self.skip("controlnet residuals", f"{type(e).__name__}: {e}")
+        self.pending_control[net] = self._host(rms, owned=True)
+
     # ---------------------------------------------------------------- scheduler
     def on_step(self, sample, model_output, timestep, sigma, x0, prev_sample, reported) -> None:
         rec = self.opts.record
+        if self.abandoned:
+            return
         if self.layout is None:
-            raise RuntimeError("sdlens: scheduler.step was called before the UNet")
+            return self.abandon("scheduler.step was called before the UNet")
         if sample.shape[0] != self.batch:
-            raise RuntimeError(f"sdlens: scheduler.step got {sample.shape[0]} latents, expected "
-                               f"{self.batch}")
+            return self.abandon(f"scheduler.step got {sample.shape[0]} latents, expected "
+                                f"{self.batch}")
         if "latents" in rec:
             if self.step == 0:
                 self.latents.append(self._host(sample))
@@ -250,10 +306,21 @@ class _Run:
         if self.att_now:
             for layer in self.att:
                 t = self.pending_att.get(layer)
-                if t is None:
-                    raise RuntimeError(f"sdlens: layer {layer} was not called at step {self.step}")
-                self.att[layer].append(self._host(t, t.dtype, owned=True))
+                if t is None and layer not in self.skipped:
+                    self.skip(layer, f"not called (or not recorded) at step {self.step}")
+                if layer not in self.skipped:
+                    self.att[layer].append(self._host(t, t.dtype, owned=True))
             self.att_rec_steps.append(self.step)
+        if self.n_nets:
+            blocks = next(iter(self.pending_control.values())).shape[1] if self.pending_control \
+                else None
+            if blocks is not None:  # a net not called at this step: NaN
+                nan = torch.full((self.batch, blocks), float("nan"))
+                self.control.append(torch.stack([self.pending_control.get(i, nan)
+                                                 for i in range(self.n_nets)], 1))
+            else:
+                self.control.append(None)
+            self.pending_control = {}
         self.pending_att = {}
         self.att_now = False
         self.unet_calls_this_step = 0
@@ -263,18 +330,21 @@ class _Run:
 
     def on_step_end(self, latents) -> None:
         """Latents after the step as the pipeline holds them (after re-blending / callbacks)."""
-        if "latents" in self.opts.record and torch.is_tensor(latents) and self.step > 0 \
+        if "latents" in self.opts.record and not self.abandoned and torch.is_tensor(latents) \
+                and self.step > 0 \
                 and len(self.latents) == self.step + 1:
             self.latents[self.step] = self._host(latents)
 
     # ---------------------------------------------------------------- result
-    def finish(self, output) -> Trace:
+    def finish(self, output) -> Trace | None:
+        """The call's Trace; None when it was not recorded (:meth:`abandon`)."""
         for dev in self.devices:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
-        if self.layout is None or self.step == 0:
-            raise RuntimeError("sdlens: the pipeline call finished without any denoising step "
-                               "(nothing was recorded)")
+        if not self.abandoned and (self.layout is None or self.step == 0):
+            self.abandon("the pipeline call finished without any denoising step")
+        if self.abandoned:
+            return None
 
         def scal(xs):
             return torch.stack([x if torch.is_tensor(x) else torch.tensor(float(x)) for x in xs]).float()
@@ -300,6 +370,9 @@ class _Run:
             n_tok = len(positions)
             layers = {}
             for layer, chunks in self.att.items():
+                if layer in self.skipped:  # no maps rather than wrong or partial ones
+                    self.att[layer] = []
+                    continue
                 lh, lw = self.resolutions[layer]
                 if chunks:
                     t = torch.stack(chunks)  # (S, B, [heads,] T, HW)
@@ -308,18 +381,29 @@ class _Run:
                     t = torch.zeros(shape, dtype=self.opts.attention_dtype)
                 layers[layer] = rearrange(t, "... (h w) -> ... h w", h=lh, w=lw)
                 self.att[layer] = []
+            n_img = sum(self.image_tokens)
+            positions = list(range(n_tok - n_img)) + [IMAGE_PROMPT_POSITION + j for j in range(n_img)]
             maps = AttentionMaps(layers, {l: self.resolutions[l] for l in layers},
                                  self.att_rec_steps, positions, self.opts.heads,
                                  family=self.session.adapter.family(), dtype=str(self.opts.attention_dtype).replace("torch.", ""))
+        extra = {}
+        if self.n_nets and any(c is not None for c in self.control):
+            like = next(c for c in self.control if c is not None)
+            extra["controlnet/residual_rms"] = torch.stack(
+                [c if c is not None else torch.full_like(like, float("nan")) for c in self.control])
+        tokens = self.tokens
+        if self.image_tokens and maps is not None:
+            image_tokens = image_prompt_tokens(self.image_tokens)
+            tokens = [list(t) + image_tokens for t in tokens]
         return Trace.build(
             prompts=self.prompts, negative_prompts=self.negative_prompts,
-            token_ids=self.token_ids, tokens=self.tokens, truncated_words=self.truncated_words,
+            token_ids=self.token_ids, tokens=tokens, truncated_words=self.truncated_words,
             timesteps=scal(self.timesteps),
             sigmas=scal(self.sigmas) if all(s is not None for s in self.sigmas) else None,
             attention=maps, guidance_scale=self.guidance_scale, do_cfg=self.layout == "cfg",
             meta=self.meta(), images=_output_images(self.pipe, output), pipeline=self.pipe,
             extra_info={"text_segments": self.segments} if self.segments is not None else None,
-            **recorded)
+            extra_tensors=extra or None, **recorded)
 
     def meta(self) -> dict:
         pipe, p = self.pipe, self.params
@@ -349,7 +433,32 @@ class _Run:
             "options": self.opts.to_dict(), "estimated_bytes": self.estimated,
             "unet_calls": self.unet_calls,
             "text_length": self.session.adapter.text_length(p),  # None: the tokenizer's (77)
+            **({"skipped": dict(self.skipped)} if self.skipped else {}),
+            **({"image_prompt_tokens": list(self.image_tokens)} if self.image_tokens else {}),
+            **({"words_unknown": True} if self.words_unknown else {}),
+            **self.conditioning(),
         }
+
+    def conditioning(self) -> dict:
+        """What conditions the run besides the text: ControlNet's scales, IP-Adapter's scales."""
+        p, out = self.params, {}
+        if getattr(self.pipe, "controlnet", None) is not None:
+            scale = p.get("controlnet_conditioning_scale")
+            out["controlnet"] = {
+                "class": type(self.pipe.controlnet).__name__,
+                "conditioning_scale": [float(x) for x in scale] if isinstance(scale, (list, tuple))
+                else (float(scale) if scale is not None else None),
+                "guess_mode": bool(p.get("guess_mode") or False),
+                "control_guidance_start": p.get("control_guidance_start"),
+                "control_guidance_end": p.get("control_guidance_end")}
+        if self.image_tokens:
+            scales = []
+            for proc in self.session.adapter.denoiser.attn_processors.values():
+                if hasattr(proc, "to_k_ip") and hasattr(proc, "scale"):
+                    scales = [s if isinstance(s, (int, float)) else list(s) for s in proc.scale]
+                    break
+            out["ip_adapter"] = {"adapters": len(self.image_tokens), "scale": scales}
+        return out
 
 
 def _shift_factor(vae) -> float | None:
@@ -422,9 +531,10 @@ def _traced_class(cls: type) -> type:
 
 
 class _Session:
-    def __init__(self, pipe, options: RecordOptions):
+    def __init__(self, pipe, options: RecordOptions, tokens=None):
         self.pipe = pipe
         self.options = options
+        self.tokens = tokens  # the user's token strings for prompt_embeds calls
         self.adapter = check_pipeline(pipe)
         self.layers = self.adapter.sites()
         self.selected_layers = list(self.layers)
@@ -433,6 +543,7 @@ class _Session:
         self.live._runs = []
         self.active = False
         self.current: _Run | None = None
+        self.abandoned: list[str] = []  # why calls were not recorded
 
     # -------------------------------------------------------------- enter / exit
     def __enter__(self) -> Trace:
@@ -498,6 +609,13 @@ class _Session:
                                  observers=[recorder_for(adapter.attention_kind, run)])
                 hooks.forward_pre_hook(denoiser, before, with_kwargs=True)
                 hooks.forward_hook(denoiser, after, with_kwargs=True)
+                control = getattr(pipe, "controlnet", None)
+                if "controlnet" in self.options.record and control is not None:
+                    nets = list(getattr(control, "nets", None) or [control])
+                    run.n_nets = len(nets)
+                    for i, net in enumerate(nets):
+                        hooks.forward_hook(net, functools.partial(
+                            lambda i, module, args, output: run.after_controlnet(i, output), i))
                 wrapper = sched_hooks.install(pipe.scheduler, run.on_step,
                                               want_x0="x0" in self.options.record)
                 hooks.undo(functools.partial(sched_hooks.uninstall, pipe.scheduler, wrapper))
@@ -505,8 +623,11 @@ class _Session:
         finally:
             self.current = None
         result = run.finish(output)
-        self.live._runs.append(result)
-        self.live._adopt(result)
+        if result is not None:
+            self.live._runs.append(result)
+            self.live._adopt(result)
+        else:
+            self.abandoned.append(run.abandoned)
         return output
 
     def _compose_callback(self, run: _Run, call_kwargs: dict, full: dict) -> None:
@@ -566,14 +687,22 @@ class _Session:
         run.token_ids, run.tokens, run.truncated_words = [], [], []
         parts = self.adapter.text_parts(p)
         segments = [] if parts is not None else None
+        no_tokens = [{"encoder": name, "start": sum(n for _, _, n in parts[:i]), "length": n,
+                      "tokens": 0} for i, (name, _, n) in enumerate(parts)] \
+            if parts is not None else None
+        given = None
+        if prompt is None and self.tokens is not None:
+            given = check_user_tokens(self.tokens, len(prompts), int(p["prompt_embeds"].shape[1]))
+            given = [t for t in given for _ in range(n_per)]
+        run.words_unknown = prompt is None and given is None
         cache: dict[str, tuple] = {}
         adapter = self.adapter
         for b, q in enumerate(run.prompts):
-            if q is None:
+            segs = no_tokens
+            if given is not None:
+                ids, toks, cut = [], given[b], []
+            elif q is None:
                 ids, toks, cut = [], [], []
-                segs = [{"encoder": name, "start": sum(n for _, _, n in parts[:i]),
-                         "length": n, "tokens": 0} for i, (name, _, n) in enumerate(parts)] \
-                    if parts is not None else None
             else:
                 if q not in cache:  # as the pipeline encodes it (multi-vector TI expanded)
                     if parts is None:  # one text encoder: the adapter lays the text out
@@ -596,10 +725,9 @@ class _Session:
                 warnings.warn(f"sdlens: the prompt {q[:60]!r}... is longer than {what}; the "
                               f"pipeline cuts these words: {cut} (see trace.truncated_words)",
                               stacklevel=4)
-        run.max_token_len = max((len(i) for i in run.token_ids), default=0) or None
-        if segments is not None:
-            total = sum(n for _, _, n in parts)
-            run.max_token_len = total if run.max_token_len is None else run.max_token_len
+        run.max_token_len = max((len(t) for t in run.tokens), default=0) or None
+        if segments is not None and run.max_token_len is None:
+            run.max_token_len = sum(n for _, _, n in parts)
         gs = p.get("guidance_scale")
         run.guidance_scale = float(gs) if gs is not None else float("nan")
         gen = p.get("generator")
@@ -607,7 +735,7 @@ class _Session:
         run.seeds = [int(g.initial_seed()) for g in gens if isinstance(g, torch.Generator)] or None
 
 
-def trace(pipe, options: RecordOptions | None = None, **kwargs):
+def trace(pipe, options: RecordOptions | None = None, tokens=None, **kwargs):
     """Record every call of ``pipe`` made inside the ``with`` block.
 
     >>> with sdlens.trace(pipe, layers="up", steps=slice(None, None, 2)) as tr:
@@ -615,10 +743,16 @@ def trace(pipe, options: RecordOptions | None = None, **kwargs):
     >>> tr.latents.shape        # (26, 1, 4, h, w)
 
     Args:
-        pipe: a diffusers Stable Diffusion pipeline (SD 1.x/2.x/SDXL, SD3 / SD3.5; txt2img,
-            img2img, inpaint). Other pipelines raise TypeError naming the supported ones.
+        pipe: a diffusers Stable Diffusion pipeline (SD 1.x/2.x/SDXL, SD3 / SD3.5, PixArt-Σ, Sana;
+            txt2img, img2img, inpaint; ControlNet variants; IP-Adapters loaded or not; with or
+            without a tokenizer). Other pipelines raise TypeError naming the supported ones.
         options: a :class:`RecordOptions`; keyword arguments (``record``, ``layers``, ``steps``,
             ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``) override its fields.
+        tokens: for calls made with ``prompt_embeds`` (and no ``prompt``): the token strings
+            the embeddings were made from, position by position (``["<|startoftext|>", "a</w>",
+            "red</w>", ...]``; plain words without ``</w>`` are one word each), one list for
+            every prompt or one list per prompt. Without it the words are unknown: the maps keep
+            every position and the views show positions (``trace.meta["words_unknown"]``).
 
     Returns:
         a context manager whose ``as`` value is a :class:`~sdlens.trace.Trace` that shows the
@@ -627,7 +761,7 @@ def trace(pipe, options: RecordOptions | None = None, **kwargs):
         hooks, ``scheduler.step`` the class method), also after an exception.
     """
     opts = RecordOptions.from_kwargs(options, **kwargs)
-    return _Session(pipe, opts)
+    return _Session(pipe, opts, tokens)
 
 
 _GENERATE_ARGS = {"steps": "num_inference_steps"}
@@ -637,12 +771,12 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
              guidance_scale: float | None = None, negative_prompt: str | list[str] | None = None,
              height: int | None = None, width: int | None = None,
              options: RecordOptions | None = None, reweight: dict | None = None,
-             reweight_steps=None, **kwargs) -> Trace:
+             reweight_steps=None, tokens=None, **kwargs) -> Trace:
     """Run ``pipe`` once, traced, and return the :class:`~sdlens.trace.Trace` (images included).
 
     Args:
         pipe: a diffusers SD pipeline (see :func:`trace`).
-        prompt: a prompt or a list of prompts.
+        prompt: a prompt or a list of prompts (None with ``prompt_embeds=`` given).
         seed: an int (one CPU generator for the whole batch), a list of ints (one generator per
             batch item: prompts x num_images_per_prompt), or None (a random seed, recorded in
             ``trace.meta['seeds']``).
@@ -659,7 +793,9 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
         **kwargs: RecordOptions fields (``record``, ``layers``, ``steps`` is the step count here,
             use ``attention_steps`` for RecordOptions.steps, ``heads``, ``keep_padding``,
             ``max_bytes``, ``attention_dtype``); everything else goes to the pipeline call
-            (``num_images_per_prompt``, ``image``, ``mask_image``, ``strength``, ...).
+            (``num_images_per_prompt``, ``image``, ``mask_image``, ``strength``,
+            ``prompt_embeds``, ``ip_adapter_image_embeds``, ...).
+        tokens: the token strings of ``prompt_embeds`` (see :func:`trace`).
     """
     if reweight is not None:
         n_images = int(kwargs.get("num_images_per_prompt", 1) or 1)
@@ -702,6 +838,11 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
         call["height"] = height
     if width is not None:
         call["width"] = width
-    with trace(pipe, options, **opt_kwargs) as tr:
+    if prompt is None:
+        call.pop("prompt")
+    session = trace(pipe, options, tokens=tokens, **opt_kwargs)
+    with session as tr:
         pipe(**call)
+    if session.abandoned:  # the pipeline ran, but there is no trace to return
+        raise RuntimeError(f"sdlens could not record this call: {session.abandoned[-1]}")
     return tr.runs[-1]

@@ -115,16 +115,30 @@ class SiteCall(NamedTuple):
     """The arguments of one processor call, as ``Attention.forward`` passes them."""
 
     hidden_states: torch.Tensor  # (B, HW, C) or (B, C, h, w)
-    encoder_hidden_states: Any  # (B, K, D) text tokens (None for self-attention)
+    # (B, K, D) text tokens (None for self-attention); with an IP-Adapter loaded the pair
+    # (text, [image-prompt embeddings per adapter: (B, [images,] tokens, D)])
+    encoder_hidden_states: Any
     attention_mask: Any
     temb: Any
+    extra: Mapping[str, Any] = {}  # the other keyword arguments (e.g. ``ip_adapter_masks``)
 
     @classmethod
     def parse(cls, hidden_states, args: tuple, kwargs: dict) -> "SiteCall":
+        known = ("encoder_hidden_states", "attention_mask", "temb")
         return cls(hidden_states,
                    kwargs.get("encoder_hidden_states", args[0] if len(args) > 0 else None),
                    kwargs.get("attention_mask", args[1] if len(args) > 1 else None),
-                   kwargs.get("temb", args[2] if len(args) > 2 else None))
+                   kwargs.get("temb", args[2] if len(args) > 2 else None),
+                   {k: v for k, v in kwargs.items() if k not in known})
+
+    def text_and_images(self) -> tuple[Any, list | None]:
+        """``(text (B, K, D), image-prompt embeddings or None)``: the text tokens with or
+        without an IP-Adapter's pair."""
+        ehs = self.encoder_hidden_states
+        if isinstance(ehs, tuple) and len(ehs) == 2 and torch.is_tensor(ehs[0]) \
+                and isinstance(ehs[1], (list, tuple)) and all(torch.is_tensor(e) for e in ehs[1]):
+            return ehs[0], list(ehs[1])
+        return ehs, None
 
 
 class Observer(Protocol):
@@ -183,6 +197,14 @@ class SiteProcessor:
         for editor in self.editors:
             out = editor.edit(attn, self.layer, call, out)
         return out
+
+
+def innermost(processor):
+    """The processor that computes a site's output, under any :class:`SiteProcessor` s
+    (reweighting inside a trace wraps a site twice)."""
+    while isinstance(processor, SiteProcessor):
+        processor = processor.inner
+    return processor
 
 
 # ====================================================================== the installer
@@ -251,8 +273,13 @@ class AttentionSink(Protocol):
         """None (do not record this call) or (rows: slice, tokens: int | Sequence[int] | None
         (the first n positions, or these positions), keep_heads: bool, dtype)."""
 
-    def put_attention(self, layer: str, probs: torch.Tensor, n_queries: int) -> None:
-        """probs: (B, T, HW) or (B, heads, T, HW) on the device."""
+    def put_attention(self, layer: str, probs: torch.Tensor, n_queries: int,
+                      image_tokens: tuple[int, ...] = ()) -> None:
+        """probs: (B, T, HW) or (B, heads, T, HW) on the device; the last ``sum(image_tokens)``
+        of the T tokens are image-prompt tokens (``image_tokens``: how many per IP-Adapter)."""
+
+    def skip(self, layer: str, what: str) -> None:
+        """This call of ``layer`` could not be recorded (``what``: why); the run goes on."""
 
 
 def reduce_maps(probs: torch.Tensor, tokens, keep_heads: bool, dtype) -> torch.Tensor:
@@ -281,13 +308,25 @@ class AttentionRecorder:
 
     def observe(self, attn, layer: str, call: SiteCall) -> None:
         request = self.sink.attention_request(layer)
-        if request is not None and torch.is_tensor(call.encoder_hidden_states):
+        if request is None:
+            return
+        # sdlens is never the reason a generation fails: what it cannot read it skips
+        text, _ = call.text_and_images()
+        if not torch.is_tensor(text):
+            self.sink.skip(layer, f"encoder_hidden_states of type {type(text).__name__} "
+                                  "(expected a tensor, or an IP-Adapter's (text, images) pair)")
+            return
+        try:
             self.record(attn, layer, call, request)
+        except Exception as e:  # noqa: BLE001 - an unknown processor / layout
+            inner = innermost(attn.processor)
+            self.sink.skip(layer, f"processor {type(inner).__name__}: {type(e).__name__}: {e}")
 
     @torch.no_grad()
     def record(self, attn, layer: str, call: SiteCall, request) -> None:
         rows, n_tokens, keep_heads, dtype = request
-        hidden_states, ehs, mask, temb = call
+        hidden_states, _, mask, temb = call[:4]
+        ehs, images = call.text_and_images()
         hs = hidden_states[rows]
         if mask is not None and mask.shape[0] == hidden_states.shape[0]:
             mask = mask[rows]
@@ -297,8 +336,45 @@ class AttentionRecorder:
             probs = self._token_maps(attn, layer, hs, ehs, rows, temb)  # (B, heads, K, HW)
         else:  # rare layouts: the reference computation, then (B, heads, K, HW)
             probs = attention_probabilities(attn, hs, ehs[rows], mask, temb).transpose(-1, -2)
+        counts: tuple[int, ...] = ()
+        if images is not None:  # IP-Adapter: the image-prompt tokens follow the kept text tokens
+            probs = reduce_maps(probs, n_tokens, True, probs.dtype)
+            image_probs, counts = self._image_prompt_maps(attn, hs, images, rows, temb,
+                                                          call.extra.get("ip_adapter_masks"))
+            probs, n_tokens = torch.cat([probs, image_probs], dim=2), None
         probs = reduce_maps(probs, n_tokens, keep_heads, dtype)  # (B, [heads,] T, HW)
-        self.sink.put_attention(layer, probs, probs.shape[-1])
+        self.sink.put_attention(layer, probs, probs.shape[-1], image_tokens=counts)
+
+    @staticmethod
+    def _image_prompt_maps(attn, hs: torch.Tensor, images: list, rows: slice,
+                           temb: torch.Tensor | None, masks) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The image-prompt tokens' attention, as ``IPAdapterAttnProcessor2_0`` computes it:
+        per IP-Adapter ``i`` a softmax over its own keys ``to_k_ip[i](images[i])`` (with
+        ``ip_adapter_masks``, one softmax per reference image), scaled by 1/sqrt(head_dim) as
+        its SDPA is. Returns ((B, heads, K_img, HW) float32, tokens per adapter)."""
+        processor = innermost(attn.processor)
+        to_k_ip = getattr(processor, "to_k_ip", None)
+        if to_k_ip is None or len(to_k_ip) != len(images):
+            raise TypeError(f"{type(processor).__name__} has no to_k_ip for {len(images)} "
+                            "image prompt(s) (not an IP-Adapter processor sdlens knows)")
+        if masks is not None and not isinstance(masks, (list, tuple)):
+            masks = list(masks.unsqueeze(1))
+        query = rearrange(attn.to_q(_normed_queries_input(attn, hs, temb)).float(),
+                          "n l (heads d) -> n heads d l", heads=attn.heads)
+        scale = query.shape[2] ** -0.5
+        out, counts = [], []
+        for i, (emb, proj) in enumerate(zip(images, to_k_ip)):
+            emb = emb[rows]
+            masked = masks is not None and masks[i] is not None
+            groups = [emb[:, j] for j in range(emb.shape[1])] if masked and emb.ndim == 4 else [emb]
+            n = 0
+            for g in groups:
+                key = proj(g).reshape(g.shape[0], -1, query.shape[1], query.shape[2])
+                key = key.transpose(1, 2).float() * scale  # (B, heads, K_i, d)
+                out.append(torch.matmul(key, query).softmax(dim=-2))
+                n += key.shape[2]
+            counts.append(n)
+        return torch.cat(out, dim=2), tuple(counts)
 
     def _token_maps(self, attn, layer: str, hs: torch.Tensor, ehs: torch.Tensor, rows: slice,
                     temb: torch.Tensor | None) -> torch.Tensor:
@@ -448,10 +524,10 @@ class Reweight:
         return self.step >= start and (end is None or self.step < end)
 
     def edit(self, attn, layer: str, call: SiteCall, out: torch.Tensor) -> torch.Tensor:
-        ehs = call.encoder_hidden_states
+        ehs, _ = call.text_and_images()  # with an IP-Adapter: its text part (same equalizer)
         if ehs is None or not torch.is_tensor(ehs) or not self.positions or not self.active():
             return out
-        return out + self._correction(attn, call, out)
+        return out + self._correction(attn, call._replace(encoder_hidden_states=ehs), out)
 
     def _rows(self, batch: int) -> slice:
         n = self.factors.shape[0]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from sdlens.analysis.controlnet import controlnet_residuals as control_residuals
 from sdlens.analysis.guidance import cfg_delta, guidance_stats, scheduler_view, x0_guidance_sweep
 from sdlens.analysis.heatmaps import Commitment, commitments, output_size, word_heatmap
 from sdlens.analysis.previews import latent_to_rgb, linear_decoder, previews, to_image
@@ -258,6 +259,24 @@ def guidance_curves(trace: Any, batch: int = 0, ax: Any = None) -> Figure:
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="best")
     ax.set_title(f"classifier-free guidance (scale {st.guidance_scale:g})", fontsize=10)
+    return fig
+
+
+def controlnet_residuals(trace: Any, batch: int = 0, net: int | None = None, ax: Any = None) -> Figure:
+    """Where a ControlNet's condition acts: the RMS of its residuals per block (columns: the
+    UNet's skip connections in order, then the mid block) and step (rows), for batch item
+    ``batch`` (``net``: one net of a multi-ControlNet; None: their mean). Needs a trace recorded
+    with ``record`` including "controlnet" (:mod:`sdlens.analysis.controlnet`)."""
+    res = control_residuals(trace)
+    rms = res.rms[:, batch]  # (steps, nets, blocks)
+    rms = rms.nanmean(1) if net is None else rms[:, net]
+    fig, ax = _new_axes(ax, (max(4.0, 0.4 * len(res.blocks) + 1.5), 3.2))
+    im = ax.imshow(_np(rms), aspect="auto", cmap="magma", interpolation="nearest")
+    ax.set_xticks(range(len(res.blocks)))
+    ax.set_xticklabels(res.blocks, rotation=90, fontsize=7)
+    ax.set_ylabel("step")
+    ax.set_title(f"ControlNet residual RMS (scale {res.scale})", fontsize=10)
+    fig.colorbar(im, ax=ax)
     return fig
 
 

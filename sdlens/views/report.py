@@ -29,7 +29,8 @@ from PIL import Image
 from sdlens.analysis.guidance import prediction_type, scheduler_view
 from sdlens.analysis.heatmaps import commitments, word_heatmap
 from sdlens.analysis.previews import previews
-from sdlens.analysis.tokens import find_word, nearest_tokens, token_view, word_texts
+from sdlens.analysis.tokens import (WORDS_UNKNOWN, find_word, nearest_tokens, token_view,
+                                    word_texts)
 from sdlens.views import plot
 
 _CSS = """
@@ -230,6 +231,9 @@ def _scrubber(trace: Any, batch: int, words: list[str], decoder: str, vae: Any,
 def _tokens(trace: Any, batch: int) -> str:
     view = token_view(trace, batch)
     out = []
+    if not view.words:
+        out.append(f'<div class="warn">Words unknown: {html.escape(WORDS_UNKNOWN)}. The table '
+                   'lists token positions.</div>')
     if view.truncated:
         out.append(f'<div class="warn">The prompt is longer than CLIP\'s {view.limit} tokens: '
                    f'the pipeline cut <b>{html.escape(" ".join(view.truncated_words))}</b>; '

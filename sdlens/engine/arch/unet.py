@@ -10,7 +10,10 @@ Under classifier-free guidance SD pipelines call the UNet on ``cat([uncond, text
 output with ``chunk(2)``; without guidance (``guidance_scale <= 1``, LCM/turbo) the UNet sees only
 the conditional batch (the engine tells the two apart from the UNet's batch size). Inpainting
 UNets take 9 input channels (latents, mask, masked-image latents); SDXL passes
-``added_cond_kwargs``: neither matters here, the hooks only read the sample's shape and the output.
+``added_cond_kwargs``; ControlNet pipelines call their ControlNet first and pass its residuals to
+the UNet (``down_block_additional_residuals``); an IP-Adapter makes the sites' text a pair (text,
+image-prompt embeddings): none of this matters here, the hooks only read the sample's shape and the
+output.
 """
 
 from __future__ import annotations
@@ -83,7 +86,11 @@ class UNetAdapter(BackboneAdapter):
 
     pipelines = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
                  "StableDiffusionInpaintPipeline", "StableDiffusionXLPipeline",
-                 "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+                 "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
+                 "StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
+                 "StableDiffusionControlNetInpaintPipeline", "StableDiffusionXLControlNetPipeline",
+                 "StableDiffusionXLControlNetImg2ImgPipeline",
+                 "StableDiffusionXLControlNetInpaintPipeline")
     # "sd": what traces of UNet pipelines that sdlens could not classify recorded
     families = ("shapes", "sd1", "sd2", "sdxl", "sdxl-refiner", "sd")
     naming = UNetNaming()

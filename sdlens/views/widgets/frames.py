@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from sdlens.analysis.guidance import cfg_delta
-from sdlens.analysis.heatmaps import output_size, word_heatmap
+from sdlens.analysis.heatmaps import output_size, token_heatmap, word_heatmap
 from sdlens.analysis.previews import latent_to_rgb, linear_decoder, previews
 from sdlens.analysis.tokens import trace_words
 
@@ -135,10 +135,18 @@ class WordChip:
                 "positions": list(self.positions), "tokens": list(self.tokens)}
 
 
+POSITION_CHIPS = 12  # words unknown: chips for the positions after the start token
+
+
 def word_chips(trace: Any, batch: int = 0) -> list[WordChip]:
-    """The prompt's words (punctuation left out) as chips, in prompt order."""
+    """The prompt's words (punctuation left out) as chips, in prompt order. Words unknown (a
+    ``prompt_embeds`` call): chips for token positions 1..12 instead, keyed ``"#3"`` (no tokens)."""
     if not getattr(trace, "tokens", None) or not trace.tokens[batch]:
-        return []
+        maps = getattr(trace, "attention", None)
+        if maps is None or not getattr(trace, "tokens", None):
+            return []
+        return [WordChip(f"#{p}", f"#{p}", 0, (p,), ())
+                for p in maps.token_positions[1: 1 + POSITION_CHIPS]]
     chips = []
     for w in trace_words(trace, batch, punctuation=False):
         chips.append(WordChip(w.name, w.text, w.occurrence, tuple(w.positions), tuple(w.tokens)))
@@ -340,8 +348,13 @@ class TraceFrames:
 
             with warnings.catch_warnings():  # constant maps (e.g. a 1x1 layer) are fine here
                 warnings.simplefilter("ignore", RuntimeWarning)
-                per = word_heatmap(self.trace, chip.text, per_step=True, **kw)
-                total = word_heatmap(self.trace, chip.text, per_step=False, **kw)
+                if chip.tokens:
+                    per = word_heatmap(self.trace, chip.text, per_step=True, **kw)
+                    total = word_heatmap(self.trace, chip.text, per_step=False, **kw)
+                else:  # a position chip (words unknown)
+                    kw.pop("occurrence")
+                    per = token_heatmap(self.trace, list(chip.positions), per_step=True, **kw)
+                    total = token_heatmap(self.trace, list(chip.positions), per_step=False, **kw)
             rgba = heat_rgba(torch.cat([per, total[None]]), self.cmap)
             frames = encode_many(list(rgba), "png")
             out[chip.key] = {"steps": frames[:-1], "sum": frames[-1]}

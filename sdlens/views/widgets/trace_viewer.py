@@ -33,7 +33,9 @@ def describe_trace(trace: Any, batch: int = 0) -> str:
     """One line: prompt, seed, CFG, steps, scheduler."""
     meta = getattr(trace, "meta", None) or {}
     prompts = getattr(trace, "prompts", None) or [""]
-    parts = [repr(prompts[batch] if batch < len(prompts) else prompts[0])]
+    prompt = prompts[batch] if batch < len(prompts) else prompts[0]
+    parts = [repr(prompt) if prompt is not None
+             else "prompt embeddings (words unknown: token positions shown)"]
     negs = getattr(trace, "negative_prompts", None) or []
     if batch < len(negs) and negs[batch]:
         parts.append(f"negative {negs[batch]!r}")
