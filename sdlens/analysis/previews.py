@@ -43,7 +43,7 @@ LINEAR = {
     "sdxl": (SDXL_MATRIX, SDXL_BIAS),
     "sdxl-refiner": (SDXL_MATRIX, SDXL_BIAS),
 }
-SHAPES_COEFFS = Path(__file__).parent / "models" / "shapes" / "weights" / "latent_rgb.json"
+SHAPES_COEFFS = Path(__file__).resolve().parents[1] / "models" / "shapes" / "weights" / "latent_rgb.json"
 KINDS = ("x0", "latents")
 DECODERS = ("auto", "linear", "vae", "tiny")
 CHEAP_VAE_PARAMS = 5_000_000  # the shipped models' VAEs (0.7M) decode in milliseconds; SD's (84M) does not

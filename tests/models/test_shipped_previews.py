@@ -31,6 +31,7 @@ def test_linear_preview_clearly_beats_the_mean_colour_baseline(run):
     # linear in colour, so no linear map gets close to the decode (measured: 0.18 vs 0.29 mean
     # abs error, a fit against the encoder gave 0.22): the bar is 3/4 of the baseline's error.
     pipe, tr = run
+    assert P.SHAPES_COEFFS.exists()  # the shipped fit is used, not one refitted on the fly
     lat = tr.x0[[5, 12, 24], 0]
     m, b = P.linear_decoder(tr)
     lin = P.latent_to_rgb(lat, m, b).clamp(-1, 1)
