@@ -214,7 +214,9 @@ def x0_coefficients(form: str | None, prediction_type: str, level: float | None
     if prediction_type in ("flow", FLOW_PREDICTION):  # a velocity: only the flow row reads it
         form = "flow" if form in (None, "flow") else form
         if form != "flow":
-            raise ValueError(f"prediction_type {prediction_type!r} needs the flow form, not {form!r}")
+            raise ValueError(f"prediction_type {prediction_type!r} is not supported by the "
+                             f"{form!r} form (only by the flow form); allowed: epsilon, "
+                             "v_prediction, sample, flow")
     elif prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type {prediction_type!r} is not supported; allowed: "
                          "epsilon, v_prediction, sample, flow")

@@ -381,11 +381,12 @@ class _Run:
                     t = torch.zeros(shape, dtype=self.opts.attention_dtype)
                 layers[layer] = rearrange(t, "... (h w) -> ... h w", h=lh, w=lw)
                 self.att[layer] = []
-            n_img = sum(self.image_tokens)
-            positions = list(range(n_tok - n_img)) + [IMAGE_PROMPT_POSITION + j for j in range(n_img)]
+            n_img = sum(self.image_tokens)  # IP-Adapter: image-prompt tokens after the text's
+            positions = positions[: n_tok - n_img] + [IMAGE_PROMPT_POSITION + j for j in range(n_img)]
             maps = AttentionMaps(layers, {l: self.resolutions[l] for l in layers},
                                  self.att_rec_steps, positions, self.opts.heads,
-                                 family=self.session.adapter.family(), dtype=str(self.opts.attention_dtype).replace("torch.", ""))
+                                 family=self.session.adapter.family(),
+                                 dtype=str(self.opts.attention_dtype).replace("torch.", ""))
         extra = {}
         if self.n_nets and any(c is not None for c in self.control):
             like = next(c for c in self.control if c is not None)
