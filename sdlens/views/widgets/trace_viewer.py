@@ -242,6 +242,11 @@ class TraceViewer(anywidget.AnyWidget):
 
     # ---------------------------------------------------------------- API
     @property
+    def trace_frames(self) -> TraceFrames:
+        """The frame renderer of this viewer (sizes, decoders, cached frames)."""
+        return self._frames
+
+    @property
     def word_keys(self) -> list[str]:
         return [w["key"] for w in self.words]
 
