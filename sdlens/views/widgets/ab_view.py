@@ -158,6 +158,7 @@ class ABView(W.VBox):
                                                           padding="4px", margin="2px",
                                                           overflow="hidden")))
         self.columns = W.HBox(cols, layout=W.Layout(width="100%", flex_flow="row nowrap"))
+        self.columns.add_class("sdl-ab-columns")
         super().__init__([self.panel, self.columns], **kwargs)
 
     # ---------------------------------------------------------------- differences

@@ -93,6 +93,7 @@ class GridViewer(W.VBox):
                                row_labels=row_labels, thumbs=thumbs, cell_px=int(cell_px))
         self.detail_title = W.HTML("")
         self.detail = W.VBox([])
+        self.detail.add_class("sdl-grid-detail")
         self.panel.observe(self._on_select, names="selected")
         super().__init__([self.panel, self.detail_title, self.detail], **kwargs)
 
