@@ -91,8 +91,11 @@ function render({ model, el }) {
     const w = model.get("word");
     const hm = w && urls.heat[w] ? urls.heat[w][i] : "";
     heatFig.style.display = Object.keys(urls.heat).length ? "" : "none";
-    if (hm) { heatImg.src = hm; heatImg.style.visibility = "visible"; }
-    else heatImg.style.visibility = "hidden";
+    if (hm) { heatImg.src = hm; heatImg.style.visibility = "visible"; heatImg.style.height = "auto"; }
+    else {  // keep the panel's place: the grid does not jump when a word is picked
+      heatImg.style.visibility = "hidden";
+      heatImg.style.height = (x0Img.height || px()) + "px";
+    }
     heatImg.dataset.step = String(i);
     heatCap.textContent = !w ? "heat A − B: click a word in A"
       : (urls.heat[w] ? (hm ? `'${w}': A − B (per step, min–max each)` : `'${w}': not recorded yet at this step`)

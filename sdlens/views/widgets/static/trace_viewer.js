@@ -204,7 +204,9 @@ function render({ model, el }) {
     chipRow.appendChild(h("span", { class: "sdl-chips-label", text: "words: " }));
     for (const w of words) {
       const chip = h("button", {
-        class: "sdl-chip", text: w.text, "data-word": w.key,
+        // the chip reads the word's name ("a", "a#2"): the name the kernel, plots and
+        // token_effects use for it
+        class: "sdl-chip", text: w.key, "data-word": w.key,
         title: `tokens ${w.tokens.join(" ")} at positions ${w.positions.join(", ")}`,
       });
       chip.addEventListener("click", () => {
