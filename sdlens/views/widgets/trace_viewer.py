@@ -71,6 +71,15 @@ class TraceViewer(anywidget.AnyWidget):
         max_side, heat_side, decoder, vae, fmt, cmap: frame rendering, see
             :class:`~sdlens.widgets.frames.TraceFrames`.
         fps: playback speed.
+
+    In the browser: ←/→ step, space plays / pauses, Home / End go to the first / last step (the
+    panel keeps these keys: JupyterLab does not see them). Steps show as 1..N, as diffusers'
+    progress bar counts them (``step`` is the index, 0..N-1). x_t and x0 say how they are
+    decoded ("linear preview" or "VAE decode"; ``decoder`` switches, a VAE decode is made on
+    first use when the trace's pipeline or ``vae=`` is at hand). Under the panels, the heat
+    legend: colour bar, the normalisation in words, the value under the pointer;
+    ``overlay_style`` ``"fill"`` or ``"outline"`` (contours at 0.25 / 0.5 / 0.75). ``notes``
+    say why a panel or the word chips are missing.
     """
 
     _esm = _STATIC / "trace_viewer.js"
