@@ -47,6 +47,8 @@ def settings_text(settings: dict, differs: Sequence[str] = ()) -> str:
     for key, v in settings.items():
         if v is None or (key == "negative prompt" and not v):
             continue
+        if key == "model" and key not in differs:  # a long path that says nothing here
+            continue
         if key == "guidance":
             text = "guidance off" if v == "off" else f"CFG {v:g}"
         else:
