@@ -9,7 +9,12 @@
   1 = opposite), from :func:`sdlens.analysis.heatmaps.word_heatmap` with ``per_step=True``;
 * ``parting_step``: the first step from which each run's x0 is closer to *its own* final x0
   than to the other run's final x0, and stays so until the end - from there on one can tell which
-  picture each run becomes. None when the runs never part (e.g. a trace with itself).
+  picture each run becomes. None when the runs never part: a trace with itself, or two runs whose
+  x0 distance stays within float noise (relative distance below ``NOISE``) at every step;
+* ``differs``: the settings that differ (prompt, seed, guidance, scheduler, ...), ``{name: (a, b)}``.
+
+Steps are numbered 1..N in text and plots, as diffusers' progress bar counts them; the arrays
+are indexed from 0.
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ import torch
 
 from sdlens.analysis.heatmaps import word_heatmap
 from sdlens.analysis.tokens import word_texts
+
+#: Relative x0 distance below which two runs count as the same picture (float noise: the same
+#: computation in another order, fp16 rounding).
+NOISE = 1e-3
 
 
 @dataclass
@@ -38,6 +47,7 @@ class Comparison:
     parting_step: int | None
     word_change: dict[str, np.ndarray] = field(default_factory=dict)
     map_steps: list[int] = field(default_factory=list)
+    differs: dict[str, tuple] = field(default_factory=dict)
 
     #: Draws a comparison: ``hook(comparison, **kwargs) -> Figure``. Analysis imports no views: the
     #: front door ``sdlens`` sets it to :func:`sdlens.views.plot.comparison`.
@@ -47,11 +57,23 @@ class Comparison:
     def words(self) -> list[str]:
         return list(self.word_change)
 
+    @property
+    def within_noise(self) -> bool:
+        """True when the x0 distance stays within float noise at every step."""
+        return bool(len(self.x0_relative) == 0 or float(np.max(self.x0_relative)) < NOISE)
+
     def summary(self) -> str:
+        diff = ", ".join(f"{k} {_show(a)} vs {_show(b)}" for k, (a, b) in self.differs.items())
         lines = [f"{self.label_a}  vs  {self.label_b}",
-                 f"final x0 RMS distance {self.x0_rms[-1]:.4f} (relative {self.x0_relative[-1]:.3f})",
-                 "parting step: " + ("never (the runs end up alike)" if self.parting_step is None
-                                     else str(self.parting_step))]
+                 "differs in: " + (diff or "no recorded setting"),
+                 f"final x0 RMS distance {self.x0_rms[-1]:.4g} (relative {self.x0_relative[-1]:.3g})"]
+        if self.parting_step is not None:
+            lines.append(f"parting step: {self.parting_step + 1} of {len(self.x0_rms)}")
+        elif self.within_noise:
+            lines.append(f"never parted: the x0 distance stays within noise (relative < {NOISE:g}) "
+                         "at every step")
+        else:
+            lines.append("never parted: neither run's x0 settles closer to its own final x0")
         for w, c in self.word_change.items():
             lines.append(f"  {w!r}: map change first {c[0]:.3f}, last {c[-1]:.3f}")
         return "\n".join(lines)
@@ -68,12 +90,38 @@ def _rms(x: torch.Tensor) -> np.ndarray:
     return x.flatten(1).pow(2).mean(1).sqrt().numpy()
 
 
-def _label(trace: Any, batch: int) -> str:
+def _show(v: Any) -> str:
+    return repr(v) if isinstance(v, str) else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def run_settings(trace: Any, batch: int = 0) -> dict[str, Any]:
+    """The settings of image ``batch`` of a run, as recorded: prompt, negative prompt, seed,
+    guidance ("off" when the run was unguided), steps, scheduler, size, model."""
     meta = getattr(trace, "meta", None) or {}
     seeds = meta.get("seeds") or []
     seed = seeds[batch] if isinstance(seeds, (list, tuple)) and len(seeds) > batch else meta.get("seed")
-    prompt = trace.prompts[batch] if getattr(trace, "prompts", None) else "?"
-    return f"{prompt!r} seed={seed} cfg={getattr(trace, 'guidance_scale', '?')}"
+    prompts = getattr(trace, "prompts", None) or []
+    negs = getattr(trace, "negative_prompts", None) or []
+    gs = getattr(trace, "guidance_scale", None)
+    sched = meta.get("scheduler_class") or meta.get("scheduler")
+    return {
+        "prompt": prompts[batch] if batch < len(prompts) else None,
+        "negative prompt": negs[batch] if batch < len(negs) else None,
+        "seed": seed,
+        "guidance": (float(gs) if getattr(trace, "do_cfg", True) and gs is not None else "off"),
+        "steps": len(trace.timesteps),
+        "scheduler": str(sched).replace("Scheduler", "") if sched else None,
+        "size": (f"{meta['height']}x{meta['width']}" if meta.get("height") and meta.get("width")
+                 else None),
+        "model": meta.get("model_id") or None,
+    }
+
+
+def _label(trace: Any, batch: int) -> str:
+    s = run_settings(trace, batch)
+    g = s["guidance"]
+    return (f"{s['prompt']!r} seed={s['seed']} " + ("guidance off" if g == "off" else f"cfg={g:g}")
+            + (f" {s['scheduler']}" if s["scheduler"] else ""))
 
 
 def _check_batch(trace: Any, batch: int, name: str) -> int:
@@ -116,7 +164,7 @@ def compare(trace_a: Any, trace_b: Any, batch_a: int = 0, batch_b: int = 0,
     own = np.stack([own_a, own_b], 1)
     parted = (own_a < 0) & (own_b < 0)
     parting = None
-    if float(_rms((fa - fb)[None])[0]) > 0:
+    if float(np.max(x0_rel)) >= NOISE:  # distances within float noise never part
         for i in range(len(parted)):
             if parted[i:].all():
                 parting = i
@@ -143,5 +191,7 @@ def compare(trace_a: Any, trace_b: Any, batch_a: int = 0, batch_b: int = 0,
             ma = word_heatmap(trace_a, w, batch=ba, per_step=True, steps=map_steps, **kw)
             mb = word_heatmap(trace_b, w, batch=bb, per_step=True, steps=map_steps, **kw)
             change[w] = (ma - mb).abs().flatten(1).mean(1).numpy()
+    sa_, sb_ = run_settings(trace_a, ba), run_settings(trace_b, bb)
+    differs = {k: (sa_[k], sb_[k]) for k in sa_ if sa_[k] != sb_[k]}
     return Comparison(_label(trace_a, ba), _label(trace_b, bb), np.arange(len(x0_rms)),
-                      latent_rms, x0_rms, x0_rel, own, parting, change, map_steps)
+                      latent_rms, x0_rms, x0_rel, own, parting, change, map_steps, differs)

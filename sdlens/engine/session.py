@@ -768,6 +768,21 @@ def trace(pipe, options: RecordOptions | None = None, tokens=None, **kwargs):
 _GENERATE_ARGS = {"steps": "num_inference_steps"}
 
 
+#: Seeds ``torch.Generator.manual_seed`` keeps as given (a negative seed wraps to 2**64 - |seed|).
+SEED_MAX = 2 ** 64 - 1
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    """``seed`` as an int in ``0..SEED_MAX``, or ValueError naming the range (never wrapped)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{name} must be an int, got {seed!r}")
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"{name}={seed} is outside 0..2**64-1, the seeds torch.Generator keeps as "
+                         f"given (a negative seed would silently become {seed % 2 ** 64})"
+                         if seed < 0 else f"{name}={seed} is outside 0..2**64-1 (torch.Generator's range)")
+    return int(seed)
+
+
 def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, steps: int = 25,
              guidance_scale: float | None = None, negative_prompt: str | list[str] | None = None,
              height: int | None = None, width: int | None = None,
@@ -778,12 +793,13 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
     Args:
         pipe: a diffusers SD pipeline (see :func:`trace`).
         prompt: a prompt or a list of prompts (None with ``prompt_embeds=`` given).
-        seed: an int (one CPU generator for the whole batch), a list of ints (one generator per
-            batch item: prompts x num_images_per_prompt), or None (a random seed, recorded in
-            ``trace.meta['seeds']``).
+        seed: an int in ``0..2**64-1`` (one CPU generator for the whole batch), a list of ints
+            (one generator per batch item: prompts x num_images_per_prompt), or None (a random
+            seed, recorded in ``trace.meta['seeds']``). Outside that range is an error: torch
+            would wrap a negative seed silently.
         steps: ``num_inference_steps``.
         guidance_scale: classifier-free guidance scale (None: the pipeline's default; <= 1 turns
-            guidance off).
+            guidance off, below 1 with a warning).
         negative_prompt: a negative prompt (or one per prompt).
         height, width: image size in pixels (None: the model's default).
         options: a :class:`RecordOptions`.
@@ -819,15 +835,20 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
     if seed is None:
         seed = random.randrange(2 ** 31)
     if isinstance(seed, (list, tuple)):
-        seeds = [int(s) for s in seed]
+        seeds = [check_seed(s, f"seed[{i}]") for i, s in enumerate(seed)]
         generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     elif isinstance(seed, int) and not isinstance(seed, bool):
-        seeds = [int(seed)]
-        generator = torch.Generator("cpu").manual_seed(int(seed))
+        seeds = [check_seed(seed)]
+        generator = torch.Generator("cpu").manual_seed(seeds[0])
     else:
         raise ValueError(f"seed must be an int, a list of ints or None, got {seed!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if guidance_scale is not None and float(guidance_scale) < 1:
+        # diffusers guides only above 1; below it runs unguided, as 1 does (1 is the usual
+        # "no guidance" and stays quiet)
+        warnings.warn(f"sdlens: guidance_scale={guidance_scale:g} is below 1: the pipeline runs "
+                      "without classifier-free guidance (as at 1)", UserWarning, stacklevel=2)
     call = dict(prompt=prompt, num_inference_steps=steps, generator=generator, **kwargs)
     if guidance_scale is not None:
         call["guidance_scale"] = guidance_scale

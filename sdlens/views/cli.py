@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sdlens.engine.options import human_bytes
-from sdlens.engine.session import generate
+from sdlens.engine.session import check_seed, generate
 from sdlens.experiments.sweep import add_sweep_parser, is_grid_file, sweep
 from sdlens.pipeline import load_pipeline
 from sdlens.trace.core import load
@@ -109,6 +109,13 @@ def _add_run_options(p: argparse.ArgumentParser, steps: int, cfg: float | None) 
 def _check_run_args(args: argparse.Namespace) -> None:
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    seeds = [("--seed", args.seed)] if getattr(args, "seed", None) is not None else []
+    seeds += [("--grid-seeds", s) for s in getattr(args, "grid_seed_values", None) or []]
+    for flag, seed in seeds:
+        try:
+            check_seed(seed, flag)
+        except ValueError as e:
+            raise UsageError(str(e).replace(f"{flag}=", f"{flag} ", 1)) from None
     for name in ("height", "width"):
         v = getattr(args, name, None)
         if v is not None and (v < 8 or v % 8):
@@ -310,6 +317,7 @@ def _demo_run(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.grid_seeds.split(",") if s.strip()]
     except ValueError:
         raise UsageError(f"--grid-seeds must be comma-separated ints, got {args.grid_seeds!r}") from None
+    args.grid_seed_values = seeds
     _check_run_args(args)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

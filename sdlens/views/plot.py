@@ -25,7 +25,7 @@ from sdlens.analysis.guidance import cfg_delta, guidance_stats, scheduler_view, 
 from sdlens.analysis.heatmaps import Commitment, commitments, output_size, word_heatmap
 from sdlens.analysis.previews import latent_to_rgb, linear_decoder, previews, to_image
 from sdlens.analysis.tokens import find_word, token_text, token_view as _token_view, word_texts
-from sdlens.trace.steps import select_steps
+from sdlens.trace.steps import select_step, select_steps
 
 STRIP_ROWS = ("latents", "x0", "noise", "cfg")
 _ROW_TITLES = {"latents": "x_t (latents)", "x0": "x0 (predicted)", "noise": "noise (guided)",
@@ -143,7 +143,7 @@ def heatmap_steps(trace: Any, word: str, steps: Any = None, n: int = 8, batch: i
         if img is not None:
             ax.imshow(img)
         im = ax.imshow(m, cmap=cmap, alpha=alpha if img is not None else 1, vmin=0, vmax=1)
-        ax.set_title(f"step {s}", fontsize=9)
+        ax.set_title(f"step {s + 1}", fontsize=9)
         _strip_axis(ax)
     fig.colorbar(im, ax=list(axes), fraction=0.03, pad=0.02)
     fig.suptitle(f"{word!r} per step", fontsize=10)
@@ -215,7 +215,7 @@ def step_strip(trace: Any, steps: Any = None, n: int = 8, rows: Sequence[str] = 
                                interpolation="nearest")
             _strip_axis(ax)
             if r == 0:
-                ax.set_title(f"step {s}\nt={float(trace.timesteps[s]):.0f}", fontsize=9)
+                ax.set_title(f"step {s + 1}\nt={float(trace.timesteps[s]):.0f}", fontsize=9)
             if c == 0:
                 ax.set_ylabel(_ROW_TITLES[row], fontsize=9)
         if row == "cfg":
@@ -237,7 +237,8 @@ def guidance_strip(trace: Any, step: int, scales: Sequence[float] = (1, 3, 5, 7.
         rec = " (recorded)" if abs(float(s) - float(trace.guidance_scale)) < 1e-6 else ""
         ax.set_title(f"cfg {s:g}{rec}", fontsize=9)
         _strip_axis(ax)
-    fig.suptitle(f"x0 at step {step} for other guidance scales", fontsize=10)
+    fig.suptitle(f"x0 at step {select_step(step, len(trace.timesteps)) + 1} for other guidance scales",
+                 fontsize=10)
     return fig
 
 
@@ -247,13 +248,14 @@ def guidance_curves(trace: Any, batch: int = 0, ax: Any = None) -> Figure:
     cosine between the two predictions (right axis)."""
     st = guidance_stats(trace, batch)
     fig, ax = _new_axes(ax, (5.5, 3.2))
-    ax.plot(st.steps, st.delta_rms, "o-", ms=3, label="RMS(text - uncond)")
-    ax.plot(st.steps, st.uncond_rms, "--", label="RMS(uncond)")
-    ax.plot(st.steps, st.text_rms, ":", label="RMS(text)")
+    x = np.asarray(st.steps) + 1  # steps 1..N, as diffusers' progress bar counts them
+    ax.plot(x, st.delta_rms, "o-", ms=3, label="RMS(text - uncond)")
+    ax.plot(x, st.uncond_rms, "--", label="RMS(uncond)")
+    ax.plot(x, st.text_rms, ":", label="RMS(text)")
     ax.set_xlabel("step")
     ax.set_ylabel("RMS")
     ax2 = ax.twinx()
-    ax2.plot(st.steps, st.cosine, color="grey", alpha=0.6, label="cos(uncond, text)")
+    ax2.plot(x, st.cosine, color="grey", alpha=0.6, label="cos(uncond, text)")
     ax2.set_ylabel("cosine", color="grey")
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
@@ -283,7 +285,7 @@ def controlnet_residuals(trace: Any, batch: int = 0, net: int | None = None, ax:
 def scheduler_curves(trace: Any) -> Figure:
     """Timesteps, sigma (log scale), alpha_bar a_t / log-SNR and step sizes per step."""
     v = scheduler_view(trace)
-    steps = np.arange(len(v.timesteps))
+    steps = np.arange(1, len(v.timesteps) + 1)  # 1..N
     fig = Figure(figsize=(8, 5), layout="constrained")
     (a, b), (c, d) = fig.subplots(2, 2)
     a.plot(steps, v.timesteps, "o-", ms=3)
@@ -317,9 +319,10 @@ def commitment_curves(source: Any, words: Iterable[str] | None = None, threshold
         raise ValueError("no words to show")
     fig, ax = _new_axes(ax, (5.5, 3.2))
     for c in comms:
-        (line,) = ax.plot(c.steps, c.correlation, "o-", ms=3, label=f"{c.word!r} (step {c.step})")
+        label = f"{c.word!r} (step {c.step + 1})" if c.step is not None else f"{c.word!r} (never)"
+        (line,) = ax.plot(np.asarray(c.steps) + 1, c.correlation, "o-", ms=3, label=label)
         if c.step is not None:
-            ax.axvline(c.step, color=line.get_color(), ls=":", alpha=0.7)
+            ax.axvline(c.step + 1, color=line.get_color(), ls=":", alpha=0.7)
     ax.axhline(comms[0].threshold, color="k", ls="--", lw=0.8, label=f"threshold {comms[0].threshold}")
     ax.set(xlabel="step", ylabel="corr(map_t, final map)", ylim=(-1.05, 1.05))
     ax.set_title("when does each word commit to its place?", fontsize=10)
@@ -359,21 +362,25 @@ def comparison(cmp: Any, axes: Any = None) -> Figure:
     else:
         a, b = axes
         fig = a.figure
-    a.plot(cmp.steps, cmp.x0_relative, "o-", ms=3, label="x0 relative distance")
+    a.plot(cmp.steps + 1, cmp.x0_relative, "o-", ms=3, label="x0 relative distance")
     a.plot(np.arange(len(cmp.latent_rms)), cmp.latent_rms / max(cmp.latent_rms.max(), 1e-12),
            "--", label="x_t RMS distance (scaled to max 1)")
     if cmp.parting_step is not None:
-        a.axvline(cmp.parting_step, color="red", ls=":", label=f"part ways: step {cmp.parting_step}")
-    a.set(xlabel="step", ylabel="distance")
+        a.axvline(cmp.parting_step + 1, color="red", ls=":",
+                  label=f"part ways: step {cmp.parting_step + 1}")
+    elif cmp.within_noise:
+        a.text(0.5, 0.5, "never parted (within noise)", transform=a.transAxes, ha="center")
+    a.set(xlabel="step (x_t: after that many steps)", ylabel="distance")
     a.legend(fontsize=8)
     a.set_title("how far apart are the runs?", fontsize=10)
     for w, c in cmp.word_change.items():
-        b.plot(cmp.map_steps, c, "o-", ms=3, label=repr(w))
+        b.plot(np.asarray(cmp.map_steps) + 1, c, "o-", ms=3, label=repr(w))
     b.set(xlabel="step", ylabel="mean |map_a - map_b|", ylim=(0, 1))
     b.set_title("change of each word's map", fontsize=10)
     if cmp.word_change:
         b.legend(fontsize=8)
-    fig.suptitle(f"A: {cmp.label_a}\nB: {cmp.label_b}", fontsize=9)
+    differs = ", ".join(cmp.differs) or "no recorded setting"
+    fig.suptitle(f"A: {cmp.label_a}\nB: {cmp.label_b}\ndiffer in: {differs}", fontsize=9)
     return fig
 
 

@@ -10,7 +10,8 @@ x0 of one step at other guidance scales; the scheduler's curves. A section that 
 from this trace (e.g. no attention recorded) says why instead.
 
 The scrubber also reads the page's address: ``report.html#step=5&word=circle`` opens at step 5
-showing the map of "circle".
+showing the map of "circle". Steps are numbered 1..N everywhere in the report, as diffusers'
+progress bar counts them; every sentence that states a number reads it from the table beside it.
 """
 
 from __future__ import annotations
@@ -57,13 +58,13 @@ _JS = """
   const mp = document.getElementById('scrub-map'), mpcap = document.getElementById('map-caption');
   function show(){
     const i = parseInt(slider.value);
-    label.textContent = 'step ' + i + ' / ' + (F.t.length - 1) + '   (t = ' + F.t[i] + ')';
+    label.textContent = 'step ' + (i + 1) + '/' + F.t.length + '   (t = ' + F.t[i] + ')';
     if (xt && F.xt.length) xt.src = F.xt[i];
     if (x0 && F.x0.length) x0.src = F.x0[i];
     if (mp && wordSel) {
       const w = wordSel.value, m = F.maps[w];
       if (m) { mp.src = m[i];
-        mpcap.textContent = JSON.stringify(w) + ' at step ' + F.mapstep[i] +
+        mpcap.textContent = JSON.stringify(w) + ' at step ' + (F.mapstep[i] + 1) +
           (F.mapstep[i] === i ? '' : ' (nearest recorded step)'); }
     }
   }
@@ -79,7 +80,7 @@ _JS = """
   });
   const q = new URLSearchParams(location.hash.replace(/^#/, ''));
   if (q.has('word') && wordSel && F.maps[q.get('word')]) wordSel.value = q.get('word');
-  if (q.has('step')) { slider.value = q.get('step'); slider.dispatchEvent(new Event('input')); }
+  if (q.has('step')) { slider.value = parseInt(q.get('step')) - 1; slider.dispatchEvent(new Event('input')); }
   else show();
 })();
 """
@@ -139,7 +140,8 @@ def _settings(trace: Any, batch: int) -> str:
         ("pipeline", meta.get("pipeline_class")),
         ("scheduler", f"{meta.get('scheduler_class')} ({prediction_type(trace)})"),
         ("steps", len(trace.timesteps)),
-        ("guidance scale", f"{trace.guidance_scale:g}" + ("" if trace.do_cfg else " (off)")),
+        ("guidance scale", f"{trace.guidance_scale:g}" if trace.do_cfg else
+         f"off (scale {trace.guidance_scale:g}: diffusers guides only above 1)"),
         ("seed", seeds[batch] if len(seeds) > batch else (seeds[0] if seeds else None)),
         ("size", f"{meta.get('width')} x {meta.get('height')} px, latents "
                  f"{tuple(trace.latents.shape[-3:]) if trace.latents is not None else '?'}"),
@@ -210,10 +212,12 @@ def _scrubber(trace: Any, batch: int, words: list[str], decoder: str, vae: Any,
     parts.append("</div><div class=\"scrub\">")
     if frames["xt"]:
         parts.append(f'<figure><img id="scrub-xt" class="pix" width="{display}" alt="x_t">'
-                     f'<figcaption>x_t (latents before the step, {decoder} preview)</figcaption></figure>')
+                     f'<figcaption>x_t (latents before the step, {_DECODERS.get(decoder, decoder)})'
+                     '</figcaption></figure>')
     if frames["x0"]:
         parts.append(f'<figure><img id="scrub-x0" class="pix" width="{display}" alt="x0">'
-                     f'<figcaption>x0 (predicted clean image, {decoder} preview)</figcaption></figure>')
+                     f'<figcaption>x0 (predicted clean image, {_DECODERS.get(decoder, decoder)})'
+                     '</figcaption></figure>')
     if frames["maps"]:
         parts.append(f'<figure><img id="scrub-map" class="pix" width="{display}" alt="word map">'
                      '<figcaption id="map-caption"></figcaption></figure>')
@@ -228,6 +232,31 @@ def _scrubber(trace: Any, batch: int, words: list[str], decoder: str, vae: Any,
     return "\n".join(parts)
 
 
+_DECODERS = {"linear": "linear preview", "vae": "VAE decode", "tiny": "tiny VAE decode"}
+
+
+def _word_name(view: Any, row: Any) -> str:
+    """The word a token belongs to, named as everywhere (``Word.name``: "a", "a#2")."""
+    if 0 <= row.word_index < len(view.words):
+        return view.words[row.word_index].name
+    return row.word
+
+
+def _share_sentence(view: Any) -> str:
+    """Which token takes the largest share, read from the same numbers as the table."""
+    rows = [r for r in view.rows if r.attention is not None]
+    if not rows:
+        return ""
+    total = sum(r.attention for r in rows)
+    top = max(rows, key=lambda r: r.attention)
+    share = top.attention / total if total > 0 else 0.0
+    who = f"<code>{html.escape(top.token)}</code> (position {top.position})"
+    if share > 0.5:
+        return f"; {who} takes most of it: {top.attention:.4f} of {total:.4f} in this table"
+    return (f"; the largest share is {who}'s {top.attention:.4f}, {share:.0%} of the {total:.4f} "
+            "in this table: no token dominates")
+
+
 def _tokens(trace: Any, batch: int) -> str:
     view = token_view(trace, batch)
     out = []
@@ -240,11 +269,11 @@ def _tokens(trace: Any, batch: int) -> str:
                    'those words had no effect and have no maps.</div>')
     out.append(f"<p>{view.n_prompt_tokens} of {view.limit} prompt tokens. The share of attention "
                "is the attention probability a token received, averaged over recorded steps, "
-               "layers, heads and pixels (the start token takes most of it).</p>")
+               f"layers, heads and pixels{_share_sentence(view)}.</p>")
     head = "<tr><th>position</th><th>token</th><th>id</th><th>word</th><th>attention share</th></tr>"
     rows = "".join(
         f"<tr><td>{r.position}</td><td><code>{html.escape(r.token)}</code></td>"
-        f"<td>{'' if r.id is None else r.id}</td><td>{html.escape(r.word)}</td>"
+        f"<td>{'' if r.id is None else r.id}</td><td>{html.escape(_word_name(view, r))}</td>"
         f"<td>{'' if r.attention is None else f'{r.attention:.4f}'}</td></tr>" for r in view.rows)
     out.append(f"<table>{head}{rows}</table>")
     if trace.attention is not None:
@@ -274,7 +303,8 @@ def _commitment(trace: Any, batch: int, words: list[str], kw: dict) -> str:
         raise ValueError("attention was recorded at fewer than 2 steps")
     kw = {k: v for k, v in kw.items() if k not in ("steps",)}
     comms = commitments(trace, words, batch=batch, **kw)
-    rows = "".join(f"<tr><td>{html.escape(c.word)}</td><td>{c.step}</td></tr>" for c in comms)
+    rows = "".join(f"<tr><td>{html.escape(c.word)}</td>"
+                   f"<td>{'never' if c.step is None else c.step + 1}</td></tr>" for c in comms)
     fig = plot.commitment_curves(comms)
     return ("<p>Correlation of each word's step-t map with its final map; the commitment step is "
             f"the first step from which it stays above {comms[0].threshold}.</p>"
@@ -288,7 +318,7 @@ def _guidance_section(trace: Any, batch: int) -> str:
     step = n // 3
     try:
         fig = plot.guidance_strip(trace, step, batch=batch)
-        out.append("<p>x0 of step " + str(step) + " recomputed from the recorded predictions at other"
+        out.append("<p>x0 of step " + str(step + 1) + " recomputed from the recorded predictions at other"
                    " guidance scales (no new UNet call; later steps would differ too).</p>")
         out.append(_img_tag(_fig_uri(fig), "x0 at other guidance scales"))
     except ValueError as e:
@@ -299,7 +329,7 @@ def _guidance_section(trace: Any, batch: int) -> str:
 def _scheduler_section(trace: Any) -> str:
     v = scheduler_view(trace)
     head = "<tr><th>step</th><th>t</th><th>sigma</th><th>alpha_bar</th><th>dt</th></tr>"
-    rows = "".join(f"<tr><td>{i}</td><td>{t:.1f}</td><td>{s:.4f}</td><td>{a:.5f}</td>"
+    rows = "".join(f"<tr><td>{i + 1}</td><td>{t:.1f}</td><td>{s:.4f}</td><td>{a:.5f}</td>"
                    f"<td>{d:.1f}</td></tr>"
                    for i, (t, s, a, d) in enumerate(zip(v.timesteps, v.sigmas, v.alpha_bar,
                                                         v.dt)))

@@ -4,6 +4,7 @@ shipped model's heatmaps against its objects' pixels."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from fakes import random_shapes_folder, shipped_model_available
+from sdlens.analysis.tokens import token_view
 from sdlens.views.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +45,35 @@ def test_trace_writes_a_loadable_trace(run_file):
     assert tr.prompts == ["a red circle and a blue square"]
     assert len(tr.timesteps) == 3 and tr.guidance_scale == 4.0 and tr.meta["seeds"] == [7]
     assert tr.latents.shape == (4, 1, 4, 16, 16) and tr.attention is not None
+
+
+def test_report_sentences_follow_its_table(report_file):
+    from sdlens.trace import load
+
+    text = report_file.read_text()
+    tr = load(report_file.with_name("run.sdlens"))
+    view = token_view(tr)
+    rows = [r for r in view.rows if r.attention is not None]
+    top = max(rows, key=lambda r: r.attention)
+    total = sum(r.attention for r in rows)
+    # the sentence names the token the table shows largest, with the table's own number
+    assert f"{top.attention:.4f}" in text.split("<table>", 3)[0] or f"{top.attention:.4f}" in text
+    sentence = re.search(r"layers, heads and pixels(.*?)\.</p>", text).group(1)
+    assert html.escape(top.token) in sentence and f"{top.attention:.4f}" in sentence
+    assert ("takes most of it" in sentence) == (top.attention / total > 0.5)
+    assert "the start token takes most of it" not in text or top.position == 0
+    # steps 1..N in the report's tables too
+    assert "<tr><td>1</td><td>" in text and "<td>0</td><td>" not in text.split("Scheduler</h2>")[1]
+
+
+def test_bad_seed_and_steps_are_usage_errors(model, tmp_path, capsys):
+    for args, msg in ((["--seed", "-3"], "--seed -3 is outside 0..2**64-1"),
+                      (["--steps", "0"], "--steps must be >= 1")):
+        rc = main(["trace", "a red circle", "--model", model, "--out", str(tmp_path / "x.sdlens"),
+                   "-q", *args])
+        assert rc == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "x.sdlens").exists()
 
 
 def test_info_and_inspect(run_file, capsys):
@@ -186,13 +217,14 @@ def test_report_scrubber_changes_the_image_in_headless_chromium(report_file):
     frames = json.loads(re.search(r'id="frames">(.*?)</script>', out.read_text(), re.S)
                         .group(1).replace("<\\/", "</"))
     # the page's script moves the slider and fires its input event (as dragging it does)
-    first, last = _dom(out, "#step=0&word=circle"), _dom(out, "#step=2&word=square")
+    # steps in the address and the label count 1..N, as diffusers' progress bar does
+    first, last = _dom(out, "#step=1&word=circle"), _dom(out, "#step=3&word=square")
     assert _src(first, "scrub-x0") == frames["x0"][0]
     assert _src(last, "scrub-x0") == frames["x0"][2]
     assert _src(first, "scrub-x0") != _src(last, "scrub-x0")
     assert _src(first, "scrub-map") == frames["maps"]["circle"][0]
     assert _src(last, "scrub-map") == frames["maps"]["square"][2]
-    assert "step 2 / 2" in last
+    assert "step 3/3" in last
 
 
 # --------------------------------------------------------------------------- shipped model

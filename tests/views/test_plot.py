@@ -70,7 +70,7 @@ def test_overlay_draws_into_the_given_axes(tr):
 def test_heatmap_steps(tr):
     fig = plot.heatmap_steps(tr, "circle", n=5)
     axes = _main_axes(fig)
-    assert [a.get_title() for a in axes] == ["step 0", "step 2", "step 4", "step 7", "step 9"]
+    assert [a.get_title() for a in axes] == ["step 1", "step 3", "step 5", "step 8", "step 10"]  # 1..N
     per = tr.heatmap("circle", per_step=True, steps=[0, 2, 4, 7, 9]).numpy()
     assert np.allclose(axes[2].images[-1].get_array(), per[2])
 
@@ -79,8 +79,8 @@ def test_step_strip(tr):
     fig = plot.step_strip(tr, n=4)
     axes = _main_axes(fig)
     assert len(axes) == 4 * 4
-    assert [a.get_title().split("\n")[0] for a in axes[:4]] == ["step 0", "step 3", "step 6",
-                                                                  "step 9"]
+    assert [a.get_title().split("\n")[0] for a in axes[:4]] == ["step 1", "step 4", "step 7",
+                                                                  "step 10"]
     ylabels = [axes[i * 4].get_ylabel() for i in range(4)]
     assert ylabels == ["x_t (latents)", "x0 (predicted)", "noise (guided)", "|CFG delta|"]
     # the CFG row is the per-pixel norm of text - uncond
@@ -122,11 +122,39 @@ def test_curves(tr):
     fig = plot.commitment_curves(tr, words=["circle", "square"])
     ax = _main_axes(fig)[0]
     assert np.allclose(ax.lines[0].get_ydata(), commitment(tr, "circle").correlation)
-    assert "(step 4)" in ax.lines[0].get_label()
+    assert "(step 5)" in ax.lines[0].get_label()  # index 4, shown 1..N
     assert commitment(tr, "circle").plot().axes  # the result object plots itself
 
     fig = plot.guidance_strip(tr, 5, scales=[1, 7.5, 12])
     assert [a.get_title() for a in _main_axes(fig)] == ["cfg 1", "cfg 7.5 (recorded)", "cfg 12"]
+
+
+def test_compare_names_what_differs_and_never_parted():
+    a = fake_trace()
+    same = compare(a, a)
+    assert same.parting_step is None and same.within_noise and same.differs == {}
+    assert "never parted: the x0 distance stays within noise" in same.summary()
+    assert "parting step" not in same.summary()
+    # float noise (the same run computed in another order) is not a parting
+    jitter = replace(a, x0=a.x0 * (1 + 1e-6), latents=a.latents * (1 + 1e-6))
+    noisy = compare(a, jitter)
+    assert noisy.parting_step is None and noisy.within_noise
+    fig = noisy.plot()
+    assert any("never parted" in t.get_text() for t in _main_axes(fig)[0].texts)
+    b = replace(a, meta={**a.meta, "scheduler_class": "EulerDiscreteScheduler"})
+    assert compare(replace(a, meta={**a.meta, "scheduler_class": "DDIMScheduler"}), b).differs == {
+        "scheduler": ("DDIM", "EulerDiscrete")}
+    assert "differs in: scheduler 'DDIM' vs 'EulerDiscrete'" in compare(
+        replace(a, meta={**a.meta, "scheduler_class": "DDIMScheduler"}), b).summary()
+
+
+def test_plots_count_steps_from_one(tr):
+    fig = plot.scheduler_curves(tr)
+    assert list(_main_axes(fig)[0].lines[0].get_xdata()) == list(range(1, len(tr.timesteps) + 1))
+    fig = plot.guidance_curves(tr)
+    assert _main_axes(fig)[0].lines[0].get_xdata()[0] == 1
+    fig = plot.guidance_strip(tr, 5, scales=[1, 7.5])
+    assert "x0 at step 6 " in fig._suptitle.get_text()
 
 
 def test_comparison_plot():

@@ -182,7 +182,8 @@ def test_viewer_without_cfg_or_attention(pipe):
     tr = generate(pipe, PROMPT, seed=0, steps=3, guidance_scale=1.0)
     v = TraceViewer(tr)
     assert "cfg_delta" not in v.frames and "noise" in v.frames
-    assert any("CFG" in n for n in v.notes)
+    assert v.notes == ["no CFG delta: guidance off (scale 1; diffusers guides only above 1)"]
+    assert "guidance off" in v.title and "CFG" not in v.title
     tr2 = generate(pipe, PROMPT, seed=0, steps=3, record=("latents", "x0"))
     v2 = TraceViewer(tr2)
     assert list(v2.frames) == ["x_t", "x0"] and v2.words == [] and v2.heat == {}
@@ -219,6 +220,96 @@ def test_frame_size_cap_and_jpeg(trace):
     assert decode(v.image).size == (32, 32)
 
 
+def test_viewer_labels_say_what_is_shown(trace, pipe):
+    v = TraceViewer(trace)
+    labels = {p["name"]: p["label"] for p in v.panels}
+    assert labels["x_t"] == "x_t (latents) · linear preview"
+    assert labels["x0"] == "x0 prediction · linear preview"
+    # the live trace keeps its pipeline: a VAE decode is on offer, made on first use
+    assert v.decoder_options == [["linear", "linear preview"], ["vae", "VAE decode"]]
+    linear = v.frames["x0"][-1]
+    _front_end_sends(v, decoder="vae")
+    assert {p["name"]: p["label"] for p in v.panels}["x0"] == "x0 prediction · VAE decode"
+    from sdlens.analysis.previews import preview
+
+    want = np.asarray(preview(trace, "x0", -1, decoder="vae", size=64))
+    assert np.abs(_arr(v.frames["x0"][-1])[..., :3].astype(int) - want.astype(int)).max() <= 1
+    assert v.frames["x0"][-1] != linear
+    _front_end_sends(v, decoder="linear")
+    assert v.frames["x0"][-1] == linear  # cached
+    # the legend: colour bar, normalisation in words, an opacity that keeps the object readable
+    assert v.colorbar.startswith("linear-gradient(to right, rgb(0,0,128) 0%")
+    assert v.heat_norms == {"step": "per step, min–max", "sum": "summed over steps, min–max"}
+    assert v.opacity <= 0.5 and v.overlay_style == "fill"
+    assert "←/→ step" in v.help and "space play/pause" in v.help and "Home/End" in v.help
+    _front_end_sends(v, overlay_style="outline")
+    assert v.overlay_style == "outline"
+    with pytest.raises(traitlets.TraitError, match="overlay_style"):
+        v.overlay_style = "dots"
+    with pytest.raises(ValueError, match="decoder"):
+        TraceViewer(trace, decoder="magic")
+
+
+def test_viewer_notes_give_the_real_reason(pipe):
+    from sdlens.experiments.sweep import sweep
+
+    grid = sweep(pipe, "a red circle", seeds=[0], guidance_scales=[1.0, 7.5], steps=3, progress=False)
+    guided = TraceViewer(grid.traces[1])  # CFG 7.5, but a light trace: no noise
+    assert "CFG 7.5" in guided.title
+    assert guided.notes == ["noise not recorded: sweeps record light traces; `record=...` keeps it "
+                            "(no guided-noise or CFG-delta panel)"]
+    assert not any("guidance" in n for n in guided.notes)
+    # an empty prompt is unconditional sampling: no chips, and the viewer says why
+    tr = generate(pipe, "", seed=0, steps=2)
+    v = TraceViewer(tr)
+    assert v.words == [] and "empty prompt: no words to map" in v.notes
+
+
+def test_guidance_below_one_warns_and_seeds_are_checked(pipe):
+    with pytest.warns(UserWarning, match="guidance_scale=-1 is below 1"):
+        tr = generate(pipe, PROMPT, seed=0, steps=2, guidance_scale=-1)
+    assert not tr.do_cfg and "guidance off" in TraceViewer(tr).title
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(pipe, PROMPT, seed=0, steps=2, guidance_scale=1.0)  # 1 stays quiet
+    for seed in (-3, 2 ** 64, [0, -1]):
+        with pytest.raises(ValueError, match=r"outside 0\.\.2\*\*64-1"):
+            generate(pipe, PROMPT, seed=seed, steps=2)
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        generate(pipe, PROMPT, seed=0, steps=0)
+    big = generate(pipe, PROMPT, seed=2 ** 64 - 1, steps=2)
+    assert big.meta["seeds"] == [2 ** 64 - 1] and f"seed {2 ** 64 - 1}" in TraceViewer(big).title
+
+
+def test_ab_view_columns_shared_step_and_difference(pipe):
+    from sdlens.pipeline import make_scheduler
+    from sdlens.widgets import ABView
+
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = make_scheduler("ddim", original.config)
+        a = generate(pipe, PROMPT, seed=0, steps=4)
+        pipe.scheduler = make_scheduler("euler", original.config)
+        b = generate(pipe, PROMPT, seed=0, steps=4)
+    finally:
+        pipe.scheduler = original
+    ab = ABView(a, b)
+    assert ab.panel.differs == [["scheduler", "DDIM", "EulerDiscrete"]]
+    assert [c.children[1] for c in ab.columns.children] == [ab.viewer_a, ab.viewer_b]
+    assert "<span class='sdl-differs'>scheduler EulerDiscrete</span>" in ab.columns.children[1].children[0].value
+    assert ab.panel.n_steps == 4 and len(ab.panel.x0_diff) == 4
+    # the x0 difference: |x0_A - x0_B| in the linear preview, brightest at the largest difference
+    assert ab.panel.x0_scale > 0
+    assert set(ab.panel.heat_diff) == set(ab.viewer_a.word_keys)
+    ab.step = 2
+    assert ab.viewer_a.step == ab.viewer_b.step == ab.panel.step == 2
+    same = ABView(a, a)
+    assert same.panel.differs == [] and same.panel.summary.startswith("never parted")
+    assert _arr(same.panel.x0_diff[0])[..., :3].max() == _arr(same.panel.x0_diff[-1])[..., :3].max()
+
+
 # ------------------------------------------------------------------------------ Studio
 def test_studio_streams_x0_and_becomes_a_viewer_then_ab(pipe):
     from sdlens.analysis.previews import preview
@@ -241,9 +332,17 @@ def test_studio_streams_x0_and_becomes_a_viewer_then_ab(pipe):
 
     s.guidance_scale.value = 3.0
     s.generate(wait=True, timeout=300)
-    assert len(s.runs) == 2 and len(s.results.children) == 2
+    assert len(s.runs) == 2 and s.results.children == (s.ab,)
     assert s.ab_diff() == {"guidance_scale": (7.5, 3.0)}
-    assert "CFG 3.0" in s.results.children[1].children[0].value
+    # A/B: two columns, one slider, the differing setting highlighted in both headers
+    col_a, col_b = s.ab.columns.children
+    assert col_a.children[1] is s.runs[0]["viewer"] and col_b.children[1] is s.runs[1]["viewer"]
+    assert "<span class='sdl-differs'>CFG 3</span>" in col_b.children[0].value
+    assert "<span class='sdl-differs'>CFG 7.5</span>" in col_a.children[0].value
+    assert s.ab.panel.differs == [["guidance", "7.5", "3"]]
+    assert len(s.ab.panel.x0_diff) == n
+    s.ab.step = 1
+    assert s.runs[0]["viewer"].step == s.runs[1]["viewer"].step == 1
     assert s.traces[1].guidance_scale == 3.0
     assert not torch.equal(s.traces[0].x0, s.traces[1].x0)
     s.seed.value = 4
@@ -283,9 +382,22 @@ def test_studio_interrupt_restores_the_pipeline(pipe):
 
 def test_studio_reports_errors_in_the_panel(pipe):
     s = Studio(pipe, steps=2)
-    s.prompt.value = "   "
-    with pytest.raises(ValueError, match="empty"):
+    s.steps.value = 0  # a number box: 0 stays 0 (a slider would clamp it to 1 silently)
+    with pytest.raises(ValueError, match="steps must be at least 1"):
         s.generate()
+    assert s.steps.value == 0 and "not run: steps must be at least 1" in s.status.value
+    s.generate_button.click()  # the button shows the message and raises nothing
+    assert "not run" in s.status.value and s.runs == []
+    s.steps.value = 2
+    s.seed.value = -3
+    with pytest.raises(ValueError, match=r"outside 0\.\.2\*\*64-1"):
+        s.generate()
+    assert "18446744073709551613" in s.status.value and s.runs == []  # says what torch would do
+    s.seed.value = 0
+    with pytest.raises(ValueError, match="outside"):
+        Studio(pipe, seed=-1)
+    with pytest.raises(ValueError, match="steps"):
+        Studio(pipe, steps=0)
     s.prompt.value = PROMPT
     s.steps.value = 2
     s.record_kwargs = {"layers": "no-such-layer"}

@@ -2,6 +2,7 @@
 
 * :class:`TraceViewer` — scrub a trace's steps: x_t, x0, guided noise, CFG delta; word heatmaps.
 * :class:`Studio` — prompt box + Generate; streams x0 previews while sampling; A/B of two runs.
+* :class:`ABView` — two runs in columns with one step slider and their difference.
 * :class:`GridViewer` — a labelled CFG x seed (x prompt) grid; click a cell for its TraceViewer.
 * :class:`TokenView` — the prompt's tokens with their share of attention; hover for ids.
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sdlens.views.widgets.ab_view import ABView
 from sdlens.views.widgets.frames import TraceFrames
 from sdlens.views.widgets.grid_viewer import GridViewer
 from sdlens.views.widgets.studio import Interrupted, Studio
@@ -26,5 +28,5 @@ def trace_mimebundle(trace: Any, include: Any = None, exclude: Any = None):
     return TraceViewer(trace)._repr_mimebundle_(include=include, exclude=exclude)
 
 
-__all__ = ["GridViewer", "Interrupted", "Studio", "TokenView", "TraceFrames", "TraceViewer",
+__all__ = ["ABView", "GridViewer", "Interrupted", "Studio", "TokenView", "TraceFrames", "TraceViewer",
            "trace_mimebundle"]

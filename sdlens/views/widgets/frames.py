@@ -34,7 +34,63 @@ from sdlens.analysis.tokens import trace_words
 PANELS = ("x_t", "x0", "noise", "cfg_delta")
 PANEL_LABELS = {"x_t": "x_t (latents)", "x0": "x0 prediction", "noise": "guided noise",
                 "cfg_delta": "CFG delta (text - uncond)"}
+#: What a latent->RGB decoder shows, in the words a panel's caption uses.
+DECODER_LABELS = {"linear": "linear preview", "vae": "VAE decode", "tiny": "tiny VAE decode"}
+#: How a heatmap frame is normalised, per mode (``word_heatmap``: each map min-max to [0, 1]).
+HEAT_NORMS = {"step": "per step, min–max", "sum": "summed over steps, min–max"}
 FORMATS = ("png", "jpeg", "auto")
+MAX_ALPHA = 0.85  # a heat frame's alpha at value 1 (the browser inverts it for the value shown)
+
+
+def panel_label(panel: str, decoder: str = "linear") -> str:
+    """A panel's caption: x_t and x0 say how they were decoded."""
+    label = PANEL_LABELS[panel]
+    if panel in ("x_t", "x0"):
+        label += f" · {DECODER_LABELS.get(decoder, decoder)}"
+    return label
+
+
+def colorbar_css(cmap: str = "jet", stops: int = 11) -> str:
+    """A CSS ``linear-gradient`` of ``cmap`` from 0 (left) to 1 (right): the heat legend."""
+    lut = _lut(cmap)
+    cols = [lut[round(i * 255 / (stops - 1))] for i in range(stops)]
+    return "linear-gradient(to right, " + ", ".join(
+        f"rgb({c[0]},{c[1]},{c[2]}) {100 * i / (stops - 1):.0f}%" for i, c in enumerate(cols)) + ")"
+
+
+def recorded_kinds(trace: Any) -> list[str] | None:
+    """The kinds the run recorded (``meta['options']['record']``); None when not written down."""
+    opts = (getattr(trace, "meta", None) or {}).get("options") or {}
+    rec = opts.get("record")
+    return list(rec) if isinstance(rec, (list, tuple)) else None
+
+
+def panel_notes(trace: Any, batch: int = 0) -> list[str]:
+    """Why a panel or the word chips are missing, in words: the real reason, read from the
+    trace (what it recorded, whether guidance ran, whether the prompt has words)."""
+    notes = []
+    rec = recorded_kinds(trace)
+    hint = "sweeps record light traces; `record=...` keeps it"
+
+    def missing(kind: str) -> bool:
+        return getattr(trace, kind, None) is None
+
+    if missing("attention"):
+        notes.append("attention not recorded: no word heatmaps" + (
+            f" ({hint})" if rec is not None and "attention" not in rec else ""))
+    if missing("noise"):
+        why = hint if rec is None or "noise" not in rec else "not kept"
+        notes.append(f"noise not recorded: {why} (no guided-noise or CFG-delta panel)")
+    elif not getattr(trace, "do_cfg", True) or missing("noise_uncond"):
+        gs = getattr(trace, "guidance_scale", float("nan"))
+        notes.append(f"no CFG delta: guidance off (scale {float(gs):g}; diffusers guides only "
+                     "above 1)")
+    if missing("x0"):
+        notes.append("x0 not recorded: " + (hint if rec is None or "x0" not in rec else "not kept"))
+    prompts = getattr(trace, "prompts", None) or []
+    if batch < len(prompts) and not str(prompts[batch]).strip():
+        notes.append("empty prompt: no words to map")
+    return notes
 
 
 # --------------------------------------------------------------------------- encoding
@@ -210,6 +266,8 @@ class TraceFrames:
 
     def __init__(self, trace: Any, max_side: int = 256, heat_side: int = 128,
                  decoder: str = "linear", vae: Any = None, fmt: str = "auto", cmap: str = "jet"):
+        if decoder not in DECODER_LABELS:
+            raise ValueError(f"decoder must be one of {tuple(DECODER_LABELS)}, got {decoder!r}")
         if fmt not in FORMATS:
             raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
         if not isinstance(max_side, int) or max_side < 8:
@@ -225,7 +283,7 @@ class TraceFrames:
         self.cmap = cmap
         self.size = _display_size(trace, max_side)
         self.heat_size = _display_size(trace, min(heat_side, max(self.size)))
-        self._base: dict[int, dict[str, list[bytes]]] = {}
+        self._base: dict[tuple[int, str], dict[str, list[bytes]]] = {}
         self._image: dict[int, bytes] = {}
         self._heat: dict[tuple[int, str], dict[str, dict]] = {}
         self._scales: dict[tuple[str, int], float] = {}
@@ -290,18 +348,34 @@ class TraceFrames:
             self._scales[key] = float(torch.quantile(v, 0.995)) or 1.0
         return self._scales[key]
 
-    def base(self, batch: int = 0) -> dict[str, list[bytes]]:
-        """``{panel: [bytes per step]}`` for image ``batch``."""
+    def decoders(self) -> list[str]:
+        """Decoders x_t / x0 can be shown with: "linear" always, "vae" when a VAE is at hand
+        (``vae=`` or the live ``trace.pipeline``), the one given at construction."""
+        out = ["linear"]
+        pipe = getattr(self.trace, "pipeline", None)
+        if self.vae is not None or getattr(pipe, "vae", None) is not None:
+            out.append("vae")
+        if self.decoder not in out:
+            out.append(self.decoder)
+        return out
+
+    def base(self, batch: int = 0, decoder: str | None = None) -> dict[str, list[bytes]]:
+        """``{panel: [bytes per step]}`` for image ``batch``; x_t / x0 with ``decoder`` (default
+        the one given at construction; each decoder's frames are made on first use, cached)."""
         if not 0 <= batch < self.n_batch:
             raise ValueError(f"batch={batch} is out of range: the trace holds {self.n_batch} image(s)")
-        if batch in self._base:
-            return self._base[batch]
+        decoder = decoder or self.decoder
+        if decoder not in self.decoders():
+            raise ValueError(f"decoder={decoder!r} is not available here; choices: {self.decoders()}"
+                             " (a VAE decode needs vae= or a live trace.pipeline)")
+        if (batch, decoder) in self._base:
+            return self._base[(batch, decoder)]
         t, n = self.trace, self.n_steps
         out: dict[str, list[bytes]] = {}
         for panel in self.panels():
             if panel in ("x_t", "x0"):
                 kind = "latents" if panel == "x_t" else "x0"
-                imgs = previews(t, kind, list(range(n)), batch, self.decoder, self.vae, self.size)
+                imgs = previews(t, kind, list(range(n)), batch, decoder, self.vae, self.size)
                 out[panel] = encode_many(imgs, self.fmt)
             else:
                 if panel == "noise":
@@ -311,7 +385,7 @@ class TraceFrames:
                 rgb = self._linear(data)  # (S, 3, h, w)
                 scale = self._scale(panel, rgb, batch)
                 out[panel] = encode_many([signed_rgb(r, scale) for r in rgb], "png")
-        self._base[batch] = out
+        self._base[(batch, decoder)] = out
         return out
 
     def image(self, batch: int = 0) -> bytes:
@@ -355,7 +429,7 @@ class TraceFrames:
                     kw.pop("occurrence")
                     per = token_heatmap(self.trace, list(chip.positions), per_step=True, **kw)
                     total = token_heatmap(self.trace, list(chip.positions), per_step=False, **kw)
-            rgba = heat_rgba(torch.cat([per, total[None]]), self.cmap)
+            rgba = heat_rgba(torch.cat([per, total[None]]), self.cmap, MAX_ALPHA)
             frames = encode_many(list(rgba), "png")
             out[chip.key] = {"steps": frames[:-1], "sum": frames[-1]}
         self._heat[cache_key] = out

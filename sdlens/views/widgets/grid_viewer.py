@@ -93,6 +93,7 @@ class GridViewer(W.VBox):
                                row_labels=row_labels, thumbs=thumbs, cell_px=int(cell_px))
         self.detail_title = W.HTML("")
         self.detail = W.VBox([])
+        self.detail.add_class("sdl-grid-detail")
         self.panel.observe(self._on_select, names="selected")
         super().__init__([self.panel, self.detail_title, self.detail], **kwargs)
 
@@ -142,7 +143,7 @@ class GridViewer(W.VBox):
             self.panel.selected = change["old"]
             raise ValueError(f"cell {flat} is out of range: the grid has {n} cells")
         s = self.settings(flat)
-        desc = ", ".join(f"{k} {v}" for k, v in s.items() if v is not None)
+        desc = ", ".join(_label(k, v) for k, v in s.items() if v is not None)  # as the axes read
         try:
             v = self.viewer_at(flat)
         except ValueError as e:

@@ -6,7 +6,12 @@ handle the Interrupt button; a ``callback_on_step_end`` streams the x0 predictio
 (linear latent->RGB decoder) into the live preview and moves the progress bar. Interrupt raises
 :class:`Interrupted` inside that callback: the pipeline call stops and the trace engine restores
 every hook. When a run finishes the live preview gives way to a :class:`TraceViewer` of it;
-generating again keeps the previous run beside it (A/B), with the settings that changed marked.
+generating again puts the previous run beside it (:class:`ABView`: two columns, one step slider,
+their difference, the settings that changed highlighted).
+
+Settings are checked, never changed silently: steps below 1 or a seed outside what
+``torch.Generator.manual_seed`` keeps as given stop the run with a message in the panel; a CFG
+scale below 1 runs unguided (as diffusers does) and the panel says "guidance off".
 """
 
 from __future__ import annotations
@@ -14,15 +19,18 @@ from __future__ import annotations
 import html
 import threading
 import time
+import warnings
 from typing import Any
 
 import ipywidgets as W
 import torch
 
+from sdlens.analysis.compare import run_settings
 from sdlens.analysis.previews import latent_to_rgb, linear_decoder, to_image
 from sdlens.engine.arch import adapter_for
-from sdlens.engine.session import generate, live_state
+from sdlens.engine.session import check_seed, generate, live_state
 from sdlens.pipeline import SCHEDULERS, describe, make_scheduler
+from sdlens.views.widgets.ab_view import ABView, settings_text
 from sdlens.views.widgets.frames import encode
 from sdlens.views.widgets.trace_viewer import TraceViewer
 
@@ -80,10 +88,19 @@ class Studio(W.VBox):
         lay = W.Layout(width="520px")
         self.prompt = W.Textarea(prompt, description="prompt", layout=W.Layout(width="520px", height="52px"), style=style)
         self.negative_prompt = W.Text(negative_prompt, description="negative prompt", layout=lay, style=style)
-        self.seed = W.IntText(seed, description="seed", style=style, layout=W.Layout(width="220px"))
-        self.steps = W.IntSlider(steps or 20, min=1, max=150, description="steps", style=style, layout=lay)
-        self.guidance_scale = W.FloatSlider(7.5 if guidance_scale is None else guidance_scale, min=0.0,
-                                            max=30.0, step=0.5, description="CFG scale", style=style, layout=lay)
+        check_seed(seed)
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        # plain number boxes: a slider would clamp 0 steps to 1 or CFG -1 to 0 without a word;
+        # the values are checked when Generate is pressed
+        self.seed = W.IntText(seed, description="seed", style=style, layout=W.Layout(width="260px"))
+        self.steps = W.IntText(steps or 20, description="steps", style=style,
+                               layout=W.Layout(width="220px"))
+        self.guidance_scale = W.FloatText(7.5 if guidance_scale is None else guidance_scale,
+                                          description="CFG scale", style=style,
+                                          layout=W.Layout(width="220px"))
+        self.guidance_note = W.HTML("")
+        self.guidance_scale.observe(lambda _c: self._note_guidance(), names="value")
         self.scheduler = W.Dropdown(options=[(f"default ({self.info.scheduler_class})", "default")]
                                     + [(f"{k} ({v})", k) for k, v in SCHEDULERS.items()],
                                     value=scheduler, description="scheduler", style=style, layout=lay)
@@ -96,18 +113,27 @@ class Studio(W.VBox):
         self.live = W.Image(format="png", width=preview_px, height=preview_px)
         self.live_caption = W.HTML("")
         self.live_box = W.VBox([self.live, self.live_caption], layout=W.Layout(display="none"))
-        self.results = W.HBox([], layout=W.Layout(flex_flow="row wrap"))
+        self.results = W.VBox([], layout=W.Layout(width="100%"))
+        self.ab: ABView | None = None
 
-        self.generate_button.on_click(lambda _b: self.generate())
+        self.generate_button.on_click(lambda _b: self._on_generate())
         self.interrupt_button.on_click(lambda _b: self.interrupt())
         self.clear_button.on_click(lambda _b: self.clear())
         controls = W.VBox([
-            self.prompt, self.negative_prompt, W.HBox([self.seed]), self.steps,
-            self.guidance_scale, self.scheduler,
+            self.prompt, self.negative_prompt, W.HBox([self.seed, self.steps]),
+            W.HBox([self.guidance_scale, self.guidance_note]), self.scheduler,
             W.HBox([self.generate_button, self.interrupt_button, self.clear_button, self.progress]),
             self.status,
         ])
         super().__init__([controls, self.live_box, self.results], **kwargs)
+        self._note_guidance()
+
+    def _note_guidance(self) -> None:
+        g = self.guidance_scale.value
+        self.guidance_note.value = (
+            f"<span style='color:#b06000'>guidance off: CFG {g:g} is below 1, the run is "
+            "unguided (as at 1)</span>" if g < 1 else
+            "<span style='color:#777'>guidance off (1 = no guidance)</span>" if g == 1 else "")
 
     # ---------------------------------------------------------------- settings
     def settings(self) -> dict:
@@ -131,15 +157,37 @@ class Studio(W.VBox):
         return self.runs[-1]["viewer"] if self.runs else None
 
     # ---------------------------------------------------------------- actions
+    def check(self, s: dict | None = None) -> list[str]:
+        """What is wrong with the settings (``s``, default the controls'), in words; [] = fine."""
+        s = self.settings() if s is None else s
+        problems = []
+        if s["steps"] < 1:
+            problems.append(f"steps must be at least 1 (got {s['steps']})")
+        try:
+            check_seed(s["seed"])
+        except ValueError as e:
+            problems.append(str(e))
+        return problems
+
+    def _on_generate(self) -> None:
+        try:
+            self.generate()
+        except ValueError:  # already shown in the panel
+            pass
+
     def generate(self, wait: bool = False, timeout: float | None = None) -> None:
         """Start a run with the current settings (the Generate button). ``wait``: block until it
-        ends (scripts, tests, notebooks run top to bottom)."""
+        ends (scripts, tests, notebooks run top to bottom). Bad settings (steps < 1, a seed
+        outside 0..2**64-1) raise ValueError and are shown in the panel; nothing runs. An empty
+        prompt is fine (unconditional sampling)."""
         if self.running:
             raise RuntimeError("a run is in progress; Interrupt it or wait for it")
         s = self.settings()
-        if not s["prompt"].strip():
-            self.status.value = "<b style='color:#b00'>enter a prompt</b>"
-            raise ValueError("the prompt is empty")
+        problems = self.check(s)
+        if problems:
+            self.status.value = ("<b style='color:#b00'>not run: "
+                                 + html.escape("; ".join(problems)) + "</b>")
+            raise ValueError("; ".join(problems))
         self._stop.clear()
         self.error = None
         self.interrupted_at = None
@@ -173,6 +221,7 @@ class Studio(W.VBox):
     def clear(self) -> None:
         """Forget the finished runs."""
         self.runs.clear()
+        self.ab = None
         self.results.children = ()
 
     # ---------------------------------------------------------------- the run
@@ -214,10 +263,12 @@ class Studio(W.VBox):
         try:
             if s["scheduler"] != "default":
                 pipe.scheduler = make_scheduler(s["scheduler"], original.config)
-            tr = generate(pipe, s["prompt"], seed=s["seed"], steps=s["steps"],
-                          guidance_scale=s["guidance_scale"],
-                          negative_prompt=s["negative_prompt"] or None,
-                          callback_on_step_end=self._callback, **self.record_kwargs)
+            with warnings.catch_warnings():  # "guidance off" is in the panel already
+                warnings.filterwarnings("ignore", message=r"sdlens: guidance_scale=.* below 1")
+                tr = generate(pipe, s["prompt"], seed=s["seed"], steps=s["steps"],
+                              guidance_scale=s["guidance_scale"],
+                              negative_prompt=s["negative_prompt"] or None,
+                              callback_on_step_end=self._callback, **self.record_kwargs)
             seconds = time.perf_counter() - t0
             self.status.value = f"done in {seconds:.1f} s · building the viewer…"
             viewer = TraceViewer(tr, **self.viewer_kwargs)
@@ -226,7 +277,12 @@ class Studio(W.VBox):
             self._show_runs()
             self.progress.bar_style = "success"
             self.live_box.layout.display = "none"
-            self.status.value = f"done in {seconds:.1f} s"
+            done = f"done in {seconds:.1f} s"
+            if not tr.do_cfg:
+                done += " · guidance off"
+            if not s["prompt"].strip():
+                done += " · empty prompt: unconditional sampling, no words to map"
+            self.status.value = done
         except Interrupted as e:
             self.progress.bar_style = "warning"
             self.status.value = f"<b>{html.escape(str(e))}</b> (the pipeline is restored; no trace kept)"
@@ -240,25 +296,26 @@ class Studio(W.VBox):
             self.interrupt_button.disabled = True
 
     def _show_runs(self) -> None:
-        boxes = []
+        """The last two runs as A/B columns (:class:`ABView`); older kept runs above them."""
         letters = "ABCDEFGHIJ"
-        for k, run in enumerate(self.runs):
-            s = run["settings"]
-            other = self.runs[k - 1]["settings"] if k > 0 else (self.runs[1]["settings"] if len(self.runs) > 1 else None)
-            parts = []
-            for key, label in [("prompt", "prompt"), ("negative_prompt", "negative"), ("seed", "seed"),
-                               ("steps", "steps"), ("guidance_scale", "CFG"), ("scheduler", "scheduler")]:
-                v = s[key]
-                if key == "negative_prompt" and not v:
-                    continue
-                text = f"{label} {html.escape(repr(v) if isinstance(v, str) and key != 'scheduler' else str(v))}"
-                if other is not None and other[key] != v:
-                    text = f"<b style='color:#c60'>{text}</b>"
-                parts.append(text)
-            head = W.HTML(f"<b>{letters[k % len(letters)]}</b> · " + " · ".join(parts)
-                          + f" · {run['seconds']:.1f} s")
-            boxes.append(W.VBox([head, run["viewer"]], layout=W.Layout(border="1px solid #ddd",
-                                                                        padding="4px", margin="2px")))
+        boxes: list[Any] = []
+        runs = self.runs
+        older = runs[:-2] if len(runs) > 2 else ([] if len(runs) == 2 else runs)
+        for k, run in enumerate(older):
+            tr, v = run["trace"], run["viewer"]
+            head = W.HTML(f"<b>{letters[k % len(letters)]}</b> · "
+                          + settings_text(run_settings(tr, v.batch)) + f" · {run['seconds']:.1f} s")
+            boxes.append(W.VBox([head, v], layout=W.Layout(border="1px solid #ddd", padding="4px",
+                                                          margin="2px")))
+        self.ab = None
+        if len(runs) >= 2:
+            a, b = runs[-2], runs[-1]
+            k = len(runs) - 2
+            self.ab = ABView(a["trace"], b["trace"], a["viewer"], b["viewer"],
+                             labels=(letters[k % len(letters)], letters[(k + 1) % len(letters)]),
+                             extra_a=f"{a['seconds']:.1f} s", extra_b=f"{b['seconds']:.1f} s",
+                             layout=W.Layout(width="100%"))
+            boxes.append(self.ab)
         self.results.children = tuple(boxes)
 
     def ab_diff(self) -> dict:

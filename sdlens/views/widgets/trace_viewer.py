@@ -19,10 +19,16 @@ from typing import Any
 import anywidget
 import traitlets
 
-from sdlens.views.widgets.frames import PANEL_LABELS, TraceFrames, layer_options, word_chips
+from sdlens.views.widgets.frames import (DECODER_LABELS, HEAT_NORMS, MAX_ALPHA, TraceFrames,
+                                         colorbar_css, layer_options, panel_label, panel_notes,
+                                         word_chips)
 
 _STATIC = Path(__file__).parent / "static"
 HEAT_MODES = ("step", "sum")
+OVERLAY_STYLES = ("fill", "outline")
+#: The keyboard, as the panel's help line states it.
+HELP = ("keys: ←/→ step · space play/pause · Home/End first/last step · click a word for its "
+        "heatmap, point at it for the value")
 
 
 def _fmt_num(x: float) -> str:
@@ -30,7 +36,7 @@ def _fmt_num(x: float) -> str:
 
 
 def describe_trace(trace: Any, batch: int = 0) -> str:
-    """One line: prompt, seed, CFG, steps, scheduler."""
+    """One line: prompt, seed, CFG ("guidance off" for an unguided run), steps, scheduler."""
     meta = getattr(trace, "meta", None) or {}
     prompts = getattr(trace, "prompts", None) or [""]
     prompt = prompts[batch] if batch < len(prompts) else prompts[0]
@@ -43,7 +49,7 @@ def describe_trace(trace: Any, batch: int = 0) -> str:
     if seeds:
         parts.append(f"seed {seeds[batch] if batch < len(seeds) else seeds[0]}")
     gs = getattr(trace, "guidance_scale", float("nan"))
-    parts.append(f"CFG {_fmt_num(float(gs))}")
+    parts.append(f"CFG {_fmt_num(float(gs))}" if getattr(trace, "do_cfg", True) else "guidance off")
     parts.append(f"{len(trace.timesteps)} steps")
     sched = meta.get("scheduler_class") or meta.get("scheduler")
     if sched:
@@ -67,6 +73,15 @@ class TraceViewer(anywidget.AnyWidget):
         max_side, heat_side, decoder, vae, fmt, cmap: frame rendering, see
             :class:`~sdlens.widgets.frames.TraceFrames`.
         fps: playback speed.
+
+    In the browser: ←/→ step, space plays / pauses, Home / End go to the first / last step (the
+    panel keeps these keys: JupyterLab does not see them). Steps show as 1..N, as diffusers'
+    progress bar counts them (``step`` is the index, 0..N-1). x_t and x0 say how they are
+    decoded ("linear preview" or "VAE decode"; ``decoder`` switches, a VAE decode is made on
+    first use when the trace's pipeline or ``vae=`` is at hand). Under the panels, the heat
+    legend: colour bar, the normalisation in words, the value under the pointer;
+    ``overlay_style`` ``"fill"`` or ``"outline"`` (contours at 0.25 / 0.5 / 0.75). ``notes``
+    say why a panel or the word chips are missing.
     """
 
     _esm = _STATIC / "trace_viewer.js"
@@ -93,7 +108,15 @@ class TraceViewer(anywidget.AnyWidget):
     fps = traitlets.Int(8).tag(sync=True)
     word = traitlets.Unicode("").tag(sync=True)
     heat_mode = traitlets.Unicode("step").tag(sync=True)
-    opacity = traitlets.Float(0.7).tag(sync=True)
+    # low enough that the object's own colour stays readable under the heat colours
+    opacity = traitlets.Float(0.45).tag(sync=True)
+    overlay_style = traitlets.Unicode("fill").tag(sync=True)
+    decoder = traitlets.Unicode("linear").tag(sync=True)
+    decoder_options = traitlets.List(traitlets.List()).tag(sync=True)
+    colorbar = traitlets.Unicode("").tag(sync=True)
+    heat_norms = traitlets.Dict().tag(sync=True)
+    max_alpha = traitlets.Float(MAX_ALPHA).tag(sync=True)
+    help = traitlets.Unicode(HELP).tag(sync=True)
     layers = traitlets.Unicode("all").tag(sync=True)
     batch = traitlets.Int(0).tag(sync=True)
     loading = traitlets.Bool(False).tag(sync=True)
@@ -110,7 +133,8 @@ class TraceViewer(anywidget.AnyWidget):
         if heat_mode not in HEAT_MODES:
             raise ValueError(f"heat_mode must be one of {HEAT_MODES}, got {heat_mode!r}")
         if not isinstance(step, int) or not -n <= step < n:
-            raise ValueError(f"step={step!r} is out of range: the trace has {n} steps (0..{n - 1})")
+            raise ValueError(f"step={step!r} is out of range: the trace has {n} steps (indices "
+                             f"0..{n - 1}, shown as 1..{n}; negative counts from the end)")
         if not isinstance(batch, int) or not 0 <= batch < fr.n_batch:
             raise ValueError(f"batch={batch!r} is out of range: the trace holds {fr.n_batch} image(s)")
         opts = layer_options(trace)
@@ -119,23 +143,20 @@ class TraceViewer(anywidget.AnyWidget):
             raise ValueError(f"layers={layers!r} is not a choice for this trace; choices: {keys}")
         super().__init__(**kwargs)
         self.trace = trace
-        notes = []
-        if getattr(trace, "attention", None) is None:
-            notes.append("no attention maps recorded: word heatmaps are off")
-        if "cfg_delta" not in fr.panels():
-            notes.append("no CFG delta: guidance was off (or noise not recorded)")
-        if "x0" not in fr.panels():
-            notes.append("no x0 recorded")
         prompts = list(getattr(trace, "prompts", None) or [])
         with self.hold_trait_notifications():
             self.n_steps = n
             self.timesteps = [float(v) for v in trace.timesteps]
-            self.panels = [{"name": p, "label": PANEL_LABELS[p]} for p in fr.panels()]
+            self.decoder = decoder
+            self.decoder_options = [[d, DECODER_LABELS.get(d, d)] for d in fr.decoders()]
+            self.panels = self._panel_specs()
+            self.colorbar = colorbar_css(cmap)
+            self.heat_norms = dict(HEAT_NORMS)
             self.heat_index = fr.heat_index()
             self.layer_options = [[k, label] for k, label in opts]
             self.batch_options = [[i, f"{i}: {prompts[i] if i < len(prompts) else ''}"[:80]]
                                   for i in range(fr.n_batch)]
-            self.notes = notes
+            self.notes = panel_notes(trace, batch)
             self.fps = int(fps)
             self.display_px = int(display_px)
             self.heat_mode = heat_mode
@@ -147,6 +168,10 @@ class TraceViewer(anywidget.AnyWidget):
             self.select_word(word)
         self.observe(self._on_batch, names="batch")
         self.observe(self._on_layers, names="layers")
+        self.observe(self._on_decoder, names="decoder")
+
+    def _panel_specs(self) -> list[dict]:
+        return [{"name": p, "label": panel_label(p, self.decoder)} for p in self._frames.panels()]
 
     # ---------------------------------------------------------------- loading
     def _load_batch(self) -> None:
@@ -154,10 +179,11 @@ class TraceViewer(anywidget.AnyWidget):
         self.loading = True
         try:
             chips = word_chips(self.trace, b) if getattr(self.trace, "attention", None) is not None else []
-            frames = fr.base(b)
+            frames = fr.base(b, self.decoder)
             heat = fr.heat(b, self.layers, chips) if chips else {}
             with self.hold_trait_notifications():
                 self.title = describe_trace(self.trace, b)
+                self.notes = panel_notes(self.trace, b)
                 self.frames = frames
                 self.image = fr.image(b)
                 self.words = [c.to_dict() for c in chips]
@@ -181,12 +207,34 @@ class TraceViewer(anywidget.AnyWidget):
             raise ValueError(f"layers={change['new']!r} is not a choice; choices: {keys}")
         self._load_batch()
 
+    def _on_decoder(self, change: dict) -> None:
+        if change["new"] not in self._frames.decoders():
+            self.decoder = change["old"]
+            raise ValueError(f"decoder={change['new']!r} is not available; choices: "
+                             f"{self._frames.decoders()} (a VAE decode needs vae= or a live "
+                             "trace.pipeline)")
+        self.loading = True
+        try:
+            frames = self._frames.base(self.batch, change["new"])  # decoded once, then cached
+            with self.hold_trait_notifications():
+                self.frames = frames
+                self.panels = self._panel_specs()
+        finally:
+            self.loading = False
+
+    @traitlets.validate("overlay_style")
+    def _valid_style(self, proposal: dict) -> str:
+        if proposal["value"] not in OVERLAY_STYLES:
+            raise traitlets.TraitError(f"overlay_style must be one of {OVERLAY_STYLES}, got "
+                                       f"{proposal['value']!r}")
+        return proposal["value"]
+
     @traitlets.validate("step")
     def _valid_step(self, proposal: dict) -> int:
         v = int(proposal["value"])
         n = self.n_steps
         if n and not 0 <= v < n:
-            raise traitlets.TraitError(f"step={v} is out of range 0..{n - 1}")
+            raise traitlets.TraitError(f"step={v} is out of range 0..{n - 1} (shown as 1..{n})")
         return v
 
     @traitlets.validate("heat_mode")
@@ -204,6 +252,11 @@ class TraceViewer(anywidget.AnyWidget):
         return v
 
     # ---------------------------------------------------------------- API
+    @property
+    def trace_frames(self) -> TraceFrames:
+        """The frame renderer of this viewer (sizes, decoders, cached frames)."""
+        return self._frames
+
     @property
     def word_keys(self) -> list[str]:
         return [w["key"] for w in self.words]

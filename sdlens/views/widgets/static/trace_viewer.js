@@ -23,11 +23,69 @@ function h(tag, attrs = {}, children = []) {
   return e;
 }
 
+// Heat frames are RGBA: colour from the colormap, alpha = sqrt(value) * max_alpha. Reading the
+// alpha back gives the value under the pointer and the outline (contour) mode.
+const pixelCache = new Map(); // blob url -> {w, h, data}
+
+function pixelsOf(url) {
+  return new Promise((resolve) => {
+    if (!url) return resolve(null);
+    if (pixelCache.has(url)) return resolve(pixelCache.get(url));
+    const img = new Image();
+    img.onload = () => {
+      const c = document.createElement("canvas");
+      c.width = img.naturalWidth;
+      c.height = img.naturalHeight;
+      const ctx = c.getContext("2d");
+      ctx.drawImage(img, 0, 0);
+      const px = { w: c.width, h: c.height, data: ctx.getImageData(0, 0, c.width, c.height).data };
+      if (pixelCache.size > 256) pixelCache.clear();
+      pixelCache.set(url, px);
+      resolve(px);
+    };
+    img.onerror = () => resolve(null);
+    img.src = url;
+  });
+}
+
+const LEVELS = [0.25, 0.5, 0.75];
+
+function drawOutline(canvas, px, maxAlpha) {
+  // contour lines at LEVELS: a pixel is on a line where its level band differs from a neighbour's
+  canvas.width = px.w;
+  canvas.height = px.h;
+  const ctx = canvas.getContext("2d");
+  const out = ctx.createImageData(px.w, px.h);
+  const band = new Uint8Array(px.w * px.h);
+  for (let i = 0; i < px.w * px.h; i++) {
+    const a = px.data[4 * i + 3] / 255 / maxAlpha;
+    const v = a * a;
+    let b = 0;
+    for (const l of LEVELS) if (v >= l) b++;
+    band[i] = b;
+  }
+  for (let y = 0; y < px.h; y++) {
+    for (let x = 0; x < px.w; x++) {
+      const i = y * px.w + x;
+      const r = x + 1 < px.w ? band[i + 1] : band[i];
+      const d = y + 1 < px.h ? band[i + px.w] : band[i];
+      if (band[i] !== r || band[i] !== d) {
+        out.data[4 * i] = px.data[4 * i];
+        out.data[4 * i + 1] = px.data[4 * i + 1];
+        out.data[4 * i + 2] = px.data[4 * i + 2];
+        out.data[4 * i + 3] = 255;
+      }
+    }
+  }
+  ctx.putImageData(out, 0, 0);
+}
+
 function render({ model, el }) {
   const urls = { frames: {}, image: "", heat: {} };
   let timer = null;
 
-  const root = h("div", { class: "sdl-viewer" });
+  // tabindex: the panel takes the keyboard focus when clicked, so its keys stay in it
+  const root = h("div", { class: "sdl-viewer", tabIndex: 0 });
   el.appendChild(root);
 
   const title = h("div", { class: "sdl-title" });
@@ -48,14 +106,29 @@ function render({ model, el }) {
   const layerSel = h("select", { class: "sdl-layers", title: "attention layers / resolution" });
   const batchSel = h("select", { class: "sdl-batch", title: "batch item" });
   const opacity = h("input", { type: "range", class: "sdl-opacity", min: 0, max: 1, step: 0.05, title: "overlay opacity" });
+  const styleSel = h("select", { class: "sdl-style", title: "heatmap as a filled overlay or as contour lines" });
+  styleSel.appendChild(h("option", { value: "fill", text: "filled" }));
+  styleSel.appendChild(h("option", { value: "outline", text: "outline (contours 0.25 / 0.5 / 0.75)" }));
+  const decoderSel = h("select", { class: "sdl-decoder", title: "how x_t and x0 are turned into pixels" });
   const options = h("div", { class: "sdl-options" }, [
     h("label", { text: "layers " }, [layerSel]),
     h("label", { text: " mode " }, [modeSel]),
+    h("label", { text: " overlay " }, [styleSel]),
     h("label", { text: " opacity " }, [opacity]),
+    h("label", { class: "sdl-decoder-label", text: " x_t / x0 " }, [decoderSel]),
     h("label", { class: "sdl-batch-label", text: " image " }, [batchSel]),
   ]);
+  // the heat legend: colour bar 0..1, how the maps are normalised, the value under the pointer
+  const colorbar = h("div", { class: "sdl-colorbar", title: "heat colour scale, 0 (left) to 1 (right)" });
+  const legendText = h("span", { class: "sdl-legend-text" });
+  const valueText = h("span", { class: "sdl-value" });
+  const legend = h("div", { class: "sdl-legend" }, [
+    h("span", { class: "sdl-tick", text: "0" }), colorbar, h("span", { class: "sdl-tick", text: "1" }),
+    legendText, valueText,
+  ]);
+  const help = h("div", { class: "sdl-help" });
   const status = h("span", { class: "sdl-status" });
-  root.append(title, controls, panelRow, chipRow, options, notes, status);
+  root.append(title, controls, panelRow, legend, chipRow, options, notes, help, status);
 
   // panels: name -> {img, overlay}
   let panelEls = {};
@@ -71,17 +144,36 @@ function render({ model, el }) {
       img.style.height = "auto";
       if (spec.name === "noise" || spec.name === "cfg_delta") img.classList.add("sdl-pixelated");
       const stack = h("div", { class: "sdl-stack" }, [img]);
-      let overlay = null;
+      let overlay = null, outline = null;
       if (spec.name === "x0" || spec.name === "image") {
         overlay = h("img", { class: "sdl-overlay", alt: "heatmap", "data-panel": spec.name + "-overlay" });
         overlay.style.width = px + "px";
         overlay.style.height = "auto";
-        stack.appendChild(overlay);
+        outline = h("canvas", { class: "sdl-outline", "data-panel": spec.name + "-outline" });
+        outline.style.width = px + "px";
+        stack.append(overlay, outline);
+        stack.addEventListener("mousemove", (ev) => pointAt(ev, stack));
+        stack.addEventListener("mouseleave", () => { valueText.textContent = ""; });
       }
-      const caption = h("div", { class: "sdl-caption", text: spec.label });
-      panelRow.appendChild(h("figure", { class: "sdl-panel", "data-panel": spec.name }, [stack, caption]));
-      panelEls[spec.name] = { img, overlay, caption, label: spec.label };
+      const caption = h("div", { class: "sdl-caption", text: spec.label, title: spec.label });
+      const fig = h("figure", { class: "sdl-panel", "data-panel": spec.name }, [stack, caption]);
+      fig.style.width = (px + 2) + "px";  // fixed: a longer caption wraps, the grid does not move
+      panelRow.appendChild(fig);
+      panelEls[spec.name] = { img, overlay, outline, caption, label: spec.label };
     }
+  }
+
+  let overlayUrl = "";
+
+  async function pointAt(ev, stack) {
+    if (!overlayUrl) { valueText.textContent = ""; return; }
+    const r = stack.getBoundingClientRect();
+    const fx = (ev.clientX - r.left) / r.width, fy = (ev.clientY - r.top) / r.height;
+    const px = await pixelsOf(overlayUrl);
+    if (!px || fx < 0 || fy < 0 || fx >= 1 || fy >= 1) return;
+    const x = Math.floor(fx * px.w), y = Math.floor(fy * px.h);
+    const a = px.data[4 * (y * px.w + x) + 3] / 255 / model.get("max_alpha");
+    valueText.textContent = `value here: ${(a * a).toFixed(2)}`;
   }
 
   function rebuildFrameUrls() {
@@ -112,7 +204,9 @@ function render({ model, el }) {
     chipRow.appendChild(h("span", { class: "sdl-chips-label", text: "words: " }));
     for (const w of words) {
       const chip = h("button", {
-        class: "sdl-chip", text: w.text, "data-word": w.key,
+        // the chip reads the word's name ("a", "a#2"): the name the kernel, plots and
+        // token_effects use for it
+        class: "sdl-chip", text: w.key, "data-word": w.key,
         title: `tokens ${w.tokens.join(" ")} at positions ${w.positions.join(", ")}`,
       });
       chip.addEventListener("click", () => {
@@ -138,6 +232,7 @@ function render({ model, el }) {
   function show() {
     const step = currentStep();
     const n = model.get("n_steps");
+    legendText.textContent = "";
     for (const [name, p] of Object.entries(panelEls)) {
       const src = name === "image" ? urls.image : (urls.frames[name] || [])[step];
       if (src && p.img.src !== src) p.img.src = src;
@@ -156,19 +251,34 @@ function render({ model, el }) {
         src = i !== undefined && i >= 0 ? urls.heat[word].steps[i] : "";
       }
     }
+    const outlined = model.get("overlay_style") === "outline";
+    overlayUrl = src;
     for (const [name, p] of Object.entries(panelEls)) {
       if (!p.overlay) continue;
       if (src) {
         if (p.overlay.src !== src) p.overlay.src = src;
-        p.overlay.style.display = "block";
+        p.overlay.style.display = outlined ? "none" : "block";
+        p.outline.style.display = outlined ? "block" : "none";
         p.caption.textContent = `${p.label} + '${word}' (${mode === "sum" ? "summed" : "this step"})`;
       } else {
         p.overlay.removeAttribute("src");
         p.overlay.style.display = "none";
+        p.outline.style.display = "none";
         p.caption.textContent = p.label;
       }
       p.overlay.style.opacity = model.get("opacity");
     }
+    if (src && outlined) {
+      pixelsOf(src).then((px) => {
+        if (!px || overlayUrl !== src) return;
+        for (const p of Object.values(panelEls)) if (p.outline) drawOutline(p.outline, px, model.get("max_alpha"));
+      });
+    }
+    const norms = model.get("heat_norms") || {};
+    if (!(model.get("words") || []).length) legendText.textContent = "no word heatmaps (see the note below)";
+    else if (word) legendText.textContent = `'${word}': ${norms[mode] || mode}`;
+    else legendText.textContent = `click a word to overlay its heatmap (${norms[mode] || mode})`;
+    legend.classList.toggle("sdl-legend-off", !src);
     for (const chip of chipRow.querySelectorAll(".sdl-chip")) {
       chip.classList.toggle("sdl-chip-on", chip.dataset.word === word);
     }
@@ -218,7 +328,12 @@ function render({ model, el }) {
     slider.max = String(Math.max(0, model.get("n_steps") - 1));
     slider.value = String(model.get("step"));
     modeSel.value = model.get("heat_mode");
+    styleSel.value = model.get("overlay_style");
     opacity.value = String(model.get("opacity"));
+    colorbar.style.background = model.get("colorbar");
+    help.textContent = model.get("help");
+    fillSelect(decoderSel, model.get("decoder_options") || [], model.get("decoder"));
+    decoderSel.parentElement.style.display = (model.get("decoder_options") || []).length > 1 ? "" : "none";
     fillSelect(layerSel, model.get("layer_options") || [], model.get("layers"));
     layerSel.parentElement.style.display = (model.get("layer_options") || []).length ? "" : "none";
     fillSelect(batchSel, model.get("batch_options") || [], model.get("batch"));
@@ -229,6 +344,30 @@ function render({ model, el }) {
     buildChips();
     show();
   }
+
+  // ---- the keyboard: the panel keeps its keys (JupyterLab would move cells, collapse headings)
+  root.addEventListener("keydown", (ev) => {
+    const t = ev.target;
+    const typing = t && t.tagName === "SELECT";
+    let handled = true;
+    if (ev.key === "ArrowLeft" && !typing) setStep(currentStep() - 1);
+    else if (ev.key === "ArrowRight" && !typing) setStep(currentStep() + 1);
+    else if (ev.key === "Home" && !typing) setStep(0);
+    else if (ev.key === "End" && !typing) setStep(model.get("n_steps") - 1);
+    else if ((ev.key === " " || ev.code === "Space") && !typing) {
+      model.set("playing", !model.get("playing"));
+      model.save_changes();
+      syncPlaying();
+    } else handled = false;
+    if (handled) ev.preventDefault();
+    ev.stopPropagation();
+  });
+  root.addEventListener("keyup", (ev) => ev.stopPropagation());
+  root.addEventListener("keypress", (ev) => ev.stopPropagation());
+  root.addEventListener("mousedown", (ev) => {
+    // clicking an image or empty space focuses the panel (inputs keep their own focus)
+    if (!["INPUT", "SELECT", "BUTTON"].includes(ev.target.tagName)) root.focus({ preventScroll: true });
+  });
 
   // ---- events from the user
   slider.addEventListener("input", () => {
@@ -252,6 +391,16 @@ function render({ model, el }) {
     model.save_changes();
     show();
   });
+  styleSel.addEventListener("change", () => {
+    model.set("overlay_style", styleSel.value);
+    model.save_changes();
+    show();
+  });
+  decoderSel.addEventListener("change", () => {
+    status.textContent = "decoding…";
+    model.set("decoder", decoderSel.value);
+    model.save_changes();
+  });
   layerSel.addEventListener("change", () => {
     status.textContent = "loading heatmaps…";
     model.set("layers", layerSel.value);
@@ -269,7 +418,10 @@ function render({ model, el }) {
     "change:image": () => { rebuildFrameUrls(); show(); },
     "change:heat": () => { rebuildHeatUrls(); show(); status.textContent = ""; },
     "change:words": () => { buildChips(); show(); },
-    "change:panels": () => { buildPanels(); show(); },
+    "change:panels": () => { buildPanels(); show(); status.textContent = ""; },
+    "change:overlay_style": () => { styleSel.value = model.get("overlay_style"); show(); },
+    "change:decoder": () => { decoderSel.value = model.get("decoder"); },
+    "change:decoder_options": () => fillSelect(decoderSel, model.get("decoder_options") || [], model.get("decoder")),
     "change:title": () => { title.textContent = model.get("title"); status.textContent = ""; },
     "change:step": () => {
       if (Number(slider.value) !== model.get("step")) { slider.value = String(model.get("step")); show(); }
