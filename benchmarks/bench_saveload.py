@@ -1,4 +1,4 @@
-"""Benchmark 7: writing and opening a 1 GB trace; opening must be lazy.
+"""Benchmark 7: writing and opening a 1 GB trace (quick mode: 256 MB); opening must be lazy.
 
     python benchmarks/bench_saveload.py [--smoke | --quick | --full]
 
@@ -154,7 +154,7 @@ def run(s: C.Settings, ctx: dict) -> dict:
         ["fsync after save", cell(fsync_t), ""],
         [f"open: sdlens.load(path), {cold}", cell(lazy["open"]),
          f"RSS +{C.fmt_bytes(statistics.median(lazy['rss_open']))}; {ratio:.4f}x the eager read "
-         f"(median of per-round ratios, {C.fmt_spread(open_ratio)})"],
+         f"(median of per-round ratios): {open_ratio['verdict']}"],
         ["first tensor access: trace.latents", cell(lazy["first"]), ""],
         [f"first attention layer ({big})", cell(lazy["first_att"]), ""],
         ["open + read every tensor (lazy, one by one)", cell(lazy["all"]),
