@@ -22,6 +22,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402
@@ -67,7 +69,7 @@ def shipped_loop(s: C.Settings, ctx: dict) -> dict:
     kw = lambda: C.call_kwargs(s, steps=s.shipped_steps, height=size)  # noqa: E731
     print(f"  shipped model loop: {label}, {size} px, {s.shipped_steps} steps")
     sides = {"untraced": C.untraced(pipe, kw), "sdlens": C.traced(pipe, kw)}
-    if s.device == "cpu":
+    if s.device == "cpu" and torch.get_num_threads() > 1:
         # the shipped model's ops are tiny (16x16 latents, 64-128 channels): on few cores one
         # thread is often faster than torch's default, so the generation time is given both ways
         sides["untraced, 1 thread"] = one_thread(C.untraced(pipe, kw))
@@ -122,7 +124,9 @@ def run(s: C.Settings, ctx: dict) -> dict:
                                      "default recording / untraced", r_sh, TARGET, GOAL, rounds=sst),
     }
     if s.shipped_steps == 25 and s.device == "cpu":
-        for k, label in (("untraced", "torch's default threads"), ("untraced, 1 thread", "one thread")):
+        n = torch.get_num_threads()
+        for k, label in (("untraced", f"{n} torch thread{'s' if n > 1 else ''}"),
+                         ("untraced, 1 thread", "one thread")):
             if k in gen:
                 figs["generation_shipped" + ("_1thread" if "1" in k else "")] = C.value_figure(
                     f"the shipped model's 25-step generation (CFG {s.guidance}, untraced, {label})",

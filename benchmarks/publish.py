@@ -90,12 +90,12 @@ def paragraph(r: dict) -> str:
     if "overhead_shipped" in F:
         lines.append(f"- **Shipped model** ({st['shipped_steps']} steps): recording overhead "
                      f"{_ratio(F['overhead_shipped'])}.")
-    gens = [(k, label) for k, label in (("generation_shipped", "torch's default threads"),
-                                        ("generation_shipped_1thread", "one thread")) if k in F]
+    gens = [k for k in ("generation_shipped", "generation_shipped_1thread") if k in F]
     if gens:
         lines.append(f"- **The shipped model's {st['shipped_steps']}-step generation** (untraced, "
-                     "median): " + ", ".join(f"{_value(F[k])} with {label}" for k, label in gens)
-                     + ".")
+                     "median): " + ", ".join(f"{_value(F[k])} with "
+                                             f"{F[k]['label'].rsplit(', ', 1)[-1].rstrip(')')}"
+                                             for k in gens) + ".")
     if "estimate_error" in F:
         lines.append(f"- **Trace-size estimate**, worst error against real traces: "
                      f"{_value(F['estimate_error'])}.")

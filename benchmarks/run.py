@@ -310,7 +310,7 @@ SUMMARY = [  # (figure key, how the summary names it)
     ("overhead_sd15", "Overhead, SD 1.5 (default recording / untraced, whole run)"),
     ("overhead_sd15_per_step", "Overhead, SD 1.5, per denoising step"),
     ("overhead_shipped", "Overhead, shipped model"),
-    ("generation_shipped", "Shipped model, 25-step generation (untraced, default threads)"),
+    ("generation_shipped", "Shipped model, 25-step generation (untraced, the run's threads)"),
     ("generation_shipped_1thread", "Shipped model, 25-step generation (untraced, one thread)"),
     ("daam_method_sd15", "DAAM's method / untraced (SD 1.5 loop, whole run)"),
     ("daam_method_sd15_per_step", "DAAM's method / untraced, per step"),
