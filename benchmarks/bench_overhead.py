@@ -11,7 +11,7 @@ Sides, alternating in one process after a warm-up, same seed and call:
   ``bench_daam.py``.
 
 On the full-size SD 1.5 architecture (random weights) at 256 px, 10 steps, CFG 7.5 on the CPU
-(quick mode: 64 px, 2 steps; CUDA: 512 px, 50 steps, fp16), and on the shipped model at its own
+(quick mode: 128 px, 4 steps; CUDA: 512 px, 50 steps, fp16), and on the shipped model at its own
 size, 25 steps. Method: ``common.alternate`` (a warm-up per side, >= 5 rounds in rotating order;
 ratios are medians of per-round ratios with their min-max). Target: traced / untraced <= 1.10 on
 the CPU, goal <= 1.03 (met only when the whole spread is below).

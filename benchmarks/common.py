@@ -91,10 +91,11 @@ def make_settings(mode: str = "quick", device: str | None = None) -> Settings:
                         sd15_scale=1.0, shipped_steps=25, reps=MIN_ROUNDS if mode == "quick" else 9,
                         shipped_reps=7 if mode == "quick" else 15, warmup=1)
     if mode == "quick":
-        # the full-size UNet at 64 px, 2 steps (PNDM: 3 UNet calls), so that 5 rounds x 3 sides
-        # fit in minutes even on a shared 2-core machine: at load average 6-8 there one 128 px
-        # 6-step run took 147 s and one 64 px 4-step run 39 s
-        return Settings(mode, device, torch.float32, height=64, steps=2, guidance=7.5,
+        # the full-size UNet at 128 px, 4 steps (PNDM: 5 UNet calls): 5 rounds x 3 sides fit in
+        # minutes. On a shared 2-core machine (load average 4-8) run it with --threads 1: there
+        # two torch threads made a 64 px 2-step SD 1.5 run take 17-24 s instead of 4.3 s, and a
+        # 25-step shipped-model run 40-60 s instead of 0.8 s (threads waiting for each other)
+        return Settings(mode, device, torch.float32, height=128, steps=4, guidance=7.5,
                         sd15_scale=1.0, shipped_steps=25, reps=MIN_ROUNDS, shipped_reps=MIN_ROUNDS,
                         warmup=1)
     return Settings(mode, device, torch.float32, height=256, steps=10, guidance=7.5, sd15_scale=1.0,
