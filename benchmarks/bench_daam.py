@@ -35,6 +35,22 @@ REPO = HERE.parent
 DAAM_VENV = Path(os.environ.get("SDLENS_DAAM_VENV", "/tmp/daamvenv"))
 DAAM_PY = DAAM_VENV / "bin" / "python"
 SETUP_JSON_NAME = "daam_setup.json"
+# DAAM 0.2.0's own run as last measured (section 3a of an earlier RESULTS.md, kept as written):
+# included, marked "not re-run", where the DAAM venv is missing
+EARLIER = HERE / "RESULTS-daam-0.2.0.md"
+
+
+def earlier_daam() -> dict:
+    """The date and DAAM 0.2.0's ratio(s) in :data:`EARLIER` (as written there)."""
+    import re
+
+    text = EARLIER.read_text()
+    date = re.search(r"on (\d{4}-\d\d-\d\d \d\d:\d\d \w+)", text)
+    runs = [{"size": int(m.group(1)), "steps": int(m.group(2)), "ratio": float(m.group(3)),
+             "n": int(m.group(4))}
+            for m in re.finditer(r"DAAM 0\.2\.0 trace, (\d+) px, (\d+) steps.*?ratio ([\d.]+)x; n=(\d+)",
+                                 text)]
+    return {"date": date.group(1) if date else None, "runs": runs}
 # DAAM 0.2.0's requirements.txt: scikit-image, diffusers==0.21.2, spacy, gradio, ftfy,
 # transformers==4.30.2, pandas, numba, nltk, inflect, joblib, accelerate==0.23.0.
 # gradio is only used by its demo; huggingface_hub must predate the removal of
@@ -102,25 +118,36 @@ def part_b(s, ctx: dict) -> dict:
 
     sd = bench_overhead.sd15_loop(s, ctx)
     st = sd["stats"]
-    rows = [C.time_row(n, st[n], st["untraced"]) for n in ("untraced", "sdlens", "daam-method")]
-    r_daam = st["daam-method"].median / st["untraced"].median
-    r_sdl = st["sdlens"].median / st["untraced"].median
-    steps = {n: statistics.median(v) for n, v in sd["steps"].items()}
-    r_daam_step = steps["daam-method"] / steps["untraced"]
-    r_sdl_step = steps["sdlens"] / steps["untraced"]
+    names = ("untraced", "sdlens", "daam-method")
+    rows = [C.time_row(n, st[n], st["untraced"]) for n in names]
+    rsm = sd["run_step_medians"]
+    figs = {}
+    for n, key in (("daam-method", "daam_method"), ("sdlens", "sdlens")):
+        figs[f"{key}_sd15"] = C.figure(f"{n} / untraced, whole run (SD 1.5 loop)",
+                                       C.round_ratios(st[n].times, st["untraced"].times), rounds=st)
+        figs[f"{key}_sd15_per_step"] = C.figure(
+            f"{n} / untraced, per denoising step (SD 1.5 loop)",
+            C.round_ratios(rsm[n], rsm["untraced"]), rounds=st)
+    figs["sdlens_vs_daam_method_sd15"] = C.figure(
+        "sdlens / DAAM's method, whole run (SD 1.5 loop)",
+        C.round_ratios(st["sdlens"].times, st["daam-method"].times), rounds=st)
     mem = []
-    for n in ("untraced", "sdlens", "daam-method"):
+    for n in names:
         pk = st[n].peak_rss
         mem.append(C.fmt_bytes(sorted(pk)[len(pk) // 2]) if pk else "–")
     for r, m in zip(rows, mem):
         r.append(m)
-    notes = [f"{sd['settings']}, same process, sides alternating after a warm-up.",
-             f"DAAM's method costs {r_daam:.3f}x untraced; sdlens's default recording {r_sdl:.3f}x "
-             f"(sdlens keeps SDPA for the output and recomputes only softmax(QK^T) on attn2, "
-             "head-averaged on the device, per step and per layer).",
-             f"Per denoising step (median wall time between step ends, first step left out): "
-             f"DAAM's method {r_daam_step:.3f}x untraced, sdlens {r_sdl_step:.3f}x "
-             f"({len(sd['steps']['daam-method'])} / {len(sd['steps']['sdlens'])} steps).",
+    fs = lambda k: f"{C.fmt_ratio(figs[k]['median'])}, {figs[k]['verdict']}"  # noqa: E731
+    notes = [f"{sd['settings']}, same process, the three sides in rotating order after a "
+             f"warm-up; {len(st['untraced'].times)} rounds; ratios are medians of per-round ratios "
+             "(min–max).",
+             f"Whole run: DAAM's method {fs('daam_method_sd15')}; sdlens {fs('sdlens_sd15')}; "
+             f"sdlens / DAAM's method {fs('sdlens_vs_daam_method_sd15')}. (sdlens keeps SDPA for "
+             "the output and recomputes only softmax(QK^T) on attn2, head-averaged on the device, "
+             "per step and per layer.)",
+             f"Per denoising step (each run's median step, first step left out): DAAM's method "
+             f"{fs('daam_method_sd15_per_step')}; sdlens {fs('sdlens_sd15_per_step')}.",
+             C.load_note(st),
              "daam-method keeps less than sdlens: one sum over steps per (layer, head), no per-step "
              "maps, no latents / noise / x0.",
              "peak RSS: median over runs of the run's RSS high-water mark above its starting RSS "
@@ -128,8 +155,7 @@ def part_b(s, ctx: dict) -> dict:
     return {"table": C.table("3b. DAAM's method (classic AttnProcessor on every attn2, probs summed "
                              "per layer and head over steps) vs untraced, in our venv",
                              C.TIME_COLUMNS + ["peak RSS above start (median)"], rows, notes),
-            "raw": {"ratio_daam_method": r_daam, "ratio_sdlens": r_sdl,
-                    "ratio_daam_method_per_step": r_daam_step, "ratio_sdlens_per_step": r_sdl_step}}
+            "raw": {"figures": figs}}
 
 
 # ====================================================================== (a) DAAM itself
@@ -346,7 +372,9 @@ def child(args) -> int:
                         run["daam_heatmap"].append(heat_s)
                         run["heatmap_shape"] = shape
             run["ok"] = True
-            run["ratio"] = statistics.median(run["daam"]) / statistics.median(run["plain"])
+            # the benchmark method: the median of per-round ratios, with their min-max
+            run["ratios"] = [d / p for d, p in zip(run["daam"], run["plain"])]
+            run["ratio"] = statistics.median(run["ratios"])
         except Exception as e:
             err(f"{key}: DAAM timed runs", e)
         dump()
@@ -384,16 +412,19 @@ def part_a(s, ctx: dict, work: Path) -> dict:
             rows.append([f"setup: {st['step']}", "ok" if st["rc"] == 0 else f"FAILED (rc {st['rc']})",
                          f"{st['s']} s", "; ".join(st.get("errors") or [])[:600]])
     if not DAAM_PY.exists():
-        rows.append(["DAAM venv", "not present", "", f"{DAAM_VENV} missing: run "
+        rows.append(["DAAM venv", "not present: NOT RE-RUN", "", f"{DAAM_VENV} missing: run "
                      "`python benchmarks/bench_daam.py --setup` (needs network for PyPI)"])
+        raw["not_rerun"] = True
+        if EARLIER.exists() and not s.smoke:
+            raw["earlier"] = {"source": f"benchmarks/{EARLIER.name}", **earlier_daam()}
         return {"rows": rows, "notes": notes, "raw": raw}
     if s.smoke:
-        sizes, steps, reps = [64], 2, 1
+        sizes, steps, reps = [64], 2, C.MIN_ROUNDS
     else:
         # quick: 256 px only (the 512 px pair alone takes ~2 minutes of a 10-minute budget)
         sizes = ([256] if s.mode == "quick" else [256, 512]) if s.device == "cpu" else [512]
         steps = 2 if s.mode == "quick" else s.steps
-        reps = 1 if s.mode == "quick" else s.reps
+        reps = C.MIN_ROUNDS if s.mode == "quick" else s.reps
     env = dict(os.environ, OMP_NUM_THREADS=str(s.extra.get("threads", 2)),
                MKL_NUM_THREADS=str(s.extra.get("threads", 2)), PYTHONNOUSERSITE="1")
     env.pop("PYTHONPATH", None)
@@ -432,13 +463,18 @@ def part_a(s, ctx: dict, work: Path) -> dict:
             rows.append([label, "ok", f"plain {C.fmt_s(pm)} (min {C.fmt_s(min(run['plain']))}, max "
                          f"{C.fmt_s(max(run['plain']))}); DAAM {C.fmt_s(dm)} (min "
                          f"{C.fmt_s(min(run['daam']))}, max {C.fmt_s(max(run['daam']))}); "
-                         f"ratio {dm / pm:.3f}x; n={len(run['daam'])}",
+                         + (f"ratio {C.fmt_ratio(run['ratio'])} (median of per-round ratios, "
+                            f"{C.verdict(C.spread(run['ratios']))})" if run.get("ratios")
+                            else f"ratio {dm / pm:.3f}x") + f"; n={len(run['daam'])}",
                          f"+ global heat map and word map: {C.fmt_s(statistics.median(run['daam_heatmap']))}"
                          f" (map {run.get('heatmap_shape')})"])
         else:
             pl = run.get("plain") or []
             rows.append([label, "FAILED", (f"plain generation alone {C.fmt_s(statistics_median(pl))}"
                                            if pl else ""), ""])
+    raw["figures"] = {f"daam_0_2_0_{run['size']}px": C.figure(
+        f"DAAM 0.2.0 / its own untraced diffusers 0.21.2, {run['size']} px, {run['steps']} steps",
+        run["ratios"]) for run in res.get("runs", []) if run.get("ok") and run.get("ratios")}
     if "spacy_parsing" in res:
         rows.append(["DAAM word parsing (parsed_heat_maps, spaCy)", res["spacy_parsing"], "", ""])
     for k, e in res.get("errors", {}).items():
@@ -463,10 +499,14 @@ def run(s, ctx: dict) -> dict:
                               "Same architecture (SD 1.5 UNet/VAE/CLIP-L sizes, random weights, "
                               "PNDM), same prompt and seed; DAAM's trace sets the latent grid from "
                               "unet.config.sample_size (64 for 512 px, 96 otherwise).",
-                              "Quick mode: 2 steps per run, 1 run per side per size (the full-size "
+                              "Quick mode: 2 steps per run, 5 rounds per side (the full-size "
                               "UNet at 512 px is slow on this CPU); plain and DAAM alternate after "
                               "a 1-step warm-up of each. Timed: prompt encoding + denoising loop "
                               "(output_type='latent'), as in benchmark 1."]))
+    if a["raw"].get("not_rerun") and EARLIER.exists() and not s.smoke:
+        tables.append(f"#### 3a'. DAAM 0.2.0's last run (from `benchmarks/{EARLIER.name}`, NOT "
+                      "re-run by this run: old method, one run per side)\n\n"
+                      + EARLIER.read_text().split("\n", 2)[2].strip() + "\n")
     b = part_b(s, ctx)
     tables.append(b["table"])
     return {"tables": tables, "raw": {"a": a["raw"], "b": b["raw"]}}

@@ -247,6 +247,10 @@ def run(s: C.Settings, ctx: dict) -> dict:
     if s.smoke:
         rows.append([f"SD 1.5 (scale {s.sd15_scale})", "–", "", "", "", "", "",
                      "smoke: not run (the shipped-model children check the code path)"])
+    elif s.mode == "quick" and s.device == "cpu":
+        rows.append([f"SD 1.5, {s.height} px", "–", "", "", "", "", "",
+                     "quick mode on the CPU: not run (saving and loading the full-size pipeline "
+                     "in every child takes minutes; `--full` runs it)"])
     elif est_child is None or s.remaining() > 2 * est_child + 120:
         try:
             path = _save_sd15(s)
@@ -286,6 +290,11 @@ def run(s: C.Settings, ctx: dict) -> dict:
                                "part of a run's peak; 4a is the cleaner measure."]))
     t, raw["size"] = size_table(s, ctx)
     tables.append(t)
+    for k, v in raw["size"].items():
+        if k.startswith("default, this"):
+            raw["figures"] = {"default_trace_mb": C.value_figure(
+                "the default trace of SD 1.5, 512 px, 50 steps, this benchmark's prompt (MB, "
+                "computed from shapes)", sum(v.values()) / 1e6, "MB", 100.0, "under 100 MB")}
     return {"tables": tables, "raw": raw}
 
 

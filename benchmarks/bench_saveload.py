@@ -1,4 +1,4 @@
-"""Benchmark 7: writing and opening a 1 GB trace; opening must be lazy.
+"""Benchmark 7: writing and opening a 1 GB trace (quick mode: 256 MB); opening must be lazy.
 
     python benchmarks/bench_saveload.py [--smoke | --quick | --full]
 
@@ -70,11 +70,12 @@ def run(s: C.Settings, ctx: dict) -> dict:
 
     from sdlens.trace import load
 
-    target = (5 << 20) if s.smoke else (1 << 30)
+    # quick: a quarter-GB trace (making a 1 GB one takes minutes on a shared 2-core machine)
+    target = (5 << 20) if s.smoke else (256 << 20) if s.mode == "quick" else (1 << 30)
     tr, steps, gen_s, size = make_trace(s, target)
     nbytes = sum(bench_recording.trace_nbytes(tr).values())
     print(f"  save/load: trace of {C.fmt_bytes(nbytes)} ({steps} steps at {size} px) made in {gen_s:.1f} s")
-    reps = 2 if s.mode != "full" else 4
+    reps = C.MIN_ROUNDS if s.mode != "full" else 7
     tmpdir = Path(ctx.get("tmp") or tempfile.gettempdir())
     d = Path(tempfile.mkdtemp(prefix="sdlens-bench-saveload-", dir=tmpdir))
     path = d / "big.sdlens"
@@ -94,6 +95,12 @@ def run(s: C.Settings, ctx: dict) -> dict:
         file_bytes = path.stat().st_size
         del tr
         gc.collect()
+        load_before = C.loadavg()
+        # warm-up of each side (untimed), then rounds in alternating order
+        evict(path)
+        load(path).latents
+        evict(path)
+        safetensors.torch.load_file(str(path))
         for r in range(reps):
             for side in (("lazy", "eager") if r % 2 == 0 else ("eager", "lazy")):
                 cold_ok &= evict(path)
@@ -125,6 +132,7 @@ def run(s: C.Settings, ctx: dict) -> dict:
                     full = safetensors.torch.load_file(str(path))
                     eager.append(time.perf_counter() - t0)
                     del full
+        load_after = C.loadavg()
     finally:
         for p in d.iterdir():
             p.unlink()
@@ -134,27 +142,45 @@ def run(s: C.Settings, ctx: dict) -> dict:
         return f"{C.fmt_s(statistics.median(xs))} (min {C.fmt_s(min(xs))}, max {C.fmt_s(max(xs))})"
 
     cold = "cold (file evicted from the page cache)" if cold_ok else "page cache NOT evicted"
-    ratio = statistics.median(lazy["open"]) / statistics.median(eager)
+    rounds = C.Rounds()
+    rounds.load_before, rounds.load_after, rounds.usable_cpus = load_before, load_after, C.usable_cpus()
+    open_ratio = C.figure(f"lazy open / eager read of a {C.fmt_bytes(nbytes)} trace (cold)",
+                          C.round_ratios(lazy["open"], eager), rounds=rounds)
+    all_ratio = C.figure("lazy open + read every tensor / eager read (cold)",
+                         C.round_ratios(lazy["all"], eager), rounds=rounds)
+    ratio = open_ratio["median"]
     rows = [
         ["write: trace.save(path)", cell(save_t), f"{file_bytes / save_t[0] / 2**20:.0f} MiB/s (first)"],
         ["fsync after save", cell(fsync_t), ""],
         [f"open: sdlens.load(path), {cold}", cell(lazy["open"]),
-         f"RSS +{C.fmt_bytes(statistics.median(lazy['rss_open']))}; {ratio:.4f}x the eager read"],
+         f"RSS +{C.fmt_bytes(statistics.median(lazy['rss_open']))}; {ratio:.4f}x the eager read "
+         f"(median of per-round ratios): {open_ratio['verdict']}"],
         ["first tensor access: trace.latents", cell(lazy["first"]), ""],
         [f"first attention layer ({big})", cell(lazy["first_att"]), ""],
-        ["open + read every tensor (lazy, one by one)", cell(lazy["all"]), ""],
+        ["open + read every tensor (lazy, one by one)", cell(lazy["all"]),
+         f"{C.fmt_ratio(all_ratio['median'])} the eager read: {all_ratio['verdict']}"],
         [f"eager: safetensors.torch.load_file(path), {cold}", cell(eager), "1 (baseline)"],
     ]
     notes = [f"Trace: {C.fmt_bytes(nbytes)} of tensors ({C.fmt_bytes(file_bytes)} on disk), a real "
              f"{steps}-step run at {size} px with heads kept and all 77 tokens "
              f"(SD 1.5 layout, scale 0.05; generated in {gen_s:.0f} s, not timed here).",
-             f"{reps} repeats per side, sides alternating. Disk: the filesystem of {tmpdir}.",
+             f"{reps} rounds per side after a warm-up of each, sides alternating (saves: {reps} "
+             f"in a row). Disk: the filesystem of {tmpdir}.", C.load_note(rounds),
              "Open is lazy: it reads the safetensors header and the JSON metadata only; each "
              "tensor is read on first access."]
-    return {"tables": [C.table("7. Save / load of a ~1 GB trace", ["operation", "median (min, max)",
+    return {"tables": [C.table(f"7. Save / load of a {C.fmt_bytes(nbytes)} trace", ["operation", "median (min, max)",
                                                                    "note"], rows, notes)],
             "raw": {"bytes": nbytes, "file_bytes": file_bytes, "steps": steps, "save_s": save_t,
-                    "fsync_s": fsync_t, "lazy": lazy, "eager_s": eager, "cold": cold_ok}}
+                    "fsync_s": fsync_t, "lazy": lazy, "eager_s": eager, "cold": cold_ok,
+                    "figures": {
+                        "saveload_open_s": C.value_figure(
+                            f"sdlens.load of a {C.fmt_bytes(nbytes)} trace (lazy, cold)",
+                            lazy["open"], "s", rounds=rounds, bytes=nbytes),
+                        "saveload_save_s": C.value_figure(
+                            f"trace.save of a {C.fmt_bytes(nbytes)} trace", save_t, "s",
+                            rounds=rounds, bytes=nbytes),
+                        "saveload_open_vs_eager": open_ratio,
+                        "saveload_all_vs_eager": all_ratio}}}
 
 
 def main(argv=None) -> int:

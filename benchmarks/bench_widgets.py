@@ -4,7 +4,7 @@
     python benchmarks/bench_widgets.py --smoke    # 10 steps, tiny random pipeline, quick
 
 1. **build**: seconds to construct ``TraceViewer(trace)`` (encode every frame and the word
-   heatmaps of the default layer choice), median of ``--builds`` runs, and the bytes sent.
+   heatmaps of the default layer choice), median of ``--builds`` runs after a warm-up, and the bytes sent.
 2. **frame switch** (browser): JupyterLab on localhost, Chromium via Playwright, a notebook that
    loads the saved trace and shows its viewer. For ``--switches`` slider changes (random steps,
    each different from the last) it measures, inside the page, the time from setting the slider
@@ -111,6 +111,7 @@ def make_trace(steps: int, smoke: bool):
 def bench_build(trace, builds: int) -> dict:
     from sdlens.widgets import TraceViewer
 
+    TraceViewer(trace)  # warm-up (imports, caches), untimed
     times, v = [], None
     for _ in range(builds):
         t0 = time.perf_counter()
@@ -162,12 +163,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="10 steps, a tiny random pipeline, few repeats")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; 10 with --smoke)")
-    ap.add_argument("--builds", type=int, default=None, help="TraceViewer builds to time (default 3)")
+    ap.add_argument("--builds", type=int, default=None, help="TraceViewer builds to time after a warm-up (default 5)")
     ap.add_argument("--switches", type=int, default=None, help="slider changes to time (default 100)")
     ap.add_argument("--no-browser", action="store_true", help="only the build time")
     args = ap.parse_args(argv)
     steps = args.steps or (10 if args.smoke else 50)
-    builds = args.builds or (1 if args.smoke else 3)
+    builds = args.builds or 5
     switches = args.switches or (20 if args.smoke else 100)
 
     trace, model, gen_s = make_trace(steps, args.smoke)

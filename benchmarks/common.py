@@ -44,7 +44,7 @@ class Settings:
     guidance: float
     sd15_scale: float              # 1.0 = the full 859M-parameter UNet
     shipped_steps: int
-    reps: int                      # timed runs per side (at least; loops may stop early on budget)
+    reps: int                      # timed rounds per side (at least MIN_ROUNDS)
     shipped_reps: int
     warmup: int
     prompt: str = PROMPT
@@ -68,9 +68,15 @@ class Settings:
                 f"steps, CFG {self.guidance}, {self.device}, {self.dtype_name}")
 
 
+MIN_ROUNDS = 5        # timed rounds per side, every mode (quick mode is smaller in size, not rounds)
+LOADED_PER_CPU = 0.5  # a load average above this x usable CPUs (start or end of a loop) = loaded
+
+
 def make_settings(mode: str = "quick", device: str | None = None) -> Settings:
     """Settings for a mode: ``smoke`` (tiny, only checks the scripts work), ``quick`` (the full
-    architectures, few repeats: under 10 minutes on 2 CPU cores) or ``full`` (more repeats)."""
+    architectures at a smaller image size / fewer steps: ~10 minutes on 2 idle CPU cores) or ``full``
+    (the full CPU setting, 256 px, 10 steps, more rounds). Every mode times >= MIN_ROUNDS rounds
+    per side after a warm-up."""
     if mode not in ("smoke", "quick", "full"):
         raise ValueError(f"mode must be smoke, quick or full, got {mode!r}")
     if device is None:
@@ -78,15 +84,22 @@ def make_settings(mode: str = "quick", device: str | None = None) -> Settings:
     cuda = device.startswith("cuda")
     if mode == "smoke":
         return Settings(mode, device, torch.float16 if cuda else torch.float32, height=64, steps=3,
-                        guidance=7.5, sd15_scale=0.05, shipped_steps=3, reps=2, shipped_reps=2,
-                        warmup=1)
+                        guidance=7.5, sd15_scale=0.05, shipped_steps=3, reps=MIN_ROUNDS,
+                        shipped_reps=MIN_ROUNDS, warmup=1)
     if cuda:  # the issue's GPU settings: fp16, 512 px, 50 steps
         return Settings(mode, device, torch.float16, height=512, steps=50, guidance=7.5,
-                        sd15_scale=1.0, shipped_steps=25, reps=3 if mode == "quick" else 7,
-                        shipped_reps=5 if mode == "quick" else 15, warmup=1)
+                        sd15_scale=1.0, shipped_steps=25, reps=MIN_ROUNDS if mode == "quick" else 9,
+                        shipped_reps=7 if mode == "quick" else 15, warmup=1)
+    if mode == "quick":
+        # the full-size UNet at 128 px, 4 steps (PNDM: 5 UNet calls): 5 rounds x 3 sides fit in
+        # minutes. On a shared 2-core machine (load average 4-8) run it with --threads 1: there
+        # two torch threads made a 64 px 2-step SD 1.5 run take 17-24 s instead of 4.3 s, and a
+        # 25-step shipped-model run 40-60 s instead of 0.8 s (threads waiting for each other)
+        return Settings(mode, device, torch.float32, height=128, steps=4, guidance=7.5,
+                        sd15_scale=1.0, shipped_steps=25, reps=MIN_ROUNDS, shipped_reps=MIN_ROUNDS,
+                        warmup=1)
     return Settings(mode, device, torch.float32, height=256, steps=10, guidance=7.5, sd15_scale=1.0,
-                    shipped_steps=25, reps=2 if mode == "quick" else 5,
-                    shipped_reps=5 if mode == "quick" else 15, warmup=1)
+                    shipped_steps=25, reps=7, shipped_reps=15, warmup=1)
 
 
 def add_common_args(ap) -> None:
@@ -203,6 +216,11 @@ class StepClock:
     def steps(self) -> list[float]:
         return [b - a for run in self.runs for a, b in zip(run, run[1:])]
 
+    def run_step_medians(self) -> list[float]:
+        """The median step time of each run (one per timed round)."""
+        return [statistics.median([b - a for a, b in zip(run, run[1:])]) for run in self.runs
+                if len(run) > 1]
+
 
 def untraced(pipe, kw: Callable[[], dict]) -> Callable[[], Any]:
     def fn():
@@ -286,40 +304,49 @@ class Stats:
         return d
 
 
+class Rounds(dict):
+    """``alternate``'s result: side name -> :class:`Stats` (``times[r]`` is round ``r``), plus the
+    load average (1/5/15 min) just before the warm-up and just after the last round."""
+
+    load_before: tuple | None = None
+    load_after: tuple | None = None
+    usable_cpus: int = 1
+
+    @property
+    def loaded(self) -> bool:
+        return is_loaded(self.load_before, self.usable_cpus) or is_loaded(self.load_after,
+                                                                           self.usable_cpus)
+
+    def load_dict(self) -> dict:
+        return {"load_before": self.load_before, "load_after": self.load_after,
+                "loaded": self.loaded, "usable_cpus": self.usable_cpus}
+
+
 def alternate(sides: dict[str, Callable[[], Any]], s: Settings, reps: int, warmup: int | None = None,
-              budget_s: float | None = None, min_reps: int = 2, keep: tuple[str, ...] = (),
-              log: Callable[[str], None] | None = print,
-              max_runs: dict[str, int] | None = None) -> dict[str, Stats]:
-    """Run every side ``warmup`` times, then ``reps`` rounds in which every side runs once; the
-    order rotates from round to round (A B C, B C A, C A B, ...) so that drifts in machine speed
-    hit every side alike. After ``min_reps`` rounds, stops early when ``budget_s`` (seconds since
-    the first timed round) or the settings' deadline would be exceeded by another round.
+              keep: tuple[str, ...] = (), log: Callable[[str], None] | None = print) -> Rounds:
+    """The benchmark method. Every side runs ``warmup`` times (untimed), then ``max(reps,
+    MIN_ROUNDS)`` rounds in which every side runs once; the order rotates from round to round
+    (A B C, B C A, C A B, ...) so that drifts in machine speed hit every side alike, and a ratio
+    can be taken within each round (:func:`round_ratios`). No early stop: a loop that does not fit
+    the time budget must be made smaller, not shorter. ``reps=0``: warm-up only.
     Each run also records its peak RSS above the RSS at its start (VmHWM reset per run) and, on
     CUDA, its peak allocated memory above the start. ``keep``: sides whose last result is kept.
-    ``max_runs``: sides timed fewer times than the others (they sit out the later rounds)."""
+    The load average is recorded before the warm-up and after the last round."""
     names = list(sides)
     warmup = s.warmup if warmup is None else warmup
+    out = Rounds({n: Stats([]) for n in names})
+    out.usable_cpus = usable_cpus()
+    out.load_before = loadavg()
     for _ in range(warmup):
         for name in names:
             sides[name]()
             sync(s.device)
             gc.collect()
-    stats = {n: Stats([]) for n in names}
-    t_start = time.monotonic()
-    round_times: list[float] = []
+    rounds = 0 if reps <= 0 else max(reps, MIN_ROUNDS)
     cuda = s.device.startswith("cuda")
-    for r in range(reps):
-        if r >= min_reps and round_times:
-            per_round = statistics.median(round_times)
-            if budget_s is not None and time.monotonic() - t_start + per_round > budget_s:
-                break
-            if s.remaining() < per_round + 30:
-                break
-        t_round = time.monotonic()
+    for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
-            if max_runs and len(stats[name].times) >= max_runs.get(name, reps):
-                continue
             gc.collect()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -327,22 +354,132 @@ def alternate(sides: dict[str, Callable[[], Any]], s: Settings, reps: int, warmu
             have_hwm = reset_peak_rss()
             rss0 = rss_bytes()
             t0 = time.perf_counter()
-            out = sides[name]()
+            res = sides[name]()
             sync(s.device)
             dt = time.perf_counter() - t0
-            st = stats[name]
+            st = out[name]
             st.times.append(dt)
             if have_hwm and rss0 is not None:
                 st.peak_rss.append(max(0, (peak_rss_bytes() or 0) - rss0))
             if cuda:
                 st.cuda_peak.append(torch.cuda.max_memory_allocated() - cuda0)
             if name in keep:
-                st.result = out
-            del out
+                st.result = res
+            del res
             if log:
-                log(f"    {name}: {dt:.3f} s")
-        round_times.append(time.monotonic() - t_round)
-    return stats
+                log(f"    round {r + 1}/{rounds} {name}: {dt:.3f} s")
+    out.load_after = loadavg()
+    return out
+
+
+# ====================================================================== ratios and verdicts
+def round_ratios(side: list[float], base: list[float]) -> list[float]:
+    """Per-round ratios side / baseline (the two timed in the same round)."""
+    if len(side) != len(base):
+        raise ValueError(f"{len(side)} side times vs {len(base)} baseline times: not paired rounds")
+    return [a / b for a, b in zip(side, base)]
+
+
+def spread(ratios: list[float]) -> dict:
+    """{'median', 'min', 'max', 'n'} of per-round ratios."""
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+            "n": len(ratios)}
+
+
+def within_noise(sp: dict) -> bool:
+    return sp["min"] <= 1.0 <= sp["max"]
+
+
+def fmt_spread(sp: dict) -> str:
+    return f"{sp['min']:.3f}–{sp['max']:.3f}"
+
+
+def target_status(sp: dict, target: float | None, higher_is_better: bool = False) -> str | None:
+    """'meets' when the whole spread is on the right side of ``target``, 'misses' when the whole
+    spread is on the wrong side, else 'undecided' (the spread straddles it)."""
+    if target is None:
+        return None
+    good = (lambda x: x >= target) if higher_is_better else (lambda x: x <= target)
+    if good(sp["min"]) and good(sp["max"]):
+        return "meets"
+    if not good(sp["min"]) and not good(sp["max"]):
+        return "misses"
+    return "undecided"
+
+
+def verdict(sp: dict, target: float | None = None, goal: float | None = None,
+            higher_is_better: bool = False, what: str = "slower") -> str:
+    """The words for a ratio: 'within noise (x–y)' when its spread covers 1.0 (never a win or a
+    loss), else 'x% slower/faster (x–y)' (``what="speedup"``: 'faster/slower (x–y)'); then where
+    it stands against the target (and goal)."""
+    if within_noise(sp):
+        words = f"within noise ({fmt_spread(sp)})"
+    else:
+        m = sp["median"]
+        if what == "slower":  # side time / baseline time
+            words = (f"{m - 1:.1%} slower" if m > 1 else f"{1 - m:.1%} faster") + f" ({fmt_spread(sp)})"
+        else:  # a speed-up: baseline time / side time
+            words = ("faster" if m > 1 else "slower") + f" ({fmt_spread(sp)})"
+    cmp = ">=" if higher_is_better else "<="
+    for name, value in (("target", target), ("goal", goal)):
+        st = target_status(sp, value, higher_is_better)
+        if st == "meets":
+            words += f"; meets the {name} {cmp} {value:.2f}x"
+        elif st == "misses":
+            words += f"; MISSES the {name} {cmp} {value:.2f}x"
+        elif st == "undecided":
+            words += f"; the {name} {cmp} {value:.2f}x is within the spread (not resolved)"
+    return words
+
+
+def figure(label: str, ratios: list[float], target: float | None = None, goal: float | None = None,
+           higher_is_better: bool = False, what: str = "slower", rounds: "Rounds | None" = None,
+           **extra) -> dict:
+    """One published ratio, for ``results.json``: median / spread of per-round ratios, the
+    verdict, its target (and goal) and their status, the loop's load."""
+    sp = spread(ratios)
+    d = {"label": label, "kind": "ratio", **sp, "ratios": [round(x, 4) for x in ratios],
+         "within_noise": within_noise(sp), "verdict": verdict(sp, target, goal, higher_is_better, what),
+         "target": target, "target_status": target_status(sp, target, higher_is_better),
+         "goal": goal, "goal_status": target_status(sp, goal, higher_is_better),
+         "higher_is_better": higher_is_better}
+    if rounds is not None:
+        d.update(rounds.load_dict())
+    d.update(extra)
+    return d
+
+
+def value_figure(label: str, values: list[float] | float, unit: str, target: float | None = None,
+                 target_text: str | None = None, higher_is_better: bool = False,
+                 rounds: "Rounds | None" = None, **extra) -> dict:
+    """One published absolute figure (seconds, bytes, a fraction): median / min / max of its
+    values and whether the median meets ``target`` (``target_text`` says the target in words)."""
+    vals = values if isinstance(values, list) else [values]
+    med = statistics.median(vals)
+    status = None
+    if target is not None:
+        ok = med >= target if higher_is_better else med <= target
+        status = "meets" if ok else "misses"
+    d = {"label": label, "kind": "value", "unit": unit, "median": med, "min": min(vals),
+         "max": max(vals), "n": len(vals), "target": target, "target_text": target_text,
+         "target_status": status}
+    if rounds is not None:
+        d.update(rounds.load_dict())
+    d.update(extra)
+    return d
+
+
+def load_note(rounds: Rounds) -> str:
+    """The loop's load, for a table's notes."""
+    lb, la = rounds.load_before, rounds.load_after
+    s = (f"Load average (1 min) {lb[0]:.2f} before this loop, {la[0]:.2f} after"
+         if lb and la else "Load average not available")
+    if rounds.loaded:
+        s += (f": **LOADED machine** (above {LOADED_PER_CPU} x {rounds.usable_cpus} usable CPUs); "
+              "other processes share the CPUs, so the spreads are wider than on an idle machine.")
+    else:
+        s += "."
+    return s
 
 
 # ====================================================================== formatting
@@ -372,14 +509,18 @@ def fmt_ratio(x: float | None) -> str:
     return "–" if x is None else f"{x:.3f}x"
 
 
-def time_row(label: str, st: Stats, base: Stats | None) -> list[str]:
-    """[side, median, min, max, n, ratio of medians vs base]."""
-    ratio = st.median / base.median if base is not None else None
-    return [label, fmt_s(st.median), fmt_s(st.min), fmt_s(st.max), str(len(st.times)),
-            fmt_ratio(ratio) if base is not None and st is not base else "1 (baseline)"]
+def time_row(label: str, st: Stats, base: Stats | None, target: float | None = None,
+             goal: float | None = None) -> list[str]:
+    """[side, median, min, max, runs, ratio (median of per-round ratios, min–max), verdict]."""
+    cells = [label, fmt_s(st.median), fmt_s(st.min), fmt_s(st.max), str(len(st.times))]
+    if base is None or st is base:
+        return cells + ["1 (baseline)", ""]
+    sp = spread(round_ratios(st.times, base.times))
+    return cells + [f"{fmt_ratio(sp['median'])} ({fmt_spread(sp)})", verdict(sp, target, goal)]
 
 
-TIME_COLUMNS = ["side", "median", "min", "max", "runs", "ratio (median / baseline median)"]
+TIME_COLUMNS = ["side", "median", "min", "max", "runs",
+                "ratio: median of per-round ratios (min–max)", "verdict"]
 
 
 def table(title: str, columns: list[str], rows: list[list], notes: list[str] | None = None) -> dict:
@@ -480,6 +621,18 @@ def busy_processes(limit: int = 8) -> list[str]:
         if len(rows) >= limit:
             break
     return rows
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def is_loaded(load, cpus: int) -> bool:
+    """A load average (1 min) above LOADED_PER_CPU x usable CPUs: other work shares the machine."""
+    return bool(load) and load[0] > LOADED_PER_CPU * max(1, cpus)
 
 
 def loadavg() -> tuple[float, float, float] | None:

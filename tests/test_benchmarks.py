@@ -1,8 +1,11 @@
 """The benchmark scripts keep working: ``benchmarks/run.py --quick --smoke`` (tiny sizes) into a
-temporary file; every section has a table with rows. The committed RESULTS.md is not touched."""
+temporary file; every section has a table with rows, every timing row >= 5 rounds (grids >= 3)
+with a per-round spread. The committed RESULTS.md is not touched. README.md's benchmark paragraph
+is exactly what ``benchmarks/publish.py`` writes from the committed ``benchmarks/results.json``."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -13,6 +16,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import common  # noqa: E402  (benchmarks/common.py)
+import publish  # noqa: E402  (benchmarks/publish.py)
 
 
 def _tables(md: str) -> dict[str, list[list[str]]]:
@@ -60,8 +67,17 @@ def test_smoke_run_header_and_numbers(smoke_run):
                 "load average (1/5/15 min) before"):
         assert key in md
     ov = next(r for t, r in _tables(md).items() if t.startswith("1. Overhead"))
-    ratio = [r for r in ov if "sdlens" in r[1]][0][-1]
-    assert re.match(r"^\d+\.\d{3}x$", ratio), ratio
+    sdl = [r for r in ov if "sdlens" in r[1]][0]
+    # ratio: median of per-round ratios (min-max); >= 5 rounds per side
+    assert re.match(r"^\d+\.\d{3}x \(\d+\.\d{3}–\d+\.\d{3}\)$", sdl[-2]), sdl
+    assert int(sdl[-3]) >= 5
+    runs_column = {"1. Overhead": 5, "2a.": 4, "3b.": 4}
+    for title, rows in _tables(md).items():
+        for prefix, col in runs_column.items():
+            if title.startswith(prefix):
+                assert all(int(r[col]) >= 5 for r in rows), (title, rows)
+    grid = next(r for t, r in _tables(md).items() if t.startswith("5."))
+    assert all(int(r[-1]) >= 3 and r[-2].startswith("yes") for r in grid), grid
     # the estimate is checked against real traces
     est = next(r for t, r in _tables(md).items() if t.startswith("2c."))
     assert any("(yes)" in c or "(NO)" in c for r in est for c in r)
@@ -70,3 +86,61 @@ def test_smoke_run_header_and_numbers(smoke_run):
 def test_committed_results_untouched(smoke_run):
     _, _, before, after = smoke_run
     assert before == after
+
+
+def test_smoke_run_results_file_feeds_publish(smoke_run):
+    """The run writes the small results file, and publish.py turns it into a paragraph that
+    carries its figures, verdicts and load."""
+    _, out, _, _ = smoke_run
+    r = json.loads(out.with_suffix(".results.json").read_text())
+    figs = r["figures"]
+    for key in ("overhead_sd15", "overhead_sd15_per_step", "overhead_shipped", "daam_method_sd15",
+                "estimate_error", "default_trace_mb", "grid_shipped", "saveload_open_s"):
+        assert key in figs, sorted(figs)
+    f = figs["overhead_sd15"]
+    assert f["n"] >= 5 and f["min"] <= f["median"] <= f["max"]
+    assert ("within noise" in f["verdict"]) == (f["min"] <= 1.0 <= f["max"])
+    text = publish.paragraph(r)
+    assert f"**{f['median']:.3f}x** ({f['verdict']})" in text
+    assert ("loaded machine" in text) == bool(r["loaded"])
+
+
+@pytest.mark.parametrize("ratios, words", [
+    ([0.97, 1.02, 1.05, 0.99, 1.01], "within noise (0.970–1.050)"),
+    ([1.04, 1.06, 1.05, 1.08, 1.07], "6.0% slower (1.040–1.080)"),
+    ([0.90, 0.95, 0.92, 0.93, 0.94], "7.0% faster (0.900–0.950)"),
+])
+def test_a_spread_covering_one_is_within_noise(ratios, words):
+    assert common.verdict(common.spread(ratios)) == words
+
+
+def test_targets_need_the_whole_spread():
+    sp = common.spread([1.02, 1.04, 1.12])
+    assert common.target_status(sp, 1.10) == "undecided"
+    assert common.target_status(common.spread([1.02, 1.04]), 1.10) == "meets"
+    assert common.target_status(common.spread([1.12, 1.2]), 1.10) == "misses"
+    assert "MISSES the goal <= 1.03x" in common.verdict(common.spread([1.04, 1.05]), 1.10, 1.03)
+
+
+def test_round_ratios_pair_rounds():
+    assert common.round_ratios([2.0, 3.0], [1.0, 2.0]) == [2.0, 1.5]
+    with pytest.raises(ValueError):
+        common.round_ratios([1.0], [1.0, 2.0])
+
+
+def test_readme_paragraph_is_written_from_the_results_file():
+    """README.md's benchmark paragraph equals what publish.py writes from the committed
+    benchmarks/results.json: no figure is typed by hand."""
+    readme = (REPO / "README.md").read_text()
+    r = publish.load_results()
+    assert readme == publish.render(readme, r), (
+        "README.md's benchmark paragraph differs from benchmarks/results.json: run "
+        "python benchmarks/publish.py")
+    # every ratio figure appears with its verdict; misses with their targets
+    text = publish.paragraph(r)
+    for key in ("overhead_sd15", "overhead_shipped"):
+        if key in r["figures"]:
+            assert r["figures"][key]["verdict"] in text
+    for f in r["figures"].values():
+        if f["kind"] == "value" and f.get("target_status") == "misses" and f["label"]:
+            assert f"target {f['target_text']}: **MISSED**" in text
