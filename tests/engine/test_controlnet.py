@@ -14,7 +14,7 @@ import sdlens
 from sdlens.analysis.controlnet import controlnet_residuals
 from sdlens.engine.options import KINDS
 from sdlens.testing import controlnet_for, random_pipeline
-from tests.pipelines import PROMPT, assert_restored, pipe_state, task_inputs
+from pipelines import PROMPT, assert_restored, pipe_state, task_inputs
 
 CLASSES = {("sd15", "txt2img"): "StableDiffusionControlNetPipeline",
            ("sd15", "img2img"): "StableDiffusionControlNetImg2ImgPipeline",

@@ -10,7 +10,7 @@ import torch
 import sdlens
 from sdlens.analysis.tokens import token_view
 from sdlens.testing import random_pipeline
-from tests.pipelines import PROMPT, assert_restored, pipe_state
+from pipelines import PROMPT, assert_restored, pipe_state
 
 
 def embeddings_pipe(arch):

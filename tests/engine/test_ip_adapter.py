@@ -13,7 +13,7 @@ import sdlens
 from sdlens.analysis.tokens import IMAGE_PROMPT_POSITION
 from sdlens.testing import ip_adapter_state_dict, random_pipeline
 from sdlens.trace.core import Trace
-from tests.pipelines import assert_restored, call_pipe, pipe_state
+from pipelines import assert_restored, call_pipe, pipe_state
 
 EMBED = 8  # width of the image / face-ID embedding the tests pass
 
@@ -91,7 +91,7 @@ def test_ip_adapter_with_masks_and_two_adapters(arch):
 
 def test_ip_adapter_two_reference_images_per_adapter_and_img2img():
     pipe = ip_pipe("sd15", ("plain",), task="img2img")
-    from tests.pipelines import task_inputs
+    from pipelines import task_inputs
 
     tr = traced_and_plain(pipe, ip_adapter_image_embeds=image_embeds(["plain"], images=2),
                           **task_inputs("img2img"))

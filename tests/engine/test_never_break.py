@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 import sdlens
-from tests.pipelines import assert_restored, cached_pipe, call_pipe, pipe_state
+from pipelines import assert_restored, cached_pipe, call_pipe, pipe_state
 
 
 class GatedContextProcessor:
@@ -58,6 +58,7 @@ def test_unknown_processor_warns_once_and_the_generation_finishes():
             warnings.simplefilter("always")
             with sdlens.trace(pipe) as tr:
                 traced = call_pipe(pipe, num_inference_steps=2)
+        assert_restored(pipe, state)
     finally:
         pipe.unet.set_attn_processor(dict(procs))
         gated.restore()
