@@ -23,7 +23,8 @@ from matplotlib.figure import Figure
 from sdlens.analysis.controlnet import controlnet_residuals as control_residuals
 from sdlens.analysis.guidance import cfg_delta, guidance_stats, scheduler_view, x0_guidance_sweep
 from sdlens.analysis.heatmaps import Commitment, commitments, output_size, word_heatmap
-from sdlens.analysis.previews import latent_to_rgb, linear_decoder, previews, to_image
+from sdlens.analysis.previews import (latent_to_rgb, linear_decoder, previews, resolve_decoder,
+                                      to_image)
 from sdlens.analysis.tokens import find_word, token_text, token_view as _token_view, word_texts
 from sdlens.trace.steps import select_step, select_steps
 
@@ -175,7 +176,7 @@ def _signed_rgb(x: torch.Tensor) -> np.ndarray:
 
 
 def step_strip(trace: Any, steps: Any = None, n: int = 8, rows: Sequence[str] = STRIP_ROWS,
-               batch: int = 0, decoder: str = "linear", vae: Any = None,
+               batch: int = 0, decoder: str = "auto", vae: Any = None,
                panel_size: float = 1.7) -> Figure:
     """How the picture forms: one column per chosen step (default ``n`` evenly spaced), rows
 
@@ -184,6 +185,7 @@ def step_strip(trace: Any, steps: Any = None, n: int = 8, rows: Sequence[str] = 
     * ``cfg``: per-pixel norm over channels of ``noise_text - noise_uncond`` (shared colour scale).
     """
     rows = [rows] if isinstance(rows, str) else list(rows)
+    decoder = resolve_decoder(trace, decoder, vae)  # "auto": the VAE decode where it is cheap
     bad = [r for r in rows if r not in STRIP_ROWS]
     if bad or not rows:
         raise ValueError(f"rows must be a non-empty list of {STRIP_ROWS}, got {rows}")
@@ -220,7 +222,8 @@ def step_strip(trace: Any, steps: Any = None, n: int = 8, rows: Sequence[str] = 
                 ax.set_ylabel(_ROW_TITLES[row], fontsize=9)
         if row == "cfg":
             fig.colorbar(im, ax=list(axes[r]), fraction=0.02, pad=0.01, label="L2 over channels")
-    fig.suptitle(f"{trace.prompts[batch]!r}: step by step ({decoder} preview)", fontsize=10)
+    how = "VAE decode" if decoder == "vae" else f"{decoder} preview"
+    fig.suptitle(f"{trace.prompts[batch]!r}: step by step ({how})", fontsize=10)
     return fig
 
 

@@ -29,7 +29,7 @@ from PIL import Image
 
 from sdlens.analysis.guidance import prediction_type, scheduler_view
 from sdlens.analysis.heatmaps import commitments, word_heatmap
-from sdlens.analysis.previews import previews
+from sdlens.analysis.previews import previews, resolve_decoder
 from sdlens.analysis.tokens import (WORDS_UNKNOWN, find_word, nearest_tokens, token_view,
                                     word_texts)
 from sdlens.views import plot
@@ -338,11 +338,11 @@ def _scheduler_section(trace: Any) -> str:
 
 
 def build_report(trace: Any, batch: int = 0, words: Iterable[str] | None = None,
-                 decoder: str = "linear", vae: Any = None, title: str | None = None,
+                 decoder: str = "auto", vae: Any = None, title: str | None = None,
                  display_size: int = 256, **heatmap_kwargs: Any) -> str:
     """The report's HTML as a string (see the module docstring). ``words``: the words to show
-    (default every non-punctuation word); ``decoder``: latent previews ("linear", "vae",
-    "tiny" with ``vae=``); ``heatmap_kwargs`` (``layers``, ``pooling``...) go to the heatmaps."""
+    (default every non-punctuation word); ``decoder``: latent previews ("auto": the VAE decode
+    where it is cheap, else "linear"; "vae", "tiny" with ``vae=``); ``heatmap_kwargs`` (``layers``, ``pooling``...) go to the heatmaps."""
     if getattr(trace, "latents", None) is None or getattr(trace, "timesteps", None) is None:
         raise TypeError(f"expected a Trace with latents, got {type(trace).__name__}")
     if not 0 <= batch < len(trace.prompts):
@@ -355,6 +355,7 @@ def build_report(trace: Any, batch: int = 0, words: Iterable[str] | None = None,
         for w in words:  # unknown words are the caller's error, not a note in the report
             find_word(trace, w, batch)
     prompt = trace.prompts[batch]
+    decoder = resolve_decoder(trace, decoder, vae)  # "auto": the VAE decode where it is cheap
     doc = _Doc()
     doc.add("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title or 'sdlens report: ' + str(prompt))}</title>"

@@ -28,7 +28,7 @@ from PIL import Image
 
 from sdlens.analysis.guidance import cfg_delta
 from sdlens.analysis.heatmaps import output_size, token_heatmap, word_heatmap
-from sdlens.analysis.previews import latent_to_rgb, linear_decoder, previews
+from sdlens.analysis.previews import latent_to_rgb, linear_decoder, previews, resolve_decoder
 from sdlens.analysis.tokens import trace_words
 
 PANELS = ("x_t", "x0", "noise", "cfg_delta")
@@ -258,16 +258,19 @@ class TraceFrames:
         trace: a :class:`~sdlens.trace.Trace` (anything following the trace contract).
         max_side: longest side in pixels of the x_t / x0 / image frames (default 256).
         heat_side: longest side of heatmap frames (default 128; the browser scales them).
-        decoder: latent->RGB decoder for x_t / x0 (``"linear"``, ``"vae"``, ``"tiny"``).
+        decoder: latent->RGB decoder for x_t / x0 (``"auto"``: the VAE decode where it is cheap,
+            else linear; ``"linear"``, ``"vae"``, ``"tiny"``).
         vae: the VAE / AutoencoderTiny for ``decoder='vae'|'tiny'``.
         fmt: ``"png"``, ``"jpeg"`` or ``"auto"`` (PNG up to 128 px, else JPEG) for image frames.
         cmap: matplotlib colormap of the heatmaps.
     """
 
     def __init__(self, trace: Any, max_side: int = 256, heat_side: int = 128,
-                 decoder: str = "linear", vae: Any = None, fmt: str = "auto", cmap: str = "jet"):
-        if decoder not in DECODER_LABELS:
-            raise ValueError(f"decoder must be one of {tuple(DECODER_LABELS)}, got {decoder!r}")
+                 decoder: str = "auto", vae: Any = None, fmt: str = "auto", cmap: str = "jet"):
+        if decoder != "auto" and decoder not in DECODER_LABELS:
+            raise ValueError(f"decoder must be 'auto' or one of {tuple(DECODER_LABELS)}, got "
+                             f"{decoder!r}")
+        decoder = resolve_decoder(trace, decoder, vae)  # "auto": the VAE where it is cheap
         if fmt not in FORMATS:
             raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
         if not isinstance(max_side, int) or max_side < 8:
@@ -353,7 +356,8 @@ class TraceFrames:
         (``vae=`` or the live ``trace.pipeline``), the one given at construction."""
         out = ["linear"]
         pipe = getattr(self.trace, "pipeline", None)
-        if self.vae is not None or getattr(pipe, "vae", None) is not None:
+        if self.vae is not None or getattr(pipe, "vae", None) is not None \
+                or resolve_decoder(self.trace, "auto") == "vae":  # e.g. the shipped model's own
             out.append("vae")
         if self.decoder not in out:
             out.append(self.decoder)

@@ -123,7 +123,7 @@ class TraceViewer(anywidget.AnyWidget):
 
     def __init__(self, trace: Any, step: int = -1, word: str | None = None, layers: str = "all",
                  batch: int = 0, heat_mode: str = "step", max_side: int = 256,
-                 heat_side: int = 128, decoder: str = "linear", vae: Any = None, fmt: str = "auto",
+                 heat_side: int = 128, decoder: str = "auto", vae: Any = None, fmt: str = "auto",
                  cmap: str = "jet", fps: int = 8, display_px: int = 160, **kwargs: Any):
         if trace is None or getattr(trace, "timesteps", None) is None:
             raise TypeError(f"TraceViewer needs a Trace, got {type(trace).__name__}")
