@@ -56,6 +56,7 @@ from sdlens.engine.arch import adapter_for
 from sdlens.engine.batch import Cell, batch_record_options, plan_batches, run_batch, trace_options
 from sdlens.engine.options import (RecordOptions, default_memory_budget, estimate_cell_bytes,
                                    estimate_trace_bytes, latent_hw)
+from sdlens.engine.session import check_seed
 from sdlens.trace.core import Trace
 
 AXES = ("prompt", "scheduler", "steps", "guidance", "seed")  # canonical order, outermost first
@@ -229,6 +230,7 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
     if not all(isinstance(p, str) for p in prompt_list):
         raise TypeError("prompts must be strings")
     seed_list = parse_axis(seeds, int, "seeds") if not isinstance(seeds, int) else [seeds]
+    seed_list = [check_seed(s, "seeds") for s in seed_list]  # as generate() takes them
     cfg_list = (parse_axis(guidance_scales, float, "guidance_scales")
                 if not isinstance(guidance_scales, (int, float)) else [float(guidance_scales)])
     steps_list = parse_axis(steps, int, "steps") if not isinstance(steps, int) else [steps]

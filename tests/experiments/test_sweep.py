@@ -1,7 +1,6 @@
 """Grids: axis syntax, batched cells == single runs, chunking, traces, save/load, plot, CLI,
 and a 2-process sweep under accelerate == the 1-process one."""
 
-import importlib
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import torch
 from sdlens.pipeline import SHIPPED_MODEL, make_scheduler
 from sdlens.testing import random_pipeline
 
-S = importlib.import_module("sdlens.experiments.sweep")  # `sdlens.sweep` may be the function once exported
+from sdlens.experiments import sweep as S
 
 ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-4
@@ -327,3 +326,12 @@ def test_shipped_model_grid_cells_equal_single_runs():
         for k in range(2):
             ref = single(pipe, "a red circle and a blue square", k, g, 10)
             np.testing.assert_allclose(grid.arrays[j, k], ref, atol=ATOL, rtol=0)
+
+
+def test_seeds_outside_the_generators_range_are_refused():
+    # the same check as generate(): torch would wrap a negative seed silently
+    pipe = random_pipeline("shapes")
+    for bad in (-3, 2**64):
+        with pytest.raises(ValueError, match=r"0\.\.2\*\*64-1"):
+            S.sweep(pipe, "a red circle", seeds=[0, bad], guidance_scales=[7.5], steps=2,
+                    record=None, progress=False)
