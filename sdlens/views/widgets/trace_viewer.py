@@ -147,7 +147,7 @@ class TraceViewer(anywidget.AnyWidget):
         with self.hold_trait_notifications():
             self.n_steps = n
             self.timesteps = [float(v) for v in trace.timesteps]
-            self.decoder = decoder
+            self.decoder = fr.decoder  # "auto" resolved (the VAE decode where it is cheap)
             self.decoder_options = [[d, DECODER_LABELS.get(d, d)] for d in fr.decoders()]
             self.panels = self._panel_specs()
             self.colorbar = colorbar_css(cmap)
