@@ -221,7 +221,10 @@ def test_frame_size_cap_and_jpeg(trace):
 
 
 def test_viewer_labels_say_what_is_shown(trace, pipe):
-    v = TraceViewer(trace)
+    # by default a cheap VAE at hand (this small one) decodes x_t / x0, and the label says so
+    assert {p["name"]: p["label"] for p in TraceViewer(trace).panels}["x0"] == \
+        "x0 prediction · VAE decode"
+    v = TraceViewer(trace, decoder="linear")
     labels = {p["name"]: p["label"] for p in v.panels}
     assert labels["x_t"] == "x_t (latents) · linear preview"
     assert labels["x0"] == "x0 prediction · linear preview"
