@@ -13,6 +13,7 @@ A new family (SD3, Flux, PixArt, Sana: transformer denoisers) is one subclass of
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -48,6 +49,31 @@ class SiteNaming:
     def sort_key(self, site: str) -> tuple:
         """Key that puts sites in the denoiser's order."""
         return (site,)
+
+
+class BlockNaming(SiteNaming):
+    """A transformer's sites ``transformer_blocks.N.<attention>`` <-> ``"block.N"`` (or ``"N"``),
+    in block order; the group ``"blocks"`` (all of them). ``attention``: the name of the site's
+    attention module in a block (it differs between families)."""
+
+    groups = ("blocks",)
+
+    def __init__(self, attention: str):
+        self.site = re.compile(rf"^transformer_blocks\.(\d+)\.{re.escape(attention)}$")
+
+    def alias(self, site: str) -> str:
+        m = self.site.match(site)
+        return f"block.{m.group(1)}" if m else site
+
+    def expand(self, name: str) -> str | None:
+        if name == "blocks":
+            return "transformer_blocks"
+        m = re.match(r"^(?:block\.)?(\d+)$", name)
+        return f"transformer_blocks.{int(m.group(1))}" if m else None
+
+    def sort_key(self, site: str) -> tuple:
+        m = self.site.match(site)
+        return (int(m.group(1)), site) if m else (1 << 30, site)
 
 
 class BackboneAdapter(ABC):

@@ -26,40 +26,17 @@ axis.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-from sdlens.engine.arch.base import BackboneAdapter, SiteNaming
+from sdlens.engine.arch.base import BackboneAdapter, BlockNaming
 
-_SITE = re.compile(r"^transformer_blocks\.(\d+)\.attn2$")
-
-
-class DiTNaming(SiteNaming):
-    """``transformer_blocks.N.attn2`` <-> ``"block.N"`` (or ``"N"``); group ``"blocks"``."""
-
-    groups = ("blocks",)
-
-    def alias(self, site: str) -> str:
-        m = _SITE.match(site)
-        return f"block.{m.group(1)}" if m else site
-
-    def expand(self, name: str) -> str | None:
-        if name == "blocks":
-            return "transformer_blocks"
-        m = re.match(r"^(?:block\.)?(\d+)$", name)
-        return f"transformer_blocks.{int(m.group(1))}" if m else None
-
-    def sort_key(self, site: str) -> tuple:
-        m = re.match(r"^transformer_blocks\.(\d+)", site)
-        return (int(m.group(1)) if m else 1 << 30, site)
 
 
 class DiTAdapter(BackboneAdapter):
     """A cross-attention DiT (``pipe.transformer``); subclasses name the transformer class."""
 
     transformer_class: str = ""
-    naming = DiTNaming()
+    naming = BlockNaming("attn2")
     max_text_tokens = 300
     sample_arg = "hidden_states"
     self_attention_quadratic: int = 1  # softmax self-attention (0: linear attention)
@@ -131,7 +108,7 @@ class DiTAdapter(BackboneAdapter):
 
     def site_of(self, processor_key: str) -> str | None:
         site = processor_key[: -len(".processor")] if processor_key.endswith(".processor") else ""
-        return site if _SITE.match(site) else None
+        return site if self.naming.site.match(site) else None
 
     def sites(self) -> list[str]:
         return list(self._sites)

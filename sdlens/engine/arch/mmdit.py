@@ -19,33 +19,10 @@ skip-layer guidance calls the transformer a second time per step on the text hal
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-from sdlens.engine.arch.base import BackboneAdapter, SiteNaming
+from sdlens.engine.arch.base import BackboneAdapter, BlockNaming
 
-_SITE = re.compile(r"^transformer_blocks\.(\d+)\.attn$")
-
-
-class MMDiTNaming(SiteNaming):
-    """``transformer_blocks.N.attn`` <-> ``"block.N"`` (or ``"N"``); the group ``"blocks"``."""
-
-    groups = ("blocks",)
-
-    def alias(self, site: str) -> str:
-        m = _SITE.match(site)
-        return f"block.{m.group(1)}" if m else site
-
-    def expand(self, name: str) -> str | None:
-        if name == "blocks":
-            return "transformer_blocks"
-        m = re.match(r"^(?:block\.)?(\d+)$", name)
-        return f"transformer_blocks.{int(m.group(1))}.attn" if m else None
-
-    def sort_key(self, site: str) -> tuple:
-        m = _SITE.match(site)
-        return (int(m.group(1)), site) if m else (10 ** 6, site)
 
 
 class MMDiTAdapter(BackboneAdapter):
@@ -54,7 +31,7 @@ class MMDiTAdapter(BackboneAdapter):
     pipelines = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                  "StableDiffusion3InpaintPipeline")
     families = ("sd3", "sd35")
-    naming = MMDiTNaming()
+    naming = BlockNaming("attn")
     max_text_tokens = 77 + 256  # CLIP + T5 at the pipelines' default max_sequence_length
     sample_arg = "hidden_states"
     attention_kind = "joint"
@@ -118,7 +95,7 @@ class MMDiTAdapter(BackboneAdapter):
 
     def site_of(self, processor_key: str) -> str | None:
         site = processor_key[: -len(".processor")] if processor_key.endswith(".processor") else ""
-        return site if _SITE.match(site) else None
+        return site if self.naming.site.match(site) else None
 
     def sites(self) -> list[str]:
         return list(self._sites)
