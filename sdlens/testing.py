@@ -338,7 +338,11 @@ def _prompt_corpus(n: int = 600, seed: int = 0) -> list[str]:
 def _spm_pieces(**options) -> tuple[tuple[str, float], ...]:
     import io
 
-    import sentencepiece as spm
+    try:
+        import sentencepiece as spm
+    except ImportError as e:
+        raise ImportError("the SD3 / PixArt / Sana test beds build their T5 / Gemma tokenizers "
+                          "with SentencePiece: pip install sentencepiece (in sdlens[dev])") from e
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(_prompt_corpus()), model_writer=buf,
