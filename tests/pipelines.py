@@ -6,6 +6,8 @@ import functools
 
 import numpy as np
 import torch
+
+from sdlens.engine.arch import adapter_for
 from PIL import Image
 
 from sdlens.testing import random_pipeline
@@ -42,18 +44,21 @@ def call_pipe(pipe, seed=0, **kw):
 
 
 def pipe_state(pipe):
-    unet = pipe.unet
-    return (type(pipe), dict(unet.attn_processors), dict(unet._forward_hooks),
-            dict(unet._forward_pre_hooks), "step" in vars(pipe.scheduler))
+    """What sdlens must leave as it found it: the class, the denoiser's processors and hooks
+    (UNet or transformer, from the backbone's adapter), ``scheduler.step``."""
+    den = adapter_for(pipe).denoiser
+    return (type(pipe), dict(den.attn_processors), dict(den._forward_hooks),
+            dict(den._forward_pre_hooks), "step" in vars(pipe.scheduler))
 
 
 def assert_restored(pipe, state):
     cls, procs, fwd, pre, had_step = state
     assert type(pipe) is cls
-    now = pipe.unet.attn_processors
+    den = adapter_for(pipe).denoiser
+    now = den.attn_processors
     assert now.keys() == procs.keys()
     assert all(now[k] is procs[k] for k in procs), "processor objects were not restored"
-    assert dict(pipe.unet._forward_hooks) == fwd and dict(pipe.unet._forward_pre_hooks) == pre
+    assert dict(den._forward_hooks) == fwd and dict(den._forward_pre_hooks) == pre
     assert ("step" in vars(pipe.scheduler)) == had_step
     assert pipe.scheduler.step.__func__ is type(pipe.scheduler).step
 

@@ -13,6 +13,7 @@ from sdlens.analysis.tokens import find_word, token_view, tokenize, word_texts, 
 from sdlens.engine.arch import adapter_for, naming_for
 from sdlens.engine.arch.dit import PixArtAdapter, SanaAdapter
 from sdlens.engine.text import word_positions
+from pipelines import assert_restored, pipe_state
 from sdlens.testing import gemma_tokenizer, random_pipeline, t5_tokenizer
 
 PROMPT = "A red circle on the beach"
@@ -47,12 +48,6 @@ def traced(arch: str, keep_padding: bool = False):
     with sdlens.trace(pipe, keep_padding=keep_padding) as tr:
         images = run(pipe, arch)
     return tr.runs[-1], images
-
-
-def state(pipe):
-    t = pipe.transformer
-    return (type(pipe), dict(t.attn_processors), dict(t._forward_hooks),
-            dict(t._forward_pre_hooks), "step" in vars(pipe.scheduler))
 
 
 # ---------------------------------------------------------------- adapters and naming
@@ -219,7 +214,7 @@ def test_save_load_round_trip(arch, tmp_path):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_restored_after_exception(arch):
     pipe = pipe_of(arch)
-    before = state(pipe)
+    before = pipe_state(pipe)
 
     def boom(*args):
         if args[-3 if arch == "pixart" else 1] == 1:
@@ -231,13 +226,7 @@ def test_restored_after_exception(arch):
     with pytest.raises(RuntimeError, match="stop"):
         with sdlens.trace(pipe):
             run(pipe, arch, **callback)
-    cls, procs, fwd, pre, had_step = before
-    assert type(pipe) is cls
-    now = pipe.transformer.attn_processors
-    assert all(now[k] is procs[k] for k in procs)
-    assert dict(pipe.transformer._forward_hooks) == fwd
-    assert dict(pipe.transformer._forward_pre_hooks) == pre
-    assert ("step" in vars(pipe.scheduler)) == had_step
+    assert_restored(pipe, before)
 
 
 # ---------------------------------------------------------------- SentencePiece words

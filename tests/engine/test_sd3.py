@@ -11,6 +11,7 @@ import sdlens
 from sdlens.analysis.tokens import tokenize_segments, trace_words
 from sdlens.engine.arch import adapter_for
 from sdlens.engine.sites import JointAttentionRecorder
+from pipelines import assert_restored, pipe_state
 from sdlens.testing import random_pipeline
 
 PROMPT = "a red circle and a blue square"
@@ -38,22 +39,6 @@ def traced(arch: str, t5: bool = True):
     plain, _ = run(pipe, False)
     out, tr = run(pipe, True)
     return pipe, plain, out, tr
-
-
-def state(pipe):
-    tr = pipe.transformer
-    return (type(pipe), dict(tr.attn_processors), dict(tr._forward_hooks),
-            dict(tr._forward_pre_hooks), "step" in vars(pipe.scheduler))
-
-
-def assert_restored(pipe, before):
-    cls, procs, fwd, pre, had_step = before
-    assert type(pipe) is cls
-    now = pipe.transformer.attn_processors
-    assert now.keys() == procs.keys() and all(now[k] is procs[k] for k in procs)
-    assert dict(pipe.transformer._forward_hooks) == fwd
-    assert dict(pipe.transformer._forward_pre_hooks) == pre
-    assert ("step" in vars(pipe.scheduler)) == had_step
 
 
 @pytest.mark.parametrize("arch", ["sd3", "sd35"])
@@ -157,7 +142,7 @@ def test_save_load_round_trip(tmp_path):
 
 def test_restored_after_an_exception_mid_run():
     pipe = pipe_of("sd3")
-    before = state(pipe)
+    before = pipe_state(pipe)
 
     def stop(p, i, t, kw):
         if i == 1:

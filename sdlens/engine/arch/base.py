@@ -75,6 +75,11 @@ class BlockNaming(SiteNaming):
         m = self.site.match(site)
         return (int(m.group(1)), site) if m else (1 << 30, site)
 
+    def site_of(self, processor_key: str) -> str | None:
+        """The site a key of ``denoiser.attn_processors`` belongs to; None for other attention."""
+        site = processor_key[: -len(".processor")] if processor_key.endswith(".processor") else ""
+        return site if self.site.match(site) else None
+
 
 class BackboneAdapter(ABC):
     """One live pipeline of a backbone family, as the engine sees it.

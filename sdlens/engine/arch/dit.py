@@ -107,8 +107,7 @@ class DiTAdapter(BackboneAdapter):
         return (30 * tokens * inner + quadratic) * itemsize
 
     def site_of(self, processor_key: str) -> str | None:
-        site = processor_key[: -len(".processor")] if processor_key.endswith(".processor") else ""
-        return site if self.naming.site.match(site) else None
+        return self.naming.site_of(processor_key)
 
     def sites(self) -> list[str]:
         return list(self._sites)

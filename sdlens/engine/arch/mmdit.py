@@ -94,8 +94,7 @@ class MMDiTAdapter(BackboneAdapter):
         return 30 * dim * n * itemsize + heads * n * n * itemsize
 
     def site_of(self, processor_key: str) -> str | None:
-        site = processor_key[: -len(".processor")] if processor_key.endswith(".processor") else ""
-        return site if self.naming.site.match(site) else None
+        return self.naming.site_of(processor_key)
 
     def sites(self) -> list[str]:
         return list(self._sites)
