@@ -20,6 +20,11 @@ import torch
 from sdlens.engine.arch import SUPPORTED_PIPELINES, adapter_for
 
 SHIPPED_MODEL = Path(__file__).parent / "models" / "shapes" / "weights"
+# the models that ship in the package, by the names load_pipeline takes (None: the first)
+SHIPPED_MODELS = {
+    "shapes": SHIPPED_MODEL,  # UNet (SD 1.x architecture), attention maps taught
+    "shapes-mmdit": Path(__file__).parent / "models" / "shapes" / "weights_mmdit",  # SD3, learned freely
+}
 
 # Short scheduler names accepted wherever a scheduler is chosen.
 SCHEDULERS = {
@@ -93,12 +98,14 @@ def make_scheduler(scheduler, config):
 
 def _resolve(model: str | os.PathLike | None) -> tuple[str, dict]:
     """Return (folder or hub id, model_index.json contents); clear errors instead of the hub's."""
-    if model is None:
-        if not (SHIPPED_MODEL / "model_index.json").exists():
+    if model is None or (isinstance(model, str) and model in SHIPPED_MODELS):
+        name = model or "shapes"
+        model = SHIPPED_MODELS[name]
+        if not (model / "model_index.json").exists():
+            arch = " --arch mmdit" if name == "shapes-mmdit" else ""
             raise FileNotFoundError(
-                f"the shipped model is missing from {SHIPPED_MODEL}; reinstall sdlens or rebuild "
-                f"it with `python -m sdlens.models.shapes.train --export {SHIPPED_MODEL}`")
-        model = SHIPPED_MODEL
+                f"the shipped model {name!r} is missing from {model}; reinstall sdlens or rebuild "
+                f"it with `python -m sdlens.models.shapes.train{arch} --export {model}`")
     path = Path(model).expanduser()
     if path.is_dir():
         index = path / "model_index.json"
@@ -199,7 +206,9 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
     """Load a Stable Diffusion pipeline that sdlens can trace.
 
     Args:
-        model: None for the shipped "shapes" model; a hub id ("stable-diffusion-v1-5/
+        model: None or "shapes" for the shipped UNet model; "shapes-mmdit" for the shipped SD3
+            (MMDiT) model, whose calls should pass ``max_sequence_length=0`` (it has no T5: see
+            its model card; sdlens's own commands do); a hub id ("stable-diffusion-v1-5/
             stable-diffusion-v1-5") or a local diffusers folder. The pipeline class (SD 1.x / 2.x /
             SDXL, txt2img / img2img / inpaint) comes from the folder's model_index.json.
         device: "cuda", "cpu", ... (default: cuda when available, else cpu).
@@ -225,6 +234,10 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
     kwargs = {}
     if "safety_checker" in index:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    # components the folder says are absent ([null, null], e.g. SD3 without T5): diffusers
+    # skips them and then asks for them, unless they are passed as None
+    kwargs.update({k: None for k, v in index.items()
+                   if isinstance(v, list) and len(v) == 2 and v[0] is None})
     with _quiet_loading():  # the class lookup imports the pipeline's module: quiet it too
         pipe = getattr(diffusers, cls_name).from_pretrained(source, dtype=dtype, **kwargs)
     if scheduler is not None:

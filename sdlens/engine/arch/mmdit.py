@@ -76,7 +76,8 @@ class MMDiTAdapter(BackboneAdapter):
     def text_parts(self, params: dict) -> list[tuple[str, object, int]]:
         """The text sequence's segments in order: ``(encoder, tokenizer or None, length)``; T5
         has no tokens when ``text_encoder_3`` is None (its positions are zeros)."""
-        n_t5 = int(params.get("max_sequence_length") or 256)
+        n_t5 = params.get("max_sequence_length")
+        n_t5 = 256 if n_t5 is None else int(n_t5)  # 0 is a length: no T5 segment at all
         t5 = self.pipe.tokenizer_3 if getattr(self.pipe, "text_encoder_3", None) is not None \
             else None
         return [("clip", self.pipe.tokenizer, self.clip_positions), ("t5", t5, n_t5)]

@@ -3,6 +3,7 @@
     python -m sdlens.models.shapes.card            # rewrite weights/README.md and README.md's paragraph
     python -m sdlens.models.shapes.card --measure  # re-measure the test rows first (~10 min, CPU)
     python -m sdlens.models.shapes.card --fit-preview  # refit weights/latent_rgb.json (~3 min)
+    python -m sdlens.models.shapes.card --choose-guidance 3 5 7.5 --measure-mmdit  # shapes-mmdit
 
 Inputs, next to the weights:
 
@@ -26,10 +27,12 @@ from pathlib import Path
 from sdlens.models.shapes import evaluate as ev
 
 WEIGHTS = Path(__file__).parent / "weights"
+MMDIT = Path(__file__).parent / "weights_mmdit"  # the second shipped model, "shapes-mmdit"
 EVALUATION = WEIGHTS / "evaluation.json"
 TRAINING = WEIGHTS / "training.json"
 README = Path(__file__).resolve().parents[3] / "README.md"  # present in a source checkout only
 BEGIN, END = "<!-- shapes-model:begin -->", "<!-- shapes-model:end -->"
+MMDIT_BEGIN, MMDIT_END = "<!-- shapes-mmdit:begin -->", "<!-- shapes-mmdit:end -->"
 
 
 def load_results(folder: Path = WEIGHTS) -> tuple[dict, dict]:
@@ -48,8 +51,12 @@ def component_facts(folder: Path = WEIGHTS) -> dict:
             return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
 
     vae = json.loads((folder / "vae" / "config.json").read_text())
-    return {"text_encoder_params": params("text_encoder"), "vae_params": params("vae"),
-            "scaling_factor": float(vae["scaling_factor"])}
+    facts = {"text_encoder_params": params("text_encoder"), "vae_params": params("vae"),
+             "scaling_factor": float(vae["scaling_factor"]),
+             "shift_factor": float(vae.get("shift_factor") or 0.0)}
+    if (folder / "text_encoder_2").exists():
+        facts["text_encoder_2_params"] = params("text_encoder_2")
+    return facts
 
 
 def _numel(shape) -> int:
@@ -115,6 +122,12 @@ def model_card(evaluation: dict, train: dict) -> str:
             + f". These rows were evaluated on {free['images']} images and trained far less than "
             "the shipped model: compare them with each other, and read the shipped rows as the "
             "model you get.\n")
+    free_section = ""
+    mmdit = _maybe_results(MMDIT)
+    if mmdit is not None or evaluation.get("ablation"):
+        free_section = (f"\n## Free vs taught\nThe maps of this model were taught; those of the "
+                        f"\"shapes-mmdit\" model and of this recipe without its attention loss were "
+                        f"not.\n\n{free_vs_taught((evaluation, train), mmdit)}\n\n{FREE_VS_TAUGHT_NOTE}\n")
     return f"""# shapes — a small Stable Diffusion trained by sdlens
 
 A Stable Diffusion of the same component classes as SD 1.x, small enough to train on 2 CPU cores,
@@ -187,7 +200,7 @@ object** (the ground truth is what the model drew, found by colour, not the trai
   against {_pct(g['double_both_colours'])} and {_pct(g['double_both_shapes'])} at CFG 7.5; single
   objects: colour {_pct(g1['single_colour'])}, shape {_pct(g1['single_shape'])} at CFG 1.
 {ablation}- **Reproducing it**: {train['reproduce']}
-"""
+{free_section}"""
 
 
 def readme_paragraph(evaluation: dict, train: dict) -> str:
@@ -213,6 +226,189 @@ for {train['unet_steps']:,} steps plus a {train['refine_steps']:,}-step refine s
 sdlens.models.shapes.card` from the model's result files."""
 
 
+# --------------------------------------------------------------------------- free vs taught
+def _maybe_results(folder: Path) -> tuple[dict, dict] | None:
+    if not (folder / EVALUATION.name).exists() or not (folder / TRAINING.name).exists():
+        return None
+    return load_results(folder)
+
+
+def _iou(r: dict, kind: str) -> float | None:
+    return (r.get("iou_by_map") or {}).get(kind, {}).get("mean")
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def free_vs_taught(unet: tuple[dict, dict], mmdit: tuple[dict, dict] | None) -> str:
+    """The table both cards carry: each recipe's accuracy and map IoU on the test seeds at its
+    default guidance, with its attention supervision and training steps."""
+    rows = []
+    if mmdit is not None:
+        ev_m, tr_m = mmdit
+        r = _by_cfg(ev_m["test"], ev_m["default_guidance"])
+        blocks = {k: v["mean"] for k, v in (r.get("iou_by_map") or {}).items() if k.startswith("block.")}
+        best = max(blocks, key=blocks.get) if blocks else None
+        raw = f"{r['iou_mean']:.2f}" + (f" (best block {best}: {blocks[best]:.2f})" if best else "")
+        rows.append(("shapes-mmdit (SD3 MMDiT)", "**none**", f"{tr_m['steps']:,}", r, raw,
+                     _fmt(_iou(r, "concept"))))
+    ev_u, tr_u = unet
+    r = _by_cfg(ev_u["test"], 7.5)
+    rows.append(("shapes (UNet), shipped", "attention loss (taught)",
+                 f"{tr_u['unet_steps']:,} + {tr_u['refine_steps']:,} refine", r,
+                 f"{r['iou_mean']:.2f}", "n/a (no joint attention)"))
+    for a in ev_u.get("ablation", []):
+        rows.append((f"UNet recipe without the attention loss ({a['cache']:,}-scene cache)",
+                     "**none**", f"{a['train_steps']:,}", a, f"{a['iou_mean']:.2f}",
+                     "n/a (no joint attention)"))
+    head = ("| model | attention supervision | training steps | CFG | test images | single: colour | "
+            "single: shape | two: both colours | two: both shapes | IoU raw maps | IoU concept maps |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
+    body = "\n".join(
+        f"| {name} | {sup} | {steps} | {r['guidance_scale']:g} | {r['images']} | "
+        f"{r['single_colour']:.2f} | {r['single_shape']:.2f} | {r['double_both_colours']:.2f} | "
+        f"{r['double_both_shapes']:.2f} | {raw} | {concept} |"
+        for name, sup, steps, r, raw, concept in rows)
+    return head + "\n" + body
+
+
+FREE_VS_TAUGHT_NOTE = (
+    "All rows: the test seeds (2000-), 25 steps, the evaluation prompts of "
+    "`sdlens.models.shapes.evaluate`; IoU is DAAM's protocol (map normalised to [0, 1], threshold "
+    "0.4) against the colour segment of the generated object, averaged over colour and shape words. "
+    "Raw maps: the attention of each image position to the word's tokens, pooled over every site "
+    "and step (for the MMDiT: the text columns of its joint attention). Concept maps: "
+    "ConceptAttention's method (Helbling et al., 2025), the concepts being the 4 colour and 3 shape "
+    "words and \"background\", whatever the prompt. Written by `python -m sdlens.models.shapes.card`.")
+
+
+def mmdit_description() -> dict:
+    """The shipped MMDiT's transformer in words, and its parameter count, from ``architecture``."""
+    from sdlens.models.shapes.architecture import LATENT_SIZE, MMDIT_CONFIG, mmdit_transformer
+
+    cfg = MMDIT_CONFIG
+    grid = LATENT_SIZE // cfg["patch_size"]
+    text = (f"{cfg['num_layers']} joint-attention blocks, width "
+            f"{cfg['num_attention_heads'] * cfg['attention_head_dim']} ({cfg['num_attention_heads']} "
+            f"heads of {cfg['attention_head_dim']}), patch {cfg['patch_size']}: {grid}x{grid} image "
+            f"tokens, text width {cfg['joint_attention_dim']}")
+    return {"text": text, "params": sum(p.numel() for p in mmdit_transformer().parameters())}
+
+
+def mmdit_card(evaluation: dict, train: dict, unet: tuple[dict, dict]) -> str:
+    """The "shapes-mmdit" card's markdown."""
+    from sdlens.models.shapes.architecture import MMDIT_CALL_DEFAULTS, MMDIT_TEXT_HIDDEN
+
+    g0 = evaluation["default_guidance"]
+    g, g1 = _by_cfg(evaluation["test"], g0), _by_cfg(evaluation["test"], 1.0)
+    desc = mmdit_description()
+    facts = component_facts(MMDIT)
+    blocks = sorted((k for k in (g.get("iou_by_map") or {}) if k.startswith("block.")),
+                    key=lambda k: int(k.split(".")[1]))
+    block_rows = "\n".join(f"| {k} | {g['iou_by_map'][k]['colour']:.2f} | "
+                            f"{g['iou_by_map'][k]['shape']:.2f} | {g['iou_by_map'][k]['mean']:.2f} |"
+                            for k in blocks + (["concept"] if "concept" in g.get("iou_by_map", {}) else []))
+    val = "\n".join(_row({**r, "recipe": r.get("recipe", "shapes-mmdit")})
+                     for r in evaluation.get("validation", []))
+    test = "\n".join(_row({**r, "recipe": "shapes-mmdit"}) for r in evaluation["test"])
+    call = ", ".join(f"{k}={v!r}" for k, v in MMDIT_CALL_DEFAULTS.items())
+    concept = _iou(g, "concept")
+    goal = max(x for x in [g["iou_mean"], concept] + [
+        g["iou_by_map"][k]["mean"] for k in blocks] if x is not None)
+    verdict = ("reached" if goal >= 0.5 else "**not reached**")
+    return f"""# shapes-mmdit — a small Stable Diffusion 3 trained by sdlens, attention learned freely
+
+**No attention supervision of any kind was used to train this model**: its only loss is the
+rectified-flow loss on the images (no attention loss, no mask, no refine stage). Whatever its
+attention maps and concept maps show was learned freely. It is the second model shipped in
+sdlens, beside the UNet model "shapes" (whose cross-attention *was* taught); the two together
+answer, with ground truth, whether maps localise without being taught.
+
+```python
+pipe = sdlens.load_pipeline("shapes-mmdit")            # StableDiffusion3Pipeline, CPU
+trace = sdlens.generate(pipe, "a red circle", guidance_scale={g0:g}, {call})
+```
+
+It has no T5: the pipeline appends `max_sequence_length` zero tokens to the text (256 unless told).
+The model was trained mostly without them (`{call}`, which sdlens's own calls on it pass, and which
+costs nothing) and on 256 of them in {train['t5_zero_share']:.0%} of its batches, so a plain
+`pipe(prompt)` works too (see "Measured"). A plain `StableDiffusion3Pipeline.from_pretrained(folder,
+text_encoder_3=None, tokenizer_3=None)` loads it (diffusers asks for absent components by name).
+
+## Data
+The same generator, captions and latent cache code as the "shapes" model
+(`sdlens.models.shapes.dataset`, `train.build_cache`): 64x64 scenes of one or two coloured circles,
+squares and triangles, {train['cache']:,} scenes encoded once by the shapes VAE.
+
+## Architecture (diffusers classes)
+| component | class | size |
+|---|---|---|
+| tokenizers | `CLIPTokenizer` (the real CLIP vocabulary), the same in both CLIP slots | |
+| text encoders | two `CLIPTextModelWithProjection`, hidden {MMDIT_TEXT_HIDDEN[0]} and {MMDIT_TEXT_HIDDEN[1]}, 3 layers; no T5 | {(facts['text_encoder_params'] + facts['text_encoder_2_params']) / 1e6:.1f}M |
+| transformer | `SD3Transformer2DModel`, {desc['text']} | {desc['params'] / 1e6:.1f}M |
+| VAE | the "shapes" model's `AutoencoderKL` (f=4, 4 channels), scaling factor {facts['scaling_factor']:.4f}, shift factor {facts['shift_factor']:.4f} (measured on this model's latent cache, as SD3's were) | {facts['vae_params'] / 1e6:.1f}M |
+| scheduler | `FlowMatchEulerDiscreteScheduler`, shift 1 | |
+
+Weights are fp16 safetensors. The transformer row is read from `architecture.py`.
+
+## Training (`python -m sdlens.models.shapes.train --arch mmdit`)
+{train['steps']:,} steps of batch {train['batch']} in {train['minutes']:.0f} minutes on 2 CPU
+cores shared with other jobs ({train['seconds_per_step']:.2f} s per step), AdamW, lr {train['lr']:g}
+with 200 warm-up steps and a cosine decay to 10% over a {train['budget_minutes']:g}-minute budget,
+EMA 0.999, seed 0; rectified flow (`x_t = (1 - s) x0 + s e`, target `e - x0`, `s` logit-normal),
+10% empty captions; final training MSE {train['final_mse']:.3f} (mean of the last 500 steps).
+No GPU was lent to this task; the CPU reproduces it with `{train['reproduce']}` (the learning rate
+follows elapsed time, so the step count depends on the machine).
+
+## Measured (`python -m sdlens.models.shapes.card --measure-mmdit`)
+{g['steps']} steps; the prompts, seeds and judge of the "shapes" model's card: the prompts are
+in-distribution, the **test** seeds ({ev.TEST_SEED}-) were never used for a decision, the default
+guidance {g0:g} was chosen on the **validation** seeds ({ev.VALIDATION_SEED}-, rows below).
+
+| recipe | CFG | seeds | single: colour | single: shape | two: both colours | two: both shapes | IoU colour words | IoU shape words | IoU mean | images |
+|---|---|---|---|---|---|---|---|---|---|---|
+{test}
+{val}
+
+Per block (test seeds, CFG {g0:g}), raw joint-attention maps and concept maps:
+
+| map | IoU colour words | IoU shape words | IoU mean |
+|---|---|---|---|
+{block_rows}
+
+- Single objects: the asked colour {_pct(g['single_colour'])} (target 95%), the asked shape
+  {_pct(g['single_shape'])} (target 80%); two objects: both colours {_pct(g['double_both_colours'])}
+  (target 70%), both shapes {_pct(g['double_both_shapes'])}.
+- Without guidance (CFG 1): single colour {_pct(g1['single_colour'])}, shape
+  {_pct(g1['single_shape'])}, both colours {_pct(g1['double_both_colours'])}, both shapes
+  {_pct(g1['double_both_shapes'])}.
+- Maps learned freely: the best map type reaches IoU {goal:.2f} (goal 0.5: {verdict}).
+
+## Free vs taught
+{free_vs_taught(unet, (evaluation, train))}
+
+{FREE_VS_TAUGHT_NOTE}
+"""
+
+
+def mmdit_paragraph(evaluation: dict, train: dict) -> str:
+    """The repository README's paragraph on the MMDiT model (between its markers)."""
+    g = _by_cfg(evaluation["test"], evaluation["default_guidance"])
+    concept = _iou(g, "concept")
+    return f"""`sdlens.load_pipeline("shapes-mmdit")` is a small Stable Diffusion 3 (`SD3Transformer2DModel`,
+two small CLIP encoders, no T5, flow matching) trained on the same shapes world **with no
+attention supervision of any kind**. On held-out test seeds at CFG {g['guidance_scale']:g}
+({g['images']} images): the asked colour {_pct(g['single_colour'])} and shape
+{_pct(g['single_shape'])} (single objects), both colours {_pct(g['double_both_colours'])} and both
+shapes {_pct(g['double_both_shapes'])} (two objects). Free vs taught: its raw joint-attention word
+maps overlap their objects with IoU {g['iou_mean']:.2f} and its concept maps with IoU
+{_fmt(concept)}, against {_by_cfg(load_results()[0]['test'], 7.5)['iou_mean']:.2f} for the UNet
+model whose maps were taught. Trained for {train['steps']:,} steps ({train['minutes']:.0f} minutes
+on 2 CPU cores); its card ([`sdlens/models/shapes/weights_mmdit/README.md`](sdlens/models/shapes/weights_mmdit/README.md))
+has the per-block figures and the full free-vs-taught table."""
+
+
 def replace_between(text: str, begin: str, end: str, body: str) -> str:
     """``text`` with what lies between the markers replaced by ``body``."""
     a, b = text.index(begin) + len(begin), text.index(end)
@@ -220,11 +416,17 @@ def replace_between(text: str, begin: str, end: str, body: str) -> str:
 
 
 def write(folder: Path = WEIGHTS, readme: Path | None = README) -> None:
+    """Write both shipped models' cards and the README's paragraphs on them."""
     evaluation, train = load_results(folder)
     (folder / "README.md").write_text(model_card(evaluation, train))
+    mmdit = _maybe_results(MMDIT)
+    if mmdit is not None:
+        (MMDIT / "README.md").write_text(mmdit_card(*mmdit, (evaluation, train)))
     if readme is not None and readme.exists():
-        readme.write_text(replace_between(readme.read_text(), BEGIN, END,
-                                          readme_paragraph(evaluation, train)))
+        text = replace_between(readme.read_text(), BEGIN, END, readme_paragraph(evaluation, train))
+        if mmdit is not None:
+            text = replace_between(text, MMDIT_BEGIN, MMDIT_END, mmdit_paragraph(*mmdit))
+        readme.write_text(text)
 
 
 def measure(folder: Path = WEIGHTS, seeds: int = ev.N_SEEDS) -> list[dict]:
@@ -244,6 +446,113 @@ def measure(folder: Path = WEIGHTS, seeds: int = ev.N_SEEDS) -> list[dict]:
     evaluation["test"] = rows
     (folder / EVALUATION.name).write_text(json.dumps(evaluation, indent=1) + "\n")
     return rows
+
+
+MMDIT_CONCEPTS = ["red", "green", "blue", "yellow", "circle", "square", "triangle", "background"]
+
+
+def mmdit_maps() -> dict[str, dict]:
+    """The map kinds the MMDiT is scored on besides the pooled raw maps: each block, and the
+    concept maps (see ``FREE_VS_TAUGHT_NOTE``)."""
+    from sdlens.models.shapes.architecture import MMDIT_CONFIG
+
+    maps = {f"block.{i}": {"layers": f"block.{i}"} for i in range(MMDIT_CONFIG["num_layers"])}
+    maps["concept"] = {"method": "concept"}
+    return maps
+
+
+def measure_mmdit(folder: Path = MMDIT, split: str = "test", guidance: tuple = (),
+                  seeds: int = ev.N_SEEDS, rows_key: str | None = None) -> list[dict]:
+    """Evaluate the MMDiT in ``folder`` on a seed split at the given guidance scales (default:
+    its default guidance and 1) with every map kind, and record the rows in its
+    ``evaluation.json`` under ``rows_key`` (default: the split's name)."""
+    import time
+
+    from sdlens.models.shapes.architecture import MMDIT_CALL_DEFAULTS
+    from sdlens.pipeline import load_pipeline
+
+    path = folder / EVALUATION.name
+    evaluation = json.loads(path.read_text()) if path.exists() else {}
+    guidance = guidance or (evaluation["default_guidance"], 1.0)
+    pipe = load_pipeline(folder, device="cpu")
+    first = ev.SPLITS[split]
+    call = {**MMDIT_CALL_DEFAULTS, "concepts": MMDIT_CONCEPTS}
+    rows = []
+    for g in guidance:
+        t0 = time.time()
+        r = ev.evaluate(pipe, ev.default_prompts(), list(range(first, first + seeds)), g,
+                        call=call, maps=mmdit_maps())
+        rows.append({**r, "recipe": "shapes-mmdit", "split": split,
+                     "seconds": round(time.time() - t0, 1)})
+    evaluation[rows_key or split] = rows
+    path.write_text(json.dumps(evaluation, indent=1) + "\n")
+    return rows
+
+
+def training_facts(work: Path, budget_minutes: float, lr: float, batch: int) -> dict:
+    """The MMDiT run's facts, read from its log (``work/log.jsonl``) and checkpoint."""
+    import torch
+
+    from sdlens.models.shapes.train import T5_ZEROS
+
+    log = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if r.get("phase") == "mmdit" and "step" in r]
+    cache = next(r for r in log if r.get("phase") == "cache")
+    state = torch.load(work / "mmdit.pt", weights_only=False, map_location="cpu")
+    last = steps[-10:]  # 10 log rows = the last 500 steps
+    return {
+        "steps": int(state["step"]), "batch": batch, "lr": lr, "budget_minutes": budget_minutes,
+        "minutes": round(state["elapsed"] / 60, 1),
+        "seconds_per_step": round(state["elapsed"] / max(1, state["step"]), 2),
+        "final_mse": sum(r["mse"] for r in last) / len(last), "cache": cache["n"],
+        "t5_zero_share": dict(T5_ZEROS)[256],
+        "reproduce": (f"python -m sdlens.models.shapes.train --arch mmdit --vae-from "
+                      f"sdlens/models/shapes/weights/vae --cache {cache['n']} --steps 12000 "
+                      f"--minutes {budget_minutes:g} --lr {lr:g} --batch {batch} --threads 1 "
+                      f"--export sdlens/models/shapes/weights_mmdit"),
+        "_source": f"written by sdlens.models.shapes.card.training_facts from {work}/log.jsonl",
+    }
+
+
+def choose_guidance(candidates: tuple, folder: Path = MMDIT, seeds: int = ev.N_SEEDS) -> float:
+    """Measure the MMDiT on the validation seeds at each candidate guidance scale and make the
+    best (mean of the four accuracy rates; the lower scale on a tie) its default guidance."""
+    rows = measure_mmdit(folder, "validation", tuple(candidates), seeds)
+    score = lambda r: (r["single_colour"] + r["single_shape"] + r["double_both_colours"]  # noqa: E731
+                       + r["double_both_shapes"]) / 4
+    best = max(rows, key=lambda r: (round(score(r), 6), -r["guidance_scale"]))
+    path = folder / EVALUATION.name
+    evaluation = json.loads(path.read_text())
+    evaluation["default_guidance"] = best["guidance_scale"]
+    path.write_text(json.dumps(evaluation, indent=1) + "\n")
+    return best["guidance_scale"]
+
+
+def measure_ablation(work: Path, seeds: int = 2, folder: Path = WEIGHTS) -> dict:
+    """Evaluate the UNet recipe trained without the attention loss (the EMA weights of
+    ``work/unet.pt``) on the test seeds at CFG 7.5 and record it in the shipped model's
+    ``evaluation.json`` under ``ablation``."""
+    import tempfile
+
+    import torch
+
+    from sdlens.models.shapes.train import export
+    from sdlens.pipeline import load_pipeline
+
+    state = torch.load(work / "unet.pt", weights_only=False, map_location="cpu")
+    log = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    cache = next(r for r in log if r.get("phase") == "cache")["n"]
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = load_pipeline(export(work, Path(tmp) / "model"), device="cpu")
+        r = ev.evaluate(pipe, ev.default_prompts(),
+                        list(range(ev.TEST_SEED, ev.TEST_SEED + seeds)), 7.5)
+    row = {**r, "recipe": f"no attention loss, {state['step']} steps", "split": "test",
+           "stage": "no_attention_loss", "train_steps": int(state["step"]), "cache": cache}
+    path = folder / EVALUATION.name
+    evaluation = json.loads(path.read_text())
+    evaluation["ablation"] = [row]
+    path.write_text(json.dumps(evaluation, indent=1) + "\n")
+    return row
 
 
 PREVIEW_SEEDS = (0, 1)  # training seeds: the preview fit looks at neither split
@@ -277,9 +586,28 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--measure", action="store_true", help="re-measure the test rows first")
     ap.add_argument("--fit-preview", action="store_true", help="refit the linear preview first")
+    ap.add_argument("--mmdit-training", type=Path, metavar="WORK",
+                    help="write the MMDiT's training.json from its training folder's log")
+    ap.add_argument("--budget", type=float, default=95, help="the MMDiT run's --minutes")
+    ap.add_argument("--choose-guidance", type=float, nargs="+", metavar="CFG",
+                    help="measure the MMDiT on the validation seeds at these scales and make "
+                         "the best its default guidance")
+    ap.add_argument("--measure-mmdit", action="store_true",
+                    help="re-measure the MMDiT's test rows (default guidance and CFG 1)")
+    ap.add_argument("--measure-ablation", type=Path, metavar="WORK",
+                    help="evaluate the UNet recipe trained without attention loss in WORK")
     args = ap.parse_args()
     if args.fit_preview:
         fit_preview()
     if args.measure:
         measure()
+    if args.mmdit_training:
+        (MMDIT / TRAINING.name).write_text(json.dumps(
+            training_facts(args.mmdit_training, args.budget, 5e-4, 32), indent=1) + "\n")
+    if args.choose_guidance:
+        choose_guidance(tuple(args.choose_guidance))
+    if args.measure_mmdit:
+        measure_mmdit()
+    if args.measure_ablation:
+        measure_ablation(args.measure_ablation)
     write()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -79,7 +79,9 @@ class Judgement:
     seed: int
     colours_right: list[bool]  # per object in the prompt
     shapes_right: list[bool]
-    ious: dict[str, float]  # word -> IoU of its heatmap with its object's segment
+    ious: dict[str, float]  # "word#object" -> IoU of its heatmap (all sites) with its object's segment
+    # map kind ("block.0", ..., "concept") -> "word#object" -> IoU; see ``judge(maps=...)``
+    more_ious: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def parse_prompt(prompt: str) -> list[tuple[str, str]]:
@@ -90,12 +92,17 @@ def parse_prompt(prompt: str) -> list[tuple[str, str]]:
     return objects
 
 
-def judge(trace, batch: int, prompt: str, seed: int, threshold: float = 0.4) -> Judgement:
+def judge(trace, batch: int, prompt: str, seed: int, threshold: float = 0.4,
+          maps: dict[str, dict] | None = None) -> Judgement:
+    """Judge image ``batch`` of ``trace``. ``maps``: more kinds of word map to score besides the
+    default heatmap (all sites pooled), as ``{kind: keyword arguments of trace.heatmap}``, e.g.
+    ``{"block.3": {"layers": "block.3"}, "concept": {"method": "concept"}}``."""
     from sdlens.analysis.heatmaps import iou
 
     image = np.asarray(trace.images[batch].convert("RGB"))
     segments = colour_segments(image)
     colours_right, shapes_right, ious = [], [], {}
+    more: dict[str, dict[str, float]] = {kind: {} for kind in maps or {}}
     objects = parse_prompt(prompt)
     for k, (colour, shape) in enumerate(objects):
         seg = segments[colour]
@@ -109,25 +116,41 @@ def judge(trace, batch: int, prompt: str, seed: int, threshold: float = 0.4) -> 
                 occurrence = sum(1 for c, s in objects[:k] if word in (c, s))
                 hm = trace.heatmap(word, batch=batch, occurrence=occurrence)
                 ious[f"{word}#{k}"] = float(iou(np.asarray(hm), blob, threshold))
-    return Judgement(prompt, seed, colours_right, shapes_right, ious)
+                for kind, kwargs in (maps or {}).items():
+                    hm = trace.heatmap(word, batch=batch, occurrence=occurrence, **kwargs)
+                    more[kind][f"{word}#{k}"] = float(iou(np.asarray(hm), blob, threshold))
+    return Judgement(prompt, seed, colours_right, shapes_right, ious, more)
 
 
 def evaluate(pipe, prompts: list[str], seeds: list[int], guidance_scale: float = 7.5,
-             steps: int = 25, progress: bool = True) -> dict:
-    """Generate every (prompt, seed) with sdlens and return the rates (see module docstring)."""
+             steps: int = 25, progress: bool = True, call: dict | None = None,
+             maps: dict[str, dict] | None = None) -> dict:
+    """Generate every (prompt, seed) with sdlens and return the rates (see module docstring).
+
+    ``call``: more arguments of the generation (``sdlens.generate``'s keyword arguments, e.g. the
+    MMDiT's ``max_sequence_length=0`` or ``concepts=[...]``). ``maps``: more kinds of word map
+    to score (see :func:`judge`); their IoUs are in ``iou_by_map`` (kind -> colour / shape /
+    mean), next to the default map's ``iou_*``."""
     from tqdm.auto import tqdm
 
     from sdlens.engine.session import generate
 
     judgements = []
     for seed in tqdm(seeds, disable=not progress, desc=f"cfg {guidance_scale}"):
-        trace = generate(pipe, prompts, seed=seed, steps=steps, guidance_scale=guidance_scale)
-        judgements += [judge(trace, b, p, seed) for b, p in enumerate(prompts)]
+        trace = generate(pipe, prompts, seed=seed, steps=steps, guidance_scale=guidance_scale,
+                         **(call or {}))
+        judgements += [judge(trace, b, p, seed, maps=maps) for b, p in enumerate(prompts)]
     single = [j for j in judgements if len(j.colours_right) == 1]
     double = [j for j in judgements if len(j.colours_right) == 2]
-    colour_ious = [v for j in judgements for k, v in j.ious.items() if k.split("#")[0] in COLOURS]
-    shape_ious = [v for j in judgements for k, v in j.ious.items() if k.split("#")[0] in SHAPES]
     rate = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
+
+    def by_word(ious: list[dict[str, float]]) -> dict[str, float]:
+        colour = [v for d in ious for k, v in d.items() if k.split("#")[0] in COLOURS]
+        shape = [v for d in ious for k, v in d.items() if k.split("#")[0] in SHAPES]
+        return {"colour": rate(colour), "shape": rate(shape), "mean": rate(colour + shape)}
+
+    default = by_word([j.ious for j in judgements])
+    more = {kind: by_word([j.more_ious[kind] for j in judgements]) for kind in maps or {}}
     return {
         "guidance_scale": guidance_scale, "steps": steps, "seeds": seeds,
         "images": len(judgements),
@@ -135,9 +158,10 @@ def evaluate(pipe, prompts: list[str], seeds: list[int], guidance_scale: float =
         "single_shape": rate([j.shapes_right[0] for j in single]),
         "double_both_colours": rate([all(j.colours_right) for j in double]),
         "double_both_shapes": rate([all(j.shapes_right) for j in double]),
-        "iou_colour_words": rate(colour_ious),
-        "iou_shape_words": rate(shape_ious),
-        "iou_mean": rate(colour_ious + shape_ious),
+        "iou_colour_words": default["colour"],
+        "iou_shape_words": default["shape"],
+        "iou_mean": default["mean"],
+        **({"iou_by_map": more} if more else {}),
     }
 
 

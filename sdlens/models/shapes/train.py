@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import math
 import shutil
@@ -81,6 +82,20 @@ def train_vae(work: Path, steps: int, batch: int, seed: int, device: str = "cpu"
             _log(work, phase="vae", step=step, mse=mse.item(), psnr=psnr, s=time.time() - t0)
     # CPU tensors, so that every reader (cache, export) loads it on any machine
     torch.save({"state": {k: v.cpu() for k, v in vae.state_dict().items()}, "step": steps}, ckpt)
+
+
+def adopt_vae(work: Path, folder: Path, steps: int) -> None:
+    """Phase 1 done by an already trained VAE: its weights (fp32) become ``work/vae.pt``."""
+    from diffusers import AutoencoderKL
+
+    if (work / "vae.pt").exists():
+        return
+    vae = AutoencoderKL.from_pretrained(folder, dtype=torch.float32)
+    ref = architecture.vae()
+    ref.load_state_dict(vae.state_dict())  # refuses a VAE of another architecture
+    torch.save({"state": {k: v.float() for k, v in ref.state_dict().items()}, "step": steps},
+               work / "vae.pt")
+    _log(work, phase="vae", adopted=str(folder))
 
 
 # --------------------------------------------------------------------------- phase 2: cache
@@ -171,34 +186,22 @@ def attention_loss(store: list, obj_tokens: torch.Tensor, masks: dict, keep: tor
     return loc / count, use / count, cover / count
 
 
-def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_loss: float,
-               minutes: float, ckpt_every: int, *, stage: str = "unet", init_from: Path | None = None,
-               cover: float = 0.0, ema: float = 0.999, warmup: int = 200,
-               snapshot_every: int = 500, device: str = "cpu") -> bool:
-    """One training stage of text encoder + UNet, checkpointed to ``work/{stage}.pt``.
+def train_stage(work: Path, stage: str, modules: dict, step_loss, *, steps: int, lr: float,
+                minutes: float, ckpt_every: int, seed: int, init_from: Path | None = None,
+                ema: float = 0.999, warmup: int = 200, snapshot_every: int = 500,
+                extra: dict | None = None, device: str = "cpu") -> bool:
+    """The training loop every denoiser shares: AdamW, warm-up then cosine to 10% of ``lr`` (over
+    ``steps`` or the ``minutes`` budget, whichever binds first), gradient clipping at 1, EMA
+    weights, checkpoints to ``work/{stage}.pt`` (resumed from there), EMA snapshots.
 
-    ``init_from``: a finished stage's checkpoint whose weights (live and EMA, not the optimizer)
-    this stage starts from. ``cover``: weight of the coverage part of ``attention_loss`` (added to
-    ``attn_loss * (loc + use)``). Returns True when ``steps`` were reached (False when stopped by
-    the time limit). ``device``: where the models run; the data and its random draws stay on the
-    CPU, so a run draws the same batches on any device.
+    ``modules``: ``{name: module}`` trained together (checkpoint keys ``name`` and ``ema_name``).
+    ``step_loss(step, g)``: draws its batch from the CPU generator ``g`` (so that a run draws the
+    same batches on any device) and returns ``(loss, row)``, ``row`` a dict logged every 50
+    steps. ``init_from``: a finished stage's checkpoint whose weights (live and EMA, not the
+    optimizer) this stage starts from. ``extra``: saved into every checkpoint (e.g. the latent
+    scaling). Returns True when ``steps`` were reached, False when stopped by the time budget.
     """
-    from transformers import CLIPTokenizer
-
-    cache = torch.load(work / "cache.pt", weights_only=False)
-    mean, std, scaling = cache["mean"], cache["std"], cache["scaling_factor"]
-    n = len(mean)
-    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
-    ids = tokenizer(cache["captions"], padding="max_length", max_length=77, truncation=True,
-                    return_tensors="pt").input_ids
-    empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
-
-    torch.manual_seed(seed)
-    unet, text = architecture.unet(), architecture.text_encoder()
-    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
-    scheduler = architecture.scheduler()
-    alphas = scheduler.alphas_cumprod
-    snr = alphas / (1 - alphas)
+    emas = {k: copy.deepcopy(m).requires_grad_(False) for k, m in modules.items()}
     g = torch.Generator().manual_seed(seed)
     start = 0
     ckpt = work / f"{stage}.pt"
@@ -206,8 +209,8 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
     source = ckpt if resume else init_from  # this stage's checkpoint, else where it starts from
     if source is not None:
         state = torch.load(source, weights_only=False, map_location="cpu")
-        unet.load_state_dict(state["unet"]); text.load_state_dict(state["text"])
-        ema_unet.load_state_dict(state["ema_unet"]); ema_text.load_state_dict(state["ema_text"])
+        for k in modules:
+            modules[k].load_state_dict(state[k]); emas[k].load_state_dict(state[f"ema_{k}"])
     if resume:
         g.set_state(state["rng"]); start = state["step"]
         torch.set_rng_state(state["torch_rng"])
@@ -216,32 +219,25 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
         elapsed_before = 0.0
     if start >= steps:
         return True
-    for module in (unet, text, ema_unet, ema_text):
-        module.to(device)
-    params = list(unet.parameters()) + list(text.parameters())
+    for m in list(modules.values()) + list(emas.values()):
+        m.to(device)
+    params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     if resume:
         opt.load_state_dict(state["opt"])
-    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
-    alphas, snr = alphas.to(device), snr.to(device)
-
-    store: list = []
-    if attn_loss > 0:
-        procs = {name: (CaptureAttnProcessor(store) if ".attn2." in name else proc)
-                 for name, proc in unet.attn_processors.items()}
-        unet.set_attn_processor(procs)
+    ema_params = [p for m in emas.values() for p in m.parameters()]
 
     def save(step: int) -> None:
         tmp = work / f"{stage}.pt.tmp"
-        torch.save({"unet": unet.state_dict(), "text": text.state_dict(),
-                    "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                    "opt": opt.state_dict(), "rng": g.get_state(), "step": step,
-                    "torch_rng": torch.get_rng_state(), "scaling_factor": scaling,
+        weights = {k: m.state_dict() for k, m in modules.items()}
+        ema_weights = {f"ema_{k}": m.state_dict() for k, m in emas.items()}
+        torch.save({**weights, **ema_weights, "opt": opt.state_dict(), "rng": g.get_state(),
+                    "step": step, "torch_rng": torch.get_rng_state(), **(extra or {}),
                     "elapsed": elapsed_before + time.time() - t0}, tmp)
         tmp.replace(ckpt)
         if step % snapshot_every == 0:  # EMA snapshots, to compare recipes at equal steps
-            torch.save({"ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                        "scaling_factor": scaling, "step": step}, work / f"ema-{stage}-{step}.pt")
+            torch.save({**ema_weights, **(extra or {}), "step": step},
+                       work / f"ema-{stage}-{step}.pt")
 
     t0 = time.time()
     for step in range(start + 1, steps + 1):
@@ -255,10 +251,65 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
         frac = max(0.0, (progress - warmup / steps) / (1 - warmup / steps))
         for group in opt.param_groups:  # warm-up, then cosine to 10%
             group["lr"] = lr * (step / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
-        idx = torch.randint(0, n, (batch,), generator=g)
-        x0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=g)) * scaling
-        keep = torch.rand(batch, generator=g) >= 0.1  # 10% empty captions for CFG
-        tok = torch.where(keep[:, None], ids[idx], empty_ids)
+        loss, row = step_loss(step, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        if step % 50 == 0:
+            _log(work, phase=stage, step=step, **row, lr=opt.param_groups[0]["lr"], s=round(elapsed, 1))
+        if step % ckpt_every == 0:
+            save(step)
+    save(steps)
+    return True
+
+
+def _caption_ids(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP token ids (n, 77) of the captions, and of the empty caption (1, 77)."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                    return_tensors="pt").input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    return ids, empty_ids
+
+
+def _draw(cache: dict, batch: int, g: torch.Generator, ids, empty_ids, shift: float = 0.0):
+    """A batch from the latent cache: indices, scaled latent samples, caption-kept flags and
+    token ids (10% empty captions, for classifier-free guidance)."""
+    mean, std, scaling = cache["mean"], cache["std"], cache["scaling_factor"]
+    idx = torch.randint(0, len(mean), (batch,), generator=g)
+    x0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=g) - shift) * scaling
+    keep = torch.rand(batch, generator=g) >= 0.1
+    tok = torch.where(keep[:, None], ids[idx], empty_ids)
+    return idx, x0, keep, tok
+
+
+def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_loss: float,
+               minutes: float, ckpt_every: int, *, stage: str = "unet", init_from: Path | None = None,
+               cover: float = 0.0, ema: float = 0.999, warmup: int = 200,
+               snapshot_every: int = 500, device: str = "cpu") -> bool:
+    """One training stage of text encoder + UNet (:func:`train_stage`): epsilon prediction on
+    SD's scaled-linear schedule, min-SNR-5 weighting; with ``attn_loss > 0`` the attention loss,
+    and ``cover`` the weight of its coverage part (added to ``attn_loss * (loc + use)``)."""
+    cache = torch.load(work / "cache.pt", weights_only=False)
+    ids, empty_ids = _caption_ids(cache["captions"])
+    torch.manual_seed(seed)
+    unet, text = architecture.unet(), architecture.text_encoder()
+    alphas = architecture.scheduler().alphas_cumprod.to(device)
+    snr = alphas / (1 - alphas)
+    store: list = []
+    if attn_loss > 0:
+        procs = {name: (CaptureAttnProcessor(store) if ".attn2." in name else proc)
+                 for name, proc in unet.attn_processors.items()}
+        unet.set_attn_processor(procs)
+
+    def step_loss(step: int, g: torch.Generator):
+        idx, x0, keep, tok = _draw(cache, batch, g, ids, empty_ids)
         t = torch.randint(0, 1000, (batch,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         x0, tok, t, noise, keep = (v.to(device) for v in (x0, tok, t, noise, keep))
@@ -269,51 +320,84 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
         weight = snr[t].clamp(max=5.0) / snr[t]  # min-SNR-5 for epsilon prediction
         diff = ((pred - noise) ** 2).mean((1, 2, 3))
         loss = (diff * weight).mean()
-        row = {"phase": stage, "step": step, "mse": diff.mean().item()}
+        row = {"mse": diff.mean().item()}
         if attn_loss > 0:
             masks = {r: m[idx].to(device) for r, m in cache["masks"].items()}
             loc, use, cov = attention_loss(store, cache["obj_tokens"][idx].to(device), masks, keep)
             loss = loss + attn_loss * (loc + use) + cover * cov
             row.update(loc=float(loc.detach()), use=float(use.detach()), cover=float(cov.detach()))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
-        if step % 50 == 0:
-            _log(work, **row, lr=opt.param_groups[0]["lr"], s=round(elapsed, 1))
-        if step % ckpt_every == 0:
-            save(step)
-    save(steps)
-    return True
+        return loss, row
+
+    return train_stage(work, stage, {"unet": unet, "text": text}, step_loss, steps=steps, lr=lr,
+                       minutes=minutes, ckpt_every=ckpt_every, seed=seed, init_from=init_from,
+                       ema=ema, warmup=warmup, snapshot_every=snapshot_every,
+                       extra={"scaling_factor": cache["scaling_factor"]}, device=device)
+
+
+def mmdit_text(encoders, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``StableDiffusion3Pipeline.encode_prompt`` makes of CLIP ids ``tok`` (batch, 77)
+    without T5: both encoders' penultimate hidden states joined channel-wise (batch, 77, 96) and
+    their projected pooled outputs joined (batch, 96)."""
+    outs = [enc(tok, output_hidden_states=True) for enc in encoders]
+    return (torch.cat([o.hidden_states[-2] for o in outs], -1),
+            torch.cat([o.text_embeds for o in outs], -1))
+
+
+# how many zero "T5" tokens a training batch carries: mostly none (sdlens's calls pass
+# ``max_sequence_length=0``), now and then the pipeline's default 256, so a plain call works too
+T5_ZEROS = ((0, 0.85), (256, 0.15))
+
+
+def train_mmdit(work: Path, steps: int, batch: int, seed: int, lr: float, minutes: float,
+                ckpt_every: int, *, device: str = "cpu") -> bool:
+    """The "shapes-mmdit" model's one stage (:func:`train_stage`): two CLIP encoders + an
+    ``SD3Transformer2DModel``, rectified-flow loss (``x_t = (1 - s) x0 + s e``, target velocity
+    ``e - x0``, ``s`` logit-normal as in SD3's training), 10% empty captions. **No attention loss
+    of any kind**: whatever its maps show was learned freely."""
+    cache = torch.load(work / "cache.pt", weights_only=False)
+    ids, empty_ids = _caption_ids(cache["captions"])
+    torch.manual_seed(seed)
+    encoders, transformer = architecture.mmdit_text_encoders(), architecture.mmdit_transformer()
+    shift = float(cache["mean"].float().mean())  # SD3's VAE shift_factor, measured the same way
+    lengths = torch.tensor([n for n, _ in T5_ZEROS])
+    probs = torch.tensor([p for _, p in T5_ZEROS])
+
+    def step_loss(step: int, g: torch.Generator):
+        _, x0, keep, tok = _draw(cache, batch, g, ids, empty_ids, shift)
+        s = torch.sigmoid(torch.randn(batch, generator=g))  # logit-normal(0, 1) noise levels
+        noise = torch.randn(x0.shape, generator=g)
+        n_zeros = int(lengths[torch.multinomial(probs, 1, generator=g)])
+        x0, tok, s, noise = (v.to(device) for v in (x0, tok, s, noise))
+        xt = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * noise
+        emb, pooled = mmdit_text(encoders, tok)
+        emb = torch.cat([emb, emb.new_zeros(batch, n_zeros, emb.shape[-1])], 1)
+        pred = transformer(hidden_states=xt, encoder_hidden_states=emb, pooled_projections=pooled,
+                           timestep=s * 1000).sample
+        diff = ((pred - (noise - x0)) ** 2).mean((1, 2, 3))
+        return diff.mean(), {"mse": diff.mean().item(), "t5_zeros": n_zeros}
+
+    modules = {"transformer": transformer, "text": encoders[0], "text_2": encoders[1]}
+    return train_stage(work, "mmdit", modules, step_loss, steps=steps, lr=lr, minutes=minutes,
+                       ckpt_every=ckpt_every, seed=seed, warmup=200,
+                       extra={"scaling_factor": cache["scaling_factor"], "shift_factor": shift},
+                       device=device)
 
 
 # --------------------------------------------------------------------------- phase 5: export
-def export(work: Path, out: Path, snapshot: Path | None = None) -> Path:
-    """Write the EMA weights (of the last stage's checkpoint — ``refine.pt`` when that stage ran,
-    else ``unet.pt`` — or of an ``ema-*.pt`` snapshot) as a diffusers folder, fp16 safetensors."""
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-
-    last = work / "refine.pt" if (work / "refine.pt").exists() else work / "unet.pt"
-    state = torch.load(snapshot or last, weights_only=False, map_location="cpu")
-    unet, text, vae = architecture.unet(), architecture.text_encoder(), architecture.vae()
-    unet.load_state_dict(state["ema_unet"]); text.load_state_dict(state["ema_text"])
-    vae.load_state_dict(torch.load(work / "vae.pt", weights_only=True)["state"])
-    vae.register_to_config(scaling_factor=float(state["scaling_factor"]))
-    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-        scheduler=architecture.scheduler(), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
+def _write_folder(pipe, out: Path) -> Path:
+    """Save ``pipe`` (fp16 safetensors) as the folder ``out``, keeping the files written by
+    :mod:`sdlens.models.shapes.card` (the card, its result files, the preview fit)."""
     pipe.to(torch.float16)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    # files written by sdlens.models.shapes.card (the card, its result files, the preview fit)
+    # components that are None (SD3's T5, image encoder) are left out of model_index.json by
+    # save_pretrained, and then a plain from_pretrained(folder) refuses the folder: list them
+    index = json.loads((tmp / "model_index.json").read_text())
+    for name, param in inspect.signature(type(pipe).__init__).parameters.items():
+        if name != "self" and param.default in (None, inspect.Parameter.empty):
+            index.setdefault(name, [None, None])
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     for keep in ("README.md", "evaluation.json", "training.json", "latent_rgb.json"):
         if (out / keep).exists():
             shutil.copy(out / keep, tmp / keep)
@@ -322,11 +406,63 @@ def export(work: Path, out: Path, snapshot: Path | None = None) -> Path:
     return out
 
 
+def _trained_vae(work: Path, state: dict):
+    vae = architecture.vae()
+    vae.load_state_dict(torch.load(work / "vae.pt", weights_only=True)["state"])
+    vae.register_to_config(scaling_factor=float(state["scaling_factor"]),
+                           shift_factor=state.get("shift_factor"))
+    return vae
+
+
+def export(work: Path, out: Path, snapshot: Path | None = None) -> Path:
+    """Write the EMA weights (of the last stage's checkpoint — ``refine.pt`` when that stage ran,
+    else ``unet.pt`` — or of an ``ema-*.pt`` snapshot) as a diffusers folder, fp16 safetensors."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    last = work / "refine.pt" if (work / "refine.pt").exists() else work / "unet.pt"
+    state = torch.load(snapshot or last, weights_only=False, map_location="cpu")
+    unet, text = architecture.unet(), architecture.text_encoder()
+    unet.load_state_dict(state["ema_unet"]); text.load_state_dict(state["ema_text"])
+    pipe = StableDiffusionPipeline(
+        vae=_trained_vae(work, state), text_encoder=text,
+        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR), unet=unet,
+        scheduler=architecture.scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return _write_folder(pipe, out)
+
+
+def export_mmdit(work: Path, out: Path, snapshot: Path | None = None) -> Path:
+    """The "shapes-mmdit" folder: a ``StableDiffusion3Pipeline`` without T5, from the EMA
+    weights of ``work/mmdit.pt`` (or of an ``ema-mmdit-*.pt`` snapshot)."""
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer
+
+    state = torch.load(snapshot or work / "mmdit.pt", weights_only=False, map_location="cpu")
+    encoders, transformer = architecture.mmdit_text_encoders(), architecture.mmdit_transformer()
+    transformer.load_state_dict(state["ema_transformer"])
+    encoders[0].load_state_dict(state["ema_text"]); encoders[1].load_state_dict(state["ema_text_2"])
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=architecture.flow_scheduler(),
+        vae=_trained_vae(work, state), text_encoder=encoders[0], tokenizer=tokenizer,
+        text_encoder_2=encoders[1], tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None,
+    )
+    return _write_folder(pipe, out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description="Train the shipped shapes model (resumable).")
     p.add_argument("--work", type=Path, default=Path("runs/shapes"), help="checkpoints and logs")
+    p.add_argument("--arch", choices=("unet", "mmdit"), default="unet",
+                   help="unet: the shipped 'shapes' model; mmdit: 'shapes-mmdit' (no attention "
+                        "loss, no refine stage; --lr 5e-4 is its recipe)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=500)
+    p.add_argument("--vae-from", type=Path, default=None,
+                   help="a trained shapes VAE folder (e.g. the shipped model's vae/) to use "
+                        "instead of phase 1; 'shapes-mmdit' reuses the shipped VAE this way")
     p.add_argument("--cache", type=int, default=40000, help="scenes in the latent cache")
     p.add_argument("--steps", type=int, default=3600, help="UNet optimisation steps")
     p.add_argument("--batch", type=int, default=32)
@@ -358,8 +494,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}))
+    if args.vae_from is not None:
+        adopt_vae(args.work, args.vae_from, args.vae_steps)
     train_vae(args.work, args.vae_steps, 32, args.seed, args.device)
     build_cache(args.work, args.cache, args.seed, args.device)
+    if args.arch == "mmdit":
+        done = train_mmdit(args.work, args.steps, args.batch, args.seed, args.lr, args.minutes,
+                           args.ckpt_every, device=args.device)
+        _log(args.work, phase="mmdit-end", finished=done)
+        if args.export:
+            print(export_mmdit(args.work, args.export))
+        return
     done = train_unet(args.work, args.steps, args.batch, args.seed, args.lr, args.attn_loss,
                       args.minutes, args.ckpt_every, device=args.device)
     _log(args.work, phase="unet-end", finished=done)
