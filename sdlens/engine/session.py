@@ -157,8 +157,7 @@ class _Run:
             self.warned_double = True
             warnings.warn("sdlens: the UNet was called more than once before a scheduler step; "
                           "noise and attention are recorded from the last call", stacklevel=2)
-        self.att_now = "attention" in self.opts.record and self.step in self.att_steps \
-            and self.half in (None, "text")
+        self.att_now = "attention" in self.opts.record and self.step in self.att_steps
         if self.half != "uncond":  # the text call's maps stay when the uncond call follows
             self.pending_att = {}
 
@@ -232,7 +231,8 @@ class _Run:
 
     # ---------------------------------------------------------------- attention sink
     def attention_request(self, layer: str):
-        if self.aux or not self.att_now or self.abandoned or layer not in self.att:
+        if self.aux or not self.att_now or self.abandoned or layer not in self.att \
+                or self.half == "uncond":  # maps come from the text call (as the text half)
             return None
         return (self.rows, self.n_tokens, self.opts.heads, self.opts.attention_dtype)
 
