@@ -771,9 +771,9 @@ def trace(pipe, options: RecordOptions | None = None, tokens=None, **kwargs):
     >>> tr.latents.shape        # (26, 1, 4, h, w)
 
     Args:
-        pipe: a diffusers Stable Diffusion pipeline (SD 1.x/2.x/SDXL, SD3 / SD3.5, PixArt-Σ, Sana;
-            txt2img, img2img, inpaint; ControlNet variants; IP-Adapters loaded or not; with or
-            without a tokenizer). Other pipelines raise TypeError naming the supported ones.
+        pipe: a diffusers Stable Diffusion pipeline (SD 1.x/2.x/SDXL, SD3 / SD3.5, Flux.1,
+            PixArt-Σ, Sana; txt2img, img2img, inpaint; ControlNet variants; IP-Adapters loaded
+            or not; with or without a tokenizer). Other pipelines raise TypeError naming the supported ones.
         options: a :class:`RecordOptions`; keyword arguments (``record``, ``layers``, ``steps``,
             ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``) override its fields.
         tokens: for calls made with ``prompt_embeds`` (and no ``prompt``): the token strings
@@ -826,7 +826,8 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
             would wrap a negative seed silently.
         steps: ``num_inference_steps``.
         guidance_scale: classifier-free guidance scale (None: the pipeline's default; <= 1 turns
-            guidance off, below 1 with a warning).
+            guidance off, below 1 with a warning). Flux: the distilled guidance value the
+            transformer is given (true CFG: ``true_cfg_scale=`` and ``negative_prompt=``).
         negative_prompt: a negative prompt (or one per prompt).
         height, width: image size in pixels (None: the model's default).
         options: a :class:`RecordOptions`.
@@ -871,7 +872,8 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
         raise ValueError(f"seed must be an int, a list of ints or None, got {seed!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if guidance_scale is not None and float(guidance_scale) < 1:
+    if guidance_scale is not None and float(guidance_scale) < 1 \
+            and adapter_for(pipe).cfg_by_default:  # not Flux's distilled guidance value
         # diffusers guides only above 1; below it runs unguided, as 1 does (1 is the usual
         # "no guidance" and stays quiet)
         warnings.warn(f"sdlens: guidance_scale={guidance_scale:g} is below 1: the pipeline runs "
