@@ -178,8 +178,10 @@ def scheduler_steps(scheduler, num_inference_steps: int) -> int:
     import copy
 
     sched = copy.deepcopy(scheduler)
+    # dynamic shifting (Flux) moves the sigmas by the image size's ``mu``, not their number
+    shift = {"mu": 0.0} if sched.config.get("use_dynamic_shifting") else {}
     try:
-        sched.set_timesteps(num_inference_steps)
+        sched.set_timesteps(num_inference_steps, **shift)
     except (TypeError, ValueError) as e:
         raise ValueError(f"num_inference_steps={num_inference_steps!r}: the scheduler refused it "
                          f"({e})") from None

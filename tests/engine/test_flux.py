@@ -212,6 +212,7 @@ def test_size_estimate():
     adapter = adapter_for(pipe)
     assert adapter.latent_channels() == 16 and adapter.default_latent_hw() == (8, 8)
     est = estimate_trace_bytes(pipe, steps=STEPS)  # defaults: no CFG, all 512 T5 positions
+    assert estimate_trace_bytes(pipe, num_inference_steps=STEPS) == est  # dynamic shifting
     per = 16 * 8 * 8 * 4
     assert est["latents"] == (STEPS + 1) * per and est["noise"] == STEPS * per * 2
     assert est["attention"] == STEPS * 4 * 512 * 4 * 4 * 2  # 4 sites, fp16
@@ -250,3 +251,24 @@ def test_unsupported_transformers_are_one_type_error():
     kontext = type("FluxKontextPipeline", (), {"transformer": pipe_of().transformer})()
     with pytest.raises(TypeError, match="FluxKontextPipeline.*FluxTransformer2DModel.*FluxPipeline"):
         sdlens.trace(kontext)
+
+
+def test_last_x0_preview_is_the_pipelines_image():
+    pipe = pipe_of()
+    from sdlens.analysis.previews import preview
+
+    tr = sdlens.generate(pipe, PROMPT, seed=0, steps=2)  # the VAE decodes the unpacked x0
+    assert (torch.as_tensor(list(preview(tr, "x0", step=-1).getdata()))
+            == torch.as_tensor(list(tr.images[0].getdata()))).all()
+
+
+def test_guidance_value_sweep_cells_are_single_runs():
+    pipe = pipe_of()
+    grid = sdlens.sweep(pipe, PROMPT, seeds=[0], guidance_scales=[2.0, 4.0], steps=2,
+                        record="full", progress=False)  # one call per guidance value
+    for g in (2.0, 4.0):
+        cell = grid.trace(guidance=g)
+        single = sdlens.generate(pipe, PROMPT, seed=0, steps=2, guidance_scale=g)
+        assert not cell.do_cfg and cell.guidance_scale == single.guidance_scale == g
+        torch.testing.assert_close(cell.latents, single.latents)
+    assert not torch.equal(grid.trace(guidance=2.0).latents, grid.trace(guidance=4.0).latents)
