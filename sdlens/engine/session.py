@@ -725,6 +725,8 @@ class _Session:
         run.words_unknown = prompt is None and given is None
         cache: dict[str, tuple] = {}
         adapter = self.adapter
+        # the text the attended encoder reads (Flux's T5: prompt_2 where given)
+        texts = [t for t in adapter.text_prompts(prompts, p) for _ in range(n_per)]
         for b, q in enumerate(run.prompts):
             segs = no_tokens
             if given is not None:
@@ -732,6 +734,7 @@ class _Session:
             elif q is None:
                 ids, toks, cut = [], [], []
             else:
+                q = texts[b]
                 if q not in cache:  # as the pipeline encodes it (multi-vector TI expanded)
                     if parts is None:  # one text encoder: the adapter lays the text out
                         axis = text_axis(pipe, q, p, adapter)

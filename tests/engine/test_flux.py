@@ -272,3 +272,13 @@ def test_guidance_value_sweep_cells_are_single_runs():
         assert not cell.do_cfg and cell.guidance_scale == single.guidance_scale == g
         torch.testing.assert_close(cell.latents, single.latents)
     assert not torch.equal(grid.trace(guidance=2.0).latents, grid.trace(guidance=4.0).latents)
+
+
+def test_prompt_2_is_what_t5_reads():
+    pipe = pipe_of()
+    with sdlens.trace(pipe) as tr:
+        pipe("a cat", prompt_2="a red circle on the beach", num_inference_steps=1,
+             output_type="latent")
+    assert tr.prompts == ["a cat"]
+    assert [w.text for w in trace_words(tr)] == ["a", "red", "circle", "on", "the", "beach"]
+    assert tr.heatmap("beach").shape == (64, 64)

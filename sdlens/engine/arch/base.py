@@ -200,6 +200,12 @@ class BackboneAdapter(ABC):
         None: the tokenizer's ``model_max_length`` (CLIP: 77)."""
         return None
 
+    def text_prompts(self, prompts: list, params: dict) -> list:
+        """Per prompt of the call (before ``num_images_per_prompt``): the text whose tokens
+        the sites attend to, where the pipeline gives that encoder another prompt (Flux's T5
+        reads ``prompt_2``); the prompts themselves by default."""
+        return list(prompts)
+
     def encoded_prompt(self, prompt: str, params: dict) -> str:
         """The prompt as the pipeline hands it to its tokenizer (e.g. lower-cased)."""
         return prompt

@@ -22,7 +22,8 @@ Maps are at the latents' resolution / 2 (the 2x2 packing).
 
 **Text.** Only T5's sequence is attended to (CLIP-L gives the pooled vector): the text axis is one
 segment, ``("t5", tokenizer_2, max_sequence_length)`` (512 by default); padding positions are left
-out of the maps by default as for SD3.
+out of the maps by default as for SD3. T5 reads ``prompt_2`` where the call gives one, so the
+trace's tokens and words are then ``prompt_2``'s (``trace.prompts`` stays ``prompt``).
 
 **Latents.** The pipelines hold the latents packed: (B, h/2 * w/2, 4 C), 2x2 patches. The
 transformer's input, output, the scheduler's tensors and the callback's latents are unpacked
@@ -192,6 +193,17 @@ class FluxAdapter(BackboneAdapter):
     # ---------------------------------------------------------------- text
     def text_length(self, params: dict) -> int:
         return int(params.get("max_sequence_length") or self.max_text_tokens)
+
+    def text_prompts(self, prompts: list, params: dict) -> list:
+        """T5 reads ``prompt_2`` where given (the pipelines: ``prompt_2 or prompt``); CLIP's
+        pooled vector reads ``prompt``."""
+        second = params.get("prompt_2")
+        if second is None:
+            return list(prompts)
+        second = [second] * len(prompts) if isinstance(second, str) else list(second)
+        if len(second) != len(prompts):
+            return list(prompts)
+        return [(t or q) if q is not None else None for q, t in zip(prompts, second)]
 
     def text_parts(self, params: dict) -> list[tuple[str, object, int]]:
         """One segment: T5's ``max_sequence_length`` positions (CLIP's output is pooled)."""
