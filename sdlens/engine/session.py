@@ -776,7 +776,8 @@ def trace(pipe, options: RecordOptions | None = None, tokens=None, **kwargs):
     Args:
         pipe: a diffusers Stable Diffusion pipeline (SD 1.x/2.x/SDXL, SD3 / SD3.5, Flux.1,
             PixArt-Σ, Sana; txt2img, img2img, inpaint; ControlNet variants; IP-Adapters loaded
-            or not; with or without a tokenizer). Other pipelines raise TypeError naming the supported ones.
+            or not; with or without a tokenizer). Other pipelines raise TypeError naming the
+            supported ones.
         options: a :class:`RecordOptions`; keyword arguments (``record``, ``layers``, ``steps``,
             ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``) override its fields.
         tokens: for calls made with ``prompt_embeds`` (and no ``prompt``): the token strings

@@ -282,3 +282,15 @@ def test_prompt_2_is_what_t5_reads():
     assert tr.prompts == ["a cat"]
     assert [w.text for w in trace_words(tr)] == ["a", "red", "circle", "on", "the", "beach"]
     assert tr.heatmap("beach").shape == (64, 64)
+
+
+def test_single_blocks_alone():
+    """The single-stream sites take T from the double-stream calls, recorded or not."""
+    pipe = pipe_of()
+    with sdlens.trace(pipe, layers="single") as tr:
+        pipe(PROMPT, num_inference_steps=2, output_type="latent",
+             generator=torch.Generator().manual_seed(0))
+    _, _, _, full = traced()
+    assert tr.attention.layers == full.attention.names("single") and "skipped" not in tr.meta
+    layer = tr.attention.layers[-1]
+    torch.testing.assert_close(tr.attention[layer][0], full.attention[layer][0])
