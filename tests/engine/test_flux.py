@@ -294,3 +294,14 @@ def test_single_blocks_alone():
     assert tr.attention.layers == full.attention.names("single") and "skipped" not in tr.meta
     layer = tr.attention.layers[-1]
     torch.testing.assert_close(tr.attention[layer][0], full.attention[layer][0])
+
+
+def test_fused_projections():
+    """After ``fuse_qkv_projections()`` (one ``to_qkv``) the maps are the same."""
+    pipe = random_pipeline("flux", seed=0)
+    pipe.transformer.fuse_qkv_projections()
+    assert pipe.transformer.single_transformer_blocks[0].attn.fused_projections
+    _, _, _, tr = run(pipe, True)
+    _, _, _, plain = traced()
+    for layer in plain.attention.layers:
+        torch.testing.assert_close(tr.attention[layer], plain.attention[layer])
