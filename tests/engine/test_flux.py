@@ -301,7 +301,7 @@ def test_fused_projections():
     pipe = random_pipeline("flux", seed=0)
     pipe.transformer.fuse_qkv_projections()
     assert pipe.transformer.single_transformer_blocks[0].attn.fused_projections
-    _, _, _, tr = run(pipe, True)
+    _, tr = run(pipe, True)
     _, _, _, plain = traced()
     for layer in plain.attention.layers:
         torch.testing.assert_close(tr.attention[layer], plain.attention[layer])
