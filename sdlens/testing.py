@@ -9,6 +9,7 @@ configs (SD 1.5, SD 2.1, SDXL, and the shipped "shapes" model) with random weigh
 >>> refiner = random_pipeline("sdxl-refiner")      # SDXL refiner: text_encoder_2 only, img2img
 >>> sd3 = random_pipeline("sd3")                   # SD3 medium's MMDiT, CLIP-L/G + a tiny T5
 >>> sd35 = random_pipeline("sd35", t5=False)       # SD3.5 medium, text_encoder_3=None
+>>> flux = random_pipeline("flux")                 # Flux.1-dev: double + single blocks, CLIP-L + T5
 
 ``scale`` multiplies every channel count (rounded to a multiple of 16) and, below 0.5, keeps one
 resnet / transformer layer per block; block types, attention layout, cross-attention widths'
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 SD3_ARCHS = ("sd3", "sd35")
-ARCHS = ("sd15", "sd21", "sdxl", "sdxl-refiner", "shapes") + SD3_ARCHS
+ARCHS = ("sd15", "sd21", "sdxl", "sdxl-refiner", "shapes") + SD3_ARCHS + ("flux",)
 TASKS = ("txt2img", "img2img", "inpaint")
 TOKENIZER_DIR = Path(__file__).parent / "models" / "shapes" / "weights" / "tokenizer"
 
@@ -171,14 +172,15 @@ def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2im
         arch: "sd15", "sd21" (v-prediction), "sdxl", "sdxl-refiner" (text_encoder_2 /
             tokenizer_2 only, aesthetic-score time ids; an img2img pipeline: task "txt2img" gives
             StableDiffusionXLImg2ImgPipeline), "shapes" (the shipped model's layout), or the
-            diffusion transformers "pixart" (PixArt-Σ) and "sana" (:func:`random_dit_pipeline`).
+            diffusion transformers "pixart" (PixArt-Σ) and "sana" (:func:`random_dit_pipeline`),
+            "sd3" / "sd35" (:func:`sd3_pipeline`) and "flux" (Flux.1-dev, :func:`flux_pipeline`).
         scale: channel multiplier; 1.0 is the real size, the default 0.05 a ~1-4M-parameter
             version that keeps every block type and attention layer of the real one.
         task: "txt2img", "img2img" or "inpaint" (inpainting UNets take 9 input channels).
         seed: seeds the weights.
         sample_size: the UNet's latent size (default: 8 when shrunk, the real one at scale 1).
         prediction_type: override the scheduler's ("epsilon", "v_prediction", "sample"; not
-            for the flow-matching "sd3" / "sd35").
+            for the flow-matching "sd3" / "sd35" / "flux").
         t5: "sd3" / "sd35" only: with a T5 encoder (False: ``text_encoder_3=None``, as the
             pipelines allow; the T5 segment of the text is zeros).
     """
@@ -196,6 +198,8 @@ def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2im
         raise ValueError(f"scale must be in (0, 1], got {scale}")
     if arch in SD3_ARCHS:
         return _finish(sd3_pipeline(arch, scale, task, seed, sample_size, t5), device, dtype)
+    if arch == "flux":
+        return _finish(flux_pipeline(scale, task, seed, sample_size), device, dtype)
     torch.manual_seed(seed)
     in_channels = 9 if task == "inpaint" else 4
     if arch == "shapes":
@@ -544,6 +548,75 @@ def sd3_pipeline(arch: str = "sd3", scale: float = 0.05, task: str = "txt2img", 
         transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip_l,
         tokenizer=tokenizer(), text_encoder_2=clip_g, tokenizer_2=tokenizer("!"),
         text_encoder_3=text_encoder_3, tokenizer_3=tok3)
+
+
+# ====================================================================== Flux.1
+# black-forest-labs/FLUX.1-dev's transformer, VAE and scheduler configs (diffusers'
+# FluxTransformer2DModel: 19 double-stream and 38 single-stream blocks, guidance-distilled);
+# CLIP-L (only its pooled vector conditions the transformer) and T5-XXL (the 512-token sequence
+# the blocks attend to).
+_FLUX_DEV = dict(
+    transformer=dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                     attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                     pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+    vae=dict(block_out_channels=(128, 256, 512, 512), latent_channels=16, scaling_factor=0.3611,
+             shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+             sample_size=1024),
+    scheduler=dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                   base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                   max_image_seq_len=4096),
+)
+
+
+def flux_pipeline(scale: float = 0.05, task: str = "txt2img", seed: int = 0,
+                  sample_size: int | None = None):
+    """A random-weight ``FluxPipeline`` (or ``FluxImg2ImgPipeline`` / ``FluxInpaintPipeline``)
+    of Flux.1-dev, on the CPU in float32 (see :func:`random_pipeline`). At ``scale=1`` the real
+    sizes (19 double + 38 single blocks of 24 x 128-wide heads, CLIP-L, T5-XXL, the 16-channel
+    VAE; 1024 px by default). Shrunk: 2 double and 2 single blocks (more with a larger
+    ``scale``) of 2 heads x 16 (RoPE axes 4 + 6 + 6), 2-layer CLIP-L and T5 encoders, a small
+    16-channel VAE with Flux's scaling and shift factors, latents 8x8 by default (64 px images;
+    ``sample_size``: the latent size). The T5 tokenizer is the local SentencePiece one
+    (:func:`t5_tokenizer`, 512 positions), the CLIP tokenizer the real CLIP BPE one."""
+    import diffusers
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+    torch.manual_seed(seed)
+    spec = _FLUX_DEV
+    clip = _text(_SDXL["text"][0], scale, with_projection=False)
+    tok2 = t5_tokenizer(max_length=512)
+    tcfg = dict(spec["transformer"])
+    if scale < 1:
+        heads, head_dim = 2, 16
+        tcfg.update(num_layers=max(2, round(19 * scale)), num_single_layers=max(2, round(38 * scale)),
+                    num_attention_heads=heads, attention_head_dim=head_dim, axes_dims_rope=(4, 6, 6))
+        t5_width = _shrink(4096, scale / 2)
+    else:
+        t5_width = _T5_XXL["d_model"]
+    t5 = _t5(scale, t5_width, len(tok2))
+    transformer = diffusers.FluxTransformer2DModel(
+        **{**tcfg, "joint_attention_dim": t5.config.d_model,
+           "pooled_projection_dim": clip.config.hidden_size})
+    vcfg = dict(spec["vae"])
+    channels = tuple(_shrink(c, scale / 4) if scale < 1 else c
+                     for c in vcfg.pop("block_out_channels"))
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        layers_per_block=2 if scale >= 1 else 1, norm_num_groups=32 if scale >= 1 else 8, **vcfg)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**spec["scheduler"])
+    for module in (clip, t5, transformer, vae):
+        module.eval()  # T5's dropout is on in training mode: runs would differ
+    cls = {"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline",
+           "inpaint": "FluxInpaintPipeline"}[task]
+    pipe = getattr(diffusers, cls)(transformer=transformer, scheduler=scheduler, vae=vae,
+                                   text_encoder=clip, tokenizer=tokenizer(), text_encoder_2=t5,
+                                   tokenizer_2=tok2)
+    if scale < 1 or sample_size is not None:  # the pipelines' default image size (1024 px)
+        pipe.default_sample_size = sample_size or 8
+    return pipe
 
 
 def ip_adapter_state_dict(unet, kind: str = "plain", image_embed_dim: int = 8,

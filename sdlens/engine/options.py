@@ -178,8 +178,10 @@ def scheduler_steps(scheduler, num_inference_steps: int) -> int:
     import copy
 
     sched = copy.deepcopy(scheduler)
+    # dynamic shifting (Flux) moves the sigmas by the image size's ``mu``, not their number
+    shift = {"mu": 0.0} if sched.config.get("use_dynamic_shifting") else {}
     try:
-        sched.set_timesteps(num_inference_steps)
+        sched.set_timesteps(num_inference_steps, **shift)
     except (TypeError, ValueError) as e:
         raise ValueError(f"num_inference_steps={num_inference_steps!r}: the scheduler refused it "
                          f"({e})") from None
@@ -187,8 +189,8 @@ def scheduler_steps(scheduler, num_inference_steps: int) -> int:
 
 
 def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
-                         latent_hw: tuple[int, int] | None = None, n_tokens: int = 77,
-                         do_cfg: bool = True, options: RecordOptions | None = None,
+                         latent_hw: tuple[int, int] | None = None, n_tokens: int | None = None,
+                         do_cfg: bool | None = None, options: RecordOptions | None = None,
                          layers: Sequence[str] | None = None,
                          attention_steps: int | None = None,
                          num_inference_steps: int | None = None) -> dict[str, int]:
@@ -201,8 +203,10 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
         num_inference_steps: the pipeline argument; when given, ``steps`` is the number of steps
             the pipeline's scheduler really takes for it (:func:`scheduler_steps`).
         latent_hw: latent (h, w) (default: the denoiser's default sample size).
-        n_tokens: kept token positions (default 77, the worst case).
-        do_cfg: classifier-free guidance on (3 noise tensors instead of 2).
+        n_tokens: kept token positions (default: every position of the denoiser's text, the
+            worst case: 77; SD3 77 + 256; Flux 512).
+        do_cfg: classifier-free guidance on (3 noise tensors instead of 2); default: whether
+            the pipeline's default call guides (not Flux's: guidance-distilled).
         options: a :class:`RecordOptions` (what is recorded, layers, steps, heads, dtype).
         layers: already-resolved site names (default: from ``options.layers``).
         attention_steps: already-resolved number of steps with attention maps.
@@ -216,6 +220,10 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
         steps = scheduler_steps(pipe.scheduler, num_inference_steps)
     if latent_hw is None:
         latent_hw = adapter.default_latent_hw()
+    if n_tokens is None:
+        n_tokens = adapter.max_text_tokens
+    if do_cfg is None:
+        do_cfg = adapter.cfg_by_default
     h, w = latent_hw
     res = adapter.resolutions((h, w))
     if layers is None:

@@ -92,6 +92,10 @@ class _Run:
         self.pending_noise = None  # (uncond | None, text)
         self.pending_att: dict[str, torch.Tensor] = {}
         self.aux = False  # inside an auxiliary denoiser call (not recorded)
+        # guidance as separate denoiser calls per step (Flux's true CFG), in call order
+        self.cfg_calls = session.adapter.cfg_calls(params)
+        self.half: str | None = None  # the half of the current denoiser call (cfg_calls)
+        self.pending_halves: dict[str, torch.Tensor] = {}
         self.segments = None  # per item: the text encoders' segments (several encoders)
         self.image_tokens: tuple[int, ...] = ()  # image-prompt tokens per IP-Adapter
         self.skipped: dict[str, str] = {}  # layer -> what could not be recorded
@@ -140,23 +144,30 @@ class _Run:
             self._first_unet_call(sample)
             if self.abandoned:
                 return
-        expected = 2 * self.batch if self.layout == "cfg" else self.batch
+        expected = 2 * self.batch if self.layout == "cfg" and not self.cfg_calls else self.batch
         if n != expected:
             return self.abandon(f"the UNet was called with batch {n} at step {self.step}, "
                                 f"expected {expected} (a batch layout sdlens does not know)")
+        calls = len(self.cfg_calls or ())
+        self.half = self.cfg_calls[self.unet_calls_this_step] \
+            if self.unet_calls_this_step < calls else None
         self.unet_calls_this_step += 1
         self.unet_calls += 1
-        if self.unet_calls_this_step > 1 and not self.warned_double:
+        if self.unet_calls_this_step > max(1, calls) and not self.warned_double:
             self.warned_double = True
             warnings.warn("sdlens: the UNet was called more than once before a scheduler step; "
                           "noise and attention are recorded from the last call", stacklevel=2)
         self.att_now = "attention" in self.opts.record and self.step in self.att_steps
-        self.pending_att = {}
+        if self.half != "uncond":  # the text call's maps stay when the uncond call follows
+            self.pending_att = {}
 
     def _first_unet_call(self, sample: torch.Tensor) -> None:
         n = sample.shape[0]
         b = self.session_batch
-        if n == 2 * b:
+        if n == b and self.cfg_calls:  # one call per half (Flux's true CFG)
+            self.layout = "cfg"
+            self.rows = slice(0, b)
+        elif n == 2 * b:
             self.layout = "cfg"
             self.rows = self.session.adapter.cfg_rows(b)["text"]
         elif n == b:
@@ -220,7 +231,8 @@ class _Run:
 
     # ---------------------------------------------------------------- attention sink
     def attention_request(self, layer: str):
-        if self.aux or not self.att_now or self.abandoned or layer not in self.att:
+        if self.aux or not self.att_now or self.abandoned or layer not in self.att \
+                or self.half == "uncond":  # maps come from the text call (as the text half)
             return None
         return (self.rows, self.n_tokens, self.opts.heads, self.opts.attention_dtype)
 
@@ -252,7 +264,13 @@ class _Run:
     def after_unet(self, out: torch.Tensor) -> None:
         if "noise" not in self.opts.record or self.abandoned:
             return
-        if self.layout == "cfg":
+        out = self.session.adapter.spatial(out, self.latent_hw)
+        if self.cfg_calls:  # one call per half: this call's half
+            if self.half is not None:
+                self.pending_halves[self.half] = self._host(out)
+            self.pending_noise = (self.pending_halves.get("uncond"),
+                                  self.pending_halves.get("text"))
+        elif self.layout == "cfg":
             halves = self.session.adapter.split_cfg(out)
             self.pending_noise = (self._host(halves["uncond"]), self._host(halves["text"]))
         else:
@@ -288,6 +306,10 @@ class _Run:
         if sample.shape[0] != self.batch:
             return self.abandon(f"scheduler.step got {sample.shape[0]} latents, expected "
                                 f"{self.batch}")
+        # packed latents (Flux) as (B, C, h, w)
+        sample, model_output, x0, prev_sample = (
+            None if t is None else self.session.adapter.spatial(t, self.latent_hw)
+            for t in (sample, model_output, x0, prev_sample))
         if "latents" in rec:
             if self.step == 0:
                 self.latents.append(self._host(sample))
@@ -298,6 +320,7 @@ class _Run:
             self.noise_text.append(text)
             self.noise.append(self._host(model_output))
             self.pending_noise = None
+            self.pending_halves = {}
         if "x0" in rec:
             self.x0.append(self._host(x0) if x0 is not None else None)
         self.timesteps.append(float(timestep) if not torch.is_tensor(timestep)
@@ -333,7 +356,8 @@ class _Run:
         if "latents" in self.opts.record and not self.abandoned and torch.is_tensor(latents) \
                 and self.step > 0 \
                 and len(self.latents) == self.step + 1:
-            self.latents[self.step] = self._host(latents)
+            self.latents[self.step] = self._host(
+                self.session.adapter.spatial(latents, self.latent_hw))
 
     # ---------------------------------------------------------------- result
     def finish(self, output) -> Trace | None:
@@ -356,7 +380,8 @@ class _Run:
         if "noise" in rec:
             recorded["noise"] = torch.stack(self.noise)
             recorded["noise_text"] = torch.stack(self.noise_text)
-            recorded["noise_uncond"] = torch.stack(self.noise_uncond) if self.layout == "cfg" else None
+            recorded["noise_uncond"] = torch.stack(self.noise_uncond) if self.layout == "cfg" \
+                and all(u is not None for u in self.noise_uncond) else None
         if "x0" in rec and all(x is not None for x in self.x0):
             recorded["x0"] = torch.stack(self.x0)
         maps = None
@@ -429,6 +454,7 @@ class _Run:
             "steps": self.step, "strength": p.get("strength"),
             "guidance_scale": float(self.guidance_scale),
             "guidance_rescale": p.get("guidance_rescale"),
+            **self.session.adapter.guidance_meta(p),
             "num_images_per_prompt": p.get("num_images_per_prompt") or 1,
             "device": str(denoiser.device), "dtype": str(denoiser.dtype).replace("torch.", ""),
             "options": self.opts.to_dict(), "estimated_bytes": self.estimated,
@@ -607,7 +633,8 @@ class _Session:
         try:
             with Hooks() as hooks:
                 hooks.wrap_sites(denoiser, self.layers,
-                                 observers=[recorder_for(adapter.attention_kind, run)])
+                                 observers=[recorder_for(adapter.attention_kind, run,
+                                                         adapter.joint_order)])
                 hooks.forward_pre_hook(denoiser, before, with_kwargs=True)
                 hooks.forward_hook(denoiser, after, with_kwargs=True)
                 control = getattr(pipe, "controlnet", None)
@@ -698,6 +725,8 @@ class _Session:
         run.words_unknown = prompt is None and given is None
         cache: dict[str, tuple] = {}
         adapter = self.adapter
+        # the text the attended encoder reads (Flux's T5: prompt_2 where given)
+        texts = [t for t in adapter.text_prompts(prompts, p) for _ in range(n_per)]
         for b, q in enumerate(run.prompts):
             segs = no_tokens
             if given is not None:
@@ -705,6 +734,7 @@ class _Session:
             elif q is None:
                 ids, toks, cut = [], [], []
             else:
+                q = texts[b]
                 if q not in cache:  # as the pipeline encodes it (multi-vector TI expanded)
                     if parts is None:  # one text encoder: the adapter lays the text out
                         axis = text_axis(pipe, q, p, adapter)
@@ -729,7 +759,7 @@ class _Session:
         run.max_token_len = max((len(t) for t in run.tokens), default=0) or None
         if segments is not None and run.max_token_len is None:
             run.max_token_len = sum(n for _, _, n in parts)
-        gs = p.get("guidance_scale")
+        gs = self.adapter.cfg_scale(p)
         run.guidance_scale = float(gs) if gs is not None else float("nan")
         gen = p.get("generator")
         gens = gen if isinstance(gen, (list, tuple)) else ([gen] if gen is not None else [])
@@ -744,9 +774,10 @@ def trace(pipe, options: RecordOptions | None = None, tokens=None, **kwargs):
     >>> tr.latents.shape        # (26, 1, 4, h, w)
 
     Args:
-        pipe: a diffusers Stable Diffusion pipeline (SD 1.x/2.x/SDXL, SD3 / SD3.5, PixArt-Σ, Sana;
-            txt2img, img2img, inpaint; ControlNet variants; IP-Adapters loaded or not; with or
-            without a tokenizer). Other pipelines raise TypeError naming the supported ones.
+        pipe: a diffusers Stable Diffusion pipeline (SD 1.x/2.x/SDXL, SD3 / SD3.5, Flux.1,
+            PixArt-Σ, Sana; txt2img, img2img, inpaint; ControlNet variants; IP-Adapters loaded
+            or not; with or without a tokenizer). Other pipelines raise TypeError naming the
+            supported ones.
         options: a :class:`RecordOptions`; keyword arguments (``record``, ``layers``, ``steps``,
             ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``) override its fields.
         tokens: for calls made with ``prompt_embeds`` (and no ``prompt``): the token strings
@@ -799,7 +830,8 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
             would wrap a negative seed silently.
         steps: ``num_inference_steps``.
         guidance_scale: classifier-free guidance scale (None: the pipeline's default; <= 1 turns
-            guidance off, below 1 with a warning).
+            guidance off, below 1 with a warning). Flux: the distilled guidance value the
+            transformer is given (true CFG: ``true_cfg_scale=`` and ``negative_prompt=``).
         negative_prompt: a negative prompt (or one per prompt).
         height, width: image size in pixels (None: the model's default).
         options: a :class:`RecordOptions`.
@@ -844,7 +876,8 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
         raise ValueError(f"seed must be an int, a list of ints or None, got {seed!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if guidance_scale is not None and float(guidance_scale) < 1:
+    if guidance_scale is not None and float(guidance_scale) < 1 \
+            and adapter_for(pipe).cfg_by_default:  # not Flux's distilled guidance value
         # diffusers guides only above 1; below it runs unguided, as 1 does (1 is the usual
         # "no guidance" and stays quiet)
         warnings.warn(f"sdlens: guidance_scale={guidance_scale:g} is below 1: the pipeline runs "

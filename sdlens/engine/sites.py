@@ -404,8 +404,9 @@ class AttentionRecorder:
 
 
 class JointAttentionRecorder(AttentionRecorder):
-    """Observer of a *joint*-attention site (SD3's MMDiT, ``JointAttnProcessor2_0``): the image
-    tokens' attention to the text tokens, laid out and reduced as :class:`AttentionRecorder`'s.
+    """Observer of a *joint*-attention site (SD3's MMDiT, ``JointAttnProcessor2_0``; Flux's
+    ``FluxAttnProcessor``): the image tokens' attention to the text tokens, laid out and reduced
+    as :class:`AttentionRecorder`'s.
 
     Joint attention is one softmax over the keys of [image tokens; text tokens] (heads, q/k
     norms: ``norm_q`` / ``norm_k`` on the image stream, ``norm_added_k`` on the text stream,
@@ -414,37 +415,76 @@ class JointAttentionRecorder(AttentionRecorder):
     ``p(text j) = exp(s_j - logsumexp(all image and text scores))``. The image keys' part of the
     normaliser is computed in chunks of queries (the image-image scores are (HW x HW) per head).
     The text stream changes at every block and step, so nothing is cached.
+
+    Flux (``text_first``): the sequence is [text; image] and the processor rotates queries and
+    keys with the RoPE of the whole sequence (``image_rotary_emb``, passed positionally where
+    other processors take ``temb``), so the text keys get its first T rows and the image its
+    rest; the scores are those of the rotated q / k. Its single-stream blocks attend over the
+    concatenated [text; image] hidden states (no ``encoder_hidden_states``; the same ``to_k`` /
+    ``norm_k`` for both parts): T is the text length the last double-stream call saw (the same
+    transformer call runs them first).
     """
 
     chunk_bytes = 256 << 20  # the image-image scores held at once
 
+    def __init__(self, sink: AttentionSink, text_first: bool = False):
+        super().__init__(sink)
+        self.text_first = text_first
+        self.text_length: int | None = None  # T of the last call with encoder_hidden_states
+
     def observe(self, attn, layer: str, call: SiteCall) -> None:
+        ehs = call.encoder_hidden_states
+        if torch.is_tensor(ehs):
+            self.text_length = int(ehs.shape[1])
         request = self.sink.attention_request(layer)
-        if request is not None and torch.is_tensor(call.encoder_hidden_states):
-            rows, n_tokens, keep_heads, dtype = request
-            probs = self.text_probabilities(attn, call.hidden_states[rows],
-                                            call.encoder_hidden_states[rows])
-            probs = reduce_maps(probs, n_tokens, keep_heads, dtype)
-            self.sink.put_attention(layer, probs, probs.shape[-1])
+        if request is None:
+            return
+        rows, n_tokens, keep_heads, dtype = request
+        rope = call.extra.get("image_rotary_emb", call.temb)
+        rope = tuple(rope) if isinstance(rope, (tuple, list)) and len(rope) == 2 else None
+        hs = call.hidden_states[rows]
+        if torch.is_tensor(ehs):
+            probs = self.text_probabilities(attn, hs, ehs[rows], rope)
+        elif ehs is None and self.text_first and self.text_length \
+                and hs.ndim == 3 and hs.shape[1] > self.text_length:
+            t = self.text_length  # single-stream: [text; image] in one sequence
+            probs = self.text_probabilities(attn, hs[:, t:], hs[:, :t], rope, single=True)
+        else:
+            return self.sink.skip(layer, "no text tokens sdlens can find in its joint attention")
+        probs = reduce_maps(probs, n_tokens, keep_heads, dtype)
+        self.sink.put_attention(layer, probs, probs.shape[-1])
 
     @torch.no_grad()
-    def text_probabilities(self, attn, hs: torch.Tensor, ehs: torch.Tensor) -> torch.Tensor:
+    def text_probabilities(self, attn, hs: torch.Tensor, ehs: torch.Tensor, rope=None,
+                           single: bool = False) -> torch.Tensor:
         """(B, heads, T, HW) float32: image queries' probabilities on the text keys, softmax
         over all keys ([image; text]), from ``hs`` (B, HW, C) and ``ehs`` (B, T, C) as the
-        processor receives them."""
+        processor receives them (``single``: both parts of one single-stream sequence, keyed by
+        ``to_k``); ``rope``: the processor's ``(cos, sin)`` over the whole sequence, in
+        ``joint_order``."""
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return rearrange(t, "n l (heads d) -> n heads l d", heads=attn.heads)
 
-        query, key = heads(attn.to_q(hs)), heads(attn.to_k(hs))
+        fused = getattr(attn, "fused_projections", False)
+        if fused:  # Flux after fuse_qkv_projections(): one to_qkv (to_added_qkv for text)
+            query, key, _ = attn.to_qkv(hs).chunk(3, dim=-1)
+            text_key = (attn.to_qkv(ehs) if single else attn.to_added_qkv(ehs)).chunk(3, dim=-1)[1]
+        else:
+            query, key = attn.to_q(hs), attn.to_k(hs)
+            text_key = attn.to_k(ehs) if single else attn.add_k_proj(ehs)
+        query, key, text_key = heads(query), heads(key), heads(text_key)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        text_key = heads(attn.add_k_proj(ehs))
-        if getattr(attn, "norm_added_k", None) is not None:
-            text_key = attn.norm_added_k(text_key)
-        query = query.float() * float(attn.scale)  # (B, heads, HW, d)
+        text_norm = attn.norm_k if single else getattr(attn, "norm_added_k", None)
+        if text_norm is not None:
+            text_key = text_norm(text_key)
+        if rope is not None:
+            query, key, text_key = self._rotate(query, key, text_key, rope)
+        scale = float(getattr(attn, "scale", query.shape[-1] ** -0.5))
+        query = query.float() * scale  # (B, heads, HW, d)
         key, text_key = key.float(), text_key.float()
         text_scores = torch.matmul(text_key, query.transpose(-1, -2))  # (B, heads, T, HW)
         n, h, hw = query.shape[0], query.shape[1], query.shape[2]
@@ -454,11 +494,29 @@ class JointAttentionRecorder(AttentionRecorder):
         lse = torch.logaddexp(image_lse, text_scores.logsumexp(dim=-2))  # (B, heads, HW)
         return (text_scores - lse[:, :, None, :]).exp()
 
+    def _rotate(self, query, key, text_key, rope):
+        """Queries and keys rotated as the processor rotates them: diffusers' own
+        ``apply_rotary_emb`` on the sequence laid out in its order ([text; image] for Flux)."""
+        from diffusers.models.embeddings import apply_rotary_emb
 
-def recorder_for(kind: str, sink: AttentionSink) -> AttentionRecorder:
-    """The attention observer for a backbone's ``attention_kind`` ("cross" or "joint")."""
+        t = text_key.shape[2]
+        cos, sin = rope
+        if self.text_first:
+            text_rope, image_rope = (cos[:t], sin[:t]), (cos[t:], sin[t:])
+        else:
+            n = query.shape[2]
+            image_rope, text_rope = (cos[:n], sin[:n]), (cos[n:], sin[n:])
+        return (apply_rotary_emb(query, image_rope, sequence_dim=2),
+                apply_rotary_emb(key, image_rope, sequence_dim=2),
+                apply_rotary_emb(text_key, text_rope, sequence_dim=2))
+
+
+def recorder_for(kind: str, sink: AttentionSink, order: tuple[str, str] = ("image", "text")
+                 ) -> AttentionRecorder:
+    """The attention observer for a backbone's ``attention_kind`` ("cross" or "joint") and, for
+    joint attention, its ``joint_order``."""
     if kind == "joint":
-        return JointAttentionRecorder(sink)
+        return JointAttentionRecorder(sink, text_first=order[0] == "text")
     return AttentionRecorder(sink)
 
 

@@ -259,8 +259,11 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
     record_opts = batch_record_options(record)
     budget = int(memory_budget) if memory_budget is not None else default_memory_budget(pipe.device)
     trace_bytes = _trace_bytes(pipe, record_opts, steps_list, height, width)
+    # one guidance value per call where it is not CFG's mix of halves: LCM's embedded w, Flux's
+    # distilled guidance (a transformer input)
     split_guidance = (pipe_kwargs.get("guidance_rescale", 0.0) or 0.0) > 0 or \
-        getattr(adapter_for(pipe).denoiser.config, "time_cond_proj_dim", None) is not None
+        getattr(adapter_for(pipe).denoiser.config, "time_cond_proj_dim", None) is not None \
+        or not adapter_for(pipe).cfg_by_default
     state = _distributed_state()
     nproc = state.num_processes if state else 1
     batches = plan_batches(

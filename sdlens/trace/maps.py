@@ -112,8 +112,9 @@ def _resolve_one(item, layers: Sequence[str], resolution, naming: SiteNaming) ->
         name = name[: -len(".processor")]
     if name in layers:
         return [name]
-    prefix = naming.expand(name) or name
-    out = [l for l in layers if l == prefix or l.startswith(prefix + ".")]
+    prefixes = naming.expand(name) or name
+    prefixes = (prefixes,) if isinstance(prefixes, str) else prefixes
+    out = [l for l in layers if any(l == p or l.startswith(p + ".") for p in prefixes)]
     if not out:
         raise ValueError(f"unknown attention layer {item!r}; available layers: "
                          f"{_available(layers, resolution, naming)}; or {_forms(naming)}")

@@ -208,14 +208,14 @@ def test_img2img_and_inpaint(task):
 
 
 def test_unsupported_transformer_pipeline_is_a_type_error():
-    class FluxTransformer2DModel(torch.nn.Module):
+    class Flux2Transformer2DModel(torch.nn.Module):
         pass
 
-    class FluxPipeline:
-        transformer = FluxTransformer2DModel()
+    class Flux2Pipeline:
+        transformer = Flux2Transformer2DModel()
 
-    with pytest.raises(TypeError, match="FluxTransformer2DModel.*StableDiffusion3Pipeline"):
-        sdlens.trace(FluxPipeline())
+    with pytest.raises(TypeError, match="Flux2Transformer2DModel.*StableDiffusion3Pipeline"):
+        sdlens.trace(Flux2Pipeline())
 
 
 def test_reweighting_joint_attention_says_it_is_not_supported():

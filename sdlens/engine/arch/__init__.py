@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from sdlens.engine.arch.base import BackboneAdapter, SiteNaming
 from sdlens.engine.arch.dit import PixArtAdapter, SanaAdapter
+from sdlens.engine.arch.flux import FluxAdapter
 from sdlens.engine.arch.mmdit import MMDiTAdapter
 from sdlens.engine.arch.unet import UNetAdapter
 
-ADAPTERS: tuple[type[BackboneAdapter], ...] = (UNetAdapter, MMDiTAdapter, PixArtAdapter, SanaAdapter)
+ADAPTERS: tuple[type[BackboneAdapter], ...] = (UNetAdapter, MMDiTAdapter, PixArtAdapter, SanaAdapter,
+                                               FluxAdapter)
 SUPPORTED_PIPELINES = tuple(p for a in ADAPTERS for p in a.pipelines)
 
 
@@ -23,9 +25,12 @@ def adapter_for(pipe) -> BackboneAdapter:
         if cls.handles(pipe):
             return cls(pipe)
     transformer = getattr(pipe, "transformer", None)
-    kind = f"a pipeline whose transformer ({type(transformer).__name__}) sdlens does not " \
-        "support" if transformer is not None else "a pipeline without a `unet` or `transformer`"
-    raise TypeError(f"sdlens cannot trace {type(pipe).__name__}: it is {kind}; supported: "
+    # e.g. Flux.2, Qwen-Image, HiDream, Z-Image; or a supported transformer in another pipeline
+    # (Flux Kontext / Fill / Control lay their tokens out otherwise)
+    kind = f"sdlens does not support this pipeline or its transformer " \
+        f"({type(transformer).__name__})" if transformer is not None \
+        else "it is a pipeline without a `unet` or `transformer`"
+    raise TypeError(f"sdlens cannot trace {type(pipe).__name__}: {kind}; supported: "
                     f"{', '.join(SUPPORTED_PIPELINES)}")
 
 

@@ -34,15 +34,17 @@ class SiteNaming:
         """Short alias of a site's module path (the path itself where there is none)."""
         return site
 
-    def expand(self, name: str) -> str | None:
-        """The module-path prefix an alias (or group) stands for; None if ``name`` is not one."""
+    def expand(self, name: str) -> str | tuple[str, ...] | None:
+        """The module-path prefix an alias (or group) stands for (or several: Flux's
+        ``"blocks"``); None if ``name`` is not one."""
         return None
 
     def group(self, site: str) -> str | None:
         """The group (one of ``groups``) a site belongs to; None if none."""
         for g in self.groups:
             prefix = self.expand(g)
-            if prefix is not None and (site == prefix or site.startswith(prefix + ".")):
+            prefixes = (prefix,) if isinstance(prefix, str) else (prefix or ())
+            if any(site == p or site.startswith(p + ".") for p in prefixes):
                 return g
         return None
 
@@ -97,6 +99,9 @@ class BackboneAdapter(ABC):
         attention_kind: what a site's attention is: ``"cross"`` (image queries, text keys) or
             ``"joint"`` (one softmax over image and text keys; the recorder keeps the text
             columns).
+        joint_order: joint attention's order of the sequence (SD3: image then text; Flux: text
+            then image, which matters where RoPE rotates by position).
+        cfg_by_default: whether the pipeline's default call guides (size estimates).
     """
 
     pipelines: ClassVar[tuple[str, ...]] = ()
@@ -107,6 +112,8 @@ class BackboneAdapter(ABC):
     # "cross": a site attends from image tokens to text tokens only (the UNet's sites);
     # "joint": one softmax over [image; text] keys (SD3's MMDiT), in ``joint_order``
     attention_kind: ClassVar[str] = "cross"
+    joint_order: ClassVar[tuple[str, str]] = ("image", "text")
+    cfg_by_default: ClassVar[bool] = True
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -149,6 +156,28 @@ class BackboneAdapter(ABC):
         out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
         return out if torch.is_tensor(out) else None
 
+    def spatial(self, t: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """A latent-shaped tensor as the pipeline holds it (its latents, the denoiser's
+        prediction, the scheduler's x0) laid out (B, C, h, w) at latent (h, w); Flux unpacks its
+        2x2-packed sequence. Identity where the pipeline holds them so already."""
+        return t
+
+    def cfg_calls(self, params: dict) -> tuple[str, ...] | None:
+        """Guidance run as separate denoiser calls per step, one per half, in call order (Flux's
+        true CFG: ``("text", "uncond")``), for the call's arguments ``params``; None where the
+        halves share one batch (``cfg_halves``) or there is no guidance."""
+        return None
+
+    def cfg_scale(self, params: dict) -> float | None:
+        """The guidance scale of the call (``trace.guidance_scale``)."""
+        gs = params.get("guidance_scale")
+        return float(gs) if gs is not None else None
+
+    def guidance_meta(self, params: dict) -> dict:
+        """Guidance settings of the family for ``trace.meta`` (Flux: the distilled guidance
+        value and ``true_cfg_scale``)."""
+        return {}
+
     def auxiliary_call(self, args: tuple, kwargs: dict) -> bool:
         """Whether a denoiser call (its forward pre-hook's arguments) is an extra call that is
         not a step's prediction (SD3.5's skip-layer guidance); such calls are not recorded."""
@@ -170,6 +199,12 @@ class BackboneAdapter(ABC):
         """Text positions the pipeline encodes for a call with ``params`` (its arguments);
         None: the tokenizer's ``model_max_length`` (CLIP: 77)."""
         return None
+
+    def text_prompts(self, prompts: list, params: dict) -> list:
+        """Per prompt of the call (before ``num_images_per_prompt``): the text whose tokens
+        the sites attend to, where the pipeline gives that encoder another prompt (Flux's T5
+        reads ``prompt_2``); the prompts themselves by default."""
+        return list(prompts)
 
     def encoded_prompt(self, prompt: str, params: dict) -> str:
         """The prompt as the pipeline hands it to its tokenizer (e.g. lower-cased)."""

@@ -1,0 +1,232 @@
+"""The Flux.1 family (``FluxTransformer2DModel``: FluxPipeline, FluxImg2ImgPipeline,
+FluxInpaintPipeline; Flux.1-dev and -schnell).
+
+**Sites.** Flux has two kinds of blocks, and image tokens attend to text tokens in both:
+
+* the double-stream blocks ``transformer_blocks.N.attn`` (aliases ``"double.N"``, group
+  ``"double"``): joint attention as SD3's, but with the text tokens FIRST. ``FluxAttnProcessor``
+  concatenates ``[text; image]`` queries, keys and values (text keys from ``add_k_proj`` /
+  ``norm_added_k``), then rotates queries and keys with the RoPE of the whole sequence
+  (``image_rotary_emb``, text positions first);
+* the single-stream blocks ``single_transformer_blocks.N.attn`` (aliases ``"single.N"``, group
+  ``"single"``): one attention over the concatenated ``[text; image]`` hidden states, with the
+  same ``to_q`` / ``to_k`` for both parts; the processor receives no ``encoder_hidden_states``, so
+  the text length (T5's sequence, ``max_sequence_length``) is the one the double-stream blocks of
+  the same transformer call saw.
+
+``"blocks"`` names every site (double then single); the naming's order is the transformer's
+(double 0..18, then single 0..37). The recorded map of a site is each image token's row of the
+full softmax over ``[text; image]`` keys, its text columns (computed from the RoPE-rotated q / k,
+as the processor does: :class:`sdlens.engine.sites.JointAttentionRecorder` with ``text_first``).
+Maps are at the latents' resolution / 2 (the 2x2 packing).
+
+**Text.** Only T5's sequence is attended to (CLIP-L gives the pooled vector): the text axis is one
+segment, ``("t5", tokenizer_2, max_sequence_length)`` (512 by default); padding positions are left
+out of the maps by default as for SD3. T5 reads ``prompt_2`` where the call gives one, so the
+trace's tokens and words are then ``prompt_2``'s (``trace.prompts`` stays ``prompt``).
+
+**Latents.** The pipelines hold the latents packed: (B, h/2 * w/2, 4 C), 2x2 patches. The
+transformer's input, output, the scheduler's tensors and the callback's latents are unpacked
+to (B, C, h, w) (:meth:`FluxAdapter.spatial`, the inverse of the pipeline's ``_pack_latents``),
+so a Flux trace's latents / noise / x0 are laid out as SD's. (h, w) comes from the transformer's
+``img_ids`` (row and column of each packed token).
+
+**Guidance.** Flux.1-dev is guidance-distilled: the guidance value (``guidance_scale``, 3.5 by
+default) is an input of the transformer, called once per step; there is no unconditional pass,
+so ``trace.noise_uncond`` is None and ``trace.guidance_scale`` is that value
+(``meta["distilled_guidance"]`` too; None for a transformer without ``guidance_embeds``, as
+schnell, which ignores it). With ``true_cfg_scale > 1`` and a negative prompt the pipeline
+calls the transformer twice per step, the prompt first, then the negative prompt
+(:meth:`FluxAdapter.cfg_calls`), and guides with ``neg + true_cfg_scale * (pos - neg)``: then
+``trace.noise_uncond`` is the negative call's prediction, ``trace.noise_text`` the prompt's,
+``trace.do_cfg`` is True and ``trace.guidance_scale`` is ``true_cfg_scale`` (the scale of that
+combination; ``meta["true_cfg_scale"]`` always holds it). Maps are recorded from the prompt's
+call. The schedule is the table's flow row (x0 = x_t - sigma v).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from sdlens.engine.arch.base import BackboneAdapter, SiteNaming
+
+_DOUBLE, _SINGLE = "transformer_blocks", "single_transformer_blocks"
+
+
+class FluxNaming(SiteNaming):
+    """``transformer_blocks.N.attn`` <-> ``"double.N"``, ``single_transformer_blocks.N.attn`` <->
+    ``"single.N"``; groups ``"double"`` and ``"single"``; ``"blocks"``: all of them."""
+
+    groups = ("double", "single")
+    site = re.compile(rf"^({_DOUBLE}|{_SINGLE})\.(\d+)\.attn$")
+    _alias = re.compile(r"^(double|single)(?:\.(\d+))?$")
+    _prefix = {"double": _DOUBLE, "single": _SINGLE}
+
+    def alias(self, site: str) -> str:
+        m = self.site.match(site)
+        if not m:
+            return site
+        return f"{'double' if m.group(1) == _DOUBLE else 'single'}.{m.group(2)}"
+
+    def expand(self, name: str) -> str | tuple[str, ...] | None:
+        if name == "blocks":
+            return (_DOUBLE, _SINGLE)
+        m = self._alias.match(name)
+        if not m:
+            return None
+        prefix = self._prefix[m.group(1)]
+        return prefix if m.group(2) is None else f"{prefix}.{int(m.group(2))}"
+
+    def sort_key(self, site: str) -> tuple:
+        m = self.site.match(site)
+        return ((0 if m.group(1) == _DOUBLE else 1), int(m.group(2)), site) if m \
+            else (2, 1 << 30, site)
+
+    def site_of(self, processor_key: str) -> str | None:
+        site = processor_key[: -len(".processor")] if processor_key.endswith(".processor") else ""
+        return site if self.site.match(site) else None
+
+
+class FluxAdapter(BackboneAdapter):
+    """A Flux.1 pipeline (``pipe.transformer`` a ``FluxTransformer2DModel``)."""
+
+    pipelines = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
+    families = ("flux",)
+    naming = FluxNaming()
+    max_text_tokens = 512  # T5 at the pipelines' default max_sequence_length
+    sample_arg = "hidden_states"
+    attention_kind = "joint"
+    joint_order = ("text", "image")  # FluxAttnProcessor: cat([text, image]), RoPE over both
+    cfg_by_default = False  # a default call is one transformer call per step
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self._sites = super().sites()
+        self._ids_hw: tuple | None = None  # (img_ids, (h, w)): read once per pipeline call
+        if not self._sites:
+            raise TypeError(f"sdlens cannot trace {type(pipe).__name__}: its transformer has no "
+                            "attention blocks")
+
+    @classmethod
+    def handles(cls, pipe) -> bool:
+        transformer = getattr(pipe, "transformer", None)
+        return (type(transformer).__name__ == "FluxTransformer2DModel"
+                and type(pipe).__name__ in cls.pipelines)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    def family(self) -> str:
+        return "flux"
+
+    def default_latent_hw(self) -> tuple[int, int]:
+        size = int(getattr(self.pipe, "default_sample_size", 128))
+        return (size, size)
+
+    def latent_channels(self) -> int:
+        """Channels of the unpacked latents (the packed ones hold 2x2 patches: 4x as many)."""
+        return int(self.pipe.transformer.config.in_channels) // 4
+
+    # ---------------------------------------------------------------- packed latents
+    def _latent_hw(self, img_ids, n_tokens: int) -> tuple[int, int]:
+        """Unpacked latent (h, w) from ``img_ids`` (N, 3): [0, row, column] of each packed token
+        (read once per ids tensor: the pipeline passes the same one at every step)."""
+        if self._ids_hw is not None and self._ids_hw[0] is img_ids:
+            return self._ids_hw[1]
+        hw = None
+        if torch.is_tensor(img_ids) and img_ids.shape[-1] == 3:
+            ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+            rows, cols = (int(v) + 1 for v in ids[:, 1:].amax(0).tolist())
+            hw = (2 * rows, 2 * cols) if rows * cols == n_tokens else None
+        if hw is None:  # no ids sdlens can read: a square
+            side = int(round(n_tokens ** 0.5))
+            hw = (2 * side, 2 * side)
+        self._ids_hw = (img_ids, hw)
+        return hw
+
+    def denoiser_input(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The latents the transformer is given, unpacked: (B, C, h, w)."""
+        packed = args[0] if args else kwargs.get(self.sample_arg)
+        if not torch.is_tensor(packed) or packed.ndim != 3:
+            return None
+        hw = self._latent_hw(kwargs.get("img_ids"), int(packed.shape[1]))
+        return self.spatial(packed, hw)
+
+    def spatial(self, t: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """Packed (B, h/2 * w/2, 4 C) -> (B, C, h, w), as the pipeline's ``_unpack_latents``;
+        anything else unchanged."""
+        h, w = latent_hw
+        if not torch.is_tensor(t) or t.ndim != 3 or t.shape[1] * 4 != h * w or t.shape[2] % 4:
+            return t
+        b, _, c4 = t.shape
+        t = t.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return t.reshape(b, c4 // 4, h, w)
+
+    # ---------------------------------------------------------------- guidance
+    def cfg_calls(self, params: dict) -> tuple[str, ...] | None:
+        """True CFG (``true_cfg_scale > 1`` with a negative prompt or negative embeddings, as
+        the pipelines decide): the prompt's call, then the negative one, each step."""
+        has_negative = params.get("negative_prompt") is not None or (
+            params.get("negative_prompt_embeds") is not None
+            and params.get("negative_pooled_prompt_embeds") is not None)
+        true_cfg = params.get("true_cfg_scale")
+        if true_cfg is not None and float(true_cfg) > 1 and has_negative:
+            return ("text", "uncond")
+        return None
+
+    def cfg_scale(self, params: dict) -> float | None:
+        """``true_cfg_scale`` under true CFG, else the distilled guidance value."""
+        if self.cfg_calls(params):
+            return float(params["true_cfg_scale"])
+        return super().cfg_scale(params)
+
+    def guidance_meta(self, params: dict) -> dict:
+        gs = params.get("guidance_scale")
+        embeds = bool(self.pipe.transformer.config.get("guidance_embeds"))
+        true_cfg = params.get("true_cfg_scale")
+        return {"distilled_guidance": float(gs) if embeds and gs is not None else None,
+                "true_cfg_scale": float(true_cfg) if true_cfg is not None else None}
+
+    # ---------------------------------------------------------------- text
+    def text_length(self, params: dict) -> int:
+        return int(params.get("max_sequence_length") or self.max_text_tokens)
+
+    def text_prompts(self, prompts: list, params: dict) -> list:
+        """T5 reads ``prompt_2`` where given (the pipelines: ``prompt_2 or prompt``); CLIP's
+        pooled vector reads ``prompt``."""
+        second = params.get("prompt_2")
+        if second is None:
+            return list(prompts)
+        second = [second] * len(prompts) if isinstance(second, str) else list(second)
+        if len(second) != len(prompts):
+            return list(prompts)
+        return [(t or q) if q is not None else None for q, t in zip(prompts, second)]
+
+    def text_parts(self, params: dict) -> list[tuple[str, object, int]]:
+        """One segment: T5's ``max_sequence_length`` positions (CLIP's output is pooled)."""
+        return [("t5", getattr(self.pipe, "tokenizer_2", None), self.text_length(params))]
+
+    def activation_bytes(self, latent_hw: tuple[int, int]) -> int:
+        """30 tensors of the joint sequence's width (norms, projections, the 4x MLP) and one
+        attention score matrix (heads x n^2, n = patches + text tokens)."""
+        tr = self.pipe.transformer
+        h, w = latent_hw
+        itemsize = torch.finfo(tr.dtype).bits // 8 if tr.dtype.is_floating_point else 4
+        n = (h // 2) * (w // 2) + self.max_text_tokens
+        heads = int(tr.config.num_attention_heads)
+        dim = heads * int(tr.config.attention_head_dim)
+        return 30 * dim * n * itemsize + heads * n * n * itemsize
+
+    # ---------------------------------------------------------------- sites
+    def site_of(self, processor_key: str) -> str | None:
+        return self.naming.site_of(processor_key)
+
+    def sites(self) -> list[str]:
+        return list(self._sites)
+
+    def resolutions(self, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
+        hw = (latent_hw[0] // 2, latent_hw[1] // 2)
+        return {s: hw for s in self._sites}
