@@ -372,3 +372,22 @@ def test_token_effects_on_sd3(sd3):
               guidance_scale=7.5, output_type="np").images[0]
     np.testing.assert_allclose(fx.ablated["red"], ref, atol=ATOL, rtol=0)
     assert fx.effects["red"] > 0
+
+
+def test_pad_ablation_on_sd3_pads_every_encoder(sd3):
+    """SD3's word has CLIP tokens and T5 pieces: "pad" gives them all the padding embedding."""
+    from sdlens.engine.arch import adapter_for
+
+    parts = adapter_for(sd3).text_parts({"max_sequence_length": 256})
+    red = word_positions(sd3, P, "red")
+    with Hooks() as hooks:
+        pads = steer._pad_hooks(hooks, sd3, P, [[], red], parts)
+        embeds = sd3.encode_prompt([P, P], None, None, do_classifier_free_guidance=False)[0]
+    assert len(pads) == 3 and all(p.applied for p in pads)  # CLIP-L, CLIP-G, T5
+    assert pads[2].rows == [[], [p - 77 for p in red if p >= 77]]
+    plain = sd3.encode_prompt(P, None, None, do_classifier_free_guidance=False)[0]
+    torch.testing.assert_close(embeds[:1], plain)
+    for part in (slice(0, 77), slice(77, None)):  # both segments changed
+        assert (embeds[1, part] - plain[0, part]).abs().max() > 1e-4
+    fx = steer.token_effects(sd3, P, seed=0, steps=2, mode="pad", words=["red"], record=None)
+    assert fx.effects["red"] > 0
