@@ -764,7 +764,10 @@ def trace(pipe, options: RecordOptions | None = None, tokens=None, **kwargs):
             txt2img, img2img, inpaint; ControlNet variants; IP-Adapters loaded or not; with or
             without a tokenizer). Other pipelines raise TypeError naming the supported ones.
         options: a :class:`RecordOptions`; keyword arguments (``record``, ``layers``, ``steps``,
-            ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``) override its fields.
+            ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``, ``concepts``)
+            override its fields. ``concepts=["circle", "background"]`` (SD3 / SD3.5) records
+            concept maps (:mod:`sdlens.engine.joint`, ``trace.concepts``); other backbones raise
+            TypeError.
         tokens: for calls made with ``prompt_embeds`` (and no ``prompt``): the token strings
             the embeddings were made from, position by position (``["<|startoftext|>", "a</w>",
             "red</w>", ...]``; plain words without ``</w>`` are one word each), one list for
@@ -819,13 +822,15 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
         negative_prompt: a negative prompt (or one per prompt).
         height, width: image size in pixels (None: the model's default).
         options: a :class:`RecordOptions`.
-        reweight: ``{word: weight}`` scales those words' cross-attention (prompt-to-prompt's
-            equalizer, see :func:`sdlens.engine.sites.reweighting`); ``reweight_steps``:
+        reweight: ``{word: weight}`` scales those words' attention (prompt-to-prompt's
+            equalizer; cross- or joint attention, see :func:`sdlens.engine.sites.reweighting`);
+            ``reweight_steps``:
             ``(start, end)`` step range (None: every step). The weights are recorded in
             ``meta["reweight"]``.
         **kwargs: RecordOptions fields (``record``, ``layers``, ``steps`` is the step count here,
             use ``attention_steps`` for RecordOptions.steps, ``heads``, ``keep_padding``,
-            ``max_bytes``, ``attention_dtype``); everything else goes to the pipeline call
+            ``max_bytes``, ``attention_dtype``, ``concepts``); everything else goes to the
+            pipeline call
             (``num_images_per_prompt``, ``image``, ``mask_image``, ``strength``,
             ``prompt_embeds``, ``ip_adapter_image_embeds``, ...).
         tokens: the token strings of ``prompt_embeds`` (see :func:`trace`).

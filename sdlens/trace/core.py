@@ -25,6 +25,11 @@ about twice as many for Heun / KDPM2, whose every step calls the UNet twice):
 ``attention``               AttentionMaps, per layer              :class:`~sdlens.trace.maps.AttentionMaps`;
                             (steps', batch, tokens, h, w)         steps' = its recorded steps; heads kept:
                                                                   (steps', batch, heads, tokens, h, w)
+``concepts``                ConceptMaps, per layer or None        concept maps (``concepts=[...]``, joint
+                            (steps', batch, concepts, h, w)       attention): a softmax over the concepts
+``image_to_text``           AttentionMaps, per layer or None      (``record`` "image_to_text", joint
+                            (steps', batch, tokens, h, w)         attention) each text token's attention
+                                                                  to each image patch
 ``guidance_scale``          float; ``do_cfg``: bool
 ``prediction_type``         str                                   what ``noise`` holds: epsilon,
                                                                   v_prediction, sample or flow (velocity)
@@ -41,7 +46,9 @@ Tensors that were not recorded (``RecordOptions.record``) are None. Every trace 
 :mod:`sdlens.trace.ops` (select batch items, slice or join steps, replace fields) build on it.
 
 File format (one file, no pickle): a safetensors file whose tensors are ``latents``, ``noise``,
-..., ``attention/<layer>`` and ``images/<i>`` (PNG bytes as uint8), and whose ``__metadata__``
+..., ``attention/<layer>`` (``concepts/<layer>``, ``image_to_text/<layer>`` where recorded: the
+JSON keys ``concepts`` / ``image_to_text`` are absent otherwise, as in files written before
+them) and ``images/<i>`` (PNG bytes as uint8), and whose ``__metadata__``
 holds ``format = "sdlens.trace"``, ``format_version`` and ``sdlens`` (a JSON document with
 everything else). Loading reads only the header; tensors are read on first access.
 :meth:`Trace.to_bytes` / :meth:`Trace.from_bytes` are the same file in memory.

@@ -201,3 +201,21 @@ def test_errors_are_one_line():
         assert "\n" not in str(e.value)
         with pytest.raises(TypeError, match="image_to_text maps need joint attention"):
             sdlens.generate(pipe, PROMPT, steps=1, record=("latents", "image_to_text"))
+
+
+def test_a_failing_concept_pass_never_fails_the_run(monkeypatch):
+    from sdlens.engine.arch.mmdit import MMDiTAdapter
+
+    pipe, plain, _, _ = traced("sd3")
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(MMDiTAdapter, "concept_step", broken)
+    with pytest.warns(UserWarning, match="concepts transformer_blocks.0.attn") as record:
+        with sdlens.trace(pipe, concepts=["circle"]) as tr:
+            out = call(pipe)
+    assert len([w for w in record if "sdlens" in str(w.message)]) == 1
+    assert torch.equal(plain, out) and tr.attention.layers  # the rest is recorded
+    assert tr.concepts.layers == [] and "boom" in tr.meta["skipped"][
+        "concepts transformer_blocks.0.attn"]
