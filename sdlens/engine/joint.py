@@ -145,7 +145,8 @@ class ExtraMaps:
             lh, lw = run.resolutions[layer]
             layers[layer] = rearrange(torch.stack(chunks), "... (h w) -> ... h w", h=lh, w=lw)
         res = {l: run.resolutions[l] for l in layers}
-        family, dtype = run.session.adapter.family(), str(run.opts.attention_dtype)[6:]
+        family = run.session.adapter.family()
+        dtype = str(run.opts.attention_dtype).replace("torch.", "")
         if self.concepts is not None:
             return ConceptMaps(layers, res, self.steps, self.concepts, family=family, dtype=dtype)
         positions = list(run.n_tokens) if isinstance(run.n_tokens, list) \
@@ -232,23 +233,34 @@ class ConceptPass:
                  params: dict):
         self.adapter, self.concepts, self.sink, self.params = adapter, list(concepts), sink, params
         self.blocks = adapter.concept_blocks() or []
-        self.vectors: torch.Tensor | None = None  # (C, D), encoded on first use
+        self.vectors: torch.Tensor | None = None  # (C, D), encoded by install()
         self.stream: torch.Tensor | None = None
         self.failed = False
 
     def install(self, hooks: Hooks) -> None:
+        """Encode the concepts (now, before the pipeline call: the text encoders are not run
+        inside the denoiser's forward, where model offloading would move the denoiser away) and
+        hook the blocks."""
+        try:
+            with torch.no_grad():
+                self.vectors = concept_vectors(self.adapter, self.concepts, self.params)
+        except Exception as e:  # noqa: BLE001 - sdlens is never the reason a run fails
+            return self._fail(e)
         for i, (site, block) in enumerate(self.blocks):
             hooks.forward_pre_hook(block, functools.partial(self._before_block, i, site),
                                    with_kwargs=True)
+
+    def _fail(self, e: Exception) -> None:
+        self.failed, self.stream = True, None
+        for site, _ in self.blocks:
+            self.sink.skip(site, f"concept pass: {type(e).__name__}: {e}")
 
     def _before_block(self, i: int, site: str, block, args, kwargs):
         if not self.failed:
             try:
                 self._step(i, site, block, args, kwargs)
             except Exception as e:  # noqa: BLE001 - sdlens is never the reason a run fails
-                self.failed, self.stream = True, None
-                for s, _ in self.blocks:
-                    self.sink.skip(s, f"concept pass: {type(e).__name__}: {e}")
+                self._fail(e)
         return None
 
     @torch.no_grad()
@@ -258,8 +270,6 @@ class ConceptPass:
             self.stream = None
             return
         if i == 0:
-            if self.vectors is None:
-                self.vectors = concept_vectors(self.adapter, self.concepts, self.params)
             n = self.sink.run.batch  # the rows of the batch items (the text half under CFG)
             self.stream = self.adapter.concept_stream(
                 self.vectors[None].expand(n, -1, -1).to(self.adapter.denoiser.device))

@@ -203,7 +203,8 @@ def test_errors_are_one_line():
             sdlens.generate(pipe, PROMPT, steps=1, record=("latents", "image_to_text"))
 
 
-def test_a_failing_concept_pass_never_fails_the_run(monkeypatch):
+@pytest.mark.parametrize("part", ["concept_text", "concept_step"])
+def test_a_failing_concept_pass_never_fails_the_run(monkeypatch, part):
     from sdlens.engine.arch.mmdit import MMDiTAdapter
 
     pipe, plain, _, _ = traced("sd3")
@@ -211,7 +212,7 @@ def test_a_failing_concept_pass_never_fails_the_run(monkeypatch):
     def broken(self, *args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(MMDiTAdapter, "concept_step", broken)
+    monkeypatch.setattr(MMDiTAdapter, part, broken)
     with pytest.warns(UserWarning, match="concepts transformer_blocks.0.attn") as record:
         with sdlens.trace(pipe, concepts=["circle"]) as tr:
             out = call(pipe)

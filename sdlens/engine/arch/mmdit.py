@@ -122,7 +122,8 @@ class MMDiTAdapter(BackboneAdapter):
     def concept_text(self, concepts: list[str], params: dict) -> torch.Tensor:
         """``prompt_embeds`` of the concepts as prompts: (C, 77 + max_sequence_length, 4096)."""
         embeds = self.pipe.encode_prompt(
-            prompt=list(concepts), prompt_2=None, prompt_3=None, device=self.denoiser.device,
+            prompt=list(concepts), prompt_2=None, prompt_3=None,
+            device=getattr(self.pipe, "_execution_device", self.denoiser.device),
             do_classifier_free_guidance=False, clip_skip=params.get("clip_skip"),
             max_sequence_length=int(params.get("max_sequence_length") or 256))[0]
         return embeds
