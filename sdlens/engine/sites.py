@@ -639,8 +639,9 @@ def reweight_factors(pipe, prompts: Sequence[str], weights: Mapping[Any, float]
 @contextlib.contextmanager
 def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float], steps=None,
                 num_images_per_prompt: int = 1) -> Iterator[Reweight]:
-    """Install the equalizer on every attention site (cross- or joint-attention) of ``pipe`` for the pipeline calls
-    in the ``with`` block (restored on exit, also on errors). Yields the :class:`Reweight`.
+    """Install the equalizer on every attention site of ``pipe`` (cross-attention:
+    :class:`Reweight`; joint attention: :class:`JointReweight`) for the pipeline calls in the
+    ``with`` block (restored on exit, also on errors). Yields the editor.
 
     Args:
         prompt: the prompt(s) of the call (to find the words' token positions).

@@ -11,25 +11,30 @@ A new family (SD3, Flux, PixArt, Sana: transformer denoisers) is one subclass of
 ``sdlens.engine.arch.ADAPTERS``.
 
 **The concept pass** (concept maps, ConceptAttention: :mod:`sdlens.engine.joint`) is generic
-except for three methods a joint-attention family provides; the rest (encoding the concepts
-through the pipeline's text encoders, pooling each over its tokens with the Word model, carrying
-the concept stream from block to block, the maps, recording) is :mod:`sdlens.engine.joint`'s:
+except for four methods a joint-attention family provides; the rest (encoding each concept as its
+own prompt and pooling it over its tokens with the Word model, carrying the concept stream from
+block to block, the maps, recording, errors) is :mod:`sdlens.engine.joint`'s:
 
 * :meth:`BackboneAdapter.concept_blocks`: the blocks the concept tokens pass through, in forward
-  order, each with the site its maps are named by (SD3: ``transformer_blocks.N`` and its
-  ``.attn``; Flux: its double-stream blocks, then its single-stream blocks);
-* :meth:`BackboneAdapter.concept_text`: each concept encoded as its own prompt, laid out as the
-  denoiser's text input (SD3: ``pipe.encode_prompt`` -> ``(C, 77 + T5, 4096)``; Flux: the T5
-  ``prompt_embeds``), and :meth:`BackboneAdapter.concept_stream`: pooled concept vectors as they
-  enter the first block (SD3 and Flux: ``transformer.context_embedder``);
+  order, each with the site its maps are named by (one of ``sites()``; SD3:
+  ``transformer_blocks.N`` and its ``.attn``; Flux: its double-stream blocks, then its
+  single-stream blocks). None (the default) means no concept pass: ``concepts=`` raises
+  TypeError;
+* :meth:`BackboneAdapter.concept_text`: the concepts encoded as prompts, laid out as the
+  denoiser's text input, position ``p`` of the text axis at ``[:, p]`` (the layout
+  ``text_parts`` / ``text_length`` describe, where the Word model finds a concept's tokens;
+  SD3: ``pipe.encode_prompt`` -> ``(C, 77 + T5, 4096)``; Flux: its T5 ``prompt_embeds``), and
+  :meth:`BackboneAdapter.concept_stream`: the pooled vectors as the first block receives text
+  (SD3 and Flux: ``transformer.context_embedder``);
 * :meth:`BackboneAdapter.concept_step`: one block of the concept pass, from the block's forward
   arguments (its forward pre-hook's ``args`` / ``kwargs``): the concept tokens go through the
   block's *text-stream* modulation / norms and projections (SD3: ``norm1_context``,
   ``add_q_proj`` / ``add_k_proj`` / ``add_v_proj``, ``norm_added_q`` / ``norm_added_k``; Flux's
   single-stream blocks: the block's one norm and ``to_q`` / ``to_k`` / ``to_v``, with the text
   tokens' rotary embedding), attend to the image keys and the concept keys (never the prompt's
-  text keys; nothing attends to them), and the block's text-stream output path (``to_add_out``,
-  gates, ``ff_context``) gives the stream entering the next block. It returns a
+  text keys; nothing attends to them), and the block's text-stream output path (SD3:
+  ``to_add_out``, gates, ``ff_context``; Flux's single-stream blocks: the block's parallel MLP
+  and ``proj_out``) gives the stream entering the next block. It returns a
   :class:`ConceptStep`: that stream, and where asked the image tokens' and the concepts' attention
   outputs (before the output projections: both are mixtures of the same value vectors).
 
@@ -109,7 +114,7 @@ class BlockNaming(SiteNaming):
 class ConceptStep(NamedTuple):
     """One block of the concept pass (:meth:`BackboneAdapter.concept_step`)."""
 
-    stream: torch.Tensor | None  # (n, C, dim): the concept tokens entering the next block; None: last
+    stream: torch.Tensor | None  # (n, C, dim): the concepts entering the next block; None: last
     image: torch.Tensor | None  # (n, HW, inner): the image tokens' attention outputs, if asked
     concepts: torch.Tensor | None  # (n, C, inner): the concept tokens' attention outputs, if asked
 
