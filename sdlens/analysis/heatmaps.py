@@ -47,35 +47,47 @@ from sdlens.analysis.tokens import Word, available, find_word, word_texts
 from sdlens.trace.steps import select_steps
 
 POOLINGS = ("sdlens", "daam")
+# which recorded maps a heatmap pools (the Trace's fields): the image patches' attention to the
+# text (the default), concept maps (``concepts=[...]`` at trace time), the text tokens'
+# attention to the image patches (``record=(..., "image_to_text")``)
+MAPS = ("attention", "concepts", "image_to_text")
+_HOW = {"attention": "record again with attention on to get heatmaps",
+        "concepts": "trace with concepts=[...] (SD3 / SD3.5) to get concept maps",
+        "image_to_text": "trace with record=(..., 'image_to_text') (SD3 / SD3.5) to get them"}
 
 
 # --------------------------------------------------------------------------- argument helpers
-def _maps(trace: Any):
-    maps = getattr(trace, "attention", None)
+def _maps(trace: Any, kind: str = "attention"):
+    if kind not in MAPS:
+        raise ValueError(f"maps must be one of {MAPS}, got {kind!r}")
+    maps = getattr(trace, kind, None)
     if maps is None:
-        raise ValueError("this trace holds no attention maps (recorded with attention=False?); "
-                         "record again with attention on to get heatmaps")
+        what = "attention maps (recorded with attention=False?)" if kind == "attention" \
+            else f"{kind.replace('_', ' ')} maps"
+        raise ValueError(f"this trace holds no {what}; {_HOW[kind]}")
     if not list(maps.layers):
-        raise ValueError("this trace's attention maps hold no layers")
+        raise ValueError(f"this trace's {kind.replace('_', ' ')} maps hold no layers")
     return maps
 
 
-def _n_steps(trace: Any) -> int:
+def _n_steps(trace: Any, kind: str = "attention") -> int:
     ts = getattr(trace, "timesteps", None)
     if ts is not None:
         return len(ts)
-    return max(_maps(trace).steps) + 1
+    return max(_maps(trace, kind).steps) + 1
 
 
-def resolve_steps(trace: Any, steps: Any) -> list[int]:
-    """Step indices (into ``trace.timesteps``) chosen by ``steps`` among the steps with attention
-    maps (:func:`sdlens.trace.steps.select_steps`: None = all recorded)."""
-    return select_steps(steps, _n_steps(trace), recorded=[int(s) for s in _maps(trace).steps])
+def resolve_steps(trace: Any, steps: Any, maps: str = "attention") -> list[int]:
+    """Step indices (into ``trace.timesteps``) chosen by ``steps`` among the steps with maps of
+    kind ``maps`` (:func:`sdlens.trace.steps.select_steps`: None = all recorded)."""
+    return select_steps(steps, _n_steps(trace, maps),
+                        recorded=[int(s) for s in _maps(trace, maps).steps])
 
 
-def resolve_layers(trace: Any, layers: Any) -> list[str]:
+def resolve_layers(trace: Any, layers: Any, maps: str = "attention") -> list[str]:
     """Layer names chosen by ``layers`` (anything ``AttentionMaps.select`` accepts)."""
-    maps = _maps(trace)
+    kind = maps
+    maps = _maps(trace, kind)
     if layers is None:
         return list(maps.layers)
     names = list(maps.select(layers))
@@ -162,19 +174,23 @@ def _layer_maps(maps: Any, name: str, step_idx: list[int], batch: int, tok_idx: 
 
 def pooled_map(trace: Any, positions: Sequence[int], steps: Any = None, layers: Any = None,
                heads: Any = None, batch: int = 0, pooling: str = "sdlens", per_step: bool = False,
-               size: Any = None, normalize: bool = True, what: str = "token") -> torch.Tensor:
-    """Pool the maps of token ``positions`` (merged by their mean) as the module doc says.
+               size: Any = None, normalize: bool = True, what: str = "token",
+               maps: str = "attention") -> torch.Tensor:
+    """Pool the maps of token ``positions`` (merged by their mean) as the module doc says;
+    ``maps``: which recorded maps (one of :data:`MAPS`; concept maps: ``positions`` are indices
+    along the concepts axis).
 
     Returns ``(H, W)`` float32, or ``(steps, H, W)`` with ``per_step=True``.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    maps = _maps(trace)
+    kind = maps
+    maps = _maps(trace, kind)
     batch = _check_batch(trace, batch)
-    steps_ = resolve_steps(trace, steps)
+    steps_ = resolve_steps(trace, steps, kind)
     recorded = [int(s) for s in maps.steps]
     step_idx = [recorded.index(s) for s in steps_]
-    names = resolve_layers(trace, layers)
+    names = resolve_layers(trace, layers, kind)
     tok_idx = _token_index(maps, positions, what)
     out_hw = output_size(trace, size)
 
@@ -222,7 +238,8 @@ def _minmax(x: torch.Tensor, what: str) -> torch.Tensor:
 # --------------------------------------------------------------------------- public API
 def word_heatmap(trace: Any, word: str, steps: Any = None, layers: Any = None, heads: Any = None,
                  batch: int = 0, occurrence: int = 0, pooling: str = "sdlens",
-                 per_step: bool = False, size: Any = None, normalize: bool = True) -> torch.Tensor:
+                 per_step: bool = False, size: Any = None, normalize: bool = True,
+                 maps: str = "attention") -> torch.Tensor:
     """Image-resolution heatmap of ``word`` in prompt ``batch`` of ``trace``.
 
     Args:
@@ -239,13 +256,24 @@ def word_heatmap(trace: Any, word: str, steps: Any = None, layers: Any = None, h
         per_step: return ``(steps, H, W)``, one map per chosen step, instead of ``(H, W)``.
         size: output (H, W) or int; default the image size.
         normalize: min-max normalise to ``[0, 1]`` (per step when ``per_step``).
+        maps: which recorded maps to pool: ``"attention"`` (default: each image patch's
+            attention to the word), ``"concepts"`` (the concept map of ``word``, a concept given
+            at trace time, in the prompt or not: each patch's softmax over the concepts, so with
+            ``normalize=False`` the concepts' heatmaps sum to 1 at every pixel; ValueError
+            listing the recorded concepts for another), or ``"image_to_text"`` (the word's
+            tokens' attention to each image patch). Steps, layers, pooling and normalisation
+            work the same for all three.
 
     Returns:
         ``torch.Tensor`` float32 ``(H, W)`` or ``(steps, H, W)``.
     """
+    if maps == "concepts":
+        index = _maps(trace, maps).concept_index(word)
+        return pooled_map(trace, [index], steps, layers, heads, batch, pooling, per_step, size,
+                          normalize, what=f"concept {word!r}", maps=maps)
     w = find_word(trace, word, batch=_check_batch(trace, batch), occurrence=occurrence)
     return pooled_map(trace, w.positions, steps, layers, heads, batch, pooling, per_step, size,
-                      normalize, what=repr(w.text))
+                      normalize, what=repr(w.text), maps=maps)
 
 
 def token_heatmap(trace: Any, positions: int | Sequence[int], **kwargs: Any) -> torch.Tensor:
@@ -350,7 +378,7 @@ def commitment(trace: Any, word: str, threshold: float = 0.9, **kwargs: Any) -> 
         if k in kwargs:
             raise TypeError(f"commitment() sets {k} itself")
     maps = word_heatmap(trace, word, per_step=True, normalize=False, **kwargs)
-    steps = resolve_steps(trace, kwargs.get("steps"))
+    steps = resolve_steps(trace, kwargs.get("steps"), kwargs.get("maps", "attention"))
     final = maps[-1]
     corr = np.array([_pearson(m, final) for m in maps])
     step = None
@@ -372,4 +400,4 @@ def commitments(trace: Any, words: Iterable[str] | None = None, threshold: float
 
 __all__ = ["word_heatmap", "word_heatmaps", "token_heatmap", "pooled_map", "iou", "binarize",
            "commitment", "commitments", "Commitment", "resolve_steps", "resolve_layers",
-           "output_size", "POOLINGS", "Word", "available"]
+           "output_size", "POOLINGS", "MAPS", "Word", "available"]

@@ -15,8 +15,9 @@ from sdlens.trace.maps import resolve_layers
 
 RECORDABLE = ("latents", "noise", "x0", "attention")  # the default
 # opt-in kinds: "controlnet": the ControlNet residuals' RMS per net, block and step (ControlNet
-# pipelines only; ``sdlens.analysis.controlnet``)
-OPTIONAL = ("controlnet",)
+# pipelines only; ``sdlens.analysis.controlnet``); "image_to_text": the text tokens' attention
+# to the image patches (joint-attention models only; ``trace.image_to_text``)
+OPTIONAL = ("controlnet", "image_to_text")
 KINDS = RECORDABLE + OPTIONAL
 _ATT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -32,9 +33,11 @@ class RecordOptions:
 
     Args:
         record: which kinds of data to keep, a subset of ("latents", "noise", "x0", "attention",
-            "controlnet"); the default is all but "controlnet" (opt-in: the ControlNet residuals'
-            RMS per block and step). Timesteps, sigmas, prompts, tokens and images are always
-            kept.
+            "controlnet", "image_to_text"); the default is all but the opt-in kinds "controlnet"
+            (the ControlNet residuals' RMS per block and step) and "image_to_text" (joint
+            attention: each text token's attention to the image patches, ``trace.image_to_text``,
+            at the sites and steps of ``layers`` / ``steps``). Timesteps, sigmas, prompts, tokens
+            and images are always kept.
         layers: which cross-attention sites' maps to keep: None (all), a group ("down" / "mid"
             / "up"), a resolution int (max(h, w) of the map, e.g. 16), an alias ("up.1.0"), a
             module path, or a list of these (see :mod:`sdlens.trace.maps`).
@@ -47,6 +50,10 @@ class RecordOptions:
         max_bytes: refuse (``TraceTooLarge``, a ValueError) to run when the trace is estimated to
             need more host memory than this; default 50% of the available host memory.
         attention_dtype: dtype of the stored maps (float16 default; bfloat16 or float32).
+        concepts: concept maps (ConceptAttention, :mod:`sdlens.engine.joint`; joint-attention
+            models): a list of concepts (words or short phrases, in the prompt or not), each
+            mapped at the sites and steps of ``layers`` / ``steps`` (``trace.concepts``,
+            ``trace.heatmap("circle", maps="concepts")``); None: no concept maps.
     """
 
     record: Sequence[str] = RECORDABLE
@@ -56,6 +63,7 @@ class RecordOptions:
     keep_padding: bool = False
     max_bytes: int | None = None
     attention_dtype: torch.dtype = torch.float16
+    concepts: Sequence[str] | None = None
 
     def __post_init__(self):
         rec = (self.record,) if isinstance(self.record, str) else self.record
@@ -104,6 +112,8 @@ class RecordOptions:
                                            or self.max_bytes <= 0):
             raise ValueError(f"max_bytes must be a positive number of bytes or None, got "
                              f"{self.max_bytes!r}")
+        if self.concepts is not None:
+            self.concepts = check_concepts(self.concepts)
         if self.attention_dtype not in _ATT_DTYPES:
             raise ValueError(f"attention_dtype must be one of {_ATT_DTYPES}, got "
                              f"{self.attention_dtype!r}")
@@ -118,7 +128,8 @@ class RecordOptions:
             layers = list(layers)
         return dict(record=list(self.record), layers=layers, steps=steps, heads=self.heads,
                     keep_padding=self.keep_padding, max_bytes=self.max_bytes,
-                    attention_dtype=str(self.attention_dtype).replace("torch.", ""))
+                    attention_dtype=str(self.attention_dtype).replace("torch.", ""),
+                    **({"concepts": list(self.concepts)} if self.concepts is not None else {}))
 
     @classmethod
     def from_kwargs(cls, options: "RecordOptions | None" = None, **kwargs) -> "RecordOptions":
@@ -132,6 +143,29 @@ class RecordOptions:
         if not isinstance(options, cls):
             raise ValueError(f"options must be a RecordOptions, got {type(options).__name__}")
         return dataclasses.replace(options, **kwargs)
+
+
+def check_concepts(concepts) -> list[str]:
+    """The concepts of ``RecordOptions.concepts`` as a list of distinct non-empty strings;
+    ValueError (one line) otherwise."""
+    if isinstance(concepts, str):
+        concepts = [concepts]
+    try:
+        concepts = list(concepts)
+    except TypeError:
+        raise ValueError(f"concepts must be a list of strings, got {concepts!r}") from None
+    if not concepts:
+        raise ValueError("concepts is empty: give at least one concept, e.g. concepts=['circle', "
+                         "'background']")
+    bad = [c for c in concepts if not isinstance(c, str) or not c.strip()]
+    if bad:
+        raise ValueError(f"concepts must be non-empty strings, got {bad!r}")
+    out = [c.strip() for c in concepts]
+    seen = [c.lower() for c in out]
+    twice = sorted({c for c in out if seen.count(c.lower()) > 1})
+    if twice:
+        raise ValueError(f"concepts must be distinct, got {twice} more than once")
+    return out
 
 
 def default_max_bytes() -> int:
@@ -236,12 +270,16 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
     est = {"latents": (steps + 1) * per if "latents" in rec else 0,
            "noise": steps * per * (3 if do_cfg else 2) if "noise" in rec else 0,
            "x0": steps * per if "x0" in rec else 0, "attention": 0}
-    if "attention" in rec:
-        itemsize = torch.empty((), dtype=opts.attention_dtype).element_size()
+    itemsize = torch.empty((), dtype=opts.attention_dtype).element_size()
+    kinds = {"attention": n_tokens, "image_to_text": n_tokens, "concepts": None}
+    kinds = {k: n for k, n in kinds.items() if k in rec or (k == "concepts" and opts.concepts)}
+    for kind, n in kinds.items():  # concept maps: one map per concept, heads pooled
+        est[kind] = 0
         for l in layers:
             lh, lw = res[l]
-            heads = adapter.heads(l) if opts.heads else 1
-            est["attention"] += attention_steps * batch * heads * n_tokens * lh * lw * itemsize
+            heads = adapter.heads(l) if opts.heads and n is not None else 1
+            rows = len(opts.concepts) if n is None else n
+            est[kind] += attention_steps * batch * heads * rows * lh * lw * itemsize
     return est
 
 

@@ -40,6 +40,7 @@ from sdlens.analysis.tokens import (IMAGE_PROMPT_POSITION, check_user_tokens,
                                     image_prompt_tokens, tokenize_segments)
 from sdlens.engine import schedules as sched_hooks
 from sdlens.engine.arch import BackboneAdapter, adapter_for
+from sdlens.engine.joint import ConceptPass, ExtraMaps, ImageToTextRecorder, check_joint_options
 from sdlens.engine.options import (RecordOptions, TraceTooLarge, default_max_bytes,
                                    estimate_trace_bytes, human_bytes)
 from sdlens.engine.sites import Hooks, recorder_for, reweighting
@@ -83,6 +84,8 @@ class _Run:
         self.total_steps = None
         self.att_steps: set[int] = set()
         self.att_now = False
+        self.maps_now = False  # a recorded step: maps of every kind (attention, concepts, ...)
+        self.extra: dict[str, ExtraMaps] = {}  # "concepts", "image_to_text" (engine/joint.py)
         self.rows = None
         self.n_tokens = None
         self.token_count_seen = None
@@ -157,7 +160,8 @@ class _Run:
             self.warned_double = True
             warnings.warn("sdlens: the UNet was called more than once before a scheduler step; "
                           "noise and attention are recorded from the last call", stacklevel=2)
-        self.att_now = "attention" in self.opts.record and self.step in self.att_steps
+        self.maps_now = self.step in self.att_steps
+        self.att_now = "attention" in self.opts.record and self.maps_now
         if self.half != "uncond":  # the text call's maps stay when the uncond call follows
             self.pending_att = {}
 
@@ -334,6 +338,9 @@ class _Run:
                 if layer not in self.skipped:
                     self.att[layer].append(self._host(t, t.dtype, owned=True))
             self.att_rec_steps.append(self.step)
+        if self.maps_now:
+            for sink in self.extra.values():
+                sink.end_step()
         if self.n_nets:
             blocks = next(iter(self.pending_control.values())).shape[1] if self.pending_control \
                 else None
@@ -345,7 +352,7 @@ class _Run:
                 self.control.append(None)
             self.pending_control = {}
         self.pending_att = {}
-        self.att_now = False
+        self.att_now = self.maps_now = False
         self.unet_calls_this_step = 0
         self.last = {"step": self.step, "timestep": timestep, "sigma": sigma, "sample": sample,
                      "noise": model_output, "x0": x0, "prev_sample": prev_sample}
@@ -429,7 +436,8 @@ class _Run:
             attention=maps, guidance_scale=self.guidance_scale, do_cfg=self.layout == "cfg",
             meta=self.meta(), images=_output_images(self.pipe, output), pipeline=self.pipe,
             extra_info={"text_segments": self.segments} if self.segments is not None else None,
-            extra_tensors=extra or None, **recorded)
+            extra_tensors=extra or None,
+            **{kind: sink.build() for kind, sink in self.extra.items()}, **recorded)
 
     def meta(self) -> dict:
         pipe, p = self.pipe, self.params
@@ -563,6 +571,7 @@ class _Session:
         self.options = options
         self.tokens = tokens  # the user's token strings for prompt_embeds calls
         self.adapter = check_pipeline(pipe)
+        check_joint_options(self.adapter, options)
         self.layers = self.adapter.sites()
         self.selected_layers = list(self.layers)
         self.orig_cls = type(pipe)
@@ -632,11 +641,17 @@ class _Session:
 
         try:
             with Hooks() as hooks:
-                hooks.wrap_sites(denoiser, self.layers,
-                                 observers=[recorder_for(adapter.attention_kind, run,
-                                                         adapter.joint_order)])
+                observers = [recorder_for(adapter.attention_kind, run, adapter.joint_order)]
+                if "image_to_text" in self.options.record:
+                    run.extra["image_to_text"] = ExtraMaps(run, "image_to_text")
+                    observers.append(ImageToTextRecorder(run.extra["image_to_text"]))
+                hooks.wrap_sites(denoiser, self.layers, observers=observers)
                 hooks.forward_pre_hook(denoiser, before, with_kwargs=True)
                 hooks.forward_hook(denoiser, after, with_kwargs=True)
+                if self.options.concepts:  # after `before`: its blocks see this step's state
+                    run.extra["concepts"] = ExtraMaps(run, "concepts", self.options.concepts)
+                    ConceptPass(adapter, self.options.concepts, run.extra["concepts"],
+                                full).install(hooks)
                 control = getattr(pipe, "controlnet", None)
                 if "controlnet" in self.options.record and control is not None:
                     nets = list(getattr(control, "nets", None) or [control])
@@ -779,7 +794,10 @@ def trace(pipe, options: RecordOptions | None = None, tokens=None, **kwargs):
             or not; with or without a tokenizer). Other pipelines raise TypeError naming the
             supported ones.
         options: a :class:`RecordOptions`; keyword arguments (``record``, ``layers``, ``steps``,
-            ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``) override its fields.
+            ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``, ``concepts``)
+            override its fields. ``concepts=["circle", "background"]`` (SD3 / SD3.5) records
+            concept maps (:mod:`sdlens.engine.joint`, ``trace.concepts``); other backbones raise
+            TypeError.
         tokens: for calls made with ``prompt_embeds`` (and no ``prompt``): the token strings
             the embeddings were made from, position by position (``["<|startoftext|>", "a</w>",
             "red</w>", ...]``; plain words without ``</w>`` are one word each), one list for
@@ -835,13 +853,15 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
         negative_prompt: a negative prompt (or one per prompt).
         height, width: image size in pixels (None: the model's default).
         options: a :class:`RecordOptions`.
-        reweight: ``{word: weight}`` scales those words' cross-attention (prompt-to-prompt's
-            equalizer, see :func:`sdlens.engine.sites.reweighting`); ``reweight_steps``:
+        reweight: ``{word: weight}`` scales those words' attention (prompt-to-prompt's
+            equalizer; cross- or joint attention, see :func:`sdlens.engine.sites.reweighting`);
+            ``reweight_steps``:
             ``(start, end)`` step range (None: every step). The weights are recorded in
             ``meta["reweight"]``.
         **kwargs: RecordOptions fields (``record``, ``layers``, ``steps`` is the step count here,
             use ``attention_steps`` for RecordOptions.steps, ``heads``, ``keep_padding``,
-            ``max_bytes``, ``attention_dtype``); everything else goes to the pipeline call
+            ``max_bytes``, ``attention_dtype``, ``concepts``); everything else goes to the
+            pipeline call
             (``num_images_per_prompt``, ``image``, ``mask_image``, ``strength``,
             ``prompt_embeds``, ``ip_adapter_image_embeds``, ...).
         tokens: the token strings of ``prompt_embeds`` (see :func:`trace`).

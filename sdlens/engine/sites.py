@@ -603,18 +603,7 @@ class Reweight:
         probs, value = attention_probabilities(
             attn, hidden_states, call.encoder_hidden_states, call.attention_mask, call.temb,
             rows=rows, with_values=True)  # (n, heads, HW, K), (n, heads, K, d)
-        pos = torch.tensor(self.positions, device=probs.device)
-        pos = pos[pos < probs.shape[-1]]
-        f = (self.factors.to(probs.device)[:, pos] - 1.0)  # (n, P)
-        weighted = probs[..., pos] * f[:, None, None, :]  # (n, heads, HW, P)
-        delta = torch.matmul(weighted, value.float()[:, :, pos, :])  # (n, heads, HW, d)
-        delta = rearrange(delta, "n heads l d -> n l (heads d)")
-        proj = attn.to_out[0]
-        if isinstance(proj, torch.nn.Linear) and type(proj) is torch.nn.Linear:
-            delta = F.linear(delta.to(proj.weight.dtype), proj.weight)
-        else:  # LoRA and other wrappers: linear, so f(x) - f(0) is the bias-free part
-            d = delta.to(out.dtype)
-            delta = proj(d) - proj(torch.zeros_like(d[:, :1]))
+        delta = self._delta(attn, probs, value, out)
         if hidden_states.ndim == 4:
             delta = rearrange(delta, "n (h w) c -> n c h w", h=out.shape[2])
         delta = (delta / attn.rescale_output_factor).to(out.dtype)
@@ -623,11 +612,66 @@ class Reweight:
         full[rows] = delta
         return full
 
+    def _delta(self, attn, probs: torch.Tensor, value: torch.Tensor,
+               out: torch.Tensor) -> torch.Tensor:
+        """``to_out[0]`` without its bias of ``((w - 1) * P) V`` over the reweighted positions:
+        probs (n, heads, HW, K), value (n, heads, K, d) -> (n, HW, C)."""
+        pos = torch.tensor(self.positions, device=probs.device)
+        pos = pos[pos < probs.shape[-1]]
+        f = (self.factors.to(probs.device)[:, pos] - 1.0)  # (n, P)
+        weighted = probs[..., pos] * f[:, None, None, :]  # (n, heads, HW, P)
+        delta = torch.matmul(weighted, value.float()[:, :, pos, :])  # (n, heads, HW, d)
+        delta = rearrange(delta, "n heads l d -> n l (heads d)")
+        proj = attn.to_out[0]
+        if isinstance(proj, torch.nn.Linear) and type(proj) is torch.nn.Linear:
+            return F.linear(delta.to(proj.weight.dtype), proj.weight)
+        # LoRA and other wrappers: linear, so f(x) - f(0) is the bias-free part
+        d = delta.to(out.dtype)
+        return proj(d) - proj(torch.zeros_like(d[:, :1]))
+
     def describe(self, weights: Mapping[Any, float]) -> dict:
         """What was steered, for ``trace.meta["reweight"]``."""
         return {"weights": {str(k): float(v) for k, v in weights.items()},
                 "steps": list(self.steps) if self.steps else None,
                 "positions": self.positions, "renormalised": False}
+
+
+class JointReweight(Reweight):
+    """Editor: :class:`Reweight` on a joint-attention site (SD3's MMDiT, ``JointAttnProcessor2_0``).
+
+    The image queries' probabilities ``P`` on the chosen text tokens (the text columns of joint
+    attention's one softmax over [image; text] keys,
+    :meth:`JointAttentionRecorder.text_probabilities`) are multiplied by the weights, and, as for
+    the UNet's cross-attention, not renormalised: the image stream's output gets
+    ``to_out(((w - 1) * P) V_text)`` (``V_text``: ``add_v_proj`` of the text tokens; the output
+    projection without its bias). The image keys' columns, the text stream's output and the
+    unconditional half are untouched; a weight of exactly 1 adds an exact zero.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._joint = JointAttentionRecorder(sink=None)
+
+    def edit(self, attn, layer: str, call: SiteCall, out):
+        ehs = call.encoder_hidden_states
+        if not torch.is_tensor(ehs) or not self.positions or not self.active():
+            return out
+        image = out[0] if isinstance(out, tuple) else out  # (image, text) outputs
+        image = image + self._joint_correction(attn, call.hidden_states, ehs, image)
+        return (image,) + tuple(out[1:]) if isinstance(out, tuple) else image
+
+    @torch.no_grad()
+    def _joint_correction(self, attn, hs: torch.Tensor, ehs: torch.Tensor,
+                          out: torch.Tensor) -> torch.Tensor:
+        rows = self._rows(hs.shape[0])
+        probs = self._joint.text_probabilities(attn, hs[rows], ehs[rows])  # (n, heads, T, HW)
+        value = rearrange(attn.add_v_proj(ehs[rows]), "n t (heads d) -> n heads t d",
+                          heads=attn.heads)
+        delta = self._delta(attn, probs.transpose(-1, -2), value, out).to(out.dtype)
+        self.calls += 1
+        full = torch.zeros_like(out)
+        full[rows] = delta
+        return full
 
 
 def reweight_factors(pipe, prompts: Sequence[str], weights: Mapping[Any, float]
@@ -653,8 +697,9 @@ def reweight_factors(pipe, prompts: Sequence[str], weights: Mapping[Any, float]
 @contextlib.contextmanager
 def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float], steps=None,
                 num_images_per_prompt: int = 1) -> Iterator[Reweight]:
-    """Install the equalizer on every cross-attention site of ``pipe`` for the pipeline calls
-    in the ``with`` block (restored on exit, also on errors). Yields the :class:`Reweight`.
+    """Install the equalizer on every attention site of ``pipe`` (cross-attention:
+    :class:`Reweight`; joint attention: :class:`JointReweight`) for the pipeline calls in the
+    ``with`` block (restored on exit, also on errors). Yields the editor.
 
     Args:
         prompt: the prompt(s) of the call (to find the words' token positions).
@@ -667,13 +712,19 @@ def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
     adapter = adapter_for(pipe)
-    if adapter.attention_kind != "cross":
-        raise TypeError(f"token reweighting works on cross-attention backbones (the UNet "
-                        f"models); {type(pipe).__name__}'s {adapter.attention_kind} attention is "
-                        "not supported yet")
+    editors = {"cross": Reweight, "joint": JointReweight}
+    if adapter.attention_kind not in editors:
+        raise TypeError(f"token reweighting works on cross- and joint-attention backbones; "
+                        f"{type(pipe).__name__}'s {adapter.attention_kind} attention is not "
+                        "supported yet")
     factors, positions = reweight_factors(pipe, prompts, weights)
-    editor = Reweight(factors, positions, step_window(steps), pipe=pipe)
+    editor = editors[adapter.attention_kind](factors, positions, step_window(steps), pipe=pipe)
+
+    def count_step(module, args, kwargs):
+        if not adapter.auxiliary_call(args, kwargs):  # SD3.5's skip-layer call is no step
+            editor.count_step(module, args, kwargs)
+
     with Hooks() as hooks:
         hooks.wrap_sites(adapter.denoiser, adapter.sites(), editors=[editor])
-        hooks.forward_pre_hook(adapter.denoiser, editor.count_step, with_kwargs=True)
+        hooks.forward_pre_hook(adapter.denoiser, count_step, with_kwargs=True)
         yield editor

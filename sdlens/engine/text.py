@@ -13,7 +13,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from sdlens.analysis.tokens import (SPECIAL, no_word_error, token_strings, tokenize,
-                                    tokenizer_of, word_matches, words_from_tokens)
+                                    tokenize_segments, tokenizer_of, word_matches,
+                                    words_from_tokens)
 from sdlens.engine.arch import BackboneAdapter, adapter_for
 
 
@@ -52,15 +53,22 @@ def word_positions(pipe, prompt: str, word: Any, params: dict | None = None) -> 
     """Positions on the text axis of every occurrence of ``word`` (a word of the prompt, several
     consecutive words, or an int position of a prompt token) in ``prompt``; ValueError listing
     the prompt's words for a word that is not there."""
-    axis = text_axis(pipe, prompt, params)
+    adapter = adapter_for(pipe)
+    parts = adapter.text_parts({**call_defaults(pipe), **(params or {})})
+    if parts is not None:  # several text encoders (SD3): a word's positions in every segment
+        view = tokenize_segments(prompt, parts)
+        tokens, words, cut = view.tokens, view.words, view.truncated_words
+    else:
+        axis = text_axis(pipe, prompt, params, adapter)
+        tokens, cut = axis.tokens, axis.truncated_words
+        words = words_from_tokens(axis.tokens, prompt)
     if isinstance(word, (int, np.integer)) and not isinstance(word, bool):
-        inside = [p for p, t in enumerate(axis.tokens) if t not in SPECIAL]
+        inside = [p for p, t in enumerate(tokens) if t not in SPECIAL]
         if int(word) not in inside:
             span = f"{inside[0]}..{inside[-1]}" if inside else "(none)"
             raise ValueError(f"token position {word} is outside the prompt's tokens {span}")
         return [int(word)]
-    words = words_from_tokens(axis.tokens, prompt)
     matches = word_matches(words, str(word))
     if not matches:
-        raise no_word_error(words, str(word), axis.truncated_words, f"the prompt {prompt!r}")
+        raise no_word_error(words, str(word), cut, f"the prompt {prompt!r}")
     return [p for w in matches for p in w.positions]

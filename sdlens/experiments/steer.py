@@ -11,6 +11,9 @@ Reweighting is prompt-to-prompt's equalizer (:class:`sdlens.engine.sites.Reweigh
 engine's editor that ``sdlens.generate(reweight=...)`` installs): the attention probabilities of
 the chosen tokens in every cross-attention layer are multiplied by the weight, in the text half of
 the batch, at the chosen steps; rows are **not renormalised**. A weight of 1.0 is an exact no-op.
+On joint attention (SD3 / SD3.5: :class:`sdlens.engine.sites.JointReweight`) the image queries'
+probabilities on the chosen text tokens are scaled the same way (the image keys' columns and the
+text stream untouched), the word found in CLIP's and T5's segments alike.
 The traces record the model's attention probabilities *before* the equalizer (the steered
 attention is those maps times the weights at the steered steps); ``trace.meta["reweight"]`` says
 what was steered.
@@ -24,10 +27,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from sdlens.analysis.tokens import Word, available, tokenize, word_matches
+from sdlens.analysis.tokens import Word, available, tokenize, tokenize_segments, word_matches
+from sdlens.engine.arch import adapter_for
 from sdlens.engine.batch import Batch, Cell, batch_record_options, run_batch
 from sdlens.engine.session import generate
 from sdlens.engine.sites import Hooks
+from sdlens.engine.text import call_defaults
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +196,10 @@ def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
     """
     if mode not in ("remove", "pad"):
         raise ValueError(f"mode must be 'remove' or 'pad', got {mode!r}")
-    all_words = tokenize(prompt, pipe).words
+    parts = adapter_for(pipe).text_parts({**call_defaults(pipe), **pipe_kwargs})
+    # several text encoders (SD3): a word's positions in every segment (CLIP's and T5's)
+    all_words = (tokenize_segments(prompt, parts) if parts is not None
+                 else tokenize(prompt, pipe)).words
     if words is None:
         chosen = [w for w in all_words if not w.is_punctuation]
     else:
@@ -218,7 +226,7 @@ def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
         cells = [Cell((k,), p, None, int(steps), g, int(seed)) for k, (_, p, _) in enumerate(chunk)]
         batch = Batch(cells, None, int(steps), g > 1)
         with Hooks() as hooks:
-            pads = _pad_hooks(hooks, pipe, prompt, [r or [] for _, _, r in chunk]) \
+            pads = _pad_hooks(hooks, pipe, prompt, [r or [] for _, _, r in chunk], parts) \
                 if mode == "pad" else []
             imgs, trs = run_batch(pipe, batch, negative_prompt, None, None, pipe_kwargs, record_opts)
             if not all(p.applied for p in pads):
@@ -233,20 +241,37 @@ def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
                         base_trace, traces if record_opts is not None else {})
 
 
-def _pad_hooks(hooks: Hooks, pipe, prompt: str, rows: list[list[int]]) -> list[_PadEmbeddings]:
-    """Install a :class:`_PadEmbeddings` on the token embeddings of every text encoder."""
+def _pad_hooks(hooks: Hooks, pipe, prompt: str, rows: list[list[int]],
+               parts: list | None = None) -> list[_PadEmbeddings]:
+    """Install a :class:`_PadEmbeddings` on the token embeddings of every text encoder (``parts``:
+    the text segments of several encoders, :meth:`BackboneAdapter.text_parts`: SD3's CLIP-L and
+    CLIP-G see positions 0..76, T5 its own from 77 on)."""
     pads = []
     convert = getattr(pipe, "maybe_convert_prompt", None)  # as the pipeline encodes it
-    for tok_name, enc_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+    segments = {"clip": (0, None)}
+    start = 0
+    for name, _, length in parts or ():
+        segments[name] = (start, int(length))
+        start += int(length)
+    for tok_name, enc_name, segment in (("tokenizer", "text_encoder", "clip"),
+                                        ("tokenizer_2", "text_encoder_2", "clip"),
+                                        ("tokenizer_3", "text_encoder_3", "t5")):
         tok, enc = getattr(pipe, tok_name, None), getattr(pipe, enc_name, None)
-        if tok is None or enc is None:
+        if tok is None or enc is None or segment not in segments:
             continue
+        first, length = segments[segment]
         text = convert(prompt, tok) if callable(convert) else prompt
-        ids = tok(text, padding="max_length", max_length=tok.model_max_length,
+        ids = tok(text, padding="max_length", max_length=length or tok.model_max_length,
                   truncation=True, return_tensors="pt").input_ids[0]
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        pad = _PadEmbeddings(ids, int(pad_id), rows)
-        hooks.forward_hook(enc.get_input_embeddings(), pad)
+        own = [[p - first for p in r if 0 <= p - first < len(ids)] for r in rows]
+        pad = _PadEmbeddings(ids, int(pad_id), own)
+        table = enc.get_input_embeddings()
+        # the module the encoder calls may be another holding the same (tied) table: T5's
+        # ``encoder.embed_tokens`` beside ``shared``
+        for module in {id(m): m for m in enc.modules()
+                       if m is table or getattr(m, "weight", None) is table.weight}.values():
+            hooks.forward_hook(module, pad)
         pads.append(pad)
     if not pads:
         raise TypeError(f"{type(pipe).__name__} has no text encoder to ablate words in")

@@ -25,6 +25,11 @@ about twice as many for Heun / KDPM2, whose every step calls the UNet twice):
 ``attention``               AttentionMaps, per layer              :class:`~sdlens.trace.maps.AttentionMaps`;
                             (steps', batch, tokens, h, w)         steps' = its recorded steps; heads kept:
                                                                   (steps', batch, heads, tokens, h, w)
+``concepts``                ConceptMaps, per layer or None        concept maps (``concepts=[...]``, joint
+                            (steps', batch, concepts, h, w)       attention): a softmax over the concepts
+``image_to_text``           AttentionMaps, per layer or None      (``record`` "image_to_text", joint
+                            (steps', batch, tokens, h, w)         attention) each text token's attention
+                                                                  to each image patch
 ``guidance_scale``          float; ``do_cfg``: bool
 ``prediction_type``         str                                   what ``noise`` holds: epsilon,
                                                                   v_prediction, sample or flow (velocity)
@@ -41,7 +46,9 @@ Tensors that were not recorded (``RecordOptions.record``) are None. Every trace 
 :mod:`sdlens.trace.ops` (select batch items, slice or join steps, replace fields) build on it.
 
 File format (one file, no pickle): a safetensors file whose tensors are ``latents``, ``noise``,
-..., ``attention/<layer>`` and ``images/<i>`` (PNG bytes as uint8), and whose ``__metadata__``
+..., ``attention/<layer>`` (``concepts/<layer>``, ``image_to_text/<layer>`` where recorded: the
+JSON keys ``concepts`` / ``image_to_text`` are absent otherwise, as in files written before
+them) and ``images/<i>`` (PNG bytes as uint8), and whose ``__metadata__``
 holds ``format = "sdlens.trace"``, ``format_version`` and ``sdlens`` (a JSON document with
 everything else). Loading reads only the header; tensors are read on first access.
 :meth:`Trace.to_bytes` / :meth:`Trace.from_bytes` are the same file in memory.
@@ -60,7 +67,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from sdlens.trace.maps import AttentionMaps
+from sdlens.trace.maps import AttentionMaps, ConceptMaps
 
 FORMAT = "sdlens.trace"
 FORMAT_VERSION = 1
@@ -90,6 +97,8 @@ class Trace:
         self._images = images
         self._pipeline_ref = weakref.ref(pipeline) if pipeline is not None else None
         self._attention: AttentionMaps | None = None
+        self._concepts: ConceptMaps | None = None
+        self._image_to_text: AttentionMaps | None = None
         self._source = source
         self._runs: list[Trace] | None = None
 
@@ -101,12 +110,16 @@ class Trace:
               noise: torch.Tensor | None = None, x0: torch.Tensor | None = None,
               attention: AttentionMaps | None = None, guidance_scale: float, do_cfg: bool,
               meta: dict, images: list | Callable[[], list] = (), pipeline=None,
-              extra_tensors: dict | None = None, extra_info: dict | None = None) -> "Trace":
+              extra_tensors: dict | None = None, extra_info: dict | None = None,
+              concepts: ConceptMaps | None = None,
+              image_to_text: AttentionMaps | None = None) -> "Trace":
         """THE constructor of a trace from the contract's fields (module docstring), shapes
         checked (ValueError names the field): with ``steps = len(timesteps)`` and ``batch =
         len(prompts)``, ``sigmas`` (steps,), ``latents`` (steps+1, batch, C, h, w), ``noise*`` /
         ``x0`` (steps, batch, C, h, w), each layer of ``attention`` (len(attention.steps), batch,
-        [heads,] len(attention.token_positions), h, w) with its recorded steps in 0..steps-1.
+        [heads,] len(attention.token_positions), h, w) with its recorded steps in 0..steps-1;
+        ``image_to_text`` likewise, ``concepts`` (len(concepts.steps), batch,
+        len(concepts.concepts), h, w) (both optional: joint-attention models only).
 
         ``images`` may be a zero-argument callable (read on first access) and the maps of
         ``attention`` may be unloaded (checked when loaded). ``extra_tensors`` (name -> tensor or
@@ -125,41 +138,31 @@ class Trace:
         for name, t in (("noise_uncond", noise_uncond), ("noise_text", noise_text),
                         ("noise", noise), ("x0", x0)):
             tensors[name] = _checked(name, t, (steps, batch), 5)
-        att_info = None
-        if attention is not None:
-            if any(not 0 <= s < steps for s in attention.steps):
-                raise ValueError(f"Trace.build: attention steps {attention.steps} are not all in "
-                                 f"0..{steps - 1}")
-            lead = (len(attention.steps), batch) + ((None,) if attention.heads else ())
-            resolutions = attention.resolutions
-            for layer in attention.layers:
-                src = attention.source(layer)
-                if torch.is_tensor(src):
-                    _checked(f"attention[{layer!r}]", src, lead + (
-                        len(attention.token_positions),) + resolutions[layer])
-                tensors[f"attention/{layer}"] = src
-            att_info = {"layers": list(attention.layers),
-                        "resolutions": {l: list(r) for l, r in attention.resolutions.items()},
-                        "steps": list(attention.steps),
-                        "token_positions": list(attention.token_positions),
-                        "heads": attention.heads, "dtype": attention.dtype}
+        maps_info = {kind: _maps_info(kind, maps, steps, batch, tensors)
+                     for kind, maps in (("attention", attention), ("concepts", concepts),
+                                        ("image_to_text", image_to_text))}
+        if maps_info["concepts"] is not None:
+            maps_info["concepts"]["concepts"] = list(concepts.concepts)
         tensors.update(extra_tensors or {})
         info = {"prompts": list(prompts), "negative_prompts": list(negative_prompts),
                 "token_ids": [list(t) for t in token_ids], "tokens": [list(t) for t in tokens],
                 "truncated_words": [list(t) for t in truncated_words],
                 "guidance_scale": float(guidance_scale), "do_cfg": bool(do_cfg),
-                "num_steps": steps, "attention": att_info, "meta": meta, **(extra_info or {})}
+                "num_steps": steps, "attention": maps_info["attention"], "meta": meta,
+                # optional (joint attention only): absent from files that have none
+                **{k: v for k, v in maps_info.items() if k != "attention" and v is not None},
+                **(extra_info or {})}
         return cls(tensors, info, images if callable(images) else list(images), pipeline)
 
     def fields(self) -> dict:
         """The keyword arguments of :meth:`build` that make this trace again (tensors are read;
         attention maps and images stay unloaded; ``meta`` is a copy)."""
         info = self._require()
-        extra_tensors = {k: v for k, v in self._tensors.items()
-                         if k not in _TENSOR_FIELDS and not k.startswith(("attention/", "images/"))}
+        extra_tensors = {k: v for k, v in self._tensors.items() if k not in _TENSOR_FIELDS
+                         and not k.startswith(tuple(f"{m}/" for m in _MAPS + ("images",)))}
         images = self._images
-        return {**{k: getattr(self, k) for k in _INFO_FIELDS + _TENSOR_FIELDS},
-                "attention": self.attention, "meta": self.meta,
+        return {**{k: getattr(self, k) for k in _INFO_FIELDS + _TENSOR_FIELDS + _MAPS},
+                "meta": self.meta,
                 "images": images if callable(images) else list(images or []),
                 "pipeline": self.pipeline, "extra_tensors": extra_tensors,
                 "extra_info": {k: v for k, v in info.items() if k not in _BUILT_KEYS}}
@@ -176,6 +179,7 @@ class Trace:
         self._tensors, self._cache, self._info = other._tensors, other._cache, other._info
         self._images, self._pipeline_ref = other._images, other._pipeline_ref
         self._attention, self._source = other._attention, other._source
+        self._concepts, self._image_to_text = other._concepts, other._image_to_text
 
     def _tensor(self, name: str) -> torch.Tensor | None:
         self._require()
@@ -273,6 +277,44 @@ class Trace:
                 family=info.get("meta", {}).get("family"), dtype=att.get("dtype"),
                 n_steps=len(self.timesteps), segments=info.get("text_segments"))
         return self._attention
+
+    @property
+    def concepts(self) -> ConceptMaps | None:
+        """Concept maps (``sdlens.trace(pipe, concepts=[...])``; ConceptAttention's method,
+        :mod:`sdlens.engine.joint`): per site (steps, batch, concepts, h, w), each patch's
+        softmax over the concepts; None when no concepts were given."""
+        info = self._require()
+        c = info.get("concepts")
+        if c is None:
+            return None
+        if self._concepts is None:
+            self._concepts = ConceptMaps(
+                {l: self._tensors[f"concepts/{l}"] for l in c["layers"]},
+                {l: tuple(r) for l, r in c["resolutions"].items()}, c["steps"], c["concepts"],
+                family=info.get("meta", {}).get("family"), dtype=c.get("dtype"),
+                n_steps=len(self.timesteps))
+        return self._concepts
+
+    @property
+    def image_to_text(self) -> AttentionMaps | None:
+        """Image->text maps (``record`` with ``"image_to_text"``, joint attention only): per
+        site (steps, batch, tokens, h, w), each text token's attention to each image patch (its
+        query's softmax over [image; text] keys, the image columns: a token's map sums to its
+        image share); tokens, words and selectors as :attr:`attention`'s. None when not
+        recorded."""
+        info = self._require()
+        m = info.get("image_to_text")
+        if m is None:
+            return None
+        if self._image_to_text is None:
+            self._image_to_text = AttentionMaps(
+                {l: self._tensors[f"image_to_text/{l}"] for l in m["layers"]},
+                {l: tuple(r) for l, r in m["resolutions"].items()}, m["steps"],
+                m["token_positions"], m["heads"],
+                info["tokens"] if info.get("tokens") and all(info["tokens"]) else None,
+                family=info.get("meta", {}).get("family"), dtype=m.get("dtype"),
+                n_steps=len(self.timesteps), segments=info.get("text_segments"))
+        return self._image_to_text
 
     @property
     def text_segments(self) -> list[list[dict]] | None:
@@ -417,7 +459,30 @@ class Trace:
 _INFO_FIELDS = ("prompts", "negative_prompts", "token_ids", "tokens", "truncated_words",
                 "guidance_scale", "do_cfg")
 _TENSOR_FIELDS = ("timesteps", "sigmas", "latents", "noise_uncond", "noise_text", "noise", "x0")
-_BUILT_KEYS = set(_INFO_FIELDS) | {"num_steps", "attention", "meta"}
+_MAPS = ("attention", "concepts", "image_to_text")  # maps by site: tensors "<kind>/<layer>"
+_BUILT_KEYS = set(_INFO_FIELDS) | set(_MAPS) | {"num_steps", "meta"}
+
+
+def _maps_info(kind: str, maps: AttentionMaps | None, steps: int, batch: int,
+               tensors: dict) -> dict | None:
+    """The JSON entry of one kind of maps (None: none), their tensors put in ``tensors`` as
+    ``<kind>/<layer>``, shapes checked."""
+    if maps is None:
+        return None
+    if any(not 0 <= s < steps for s in maps.steps):
+        raise ValueError(f"Trace.build: {kind} steps {maps.steps} are not all in 0..{steps - 1}")
+    lead = (len(maps.steps), batch) + ((None,) if maps.heads else ())
+    resolutions = maps.resolutions
+    for layer in maps.layers:
+        src = maps.source(layer)
+        if torch.is_tensor(src):
+            _checked(f"{kind}[{layer!r}]", src,
+                     lead + (len(maps.token_positions),) + resolutions[layer])
+        tensors[f"{kind}/{layer}"] = src
+    return {"layers": list(maps.layers),
+            "resolutions": {l: list(r) for l, r in maps.resolutions.items()},
+            "steps": list(maps.steps), "token_positions": list(maps.token_positions),
+            "heads": maps.heads, "dtype": maps.dtype}
 
 
 def _checked(name: str, t, lead: tuple, ndim: int | None = None):

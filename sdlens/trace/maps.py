@@ -218,12 +218,20 @@ class AttentionMaps:
         their module paths; indexing it gives their maps. ValueError for unknown names (the
         message lists the available layers)."""
         chosen = self.names(layers)
-        sub = AttentionMaps({l: self._tensors[l] for l in chosen},
-                            {l: self._resolutions[l] for l in chosen}, self.steps,
-                            self.token_positions, self.heads, self.tokens, family=self.family,
-                            dtype=self._dtype, n_steps=self.n_steps, segments=self.segments)
+        sub = self.like({l: self._tensors[l] for l in chosen})
         sub._cache = self._cache  # share loaded tensors
         return sub
+
+    def like(self, tensors: Mapping[str, torch.Tensor | Callable[[], torch.Tensor]],
+             steps: Sequence[int] | None = None,
+             token_positions: Sequence[int] | None = None) -> "AttentionMaps":
+        """Maps of the same kind and naming over other tensors (or loaders) of some of these
+        layers, optionally at other recorded steps or token positions."""
+        return AttentionMaps(tensors, {l: self._resolutions[l] for l in tensors},
+                             self.steps if steps is None else steps,
+                             self.token_positions if token_positions is None else token_positions,
+                             self.heads, self.tokens, family=self.family, dtype=self._dtype,
+                             n_steps=self.n_steps, segments=self.segments)
 
     def _one(self, layer: str) -> str:
         chosen = self.names(layer)
@@ -298,3 +306,51 @@ class AttentionMaps:
         if step is not None:
             t = t[self.step_position(step)]
         return t
+
+
+class ConceptMaps(AttentionMaps):
+    """Concept maps (ConceptAttention's, :mod:`sdlens.engine.joint`): per recorded site and step,
+    each image patch's softmax over the concepts named at trace time::
+
+        maps[layer]     (steps, batch, concepts, h, w)     sums to 1 over the concepts axis
+
+    Layers, aliases, resolutions and steps are read as :class:`AttentionMaps`'; the concepts axis
+    runs over :attr:`concepts` (the tokens axis of the attention maps; ``token_positions`` are
+    ``0 .. len(concepts) - 1``), and ``get(layer, token="circle")`` / :meth:`token_index` take a
+    concept's name.
+    """
+
+    def __init__(self, tensors, resolutions, steps, concepts: Sequence[str],
+                 family: str | None = None, dtype: str | None = None,
+                 n_steps: int | None = None):
+        super().__init__(tensors, resolutions, steps, range(len(concepts)), heads=False,
+                         family=family, dtype=dtype, n_steps=n_steps)
+        self.concepts: list[str] = [str(c) for c in concepts]
+
+    def __repr__(self) -> str:
+        res = sorted({self._resolutions[l] for l in self.layers}, reverse=True)
+        return (f"ConceptMaps({len(self.layers)} layers at {res}, {len(self.steps)} steps, "
+                f"concepts {self.concepts})")
+
+    def like(self, tensors, steps=None, token_positions=None) -> "ConceptMaps":
+        if token_positions is not None and list(token_positions) != self.token_positions:
+            raise ValueError("concept maps keep every concept")
+        return ConceptMaps(tensors, {l: self._resolutions[l] for l in tensors},
+                           self.steps if steps is None else steps, self.concepts,
+                           family=self.family, dtype=self._dtype, n_steps=self.n_steps)
+
+    def concept_index(self, concept: str) -> int:
+        """Index of ``concept`` along the concepts axis (its name as given at trace time, case
+        and surrounding spaces ignored); ValueError listing the recorded concepts."""
+        key = str(concept).strip().lower()
+        for i, c in enumerate(self.concepts):
+            if c.strip().lower() == key:
+                return i
+        raise ValueError(f"no concept {concept!r} was recorded; recorded concepts: "
+                         f"{', '.join(map(repr, self.concepts))}")
+
+    def token_index(self, token: int | str, batch: int = 0, occurrence: int = 0) -> list[int]:
+        """``[index]`` of a concept (its name, or its index along the concepts axis)."""
+        if isinstance(token, str):
+            return [self.concept_index(token)]
+        return super().token_index(token, batch, occurrence)

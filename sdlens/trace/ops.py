@@ -14,7 +14,6 @@ from typing import Sequence
 import torch
 
 from sdlens.trace.core import Trace
-from sdlens.trace.maps import AttentionMaps
 
 _PER_ITEM = ("prompts", "negative_prompts", "token_ids", "tokens", "truncated_words")
 _PER_STEP = ("timesteps", "sigmas", "noise_uncond", "noise_text", "noise", "x0")
@@ -30,12 +29,7 @@ def replace(trace: Trace, **changes) -> Trace:
     return Trace.build(**fields)
 
 
-def _maps(maps: AttentionMaps, sources: dict, steps: Sequence[int] | None = None,
-          token_positions: Sequence[int] | None = None) -> AttentionMaps:
-    """``maps`` over new tensors (or loaders), steps or token positions."""
-    return AttentionMaps(sources, maps.resolutions, maps.steps if steps is None else steps,
-                         maps.token_positions if token_positions is None else token_positions,
-                         maps.heads, maps.tokens, family=maps.family, dtype=maps.dtype)
+_MAPS = ("attention", "concepts", "image_to_text")  # maps by site, (steps, batch, ...)
 
 
 def select_batch(trace: Trace, items: int | Sequence[int]) -> Trace:
@@ -57,17 +51,21 @@ def select_batch(trace: Trace, items: int | Sequence[int]) -> Trace:
     for name in _PER_STEP[2:] + ("latents",):
         t = f[name]
         f[name] = None if t is None else t[:, idx]  # advanced indexing: a compact copy
-    maps = f["attention"]
-    if maps is not None:
+    for kind in _MAPS:
+        maps = f[kind]
+        if maps is None:
+            continue
+        if kind == "concepts":  # every concept, whatever the item's prompt
+            f[kind] = maps.like({l: maps[l][:, idx] for l in maps.layers})
+            continue
         keep_padding = bool(f["meta"].get("options", {}).get("keep_padding", False))
         n_tok = len(maps.token_positions)
         own = n_tok if keep_padding else max(
             len(ids) if ids else n_tok for ids in f["token_ids"])
         own = min(own, n_tok)
         tok_axis = 3 if maps.heads else 2
-        f["attention"] = _maps(maps, {l: maps[l].narrow(tok_axis, 0, own)[:, idx]
-                                      for l in maps.layers},
-                               token_positions=maps.token_positions[:own])
+        f[kind] = maps.like({l: maps[l].narrow(tok_axis, 0, own)[:, idx] for l in maps.layers},
+                            token_positions=maps.token_positions[:own])
     images = trace.images
     f["images"] = [images[i] for i in idx] if images else []
     return Trace.build(**f)
@@ -86,15 +84,17 @@ def slice_steps(trace: Trace, start: int, stop: int) -> Trace:
         f[name] = None if t is None else t[start:stop]
     if f["latents"] is not None:
         f["latents"] = f["latents"][start: stop + 1]
-    maps = f["attention"]
-    if maps is not None:
+    for kind in _MAPS:
+        maps = f[kind]
+        if maps is None:
+            continue
         keep = [k for k, s in enumerate(maps.steps) if start <= s < stop]  # steps ascend
         a, b = (keep[0], keep[-1] + 1) if keep else (0, 0)
         if (a, b) == (0, len(maps.steps)):
             sources = {l: maps.source(l) for l in maps.layers}
         else:
-            sources = {l: (lambda l=l: maps[l][a:b]) for l in maps.layers}
-        f["attention"] = _maps(maps, sources, steps=[maps.steps[k] - start for k in keep])
+            sources = {l: (lambda l=l, maps=maps, a=a, b=b: maps[l][a:b]) for l in maps.layers}
+        f[kind] = maps.like(sources, steps=[maps.steps[k] - start for k in keep])
     f["meta"]["step_offset"] = int(f["meta"].get("step_offset", 0)) + start
     if stop < n:
         f["images"] = []

@@ -218,9 +218,15 @@ def test_unsupported_transformer_pipeline_is_a_type_error():
         sdlens.trace(Flux2Pipeline())
 
 
-def test_reweighting_joint_attention_says_it_is_not_supported():
-    with pytest.raises(TypeError, match="joint attention is not supported"):
-        sdlens.generate(pipe_of("sd3"), PROMPT, steps=1, reweight={"red": 2.0})
+def test_generate_reweights_joint_attention():
+    pipe = pipe_of("sd3")
+    plain = sdlens.generate(pipe, PROMPT, steps=2, output_type="latent")
+    same = sdlens.generate(pipe, PROMPT, steps=2, output_type="latent", reweight={"red": 1.0})
+    steered = sdlens.generate(pipe, PROMPT, steps=2, output_type="latent", reweight={"red": 3.0})
+    assert torch.equal(plain.latents, same.latents)
+    assert not torch.equal(plain.latents, steered.latents)
+    first = dict(steps=0, layers="block.0")  # recorded before the first edit
+    assert torch.equal(plain.heatmap("red", **first), steered.heatmap("red", **first))
 
 
 def test_token_view_says_which_encoder_saw_each_token():

@@ -299,3 +299,95 @@ def test_generate_takes_reweight_like_steer_reweight():
         sdlens.generate(pipe, "a red circle", seed=0, steps=2, reweight={"purple": 2.0})
     with pytest.raises(ValueError, match="reweight="):
         sdlens.generate(pipe, "a red circle", seed=0, steps=2, reweight_steps=(0, 1))
+
+
+# ----------------------------------------------------------------------------- joint attention
+@pytest.fixture(scope="module")
+def sd3():
+    return random_pipeline("sd3", seed=0)
+
+
+def test_joint_processor_is_the_equalizer_on_the_text_columns():
+    """On SD3.5's joint attention: the image queries' probabilities on the chosen text tokens
+    (columns of the one softmax over [image; text] keys) times the weights, no renormalisation;
+    the text stream's output is untouched."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+    from sdlens.engine.sites import JointReweight
+
+    attn = random_pipeline("sd35", seed=0).transformer.transformer_blocks[0].attn
+    torch.manual_seed(0)
+    dim = attn.to_q.in_features
+    hs, ehs = torch.randn(4, 16, dim), torch.randn(4, 10, dim)
+    factors = torch.ones(2, 77)
+    factors[0, 2], factors[0, 3], factors[1, 5] = 3.0, 0.25, 0.0
+    editor = JointReweight(factors, [2, 3, 5])
+    with torch.no_grad():
+        got = SiteProcessor(JointAttnProcessor2_0(), "block", editors=[editor])(
+            attn, hs, encoder_hidden_states=ehs)
+        plain = JointAttnProcessor2_0()(attn, hs, encoder_hidden_states=ehs)
+
+        def heads(t):
+            return t.view(4, t.shape[1], attn.heads, -1).transpose(1, 2)
+
+        q = torch.cat([attn.norm_q(heads(attn.to_q(hs))),
+                       attn.norm_added_q(heads(attn.add_q_proj(ehs)))], 2)
+        k = torch.cat([attn.norm_k(heads(attn.to_k(hs))),
+                       attn.norm_added_k(heads(attn.add_k_proj(ehs)))], 2)
+        v = torch.cat([heads(attn.to_v(hs)), heads(attn.add_v_proj(ehs))], 2)
+        probs = (q[:, :, :16] @ k.transpose(-1, -2) * attn.scale).softmax(-1)  # image queries
+        w = torch.cat([torch.ones(2, 10), factors[:, :10]])  # uncond half untouched
+        w = torch.cat([torch.ones(4, 16), w], 1)  # the image keys' columns untouched
+        out = (probs * w[:, None, None, :]) @ v
+        want = attn.to_out[0](out.transpose(1, 2).reshape(4, 16, -1))
+    torch.testing.assert_close(got[0], want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[1], plain[1])  # the text stream's output
+    assert torch.equal(got[0][:2], plain[0][:2])  # the unconditional rows
+    assert (got[0][2:] - plain[0][2:]).abs().max() > 1e-3 and editor.calls == 1
+
+
+def test_joint_reweight_one_is_the_untraced_image_and_other_weights_change_it(sd3):
+    def latents(**kw):
+        return sd3(P, num_inference_steps=2, output_type="latent",
+                   generator=torch.Generator().manual_seed(0), **kw).images
+
+    plain = latents()
+    assert word_positions(sd3, P, "red")[0] == 2 and max(word_positions(sd3, P, "red")) >= 77
+    with reweighting(sd3, P, {"red": 1.0, "square": 1.0}) as state:
+        same = latents()
+    n_blocks = sd3.transformer.config.num_layers
+    assert torch.equal(plain, same) and state.calls == 2 * n_blocks
+    with reweighting(sd3, P, {"red": 4.0}, steps=(1, None)) as state:
+        steered = latents()
+    assert state.calls == n_blocks and (steered - plain).abs().max() > 1e-4
+    procs = sd3.transformer.attn_processors
+    assert not any(isinstance(p, SiteProcessor) for p in procs.values())
+    tr, base = steer.reweight(sd3, P, {"red": 1.0}, seed=0, steps=2, baseline=True)
+    assert torch.equal(tr.latents, base.latents)
+    assert tr.meta["reweight"]["positions"] == word_positions(sd3, P, "red")
+
+
+def test_token_effects_on_sd3(sd3):
+    fx = steer.token_effects(sd3, "a red circle", seed=0, steps=2, words=["red"], record=None)
+    ref = sd3("a circle", generator=torch.Generator().manual_seed(0), num_inference_steps=2,
+              guidance_scale=7.5, output_type="np").images[0]
+    np.testing.assert_allclose(fx.ablated["red"], ref, atol=ATOL, rtol=0)
+    assert fx.effects["red"] > 0
+
+
+def test_pad_ablation_on_sd3_pads_every_encoder(sd3):
+    """SD3's word has CLIP tokens and T5 pieces: "pad" gives them all the padding embedding."""
+    from sdlens.engine.arch import adapter_for
+
+    parts = adapter_for(sd3).text_parts({"max_sequence_length": 256})
+    red = word_positions(sd3, P, "red")
+    with Hooks() as hooks:
+        pads = steer._pad_hooks(hooks, sd3, P, [[], red], parts)
+        embeds = sd3.encode_prompt([P, P], None, None, do_classifier_free_guidance=False)[0]
+    assert len(pads) == 3 and all(p.applied for p in pads)  # CLIP-L, CLIP-G, T5
+    assert pads[2].rows == [[], [p - 77 for p in red if p >= 77]]
+    plain = sd3.encode_prompt(P, None, None, do_classifier_free_guidance=False)[0]
+    torch.testing.assert_close(embeds[:1], plain)
+    for part in (slice(0, 77), slice(77, None)):  # both segments changed
+        assert (embeds[1, part] - plain[0, part]).abs().max() > 1e-4
+    fx = steer.token_effects(sd3, P, seed=0, steps=2, mode="pad", words=["red"], record=None)
+    assert fx.effects["red"] > 0

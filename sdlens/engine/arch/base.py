@@ -9,13 +9,43 @@ guidance lays out the denoiser's batch, and how to hook the denoiser's forward.
 
 A new family (SD3, Flux, PixArt, Sana: transformer denoisers) is one subclass of each, listed in
 ``sdlens.engine.arch.ADAPTERS``.
+
+**The concept pass** (concept maps, ConceptAttention: :mod:`sdlens.engine.joint`) is generic
+except for four methods a joint-attention family provides; the rest (encoding each concept as its
+own prompt and pooling it over its tokens with the Word model, carrying the concept stream from
+block to block, the maps, recording, errors) is :mod:`sdlens.engine.joint`'s:
+
+* :meth:`BackboneAdapter.concept_blocks`: the blocks the concept tokens pass through, in forward
+  order, each with the site its maps are named by (one of ``sites()``; SD3:
+  ``transformer_blocks.N`` and its ``.attn``; Flux: its double-stream blocks, then its
+  single-stream blocks). None (the default) means no concept pass: ``concepts=`` raises
+  TypeError;
+* :meth:`BackboneAdapter.concept_text`: the concepts encoded as prompts, laid out as the
+  denoiser's text input, position ``p`` of the text axis at ``[:, p]`` (the layout
+  ``text_parts`` / ``text_length`` describe, where the Word model finds a concept's tokens;
+  SD3: ``pipe.encode_prompt`` -> ``(C, 77 + T5, 4096)``; Flux: its T5 ``prompt_embeds``), and
+  :meth:`BackboneAdapter.concept_stream`: the pooled vectors as the first block receives text
+  (SD3 and Flux: ``transformer.context_embedder``);
+* :meth:`BackboneAdapter.concept_step`: one block of the concept pass, from the block's forward
+  arguments (its forward pre-hook's ``args`` / ``kwargs``): the concept tokens go through the
+  block's *text-stream* modulation / norms and projections (SD3: ``norm1_context``,
+  ``add_q_proj`` / ``add_k_proj`` / ``add_v_proj``, ``norm_added_q`` / ``norm_added_k``; Flux's
+  single-stream blocks: the block's one norm and ``to_q`` / ``to_k`` / ``to_v``, with the text
+  tokens' rotary embedding), attend to the image keys and the concept keys (never the prompt's
+  text keys; nothing attends to them), and the block's text-stream output path (SD3:
+  ``to_add_out``, gates, ``ff_context``; Flux's single-stream blocks: the block's parallel MLP
+  and ``proj_out``) gives the stream entering the next block. It returns a
+  :class:`ConceptStep`: that stream, and where asked the image tokens' and the concepts' attention
+  outputs (before the output projections: both are mixtures of the same value vectors).
+
+Everything runs on copies beside the block, under ``torch.no_grad``: the image is unchanged.
 """
 
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -81,6 +111,14 @@ class BlockNaming(SiteNaming):
         """The site a key of ``denoiser.attn_processors`` belongs to; None for other attention."""
         site = processor_key[: -len(".processor")] if processor_key.endswith(".processor") else ""
         return site if self.site.match(site) else None
+
+
+class ConceptStep(NamedTuple):
+    """One block of the concept pass (:meth:`BackboneAdapter.concept_step`)."""
+
+    stream: torch.Tensor | None  # (n, C, dim): the concepts entering the next block; None: last
+    image: torch.Tensor | None  # (n, HW, inner): the image tokens' attention outputs, if asked
+    concepts: torch.Tensor | None  # (n, C, inner): the concept tokens' attention outputs, if asked
 
 
 class BackboneAdapter(ABC):
@@ -235,6 +273,29 @@ class BackboneAdapter(ABC):
     def heads(self, site: str) -> int:
         """Attention heads of a site."""
         return int(self.denoiser.get_submodule(site).heads)
+
+    # ---------------------------------------------------------------- concept pass
+    def concept_blocks(self) -> list[tuple[str, torch.nn.Module]] | None:
+        """``(site, block)`` pairs the concept pass runs through, in forward order; None: the
+        backbone has no concept pass (cross-attention backbones: the UNet, PixArt, Sana)."""
+        return None
+
+    def concept_text(self, concepts: list[str], params: dict) -> torch.Tensor:
+        """(C, L, D): each concept encoded as its own prompt by the pipeline's text encoders as
+        the pipeline encodes a prompt of a call with ``params`` (no guidance), laid out as the
+        denoiser's text input (position ``p`` of the text axis at ``[:, p]``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no concept pass")
+
+    def concept_stream(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(n, C, dim): pooled concept vectors (n, C, D) as the first block receives text."""
+        raise NotImplementedError(f"{type(self).__name__} has no concept pass")
+
+    def concept_step(self, block: torch.nn.Module, stream: torch.Tensor, args: tuple,
+                     kwargs: dict, rows: slice, outputs: bool) -> ConceptStep:
+        """One block of the concept pass on batch rows ``rows`` (``stream``: (n, C, dim), the
+        rows' concept tokens entering ``block``; ``args`` / ``kwargs``: the block's forward
+        arguments); ``outputs``: also return the attention outputs the maps are made of."""
+        raise NotImplementedError(f"{type(self).__name__} has no concept pass")
 
     # ---------------------------------------------------------------- guidance layout
     def cfg_rows(self, batch: int) -> dict[str, slice]:

@@ -15,13 +15,23 @@ then T5's ``max_sequence_length`` (256 by default; zeros when ``text_encoder_3``
 the transformer takes the latents as ``hidden_states=`` and returns ``.sample``. SD3.5's
 skip-layer guidance calls the transformer a second time per step on the text half with
 ``skip_layers=``: an auxiliary call (:meth:`MMDiTAdapter.auxiliary_call`), not recorded.
+
+The concept pass (concept maps, :mod:`sdlens.engine.joint`; the seam in
+:mod:`sdlens.engine.arch.base`): every ``JointTransformerBlock`` in order; the concepts are
+encoded with ``pipe.encode_prompt`` (CLIP-L, CLIP-G and T5, as a prompt is), enter through
+``context_embedder``, and at each block take the text stream's path: ``norm1_context`` (AdaLN
+with the block's ``temb``), ``add_q_proj`` / ``add_k_proj`` / ``add_v_proj`` and the added q/k
+norms, attention over the image keys and their own keys, then ``to_add_out``, the gates, and
+``norm2_context`` / ``ff_context``. The last block (``context_pre_only``) has no text output
+path: the stream ends there.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from sdlens.engine.arch.base import BackboneAdapter, BlockNaming
+from sdlens.engine.arch.base import BackboneAdapter, BlockNaming, ConceptStep
 
 
 
@@ -104,3 +114,67 @@ class MMDiTAdapter(BackboneAdapter):
         p = self.patch_size()
         hw = (latent_hw[0] // p, latent_hw[1] // p)
         return {s: hw for s in self._sites}
+
+    # ---------------------------------------------------------------- concept pass
+    def concept_blocks(self) -> list[tuple[str, torch.nn.Module]]:
+        blocks = self.pipe.transformer.transformer_blocks
+        return [(f"transformer_blocks.{i}.attn", b) for i, b in enumerate(blocks)]
+
+    def concept_text(self, concepts: list[str], params: dict) -> torch.Tensor:
+        """``prompt_embeds`` of the concepts as prompts: (C, 77 + max_sequence_length, 4096)."""
+        embeds = self.pipe.encode_prompt(
+            prompt=list(concepts), prompt_2=None, prompt_3=None,
+            device=getattr(self.pipe, "_execution_device", self.denoiser.device),
+            do_classifier_free_guidance=False, clip_skip=params.get("clip_skip"),
+            max_sequence_length=int(params.get("max_sequence_length") or 256))[0]
+        return embeds
+
+    def concept_stream(self, vectors: torch.Tensor) -> torch.Tensor:
+        embedder = self.pipe.transformer.context_embedder
+        return embedder(vectors.to(embedder.weight.dtype))
+
+    def concept_step(self, block, stream: torch.Tensor, args: tuple, kwargs: dict, rows: slice,
+                     outputs: bool) -> ConceptStep:
+        def arg(name: str, i: int):
+            return kwargs[name] if name in kwargs else (args[i] if len(args) > i else None)
+
+        attn = block.attn
+        temb = arg("temb", 2)[rows]
+        norm_hs = block.norm1(arg("hidden_states", 0)[rows], emb=temb)[0]
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (n, L, inner) -> (n, heads, L, d)
+            return t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+        def normed(norm, t: torch.Tensor) -> torch.Tensor:
+            return t if norm is None else norm(t)
+
+        def text_side(x: torch.Tensor):  # the text stream's norm, then its projections
+            if block.context_pre_only:
+                normed_x, mods = block.norm1_context(x, temb), None
+            else:
+                normed_x, *mods = block.norm1_context(x, emb=temb)
+            return (normed(attn.norm_added_q, heads(attn.add_q_proj(normed_x))),
+                    normed(attn.norm_added_k, heads(attn.add_k_proj(normed_x))),
+                    heads(attn.add_v_proj(normed_x)), mods)
+
+        key = normed(attn.norm_k, heads(attn.to_k(norm_hs)))
+        value = heads(attn.to_v(norm_hs))
+        q_c, k_c, v_c, mods = text_side(stream)
+        # the concepts attend to the image and to each other; nothing attends to them
+        out_c = F.scaled_dot_product_attention(q_c, torch.cat([key, k_c], 2),
+                                               torch.cat([value, v_c], 2))
+        out_c = out_c.transpose(1, 2).flatten(2)  # (n, C, inner)
+        image = None
+        if outputs:  # the image tokens' own attention output, as the block computes it
+            _, k_t, v_t, _ = text_side(arg("encoder_hidden_states", 1)[rows])
+            q = normed(attn.norm_q, heads(attn.to_q(norm_hs)))
+            image = F.scaled_dot_product_attention(q, torch.cat([key, k_t], 2),
+                                                   torch.cat([value, v_t], 2))
+            image = image.transpose(1, 2).flatten(2)  # (n, HW, inner)
+        nxt = None
+        if mods is not None:  # JointTransformerBlock's text-stream update
+            gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+            c = stream + gate_msa.unsqueeze(1) * attn.to_add_out(out_c)
+            ff_in = block.norm2_context(c) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+            nxt = c + gate_mlp.unsqueeze(1) * block.ff_context(ff_in)
+        return ConceptStep(nxt, image, out_c if outputs else None)
