@@ -59,6 +59,32 @@ def prediction_type(trace: Any) -> str:
         "prediction_type", "epsilon")
 
 
+#: What the model's prediction (``noise`` / ``noise_text`` / ``noise_uncond``) is, in the words
+#: the views use, per ``Trace.prediction_type``: flow matching predicts a velocity, not noise.
+PREDICTION_LABELS = {"epsilon": "noise", "v_prediction": "v", "sample": "x0", "flow": "velocity",
+                     schedules.FLOW_PREDICTION: "velocity"}
+
+
+def prediction_label(source: Any) -> str:
+    """What the trace's ``noise`` tensors hold, as every view labels them: "noise" (epsilon),
+    "v" (v_prediction), "x0" (sample) or "velocity" (flow: SD3, Flux, Sana's flow schedulers).
+    ``source``: a trace or a prediction type string."""
+    ptype = source if isinstance(source, str) else prediction_type(source)
+    return PREDICTION_LABELS.get(ptype, ptype)
+
+
+def guidance_text(trace: Any) -> str:
+    """How the views name a run's guidance: "CFG 7.5", or "guidance off" for an unguided run.
+
+    The one place for the kind of guidance: a guidance-distilled model (Flux.1) feeds its
+    guidance value to the transformer instead of running an unconditional pass; its trace says
+    so and this is where its label ("guidance 3.5") belongs."""
+    gs = float(getattr(trace, "guidance_scale", float("nan")))
+    if not getattr(trace, "do_cfg", True):
+        return "guidance off"
+    return f"CFG {gs:g}" if not np.isnan(gs) else "CFG ?"
+
+
 def _scheduler(trace: Any):
     """The trace's scheduler, rebuilt from ``meta`` (class name + config), or None."""
     return schedules.rebuild_scheduler(scheduler_class(trace), scheduler_config(trace))

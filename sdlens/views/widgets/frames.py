@@ -3,8 +3,9 @@
 A :class:`TraceFrames` turns a trace into PNG/JPEG bytes that the browser switches between
 without asking the kernel again:
 
-* ``base(batch)``: per step, ``x_t`` (the latents the UNet saw), the ``x0`` prediction, the
-  guided ``noise`` and the ``cfg_delta`` (``noise_text - noise_uncond``), plus the output image.
+* ``base(batch)``: per step, ``x_t`` (the latents the denoiser saw), the ``x0`` prediction, the
+  guided prediction ``noise`` (noise, or the velocity of a flow model: :func:`panel_label` says
+  which) and the ``cfg_delta`` (``noise_text - noise_uncond``), plus the output image.
   ``x_t`` / ``x0`` go through the latent->RGB decoder of :mod:`sdlens.analysis.previews`
   (linear by default); noise and delta through the same linear map, scaled by one robust maximum
   over all steps (so their magnitude over the run stays comparable), and are sent at the latent
@@ -26,14 +27,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdlens.analysis.guidance import cfg_delta
+from sdlens.analysis.guidance import cfg_delta, prediction_label
 from sdlens.analysis.heatmaps import output_size, token_heatmap, word_heatmap
 from sdlens.analysis.previews import latent_to_rgb, linear_decoder, previews, resolve_decoder
-from sdlens.analysis.tokens import trace_words
+from sdlens.analysis.tokens import encoder_name, trace_words
 
 PANELS = ("x_t", "x0", "noise", "cfg_delta")
-PANEL_LABELS = {"x_t": "x_t (latents)", "x0": "x0 prediction", "noise": "guided noise",
-                "cfg_delta": "CFG delta (text - uncond)"}
+PANEL_LABELS = {"x_t": "x_t (latents)", "x0": "x0 prediction", "noise": "guided {}",
+                "cfg_delta": "CFG delta (text - uncond)"}  # "noise": what the model predicts
 #: What a latent->RGB decoder shows, in the words a panel's caption uses.
 DECODER_LABELS = {"linear": "linear preview", "vae": "VAE decode", "tiny": "tiny VAE decode"}
 #: How a heatmap frame is normalised, per mode (``word_heatmap``: each map min-max to [0, 1]).
@@ -42,9 +43,11 @@ FORMATS = ("png", "jpeg", "auto")
 MAX_ALPHA = 0.85  # a heat frame's alpha at value 1 (the browser inverts it for the value shown)
 
 
-def panel_label(panel: str, decoder: str = "linear") -> str:
-    """A panel's caption: x_t and x0 say how they were decoded."""
-    label = PANEL_LABELS[panel]
+def panel_label(panel: str, decoder: str = "linear", prediction: str = "noise") -> str:
+    """A panel's caption: x_t and x0 say how they were decoded, the prediction panel what the
+    model predicts (``prediction``: :func:`~sdlens.analysis.guidance.prediction_label`'s
+    "noise", "velocity", "v" or "x0")."""
+    label = PANEL_LABELS[panel].format(prediction)
     if panel in ("x_t", "x0"):
         label += f" · {DECODER_LABELS.get(decoder, decoder)}"
     return label
@@ -80,7 +83,8 @@ def panel_notes(trace: Any, batch: int = 0) -> list[str]:
             f" ({hint})" if rec is not None and "attention" not in rec else ""))
     if missing("noise"):
         why = hint if rec is None or "noise" not in rec else "not kept"
-        notes.append(f"noise not recorded: {why} (no guided-noise or CFG-delta panel)")
+        notes.append(f"noise not recorded: {why} (no guided-{prediction_label(trace)} or "
+                     "CFG-delta panel)")
     elif not getattr(trace, "do_cfg", True) or missing("noise_uncond"):
         gs = getattr(trace, "guidance_scale", float("nan"))
         notes.append(f"no CFG delta: guidance off (scale {float(gs):g}; diffusers guides only "
@@ -178,17 +182,20 @@ def _display_size(trace: Any, max_side: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------- words & layers
 @dataclass(frozen=True)
 class WordChip:
-    """A word of the prompt as a chip: ``key`` is unique (:attr:`Word.name`: "a", "a#2")."""
+    """A word of the prompt as a chip: ``key`` is unique (:attr:`Word.name`: "a", "a#2");
+    ``encoders``: the text encoders that saw it ("CLIP", "T5"; several-encoder models only)."""
 
     key: str
     text: str
     occurrence: int
     positions: tuple[int, ...]
     tokens: tuple[str, ...]
+    encoders: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return {"key": self.key, "text": self.text, "occurrence": self.occurrence,
-                "positions": list(self.positions), "tokens": list(self.tokens)}
+                "positions": list(self.positions), "tokens": list(self.tokens),
+                "encoders": list(self.encoders)}
 
 
 POSITION_CHIPS = 12  # words unknown: chips for the positions after the start token
@@ -205,7 +212,8 @@ def word_chips(trace: Any, batch: int = 0) -> list[WordChip]:
                 for p in maps.token_positions[1: 1 + POSITION_CHIPS]]
     chips = []
     for w in trace_words(trace, batch, punctuation=False):
-        chips.append(WordChip(w.name, w.text, w.occurrence, tuple(w.positions), tuple(w.tokens)))
+        chips.append(WordChip(w.name, w.text, w.occurrence, tuple(w.positions), tuple(w.tokens),
+                              tuple(encoder_name(e) for e in w.encoders)))
     return chips
 
 
