@@ -564,18 +564,19 @@ class TokenView:
 
 def encoders_sentence(encoders: list[dict]) -> str:
     """Which encoder saw which words, in one sentence (:meth:`TokenView.encoders`' list): "CLIP
-    and T5 saw every word", or each encoder's words where they differ."""
+    and T5 saw every word", else the words only one encoder saw ("T5 alone: beyond", a word
+    past CLIP's 77 tokens)."""
     if not encoders:
         return ""
-    names = [e["name"] for e in encoders]
-    if not any(e["only"] for e in encoders) and len({tuple(e["words"]) for e in encoders}) == 1:
-        return f"{' and '.join(names)} saw every word"
-    parts = []
-    for e in encoders:
-        words = " ".join(e["words"]) or "no word"
-        only = f" ({e['name']} alone: {' '.join(e['only'])})" if e["only"] else ""
-        parts.append(f"{e['name']} saw: {words}{only}")
-    return "; ".join(parts)
+    names = " and ".join(e["name"] for e in encoders)
+    if not any(e["only"] for e in encoders):
+        return f"{names} saw every word"
+    seeing = [e for e in encoders if e["words"]]
+    if len(seeing) == 1:  # e.g. SD3 without its T5 encoder
+        blind = " and ".join(e["name"] for e in encoders if not e["words"])
+        return f"only {seeing[0]['name']} saw the words" + (f" ({blind}: none)" if blind else "")
+    alone = "; ".join(f"{e['name']} alone: {' '.join(e['only'])}" for e in encoders if e["only"])
+    return f"{names} saw the other words; {alone}"
 
 
 def tokenizer_of(source: Any) -> Any:

@@ -233,7 +233,8 @@ def _scrubber(trace: Any, batch: int, words: list[str], decoder: str, vae: Any,
     return "\n".join(parts)
 
 
-_DECODERS = {"linear": "linear preview", "vae": "VAE decode", "tiny": "tiny VAE decode"}
+_DECODERS = {"linear": "linear preview", "vae": "VAE decode", "tiny": "tiny VAE decode",
+             "channels": "first 3 latent channels"}
 
 
 def _word_name(view: Any, row: Any) -> str:

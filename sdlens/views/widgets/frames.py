@@ -29,14 +29,16 @@ from PIL import Image
 
 from sdlens.analysis.guidance import cfg_delta, prediction_label
 from sdlens.analysis.heatmaps import output_size, token_heatmap, word_heatmap
-from sdlens.analysis.previews import latent_to_rgb, linear_decoder, previews, resolve_decoder
+from sdlens.analysis.previews import (latent_to_rgb, linear_available, linear_decoder, previews,
+                                      resolve_decoder)
 from sdlens.analysis.tokens import encoder_name, trace_words
 
 PANELS = ("x_t", "x0", "noise", "cfg_delta")
 PANEL_LABELS = {"x_t": "x_t (latents)", "x0": "x0 prediction", "noise": "guided {}",
                 "cfg_delta": "CFG delta (text - uncond)"}  # "noise": what the model predicts
 #: What a latent->RGB decoder shows, in the words a panel's caption uses.
-DECODER_LABELS = {"linear": "linear preview", "vae": "VAE decode", "tiny": "tiny VAE decode"}
+DECODER_LABELS = {"linear": "linear preview", "vae": "VAE decode", "tiny": "tiny VAE decode",
+                  "channels": "first 3 latent channels"}
 #: How a heatmap frame is normalised, per mode (``word_heatmap``: each map min-max to [0, 1]).
 HEAT_NORMS = {"step": "per step, min–max", "sum": "summed over steps, min–max"}
 FORMATS = ("png", "jpeg", "auto")
@@ -267,7 +269,8 @@ class TraceFrames:
         max_side: longest side in pixels of the x_t / x0 / image frames (default 256).
         heat_side: longest side of heatmap frames (default 128; the browser scales them).
         decoder: latent->RGB decoder for x_t / x0 (``"auto"``: the VAE decode where it is cheap,
-            else linear; ``"linear"``, ``"vae"``, ``"tiny"``).
+            else linear, or the first latent channels where there is no linear decoder;
+            ``"linear"``, ``"vae"``, ``"tiny"``, ``"channels"``).
         vae: the VAE / AutoencoderTiny for ``decoder='vae'|'tiny'``.
         fmt: ``"png"``, ``"jpeg"`` or ``"auto"`` (PNG up to 128 px, else JPEG) for image frames.
         cmap: matplotlib colormap of the heatmaps.
@@ -360,9 +363,10 @@ class TraceFrames:
         return self._scales[key]
 
     def decoders(self) -> list[str]:
-        """Decoders x_t / x0 can be shown with: "linear" always, "vae" when a VAE is at hand
-        (``vae=`` or the live ``trace.pipeline``), the one given at construction."""
-        out = ["linear"]
+        """Decoders x_t / x0 can be shown with: "linear" (or, for a model without a linear
+        decoder and no VAE at hand, "channels"), "vae" when a VAE is at hand (``vae=`` or the
+        live ``trace.pipeline``), the one given at construction."""
+        out = ["linear" if linear_available(self.trace, self.vae) else "channels"]
         pipe = getattr(self.trace, "pipeline", None)
         if self.vae is not None or getattr(pipe, "vae", None) is not None \
                 or resolve_decoder(self.trace, "auto") == "vae":  # e.g. the shipped model's own

@@ -1,0 +1,323 @@
+"""Everything downstream of the engine on diffusion-transformer traces: SD3 (joint attention, flow
+matching, CLIP + T5) and PixArt-Σ (cross-attention, epsilon). Heatmaps with every pooling, the
+plots, the HTML report, the widgets' Python side, sweeps, token effects, compare, save / load and
+the CLI. Tiny random-weight pipelines (sdlens.testing), CPU fp32, 2 steps."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+import sdlens
+from sdlens import plot
+from sdlens.analysis.guidance import PREDICTION_LABELS, prediction_label
+from sdlens.analysis.heatmaps import POOLINGS, word_heatmap
+from sdlens.analysis.tokens import token_view, trace_words
+from sdlens.testing import random_pipeline
+from sdlens.views.cli import describe_trace, main
+from sdlens.views.report import build_report
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT = "a red circle and a blue square"
+STEPS = 2
+ARCHS = ("sd3", "pixart")
+# the DiT test beds' 8x8 latents are no resolution bin; clean_caption needs bs4 / ftfy
+CALL = {"sd3": {}, "pixart": {"use_resolution_binning": False, "clean_caption": False},
+        "sana": {"use_resolution_binning": False, "clean_caption": False, "height": 32,
+                 "width": 32}}
+LABEL = {"sd3": "velocity", "pixart": "noise"}
+
+
+@functools.lru_cache(maxsize=None)
+def pipe_of(arch: str):
+    return random_pipeline(arch, seed=0)
+
+
+@functools.lru_cache(maxsize=None)
+def traced(arch: str, seed: int = 0, prompt: str = PROMPT, guidance_scale: float = 4.0):
+    return sdlens.generate(pipe_of(arch), prompt, seed=seed, steps=STEPS,
+                           guidance_scale=guidance_scale, **CALL[arch])
+
+
+def image_size(tr) -> tuple[int, int]:
+    return tr.images[0].size[1], tr.images[0].size[0]
+
+
+# ----------------------------------------------------------------------------- labels
+def test_prediction_label_per_prediction_type():
+    assert prediction_label("flow") == "velocity"
+    assert prediction_label("epsilon") == "noise"
+    assert prediction_label("v_prediction") == "v"
+    assert prediction_label("sample") == "x0"
+    assert set(PREDICTION_LABELS.values()) == {"velocity", "noise", "v", "x0"}
+    assert prediction_label(traced("sd3")) == "velocity"
+    assert prediction_label(traced("pixart")) == "noise"
+
+
+def _strip_labels(fig: Figure) -> list[str]:
+    return [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_views_name_the_prediction(arch, tmp_path):
+    from sdlens.views.widgets import TraceViewer
+    from sdlens.views.widgets.frames import panel_notes
+
+    tr = traced(arch)
+    label, other = LABEL[arch], ("noise" if LABEL[arch] == "velocity" else "velocity")
+    # step strip: the prediction row
+    rows = _strip_labels(plot.step_strip(tr, n=2, decoder="linear"))
+    assert f"{label} (guided)" in rows and not any(other in r for r in rows)
+    # scheduler curves: the title
+    assert f"predicts {label}" in plot.scheduler_curves(tr)._suptitle.get_text()
+    # the viewer's panel captions
+    v = TraceViewer(tr, decoder="linear")
+    captions = {p["name"]: p["label"] for p in v.panels}
+    assert captions["noise"] == f"guided {label}"
+    assert not any(other in c for c in captions.values())
+    # a trace without the prediction says which panel is missing, by its name
+    light = sdlens.generate(pipe_of(arch), PROMPT, seed=0, steps=STEPS, record=["latents"],
+                            **CALL[arch])
+    assert any(f"no guided-{label} or CFG-delta panel" in n for n in panel_notes(light))
+    # the report's settings and the CLI's info
+    html = build_report(tr, decoder="linear")
+    assert f"the model predicts {label}" in html
+    if label == "velocity":  # a flow trace's report never calls its prediction noise
+        assert "noise" not in html.lower()
+    path = tr.save(tmp_path / "run.sdlens")
+    assert f"the model predicts {label}" in describe_trace(sdlens.load(path))
+
+
+# ----------------------------------------------------------------------------- heatmaps
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_heatmaps_every_pooling_and_layer_choice(arch, pooling):
+    from sdlens.views.widgets.frames import layer_options, layer_selector
+
+    tr = traced(arch)
+    size = image_size(tr)
+    keys = [k for k, _ in layer_options(tr)]
+    assert "all" in keys and len(keys) >= 1 + len(tr.attention.layers)
+    for word in ("red", "circle", "square"):
+        for key in keys:
+            h = word_heatmap(tr, word, layers=layer_selector(key), pooling=pooling)
+            assert h.shape == size and torch.isfinite(h).all()
+            assert 0 <= float(h.min()) and float(h.max()) <= 1
+        per = word_heatmap(tr, word, pooling=pooling, per_step=True)
+        assert per.shape == (len(tr.attention.steps), *size)
+    assert tr.heatmap("red circle").shape == size  # a phrase
+
+
+# ----------------------------------------------------------------------------- plots, report
+@pytest.mark.parametrize("arch", ARCHS)
+def test_plots(arch):
+    tr = traced(arch)
+    figs = [plot.overlay(tr, "circle"), plot.heatmap_grid(tr), plot.step_strip(tr, decoder="linear"),
+            plot.guidance_strip(tr, 0, scales=(1, 4)), plot.guidance_curves(tr),
+            plot.scheduler_curves(tr), plot.commitment_curves(tr), plot.token_view(tr)]
+    assert all(isinstance(f, Figure) for f in figs)
+    # the step strip shows the four rows: x_t, x0, the prediction, the CFG delta
+    assert _strip_labels(figs[2])[:4] == ["x_t (latents)", "x0 (predicted)",
+                                          f"{LABEL[arch]} (guided)", "|CFG delta|"]
+
+
+def test_token_plot_names_the_encoders():
+    ticks = [t.get_text() for t in plot.token_view(traced("sd3")).axes[0].get_xticklabels()]
+    assert any("CLIP" in t for t in ticks) and any("T5" in t for t in ticks)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_report_builds_every_section(arch):
+    html = build_report(traced(arch), decoder="linear")
+    assert "Not available" not in html
+    for section in ("Image and word heatmaps", "Step by step", "Tokens", "Classifier-free guidance",
+                    "Scheduler"):
+        assert f"<h2>{section}</h2>" in html
+
+
+def test_report_says_which_encoder_saw_which_word():
+    html = build_report(traced("sd3"), decoder="linear")
+    tokens = html.split("<h2>Tokens</h2>")[1].split("<h2>")[0]
+    assert "CLIP and T5 saw every word" in tokens
+    assert "<th>encoder</th>" in tokens
+    assert "<td>CLIP</td><td>2</td><td><code>red&lt;/w&gt;</code>" in tokens
+    assert "<td>T5</td><td>78</td><td><code>▁r</code>" in tokens
+    # CLIP's padding has no maps and is left out of the table
+    assert tokens.count("&lt;|endoftext|&gt;") == 1
+
+
+# ----------------------------------------------------------------------------- widgets
+@pytest.mark.parametrize("arch", ARCHS)
+def test_trace_viewer_state(arch):
+    from sdlens.views.widgets import TraceViewer
+
+    tr = traced(arch)
+    v = TraceViewer(tr, decoder="linear")
+    assert [p["name"] for p in v.panels] == ["x_t", "x0", "noise", "cfg_delta"]
+    assert all(len(v.frames[p]) == STEPS for p in v.frames)
+    words = [w.name for w in trace_words(tr, punctuation=False)]
+    assert [w["key"] for w in v.words] == words and set(v.heat) == set(words)
+    assert all(len(v.heat[w]["steps"]) == len(tr.attention.steps) for w in words)
+    v.select_word("circle")
+    assert v.word == "circle"
+    v.layers = tr.attention.layers[1]  # one block's maps
+    assert dict(v.layer_options)[tr.attention.layers[1]] == "block.1 (4x4)"
+    assert set(v.heat) == set(words)
+    v.step = 0
+    assert v.notes == []
+    if arch == "sd3":  # the chips say which encoders saw the word
+        assert all(w["encoders"] == ["CLIP", "T5"] for w in v.words)
+    else:
+        assert all(w["encoders"] == [] for w in v.words)
+
+
+def test_token_view_groups_tokens_by_encoder():
+    from sdlens.views.widgets import TokenView
+
+    tv = TokenView(traced("sd3"))
+    encoders = [r["encoder"] for r in tv.rows]
+    assert encoders == ["CLIP"] * 9 + ["T5"] * 19  # start, 7 words, end; 18 pieces and </s>
+    assert "CLIP 7 of 77 · T5 18 of 256" in tv.title
+    assert "CLIP and T5 saw every word" in tv.footer and "padding left out (68 positions)" in tv.footer
+    red = next(r for r in tv.rows if r["token"] == "▁r")
+    assert tv.hover_text(red["position"]).endswith("word 'red' · seen by T5")
+    assert all(r["encoder"] == "" for r in TokenView(traced("pixart")).rows)
+
+
+def test_token_view_words_past_clip_are_t5_words():
+    from sdlens.views.widgets import TokenView
+
+    long = " ".join(["red circle"] * 40) + " beyond"  # ~81 CLIP tokens: "beyond" is past 77
+    tr = sdlens.generate(pipe_of("sd3"), long, seed=0, steps=1)
+    view = token_view(tr)
+    beyond = next(w for w in view.words if w.text == "beyond")
+    assert beyond.encoders == ("t5",)
+    tv = TokenView(tr)
+    # CLIP keeps 75 prompt tokens: "red circle" 37 times and "red"; the rest only T5 saw
+    assert ("CLIP and T5 saw the other words; T5 alone: circle#38 red#39 circle#39 red#40 "
+            "circle#40 beyond") in tv.footer
+    assert tr.heatmap("beyond").shape == image_size(tr)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_studio_runs_and_streams(arch):
+    from sdlens.views.widgets import Studio
+
+    pipe = pipe_of(arch)
+    call = {k: v for k, v in CALL[arch].items()}
+    st = Studio(pipe, steps=STEPS, guidance_scale=4.0, pipe_kwargs=call,
+                viewer={"decoder": "linear"})
+    if arch == "sd3":  # a flow model keeps its scheduler: the UNet schedulers are not offered
+        assert [v for _, v in st.scheduler.options] == ["default"]
+    st.generate(wait=True, timeout=120)
+    assert st.error is None, st.error
+    assert len(st.streamed) == STEPS and len(st.runs) == 1
+    ref = traced(arch)
+    tr = st.traces[-1]
+    assert torch.equal(tr.latents, ref.latents)  # the same run as generate()'s
+    assert [p["label"] for p in st.viewer.panels][2] == f"guided {LABEL[arch]}"
+    st.seed.value = 1
+    st.generate(wait=True, timeout=120)
+    assert st.ab is not None and st.ab_diff() == {"seed": (0, 1)}
+
+
+# ----------------------------------------------------------------------------- sweeps, effects
+def single(arch, seed, g):
+    """The reference: one plain diffusers call."""
+    return pipe_of(arch)(PROMPT, generator=torch.Generator().manual_seed(seed), guidance_scale=g,
+                         num_inference_steps=STEPS, output_type="np", **CALL[arch]).images[0]
+
+
+@pytest.mark.parametrize("arch", ("sd3", "pixart", "sana"))
+def test_cfg_by_seed_sweep_equals_single_runs(arch):
+    from sdlens.views.widgets import GridViewer
+
+    pipe = pipe_of(arch)
+    grid = sdlens.sweep(pipe, PROMPT, seeds=[0, 1], guidance_scales=[1.0, 4.0], steps=STEPS,
+                        progress=False, **CALL[arch])
+    assert list(grid.axes) == ["guidance", "seed"]
+    for j, g in enumerate((1.0, 4.0)):
+        for k, seed in enumerate((0, 1)):
+            np.testing.assert_allclose(grid.arrays[j, k], single(arch, seed, g), atol=1e-4, rtol=0)
+            tr = grid.traces[j, k]
+            assert tr.guidance_scale == g and tr.do_cfg == (g > 1)
+            assert prediction_label(tr) == ("noise" if arch == "pixart" else "velocity")
+    gv = GridViewer(grid)
+    assert gv.panel.col_labels == ["seed 0", "seed 1"]
+    assert [r.split("\n")[0] for r in gv.panel.row_labels] == ["CFG 1", "CFG 4"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_token_effects_and_compare(arch):
+    eff = sdlens.token_effects(pipe_of(arch), PROMPT, words=["red", "square"], steps=STEPS,
+                               guidance_scale=4.0, **CALL[arch])
+    assert eff.words == ["red", "square"]
+    assert all(np.isfinite(eff.effects[w]) and eff.effects[w] > 0 for w in eff.words)
+    cmp = sdlens.compare(traced(arch), traced(arch, seed=1))
+    assert cmp.differs == {"seed": (0, 1)}
+    assert not sdlens.compare(traced(arch), traced(arch)).differs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_keeps_what_the_views_read(arch, tmp_path):
+    from sdlens.views.widgets import TokenView, TraceViewer
+
+    tr = traced(arch)
+    back = sdlens.load(tr.save(tmp_path / "run.sdlens"))
+    assert back.prediction_type == tr.prediction_type
+    assert back.text_segments == tr.text_segments
+    torch.testing.assert_close(back.heatmap("circle"), tr.heatmap("circle"), rtol=0, atol=1e-3)
+    assert TokenView(back).rows == TokenView(tr).rows
+    # no VAE at hand and no linear table for these models: the latents' first channels, said so
+    v = TraceViewer(back)
+    assert v.decoder == "channels" and [d for d, _ in v.decoder_options] == ["channels"]
+    assert [p["label"] for p in v.panels][:3] == [
+        "x_t (latents) · first 3 latent channels", "x0 prediction · first 3 latent channels",
+        f"guided {LABEL[arch]}"]
+    assert all(len(v.frames[p]) == STEPS for p in v.frames)
+    html = build_report(back)
+    assert "Not available" not in html and "first 3 latent channels" in html
+
+
+# ----------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def sd3_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd3") / "model"
+    pipe_of("sd3").save_pretrained(folder)
+    return folder
+
+
+def test_cli_trace_info_report_sweep_on_sd3(sd3_folder, tmp_path, capsys):
+    run = tmp_path / "run.sdlens"
+    assert main(["trace", PROMPT, "--model", str(sd3_folder), "--steps", "2", "--cfg", "4",
+                 "--out", str(run), "-q"]) == 0
+    tr = sdlens.load(run)
+    assert tr.meta["family"] == "sd3" and tr.prediction_type == "flow"
+    torch.testing.assert_close(tr.latents, traced("sd3").latents)  # the folder is the same model
+    capsys.readouterr()
+    assert main(["info", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "the model predicts velocity (flow)" in out
+    assert "(CLIP 7 of 77, T5 18 of 256 tokens)" in out and "CLIP and T5 saw every word" in out
+    assert re.search(r"block\.0\s+4x4\s+transformer_blocks\.0\.attn", out)
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html"), "--pooling", "daam",
+                 "-q"]) == 0
+    assert "the model predicts velocity" in (tmp_path / "r.html").read_text()
+    assert main(["sweep", PROMPT, "--model", str(sd3_folder), "--steps", "2", "--cfg", "1,4",
+                 "--seeds", "0,1", "--out", str(tmp_path / "grid.png"), "--quiet"]) == 0
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_cli_info_and_report_on_a_pixart_trace(tmp_path, capsys):
+    run = traced("pixart").save(tmp_path / "run.sdlens")
+    assert main(["info", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "the model predicts noise (epsilon)" in out and "(18 of 299 tokens)" in out
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html"), "-q"]) == 0
+    assert "<h2>Tokens</h2>" in (tmp_path / "r.html").read_text()
