@@ -314,10 +314,31 @@ def test_cli_trace_info_report_sweep_on_sd3(sd3_folder, tmp_path, capsys):
     assert (tmp_path / "grid.png").stat().st_size > 0
 
 
-def test_cli_info_and_report_on_a_pixart_trace(tmp_path, capsys):
-    run = traced("pixart").save(tmp_path / "run.sdlens")
+def test_cli_demo_on_sd3(sd3_folder, tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(sd3_folder), "--steps", "2", "--grid-cfg", "1,4",
+                 "--grid-seeds", "0", "--out", str(out), "-q"]) == 0
+    names = {"image.png", "run.sdlens", "heatmaps.png", "steps.png", "report.html", "grid.png"}
+    assert {p.name for p in out.iterdir()} == names
+    html = (out / "report.html").read_text()
+    assert "the model predicts velocity" in html and "noise" not in html.lower()
+
+
+def test_cli_on_pixart(tmp_path, capsys):
+    # a test bed at 32x32 latents: a size PixArt's resolution binning knows (256 px), so the
+    # commands run the pipeline with its defaults
+    folder = tmp_path / "model"
+    random_pipeline("pixart", seed=0, sample_size=32).save_pretrained(folder)
+    run = tmp_path / "run.sdlens"
+    assert main(["trace", PROMPT, "--model", str(folder), "--steps", "2", "--cfg", "4",
+                 "--out", str(run), "-q"]) == 0
+    capsys.readouterr()
     assert main(["info", str(run)]) == 0
     out = capsys.readouterr().out
     assert "the model predicts noise (epsilon)" in out and "(18 of 299 tokens)" in out
+    assert re.search(r"block\.1\s+16x16\s+transformer_blocks\.1\.attn2", out)
     assert main(["report", str(run), "--out", str(tmp_path / "r.html"), "-q"]) == 0
     assert "<h2>Tokens</h2>" in (tmp_path / "r.html").read_text()
+    assert main(["sweep", PROMPT, "--model", str(folder), "--steps", "2", "--cfg", "1,4",
+                 "--seeds", "0,1", "--out", str(tmp_path / "grid.png"), "--quiet"]) == 0
+    assert (tmp_path / "grid.png").stat().st_size > 0
