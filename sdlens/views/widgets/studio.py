@@ -74,8 +74,8 @@ class Studio(W.VBox):
         pipe_kwargs: more arguments for every pipeline call (``height``, ``width``, PixArt's
             ``use_resolution_binning``, ...).
 
-    A flow-matching pipeline (SD3, Sana's flow schedulers) keeps its own scheduler: the
-    scheduler menu offers only the UNet schedulers' names, which do not fit it.
+    A flow-matching pipeline (SD3, Sana) keeps its own scheduler: the menu's others (DDIM,
+    Euler, ...) are the UNet models' noise schedules and are not offered.
     """
 
     def __init__(self, pipe: Any, prompt: str = DEFAULT_PROMPT, negative_prompt: str = "",
