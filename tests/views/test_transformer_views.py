@@ -342,3 +342,69 @@ def test_cli_on_pixart(tmp_path, capsys):
     assert main(["sweep", PROMPT, "--model", str(folder), "--steps", "2", "--cfg", "1,4",
                  "--seeds", "0,1", "--out", str(tmp_path / "grid.png"), "--quiet"]) == 0
     assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- pad ablation
+def _pad_at(module, pad_id: int, positions: list[int]):
+    """A forward hook (the test's own oracle) that gives ``positions`` the pad token's
+    embedding in every row."""
+    def hook(mod, args, out):
+        out = out.clone()
+        out[:, positions] = mod.weight[pad_id]
+        return out
+    return module.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pad_ablation_pads_the_word_in_every_encoder(arch):
+    """mode="pad" equals a plain call whose prompt embeddings were made with the word's tokens
+    given the pad embedding in each text encoder: SD3's CLIP-L and CLIP-G at its CLIP position,
+    T5 at its pieces' positions in T5's own sequence; PixArt's T5 at its pieces."""
+    pipe = pipe_of(arch)
+    eff = sdlens.token_effects(pipe, PROMPT, mode="pad", words=["red"], steps=STEPS,
+                               guidance_scale=4.0, record=None, **CALL[arch])
+    gen = torch.Generator().manual_seed(0)
+    torch.set_grad_enabled(False)  # encode_prompt runs outside the pipeline's no_grad
+    try:
+        ref = _padded_reference(pipe, arch, gen)
+    finally:
+        torch.set_grad_enabled(True)
+    np.testing.assert_allclose(eff.ablated["red"], ref, atol=1e-4, rtol=0)
+    assert eff.effects["red"] > 0
+
+
+def _padded_reference(pipe, arch: str, gen) -> np.ndarray:
+    """The plain call with the oracle's padded prompt embeddings (the negative prompt "")."""
+    if arch == "sd3":
+        targets = [(pipe.text_encoder.get_input_embeddings(), pipe.tokenizer.pad_token_id, [2]),
+                   (pipe.text_encoder_2.get_input_embeddings(), pipe.tokenizer_2.pad_token_id, [2]),
+                   (pipe.text_encoder_3.encoder.embed_tokens, pipe.tokenizer_3.pad_token_id, [1, 2])]
+        handles = [_pad_at(*t) for t in targets]
+        try:
+            pe, _, ppe, _ = pipe.encode_prompt(PROMPT, PROMPT, PROMPT,
+                                               do_classifier_free_guidance=False)
+        finally:
+            for h in handles:
+                h.remove()
+        ne, _, npe, _ = pipe.encode_prompt("", "", "", do_classifier_free_guidance=False)
+        return pipe(prompt_embeds=pe, pooled_prompt_embeds=ppe, negative_prompt_embeds=ne,
+                    negative_pooled_prompt_embeds=npe, generator=gen, guidance_scale=4.0,
+                    num_inference_steps=STEPS, output_type="np").images[0]
+    # PixArt: "red" is T5's "▁r", "ed" at positions 1, 2 (no start token)
+    handle = _pad_at(pipe.text_encoder.encoder.embed_tokens, pipe.tokenizer.pad_token_id, [1, 2])
+    try:
+        pe, mask, _, _ = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False,
+                                            clean_caption=False)
+    finally:
+        handle.remove()
+    ne, nmask, _, _ = pipe.encode_prompt("", do_classifier_free_guidance=False, clean_caption=False)
+    return pipe(prompt=None, negative_prompt=None, prompt_embeds=pe, prompt_attention_mask=mask,
+                negative_prompt_embeds=ne, negative_prompt_attention_mask=nmask, generator=gen,
+                guidance_scale=4.0, num_inference_steps=STEPS, output_type="np",
+                **CALL[arch]).images[0]
+
+
+def test_pad_ablation_under_sanas_instruction_is_a_clear_error():
+    with pytest.raises(ValueError, match="complex_human_instruction"):
+        sdlens.token_effects(pipe_of("sana"), PROMPT, mode="pad", words=["red"], steps=STEPS,
+                             **CALL["sana"])
