@@ -408,3 +408,44 @@ def test_pad_ablation_under_sanas_instruction_is_a_clear_error():
     with pytest.raises(ValueError, match="complex_human_instruction"):
         sdlens.token_effects(pipe_of("sana"), PROMPT, mode="pad", words=["red"], steps=STEPS,
                              **CALL["sana"])
+
+
+# ----------------------------------------------------------------------------- the token view's JS
+@pytest.mark.browser
+def test_token_view_js_heads_each_encoders_tokens():
+    """token_view.js rendered in Chromium with the widget's own state (a stand-in model object,
+    no notebook): a heading per encoder before its first token, the encoder in each hover text."""
+    import json
+
+    pytest.importorskip("playwright.sync_api")
+    from pathlib import Path
+
+    from browser import browser, find_chromium
+    from sdlens.views.widgets import TokenView, token_view as token_view_module
+
+    if find_chromium() is None:
+        pytest.skip("no Chromium binary")
+    tv = TokenView(traced("sd3"))
+    state = {"rows": tv.rows, "title": tv.title, "footer": tv.footer, "hovered": -1}
+    js = Path(token_view_module.__file__).parent / "static" / "token_view.js"
+    module = js.read_text().replace("export default { render };", "")
+    page_js = module + f"""
+const state = {json.dumps(state)};
+const model = {{ get: (k) => state[k], set: (k, v) => {{ state[k] = v; }}, save_changes() {{}},
+                 on() {{}}, off() {{}} }};
+render({{ model, el: document.getElementById("root") }});
+document.body.dataset.done = "1";
+"""
+    with browser() as b:
+        page = b.new_page()
+        page.set_content(f'<div id="root"></div><script type="module">{page_js}</script>')
+        page.wait_for_selector("body[data-done='1']", timeout=10_000)
+        heads = page.locator(".sdl-token-encoder").all_text_contents()
+        assert heads == ["CLIP:", "T5:"]
+        red_t5 = page.locator(".sdl-token[data-position='78']")
+        assert "seen by T5" in red_t5.get_attribute("title")
+        # CLIP's tokens come before its heading's successor, T5's after
+        order = page.evaluate("() => [...document.querySelectorAll('.sdl-token-row > span')]"
+                              ".map(e => e.className.includes('encoder') ? e.textContent : "
+                              "e.dataset.position)")
+        assert order[0] == "CLIP:" and order[order.index("T5:") + 1] == "77"
