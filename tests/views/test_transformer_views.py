@@ -283,6 +283,12 @@ def test_save_load_keeps_what_the_views_read(arch, tmp_path):
     assert all(len(v.frames[p]) == STEPS for p in v.frames)
     html = build_report(back)
     assert "Not available" not in html and "first 3 latent channels" in html
+    # A / B of two saved runs
+    from sdlens.views.widgets import ABView
+
+    other = sdlens.load(traced(arch, seed=1).save(tmp_path / "run1.sdlens"))
+    ab = ABView(back, other)
+    assert ab.differs == {"seed": (0, 1)} and len(ab.panel.x0_diff) == STEPS
 
 
 # ----------------------------------------------------------------------------- CLI
