@@ -1,7 +1,7 @@
 """Classifier-free guidance and the scheduler, seen from a trace (no UNet call).
 
-CFG: the UNet predicts the noise twice, without the prompt (``noise_uncond``) and with it
-(``noise_text``); the scheduler gets ``uncond + g * (text - uncond)``. The *CFG delta*
+CFG: the denoiser predicts twice (noise, or a velocity for flow models: :func:`prediction_label`),
+without the prompt (``noise_uncond``) and with it (``noise_text``); the scheduler gets ``uncond + g * (text - uncond)``. The *CFG delta*
 ``text - uncond`` is what guidance amplifies: :func:`cfg_delta` gives it per step,
 :func:`guidance_stats` its size, and :func:`x0_at_guidance` what the predicted clean latent x0 of
 one step would have been at another scale ``g'`` (the prediction is affine in the noise, so the
