@@ -334,7 +334,7 @@ def _guidance_section(trace: Any, batch: int) -> str:
     try:
         fig = plot.guidance_strip(trace, step, batch=batch)
         out.append("<p>x0 of step " + str(step + 1) + " recomputed from the recorded predictions at other"
-                   " guidance scales (no new denoiser call; later steps would differ too).</p>")
+                   " guidance scales (no new model call; later steps would differ too).</p>")
         out.append(_img_tag(_fig_uri(fig), "x0 at other guidance scales"))
     except ValueError as e:
         out.append(f'<div class="note">{html.escape(str(e))}</div>')
