@@ -348,9 +348,10 @@ def previews(trace: Any, kind: str = "x0", steps: Sequence[int] | None = None, b
     """Previews of ``kind`` ("x0" or "latents", i.e. x_t) at several ``steps`` (default: all).
 
     ``decoder``: "auto" (the VAE decode where it is cheap, else linear: :func:`resolve_decoder`),
-    "linear" (instant, approximate), "channels" (the first 3 latent channels), "vae" (exact; ``trace.pipeline``'s VAE, ``vae=``, or the
-    shipped model's own), "tiny" (an ``AutoencoderTiny`` passed as ``vae=``). ``size``: (H, W) / int, default
-    the image size; ``"latent"`` keeps the latent resolution (linear only). VAE decodes are
+    "linear" (instant, approximate), "channels" (the first 3 latent channels), "vae" (exact;
+    ``trace.pipeline``'s VAE, ``vae=``, or the shipped model's own), "tiny" (an
+    ``AutoencoderTiny`` passed as ``vae=``). ``size``: (H, W) / int, default the image size;
+    ``"latent"`` keeps the latent resolution (linear and channels only). VAE decodes are
     batched (``batch_size``) and cached on the trace.
     """
     decoder = resolve_decoder(trace, decoder, vae)
