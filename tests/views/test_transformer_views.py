@@ -60,6 +60,21 @@ def test_prediction_label_per_prediction_type():
     assert prediction_label(traced("pixart")) == "noise"
 
 
+@pytest.mark.parametrize("ptype,label", [("v_prediction", "v"), ("sample", "x0"),
+                                         ("epsilon", "noise")])
+def test_unet_traces_name_their_prediction(ptype, label):
+    from fakes import fake_trace
+    from sdlens.trace.ops import replace
+    from sdlens.views.widgets import TraceViewer
+
+    base = fake_trace(steps=3)
+    tr = replace(base, meta={**base.meta, "family": "sd1", "prediction_type": ptype})
+    assert prediction_label(tr) == label
+    assert f"{label} (guided)" in _strip_labels(plot.step_strip(tr, n=2, decoder="linear"))
+    v = TraceViewer(tr, decoder="linear")
+    assert [p["label"] for p in v.panels if p["name"] == "noise"] == [f"guided {label}"]
+
+
 def _strip_labels(fig: Figure) -> list[str]:
     return [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]
 
