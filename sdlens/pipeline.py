@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from sdlens.engine import schedules
 from sdlens.engine.arch import SUPPORTED_PIPELINES, adapter_for
 
 SHIPPED_MODEL = Path(__file__).parent / "models" / "shapes" / "weights"
@@ -68,7 +69,7 @@ def describe(pipe) -> PipelineInfo:
     return PipelineInfo(
         family=adapter.family(), task=pipeline_task(pipe), pipeline_class=type(pipe).__name__,
         scheduler_class=type(pipe.scheduler).__name__,
-        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+        prediction_type=schedules.prediction_kind(pipe.scheduler),  # "flow": a velocity
         vae_scaling_factor=float(pipe.vae.config.scaling_factor),
         latent_channels=int(pipe.vae.config.latent_channels),
         cross_attention_layers=len(adapter.sites()),

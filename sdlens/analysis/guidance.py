@@ -1,11 +1,11 @@
 """Classifier-free guidance and the scheduler, seen from a trace (no UNet call).
 
-CFG: the UNet predicts the noise twice, without the prompt (``noise_uncond``) and with it
-(``noise_text``); the scheduler gets ``uncond + g * (text - uncond)``. The *CFG delta*
-``text - uncond`` is what guidance amplifies: :func:`cfg_delta` gives it per step,
-:func:`guidance_stats` its size, and :func:`x0_at_guidance` what the predicted clean latent x0 of
-one step would have been at another scale ``g'`` (the prediction is affine in the noise, so the
-recorded predictions suffice). Only that step changes: later steps would differ too, which no
+CFG: the denoiser predicts twice (noise, or a velocity for flow models: :func:`prediction_label`),
+without the prompt (``noise_uncond``) and with it (``noise_text``); the scheduler gets
+``uncond + g * (text - uncond)``. The *CFG delta* ``text - uncond`` is what guidance amplifies:
+:func:`cfg_delta` gives it per step, :func:`guidance_stats` its size, and :func:`x0_at_guidance`
+what the predicted clean latent x0 of one step would have been at another scale ``g'`` (the
+prediction is affine in the model output, so the recorded predictions suffice). Only that step changes: later steps would differ too, which no
 recorded data can tell without running the UNet again.
 
 x0 uses the formula of the trace's scheduler, from the schedule table
@@ -57,6 +57,32 @@ def prediction_type(trace: Any) -> str:
     meta = _meta(trace)
     return _first(meta, "prediction_type", default=None) or scheduler_config(trace).get(
         "prediction_type", "epsilon")
+
+
+#: What the model's prediction (``noise`` / ``noise_text`` / ``noise_uncond``) is, in the words
+#: the views use, per ``Trace.prediction_type``: flow matching predicts a velocity, not noise.
+PREDICTION_LABELS = {"epsilon": "noise", "v_prediction": "v", "sample": "x0", "flow": "velocity",
+                     schedules.FLOW_PREDICTION: "velocity"}
+
+
+def prediction_label(source: Any) -> str:
+    """What the trace's ``noise`` tensors hold, as every view labels them: "noise" (epsilon),
+    "v" (v_prediction), "x0" (sample) or "velocity" (flow: SD3, Flux, Sana's flow schedulers).
+    ``source``: a trace or a prediction type string."""
+    ptype = source if isinstance(source, str) else prediction_type(source)
+    return PREDICTION_LABELS.get(ptype, ptype)
+
+
+def guidance_text(trace: Any) -> str:
+    """How the views name a run's guidance: "CFG 7.5", or "guidance off" for an unguided run.
+
+    The one place for the kind of guidance: a guidance-distilled model (Flux.1) feeds its
+    guidance value to the transformer instead of running an unconditional pass; its trace says
+    so and this is where its label ("guidance 3.5") belongs."""
+    gs = float(getattr(trace, "guidance_scale", float("nan")))
+    if not getattr(trace, "do_cfg", True):
+        return "guidance off"
+    return f"CFG {gs:g}" if not np.isnan(gs) else "CFG ?"
 
 
 def _scheduler(trace: Any):

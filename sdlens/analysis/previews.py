@@ -10,6 +10,10 @@ matrix ``M``; the output is roughly in ``[-1, 1]`` at the latent resolution (ups
   scenes); the coefficients ship in ``sdlens/models/shapes/weights/latent_rgb.json`` and are
   fitted on the fly from the VAE when that file is missing.
 
+Channels (``decoder="channels"``): the latents' first 3 channels, each frame scaled by its largest
+absolute value: what a saved trace of a model without a linear table (SD3, PixArt, Sana) shows
+when no VAE is at hand to fit one. ``"auto"`` picks it only then.
+
 VAE decoding (``decoder="vae"``) uses the trace's pipeline (``trace.pipeline``) or a ``vae=`` you
 pass; ``decoder="tiny"`` takes an ``AutoencoderTiny`` (TAESD) you pass. Decodes are batched and
 cached per trace.
@@ -45,7 +49,7 @@ LINEAR = {
 }
 SHAPES_COEFFS = Path(__file__).resolve().parents[1] / "models" / "shapes" / "weights" / "latent_rgb.json"
 KINDS = ("x0", "latents")
-DECODERS = ("auto", "linear", "vae", "tiny")
+DECODERS = ("auto", "linear", "vae", "tiny", "channels")
 CHEAP_VAE_PARAMS = 5_000_000  # the shipped models' VAEs (0.7M) decode in milliseconds; SD's (84M) does not
 
 _FITTED: dict[int, dict] = {}  # id(vae) -> coefficients fitted this session (shapes fallback)
@@ -81,7 +85,8 @@ def _vae_of(trace: Any, vae: Any = None) -> Any:
 def resolve_decoder(trace: Any, decoder: str = "auto", vae: Any = None) -> str:
     """The decoder ``decoder`` stands for: "auto" is the VAE decode where a cheap VAE is at hand
     (the trace's pipeline's or ``vae=``, or the shipped model's folder for its traces) and the
-    linear preview elsewhere; other names stand for themselves."""
+    linear preview elsewhere (the latents' first channels where there is no linear decoder:
+    :func:`linear_available`); other names stand for themselves."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     if decoder != "auto":
@@ -89,7 +94,26 @@ def resolve_decoder(trace: Any, decoder: str = "auto", vae: Any = None) -> str:
     v = _vae_of(trace, vae) or _folder_vae(trace)
     cheap = v is not None and hasattr(v, "parameters") and \
         sum(p.numel() for p in v.parameters()) <= CHEAP_VAE_PARAMS
-    return "vae" if cheap else "linear"
+    if cheap:
+        return "vae"
+    return "linear" if v is not None or linear_available(trace) else "channels"
+
+
+def linear_available(trace: Any, vae: Any = None) -> bool:
+    """Whether :func:`linear_decoder` has coefficients for the trace without fitting: a family
+    with a table (SD 1.x / 2.x / XL, the shipped model), or a VAE at hand to fit one."""
+    family = trace if isinstance(trace, str) else (getattr(trace, "meta", None) or {}).get("family")
+    if family in LINEAR or family == "shapes":
+        return True
+    return not isinstance(trace, str) and (_vae_of(trace, vae) or _folder_vae(trace)) is not None
+
+
+def channels_rgb(latents: torch.Tensor) -> torch.Tensor:
+    """``(..., C, h, w)`` -> ``(..., 3, h, w)`` in [-1, 1]: the first 3 channels, each frame
+    scaled by its largest absolute value (the ``"channels"`` preview)."""
+    x = latents.float()[..., :3, :, :]
+    peak = x.abs().amax(dim=(-3, -2, -1), keepdim=True).clamp(min=1e-8)
+    return x / peak
 
 
 def load_linear_decoder(path: str | Path) -> dict:
@@ -324,9 +348,10 @@ def previews(trace: Any, kind: str = "x0", steps: Sequence[int] | None = None, b
     """Previews of ``kind`` ("x0" or "latents", i.e. x_t) at several ``steps`` (default: all).
 
     ``decoder``: "auto" (the VAE decode where it is cheap, else linear: :func:`resolve_decoder`),
-    "linear" (instant, approximate), "vae" (exact; ``trace.pipeline``'s VAE, ``vae=``, or the
-    shipped model's own), "tiny" (an ``AutoencoderTiny`` passed as ``vae=``). ``size``: (H, W) / int, default
-    the image size; ``"latent"`` keeps the latent resolution (linear only). VAE decodes are
+    "linear" (instant, approximate), "channels" (the first 3 latent channels), "vae" (exact;
+    ``trace.pipeline``'s VAE, ``vae=``, or the shipped model's own), "tiny" (an
+    ``AutoencoderTiny`` passed as ``vae=``). ``size``: (H, W) / int, default the image size;
+    ``"latent"`` keeps the latent resolution (linear and channels only). VAE decodes are
     batched (``batch_size``) and cached on the trace.
     """
     decoder = resolve_decoder(trace, decoder, vae)
@@ -345,6 +370,8 @@ def previews(trace: Any, kind: str = "x0", steps: Sequence[int] | None = None, b
         m, b = linear_decoder(trace, vae)
         rgb = latent_to_rgb(torch.stack(lat), m, b)
         return [to_image(r, out_size) for r in rgb]
+    if decoder == "channels":
+        return [to_image(r, out_size) for r in channels_rgb(torch.stack(lat))]
 
     v = _vae_of(trace, vae) or (_folder_vae(trace) if decoder == "vae" else None)
     if v is None:

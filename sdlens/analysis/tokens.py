@@ -465,6 +465,15 @@ class TokenRow:
     encoder: str = ""  # which text encoder's segment it sits in (several encoders: SD3)
 
 
+#: How the views name a text encoder of a segment (``Trace.text_segments``' "encoder").
+ENCODER_NAMES = {"clip": "CLIP", "t5": "T5", "gemma": "Gemma"}
+
+
+def encoder_name(encoder: str) -> str:
+    """A segment's encoder as the views name it: "clip" -> "CLIP", "t5" -> "T5"."""
+    return ENCODER_NAMES.get(encoder, encoder)
+
+
 @dataclass
 class TokenView:
     """The prompt as the tokenizer split it.
@@ -498,6 +507,31 @@ class TokenView:
         """The token strings, position by position (as ``Trace.tokens``)."""
         return [r.token for r in self.rows]
 
+    def encoders(self) -> list[dict]:
+        """Which encoder saw which words (several text encoders: SD3's CLIP and T5), one dict
+        per segment: ``encoder`` ("clip"), ``name`` ("CLIP"), ``start``, ``length`` (positions),
+        ``tokens`` (the prompt's tokens in it, specials and padding left out), ``words`` (the
+        words it carries, ``Word.name``) and ``only`` (the words no other encoder carries, e.g.
+        past CLIP's 77 tokens). [] for one text encoder."""
+        out = []
+        for seg in self.segments:
+            enc = str(seg["encoder"])
+            n = sum(1 for r in self.rows if r.encoder == enc and r.token not in SPECIAL
+                    and r.position < int(seg["start"]) + int(seg["tokens"]))
+            words = [w for w in self.words if enc in w.encoders and not w.is_punctuation]
+            out.append({"encoder": enc, "name": encoder_name(enc), "start": int(seg["start"]),
+                        "length": int(seg["length"]), "tokens": n,
+                        "words": [w.name for w in words],
+                        "only": [w.name for w in words if len(w.encoders) == 1]})
+        return out
+
+    def padding_rows(self) -> list[TokenRow]:
+        """The rows of a segment's padding (several encoders: CLIP's 77 positions past the
+        prompt), which have no maps unless the trace kept padding (the views leave them out
+        where they have none)."""
+        ends = {str(s["encoder"]): int(s["start"]) + int(s["tokens"]) for s in self.segments}
+        return [r for r in self.rows if r.encoder in ends and r.position >= ends[r.encoder]]
+
     def to_dict(self) -> dict:
         return {
             "prompt": self.prompt,
@@ -526,6 +560,23 @@ class TokenView:
             lines.append(f"  {enc}{r.position:>2}  {r.token:<20} "
                          f"{'' if r.id is None else r.id:>6}  {r.word}{att}")
         return "\n".join(lines)
+
+
+def encoders_sentence(encoders: list[dict]) -> str:
+    """Which encoder saw which words, in one sentence (:meth:`TokenView.encoders`' list): "CLIP
+    and T5 saw every word", else the words only one encoder saw ("T5 alone: beyond", a word
+    past CLIP's 77 tokens)."""
+    if not encoders:
+        return ""
+    names = " and ".join(e["name"] for e in encoders)
+    if not any(e["only"] for e in encoders):
+        return f"{names} saw every word"
+    seeing = [e for e in encoders if e["words"]]
+    if len(seeing) == 1:  # e.g. SD3 without its T5 encoder
+        blind = " and ".join(e["name"] for e in encoders if not e["words"])
+        return f"only {seeing[0]['name']} saw the words" + (f" ({blind}: none)" if blind else "")
+    alone = "; ".join(f"{e['name']} alone: {' '.join(e['only'])}" for e in encoders if e["only"])
+    return f"{names} saw the other words; {alone}"
 
 
 def tokenizer_of(source: Any) -> Any:

@@ -284,6 +284,9 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
 
 
 def _vae_scale(pipe) -> int:
+    scale = getattr(pipe, "vae_scale_factor", None)  # the pipeline's own (Sana's DC-AE: 32)
+    if isinstance(scale, int) and scale > 0:
+        return scale
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
@@ -312,6 +315,7 @@ def estimate_cell_bytes(pipe, height: int | None = None, width: int | None = Non
     dtype = adapter.denoiser.dtype
     itemsize = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
     row = adapter.activation_bytes(hw)
-    vae_c = pipe.vae.config.block_out_channels[0]
+    cfg_vae = pipe.vae.config  # AutoencoderKL: block_out_channels; Sana's DC-AE: decoder_...
+    vae_c = (cfg_vae.get("block_out_channels") or cfg_vae.get("decoder_block_out_channels"))[0]
     vae = 4 * vae_c * height * width * itemsize + 3 * height * width * 4
     return int((2 if cfg else 1) * row + vae + trace_bytes)

@@ -22,8 +22,9 @@ by ``c'_i = u_i + (g_i / G)(c_i - u_i)``, so that the pipeline's ``u + G (c' - u
 ``u + g_i (c - u)``: what the single run with ``g_i`` computes, up to float rounding. Cells with
 ``g <= 1`` run without classifier-free guidance (as the single runs do: the pipeline then never
 computes the unconditional half) in calls of their own. ``guidance_rescale`` (which reads the raw
-text prediction) and UNets that embed the guidance scale (``time_cond_proj_dim``, LCM) are handled
-by giving every guidance scale calls of its own.
+text prediction) and denoisers that embed the guidance scale (``time_cond_proj_dim``, LCM; a
+guidance-distilled transformer's ``guidance_embeds``, Flux.1) are handled by giving every guidance
+scale calls of its own. The ``guidance`` axis is that value whatever kind of guidance it is.
 
 Calls are chunked so that a batch fits the memory budget (:func:`estimate_cell_bytes`, a
 documented rough estimate) and ``max_batch``; with ``chunk=False`` a grid that does not fit one
@@ -259,11 +260,13 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
     record_opts = batch_record_options(record)
     budget = int(memory_budget) if memory_budget is not None else default_memory_budget(pipe.device)
     trace_bytes = _trace_bytes(pipe, record_opts, steps_list, height, width)
-    # one guidance value per call where it is not CFG's mix of halves: LCM's embedded w, Flux's
-    # distilled guidance (a transformer input)
+    # one call per guidance value where the value is an input of the denoiser (LCM's
+    # time_cond_proj_dim; a guidance-distilled transformer's guidance_embeds, Flux.1)
+    denoiser_config = adapter_for(pipe).denoiser.config
     split_guidance = (pipe_kwargs.get("guidance_rescale", 0.0) or 0.0) > 0 or \
-        getattr(adapter_for(pipe).denoiser.config, "time_cond_proj_dim", None) is not None \
-        or not adapter_for(pipe).cfg_by_default
+        getattr(denoiser_config, "time_cond_proj_dim", None) is not None or \
+        bool(getattr(denoiser_config, "guidance_embeds", False)) or \
+        not adapter_for(pipe).cfg_by_default
     state = _distributed_state()
     nproc = state.num_processes if state else 1
     batches = plan_batches(

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from sdlens.analysis.guidance import prediction_label
+from sdlens.analysis.tokens import encoders_sentence, token_view
 from sdlens.engine.options import human_bytes
 from sdlens.engine.session import check_seed, generate
 from sdlens.experiments.sweep import add_sweep_parser, is_grid_file, sweep
@@ -201,7 +203,7 @@ def _trace_run(args: argparse.Namespace) -> int:
 def _warn_truncated(tr) -> None:
     for words in tr.truncated_words:
         if words:
-            print(f"warning: CLIP's 75-token limit cut: {' '.join(words)}", file=sys.stderr)
+            print(f"warning: the text encoder's token limit cut: {' '.join(words)}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- report
@@ -239,16 +241,22 @@ def describe_trace(tr, path: Path | None = None) -> str:
     lines += [
         f"model        {meta.get('model_id')}  (family {meta.get('family')}, task {meta.get('task')})",
         f"pipeline     {meta.get('pipeline_class')}",
-        f"scheduler    {meta.get('scheduler_class')}, prediction {meta.get('prediction_type')}",
+        f"scheduler    {meta.get('scheduler_class')}, the model predicts {prediction_label(tr)}"
+        f" ({tr.prediction_type})",
         f"steps        {len(tr.timesteps)}   guidance {tr.guidance_scale:g}"
         + ("" if tr.do_cfg else " (off)") + f"   seeds {meta.get('seeds')}",
         f"size         {meta.get('width')} x {meta.get('height')} px",
     ]
     for i, p in enumerate(tr.prompts):
-        n_tok = sum(1 for t in tr.tokens[i] if t not in ("<|startoftext|>", "<|endoftext|>"))
-        lines.append(f"prompt {i}     {p!r}  ({n_tok} of 75 tokens)")
+        view = token_view(tr, i, attention=False)
+        encoders = view.encoders()  # several text encoders (SD3): each one's count
+        counts = ", ".join(f"{e['name']} {e['tokens']} of {e['length']}" for e in encoders) \
+            if encoders else f"{view.n_prompt_tokens} of {view.limit}"
+        lines.append(f"prompt {i}     {p!r}  ({counts} tokens)")
+        if encoders:
+            lines.append(f"  {encoders_sentence(encoders)}")
         if tr.truncated_words[i]:
-            lines.append(f"  CUT by the 75-token limit: {' '.join(tr.truncated_words[i])}")
+            lines.append(f"  CUT by the {view.limit}-token limit: {' '.join(tr.truncated_words[i])}")
     lines.append("tensors")
     for name in ("timesteps", "sigmas", "latents", "noise_uncond", "noise_text", "noise", "x0"):
         t = getattr(tr, name)

@@ -6,7 +6,7 @@ Functions that draw one panel take ``ax=`` to draw into an axes of yours.
 
 >>> from sdlens import plot
 >>> plot.heatmap_grid(trace)                 # every word's heatmap over the image
->>> plot.step_strip(trace, n=8)              # x_t / x0 / noise / CFG delta over 8 steps
+>>> plot.step_strip(trace, n=8)              # x_t / x0 / prediction / CFG delta over 8 steps
 >>> plot.token_view(trace); plot.scheduler_curves(trace); plot.commitment_curves(trace)
 """
 
@@ -21,16 +21,18 @@ import torch
 from matplotlib.figure import Figure
 
 from sdlens.analysis.controlnet import controlnet_residuals as control_residuals
-from sdlens.analysis.guidance import cfg_delta, guidance_stats, scheduler_view, x0_guidance_sweep
+from sdlens.analysis.guidance import (cfg_delta, guidance_stats, prediction_label, scheduler_view,
+                                     x0_guidance_sweep)
 from sdlens.analysis.heatmaps import Commitment, commitments, output_size, word_heatmap
 from sdlens.analysis.previews import (latent_to_rgb, linear_decoder, previews, resolve_decoder,
                                       to_image)
-from sdlens.analysis.tokens import find_word, token_text, token_view as _token_view, word_texts
+from sdlens.analysis.tokens import (BOS, encoder_name, find_word, token_text,
+                                    token_view as _token_view, word_texts)
 from sdlens.trace.steps import select_step, select_steps
 
 STRIP_ROWS = ("latents", "x0", "noise", "cfg")
-_ROW_TITLES = {"latents": "x_t (latents)", "x0": "x0 (predicted)", "noise": "noise (guided)",
-               "cfg": "|CFG delta|", "image": "image"}
+_ROW_TITLES = {"latents": "x_t (latents)", "x0": "x0 (predicted)", "noise": "{} (guided)",
+               "cfg": "|CFG delta|", "image": "image"}  # "noise": the prediction, as it is named
 
 
 def _new_axes(ax: Any, figsize: tuple[float, float]):
@@ -181,7 +183,8 @@ def step_strip(trace: Any, steps: Any = None, n: int = 8, rows: Sequence[str] = 
     """How the picture forms: one column per chosen step (default ``n`` evenly spaced), rows
 
     * ``latents``: x_t before the step (linear preview / VAE), ``x0``: the predicted clean image,
-    * ``noise``: the guided noise prediction (false colour: first 3 channels, symmetric scale),
+    * ``noise``: the guided prediction (false colour: first 3 channels, symmetric scale),
+      labelled as what it is (``prediction_label``: noise, velocity for flow models, v, x0),
     * ``cfg``: per-pixel norm over channels of ``noise_text - noise_uncond`` (shared colour scale).
     """
     rows = [rows] if isinstance(rows, str) else list(rows)
@@ -219,7 +222,7 @@ def step_strip(trace: Any, steps: Any = None, n: int = 8, rows: Sequence[str] = 
             if r == 0:
                 ax.set_title(f"step {s + 1}\nt={float(trace.timesteps[s]):.0f}", fontsize=9)
             if c == 0:
-                ax.set_ylabel(_ROW_TITLES[row], fontsize=9)
+                ax.set_ylabel(_ROW_TITLES[row].format(prediction_label(trace)), fontsize=9)
         if row == "cfg":
             fig.colorbar(im, ax=list(axes[r]), fraction=0.02, pad=0.01, label="L2 over channels")
     how = "VAE decode" if decoder == "vae" else f"{decoder} preview"
@@ -305,7 +308,8 @@ def scheduler_curves(trace: Any) -> Figure:
     d2 = d.twinx()
     d2.plot(steps, v.dsigma, color="tab:red", marker="o", ms=3)
     d2.set_ylabel("sigma - sigma_next", color="tab:red")
-    fig.suptitle(f"{v.scheduler} ({v.form} form, {v.prediction_type}), {len(steps)} steps",
+    fig.suptitle(f"{v.scheduler} ({v.form} form, predicts {prediction_label(v.prediction_type)}), "
+                 f"{len(steps)} steps",
                  fontsize=11)
     return fig
 
@@ -336,9 +340,11 @@ def commitment_curves(source: Any, words: Iterable[str] | None = None, threshold
 def token_view(trace: Any, batch: int = 0, ax: Any = None, include_start: bool = False) -> Figure:
     """The prompt's tokens (one bar each, coloured by word) and the share of cross-attention
     each received over the run. The start token, which takes most of the attention in every
-    layer, is left out unless ``include_start``."""
+    layer, is left out unless ``include_start``. Several text encoders (SD3): each token's label
+    names its encoder (CLIP / T5), the title each encoder's count."""
     view = _token_view(trace, batch)
-    rows = [r for r in view.rows if (include_start or r.position != 0)]
+    start = view.rows[0].position if view.rows and view.rows[0].token == BOS else None
+    rows = [r for r in view.rows if (include_start or r.position != start)]
     rows = [r for r in rows if r.attention is not None]
     if not rows:
         raise ValueError("no token of this trace has recorded attention")
@@ -347,9 +353,13 @@ def token_view(trace: Any, batch: int = 0, ax: Any = None, include_start: bool =
     x = np.arange(len(rows))
     ax.bar(x, [r.attention for r in rows], color=colours)
     ax.set_xticks(x)
-    ax.set_xticklabels([f"{r.text}\n{r.position}" for r in rows], rotation=60, fontsize=8)
-    ax.set_ylabel("share of cross-attention")
-    title = f"{view.n_prompt_tokens} of {view.limit} tokens: {view.prompt!r}"
+    ax.set_xticklabels([f"{r.text}\n{encoder_name(r.encoder) + ' ' if r.encoder else ''}"
+                        f"{r.position}" for r in rows], rotation=60, fontsize=8)
+    ax.set_ylabel("share of attention to the text")
+    encoders = view.encoders()
+    counts = (", ".join(f"{e['name']} {e['tokens']} of {e['length']}" for e in encoders)
+              if encoders else f"{view.n_prompt_tokens} of {view.limit}")
+    title = f"{counts} tokens: {view.prompt!r}"
     if view.truncated:
         title += f"\nCUT by the {view.limit}-token limit: {' '.join(view.truncated_words)}"
     ax.set_title(title, fontsize=9, color="red" if view.truncated else "black")

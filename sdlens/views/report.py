@@ -27,11 +27,11 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from PIL import Image
 
-from sdlens.analysis.guidance import prediction_type, scheduler_view
+from sdlens.analysis.guidance import guidance_text, prediction_label, scheduler_view
 from sdlens.analysis.heatmaps import commitments, word_heatmap
 from sdlens.analysis.previews import previews, resolve_decoder
-from sdlens.analysis.tokens import (WORDS_UNKNOWN, find_word, nearest_tokens, token_view,
-                                    word_texts)
+from sdlens.analysis.tokens import (WORDS_UNKNOWN, encoder_name, encoders_sentence, find_word,
+                                    nearest_tokens, token_view, word_texts)
 from sdlens.views import plot
 
 _CSS = """
@@ -138,9 +138,10 @@ def _settings(trace: Any, batch: int) -> str:
         ("model", meta.get("model_id") or meta.get("model")),
         ("family / task", f"{meta.get('family')} / {meta.get('task')}"),
         ("pipeline", meta.get("pipeline_class")),
-        ("scheduler", f"{meta.get('scheduler_class')} ({prediction_type(trace)})"),
+        ("scheduler", f"{meta.get('scheduler_class')} (the model predicts "
+                      f"{prediction_label(trace)})"),
         ("steps", len(trace.timesteps)),
-        ("guidance scale", f"{trace.guidance_scale:g}" if trace.do_cfg else
+        ("guidance", guidance_text(trace) if trace.do_cfg else
          f"off (scale {trace.guidance_scale:g}: diffusers guides only above 1)"),
         ("seed", seeds[batch] if len(seeds) > batch else (seeds[0] if seeds else None)),
         ("size", f"{meta.get('width')} x {meta.get('height')} px, latents "
@@ -232,7 +233,8 @@ def _scrubber(trace: Any, batch: int, words: list[str], decoder: str, vae: Any,
     return "\n".join(parts)
 
 
-_DECODERS = {"linear": "linear preview", "vae": "VAE decode", "tiny": "tiny VAE decode"}
+_DECODERS = {"linear": "linear preview", "vae": "VAE decode", "tiny": "tiny VAE decode",
+             "channels": "first 3 latent channels"}
 
 
 def _word_name(view: Any, row: Any) -> str:
@@ -263,18 +265,31 @@ def _tokens(trace: Any, batch: int) -> str:
     if not view.words:
         out.append(f'<div class="warn">Words unknown: {html.escape(WORDS_UNKNOWN)}. The table '
                    'lists token positions.</div>')
+    encoders = view.encoders()  # several text encoders (SD3): which saw which word
     if view.truncated:
-        out.append(f'<div class="warn">The prompt is longer than CLIP\'s {view.limit} tokens: '
-                   f'the pipeline cut <b>{html.escape(" ".join(view.truncated_words))}</b>; '
+        out.append(f'<div class="warn">The prompt is longer than the text encoder\'s {view.limit} '
+                   f'tokens: the pipeline cut <b>{html.escape(" ".join(view.truncated_words))}</b>; '
                    'those words had no effect and have no maps.</div>')
-    out.append(f"<p>{view.n_prompt_tokens} of {view.limit} prompt tokens. The share of attention "
+    if encoders:
+        counts = ", ".join(f"{e['name']} {e['tokens']} of {e['length']} positions"
+                           for e in encoders)
+        out.append(f"<p>Prompt tokens: {html.escape(counts)}. {html.escape(encoders_sentence(encoders))}"
+                   ". A word's map pools its tokens of every encoder that saw it. Padding without "
+                   "maps is left out of the table.</p>")
+    count = "" if encoders else f"{view.n_prompt_tokens} of {view.limit} prompt tokens. "
+    out.append(f"<p>{count}The share of attention "
                "is the attention probability a token received, averaged over recorded steps, "
                f"layers, heads and pixels{_share_sentence(view)}.</p>")
-    head = "<tr><th>position</th><th>token</th><th>id</th><th>word</th><th>attention share</th></tr>"
+    padding = {id(r) for r in view.padding_rows() if r.attention is None}
+    enc_head = "<th>encoder</th>" if encoders else ""
+    head = (f"<tr>{enc_head}<th>position</th><th>token</th><th>id</th><th>word</th>"
+            "<th>attention share</th></tr>")
     rows = "".join(
-        f"<tr><td>{r.position}</td><td><code>{html.escape(r.token)}</code></td>"
+        "<tr>" + (f"<td>{html.escape(encoder_name(r.encoder))}</td>" if encoders else "")
+        + f"<td>{r.position}</td><td><code>{html.escape(r.token)}</code></td>"
         f"<td>{'' if r.id is None else r.id}</td><td>{html.escape(_word_name(view, r))}</td>"
-        f"<td>{'' if r.attention is None else f'{r.attention:.4f}'}</td></tr>" for r in view.rows)
+        f"<td>{'' if r.attention is None else f'{r.attention:.4f}'}</td></tr>"
+        for r in view.rows if id(r) not in padding)
     out.append(f"<table>{head}{rows}</table>")
     if trace.attention is not None:
         out.append("<br>" + _img_tag(_fig_uri(plot.token_view(trace, batch)), "token view"))
@@ -319,7 +334,7 @@ def _guidance_section(trace: Any, batch: int) -> str:
     try:
         fig = plot.guidance_strip(trace, step, batch=batch)
         out.append("<p>x0 of step " + str(step + 1) + " recomputed from the recorded predictions at other"
-                   " guidance scales (no new UNet call; later steps would differ too).</p>")
+                   " guidance scales (no new model call; later steps would differ too).</p>")
         out.append(_img_tag(_fig_uri(fig), "x0 at other guidance scales"))
     except ValueError as e:
         out.append(f'<div class="note">{html.escape(str(e))}</div>')

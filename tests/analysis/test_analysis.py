@@ -257,7 +257,13 @@ def test_preview_errors():
         P.preview(tr, decoder="tiny", vae=LinearVAE())
     tr = replace(tr, meta={**tr.meta, "family": "kandinsky"})
     with pytest.raises(ValueError, match="no linear latent->RGB decoder"):
-        P.preview(tr)
+        P.preview(tr, decoder="linear")
+    # "auto" without a linear table or a VAE: the first 3 latent channels, each frame scaled
+    assert P.resolve_decoder(tr) == "channels"
+    img = np.asarray(P.preview(tr, "x0", step=3, size="latent")).astype(np.float32)
+    x = tr.x0[3, 0, :3].float()
+    ref = ((x / x.abs().max()).permute(1, 2, 0).numpy() + 1) * 127.5
+    np.testing.assert_allclose(img, ref, atol=1.0)
 
 
 def test_autoencoder_tiny_decoding():

@@ -1,6 +1,7 @@
-"""The six notebooks run top to bottom (nbclient, a fresh kernel each) on the shipped model.
+"""The notebooks run top to bottom (nbclient, a fresh kernel each): six on the shipped model,
+``transformers`` on a random-weight SD3 test bed (until a shipped transformer model exists).
 
-They need the shipped model's weights and skip only while
+The shipped model's six need its weights and skip only while
 ``sdlens/models/shapes/weights/model_index.json`` is missing. Executed copies go to
 ``test-artifacts/notebooks/`` (CI artefacts) with each notebook's wall time.
 """
@@ -17,7 +18,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = REPO / "notebooks"
 WEIGHTS = REPO / "sdlens" / "models" / "shapes" / "weights" / "model_index.json"
-EXPECTED = ["attention", "denoising", "guidance-and-seeds", "img2img-and-inpainting", "quickstart", "tokens"]
+SHIPPED = ["attention", "denoising", "guidance-and-seeds", "img2img-and-inpainting", "quickstart", "tokens"]
+TEST_BED = ["transformers"]  # a random-weight test bed: runs without the shipped weights
+EXPECTED = sorted(SHIPPED + TEST_BED)
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
@@ -27,10 +30,10 @@ def _read(name: str):
     return nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
 
 
-def test_the_six_notebooks_are_there_with_a_model_cell():
+def test_the_notebooks_are_there_with_a_model_cell():
     names = sorted(p.stem for p in NOTEBOOK_DIR.glob("*.ipynb"))
     assert names == EXPECTED
-    for name in names:
+    for name in SHIPPED:
         nb = _read(name)
         code = [c.source for c in nb.cells if c.cell_type == "code"]
         model_cell = [c for c in code if c.lstrip().startswith("# MODEL") or "\nMODEL, DEVICE = None, None" in c]
@@ -39,10 +42,22 @@ def test_the_six_notebooks_are_there_with_a_model_cell():
         assert all(not c.outputs for c in nb.cells if c.cell_type == "code"), f"{name}: committed with outputs"
 
 
+def test_transformers_notebook_loads_its_pipeline_in_one_switchable_cell():
+    nb = _read("transformers")
+    assert nb.cells[0].cell_type == "markdown" and "random-weight" in nb.cells[0].source
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    loads = [c for c in code if "random_pipeline(" in c or "load_pipeline(" in c]
+    assert len(loads) == 1 and loads[0].startswith("# PIPELINE")  # the one cell to switch
+    assert 'random_pipeline("sd3"' in loads[0] and 'load_pipeline("shapes-mmdit")' in loads[0]
+    assert all(not c.outputs for c in nb.cells if c.cell_type == "code")
+
+
+_NO_WEIGHTS = pytest.mark.skipif(not WEIGHTS.exists(), reason="the shipped model is not there yet "
+                                 "(sdlens/models/shapes/weights/model_index.json)")
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not WEIGHTS.exists(), reason="the shipped model is not there yet "
-                    "(sdlens/models/shapes/weights/model_index.json)")
-@pytest.mark.parametrize("name", EXPECTED)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_NO_WEIGHTS) for n in SHIPPED] + TEST_BED)
 def test_notebook_runs(name, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient

@@ -1,6 +1,6 @@
 """Notebook panels (anywidget + ipywidgets).
 
-* :class:`TraceViewer` — scrub a trace's steps: x_t, x0, guided noise, CFG delta; word heatmaps.
+* :class:`TraceViewer` — scrub a trace's steps: x_t, x0, the guided prediction (noise, velocity), CFG delta; word heatmaps.
 * :class:`Studio` — prompt box + Generate; streams x0 previews while sampling; A/B of two runs.
 * :class:`ABView` — two runs in columns with one step slider and their difference.
 * :class:`GridViewer` — a labelled CFG x seed (x prompt) grid; click a cell for its TraceViewer.

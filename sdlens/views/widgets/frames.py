@@ -3,8 +3,9 @@
 A :class:`TraceFrames` turns a trace into PNG/JPEG bytes that the browser switches between
 without asking the kernel again:
 
-* ``base(batch)``: per step, ``x_t`` (the latents the UNet saw), the ``x0`` prediction, the
-  guided ``noise`` and the ``cfg_delta`` (``noise_text - noise_uncond``), plus the output image.
+* ``base(batch)``: per step, ``x_t`` (the latents the denoiser saw), the ``x0`` prediction, the
+  guided prediction ``noise`` (noise, or the velocity of a flow model: :func:`panel_label` says
+  which) and the ``cfg_delta`` (``noise_text - noise_uncond``), plus the output image.
   ``x_t`` / ``x0`` go through the latent->RGB decoder of :mod:`sdlens.analysis.previews`
   (linear by default); noise and delta through the same linear map, scaled by one robust maximum
   over all steps (so their magnitude over the run stays comparable), and are sent at the latent
@@ -26,25 +27,29 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdlens.analysis.guidance import cfg_delta
+from sdlens.analysis.guidance import cfg_delta, prediction_label
 from sdlens.analysis.heatmaps import output_size, token_heatmap, word_heatmap
-from sdlens.analysis.previews import latent_to_rgb, linear_decoder, previews, resolve_decoder
-from sdlens.analysis.tokens import trace_words
+from sdlens.analysis.previews import (latent_to_rgb, linear_available, linear_decoder, previews,
+                                      resolve_decoder)
+from sdlens.analysis.tokens import encoder_name, trace_words
 
 PANELS = ("x_t", "x0", "noise", "cfg_delta")
-PANEL_LABELS = {"x_t": "x_t (latents)", "x0": "x0 prediction", "noise": "guided noise",
-                "cfg_delta": "CFG delta (text - uncond)"}
+PANEL_LABELS = {"x_t": "x_t (latents)", "x0": "x0 prediction", "noise": "guided {}",
+                "cfg_delta": "CFG delta (text - uncond)"}  # "noise": what the model predicts
 #: What a latent->RGB decoder shows, in the words a panel's caption uses.
-DECODER_LABELS = {"linear": "linear preview", "vae": "VAE decode", "tiny": "tiny VAE decode"}
+DECODER_LABELS = {"linear": "linear preview", "vae": "VAE decode", "tiny": "tiny VAE decode",
+                  "channels": "first 3 latent channels"}
 #: How a heatmap frame is normalised, per mode (``word_heatmap``: each map min-max to [0, 1]).
 HEAT_NORMS = {"step": "per step, min–max", "sum": "summed over steps, min–max"}
 FORMATS = ("png", "jpeg", "auto")
 MAX_ALPHA = 0.85  # a heat frame's alpha at value 1 (the browser inverts it for the value shown)
 
 
-def panel_label(panel: str, decoder: str = "linear") -> str:
-    """A panel's caption: x_t and x0 say how they were decoded."""
-    label = PANEL_LABELS[panel]
+def panel_label(panel: str, decoder: str = "linear", prediction: str = "noise") -> str:
+    """A panel's caption: x_t and x0 say how they were decoded, the prediction panel what the
+    model predicts (``prediction``: :func:`~sdlens.analysis.guidance.prediction_label`'s
+    "noise", "velocity", "v" or "x0")."""
+    label = PANEL_LABELS[panel].format(prediction)
     if panel in ("x_t", "x0"):
         label += f" · {DECODER_LABELS.get(decoder, decoder)}"
     return label
@@ -80,7 +85,8 @@ def panel_notes(trace: Any, batch: int = 0) -> list[str]:
             f" ({hint})" if rec is not None and "attention" not in rec else ""))
     if missing("noise"):
         why = hint if rec is None or "noise" not in rec else "not kept"
-        notes.append(f"noise not recorded: {why} (no guided-noise or CFG-delta panel)")
+        notes.append(f"noise not recorded: {why} (no guided-{prediction_label(trace)} or "
+                     "CFG-delta panel)")
     elif not getattr(trace, "do_cfg", True) or missing("noise_uncond"):
         gs = getattr(trace, "guidance_scale", float("nan"))
         notes.append(f"no CFG delta: guidance off (scale {float(gs):g}; diffusers guides only "
@@ -178,17 +184,20 @@ def _display_size(trace: Any, max_side: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------- words & layers
 @dataclass(frozen=True)
 class WordChip:
-    """A word of the prompt as a chip: ``key`` is unique (:attr:`Word.name`: "a", "a#2")."""
+    """A word of the prompt as a chip: ``key`` is unique (:attr:`Word.name`: "a", "a#2");
+    ``encoders``: the text encoders that saw it ("CLIP", "T5"; several-encoder models only)."""
 
     key: str
     text: str
     occurrence: int
     positions: tuple[int, ...]
     tokens: tuple[str, ...]
+    encoders: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return {"key": self.key, "text": self.text, "occurrence": self.occurrence,
-                "positions": list(self.positions), "tokens": list(self.tokens)}
+                "positions": list(self.positions), "tokens": list(self.tokens),
+                "encoders": list(self.encoders)}
 
 
 POSITION_CHIPS = 12  # words unknown: chips for the positions after the start token
@@ -205,7 +214,8 @@ def word_chips(trace: Any, batch: int = 0) -> list[WordChip]:
                 for p in maps.token_positions[1: 1 + POSITION_CHIPS]]
     chips = []
     for w in trace_words(trace, batch, punctuation=False):
-        chips.append(WordChip(w.name, w.text, w.occurrence, tuple(w.positions), tuple(w.tokens)))
+        chips.append(WordChip(w.name, w.text, w.occurrence, tuple(w.positions), tuple(w.tokens),
+                              tuple(encoder_name(e) for e in w.encoders)))
     return chips
 
 
@@ -259,7 +269,8 @@ class TraceFrames:
         max_side: longest side in pixels of the x_t / x0 / image frames (default 256).
         heat_side: longest side of heatmap frames (default 128; the browser scales them).
         decoder: latent->RGB decoder for x_t / x0 (``"auto"``: the VAE decode where it is cheap,
-            else linear; ``"linear"``, ``"vae"``, ``"tiny"``).
+            else linear, or the first latent channels where there is no linear decoder;
+            ``"linear"``, ``"vae"``, ``"tiny"``, ``"channels"``).
         vae: the VAE / AutoencoderTiny for ``decoder='vae'|'tiny'``.
         fmt: ``"png"``, ``"jpeg"`` or ``"auto"`` (PNG up to 128 px, else JPEG) for image frames.
         cmap: matplotlib colormap of the heatmaps.
@@ -352,9 +363,10 @@ class TraceFrames:
         return self._scales[key]
 
     def decoders(self) -> list[str]:
-        """Decoders x_t / x0 can be shown with: "linear" always, "vae" when a VAE is at hand
-        (``vae=`` or the live ``trace.pipeline``), the one given at construction."""
-        out = ["linear"]
+        """Decoders x_t / x0 can be shown with: "linear" (or, for a model without a linear
+        decoder and no VAE at hand, "channels"), "vae" when a VAE is at hand (``vae=`` or the
+        live ``trace.pipeline``), the one given at construction."""
+        out = ["linear" if linear_available(self.trace, self.vae) else "channels"]
         pipe = getattr(self.trace, "pipeline", None)
         if self.vae is not None or getattr(pipe, "vae", None) is not None \
                 or resolve_decoder(self.trace, "auto") == "vae":  # e.g. the shipped model's own

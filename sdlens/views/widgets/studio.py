@@ -2,7 +2,8 @@
 
 Prompt, negative prompt, seed, steps, CFG scale, scheduler and a Generate button. Sampling runs
 traced (:func:`sdlens.engine.session.generate`) in a background thread, so the kernel stays free to
-handle the Interrupt button; a ``callback_on_step_end`` streams the x0 prediction of every step
+handle the Interrupt button; the pipeline's step callback (``callback_on_step_end``, or the older
+``callback`` where a pipeline has only that: PixArt) streams the x0 prediction of every step
 (linear latent->RGB decoder) into the live preview and moves the progress bar. Interrupt raises
 :class:`Interrupted` inside that callback: the pipeline call stops and the trace engine restores
 every hook. When a run finishes the live preview gives way to a :class:`TraceViewer` of it;
@@ -17,6 +18,7 @@ scale below 1 runs unguided (as diffusers does) and the panel says "guidance off
 from __future__ import annotations
 
 import html
+import inspect
 import threading
 import time
 import warnings
@@ -41,6 +43,16 @@ class Interrupted(Exception):
     """Raised in the step callback when the user presses Interrupt."""
 
 
+def _callback_argument(pipe) -> str | None:
+    """The step-callback argument ``pipe`` takes: "callback_on_step_end" (most pipelines),
+    "callback" (the older ``callback(step, timestep, latents)``: PixArt), or None."""
+    try:
+        params = inspect.signature(type(pipe).__call__).parameters
+    except (TypeError, ValueError):
+        return "callback_on_step_end"
+    return next((p for p in ("callback_on_step_end", "callback") if p in params), None)
+
+
 def _live_x0(pipe) -> torch.Tensor | None:
     """The x0 the trace engine computed for the step just taken (None when it has none)."""
     state = live_state(pipe)
@@ -59,21 +71,30 @@ class Studio(W.VBox):
         preview_px: size of the live preview on screen.
         viewer: keyword arguments for each run's :class:`TraceViewer`.
         record: keyword arguments for :func:`sdlens.engine.session.generate` (``layers``, ...).
+        pipe_kwargs: more arguments for every pipeline call (``height``, ``width``, PixArt's
+            ``use_resolution_binning``, ...).
+
+    A flow-matching pipeline (SD3, Sana) keeps its own scheduler: the menu's others (DDIM,
+    Euler, ...) are the UNet models' noise schedules and are not offered.
     """
 
     def __init__(self, pipe: Any, prompt: str = DEFAULT_PROMPT, negative_prompt: str = "",
                  seed: int = 0, steps: int | None = None, guidance_scale: float | None = None,
                  scheduler: str = "default", keep: int = 2, preview_px: int = 192,
-                 viewer: dict | None = None, record: dict | None = None, **kwargs: Any):
+                 viewer: dict | None = None, record: dict | None = None,
+                 pipe_kwargs: dict | None = None, **kwargs: Any):
         adapter_for(pipe)  # TypeError naming the supported pipelines
         if not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be a positive int, got {keep!r}")
-        sched_opts = ["default"] + list(SCHEDULERS)
+        self.info = describe(pipe)
+        flow = self.info.prediction_type == "flow"  # a velocity model: its own scheduler only
+        sched_opts = ["default"] + ([] if flow else list(SCHEDULERS))
         if scheduler not in sched_opts:
             raise ValueError(f"scheduler must be one of {sched_opts}, got {scheduler!r}")
         self.pipe = pipe
-        self.info = describe(pipe)
         self.keep = keep
+        self.pipe_kwargs = dict(pipe_kwargs or {})
+        self._callback_arg = _callback_argument(pipe)
         self.viewer_kwargs = dict(viewer or {})
         self.record_kwargs = dict(record or {})
         self.runs: list[dict] = []  # {"settings": ..., "trace": ..., "viewer": ..., "seconds": ...}
@@ -102,7 +123,7 @@ class Studio(W.VBox):
         self.guidance_note = W.HTML("")
         self.guidance_scale.observe(lambda _c: self._note_guidance(), names="value")
         self.scheduler = W.Dropdown(options=[(f"default ({self.info.scheduler_class})", "default")]
-                                    + [(f"{k} ({v})", k) for k, v in SCHEDULERS.items()],
+                                    + [(f"{k} ({SCHEDULERS[k]})", k) for k in sched_opts[1:]],
                                     value=scheduler, description="scheduler", style=style, layout=lay)
         self.generate_button = W.Button(description="Generate", button_style="primary", icon="play")
         self.interrupt_button = W.Button(description="Interrupt", button_style="danger", icon="stop",
@@ -265,10 +286,16 @@ class Studio(W.VBox):
                 pipe.scheduler = make_scheduler(s["scheduler"], original.config)
             with warnings.catch_warnings():  # "guidance off" is in the panel already
                 warnings.filterwarnings("ignore", message=r"sdlens: guidance_scale=.* below 1")
+                callback: dict[str, Any] = {}
+                if self._callback_arg == "callback_on_step_end":
+                    callback["callback_on_step_end"] = self._callback
+                elif self._callback_arg == "callback":  # callback(step, timestep, latents)
+                    callback["callback"] = lambda i, t, latents: self._callback(
+                        pipe, i, t, {"latents": latents})
                 tr = generate(pipe, s["prompt"], seed=s["seed"], steps=s["steps"],
                               guidance_scale=s["guidance_scale"],
                               negative_prompt=s["negative_prompt"] or None,
-                              callback_on_step_end=self._callback, **self.record_kwargs)
+                              **callback, **self.pipe_kwargs, **self.record_kwargs)
             seconds = time.perf_counter() - t0
             self.status.value = f"done in {seconds:.1f} s · building the viewer…"
             viewer = TraceViewer(tr, **self.viewer_kwargs)

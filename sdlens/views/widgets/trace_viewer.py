@@ -1,6 +1,6 @@
 """``TraceViewer(trace)``: scrub the denoising steps of a traced run in a notebook.
 
-Every frame (x_t, x0, guided noise, CFG delta per step; each word's heatmap per step and summed)
+Every frame (x_t, x0, the guided prediction (noise, or velocity for flow models), CFG delta per step; each word's heatmap per step and summed)
 is encoded once in the kernel (:mod:`sdlens.widgets.frames`) and sent to the browser as binary
 buffers; the step slider, play/pause, word chips and the per-step/summed toggle switch images in
 the browser with no kernel round trip. Changing the layer choice or the batch item asks the kernel
@@ -12,13 +12,13 @@ State lives in synced traitlets, so the kernel sees what the user did (``viewer.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import anywidget
 import traitlets
 
+from sdlens.analysis.guidance import guidance_text, prediction_label
 from sdlens.views.widgets.frames import (DECODER_LABELS, HEAT_NORMS, MAX_ALPHA, TraceFrames,
                                          colorbar_css, layer_options, panel_label, panel_notes,
                                          word_chips)
@@ -29,10 +29,6 @@ OVERLAY_STYLES = ("fill", "outline")
 #: The keyboard, as the panel's help line states it.
 HELP = ("keys: ←/→ step · space play/pause · Home/End first/last step · click a word for its "
         "heatmap, point at it for the value")
-
-
-def _fmt_num(x: float) -> str:
-    return f"{x:g}" if not math.isnan(x) else "?"
 
 
 def describe_trace(trace: Any, batch: int = 0) -> str:
@@ -48,8 +44,7 @@ def describe_trace(trace: Any, batch: int = 0) -> str:
     seeds = meta.get("seeds")
     if seeds:
         parts.append(f"seed {seeds[batch] if batch < len(seeds) else seeds[0]}")
-    gs = getattr(trace, "guidance_scale", float("nan"))
-    parts.append(f"CFG {_fmt_num(float(gs))}" if getattr(trace, "do_cfg", True) else "guidance off")
+    parts.append(guidance_text(trace))
     parts.append(f"{len(trace.timesteps)} steps")
     sched = meta.get("scheduler_class") or meta.get("scheduler")
     if sched:
@@ -58,7 +53,8 @@ def describe_trace(trace: Any, batch: int = 0) -> str:
 
 
 class TraceViewer(anywidget.AnyWidget):
-    """Step scrubber for a trace: x_t, x0, guided noise and CFG delta side by side, the output
+    """Step scrubber for a trace: x_t, x0, the guided prediction (labelled as what the model
+    predicts: noise, velocity, v or x0) and CFG delta side by side, the output
     image, and the prompt's words as chips that overlay their heatmap (at the current step, or
     summed over steps).
 
@@ -171,7 +167,8 @@ class TraceViewer(anywidget.AnyWidget):
         self.observe(self._on_decoder, names="decoder")
 
     def _panel_specs(self) -> list[dict]:
-        return [{"name": p, "label": panel_label(p, self.decoder)} for p in self._frames.panels()]
+        pred = prediction_label(self.trace)
+        return [{"name": p, "label": panel_label(p, self.decoder, pred)} for p in self._frames.panels()]
 
     # ---------------------------------------------------------------- loading
     def _load_batch(self) -> None:

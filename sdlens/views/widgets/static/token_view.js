@@ -1,4 +1,5 @@
 // sdlens TokenView front end: the prompt's tokens with their attention share; hover for ids.
+// Several text encoders (SD3): one group of chips per encoder, headed by its name (CLIP, T5).
 function render({ model, el }) {
   const root = document.createElement("div");
   root.className = "sdl-tokens";
@@ -17,13 +18,22 @@ function render({ model, el }) {
     info.textContent = "hover a token for its id";
     const rows = model.get("rows");
     const max = Math.max(1e-12, ...rows.filter((r) => !r.special).map((r) => r.share || 0));
+    let encoder = "";
     for (const r of rows) {
+      if (r.encoder && r.encoder !== encoder) {  // a new encoder's segment starts here
+        encoder = r.encoder;
+        const headChip = document.createElement("span");
+        headChip.className = "sdl-token-encoder";
+        headChip.textContent = `${encoder}:`;
+        row.appendChild(headChip);
+      }
       const t = document.createElement("span");
       t.className = "sdl-token" + (r.special ? " sdl-token-special" : "") + (r.cut ? " sdl-token-cut" : "");
       t.dataset.position = String(r.position);
       t.textContent = r.text;
       const details = `position ${r.position} · id ${r.id === null ? "?" : r.id} · token '${r.token}'` +
         (r.word ? ` · word '${r.word}'` : "") +
+        (r.encoder ? ` · seen by ${r.encoder}` : "") +
         (r.attention === null ? "" : ` · attention ${(100 * r.attention).toFixed(2)}% of all, ${(100 * (r.share || 0)).toFixed(1)}% of the prompt's`) +
         (r.cut ? " · CUT by the 77-token limit" : "");
       t.title = details;

@@ -207,7 +207,8 @@ function render({ model, el }) {
         // the chip reads the word's name ("a", "a#2"): the name the kernel, plots and
         // token_effects use for it
         class: "sdl-chip", text: w.key, "data-word": w.key,
-        title: `tokens ${w.tokens.join(" ")} at positions ${w.positions.join(", ")}`,
+        title: `tokens ${w.tokens.join(" ")} at positions ${w.positions.join(", ")}` +
+          (w.encoders && w.encoders.length ? ` · seen by ${w.encoders.join(" and ")}` : ""),
       });
       chip.addEventListener("click", () => {
         const next = model.get("word") === w.key ? "" : w.key;
