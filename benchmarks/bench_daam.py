@@ -55,7 +55,9 @@ def earlier_daam() -> dict:
 # transformers==4.30.2, pandas, numba, nltk, inflect, joblib, accelerate==0.23.0.
 # gradio is only used by its demo; huggingface_hub must predate the removal of
 # `cached_download` (diffusers 0.21.2 imports it).
-DAAM_DEPS = ["diffusers==0.21.2", "transformers==4.30.2", "accelerate==0.23.0",
+# torch is pinned in the same command so that the resolver keeps the CPU build installed first
+# (without the pin it may pull another torch build with CUDA libraries)
+DAAM_DEPS = ["torch==2.13.0", "diffusers==0.21.2", "transformers==4.30.2", "accelerate==0.23.0",
              "huggingface_hub==0.25.2", "scikit-image", "spacy", "ftfy", "pandas", "numba", "nltk",
              "inflect", "joblib", "matplotlib", "scipy", "safetensors", "numpy<2"]
 
@@ -156,6 +158,208 @@ def part_b(s, ctx: dict) -> dict:
                              "per layer and head over steps) vs untraced, in our venv",
                              C.TIME_COLUMNS + ["peak RSS above start (median)"], rows, notes),
             "raw": {"figures": figs}}
+
+
+# ====================================================================== (c) DAAM's heatmaps vs ours
+# DAAM 0.2.0 sets its latent grid from unet.config.sample_size: 64x64 only for SD 1.x-sized
+# models at 512 px, so the check runs there
+HEATMAP_SIZE = 512
+HEATMAP_TARGET = 0.99  # Pearson correlation of DAAM's word map and sdlens's pooling="daam" map
+HEATMAP_WORDS = ("red", "circle", "and", "blue", "square", "on", "white", "background")
+
+
+def heatmap_model_dir(scale: float) -> Path:
+    return HERE / "_work" / f"daam-check-sd15-scale{scale}-sample64"
+
+
+def heatmap_model(scale: float) -> Path:
+    """The SD 1.5 architecture with seeded random weights at the real 64x64 latent size, saved
+    ONCE (safetensors, ``save_pretrained`` per component) by our venv and loaded by both venvs:
+    diffusers 0.21.2 / transformers 4.30.2 read these configs and weights (unknown config keys
+    are ignored). The tokenizer is the real CLIP BPE tokenizer (the shipped model's)."""
+    folder = heatmap_model_dir(scale)
+    if (folder / "model_index.json").exists():
+        return folder
+    from sdlens.testing import random_pipeline
+
+    pipe = random_pipeline("sd15", scale=scale, sample_size=HEATMAP_SIZE // 8)
+    tmp = folder.with_name(folder.name + ".partial")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(folder)
+    return folder
+
+
+def heatmap_call(prompt: str, steps: int) -> dict:
+    """The one call both venvs make (same seed, size, CFG; latents out)."""
+    import torch
+
+    return dict(prompt=prompt, num_inference_steps=steps, guidance_scale=7.5, height=HEATMAP_SIZE,
+                width=HEATMAP_SIZE, generator=torch.Generator("cpu").manual_seed(0),
+                output_type="latent")
+
+
+def heatmap_child(args) -> int:
+    """Inside the DAAM venv: load the saved model, generate under ``daam.trace``, write DAAM's
+    word maps (its 64x64 ``WordHeatMap.heatmap`` and ``expand_as`` at 512 px), the final latents
+    and the prompt's token ids to ``args.out`` (torch.save)."""
+    import PIL.Image
+    import torch
+    torch.set_num_threads(args.threads)
+    import daam
+    import diffusers
+    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(args.model)
+    t0 = time.perf_counter()
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(folder / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(slow_tokenizer_folder(args.tokenizer)),
+        unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
+        scheduler=PNDMScheduler.from_pretrained(folder / "scheduler"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with torch.no_grad(), daam.trace(pipe) as tc:
+        out = pipe(**heatmap_call(args.prompt, args.steps))
+        gen_s = time.perf_counter() - t0
+        hm = tc.compute_global_heat_map()
+        blank = PIL.Image.new("RGB", (HEATMAP_SIZE, HEATMAP_SIZE))
+        maps, expanded = {}, {}
+        for w in args.words:
+            wm = hm.compute_word_heat_map(w)
+            maps[w] = wm.heatmap.float().clone()
+            expanded[w] = wm.expand_as(blank).float().clone()
+        keys = [k for k, _ in tc.all_heat_maps]
+    ids = pipe.tokenizer(args.prompt, padding="max_length", max_length=77).input_ids
+    torch.save({"latents": out.images.float(), "maps": maps, "expanded": expanded, "ids": ids,
+                "layers": list(tc.layer_names), "factors": sorted({k[0] for k in keys}),
+                "entries": len(keys), "heads": sorted({k[2] for k in keys}),
+                "versions": {"daam": daam.__version__, "diffusers": diffusers.__version__,
+                             "torch": str(torch.__version__)},
+                "load_s": load_s, "generate_s": gen_s, "scheduler": type(pipe.scheduler).__name__},
+               args.out)
+    print("@@HEATMAPS@@" + str(args.out))
+    return 0
+
+
+def _pearson(a, b) -> float:
+    import torch
+
+    x = torch.stack([a.flatten().double(), b.flatten().double()])
+    return float(torch.corrcoef(x)[0, 1])
+
+
+def part_c(s, ctx: dict, work: Path) -> dict:
+    """DAAM 0.2.0's word heatmaps (its venv) against ``trace.heatmap(word, pooling="daam")``
+    (ours) on the same saved weights, seed, prompt and scheduler: Pearson correlation per word."""
+    import torch
+
+    import common as C
+
+    title = (f"3c. DAAM 0.2.0's word heatmaps vs sdlens's pooling=\"daam\" (same weights, "
+             f"{HEATMAP_SIZE} px)")
+    cols = ["word", "Pearson r, 512 px maps (heads kept)", "r, 64x64 latent-grid maps (heads kept)",
+            "r, 512 px maps (default recording: heads averaged, float16)"]
+    if not DAAM_PY.exists():
+        return {"table": C.table(title, ["status"], [[
+            f"NOT RUN: the DAAM venv {DAAM_VENV} is missing (`python benchmarks/bench_daam.py "
+            "--setup`)"]]), "raw": {"not_run": {"daam_heatmap_corr": "the DAAM venv is missing"}}}
+    scale = 0.05 if s.smoke else 1.0
+    steps = 2 if s.smoke else 3
+    t0 = time.monotonic()
+    folder = heatmap_model(scale)
+    build_s = time.monotonic() - t0
+    out = work / "daam_heatmaps.pt"
+    if out.exists():
+        out.unlink()
+    threads = s.extra.get("threads", 2)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONNOUSERSITE="1")
+    env.pop("PYTHONPATH", None)
+    cmd = [str(DAAM_PY), str(Path(__file__).resolve()), "--heatmap-child", "--model", str(folder),
+           "--out", str(out), "--steps", str(steps), "--threads", str(threads),
+           "--tokenizer", str(REPO / "sdlens" / "models" / "shapes" / "weights" / "tokenizer"),
+           "--prompt", s.prompt, "--words", *HEATMAP_WORDS]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env, cwd="/tmp")
+    if p.returncode != 0 or not out.exists():
+        tail = (p.stderr or p.stdout or "").strip().splitlines()[-3:]
+        return {"table": C.table(title, ["status"], [["DAAM child FAILED: " + " / ".join(tail)]]),
+                "raw": {"failed": tail}}
+    theirs = torch.load(out)
+
+    from diffusers import StableDiffusionPipeline
+
+    from sdlens.engine.session import trace
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    ids = pipe.tokenizer(s.prompt, padding="max_length", max_length=77).input_ids
+    runs = {}
+    for name, opts in (("heads", dict(heads=True, attention_dtype=torch.float32)),
+                       ("default", {})):
+        t1 = time.monotonic()
+        with trace(pipe, **opts) as tr:
+            lat = pipe(**heatmap_call(s.prompt, steps)).images
+        runs[name] = {"trace": tr.runs[-1], "latents": lat.float(), "s": time.monotonic() - t1}
+    ours = runs["heads"]["trace"]
+    rows, per = [], {}
+    for w in HEATMAP_WORDS:
+        r512 = _pearson(ours.heatmap(w, pooling="daam"), theirs["expanded"][w])
+        r64 = _pearson(ours.heatmap(w, pooling="daam", size=HEATMAP_SIZE // 8, normalize=False),
+                       theirs["maps"][w])
+        rdef = _pearson(runs["default"]["trace"].heatmap(w, pooling="daam"), theirs["expanded"][w])
+        per[w] = {"r_512": r512, "r_64": r64, "r_512_default": rdef}
+        rows.append([w, f"{r512:.4f}", f"{r64:.4f}", f"{rdef:.4f}"])
+    worst = {k: min(v[k] for v in per.values()) for k in ("r_512", "r_64", "r_512_default")}
+    rows.append(["**min over words**", f"**{worst['r_512']:.4f}**", f"{worst['r_64']:.4f}",
+                 f"{worst['r_512_default']:.4f}"])
+    la, lb = runs["heads"]["latents"], theirs["latents"]
+    lat_diff = float((la - lb).abs().max())
+    lat_rel = float((la - lb).norm() / lb.norm())
+    lat_same = float((runs["default"]["latents"] - la).abs().max())
+    sdlens_layers = list(ours.attention.layers)
+    figs = {"daam_heatmap_corr": C.value_figure(
+        f"Pearson correlation of DAAM 0.2.0's word heatmaps and sdlens's pooling=\"daam\" "
+        f"(SD 1.5 architecture, random weights, {HEATMAP_SIZE} px, {steps} steps; min over "
+        f"{len(HEATMAP_WORDS)} words)", worst["r_512"], "r", HEATMAP_TARGET,
+        f">= {HEATMAP_TARGET}", higher_is_better=True, words=len(HEATMAP_WORDS), steps=steps,
+        r_64=worst["r_64"], r_default_recording=worst["r_512_default"],
+        latents_max_abs_diff=lat_diff, latents_rel_diff=lat_rel)}
+    notes = [
+        f"Weights: the SD 1.5 architecture ({'full size' if scale >= 1 else f'scale {scale}'}, "
+        f"seeded random weights, PNDM) saved once with `save_pretrained` (safetensors) to "
+        f"`benchmarks/_work/{folder.name}` by our venv (built in {build_s:.0f} s when missing) and "
+        f"loaded by both: DAAM {theirs['versions']['daam']} under diffusers "
+        f"{theirs['versions']['diffusers']}, sdlens under diffusers {C._version('diffusers')}. "
+        "Tokenizer: the real CLIP BPE tokenizer in both; token ids of the prompt "
+        + ("**equal**." if list(theirs["ids"]) == list(ids) else "**DIFFER**."),
+        f"Same call: \"{s.prompt}\", {HEATMAP_SIZE} px, {steps} steps, CFG 7.5, seed 0. Final "
+        f"latents DAAM run vs sdlens run: max |diff| {lat_diff:.2e}, relative L2 {lat_rel:.2e} "
+        "(DAAM computes attn2 with the classic kernels, diffusers 0.21.2 vs 0.42; the two sdlens "
+        f"runs differ by {lat_same:.1e}).",
+        f"DAAM hooked {len(theirs['layers'])} attn2 layers (factors {theirs['factors']}, "
+        f"{len(theirs['heads'])} heads each: {theirs['entries']} (layer, head) maps); sdlens "
+        f"recorded {len(sdlens_layers)} and pooling=\"daam\" uses the ones DAAM uses.",
+        "Columns: 512 px = DAAM's `compute_global_heat_map().compute_word_heat_map(w)"
+        ".expand_as(512 px image)` vs `trace.heatmap(w, pooling=\"daam\")`; 64x64 = DAAM's "
+        "`WordHeatMap.heatmap` vs `trace.heatmap(w, pooling=\"daam\", size=64, normalize=False)`; "
+        "heads kept: recorded with `heads=True, attention_dtype=torch.float32`; default "
+        "recording: heads averaged on the device, stored as float16 (DAAM clamps each head's "
+        "upsampled map, so averaging heads first is an approximation).",
+        f"Target: r >= {HEATMAP_TARGET} for every word: "
+        + ("**met**" if worst["r_512"] >= HEATMAP_TARGET else "**MISSED**")
+        + f" (min {worst['r_512']:.4f}). Timing (not a benchmark): DAAM run "
+        f"{theirs['generate_s']:.0f} s, sdlens runs {runs['heads']['s']:.0f} s / "
+        f"{runs['default']['s']:.0f} s.",
+    ]
+    return {"table": C.table(title, cols, rows, notes),
+            "raw": {"per_word": per, "worst": worst, "latents_max_abs_diff": lat_diff,
+                    "latents_rel_diff": lat_rel, "daam_layers": theirs["layers"],
+                    "sdlens_layers": sdlens_layers, "figures": figs}}
 
 
 # ====================================================================== (a) DAAM itself
@@ -509,7 +713,15 @@ def run(s, ctx: dict) -> dict:
                       + EARLIER.read_text().split("\n", 2)[2].strip() + "\n")
     b = part_b(s, ctx)
     tables.append(b["table"])
-    return {"tables": tables, "raw": {"a": a["raw"], "b": b["raw"]}}
+    c = part_c(s, ctx, work)
+    tables.append(c["table"])
+    return {"tables": tables, "raw": {"a": a["raw"], "b": b["raw"], "c": c["raw"]}}
+
+
+def run_heatmaps(s, ctx: dict) -> dict:
+    """Part (c) alone (``--heatmaps``)."""
+    c = part_c(s, ctx, Path(ctx.get("work") or (HERE / "_work")))
+    return {"tables": [c["table"]], "raw": {"c": c["raw"]}}
 
 
 def main(argv=None) -> int:
@@ -517,6 +729,17 @@ def main(argv=None) -> int:
 
     if argv is None:
         argv = sys.argv[1:]
+    if "--heatmap-child" in argv:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--heatmap-child", action="store_true")
+        ap.add_argument("--model", required=True)
+        ap.add_argument("--out", required=True)
+        ap.add_argument("--steps", type=int, default=3)
+        ap.add_argument("--threads", type=int, default=2)
+        ap.add_argument("--tokenizer", required=True)
+        ap.add_argument("--prompt", required=True)
+        ap.add_argument("--words", nargs="+", required=True)
+        return heatmap_child(ap.parse_args(argv))
     if "--daam-child" in argv:
         ap = argparse.ArgumentParser()
         ap.add_argument("--daam-child", action="store_true")
@@ -535,6 +758,9 @@ def main(argv=None) -> int:
         return 0
     sys.path.insert(0, str(HERE))
     import common as C
+    if "--heatmaps" in argv:
+        argv = [a for a in argv if a != "--heatmaps"]
+        return C.standalone(run_heatmaps, argv, __doc__)
     return C.standalone(run, argv, __doc__)
 
 

@@ -178,8 +178,11 @@ def scheduler_steps(scheduler, num_inference_steps: int) -> int:
     import copy
 
     sched = copy.deepcopy(scheduler)
+    # resolution-dependent shifting (Flux, SD3.5 large) needs mu, which moves the timesteps but
+    # not their count
+    extra = {"mu": 0.0} if getattr(sched.config, "use_dynamic_shifting", False) else {}
     try:
-        sched.set_timesteps(num_inference_steps)
+        sched.set_timesteps(num_inference_steps, **extra)
     except (TypeError, ValueError) as e:
         raise ValueError(f"num_inference_steps={num_inference_steps!r}: the scheduler refused it "
                          f"({e})") from None
