@@ -168,25 +168,39 @@ HEATMAP_TARGET = 0.99  # Pearson correlation of DAAM's word map and sdlens's poo
 HEATMAP_WORDS = ("red", "circle", "and", "blue", "square", "on", "white", "background")
 
 
-def heatmap_model_dir(scale: float) -> Path:
-    return HERE / "_work" / f"daam-check-sd15-scale{scale}-sample64"
+TOKENIZER_DIR = REPO / "sdlens" / "models" / "shapes" / "weights" / "tokenizer"
 
 
-def heatmap_model(scale: float) -> Path:
-    """The SD 1.5 architecture with seeded random weights at the real 64x64 latent size, saved
-    ONCE (safetensors, ``save_pretrained`` per component) by our venv and loaded by both venvs:
-    diffusers 0.21.2 / transformers 4.30.2 read these configs and weights (unknown config keys
-    are ignored). The tokenizer is the real CLIP BPE tokenizer (the shipped model's)."""
-    folder = heatmap_model_dir(scale)
+def heatmap_model_dir(tiny: bool) -> Path:
+    return HERE / "_work" / f"daam-check-sd15{'-tiny' if tiny else ''}-64x64-diffusers0.21.2"
+
+
+def heatmap_model(tiny: bool, env: dict) -> Path:
+    """The SD 1.5 architecture with seeded random weights at its real 64x64 latent size, built
+    ONCE in the DAAM venv (:func:`daam_venv_sd15`) and saved there with ``save_pretrained``
+    (safetensors), then loaded by both venvs: current diffusers / transformers read these older
+    files as they read the hub's SD 1.5 (transformers 4.30 does not find its weights in a CLIP
+    text encoder saved by transformers 5, whose keys lack the ``text_model.`` prefix: it would
+    silently start from fresh random weights). The tokenizer is the real CLIP BPE tokenizer."""
+    folder = heatmap_model_dir(tiny)
     if (folder / "model_index.json").exists():
         return folder
-    from sdlens.testing import random_pipeline
-
-    pipe = random_pipeline("sd15", scale=scale, sample_size=HEATMAP_SIZE // 8)
     tmp = folder.with_name(folder.name + ".partial")
-    pipe.save_pretrained(tmp, safe_serialization=True)
+    p = subprocess.run([str(DAAM_PY), str(Path(__file__).resolve()), "--save-model", str(tmp),
+                        "--tokenizer", str(TOKENIZER_DIR)] + (["--smoke"] if tiny else []),
+                       capture_output=True, text=True, timeout=1200, env=env, cwd="/tmp")
+    if p.returncode != 0:
+        raise RuntimeError("building the weights in the DAAM venv failed: "
+                           + " / ".join((p.stderr or "").strip().splitlines()[-3:]))
     tmp.rename(folder)
     return folder
+
+
+def save_model_child(args) -> int:
+    """Inside the DAAM venv: build :func:`daam_venv_sd15` and save it to ``args.save_model``."""
+    pipe = daam_venv_sd15(args.tokenizer, args.smoke)
+    pipe.save_pretrained(args.save_model, safe_serialization=True)
+    return 0
 
 
 def heatmap_call(prompt: str, steps: int) -> dict:
@@ -216,7 +230,7 @@ def heatmap_child(args) -> int:
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(folder / "vae"),
         text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
-        tokenizer=CLIPTokenizer.from_pretrained(slow_tokenizer_folder(args.tokenizer)),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
         scheduler=PNDMScheduler.from_pretrained(folder / "scheduler"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -268,21 +282,19 @@ def part_c(s, ctx: dict, work: Path) -> dict:
         return {"table": C.table(title, ["status"], [[
             f"NOT RUN: the DAAM venv {DAAM_VENV} is missing (`python benchmarks/bench_daam.py "
             "--setup`)"]]), "raw": {"not_run": {"daam_heatmap_corr": "the DAAM venv is missing"}}}
-    scale = 0.05 if s.smoke else 1.0
     steps = 2 if s.smoke else 3
-    t0 = time.monotonic()
-    folder = heatmap_model(scale)
-    build_s = time.monotonic() - t0
-    out = work / "daam_heatmaps.pt"
-    if out.exists():
-        out.unlink()
     threads = s.extra.get("threads", 2)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONNOUSERSITE="1")
     env.pop("PYTHONPATH", None)
+    t0 = time.monotonic()
+    folder = heatmap_model(s.smoke, env)
+    build_s = time.monotonic() - t0
+    out = work / "daam_heatmaps.pt"
+    if out.exists():
+        out.unlink()
     cmd = [str(DAAM_PY), str(Path(__file__).resolve()), "--heatmap-child", "--model", str(folder),
            "--out", str(out), "--steps", str(steps), "--threads", str(threads),
-           "--tokenizer", str(REPO / "sdlens" / "models" / "shapes" / "weights" / "tokenizer"),
            "--prompt", s.prompt, "--words", *HEATMAP_WORDS]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env, cwd="/tmp")
     if p.returncode != 0 or not out.exists():
@@ -330,10 +342,10 @@ def part_c(s, ctx: dict, work: Path) -> dict:
         r_64=worst["r_64"], r_default_recording=worst["r_512_default"],
         latents_max_abs_diff=lat_diff, latents_rel_diff=lat_rel)}
     notes = [
-        f"Weights: the SD 1.5 architecture ({'full size' if scale >= 1 else f'scale {scale}'}, "
-        f"seeded random weights, PNDM) saved once with `save_pretrained` (safetensors) to "
-        f"`benchmarks/_work/{folder.name}` by our venv (built in {build_s:.0f} s when missing) and "
-        f"loaded by both: DAAM {theirs['versions']['daam']} under diffusers "
+        f"Weights: the SD 1.5 architecture ({'tiny' if s.smoke else 'full size'}, seeded random "
+        f"weights, PNDM) built once in the DAAM venv and saved with `save_pretrained` "
+        f"(safetensors) to `benchmarks/_work/{folder.name}` ({build_s:.0f} s this run), loaded "
+        f"by both: DAAM {theirs['versions']['daam']} under diffusers "
         f"{theirs['versions']['diffusers']}, sdlens under diffusers {C._version('diffusers')}. "
         "Tokenizer: the real CLIP BPE tokenizer in both; token ids of the prompt "
         + ("**equal**." if list(theirs["ids"]) == list(ids) else "**DIFFER**."),
@@ -449,6 +461,43 @@ def slow_tokenizer_folder(folder: str) -> str:
     return str(out)
 
 
+def daam_venv_sd15(tokenizer: str, tiny: bool = False):
+    """Inside the DAAM venv (diffusers 0.21.2, transformers 4.30.2): the SD 1.5 architecture
+    (its real UNet / VAE / CLIP-L text encoder configs and PNDM scheduler; ``tiny``: a few
+    channels) with weights seeded by ``torch.manual_seed(0)``, over the real CLIP tokenizer."""
+    import torch
+    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    ch = (32, 64, 64, 64) if tiny else (320, 640, 1280, 1280)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4,  # the real SD 1.5 config
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=ch, layers_per_block=2, attention_head_dim=8,
+        cross_attention_dim=64 if tiny else 768, norm_num_groups=32)
+    hid = 64 if tiny else 768
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=hid, intermediate_size=4 * hid,
+        num_hidden_layers=2 if tiny else 12, num_attention_heads=2 if tiny else 12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=hid))
+    vch = (32, 32, 64, 64) if tiny else (128, 256, 512, 512)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        block_out_channels=vch, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+                        norm_num_groups=32, sample_size=512)
+    sched = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                          beta_schedule="scaled_linear", steps_offset=1, skip_prk_steps=True)
+    tok = CLIPTokenizer.from_pretrained(slow_tokenizer_folder(tokenizer))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=sched, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def child(args) -> int:
     """Inside the DAAM venv: build SD 1.5 (random weights) in diffusers 0.21.2, time plain vs DAAM."""
     import statistics
@@ -486,33 +535,7 @@ def child(args) -> int:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     def build():
-        torch.manual_seed(0)
-        tiny = args.smoke
-        ch = (32, 64, 64, 64) if tiny else (320, 640, 1280, 1280)
-        unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4,  # the real SD 1.5 config
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            block_out_channels=ch, layers_per_block=2, attention_head_dim=8,
-            cross_attention_dim=64 if tiny else 768, norm_num_groups=32)
-        hid = 64 if tiny else 768
-        text = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=hid, intermediate_size=4 * hid,
-            num_hidden_layers=2 if tiny else 12, num_attention_heads=2 if tiny else 12,
-            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=hid))
-        vch = (32, 32, 64, 64) if tiny else (128, 256, 512, 512)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                            block_out_channels=vch, down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
-                            norm_num_groups=32, sample_size=512)
-        sched = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", steps_offset=1, skip_prk_steps=True)
-        tok = CLIPTokenizer.from_pretrained(slow_tokenizer_folder(args.tokenizer))
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
-                                       scheduler=sched, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return daam_venv_sd15(args.tokenizer, args.smoke)
 
     def call(pipe, size, steps):
         return pipe(args.prompt, num_inference_steps=steps, guidance_scale=7.5, height=size,
@@ -634,7 +657,7 @@ def part_a(s, ctx: dict, work: Path) -> dict:
     env.pop("PYTHONPATH", None)
     cmd = [str(DAAM_PY), str(Path(__file__).resolve()), "--daam-child", "--steps", str(steps),
            "--reps", str(reps), "--threads", str(s.extra.get("threads", 2)),
-           "--tokenizer", str(REPO / "sdlens" / "models" / "shapes" / "weights" / "tokenizer"),
+           "--tokenizer", str(TOKENIZER_DIR),
            "--prompt", s.prompt, "--word", "circle", "--sizes", *map(str, sizes)]
     if s.smoke:
         cmd.append("--smoke")
@@ -736,10 +759,15 @@ def main(argv=None) -> int:
         ap.add_argument("--out", required=True)
         ap.add_argument("--steps", type=int, default=3)
         ap.add_argument("--threads", type=int, default=2)
-        ap.add_argument("--tokenizer", required=True)
         ap.add_argument("--prompt", required=True)
         ap.add_argument("--words", nargs="+", required=True)
         return heatmap_child(ap.parse_args(argv))
+    if "--save-model" in argv:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--save-model", required=True)
+        ap.add_argument("--tokenizer", required=True)
+        ap.add_argument("--smoke", action="store_true")
+        return save_model_child(ap.parse_args(argv))
     if "--daam-child" in argv:
         ap = argparse.ArgumentParser()
         ap.add_argument("--daam-child", action="store_true")
