@@ -36,6 +36,7 @@ Diffusion transformers (issue 20), same method and targets, at 256 px, 2 steps o
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -183,6 +184,11 @@ def transformer_rows(s: C.Settings, ctx: dict) -> dict:
             rows.append([name, f"not run: {e}", "", "", "", "", "", ""])
             not_run[f"overhead_{arch}"] = str(e)
             continue
+        except Exception as e:  # reported in its row; the SD 1.5 rows above still stand
+            rows.append([name, f"FAILED: `{type(e).__name__}: {str(e)[:300]}`", "", "", "", "",
+                         "", ""])
+            raw[f"{arch}_error"] = traceback.format_exc()[-2000:]
+            continue
         st = lp["stats"]
         rows += [[lp["label"]] + C.time_row("untraced", st["untraced"], st["untraced"]),
                  [""] + C.time_row("sdlens (default recording)", st["sdlens"], st["untraced"],
@@ -200,6 +206,10 @@ def transformer_rows(s: C.Settings, ctx: dict) -> dict:
     except NotRun as e:
         not_run["flux_trace_mb"] = str(e)
         notes.append(f"Flux.1 trace size (1024 px, 28 steps): not run: {e}.")
+    except Exception as e:
+        notes.append(f"Flux.1 trace size (1024 px, 28 steps): FAILED: `{type(e).__name__}: "
+                     f"{str(e)[:300]}`.")
+        raw["flux_trace_error"] = traceback.format_exc()[-2000:]
     else:
         worst = max(fx["errors"], key=abs)
         full = sum(fx["full_estimate"].values())

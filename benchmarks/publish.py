@@ -88,6 +88,8 @@ def paragraph(r: dict) -> str:
                      f"the word heatmaps, min over {f['words']} words, **{f['median']:.4f}** "
                      f"(target >= {f['target']:g}: "
                      + ("met" if f["target_status"] == "meets" else "**MISSED**") + ").")
+    for key in sorted(k for k in F if k.startswith("daam_0_2_0_")):
+        lines.append(f"- **DAAM 0.2.0 itself** ({F[key]['label']}): {_ratio(F[key])}.")
     nr = (r.get("not_rerun") or {}).get("daam_0_2_0")
     if nr and nr.get("runs"):
         runs = "; ".join(f"{x['ratio']:.3f}x at {x['size']} px, {x['steps']} steps, "

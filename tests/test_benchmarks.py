@@ -148,7 +148,8 @@ def test_readme_paragraph_is_written_from_the_results_file():
         "python benchmarks/publish.py")
     # every ratio figure appears with its verdict; misses with their targets
     text = publish.paragraph(r)
-    for key in ("overhead_sd15", "overhead_shipped", "overhead_sd3", "overhead_flux"):
+    for key in ("overhead_sd15", "overhead_shipped", "overhead_sd3", "overhead_flux",
+                "daam_0_2_0_256px", "daam_0_2_0_512px"):
         if key in r["figures"]:
             assert r["figures"][key]["verdict"] in text
     if "daam_heatmap_corr" in r["figures"]:  # the DAAM 0.2.0 comparison, with its target
