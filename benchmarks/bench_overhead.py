@@ -92,7 +92,9 @@ def transformer_pipeline(arch: str, s: C.Settings):
     full_width = diffusers.FluxTransformer2DModel(  # diffusers' defaults: Flux.1-dev's sizes
         num_layers=FLUX_DEPTH[0], num_single_layers=FLUX_DEPTH[1], guidance_embeds=True,
         in_channels=small.in_channels, joint_attention_dim=small.joint_attention_dim,
-        pooled_projection_dim=small.pooled_projection_dim).eval().to(s.device, s.dtype)
+        pooled_projection_dim=small.pooled_projection_dim).eval()
+    if s.device != "cpu" or s.dtype != torch.float32:
+        full_width.to(s.device, s.dtype)
     pipe.register_modules(transformer=full_width)
     n = sum(p.numel() for p in full_width.parameters()) / 1e9
     cfg = full_width.config
@@ -233,8 +235,11 @@ def transformer_rows(s: C.Settings, ctx: dict) -> dict:
             f"A default Flux.1-dev trace (1024 px, 28 steps, all {fx['full_sites']} blocks, no "
             f"CFG): estimate_trace_bytes predicts **{full / 1e6:.0f} MB** ("
             + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in fx["full_estimate"].items())
-            + "); the full transformer does not fit this machine, so that size is an estimate, "
-            f"whose worst error on the test bed's real traces above is {worst:+.1%}.")
+            + f"; the maps grow by {fx['full_estimate']['attention'] / fx['tokens'] / 1e6:.1f} MB "
+            f"per kept text token: the {fx['tokens']} tokens are the test bed's local T5 "
+            "SentencePiece pieces of this prompt); the full transformer does not fit this "
+            "machine, so that size is an estimate, whose worst error on the test bed's real "
+            f"traces above is {worst:+.1%}.")
         raw["flux_trace"] = fx
     return {"rows": rows, "figures": figs, "notes": notes, "raw": raw, "not_run": not_run}
 
