@@ -55,7 +55,9 @@ def earlier_daam() -> dict:
 # transformers==4.30.2, pandas, numba, nltk, inflect, joblib, accelerate==0.23.0.
 # gradio is only used by its demo; huggingface_hub must predate the removal of
 # `cached_download` (diffusers 0.21.2 imports it).
-DAAM_DEPS = ["diffusers==0.21.2", "transformers==4.30.2", "accelerate==0.23.0",
+# torch is pinned in the same command so that the resolver keeps the CPU build installed first
+# (without the pin it may pull another torch build with CUDA libraries)
+DAAM_DEPS = ["torch==2.13.0", "diffusers==0.21.2", "transformers==4.30.2", "accelerate==0.23.0",
              "huggingface_hub==0.25.2", "scikit-image", "spacy", "ftfy", "pandas", "numba", "nltk",
              "inflect", "joblib", "matplotlib", "scipy", "safetensors", "numpy<2"]
 
@@ -158,6 +160,243 @@ def part_b(s, ctx: dict) -> dict:
             "raw": {"figures": figs}}
 
 
+# ====================================================================== (c) DAAM's heatmaps vs ours
+# DAAM 0.2.0 sets its latent grid from unet.config.sample_size: 64x64 only for SD 1.x-sized
+# models at 512 px, so the check runs there
+HEATMAP_SIZE = 512
+HEATMAP_TARGET = 0.99  # Pearson correlation of DAAM's word map and sdlens's pooling="daam" map
+HEATMAP_WORDS = ("red", "circle", "and", "blue", "square", "on", "white", "background")
+
+
+TOKENIZER_DIR = REPO / "sdlens" / "models" / "shapes" / "weights" / "tokenizer"
+
+
+def heatmap_model_dir(tiny: bool) -> Path:
+    return HERE / "_work" / f"daam-check-sd15{'-tiny' if tiny else ''}-64x64-diffusers0.21.2"
+
+
+def heatmap_model(tiny: bool, env: dict) -> Path:
+    """The SD 1.5 architecture with seeded random weights at its real 64x64 latent size, built
+    ONCE in the DAAM venv (:func:`daam_venv_sd15`) and saved there with ``save_pretrained``
+    (safetensors), then loaded by both venvs: current diffusers / transformers read these older
+    files as they read the hub's SD 1.5 (transformers 4.30 does not find its weights in a CLIP
+    text encoder saved by transformers 5, whose keys lack the ``text_model.`` prefix: it would
+    silently start from fresh random weights). The tokenizer is the real CLIP BPE tokenizer."""
+    folder = heatmap_model_dir(tiny)
+    if (folder / "model_index.json").exists():
+        return folder
+    tmp = folder.with_name(folder.name + ".partial")
+    p = subprocess.run([str(DAAM_PY), str(Path(__file__).resolve()), "--save-model", str(tmp),
+                        "--tokenizer", str(TOKENIZER_DIR)] + (["--smoke"] if tiny else []),
+                       capture_output=True, text=True, timeout=1200, env=env, cwd="/tmp")
+    if p.returncode != 0:
+        raise RuntimeError("building the weights in the DAAM venv failed: "
+                           + " / ".join((p.stderr or "").strip().splitlines()[-3:]))
+    tmp.rename(folder)
+    return folder
+
+
+def save_model_child(args) -> int:
+    """Inside the DAAM venv: build :func:`daam_venv_sd15` and save it to ``args.save_model``."""
+    pipe = daam_venv_sd15(args.tokenizer, args.smoke)
+    pipe.save_pretrained(args.save_model, safe_serialization=True)
+    return 0
+
+
+def heatmap_call(prompt: str, steps: int) -> dict:
+    """The one call both venvs make (same seed, size, CFG; latents out)."""
+    import torch
+
+    return dict(prompt=prompt, num_inference_steps=steps, guidance_scale=7.5, height=HEATMAP_SIZE,
+                width=HEATMAP_SIZE, generator=torch.Generator("cpu").manual_seed(0),
+                output_type="latent")
+
+
+def heatmap_child(args) -> int:
+    """Inside the DAAM venv: load the saved model, generate under ``daam.trace``, write DAAM's
+    word maps (its 64x64 ``WordHeatMap.heatmap`` and ``expand_as`` at 512 px), the final latents
+    and the prompt's token ids to ``args.out`` (torch.save)."""
+    import PIL.Image
+    import torch
+    torch.set_num_threads(args.threads)
+    import daam
+    import diffusers
+    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(args.model)
+    t0 = time.perf_counter()
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(folder / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
+        scheduler=PNDMScheduler.from_pretrained(folder / "scheduler"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with torch.no_grad(), daam.trace(pipe) as tc:
+        out = pipe(**heatmap_call(args.prompt, args.steps))
+        gen_s = time.perf_counter() - t0
+        hm = tc.compute_global_heat_map()
+        blank = PIL.Image.new("RGB", (HEATMAP_SIZE, HEATMAP_SIZE))
+        maps, expanded = {}, {}
+        for w in args.words:
+            wm = hm.compute_word_heat_map(w)
+            maps[w] = wm.heatmap.float().clone()
+            expanded[w] = wm.expand_as(blank).float().clone()
+        keys = [k for k, _ in tc.all_heat_maps]
+    ids = pipe.tokenizer(args.prompt, padding="max_length", max_length=77).input_ids
+    torch.save({"latents": out.images.float(), "maps": maps, "expanded": expanded, "ids": ids,
+                "layers": list(tc.layer_names), "factors": sorted({k[0] for k in keys}),
+                "entries": len(keys), "heads": sorted({k[2] for k in keys}),
+                "versions": {"daam": daam.__version__, "diffusers": diffusers.__version__,
+                             "torch": str(torch.__version__)},
+                "load_s": load_s, "generate_s": gen_s, "scheduler": type(pipe.scheduler).__name__},
+               args.out)
+    print("@@HEATMAPS@@" + str(args.out))
+    return 0
+
+
+def _pearson(a, b) -> float:
+    import torch
+
+    x = torch.stack([a.flatten().double(), b.flatten().double()])
+    return float(torch.corrcoef(x)[0, 1])
+
+
+def part_c(s, ctx: dict, work: Path) -> dict:
+    """DAAM 0.2.0's word heatmaps (its venv) against ``trace.heatmap(word, pooling="daam")``
+    (ours) on the same saved weights, seed, prompt and scheduler: Pearson correlation per word."""
+    import torch
+
+    import common as C
+
+    title = (f"3c. DAAM 0.2.0's word heatmaps vs sdlens's pooling=\"daam\" (same weights, "
+             f"{HEATMAP_SIZE} px)")
+    cols = ["word", "Pearson r, 512 px maps (heads kept)", "r, 64x64 latent-grid maps (heads kept)",
+            "max abs diff, 64x64 maps / DAAM map's range",
+            "r, 512 px maps (default recording: heads averaged, float16)",
+            "r, 512 px, middle block included (as sdlens's pooling=\"daam\" before this check)"]
+    if not DAAM_PY.exists():
+        return {"table": C.table(title, ["status"], [[
+            f"NOT RUN: the DAAM venv {DAAM_VENV} is missing (`python benchmarks/bench_daam.py "
+            "--setup`)"]]), "raw": {"not_run": {"daam_heatmap_corr": "the DAAM venv is missing"}}}
+    steps = 2 if s.smoke else 3
+    threads = s.extra.get("threads", 2)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONNOUSERSITE="1")
+    env.pop("PYTHONPATH", None)
+    t0 = time.monotonic()
+    folder = heatmap_model(s.smoke, env)
+    build_s = time.monotonic() - t0
+    out = work / "daam_heatmaps.pt"
+    if out.exists():
+        out.unlink()
+    cmd = [str(DAAM_PY), str(Path(__file__).resolve()), "--heatmap-child", "--model", str(folder),
+           "--out", str(out), "--steps", str(steps), "--threads", str(threads),
+           "--prompt", s.prompt, "--words", *HEATMAP_WORDS]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env, cwd="/tmp")
+    if p.returncode != 0 or not out.exists():
+        tail = (p.stderr or p.stdout or "").strip().splitlines()[-3:]
+        return {"table": C.table(title, ["status"], [["DAAM child FAILED: " + " / ".join(tail)]]),
+                "raw": {"failed": tail}}
+    theirs = torch.load(out)
+
+    from diffusers import StableDiffusionPipeline
+
+    from sdlens.engine.session import trace
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    ids = pipe.tokenizer(s.prompt, padding="max_length", max_length=77).input_ids
+    runs = {}
+    for name, opts in (("heads", dict(heads=True, attention_dtype=torch.float32)),
+                       ("default", {})):
+        t1 = time.monotonic()
+        with trace(pipe, **opts) as tr:
+            lat = pipe(**heatmap_call(s.prompt, steps)).images
+        runs[name] = {"trace": tr.runs[-1], "latents": lat.float(), "s": time.monotonic() - t1}
+    ours = runs["heads"]["trace"]
+    every_layer = list(ours.attention.layers)
+    rows, per = [], {}
+    for w in HEATMAP_WORDS:
+        m64, ref64 = (ours.heatmap(w, pooling="daam", size=HEATMAP_SIZE // 8, normalize=False),
+                      theirs["maps"][w])
+        per[w] = {
+            "r_512": _pearson(ours.heatmap(w, pooling="daam"), theirs["expanded"][w]),
+            "r_64": _pearson(m64, ref64),
+            "diff_64": float((m64 - ref64).abs().max() / (ref64.max() - ref64.min())),
+            "r_512_default": _pearson(runs["default"]["trace"].heatmap(w, pooling="daam"),
+                                      theirs["expanded"][w]),
+            "r_512_with_mid": _pearson(ours.heatmap(w, pooling="daam", layers=every_layer),
+                                       theirs["expanded"][w]),
+            # how much a random-weight map varies: its std over its mean (DAAM's 64x64 map)
+            "spread": float(ref64.std() / ref64.mean())}
+        p = per[w]
+        rows.append([w, f"{p['r_512']:.6f}", f"{p['r_64']:.6f}", f"{p['diff_64']:.1e}",
+                     f"{p['r_512_default']:.6f}", f"{p['r_512_with_mid']:.4f}"])
+    worst = {k: min(v[k] for v in per.values())
+             for k in ("r_512", "r_64", "r_512_default", "r_512_with_mid")}
+    worst["diff_64"] = max(v["diff_64"] for v in per.values())
+    rows.append(["**min over words** (diff: max)", f"**{worst['r_512']:.6f}**",
+                 f"{worst['r_64']:.6f}", f"{worst['diff_64']:.1e}",
+                 f"{worst['r_512_default']:.6f}", f"{worst['r_512_with_mid']:.4f}"])
+    spread = statistics.median(v["spread"] for v in per.values())
+    la, lb = runs["heads"]["latents"], theirs["latents"]
+    lat_diff = float((la - lb).abs().max())
+    lat_rel = float((la - lb).norm() / lb.norm())
+    lat_same = float((runs["default"]["latents"] - la).abs().max())
+    sdlens_layers = list(ours.attention.layers)
+    figs = {"daam_heatmap_corr": C.value_figure(
+        f"Pearson correlation of DAAM 0.2.0's word heatmaps and sdlens's pooling=\"daam\" "
+        f"(SD 1.5 architecture, random weights, {HEATMAP_SIZE} px, {steps} steps; min over "
+        f"{len(HEATMAP_WORDS)} words)", worst["r_512"], "r", HEATMAP_TARGET,
+        f">= {HEATMAP_TARGET}", higher_is_better=True, words=len(HEATMAP_WORDS), steps=steps,
+        r_64=worst["r_64"], r_default_recording=worst["r_512_default"],
+        r_with_middle_block=worst["r_512_with_mid"], max_diff_64=worst["diff_64"],
+        latents_max_abs_diff=lat_diff, latents_rel_diff=lat_rel)}
+    notes = [
+        f"Weights: the SD 1.5 architecture ({'tiny' if s.smoke else 'full size'}, seeded random "
+        f"weights, PNDM) built once in the DAAM venv and saved with `save_pretrained` "
+        f"(safetensors) to `benchmarks/_work/{folder.name}` ({build_s:.0f} s this run), loaded "
+        f"by both: DAAM {theirs['versions']['daam']} under diffusers "
+        f"{theirs['versions']['diffusers']}, sdlens under diffusers {C._version('diffusers')}. "
+        "Tokenizer: the real CLIP BPE tokenizer in both; token ids of the prompt "
+        + ("**equal**." if list(theirs["ids"]) == list(ids) else "**DIFFER**."),
+        f"Same call: \"{s.prompt}\", {HEATMAP_SIZE} px, {steps} steps, CFG 7.5, seed 0. Final "
+        f"latents DAAM run vs sdlens run: max |diff| {lat_diff:.2e}, relative L2 {lat_rel:.2e} "
+        "(DAAM computes attn2 with the classic kernels, diffusers 0.21.2 vs 0.42; the two sdlens "
+        f"runs differ by {lat_same:.1e}).",
+        f"DAAM hooked {len(theirs['layers'])} attn2 layers (factors {theirs['factors']}, "
+        f"{len(theirs['heads'])} heads each: {theirs['entries']} (layer, head) maps); sdlens "
+        f"recorded {len(sdlens_layers)} and pooling=\"daam\" uses the ones DAAM uses.",
+        "Columns: 512 px = DAAM's `compute_global_heat_map().compute_word_heat_map(w)"
+        ".expand_as(512 px image)` vs `trace.heatmap(w, pooling=\"daam\")`; 64x64 = DAAM's "
+        "`WordHeatMap.heatmap` vs `trace.heatmap(w, pooling=\"daam\", size=64, normalize=False)`; "
+        "heads kept: recorded with `heads=True, attention_dtype=torch.float32`; default "
+        "recording: heads averaged on the device, stored as float16 (DAAM clamps each head's "
+        "upsampled map, so averaging heads first is an approximation).",
+        f"Random weights make nearly flat maps: DAAM's 64x64 word maps vary by a std of "
+        f"{spread:.1%} of their mean (median over words), so the check resolves small "
+        "differences of method: with the UNet's middle block included (as sdlens's "
+        "pooling=\"daam\" did before this check, which also clamped each step's map before "
+        f"summing the steps) r drops to {worst['r_512_with_mid']:.4f}.",
+        f"Target: r >= {HEATMAP_TARGET} for every word: "
+        + ("**met**" if worst["r_512"] >= HEATMAP_TARGET else "**MISSED**")
+        + f" (min {worst['r_512']:.6f}). Timing (not a benchmark): DAAM run "
+        f"{theirs['generate_s']:.0f} s, sdlens runs {runs['heads']['s']:.0f} s / "
+        f"{runs['default']['s']:.0f} s.",
+    ]
+    return {"table": C.table(title, cols, rows, notes),
+            "raw": {"per_word": per, "worst": worst, "map_spread": spread,
+                    "latents_max_abs_diff": lat_diff,
+                    "latents_rel_diff": lat_rel, "daam_layers": theirs["layers"],
+                    "sdlens_layers": sdlens_layers, "figures": figs}}
+
+
 # ====================================================================== (a) DAAM itself
 def _log(msg: str, path: Path) -> None:
     with open(path, "a") as f:
@@ -245,6 +484,43 @@ def slow_tokenizer_folder(folder: str) -> str:
     return str(out)
 
 
+def daam_venv_sd15(tokenizer: str, tiny: bool = False):
+    """Inside the DAAM venv (diffusers 0.21.2, transformers 4.30.2): the SD 1.5 architecture
+    (its real UNet / VAE / CLIP-L text encoder configs and PNDM scheduler; ``tiny``: a few
+    channels) with weights seeded by ``torch.manual_seed(0)``, over the real CLIP tokenizer."""
+    import torch
+    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    ch = (32, 64, 64, 64) if tiny else (320, 640, 1280, 1280)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4,  # the real SD 1.5 config
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=ch, layers_per_block=2, attention_head_dim=8,
+        cross_attention_dim=64 if tiny else 768, norm_num_groups=32)
+    hid = 64 if tiny else 768
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=hid, intermediate_size=4 * hid,
+        num_hidden_layers=2 if tiny else 12, num_attention_heads=2 if tiny else 12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=hid))
+    vch = (32, 32, 64, 64) if tiny else (128, 256, 512, 512)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        block_out_channels=vch, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+                        norm_num_groups=32, sample_size=512)
+    sched = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                          beta_schedule="scaled_linear", steps_offset=1, skip_prk_steps=True)
+    tok = CLIPTokenizer.from_pretrained(slow_tokenizer_folder(tokenizer))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=sched, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def child(args) -> int:
     """Inside the DAAM venv: build SD 1.5 (random weights) in diffusers 0.21.2, time plain vs DAAM."""
     import statistics
@@ -282,33 +558,7 @@ def child(args) -> int:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     def build():
-        torch.manual_seed(0)
-        tiny = args.smoke
-        ch = (32, 64, 64, 64) if tiny else (320, 640, 1280, 1280)
-        unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4,  # the real SD 1.5 config
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            block_out_channels=ch, layers_per_block=2, attention_head_dim=8,
-            cross_attention_dim=64 if tiny else 768, norm_num_groups=32)
-        hid = 64 if tiny else 768
-        text = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=hid, intermediate_size=4 * hid,
-            num_hidden_layers=2 if tiny else 12, num_attention_heads=2 if tiny else 12,
-            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=hid))
-        vch = (32, 32, 64, 64) if tiny else (128, 256, 512, 512)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                            block_out_channels=vch, down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
-                            norm_num_groups=32, sample_size=512)
-        sched = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", steps_offset=1, skip_prk_steps=True)
-        tok = CLIPTokenizer.from_pretrained(slow_tokenizer_folder(args.tokenizer))
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
-                                       scheduler=sched, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return daam_venv_sd15(args.tokenizer, args.smoke)
 
     def call(pipe, size, steps):
         return pipe(args.prompt, num_inference_steps=steps, guidance_scale=7.5, height=size,
@@ -430,7 +680,7 @@ def part_a(s, ctx: dict, work: Path) -> dict:
     env.pop("PYTHONPATH", None)
     cmd = [str(DAAM_PY), str(Path(__file__).resolve()), "--daam-child", "--steps", str(steps),
            "--reps", str(reps), "--threads", str(s.extra.get("threads", 2)),
-           "--tokenizer", str(REPO / "sdlens" / "models" / "shapes" / "weights" / "tokenizer"),
+           "--tokenizer", str(TOKENIZER_DIR),
            "--prompt", s.prompt, "--word", "circle", "--sizes", *map(str, sizes)]
     if s.smoke:
         cmd.append("--smoke")
@@ -509,7 +759,15 @@ def run(s, ctx: dict) -> dict:
                       + EARLIER.read_text().split("\n", 2)[2].strip() + "\n")
     b = part_b(s, ctx)
     tables.append(b["table"])
-    return {"tables": tables, "raw": {"a": a["raw"], "b": b["raw"]}}
+    c = part_c(s, ctx, work)
+    tables.append(c["table"])
+    return {"tables": tables, "raw": {"a": a["raw"], "b": b["raw"], "c": c["raw"]}}
+
+
+def run_heatmaps(s, ctx: dict) -> dict:
+    """Part (c) alone (``--heatmaps``)."""
+    c = part_c(s, ctx, Path(ctx.get("work") or (HERE / "_work")))
+    return {"tables": [c["table"]], "raw": {"c": c["raw"]}}
 
 
 def main(argv=None) -> int:
@@ -517,6 +775,22 @@ def main(argv=None) -> int:
 
     if argv is None:
         argv = sys.argv[1:]
+    if "--heatmap-child" in argv:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--heatmap-child", action="store_true")
+        ap.add_argument("--model", required=True)
+        ap.add_argument("--out", required=True)
+        ap.add_argument("--steps", type=int, default=3)
+        ap.add_argument("--threads", type=int, default=2)
+        ap.add_argument("--prompt", required=True)
+        ap.add_argument("--words", nargs="+", required=True)
+        return heatmap_child(ap.parse_args(argv))
+    if "--save-model" in argv:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--save-model", required=True)
+        ap.add_argument("--tokenizer", required=True)
+        ap.add_argument("--smoke", action="store_true")
+        return save_model_child(ap.parse_args(argv))
     if "--daam-child" in argv:
         ap = argparse.ArgumentParser()
         ap.add_argument("--daam-child", action="store_true")
@@ -535,6 +809,9 @@ def main(argv=None) -> int:
         return 0
     sys.path.insert(0, str(HERE))
     import common as C
+    if "--heatmaps" in argv:
+        argv = [a for a in argv if a != "--heatmaps"]
+        return C.standalone(run_heatmaps, argv, __doc__)
     return C.standalone(run, argv, __doc__)
 
 

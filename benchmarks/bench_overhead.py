@@ -15,11 +15,28 @@ On the full-size SD 1.5 architecture (random weights) at 256 px, 10 steps, CFG 7
 size, 25 steps. Method: ``common.alternate`` (a warm-up per side, >= 5 rounds in rotating order;
 ratios are medians of per-round ratios with their min-max). Target: traced / untraced <= 1.10 on
 the CPU, goal <= 1.03 (met only when the whole spread is below).
+
+Diffusion transformers (issue 20), same method and targets, at 256 px, 2 steps on the CPU
+(``--full``: 3; smoke: the shrunk test beds at 64 px):
+- **SD3**: ``sdlens.testing.random_pipeline("sd3", scale=1, t5=False)``: the full SD3-medium
+  transformer (24 joint blocks, 2.0B parameters) and full CLIP-L / CLIP-G; no T5 encoder
+  (``text_encoder_3=None``: the pipeline fills T5's 256 positions with zeros, so the
+  transformer's sequence, 77 + 256 text tokens, is the real one), CFG on.
+- **Flux.1**: the full-width Flux.1-dev transformer (24 heads x 128, diffusers'
+  ``FluxTransformer2DModel`` defaults) with fewer blocks (``FLUX_DEPTH``: 12B parameters in
+  float32 are 48 GB; the overhead is per block, so the ratio does not need all 57), on the
+  text encoders, tokenizers and VAE of the shrunk test bed ``random_pipeline("flux")``;
+  guidance-distilled (guidance 3.5, no CFG). Reported as "not run" where that test bed does not
+  exist yet.
+- **Flux trace size**: a default Flux.1 trace (1024 px, 28 steps): what
+  ``estimate_trace_bytes`` predicts for the full 57-block transformer, and the estimator's error
+  against real traces of the test bed (2 + 2 blocks) at 1024 px / 28 steps and a smaller size.
 """
 
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -31,6 +48,200 @@ import common as C  # noqa: E402
 TARGET = 1.10  # traced / untraced on the CPU
 GOAL = 1.03
 GENERATION_TARGET_S = 1.0  # the shipped model's 25-step generation: well under 1 s on the CPU
+# Flux.1-dev has 19 double- and 38 single-stream blocks (12B parameters); on the CPU (23 GB of
+# memory here) the full-width transformer runs with this many of each
+FLUX_DEPTH = (2, 4)
+FLUX_GUIDANCE = 3.5  # Flux.1-dev's default (a distilled guidance embedding, no CFG)
+
+
+class NotRun(Exception):
+    """A row that cannot run here; the message says why."""
+
+
+def transformer_size(s: C.Settings) -> tuple[int, int]:
+    """(pixels, steps) of the transformer overhead loops."""
+    if s.smoke:
+        return 64, 2
+    if s.device.startswith("cuda"):
+        return 1024, 28
+    return 256, 2 if s.mode == "quick" else 3
+
+
+def transformer_pipeline(arch: str, s: C.Settings):
+    """(pipe, label, guidance) of the SD3 or Flux.1 overhead row (see the module docstring)."""
+    from sdlens.testing import random_pipeline
+
+    if arch == "sd3":
+        if s.smoke:
+            return (random_pipeline("sd3", device=s.device, dtype=s.dtype),
+                    "SD3 (shrunk test bed)", s.guidance)
+        pipe = random_pipeline("sd3", scale=1.0, t5=False, device=s.device, dtype=s.dtype)
+        n = sum(p.numel() for p in pipe.transformer.parameters()) / 1e9
+        return (pipe, f"SD3-medium transformer (full size, {n:.1f}B parameters), full CLIP-L / "
+                      "CLIP-G, no T5 (its 256 positions zeros)", s.guidance)
+    try:
+        pipe = random_pipeline("flux", device=s.device, dtype=s.dtype)
+    except ValueError as e:
+        raise NotRun(f"`random_pipeline('flux')` is not available in this checkout ({e})") from None
+    if s.smoke:
+        return pipe, "Flux.1 (shrunk test bed)", FLUX_GUIDANCE
+    import diffusers
+
+    small = pipe.transformer.config
+    torch.manual_seed(0)
+    full_width = diffusers.FluxTransformer2DModel(  # diffusers' defaults: Flux.1-dev's sizes
+        num_layers=FLUX_DEPTH[0], num_single_layers=FLUX_DEPTH[1], guidance_embeds=True,
+        in_channels=small.in_channels, joint_attention_dim=small.joint_attention_dim,
+        pooled_projection_dim=small.pooled_projection_dim).eval()
+    if s.device != "cpu" or s.dtype != torch.float32:
+        full_width.to(s.device, s.dtype)
+    pipe.register_modules(transformer=full_width)
+    n = sum(p.numel() for p in full_width.parameters()) / 1e9
+    cfg = full_width.config
+    return (pipe, f"Flux.1-dev transformer at full width ({cfg.num_attention_heads} heads x "
+                  f"{cfg.attention_head_dim}), {FLUX_DEPTH[0]} double + {FLUX_DEPTH[1]} single "
+                  f"blocks (real: 19 + 38; {n:.1f}B parameters), the test bed's small text "
+                  "encoders", FLUX_GUIDANCE)
+
+
+def transformer_loop(arch: str, s: C.Settings) -> dict:
+    """Untraced vs sdlens (default recording) on a transformer pipeline; raises NotRun."""
+    import gc
+
+    height, steps = transformer_size(s)
+    pipe, label, guidance = transformer_pipeline(arch, s)
+    try:
+        kw = lambda: C.call_kwargs(s, steps=steps, height=height, guidance=guidance)  # noqa: E731
+        warm_kw = lambda: C.call_kwargs(s, steps=1, height=height, guidance=guidance)  # noqa: E731
+        print(f"  {arch} loop: {label}, {height} px, {steps} steps")
+        C.alternate({"untraced": C.untraced(pipe, warm_kw), "sdlens": C.traced(pipe, warm_kw)},
+                    s, reps=0, warmup=s.warmup, log=None)
+        stats = C.alternate({"untraced": C.untraced(pipe, kw), "sdlens": C.traced(pipe, kw)}, s,
+                            reps=s.reps, warmup=0, keep=("sdlens",))
+        tr = stats["sdlens"].result
+        sites = len(tr.attention.layers) if tr is not None and tr.attention is not None else 0
+        stats["sdlens"].result = None
+    finally:
+        del pipe
+        gc.collect()
+    return {"stats": stats, "label": label, "height": height, "steps": steps,
+            "guidance": guidance, "sites": sites}
+
+
+def flux_trace_size(s: C.Settings) -> dict:
+    """A default Flux.1 trace (1024 px, 28 steps): the estimator's prediction for the full
+    transformer, and its error against real traces of the test bed. Raises NotRun."""
+    import diffusers
+
+    import bench_recording as R
+    from sdlens.engine.options import estimate_trace_bytes
+    from sdlens.engine.session import trace
+    from sdlens.testing import random_pipeline
+
+    try:
+        pipe = random_pipeline("flux")
+    except ValueError as e:
+        raise NotRun(f"`random_pipeline('flux')` is not available in this checkout ({e})") from None
+    vsf = int(pipe.vae_scale_factor)
+    sizes = [(128, 4)] if s.smoke else [(256, 4), (1024, 28)]
+    rows, errors, kept_tokens = [], [], None
+    for height, steps in sizes:
+        with trace(pipe) as tr:
+            pipe(**C.call_kwargs(s, steps=steps, height=height, guidance=FLUX_GUIDANCE))
+        t = tr.runs[-1]
+        actual = sum(R.trace_nbytes(t).values())
+        kept_tokens = int(t.attention[t.attention.layers[0]].shape[-3])
+        before = sum((t.meta.get("estimated_bytes") or {}).values())
+        called = sum(estimate_trace_bytes(pipe, num_inference_steps=steps, do_cfg=False,
+                                          latent_hw=(height // vsf, height // vsf),
+                                          n_tokens=kept_tokens).values())
+        saved = R.file_size(t)
+        errors += [before / actual - 1, called / actual - 1]
+        rows.append({"height": height, "steps": steps, "sites": len(t.attention.layers),
+                     "tokens": kept_tokens, "actual": actual, "estimate_in_meta": before,
+                     "estimate_called": called, "saved_file": saved})
+        del t, tr
+    # the full Flux.1-dev transformer, built on the meta device (no memory): its sites and heads
+    with torch.device("meta"):
+        full = diffusers.FluxTransformer2DModel(
+            guidance_embeds=True, in_channels=pipe.transformer.config.in_channels,
+            joint_attention_dim=pipe.transformer.config.joint_attention_dim,
+            pooled_projection_dim=pipe.transformer.config.pooled_projection_dim)
+    pipe.register_modules(transformer=full)
+    est = estimate_trace_bytes(pipe, num_inference_steps=28, do_cfg=False,
+                               latent_hw=(1024 // vsf, 1024 // vsf), n_tokens=kept_tokens)
+    n_sites = full.config.num_layers + full.config.num_single_layers
+    del pipe, full
+    return {"rows": rows, "errors": errors, "full_estimate": est, "full_sites": n_sites,
+            "tokens": kept_tokens}
+
+
+def transformer_rows(s: C.Settings, ctx: dict) -> dict:
+    """Rows, figures, notes and not-run reasons of the transformer part of benchmark 1."""
+    rows, figs, notes, raw, not_run = [], {}, [], {}, {}
+    for arch, name in (("sd3", "SD3"), ("flux", "Flux.1")):
+        try:
+            lp = transformer_loop(arch, s)
+        except NotRun as e:
+            rows.append([name, f"not run: {e}", "", "", "", "", "", ""])
+            not_run[f"overhead_{arch}"] = str(e)
+            continue
+        except Exception as e:  # reported in its row; the SD 1.5 rows above still stand
+            rows.append([name, f"FAILED: `{type(e).__name__}: {str(e)[:300]}`", "", "", "", "",
+                         "", ""])
+            raw[f"{arch}_error"] = traceback.format_exc()[-2000:]
+            continue
+        st = lp["stats"]
+        rows += [[lp["label"]] + C.time_row("untraced", st["untraced"], st["untraced"]),
+                 [""] + C.time_row("sdlens (default recording)", st["sdlens"], st["untraced"],
+                                   TARGET, GOAL)]
+        cfg = f"CFG {lp['guidance']}" if arch == "sd3" else f"guidance {lp['guidance']}, no CFG"
+        figs[f"overhead_{arch}"] = C.figure(
+            f"{lp['label']}, {lp['height']} px, {lp['steps']} steps, {cfg}: default recording / "
+            "untraced, whole run", C.round_ratios(st["sdlens"].times, st["untraced"].times),
+            TARGET, GOAL, rounds=st, height=lp["height"], steps=lp["steps"], sites=lp["sites"])
+        notes.append(f"{name}: {lp['label']}; {lp['height']} px, {lp['steps']} steps, {cfg}; "
+                     f"{lp['sites']} attention sites recorded; " + C.load_note(st))
+        raw[arch] = {k: v.to_dict() for k, v in st.items()}
+    try:
+        fx = flux_trace_size(s)
+    except NotRun as e:
+        not_run["flux_trace_mb"] = str(e)
+        notes.append(f"Flux.1 trace size (1024 px, 28 steps): not run: {e}.")
+    except Exception as e:
+        notes.append(f"Flux.1 trace size (1024 px, 28 steps): FAILED: `{type(e).__name__}: "
+                     f"{str(e)[:300]}`.")
+        raw["flux_trace_error"] = traceback.format_exc()[-2000:]
+    else:
+        worst = max(fx["errors"], key=abs)
+        full = sum(fx["full_estimate"].values())
+        figs["flux_trace_mb"] = C.value_figure(
+            f"a default Flux.1-dev trace (1024 px, 28 steps, {fx['full_sites']} blocks, "
+            f"{fx['tokens']} text tokens kept), as estimate_trace_bytes predicts it", full / 1e6,
+            "MB", parts_mb={k: v / 1e6 for k, v in fx["full_estimate"].items()})
+        figs["flux_estimate_error"] = C.value_figure(
+            "trace-size estimate vs real Flux.1 test-bed traces, worst error", abs(worst),
+            "fraction", 0.10, "within 10%", signed=worst, measured=fx["rows"])
+        for r in fx["rows"]:
+            notes.append(
+                f"Flux.1 test bed ({r['sites']} blocks), {r['height']} px, {r['steps']} steps, "
+                f"{r['tokens']} tokens kept: trace tensors {C.fmt_bytes(r['actual'])}; estimate "
+                f"in trace.meta (before the first step) {C.fmt_bytes(r['estimate_in_meta'])} "
+                f"({r['estimate_in_meta'] / r['actual'] - 1:+.1%}); estimate_trace_bytes called "
+                f"before the run {C.fmt_bytes(r['estimate_called'])} "
+                f"({r['estimate_called'] / r['actual'] - 1:+.1%}); saved file "
+                f"{C.fmt_bytes(r['saved_file'])}.")
+        notes.append(
+            f"A default Flux.1-dev trace (1024 px, 28 steps, all {fx['full_sites']} blocks, no "
+            f"CFG): estimate_trace_bytes predicts **{full / 1e6:.0f} MB** ("
+            + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in fx["full_estimate"].items())
+            + f"; the maps grow by {fx['full_estimate']['attention'] / fx['tokens'] / 1e6:.1f} MB "
+            f"per kept text token: the {fx['tokens']} tokens are the test bed's local T5 "
+            "SentencePiece pieces of this prompt); the full transformer does not fit this "
+            "machine, so that size is an estimate, whose worst error on the test bed's real "
+            f"traces above is {worst:+.1%}.")
+        raw["flux_trace"] = fx
+    return {"rows": rows, "figures": figs, "notes": notes, "raw": raw, "not_run": not_run}
 
 
 def sd15_loop(s: C.Settings, ctx: dict, with_daam: bool = True) -> dict:
@@ -158,15 +369,34 @@ def run(s: C.Settings, ctx: dict) -> dict:
     if sd.get("build_s"):
         notes.append(f"Getting the random-weight SD 1.5 pipeline took {sd['build_s']:.0f} s "
                      f"(not timed; {s.extra.get('sd15_source', '')}).")
+    tf = transformer_rows(s, ctx)
+    figs.update(tf["figures"])
     return {"tables": [C.table("1. Overhead: traced (default recording) vs untraced",
-                               ["model"] + C.TIME_COLUMNS, rows, notes)],
+                               ["model"] + C.TIME_COLUMNS, rows, notes),
+                       C.table("1b. Overhead on diffusion transformers (issue 20): traced "
+                               "(default recording) vs untraced", ["model"] + C.TIME_COLUMNS,
+                               tf["rows"], tf["notes"])],
             "raw": {"sd15": {k: v.to_dict() for k, v in st.items()},
                     "shipped": {k: v.to_dict() for k, v in sst.items()},
                     "sd15_run_step_medians_s": rsm, "target": TARGET, "goal": GOAL,
-                    "shipped_steps": s.shipped_steps, "figures": figs}}
+                    "shipped_steps": s.shipped_steps, "transformers": tf["raw"],
+                    "not_run": tf["not_run"], "figures": figs}}
+
+
+def run_transformers(s: C.Settings, ctx: dict) -> dict:
+    """The transformer rows alone (``--transformers``)."""
+    tf = transformer_rows(s, ctx)
+    return {"tables": [C.table("1b. Overhead on diffusion transformers (issue 20): traced "
+                               "(default recording) vs untraced", ["model"] + C.TIME_COLUMNS,
+                               tf["rows"], tf["notes"])],
+            "raw": {"transformers": tf["raw"], "not_run": tf["not_run"],
+                    "figures": tf["figures"]}}
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--transformers" in argv:
+        return C.standalone(run_transformers, [a for a in argv if a != "--transformers"], __doc__)
     return C.standalone(run, argv, __doc__)
 
 

@@ -81,6 +81,15 @@ def paragraph(r: dict) -> str:
                      f"loop: {_ratio(F['daam_method_sd15'])} untraced"
                      + (f"; sdlens / DAAM's method {_ratio(F['sdlens_vs_daam_method_sd15'])}"
                         if "sdlens_vs_daam_method_sd15" in F else "") + ".")
+    if "daam_heatmap_corr" in F:
+        f = F["daam_heatmap_corr"]
+        lines.append(f"- **`pooling=\"daam\"` against DAAM 0.2.0 itself** (same saved SD 1.5 "
+                     f"weights in both venvs, 512 px, {f['steps']} steps): Pearson correlation of "
+                     f"the word heatmaps, min over {f['words']} words, **{f['median']:.4f}** "
+                     f"(target >= {f['target']:g}: "
+                     + ("met" if f["target_status"] == "meets" else "**MISSED**") + ").")
+    for key in sorted(k for k in F if k.startswith("daam_0_2_0_")):
+        lines.append(f"- **DAAM 0.2.0 itself** ({F[key]['label']}): {_ratio(F[key])}.")
     nr = (r.get("not_rerun") or {}).get("daam_0_2_0")
     if nr and nr.get("runs"):
         runs = "; ".join(f"{x['ratio']:.3f}x at {x['size']} px, {x['steps']} steps, "
@@ -90,6 +99,17 @@ def paragraph(r: dict) -> str:
     if "overhead_shipped" in F:
         lines.append(f"- **Shipped model** ({st['shipped_steps']} steps): recording overhead "
                      f"{_ratio(F['overhead_shipped'])}.")
+    for key, name in (("overhead_sd3", "SD3"), ("overhead_flux", "Flux.1")):
+        if key in F:
+            lines.append(f"- **Overhead on {name}** ({F[key]['label'].split(': ')[0]}): "
+                         f"{_ratio(F[key])}.")
+    if "flux_trace_mb" in F:
+        lines.append(f"- **A default Flux.1-dev trace** (1024 px, 28 steps, estimated: the full "
+                     f"transformer does not fit the machine): {_value(F['flux_trace_mb'])}; the "
+                     f"estimate's worst error on real test-bed traces "
+                     f"{_value(F['flux_estimate_error'])}.")
+    for key, why in (r.get("not_run") or {}).items():
+        lines.append(f"- Not run here: `{key}` ({why}).")
     gens = [k for k in ("generation_shipped", "generation_shipped_1thread") if k in F]
     if gens:
         lines.append(f"- **The shipped model's {st['shipped_steps']}-step generation** (untraced, "

@@ -272,8 +272,21 @@ def all_figures(results: dict) -> dict:
     for name in ORDER:
         raw = (results.get(name) or {}).get("raw") or {}
         out.update(raw.get("figures") or {})
-        for part in ("a", "b"):
+        for part in ("a", "b", "c"):
             out.update(((raw.get(part) or {}) if isinstance(raw.get(part), dict) else {}).get("figures") or {})
+    return out
+
+
+def all_not_run(results: dict) -> dict:
+    """``{figure key: why}`` for the figures a benchmark could not measure here."""
+    out = {}
+    for name in ORDER:
+        raw = (results.get(name) or {}).get("raw") or {}
+        out.update(raw.get("not_run") or {})
+        for part in ("a", "b", "c"):
+            sub = raw.get(part)
+            if isinstance(sub, dict) and isinstance(sub.get("not_run"), dict):
+                out.update(sub["not_run"])
     return out
 
 
@@ -303,6 +316,8 @@ def fmt_value(v: float, unit: str) -> str:
         return f"{v:.1%}"
     if unit == "MB":
         return f"{v:.1f} MB"
+    if unit == "r":
+        return f"r = {v:.4f}"
     return f"{v:g} {unit}"
 
 
@@ -310,11 +325,17 @@ SUMMARY = [  # (figure key, how the summary names it)
     ("overhead_sd15", "Overhead, SD 1.5 (default recording / untraced, whole run)"),
     ("overhead_sd15_per_step", "Overhead, SD 1.5, per denoising step"),
     ("overhead_shipped", "Overhead, shipped model"),
+    ("overhead_sd3", "Overhead, SD3 (full-size SD3-medium transformer)"),
+    ("overhead_flux", "Overhead, Flux.1 (full-width transformer, fewer blocks)"),
+    ("flux_trace_mb", "Default Flux.1-dev trace, 1024 px 28 steps (estimated)"),
+    ("flux_estimate_error", "Trace-size estimate on Flux.1 test-bed traces, worst error"),
     ("generation_shipped", "Shipped model, 25-step generation (untraced, the run's threads)"),
     ("generation_shipped_1thread", "Shipped model, 25-step generation (untraced, one thread)"),
     ("daam_method_sd15", "DAAM's method / untraced (SD 1.5 loop, whole run)"),
     ("daam_method_sd15_per_step", "DAAM's method / untraced, per step"),
     ("sdlens_vs_daam_method_sd15", "sdlens / DAAM's method (whole run)"),
+    ("daam_heatmap_corr", "DAAM 0.2.0's word heatmaps vs sdlens's pooling=\"daam\", Pearson r "
+                          "(min over words)"),
     ("estimate_error", "Trace-size estimate, worst error"),
     ("default_trace_mb", "Default trace, SD 1.5 512 px 50 steps"),
     ("grid_shipped", "Grid 4 x 4, shipped model: speed-up batched vs 16 calls"),
@@ -345,6 +366,8 @@ def summary_md(results: dict, s: C.Settings) -> str:
         out.append("- **DAAM 0.2.0 itself**: NOT re-run (its venv is missing here)"
                    + (f"; its last run ({e.get('date')}, old method, one run per side): {runs}"
                       if runs else "") + ".")
+    for key, why in all_not_run(results).items():
+        out.append(f"- **{key}**: not run: {why}.")
     failed = [n for n, v in results.items() if v.get("failed")]
     if failed:
         out.append(f"- **Failed benchmarks**: {', '.join(failed)} (tracebacks in their sections).")
@@ -535,7 +558,8 @@ def summary_json(s, info, start, end, total, results, argv, partial) -> dict:
         "load_start": start["load"], "load_end": end["load"],
         "loaded": run_loaded(start, end, cpus) or any(f.get("loaded") for f in figs.values()),
         "loaded_threshold": C.LOADED_PER_CPU * cpus,
-        "figures": figs, "not_rerun": not_rerun, "gpu": gpu_quotes(),
+        "figures": figs, "not_rerun": not_rerun, "not_run": all_not_run(results),
+        "gpu": gpu_quotes(),
         "failed": [n for n, v in results.items() if v.get("failed")],
     })
 

@@ -22,12 +22,17 @@ Pooling ``"sdlens"`` (the default), in this order:
 5. **normalisation** (``normalize=True``): min-max to ``[0, 1]`` (per step with ``per_step``).
    With ``normalize=False`` the values are mean attention probabilities (in ``[0, 1]``).
 
-Pooling ``"daam"`` reproduces DAAM's aggregation (Tang et al., ACL 2023) so results can be put
-next to the paper: each layer's per-head map is upsampled *bicubically* to the latent grid
-(DAAM: 64x64 for 512 px images; here the trace's latent size) and clamped at 0; maps are
-*summed* over heads, layers and steps (a layer with more heads weighs more; with head-averaged
-recordings every layer counts as one head), sub-word tokens are averaged, the result is upsampled
-bicubically to the output size and min-max normalised (then clamped to ``[0, 1]``).
+Pooling ``"daam"`` reproduces DAAM's aggregation (Tang et al., ACL 2023; the code of DAAM 0.2.0,
+``DiffusionHeatMapHooker.compute_global_heat_map``) so results can be put next to the paper:
+``layers=None`` takes the layers DAAM hooks, every recorded one but the UNet's middle block; each
+(layer, head) map is *summed* over the chosen steps, upsampled *bicubically* to the latent grid
+(DAAM: 64x64 for 512 px images; here the trace's latent size) and clamped at 0; the maps are
+*averaged* over all (layer, head) pairs (a layer with more heads weighs more; with head-averaged
+recordings every layer counts as one head, and the clamp acts on the head mean, a close
+approximation: ``heads=True`` recordings reproduce DAAM's map); sub-word tokens are averaged; the
+result is upsampled bicubically to the output size and min-max normalised (then clamped to
+``[0, 1]``). With ``normalize=False`` at the latent size it is DAAM's ``WordHeatMap.heatmap``;
+``benchmarks/bench_daam.py`` (section 3c) checks it against DAAM 0.2.0 itself.
 
 Only the conditional (text) branch's attention is ever recorded, as DAAM keeps it too.
 """
@@ -206,16 +211,20 @@ def pooled_map(trace: Any, positions: Sequence[int], steps: Any = None, layers: 
         acc = acc / len(names)
     else:  # daam
         grid = _latent_size(trace)
+        if layers is None:  # DAAM hooks the down and up blocks only
+            names = [n for n in names if maps.naming.group(n) != "mid"] or names
+        entries = 0
         for name in names:
             m = _layer_maps(maps, name, step_idx, batch, tok_idx, heads)  # (S, h', t, h, w)
+            if not per_step:  # DAAM sums each (layer, head) map over steps, then upsamples
+                m = m.sum(0, keepdim=True)
             s, nh = m.shape[:2]
             up = F.interpolate(rearrange(m, "s nh t h w -> (s nh t) 1 h w"), size=grid,
                                mode="bicubic", align_corners=False).clamp_(min=0)
             up = rearrange(up, "(s nh t) 1 gh gw -> s nh t gh gw", s=s, nh=nh).sum(1)  # (S, t, gh, gw)
-            if not per_step:
-                up = up.sum(0, keepdim=True)
             acc = up if acc is None else acc + up
-        acc = acc.mean(1)  # merge the word's tokens
+            entries += nh
+        acc = acc.mean(1) / entries  # merge the word's tokens; the mean over (layer, head) maps
         acc = F.interpolate(acc[:, None], size=out_hw, mode="bicubic", align_corners=False)[:, 0]
     if normalize:
         acc = _minmax(acc, what)

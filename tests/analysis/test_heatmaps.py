@@ -189,6 +189,34 @@ def test_daam_pooling_weighs_layers_by_head_count_sdlens_does_not():
     assert float(daam.min()) >= 0 and float(daam.max()) == pytest.approx(1.0)
 
 
+def test_daam_pooling_is_daams_own_aggregation():
+    """DAAM 0.2.0's compute_global_heat_map, written out as it does it: no middle block; per
+    (layer, head) the maps summed over steps, bicubic to the latent grid, clamped at 0; the mean
+    over all (layer, head) maps; a word's tokens averaged. normalize=False at the latent size
+    gives exactly that (benchmarks/bench_daam.py checks it against DAAM itself)."""
+    n_heads = {name: i + 1 for i, name in enumerate(LAYERS)}  # 1..5 heads: layers weigh unequally
+    t = fake_trace(heads=n_heads, commit_step=3)
+    pos = find_word(t, "circle").positions
+    grid = tuple(t.latents.shape[-2:])
+
+    def daam(names):
+        merged = []
+        for name in names:
+            m = t.attention[name][:, 0].float().sum(0)  # (heads, tokens, h, w): summed over steps
+            for head in m:
+                merged.append(F.interpolate(head[:, None], size=grid, mode="bicubic")
+                              .clamp_(min=0)[:, 0])
+        return torch.stack(merged).mean(0)[list(pos)].mean(0)
+
+    no_mid = [n for n in LAYERS if not n.startswith("mid_block")]
+    ours = t.heatmap("circle", pooling="daam", size=grid, normalize=False)
+    assert torch.allclose(ours, daam(no_mid), atol=1e-6)
+    assert not torch.allclose(ours, daam(list(LAYERS)), atol=1e-3)  # the mid block is left out
+    # chosen layers are taken as given, the middle block too
+    assert torch.allclose(t.heatmap("circle", pooling="daam", size=grid, normalize=False,
+                                    layers=list(LAYERS)), daam(list(LAYERS)), atol=1e-6)
+
+
 def test_daam_and_sdlens_agree_when_layers_weigh_the_same(tr):
     a = tr.heatmap("square", pooling="daam").flatten().double()
     b = tr.heatmap("square").flatten().double()

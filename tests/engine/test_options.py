@@ -101,6 +101,9 @@ def test_size_estimate_counts_the_schedulers_real_steps():
     heun = diffusers.HeunDiscreteScheduler.from_config(base.scheduler.config)
     assert scheduler_steps(pndm, 10) == 11
     assert scheduler_steps(heun, 10) == 19
+    # Flux's scheduler shifts its timesteps by the image size (mu); their count does not change
+    flux = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    assert scheduler_steps(flux, 28) == 28
     for sched, n in ((pndm, 11), (heun, 19)):
         pipe = SimpleNamespace(unet=base.unet, scheduler=sched, tokenizer=base.tokenizer)
         assert estimate_trace_bytes(pipe, num_inference_steps=10, n_tokens=5) == \

@@ -457,7 +457,7 @@ def mmdit_maps() -> dict[str, dict]:
     from sdlens.models.shapes.architecture import MMDIT_CONFIG
 
     maps = {f"block.{i}": {"layers": f"block.{i}"} for i in range(MMDIT_CONFIG["num_layers"])}
-    maps["concept"] = {"method": "concept"}
+    maps["concept"] = {"maps": "concepts"}
     return maps
 
 
