@@ -162,6 +162,8 @@ def evaluate(pipe, prompts: list[str], seeds: list[int], guidance_scale: float =
         "iou_shape_words": default["shape"],
         "iou_mean": default["mean"],
         **({"iou_by_map": more} if more else {}),
+        # what was judged of each image, so that a test can re-measure a few and compare
+        "per_image": [[j.prompt, j.seed, j.colours_right, j.shapes_right] for j in judgements],
     }
 
 
