@@ -644,7 +644,8 @@ class _Session:
                 observers = [recorder_for(adapter.attention_kind, run, adapter.joint_order)]
                 if "image_to_text" in self.options.record:
                     run.extra["image_to_text"] = ExtraMaps(run, "image_to_text")
-                    observers.append(ImageToTextRecorder(run.extra["image_to_text"]))
+                    observers.append(ImageToTextRecorder(run.extra["image_to_text"],
+                                                         adapter.joint_order[0] == "text"))
                 hooks.wrap_sites(denoiser, self.layers, observers=observers)
                 hooks.forward_pre_hook(denoiser, before, with_kwargs=True)
                 hooks.forward_hook(denoiser, after, with_kwargs=True)

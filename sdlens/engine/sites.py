@@ -462,27 +462,9 @@ class JointAttentionRecorder(AttentionRecorder):
         processor receives them (``single``: both parts of one single-stream sequence, keyed by
         ``to_k``); ``rope``: the processor's ``(cos, sin)`` over the whole sequence, in
         ``joint_order``."""
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return rearrange(t, "n l (heads d) -> n heads l d", heads=attn.heads)
-
-        fused = getattr(attn, "fused_projections", False)
-        if fused:  # Flux after fuse_qkv_projections(): one to_qkv (to_added_qkv for text)
-            query, key, _ = attn.to_qkv(hs).chunk(3, dim=-1)
-            text_key = (attn.to_qkv(ehs) if single else attn.to_added_qkv(ehs)).chunk(3, dim=-1)[1]
-        else:
-            query, key = attn.to_q(hs), attn.to_k(hs)
-            text_key = attn.to_k(ehs) if single else attn.add_k_proj(ehs)
-        query, key, text_key = heads(query), heads(key), heads(text_key)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        text_norm = attn.norm_k if single else getattr(attn, "norm_added_k", None)
-        if text_norm is not None:
-            text_key = text_norm(text_key)
-        if rope is not None:
-            query, key, text_key = self._rotate(query, key, text_key, rope)
+        p = joint_projections(attn, hs, ehs, ("image_q", "image_k", "text_k"), rope=rope,
+                              text_first=self.text_first, single=single)
+        query, key, text_key = p["image_q"], p["image_k"], p["text_k"]
         scale = float(getattr(attn, "scale", query.shape[-1] ** -0.5))
         query = query.float() * scale  # (B, heads, HW, d)
         key, text_key = key.float(), text_key.float()
@@ -494,21 +476,58 @@ class JointAttentionRecorder(AttentionRecorder):
         lse = torch.logaddexp(image_lse, text_scores.logsumexp(dim=-2))  # (B, heads, HW)
         return (text_scores - lse[:, :, None, :]).exp()
 
-    def _rotate(self, query, key, text_key, rope):
-        """Queries and keys rotated as the processor rotates them: diffusers' own
-        ``apply_rotary_emb`` on the sequence laid out in its order ([text; image] for Flux)."""
-        from diffusers.models.embeddings import apply_rotary_emb
 
-        t = text_key.shape[2]
-        cos, sin = rope
-        if self.text_first:
-            text_rope, image_rope = (cos[:t], sin[:t]), (cos[t:], sin[t:])
+def joint_projections(attn, hs: torch.Tensor, ehs: torch.Tensor, parts: Sequence[str],
+                      rope=None, text_first: bool = False, single: bool = False
+                      ) -> dict[str, torch.Tensor]:
+    """Joint attention's projections as the processor computes them (SD3's
+    ``JointAttnProcessor2_0``, Flux's ``FluxAttnProcessor``), each (B, heads, L, d): ``parts``
+    from ``image_q``, ``image_k``, ``image_v`` (``to_q`` / ``to_k`` / ``to_v`` of ``hs`` (B, HW,
+    C), q/k normed by ``norm_q`` / ``norm_k``) and ``text_q``, ``text_k``, ``text_v``
+    (``add_*_proj`` of ``ehs`` (B, T, C) and ``norm_added_q`` / ``norm_added_k``; ``single``:
+    the single-stream blocks' one ``to_*`` and ``norm_q`` / ``norm_k`` for both parts). Fused
+    projections (``to_qkv`` / ``to_added_qkv``) are read as fused. ``rope``: the processor's
+    ``(cos, sin)`` over the whole sequence in its order (``text_first``: [text; image], Flux),
+    applied to q and k with diffusers' ``apply_rotary_emb``, as the processor applies it."""
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return rearrange(t, "n l (heads d) -> n heads l d", heads=attn.heads)
+
+    fused = getattr(attn, "fused_projections", False)
+    out = {}
+    for part, x in (("image", hs), ("text", ehs)):
+        names = [n for n in "qkv" if f"{part}_{n}" in parts]
+        if not names:
+            continue
+        added = part == "text" and not single
+        if fused:  # after fuse_qkv_projections(): one to_qkv (to_added_qkv for the text stream)
+            proj = dict(zip("qkv", (attn.to_added_qkv if added else attn.to_qkv)(x)
+                            .chunk(3, dim=-1)))
         else:
-            n = query.shape[2]
-            image_rope, text_rope = (cos[:n], sin[:n]), (cos[n:], sin[n:])
-        return (apply_rotary_emb(query, image_rope, sequence_dim=2),
-                apply_rotary_emb(key, image_rope, sequence_dim=2),
-                apply_rotary_emb(text_key, text_rope, sequence_dim=2))
+            proj = {n: getattr(attn, f"add_{n}_proj" if added else f"to_{n}")(x) for n in names}
+        norms = {"q": getattr(attn, "norm_added_q" if added else "norm_q", None),
+                 "k": getattr(attn, "norm_added_k" if added else "norm_k", None), "v": None}
+        for n in names:
+            t = heads(proj[n])
+            if norms[n] is not None:
+                t = norms[n](t)
+            if rope is not None and n != "v":
+                t = rotate(t, rope, part, hs.shape[1], ehs.shape[1], text_first)
+            out[f"{part}_{n}"] = t
+    return out
+
+
+def rotate(t: torch.Tensor, rope, part: str, n_image: int, n_text: int,
+           text_first: bool) -> torch.Tensor:
+    """``t`` (B, heads, L, d), the ``part`` ("image" or "text") of joint attention's sequence,
+    rotated with its rows of the processor's ``(cos, sin)`` (the whole sequence, text first
+    where ``text_first``) by diffusers' ``apply_rotary_emb``."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    cos, sin = rope
+    first, second = (n_text, n_image) if text_first else (n_image, n_text)
+    at_start = (part == "text") == text_first
+    rows = slice(0, first) if at_start else slice(first, first + second)
+    return apply_rotary_emb(t, (cos[rows], sin[rows]), sequence_dim=2)
 
 
 def recorder_for(kind: str, sink: AttentionSink, order: tuple[str, str] = ("image", "text")

@@ -49,8 +49,9 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.nn.functional as F
 
-from sdlens.engine.arch.base import BackboneAdapter, SiteNaming
+from sdlens.engine.arch.base import BackboneAdapter, ConceptStep, SiteNaming
 
 _DOUBLE, _SINGLE = "transformer_blocks", "single_transformer_blocks"
 
@@ -105,6 +106,7 @@ class FluxAdapter(BackboneAdapter):
         super().__init__(pipe)
         self._sites = super().sites()
         self._ids_hw: tuple | None = None  # (img_ids, (h, w)): read once per pipeline call
+        self._text_len = 0  # T of the concept pass's last double-stream block
         if not self._sites:
             raise TypeError(f"sdlens cannot trace {type(pipe).__name__}: its transformer has no "
                             "attention blocks")
@@ -230,3 +232,97 @@ class FluxAdapter(BackboneAdapter):
     def resolutions(self, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
         hw = (latent_hw[0] // 2, latent_hw[1] // 2)
         return {s: hw for s in self._sites}
+
+    # ---------------------------------------------------------------- concept pass
+    def concept_blocks(self) -> list[tuple[str, torch.nn.Module]]:
+        """The double-stream blocks, then the single-stream blocks (the transformer's order)."""
+        tr = self.pipe.transformer
+        return [(f"{_DOUBLE}.{i}.attn", b) for i, b in enumerate(tr.transformer_blocks)] + \
+            [(f"{_SINGLE}.{i}.attn", b) for i, b in enumerate(tr.single_transformer_blocks)]
+
+    def concept_text(self, concepts: list[str], params: dict) -> torch.Tensor:
+        """T5's ``prompt_embeds`` of the concepts as prompts: (C, max_sequence_length, 4096)."""
+        return self.pipe.encode_prompt(
+            prompt=list(concepts), prompt_2=None,
+            device=getattr(self.pipe, "_execution_device", self.denoiser.device),
+            max_sequence_length=self.text_length(params))[0]
+
+    def concept_stream(self, vectors: torch.Tensor) -> torch.Tensor:
+        embedder = self.pipe.transformer.context_embedder
+        return embedder(vectors.to(embedder.weight.dtype))
+
+    def concept_step(self, block, stream: torch.Tensor, args: tuple, kwargs: dict, rows: slice,
+                     outputs: bool) -> ConceptStep:
+        """One block of the concept pass (module docstring: "Concept maps"). The concepts get
+        the rotary embedding of the first text position (the pipelines' ``txt_ids`` are zeros:
+        the identity, as for every text token)."""
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        def arg(name: str, i: int):
+            return kwargs[name] if name in kwargs else (args[i] if len(args) > i else None)
+
+        hs, ehs = arg("hidden_states", 0), arg("encoder_hidden_states", 1)
+        temb, rope = arg("temb", 2)[rows], arg("image_rotary_emb", 3)
+        rope = tuple(rope) if isinstance(rope, (tuple, list)) and len(rope) == 2 else None
+        if ehs is None:  # single-stream blocks given the joined sequence (diffusers < 0.35)
+            t = self._text_len
+            hs, ehs = hs[:, t:], hs[:, :t]
+        hs, ehs = hs[rows], ehs[rows]
+        self._text_len = t = int(ehs.shape[1])
+        attn = block.attn
+        double = hasattr(block, "norm1_context")
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (n, L, inner) -> (n, heads, L, d)
+            return x.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
+
+        def qkv(x: torch.Tensor, added: bool, rows_of_rope: slice | None):
+            if attn.fused_projections:  # after fuse_qkv_projections()
+                q, k, v = (attn.to_added_qkv if added else attn.to_qkv)(x).chunk(3, dim=-1)
+            else:
+                pre = "add_{}_proj" if added else "to_{}"
+                q, k, v = (getattr(attn, pre.format(n))(x) for n in "qkv")
+            q, k, v = heads(q), heads(k), heads(v)
+            q = (attn.norm_added_q if added else attn.norm_q)(q)
+            k = (attn.norm_added_k if added else attn.norm_k)(k)
+            if rope is not None:
+                cos, sin = rope[0][rows_of_rope], rope[1][rows_of_rope]
+                if cos.shape[0] != x.shape[1]:  # the concepts: the first text position's
+                    cos, sin = cos.expand(x.shape[1], -1), sin.expand(x.shape[1], -1)
+                q = apply_rotary_emb(q, (cos, sin), sequence_dim=2)
+                k = apply_rotary_emb(k, (cos, sin), sequence_dim=2)
+            return q, k, v
+
+        text_rows, image_rows, first = slice(0, t), slice(t, None), slice(0, 1)
+        if double:
+            norm_c, c_gate, c_shift, c_scale, c_gate_mlp = block.norm1_context(stream, emb=temb)
+            q_c, k_c, v_c = qkv(norm_c, True, first)
+            q, k, v = qkv(block.norm1(hs, emb=temb)[0], False, image_rows)
+            if outputs:
+                _, k_t, v_t = qkv(block.norm1_context(ehs, emb=temb)[0], True, text_rows)
+        else:
+            norm_c, gate_c = block.norm(stream, emb=temb)
+            q_c, k_c, v_c = qkv(norm_c, False, first)
+            q_all, k_all, v_all = qkv(block.norm(torch.cat([ehs, hs], 1), emb=temb)[0], False,
+                                      slice(None))
+            q, k, v = q_all[:, :, t:], k_all[:, :, t:], v_all[:, :, t:]
+            k_t, v_t = k_all[:, :, :t], v_all[:, :, :t]
+        # the concepts attend to the image and to each other; nothing attends to them
+        out_c = F.scaled_dot_product_attention(q_c, torch.cat([k, k_c], 2), torch.cat([v, v_c], 2))
+        out_c = out_c.transpose(1, 2).flatten(2)  # (n, C, inner)
+        image = None
+        if outputs:  # the image tokens' own attention output (over [text; image], as the block)
+            image = F.scaled_dot_product_attention(q, torch.cat([k_t, k], 2),
+                                                   torch.cat([v_t, v], 2))
+            image = image.transpose(1, 2).flatten(2)  # (n, HW, inner)
+        if double:  # FluxTransformerBlock's text-stream update
+            c = stream + c_gate.unsqueeze(1) * attn.to_add_out(out_c)
+            ff_in = block.norm2_context(c) * (1 + c_scale[:, None]) + c_shift[:, None]
+            nxt = c + c_gate_mlp.unsqueeze(1) * block.ff_context(ff_in)
+        elif block is self.pipe.transformer.single_transformer_blocks[-1]:
+            nxt = None  # the last block: nothing reads the stream after it
+        else:  # FluxSingleTransformerBlock: the parallel MLP beside attention, one proj_out
+            mlp = block.act_mlp(block.proj_mlp(norm_c))
+            nxt = stream + gate_c.unsqueeze(1) * block.proj_out(torch.cat([out_c, mlp], 2))
+        if nxt is not None and nxt.dtype == torch.float16:
+            nxt = nxt.clip(-65504, 65504)  # as the blocks clip their fp16 outputs
+        return ConceptStep(nxt, image, out_c if outputs else None)
