@@ -1,5 +1,6 @@
-"""What sdlens records beside joint attention's text maps (SD3 / SD3.5; any backbone adapter that
-provides the concept pass, :mod:`sdlens.engine.arch.base`): concept maps and image->text maps.
+"""What sdlens records beside joint attention's text maps (SD3 / SD3.5, Flux.1; any backbone
+adapter that provides the concept pass, :mod:`sdlens.engine.arch.base`): concept maps and
+image->text maps.
 
 **Concept maps** follow ConceptAttention (Helbling, Meral, Hoover, Yeh, Chau: "ConceptAttention:
 Diffusion Transformers Learn Highly Interpretable Features", ICML 2025). Concepts are chosen at
@@ -8,7 +9,7 @@ words of the prompt. The method, as sdlens implements it:
 
 1. **Encoding.** Each concept is encoded as its own short prompt by the pipeline's own text
    encoders, as the pipeline encodes a prompt (SD3: CLIP-L, CLIP-G and T5, at the call's
-   ``max_sequence_length``), and pooled into one vector: the mean over its tokens (its words'
+   ``max_sequence_length``; Flux: T5), and pooled into one vector: the mean over its tokens (its words'
    token positions, from the one Word model: CLIP tokens and T5 pieces alike, start / end tokens
    and padding left out), as a word's heatmap is pooled over its CLIP token(s) and T5 pieces.
    One token per concept keeps the softmax over concepts a choice between concepts, whatever
@@ -40,7 +41,8 @@ untraced one. Cost per recorded step: the concepts' projections and attention at
 **Image->text maps** (``record=(..., "image_to_text")``): at each recorded site, each text
 token's attention to the image patches: its query's softmax over the keys of [image; text], the
 image columns, so a token's map sums to its *image share*. ``trace.image_to_text``: (steps,
-batch, tokens, h, w), tokens as ``trace.attention``'s.
+batch, tokens, h, w), tokens as ``trace.attention``'s. Flux: from the RoPE-rotated q / k, in
+the double- and single-stream blocks (:mod:`sdlens.engine.arch.flux`).
 """
 
 from __future__ import annotations
@@ -62,12 +64,12 @@ def check_joint_options(adapter: BackboneAdapter, options) -> None:
     image->text maps on a backbone that has no concept pass / no joint attention."""
     name = type(adapter.pipe).__name__
     if options.concepts is not None and adapter.concept_blocks() is None:
-        raise TypeError(f"concept maps need a joint-attention backbone (SD3 / SD3.5, Flux.1); {name}'s "
-                        f"{adapter.attention_kind}-attention backbone has no concept pass")
+        raise TypeError(f"concept maps need a joint-attention backbone (SD3 / SD3.5, Flux.1); "
+                        f"{name}'s {adapter.attention_kind}-attention backbone has no concept pass")
     if "image_to_text" in options.record and adapter.attention_kind != "joint":
-        raise TypeError(f"image_to_text maps need joint attention (SD3 / SD3.5, Flux.1), where the text "
-                        f"tokens attend to the image; {name} has {adapter.attention_kind} "
-                        "attention")
+        raise TypeError(f"image_to_text maps need joint attention (SD3 / SD3.5, Flux.1), where "
+                        f"the text tokens attend to the image; {name} has "
+                        f"{adapter.attention_kind} attention")
 
 
 # ====================================================================== collecting
@@ -189,7 +191,8 @@ class ImageToTextRecorder:
                 t, single = self.text_length, True  # single-stream: [text; image] in one sequence
                 hs, ehs = hs[:, t:], hs[:, :t]
             else:
-                return self.sink.skip(layer, "no text tokens sdlens can find in its joint attention")
+                return self.sink.skip(layer, "no text tokens sdlens can find in its joint "
+                                             "attention")
             probs = self.image_probabilities(attn, hs, ehs, rope=rope, text_first=self.text_first,
                                              single=single)
             self.sink.put(layer, reduce_maps(probs, n_tokens, keep_heads, dtype))

@@ -796,7 +796,7 @@ def trace(pipe, options: RecordOptions | None = None, tokens=None, **kwargs):
             supported ones.
         options: a :class:`RecordOptions`; keyword arguments (``record``, ``layers``, ``steps``,
             ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``, ``concepts``)
-            override its fields. ``concepts=["circle", "background"]`` (SD3 / SD3.5) records
+            override its fields. ``concepts=["circle", "background"]`` (SD3 / SD3.5, Flux.1) records
             concept maps (:mod:`sdlens.engine.joint`, ``trace.concepts``); other backbones raise
             TypeError.
         tokens: for calls made with ``prompt_embeds`` (and no ``prompt``): the token strings

@@ -42,6 +42,36 @@ calls the transformer twice per step, the prompt first, then the negative prompt
 ``trace.do_cfg`` is True and ``trace.guidance_scale`` is ``true_cfg_scale`` (the scale of that
 combination; ``meta["true_cfg_scale"]`` always holds it). Maps are recorded from the prompt's
 call. The schedule is the table's flow row (x0 = x_t - sigma v).
+
+**Concept maps** (``concepts=[...]``, :mod:`sdlens.engine.joint`; the seam in
+:mod:`sdlens.engine.arch.base`), as ConceptAttention does for Flux (Helbling et al., ICML 2025;
+github.com/helblazer811/ConceptAttention): the concepts are encoded as prompts by T5
+(``pipe.encode_prompt``'s ``prompt_embeds``), pooled over their pieces, enter through
+``context_embedder`` and are carried through every block, double-stream then single-stream
+(:meth:`FluxAdapter.concept_step`):
+
+* a double-stream block: the text stream's path, ``norm1_context`` (AdaLN with the block's
+  ``temb``), ``add_q_proj`` / ``add_k_proj`` / ``add_v_proj``, ``norm_added_q`` /
+  ``norm_added_k``, attention over the image keys and the concepts' own, then ``to_add_out``,
+  the gates, ``norm2_context`` / ``ff_context``;
+* a single-stream block: the block's one shared path (its ``norm``, ``to_q`` / ``to_k`` /
+  ``to_v``, ``norm_q`` / ``norm_k``), attention over the image part of the joined sequence and
+  the concepts, then the parallel MLP (``proj_mlp``) beside it and ``proj_out``, gated. The
+  image tokens' attention output (the map's other factor) is the image rows of the joined
+  sequence's attention (before ``proj_out``).
+
+Queries and keys are rotated as the processor rotates them: the image part with its rows of
+``image_rotary_emb``. The concepts have no position of their own in ``txt_ids``; they get the
+first text position's rotary embedding. The Flux pipelines' ``txt_ids`` are zeros, so every text
+token's rotation, and the concepts', is the identity: concepts are placed exactly as the
+prompt's text tokens are.
+
+**Image->text maps** (``record`` with ``"image_to_text"``) are the text queries' image columns of
+the same RoPE-rotated softmax (the single-stream blocks' text rows of the joined sequence), and
+**token reweighting** (:class:`sdlens.engine.sites.JointReweight`) scales the image queries'
+RoPE-rotated probabilities on the chosen text columns, in both block kinds (the single-stream
+blocks: the image rows of the attention output before ``proj_out``); true CFG's negative call is
+not reweighted.
 """
 
 from __future__ import annotations
