@@ -305,37 +305,37 @@ class FluxAdapter(BackboneAdapter):
         def heads(x: torch.Tensor) -> torch.Tensor:  # (n, L, inner) -> (n, heads, L, d)
             return x.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
 
-        def qkv(x: torch.Tensor, added: bool, rows_of_rope: slice | None):
-            if attn.fused_projections:  # after fuse_qkv_projections()
+        def qkv(x: torch.Tensor, added: bool, rope_rows: slice, queries: bool = True):
+            """(q or None, k, v), each (n, heads, L, d), as the processor computes them."""
+            if getattr(attn, "fused_projections", False):  # after fuse_qkv_projections()
                 q, k, v = (attn.to_added_qkv if added else attn.to_qkv)(x).chunk(3, dim=-1)
             else:
                 pre = "add_{}_proj" if added else "to_{}"
-                q, k, v = (getattr(attn, pre.format(n))(x) for n in "qkv")
-            q, k, v = heads(q), heads(k), heads(v)
-            q = (attn.norm_added_q if added else attn.norm_q)(q)
-            k = (attn.norm_added_k if added else attn.norm_k)(k)
+                q, k, v = (getattr(attn, pre.format(n))(x) if n != "q" or queries else None
+                           for n in "qkv")
+            q = (attn.norm_added_q if added else attn.norm_q)(heads(q)) if queries else None
+            k, v = (attn.norm_added_k if added else attn.norm_k)(heads(k)), heads(v)
             if rope is not None:
-                cos, sin = rope[0][rows_of_rope], rope[1][rows_of_rope]
+                cos, sin = rope[0][rope_rows], rope[1][rope_rows]
                 if cos.shape[0] != x.shape[1]:  # the concepts: the first text position's
                     cos, sin = cos.expand(x.shape[1], -1), sin.expand(x.shape[1], -1)
-                q = apply_rotary_emb(q, (cos, sin), sequence_dim=2)
+                q = apply_rotary_emb(q, (cos, sin), sequence_dim=2) if queries else None
                 k = apply_rotary_emb(k, (cos, sin), sequence_dim=2)
             return q, k, v
 
         text_rows, image_rows, first = slice(0, t), slice(t, None), slice(0, 1)
+        # a single-stream block's norm and projections are per token: its joined sequence's
+        # image and text rows are computed apart (the text's only for the image's own output)
         if double:
             norm_c, c_gate, c_shift, c_scale, c_gate_mlp = block.norm1_context(stream, emb=temb)
-            q_c, k_c, v_c = qkv(norm_c, True, first)
-            q, k, v = qkv(block.norm1(hs, emb=temb)[0], False, image_rows)
-            if outputs:
-                _, k_t, v_t = qkv(block.norm1_context(ehs, emb=temb)[0], True, text_rows)
+            norm_x, norm_t = block.norm1, block.norm1_context
         else:
             norm_c, gate_c = block.norm(stream, emb=temb)
-            q_c, k_c, v_c = qkv(norm_c, False, first)
-            q_all, k_all, v_all = qkv(block.norm(torch.cat([ehs, hs], 1), emb=temb)[0], False,
-                                      slice(None))
-            q, k, v = q_all[:, :, t:], k_all[:, :, t:], v_all[:, :, t:]
-            k_t, v_t = k_all[:, :, :t], v_all[:, :, :t]
+            norm_x = norm_t = block.norm
+        q_c, k_c, v_c = qkv(norm_c, double, first)
+        q, k, v = qkv(norm_x(hs, emb=temb)[0], False, image_rows, queries=outputs)
+        if outputs:
+            _, k_t, v_t = qkv(norm_t(ehs, emb=temb)[0], double, text_rows, queries=False)
         # the concepts attend to the image and to each other; nothing attends to them
         out_c = F.scaled_dot_product_attention(q_c, torch.cat([k, k_c], 2), torch.cat([v, v_c], 2))
         out_c = out_c.transpose(1, 2).flatten(2)  # (n, C, inner)
