@@ -136,7 +136,6 @@ class FluxAdapter(BackboneAdapter):
         super().__init__(pipe)
         self._sites = super().sites()
         self._ids_hw: tuple | None = None  # (img_ids, (h, w)): read once per pipeline call
-        self._text_len = 0  # T of the concept pass's last double-stream block
         if not self._sites:
             raise TypeError(f"sdlens cannot trace {type(pipe).__name__}: its transformer has no "
                             "attention blocks")
@@ -294,11 +293,8 @@ class FluxAdapter(BackboneAdapter):
         hs, ehs = arg("hidden_states", 0), arg("encoder_hidden_states", 1)
         temb, rope = arg("temb", 2)[rows], arg("image_rotary_emb", 3)
         rope = tuple(rope) if isinstance(rope, (tuple, list)) and len(rope) == 2 else None
-        if ehs is None:  # single-stream blocks given the joined sequence (diffusers < 0.35)
-            t = self._text_len
-            hs, ehs = hs[:, t:], hs[:, :t]
-        hs, ehs = hs[rows], ehs[rows]
-        self._text_len = t = int(ehs.shape[1])
+        hs, ehs = hs[rows], ehs[rows]  # both block kinds get the two parts apart
+        t = int(ehs.shape[1])
         attn = block.attn
         double = hasattr(block, "norm1_context")
 
