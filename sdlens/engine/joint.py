@@ -9,9 +9,10 @@ words of the prompt. The method, as sdlens implements it:
 
 1. **Encoding.** Each concept is encoded as its own short prompt by the pipeline's own text
    encoders, as the pipeline encodes a prompt (SD3: CLIP-L, CLIP-G and T5, at the call's
-   ``max_sequence_length``; Flux: T5), and pooled into one vector: the mean over its tokens (its words'
-   token positions, from the one Word model: CLIP tokens and T5 pieces alike, start / end tokens
-   and padding left out), as a word's heatmap is pooled over its CLIP token(s) and T5 pieces.
+   ``max_sequence_length``; Flux: T5), and pooled into one vector: the mean over its tokens
+   (its words' token positions, from the one Word model: CLIP tokens and T5 pieces alike, start
+   / end tokens and padding left out), as a word's heatmap is pooled over its CLIP token(s) and
+   T5 pieces.
    One token per concept keeps the softmax over concepts a choice between concepts, whatever
    their token counts.
 2. **The concept stream.** The pooled vectors enter the first block as the prompt's text does

@@ -511,13 +511,13 @@ def joint_projections(attn, hs: torch.Tensor, ehs: torch.Tensor, parts: Sequence
             if norms[n] is not None:
                 t = norms[n](t)
             if rope is not None and n != "v":
-                t = rotate(t, rope, part, hs.shape[1], ehs.shape[1], text_first)
+                t = _rotate(t, rope, part, hs.shape[1], ehs.shape[1], text_first)
             out[f"{part}_{n}"] = t
     return out
 
 
-def rotate(t: torch.Tensor, rope, part: str, n_image: int, n_text: int,
-           text_first: bool) -> torch.Tensor:
+def _rotate(t: torch.Tensor, rope, part: str, n_image: int, n_text: int,
+            text_first: bool) -> torch.Tensor:
     """``t`` (B, heads, L, d), the ``part`` ("image" or "text") of joint attention's sequence,
     rotated with its rows of the processor's ``(cos, sin)`` (the whole sequence, text first
     where ``text_first``) by diffusers' ``apply_rotary_emb``."""
