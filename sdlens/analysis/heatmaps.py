@@ -57,8 +57,9 @@ POOLINGS = ("sdlens", "daam")
 # attention to the image patches (``record=(..., "image_to_text")``)
 MAPS = ("attention", "concepts", "image_to_text")
 _HOW = {"attention": "record again with attention on to get heatmaps",
-        "concepts": "trace with concepts=[...] (SD3 / SD3.5) to get concept maps",
-        "image_to_text": "trace with record=(..., 'image_to_text') (SD3 / SD3.5) to get them"}
+        "concepts": "trace with concepts=[...] (SD3 / SD3.5, Flux.1) to get concept maps",
+        "image_to_text": "trace with record=(..., 'image_to_text') (SD3 / SD3.5, Flux.1) to get "
+                         "them"}
 
 
 # --------------------------------------------------------------------------- argument helpers

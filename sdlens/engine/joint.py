@@ -1,5 +1,6 @@
-"""What sdlens records beside joint attention's text maps (SD3 / SD3.5; any backbone adapter that
-provides the concept pass, :mod:`sdlens.engine.arch.base`): concept maps and image->text maps.
+"""What sdlens records beside joint attention's text maps (SD3 / SD3.5, Flux.1; any backbone
+adapter that provides the concept pass, :mod:`sdlens.engine.arch.base`): concept maps and
+image->text maps.
 
 **Concept maps** follow ConceptAttention (Helbling, Meral, Hoover, Yeh, Chau: "ConceptAttention:
 Diffusion Transformers Learn Highly Interpretable Features", ICML 2025). Concepts are chosen at
@@ -8,9 +9,10 @@ words of the prompt. The method, as sdlens implements it:
 
 1. **Encoding.** Each concept is encoded as its own short prompt by the pipeline's own text
    encoders, as the pipeline encodes a prompt (SD3: CLIP-L, CLIP-G and T5, at the call's
-   ``max_sequence_length``), and pooled into one vector: the mean over its tokens (its words'
-   token positions, from the one Word model: CLIP tokens and T5 pieces alike, start / end tokens
-   and padding left out), as a word's heatmap is pooled over its CLIP token(s) and T5 pieces.
+   ``max_sequence_length``; Flux: T5), and pooled into one vector: the mean over its tokens
+   (its words' token positions, from the one Word model: CLIP tokens and T5 pieces alike, start
+   / end tokens and padding left out), as a word's heatmap is pooled over its CLIP token(s) and
+   T5 pieces.
    One token per concept keeps the softmax over concepts a choice between concepts, whatever
    their token counts.
 2. **The concept stream.** The pooled vectors enter the first block as the prompt's text does
@@ -40,7 +42,8 @@ untraced one. Cost per recorded step: the concepts' projections and attention at
 **Image->text maps** (``record=(..., "image_to_text")``): at each recorded site, each text
 token's attention to the image patches: its query's softmax over the keys of [image; text], the
 image columns, so a token's map sums to its *image share*. ``trace.image_to_text``: (steps,
-batch, tokens, h, w), tokens as ``trace.attention``'s.
+batch, tokens, h, w), tokens as ``trace.attention``'s. Flux: from the RoPE-rotated q / k, in
+the double- and single-stream blocks (:mod:`sdlens.engine.arch.flux`).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from einops import rearrange
 
 from sdlens.analysis.tokens import tokenize, tokenize_segments
 from sdlens.engine.arch import BackboneAdapter
-from sdlens.engine.sites import Hooks, SiteCall, reduce_maps
+from sdlens.engine.sites import Hooks, SiteCall, joint_projections, reduce_maps
 from sdlens.trace.maps import AttentionMaps, ConceptMaps
 
 
@@ -62,12 +65,12 @@ def check_joint_options(adapter: BackboneAdapter, options) -> None:
     image->text maps on a backbone that has no concept pass / no joint attention."""
     name = type(adapter.pipe).__name__
     if options.concepts is not None and adapter.concept_blocks() is None:
-        raise TypeError(f"concept maps need a joint-attention backbone (SD3 / SD3.5); {name}'s "
-                        f"{adapter.attention_kind}-attention backbone has no concept pass")
+        raise TypeError(f"concept maps need a joint-attention backbone (SD3 / SD3.5, Flux.1); "
+                        f"{name}'s {adapter.attention_kind}-attention backbone has no concept pass")
     if "image_to_text" in options.record and adapter.attention_kind != "joint":
-        raise TypeError(f"image_to_text maps need joint attention (SD3 / SD3.5), where the text "
-                        f"tokens attend to the image; {name} has {adapter.attention_kind} "
-                        "attention")
+        raise TypeError(f"image_to_text maps need joint attention (SD3 / SD3.5, Flux.1), where "
+                        f"the text tokens attend to the image; {name} has "
+                        f"{adapter.attention_kind} attention")
 
 
 # ====================================================================== collecting
@@ -88,8 +91,8 @@ class ExtraMaps:
     def rows(self) -> slice | None:
         """The batch rows to compute at this denoiser call; None: nothing recorded now."""
         run = self.run
-        if run.aux or run.abandoned or not run.maps_now:
-            return None
+        if run.aux or run.abandoned or not run.maps_now or run.half == "uncond":
+            return None  # (Flux's true CFG: the maps come from the prompt's call)
         return run.rows
 
     def request(self, layer: str):
@@ -159,42 +162,58 @@ class ExtraMaps:
 class ImageToTextRecorder:
     """Observer of a joint-attention site: each text token's attention to the image patches (the
     text queries' softmax over [image; text] keys, the image columns), reduced as the attention
-    maps are and handed to ``sink`` (an :class:`ExtraMaps`)."""
+    maps are and handed to ``sink`` (an :class:`ExtraMaps`).
 
-    def __init__(self, sink: ExtraMaps):
-        self.sink = sink
+    Flux (``text_first``): q / k RoPE-rotated with the processor's ``(cos, sin)`` (text rows
+    first), and the single-stream blocks' joined [text; image] sequence split at the text length
+    the double-stream calls of the same transformer call saw, as
+    :class:`~sdlens.engine.sites.JointAttentionRecorder` does."""
+
+    def __init__(self, sink: ExtraMaps, text_first: bool = False):
+        self.sink, self.text_first = sink, text_first
+        self.text_length: int | None = None  # T of the last call with encoder_hidden_states
 
     def observe(self, attn, layer: str, call: SiteCall) -> None:
+        ehs = call.encoder_hidden_states
+        if torch.is_tensor(ehs):
+            self.text_length = int(ehs.shape[1])
         request = self.sink.request(layer)
         if request is None:
             return
         try:  # sdlens is never the reason a generation fails
             rows, n_tokens, keep_heads, dtype = request
-            probs = self.image_probabilities(attn, call.hidden_states[rows],
-                                             call.encoder_hidden_states[rows])
+            rope = call.extra.get("image_rotary_emb", call.temb)
+            rope = tuple(rope) if isinstance(rope, (tuple, list)) and len(rope) == 2 else None
+            hs, single = call.hidden_states[rows], False
+            if torch.is_tensor(ehs):
+                ehs = ehs[rows]
+            elif ehs is None and self.text_first and self.text_length \
+                    and hs.ndim == 3 and hs.shape[1] > self.text_length:
+                t, single = self.text_length, True  # single-stream: [text; image] in one sequence
+                hs, ehs = hs[:, t:], hs[:, :t]
+            else:
+                return self.sink.skip(layer, "no text tokens sdlens can find in its joint "
+                                             "attention")
+            probs = self.image_probabilities(attn, hs, ehs, rope=rope, text_first=self.text_first,
+                                             single=single)
             self.sink.put(layer, reduce_maps(probs, n_tokens, keep_heads, dtype))
         except Exception as e:  # noqa: BLE001 - an unknown processor / layout
             self.sink.skip(layer, f"{type(e).__name__}: {e}")
 
     @staticmethod
     @torch.no_grad()
-    def image_probabilities(attn, hs: torch.Tensor, ehs: torch.Tensor) -> torch.Tensor:
+    def image_probabilities(attn, hs: torch.Tensor, ehs: torch.Tensor, rope=None,
+                            text_first: bool = False, single: bool = False) -> torch.Tensor:
         """(B, heads, T, HW) float32: the text queries' probabilities on the image keys, softmax
         over all keys ([image; text]), from ``hs`` (B, HW, C) and ``ehs`` (B, T, C) as the
-        processor receives them."""
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return rearrange(t, "n l (heads d) -> n heads l d", heads=attn.heads)
-
-        def normed(norm, t: torch.Tensor) -> torch.Tensor:
-            return t if norm is None else norm(t)
-
-        query = normed(getattr(attn, "norm_added_q", None), heads(attn.add_q_proj(ehs)))
-        key = normed(attn.norm_k, heads(attn.to_k(hs)))
-        text_key = normed(getattr(attn, "norm_added_k", None), heads(attn.add_k_proj(ehs)))
-        query = query.float() * float(attn.scale)  # (B, heads, T, d)
-        image = torch.matmul(query, key.float().transpose(-1, -2))  # (B, heads, T, HW)
-        text = torch.matmul(query, text_key.float().transpose(-1, -2))  # (B, heads, T, T)
+        processor receives them (``rope``, ``text_first``, ``single``: as
+        :func:`~sdlens.engine.sites.joint_projections`)."""
+        p = joint_projections(attn, hs, ehs, ("text_q", "text_k", "image_k"), rope=rope,
+                              text_first=text_first, single=single)
+        query = p["text_q"]
+        query = query.float() * float(getattr(attn, "scale", query.shape[-1] ** -0.5))
+        image = torch.matmul(query, p["image_k"].float().transpose(-1, -2))  # (B, heads, T, HW)
+        text = torch.matmul(query, p["text_k"].float().transpose(-1, -2))  # (B, heads, T, T)
         lse = torch.logaddexp(image.logsumexp(-1), text.logsumexp(-1))  # (B, heads, T)
         return (image - lse[..., None]).exp()
 

@@ -644,7 +644,8 @@ class _Session:
                 observers = [recorder_for(adapter.attention_kind, run, adapter.joint_order)]
                 if "image_to_text" in self.options.record:
                     run.extra["image_to_text"] = ExtraMaps(run, "image_to_text")
-                    observers.append(ImageToTextRecorder(run.extra["image_to_text"]))
+                    observers.append(ImageToTextRecorder(run.extra["image_to_text"],
+                                                         adapter.joint_order[0] == "text"))
                 hooks.wrap_sites(denoiser, self.layers, observers=observers)
                 hooks.forward_pre_hook(denoiser, before, with_kwargs=True)
                 hooks.forward_hook(denoiser, after, with_kwargs=True)
@@ -795,7 +796,7 @@ def trace(pipe, options: RecordOptions | None = None, tokens=None, **kwargs):
             supported ones.
         options: a :class:`RecordOptions`; keyword arguments (``record``, ``layers``, ``steps``,
             ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``, ``concepts``)
-            override its fields. ``concepts=["circle", "background"]`` (SD3 / SD3.5) records
+            override its fields. ``concepts=["circle", "background"]`` (SD3 / SD3.5, Flux.1) records
             concept maps (:mod:`sdlens.engine.joint`, ``trace.concepts``); other backbones raise
             TypeError.
         tokens: for calls made with ``prompt_embeds`` (and no ``prompt``): the token strings
@@ -868,8 +869,8 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
     """
     if reweight is not None:
         n_images = int(kwargs.get("num_images_per_prompt", 1) or 1)
-        with reweighting(pipe, prompt, reweight, reweight_steps,
-                         num_images_per_prompt=n_images) as editor:
+        with reweighting(pipe, prompt, reweight, reweight_steps, num_images_per_prompt=n_images,
+                         params={**kwargs, "negative_prompt": negative_prompt}) as editor:
             tr = generate(pipe, prompt, seed=seed, steps=steps, guidance_scale=guidance_scale,
                           negative_prompt=negative_prompt, height=height, width=width,
                           options=options, **kwargs)

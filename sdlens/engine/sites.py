@@ -462,27 +462,9 @@ class JointAttentionRecorder(AttentionRecorder):
         processor receives them (``single``: both parts of one single-stream sequence, keyed by
         ``to_k``); ``rope``: the processor's ``(cos, sin)`` over the whole sequence, in
         ``joint_order``."""
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return rearrange(t, "n l (heads d) -> n heads l d", heads=attn.heads)
-
-        fused = getattr(attn, "fused_projections", False)
-        if fused:  # Flux after fuse_qkv_projections(): one to_qkv (to_added_qkv for text)
-            query, key, _ = attn.to_qkv(hs).chunk(3, dim=-1)
-            text_key = (attn.to_qkv(ehs) if single else attn.to_added_qkv(ehs)).chunk(3, dim=-1)[1]
-        else:
-            query, key = attn.to_q(hs), attn.to_k(hs)
-            text_key = attn.to_k(ehs) if single else attn.add_k_proj(ehs)
-        query, key, text_key = heads(query), heads(key), heads(text_key)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        text_norm = attn.norm_k if single else getattr(attn, "norm_added_k", None)
-        if text_norm is not None:
-            text_key = text_norm(text_key)
-        if rope is not None:
-            query, key, text_key = self._rotate(query, key, text_key, rope)
+        p = joint_projections(attn, hs, ehs, ("image_q", "image_k", "text_k"), rope=rope,
+                              text_first=self.text_first, single=single)
+        query, key, text_key = p["image_q"], p["image_k"], p["text_k"]
         scale = float(getattr(attn, "scale", query.shape[-1] ** -0.5))
         query = query.float() * scale  # (B, heads, HW, d)
         key, text_key = key.float(), text_key.float()
@@ -494,21 +476,58 @@ class JointAttentionRecorder(AttentionRecorder):
         lse = torch.logaddexp(image_lse, text_scores.logsumexp(dim=-2))  # (B, heads, HW)
         return (text_scores - lse[:, :, None, :]).exp()
 
-    def _rotate(self, query, key, text_key, rope):
-        """Queries and keys rotated as the processor rotates them: diffusers' own
-        ``apply_rotary_emb`` on the sequence laid out in its order ([text; image] for Flux)."""
-        from diffusers.models.embeddings import apply_rotary_emb
 
-        t = text_key.shape[2]
-        cos, sin = rope
-        if self.text_first:
-            text_rope, image_rope = (cos[:t], sin[:t]), (cos[t:], sin[t:])
+def joint_projections(attn, hs: torch.Tensor, ehs: torch.Tensor, parts: Sequence[str],
+                      rope=None, text_first: bool = False, single: bool = False
+                      ) -> dict[str, torch.Tensor]:
+    """Joint attention's projections as the processor computes them (SD3's
+    ``JointAttnProcessor2_0``, Flux's ``FluxAttnProcessor``), each (B, heads, L, d): ``parts``
+    from ``image_q``, ``image_k``, ``image_v`` (``to_q`` / ``to_k`` / ``to_v`` of ``hs`` (B, HW,
+    C), q/k normed by ``norm_q`` / ``norm_k``) and ``text_q``, ``text_k``, ``text_v``
+    (``add_*_proj`` of ``ehs`` (B, T, C) and ``norm_added_q`` / ``norm_added_k``; ``single``:
+    the single-stream blocks' one ``to_*`` and ``norm_q`` / ``norm_k`` for both parts). Fused
+    projections (``to_qkv`` / ``to_added_qkv``) are read as fused. ``rope``: the processor's
+    ``(cos, sin)`` over the whole sequence in its order (``text_first``: [text; image], Flux),
+    applied to q and k with diffusers' ``apply_rotary_emb``, as the processor applies it."""
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return rearrange(t, "n l (heads d) -> n heads l d", heads=attn.heads)
+
+    fused = getattr(attn, "fused_projections", False)
+    out = {}
+    for part, x in (("image", hs), ("text", ehs)):
+        names = [n for n in "qkv" if f"{part}_{n}" in parts]
+        if not names:
+            continue
+        added = part == "text" and not single
+        if fused:  # after fuse_qkv_projections(): one to_qkv (to_added_qkv for the text stream)
+            proj = dict(zip("qkv", (attn.to_added_qkv if added else attn.to_qkv)(x)
+                            .chunk(3, dim=-1)))
         else:
-            n = query.shape[2]
-            image_rope, text_rope = (cos[:n], sin[:n]), (cos[n:], sin[n:])
-        return (apply_rotary_emb(query, image_rope, sequence_dim=2),
-                apply_rotary_emb(key, image_rope, sequence_dim=2),
-                apply_rotary_emb(text_key, text_rope, sequence_dim=2))
+            proj = {n: getattr(attn, f"add_{n}_proj" if added else f"to_{n}")(x) for n in names}
+        norms = {"q": getattr(attn, "norm_added_q" if added else "norm_q", None),
+                 "k": getattr(attn, "norm_added_k" if added else "norm_k", None), "v": None}
+        for n in names:
+            t = heads(proj[n])
+            if norms[n] is not None:
+                t = norms[n](t)
+            if rope is not None and n != "v":
+                t = _rotate(t, rope, part, hs.shape[1], ehs.shape[1], text_first)
+            out[f"{part}_{n}"] = t
+    return out
+
+
+def _rotate(t: torch.Tensor, rope, part: str, n_image: int, n_text: int,
+            text_first: bool) -> torch.Tensor:
+    """``t`` (B, heads, L, d), the ``part`` ("image" or "text") of joint attention's sequence,
+    rotated with its rows of the processor's ``(cos, sin)`` (the whole sequence, text first
+    where ``text_first``) by diffusers' ``apply_rotary_emb``."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    cos, sin = rope
+    first, second = (n_text, n_image) if text_first else (n_image, n_text)
+    at_start = (part == "text") == text_first
+    rows = slice(0, first) if at_start else slice(first, first + second)
+    return apply_rotary_emb(t, (cos[rows], sin[rows]), sequence_dim=2)
 
 
 def recorder_for(kind: str, sink: AttentionSink, order: tuple[str, str] = ("image", "text")
@@ -557,9 +576,20 @@ class Reweight:
         self.step = -1
         self.total = None
         self.calls = 0  # site calls that applied a correction (for tests / sanity)
+        # guidance run as separate backbone calls per step (Flux's true CFG: ("text", "uncond")),
+        # set by reweighting(); the half of the current call (None: the halves share a batch)
+        self.cfg_calls: tuple[str, ...] | None = None
+        self.half: str | None = None
+        self._backbone_calls = 0
 
     def count_step(self, module, args, kwargs):
-        """Forward pre-hook on the backbone: one call per ``scheduler.step`` in SD pipelines."""
+        """Forward pre-hook on the backbone: one call per ``scheduler.step`` in SD pipelines
+        (``len(cfg_calls)`` calls where guidance runs as separate calls)."""
+        per_step = len(self.cfg_calls or ()) or 1
+        i, self._backbone_calls = self._backbone_calls % per_step, self._backbone_calls + 1
+        self.half = self.cfg_calls[i] if self.cfg_calls else None
+        if i:
+            return None  # the same step's next call
         self.step += 1
         if self.total is None and self.pipe is not None:
             total = getattr(self.pipe, "_num_timesteps", None)
@@ -583,7 +613,8 @@ class Reweight:
 
     def edit(self, attn, layer: str, call: SiteCall, out: torch.Tensor) -> torch.Tensor:
         ehs, _ = call.text_and_images()  # with an IP-Adapter: its text part (same equalizer)
-        if ehs is None or not torch.is_tensor(ehs) or not self.positions or not self.active():
+        if ehs is None or not torch.is_tensor(ehs) or not self.positions or not self.active() \
+                or self.half == "uncond":
             return out
         return out + self._correction(attn, call._replace(encoder_hidden_states=ehs), out)
 
@@ -612,16 +643,21 @@ class Reweight:
         full[rows] = delta
         return full
 
-    def _delta(self, attn, probs: torch.Tensor, value: torch.Tensor,
-               out: torch.Tensor) -> torch.Tensor:
-        """``to_out[0]`` without its bias of ``((w - 1) * P) V`` over the reweighted positions:
-        probs (n, heads, HW, K), value (n, heads, K, d) -> (n, HW, C)."""
+    def _mixed(self, probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """``((w - 1) * P) V`` over the reweighted positions: probs (n, heads, HW, K), value
+        (n, heads, K, d) -> (n, HW, inner), float32."""
         pos = torch.tensor(self.positions, device=probs.device)
         pos = pos[pos < probs.shape[-1]]
         f = (self.factors.to(probs.device)[:, pos] - 1.0)  # (n, P)
         weighted = probs[..., pos] * f[:, None, None, :]  # (n, heads, HW, P)
         delta = torch.matmul(weighted, value.float()[:, :, pos, :])  # (n, heads, HW, d)
-        delta = rearrange(delta, "n heads l d -> n l (heads d)")
+        return rearrange(delta, "n heads l d -> n l (heads d)")
+
+    def _delta(self, attn, probs: torch.Tensor, value: torch.Tensor,
+               out: torch.Tensor) -> torch.Tensor:
+        """``to_out[0]`` without its bias of ``((w - 1) * P) V`` over the reweighted positions:
+        probs (n, heads, HW, K), value (n, heads, K, d) -> (n, HW, C)."""
+        delta = self._mixed(probs, value)
         proj = attn.to_out[0]
         if isinstance(proj, torch.nn.Linear) and type(proj) is torch.nn.Linear:
             return F.linear(delta.to(proj.weight.dtype), proj.weight)
@@ -637,7 +673,8 @@ class Reweight:
 
 
 class JointReweight(Reweight):
-    """Editor: :class:`Reweight` on a joint-attention site (SD3's MMDiT, ``JointAttnProcessor2_0``).
+    """Editor: :class:`Reweight` on a joint-attention site (SD3's MMDiT, ``JointAttnProcessor2_0``;
+    Flux's ``FluxAttnProcessor``).
 
     The image queries' probabilities ``P`` on the chosen text tokens (the text columns of joint
     attention's one softmax over [image; text] keys,
@@ -646,31 +683,55 @@ class JointReweight(Reweight):
     ``to_out(((w - 1) * P) V_text)`` (``V_text``: ``add_v_proj`` of the text tokens; the output
     projection without its bias). The image keys' columns, the text stream's output and the
     unconditional half are untouched; a weight of exactly 1 adds an exact zero.
+
+    Flux (``text_first``): ``P`` from the RoPE-rotated q / k, as recorded. Its single-stream
+    blocks return the attention output of the joined [text; image] sequence before the block's
+    ``proj_out`` (which also reads the parallel MLP): the image rows get ``((w - 1) * P) V_text``
+    itself (``V_text``: ``to_v`` of the text part), the text rows nothing; T is the text length
+    the double-stream calls of the same transformer call saw. True CFG's negative call
+    (``cfg_calls``) is not reweighted.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, text_first: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self._joint = JointAttentionRecorder(sink=None)
+        self.text_first = text_first
+        self.text_length: int | None = None  # T of the last call with encoder_hidden_states
+        self._joint = JointAttentionRecorder(sink=None, text_first=text_first)
 
     def edit(self, attn, layer: str, call: SiteCall, out):
-        ehs = call.encoder_hidden_states
-        if not torch.is_tensor(ehs) or not self.positions or not self.active():
+        ehs, hs = call.encoder_hidden_states, call.hidden_states
+        if torch.is_tensor(ehs):
+            self.text_length = int(ehs.shape[1])
+        if not self.positions or not self.active() or self.half == "uncond":
             return out
-        image = out[0] if isinstance(out, tuple) else out  # (image, text) outputs
-        image = image + self._joint_correction(attn, call.hidden_states, ehs, image)
-        return (image,) + tuple(out[1:]) if isinstance(out, tuple) else image
+        rope = call.extra.get("image_rotary_emb", call.temb)
+        rope = tuple(rope) if isinstance(rope, (tuple, list)) and len(rope) == 2 else None
+        if torch.is_tensor(ehs):
+            image = out[0] if isinstance(out, tuple) else out  # (image, text) outputs
+            image = image + self._joint_correction(attn, hs, ehs, image, rope)
+            return (image,) + tuple(out[1:]) if isinstance(out, tuple) else image
+        t = self.text_length
+        if ehs is None and self.text_first and t and torch.is_tensor(out) and out.ndim == 3 \
+                and hs.ndim == 3 and hs.shape[1] == out.shape[1] > t:  # single-stream
+            image = out[:, t:] + self._joint_correction(attn, hs[:, t:], hs[:, :t], out[:, t:],
+                                                        rope, single=True)
+            return torch.cat([out[:, :t], image], 1)
+        return out
 
     @torch.no_grad()
-    def _joint_correction(self, attn, hs: torch.Tensor, ehs: torch.Tensor,
-                          out: torch.Tensor) -> torch.Tensor:
+    def _joint_correction(self, attn, hs: torch.Tensor, ehs: torch.Tensor, out: torch.Tensor,
+                          rope=None, single: bool = False) -> torch.Tensor:
         rows = self._rows(hs.shape[0])
-        probs = self._joint.text_probabilities(attn, hs[rows], ehs[rows])  # (n, heads, T, HW)
-        value = rearrange(attn.add_v_proj(ehs[rows]), "n t (heads d) -> n heads t d",
-                          heads=attn.heads)
-        delta = self._delta(attn, probs.transpose(-1, -2), value, out).to(out.dtype)
+        hs, ehs = hs[rows], ehs[rows]
+        probs = self._joint.text_probabilities(attn, hs, ehs, rope, single=single)  # (n,h,T,HW)
+        value = joint_projections(attn, hs, ehs, ("text_v",), single=single)["text_v"]
+        if single:  # before proj_out: the mixed values themselves
+            delta = self._mixed(probs.transpose(-1, -2), value)
+        else:
+            delta = self._delta(attn, probs.transpose(-1, -2), value, out)
         self.calls += 1
         full = torch.zeros_like(out)
-        full[rows] = delta
+        full[rows] = delta.to(out.dtype)
         return full
 
 
@@ -696,7 +757,8 @@ def reweight_factors(pipe, prompts: Sequence[str], weights: Mapping[Any, float]
 
 @contextlib.contextmanager
 def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float], steps=None,
-                num_images_per_prompt: int = 1) -> Iterator[Reweight]:
+                num_images_per_prompt: int = 1, params: dict | None = None
+                ) -> Iterator[Reweight]:
     """Install the equalizer on every attention site of ``pipe`` (cross-attention:
     :class:`Reweight`; joint attention: :class:`JointReweight`) for the pipeline calls in the
     ``with`` block (restored on exit, also on errors). Yields the editor.
@@ -708,6 +770,9 @@ def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
         steps: ``(start, end)`` denoising step indices (end exclusive, None for the end; the
             step axis of a Trace: one backbone call each) or fractions of the run as floats
             (``(0.0, 0.5)``: the first half); None: every step.
+        params: the pipeline call's arguments, where the backbone runs guidance as separate
+            calls per step (Flux's true CFG: ``true_cfg_scale``, ``negative_prompt``): then the
+            negative call is not reweighted and a step is that many calls.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -718,7 +783,11 @@ def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
                         f"{type(pipe).__name__}'s {adapter.attention_kind} attention is not "
                         "supported yet")
     factors, positions = reweight_factors(pipe, prompts, weights)
-    editor = editors[adapter.attention_kind](factors, positions, step_window(steps), pipe=pipe)
+    extra = {"text_first": adapter.joint_order[0] == "text"} \
+        if adapter.attention_kind == "joint" else {}
+    editor = editors[adapter.attention_kind](factors, positions, step_window(steps), pipe=pipe,
+                                             **extra)
+    editor.cfg_calls = adapter.cfg_calls(params or {})
 
     def count_step(module, args, kwargs):
         if not adapter.auxiliary_call(args, kwargs):  # SD3.5's skip-layer call is no step

@@ -305,3 +305,158 @@ def test_fused_projections():
     _, _, _, plain = traced()
     for layer in plain.attention.layers:
         torch.testing.assert_close(tr.attention[layer], plain.attention[layer])
+
+
+# ---------------------------------------------------------------- joint-attention extras
+CONCEPTS = ["circle", "square", "background", "zebra"]  # "background", "zebra": not in the prompt
+
+
+@functools.lru_cache(maxsize=None)
+def concept_traced(true_cfg: bool = False):
+    pipe = pipe_of()
+    kw = dict(negative_prompt=NEGATIVE, true_cfg_scale=2.5) if true_cfg else {}
+    plain, _ = run(pipe, False, num_inference_steps=2, **kw)
+    with sdlens.trace(pipe, concepts=CONCEPTS,
+                      record=("latents", "attention", "image_to_text")) as tr:
+        out, _ = run(pipe, False, num_inference_steps=2, **kw)
+    return pipe, plain, out, tr.runs[-1]
+
+
+@pytest.mark.parametrize("true_cfg", [False, True])
+def test_concept_maps_leave_the_image_unchanged(true_cfg):
+    pipe, plain, out, tr = concept_traced(true_cfg)
+    assert torch.equal(plain, out) and torch.equal(tr.latents[-1], unpack(pipe, out).float())
+    assert "skipped" not in tr.meta
+    cfg = pipe.transformer.config
+    concepts = tr.concepts  # every double-stream block, then every single-stream block
+    assert concepts.layers == [f"transformer_blocks.{i}.attn" for i in range(cfg.num_layers)] + [
+        f"single_transformer_blocks.{i}.attn" for i in range(cfg.num_single_layers)]
+    assert concepts.concepts == CONCEPTS and concepts.steps == [0, 1]
+    for layer in concepts.layers:  # (steps, batch, concepts, h, w), a softmax over concepts
+        m = concepts[layer].float()
+        assert m.shape == (2, 1, len(CONCEPTS), 4, 4)
+        torch.testing.assert_close(m.sum(2), torch.ones(2, 1, 4, 4), atol=2e-3, rtol=0)
+    if true_cfg:  # maps from the prompt's call: those of the run without the negative call
+        _, _, _, single = concept_traced()
+        for layer in concepts.layers:
+            torch.testing.assert_close(concepts[layer][0], single.concepts[layer][0])
+            torch.testing.assert_close(tr.image_to_text[layer][0], single.image_to_text[layer][0])
+
+
+def test_concept_heatmaps_of_double_and_single_blocks():
+    _, _, _, tr = concept_traced()
+    for layers in (None, "double", "single"):
+        raw = {c: tr.heatmap(c, maps="concepts", normalize=False, layers=layers)
+               for c in CONCEPTS}
+        assert all(h.shape == (64, 64) for h in raw.values())
+        torch.testing.assert_close(sum(raw.values()), torch.ones(64, 64), atol=2e-3, rtol=0)
+    zebra = tr.heatmap("zebra", maps="concepts", layers="single.1")  # absent from the prompt
+    assert zebra.shape == (64, 64) and zebra.min() == 0 and zebra.max() == 1
+    assert not torch.allclose(tr.concepts["double.0"], tr.concepts["single.1"])
+
+
+def test_concept_step_is_the_blocks_text_stream():
+    """With the prompt's own text stream as the 'concepts' (their keys are then the text keys,
+    and every text position has the same rotary embedding: zero txt_ids), the concept step is
+    the block's text path: its next stream is the block's text output, its image output the
+    block's image attention output (before to_out / proj_out), in both block kinds."""
+    pipe = pipe_of()
+    adapter = adapter_for(pipe)
+    tr = pipe.transformer
+    torch.manual_seed(0)
+    dim = tr.config.num_attention_heads * tr.config.attention_head_dim
+    t, (h, w) = 7, (4, 4)
+    hs, ehs, temb = torch.randn(2, h * w, dim), torch.randn(2, t, dim), torch.randn(2, dim)
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    img_ids = torch.stack([torch.zeros(h * w), rows.flatten(), cols.flatten()], 1)
+    rope = tr.pos_embed(torch.cat([torch.zeros(t, 3), img_ids]))
+    blocks = adapter.concept_blocks()
+    assert [s for s, _ in blocks] == adapter.sites() and len(blocks) == 4
+    for site, block in blocks:
+        seen = []
+        if site.startswith("single"):
+            handle = block.attn.register_forward_hook(lambda m, a, o: seen.append(o[:, t:]))
+        else:
+            handle = block.attn.to_out[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        kwargs = dict(hidden_states=hs, encoder_hidden_states=ehs, temb=temb,
+                      image_rotary_emb=rope)
+        with torch.no_grad():
+            text_out, _ = block(**kwargs)
+            step = adapter.concept_step(block, ehs[1:], (), kwargs, slice(1, 2), True)
+        handle.remove()
+        torch.testing.assert_close(step.image, seen[0][1:], atol=1e-5, rtol=1e-5)
+        assert step.concepts.shape == (1, t, dim) and step.image.shape == (1, h * w, dim)
+        if block is tr.single_transformer_blocks[-1]:
+            assert step.stream is None  # the last block: nothing reads the stream after it
+        else:
+            torch.testing.assert_close(step.stream, text_out[1:], atol=1e-5, rtol=1e-5)
+
+
+def test_image_to_text_maps_are_the_processors_softmax(monkeypatch):
+    """Each text token's attention to the image: the image columns of the text queries' rows of
+    the softmax the processor computes from its RoPE-rotated q / k, in every block kind."""
+    pipe = pipe_of()
+    seen = []
+    original = flux_module.dispatch_attention_fn
+
+    def spy(query, key, value, **kw):  # (B, S, heads, d), [text; image]
+        scores = torch.einsum("bqhd,bkhd->bhqk", query.float(), key.float())
+        seen.append((scores * query.shape[-1] ** -0.5).softmax(-1))
+        return original(query, key, value, **kw)
+
+    monkeypatch.setattr(flux_module, "dispatch_attention_fn", spy)
+    with sdlens.trace(pipe, heads=True, keep_padding=True, attention_dtype=torch.float32,
+                      steps=[0], record=("latents", "image_to_text")) as tr:
+        pipe(PROMPT, num_inference_steps=1, output_type="latent", max_sequence_length=32,
+             generator=torch.Generator().manual_seed(0))
+    maps = tr.image_to_text
+    assert len(seen) == len(maps.layers) == 4 and maps.token_positions == list(range(32))
+    for layer, probs in zip(maps.layers, seen):
+        got = maps[layer][0].flatten(-2)  # (B, heads, T, HW)
+        torch.testing.assert_close(got, probs[:, :, :32, 32:], rtol=1e-4, atol=1e-6)
+    assert tr.heatmap("red", maps="image_to_text").shape == (64, 64)
+
+
+def equalized(pipe, positions, weight, calls=None):
+    """The equalizer written out: dispatch_attention_fn replaced by an explicit softmax whose
+    image-query rows' columns at ``positions`` are multiplied by ``weight`` (not renormalised),
+    in every block (during the transformer calls ``calls`` counts as the prompt's)."""
+    def attention(query, key, value, **kw):
+        probs = (torch.einsum("bqhd,bkhd->bhqk", query.float(), key.float())
+                 * query.shape[-1] ** -0.5).softmax(-1)
+        if calls is None or calls[-1] == "text":
+            probs[:, :, 32:, positions] *= weight
+        return torch.einsum("bhqk,bkhd->bqhd", probs, value.float()).to(query.dtype)
+    return attention
+
+
+@pytest.mark.parametrize("true_cfg", [False, True])
+def test_reweighting_is_the_equalizer(monkeypatch, true_cfg):
+    from sdlens.engine.text import word_positions
+
+    pipe = pipe_of()
+    kw = dict(negative_prompt=NEGATIVE, true_cfg_scale=2.5) if true_cfg else {}
+    gen = dict(seed=0, steps=2, output_type="latent", max_sequence_length=32, **kw)
+    plain, _ = run(pipe, False, num_inference_steps=2, max_sequence_length=32, **kw)
+    one = sdlens.generate(pipe, PROMPT, reweight={"red": 1.0}, **gen)
+    assert torch.equal(one.latents[-1], unpack(pipe, plain).float())  # an exact no-op
+    four = sdlens.generate(pipe, PROMPT, reweight={"red": 4.0}, **gen)
+    assert four.meta["reweight"]["weights"] == {"red": 4.0}
+    assert not torch.allclose(four.latents[-1], one.latents[-1], atol=1e-3)
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, a: calls.append("uncond" if true_cfg and len(calls) % 2 else "text"))
+    monkeypatch.setattr(flux_module, "dispatch_attention_fn",
+                        equalized(pipe, word_positions(pipe, PROMPT, "red"), 4.0, calls))
+    try:
+        ref, _ = run(pipe, False, num_inference_steps=2, max_sequence_length=32, **kw)
+    finally:
+        handle.remove()
+    assert len(calls) == (4 if true_cfg else 2)
+    torch.testing.assert_close(four.latents[-1], unpack(pipe, ref).float(), rtol=1e-4, atol=1e-5)
+
+
+def test_token_effects():
+    fx = sdlens.token_effects(pipe_of(), "a red circle", seed=0, steps=2, guidance_scale=3.5)
+    assert fx.words == ["a", "red", "circle"] and fx.image.shape == (64, 64, 3)
+    assert all(fx.maps[w].shape == (64, 64) and fx.effects[w] > 0 for w in fx.words)

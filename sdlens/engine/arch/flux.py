@@ -42,6 +42,36 @@ calls the transformer twice per step, the prompt first, then the negative prompt
 ``trace.do_cfg`` is True and ``trace.guidance_scale`` is ``true_cfg_scale`` (the scale of that
 combination; ``meta["true_cfg_scale"]`` always holds it). Maps are recorded from the prompt's
 call. The schedule is the table's flow row (x0 = x_t - sigma v).
+
+**Concept maps** (``concepts=[...]``, :mod:`sdlens.engine.joint`; the seam in
+:mod:`sdlens.engine.arch.base`), as ConceptAttention does for Flux (Helbling et al., ICML 2025;
+github.com/helblazer811/ConceptAttention): the concepts are encoded as prompts by T5
+(``pipe.encode_prompt``'s ``prompt_embeds``), pooled over their pieces, enter through
+``context_embedder`` and are carried through every block, double-stream then single-stream
+(:meth:`FluxAdapter.concept_step`):
+
+* a double-stream block: the text stream's path, ``norm1_context`` (AdaLN with the block's
+  ``temb``), ``add_q_proj`` / ``add_k_proj`` / ``add_v_proj``, ``norm_added_q`` /
+  ``norm_added_k``, attention over the image keys and the concepts' own, then ``to_add_out``,
+  the gates, ``norm2_context`` / ``ff_context``;
+* a single-stream block: the block's one shared path (its ``norm``, ``to_q`` / ``to_k`` /
+  ``to_v``, ``norm_q`` / ``norm_k``), attention over the image part of the joined sequence and
+  the concepts, then the parallel MLP (``proj_mlp``) beside it and ``proj_out``, gated. The
+  image tokens' attention output (the map's other factor) is the image rows of the joined
+  sequence's attention (before ``proj_out``).
+
+Queries and keys are rotated as the processor rotates them: the image part with its rows of
+``image_rotary_emb``. The concepts have no position of their own in ``txt_ids``; they get the
+first text position's rotary embedding. The Flux pipelines' ``txt_ids`` are zeros, so every text
+token's rotation, and the concepts', is the identity: concepts are placed exactly as the
+prompt's text tokens are.
+
+**Image->text maps** (``record`` with ``"image_to_text"``) are the text queries' image columns of
+the same RoPE-rotated softmax (the single-stream blocks' text rows of the joined sequence), and
+**token reweighting** (:class:`sdlens.engine.sites.JointReweight`) scales the image queries'
+RoPE-rotated probabilities on the chosen text columns, in both block kinds (the single-stream
+blocks: the image rows of the attention output before ``proj_out``); true CFG's negative call is
+not reweighted.
 """
 
 from __future__ import annotations
@@ -49,8 +79,9 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.nn.functional as F
 
-from sdlens.engine.arch.base import BackboneAdapter, SiteNaming
+from sdlens.engine.arch.base import BackboneAdapter, ConceptStep, SiteNaming
 
 _DOUBLE, _SINGLE = "transformer_blocks", "single_transformer_blocks"
 
@@ -230,3 +261,94 @@ class FluxAdapter(BackboneAdapter):
     def resolutions(self, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
         hw = (latent_hw[0] // 2, latent_hw[1] // 2)
         return {s: hw for s in self._sites}
+
+    # ---------------------------------------------------------------- concept pass
+    def concept_blocks(self) -> list[tuple[str, torch.nn.Module]]:
+        """The double-stream blocks, then the single-stream blocks (the transformer's order)."""
+        tr = self.pipe.transformer
+        return [(f"{_DOUBLE}.{i}.attn", b) for i, b in enumerate(tr.transformer_blocks)] + \
+            [(f"{_SINGLE}.{i}.attn", b) for i, b in enumerate(tr.single_transformer_blocks)]
+
+    def concept_text(self, concepts: list[str], params: dict) -> torch.Tensor:
+        """T5's ``prompt_embeds`` of the concepts as prompts: (C, max_sequence_length, 4096)."""
+        return self.pipe.encode_prompt(
+            prompt=list(concepts), prompt_2=None,
+            device=getattr(self.pipe, "_execution_device", self.denoiser.device),
+            max_sequence_length=self.text_length(params))[0]
+
+    def concept_stream(self, vectors: torch.Tensor) -> torch.Tensor:
+        embedder = self.pipe.transformer.context_embedder
+        return embedder(vectors.to(embedder.weight.dtype))
+
+    def concept_step(self, block, stream: torch.Tensor, args: tuple, kwargs: dict, rows: slice,
+                     outputs: bool) -> ConceptStep:
+        """One block of the concept pass (module docstring: "Concept maps"). The concepts get
+        the rotary embedding of the first text position (the pipelines' ``txt_ids`` are zeros:
+        the identity, as for every text token)."""
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        def arg(name: str, i: int):
+            return kwargs[name] if name in kwargs else (args[i] if len(args) > i else None)
+
+        hs, ehs = arg("hidden_states", 0), arg("encoder_hidden_states", 1)
+        temb, rope = arg("temb", 2)[rows], arg("image_rotary_emb", 3)
+        rope = tuple(rope) if isinstance(rope, (tuple, list)) and len(rope) == 2 else None
+        hs, ehs = hs[rows], ehs[rows]  # both block kinds get the two parts apart
+        t = int(ehs.shape[1])
+        attn = block.attn
+        double = hasattr(block, "norm1_context")
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (n, L, inner) -> (n, heads, L, d)
+            return x.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
+
+        def qkv(x: torch.Tensor, added: bool, rope_rows: slice, queries: bool = True):
+            """(q or None, k, v), each (n, heads, L, d), as the processor computes them."""
+            if getattr(attn, "fused_projections", False):  # after fuse_qkv_projections()
+                q, k, v = (attn.to_added_qkv if added else attn.to_qkv)(x).chunk(3, dim=-1)
+            else:
+                pre = "add_{}_proj" if added else "to_{}"
+                q, k, v = (getattr(attn, pre.format(n))(x) if n != "q" or queries else None
+                           for n in "qkv")
+            q = (attn.norm_added_q if added else attn.norm_q)(heads(q)) if queries else None
+            k, v = (attn.norm_added_k if added else attn.norm_k)(heads(k)), heads(v)
+            if rope is not None:
+                cos, sin = rope[0][rope_rows], rope[1][rope_rows]
+                if cos.shape[0] != x.shape[1]:  # the concepts: the first text position's
+                    cos, sin = cos.expand(x.shape[1], -1), sin.expand(x.shape[1], -1)
+                q = apply_rotary_emb(q, (cos, sin), sequence_dim=2) if queries else None
+                k = apply_rotary_emb(k, (cos, sin), sequence_dim=2)
+            return q, k, v
+
+        text_rows, image_rows, first = slice(0, t), slice(t, None), slice(0, 1)
+        # a single-stream block's norm and projections are per token: its joined sequence's
+        # image and text rows are computed apart (the text's only for the image's own output)
+        if double:
+            norm_c, c_gate, c_shift, c_scale, c_gate_mlp = block.norm1_context(stream, emb=temb)
+            norm_x, norm_t = block.norm1, block.norm1_context
+        else:
+            norm_c, gate_c = block.norm(stream, emb=temb)
+            norm_x = norm_t = block.norm
+        q_c, k_c, v_c = qkv(norm_c, double, first)
+        q, k, v = qkv(norm_x(hs, emb=temb)[0], False, image_rows, queries=outputs)
+        if outputs:
+            _, k_t, v_t = qkv(norm_t(ehs, emb=temb)[0], double, text_rows, queries=False)
+        # the concepts attend to the image and to each other; nothing attends to them
+        out_c = F.scaled_dot_product_attention(q_c, torch.cat([k, k_c], 2), torch.cat([v, v_c], 2))
+        out_c = out_c.transpose(1, 2).flatten(2)  # (n, C, inner)
+        image = None
+        if outputs:  # the image tokens' own attention output (over [text; image], as the block)
+            image = F.scaled_dot_product_attention(q, torch.cat([k_t, k], 2),
+                                                   torch.cat([v_t, v], 2))
+            image = image.transpose(1, 2).flatten(2)  # (n, HW, inner)
+        if double:  # FluxTransformerBlock's text-stream update
+            c = stream + c_gate.unsqueeze(1) * attn.to_add_out(out_c)
+            ff_in = block.norm2_context(c) * (1 + c_scale[:, None]) + c_shift[:, None]
+            nxt = c + c_gate_mlp.unsqueeze(1) * block.ff_context(ff_in)
+        elif block is self.pipe.transformer.single_transformer_blocks[-1]:
+            nxt = None  # the last block: nothing reads the stream after it
+        else:  # FluxSingleTransformerBlock: the parallel MLP beside attention, one proj_out
+            mlp = block.act_mlp(block.proj_mlp(norm_c))
+            nxt = stream + gate_c.unsqueeze(1) * block.proj_out(torch.cat([out_c, mlp], 2))
+        if nxt is not None and nxt.dtype == torch.float16:
+            nxt = nxt.clip(-65504, 65504)  # as the blocks clip their fp16 outputs
+        return ConceptStep(nxt, image, out_c if outputs else None)
