@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from sdlens.analysis.guidance import prediction_label
+from sdlens.analysis.guidance import guidance_text, prediction_label
 from sdlens.analysis.tokens import encoders_sentence, token_view
 from sdlens.engine.options import human_bytes
 from sdlens.engine.session import check_seed, generate
@@ -243,8 +243,7 @@ def describe_trace(tr, path: Path | None = None) -> str:
         f"pipeline     {meta.get('pipeline_class')}",
         f"scheduler    {meta.get('scheduler_class')}, the model predicts {prediction_label(tr)}"
         f" ({tr.prediction_type})",
-        f"steps        {len(tr.timesteps)}   guidance {tr.guidance_scale:g}"
-        + ("" if tr.do_cfg else " (off)") + f"   seeds {meta.get('seeds')}",
+        f"steps        {len(tr.timesteps)}   {guidance_text(tr)}   seeds {meta.get('seeds')}",
         f"size         {meta.get('width')} x {meta.get('height')} px",
     ]
     for i, p in enumerate(tr.prompts):

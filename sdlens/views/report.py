@@ -141,8 +141,7 @@ def _settings(trace: Any, batch: int) -> str:
         ("scheduler", f"{meta.get('scheduler_class')} (the model predicts "
                       f"{prediction_label(trace)})"),
         ("steps", len(trace.timesteps)),
-        ("guidance", guidance_text(trace) if trace.do_cfg else
-         f"off (scale {trace.guidance_scale:g}: diffusers guides only above 1)"),
+        ("guidance", guidance_text(trace, explain=True)),
         ("seed", seeds[batch] if len(seeds) > batch else (seeds[0] if seeds else None)),
         ("size", f"{meta.get('width')} x {meta.get('height')} px, latents "
                  f"{tuple(trace.latents.shape[-3:]) if trace.latents is not None else '?'}"),

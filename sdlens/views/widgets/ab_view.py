@@ -19,6 +19,7 @@ import numpy as np
 import traitlets
 
 from sdlens.analysis.compare import compare, run_settings
+from sdlens.analysis.guidance import guidance_label
 from sdlens.analysis.heatmaps import word_heatmap
 from sdlens.analysis.previews import latent_to_rgb, linear_decoder
 from sdlens.views.widgets.frames import colorbar_css, encode_many, word_chips
@@ -49,8 +50,9 @@ def settings_text(settings: dict, differs: Sequence[str] = ()) -> str:
             continue
         if key == "model" and key not in differs:  # a long path that says nothing here
             continue
-        if key == "guidance":
-            text = "guidance off" if v == "off" else f"CFG {v:g}"
+        if key == "guidance":  # run_settings: a CFG scale, "off", or guidance_text's words
+            text = guidance_label(v) if isinstance(v, (int, float)) else \
+                guidance_label(None, "off") if v == "off" else str(v)
         else:
             text = f"{key} {v!r}" if isinstance(v, str) and key in ("prompt", "negative prompt") \
                 else f"{key} {v}"

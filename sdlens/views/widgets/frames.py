@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdlens.analysis.guidance import cfg_delta, prediction_label
+from sdlens.analysis.guidance import cfg_delta, guidance_text, prediction_label
 from sdlens.analysis.heatmaps import output_size, token_heatmap, word_heatmap
 from sdlens.analysis.previews import (latent_to_rgb, linear_available, linear_decoder, previews,
                                       resolve_decoder)
@@ -88,9 +88,7 @@ def panel_notes(trace: Any, batch: int = 0) -> list[str]:
         notes.append(f"noise not recorded: {why} (no guided-{prediction_label(trace)} or "
                      "CFG-delta panel)")
     elif not getattr(trace, "do_cfg", True) or missing("noise_uncond"):
-        gs = getattr(trace, "guidance_scale", float("nan"))
-        notes.append(f"no CFG delta: guidance off (scale {float(gs):g}; diffusers guides only "
-                     "above 1)")
+        notes.append(f"no CFG delta: {guidance_text(trace, explain=True)}")
     if missing("x0"):
         notes.append("x0 not recorded: " + (hint if rec is None or "x0" not in rec else "not kept"))
     prompts = getattr(trace, "prompts", None) or []
