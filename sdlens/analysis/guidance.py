@@ -226,6 +226,10 @@ def x0_coefficients(trace: Any, step: int) -> tuple[float, float]:
 
 def _require_cfg(trace: Any) -> None:
     if getattr(trace, "noise_uncond", None) is None or getattr(trace, "noise_text", None) is None:
+        if guidance_kind(trace) == "distilled":
+            raise ValueError(f"this trace has no unconditional prediction: "
+                             f"{guidance_text(trace, explain=True)} (true_cfg_scale > 1 with a "
+                             "negative prompt runs one); there is no CFG delta")
         raise ValueError("this trace has no unconditional prediction (guidance was off, "
                          "guidance_scale <= 1, or noise was not recorded): there is no CFG delta")
 

@@ -21,8 +21,8 @@ import torch
 from matplotlib.figure import Figure
 
 from sdlens.analysis.controlnet import controlnet_residuals as control_residuals
-from sdlens.analysis.guidance import (cfg_delta, guidance_stats, prediction_label, scheduler_view,
-                                     x0_guidance_sweep)
+from sdlens.analysis.guidance import (cfg_delta, guidance_stats, guidance_text, prediction_label,
+                                     scheduler_view, x0_guidance_sweep)
 from sdlens.analysis.heatmaps import Commitment, commitments, output_size, word_heatmap
 from sdlens.analysis.previews import (latent_to_rgb, linear_decoder, previews, resolve_decoder,
                                       to_image)
@@ -226,7 +226,8 @@ def step_strip(trace: Any, steps: Any = None, n: int = 8, rows: Sequence[str] = 
         if row == "cfg":
             fig.colorbar(im, ax=list(axes[r]), fraction=0.02, pad=0.01, label="L2 over channels")
     how = "VAE decode" if decoder == "vae" else f"{decoder} preview"
-    fig.suptitle(f"{trace.prompts[batch]!r}: step by step ({how})", fontsize=10)
+    fig.suptitle(f"{trace.prompts[batch]!r}: step by step ({how}; {guidance_text(trace)})",
+                 fontsize=10)
     return fig
 
 
@@ -266,7 +267,7 @@ def guidance_curves(trace: Any, batch: int = 0, ax: Any = None) -> Figure:
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="best")
-    ax.set_title(f"classifier-free guidance (scale {st.guidance_scale:g})", fontsize=10)
+    ax.set_title(f"classifier-free guidance ({guidance_text(trace)})", fontsize=10)
     return fig
 
 
