@@ -131,7 +131,7 @@ def guidance_text(trace: Any, explain: bool = False) -> str:
 
     The one place for the kind of guidance (:func:`guidance_kind`). ``explain``: say why there
     is no unconditional prediction where there is none ("guidance off (scale 1; diffusers
-    guides only above 1)", "guidance 3.5 (distilled: no unconditional pass)")."""
+    guides only above 1)", "guidance 3.5 (distilled), no unconditional pass")."""
     kind = guidance_kind(trace)
     meta = _meta(trace)
     gs = getattr(trace, "guidance_scale", None)
@@ -141,7 +141,7 @@ def guidance_text(trace: Any, explain: bool = False) -> str:
     if not explain:
         return text
     if kind == "distilled":
-        return text[:-1] + ": no unconditional pass)"
+        return text + ", no unconditional pass"
     if kind == "off":
         if "distilled_guidance" in meta:  # a family that takes a guidance value, but not this model
             return text + " (the model takes no guidance value)"
