@@ -87,7 +87,10 @@ class Studio(W.VBox):
             ``use_resolution_binning``, ...).
 
     A flow-matching pipeline (SD3, Sana) keeps its own scheduler: the menu's others (DDIM,
-    Euler, ...) are the UNet models' noise schedules and are not offered.
+    Euler, ...) are the UNet models' noise schedules and are not offered. A backbone with a
+    concept pass (joint attention: SD3 / SD3.5) gets a "concepts" box: comma-separated
+    concepts are mapped in the run (``concepts=[...]``) and the run's viewer offers them in its
+    "maps" menu.
     """
 
     def __init__(self, pipe: Any, prompt: str = DEFAULT_PROMPT, negative_prompt: str = "",
@@ -140,6 +143,11 @@ class Studio(W.VBox):
                                           description=guidance_setting(self.guidance_kind),
                                           style=style, layout=W.Layout(width="220px"))
         self.guidance_note = W.HTML("")
+        # concept maps (ConceptAttention) where the backbone has a concept pass (joint attention)
+        self.concepts: W.Text | None = None
+        if adapter_for(pipe).concept_blocks() is not None:
+            self.concepts = W.Text("", description="concepts", layout=lay, style=style,
+                                   placeholder="comma-separated, e.g. circle, square, background")
         self.guidance_scale.observe(lambda _c: self._note_guidance(), names="value")
         self.scheduler = W.Dropdown(options=[(f"default ({self.info.scheduler_class})", "default")]
                                     + [(f"{k} ({SCHEDULERS[k]})", k) for k in sched_opts[1:]],
@@ -162,6 +170,7 @@ class Studio(W.VBox):
         controls = W.VBox([
             self.prompt, self.negative_prompt, W.HBox([self.seed, self.steps]),
             W.HBox([self.guidance_scale, self.guidance_note]), self.scheduler,
+            *([self.concepts] if self.concepts is not None else []),
             W.HBox([self.generate_button, self.interrupt_button, self.clear_button, self.progress]),
             self.status,
         ])
@@ -181,11 +190,14 @@ class Studio(W.VBox):
 
     # ---------------------------------------------------------------- settings
     def settings(self) -> dict:
-        """The controls' current values."""
-        return {"prompt": self.prompt.value, "negative_prompt": self.negative_prompt.value,
-                "seed": int(self.seed.value), "steps": int(self.steps.value),
-                "guidance_scale": float(self.guidance_scale.value),
-                "scheduler": self.scheduler.value}
+        """The controls' current values (``concepts``: a list, where the model has the box)."""
+        s = {"prompt": self.prompt.value, "negative_prompt": self.negative_prompt.value,
+             "seed": int(self.seed.value), "steps": int(self.steps.value),
+             "guidance_scale": float(self.guidance_scale.value),
+             "scheduler": self.scheduler.value}
+        if self.concepts is not None:
+            s["concepts"] = [c.strip() for c in self.concepts.value.split(",") if c.strip()]
+        return s
 
     @property
     def running(self) -> bool:
@@ -315,10 +327,13 @@ class Studio(W.VBox):
                 elif self._callback_arg == "callback":  # callback(step, timestep, latents)
                     callback["callback"] = lambda i, t, latents: self._callback(
                         pipe, i, t, {"latents": latents})
+                record = dict(self.record_kwargs)
+                if s.get("concepts"):  # the box's concepts (an empty box: none)
+                    record["concepts"] = s["concepts"]
                 tr = generate(pipe, s["prompt"], seed=s["seed"], steps=s["steps"],
                               guidance_scale=s["guidance_scale"],
                               negative_prompt=s["negative_prompt"] or None,
-                              **callback, **self.pipe_kwargs, **self.record_kwargs)
+                              **callback, **self.pipe_kwargs, **record)
             seconds = time.perf_counter() - t0
             self.status.value = f"done in {seconds:.1f} s · building the viewer…"
             viewer = TraceViewer(tr, **self.viewer_kwargs)
