@@ -175,3 +175,106 @@ def test_cli_trace_concepts_and_info(sd3_folder, tmp_path, capsys):
     assert main(["trace", PROMPT, "--model", str(sd3_folder), "--concepts", " , ",
                  "--out", str(tmp_path / "x.sdlens"), "-q"]) == 2
     assert "--concepts needs at least one concept" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the browser
+_HARNESS = """
+<div id="el"></div>
+<script>
+function revive(x) {  // {"__b64": ...} -> DataView, as anywidget hands over binary buffers
+  if (Array.isArray(x)) return x.map(revive);
+  if (x && typeof x === "object") {
+    if ("__b64" in x) {
+      const s = atob(x.__b64), a = new Uint8Array(s.length);
+      for (let i = 0; i < s.length; i++) a[i] = s.charCodeAt(i);
+      return new DataView(a.buffer);
+    }
+    return Object.fromEntries(Object.entries(x).map(([k, v]) => [k, revive(v)]));
+  }
+  return x;
+}
+class FakeModel {  // what the front end uses of an anywidget model
+  constructor(state) { this.s = revive(state); this.h = {}; this.saved = []; }
+  get(k) { return this.s[k]; }
+  set(k, v) { this.s[k] = v; (this.h["change:" + k] || []).forEach((f) => f()); }
+  save_changes() { this.saved.push(JSON.parse(JSON.stringify(this.s.maps))); }
+  on(ev, fn) { (this.h[ev] = this.h[ev] || []).push(fn); }
+  off(ev, fn) { this.h[ev] = (this.h[ev] || []).filter((f) => f !== fn); }
+  update(state) { for (const [k, v] of Object.entries(revive(state))) this.set(k, v); }
+}
+</script>
+"""
+
+
+def _state(v, names) -> dict:
+    import base64
+
+    def enc(x):
+        if isinstance(x, (bytes, bytearray, memoryview)):
+            return {"__b64": base64.b64encode(bytes(x)).decode("ascii")}
+        if isinstance(x, dict):
+            return {k: enc(y) for k, y in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [enc(y) for y in x]
+        return x
+
+    return {n: enc(getattr(v, n)) for n in names}
+
+
+@pytest.mark.browser
+def test_maps_menu_in_a_browser():
+    """The viewer's front end (trace_viewer.js) on a stand-in model: the maps menu is there for
+    a trace with concept maps, choosing "concept maps" tells the kernel, and the kernel's
+    concept chips and frames then show (the chips read "concepts:", a click overlays)."""
+    import json
+    from pathlib import Path
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed")
+    from browser import CHROMIUM_ARGS, find_chromium
+
+    from sdlens.views.widgets import TraceViewer
+
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip("no Chromium binary")
+    v = TraceViewer(traced(), decoder="linear")
+    names = v.trait_names(sync=True)
+    names = [n for n in names if not n.startswith("_") and n not in ("layout", "tabbable", "tooltip",
+                                                                      "comm", "keys", "log")]
+    js = (Path(__import__("sdlens.views.widgets", fromlist=["x"]).__file__).parent / "static"
+          / "trace_viewer.js").read_text()
+    js = js.replace("export default { render };", "window.renderViewer = render;")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = b.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.set_content(_HARNESS)
+            page.add_script_tag(content=js, type="module")
+            page.wait_for_function("() => typeof window.renderViewer === 'function'")
+            page.evaluate("(s) => { window.model = new FakeModel(s); window.renderViewer("
+                          "{model: window.model, el: document.getElementById('el')}); }",
+                          json.loads(json.dumps(_state(v, names))))
+            menu = page.locator("select.sdl-maps")
+            assert menu.is_visible()
+            assert [o.get_attribute("value") for o in menu.locator("option").all()] == \
+                ["attention", "concepts", "image_to_text"]
+            assert page.locator(".sdl-chips-label").inner_text().strip() == "words:"
+            menu.select_option("concepts")
+            assert page.evaluate("() => window.model.saved.at(-1)") == "concepts"
+            v.maps = "concepts"  # the kernel's answer: the concepts' chips and frames
+            page.evaluate("(s) => window.model.update(s)",
+                          _state(v, ["heat", "heat_index", "layer_options", "layers", "words"]))
+            assert page.locator(".sdl-chips-label").inner_text().strip() == "concepts:"
+            assert page.locator(".sdl-chip").all_inner_texts() == CONCEPTS
+            page.locator(".sdl-chip[data-word='background']").click()
+            overlay = page.locator(".sdl-overlay[data-panel='image-overlay']")
+            assert (overlay.get_attribute("src") or "").startswith("blob:")
+            assert "'background'" in page.locator(".sdl-panel[data-panel='image'] .sdl-caption").inner_text()
+            assert errors == []
+        finally:
+            b.close()
