@@ -263,14 +263,15 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
     trace_bytes = _trace_bytes(pipe, record_opts, steps_list, height, width)
     # one call per guidance value where the value is an input of the denoiser (LCM's
     # time_cond_proj_dim; a guidance-distilled transformer's guidance_embeds, Flux.1)
-    denoiser_config = adapter_for(pipe).denoiser.config
+    adapter = adapter_for(pipe)
+    denoiser_config = adapter.denoiser.config
     # what the guidance axis is: a CFG scale, or a guidance-distilled model's guidance value
-    distilled = adapter_for(pipe).guidance_meta({"guidance_scale": 1.0}).get("distilled_guidance")
+    distilled = adapter.guidance_meta({"guidance_scale": 1.0}).get("distilled_guidance")
     guidance = "distilled" if distilled is not None else "cfg"
     split_guidance = (pipe_kwargs.get("guidance_rescale", 0.0) or 0.0) > 0 or \
         getattr(denoiser_config, "time_cond_proj_dim", None) is not None or \
         bool(getattr(denoiser_config, "guidance_embeds", False)) or \
-        not adapter_for(pipe).cfg_by_default
+        not adapter.cfg_by_default
     state = _distributed_state()
     nproc = state.num_processes if state else 1
     batches = plan_batches(

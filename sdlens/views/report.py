@@ -5,9 +5,10 @@
 Sections: settings; the final image with every word's heatmap; where recorded, the concept maps
 (``concepts=[...]`` at trace time: one panel per concept, then per block) and the image->text
 maps; a step scrubber (slider + play button; per step the x_t and x0 previews and the chosen
-word's or concept's map, all pre-rendered as PNG and switched by a few lines of JavaScript); the step strip; the prompt's tokens with each token's
-share of attention and what the 75-token limit cut; commitment curves; guidance curves and the
-x0 of one step at other guidance scales; the scheduler's curves. A section that cannot be built
+word's or concept's map, all pre-rendered as PNG and switched by a few lines of JavaScript);
+the step strip; the prompt's tokens with each token's share of attention and what the 75-token
+limit cut; commitment curves; guidance curves and the x0 of one step at other guidance scales;
+the scheduler's curves. A section that cannot be built
 from this trace (e.g. no attention recorded) says why instead.
 
 The scrubber also reads the page's address: ``report.html#step=5&word=circle`` opens at step 5
@@ -188,7 +189,9 @@ def _scrubber(trace: Any, batch: int, words: list[str], decoder: str, vae: Any,
     base = np.asarray(images[batch].convert("RGB")) if images and len(images) > batch else None
     size = base.shape[:2] if base is not None else None
     # the words' attention maps, then the concepts' maps (keys "concept:circle")
-    choices = [(w, w, "attention", kw) for w in words] if trace.attention is not None else []
+    words_kind = kw.get("maps", "attention")  # the maps the word heatmaps pool
+    choices = [(w, w, words_kind, kw) for w in words] \
+        if getattr(trace, words_kind, None) is not None else []
     if getattr(trace, "concepts", None) is not None:
         choices += [(f"concept:{c}", c, "concepts", {"pooling": kw.get("pooling", "sdlens")})
                     for c in trace.concepts.concepts]
@@ -197,7 +200,7 @@ def _scrubber(trace: Any, batch: int, words: list[str], decoder: str, vae: Any,
         nearest = [max([s for s in recorded if s <= i] or [recorded[0]]) for i in range(n)]
         frames["mapstep"][key] = nearest
         maps = word_heatmap(trace, name, batch=batch, per_step=True, size=size, maps=kind,
-                            **{k: v for k, v in kind_kw.items() if k != "steps"})
+                            **{k: v for k, v in kind_kw.items() if k not in ("steps", "maps")})
         pngs = {}
         for s, heat in zip(recorded, maps.numpy()):
             img = overlay_image(base, heat) if base is not None else Image.fromarray(
@@ -329,9 +332,9 @@ def _concepts(trace: Any, batch: int, kw: dict) -> str:
            "reading the image tokens but never writing to them (the image is unchanged); a "
            "pixel's value is its softmax over the concepts of the concepts' attention outputs · "
            "the image tokens' (ConceptAttention, Helbling et al. 2025), so the panels sum to 1 "
-           "at every pixel. Pick a concept in the step scrubber above to see it per step.</p>",
+           "at every pixel. Pick a concept in the step scrubber below to see it per step.</p>",
            _img_tag(_fig_uri(plot.concept_maps(trace, batch=batch, **kw)), "concept maps"),
-           f"<p>Mean share over the image (all blocks and recorded steps): {html.escape(top)!s} "
+           f"<p>Mean share over the image (all blocks and recorded steps): {html.escape(top)} "
            f"takes the largest, {shares[top]:.3f}.</p>",
            f"<table><tr><th>concept</th><th>mean share</th></tr>{rows}</table>"]
     if len(cm.layers) > 1:
