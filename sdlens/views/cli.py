@@ -196,7 +196,7 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
     _add_run_options(p, steps=25, cfg=None)
     p.add_argument("--concepts", default=None,
                    help="comma-separated concepts to map (ConceptAttention; joint-attention "
-                        "models: SD3 / SD3.5), in the prompt or not, e.g. circle,square,background")
+                        "models), in the prompt or not, e.g. circle,square,background")
     p.add_argument("--image-to-text", action="store_true",
                    help="also record image->text maps (the words' attention to the image; "
                         "joint-attention models)")

@@ -156,7 +156,10 @@ def heatmap_steps(trace: Any, word: str, steps: Any = None, n: int = 8, batch: i
                   cmap: str = "jet", alpha: float = 0.55, **heatmap_kwargs: Any) -> Figure:
     """A word's map forming: its per-step heatmap at ``n`` evenly spaced recorded steps (or the
     ``steps`` given), each normalised on its own."""
-    chosen = _pick_steps(steps, n, len(trace.timesteps), trace.attention.steps)
+    kind = heatmap_kwargs.get("maps", "attention")  # concept maps have steps of their own
+    recorded = getattr(trace, kind, None)
+    chosen = _pick_steps(steps, n, len(trace.timesteps),
+                         recorded.steps if recorded is not None else trace.attention.steps)
     maps = _np(word_heatmap(trace, word, steps=chosen, per_step=True, batch=batch,
                                       **heatmap_kwargs))
     img = _image(trace, batch)
@@ -169,7 +172,8 @@ def heatmap_steps(trace: Any, word: str, steps: Any = None, n: int = 8, batch: i
         ax.set_title(f"step {s + 1}", fontsize=9)
         _strip_axis(ax)
     fig.colorbar(im, ax=list(axes), fraction=0.03, pad=0.02)
-    fig.suptitle(f"{word!r} per step", fontsize=10)
+    what = {"concepts": " (concept map)", "image_to_text": " (image→text)"}.get(kind, "")
+    fig.suptitle(f"{word!r}{what} per step", fontsize=10)
     return fig
 
 
@@ -234,7 +238,7 @@ def concept_maps(trace: Any, concepts: Iterable[str] | None = None, batch: int =
     cmaps = getattr(trace, "concepts", None)
     if cmaps is None:
         raise ValueError("this trace holds no concept maps; trace with concepts=[...] (a "
-                         "joint-attention model: SD3 / SD3.5) to get them")
+                         "joint-attention model) to get them")
     if concepts is None:
         names = list(cmaps.concepts)
     else:
@@ -255,7 +259,7 @@ def image_to_text_maps(trace: Any, words: Iterable[str] | None = None, batch: in
     with ``per_block=True``; each panel min-max normalised (``normalize``)."""
     if getattr(trace, "image_to_text", None) is None:
         raise ValueError("this trace holds no image->text maps; trace with record=(..., "
-                         "'image_to_text') (a joint-attention model: SD3 / SD3.5) to get them")
+                         "'image_to_text') (a joint-attention model) to get them")
     if words is None:
         words = word_texts(trace, batch)
     names = [words] if isinstance(words, str) else list(words)

@@ -67,6 +67,9 @@ def test_concept_map_figure_one_panel_per_concept_and_per_block():
     one = plot.concept_maps(tr, concepts=["Background"], layers=blocks[0])
     assert _titles(one) == ["image", "'background'"]
     assert _titles(plot.overlay(tr, "background", maps="concepts"))[0] == "'background' (concept)"
+    steps = plot.heatmap_steps(tr, "background", maps="concepts", normalize=False)
+    assert _titles(steps) == ["step 1", "step 2"]
+    assert steps._suptitle.get_text() == "'background' (concept map) per step"
     with pytest.raises(ValueError, match="no concept 'zebra' was recorded"):
         plot.concept_maps(tr, concepts=["zebra"])
     with pytest.raises(ValueError, match="trace with concepts="):
