@@ -128,6 +128,12 @@ def test_trace_viewer_maps_menu_shows_concepts():
         v.maps = "nothing"
     direct = TraceViewer(tr, maps="concepts", word="square", decoder="linear")
     assert direct.word == "square" and direct.displayed()["overlay"]
+    # two columns on concept maps: the difference panels still diff the words' attention maps
+    from sdlens.views.widgets import ABView
+
+    ab = ABView(tr, plain(), viewer_a=TraceViewer(tr, maps="concepts", decoder="linear"),
+                viewer={"decoder": "linear"})
+    assert ab.viewer_a.word_keys == CONCEPTS and "red" in ab.panel.heat_diff
     only = TraceViewer(plain(), decoder="linear")
     assert [k for k, _ in only.maps_options] == ["attention"]
     with pytest.raises(ValueError, match="holds no concept maps"):
