@@ -25,6 +25,7 @@ from typing import Any, Callable, ClassVar, Iterable
 import numpy as np
 import torch
 
+from sdlens.analysis.guidance import guidance_kind, guidance_text
 from sdlens.analysis.heatmaps import word_heatmap
 from sdlens.analysis.tokens import word_texts
 
@@ -103,12 +104,16 @@ def run_settings(trace: Any, batch: int = 0) -> dict[str, Any]:
     prompts = getattr(trace, "prompts", None) or []
     negs = getattr(trace, "negative_prompts", None) or []
     gs = getattr(trace, "guidance_scale", None)
+    kind = guidance_kind(trace)
     sched = meta.get("scheduler_class") or meta.get("scheduler")
     return {
         "prompt": prompts[batch] if batch < len(prompts) else None,
         "negative prompt": negs[batch] if batch < len(negs) else None,
         "seed": seed,
-        "guidance": (float(gs) if getattr(trace, "do_cfg", True) and gs is not None else "off"),
+        # a CFG run's scale as a number (compared, shown by guidance_label); "off"; another
+        # kind (Flux's distilled guidance, true CFG) as guidance_text names it
+        "guidance": (float(gs) if kind == "cfg" and gs is not None
+                     else "off" if kind == "off" else guidance_text(trace)),
         "steps": len(trace.timesteps),
         "scheduler": str(sched).replace("Scheduler", "") if sched else None,
         "size": (f"{meta['height']}x{meta['width']}" if meta.get("height") and meta.get("width")
@@ -120,7 +125,8 @@ def run_settings(trace: Any, batch: int = 0) -> dict[str, Any]:
 def _label(trace: Any, batch: int) -> str:
     s = run_settings(trace, batch)
     g = s["guidance"]
-    return (f"{s['prompt']!r} seed={s['seed']} " + ("guidance off" if g == "off" else f"cfg={g:g}")
+    return (f"{s['prompt']!r} seed={s['seed']} " + (f"cfg={g:g}" if isinstance(g, float) else
+                                                    guidance_text(trace))
             + (f" {s['scheduler']}" if s["scheduler"] else ""))
 
 

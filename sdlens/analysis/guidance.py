@@ -73,16 +73,87 @@ def prediction_label(source: Any) -> str:
     return PREDICTION_LABELS.get(ptype, ptype)
 
 
-def guidance_text(trace: Any) -> str:
-    """How the views name a run's guidance: "CFG 7.5", or "guidance off" for an unguided run.
+#: The kinds of guidance a run can have (:func:`guidance_kind`).
+GUIDANCE_KINDS = ("cfg", "off", "distilled", "true_cfg")
 
-    The one place for the kind of guidance: a guidance-distilled model (Flux.1) feeds its
-    guidance value to the transformer instead of running an unconditional pass; its trace says
-    so and this is where its label ("guidance 3.5") belongs."""
-    gs = float(getattr(trace, "guidance_scale", float("nan")))
-    if not getattr(trace, "do_cfg", True):
+
+def guidance_kind(trace: Any) -> str:
+    """What kind of guidance a run had: "cfg" (classifier-free guidance: an unconditional and a
+    text prediction per step), "off" (neither CFG nor a guidance value), "distilled" (a
+    guidance-distilled model, Flux.1-dev: the guidance value is an input of the denoiser, one
+    call per step) or "true_cfg" (Flux's ``true_cfg_scale`` with a negative prompt: CFG over a
+    guidance-distilled model). Read from the trace (``do_cfg``, ``meta["distilled_guidance"]``,
+    which the guidance-distilled families' adapters record)."""
+    meta = _meta(trace)
+    distilled = meta.get("distilled_guidance")
+    if getattr(trace, "do_cfg", True):
+        return "true_cfg" if "distilled_guidance" in meta else "cfg"
+    return "distilled" if distilled is not None else "off"
+
+
+def guidance_label(scale: Any, kind: str = "cfg", distilled: Any = None) -> str:
+    """A guidance value named by its kind (:data:`GUIDANCE_KINDS`): "CFG 7.5", "guidance off",
+    "guidance 3.5 (distilled)", "true CFG 4 (guidance 3.5)" (``distilled``: the distilled
+    guidance value under true CFG). Sweeps' axes label their values with it."""
+    if kind not in GUIDANCE_KINDS:
+        raise ValueError(f"kind must be one of {GUIDANCE_KINDS}, got {kind!r}")
+    if kind == "off":
         return "guidance off"
-    return f"CFG {gs:g}" if not np.isnan(gs) else "CFG ?"
+    try:
+        value = f"{float(scale):g}"
+    except (TypeError, ValueError):
+        value = "?"
+    if kind == "distilled":
+        return f"guidance {value} (distilled)"
+    if kind == "true_cfg":
+        return f"true CFG {value}" + (f" (guidance {float(distilled):g})"
+                                      if distilled is not None else "")
+    return f"CFG {value}" if value != "nan" else "CFG ?"
+
+
+#: What a control that sets ``guidance_scale`` is called, per kind of guidance the model takes.
+GUIDANCE_SETTINGS = {"cfg": "CFG scale", "distilled": "guidance (distilled)"}
+
+
+def guidance_setting(kind: str = "cfg") -> str:
+    """The name of the ``guidance_scale`` setting for a model whose guidance is ``kind``
+    ("cfg": "CFG scale"; "distilled", a guidance-distilled model such as Flux.1-dev, whose
+    ``guidance_scale`` is an input of the denoiser: "guidance (distilled)")."""
+    if kind not in GUIDANCE_SETTINGS:
+        raise ValueError(f"kind must be one of {tuple(GUIDANCE_SETTINGS)}, got {kind!r}")
+    return GUIDANCE_SETTINGS[kind]
+
+
+def guidance_text(trace: Any, explain: bool = False) -> str:
+    """How the views name a run's guidance: "CFG 7.5", "guidance off", "guidance 3.5
+    (distilled)" (a guidance-distilled model, Flux.1-dev: no unconditional pass) or "true CFG 4
+    (guidance 3.5)" (Flux with ``true_cfg_scale`` and a negative prompt).
+
+    The one place for the kind of guidance (:func:`guidance_kind`). ``explain``: say why there
+    is no unconditional prediction where there is none ("guidance off (scale 1; diffusers
+    guides only above 1)", "guidance 3.5 (distilled), no unconditional pass")."""
+    kind = guidance_kind(trace)
+    meta = _meta(trace)
+    gs = getattr(trace, "guidance_scale", None)
+    if kind == "distilled":
+        gs = meta.get("distilled_guidance", gs)
+    text = guidance_label(gs, kind, meta.get("distilled_guidance"))
+    if not explain:
+        return text
+    if kind == "distilled":
+        return text + ", no unconditional pass"
+    if kind == "off":
+        if "distilled_guidance" in meta:  # a family that takes a guidance value, but not this model
+            return text + " (the model takes no guidance value)"
+        return text + f" (scale {_scale_text(gs)}; diffusers guides only above 1)"
+    return text
+
+
+def _scale_text(gs: Any) -> str:
+    try:
+        return f"{float(gs):g}"
+    except (TypeError, ValueError):
+        return "?"
 
 
 def _scheduler(trace: Any):
@@ -155,6 +226,10 @@ def x0_coefficients(trace: Any, step: int) -> tuple[float, float]:
 
 def _require_cfg(trace: Any) -> None:
     if getattr(trace, "noise_uncond", None) is None or getattr(trace, "noise_text", None) is None:
+        if guidance_kind(trace) == "distilled":
+            raise ValueError(f"this trace has no unconditional prediction: "
+                             f"{guidance_text(trace, explain=True)} (true_cfg_scale > 1 with a "
+                             "negative prompt runs one); there is no CFG delta")
         raise ValueError("this trace has no unconditional prediction (guidance was off, "
                          "guidance_scale <= 1, or noise was not recorded): there is no CFG delta")
 

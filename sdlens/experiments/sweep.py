@@ -53,6 +53,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from sdlens.analysis.guidance import guidance_label
 from sdlens.engine.arch import adapter_for
 from sdlens.engine.batch import Cell, batch_record_options, plan_batches, run_batch, trace_options
 from sdlens.engine.options import (RecordOptions, default_memory_budget, estimate_cell_bytes,
@@ -262,11 +263,15 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
     trace_bytes = _trace_bytes(pipe, record_opts, steps_list, height, width)
     # one call per guidance value where the value is an input of the denoiser (LCM's
     # time_cond_proj_dim; a guidance-distilled transformer's guidance_embeds, Flux.1)
-    denoiser_config = adapter_for(pipe).denoiser.config
+    adapter = adapter_for(pipe)
+    denoiser_config = adapter.denoiser.config
+    # what the guidance axis is: a CFG scale, or a guidance-distilled model's guidance value
+    distilled = adapter.guidance_meta({"guidance_scale": 1.0}).get("distilled_guidance")
+    guidance = "distilled" if distilled is not None else "cfg"
     split_guidance = (pipe_kwargs.get("guidance_rescale", 0.0) or 0.0) > 0 or \
         getattr(denoiser_config, "time_cond_proj_dim", None) is not None or \
         bool(getattr(denoiser_config, "guidance_embeds", False)) or \
-        not adapter_for(pipe).cfg_by_default
+        not adapter.cfg_by_default
     state = _distributed_state()
     nproc = state.num_processes if state else 1
     batches = plan_batches(
@@ -330,6 +335,7 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
         record=record if isinstance(record, (str, type(None))) else "custom",
         batches=len(batches), processes=nproc, memory_budget=budget,
         pipeline=_pipeline_meta(pipe), pipe_kwargs=_jsonable(pipe_kwargs),
+        guidance=guidance,
     )
     return Grid({a: values[a] for a in keep}, fixed, arrays,
                 traces if record_opts is not None else None, meta)
@@ -371,15 +377,18 @@ def _jsonable(d: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the grid
 
-def axis_label(axis: str, value) -> str:
-    """How a grid labels one value of an axis: ``"CFG 7.5"``, ``"seed 3"``, a shortened prompt."""
+def axis_label(axis: str, value, guidance: str = "cfg") -> str:
+    """How a grid labels one value of an axis: ``"CFG 7.5"``, ``"seed 3"``, a shortened prompt.
+    ``guidance``: the kind of the guidance axis (:attr:`Grid.guidance`; "distilled": a
+    guidance-distilled model's value, ``"guidance 3.5 (distilled)"``), named by
+    :func:`sdlens.analysis.guidance.guidance_label`."""
     if axis == "prompt":
         text = str(value)
         return text if len(text) <= 40 else text[:37] + "..."
     if axis == "scheduler":
         return str(value or "default scheduler")
     if axis == "guidance":
-        return f"CFG {value:g}"
+        return guidance_label(value, guidance)
     return f"{AXIS_LABELS[axis]}{value}"
 
 
@@ -410,6 +419,12 @@ class Grid:
     @property
     def shape(self) -> tuple:
         return tuple(len(v) for v in self.axes.values())
+
+    @property
+    def guidance(self) -> str:
+        """What the guidance axis holds: "cfg" (a CFG scale) or "distilled" (a
+        guidance-distilled model's guidance value, Flux.1-dev), as :func:`axis_label` names it."""
+        return "distilled" if self.meta.get("guidance") == "distilled" else "cfg"
 
     def __len__(self) -> int:
         return int(np.prod(self.shape)) if self.shape else 1
@@ -496,12 +511,13 @@ class Grid:
                 for s in ax.spines.values():
                     s.set_visible(False)
                 if r == 0 and col_name is not None:
-                    ax.set_title(axis_label(col_name, self.axes[col_name][c]), fontsize=9)
+                    ax.set_title(axis_label(col_name, self.axes[col_name][c], self.guidance),
+                                 fontsize=9)
                 if c == 0 and row_names:
-                    label = "\n".join(axis_label(a, self.axes[a][i])
+                    label = "\n".join(axis_label(a, self.axes[a][i], self.guidance)
                                       for a, i in zip(row_names, row_idx[r]))
                     ax.set_ylabel(label, fontsize=9, rotation=0, ha="right", va="center")
-        fixed = ", ".join(f"{axis_label(a, v)}" for a, v in self.fixed.items()
+        fixed = ", ".join(f"{axis_label(a, v, self.guidance)}" for a, v in self.fixed.items()
                           if not (a == "scheduler" and v is None))
         fig.suptitle(title if title is not None else fixed, fontsize=10)
         fig.tight_layout()

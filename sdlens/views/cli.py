@@ -2,6 +2,7 @@
 
     sdlens demo --out DIR                        trace the shipped model, write figures + report
     sdlens trace "PROMPT" --out run.sdlens [--model ID_OR_PATH] [--seed] [--steps] [--cfg] ...
+                 [--concepts circle,square,background] [--image-to-text]
     sdlens report run.sdlens --out report.html   one self-contained HTML file
     sdlens info run.sdlens                       what a trace holds (alias: inspect)
 
@@ -24,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from sdlens.analysis.guidance import prediction_label
+from sdlens.analysis.guidance import guidance_text, prediction_label
 from sdlens.analysis.tokens import encoders_sentence, token_view
-from sdlens.engine.options import human_bytes
+from sdlens.engine.options import RECORDABLE, human_bytes
 from sdlens.engine.session import check_seed, generate
 from sdlens.experiments.sweep import add_sweep_parser, is_grid_file, sweep
 from sdlens.pipeline import load_pipeline
@@ -143,9 +144,23 @@ def _layers_arg(text: str | None) -> Any:
     return items[0] if len(items) == 1 else items
 
 
+def _concepts_arg(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    concepts = [c.strip() for c in text.split(",") if c.strip()]
+    if not concepts:
+        raise UsageError(f"--concepts needs at least one concept, got {text!r}")
+    return concepts
+
+
 def _generate(pipe, args: argparse.Namespace, prompt: str, seed: int | None = None,
               cfg: float | None = None):
     kwargs: dict[str, Any] = {}
+    concepts = _concepts_arg(getattr(args, "concepts", None))
+    if concepts is not None:
+        kwargs["concepts"] = concepts
+    if getattr(args, "image_to_text", False):
+        kwargs["record"] = (*RECORDABLE, "image_to_text")
     if args.heads:
         kwargs["heads"] = True
     layers = _layers_arg(args.layers)
@@ -179,6 +194,12 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "-o", required=True, help="trace file to write (e.g. run.sdlens)")
     _add_model_options(p)
     _add_run_options(p, steps=25, cfg=None)
+    p.add_argument("--concepts", default=None,
+                   help="comma-separated concepts to map (ConceptAttention; joint-attention "
+                        "models), in the prompt or not, e.g. circle,square,background")
+    p.add_argument("--image-to-text", action="store_true",
+                   help="also record image->text maps (the words' attention to the image; "
+                        "joint-attention models)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
 
 
@@ -187,6 +208,7 @@ def _trace_run(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name such as run.sdlens")
     _check_run_args(args)
+    _concepts_arg(args.concepts)  # a bad list fails before the model loads
     _log(args, "loading the model ...")
     pipe = _load_pipe(args)
     t0 = time.time()
@@ -243,8 +265,7 @@ def describe_trace(tr, path: Path | None = None) -> str:
         f"pipeline     {meta.get('pipeline_class')}",
         f"scheduler    {meta.get('scheduler_class')}, the model predicts {prediction_label(tr)}"
         f" ({tr.prediction_type})",
-        f"steps        {len(tr.timesteps)}   guidance {tr.guidance_scale:g}"
-        + ("" if tr.do_cfg else " (off)") + f"   seeds {meta.get('seeds')}",
+        f"steps        {len(tr.timesteps)}   {guidance_text(tr)}   seeds {meta.get('seeds')}",
         f"size         {meta.get('width')} x {meta.get('height')} px",
     ]
     for i, p in enumerate(tr.prompts):
@@ -281,8 +302,21 @@ def describe_trace(tr, path: Path | None = None) -> str:
         for layer in att.layers:
             h, w = att.resolution(layer)
             lines.append(f"  {att.alias(layer):<10} {h}x{w}  {layer}")
+    cm = getattr(tr, "concepts", None)
+    if cm is not None:
+        lines.append(f"concepts     {', '.join(map(repr, cm.concepts))}: {len(cm.layers)} layers "
+                     f"({', '.join(cm.alias(l) for l in cm.layers)}), {len(cm.steps)} steps, "
+                     f"{_mib(cm):.2f} MiB")
+    i2t = getattr(tr, "image_to_text", None)
+    if i2t is not None:
+        lines.append(f"image→text   {len(i2t.layers)} layers, {len(i2t.steps)} steps, "
+                     f"{len(i2t.token_positions)} token positions, {_mib(i2t):.2f} MiB")
     lines.append(f"images       {len(tr.images)}")
     return "\n".join(lines)
+
+
+def _mib(maps) -> float:
+    return sum(maps[l].numel() * maps[l].element_size() for l in maps.layers) / 2**20
 
 
 def _info_run(args: argparse.Namespace) -> int:

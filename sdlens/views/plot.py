@@ -8,6 +8,7 @@ Functions that draw one panel take ``ax=`` to draw into an axes of yours.
 >>> plot.heatmap_grid(trace)                 # every word's heatmap over the image
 >>> plot.step_strip(trace, n=8)              # x_t / x0 / prediction / CFG delta over 8 steps
 >>> plot.token_view(trace); plot.scheduler_curves(trace); plot.commitment_curves(trace)
+>>> plot.concept_maps(trace)                 # traced with concepts=[...]: one panel per concept
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import torch
 from matplotlib.figure import Figure
 
 from sdlens.analysis.controlnet import controlnet_residuals as control_residuals
-from sdlens.analysis.guidance import (cfg_delta, guidance_stats, prediction_label, scheduler_view,
-                                     x0_guidance_sweep)
-from sdlens.analysis.heatmaps import Commitment, commitments, output_size, word_heatmap
+from sdlens.analysis.guidance import (cfg_delta, guidance_stats, guidance_text, prediction_label,
+                                     scheduler_view, x0_guidance_sweep)
+from sdlens.analysis.heatmaps import (Commitment, commitments, output_size, resolve_layers,
+                                     word_heatmap)
 from sdlens.analysis.previews import (latent_to_rgb, linear_decoder, previews, resolve_decoder,
                                       to_image)
 from sdlens.analysis.tokens import (BOS, encoder_name, find_word, token_text,
@@ -83,13 +85,31 @@ def overlay(trace: Any, word: str, ax: Any = None, batch: int = 0, alpha: float 
         im = ax.imshow(h, cmap=cmap, alpha=alpha, vmin=0, vmax=1 if h.max() <= 1 else None)
     else:
         im = ax.imshow(h, cmap=cmap)
-    w = find_word(trace, word, batch, heatmap_kwargs.get("occurrence", 0))
-    sub = "" if len(w.tokens) == 1 else f"\n({' + '.join(token_text(t) for t in w.tokens)})"
-    ax.set_title(title if title is not None else f"{w.text!r}{sub}", fontsize=10)
+    kind = heatmap_kwargs.get("maps", "attention")
+    if title is None and kind == "concepts":  # a concept need not be a word of the prompt
+        title = f"{word!r} (concept)"
+    elif title is None:
+        w = find_word(trace, word, batch, heatmap_kwargs.get("occurrence", 0))
+        sub = "" if len(w.tokens) == 1 else f"\n({' + '.join(token_text(t) for t in w.tokens)})"
+        title = f"{w.text!r}{sub}"
+    ax.set_title(title, fontsize=10)
     _strip_axis(ax)
     if colorbar:
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="attention (normalised)")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03,
+                     label=_colorbar_label(kind, heatmap_kwargs.get("normalize", True)))
     return fig
+
+
+#: What a heatmap's values are, per kind of recorded maps (``analysis.heatmaps.MAPS``).
+_MAP_VALUES = {"attention": "attention", "concepts": "concept share",
+               "image_to_text": "image→text attention"}
+
+
+def _colorbar_label(kind: str, normalize: bool = True) -> str:
+    what = _MAP_VALUES.get(kind, kind)
+    if kind == "concepts" and not normalize:
+        return f"{what} (softmax over the concepts)"
+    return f"{what} ({'normalised' if normalize else 'mean probability'})"
 
 
 def heatmap_grid(trace: Any, words: Iterable[str] | None = None, batch: int = 0, ncols: int = 4,
@@ -136,7 +156,10 @@ def heatmap_steps(trace: Any, word: str, steps: Any = None, n: int = 8, batch: i
                   cmap: str = "jet", alpha: float = 0.55, **heatmap_kwargs: Any) -> Figure:
     """A word's map forming: its per-step heatmap at ``n`` evenly spaced recorded steps (or the
     ``steps`` given), each normalised on its own."""
-    chosen = _pick_steps(steps, n, len(trace.timesteps), trace.attention.steps)
+    kind = heatmap_kwargs.get("maps", "attention")  # concept maps have steps of their own
+    recorded = getattr(trace, kind, None)
+    chosen = _pick_steps(steps, n, len(trace.timesteps),
+                         recorded.steps if recorded is not None else trace.attention.steps)
     maps = _np(word_heatmap(trace, word, steps=chosen, per_step=True, batch=batch,
                                       **heatmap_kwargs))
     img = _image(trace, batch)
@@ -149,8 +172,100 @@ def heatmap_steps(trace: Any, word: str, steps: Any = None, n: int = 8, batch: i
         ax.set_title(f"step {s + 1}", fontsize=9)
         _strip_axis(ax)
     fig.colorbar(im, ax=list(axes), fraction=0.03, pad=0.02)
-    fig.suptitle(f"{word!r} per step", fontsize=10)
+    what = {"concepts": " (concept map)", "image_to_text": " (image→text)"}.get(kind, "")
+    fig.suptitle(f"{word!r}{what} per step", fontsize=10)
     return fig
+
+
+def _map_grid(trace: Any, kind: str, names: list[str], titles: list[str], batch: int,
+              per_block: bool, layers: Any, alpha: float, cmap: str, panel_size: float,
+              normalize: bool, heading: str, **heatmap_kwargs: Any) -> Figure:
+    """One panel per name (a concept, a word) of the recorded maps ``kind``: pooled over the
+    chosen layers (one row), or one row per block (``per_block``); the image first."""
+    if not names:
+        raise ValueError("no concepts or words to show")
+    rows = resolve_layers(trace, layers, kind) if per_block else [layers]
+    maps = getattr(trace, kind)
+    img = _image(trace, batch)
+    size = heatmap_kwargs.pop("size", None) or (img.shape[:2] if img is not None else None)
+    lead = 1 if img is not None else 0
+    ncols = len(names) + lead
+    fig = Figure(figsize=(panel_size * ncols + (1.6 if per_block else 0.8),
+                          panel_size * len(rows) + 0.7), layout="constrained")
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
+    mappable = None
+    for r, sel in enumerate(rows):
+        if img is not None:
+            axes[r, 0].imshow(img)
+            _strip_axis(axes[r, 0])
+            if r == 0:
+                axes[r, 0].set_title("image", fontsize=10)
+        if per_block:
+            axes[r, 0].set_ylabel(maps.alias(sel), fontsize=9)
+        for c, name in enumerate(names):
+            ax = axes[r, c + lead]
+            h = _np(word_heatmap(trace, name, layers=sel, batch=batch, size=size, maps=kind,
+                                 normalize=normalize, **heatmap_kwargs))
+            if img is not None:
+                ax.imshow(img)
+            mappable = ax.imshow(h, cmap=cmap, alpha=alpha if img is not None else 1, vmin=0,
+                                 vmax=1)
+            if r == 0:
+                ax.set_title(titles[c], fontsize=10)
+            _strip_axis(ax)
+            if per_block and img is None and c == 0:
+                ax.set_ylabel(maps.alias(sel), fontsize=9)
+    fig.colorbar(mappable, ax=list(axes.ravel()), fraction=0.03, pad=0.02,
+                 label=_colorbar_label(kind, normalize))
+    where = "per block" if per_block else (
+        "all blocks" if layers is None else f"layers {layers!r}")
+    fig.suptitle(f"{trace.prompts[batch]!r}  -  {heading} ({where})", fontsize=11)
+    return fig
+
+
+def concept_maps(trace: Any, concepts: Iterable[str] | None = None, batch: int = 0,
+                 per_block: bool = False, layers: Any = None, normalize: bool = False,
+                 alpha: float = 0.55, cmap: str = "jet", panel_size: float = 2.4,
+                 **heatmap_kwargs: Any) -> Figure:
+    """The concept maps of a trace made with ``concepts=[...]`` (ConceptAttention's maps,
+    ``trace.concepts``): one panel per concept over the image, pooled over ``layers`` (default
+    every recorded block) and the recorded steps (``steps=``), or one row per block with
+    ``per_block=True``. ``normalize=False`` (the default) shows each pixel's share among the
+    concepts (a softmax: the concepts' panels sum to 1 at every pixel, on one colour scale);
+    ``True`` min-max normalises each panel as the word heatmaps are. ``concepts``: a subset
+    (default all, in the order given at trace time); ``heatmap_kwargs`` go to
+    :func:`~sdlens.analysis.heatmaps.word_heatmap` (``steps``, ``pooling``)."""
+    cmaps = getattr(trace, "concepts", None)
+    if cmaps is None:
+        raise ValueError("this trace holds no concept maps; trace with concepts=[...] (a "
+                         "joint-attention model) to get them")
+    if concepts is None:
+        names = list(cmaps.concepts)
+    else:
+        names = [concepts] if isinstance(concepts, str) else list(concepts)
+        names = [cmaps.concepts[cmaps.concept_index(c)] for c in names]  # ValueError: unknown
+    return _map_grid(trace, "concepts", names, [repr(c) for c in names], batch, per_block,
+                     layers, alpha, cmap, panel_size, normalize, "concept maps",
+                     **heatmap_kwargs)
+
+
+def image_to_text_maps(trace: Any, words: Iterable[str] | None = None, batch: int = 0,
+                       per_block: bool = False, layers: Any = None, normalize: bool = True,
+                       alpha: float = 0.55, cmap: str = "jet", panel_size: float = 2.4,
+                       **heatmap_kwargs: Any) -> Figure:
+    """The image->text maps of a trace recorded with ``record=(..., "image_to_text")``
+    (``trace.image_to_text``: each word's tokens' attention to the image patches): one panel
+    per word (default every word of the prompt), pooled over ``layers``, or one row per block
+    with ``per_block=True``; each panel min-max normalised (``normalize``)."""
+    if getattr(trace, "image_to_text", None) is None:
+        raise ValueError("this trace holds no image->text maps; trace with record=(..., "
+                         "'image_to_text') (a joint-attention model) to get them")
+    if words is None:
+        words = word_texts(trace, batch)
+    names = [words] if isinstance(words, str) else list(words)
+    return _map_grid(trace, "image_to_text", names, [repr(w) for w in names], batch, per_block,
+                     layers, alpha, cmap, panel_size, normalize, "image→text maps",
+                     **heatmap_kwargs)
 
 
 # --------------------------------------------------------------------------- step strip
@@ -226,7 +341,8 @@ def step_strip(trace: Any, steps: Any = None, n: int = 8, rows: Sequence[str] = 
         if row == "cfg":
             fig.colorbar(im, ax=list(axes[r]), fraction=0.02, pad=0.01, label="L2 over channels")
     how = "VAE decode" if decoder == "vae" else f"{decoder} preview"
-    fig.suptitle(f"{trace.prompts[batch]!r}: step by step ({how})", fontsize=10)
+    fig.suptitle(f"{trace.prompts[batch]!r}: step by step ({how}; {guidance_text(trace)})",
+                 fontsize=10)
     return fig
 
 
@@ -266,7 +382,7 @@ def guidance_curves(trace: Any, batch: int = 0, ax: Any = None) -> Figure:
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="best")
-    ax.set_title(f"classifier-free guidance (scale {st.guidance_scale:g})", fontsize=10)
+    ax.set_title(f"classifier-free guidance ({guidance_text(trace)})", fontsize=10)
     return fig
 
 
@@ -400,6 +516,7 @@ def comparison(cmp: Any, axes: Any = None) -> Figure:
 heatmaps = heatmap_grid  # the README's name for it
 
 
-__all__ = ["overlay", "heatmap_grid", "heatmaps", "heatmap_steps", "step_strip", "guidance_strip",
+__all__ = ["overlay", "heatmap_grid", "heatmaps", "heatmap_steps", "concept_maps",
+           "image_to_text_maps", "step_strip", "guidance_strip",
            "guidance_curves", "scheduler_curves", "commitment_curves", "token_view", "comparison",
            "to_png"]

@@ -2,11 +2,13 @@
 
 >>> sdlens.views.report.write_report(trace, "report.html")
 
-Sections: settings; the final image with every word's heatmap; a step scrubber (slider + play
-button; per step the x_t and x0 previews and the chosen word's map, all pre-rendered as PNG and
-switched by a few lines of JavaScript); the step strip; the prompt's tokens with each token's
-share of attention and what the 75-token limit cut; commitment curves; guidance curves and the
-x0 of one step at other guidance scales; the scheduler's curves. A section that cannot be built
+Sections: settings; the final image with every word's heatmap; where recorded, the concept maps
+(``concepts=[...]`` at trace time: one panel per concept, then per block) and the image->text
+maps; a step scrubber (slider + play button; per step the x_t and x0 previews and the chosen
+word's or concept's map, all pre-rendered as PNG and switched by a few lines of JavaScript);
+the step strip; the prompt's tokens with each token's share of attention and what the 75-token
+limit cut; commitment curves; guidance curves and the x0 of one step at other guidance scales;
+the scheduler's curves. A section that cannot be built
 from this trace (e.g. no attention recorded) says why instead.
 
 The scrubber also reads the page's address: ``report.html#step=5&word=circle`` opens at step 5
@@ -63,9 +65,9 @@ _JS = """
     if (x0 && F.x0.length) x0.src = F.x0[i];
     if (mp && wordSel) {
       const w = wordSel.value, m = F.maps[w];
-      if (m) { mp.src = m[i];
-        mpcap.textContent = JSON.stringify(w) + ' at step ' + (F.mapstep[i] + 1) +
-          (F.mapstep[i] === i ? '' : ' (nearest recorded step)'); }
+      if (m) { mp.src = m[i]; const s = F.mapstep[w][i];
+        mpcap.textContent = (w.startsWith('concept:') ? 'concept ' + JSON.stringify(w.slice(8))
+          : JSON.stringify(w)) + ' at step ' + (s + 1) + (s === i ? '' : ' (nearest recorded step)'); }
     }
   }
   slider.addEventListener('input', show);
@@ -141,8 +143,7 @@ def _settings(trace: Any, batch: int) -> str:
         ("scheduler", f"{meta.get('scheduler_class')} (the model predicts "
                       f"{prediction_label(trace)})"),
         ("steps", len(trace.timesteps)),
-        ("guidance", guidance_text(trace) if trace.do_cfg else
-         f"off (scale {trace.guidance_scale:g}: diffusers guides only above 1)"),
+        ("guidance", guidance_text(trace, explain=True)),
         ("seed", seeds[batch] if len(seeds) > batch else (seeds[0] if seeds else None)),
         ("size", f"{meta.get('width')} x {meta.get('height')} px, latents "
                  f"{tuple(trace.latents.shape[-3:]) if trace.latents is not None else '?'}"),
@@ -174,7 +175,7 @@ def _scrubber(trace: Any, batch: int, words: list[str], decoder: str, vae: Any,
               kw: dict, display: int) -> str:
     n = len(trace.timesteps)
     frames: dict[str, Any] = {"t": [round(float(t), 2) for t in trace.timesteps], "xt": [],
-                              "x0": [], "maps": {}, "mapstep": list(range(n))}
+                              "x0": [], "maps": {}, "mapstep": {}}
     notes = []
     try:
         frames["xt"] = [_png_uri(im) for im in
@@ -186,30 +187,35 @@ def _scrubber(trace: Any, batch: int, words: list[str], decoder: str, vae: Any,
         notes.append(f"No latent previews: {e}")
     images = trace.images
     base = np.asarray(images[batch].convert("RGB")) if images and len(images) > batch else None
-    if trace.attention is not None and words:
-        recorded = [int(s) for s in trace.attention.steps]
+    size = base.shape[:2] if base is not None else None
+    # the words' attention maps, then the concepts' maps (keys "concept:circle")
+    words_kind = kw.get("maps", "attention")  # the maps the word heatmaps pool
+    choices = [(w, w, words_kind, kw) for w in words] \
+        if getattr(trace, words_kind, None) is not None else []
+    if getattr(trace, "concepts", None) is not None:
+        choices += [(f"concept:{c}", c, "concepts", {"pooling": kw.get("pooling", "sdlens")})
+                    for c in trace.concepts.concepts]
+    for key, name, kind, kind_kw in choices:
+        recorded = [int(s) for s in getattr(trace, kind).steps]
         nearest = [max([s for s in recorded if s <= i] or [recorded[0]]) for i in range(n)]
-        frames["mapstep"] = nearest
-        size = base.shape[:2] if base is not None else None
-        for w in words:
-            maps = word_heatmap(trace, w, batch=batch, per_step=True, size=size,
-                                          **{k: v for k, v in kw.items() if k != "steps"})
-            maps = maps.numpy()
-            by_step = {s: m for s, m in zip(recorded, maps)}
-            pngs = {}
-            for s in recorded:
-                heat = by_step[s]
-                img = overlay_image(base, heat) if base is not None else Image.fromarray(
-                    (heat * 255).astype(np.uint8))
-                pngs[s] = _png_uri(img)
-            frames["maps"][w] = [pngs[nearest[i]] for i in range(n)]
+        frames["mapstep"][key] = nearest
+        maps = word_heatmap(trace, name, batch=batch, per_step=True, size=size, maps=kind,
+                            **{k: v for k, v in kind_kw.items() if k not in ("steps", "maps")})
+        pngs = {}
+        for s, heat in zip(recorded, maps.numpy()):
+            img = overlay_image(base, heat) if base is not None else Image.fromarray(
+                (heat * 255).astype(np.uint8))
+            pngs[s] = _png_uri(img)
+        frames["maps"][key] = [pngs[nearest[i]] for i in range(n)]
     parts = ['<div class="controls"><button id="play">play</button>'
              f'<input type="range" id="step-slider" min="0" max="{n - 1}" value="{n - 1}" step="1">'
              '<span id="step-label"></span>']
     if frames["maps"]:
-        opts = "".join(f'<option value="{html.escape(w)}">{html.escape(w)}</option>'
+        opts = "".join(f'<option value="{html.escape(w)}">'
+                       f'{html.escape(w.replace("concept:", "concept: ", 1))}</option>'
                        for w in frames["maps"])
-        parts.append(f'<label>word <select id="word-select">{opts}</select></label>')
+        what = "word / concept" if getattr(trace, "concepts", None) is not None else "word"
+        parts.append(f'<label>{what} <select id="word-select">{opts}</select></label>')
     parts.append("</div><div class=\"scrub\">")
     if frames["xt"]:
         parts.append(f'<figure><img id="scrub-xt" class="pix" width="{display}" alt="x_t">'
@@ -311,6 +317,46 @@ def _tokens(trace: Any, batch: int) -> str:
     return "\n".join(out)
 
 
+def _concepts(trace: Any, batch: int, kw: dict) -> str:
+    """The concept maps (``trace.concepts``): pooled over the blocks, then per block."""
+    cm = trace.concepts
+    kw = {k: v for k, v in kw.items() if k in ("steps",)}  # layers / pooling: the word maps'
+    shares = {c: float(word_heatmap(trace, c, batch=batch, maps="concepts", normalize=False,
+                                    size=cm.resolution(cm.layers[0]), **kw).mean())
+              for c in cm.concepts}
+    rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{s:.3f}</td></tr>" for c, s in shares.items())
+    top = max(shares, key=shares.get)
+    out = [f"<p>Concepts given at trace time: {html.escape(', '.join(map(repr, cm.concepts)))} "
+           f"({len(cm.layers)} block{'s' * (len(cm.layers) != 1)}, {len(cm.steps)} recorded "
+           "step(s)). Each concept went through the text stream of every block beside the run, "
+           "reading the image tokens but never writing to them (the image is unchanged); a "
+           "pixel's value is its softmax over the concepts of the concepts' attention outputs · "
+           "the image tokens' (ConceptAttention, Helbling et al. 2025), so the panels sum to 1 "
+           "at every pixel. Pick a concept in the step scrubber below to see it per step.</p>",
+           _img_tag(_fig_uri(plot.concept_maps(trace, batch=batch, **kw)), "concept maps"),
+           f"<p>Mean share over the image (all blocks and recorded steps): {html.escape(top)} "
+           f"takes the largest, {shares[top]:.3f}.</p>",
+           f"<table><tr><th>concept</th><th>mean share</th></tr>{rows}</table>"]
+    if len(cm.layers) > 1:
+        out.append("<details><summary>per block</summary>" + _img_tag(_fig_uri(
+            plot.concept_maps(trace, batch=batch, per_block=True, **kw)), "concept maps per block")
+            + "</details>")
+    return "\n".join(out)
+
+
+def _image_to_text(trace: Any, batch: int, words: list[str], kw: dict) -> str:
+    """The image->text maps (``trace.image_to_text``): each word's attention to the image."""
+    kw = {k: v for k, v in kw.items() if k in ("steps", "pooling")}
+    maps = trace.image_to_text
+    out = ["<p>Each word's text tokens attending to the image patches (their image share of "
+           "the joint softmax), the other direction of the word heatmaps above; each panel is "
+           f"min-max normalised ({len(maps.layers)} block(s), {len(maps.steps)} recorded "
+           "step(s)).</p>",
+           _img_tag(_fig_uri(plot.image_to_text_maps(trace, words, batch=batch, **kw)),
+                    "image to text maps")]
+    return "\n".join(out)
+
+
 def _commitment(trace: Any, batch: int, words: list[str], kw: dict) -> str:
     if trace.attention is None:
         raise ValueError("no attention maps were recorded")
@@ -378,6 +424,10 @@ def build_report(trace: Any, batch: int = 0, words: Iterable[str] | None = None,
     doc.add(f"<h1>{html.escape(title or 'sdlens report')}</h1><p><b>{html.escape(str(prompt))}</b></p>")
     doc.section("Settings", lambda: _settings(trace, batch))
     doc.section("Image and word heatmaps", lambda: _final(trace, batch, words, heatmap_kwargs))
+    if getattr(trace, "concepts", None) is not None:
+        doc.section("Concept maps", lambda: _concepts(trace, batch, heatmap_kwargs))
+    if getattr(trace, "image_to_text", None) is not None:
+        doc.section("Image→text maps", lambda: _image_to_text(trace, batch, words, heatmap_kwargs))
     doc.section("Step by step", lambda: _scrubber(trace, batch, words, decoder, vae,
                                                   heatmap_kwargs, display_size))
     doc.section("Step strip", lambda: _img_tag(_fig_uri(plot.step_strip(

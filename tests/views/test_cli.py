@@ -79,7 +79,7 @@ def test_bad_seed_and_steps_are_usage_errors(model, tmp_path, capsys):
 def test_info_and_inspect(run_file, capsys):
     assert main(["info", str(run_file)]) == 0
     out = capsys.readouterr().out
-    assert "steps        3   guidance 4" in out
+    assert "steps        3   CFG 4   seeds" in out  # guidance_text: the kind of guidance named
     assert "'a red circle and a blue square'  (7 of 75 tokens)" in out
     assert re.search(r"latents\s+\(4, 1, 4, 16, 16\) float32", out)
     assert "attention    7 layers, 3 steps" in out

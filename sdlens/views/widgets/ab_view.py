@@ -19,6 +19,7 @@ import numpy as np
 import traitlets
 
 from sdlens.analysis.compare import compare, run_settings
+from sdlens.analysis.guidance import guidance_label
 from sdlens.analysis.heatmaps import word_heatmap
 from sdlens.analysis.previews import latent_to_rgb, linear_decoder
 from sdlens.views.widgets.frames import colorbar_css, encode_many, word_chips
@@ -49,8 +50,9 @@ def settings_text(settings: dict, differs: Sequence[str] = ()) -> str:
             continue
         if key == "model" and key not in differs:  # a long path that says nothing here
             continue
-        if key == "guidance":
-            text = "guidance off" if v == "off" else f"CFG {v:g}"
+        if key == "guidance":  # run_settings: a CFG scale, "off", or guidance_text's words
+            text = guidance_label(v) if isinstance(v, (int, float)) else \
+                guidance_label(None, "off") if v == "off" else str(v)
         else:
             text = f"{key} {v!r}" if isinstance(v, str) and key in ("prompt", "negative prompt") \
                 else f"{key} {v}"
@@ -166,8 +168,10 @@ class ABView(W.VBox):
     # ---------------------------------------------------------------- differences
     @property
     def _common_words(self) -> list[str]:
-        b = set(self.viewer_b.word_keys)
-        return [k for k in self.viewer_a.word_keys if k in b]
+        # the prompts' words (the difference panels show attention maps, whatever maps menu
+        # the columns' viewers are on)
+        b = {c.key for c in word_chips(self.trace_b, self.viewer_b.batch)}
+        return [c.key for c in word_chips(self.trace_a, self.viewer_a.batch) if c.key in b]
 
     def _x0_diff(self, n: int, ba: int, bb: int, notes: list[str]) -> tuple[list[bytes], float]:
         """|x0_A - x0_B| per step in the linear preview's RGB, averaged over channels, one scale
@@ -208,7 +212,7 @@ class ABView(W.VBox):
         chips_a = {c.key: c for c in word_chips(ta, va.batch)}
         chips_b = {c.key: c for c in word_chips(tb, vb.batch)}
         size = va.trace_frames.heat_size
-        ia, ib = va.heat_index[:n], vb.heat_index[:n]
+        ia, ib = va.trace_frames.heat_index()[:n], vb.trace_frames.heat_index()[:n]
         out: dict[str, list[bytes]] = {}
         for key in words:
             ca, cb = chips_a[key], chips_b[key]

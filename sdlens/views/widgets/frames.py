@@ -10,11 +10,13 @@ without asking the kernel again:
   (linear by default); noise and delta through the same linear map, scaled by one robust maximum
   over all steps (so their magnitude over the run stays comparable), and are sent at the latent
   resolution (the browser scales them up, pixelated).
-* ``heat(batch, layers)``: per word of the prompt, its heatmap at every recorded step and summed
-  over steps (:func:`sdlens.analysis.heatmaps.word_heatmap`), as RGBA PNGs (a colormap whose
-  alpha is the heat, for overlaying on an image).
+* ``heat(batch, layers, maps=...)``: per word of the prompt, its heatmap at every recorded step
+  and summed over steps (:func:`sdlens.analysis.heatmaps.word_heatmap`), as RGBA PNGs (a colormap
+  whose alpha is the heat, for overlaying on an image). ``maps`` picks the recorded maps
+  (:data:`MAP_LABELS`): the raw attention maps (the default), the concept maps of the concepts
+  given at trace time (one chip per concept, :func:`concept_chips`), or the image->text maps.
 
-Everything is cached per (batch) and per (batch, layers): switching back is free.
+Everything is cached per (batch) and per (batch, layers, maps): switching back is free.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdlens.analysis.guidance import cfg_delta, prediction_label
+from sdlens.analysis.guidance import cfg_delta, guidance_text, prediction_label
 from sdlens.analysis.heatmaps import output_size, token_heatmap, word_heatmap
 from sdlens.analysis.previews import (latent_to_rgb, linear_available, linear_decoder, previews,
                                       resolve_decoder)
@@ -42,6 +44,9 @@ DECODER_LABELS = {"linear": "linear preview", "vae": "VAE decode", "tiny": "tiny
 #: How a heatmap frame is normalised, per mode (``word_heatmap``: each map min-max to [0, 1]).
 HEAT_NORMS = {"step": "per step, min–max", "sum": "summed over steps, min–max"}
 FORMATS = ("png", "jpeg", "auto")
+#: The recorded maps a heatmap chip can show (``analysis.heatmaps.MAPS``), in the views' words.
+MAP_LABELS = {"attention": "attention maps", "concepts": "concept maps",
+              "image_to_text": "image→text maps"}
 MAX_ALPHA = 0.85  # a heat frame's alpha at value 1 (the browser inverts it for the value shown)
 
 
@@ -88,9 +93,7 @@ def panel_notes(trace: Any, batch: int = 0) -> list[str]:
         notes.append(f"noise not recorded: {why} (no guided-{prediction_label(trace)} or "
                      "CFG-delta panel)")
     elif not getattr(trace, "do_cfg", True) or missing("noise_uncond"):
-        gs = getattr(trace, "guidance_scale", float("nan"))
-        notes.append(f"no CFG delta: guidance off (scale {float(gs):g}; diffusers guides only "
-                     "above 1)")
+        notes.append(f"no CFG delta: {guidance_text(trace, explain=True)}")
     if missing("x0"):
         notes.append("x0 not recorded: " + (hint if rec is None or "x0" not in rec else "not kept"))
     prompts = getattr(trace, "prompts", None) or []
@@ -203,11 +206,42 @@ class WordChip:
 POSITION_CHIPS = 12  # words unknown: chips for the positions after the start token
 
 
-def word_chips(trace: Any, batch: int = 0) -> list[WordChip]:
+def map_options(trace: Any) -> list[tuple[str, str]]:
+    """``[(kind, label)]`` of the recorded maps a heatmap can show (:data:`MAP_LABELS`): the
+    attention maps, then concept maps and image->text maps where the trace holds them."""
+    out = []
+    for kind, label in MAP_LABELS.items():
+        maps = getattr(trace, kind, None)
+        if maps is not None and list(maps.layers):
+            n = len(maps.concepts) if kind == "concepts" else None
+            out.append((kind, label if n is None else f"{label} ({n} concept{'s' * (n != 1)})"))
+    return out
+
+
+def concept_chips(trace: Any) -> list[WordChip]:
+    """The concepts of ``trace.concepts`` (given at trace time, in the prompt or not) as chips,
+    in the order given; ``positions``: the index along the concepts axis."""
+    maps = getattr(trace, "concepts", None)
+    if maps is None:
+        return []
+    return [WordChip(c, c, 0, (i,), (c,)) for i, c in enumerate(maps.concepts)]
+
+
+def chips_for(trace: Any, batch: int = 0, maps: str = "attention") -> list[WordChip]:
+    """The chips of the maps ``maps`` shows: the concepts for concept maps, the prompt's words
+    (:func:`word_chips`) for attention and image->text maps; [] where those are not recorded."""
+    if getattr(trace, maps, None) is None:
+        return []
+    if maps == "concepts":
+        return concept_chips(trace)
+    return word_chips(trace, batch, maps)
+
+
+def word_chips(trace: Any, batch: int = 0, maps: str = "attention") -> list[WordChip]:
     """The prompt's words (punctuation left out) as chips, in prompt order. Words unknown (a
     ``prompt_embeds`` call): chips for token positions 1..12 instead, keyed ``"#3"`` (no tokens)."""
     if not getattr(trace, "tokens", None) or not trace.tokens[batch]:
-        maps = getattr(trace, "attention", None)
+        maps = getattr(trace, maps, None)
         if maps is None or not getattr(trace, "tokens", None):
             return []
         return [WordChip(f"#{p}", f"#{p}", 0, (p,), ())
@@ -219,11 +253,12 @@ def word_chips(trace: Any, batch: int = 0) -> list[WordChip]:
     return chips
 
 
-def layer_options(trace: Any) -> list[tuple[str, str]]:
-    """``[(key, label)]`` of the layer choices: all layers, each resolution, down / mid / up,
-    then each layer by alias. Keys are selectors :func:`sdlens.analysis.heatmaps.word_heatmap`
-    takes (``'all'`` stands for None, ``'res:16'`` for the int 16)."""
-    maps = getattr(trace, "attention", None)
+def layer_options(trace: Any, maps: str = "attention") -> list[tuple[str, str]]:
+    """``[(key, label)]`` of the layer choices of the recorded maps ``maps`` (attention, concept
+    or image->text maps): all layers, each resolution, down / mid / up, then each layer by
+    alias. Keys are selectors :func:`sdlens.analysis.heatmaps.word_heatmap` takes (``'all'``
+    stands for None, ``'res:16'`` for the int 16)."""
+    maps = getattr(trace, maps, None)
     if maps is None or not list(maps.layers):
         return []
     layers = list(maps.layers)
@@ -299,7 +334,7 @@ class TraceFrames:
         self.heat_size = _display_size(trace, min(heat_side, max(self.size)))
         self._base: dict[tuple[int, str], dict[str, list[bytes]]] = {}
         self._image: dict[int, bytes] = {}
-        self._heat: dict[tuple[int, str], dict[str, dict]] = {}
+        self._heat: dict[tuple[int, str, str], dict[str, dict]] = {}
         self._scales: dict[tuple[str, int], float] = {}
 
     # ---------------------------------------------------------------- facts
@@ -329,10 +364,11 @@ class TraceFrames:
             out.append("cfg_delta")
         return out
 
-    def heat_index(self) -> list[int]:
-        """For each step, the index into the recorded attention steps to show (the latest
-        recorded step at or before it; -1 before the first recorded one)."""
-        maps = getattr(self.trace, "attention", None)
+    def heat_index(self, maps: str = "attention") -> list[int]:
+        """For each step, the index into the recorded steps of ``maps`` (attention, concept or
+        image->text maps) to show (the latest recorded step at or before it; -1 before the
+        first recorded one)."""
+        maps = getattr(self.trace, maps, None)
         if maps is None:
             return [-1] * self.n_steps
         rec = [int(s) for s in maps.steps]
@@ -418,22 +454,25 @@ class TraceFrames:
 
     # ---------------------------------------------------------------- heatmaps
     def heat(self, batch: int = 0, layers: str = "all",
-             words: Sequence[WordChip] | None = None) -> dict[str, dict]:
+             words: Sequence[WordChip] | None = None, maps: str = "attention") -> dict[str, dict]:
         """``{word key: {"steps": [bytes per recorded step], "sum": bytes}}`` for the words of
-        prompt ``batch`` with the layer choice ``layers`` (a key of :func:`layer_options`)."""
-        maps = getattr(self.trace, "attention", None)
-        if maps is None:
+        prompt ``batch`` (concept maps: for the concepts) with the layer choice ``layers`` (a
+        key of :func:`layer_options`) of the recorded maps ``maps`` (:data:`MAP_LABELS`)."""
+        if maps not in MAP_LABELS:
+            raise ValueError(f"maps must be one of {tuple(MAP_LABELS)}, got {maps!r}")
+        if getattr(self.trace, maps, None) is None:
             return {}
-        keys = [k for k, _ in layer_options(self.trace)]
+        keys = [k for k, _ in layer_options(self.trace, maps)]
         if layers not in keys:
             raise ValueError(f"layers={layers!r} is not a choice here; choices: {keys}")
-        cache_key = (batch, layers)
+        cache_key = (batch, layers, maps)
         if cache_key in self._heat:
             return self._heat[cache_key]
         sel = layer_selector(layers)
         out: dict[str, dict] = {}
-        for chip in (words if words is not None else word_chips(self.trace, batch)):
-            kw = dict(layers=sel, batch=batch, occurrence=chip.occurrence, size=self.heat_size)
+        for chip in (words if words is not None else chips_for(self.trace, batch, maps)):
+            kw = dict(layers=sel, batch=batch, occurrence=chip.occurrence, size=self.heat_size,
+                      maps=maps)
             import warnings
 
             with warnings.catch_warnings():  # constant maps (e.g. a 1x1 layer) are fine here

@@ -24,9 +24,9 @@ from sdlens.views.widgets.trace_viewer import TraceViewer
 _STATIC = Path(__file__).parent / "static"
 
 
-def _label(axis: str, value: Any) -> str:
+def _label(axis: str, value: Any, guidance: str = "cfg") -> str:
     try:
-        return axis_label(axis, value)
+        return axis_label(axis, value, guidance)
     except (KeyError, TypeError, ValueError):  # an axis sweep does not know (a grid-like object)
         return f"{axis} {value}"
 
@@ -64,14 +64,16 @@ class GridViewer(W.VBox):
         self.viewer_kwargs = dict(viewer or {})
         self._viewers: dict[int, TraceViewer] = {}
         names = list(grid.axes)
+        # the guidance axis' kind (Grid.guidance: "cfg", or "distilled" for Flux.1-dev)
+        kind = self._guidance = getattr(grid, "guidance", "cfg")
         shape = tuple(len(v) for v in grid.axes.values())
         self.shape = shape
         if len(shape) == 0:
             col_labels, row_index = [""], [()]
         else:
-            col_labels = [_label(names[-1], v) for v in grid.axes[names[-1]]]
+            col_labels = [_label(names[-1], v, kind) for v in grid.axes[names[-1]]]
             row_index = list(np.ndindex(*shape[:-1])) if len(shape) > 1 else [()]
-        row_labels = ["\n".join(_label(a, grid.axes[a][i]) for a, i in zip(names[:-1], idx))
+        row_labels = ["\n".join(_label(a, grid.axes[a][i], kind) for a, i in zip(names[:-1], idx))
                       for idx in row_index]
         images = np.asarray(grid.images, dtype=object).reshape(-1)
         thumbs = []
@@ -81,7 +83,7 @@ class GridViewer(W.VBox):
                 im.thumbnail((256, 256), Image.BILINEAR)
             thumbs.append(encode(im, "auto"))
         fixed = getattr(grid, "fixed", {}) or {}
-        title = ", ".join(_label(a, v) for a, v in fixed.items() if v is not None and a != "prompt")
+        title = ", ".join(_label(a, v, kind) for a, v in fixed.items() if v is not None and a != "prompt")
         prompt = fixed.get("prompt")
         if prompt:
             title = f"{prompt!r}" + (f" · {title}" if title else "")
@@ -143,7 +145,7 @@ class GridViewer(W.VBox):
             self.panel.selected = change["old"]
             raise ValueError(f"cell {flat} is out of range: the grid has {n} cells")
         s = self.settings(flat)
-        desc = ", ".join(_label(k, v) for k, v in s.items() if v is not None)  # as the axes read
+        desc = ", ".join(_label(k, v, self._guidance) for k, v in s.items() if v is not None)  # as the axes read
         try:
             v = self.viewer_at(flat)
         except ValueError as e:

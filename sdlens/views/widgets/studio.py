@@ -12,7 +12,9 @@ their difference, the settings that changed highlighted).
 
 Settings are checked, never changed silently: steps below 1 or a seed outside what
 ``torch.Generator.manual_seed`` keeps as given stop the run with a message in the panel; a CFG
-scale below 1 runs unguided (as diffusers does) and the panel says "guidance off".
+scale below 1 runs unguided (as diffusers does) and the panel says "guidance off". A
+guidance-distilled model (Flux.1-dev) names its box "guidance (distilled)" (its value is an input
+of the model; :func:`sdlens.analysis.guidance.guidance_setting`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import ipywidgets as W
 import torch
 
 from sdlens.analysis.compare import run_settings
+from sdlens.analysis.guidance import guidance_kind, guidance_setting, guidance_text
 from sdlens.analysis.previews import latent_to_rgb, linear_decoder, to_image
 from sdlens.engine.arch import adapter_for
 from sdlens.engine.session import check_seed, generate, live_state
@@ -53,6 +56,15 @@ def _callback_argument(pipe) -> str | None:
     return next((p for p in ("callback_on_step_end", "callback") if p in params), None)
 
 
+def _call_default(pipe, name: str, fallback: Any) -> Any:
+    """The default of argument ``name`` of the pipeline's ``__call__`` (``fallback`` if none)."""
+    try:
+        p = inspect.signature(type(pipe).__call__).parameters.get(name)
+    except (TypeError, ValueError):
+        return fallback
+    return fallback if p is None or p.default is inspect.Parameter.empty else p.default
+
+
 def _live_x0(pipe) -> torch.Tensor | None:
     """The x0 the trace engine computed for the step just taken (None when it has none)."""
     state = live_state(pipe)
@@ -75,7 +87,10 @@ class Studio(W.VBox):
             ``use_resolution_binning``, ...).
 
     A flow-matching pipeline (SD3, Sana) keeps its own scheduler: the menu's others (DDIM,
-    Euler, ...) are the UNet models' noise schedules and are not offered.
+    Euler, ...) are the UNet models' noise schedules and are not offered. A backbone with a
+    concept pass (joint attention: SD3 / SD3.5) gets a "concepts" box: comma-separated
+    concepts are mapped in the run (``concepts=[...]``) and the run's viewer offers them in its
+    "maps" menu.
     """
 
     def __init__(self, pipe: Any, prompt: str = DEFAULT_PROMPT, negative_prompt: str = "",
@@ -117,10 +132,22 @@ class Studio(W.VBox):
         self.seed = W.IntText(seed, description="seed", style=style, layout=W.Layout(width="260px"))
         self.steps = W.IntText(steps or 20, description="steps", style=style,
                                layout=W.Layout(width="220px"))
-        self.guidance_scale = W.FloatText(7.5 if guidance_scale is None else guidance_scale,
-                                          description="CFG scale", style=style,
-                                          layout=W.Layout(width="220px"))
+        # a guidance-distilled model (Flux.1-dev) takes its guidance value as an input: no
+        # unconditional pass, its own default (the pipeline's), no "off" below 1
+        distilled = adapter_for(pipe).guidance_meta({"guidance_scale": 1.0}).get("distilled_guidance")
+        self.guidance_kind = "distilled" if distilled is not None else "cfg"
+        if guidance_scale is None:
+            guidance_scale = _call_default(pipe, "guidance_scale", 3.5) \
+                if self.guidance_kind == "distilled" else 7.5
+        self.guidance_scale = W.FloatText(guidance_scale,
+                                          description=guidance_setting(self.guidance_kind),
+                                          style=style, layout=W.Layout(width="220px"))
         self.guidance_note = W.HTML("")
+        # concept maps (ConceptAttention) where the backbone has a concept pass (joint attention)
+        self.concepts: W.Text | None = None
+        if adapter_for(pipe).concept_blocks() is not None:
+            self.concepts = W.Text("", description="concepts", layout=lay, style=style,
+                                   placeholder="comma-separated, e.g. circle, square, background")
         self.guidance_scale.observe(lambda _c: self._note_guidance(), names="value")
         self.scheduler = W.Dropdown(options=[(f"default ({self.info.scheduler_class})", "default")]
                                     + [(f"{k} ({SCHEDULERS[k]})", k) for k in sched_opts[1:]],
@@ -143,6 +170,7 @@ class Studio(W.VBox):
         controls = W.VBox([
             self.prompt, self.negative_prompt, W.HBox([self.seed, self.steps]),
             W.HBox([self.guidance_scale, self.guidance_note]), self.scheduler,
+            *([self.concepts] if self.concepts is not None else []),
             W.HBox([self.generate_button, self.interrupt_button, self.clear_button, self.progress]),
             self.status,
         ])
@@ -151,6 +179,10 @@ class Studio(W.VBox):
 
     def _note_guidance(self) -> None:
         g = self.guidance_scale.value
+        if self.guidance_kind == "distilled":
+            self.guidance_note.value = ("<span style='color:#777'>distilled: the value is an "
+                                        "input of the model, no unconditional pass</span>")
+            return
         self.guidance_note.value = (
             f"<span style='color:#b06000'>guidance off: CFG {g:g} is below 1, the run is "
             "unguided (as at 1)</span>" if g < 1 else
@@ -158,11 +190,14 @@ class Studio(W.VBox):
 
     # ---------------------------------------------------------------- settings
     def settings(self) -> dict:
-        """The controls' current values."""
-        return {"prompt": self.prompt.value, "negative_prompt": self.negative_prompt.value,
-                "seed": int(self.seed.value), "steps": int(self.steps.value),
-                "guidance_scale": float(self.guidance_scale.value),
-                "scheduler": self.scheduler.value}
+        """The controls' current values (``concepts``: a list, where the model has the box)."""
+        s = {"prompt": self.prompt.value, "negative_prompt": self.negative_prompt.value,
+             "seed": int(self.seed.value), "steps": int(self.steps.value),
+             "guidance_scale": float(self.guidance_scale.value),
+             "scheduler": self.scheduler.value}
+        if self.concepts is not None:
+            s["concepts"] = [c.strip() for c in self.concepts.value.split(",") if c.strip()]
+        return s
 
     @property
     def running(self) -> bool:
@@ -292,10 +327,13 @@ class Studio(W.VBox):
                 elif self._callback_arg == "callback":  # callback(step, timestep, latents)
                     callback["callback"] = lambda i, t, latents: self._callback(
                         pipe, i, t, {"latents": latents})
+                record = dict(self.record_kwargs)
+                if s.get("concepts"):  # the box's concepts (an empty box: none)
+                    record["concepts"] = s["concepts"]
                 tr = generate(pipe, s["prompt"], seed=s["seed"], steps=s["steps"],
                               guidance_scale=s["guidance_scale"],
                               negative_prompt=s["negative_prompt"] or None,
-                              **callback, **self.pipe_kwargs, **self.record_kwargs)
+                              **callback, **self.pipe_kwargs, **record)
             seconds = time.perf_counter() - t0
             self.status.value = f"done in {seconds:.1f} s · building the viewer…"
             viewer = TraceViewer(tr, **self.viewer_kwargs)
@@ -305,8 +343,8 @@ class Studio(W.VBox):
             self.progress.bar_style = "success"
             self.live_box.layout.display = "none"
             done = f"done in {seconds:.1f} s"
-            if not tr.do_cfg:
-                done += " · guidance off"
+            if guidance_kind(tr) != "cfg":  # "guidance off", "guidance 3.5 (distilled)"
+                done += " · " + guidance_text(tr)
             if not s["prompt"].strip():
                 done += " · empty prompt: unconditional sampling, no words to map"
             self.status.value = done

@@ -19,9 +19,9 @@ import anywidget
 import traitlets
 
 from sdlens.analysis.guidance import guidance_text, prediction_label
-from sdlens.views.widgets.frames import (DECODER_LABELS, HEAT_NORMS, MAX_ALPHA, TraceFrames,
-                                         colorbar_css, layer_options, panel_label, panel_notes,
-                                         word_chips)
+from sdlens.views.widgets.frames import (DECODER_LABELS, HEAT_NORMS, MAP_LABELS, MAX_ALPHA,
+                                         TraceFrames, chips_for, colorbar_css, layer_options,
+                                         map_options, panel_label, panel_notes)
 
 _STATIC = Path(__file__).parent / "static"
 HEAT_MODES = ("step", "sum")
@@ -66,6 +66,11 @@ class TraceViewer(anywidget.AnyWidget):
             see :attr:`layer_options`).
         batch: which image of the batch.
         heat_mode: ``"step"`` (the map at the current step) or ``"sum"`` (summed over steps).
+        maps: which recorded maps the chips overlay: ``"attention"`` (the words' attention
+            maps), ``"concepts"`` (the concept maps of a trace made with ``concepts=[...]``: one
+            chip per concept, in the prompt or not) or ``"image_to_text"`` (the words'
+            image->text maps); :attr:`maps_options` lists what the trace holds, the "maps"
+            menu switches in the browser.
         max_side, heat_side, decoder, vae, fmt, cmap: frame rendering, see
             :class:`~sdlens.widgets.frames.TraceFrames`.
         fps: playback speed.
@@ -114,13 +119,16 @@ class TraceViewer(anywidget.AnyWidget):
     max_alpha = traitlets.Float(MAX_ALPHA).tag(sync=True)
     help = traitlets.Unicode(HELP).tag(sync=True)
     layers = traitlets.Unicode("all").tag(sync=True)
+    maps = traitlets.Unicode("attention").tag(sync=True)
+    maps_options = traitlets.List(traitlets.List()).tag(sync=True)
     batch = traitlets.Int(0).tag(sync=True)
     loading = traitlets.Bool(False).tag(sync=True)
 
     def __init__(self, trace: Any, step: int = -1, word: str | None = None, layers: str = "all",
                  batch: int = 0, heat_mode: str = "step", max_side: int = 256,
                  heat_side: int = 128, decoder: str = "auto", vae: Any = None, fmt: str = "auto",
-                 cmap: str = "jet", fps: int = 8, display_px: int = 160, **kwargs: Any):
+                 cmap: str = "jet", fps: int = 8, display_px: int = 160, maps: str = "attention",
+                 **kwargs: Any):
         if trace is None or getattr(trace, "timesteps", None) is None:
             raise TypeError(f"TraceViewer needs a Trace, got {type(trace).__name__}")
         self._frames = TraceFrames(trace, max_side, heat_side, decoder, vae, fmt, cmap)
@@ -133,7 +141,13 @@ class TraceViewer(anywidget.AnyWidget):
                              f"0..{n - 1}, shown as 1..{n}; negative counts from the end)")
         if not isinstance(batch, int) or not 0 <= batch < fr.n_batch:
             raise ValueError(f"batch={batch!r} is out of range: the trace holds {fr.n_batch} image(s)")
-        opts = layer_options(trace)
+        kinds = map_options(trace)
+        if maps not in MAP_LABELS:
+            raise ValueError(f"maps must be one of {tuple(MAP_LABELS)}, got {maps!r}")
+        if kinds and maps not in dict(kinds):
+            raise ValueError(f"maps={maps!r}: this trace holds no {MAP_LABELS[maps]}; it holds "
+                             f"{[k for k, _ in kinds]}")
+        opts = layer_options(trace, maps)
         keys = [k for k, _ in opts]
         if opts and layers not in keys:
             raise ValueError(f"layers={layers!r} is not a choice for this trace; choices: {keys}")
@@ -148,7 +162,9 @@ class TraceViewer(anywidget.AnyWidget):
             self.panels = self._panel_specs()
             self.colorbar = colorbar_css(cmap)
             self.heat_norms = dict(HEAT_NORMS)
-            self.heat_index = fr.heat_index()
+            self.maps_options = [[k, label] for k, label in kinds]
+            self.maps = maps
+            self.heat_index = fr.heat_index(maps)
             self.layer_options = [[k, label] for k, label in opts]
             self.batch_options = [[i, f"{i}: {prompts[i] if i < len(prompts) else ''}"[:80]]
                                   for i in range(fr.n_batch)]
@@ -164,6 +180,7 @@ class TraceViewer(anywidget.AnyWidget):
             self.select_word(word)
         self.observe(self._on_batch, names="batch")
         self.observe(self._on_layers, names="layers")
+        self.observe(self._on_maps, names="maps")
         self.observe(self._on_decoder, names="decoder")
 
     def _panel_specs(self) -> list[dict]:
@@ -175,9 +192,9 @@ class TraceViewer(anywidget.AnyWidget):
         fr, b = self._frames, self.batch
         self.loading = True
         try:
-            chips = word_chips(self.trace, b) if getattr(self.trace, "attention", None) is not None else []
+            chips = chips_for(self.trace, b, self.maps)
             frames = fr.base(b, self.decoder)
-            heat = fr.heat(b, self.layers, chips) if chips else {}
+            heat = fr.heat(b, self.layers, chips, self.maps) if chips else {}
             with self.hold_trait_notifications():
                 self.title = describe_trace(self.trace, b)
                 self.notes = panel_notes(self.trace, b)
@@ -202,6 +219,20 @@ class TraceViewer(anywidget.AnyWidget):
         if change["new"] not in keys:
             self.layers = change["old"]
             raise ValueError(f"layers={change['new']!r} is not a choice; choices: {keys}")
+        self._load_batch()
+
+    def _on_maps(self, change: dict) -> None:
+        kinds = [k for k, _ in self.maps_options]
+        if change["new"] not in kinds:
+            self.maps = change["old"]
+            raise ValueError(f"maps={change['new']!r} is not a choice for this trace; choices: "
+                             f"{kinds}")
+        opts = layer_options(self.trace, change["new"])
+        with self.hold_trait_notifications():
+            self.layer_options = [[k, label] for k, label in opts]
+            self.heat_index = self._frames.heat_index(change["new"])
+            if self.layers not in {k for k, _ in opts}:
+                self.layers = "all"  # the other maps' layers (concept maps: their own blocks)
         self._load_batch()
 
     def _on_decoder(self, change: dict) -> None:
@@ -272,6 +303,8 @@ class TraceViewer(anywidget.AnyWidget):
         if word.lower() in low:
             self.word = low[word.lower()]
             return
+        if self.maps == "concepts":
+            raise ValueError(f"{word!r} is not a recorded concept; concepts: {keys}")
         raise ValueError(f"{word!r} is not a word of prompt {self.batch}; words: {keys}")
 
     def overlay(self, step: int | None = None) -> bytes | None:

@@ -104,6 +104,8 @@ function render({ model, el }) {
   modeSel.appendChild(h("option", { value: "step", text: "heatmap at this step" }));
   modeSel.appendChild(h("option", { value: "sum", text: "heatmap summed over steps" }));
   const layerSel = h("select", { class: "sdl-layers", title: "attention layers / resolution" });
+  // which recorded maps the chips overlay: attention, concept maps, image->text maps
+  const mapsSel = h("select", { class: "sdl-maps", title: "raw attention maps, or the concept maps / image→text maps the trace recorded" });
   const batchSel = h("select", { class: "sdl-batch", title: "batch item" });
   const opacity = h("input", { type: "range", class: "sdl-opacity", min: 0, max: 1, step: 0.05, title: "overlay opacity" });
   const styleSel = h("select", { class: "sdl-style", title: "heatmap as a filled overlay or as contour lines" });
@@ -111,7 +113,8 @@ function render({ model, el }) {
   styleSel.appendChild(h("option", { value: "outline", text: "outline (contours 0.25 / 0.5 / 0.75)" }));
   const decoderSel = h("select", { class: "sdl-decoder", title: "how x_t and x0 are turned into pixels" });
   const options = h("div", { class: "sdl-options" }, [
-    h("label", { text: "layers " }, [layerSel]),
+    h("label", { class: "sdl-maps-label", text: "maps " }, [mapsSel]),
+    h("label", { text: " layers " }, [layerSel]),
     h("label", { text: " mode " }, [modeSel]),
     h("label", { text: " overlay " }, [styleSel]),
     h("label", { text: " opacity " }, [opacity]),
@@ -201,13 +204,15 @@ function render({ model, el }) {
     chipRow.innerHTML = "";
     const words = model.get("words") || [];
     if (!words.length) return;
-    chipRow.appendChild(h("span", { class: "sdl-chips-label", text: "words: " }));
+    const concepts = model.get("maps") === "concepts";
+    chipRow.appendChild(h("span", { class: "sdl-chips-label", text: concepts ? "concepts: " : "words: " }));
     for (const w of words) {
       const chip = h("button", {
         // the chip reads the word's name ("a", "a#2"): the name the kernel, plots and
         // token_effects use for it
         class: "sdl-chip", text: w.key, "data-word": w.key,
-        title: `tokens ${w.tokens.join(" ")} at positions ${w.positions.join(", ")}` +
+        title: concepts ? `concept '${w.key}': its share of each patch among the concepts` :
+          `tokens ${w.tokens.join(" ")} at positions ${w.positions.join(", ")}` +
           (w.encoders && w.encoders.length ? ` · seen by ${w.encoders.join(" and ")}` : ""),
       });
       chip.addEventListener("click", () => {
@@ -224,6 +229,11 @@ function render({ model, el }) {
     sel.innerHTML = "";
     for (const [k, label] of opts) sel.appendChild(h("option", { value: String(k), text: label }));
     sel.value = String(value);
+  }
+
+  function fillMaps() {
+    fillSelect(mapsSel, model.get("maps_options") || [], model.get("maps"));
+    mapsSel.parentElement.style.display = (model.get("maps_options") || []).length > 1 ? "" : "none";
   }
 
   function currentStep() {
@@ -278,7 +288,7 @@ function render({ model, el }) {
     const norms = model.get("heat_norms") || {};
     if (!(model.get("words") || []).length) legendText.textContent = "no word heatmaps (see the note below)";
     else if (word) legendText.textContent = `'${word}': ${norms[mode] || mode}`;
-    else legendText.textContent = `click a word to overlay its heatmap (${norms[mode] || mode})`;
+    else legendText.textContent = `click a ${model.get("maps") === "concepts" ? "concept" : "word"} to overlay its heatmap (${norms[mode] || mode})`;
     legend.classList.toggle("sdl-legend-off", !src);
     for (const chip of chipRow.querySelectorAll(".sdl-chip")) {
       chip.classList.toggle("sdl-chip-on", chip.dataset.word === word);
@@ -337,6 +347,7 @@ function render({ model, el }) {
     decoderSel.parentElement.style.display = (model.get("decoder_options") || []).length > 1 ? "" : "none";
     fillSelect(layerSel, model.get("layer_options") || [], model.get("layers"));
     layerSel.parentElement.style.display = (model.get("layer_options") || []).length ? "" : "none";
+    fillMaps();
     fillSelect(batchSel, model.get("batch_options") || [], model.get("batch"));
     batchSel.parentElement.style.display = (model.get("batch_options") || []).length > 1 ? "" : "none";
     buildPanels();
@@ -407,6 +418,11 @@ function render({ model, el }) {
     model.set("layers", layerSel.value);
     model.save_changes();
   });
+  mapsSel.addEventListener("change", () => {
+    status.textContent = "loading maps…";
+    model.set("maps", mapsSel.value);
+    model.save_changes();
+  });
   batchSel.addEventListener("change", () => {
     status.textContent = "loading frames…";
     model.set("batch", Number(batchSel.value));
@@ -434,6 +450,8 @@ function render({ model, el }) {
     "change:playing": () => syncPlaying(),
     "change:fps": () => syncPlaying(),
     "change:layers": () => { layerSel.value = model.get("layers"); },
+    "change:maps": () => { mapsSel.value = model.get("maps"); buildChips(); show(); },
+    "change:maps_options": () => fillMaps(),
     "change:batch": () => { batchSel.value = String(model.get("batch")); },
     "change:layer_options": () => fillSelect(layerSel, model.get("layer_options") || [], model.get("layers")),
     "change:notes": () => { notes.textContent = (model.get("notes") || []).join(" · "); },
