@@ -2,7 +2,7 @@
 
 A ControlNet adds one residual to each skip connection of the UNet's down path and one to its mid
 block, already multiplied by ``controlnet_conditioning_scale``. Traced with ``record`` including
-``"controlnet"`` (``sdlens.trace(pipe, record=sdlens.engine.options.KINDS)``), a trace holds the
+``"controlnet"`` (``sdlens.trace(pipe, record=(*RECORDABLE, "controlnet"))``), a trace holds the
 RMS of every residual per step, batch item (the conditional rows under guidance) and net:
 
 >>> res = controlnet_residuals(trace)

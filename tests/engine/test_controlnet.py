@@ -12,7 +12,9 @@ from PIL import Image
 import diffusers
 import sdlens
 from sdlens.analysis.controlnet import controlnet_residuals
-from sdlens.engine.options import KINDS
+from sdlens.engine.options import RECORDABLE
+
+KINDS = (*RECORDABLE, "controlnet")  # everything a ControlNet pipeline can record
 from sdlens.testing import controlnet_for, random_pipeline
 from pipelines import PROMPT, assert_restored, pipe_state, task_inputs
 

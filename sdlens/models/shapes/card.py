@@ -228,9 +228,11 @@ sdlens.models.shapes.card` from the model's result files."""
 
 # --------------------------------------------------------------------------- free vs taught
 def _maybe_results(folder: Path) -> tuple[dict, dict] | None:
+    """(evaluation, training) of a model folder once its test rows are measured, else None."""
     if not (folder / EVALUATION.name).exists() or not (folder / TRAINING.name).exists():
         return None
-    return load_results(folder)
+    results = load_results(folder)
+    return results if results[0].get("test") else None
 
 
 def _iou(r: dict, kind: str) -> float | None:
