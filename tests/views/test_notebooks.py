@@ -1,5 +1,5 @@
-"""The notebooks run top to bottom (nbclient, a fresh kernel each): six on the shipped model,
-``transformers`` on a random-weight SD3 test bed (until a shipped transformer model exists).
+"""The notebooks run top to bottom (nbclient, a fresh kernel each): six on the shipped UNet model,
+``transformers`` on the shipped SD3 model "shapes-mmdit".
 
 The shipped model's six need its weights and skip only while
 ``sdlens/models/shapes/weights/model_index.json`` is missing. Executed copies go to
@@ -18,9 +18,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = REPO / "notebooks"
 WEIGHTS = REPO / "sdlens" / "models" / "shapes" / "weights" / "model_index.json"
+MMDIT_WEIGHTS = REPO / "sdlens" / "models" / "shapes" / "weights_mmdit" / "model_index.json"
 SHIPPED = ["attention", "denoising", "guidance-and-seeds", "img2img-and-inpainting", "quickstart", "tokens"]
-TEST_BED = ["transformers"]  # a random-weight test bed: runs without the shipped weights
-EXPECTED = sorted(SHIPPED + TEST_BED)
+MMDIT = ["transformers"]  # on the shipped SD3 model
+EXPECTED = sorted(SHIPPED + MMDIT)
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
@@ -44,7 +45,8 @@ def test_the_notebooks_are_there_with_a_model_cell():
 
 def test_transformers_notebook_loads_its_pipeline_in_one_switchable_cell():
     nb = _read("transformers")
-    assert nb.cells[0].cell_type == "markdown" and "random-weight" in nb.cells[0].source
+    assert nb.cells[0].cell_type == "markdown" and "shapes-mmdit" in nb.cells[0].source
+    assert "no attention\nsupervision" in nb.cells[0].source
     code = [c.source for c in nb.cells if c.cell_type == "code"]
     loads = [c for c in code if "random_pipeline(" in c or "load_pipeline(" in c]
     assert len(loads) == 1 and loads[0].startswith("# PIPELINE")  # the one cell to switch
@@ -56,8 +58,13 @@ _NO_WEIGHTS = pytest.mark.skipif(not WEIGHTS.exists(), reason="the shipped model
                                  "(sdlens/models/shapes/weights/model_index.json)")
 
 
+_NO_MMDIT = pytest.mark.skipif(not MMDIT_WEIGHTS.exists(), reason="the shapes-mmdit model is not "
+                               "there yet (sdlens/models/shapes/weights_mmdit/model_index.json)")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_NO_WEIGHTS) for n in SHIPPED] + TEST_BED)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_NO_WEIGHTS) for n in SHIPPED]
+                         + [pytest.param(n, marks=_NO_MMDIT) for n in MMDIT])
 def test_notebook_runs(name, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
