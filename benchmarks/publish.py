@@ -101,7 +101,7 @@ def paragraph(r: dict) -> str:
                      f"{_ratio(F['overhead_shipped'])}.")
     for key, name in (("overhead_sd3", "SD3"), ("overhead_flux", "Flux.1")):
         if key in F:
-            lines.append(f"- **Overhead on {name}** ({F[key]['label'].split(': ')[0]}): "
+            lines.append(f"- **Overhead on {name}** ({F[key]['label'].rsplit(': ', 1)[0]}): "
                          f"{_ratio(F[key])}.")
     if "flux_trace_mb" in F:
         lines.append(f"- **A default Flux.1-dev trace** (1024 px, 28 steps, estimated: the full "

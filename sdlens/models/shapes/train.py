@@ -1,6 +1,13 @@
-"""Train the shipped "shapes" model from nothing: VAE, then text encoder + UNet.
+"""Train the shipped models from nothing: "shapes" (VAE, then text encoder + UNet) and, with
+``--arch mmdit``, "shapes-mmdit" (two CLIP encoders + an SD3 transformer on the same data).
 
     python -m sdlens.models.shapes.train --work runs/shapes --export sdlens/models/shapes/weights
+    python -m sdlens.models.shapes.train --arch mmdit --work runs/mmdit \
+        --vae-from sdlens/models/shapes/weights/vae --export sdlens/models/shapes/weights_mmdit
+
+Both share the dataset, the latent cache and the training loop (:func:`train_stage`); the
+MMDiT's card gives its exact command (:func:`train_mmdit`: rectified flow, **no attention loss**,
+no refine stage; phase 1 is the shipped VAE, adopted with ``--vae-from``).
 
 ``--minutes`` puts a time budget on the UNet stage (the learning rate anneals to it); the model
 card gives the shipped model's exact commands. ``--device cuda`` trains on a GPU, drawing the
