@@ -96,7 +96,7 @@ def judge(trace, batch: int, prompt: str, seed: int, threshold: float = 0.4,
           maps: dict[str, dict] | None = None) -> Judgement:
     """Judge image ``batch`` of ``trace``. ``maps``: more kinds of word map to score besides the
     default heatmap (all sites pooled), as ``{kind: keyword arguments of trace.heatmap}``, e.g.
-    ``{"block.3": {"layers": "block.3"}, "concept": {"method": "concept"}}``."""
+    ``{"block.3": {"layers": "block.3"}, "concept": {"maps": "concepts"}}``."""
     from sdlens.analysis.heatmaps import iou
 
     image = np.asarray(trace.images[batch].convert("RGB"))
