@@ -485,6 +485,22 @@ _SD3_VAE = dict(block_out_channels=(128, 256, 512, 512), latent_channels=16,
                 scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
                 use_post_quant_conv=False, sample_size=1024)
 
+
+def _flow_vae(config: dict, scale: float):
+    """The 16-channel VAE of SD3 / Flux from its real ``config`` (full size at ``scale`` 1,
+    channels shrunk, one layer per block, 8 norm groups below)."""
+    import diffusers
+
+    vcfg = dict(config)
+    channels = tuple(_shrink(c, scale / 4) if scale < 1 else c
+                     for c in vcfg.pop("block_out_channels"))
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        layers_per_block=2 if scale >= 1 else 1, norm_num_groups=32 if scale >= 1 else 8, **vcfg)
+
+
 def _t5(scale: float, d_model: int, vocab_size: int):
     from transformers import T5Config, T5EncoderModel
 
@@ -530,14 +546,7 @@ def sd3_pipeline(arch: str = "sd3", scale: float = 0.05, task: str = "txt2img", 
     transformer = diffusers.SD3Transformer2DModel(
         joint_attention_dim=joint_dim,
         pooled_projection_dim=clip_l.config.projection_dim + clip_g.config.projection_dim, **tcfg)
-    vcfg = dict(_SD3_VAE)
-    channels = tuple(_shrink(c, scale / 4) if scale < 1 else c
-                     for c in vcfg.pop("block_out_channels"))
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=channels,
-        down_block_types=("DownEncoderBlock2D",) * len(channels),
-        up_block_types=("UpDecoderBlock2D",) * len(channels),
-        layers_per_block=2 if scale >= 1 else 1, norm_num_groups=32 if scale >= 1 else 8, **vcfg)
+    vae = _flow_vae(_SD3_VAE, scale)
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**spec["scheduler"])
     cls = {"txt2img": "StableDiffusion3Pipeline", "img2img": "StableDiffusion3Img2ImgPipeline",
            "inpaint": "StableDiffusion3InpaintPipeline"}[task]
@@ -598,14 +607,7 @@ def flux_pipeline(scale: float = 0.05, task: str = "txt2img", seed: int = 0,
     transformer = diffusers.FluxTransformer2DModel(
         **{**tcfg, "joint_attention_dim": t5.config.d_model,
            "pooled_projection_dim": clip.config.hidden_size})
-    vcfg = dict(spec["vae"])
-    channels = tuple(_shrink(c, scale / 4) if scale < 1 else c
-                     for c in vcfg.pop("block_out_channels"))
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=channels,
-        down_block_types=("DownEncoderBlock2D",) * len(channels),
-        up_block_types=("UpDecoderBlock2D",) * len(channels),
-        layers_per_block=2 if scale >= 1 else 1, norm_num_groups=32 if scale >= 1 else 8, **vcfg)
+    vae = _flow_vae(spec["vae"], scale)
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**spec["scheduler"])
     for module in (clip, t5, transformer, vae):
         module.eval()  # T5's dropout is on in training mode: runs would differ

@@ -306,3 +306,14 @@ class BackboneAdapter(ABC):
         """A denoiser batch (input or output) under classifier-free guidance, by half."""
         rows = self.cfg_rows(t.shape[0] // 2)
         return {half: t[r] for half, r in rows.items()}
+
+
+def joint_activation_bytes(transformer, tokens: int) -> int:
+    """A joint-attention transformer's peak activations for one sample of ``tokens`` (patches +
+    text tokens): 30 tensors of the sequence's width (norms, projections, the 4x MLP) and one
+    attention score matrix (heads x tokens^2), at the transformer's dtype."""
+    dtype = transformer.dtype
+    itemsize = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+    heads = int(transformer.config.num_attention_heads)
+    dim = heads * int(transformer.config.attention_head_dim)
+    return 30 * dim * tokens * itemsize + heads * tokens * tokens * itemsize

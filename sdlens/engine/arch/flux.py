@@ -81,7 +81,8 @@ import re
 import torch
 import torch.nn.functional as F
 
-from sdlens.engine.arch.base import BackboneAdapter, ConceptStep, SiteNaming
+from sdlens.engine.arch.base import (BackboneAdapter, ConceptStep, SiteNaming,
+                                     joint_activation_bytes)
 
 _DOUBLE, _SINGLE = "transformer_blocks", "single_transformer_blocks"
 
@@ -241,15 +242,9 @@ class FluxAdapter(BackboneAdapter):
         return [("t5", getattr(self.pipe, "tokenizer_2", None), self.text_length(params))]
 
     def activation_bytes(self, latent_hw: tuple[int, int]) -> int:
-        """30 tensors of the joint sequence's width (norms, projections, the 4x MLP) and one
-        attention score matrix (heads x n^2, n = patches + text tokens)."""
-        tr = self.pipe.transformer
         h, w = latent_hw
-        itemsize = torch.finfo(tr.dtype).bits // 8 if tr.dtype.is_floating_point else 4
-        n = (h // 2) * (w // 2) + self.max_text_tokens
-        heads = int(tr.config.num_attention_heads)
-        dim = heads * int(tr.config.attention_head_dim)
-        return 30 * dim * n * itemsize + heads * n * n * itemsize
+        tokens = (h // 2) * (w // 2) + self.max_text_tokens
+        return joint_activation_bytes(self.pipe.transformer, tokens)
 
     # ---------------------------------------------------------------- sites
     def site_of(self, processor_key: str) -> str | None:

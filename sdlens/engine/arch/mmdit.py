@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sdlens.engine.arch.base import BackboneAdapter, BlockNaming, ConceptStep
+from sdlens.engine.arch.base import (BackboneAdapter, BlockNaming, ConceptStep,
+                                     joint_activation_bytes)
 
 
 
@@ -93,16 +94,10 @@ class MMDiTAdapter(BackboneAdapter):
         return [("clip", self.pipe.tokenizer, self.clip_positions), ("t5", t5, n_t5)]
 
     def activation_bytes(self, latent_hw: tuple[int, int]) -> int:
-        """30 tensors of the joint sequence's width (blocks' norms, projections, the 4x MLP) and
-        one attention score matrix (heads x n^2, n = patches + text tokens)."""
-        tr = self.pipe.transformer
         h, w = latent_hw
         p = self.patch_size()
-        itemsize = torch.finfo(tr.dtype).bits // 8 if tr.dtype.is_floating_point else 4
-        n = (h // p) * (w // p) + self.max_text_tokens
-        heads = int(tr.config.num_attention_heads)
-        dim = heads * int(tr.config.attention_head_dim)
-        return 30 * dim * n * itemsize + heads * n * n * itemsize
+        tokens = (h // p) * (w // p) + self.max_text_tokens
+        return joint_activation_bytes(self.pipe.transformer, tokens)
 
     def site_of(self, processor_key: str) -> str | None:
         return self.naming.site_of(processor_key)
