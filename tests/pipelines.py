@@ -43,6 +43,20 @@ def call_pipe(pipe, seed=0, **kw):
     return pipe(generator=torch.Generator().manual_seed(seed), **kw).images
 
 
+def run_latents(pipe, traced: bool, prompt: str, steps: int, **kw):
+    """One call of ``pipe`` with latents out, seed 0: ``(latents, trace)``, the trace None when
+    untraced (the faithfulness tests compare the two)."""
+    import sdlens
+
+    kw = {"prompt": prompt, "num_inference_steps": steps, "output_type": "latent",
+          "generator": torch.Generator().manual_seed(0), **kw}
+    if not traced:
+        return pipe(**kw).images, None
+    with sdlens.trace(pipe) as tr:
+        out = pipe(**kw).images
+    return out, tr.runs[-1]
+
+
 def pipe_state(pipe):
     """What sdlens must leave as it found it: the class, the denoiser's processors and hooks
     (UNet or transformer, from the backbone's adapter), ``scheduler.step``."""

@@ -14,7 +14,7 @@ from sdlens.analysis.tokens import trace_words
 from sdlens.engine.arch import adapter_for, naming_for
 from sdlens.engine.arch.flux import FluxAdapter
 from sdlens.engine.options import estimate_trace_bytes
-from pipelines import assert_restored, pipe_state
+from pipelines import assert_restored, pipe_state, run_latents
 from sdlens.testing import random_pipeline
 
 PROMPT = "a red circle and a blue square"
@@ -27,14 +27,7 @@ def pipe_of(task: str = "txt2img"):
     return random_pipeline("flux", task=task, seed=0)
 
 
-def run(pipe, traced: bool, **kw):
-    kw = {"prompt": PROMPT, "num_inference_steps": STEPS, "output_type": "latent",
-          "generator": torch.Generator().manual_seed(0), **kw}
-    if not traced:
-        return pipe(**kw).images, None
-    with sdlens.trace(pipe) as tr:
-        out = pipe(**kw).images
-    return out, tr.runs[-1]
+run = functools.partial(run_latents, prompt=PROMPT, steps=STEPS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,10 +108,10 @@ def test_every_double_and_single_block_recorded():
         assert (m > 0).all() and (m.sum(2) < 1).all()
 
 
-def test_recorded_maps_are_the_processors_softmax(monkeypatch):
-    """The maps are the text columns of the softmax the processor computes, from its own RoPE-
-    rotated q / k (read where it hands them to the attention function), in every block kind."""
-    pipe = pipe_of()
+def processor_softmax(monkeypatch) -> list:
+    """The softmax of every attention call the Flux processors make, (B, heads, S, S) over the
+    [text; image] sequence from their own RoPE-rotated q / k, read where they hand them to the
+    attention function; appended to the returned list as the calls happen."""
     seen = []
     original = flux_module.dispatch_attention_fn
 
@@ -128,6 +121,14 @@ def test_recorded_maps_are_the_processors_softmax(monkeypatch):
         return original(query, key, value, **kw)
 
     monkeypatch.setattr(flux_module, "dispatch_attention_fn", spy)
+    return seen
+
+
+def test_recorded_maps_are_the_processors_softmax(monkeypatch):
+    """The maps are the text columns of the softmax the processor computes, from its own RoPE-
+    rotated q / k (read where it hands them to the attention function), in every block kind."""
+    pipe = pipe_of()
+    seen = processor_softmax(monkeypatch)
     with sdlens.trace(pipe, heads=True, keep_padding=True, attention_dtype=torch.float32,
                       steps=[0]) as tr:
         pipe(PROMPT, num_inference_steps=1, output_type="latent", max_sequence_length=32,
@@ -396,15 +397,7 @@ def test_image_to_text_maps_are_the_processors_softmax(monkeypatch):
     """Each text token's attention to the image: the image columns of the text queries' rows of
     the softmax the processor computes from its RoPE-rotated q / k, in every block kind."""
     pipe = pipe_of()
-    seen = []
-    original = flux_module.dispatch_attention_fn
-
-    def spy(query, key, value, **kw):  # (B, S, heads, d), [text; image]
-        scores = torch.einsum("bqhd,bkhd->bhqk", query.float(), key.float())
-        seen.append((scores * query.shape[-1] ** -0.5).softmax(-1))
-        return original(query, key, value, **kw)
-
-    monkeypatch.setattr(flux_module, "dispatch_attention_fn", spy)
+    seen = processor_softmax(monkeypatch)
     with sdlens.trace(pipe, heads=True, keep_padding=True, attention_dtype=torch.float32,
                       steps=[0], record=("latents", "image_to_text")) as tr:
         pipe(PROMPT, num_inference_steps=1, output_type="latent", max_sequence_length=32,

@@ -11,7 +11,7 @@ import sdlens
 from sdlens.analysis.tokens import tokenize_segments, trace_words
 from sdlens.engine.arch import adapter_for
 from sdlens.engine.sites import JointAttentionRecorder
-from pipelines import assert_restored, pipe_state
+from pipelines import assert_restored, pipe_state, run_latents
 from sdlens.testing import random_pipeline
 
 PROMPT = "a red circle and a blue square"
@@ -23,14 +23,7 @@ def pipe_of(arch: str, t5: bool = True, task: str = "txt2img"):
     return random_pipeline(arch, task=task, t5=t5, seed=0)
 
 
-def run(pipe, traced: bool, **kw):
-    kw = {"prompt": PROMPT, "num_inference_steps": STEPS, "output_type": "latent",
-          "generator": torch.Generator().manual_seed(0), **kw}
-    if not traced:
-        return pipe(**kw).images, None
-    with sdlens.trace(pipe) as tr:
-        out = pipe(**kw).images
-    return out, tr.runs[-1]
+run = functools.partial(run_latents, prompt=PROMPT, steps=STEPS)
 
 
 @functools.lru_cache(maxsize=None)
