@@ -56,7 +56,8 @@ from einops import rearrange
 
 from sdlens.analysis.tokens import tokenize, tokenize_segments
 from sdlens.engine.arch import BackboneAdapter
-from sdlens.engine.sites import Hooks, SiteCall, joint_projections, reduce_maps
+from sdlens.engine.sites import (Hooks, SiteCall, joint_call_parts, joint_projections,
+                                 reduce_maps)
 from sdlens.trace.maps import AttentionMaps, ConceptMaps
 
 
@@ -182,18 +183,11 @@ class ImageToTextRecorder:
             return
         try:  # sdlens is never the reason a generation fails
             rows, n_tokens, keep_heads, dtype = request
-            rope = call.extra.get("image_rotary_emb", call.temb)
-            rope = tuple(rope) if isinstance(rope, (tuple, list)) and len(rope) == 2 else None
-            hs, single = call.hidden_states[rows], False
-            if torch.is_tensor(ehs):
-                ehs = ehs[rows]
-            elif ehs is None and self.text_first and self.text_length \
-                    and hs.ndim == 3 and hs.shape[1] > self.text_length:
-                t, single = self.text_length, True  # single-stream: [text; image] in one sequence
-                hs, ehs = hs[:, t:], hs[:, :t]
-            else:
+            parts = joint_call_parts(call, rows, self.text_first, self.text_length)
+            if parts is None:
                 return self.sink.skip(layer, "no text tokens sdlens can find in its joint "
                                              "attention")
+            hs, ehs, rope, single = parts
             probs = self.image_probabilities(attn, hs, ehs, rope=rope, text_first=self.text_first,
                                              single=single)
             self.sink.put(layer, reduce_maps(probs, n_tokens, keep_heads, dtype))

@@ -440,18 +440,15 @@ class JointAttentionRecorder(AttentionRecorder):
         if request is None:
             return
         rows, n_tokens, keep_heads, dtype = request
-        rope = call.extra.get("image_rotary_emb", call.temb)
-        rope = tuple(rope) if isinstance(rope, (tuple, list)) and len(rope) == 2 else None
-        hs = call.hidden_states[rows]
-        if torch.is_tensor(ehs):
-            probs = self.text_probabilities(attn, hs, ehs[rows], rope)
-        elif ehs is None and self.text_first and self.text_length \
-                and hs.ndim == 3 and hs.shape[1] > self.text_length:
-            t = self.text_length  # single-stream: [text; image] in one sequence
-            probs = self.text_probabilities(attn, hs[:, t:], hs[:, :t], rope, single=True)
-        else:
-            return self.sink.skip(layer, "no text tokens sdlens can find in its joint attention")
-        probs = reduce_maps(probs, n_tokens, keep_heads, dtype)
+        try:  # sdlens is never the reason a generation fails
+            parts = joint_call_parts(call, rows, self.text_first, self.text_length)
+            if parts is None:
+                return self.sink.skip(layer, "no text tokens sdlens can find in its joint attention")
+            hs, ehs, rope, single = parts
+            probs = self.text_probabilities(attn, hs, ehs, rope, single=single)
+            probs = reduce_maps(probs, n_tokens, keep_heads, dtype)
+        except Exception as e:  # noqa: BLE001 - an unknown processor / layout
+            return self.sink.skip(layer, f"{type(e).__name__}: {e}")
         self.sink.put_attention(layer, probs, probs.shape[-1])
 
     @torch.no_grad()
@@ -475,6 +472,23 @@ class JointAttentionRecorder(AttentionRecorder):
                                .logsumexp(dim=-1) for i in range(0, hw, chunk)], dim=-1)
         lse = torch.logaddexp(image_lse, text_scores.logsumexp(dim=-2))  # (B, heads, HW)
         return (text_scores - lse[:, :, None, :]).exp()
+
+
+def joint_call_parts(call: SiteCall, rows, text_first: bool, text_length: int | None):
+    """``(hs, ehs, rope, single)`` of a joint-attention call, the batch ``rows`` only: the image
+    tokens (B, HW, C) and text tokens (B, T, C) as the processor receives them, its rotary
+    ``(cos, sin)`` or None, and whether they came joined in one single-stream sequence ([text;
+    image], Flux; split at ``text_length``, the T of the last call that had text apart). None
+    when there are no text tokens to find."""
+    ehs = call.encoder_hidden_states
+    rope = call.extra.get("image_rotary_emb", call.temb)
+    rope = tuple(rope) if isinstance(rope, (tuple, list)) and len(rope) == 2 else None
+    hs = call.hidden_states[rows]
+    if torch.is_tensor(ehs):
+        return hs, ehs[rows], rope, False
+    if ehs is None and text_first and text_length and hs.ndim == 3 and hs.shape[1] > text_length:
+        return hs[:, text_length:], hs[:, :text_length], rope, True
+    return None
 
 
 def joint_projections(attn, hs: torch.Tensor, ehs: torch.Tensor, parts: Sequence[str],
