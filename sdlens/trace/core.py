@@ -269,13 +269,7 @@ class Trace:
         if att is None:
             return None
         if self._attention is None:
-            self._attention = AttentionMaps(
-                {l: self._tensors[f"attention/{l}"] for l in att["layers"]},
-                {l: tuple(r) for l, r in att["resolutions"].items()}, att["steps"],
-                att["token_positions"], att["heads"],
-                info["tokens"] if info.get("tokens") and all(info["tokens"]) else None,
-                family=info.get("meta", {}).get("family"), dtype=att.get("dtype"),
-                n_steps=len(self.timesteps), segments=info.get("text_segments"))
+            self._attention = self._token_maps(info, "attention")
         return self._attention
 
     @property
@@ -307,14 +301,20 @@ class Trace:
         if m is None:
             return None
         if self._image_to_text is None:
-            self._image_to_text = AttentionMaps(
-                {l: self._tensors[f"image_to_text/{l}"] for l in m["layers"]},
-                {l: tuple(r) for l, r in m["resolutions"].items()}, m["steps"],
-                m["token_positions"], m["heads"],
-                info["tokens"] if info.get("tokens") and all(info["tokens"]) else None,
-                family=info.get("meta", {}).get("family"), dtype=m.get("dtype"),
-                n_steps=len(self.timesteps), segments=info.get("text_segments"))
+            self._image_to_text = self._token_maps(info, "image_to_text")
         return self._image_to_text
+
+    def _token_maps(self, info: dict, kind: str) -> AttentionMaps:
+        """The per-token maps recorded under ``kind`` ("attention", "image_to_text"): their
+        tensors, resolutions, steps, token positions and heads, with the trace's tokens."""
+        m = info[kind]
+        return AttentionMaps(
+            {l: self._tensors[f"{kind}/{l}"] for l in m["layers"]},
+            {l: tuple(r) for l, r in m["resolutions"].items()}, m["steps"],
+            m["token_positions"], m["heads"],
+            info["tokens"] if info.get("tokens") and all(info["tokens"]) else None,
+            family=info.get("meta", {}).get("family"), dtype=m.get("dtype"),
+            n_steps=len(self.timesteps), segments=info.get("text_segments"))
 
     @property
     def text_segments(self) -> list[list[dict]] | None:
