@@ -608,18 +608,24 @@ class _Session:
         orig_call = self.orig_cls.__call__
         sig = inspect.signature(orig_call)
         bound = sig.bind(pipe, *args, **kwargs)
-        params = dict(bound.arguments)
-        params.pop("self", None)
+        # what the caller gave, by name: a ``**kwargs`` bundle is read as its own keywords (it is
+        # forwarded as the caller wrote it, never as one keyword named after the bundle)
+        params = {}
+        for name, value in bound.arguments.items():
+            kind = sig.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                params.update(value)
+            elif kind is not inspect.Parameter.VAR_POSITIONAL and name != "self":
+                params[name] = value
         defaults = {k: v.default for k, v in sig.parameters.items()
                     if v.default is not inspect.Parameter.empty}
-        full = {**defaults, **params}
+        full = {**defaults, **params}  # read only: the pipeline fills its own defaults
         run = _Run(self, pipe, full)
         run.last = None
         self._prepare(run, full)
         self.current = run
-        call_kwargs = dict(params)
-        if "callback_on_step_end" in sig.parameters:
-            self._compose_callback(run, call_kwargs, full)
+        if "callback_on_step_end" in sig.parameters:  # the one argument sdlens adds: its callback
+            self._compose_callback(run, bound, full)
         adapter = self.adapter
         denoiser = adapter.denoiser
 
@@ -663,7 +669,7 @@ class _Session:
                 wrapper = sched_hooks.install(pipe.scheduler, run.on_step,
                                               want_x0="x0" in self.options.record)
                 hooks.undo(functools.partial(sched_hooks.uninstall, pipe.scheduler, wrapper))
-                output = orig_call(pipe, **call_kwargs)
+                output = orig_call(*bound.args, **bound.kwargs)
         finally:
             self.current = None
         result = run.finish(output)
@@ -674,19 +680,26 @@ class _Session:
             self.abandoned.append(run.abandoned)
         return output
 
-    def _compose_callback(self, run: _Run, call_kwargs: dict, full: dict) -> None:
+    def _compose_callback(self, run: _Run, bound: inspect.BoundArguments, full: dict) -> None:
+        """Put sdlens's step-end callback into the call (``bound``), composed with the user's:
+        the user's runs first and its outputs are what the pipeline gets back. The tensor inputs
+        are passed only where ``"latents"`` must be added to what the call would use."""
         user_cb = full.get("callback_on_step_end")
-        inputs = full.get("callback_on_step_end_tensor_inputs") or ["latents"]
+        inputs = full.get("callback_on_step_end_tensor_inputs")
         try:
             from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
             if isinstance(user_cb, (PipelineCallback, MultiPipelineCallbacks)):
+                # the pipeline reads these from such a callback; sdlens's callback stands in front
+                # of it, so they are passed as the pipeline would have set them
                 inputs = list(user_cb.tensor_inputs)
         except ImportError:
             pass
-        inputs = list(inputs)
-        if "latents" not in inputs:
-            inputs.append("latents")
+        if inputs is not None and "latents" not in inputs:
+            inputs = list(inputs) + ["latents"]
+        if inputs is not None and list(inputs) != list(full.get(
+                "callback_on_step_end_tensor_inputs") or ()):
+            bound.arguments["callback_on_step_end_tensor_inputs"] = list(inputs)
 
         def callback(pipe, i, t, cb_kwargs):
             outputs = cb_kwargs
@@ -699,8 +712,7 @@ class _Session:
             run.on_step_end(lat)
             return outputs if user_cb is not None else {}
 
-        call_kwargs["callback_on_step_end"] = callback
-        call_kwargs["callback_on_step_end_tensor_inputs"] = inputs
+        bound.arguments["callback_on_step_end"] = callback
 
     def _prepare(self, run: _Run, p: dict) -> None:
         """Prompts, tokens, batch size, seeds, guidance from the call's arguments."""
