@@ -182,7 +182,7 @@ def test_skip_layer_guidance_call_is_not_a_step():
     plain, _ = run(pipe, False, **kw)
     out, tr = run(pipe, True, **kw)
     assert torch.equal(plain, out) and tr.num_steps == STEPS
-    assert tr.meta["unet_calls"] == STEPS
+    assert tr.meta["denoiser_calls"] == STEPS
 
 
 @pytest.mark.parametrize("task", ["img2img", "inpaint"])

@@ -247,6 +247,16 @@ class FluxAdapter(BackboneAdapter):
         return joint_activation_bytes(self.pipe.transformer, tokens)
 
     # ---------------------------------------------------------------- sites
+    def kernel_text_length(self, call, denoiser_kwargs: dict) -> int | None:
+        """The double-stream blocks get the text apart (``encoder_hidden_states``); a
+        single-stream block's kernel sequence is the joined [text; image], whose text is the
+        transformer call's ``encoder_hidden_states``."""
+        n = super().kernel_text_length(call, denoiser_kwargs)
+        if n is None:
+            ehs = denoiser_kwargs.get("encoder_hidden_states")
+            n = int(ehs.shape[1]) if torch.is_tensor(ehs) and ehs.ndim == 3 else None
+        return n
+
     def site_of(self, processor_key: str) -> str | None:
         return self.naming.site_of(processor_key)
 
