@@ -15,6 +15,7 @@ import sdlens
 from sdlens.analysis.heatmaps import iou
 from sdlens.engine import sites as att_hooks
 from sdlens.testing import random_pipeline
+from sdlens.trace.core import denoiser_calls
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -77,7 +78,7 @@ def test_random_archs_fp16_traced_equals_untraced(arch):
     full = sdlens.generate(pipe, PROMPT, seed=0, steps=4, keep_padding=True,
                            attention_dtype=torch.float32).attention[layer]
     torch.testing.assert_close(full.sum(2), torch.ones_like(full.sum(2)), rtol=0, atol=2e-3)
-    assert tr.meta["unet_calls"] == tr.num_steps  # PNDM: 4 steps are 5 UNet calls
+    assert denoiser_calls(tr.meta) == tr.num_steps  # PNDM: 4 steps are 5 UNet calls
 
 
 def test_no_device_sync_inside_attention_layers_on_cuda(monkeypatch):

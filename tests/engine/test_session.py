@@ -12,6 +12,7 @@ import torch
 import diffusers
 from sdlens.engine.session import generate, trace
 from sdlens.testing import random_pipeline
+from sdlens.trace.core import denoiser_calls
 from pipelines import DecodeSpy, FirstUNetInput, PROMPT, assert_restored, cached_pipe, call_pipe, pipe_state, task_inputs
 
 
@@ -46,7 +47,7 @@ def test_faithful_and_decoded_latent(arch, task):
     torch.testing.assert_close(tr.latents[0], unet_in.float(), rtol=1e-5, atol=1e-5)
     steps = tr.num_steps
     assert tr.latents.shape[0] == steps + 1 and tr.noise.shape[0] == steps == tr.x0.shape[0]
-    assert tr.timesteps.shape == (steps,) and tr.meta["unet_calls"] == steps
+    assert tr.timesteps.shape == (steps,) and denoiser_calls(tr.meta) == steps
     if task == "img2img":
         assert steps < 4 + (1 if arch == "sd15" else 0)  # strength 0.6: fewer steps
     assert tr.meta["task"] == task and tr.meta["pipeline_class"] == type(pipe).__name__
