@@ -24,7 +24,8 @@ output by ``c'_i = u_i + (g_i / G)(c_i - u_i)``, so that the pipeline's ``u + G 
 computes the unconditional half) in calls of their own. ``guidance_rescale`` (which reads the raw
 text prediction) and denoisers that embed the guidance scale (an LCM UNet; a guidance-distilled
 transformer, Flux.1: the backbone adapter's ``embeds_guidance``) are handled by giving every
-guidance scale calls of its own. The ``guidance`` axis is that value whatever kind of guidance it is.
+guidance scale calls of its own. The ``guidance`` axis is that value whatever kind of guidance
+it is.
 
 Calls are chunked so that a batch fits the memory budget (:func:`estimate_cell_bytes`, a
 documented rough estimate) and ``max_batch``; with ``chunk=False`` a grid that does not fit one

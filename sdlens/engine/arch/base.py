@@ -353,8 +353,9 @@ class BackboneAdapter(ABC):
         joins its two CLIPs channel-wise), ``text_length`` (or the tokenizer's
         ``model_max_length``) long."""
         out = []
-        for tok_name, enc_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
-            out += self._text_encoder(tok_name, enc_name, 0, self.text_length(params))
+        for suffix in ("", "_2"):
+            out += self._text_encoder("tokenizer" + suffix, "text_encoder" + suffix, 0,
+                                      self.text_length(params))
         return out
 
     def _text_encoder(self, tok_name: str, enc_name: str, start: int,
