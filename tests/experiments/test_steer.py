@@ -381,12 +381,9 @@ def test_token_effects_on_sd3(sd3):
 
 def test_pad_ablation_on_sd3_pads_every_encoder(sd3):
     """SD3's word has CLIP tokens and T5 pieces: "pad" gives them all the padding embedding."""
-    from sdlens.engine.arch import adapter_for
-
-    parts = adapter_for(sd3).text_parts({"max_sequence_length": 256})
     red = word_positions(sd3, P, "red")
     with Hooks() as hooks:
-        pads = steer._pad_hooks(hooks, sd3, P, [[], red], {"max_sequence_length": 256}, parts)
+        pads = steer._pad_hooks(hooks, sd3, P, [[], red], {"max_sequence_length": 256})
         embeds = sd3.encode_prompt([P, P], None, None, do_classifier_free_guidance=False)[0]
     assert len(pads) == 3 and all(p.applied for p in pads)  # CLIP-L, CLIP-G, T5
     assert pads[2].rows == [[], [p - 77 for p in red if p >= 77]]

@@ -250,8 +250,7 @@ class BackboneAdapter(ABC):
     def denoiser_output(self, output) -> torch.Tensor | None:
         """The prediction (B_denoiser, C_out, h, w) of one denoiser call, from what its forward
         returned (a tuple or an output dataclass); None if it is not a tensor."""
-        out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
-        return out if torch.is_tensor(out) else None
+        return self.output_tensor(output)
 
     def spatial(self, t: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
         """A latent-shaped tensor as the pipeline holds it (its latents, the denoiser's
@@ -398,6 +397,88 @@ class BackboneAdapter(ABC):
         """A denoiser batch (input or output) under classifier-free guidance, by half."""
         rows = self.cfg_rows(t.shape[0] // 2)
         return {half: t[r] for half, r in rows.items()}
+
+    # ================================================================ asked from outside the engine
+    # (sdlens.engine.batch, sdlens.experiments: what they used to read off the pipeline's
+    # components themselves)
+    def join_cfg(self, halves: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The inverse of :meth:`split_cfg`: the halves (each (B, ...)) as one denoiser batch
+        (2B, ...), in ``cfg_halves`` order."""
+        return torch.cat([halves[half] for half in self.cfg_halves])
+
+    def output_tensor(self, output) -> torch.Tensor | None:
+        """Everything one denoiser call predicted (B_denoiser, C, ...), from what its forward
+        returned (a tuple or an output dataclass): the tensor the pipeline's classifier-free
+        guidance combines, every channel (PixArt guides its noise and variance channels
+        together; :meth:`denoiser_output` keeps the noise); None if it is not a tensor."""
+        out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+        return out if torch.is_tensor(out) else None
+
+    def with_output_tensor(self, output, tensor: torch.Tensor):
+        """``output`` (what the denoiser's forward returned) with :meth:`output_tensor` replaced
+        by ``tensor``, of the same kind: a new tuple / list, or the output dataclass updated."""
+        if isinstance(output, tuple):
+            return (tensor, *output[1:])
+        if isinstance(output, list):
+            return [tensor, *output[1:]]
+        if torch.is_tensor(output):
+            return tensor
+        output.sample = tensor
+        return output
+
+    def embeds_guidance(self) -> bool:
+        """Whether the guidance value is an input of the denoiser (LCM UNets' guidance
+        embedding; a guidance-distilled transformer): then every value needs calls of its own
+        (a batch cannot mix them)."""
+        return False
+
+    def distilled_guidance(self) -> bool:
+        """Whether the call's ``guidance_scale`` is a guidance-distilled model's guidance value
+        (Flux.1-dev) rather than a classifier-free guidance scale."""
+        return False
+
+    def text_encoders(self, params: dict) -> list["TextEncoder"]:
+        """The pipeline's text encoders whose hidden states lie on the denoiser's text axis, for
+        a call with ``params``, each with its tokenizer and its positions on that axis (an
+        encoder that only gives a pooled vector, Flux's CLIP, is not one). By default the
+        ``text_encoder`` / ``text_encoder_2`` the pipeline has, both at the axis's start (SDXL
+        joins its two CLIPs channel-wise), ``text_length`` (or the tokenizer's
+        ``model_max_length``) long."""
+        out = []
+        for suffix in ("", "_2"):
+            out += self._text_encoder("tokenizer" + suffix, "text_encoder" + suffix, 0,
+                                      self.text_length(params))
+        return out
+
+    def _text_encoder(self, tok_name: str, enc_name: str, start: int,
+                      length: int | None) -> list["TextEncoder"]:
+        """``[TextEncoder]`` for the pipeline's components of these names; [] where either is
+        missing or None. ``length`` None: the tokenizer's ``model_max_length``."""
+        tok, enc = getattr(self.pipe, tok_name, None), getattr(self.pipe, enc_name, None)
+        if tok is None or enc is None:
+            return []
+        return [TextEncoder(enc_name, tok, enc, int(start),
+                            int(tok.model_max_length if length is None else length))]
+
+    def token_embeddings(self, encoder: torch.nn.Module) -> list[torch.nn.Module]:
+        """The token-embedding modules of a text encoder (one of :meth:`text_encoders`): its
+        input embeddings and every embedding of the same vocabulary (T5's encoder calls an
+        ``embed_tokens`` of its own, a module apart from ``get_input_embeddings()`` in recent
+        transformers). A hook on them sees every token the encoder embeds."""
+        rows = encoder.get_input_embeddings().weight.shape[0]
+        return [m for m in encoder.modules()
+                if isinstance(m, torch.nn.Embedding) and m.weight.shape[0] == rows]
+
+
+class TextEncoder(NamedTuple):
+    """A text encoder of the pipeline (:meth:`BackboneAdapter.text_encoders`): its hidden states
+    are positions ``start .. start + length`` of the denoiser's text axis."""
+
+    name: str  # the pipeline's component, e.g. "text_encoder_2"
+    tokenizer: object
+    encoder: torch.nn.Module
+    start: int
+    length: int
 
 
 def joint_activation_bytes(transformer, tokens: int) -> int:

@@ -81,7 +81,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from sdlens.engine.arch.base import (BackboneAdapter, ConceptStep, SiteNaming,
+from sdlens.engine.arch.base import (BackboneAdapter, ConceptStep, SiteNaming, TextEncoder,
                                      joint_activation_bytes)
 
 _DOUBLE, _SINGLE = "transformer_blocks", "single_transformer_blocks"
@@ -217,7 +217,7 @@ class FluxAdapter(BackboneAdapter):
 
     def guidance_meta(self, params: dict) -> dict:
         gs = params.get("guidance_scale")
-        embeds = bool(self.pipe.transformer.config.get("guidance_embeds"))
+        embeds = self.distilled_guidance()
         true_cfg = params.get("true_cfg_scale")
         return {"distilled_guidance": float(gs) if embeds and gs is not None else None,
                 "true_cfg_scale": float(true_cfg) if true_cfg is not None else None}
@@ -357,3 +357,16 @@ class FluxAdapter(BackboneAdapter):
         if nxt is not None and nxt.dtype == torch.float16:
             nxt = nxt.clip(-65504, 65504)  # as the blocks clip their fp16 outputs
         return ConceptStep(nxt, image, out_c if outputs else None)
+
+    # ================================================================ asked from outside the engine
+    def embeds_guidance(self) -> bool:
+        return self.distilled_guidance()
+
+    def distilled_guidance(self) -> bool:
+        """Flux.1-dev (``guidance_embeds``): the guidance value is an input of the transformer;
+        schnell has none."""
+        return bool(self.pipe.transformer.config.get("guidance_embeds"))
+
+    def text_encoders(self, params: dict) -> list[TextEncoder]:
+        """T5 (``text_encoder_2``), the whole text axis; CLIP only gives the pooled vector."""
+        return self._text_encoder("tokenizer_2", "text_encoder_2", 0, self.text_length(params))
