@@ -9,12 +9,15 @@ How it works (everything is installed through :class:`~sdlens.engine.sites.Hooks
 exit, also on exceptions and KeyboardInterrupt):
 
 * ``pipe``'s class is swapped, for the length of the ``with`` block, for a subclass whose
-  ``__call__`` records the call's arguments (prompts, batch size, seeds) and then runs the
-  original ``__call__``. For the length of each call sdlens installs:
-* a :class:`~sdlens.engine.sites.SiteProcessor` with an
-  :class:`~sdlens.engine.sites.AttentionRecorder` around the processor of every cross-attention
-  site that the pipeline's backbone adapter (:mod:`sdlens.engine.arch`) names (the original
-  processor still computes the output: traced images are identical),
+  ``__call__`` reads the call's arguments (prompts, batch size, seeds) and then runs the
+  original ``__call__`` with exactly the arguments it was given (sdlens adds only its step-end
+  callback, composed with the user's). For the length of each call sdlens installs:
+* a :class:`~sdlens.engine.sites.SiteProcessor` with a
+  :class:`~sdlens.engine.sites.MapRecorder` around the processor of every attention site that
+  the pipeline's backbone adapter (:mod:`sdlens.engine.arch`) names; it reads the attention at
+  the processor's kernel call (:mod:`sdlens.engine.kernel`), laid out by the adapter, into the
+  call's one map collector (:mod:`sdlens.engine.collect`); the original processor still
+  computes the output: traced images are identical,
 * forward (pre-)hooks on the denoiser (batch layout, uncond/text noise),
 * a ``scheduler.step`` wrapper (latents, guided noise, timesteps, sigmas, x0),
 * a ``callback_on_step_end`` composed with the user's (latents after the step as the pipeline

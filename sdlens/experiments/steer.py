@@ -11,7 +11,7 @@ Reweighting is prompt-to-prompt's equalizer (:class:`sdlens.engine.sites.Reweigh
 engine's editor that ``sdlens.generate(reweight=...)`` installs): the attention probabilities of
 the chosen tokens in every cross-attention layer are multiplied by the weight, in the text half of
 the batch, at the chosen steps; rows are **not renormalised**. A weight of 1.0 is an exact no-op.
-On joint attention (SD3 / SD3.5, Flux.1: :class:`sdlens.engine.sites.JointReweight`) the image
+On joint attention (SD3 / SD3.5, Flux.1: :class:`sdlens.engine.sites.Reweight` at the kernel) the image
 queries' probabilities on the chosen text tokens are scaled the same way (the image keys' columns
 and the text stream untouched; Flux: RoPE-rotated, in the double- and single-stream blocks), the
 word found in CLIP's and T5's segments alike.

@@ -17,7 +17,7 @@ FluxInpaintPipeline; Flux.1-dev and -schnell).
 ``"blocks"`` names every site (double then single); the naming's order is the transformer's
 (double 0..18, then single 0..37). The recorded map of a site is each image token's row of the
 full softmax over ``[text; image]`` keys, its text columns (computed from the RoPE-rotated q / k,
-as the processor does: :class:`sdlens.engine.sites.JointAttentionRecorder` with ``text_first``).
+as the processor does, read at its kernel call: :class:`sdlens.engine.sites.MapRecorder`).
 Maps are at the latents' resolution / 2 (the 2x2 packing).
 
 **Text.** Only T5's sequence is attended to (CLIP-L gives the pooled vector): the text axis is one
@@ -68,7 +68,7 @@ prompt's text tokens are.
 
 **Image->text maps** (``record`` with ``"image_to_text"``) are the text queries' image columns of
 the same RoPE-rotated softmax (the single-stream blocks' text rows of the joined sequence), and
-**token reweighting** (:class:`sdlens.engine.sites.JointReweight`) scales the image queries'
+**token reweighting** (:class:`sdlens.engine.sites.Reweight`, at the kernel) scales the image queries'
 RoPE-rotated probabilities on the chosen text columns, in both block kinds (the single-stream
 blocks: the image rows of the attention output before ``proj_out``); true CFG's negative call is
 not reweighted.

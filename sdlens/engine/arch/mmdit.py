@@ -5,7 +5,7 @@ Sites are the joint-attention modules of the transformer blocks, ``transformer_b
 softmax over the keys of [image tokens; text tokens] (``JointAttnProcessor2_0`` concatenates image
 first, then text: :attr:`MMDiTAdapter.joint_order`); the recorded map of a site is each image
 patch's attention to each text token, a part of a row whose rest goes to the image keys
-(:class:`sdlens.engine.sites.JointAttentionRecorder`). SD3.5's dual-attention blocks
+(:class:`sdlens.engine.sites.MapRecorder`, at the kernel call). SD3.5's dual-attention blocks
 (``dual_attention_layers``) have a second, image-only attention ``attn2``: no text there, not a
 site. A site's map is at the latents' resolution divided by the patch size (2).
 
