@@ -10,6 +10,7 @@ configs (SD 1.5, SD 2.1, SDXL, and the shipped "shapes" model) with random weigh
 >>> sd3 = random_pipeline("sd3")                   # SD3 medium's MMDiT, CLIP-L/G + a tiny T5
 >>> sd35 = random_pipeline("sd35", t5=False)       # SD3.5 medium, text_encoder_3=None
 >>> flux = random_pipeline("flux")                 # Flux.1-dev: double + single blocks, CLIP-L + T5
+>>> wan = random_pipeline("wan")                   # Wan 2.1 T2V 1.3B (video); "wan-i2v", "wan22"
 
 ``scale`` multiplies every channel count (rounded to a multiple of 16) and, below 0.5, keeps one
 resnet / transformer layer per block; block types, attention layout, cross-attention widths'
@@ -173,7 +174,9 @@ def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2im
             tokenizer_2 only, aesthetic-score time ids; an img2img pipeline: task "txt2img" gives
             StableDiffusionXLImg2ImgPipeline), "shapes" (the shipped model's layout), or the
             diffusion transformers "pixart" (PixArt-Σ) and "sana" (:func:`random_dit_pipeline`),
-            "sd3" / "sd35" (:func:`sd3_pipeline`) and "flux" (Flux.1-dev, :func:`flux_pipeline`).
+            "sd3" / "sd35" (:func:`sd3_pipeline`), "flux" (Flux.1-dev, :func:`flux_pipeline`), and
+            the video DiTs "wan" / "wan-i2v" / "wan22" (Wan 2.1 T2V 1.3B, Wan 2.1 I2V 14B, Wan 2.2
+            T2V A14B: :func:`wan_pipeline`).
         scale: channel multiplier; 1.0 is the real size, the default 0.05 a ~1-4M-parameter
             version that keeps every block type and attention layer of the real one.
         task: "txt2img", "img2img" or "inpaint" (inpainting UNets take 9 input channels).
@@ -186,12 +189,20 @@ def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2im
     """
     import diffusers
 
+    if arch in WAN_ARCHS:
+        if task != "txt2img" or prediction_type is not None:
+            raise ValueError(f"{arch}: only task='txt2img' with its own prediction type (the "
+                             "image-to-video pipeline is arch 'wan-i2v')")
+        if not 0 < scale <= 1:
+            raise ValueError(f"scale must be in (0, 1], got {scale}")
+        torch.manual_seed(seed)
+        return _finish(wan_pipeline(arch, scale, seed), device, dtype)
     if arch in DIT_ARCHS:
         if task != "txt2img" or prediction_type is not None:
             raise ValueError(f"{arch}: only task='txt2img' with its own prediction type")
         return random_dit_pipeline(arch, scale, seed, sample_size, device=device, dtype=dtype)
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(ARCHS + DIT_ARCHS)}")
+        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(ARCHS + DIT_ARCHS + WAN_ARCHS)}")
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
     if not 0 < scale <= 1:
@@ -682,3 +693,92 @@ def controlnet_for(pipe, seed: int = 0):
                                 "controlnet_cond_embedding.conv_out")):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return net.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+
+
+# ====================================================================== Wan 2.1 / 2.2 (video)
+# The transformer configs of Wan-AI/Wan2.1-T2V-1.3B-Diffusers, Wan2.1-T2V-14B-Diffusers,
+# Wan2.1-I2V-14B-480P-Diffusers and Wan2.2-T2V-A14B-Diffusers (two 14B experts switched at
+# boundary_ratio 0.875); UMT5-XXL (google/umt5-xxl's encoder); the Wan 2.1 VAE (diffusers'
+# AutoencoderKLWan defaults: 4x temporal, 8x spatial compression); ViT-H/14 (open-clip) as the
+# I2V image encoder; UniPC on flow sigmas, as the released scheduler configs.
+WAN_ARCHS = ("wan", "wan-i2v", "wan22")
+_WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
+                 in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
+                 num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+                 image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024)
+_WAN_14B = dict(_WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
+_WAN_I2V_14B = dict(_WAN_14B, in_channels=36, image_dim=1280, added_kv_proj_dim=5120)
+_UMT5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+                 vocab_size=256384, feed_forward_proj="gated-gelu",
+                 relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                 layer_norm_epsilon=1e-6, tie_word_embeddings=False)
+_VIT_H14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                num_attention_heads=16, image_size=224, patch_size=14, projection_dim=1024,
+                hidden_act="gelu")
+_WAN_SCHEDULER = dict(num_train_timesteps=1000, prediction_type="flow_prediction",
+                      use_flow_sigmas=True, flow_shift=3.0, solver_order=2)
+
+
+def wan_pipeline(arch: str = "wan", scale: float = 0.05, seed: int = 0, size: str = "1.3B"):
+    """A Wan pipeline of the real architecture with random (seeded) weights
+    (:func:`random_pipeline` dispatches here for ``"wan"``, ``"wan-i2v"``, ``"wan22"``).
+
+    ``"wan"``: ``WanPipeline`` with Wan 2.1 T2V's transformer (``size`` "1.3B" or "14B");
+    ``"wan-i2v"``: ``WanImageToVideoPipeline`` with Wan 2.1 I2V 14B's (36 input channels: the
+    latents and the first frame's condition; image-context keys from a CLIP ViT-H/14's
+    penultimate hidden states); ``"wan22"``: ``WanPipeline`` with Wan 2.2 T2V A14B's two experts
+    (``transformer`` for t >= 0.875 * 1000, ``transformer_2`` below). At ``scale`` 1 the real
+    sizes (build them under ``torch.device("meta")`` to count parameters without memory); below,
+    2 blocks of 2 heads x 16, a 2-layer 32-wide UMT5 over :func:`t5_tokenizer`'s vocabulary
+    (512 positions, as the pipelines encode), a 16-wide Wan VAE (same 4x / 8x compression), a
+    2-layer 32-wide CLIP vision tower on 28 px images (5 image-context tokens)."""
+    import diffusers
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, \
+        UMT5EncoderModel
+
+    if arch not in WAN_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(WAN_ARCHS)}")
+    if size not in ("1.3B", "14B"):
+        raise ValueError(f"size must be '1.3B' or '14B', got {size!r}")
+    small = scale < 1
+    tok = t5_tokenizer(max_length=512)
+    text_cfg = dict(_UMT5_XXL, vocab_size=len(tok))
+    if small:
+        text_cfg.update(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2)
+    text = UMT5EncoderModel(UMT5Config(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                                       **text_cfg))
+    base = {"wan": _WAN_1_3B if size == "1.3B" else _WAN_14B, "wan-i2v": _WAN_I2V_14B,
+            "wan22": _WAN_14B}[arch]
+    cfg = dict(base, text_dim=text.config.d_model)
+    vision = None
+    if small:
+        cfg.update(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=2)
+    if arch == "wan-i2v":
+        vcfg = dict(_VIT_H14)
+        if small:
+            vcfg.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, image_size=28, projection_dim=32)
+        vision = CLIPVisionModel(CLIPVisionConfig(**vcfg))
+        cfg.update(image_dim=vision.config.hidden_size,
+                   added_kv_proj_dim=cfg["num_attention_heads"] * cfg["attention_head_dim"])
+    transformers_ = [diffusers.WanTransformer3DModel(**cfg)]
+    if arch == "wan22":
+        transformers_.append(diffusers.WanTransformer3DModel(**cfg))
+    vae = diffusers.AutoencoderKLWan(**({"base_dim": 16, "num_res_blocks": 1} if small else {}))
+    shift = 12.0 if arch == "wan22" else 3.0  # Wan 2.2 T2V A14B's scheduler config
+    scheduler = diffusers.UniPCMultistepScheduler(**{**_WAN_SCHEDULER, "flow_shift": shift})
+    for module in (text, vae, vision, *transformers_):
+        if module is not None:
+            module.eval()  # UMT5's dropout is on in training mode: runs would differ
+    common = dict(tokenizer=tok, text_encoder=text, vae=vae, scheduler=scheduler,
+                  transformer=transformers_[0])
+    if arch == "wan-i2v":
+        side = vision.config.image_size
+        proc = CLIPImageProcessor(size={"shortest_edge": side},
+                                  crop_size={"height": side, "width": side})
+        return diffusers.WanImageToVideoPipeline(image_encoder=vision, image_processor=proc,
+                                                 **common)
+    if arch == "wan22":
+        return diffusers.WanPipeline(transformer_2=transformers_[1], boundary_ratio=0.875,
+                                     **common)
+    return diffusers.WanPipeline(**common)

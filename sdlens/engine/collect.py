@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import math
+
 import torch
-from einops import rearrange
 
 from sdlens.analysis.tokens import IMAGE_PROMPT_POSITION
 from sdlens.trace.maps import AttentionMaps, ConceptMaps
@@ -78,11 +79,11 @@ class MapCollector:
         return run.rows, run.n_tokens, run.opts.heads, run.opts.attention_dtype
 
     def put(self, layer: str, maps: torch.Tensor, image_tokens: tuple[int, ...] = ()) -> None:
-        """maps: (n, [heads,] T, HW) on the device."""
-        lh, lw = self.run.resolutions[layer]
-        if maps.shape[-1] != lh * lw:
-            return self.skip(layer, f"{maps.shape[-1]} positions, expected {lh}x{lw} from the "
-                                    "latent size")
+        """maps: (n, [heads,] T, HW) on the device (video: (n, [heads,] T, FHW))."""
+        grid = self.run.resolutions[layer]
+        if maps.shape[-1] != math.prod(grid):
+            return self.skip(layer, f"{maps.shape[-1]} positions, expected "
+                                    f"{'x'.join(map(str, grid))} from the latent size")
         if self.n_tokens is None:
             self.n_tokens, self.image_tokens = int(maps.shape[-2]), tuple(image_tokens)
         elif int(maps.shape[-2]) != self.n_tokens or tuple(image_tokens) != self.image_tokens:
@@ -129,16 +130,16 @@ class MapCollector:
             chunks = self.chunks.get(layer)
             if self.skipped(layer) or (chunks and len(chunks) != len(self.steps)):
                 continue
-            lh, lw = run.resolutions[layer]
+            grid = tuple(run.resolutions[layer])  # (h, w); video (F, h, w)
             if not chunks:
                 if self.kind != "attention":
                     continue
                 rows = len(self.positions())
-                shape = (0, run.batch) + ((1,) if run.opts.heads else ()) + (rows, lh * lw)
+                shape = (0, run.batch) + ((1,) if run.opts.heads else ()) + (rows, math.prod(grid))
                 t = torch.zeros(shape, dtype=dtype)
             else:
                 t = torch.stack(chunks)  # (S, B, [heads,] T, HW)
-            layers[layer] = rearrange(t, "... (h w) -> ... h w", h=lh, w=lw)
+            layers[layer] = t.unflatten(-1, grid)  # the patches are flattened row-major
         self.chunks = {}
         res = {l: run.resolutions[l] for l in layers}
         name = str(dtype).replace("torch.", "")

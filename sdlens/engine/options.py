@@ -5,6 +5,7 @@ budgets they are held to (:func:`default_max_bytes`, :func:`default_memory_budge
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -258,14 +259,13 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
         n_tokens = adapter.max_text_tokens
     if do_cfg is None:
         do_cfg = adapter.cfg_by_default
-    h, w = latent_hw
-    res = adapter.resolutions((h, w))
+    res = adapter.resolutions(tuple(latent_hw))  # (h, w); a video model's (F, h, w)
     if layers is None:
         layers = resolve_layers(opts.layers, adapter.sites(), lambda l: res[l], adapter.naming)
     if attention_steps is None:
         attention_steps = len(range(steps)[opts.steps]) if isinstance(opts.steps, slice) \
             else (steps if opts.steps is None else len(set(opts.steps)))
-    per = batch * adapter.latent_channels() * h * w * 4
+    per = batch * adapter.latent_channels() * math.prod(latent_hw) * 4
     rec = opts.record
     est = {"latents": (steps + 1) * per if "latents" in rec else 0,
            "noise": steps * per * (3 if do_cfg else 2) if "noise" in rec else 0,
@@ -276,25 +276,26 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
     for kind, n in kinds.items():  # concept maps: one map per concept, heads pooled
         est[kind] = 0
         for l in layers:
-            lh, lw = res[l]
             heads = adapter.heads(l) if opts.heads and n is not None else 1
             rows = len(opts.concepts) if n is None else n
-            est[kind] += attention_steps * batch * heads * rows * lh * lw * itemsize
+            est[kind] += attention_steps * batch * heads * rows * math.prod(res[l]) * itemsize
     return est
 
 
 def _vae_scale(pipe) -> int:
-    scale = getattr(pipe, "vae_scale_factor", None)  # the pipeline's own (Sana's DC-AE: 32)
+    # the pipeline's own (Sana's DC-AE: 32; Wan's video pipelines: vae_scale_factor_spatial)
+    scale = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None)
     if isinstance(scale, int) and scale > 0:
         return scale
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
-def latent_hw(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-    """Latent (h, w) of a ``height`` x ``width`` pixel image (None: the model's default size)."""
-    h0, w0 = adapter_for(pipe).default_latent_hw()
+def latent_hw(pipe, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
+    """Latent (h, w) of a ``height`` x ``width`` pixel image (None: the model's default size);
+    a video model's (F, h, w), F its default latent frames."""
+    *frames, h0, w0 = adapter_for(pipe).default_latent_hw()
     scale = _vae_scale(pipe)
-    return (height // scale if height else h0, width // scale if width else w0)
+    return (*frames, height // scale if height else h0, width // scale if width else w0)
 
 
 def estimate_cell_bytes(pipe, height: int | None = None, width: int | None = None,
@@ -311,7 +312,7 @@ def estimate_cell_bytes(pipe, height: int | None = None, width: int | None = Non
     """
     adapter = adapter_for(pipe)
     hw = latent_hw(pipe, height, width)
-    height, width = height or hw[0] * _vae_scale(pipe), width or hw[1] * _vae_scale(pipe)
+    height, width = height or hw[-2] * _vae_scale(pipe), width or hw[-1] * _vae_scale(pipe)
     dtype = adapter.denoiser.dtype
     itemsize = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
     row = adapter.activation_bytes(hw)

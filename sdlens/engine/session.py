@@ -84,6 +84,9 @@ class _Run:
         self.layout: str | None = None  # "cfg" | "single"
         self.batch = None  # number of latents (batch items)
         self.latent_hw = None
+        # which of the adapter's denoisers predicted each step (Wan 2.2's two experts)
+        self.denoiser_now: str | None = None
+        self.denoiser_steps: list[str | None] = []
         self.total_steps = None
         self.att_steps: set[int] = set()
         self.maps_now = False  # a recorded step: maps of every kind (attention, concepts, ...)
@@ -189,7 +192,7 @@ class _Run:
             return self.abandon(f"the denoiser sees batch {n} but the call has {b} batch items "
                                 "(prompts x num_images_per_prompt); cannot tell the guidance layout")
         self.batch = b
-        self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        self.latent_hw = self.session.adapter.latent_size(sample)  # (h, w); video (F, h, w)
         total = getattr(self.pipe, "_num_timesteps", None)
         if not isinstance(total, int) or total <= 0:
             ts = getattr(self.pipe.scheduler, "timesteps", None)
@@ -315,6 +318,7 @@ class _Run:
             self.pending_halves = {}
         if "x0" in rec:
             self.x0.append(self._host(x0) if x0 is not None else None)
+        self.denoiser_steps.append(self.denoiser_now)
         self.timesteps.append(float(timestep) if not torch.is_tensor(timestep)
                               else self._host(timestep.reshape(()), torch.float32))
         self.sigmas.append(None if sigma is None else self._host(sigma.reshape(()), torch.float32))
@@ -396,8 +400,14 @@ class _Run:
         denoiser = self.session.adapter.denoiser
         sched = pipe.scheduler
         vae = getattr(pipe, "vae", None)
-        vsf = getattr(pipe, "vae_scale_factor", 8)
-        h, w = self.latent_hw
+        vsf = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", 8)
+        h, w = self.latent_hw[-2:]
+        adapter = self.session.adapter
+        experts = {}
+        if len(adapter.denoisers()) > 1:  # which expert predicted each step; the first switch
+            names = list(self.denoiser_steps)
+            switch = next((i for i in range(1, len(names)) if names[i] != names[i - 1]), None)
+            experts = {"denoiser_steps": names, "switch_step": switch}
         return {
             "sdlens_version": _version("sdlens"), "diffusers_version": _version("diffusers"),
             "torch_version": torch.__version__,
@@ -407,7 +417,9 @@ class _Run:
             "pipeline_class": self.session.orig_cls.__name__,
             "scheduler_class": type(sched).__name__, "scheduler_config": dict(sched.config),
             "prediction_type": sched_hooks.prediction_kind(sched),
-            "vae_scaling_factor": float(vae.config.scaling_factor) if vae is not None else None,
+            # Wan's VAE has none (it normalises by per-channel latents_mean / latents_std)
+            "vae_scaling_factor": float(vae.config.scaling_factor)
+            if vae is not None and vae.config.get("scaling_factor") is not None else None,
             "vae_shift_factor": _shift_factor(vae),
             "height": h * vsf, "width": w * vsf, "latent_height": h, "latent_width": w,
             "seeds": self.seeds, "num_inference_steps": p.get("num_inference_steps"),
@@ -424,6 +436,7 @@ class _Run:
             **({"image_prompt_tokens": list(self.maps.image_tokens())}
                if self.maps.image_tokens() else {}),
             **({"words_unknown": True} if self.words_unknown else {}),
+            **adapter.video_meta(self.latent_hw, p), **experts,
             **self.conditioning(),
         }
 
@@ -445,7 +458,10 @@ class _Run:
                 if hasattr(proc, "to_k_ip") and hasattr(proc, "scale"):
                     scales = [s if isinstance(s, (int, float)) else list(s) for s in proc.scale]
                     break
-            out["ip_adapter"] = {"adapters": len(self.maps.image_tokens()), "scale": scales}
+            if scales:
+                out["ip_adapter"] = {"adapters": len(self.maps.image_tokens()), "scale": scales}
+            else:  # the model's own image conditioning (Wan 2.1 I2V's image-context keys)
+                out["image_context"] = {"tokens": list(self.maps.image_tokens())}
         return out
 
 
@@ -580,9 +596,9 @@ class _Session:
         if "callback_on_step_end" in sig.parameters:  # the one argument sdlens adds: its callback
             self._compose_callback(run, bound, full)
         adapter = self.adapter
-        denoiser = adapter.denoiser
 
         def before(module, args, kwargs):
+            run.denoiser_now = adapter.denoiser_name(module)
             run.aux = adapter.auxiliary_call(args, kwargs)
             if run.aux:  # e.g. SD3.5's skip-layer guidance: not a step's prediction
                 return
@@ -602,10 +618,12 @@ class _Session:
             with Hooks() as hooks:
                 kinds = [k for k in ("attention", "image_to_text") if k in run.maps]
                 readers = [MapRecorder(run.maps, kinds)] if kinds else []
-                hooks.wrap_sites(denoiser, self.layers, readers=readers,
-                                 seam=KernelSeam(adapter))
-                hooks.forward_pre_hook(denoiser, before, with_kwargs=True)
-                hooks.forward_hook(denoiser, after, with_kwargs=True)
+                seam = KernelSeam(adapter)
+                # every expert that predicts a step (Wan 2.2: two), recorded as one denoiser
+                for model in adapter.denoisers():
+                    hooks.wrap_sites(model, self.layers, readers=readers, seam=seam)
+                    hooks.forward_pre_hook(model, before, with_kwargs=True)
+                    hooks.forward_hook(model, after, with_kwargs=True)
                 if self.options.concepts:  # after `before`: its blocks see this step's state
                     ConceptPass(adapter, self.options.concepts, run.maps, full).install(hooks)
                 control = getattr(pipe, "controlnet", None)

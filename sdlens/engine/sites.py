@@ -93,12 +93,17 @@ class KernelSeam:
     def __init__(self, adapter: BackboneAdapter | None = None):
         self.adapter = adapter
         self.denoiser_kwargs: dict = {}
+        self._hooked = False
 
     def install(self, hooks: "Hooks") -> None:
-        """The kernel wrapper for the length of ``hooks``, and the denoiser pre-hook."""
+        """The kernel wrapper for the length of ``hooks``, and the pre-hook on each of the
+        adapter's denoisers (once, however many models' sites share this seam)."""
         hooks.enter(kernel.installed())
-        if self.adapter is not None:
-            hooks.forward_pre_hook(self.adapter.denoiser, self._before, with_kwargs=True)
+        if self.adapter is not None and not self._hooked:
+            self._hooked = True
+            hooks.undo(lambda: setattr(self, "_hooked", False))
+            for model in self.adapter.denoisers():
+                hooks.forward_pre_hook(model, self._before, with_kwargs=True)
 
     def _before(self, module, args, kwargs):
         self.denoiser_kwargs = kwargs

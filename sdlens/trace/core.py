@@ -17,6 +17,8 @@ about twice as many for Heun / KDPM2, whose every step calls the denoiser twice)
 ``sigmas``                  (steps,) float32 or None              sigma the model was evaluated at
                                                                   (sigma-based schedulers only)
 ``latents``                 (steps+1, batch, C, h, w) float32     x_T ... x_0 as the pipeline held them;
+                            video (Wan): (steps+1, batch, C,      ``meta["latent_frames"]`` frames F
+                            F, h, w), and noise / x0 likewise     (``meta["vae_scale_factor_temporal"]``)
                                                                   ``latents[-1]`` is what was decoded
 ``noise_uncond``            (steps, batch, C, h, w) or None       None when guidance is off
 ``noise_text``              (steps, batch, C, h, w)
@@ -24,7 +26,8 @@ about twice as many for Heun / KDPM2, whose every step calls the denoiser twice)
 ``x0``                      (steps, batch, C, h, w)               predicted clean latent (sdlens computes it)
 ``attention``               AttentionMaps, per layer              :class:`~sdlens.trace.maps.AttentionMaps`;
                             (steps', batch, tokens, h, w)         steps' = its recorded steps; heads kept:
-                                                                  (steps', batch, heads, tokens, h, w)
+                                                                  (steps', batch, heads, tokens, h, w);
+                                                                  video: (.., tokens, F, h, w)
 ``concepts``                ConceptMaps, per layer or None        concept maps (``concepts=[...]``, joint
                             (steps', batch, concepts, h, w)       attention): a softmax over the concepts
 ``image_to_text``           AttentionMaps, per layer or None      (``record`` "image_to_text", joint
@@ -134,10 +137,16 @@ class Trace:
                 raise ValueError(f"Trace.build: {name} has {len(value)} entries, prompts {batch}")
         tensors: dict[str, Any] = {"timesteps": _checked("timesteps", timesteps, (steps,))}
         tensors["sigmas"] = _checked("sigmas", sigmas, (steps,))
-        tensors["latents"] = _checked("latents", latents, (steps + 1, batch), 5)
+        # a video trace (meta "latent_frames", e.g. Wan) has a frame axis: (.., C, F, h, w)
+        frames = meta.get("latent_frames") if isinstance(meta, dict) else None
+        ndim = 5 if frames is None else 6
+        tensors["latents"] = _checked("latents", latents, (steps + 1, batch), ndim)
         for name, t in (("noise_uncond", noise_uncond), ("noise_text", noise_text),
                         ("noise", noise), ("x0", x0)):
-            tensors[name] = _checked(name, t, (steps, batch), 5)
+            tensors[name] = _checked(name, t, (steps, batch), ndim)
+        if frames is not None:
+            for name in ("latents", "noise_uncond", "noise_text", "noise", "x0"):
+                _checked(name, tensors[name], (None, None, None, int(frames)), ndim)
         maps_info = {kind: _maps_info(kind, maps, steps, batch, tensors)
                      for kind, maps in (("attention", attention), ("concepts", concepts),
                                         ("image_to_text", image_to_text))}

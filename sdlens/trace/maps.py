@@ -6,6 +6,10 @@ site's own resolution::
     maps[layer]     (steps, batch, tokens, h, w)            heads averaged (default), or
                     (steps, batch, heads, tokens, h, w)     with ``RecordOptions(heads=True)``
 
+A video model's (Wan) maps have a frame axis before (h, w): (steps, batch, [heads,] tokens,
+frames, h, w), ``frames`` the latent frames (``trace.meta["latent_frames"]``), and its
+resolutions are (frames, h, w); a resolution selector (int or (h, w)) reads (h, w).
+
 * ``steps`` runs over ``maps.steps`` (indices into ``trace.timesteps``; all steps by default).
 * ``batch`` is the batch item (``trace.prompts[b]``); under classifier-free guidance the maps are
   those of the text-conditioned half of the denoiser batch (the unconditional half attends to the
@@ -96,9 +100,9 @@ def _resolve_one(item, layers: Sequence[str], resolution, naming: SiteNaming) ->
         if resolution is None:
             raise ValueError("layer resolutions are not known yet; choose layers by name or place")
         if isinstance(item, int):
-            out = [l for l in layers if max(resolution(l)) == item]
+            out = [l for l in layers if max(resolution(l)[-2:]) == item]  # video: (F, h, w)
         else:
-            out = [l for l in layers if tuple(resolution(l)) == tuple(item)]
+            out = [l for l in layers if tuple(resolution(l))[-2:] == tuple(item)]
         if not out:
             avail = sorted({tuple(resolution(l)) for l in layers}, reverse=True)
             raise ValueError(f"no attention layer has resolution {item!r}; available resolutions "
@@ -126,7 +130,7 @@ class AttentionMaps:
 
     Args:
         tensors: layer -> tensor, or layer -> zero-argument loader returning it (lazy loading).
-        resolutions: layer -> (h, w) of that layer's maps.
+        resolutions: layer -> (h, w) of that layer's maps (a video model's: (frames, h, w)).
         steps: indices (into ``trace.timesteps``) of the recorded steps.
         n_steps: the number of steps of the run (``len(trace.timesteps)``); default: up to the
             last recorded step. Negative steps count back from it.
@@ -151,7 +155,7 @@ class AttentionMaps:
         self.naming: SiteNaming = naming_for(family)
         self._tensors = dict(tensors)
         self._cache: dict[str, torch.Tensor] = {}
-        self._resolutions = {k: (int(v[0]), int(v[1])) for k, v in resolutions.items()}
+        self._resolutions = {k: tuple(int(n) for n in v) for k, v in resolutions.items()}
         self.layers: list[str] = sorted(self._tensors, key=self.naming.sort_key)
         self.steps: list[int] = [int(s) for s in steps]
         self.n_steps: int = int(n_steps) if n_steps is not None else max(self.steps, default=-1) + 1

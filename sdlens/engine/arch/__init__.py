@@ -12,9 +12,10 @@ from sdlens.engine.arch.dit import PixArtAdapter, SanaAdapter
 from sdlens.engine.arch.flux import FluxAdapter
 from sdlens.engine.arch.mmdit import MMDiTAdapter
 from sdlens.engine.arch.unet import UNetAdapter
+from sdlens.engine.arch.wan import WanAdapter
 
 ADAPTERS: tuple[type[BackboneAdapter], ...] = (UNetAdapter, MMDiTAdapter, PixArtAdapter, SanaAdapter,
-                                               FluxAdapter)
+                                               FluxAdapter, WanAdapter)
 SUPPORTED_PIPELINES = tuple(p for a in ADAPTERS for p in a.pipelines)
 
 

@@ -199,6 +199,7 @@ class BackboneAdapter(ABC):
         joint_order: joint attention's order of the sequence (SD3: image then text; Flux: text
             then image, which matters where RoPE rotates by position).
         cfg_by_default: whether the pipeline's default call guides (size estimates).
+        video: whether the denoiser's latents have a frame axis (Wan: (B, C, F, h, w)).
     """
 
     pipelines: ClassVar[tuple[str, ...]] = ()
@@ -211,6 +212,8 @@ class BackboneAdapter(ABC):
     attention_kind: ClassVar[str] = "cross"
     joint_order: ClassVar[tuple[str, str]] = ("image", "text")
     cfg_by_default: ClassVar[bool] = True
+    # a video family: latents (B, C, F, h, w), maps (F, h, w) (:meth:`latent_size`)
+    video: ClassVar[bool] = False
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -225,6 +228,20 @@ class BackboneAdapter(ABC):
     @abstractmethod
     def denoiser(self) -> torch.nn.Module:
         """The module called once per denoising step (UNet or transformer)."""
+
+    def denoisers(self) -> list[torch.nn.Module]:
+        """Every module that predicts a step, in the pipeline's order (one, :attr:`denoiser`,
+        except where a pipeline switches experts between steps: Wan 2.2's ``transformer`` /
+        ``transformer_2``). The session hooks them all and records them under one trace; their
+        sites must have the same names."""
+        return [self.denoiser]
+
+    def denoiser_name(self, module: torch.nn.Module) -> str:
+        """The pipeline's component name of one of :meth:`denoisers` (``meta["denoiser_steps"]``)."""
+        for name in ("unet", "transformer"):
+            if getattr(self.pipe, name, None) is module:
+                return name
+        return type(module).__name__
 
     @abstractmethod
     def family(self) -> str:
@@ -251,6 +268,16 @@ class BackboneAdapter(ABC):
         """The prediction (B_denoiser, C_out, h, w) of one denoiser call, from what its forward
         returned (a tuple or an output dataclass); None if it is not a tensor."""
         return self.output_tensor(output)
+
+    def latent_size(self, sample: torch.Tensor) -> tuple[int, ...]:
+        """The latent grid of one denoiser input (B, C, h, w): (h, w); a video family's (B, C,
+        F, h, w): (F, h, w). What :meth:`resolutions` and :meth:`spatial` are given."""
+        return (int(sample.shape[-2]), int(sample.shape[-1]))
+
+    def video_meta(self, latent_size: tuple[int, ...], params: dict) -> dict:
+        """``trace.meta`` entries of a video family (latent frames, the VAE's temporal
+        compression, the video's frames); {} for images."""
+        return {}
 
     def spatial(self, t: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
         """A latent-shaped tensor as the pipeline holds it (its latents, the denoiser's
