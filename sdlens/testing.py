@@ -742,9 +742,9 @@ def wan_pipeline(arch: str = "wan", scale: float = 0.05, seed: int = 0, size: st
         raise ValueError(f"size must be '1.3B' or '14B', got {size!r}")
     small = scale < 1
     tok = t5_tokenizer(max_length=512)
-    text_cfg = dict(_UMT5_XXL, vocab_size=len(tok))
-    if small:
-        text_cfg.update(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2)
+    text_cfg = dict(_UMT5_XXL)
+    if small:  # the local tokenizer's vocabulary (at scale 1 the real one: its ids fit in it)
+        text_cfg.update(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2)
     text = UMT5EncoderModel(UMT5Config(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
                                        **text_cfg))
     base = {"wan": _WAN_1_3B if size == "1.3B" else _WAN_14B, "wan-i2v": _WAN_I2V_14B,
@@ -766,7 +766,8 @@ def wan_pipeline(arch: str = "wan", scale: float = 0.05, seed: int = 0, size: st
         transformers_.append(diffusers.WanTransformer3DModel(**cfg))
     vae = diffusers.AutoencoderKLWan(**({"base_dim": 16, "num_res_blocks": 1} if small else {}))
     shift = 12.0 if arch == "wan22" else 3.0  # Wan 2.2 T2V A14B's scheduler config
-    scheduler = diffusers.UniPCMultistepScheduler(**{**_WAN_SCHEDULER, "flow_shift": shift})
+    with torch.device("cpu"):  # its sigmas are data even where the models are built on "meta"
+        scheduler = diffusers.UniPCMultistepScheduler(**{**_WAN_SCHEDULER, "flow_shift": shift})
     for module in (text, vae, vision, *transformers_):
         if module is not None:
             module.eval()  # UMT5's dropout is on in training mode: runs would differ

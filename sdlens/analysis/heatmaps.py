@@ -149,10 +149,10 @@ def _token_index(maps: Any, positions: Sequence[int], what: str) -> list[int]:
         raise ValueError(f"{what}: {e}") from None
 
 
-def _head_index(m: torch.Tensor, heads: Any, name: str) -> Any:
+def _head_index(m: torch.Tensor, heads: Any, name: str, video: bool = False) -> Any:
     if heads is None:
         return None
-    if m.ndim != 6:
+    if m.ndim != 6 + video:
         raise ValueError(f"heads={heads!r} needs maps recorded with heads kept; layer {name} was "
                          f"recorded with heads averaged (record with heads=True)")
     n = m.shape[2]
@@ -166,11 +166,13 @@ def _head_index(m: torch.Tensor, heads: Any, name: str) -> Any:
 # --------------------------------------------------------------------------- core pooling
 def _layer_maps(maps: Any, name: str, step_idx: list[int], batch: int, tok_idx: list[int],
                 heads: Any) -> torch.Tensor:
-    """(steps, heads', tokens', h, w) float32 for one layer (heads' = 1 when averaged)."""
+    """(steps, heads', tokens', [frames,] h, w) float32 for one layer (heads' = 1 when
+    averaged; frames: a video model's)."""
     m = maps[name]
-    hidx = _head_index(m, heads, name)
+    video = len(maps.resolution(name)) == 3
+    hidx = _head_index(m, heads, name, video)
     m = m[:, batch]  # a view; select before copying: tokens, heads, then steps
-    if m.ndim == 4:  # (steps, tokens, h, w)
+    if m.ndim == 4 + video:  # (steps, tokens, [frames,] h, w)
         m = m.unsqueeze(1)
     elif hidx is not None:
         m = m[:, hidx]
@@ -178,18 +180,44 @@ def _layer_maps(maps: Any, name: str, step_idx: list[int], batch: int, tok_idx: 
     return m[step_idx].float()
 
 
+def is_video(trace: Any) -> bool:
+    """Whether ``trace`` is a video model's (latents and maps with a frame axis)."""
+    return (getattr(trace, "meta", None) or {}).get("latent_frames") is not None
+
+
+def _check_frame(trace: Any, frame: Any) -> int | None:
+    """``frame`` (a latent frame, negative from the end) as an index; None passes."""
+    if frame is None:
+        return None
+    if not is_video(trace):
+        raise ValueError("frame= is for video traces (this trace has no frame axis)")
+    n = int(trace.meta["latent_frames"])
+    if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)) or not -n <= frame < n:
+        raise ValueError(f"frame={frame!r} is out of range: the trace has {n} latent frames "
+                         f"(0..{n - 1}; each stands for {trace.meta.get('vae_scale_factor_temporal', 4)}"
+                         " video frames, the first for one)")
+    return int(frame) % n
+
+
 def pooled_map(trace: Any, positions: Sequence[int], steps: Any = None, layers: Any = None,
                heads: Any = None, batch: int = 0, pooling: str = "sdlens", per_step: bool = False,
                size: Any = None, normalize: bool = True, what: str = "token",
-               maps: str = "attention") -> torch.Tensor:
+               maps: str = "attention", frame: int | None = None) -> torch.Tensor:
     """Pool the maps of token ``positions`` (merged by their mean) as the module doc says;
     ``maps``: which recorded maps (one of :data:`MAPS`; concept maps: ``positions`` are indices
     along the concepts axis).
 
-    Returns ``(H, W)`` float32, or ``(steps, H, W)`` with ``per_step=True``.
+    Returns ``(H, W)`` float32, or ``(steps, H, W)`` with ``per_step=True``. A video trace:
+    ``(frames, H, W)`` / ``(steps, frames, H, W)`` (latent frames; normalised over the whole
+    clip, so frames compare), or that of one latent ``frame``.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    frame = _check_frame(trace, frame)
+    video = is_video(trace)
+    if video and pooling == "daam":
+        raise ValueError("pooling='daam' is DAAM's image aggregation; video traces pool with "
+                         "pooling='sdlens'")
     kind = maps
     maps = _maps(trace, kind)
     batch = _check_batch(trace, batch)
@@ -203,11 +231,13 @@ def pooled_map(trace: Any, positions: Sequence[int], steps: Any = None, layers: 
     acc = None
     if pooling == "sdlens":
         for name in names:
-            m = _layer_maps(maps, name, step_idx, batch, tok_idx, heads)  # (S, h', t, h, w)
+            m = _layer_maps(maps, name, step_idx, batch, tok_idx, heads)  # (S, h', t, [F,] h, w)
             m = m.mean(dim=(1, 2))  # heads, then tokens
             if not per_step:
                 m = m.mean(0, keepdim=True)
-            up = F.interpolate(m[:, None], size=out_hw, mode="bilinear", align_corners=False)[:, 0]
+            # each frame upsampled on its own: (S, [F,] h, w) -> (S, [F,] H, W)
+            up = F.interpolate(m.reshape(-1, 1, *m.shape[-2:]), size=out_hw, mode="bilinear",
+                               align_corners=False).reshape(*m.shape[:-2], *out_hw)
             acc = up if acc is None else acc + up
         acc = acc / len(names)
     else:  # daam
@@ -228,15 +258,17 @@ def pooled_map(trace: Any, positions: Sequence[int], steps: Any = None, layers: 
         acc = acc.mean(1) / entries  # merge the word's tokens; the mean over (layer, head) maps
         acc = F.interpolate(acc[:, None], size=out_hw, mode="bicubic", align_corners=False)[:, 0]
     if normalize:
-        acc = _minmax(acc, what)
+        acc = _minmax(acc, what, dims=(-3, -2, -1) if video else (-2, -1))
         if pooling == "daam":
             acc = acc.clamp_(0, 1)
+    if frame is not None:
+        acc = acc[:, frame]
     return acc if per_step else acc[0]
 
 
-def _minmax(x: torch.Tensor, what: str) -> torch.Tensor:
-    lo = x.amin(dim=(-2, -1), keepdim=True)
-    hi = x.amax(dim=(-2, -1), keepdim=True)
+def _minmax(x: torch.Tensor, what: str, dims: tuple[int, ...] = (-2, -1)) -> torch.Tensor:
+    lo = x.amin(dim=dims, keepdim=True)
+    hi = x.amax(dim=dims, keepdim=True)
     span = hi - lo
     if bool((span <= 1e-12).any()):
         warnings.warn(f"the map of {what} is constant (no spatial variation) at "
@@ -249,7 +281,7 @@ def _minmax(x: torch.Tensor, what: str) -> torch.Tensor:
 def word_heatmap(trace: Any, word: str, steps: Any = None, layers: Any = None, heads: Any = None,
                  batch: int = 0, occurrence: int = 0, pooling: str = "sdlens",
                  per_step: bool = False, size: Any = None, normalize: bool = True,
-                 maps: str = "attention") -> torch.Tensor:
+                 maps: str = "attention", frame: int | None = None) -> torch.Tensor:
     """Image-resolution heatmap of ``word`` in prompt ``batch`` of ``trace``.
 
     Args:
@@ -273,17 +305,44 @@ def word_heatmap(trace: Any, word: str, steps: Any = None, layers: Any = None, h
             listing the recorded concepts for another), or ``"image_to_text"`` (the word's
             tokens' attention to each image patch). Steps, layers, pooling and normalisation
             work the same for all three.
+        frame: a video trace's latent frame (None: every frame).
 
     Returns:
-        ``torch.Tensor`` float32 ``(H, W)`` or ``(steps, H, W)``.
+        ``torch.Tensor`` float32 ``(H, W)`` or ``(steps, H, W)``; a video trace ``(frames, H,
+        W)`` or ``(steps, frames, H, W)`` (latent frames, min-max normalised over the whole
+        clip: a frame the word leaves alone stays dark), or one ``frame``'s ``(H, W)`` /
+        ``(steps, H, W)``.
     """
     if maps == "concepts":
         index = _maps(trace, maps).concept_index(word)
         return pooled_map(trace, [index], steps, layers, heads, batch, pooling, per_step, size,
-                          normalize, what=f"concept {word!r}", maps=maps)
+                          normalize, what=f"concept {word!r}", maps=maps, frame=frame)
     w = find_word(trace, word, batch=_check_batch(trace, batch), occurrence=occurrence)
     return pooled_map(trace, w.positions, steps, layers, heads, batch, pooling, per_step, size,
-                      normalize, what=repr(w.text), maps=maps)
+                      normalize, what=repr(w.text), maps=maps, frame=frame)
+
+
+def word_activity(trace: Any, word: str, steps: Any = None, layers: Any = None,
+                  batch: int = 0, occurrence: int = 0, per_step: bool = False) -> torch.Tensor:
+    """A video trace's word activity over time: the word's map mass per latent frame, the mean
+    attention probability of a patch of that frame on the word's tokens (tokens merged by their
+    mean, heads averaged; then the mean over the chosen steps and layers, equal weight each).
+
+    Returns ``(frames,)`` float32, or ``(steps, frames)`` with ``per_step=True``. ValueError for
+    an image trace."""
+    if not is_video(trace):
+        raise ValueError("word_activity is for video traces (a map mass per frame); this trace "
+                         "has no frame axis")
+    maps = _maps(trace, "attention")
+    batch = _check_batch(trace, batch)
+    w = find_word(trace, word, batch=batch, occurrence=occurrence)
+    recorded = [int(s) for s in maps.steps]
+    step_idx = [recorded.index(s) for s in resolve_steps(trace, steps, "attention")]
+    names = resolve_layers(trace, layers, "attention")
+    tok_idx = _token_index(maps, w.positions, repr(w.text))
+    acc = sum(_layer_maps(maps, n, step_idx, batch, tok_idx, None).mean(dim=(1, 2, -2, -1))
+              for n in names) / len(names)  # (S, F)
+    return acc if per_step else acc.mean(0)
 
 
 def token_heatmap(trace: Any, positions: int | Sequence[int], **kwargs: Any) -> torch.Tensor:

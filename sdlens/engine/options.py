@@ -43,8 +43,9 @@ class RecordOptions:
             / "up"), a resolution int (max(h, w) of the map, e.g. 16), an alias ("up.1.0"), a
             module path, or a list of these (see :mod:`sdlens.trace.maps`).
         steps: at which steps to keep attention maps (latents/noise/x0 are small and always kept
-            for every step): None (all), a list/range of step indices (negative ones count from
-            the end), or a slice (``slice(None, None, 5)``: every 5th step).
+            for every step): None (all; a video model's: its adapter's ``default_map_steps``,
+            Wan: every 5th step), a list/range of step indices (negative ones count from the
+            end), or a slice (``slice(None, None, 5)``: every 5th step; ``slice(None)``: all).
         heads: keep the heads axis of the maps (default: average over heads on the device).
         keep_padding: keep all 77 token positions (default: the start token, the prompt's tokens
             and the end token; rows then no longer sum to 1 over the kept tokens).
@@ -169,6 +170,12 @@ def check_concepts(concepts) -> list[str]:
     return out
 
 
+def map_steps(options: RecordOptions, adapter) -> Any:
+    """The steps selector of the maps: ``options.steps``, or where that is None the adapter's
+    ``default_map_steps`` (a video model's maps are large: Wan's every 5th step)."""
+    return options.steps if options.steps is not None else adapter.default_map_steps
+
+
 def default_max_bytes() -> int:
     """50% of the host memory available now (MemAvailable), or 8 GiB if it cannot be read: the
     default limit of a trace (``RecordOptions.max_bytes``)."""
@@ -263,8 +270,9 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
     if layers is None:
         layers = resolve_layers(opts.layers, adapter.sites(), lambda l: res[l], adapter.naming)
     if attention_steps is None:
-        attention_steps = len(range(steps)[opts.steps]) if isinstance(opts.steps, slice) \
-            else (steps if opts.steps is None else len(set(opts.steps)))
+        spec = map_steps(opts, adapter)
+        attention_steps = len(range(steps)[spec]) if isinstance(spec, slice) \
+            else (steps if spec is None else len(set(spec)))
     per = batch * adapter.latent_channels() * math.prod(latent_hw) * 4
     rec = opts.record
     est = {"latents": (steps + 1) * per if "latents" in rec else 0,

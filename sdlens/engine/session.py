@@ -45,7 +45,7 @@ from sdlens.engine.arch import BackboneAdapter, adapter_for
 from sdlens.engine.collect import Maps
 from sdlens.engine.joint import ConceptPass, check_joint_options
 from sdlens.engine.options import (RecordOptions, TraceTooLarge, default_max_bytes,
-                                   estimate_trace_bytes, human_bytes)
+                                   estimate_trace_bytes, human_bytes, map_steps)
 from sdlens.engine.sites import Hooks, KernelSeam, MapRecorder, reweighting
 from sdlens.engine.text import text_axis
 from sdlens.pipeline import pipeline_task
@@ -198,8 +198,8 @@ class _Run:
             ts = getattr(self.pipe.scheduler, "timesteps", None)
             total = len(ts) - int(getattr(self.pipe.scheduler, "begin_index", None) or 0) if ts is not None else 0
         self.total_steps = int(total)
-        self.att_steps = set(select_steps(self.opts.steps, self.total_steps))
         adapter = self.session.adapter
+        self.att_steps = set(select_steps(map_steps(self.opts, adapter), self.total_steps))
         self.resolutions = adapter.resolutions(self.latent_hw)
         self.selected = resolve_layers(self.opts.layers, self.session.layers,
                                        lambda l: self.resolutions[l], adapter.naming)

@@ -214,6 +214,8 @@ class BackboneAdapter(ABC):
     cfg_by_default: ClassVar[bool] = True
     # a video family: latents (B, C, F, h, w), maps (F, h, w) (:meth:`latent_size`)
     video: ClassVar[bool] = False
+    # the steps with maps when RecordOptions.steps is None (None: every step)
+    default_map_steps: ClassVar[object] = None
 
     def __init__(self, pipe):
         self.pipe = pipe

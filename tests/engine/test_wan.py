@@ -1,0 +1,288 @@
+"""Wan 2.1 / 2.2 video traces: the test beds, the adapter, the frame axis through the Trace.
+
+Tiny random-weight pipelines (2 blocks, 9 frames at 32 x 32: 3 latent frames of 4 x 4, maps
+(3, 2, 2)); the full-size ones are built on the meta device."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+import sdlens
+from sdlens.analysis.heatmaps import word_activity
+from sdlens.engine.arch import adapter_for
+from sdlens.engine.text import word_positions
+from sdlens.testing import random_pipeline, wan_pipeline
+from test_kernel_maps import KernelSpy, explicit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT = "a red circle on the beach"
+CALL = dict(prompt=PROMPT, num_frames=9, height=32, width=32, num_inference_steps=3,
+            output_type="latent")
+
+
+@functools.lru_cache(maxsize=None)
+def pipe_of(arch: str):
+    return random_pipeline(arch, seed=0)
+
+
+def inputs(arch: str) -> dict:
+    return dict(image=Image.new("RGB", (32, 32), (200, 30, 30))) if arch == "wan-i2v" else {}
+
+
+def traced(arch: str, spy_sites: bool = False, **options):
+    """(trace, untraced latents, traced latents, spy or None)."""
+    pipe = pipe_of(arch)
+    call = {**CALL, **inputs(arch)}
+    plain = pipe(generator=torch.Generator().manual_seed(0), **call).frames
+    spy = None
+    if spy_sites:
+        adapter = adapter_for(pipe)
+        spy = KernelSpy(adapter.denoiser, adapter.sites())
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="sdlens")  # nothing skipped
+            if spy is not None:
+                with spy, sdlens.trace(pipe, attention_dtype=torch.float32, **options) as tr:
+                    out = pipe(generator=torch.Generator().manual_seed(0), **call).frames
+            else:
+                with sdlens.trace(pipe, **options) as tr:
+                    out = pipe(generator=torch.Generator().manual_seed(0), **call).frames
+    finally:
+        if spy is not None:
+            spy.remove()
+    return tr.runs[-1], plain, out, spy
+
+
+@pytest.mark.parametrize("arch", ["wan", "wan-i2v", "wan22"])
+def test_traced_video_equals_untraced_and_the_trace_has_frames(arch):
+    tr, plain, out, _ = traced(arch)
+    assert torch.equal(plain, out), "tracing changed the video"
+    pipe = pipe_of(arch)
+    blocks = pipe.transformer.config.num_layers
+    # (steps + 1, batch, C, latent frames, h, w); the last latents are what the pipeline returned
+    assert tuple(tr.latents.shape) == (4, 1, 16, 3, 4, 4)
+    assert torch.equal(tr.latents[-1], out)
+    assert torch.equal(tr.x0[-1], out)  # the last x0 is the final latents (flow, sigma -> 0)
+    for name in ("noise", "noise_text", "noise_uncond", "x0"):
+        assert tuple(getattr(tr, name).shape) == (3, 1, 16, 3, 4, 4), name
+    assert tr.do_cfg and tr.meta["denoiser_calls"] == 2 * 3  # CFG: two transformer calls a step
+    assert tr.meta["latent_frames"] == 3 and tr.meta["num_frames"] == 9
+    assert tr.meta["vae_scale_factor_temporal"] == 4
+    # every cross-attention site, counted against the config, at (frames, h / 2, w / 2)
+    maps = tr.attention
+    assert maps.layers == [f"blocks.{i}.attn2" for i in range(blocks)]
+    assert all(maps.resolution(l) == (3, 2, 2) for l in maps.layers)
+    assert maps.steps == [0]  # Wan's default: maps every 5th step
+    words = [t for t in tr.tokens[0]]
+    assert words[-1 if arch != "wan-i2v" else -6] == "</s>"  # padding left out
+    n_img = 5 if arch == "wan-i2v" else 0  # I2V: the image-context tokens, a segment after the text
+    assert maps[maps.layers[0]].shape == (1, 1, len(tr.tokens[0]), 3, 2, 2)
+    assert sum(t.startswith("<image prompt 0:") for t in tr.tokens[0]) == n_img
+    if arch == "wan-i2v":
+        assert tr.meta["image_context"] == {"tokens": [5]} and "ip_adapter" not in tr.meta
+
+
+def test_wan22_records_both_experts_under_one_trace():
+    tr, plain, out, _ = traced("wan22", steps=slice(None))
+    pipe = pipe_of("wan22")
+    boundary = 0.875 * pipe.scheduler.config.num_train_timesteps
+    want = ["transformer" if float(t) >= boundary else "transformer_2" for t in tr.timesteps]
+    assert "transformer_2" in want and "transformer" in want  # the test covers a switch
+    assert tr.meta["denoiser_steps"] == want
+    assert tr.meta["switch_step"] == want.index("transformer_2")
+    assert tr.meta["boundary_ratio"] == 0.875 and tr.meta["guidance_scale_2"] == 5.0
+    assert tr.attention.steps == [0, 1, 2]  # maps from both experts
+    # the low-noise expert's maps are its own: they differ from what the first expert would give
+    assert tr.attention[tr.attention.layers[0]].isfinite().all()
+
+
+def test_wan22_maps_come_from_the_expert_that_ran():
+    """Each recorded step's maps equal the explicit softmax of the kernel call of the expert
+    that predicted the step (the spy watches both)."""
+    pipe = pipe_of("wan22")
+    adapter = adapter_for(pipe)
+    spies = [KernelSpy(m, adapter.sites()) for m in adapter.denoisers()]
+    call = dict(CALL)
+    try:
+        with spies[0], spies[1], sdlens.trace(pipe, attention_dtype=torch.float32,
+                                              steps=slice(None)) as tr:
+            pipe(generator=torch.Generator().manual_seed(0), **call)
+    finally:
+        for s in spies:
+            s.remove()
+    tr = tr.runs[-1]
+    names = tr.meta["denoiser_steps"]
+    calls = {"transformer": 0, "transformer_2": 0}
+    layer = tr.attention.layers[-1]
+    for step, name in enumerate(names):
+        spy = spies[0 if name == "transformer" else 1]
+        q, k, mask, scale = spy.calls[(calls[name], layer)][0]  # the text call of the step
+        calls[name] += 2
+        p = explicit(q, k, mask, scale).mean(1)[..., tr.attention.token_positions]
+        got = tr.attention[layer][step].double().flatten(-3)  # (B, T, F h w)
+        torch.testing.assert_close(got, p.transpose(-1, -2), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["wan", "wan-i2v"])
+def test_maps_equal_the_explicit_softmax_of_the_kernels_q_k(arch):
+    """q / k captured independently at SDPA; per step the text (conditional) call comes first.
+    I2V: the image-context call comes first in a site call, with its own softmax."""
+    tr, _, _, spy = traced(arch, spy_sites=True, steps=slice(None))
+    maps = tr.attention
+    n_text = len(maps.token_positions) - (5 if arch == "wan-i2v" else 0)
+    checked = 0
+    for layer in maps.layers:
+        for i, step in enumerate(maps.steps):
+            calls = spy.calls[(2 * step, layer)]  # denoiser call 2s: the prompt's
+            if arch == "wan-i2v":
+                (qi, ki, mi, si), (q, k, m, s) = calls[:2]
+                assert ki.shape[2] == 5 and k.shape[2] == 512
+                image = explicit(qi, ki, mi, si).mean(1)
+            else:
+                (q, k, m, s), image = calls[0], None
+                assert k.shape[2] == 512  # every UMT5 position is a key (padding zeroed)
+            text = explicit(q, k, m, s).mean(1)[..., maps.token_positions[:n_text]]
+            want = text if image is None else torch.cat([text, image], -1)
+            got = maps[layer][i].double().flatten(-3)
+            torch.testing.assert_close(got, want.transpose(-1, -2), atol=1e-6, rtol=0)
+            checked += 1
+    assert checked == len(maps.layers) * 3
+
+
+def test_a_word_acting_on_one_frame_shows_on_that_frame():
+    """Constructed: at every site, the queries of latent frame 1's patches are set to a vector
+    that scores the word "beach"'s key high and every other distinct key 0 (the key of each
+    text position is computed from the site's own projections); the other frames keep theirs.
+    The word's heatmap and activity then sit on frame 1."""
+    pipe = pipe_of("wan")
+    adapter = adapter_for(pipe)
+    target = word_positions(pipe, PROMPT, "beach")
+    assert len(target) == 1
+    frames, hw = 3, 4  # latent frames; patches per frame (2 x 2)
+    handles = []
+
+    def edit(attn):
+        keys = {}
+
+        def pre(module, args, kwargs):
+            ehs = args[1] if len(args) > 1 else kwargs["encoder_hidden_states"]
+            keys["k"] = attn.norm_k(attn.to_k(ehs)).unflatten(-1, (attn.heads, -1))
+
+        def post(module, args, out):
+            k = keys["k"]  # (B, L, heads, d)
+            q = out.unflatten(-1, (attn.heads, -1)).clone()
+            for b in range(k.shape[0]):
+                for h in range(attn.heads):
+                    distinct, inverse = torch.unique(k[b, :, h], dim=0, return_inverse=True)
+                    goal = torch.zeros(distinct.shape[0])
+                    goal[inverse[target[0]]] = 30.0 * k.shape[-1] ** 0.5  # SDPA's scale
+                    vec = torch.linalg.lstsq(distinct, goal[:, None]).solution[:, 0]
+                    q[b, hw: 2 * hw, h] = vec
+            return q.flatten(-2)
+
+        handles.append(attn.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(attn.norm_q.register_forward_hook(post))
+
+    for site in adapter.sites():
+        edit(pipe.transformer.get_submodule(site))
+    try:
+        tr = sdlens.generate(pipe, PROMPT, seed=0, steps=2, num_frames=9, height=32, width=32,
+                             output_type="latent", attention_steps=slice(None),
+                             attention_dtype=torch.float32)
+    finally:
+        for h in handles:
+            h.remove()
+    activity = word_activity(tr, "beach")
+    assert activity.shape == (frames,)
+    assert activity[1] > 0.9 and activity[0] < 0.1 and activity[2] < 0.1, activity
+    heat = tr.heatmap("beach")  # (frames, H, W), normalised over the clip
+    assert heat.shape == (frames, 32, 32)
+    assert heat[1].min() > 0.9 and heat[0].max() < 0.1 and heat[2].max() < 0.1
+    other = word_activity(tr, "red")
+    assert other[1] < 0.05  # frame 1's patches look at "beach" only
+
+
+def test_heatmap_frame_and_per_step_options():
+    tr, _, _, _ = traced("wan", steps=slice(None))
+    clip = tr.heatmap("circle")
+    assert clip.shape == (3, 32, 32) and 0 <= float(clip.min()) and float(clip.max()) == 1.0
+    torch.testing.assert_close(tr.heatmap("circle", frame=2), clip[2])
+    torch.testing.assert_close(tr.heatmap("circle", frame=-1), clip[2])
+    per = tr.heatmap("circle", per_step=True)
+    assert per.shape == (3, 3, 32, 32)
+    assert tr.heatmap("circle", per_step=True, frame=0).shape == (3, 32, 32)
+    assert word_activity(tr, "circle", per_step=True).shape == (3, 3)
+    with pytest.raises(ValueError, match="latent frames"):
+        tr.heatmap("circle", frame=3)
+    with pytest.raises(ValueError, match="video"):
+        tr.heatmap("circle", pooling="daam")
+
+
+def test_video_trace_saves_and_loads_lazily(tmp_path):
+    tr, _, _, _ = traced("wan")
+    back = sdlens.load(tr.save(tmp_path / "wan.sdlens"))
+    assert back.meta["latent_frames"] == 3
+    for name in ("latents", "noise", "noise_text", "noise_uncond", "x0"):
+        assert torch.equal(getattr(back, name), getattr(tr, name)), name
+    layer = tr.attention.layers[0]
+    assert back.attention.resolution(layer) == (3, 2, 2)
+    assert torch.equal(back.attention[layer], tr.attention[layer])
+    torch.testing.assert_close(back.heatmap("circle"), tr.heatmap("circle"))
+
+
+def test_trace_build_checks_the_frame_axis():
+    tr, _, _, _ = traced("wan")
+    fields = tr.fields()
+    bad = dict(fields, latents=fields["latents"][:, :, :, :2])  # 2 frames, meta says 3
+    with pytest.raises(ValueError, match="latents"):
+        type(tr).build(**bad)
+    image_like = dict(fields, meta={k: v for k, v in fields["meta"].items() if k != "latent_frames"})
+    with pytest.raises(ValueError, match="latents"):  # 6 dims in an image trace
+        type(tr).build(**image_like)
+
+
+def test_size_estimate_matches_a_video_trace_and_the_default_wan_trace():
+    from sdlens.engine.options import RecordOptions, estimate_trace_bytes
+
+    tr, _, _, _ = traced("wan", steps=slice(None))
+    est = tr.meta["estimated_bytes"]
+    assert est["latents"] == tr.latents.nbytes and est["x0"] == tr.x0.nbytes
+    assert est["noise"] == tr.noise.nbytes + tr.noise_text.nbytes + tr.noise_uncond.nbytes
+    assert est["attention"] == sum(tr.attention[l].nbytes for l in tr.attention.layers)
+    # the real Wan 2.1 1.3B at its defaults (480 x 832, 81 frames: 21 x 60 x 104 latents),
+    # 50 steps, CFG, a 20-token prompt; built on the meta device
+    with torch.device("meta"):
+        full = wan_pipeline("wan", scale=1.0)
+    default = estimate_trace_bytes(full, batch=1, steps=50, n_tokens=20)
+    every = estimate_trace_bytes(full, batch=1, steps=50, n_tokens=20,
+                                 options=RecordOptions(steps=slice(None)))
+    per = 16 * 21 * 60 * 104 * 4
+    assert default["latents"] == 51 * per and default["x0"] == 50 * per
+    assert every["attention"] == 50 * 30 * 20 * 21 * 30 * 52 * 2  # steps x sites x tokens x patches
+    assert default["attention"] == every["attention"] // 5  # maps at every 5th step by default
+    assert 2.4e9 < sum(default.values()) < 2.6e9 and 4.0e9 < sum(every.values()) < 4.2e9
+
+
+def test_full_size_wan_parameter_counts():
+    """The real configs, on the meta device: Wan 2.1 T2V 1.3B, 14B, I2V 14B, Wan 2.2 A14B."""
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    with torch.device("meta"):
+        small = wan_pipeline("wan", scale=1.0, size="1.3B")
+        assert 1.40e9 < count(small.transformer) < 1.44e9
+        assert 5.6e9 < count(small.text_encoder) < 5.8e9  # UMT5-XXL's encoder
+        assert 1.2e8 < count(small.vae) < 1.3e8
+        big = wan_pipeline("wan", scale=1.0, size="14B")
+        assert 14.2e9 < count(big.transformer) < 14.4e9
+        i2v = wan_pipeline("wan-i2v", scale=1.0)
+        assert 16.3e9 < count(i2v.transformer) < 16.5e9 and i2v.transformer.config.in_channels == 36
+        two = wan_pipeline("wan22", scale=1.0)
+        assert count(two.transformer) == count(two.transformer_2) == count(big.transformer)
+        assert two.config.boundary_ratio == 0.875
