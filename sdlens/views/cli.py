@@ -418,6 +418,35 @@ register("report", "write a self-contained HTML report of a trace file", _report
 register("info", "print what a trace file holds", _info_args, _info_run, aliases=("inspect",))
 
 
+# --------------------------------------------------------------------------- video
+def _video_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trace", help="a video model's trace file (Wan)")
+    p.add_argument("--word", "-w", required=True, help="the word whose heatmap is drawn")
+    p.add_argument("--out", "-o", default=None,
+                   help="GIF file to write (default: TRACE-WORD.gif beside the trace)")
+    p.add_argument("--fps", type=int, default=8, help="frames per second (default 8)")
+    p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity (default 0.5)")
+    p.add_argument("--batch", type=int, default=0, help="which video of the batch (default 0)")
+
+
+def _video_run(args: argparse.Namespace) -> int:
+    tr = _load_trace(args.trace)
+    if not tr.meta.get("latent_frames"):
+        raise UsageError(f"{args.trace} is an image trace; `sdlens video` draws a video "
+                         "model's heatmaps over its clip")
+    safe = "".join(c if c.isalnum() else "_" for c in args.word)
+    out = Path(args.out).expanduser() if args.out else \
+        Path(args.trace).with_name(f"{Path(args.trace).stem}-{safe}.gif")
+    path = plot.heatmap_video(tr, args.word, out, fps=args.fps, alpha=args.alpha,
+                              batch=args.batch)
+    print(f"wrote {path}  ({human_bytes(path.stat().st_size)})")
+    return 0
+
+
+register("video", "write a word's heatmap over a video trace's clip as an animated GIF",
+         _video_args, _video_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdlens", description="See inside Stable Diffusion while it samples.")
     parser.add_argument("--version", action="version", version=f"sdlens {__version__}")

@@ -516,7 +516,64 @@ def comparison(cmp: Any, axes: Any = None) -> Figure:
 heatmaps = heatmap_grid  # the README's name for it
 
 
+# --------------------------------------------------------------------------- video
+def word_activity(trace: Any, words: Iterable[str] | None = None, batch: int = 0,
+                  steps: Any = None, layers: Any = None, ax: Any = None) -> Figure:
+    """A video trace's words over time: each word's map mass per latent frame
+    (:func:`sdlens.analysis.heatmaps.word_activity`), one line per word (default: every word
+    of the prompt)."""
+    from sdlens.analysis.heatmaps import word_activity as activity
+
+    words = list(word_texts(trace, batch, False) if words is None else
+                 ([words] if isinstance(words, str) else words))
+    fig, ax = _new_axes(ax, (5.0, 3.0))
+    for w in words:
+        ax.plot(_np(activity(trace, w, steps=steps, layers=layers, batch=batch)), marker="o",
+                label=w)
+    t = trace.meta.get("vae_scale_factor_temporal", 4)
+    ax.set_xlabel(f"latent frame (1 = video frames 1..{t}, f = {t}f-{t - 1}..{t}f)")
+    ax.set_ylabel("mean attention on the word")
+    ax.set_title("word activity over time", fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def heatmap_video(trace: Any, word: str, path: Any, fps: int = 8, alpha: float = 0.5,
+                  cmap: str = "jet", kind: str = "x0", step: int = -1, batch: int = 0,
+                  vae: Any = None, **heatmap_kwargs: Any):
+    """Write ``word``'s heatmap over the clip as an animated GIF (Pillow; no ffmpeg needed):
+    every frame of the decoded clip (:func:`sdlens.analysis.video.decode_clip` of ``kind`` at
+    ``step``) under the heatmap of its latent frame (normalised over the clip). Returns the
+    path. ``heatmap_kwargs`` go to ``word_heatmap`` (``steps``, ``layers``, ...). Without a
+    VAE the clip is a per-latent-frame preview: the GIF then holds one still per latent frame,
+    each lasting the video frames it stands for (GIF merges equal consecutive frames)."""
+    from pathlib import Path
+
+    from matplotlib import colormaps
+    from PIL import Image
+
+    from sdlens.analysis.video import decode_clip, latent_frames_of_clip
+
+    path = Path(path).expanduser()
+    if path.suffix.lower() != ".gif":
+        raise ValueError(f"heatmap_video writes GIF files (give a .gif path), got {path.name!r}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not isinstance(fps, int) or isinstance(fps, bool) or fps < 1:
+        raise ValueError(f"fps must be an int >= 1, got {fps!r}")
+    clip = decode_clip(trace, kind, step, batch, vae)  # (frames, H, W, 3) uint8
+    heat = _np(word_heatmap(trace, word, batch=batch, size=clip.shape[1:3], **heatmap_kwargs))
+    colour = colormaps[cmap](heat)[..., :3]  # (latent frames, H, W, 3) in [0, 1]
+    which = latent_frames_of_clip(trace)
+    frames = [Image.fromarray(((1 - alpha) * clip[i] + alpha * 255 * colour[f]).round()
+                              .clip(0, 255).astype(np.uint8)) for i, f in enumerate(which)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps),
+                   loop=0)
+    return path
+
+
 __all__ = ["overlay", "heatmap_grid", "heatmaps", "heatmap_steps", "concept_maps",
-           "image_to_text_maps", "step_strip", "guidance_strip",
+           "image_to_text_maps", "step_strip", "guidance_strip", "word_activity", "heatmap_video",
            "guidance_curves", "scheduler_curves", "commitment_curves", "token_view", "comparison",
            "to_png"]

@@ -286,3 +286,34 @@ def test_full_size_wan_parameter_counts():
         two = wan_pipeline("wan22", scale=1.0)
         assert count(two.transformer) == count(two.transformer_2) == count(big.transformer)
         assert two.config.boundary_ratio == 0.875
+
+
+def test_heatmap_video_export_opens_with_the_clips_frames_and_size(tmp_path):
+    from sdlens.analysis.video import decode_clip, latent_frames_of_clip
+
+    tr, _, _, _ = traced("wan")
+    assert latent_frames_of_clip(tr) == [0, 1, 1, 1, 1, 2, 2, 2, 2]  # 9 frames, 4x in time
+    clip = decode_clip(tr)  # the traced pipeline's VAE
+    assert clip.shape == (9, 32, 32, 3) and clip.dtype.name == "uint8"
+    path = sdlens.plot.heatmap_video(tr, "circle", tmp_path / "circle.gif", fps=4)
+    with Image.open(path) as gif:
+        assert gif.n_frames == 9 and gif.size == (32, 32)
+        assert gif.info["duration"] == 250
+    fig = sdlens.plot.word_activity(tr, ["red", "circle"])
+    assert len(fig.axes[0].lines) == 2 and len(fig.axes[0].lines[0].get_xdata()) == 3
+    # from the CLI, for a saved trace (no pipeline: the latents' channel preview)
+    from sdlens.views.cli import main
+
+    saved = tr.save(tmp_path / "clip.sdlens")
+    assert main(["video", str(saved), "--word", "beach", "--fps", "2"]) == 0
+    with Image.open(tmp_path / "clip-beach.gif") as gif:
+        # without a VAE each latent frame is one still (the GIF merges equal frames): 3 stills
+        # lasting 1, 4 and 4 video frames at 2 fps
+        assert gif.n_frames == 3 and gif.size == (32, 32)
+        durations = []
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            durations.append(gif.info["duration"])
+        assert durations == [500, 2000, 2000]
+    with pytest.raises(ValueError, match="GIF"):
+        sdlens.plot.heatmap_video(tr, "circle", tmp_path / "circle.mp4")
