@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from sdlens.analysis.tokens import Word, available, find_word, word_texts
+from sdlens.analysis.video import check_frame, is_video
 from sdlens.trace.steps import select_steps
 
 POOLINGS = ("sdlens", "daam")
@@ -180,25 +181,6 @@ def _layer_maps(maps: Any, name: str, step_idx: list[int], batch: int, tok_idx: 
     return m[step_idx].float()
 
 
-def is_video(trace: Any) -> bool:
-    """Whether ``trace`` is a video model's (latents and maps with a frame axis)."""
-    return (getattr(trace, "meta", None) or {}).get("latent_frames") is not None
-
-
-def _check_frame(trace: Any, frame: Any) -> int | None:
-    """``frame`` (a latent frame, negative from the end) as an index; None passes."""
-    if frame is None:
-        return None
-    if not is_video(trace):
-        raise ValueError("frame= is for video traces (this trace has no frame axis)")
-    n = int(trace.meta["latent_frames"])
-    if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)) or not -n <= frame < n:
-        raise ValueError(f"frame={frame!r} is out of range: the trace has {n} latent frames "
-                         f"(0..{n - 1}; each stands for {trace.meta.get('vae_scale_factor_temporal', 4)}"
-                         " video frames, the first for one)")
-    return int(frame) % n
-
-
 def pooled_map(trace: Any, positions: Sequence[int], steps: Any = None, layers: Any = None,
                heads: Any = None, batch: int = 0, pooling: str = "sdlens", per_step: bool = False,
                size: Any = None, normalize: bool = True, what: str = "token",
@@ -213,7 +195,7 @@ def pooled_map(trace: Any, positions: Sequence[int], steps: Any = None, layers: 
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    frame = _check_frame(trace, frame)
+    frame = check_frame(trace, frame)
     video = is_video(trace)
     if video and pooling == "daam":
         raise ValueError("pooling='daam' is DAAM's image aggregation; video traces pool with "

@@ -33,6 +33,8 @@ from einops import rearrange
 from PIL import Image
 
 from sdlens.analysis.heatmaps import output_size
+from sdlens.analysis.video import (check_frame, first_clip_frame, is_video, latent_frames_of_clip,
+                                   temporal_scale)
 from sdlens.analysis.guidance import schedule_form
 from sdlens.engine.schedules import input_scale
 
@@ -290,6 +292,44 @@ def decode_vae(vae: Any, latents: torch.Tensor, batch_size: int = 8) -> torch.Te
     return torch.cat(out)
 
 
+def decode_video(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """A video VAE's decode as Wan's pipelines do it (``z * latents_std + latents_mean``):
+    ``(C, F, h, w)`` -> ``(frames, 3, H, W)`` float32 in ``[-1, 1]`` on the CPU."""
+    vae = getattr(vae, "vae", vae)
+    cfg = vae.config
+    param = next(iter(vae.parameters()))
+    mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        x = vae.decode((latents.float()[None] * std + mean).to(param.device, param.dtype)).sample
+    return x[0].float().clamp(-1, 1).cpu().transpose(0, 1)
+
+
+def _video_vae(vae: Any) -> bool:
+    cfg = getattr(getattr(vae, "vae", vae), "config", None)
+    return cfg is not None and cfg.get("latents_mean") is not None and \
+        cfg.get("latents_std") is not None
+
+
+def decode_clip(trace: Any, kind: str = "x0", step: int = -1, batch: int = 0,
+                vae: Any = None) -> np.ndarray:
+    """A video trace's clip at one step (``kind`` "x0" or "latents") as uint8 ``(frames, H,
+    W, 3)``: decoded by the video VAE where one is at hand (the traced pipeline's, or ``vae=``;
+    :func:`decode_video`); else each latent frame's first three channels (the ``"channels"``
+    preview), upsampled to the video size and repeated over the clip frames it stands for."""
+    if not is_video(trace):
+        raise ValueError("decode_clip is for video traces (this one has no frame axis)")
+    x = _select(trace, kind, step, batch)  # (C, F, h, w)
+    v = _vae_of(trace, vae)
+    if v is not None and _video_vae(v):
+        clip = decode_video(v, x)
+    else:
+        H, W = output_size(trace)
+        rgb = F.interpolate(channels_rgb(x.transpose(0, 1)), size=(H, W), mode="nearest")
+        clip = rgb[latent_frames_of_clip(trace)]
+    return ((clip.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
 def to_image(rgb: torch.Tensor, size: tuple[int, int] | None = None,
              resample: int = Image.BILINEAR) -> Image.Image:
     """``(3, h, w)`` in ``[-1, 1]`` -> PIL image, resized to ``size`` = (H, W) if given."""
@@ -344,7 +384,7 @@ def _out_size(trace: Any, size: Any) -> tuple[int, int] | None:
 
 def previews(trace: Any, kind: str = "x0", steps: Sequence[int] | None = None, batch: int = 0,
              decoder: str = "auto", vae: Any = None, size: Any = None,
-             batch_size: int = 8) -> list[Image.Image]:
+             batch_size: int = 8, frame: int | None = None) -> list[Image.Image]:
     """Previews of ``kind`` ("x0" or "latents", i.e. x_t) at several ``steps`` (default: all).
 
     ``decoder``: "auto" (the VAE decode where it is cheap, else linear: :func:`resolve_decoder`),
@@ -353,7 +393,20 @@ def previews(trace: Any, kind: str = "x0", steps: Sequence[int] | None = None, b
     ``AutoencoderTiny`` passed as ``vae=``). ``size``: (H, W) / int, default the image size;
     ``"latent"`` keeps the latent resolution (linear and channels only). VAE decodes are
     batched (``batch_size``) and cached on the trace.
+
+    A video trace: the previews of latent frame ``frame`` (default 0), decoded "channels"
+    ("auto": no published linear factors for video latents) or "vae" (the clip's first frame of
+    that latent frame, from the video VAE: :func:`decode_clip`).
     """
+    video = is_video(trace)
+    if video:
+        frame = check_frame(trace, 0 if frame is None else frame)
+        decoder = "channels" if decoder == "auto" else decoder
+        if decoder not in ("channels", "vae"):
+            raise ValueError(f"a video trace previews with decoder 'channels' or 'vae', got "
+                             f"{decoder!r}")
+    elif frame is not None:
+        check_frame(trace, frame)  # raises: an image trace has no frames
     decoder = resolve_decoder(trace, decoder, vae)
     data = trace.x0 if kind == "x0" else trace.latents if kind == "latents" else None
     if kind not in KINDS:
@@ -364,8 +417,14 @@ def previews(trace: Any, kind: str = "x0", steps: Sequence[int] | None = None, b
         steps = list(range(data.shape[0]))
     elif isinstance(steps, (int, np.integer)):
         steps = [int(steps)]
-    lat = [_select(trace, kind, s, batch) for s in steps]
     out_size = _out_size(trace, size)
+    if video and decoder == "vae":
+        first = first_clip_frame(frame, temporal_scale(trace))
+        clips = [decode_clip(trace, kind, s, batch, vae)[first] for s in steps]
+        return [_resized(Image.fromarray(c), out_size) for c in clips]
+    lat = [_select(trace, kind, s, batch) for s in steps]
+    if video:
+        lat = [x[:, frame] for x in lat]  # (C, h, w) of the chosen latent frame
     if decoder == "linear":
         m, b = linear_decoder(trace, vae)
         rgb = latent_to_rgb(torch.stack(lat), m, b)
@@ -397,17 +456,25 @@ def previews(trace: Any, kind: str = "x0", steps: Sequence[int] | None = None, b
 
 
 def preview(trace: Any, kind: str = "x0", step: int = -1, batch: int = 0,
-            decoder: str = "auto", vae: Any = None, size: Any = None) -> Image.Image:
+            decoder: str = "auto", vae: Any = None, size: Any = None,
+            frame: int | None = None) -> Image.Image:
     """One preview image (see :func:`previews`); ``step=-1``: the last step."""
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
         raise TypeError(f"step must be an int, got {type(step).__name__}")
-    return previews(trace, kind, [step], batch, decoder, vae, size)[0]
+    return previews(trace, kind, [step], batch, decoder, vae, size, frame=frame)[0]
 
 
 def preview_array(trace: Any, kind: str = "x0", step: int = -1, batch: int = 0,
-                  decoder: str = "auto", vae: Any = None, size: Any = None) -> np.ndarray:
+                  decoder: str = "auto", vae: Any = None, size: Any = None,
+                  frame: int | None = None) -> np.ndarray:
     """Like :func:`preview`, as a uint8 ``(H, W, 3)`` array."""
-    return np.asarray(preview(trace, kind, step, batch, decoder, vae, size))
+    return np.asarray(preview(trace, kind, step, batch, decoder, vae, size, frame))
+
+
+def _resized(im: Image.Image, size: tuple[int, int] | None) -> Image.Image:
+    if size is not None and (im.size[1], im.size[0]) != tuple(size):
+        im = im.resize((size[1], size[0]), Image.BILINEAR)
+    return im
 
 
 def clear_cache(trace: Any = None) -> None:

@@ -1,10 +1,10 @@
-"""A video trace's clip: its frames as RGB, and which latent frame each video frame comes from.
+"""The frame axis of a video trace: which trace is one, its latent frames, and which latent
+frame each frame of the decoded clip comes from.
 
-A video model's latents have ``F`` latent frames; its VAE compresses time by ``t``
-(``meta["vae_scale_factor_temporal"]``, Wan: 4): latent frame 0 decodes to video frame 0 alone,
-latent frame ``f >= 1`` to video frames ``1 + t (f - 1) .. t f``, so a clip has ``(F - 1) t + 1``
-frames (``meta["num_frames"]``). The maps are per latent frame; :func:`latent_frame_of` maps a
-video frame back to its latent frame.
+A video model's latents have ``F`` latent frames (``meta["latent_frames"]``); its VAE compresses
+time by ``t`` (``meta["vae_scale_factor_temporal"]``, Wan: 4): latent frame 0 decodes to clip
+frame 0 alone, latent frame ``f >= 1`` to clip frames ``1 + t (f - 1) .. t f``, so a clip has
+``(F - 1) t + 1`` frames (``meta["num_frames"]``). The maps are per latent frame.
 """
 
 from __future__ import annotations
@@ -12,58 +12,47 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-
-from sdlens.analysis.heatmaps import is_video, output_size
-from sdlens.analysis.previews import channels_rgb
 
 
-def _check(trace: Any) -> None:
+def is_video(trace: Any) -> bool:
+    """Whether ``trace`` is a video model's (latents and maps with a frame axis)."""
+    return (getattr(trace, "meta", None) or {}).get("latent_frames") is not None
+
+
+def temporal_scale(trace: Any) -> int:
+    """The VAE's temporal compression of a video trace (Wan: 4)."""
+    return int(trace.meta.get("vae_scale_factor_temporal") or 4)
+
+
+def check_frame(trace: Any, frame: Any) -> int | None:
+    """``frame`` (a latent frame, negative from the end) as an index; None passes; ValueError
+    for an image trace or a frame out of range."""
+    if frame is None:
+        return None
     if not is_video(trace):
-        raise ValueError("this is not a video trace (no meta['latent_frames'])")
+        raise ValueError("frame= is for video traces (this trace has no frame axis)")
+    n = int(trace.meta["latent_frames"])
+    if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)) or not -n <= frame < n:
+        raise ValueError(f"frame={frame!r} is out of range: the trace has {n} latent frames "
+                         f"(0..{n - 1}; each stands for {temporal_scale(trace)} clip frames, "
+                         "the first for one)")
+    return int(frame) % n
 
 
-def latent_frame_of(video_frame: int, temporal: int) -> int:
-    """The latent frame a video frame decodes from (VAE temporal compression ``temporal``)."""
-    return 0 if video_frame <= 0 else (video_frame - 1) // temporal + 1
+def latent_frame_of(clip_frame: int, temporal: int) -> int:
+    """The latent frame a clip frame decodes from (VAE temporal compression ``temporal``)."""
+    return 0 if clip_frame <= 0 else (clip_frame - 1) // temporal + 1
+
+
+def first_clip_frame(latent_frame: int, temporal: int) -> int:
+    """The first clip frame a latent frame decodes to."""
+    return 0 if latent_frame <= 0 else 1 + temporal * (latent_frame - 1)
 
 
 def latent_frames_of_clip(trace: Any) -> list[int]:
     """For each frame of the decoded clip, its latent frame."""
-    _check(trace)
-    t = int(trace.meta.get("vae_scale_factor_temporal") or 4)
+    if not is_video(trace):
+        raise ValueError("this is not a video trace (no meta['latent_frames'])")
+    t = temporal_scale(trace)
     n = (int(trace.meta["latent_frames"]) - 1) * t + 1
     return [latent_frame_of(i, t) for i in range(n)]
-
-
-def decode_clip(trace: Any, kind: str = "x0", step: int = -1, batch: int = 0,
-                vae: Any = None) -> np.ndarray:
-    """The clip of one step's latents (``kind`` "x0" or "latents") as uint8 ``(frames, H, W,
-    3)``: decoded by the VAE where one is at hand (the traced pipeline's, or ``vae=``), as the
-    Wan pipelines decode (``z / latents_std + latents_mean``); else the latents' first three
-    channels per latent frame, upsampled to the video size and repeated over the frames each
-    latent frame stands for (a preview, no VAE needed)."""
-    _check(trace)
-    if kind not in ("x0", "latents"):
-        raise ValueError(f"kind must be 'x0' or 'latents', got {kind!r}")
-    lat = getattr(trace, kind)
-    if lat is None:
-        raise ValueError(f"the trace did not record {kind}")
-    z = lat[step, batch].float()  # (C, F, h, w)
-    pipe = trace.pipeline
-    vae = getattr(vae, "vae", vae) if vae is not None else getattr(pipe, "vae", None)
-    cfg = getattr(vae, "config", None)
-    if vae is not None and cfg is not None and cfg.get("latents_mean") is not None:
-        param = next(iter(vae.parameters()))
-        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
-        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
-        with torch.no_grad():
-            x = vae.decode((z[None] * std + mean).to(param.device, param.dtype)).sample
-        x = x[0].float().clamp(-1, 1).cpu().permute(1, 2, 3, 0)  # (frames, H, W, 3)
-    else:
-        H, W = output_size(trace)
-        rgb = channels_rgb(z.transpose(0, 1))  # (F, 3, h, w)
-        rgb = F.interpolate(rgb, size=(H, W), mode="nearest")
-        x = rgb[latent_frames_of_clip(trace)].permute(0, 2, 3, 1)
-    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()

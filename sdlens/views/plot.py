@@ -552,7 +552,8 @@ def heatmap_video(trace: Any, word: str, path: Any, fps: int = 8, alpha: float =
     from matplotlib import colormaps
     from PIL import Image
 
-    from sdlens.analysis.video import decode_clip, latent_frames_of_clip
+    from sdlens.analysis.previews import decode_clip
+    from sdlens.analysis.video import latent_frames_of_clip
 
     path = Path(path).expanduser()
     if path.suffix.lower() != ".gif":

@@ -289,7 +289,8 @@ def test_full_size_wan_parameter_counts():
 
 
 def test_heatmap_video_export_opens_with_the_clips_frames_and_size(tmp_path):
-    from sdlens.analysis.video import decode_clip, latent_frames_of_clip
+    from sdlens.analysis.previews import decode_clip
+    from sdlens.analysis.video import latent_frames_of_clip
 
     tr, _, _, _ = traced("wan")
     assert latent_frames_of_clip(tr) == [0, 1, 1, 1, 1, 2, 2, 2, 2]  # 9 frames, 4x in time
@@ -301,6 +302,11 @@ def test_heatmap_video_export_opens_with_the_clips_frames_and_size(tmp_path):
         assert gif.info["duration"] == 250
     fig = sdlens.plot.word_activity(tr, ["red", "circle"])
     assert len(fig.axes[0].lines) == 2 and len(fig.axes[0].lines[0].get_xdata()) == 3
+    # previews of one latent frame: the channels preview, or the VAE's first clip frame of it
+    from sdlens.analysis.previews import preview_array
+
+    assert preview_array(tr, "x0", frame=2).shape == (32, 32, 3)
+    assert (preview_array(tr, "x0", frame=1, decoder="vae") == clip[1]).all()
     # from the CLI, for a saved trace (no pipeline: the latents' channel preview)
     from sdlens.views.cli import main
 
