@@ -323,3 +323,23 @@ def test_heatmap_video_export_opens_with_the_clips_frames_and_size(tmp_path):
         assert durations == [500, 2000, 2000]
     with pytest.raises(ValueError, match="GIF"):
         sdlens.plot.heatmap_video(tr, "circle", tmp_path / "circle.mp4")
+
+
+def test_trace_viewer_has_a_frame_axis():
+    from sdlens.widgets import TraceViewer
+
+    tr, _, _, _ = traced("wan", steps=slice(None))
+    v = TraceViewer(tr, word="beach", max_side=32, heat_side=16)
+    assert v.n_frames == 3 and v.frame == 0 and "↑/↓ frame" in v.help
+    assert all(len(f) == 3 * 3 for f in v.frames.values())  # steps x frames, step-major
+    assert {"x_t", "x0", "noise", "cfg_delta"} <= set(v.frames)
+    assert len(v.heat["beach"]["steps"]) == 9 and len(v.heat["beach"]["sum_frames"]) == 3
+    first = v.displayed()
+    v.frame = 2
+    moved = v.displayed()
+    assert moved["x0"] == v.frames["x0"][v.step * 3 + 2] and moved["x0"] != first["x0"]
+    assert moved["overlay"] != first["overlay"]
+    v.step = 0
+    assert v.displayed()["x0"] == v.frames["x0"][2]
+    with pytest.raises(Exception, match="frame"):
+        v.frame = 3

@@ -17,6 +17,11 @@ without asking the kernel again:
   given at trace time (one chip per concept, :func:`concept_chips`), or the image->text maps.
 
 Everything is cached per (batch) and per (batch, layers, maps): switching back is free.
+
+A video trace (:func:`sdlens.analysis.video.is_video`) has ``n_frames`` latent frames: every
+per-step list above then holds ``steps x frames`` entries, step-major (entry ``step * n_frames +
+frame``), and a word's ``"sum"`` is frame 0's, with ``"sum_frames"`` one per frame (the
+heatmaps normalised over the whole clip, so frames compare).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from sdlens.analysis.heatmaps import output_size, token_heatmap, word_heatmap
 from sdlens.analysis.previews import (latent_to_rgb, linear_available, linear_decoder, previews,
                                       resolve_decoder)
 from sdlens.analysis.tokens import encoder_name, trace_words
+from sdlens.analysis.video import is_video
 
 PANELS = ("x_t", "x0", "noise", "cfg_delta")
 PANEL_LABELS = {"x_t": "x_t (latents)", "x0": "x0 prediction", "noise": "guided {}",
@@ -263,10 +269,10 @@ def layer_options(trace: Any, maps: str = "attention") -> list[tuple[str, str]]:
         return []
     layers = list(maps.layers)
     opts = [("all", f"all layers ({len(layers)})")]
-    res = sorted({tuple(maps.resolution(l)) for l in layers}, reverse=True)
+    res = sorted({tuple(maps.resolution(l))[-2:] for l in layers}, reverse=True)  # video: (F, h, w)
     if len(res) > 1:
         for h, w in res:
-            n = sum(1 for l in layers if tuple(maps.resolution(l)) == (h, w))
+            n = sum(1 for l in layers if tuple(maps.resolution(l))[-2:] == (h, w))
             opts.append((f"res:{max(h, w)}", f"{h}x{w} ({n} layer{'s' * (n != 1)})"))
     groups = [g for g in maps.naming.groups if _selects_any(maps, g)]
     if len(groups) > 1:
@@ -274,7 +280,7 @@ def layer_options(trace: Any, maps: str = "attention") -> list[tuple[str, str]]:
             opts.append((g, f"{g} blocks"))
     if len(layers) > 1:
         for l in layers:
-            h, w = maps.resolution(l)
+            h, w = maps.resolution(l)[-2:]
             opts.append((l, f"{maps.alias(l)} ({h}x{w})"))
     return opts
 
@@ -341,6 +347,11 @@ class TraceFrames:
     @property
     def n_steps(self) -> int:
         return int(len(self.trace.timesteps))
+
+    @property
+    def n_frames(self) -> int:
+        """Latent frames of a video trace; 1 for an image trace."""
+        return int(self.trace.meta["latent_frames"]) if is_video(self.trace) else 1
 
     @property
     def n_batch(self) -> int:
@@ -422,19 +433,27 @@ class TraceFrames:
                              " (a VAE decode needs vae= or a live trace.pipeline)")
         if (batch, decoder) in self._base:
             return self._base[(batch, decoder)]
-        t, n = self.trace, self.n_steps
+        t, n, nf = self.trace, self.n_steps, self.n_frames
         out: dict[str, list[bytes]] = {}
         for panel in self.panels():
             if panel in ("x_t", "x0"):
                 kind = "latents" if panel == "x_t" else "x0"
-                imgs = previews(t, kind, list(range(n)), batch, decoder, self.vae, self.size)
+                if nf > 1:  # step-major: each step's frames
+                    per = [previews(t, kind, list(range(n)), batch, decoder, self.vae, self.size,
+                                    frame=f) for f in range(nf)]
+                    imgs = [per[f][s] for s in range(n) for f in range(nf)]
+                else:
+                    imgs = previews(t, kind, list(range(n)), batch, decoder, self.vae, self.size)
                 out[panel] = encode_many(imgs, self.fmt)
             else:
                 if panel == "noise":
                     data = t.noise[:n, batch].float()
                 else:
                     data = cfg_delta(t, batch=batch)[:n].float()
-                rgb = self._linear(data)  # (S, 3, h, w)
+                if nf > 1:  # (S, C, F, h, w) -> (S F, C, h, w); no linear decoder for video
+                    rgb = data.transpose(1, 2).flatten(0, 1)[:, :3]
+                else:
+                    rgb = self._linear(data)  # (S, 3, h, w)
                 scale = self._scale(panel, rgb, batch)
                 out[panel] = encode_many([signed_rgb(r, scale) for r in rgb], "png")
         self._base[(batch, decoder)] = out
@@ -484,6 +503,13 @@ class TraceFrames:
                     kw.pop("occurrence")
                     per = token_heatmap(self.trace, list(chip.positions), per_step=True, **kw)
                     total = token_heatmap(self.trace, list(chip.positions), per_step=False, **kw)
+            if self.n_frames > 1:  # (S, F, H, W) and (F, H, W): step-major, then the sums
+                nf = self.n_frames
+                rgba = heat_rgba(torch.cat([per.flatten(0, 1), total]), self.cmap, MAX_ALPHA)
+                frames = encode_many(list(rgba), "png")
+                out[chip.key] = {"steps": frames[:-nf], "sum": frames[-nf],
+                                 "sum_frames": frames[-nf:]}
+                continue
             rgba = heat_rgba(torch.cat([per, total[None]]), self.cmap, MAX_ALPHA)
             frames = encode_many(list(rgba), "png")
             out[chip.key] = {"steps": frames[:-1], "sum": frames[-1]}

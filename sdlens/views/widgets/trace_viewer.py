@@ -29,6 +29,8 @@ OVERLAY_STYLES = ("fill", "outline")
 #: The keyboard, as the panel's help line states it.
 HELP = ("keys: ←/→ step · space play/pause · Home/End first/last step · click a word for its "
         "heatmap, point at it for the value")
+#: A video trace's keyboard: the frame keys too.
+HELP_VIDEO = HELP.replace("· click", "· ↑/↓ frame · click")
 
 
 def describe_trace(trace: Any, batch: int = 0) -> str:
@@ -74,6 +76,8 @@ class TraceViewer(anywidget.AnyWidget):
         max_side, heat_side, decoder, vae, fmt, cmap: frame rendering, see
             :class:`~sdlens.widgets.frames.TraceFrames`.
         fps: playback speed.
+        frame: a video trace's latent frame to show first (its frame slider, beside the step
+            slider, and ↑ / ↓ move it; ``viewer.frame``).
 
     In the browser: ←/→ step, space plays / pauses, Home / End go to the first / last step (the
     panel keeps these keys: JupyterLab does not see them). Steps show as 1..N, as diffusers'
@@ -103,8 +107,11 @@ class TraceViewer(anywidget.AnyWidget):
     notes = traitlets.List(traitlets.Unicode()).tag(sync=True)
     display_px = traitlets.Int(160).tag(sync=True)
 
+    n_frames = traitlets.Int(1).tag(sync=True)  # latent frames (a video trace); 1: an image
+
     # what the user does (browser <-> kernel)
     step = traitlets.Int(0).tag(sync=True)
+    frame = traitlets.Int(0).tag(sync=True)  # a video trace's latent frame
     playing = traitlets.Bool(False).tag(sync=True)
     fps = traitlets.Int(8).tag(sync=True)
     word = traitlets.Unicode("").tag(sync=True)
@@ -128,7 +135,7 @@ class TraceViewer(anywidget.AnyWidget):
                  batch: int = 0, heat_mode: str = "step", max_side: int = 256,
                  heat_side: int = 128, decoder: str = "auto", vae: Any = None, fmt: str = "auto",
                  cmap: str = "jet", fps: int = 8, display_px: int = 160, maps: str = "attention",
-                 **kwargs: Any):
+                 frame: int = 0, **kwargs: Any):
         if trace is None or getattr(trace, "timesteps", None) is None:
             raise TypeError(f"TraceViewer needs a Trace, got {type(trace).__name__}")
         self._frames = TraceFrames(trace, max_side, heat_side, decoder, vae, fmt, cmap)
@@ -139,6 +146,10 @@ class TraceViewer(anywidget.AnyWidget):
         if not isinstance(step, int) or not -n <= step < n:
             raise ValueError(f"step={step!r} is out of range: the trace has {n} steps (indices "
                              f"0..{n - 1}, shown as 1..{n}; negative counts from the end)")
+        if not isinstance(frame, int) or isinstance(frame, bool) or \
+                not -fr.n_frames <= frame < fr.n_frames:
+            raise ValueError(f"frame={frame!r} is out of range: the trace has {fr.n_frames} "
+                             f"latent frame(s) (0..{fr.n_frames - 1})")
         if not isinstance(batch, int) or not 0 <= batch < fr.n_batch:
             raise ValueError(f"batch={batch!r} is out of range: the trace holds {fr.n_batch} image(s)")
         kinds = map_options(trace)
@@ -156,6 +167,10 @@ class TraceViewer(anywidget.AnyWidget):
         prompts = list(getattr(trace, "prompts", None) or [])
         with self.hold_trait_notifications():
             self.n_steps = n
+            self.n_frames = fr.n_frames
+            self.frame = frame % fr.n_frames
+            if fr.n_frames > 1:
+                self.help = HELP_VIDEO
             self.timesteps = [float(v) for v in trace.timesteps]
             self.decoder = fr.decoder  # "auto" resolved (the VAE decode where it is cheap)
             self.decoder_options = [[d, DECODER_LABELS.get(d, d)] for d in fr.decoders()]
@@ -265,6 +280,14 @@ class TraceViewer(anywidget.AnyWidget):
             raise traitlets.TraitError(f"step={v} is out of range 0..{n - 1} (shown as 1..{n})")
         return v
 
+    @traitlets.validate("frame")
+    def _valid_frame(self, proposal: dict) -> int:
+        v = int(proposal["value"])
+        n = self.n_frames
+        if not 0 <= v < max(n, 1):
+            raise traitlets.TraitError(f"frame={v} is out of range 0..{n - 1} (latent frames)")
+        return v
+
     @traitlets.validate("heat_mode")
     def _valid_mode(self, proposal: dict) -> str:
         if proposal["value"] not in HEAT_MODES:
@@ -313,14 +336,15 @@ class TraceViewer(anywidget.AnyWidget):
             return None
         h = self.heat[self.word]
         if self.heat_mode == "sum":
-            return h["sum"]
+            return h["sum_frames"][self.frame] if "sum_frames" in h else h["sum"]
         i = self.heat_index[self.step if step is None else step]
-        return h["steps"][i] if i >= 0 else None
+        return h["steps"][i * self.n_frames + self.frame] if i >= 0 else None
 
     def displayed(self) -> dict[str, bytes | None]:
         """What the view shows at the current state: ``{panel: frame bytes, "image": ...,
         "overlay": heatmap bytes or None}`` (the browser shows the same frames)."""
-        out: dict[str, bytes | None] = {p: self.frames[p][self.step] for p in self.frames}
+        at = self.step * self.n_frames + self.frame  # video: step-major (step, frame)
+        out: dict[str, bytes | None] = {p: self.frames[p][at] for p in self.frames}
         out["image"] = self.image
         out["overlay"] = self.overlay()
         return out
@@ -329,7 +353,7 @@ class TraceViewer(anywidget.AnyWidget):
         """Bytes of encoded frames currently held by the view (what went over the wire)."""
         n = sum(len(b) for fr in self.frames.values() for b in fr) + len(self.image)
         n += sum(len(b) for h in self.heat.values() for b in h["steps"]) + \
-            sum(len(h["sum"]) for h in self.heat.values())
+            sum(sum(map(len, h.get("sum_frames") or [h["sum"]])) for h in self.heat.values())
         return n
 
     def play(self) -> None:

@@ -96,7 +96,11 @@ function render({ model, el }) {
   const nextBtn = h("button", { class: "sdl-next", text: "▶", title: "next step" });
   const slider = h("input", { type: "range", class: "sdl-slider", min: 0, step: 1 });
   const stepLabel = h("span", { class: "sdl-step-label" });
-  const controls = h("div", { class: "sdl-controls" }, [playBtn, prevBtn, slider, nextBtn, stepLabel]);
+  // a video trace's latent frame (hidden for images): beside the step slider, ↑/↓ too
+  const frameSlider = h("input", { type: "range", class: "sdl-frame-slider", min: 0, step: 1, title: "latent frame" });
+  const frameLabel = h("span", { class: "sdl-frame-label" });
+  const frameBox = h("span", { class: "sdl-frame-box" }, [frameSlider, frameLabel]);
+  const controls = h("div", { class: "sdl-controls" }, [playBtn, prevBtn, slider, nextBtn, stepLabel, frameBox]);
 
   const panelRow = h("div", { class: "sdl-panels" });
   const chipRow = h("div", { class: "sdl-chips" });
@@ -196,7 +200,8 @@ function render({ model, el }) {
     urls.heat = {};
     const heat = model.get("heat") || {};
     for (const [key, hm] of Object.entries(heat)) {
-      urls.heat[key] = { steps: hm.steps.map(toUrl), sum: toUrl(hm.sum) };
+      urls.heat[key] = { steps: hm.steps.map(toUrl), sum: toUrl(hm.sum),
+                         sumFrames: hm.sum_frames ? hm.sum_frames.map(toUrl) : null };
     }
   }
 
@@ -240,26 +245,40 @@ function render({ model, el }) {
     return Number(slider.value);
   }
 
+  function currentFrame() {
+    return model.get("n_frames") > 1 ? Number(frameSlider.value) : 0;
+  }
+
+  // a video trace's frames are step-major: entry step * n_frames + frame
+  function at(step) {
+    return step * Math.max(1, model.get("n_frames")) + currentFrame();
+  }
+
   function show() {
     const step = currentStep();
     const n = model.get("n_steps");
     legendText.textContent = "";
     for (const [name, p] of Object.entries(panelEls)) {
-      const src = name === "image" ? urls.image : (urls.frames[name] || [])[step];
+      const src = name === "image" ? urls.image : (urls.frames[name] || [])[at(step)];
       if (src && p.img.src !== src) p.img.src = src;
       p.img.dataset.step = name === "image" ? "final" : String(step);
+      p.img.dataset.frame = String(currentFrame());
     }
     const ts = model.get("timesteps") || [];
     stepLabel.textContent = `step ${step + 1}/${n}` + (ts.length ? ` · t=${Math.round(ts[step])}` : "");
+    const nf = model.get("n_frames");
+    frameBox.style.display = nf > 1 ? "" : "none";
+    frameLabel.textContent = nf > 1 ? `frame ${currentFrame() + 1}/${nf}` : "";
     // overlay
     const word = model.get("word");
     const mode = model.get("heat_mode");
     let src = "";
     if (word && urls.heat[word]) {
-      if (mode === "sum") src = urls.heat[word].sum;
+      const hm = urls.heat[word];
+      if (mode === "sum") src = hm.sumFrames ? hm.sumFrames[currentFrame()] : hm.sum;
       else {
         const i = (model.get("heat_index") || [])[step];
-        src = i !== undefined && i >= 0 ? urls.heat[word].steps[i] : "";
+        src = i !== undefined && i >= 0 ? hm.steps[at(i)] : "";
       }
     }
     const outlined = model.get("overlay_style") === "outline";
@@ -309,6 +328,16 @@ function render({ model, el }) {
     saveStep(step);
   }
 
+  function setFrame(frame) {
+    const nf = model.get("n_frames");
+    if (nf <= 1) return;
+    frame = Math.max(0, Math.min(nf - 1, frame));
+    frameSlider.value = String(frame);
+    show();
+    model.set("frame", frame);
+    model.save_changes();
+  }
+
   function stopTimer() {
     if (timer) clearInterval(timer);
     timer = null;
@@ -338,6 +367,8 @@ function render({ model, el }) {
     notes.textContent = (model.get("notes") || []).join(" · ");
     slider.max = String(Math.max(0, model.get("n_steps") - 1));
     slider.value = String(model.get("step"));
+    frameSlider.max = String(Math.max(0, model.get("n_frames") - 1));
+    frameSlider.value = String(model.get("frame"));
     modeSel.value = model.get("heat_mode");
     styleSel.value = model.get("overlay_style");
     opacity.value = String(model.get("opacity"));
@@ -366,6 +397,8 @@ function render({ model, el }) {
     else if (ev.key === "ArrowRight" && !typing) setStep(currentStep() + 1);
     else if (ev.key === "Home" && !typing) setStep(0);
     else if (ev.key === "End" && !typing) setStep(model.get("n_steps") - 1);
+    else if (ev.key === "ArrowUp" && !typing && model.get("n_frames") > 1) setFrame(currentFrame() + 1);
+    else if (ev.key === "ArrowDown" && !typing && model.get("n_frames") > 1) setFrame(currentFrame() - 1);
     else if ((ev.key === " " || ev.code === "Space") && !typing) {
       model.set("playing", !model.get("playing"));
       model.save_changes();
@@ -386,6 +419,7 @@ function render({ model, el }) {
     show();
     saveStep(currentStep());
   });
+  frameSlider.addEventListener("input", () => setFrame(Number(frameSlider.value)));
   prevBtn.addEventListener("click", () => setStep(currentStep() - 1));
   nextBtn.addEventListener("click", () => setStep(currentStep() + 1));
   playBtn.addEventListener("click", () => {
@@ -443,6 +477,10 @@ function render({ model, el }) {
     "change:step": () => {
       if (Number(slider.value) !== model.get("step")) { slider.value = String(model.get("step")); show(); }
     },
+    "change:frame": () => {
+      if (Number(frameSlider.value) !== model.get("frame")) { frameSlider.value = String(model.get("frame")); show(); }
+    },
+    "change:n_frames": () => { frameSlider.max = String(Math.max(0, model.get("n_frames") - 1)); show(); },
     "change:word": () => show(),
     "change:heat_mode": () => { modeSel.value = model.get("heat_mode"); show(); },
     "change:opacity": () => { opacity.value = String(model.get("opacity")); show(); },
