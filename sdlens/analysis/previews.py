@@ -322,7 +322,14 @@ def decode_clip(trace: Any, kind: str = "x0", step: int = -1, batch: int = 0,
     x = _select(trace, kind, step, batch)  # (C, F, h, w)
     v = _vae_of(trace, vae)
     if v is not None and _video_vae(v):
-        clip = decode_video(v, x)
+        try:  # one decode per (kind, step, batch, VAE): the viewer asks for each frame
+            cache = _CACHE.setdefault(trace, {})
+        except TypeError:
+            cache = {}
+        key = ("clip", kind, int(step) % len(getattr(trace, kind)), int(batch), id(v))
+        if key not in cache:
+            cache[key] = decode_video(v, x)
+        clip = cache[key]
     else:
         H, W = output_size(trace)
         rgb = F.interpolate(channels_rgb(x.transpose(0, 1)), size=(H, W), mode="nearest")
