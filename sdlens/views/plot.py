@@ -538,43 +538,60 @@ def word_activity(trace: Any, words: Iterable[str] | None = None, batch: int = 0
     return fig
 
 
-def heatmap_video(trace: Any, word: str, path: Any, fps: int = 8, alpha: float = 0.5,
-                  cmap: str = "jet", kind: str = "x0", step: int = -1, batch: int = 0,
-                  vae: Any = None, **heatmap_kwargs: Any):
-    """Write ``word``'s heatmap over the clip as an animated GIF (Pillow; no ffmpeg needed):
-    every frame of the decoded clip (:func:`sdlens.analysis.video.decode_clip` of ``kind`` at
-    ``step``) under the heatmap of its latent frame (normalised over the clip). Returns the
-    path. ``heatmap_kwargs`` go to ``word_heatmap`` (``steps``, ``layers``, ...). Without a
-    VAE the clip is a per-latent-frame preview: the GIF then holds one still per latent frame,
-    each lasting the video frames it stands for (GIF merges equal consecutive frames)."""
-    from pathlib import Path
-
+def heatmap_clip(trace: Any, word: str, alpha: float = 0.5, cmap: str = "jet",
+                 kind: str = "x0", step: int = -1, batch: int = 0, vae: Any = None,
+                 **heatmap_kwargs: Any) -> list:
+    """``word``'s heatmap over a video trace's clip: one PIL image per clip frame, the decoded
+    clip (:func:`sdlens.analysis.previews.decode_clip` of ``kind`` at ``step``) under the
+    heatmap of its latent frame (normalised over the clip). ``heatmap_kwargs`` go to
+    ``word_heatmap`` (``steps``, ``layers``, ...)."""
     from matplotlib import colormaps
     from PIL import Image
 
     from sdlens.analysis.previews import decode_clip
     from sdlens.analysis.video import latent_frames_of_clip
 
-    path = Path(path).expanduser()
-    if path.suffix.lower() != ".gif":
-        raise ValueError(f"heatmap_video writes GIF files (give a .gif path), got {path.name!r}")
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if not isinstance(fps, int) or isinstance(fps, bool) or fps < 1:
-        raise ValueError(f"fps must be an int >= 1, got {fps!r}")
     clip = decode_clip(trace, kind, step, batch, vae)  # (frames, H, W, 3) uint8
     heat = _np(word_heatmap(trace, word, batch=batch, size=clip.shape[1:3], **heatmap_kwargs))
     colour = colormaps[cmap](heat)[..., :3]  # (latent frames, H, W, 3) in [0, 1]
-    which = latent_frames_of_clip(trace)
-    frames = [Image.fromarray(((1 - alpha) * clip[i] + alpha * 255 * colour[f]).round()
-                              .clip(0, 255).astype(np.uint8)) for i, f in enumerate(which)]
+    return [Image.fromarray(((1 - alpha) * clip[i] + alpha * 255 * colour[f]).round()
+                            .clip(0, 255).astype(np.uint8))
+            for i, f in enumerate(latent_frames_of_clip(trace))]
+
+
+def save_gif(frames: Sequence[Any], target: Any, fps: int = 8) -> None:
+    """PIL ``frames`` as an animated GIF (looping) to a path or a binary file object (Pillow;
+    equal consecutive frames are merged into one longer frame, as GIF writers do)."""
+    if not isinstance(fps, int) or isinstance(fps, bool) or fps < 1:
+        raise ValueError(f"fps must be an int >= 1, got {fps!r}")
+    frames[0].save(target, format="GIF", save_all=True, append_images=list(frames[1:]),
+                   duration=int(1000 / fps), loop=0)
+
+
+def heatmap_video(trace: Any, word: str, path: Any, fps: int = 8, alpha: float = 0.5,
+                  cmap: str = "jet", kind: str = "x0", step: int = -1, batch: int = 0,
+                  vae: Any = None, **heatmap_kwargs: Any):
+    """Write ``word``'s heatmap over a video trace's clip (:func:`heatmap_clip`) as an
+    animated GIF (Pillow; no ffmpeg needed); returns the path. Without a VAE the clip is a
+    per-latent-frame preview: the GIF then holds one still per latent frame, each lasting the
+    clip frames it stands for."""
+    from pathlib import Path
+
+    path = Path(path).expanduser()
+    if path.suffix.lower() != ".gif":
+        raise ValueError(f"heatmap_video writes GIF files (give a .gif path), got {path.name!r}")
+    if not isinstance(fps, int) or isinstance(fps, bool) or fps < 1:
+        raise ValueError(f"fps must be an int >= 1, got {fps!r}")
+    frames = heatmap_clip(trace, word, alpha, cmap, kind, step, batch, vae, **heatmap_kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps),
-                   loop=0)
+    save_gif(frames, path, fps)
     return path
 
 
 __all__ = ["overlay", "heatmap_grid", "heatmaps", "heatmap_steps", "concept_maps",
-           "image_to_text_maps", "step_strip", "guidance_strip", "word_activity", "heatmap_video",
+           "image_to_text_maps", "step_strip", "guidance_strip", "word_activity", "heatmap_clip",
+           "heatmap_video", "save_gif",
            "guidance_curves", "scheduler_curves", "commitment_curves", "token_view", "comparison",
            "to_png"]

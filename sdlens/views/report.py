@@ -2,7 +2,10 @@
 
 >>> sdlens.views.report.write_report(trace, "report.html")
 
-Sections: settings; the final image with every word's heatmap; where recorded, the concept maps
+A video trace (Wan): settings, each word's heatmap over the clip (an animated GIF per word),
+the words' activity over the latent frames, the tokens and the scheduler.
+
+Sections of an image trace: settings; the final image with every word's heatmap; where recorded, the concept maps
 (``concepts=[...]`` at trace time: one panel per concept, then per block) and the image->text
 maps; a step scrubber (slider + play button; per step the x_t and x0 previews and the chosen
 word's or concept's map, all pre-rendered as PNG and switched by a few lines of JavaScript);
@@ -34,6 +37,7 @@ from sdlens.analysis.heatmaps import commitments, word_heatmap
 from sdlens.analysis.previews import previews, resolve_decoder
 from sdlens.analysis.tokens import (WORDS_UNKNOWN, encoder_name, encoders_sentence, find_word,
                                     nearest_tokens, token_view, word_texts)
+from sdlens.analysis.video import is_video
 from sdlens.views import plot
 
 _CSS = """
@@ -398,6 +402,22 @@ def _scheduler_section(trace: Any) -> str:
             + f"<details><summary>table</summary><table>{head}{rows}</table></details>")
 
 
+def _clips(trace: Any, batch: int, words: list[str], vae: Any, heatmap_kwargs: dict) -> str:
+    """A video trace: each word's heatmap over the clip, an animated GIF per word (the final
+    x0, decoded by the VAE where one is at hand, else the latents' channel preview)."""
+    out = []
+    for w in words:
+        buf = io.BytesIO()
+        plot.save_gif(plot.heatmap_clip(trace, w, batch=batch, vae=vae, **heatmap_kwargs), buf)
+        uri = "data:image/gif;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        out.append(f'<figure style="display:inline-block;margin:4px">{_img_tag(uri, w, 192)}'
+                   f"<figcaption>{html.escape(w)}</figcaption></figure>")
+    frames = trace.meta.get("latent_frames")
+    return (f"<p>{frames} latent frames ({trace.meta.get('num_frames')} video frames); each "
+            "heatmap is normalised over the whole clip, so a frame the word leaves alone stays "
+            "dark.</p>" + "".join(out))
+
+
 def build_report(trace: Any, batch: int = 0, words: Iterable[str] | None = None,
                  decoder: str = "auto", vae: Any = None, title: str | None = None,
                  display_size: int = 256, **heatmap_kwargs: Any) -> str:
@@ -423,6 +443,16 @@ def build_report(trace: Any, batch: int = 0, words: Iterable[str] | None = None,
             f"<style>{_CSS}</style></head><body>")
     doc.add(f"<h1>{html.escape(title or 'sdlens report')}</h1><p><b>{html.escape(str(prompt))}</b></p>")
     doc.section("Settings", lambda: _settings(trace, batch))
+    if is_video(trace):  # a video model's trace: its clip per word instead of image sections
+        doc.section("Each word over the clip", lambda: _clips(trace, batch, words, vae,
+                                                              heatmap_kwargs))
+        doc.section("Words over time", lambda: _img_tag(_fig_uri(plot.word_activity(
+            trace, words, batch=batch)), "word activity per latent frame"))
+        doc.section("Tokens", lambda: _tokens(trace, batch))
+        doc.section("Scheduler", lambda: _scheduler_section(trace))
+        doc.add("<p style=\"color:#888;font-size:.8em\">Made by sdlens from a recorded video "
+                "trace; this file needs no kernel and no network.</p></body></html>")
+        return "\n".join(doc.parts)
     doc.section("Image and word heatmaps", lambda: _final(trace, batch, words, heatmap_kwargs))
     if getattr(trace, "concepts", None) is not None:
         doc.section("Concept maps", lambda: _concepts(trace, batch, heatmap_kwargs))

@@ -343,3 +343,13 @@ def test_trace_viewer_has_a_frame_axis():
     assert v.displayed()["x0"] == v.frames["x0"][2]
     with pytest.raises(Exception, match="frame"):
         v.frame = 3
+
+
+def test_report_of_a_video_trace_has_a_clip_per_word(tmp_path):
+    from sdlens.views.report import write_report
+
+    tr, _, _, _ = traced("wan")
+    text = write_report(tr, tmp_path / "wan.html").read_text()
+    assert text.count("data:image/gif;base64,") == 6  # a, red, circle, on, the, beach
+    assert "Each word over the clip" in text and "Words over time" in text
+    assert "Not available" not in text
