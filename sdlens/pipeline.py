@@ -51,7 +51,7 @@ class PipelineInfo:
     pipeline_class: str
     scheduler_class: str
     prediction_type: str
-    vae_scaling_factor: float
+    vae_scaling_factor: float | None
     latent_channels: int
     cross_attention_layers: int
     name_or_path: str
@@ -70,8 +70,10 @@ def describe(pipe) -> PipelineInfo:
         family=adapter.family(), task=pipeline_task(pipe), pipeline_class=type(pipe).__name__,
         scheduler_class=type(pipe.scheduler).__name__,
         prediction_type=schedules.prediction_kind(pipe.scheduler),  # "flow": a velocity
-        vae_scaling_factor=float(pipe.vae.config.scaling_factor),
-        latent_channels=int(pipe.vae.config.latent_channels),
+        # Wan's video VAE has neither: per-channel latents_mean / _std, ``z_dim`` channels
+        vae_scaling_factor=float(sf) if (sf := pipe.vae.config.get("scaling_factor")) is not None
+        else None,
+        latent_channels=int(pipe.vae.config.get("latent_channels") or pipe.vae.config.get("z_dim")),
         cross_attention_layers=len(adapter.sites()),
         name_or_path=str(getattr(pipe, "name_or_path", "") or ""),
     )

@@ -21,7 +21,8 @@ WEIGHTS = REPO / "sdlens" / "models" / "shapes" / "weights" / "model_index.json"
 MMDIT_WEIGHTS = REPO / "sdlens" / "models" / "shapes" / "weights_mmdit" / "model_index.json"
 SHIPPED = ["attention", "denoising", "guidance-and-seeds", "img2img-and-inpainting", "quickstart", "tokens"]
 MMDIT = ["transformers"]  # on the shipped SD3 model
-EXPECTED = sorted(SHIPPED + MMDIT)
+VIDEO = ["video"]  # on a random-weight Wan 2.1 (no video model is shipped; the notebook says so)
+EXPECTED = sorted(SHIPPED + MMDIT + VIDEO)
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
@@ -54,6 +55,15 @@ def test_transformers_notebook_loads_its_pipeline_in_one_switchable_cell():
     assert all(not c.outputs for c in nb.cells if c.cell_type == "code")
 
 
+def test_video_notebook_says_its_wan_has_random_weights():
+    nb = _read("video")
+    assert nb.cells[0].cell_type == "markdown" and "random-weight Wan" in nb.cells[0].source
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    loads = [c for c in code if "random_pipeline(" in c]
+    assert len(loads) == 1 and loads[0].startswith("# PIPELINE")
+    assert all(not c.outputs for c in nb.cells if c.cell_type == "code")
+
+
 _NO_WEIGHTS = pytest.mark.skipif(not WEIGHTS.exists(), reason="the shipped model is not there yet "
                                  "(sdlens/models/shapes/weights/model_index.json)")
 
@@ -64,7 +74,7 @@ _NO_MMDIT = pytest.mark.skipif(not MMDIT_WEIGHTS.exists(), reason="the shapes-mm
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_NO_WEIGHTS) for n in SHIPPED]
-                         + [pytest.param(n, marks=_NO_MMDIT) for n in MMDIT])
+                         + [pytest.param(n, marks=_NO_MMDIT) for n in MMDIT] + VIDEO)
 def test_notebook_runs(name, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
