@@ -109,29 +109,56 @@ class PerSampleGuidance:
     recording hooks included: traces record the model's true text prediction. The backbone's
     adapter (``adapter``) says where the halves lie in the batch and which tensor the pipeline
     guides with.
+
+    Where the pipeline runs the halves as separate calls per step (Wan: the prompt's, then the
+    negative one's; ``adapter.cfg_calls``), the text call is kept as it is and the uncond call's
+    output ``u_i`` becomes ``(u_i (1 - g_i) + c_i (g_i - G)) / (1 - G)``, which makes the
+    pipeline's ``u' + G (c - u')`` equal ``u + g_i (c - u)`` too. Every expert that predicts a
+    step (``adapter.denoisers()``, Wan 2.2's two) is hooked.
     """
 
     def __init__(self, scales: Sequence[float], G: float, adapter):
         if G <= 1:
             raise ValueError(f"per-sample guidance needs the call's guidance scale > 1, got {G}")
+        self.G = float(G)
         self.ratios = torch.tensor([float(g) / float(G) for g in scales], dtype=torch.float32)
         self.adapter = adapter
-        self.post = None
+        self.order = adapter.cfg_calls({"guidance_scale": float(G)})  # one call per half
+        self.pending: torch.Tensor | None = None  # the step's text call (one call per half)
+        self.half = 0
+        self.post: dict[int, object] = {}
         self.calls = 0
 
     def install(self, hooks: Hooks) -> None:
-        """Install on the adapter's denoiser for the life of ``hooks``."""
-        denoiser = self.adapter.denoiser
+        """Install on the adapter's denoisers for the life of ``hooks``."""
+        for denoiser in self.adapter.denoisers():
+            def register(module, args, denoiser=denoiser):
+                if id(denoiser) not in self.post:
+                    self.post[id(denoiser)] = hooks.forward_hook(denoiser, self._hook)
+                return None
 
-        def register(module, args):
-            if self.post is None:
-                self.post = hooks.forward_hook(denoiser, self._hook)
+            hooks.forward_pre_hook(denoiser, register)
+
+    def _one_call_per_half(self, output, out: torch.Tensor):
+        n = len(self.ratios)
+        if out.shape[0] != n:
+            raise RuntimeError(f"per-sample guidance expected {n} rows per guidance half's call, "
+                               f"got {out.shape[0]}")
+        half = self.order[self.half % len(self.order)]
+        self.half += 1
+        if half == "text":
+            self.pending = out
             return None
-
-        hooks.forward_pre_hook(denoiser, register)
+        c, u = self.pending.float(), out.float()
+        g = (self.ratios.to(out.device) * self.G).view(-1, *([1] * (out.ndim - 1)))
+        self.calls += 1
+        new = (u * (1 - g) + c * (g - self.G)) / (1 - self.G)
+        return self.adapter.with_output_tensor(output, new.to(out.dtype))
 
     def _hook(self, module, args, output):
         out = self.adapter.output_tensor(output)
+        if out is not None and self.order:
+            return self._one_call_per_half(output, out)
         n = len(self.ratios)
         if out is None or out.shape[0] != 2 * n:
             got = "no tensor" if out is None else f"{out.shape[0]} rows"
@@ -217,7 +244,9 @@ def run_batch(pipe, batch: Batch, negative_prompt, height, width, extra, record_
         full = rec.runs[-1]
         traces = [cell_trace(full, i, guidance=c.guidance, seed=c.seed)
                   for i, c in enumerate(batch.cells)]
-    images = np.asarray(out.images, dtype=np.float32)
+    # a video pipeline returns clips: (n, frames, H, W, 3)
+    images = np.asarray(getattr(out, "images", None) if hasattr(out, "images") else out.frames,
+                        dtype=np.float32)
     return images, traces
 
 

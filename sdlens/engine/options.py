@@ -325,6 +325,10 @@ def estimate_cell_bytes(pipe, height: int | None = None, width: int | None = Non
     itemsize = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
     row = adapter.activation_bytes(hw)
     cfg_vae = pipe.vae.config  # AutoencoderKL: block_out_channels; Sana's DC-AE: decoder_...
-    vae_c = (cfg_vae.get("block_out_channels") or cfg_vae.get("decoder_block_out_channels"))[0]
-    vae = 4 * vae_c * height * width * itemsize + 3 * height * width * 4
+    vae_c = (cfg_vae.get("block_out_channels") or cfg_vae.get("decoder_block_out_channels")
+             or [cfg_vae.get("base_dim") or 128])[0]  # Wan's video VAE: base_dim
+    # a video model decodes every frame of its default clip: (F - 1) * temporal + 1
+    frames = (hw[0] - 1) * int(getattr(pipe, "vae_scale_factor_temporal", 4) or 4) + 1 \
+        if len(hw) == 3 else 1
+    vae = frames * (4 * vae_c * height * width * itemsize + 3 * height * width * 4)
     return int((2 if cfg else 1) * row + vae + trace_bytes)

@@ -432,14 +432,24 @@ class Grid:
         return f"Grid({axes}; fixed {fixed}; traces={'yes' if self.traces is not None else 'no'})"
 
     @property
+    def video(self) -> bool:
+        """Whether the cells are clips (a video pipeline's sweep): ``arrays`` is then (*shape,
+        frames, H, W, 3)."""
+        return self.arrays.ndim == len(self.shape) + 4
+
+    @property
     def images(self) -> np.ndarray:
+        """The cells as PIL images (a video grid: each cell the list of its clip's frames)."""
         if self._images is None:
             from PIL import Image
 
+            def pil(a):
+                return Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8))
+
             imgs = np.empty(self.shape, dtype=object)
             for idx in np.ndindex(*self.shape):
-                imgs[idx] = Image.fromarray(
-                    (np.clip(self.arrays[idx], 0, 1) * 255).round().astype(np.uint8))
+                imgs[idx] = [pil(f) for f in self.arrays[idx]] if self.video \
+                    else pil(self.arrays[idx])
             self._images = imgs
         return self._images
 
@@ -480,9 +490,10 @@ class Grid:
         return self.traces[self.index(**coords)]
 
     # -- plotting ----------------------------------------------------------------------------
-    def plot(self, cell_size: float = 1.6, title: str | None = None):
+    def plot(self, cell_size: float = 1.6, title: str | None = None, frame: int | None = None):
         """A labelled matplotlib Figure: the last axis runs along the columns, the one before
-        along the rows, earlier axes (Z) stack further row blocks with combined labels."""
+        along the rows, earlier axes (Z) stack further row blocks with combined labels. A video
+        grid shows each clip's frame ``frame`` (default: the middle one)."""
         import matplotlib.pyplot as plt
 
         names = list(self.axes)
@@ -497,7 +508,17 @@ class Grid:
             rows = int(np.prod(shape[:-1]))
         fig, axs = plt.subplots(rows, cols, figsize=(cell_size * cols + 1.2 * bool(row_names) + 0.2,
                                                      cell_size * rows + 0.6), squeeze=False)
-        flat = self.arrays.reshape((rows, cols) + self.arrays.shape[len(shape):])
+        arrays = self.arrays
+        if self.video:
+            n = arrays.shape[len(shape)]
+            frame = n // 2 if frame is None else frame
+            if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)) \
+                    or not -n <= frame < n:
+                raise ValueError(f"frame={frame!r} is out of range: the clips have {n} frames")
+            arrays = arrays[(slice(None),) * len(shape) + (int(frame),)]
+        elif frame is not None:
+            raise ValueError("frame= is for a video grid (these cells are images)")
+        flat = arrays.reshape((rows, cols) + arrays.shape[len(shape):])
         row_idx = list(np.ndindex(*shape[:-1])) if len(shape) >= 2 else [()]
         for r in range(rows):
             for c in range(cols):

@@ -353,3 +353,24 @@ def test_report_of_a_video_trace_has_a_clip_per_word(tmp_path):
     assert text.count("data:image/gif;base64,") == 6  # a, red, circle, on, the, beach
     assert "Each word over the clip" in text and "Words over time" in text
     assert "Not available" not in text
+
+
+@pytest.mark.parametrize("arch", ["wan", "wan22"])
+def test_video_sweep_cells_equal_single_runs(arch):
+    """Two guidance scales in one batch: the per-sample guidance rewrites the negative call's
+    output (Wan runs the halves as two calls), on both of Wan 2.2's experts."""
+    import numpy as np
+
+    pipe = pipe_of(arch)
+    kw = dict(num_frames=9, height=32, width=32)
+    grid = sdlens.sweep(pipe, PROMPT, seeds=[0], guidance_scales=[3.0, 5.0], steps=3,
+                        progress=False, **kw)
+    assert grid.video and grid.arrays.shape == (2, 9, 32, 32, 3)
+    for j, gs in enumerate([3.0, 5.0]):
+        ref = pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), guidance_scale=gs,
+                   num_inference_steps=3, output_type="np", **kw).frames[0]
+        assert np.abs(grid.arrays[j] - ref).max() < 1e-4
+        tr = grid.trace(guidance=gs)
+        assert tr.latents.shape[3] == 3 and tr.guidance_scale == gs
+    assert len(grid.images[0]) == 9 and grid.images[0][0].size == (32, 32)
+    assert len(grid.plot(frame=4).axes) == 2
