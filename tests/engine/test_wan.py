@@ -374,3 +374,12 @@ def test_video_sweep_cells_equal_single_runs(arch):
         assert tr.latents.shape[3] == 3 and tr.guidance_scale == gs
     assert len(grid.images[0]) == 9 and grid.images[0][0].size == (32, 32)
     assert len(grid.plot(frame=4).axes) == 2
+    if arch == "wan":  # the GridViewer plays the clips: each cell an animated GIF
+        import io
+
+        from sdlens.widgets import GridViewer
+
+        gv = GridViewer(grid)
+        assert len(gv.panel.thumbs) == 2
+        with Image.open(io.BytesIO(gv.panel.thumbs[0])) as gif:
+            assert gif.format == "GIF" and gif.n_frames > 1

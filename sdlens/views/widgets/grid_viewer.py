@@ -8,6 +8,8 @@ clicking a cell sets ``selected`` (a flat cell index) and the kernel opens that 
 
 from __future__ import annotations
 
+import io
+
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import traitlets
 from PIL import Image
 
 from sdlens.experiments.sweep import axis_label
+from sdlens.views.plot import save_gif
 from sdlens.views.widgets.frames import encode
 from sdlens.views.widgets.trace_viewer import TraceViewer
 
@@ -75,13 +78,23 @@ class GridViewer(W.VBox):
             row_index = list(np.ndindex(*shape[:-1])) if len(shape) > 1 else [()]
         row_labels = ["\n".join(_label(a, grid.axes[a][i], kind) for a, i in zip(names[:-1], idx))
                       for idx in row_index]
-        images = np.asarray(grid.images, dtype=object).reshape(-1)
+        images = np.empty(int(np.prod(shape)) if shape else 1, dtype=object)
+        images[:] = [grid.images[idx] for idx in np.ndindex(*shape)]  # a cell: image or clip
         thumbs = []
-        for im in images:
+
+        def thumb(im):
             im = im.convert("RGB")
             if max(im.size) > 256:
                 im.thumbnail((256, 256), Image.BILINEAR)
-            thumbs.append(encode(im, "auto"))
+            return im
+
+        for im in images:
+            if isinstance(im, list):  # a video grid's clip: an animated GIF, the browser plays it
+                buf = io.BytesIO()
+                save_gif([thumb(f) for f in im], buf, fps=8)
+                thumbs.append(buf.getvalue())
+            else:
+                thumbs.append(encode(thumb(im), "auto"))
         fixed = getattr(grid, "fixed", {}) or {}
         title = ", ".join(_label(a, v, kind) for a, v in fixed.items() if v is not None and a != "prompt")
         prompt = fixed.get("prompt")

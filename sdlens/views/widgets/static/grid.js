@@ -1,7 +1,8 @@
 // sdlens GridViewer front end: a labelled table of thumbnails; clicking a cell selects it.
 function toUrl(dv) {
   if (!dv || dv.byteLength === 0) return "";
-  const type = dv.getUint8(0) === 0x89 ? "image/png" : "image/jpeg";
+  const first = dv.getUint8(0);  // PNG, GIF (a video grid's clips, played by the browser), JPEG
+  const type = first === 0x89 ? "image/png" : first === 0x47 ? "image/gif" : "image/jpeg";
   return URL.createObjectURL(new Blob([dv], { type }));
 }
 
