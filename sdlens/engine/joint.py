@@ -52,12 +52,12 @@ import functools
 from typing import Sequence
 
 import torch
-from einops import rearrange
 
 from sdlens.analysis.tokens import tokenize, tokenize_segments
 from sdlens.engine.arch import BackboneAdapter
 from sdlens.engine.sites import (Hooks, SiteCall, joint_call_parts, joint_projections,
                                  reduce_maps)
+from sdlens.trace.compact import dtype_name, host_maps, stack_maps, store_maps
 from sdlens.trace.maps import AttentionMaps, ConceptMaps
 
 
@@ -132,7 +132,7 @@ class ExtraMaps:
             if t is None and not self.skipped(layer):
                 self.skip(layer, f"not computed at step {run.step}")
             if not self.skipped(layer):
-                self.chunks.setdefault(layer, []).append(run._host(t, t.dtype, owned=True))
+                self.chunks.setdefault(layer, []).append(host_maps(t, run._host))
         self.steps.append(run.step)
         self.pending = {}
 
@@ -146,11 +146,11 @@ class ExtraMaps:
             chunks = self.chunks.get(layer)
             if self.skipped(layer) or not chunks or len(chunks) != len(self.steps):
                 continue
-            lh, lw = run.resolutions[layer]
-            layers[layer] = rearrange(torch.stack(chunks), "... (h w) -> ... h w", h=lh, w=lw)
+            layers[layer] = stack_maps(chunks, run.resolutions[layer], (),
+                                       run.opts.attention_dtype)
         res = {l: run.resolutions[l] for l in layers}
         family = run.session.adapter.family()
-        dtype = str(run.opts.attention_dtype).replace("torch.", "")
+        dtype = dtype_name(run.opts.attention_dtype)
         if self.concepts is not None:
             return ConceptMaps(layers, res, self.steps, self.concepts, family=family, dtype=dtype)
         positions = list(run.n_tokens) if isinstance(run.n_tokens, list) \
@@ -291,6 +291,6 @@ class ConceptPass:
         want = self.sink.request(site) is not None
         step = self.adapter.concept_step(block, self.stream, args, kwargs, rows, want)
         if want:
-            self.sink.put(site, concept_maps(step.image, step.concepts).to(
-                self.sink.run.opts.attention_dtype))
+            self.sink.put(site, store_maps(concept_maps(step.image, step.concepts),
+                                           self.sink.run.opts.attention_dtype))
         self.stream = step.stream

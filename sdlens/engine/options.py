@@ -11,6 +11,8 @@ from typing import Any, Sequence
 import torch
 
 from sdlens.engine.arch import adapter_for
+from sdlens.trace.compact import CODE_BITS, dtype_name, map_bytes
+from sdlens.trace.core import X0_DTYPE
 from sdlens.trace.maps import resolve_layers
 
 RECORDABLE = ("latents", "noise", "x0", "attention")  # the default
@@ -19,7 +21,7 @@ RECORDABLE = ("latents", "noise", "x0", "attention")  # the default
 # to the image patches (joint-attention models only; ``trace.image_to_text``)
 OPTIONAL = ("controlnet", "image_to_text")
 KINDS = RECORDABLE + OPTIONAL
-_ATT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_ATT_DTYPES = (torch.uint4, torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 
 
 class TraceTooLarge(ValueError):
@@ -49,7 +51,11 @@ class RecordOptions:
             and the end token; rows then no longer sum to 1 over the kept tokens).
         max_bytes: refuse (``TraceTooLarge``, a ValueError) to run when the trace is estimated to
             need more host memory than this; default 50% of the available host memory.
-        attention_dtype: dtype of the stored maps (float16 default; bfloat16 or float32).
+        attention_dtype: how the maps are stored (they always read as float maps):
+            ``torch.uint4`` (the default: 4-bit codes and each map's peak, every value within
+            1/30 of its map's peak; :mod:`sdlens.trace.compact`), ``torch.uint8`` (8-bit codes:
+            within 1/510 of the peak, twice the size), or the maps themselves in
+            ``torch.float16`` / ``torch.bfloat16`` / ``torch.float32`` (4x / 4x / 8x the size).
         concepts: concept maps (ConceptAttention, :mod:`sdlens.engine.joint`; joint-attention
             models): a list of concepts (words or short phrases, in the prompt or not), each
             mapped at the sites and steps of ``layers`` / ``steps`` (``trace.concepts``,
@@ -62,7 +68,7 @@ class RecordOptions:
     heads: bool = False
     keep_padding: bool = False
     max_bytes: int | None = None
-    attention_dtype: torch.dtype = torch.float16
+    attention_dtype: torch.dtype = torch.uint4
     concepts: Sequence[str] | None = None
 
     def __post_init__(self):
@@ -128,7 +134,7 @@ class RecordOptions:
             layers = list(layers)
         return dict(record=list(self.record), layers=layers, steps=steps, heads=self.heads,
                     keep_padding=self.keep_padding, max_bytes=self.max_bytes,
-                    attention_dtype=str(self.attention_dtype).replace("torch.", ""),
+                    attention_dtype=dtype_name(self.attention_dtype),
                     **({"concepts": list(self.concepts)} if self.concepts is not None else {}))
 
     @classmethod
@@ -222,13 +228,33 @@ def scheduler_steps(scheduler, num_inference_steps: int) -> int:
     return len(sched.timesteps)
 
 
+class TraceEstimate(dict):
+    """Bytes per kind of data ("latents", "noise", "x0", "attention", and "concepts" /
+    "image_to_text" where recorded), a dict; :attr:`storage` says how each kind is held (the
+    defaults that apply: e.g. ``{"attention": "uint4 codes + float32 scale per map", "x0":
+    "float16", "noise": "noise_text is noise (no CFG)"}``)."""
+
+    storage: dict[str, str]
+
+    def __init__(self, parts: dict[str, int], storage: dict[str, str]):
+        super().__init__(parts)
+        self.storage = dict(storage)
+
+
 def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
                          latent_hw: tuple[int, int] | None = None, n_tokens: int | None = None,
                          do_cfg: bool | None = None, options: RecordOptions | None = None,
                          layers: Sequence[str] | None = None,
                          attention_steps: int | None = None,
-                         num_inference_steps: int | None = None) -> dict[str, int]:
-    """Host bytes a trace of ``pipe`` will take, per kind of data (before running anything).
+                         num_inference_steps: int | None = None) -> TraceEstimate:
+    """Host bytes a trace of ``pipe`` will take, per kind of data (before running anything): what
+    :meth:`Trace.nbytes <sdlens.trace.Trace.nbytes>` will say, and within a few percent of the
+    saved file.
+
+    The defaults that apply are counted and named in the result's ``storage``: maps as 4-bit
+    codes + a float32 scale per map (``attention_dtype=torch.uint4``; other dtypes as
+    chosen), ``x0`` in float16, and, without classifier-free guidance, ``noise_text`` held once
+    with ``noise`` (the same tensor).
 
     Args:
         pipe: the pipeline (its denoiser's sites, heads and latent channels are read).
@@ -246,7 +272,8 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
         attention_steps: already-resolved number of steps with attention maps.
 
     Returns:
-        {"latents": ..., "noise": ..., "x0": ..., "attention": ...} in bytes.
+        a :class:`TraceEstimate`: {"latents": ..., "noise": ..., "x0": ..., "attention": ...}
+        in bytes, and ``.storage``.
     """
     opts = options or RecordOptions()
     adapter = adapter_for(pipe)
@@ -267,20 +294,30 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
             else (steps if opts.steps is None else len(set(opts.steps)))
     per = batch * adapter.latent_channels() * h * w * 4
     rec = opts.record
+    x0_size = torch.empty((), dtype=X0_DTYPE).element_size()
+    # noise, noise_text (noise_uncond): without CFG noise_text is noise (one tensor)
     est = {"latents": (steps + 1) * per if "latents" in rec else 0,
-           "noise": steps * per * (3 if do_cfg else 2) if "noise" in rec else 0,
-           "x0": steps * per if "x0" in rec else 0, "attention": 0}
-    itemsize = torch.empty((), dtype=opts.attention_dtype).element_size()
+           "noise": steps * per * (3 if do_cfg else 1) if "noise" in rec else 0,
+           "x0": steps * per * x0_size // 4 if "x0" in rec else 0, "attention": 0}
+    dtype = opts.attention_dtype
+    bits = CODE_BITS.get(dtype)
+    codec = f"{dtype_name(dtype)} codes + float32 scale per map" if bits else dtype_name(dtype)
+    storage = {"latents": "float32", "x0": dtype_name(X0_DTYPE),
+               "noise": "float32" + ("" if do_cfg else ", noise_text is noise (no CFG)"),
+               "attention": codec}
     kinds = {"attention": n_tokens, "image_to_text": n_tokens, "concepts": None}
     kinds = {k: n for k, n in kinds.items() if k in rec or (k == "concepts" and opts.concepts)}
+    itemsize = None if bits else torch.empty((), dtype=dtype).element_size()
     for kind, n in kinds.items():  # concept maps: one map per concept, heads pooled
         est[kind] = 0
+        storage[kind] = codec
         for l in layers:
             lh, lw = res[l]
             heads = adapter.heads(l) if opts.heads and n is not None else 1
             rows = len(opts.concepts) if n is None else n
-            est[kind] += attention_steps * batch * heads * rows * lh * lw * itemsize
-    return est
+            one = map_bytes(lh * lw, bits) if bits else lh * lw * itemsize
+            est[kind] += attention_steps * batch * heads * rows * one
+    return TraceEstimate(est, storage)
 
 
 def _vae_scale(pipe) -> int:

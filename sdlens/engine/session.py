@@ -34,7 +34,6 @@ import random
 import warnings
 
 import torch
-from einops import rearrange
 
 from sdlens.analysis.tokens import (IMAGE_PROMPT_POSITION, check_user_tokens,
                                     image_prompt_tokens, tokenize_segments)
@@ -46,6 +45,7 @@ from sdlens.engine.options import (RecordOptions, TraceTooLarge, default_max_byt
 from sdlens.engine.sites import Hooks, recorder_for, reweighting
 from sdlens.engine.text import text_axis
 from sdlens.pipeline import pipeline_task
+from sdlens.trace.compact import dtype_name, host_maps, stack_maps
 from sdlens.trace.core import Trace
 from sdlens.trace.maps import AttentionMaps, resolve_layers
 from sdlens.trace.steps import select_steps
@@ -336,7 +336,7 @@ class _Run:
                 if t is None and layer not in self.skipped:
                     self.skip(layer, f"not called (or not recorded) at step {self.step}")
                 if layer not in self.skipped:
-                    self.att[layer].append(self._host(t, t.dtype, owned=True))
+                    self.att[layer].append(host_maps(t, self._host))
             self.att_rec_steps.append(self.step)
         if self.maps_now:
             for sink in self.extra.values():
@@ -405,20 +405,16 @@ class _Run:
                 if layer in self.skipped:  # no maps rather than wrong or partial ones
                     self.att[layer] = []
                     continue
-                lh, lw = self.resolutions[layer]
-                if chunks:
-                    t = torch.stack(chunks)  # (S, B, [heads,] T, HW)
-                else:
-                    shape = (0, self.batch) + ((1,) if self.opts.heads else ()) + (n_tok, lh * lw)
-                    t = torch.zeros(shape, dtype=self.opts.attention_dtype)
-                layers[layer] = rearrange(t, "... (h w) -> ... h w", h=lh, w=lw)
+                empty = (self.batch,) + ((1,) if self.opts.heads else ()) + (n_tok,)
+                layers[layer] = stack_maps(chunks, self.resolutions[layer], empty,
+                                           self.opts.attention_dtype)  # (S, B, [heads,] T, h, w)
                 self.att[layer] = []
             n_img = sum(self.image_tokens)  # IP-Adapter: image-prompt tokens after the text's
             positions = positions[: n_tok - n_img] + [IMAGE_PROMPT_POSITION + j for j in range(n_img)]
             maps = AttentionMaps(layers, {l: self.resolutions[l] for l in layers},
                                  self.att_rec_steps, positions, self.opts.heads,
                                  family=self.session.adapter.family(),
-                                 dtype=str(self.opts.attention_dtype).replace("torch.", ""))
+                                 dtype=dtype_name(self.opts.attention_dtype))
         extra = {}
         if self.n_nets and any(c is not None for c in self.control):
             like = next(c for c in self.control if c is not None)

@@ -33,6 +33,7 @@ from einops import rearrange
 from sdlens.analysis.tokens import MAX_POSITIONS
 from sdlens.engine.arch import adapter_for
 from sdlens.engine.text import word_positions
+from sdlens.trace.compact import CompactMaps, store_maps
 from sdlens.trace.steps import step_window
 
 
@@ -282,10 +283,11 @@ class AttentionSink(Protocol):
         """This call of ``layer`` could not be recorded (``what``: why); the run goes on."""
 
 
-def reduce_maps(probs: torch.Tensor, tokens, keep_heads: bool, dtype) -> torch.Tensor:
+def reduce_maps(probs: torch.Tensor, tokens, keep_heads: bool, dtype) -> torch.Tensor | CompactMaps:
     """The recorded form of (B, heads, K, HW) probabilities: the kept token positions
     (``tokens``: None all, an int the first n, a sequence of positions), heads averaged unless
-    kept, in ``dtype``; (B, [heads,] T, HW), on the device."""
+    kept, stored in ``dtype`` (:func:`~sdlens.trace.compact.store_maps`: codes + scales for
+    ``torch.uint4`` / ``torch.uint8``); (B, [heads,] T, HW), on the device."""
     if isinstance(tokens, int):
         probs = probs[:, :, :tokens]
     elif tokens is not None:
@@ -293,7 +295,7 @@ def reduce_maps(probs: torch.Tensor, tokens, keep_heads: bool, dtype) -> torch.T
         probs = probs.index_select(2, index[index < probs.shape[2]])
     if not keep_heads:
         probs = probs[:, 0] if probs.shape[1] == 1 else probs.mean(dim=1)  # (B, T, HW)
-    return probs.to(dtype).contiguous()
+    return store_maps(probs, dtype)
 
 
 class AttentionRecorder:
