@@ -12,7 +12,6 @@ import torch
 
 from sdlens.engine.arch import adapter_for
 from sdlens.trace.compact import CODE_BITS, dtype_name, map_bytes
-from sdlens.trace.core import X0_DTYPE
 from sdlens.trace.maps import resolve_layers
 
 RECORDABLE = ("latents", "noise", "x0", "attention")  # the default
@@ -231,8 +230,8 @@ def scheduler_steps(scheduler, num_inference_steps: int) -> int:
 class TraceEstimate(dict):
     """Bytes per kind of data ("latents", "noise", "x0", "attention", and "concepts" /
     "image_to_text" where recorded), a dict; :attr:`storage` says how each kind is held (the
-    defaults that apply: e.g. ``{"attention": "uint4 codes + float32 scale per map", "x0":
-    "float16", "noise": "noise_text is noise (no CFG)"}``)."""
+    defaults that apply: e.g. ``{"attention": "uint4 codes + float32 scale per map", "noise":
+    "float32, noise_text is noise (no CFG)", ...}``)."""
 
     storage: dict[str, str]
 
@@ -253,8 +252,8 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
 
     The defaults that apply are counted and named in the result's ``storage``: maps as 4-bit
     codes + a float32 scale per map (``attention_dtype=torch.uint4``; other dtypes as
-    chosen), ``x0`` in float16, and, without classifier-free guidance, ``noise_text`` held once
-    with ``noise`` (the same tensor).
+    chosen) and, without classifier-free guidance, ``noise_text`` held once with ``noise`` (the
+    same tensor); latents, noise and x0 in float32.
 
     Args:
         pipe: the pipeline (its denoiser's sites, heads and latent channels are read).
@@ -294,15 +293,14 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
             else (steps if opts.steps is None else len(set(opts.steps)))
     per = batch * adapter.latent_channels() * h * w * 4
     rec = opts.record
-    x0_size = torch.empty((), dtype=X0_DTYPE).element_size()
     # noise, noise_text (noise_uncond): without CFG noise_text is noise (one tensor)
     est = {"latents": (steps + 1) * per if "latents" in rec else 0,
            "noise": steps * per * (3 if do_cfg else 1) if "noise" in rec else 0,
-           "x0": steps * per * x0_size // 4 if "x0" in rec else 0, "attention": 0}
+           "x0": steps * per if "x0" in rec else 0, "attention": 0}
     dtype = opts.attention_dtype
     bits = CODE_BITS.get(dtype)
     codec = f"{dtype_name(dtype)} codes + float32 scale per map" if bits else dtype_name(dtype)
-    storage = {"latents": "float32", "x0": dtype_name(X0_DTYPE),
+    storage = {"latents": "float32", "x0": "float32",
                "noise": "float32" + ("" if do_cfg else ", noise_text is noise (no CFG)"),
                "attention": codec}
     kinds = {"attention": n_tokens, "image_to_text": n_tokens, "concepts": None}

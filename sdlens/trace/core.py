@@ -21,8 +21,7 @@ about twice as many for Heun / KDPM2, whose every step calls the UNet twice):
 ``noise_uncond``            (steps, batch, C, h, w) or None       None when guidance is off
 ``noise_text``              (steps, batch, C, h, w)
 ``noise``                   (steps, batch, C, h, w)               the guided prediction the scheduler used
-``x0``                      (steps, batch, C, h, w)               predicted clean latent (sdlens computes it;
-                                                                  stored in float16, read as float32)
+``x0``                      (steps, batch, C, h, w)               predicted clean latent (sdlens computes it)
 ``attention``               AttentionMaps, per layer              :class:`~sdlens.trace.maps.AttentionMaps`;
                             (steps', batch, tokens, h, w)         steps' = its recorded steps; heads kept:
                                                                   (steps', batch, heads, tokens, h, w);
@@ -48,9 +47,8 @@ Tensors that were not recorded (``RecordOptions.record``) are None. Every trace 
 :meth:`Trace.build`, which takes exactly these fields and checks the shapes; the operations of
 :mod:`sdlens.trace.ops` (select batch items, slice or join steps, replace fields) build on it.
 
-Storage: ``x0`` is kept in float16 (a prediction read as previews and trajectories: at most
-2**-11 of its magnitude off); without classifier-free guidance ``noise_text`` *is* ``noise``
-(the same tensor, held and written once); maps recorded as codes
+Storage: without classifier-free guidance ``noise_text`` *is* ``noise`` (the same tensor,
+held and written once); maps recorded as codes
 (:mod:`sdlens.trace.compact`) stay codes until read. :meth:`Trace.nbytes` says what is held.
 
 File format (one file, no pickle): a safetensors file whose tensors are ``latents``, ``noise``,
@@ -85,7 +83,6 @@ from sdlens.trace.maps import AttentionMaps, ConceptMaps
 
 FORMAT = "sdlens.trace"
 FORMAT_VERSION = 2  # 2: maps as codes + scales ("compact"), shared tensors ("aliases")
-X0_DTYPE = torch.float16  # how x0 is held (read as float32)
 
 
 class Trace:
@@ -153,8 +150,6 @@ class Trace:
         for name, t in (("noise_uncond", noise_uncond), ("noise_text", noise_text),
                         ("noise", noise), ("x0", x0)):
             tensors[name] = _checked(name, t, (steps, batch), 5)
-        if tensors["x0"] is not None:
-            tensors["x0"] = tensors["x0"].to(X0_DTYPE)
         if _same_values(tensors["noise_text"], tensors["noise"]):  # no CFG: hold them once
             tensors["noise_text"] = tensors["noise"]
         maps_info = {kind: _maps_info(kind, maps, steps, batch, tensors)
@@ -277,9 +272,8 @@ class Trace:
 
     @property
     def x0(self) -> torch.Tensor | None:
-        """(steps, batch, C, h, w) float32: predicted clean latent (held in float16)."""
-        t = self._tensor("x0")
-        return None if t is None else t.float()
+        """(steps, batch, C, h, w) float32: predicted clean latent."""
+        return self._tensor("x0")
 
     @property
     def attention(self) -> AttentionMaps | None:
