@@ -57,7 +57,7 @@ from sdlens.analysis.tokens import tokenize, tokenize_segments
 from sdlens.engine.arch import BackboneAdapter
 from sdlens.engine.sites import (Hooks, SiteCall, joint_call_parts, joint_projections,
                                  reduce_maps)
-from sdlens.trace.compact import dtype_name, host_maps, stack_maps, store_maps
+from sdlens.trace.compact import dtype_name, host_maps, stack_maps, store_maps, stored_dtype
 from sdlens.trace.maps import AttentionMaps, ConceptMaps
 
 
@@ -88,6 +88,7 @@ class ExtraMaps:
         self.pending: dict[str, torch.Tensor] = {}
         self.steps: list[int] = []
         self.n_tokens: int | None = None
+        self.dtype = stored_dtype(kind, run.opts.attention_dtype)  # how the maps are kept
 
     def rows(self) -> slice | None:
         """The batch rows to compute at this denoiser call; None: nothing recorded now."""
@@ -102,7 +103,7 @@ class ExtraMaps:
         if rows is None or layer not in self.run.selected or self.skipped(layer):
             return None
         run = self.run
-        return rows, run.n_tokens, run.opts.heads, run.opts.attention_dtype
+        return rows, run.n_tokens, run.opts.heads, self.dtype
 
     def key(self, layer: str) -> str:
         return f"{self.kind} {layer}"
@@ -146,11 +147,10 @@ class ExtraMaps:
             chunks = self.chunks.get(layer)
             if self.skipped(layer) or not chunks or len(chunks) != len(self.steps):
                 continue
-            layers[layer] = stack_maps(chunks, run.resolutions[layer], (),
-                                       run.opts.attention_dtype)
+            layers[layer] = stack_maps(chunks, run.resolutions[layer], (), self.dtype)
         res = {l: run.resolutions[l] for l in layers}
         family = run.session.adapter.family()
-        dtype = dtype_name(run.opts.attention_dtype)
+        dtype = dtype_name(self.dtype)
         if self.concepts is not None:
             return ConceptMaps(layers, res, self.steps, self.concepts, family=family, dtype=dtype)
         positions = list(run.n_tokens) if isinstance(run.n_tokens, list) \
@@ -292,5 +292,5 @@ class ConceptPass:
         step = self.adapter.concept_step(block, self.stream, args, kwargs, rows, want)
         if want:
             self.sink.put(site, store_maps(concept_maps(step.image, step.concepts),
-                                           self.sink.run.opts.attention_dtype))
+                                           self.sink.dtype))
         self.stream = step.stream

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from sdlens.engine.arch import adapter_for
-from sdlens.trace.compact import CODE_BITS, dtype_name, map_bytes
+from sdlens.trace.compact import CODE_BITS, dtype_name, map_bytes, stored_dtype
 from sdlens.trace.maps import resolve_layers
 
 RECORDABLE = ("latents", "noise", "x0", "attention")  # the default
@@ -297,18 +297,17 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
     est = {"latents": (steps + 1) * per if "latents" in rec else 0,
            "noise": steps * per * (3 if do_cfg else 1) if "noise" in rec else 0,
            "x0": steps * per if "x0" in rec else 0, "attention": 0}
-    dtype = opts.attention_dtype
-    bits = CODE_BITS.get(dtype)
-    codec = f"{dtype_name(dtype)} codes + float32 scale per map" if bits else dtype_name(dtype)
     storage = {"latents": "float32", "x0": "float32",
-               "noise": "float32" + ("" if do_cfg else ", noise_text is noise (no CFG)"),
-               "attention": codec}
+               "noise": "float32" + ("" if do_cfg else ", noise_text is noise (no CFG)")}
     kinds = {"attention": n_tokens, "image_to_text": n_tokens, "concepts": None}
     kinds = {k: n for k, n in kinds.items() if k in rec or (k == "concepts" and opts.concepts)}
-    itemsize = None if bits else torch.empty((), dtype=dtype).element_size()
     for kind, n in kinds.items():  # concept maps: one map per concept, heads pooled
+        dtype = stored_dtype(kind, opts.attention_dtype)
+        bits = CODE_BITS.get(dtype)
+        itemsize = None if bits else torch.empty((), dtype=dtype).element_size()
+        storage[kind] = f"{dtype_name(dtype)} codes + float32 scale per map" if bits \
+            else dtype_name(dtype)
         est[kind] = 0
-        storage[kind] = codec
         for l in layers:
             lh, lw = res[l]
             heads = adapter.heads(l) if opts.heads and n is not None else 1

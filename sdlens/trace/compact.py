@@ -12,7 +12,7 @@ float32 maps in ``benchmarks/bench_compact.py`` (RESULTS-compact.md).
 byte: the default), ``torch.uint8`` (8-bit codes), or a float dtype (``torch.float16`` etc.:
 the maps themselves, as before codes existed).
 
-* :func:`store_maps`: the recorder's side, on the device: float maps ``(B, [heads,] T, HW)`` ->
+* :func:`store_maps`: the recorder's side (:func:`stored_dtype`: concept maps stay float16), on the device: float maps ``(B, [heads,] T, HW)`` ->
   what is kept (a :class:`CompactMaps` for code dtypes, else the tensor in that dtype); no
   device sync.
 * :class:`CompactMaps`: codes + scales with the maps' logical shape; ``decode()`` gives float32
@@ -144,6 +144,14 @@ class CompactMaps:
         return CompactMaps(torch.stack([m.codes for m in items]),
                            torch.stack([m.scales for m in items]), first.bits,
                            (len(items),) + tuple(first.shape))
+
+
+def stored_dtype(kind: str, dtype):
+    """How maps of ``kind`` ("attention", "image_to_text", "concepts") are stored under
+    ``RecordOptions.attention_dtype`` = ``dtype``: as asked, except concept maps under a code
+    dtype, kept in float16: each pixel's concepts sum to 1 and per-map codes would not keep
+    that sum (they are opt-in and few: a map per concept, not per token)."""
+    return torch.float16 if kind == "concepts" and is_code_dtype(dtype) else dtype
 
 
 def store_maps(maps: torch.Tensor, dtype) -> torch.Tensor | CompactMaps:
