@@ -55,6 +55,7 @@ class RecordOptions:
             1/30 of its map's peak; :mod:`sdlens.trace.compact`), ``torch.uint8`` (8-bit codes:
             within 1/510 of the peak, twice the size), or the maps themselves in
             ``torch.float16`` / ``torch.bfloat16`` / ``torch.float32`` (4x / 4x / 8x the size).
+            Concept maps stay float16 under a code dtype (each pixel's concepts sum to 1).
         concepts: concept maps (ConceptAttention, :mod:`sdlens.engine.joint`; joint-attention
             models): a list of concepts (words or short phrases, in the prompt or not), each
             mapped at the sites and steps of ``layers`` / ``steps`` (``trace.concepts``,
