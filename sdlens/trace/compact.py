@@ -12,9 +12,9 @@ float32 maps in ``benchmarks/bench_compact.py`` (RESULTS-compact.md).
 byte: the default), ``torch.uint8`` (8-bit codes), or a float dtype (``torch.float16`` etc.:
 the maps themselves, as before codes existed).
 
-* :func:`store_maps`: the recorder's side (:func:`stored_dtype`: concept maps stay float16), on the device: float maps ``(B, [heads,] T, HW)`` ->
+* :func:`store_maps`: the recorder's side, on the device: float maps ``(B, [heads,] T, HW)`` ->
   what is kept (a :class:`CompactMaps` for code dtypes, else the tensor in that dtype); no
-  device sync.
+  device sync. :func:`stored_dtype`: concept maps stay float16.
 * :class:`CompactMaps`: codes + scales with the maps' logical shape; ``decode()`` gives float32
   maps. :class:`~sdlens.trace.maps.AttentionMaps` decodes on access, the trace file stores the
   codes and scales (``<kind>/<layer>`` and ``<kind>/<layer>/scale``).
@@ -94,9 +94,12 @@ class CompactMaps:
         return f"CompactMaps(shape={tuple(self.shape)}, bits={self.bits}, {self.nbytes} bytes)"
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "CompactMaps":
-        """The same maps with ``fn`` applied to the codes and the scales (a copy to the host,
-        ``detach``, ...); ``fn`` must keep their shapes."""
-        return CompactMaps(fn(self.codes), fn(self.scales), self.bits, self.shape)
+        """``fn`` applied to the codes and the scales alike: a copy (to the host, ...) or an
+        indexing of the leading axes (steps, batch, [heads,] tokens), which the codes
+        ``(..., T, bytes)`` and the scales ``(..., T)`` share."""
+        codes, scales = fn(self.codes), fn(self.scales)
+        spatial = tuple(self.shape[self.scales.ndim:])
+        return CompactMaps(codes, scales, self.bits, tuple(scales.shape) + spatial)
 
     def spatial(self, h: int, w: int) -> "CompactMaps":
         """The same maps with the last axis (HW) read as (h, w) (no data moves)."""
@@ -188,6 +191,13 @@ def stack_maps(chunks: Sequence[torch.Tensor | CompactMaps], hw: tuple[int, int]
         return CompactMaps.stack(chunks).spatial(h, w)
     t = torch.stack(list(chunks))
     return t.reshape(t.shape[:-1] + (h, w))
+
+
+def take(maps: torch.Tensor | CompactMaps,
+         fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | CompactMaps:
+    """Stored maps ``(steps, batch, [heads,] T, h, w)`` with ``fn`` applied to their leading
+    axes (``lambda t: t[:, idx]``: some batch items), kept as they are stored."""
+    return maps.apply(fn) if isinstance(maps, CompactMaps) else fn(maps)
 
 
 def decoded(maps: torch.Tensor | CompactMaps) -> torch.Tensor:

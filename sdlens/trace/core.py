@@ -503,7 +503,9 @@ class Trace:
             doc["compact"] = compact
         if aliases:
             doc["aliases"] = aliases
-        metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
+        # version 1 where nothing needs 2: older sdlens still opens such files
+        version = FORMAT_VERSION if compact or aliases else 1
+        metadata = {"format": FORMAT, "format_version": str(version),
                     "sdlens": json.dumps(_jsonable(doc))}
         return tensors, metadata
 

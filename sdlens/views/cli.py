@@ -31,6 +31,7 @@ from sdlens.engine.options import RECORDABLE, human_bytes
 from sdlens.engine.session import check_seed, generate
 from sdlens.experiments.sweep import add_sweep_parser, is_grid_file, sweep
 from sdlens.pipeline import load_pipeline
+from sdlens.trace.compact import maps_nbytes
 from sdlens.trace.core import load
 from sdlens.version import __version__
 from sdlens.views import plot
@@ -316,7 +317,8 @@ def describe_trace(tr, path: Path | None = None) -> str:
 
 
 def _mib(maps) -> float:
-    return sum(maps[l].numel() * maps[l].element_size() for l in maps.layers) / 2**20
+    """MiB the maps hold as stored (codes and scales, or float maps)."""
+    return sum(maps_nbytes(maps.stored(l)) for l in maps.layers) / 2**20
 
 
 def _info_run(args: argparse.Namespace) -> int:

@@ -71,7 +71,8 @@ def test_files_of_format_version_1_load(tmp_path, name):
         assert old.heatmap(w).shape[-2:] == (old.meta["height"], old.meta["width"])
     if old.concepts is not None:
         c = old.concepts
-        assert c[c.layers[0]].dtype == torch.float16 and old.heatmap("sky", maps="concepts").ndim == 2
+        assert c[c.layers[0]].dtype == torch.float16
+        assert old.heatmap("sky", maps="concepts").ndim == 2
         assert old.image_to_text is not None and old.image_to_text.dtype == "float16"
     # saved again, in today's format: the same values, held as they were
     again = load(old.save(tmp_path / "again.sdlens"))
@@ -104,6 +105,23 @@ def test_new_files_carry_codes_and_read_back_the_same_maps(tmp_path):
     assert torch.equal(back.noise_text, t.noise) and back.noise_text is back.noise
     assert torch.equal(back.x0, t.x0)
     assert sum(back.nbytes().values()) == sum(t.nbytes().values())
+    assert _version(t.to_bytes()) == 2
+
+
+def _version(data: bytes) -> int:
+    import json
+    import struct
+
+    (n,) = struct.unpack("<Q", data[:8])
+    return int(json.loads(data[8:8 + n])["__metadata__"]["format_version"])
+
+
+def test_a_trace_that_needs_no_codes_is_written_as_version_1():
+    """float16 maps under CFG (noise_text its own tensor): what older sdlens reads."""
+    pipe = random_pipeline("sd15")
+    with sdlens.trace(pipe, attention_dtype=torch.float16) as tr:
+        pipe("a red circle", num_inference_steps=2, guidance_scale=7.5, output_type="latent")
+    assert _version(tr.runs[-1].to_bytes()) == 1
 
 
 def test_compact_maps_against_float32_maps():
@@ -170,3 +188,21 @@ def test_the_default_flux_dev_trace_fits_200_mb():
     fp16 = estimate_trace_bytes(pipe, options=RecordOptions(attention_dtype=torch.float16), **kw)
     assert fp16["attention"] == 57 * 28 * 32 * 64 * 64 * 2  # 2 bytes a value
     assert est["attention"] == 57 * 28 * 32 * (64 * 64 // 2 + 4)
+
+
+def test_trace_operations_keep_the_codes():
+    from sdlens.trace import select_batch, slice_steps
+
+    pipe = random_pipeline("sd15")
+    with sdlens.trace(pipe) as tr:
+        pipe(["a red circle", "a blue square on the beach"], num_inference_steps=3,
+             output_type="latent")
+    t = tr.runs[-1]
+    one, late = select_batch(t, 1), slice_steps(t, 1, 3)
+    for layer in t.attention.layers:
+        assert isinstance(one.attention.stored(layer), CompactMaps)
+        assert torch.equal(one.attention[layer], t.attention[layer][:, 1:2])
+        assert isinstance(late.attention.stored(layer), CompactMaps)
+        assert torch.equal(late.attention[layer], t.attention[layer][1:3])
+    assert one.attention.dtype == late.attention.dtype == "uint4"
+    assert one.nbytes()["attention"] * 2 == t.nbytes()["attention"]
