@@ -1110,3 +1110,34 @@ def pipeline_2026(arch: str = "flux2", scale: float = 0.05, seed: int = 0,
     if (scale < 1 or sample_size is not None) and arch != "z-image":  # Z-Image: 1024 px fixed
         pipe.default_sample_size = sample_size or 4
     return pipe if meta else _finish(pipe, device, dtype)
+
+
+def reference_image(size: int = 32, seed: int = 0):
+    """A seeded random RGB ``PIL.Image`` of ``size`` x ``size`` px: the editing beds' input."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.RandomState(seed).randint(0, 256, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def call_kwargs_2026(arch: str, steps: int = 2, size: int = 32, seed: int = 0, **overrides) -> dict:
+    """The keywords of a fast call of a :func:`pipeline_2026` bed: ``steps`` steps of a
+    ``size``-px image, a seeded generator, the reference image for the editing beds.
+
+    Where the pipelines would resize: Z-Image defaults to 1024 px (height / width given here);
+    Kontext scales its output to ``max_area`` (1024² by default) and snaps the reference to a
+    preferred ~1 MP resolution unless ``_auto_resize=False``; Qwen-Image-Edit always resizes the
+    reference to ~1 MP (its VAE encode of 1024² px dominates that bed's run: ~5 s on one CPU
+    thread) and gives the output its size unless height / width are given.
+    """
+    if arch not in BEDS_2026:
+        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(BEDS_2026)}")
+    kw = dict(prompt="a red cat on the beach", num_inference_steps=steps, height=size,
+              width=size, generator=torch.Generator().manual_seed(seed), output_type="latent")
+    if arch in ("qwen-image-edit", "flux-kontext"):
+        kw["image"] = reference_image(size, seed)
+    if arch == "flux-kontext":
+        kw.update(_auto_resize=False, max_area=size * size)
+    kw.update(overrides)
+    return kw
