@@ -143,10 +143,20 @@ class Probe:
 
     def on_forward(self, module, args, kwargs):
         self.in_transformer = True
-        self.forwards.append({k: describe(v) for k, v in list(kwargs.items())
-                              if k not in ("joint_attention_kwargs", "attention_kwargs",
-                                           "return_dict")}
-                             | {f"arg{i}": describe(a) for i, a in enumerate(args)})
+        seen = {k: describe(v) for k, v in list(kwargs.items())
+                if k not in ("joint_attention_kwargs", "attention_kwargs", "return_dict")}
+        ids = kwargs.get("img_ids")
+        if isinstance(ids, torch.Tensor):  # the first id coordinate tells noise from reference
+            first = (ids[0] if ids.dim() == 3 else ids)[:, 0].tolist()
+            runs = [[first[0], 0]]
+            for value in first:
+                if value == runs[-1][0]:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([value, 1])
+            seen["img_ids"] += " (first coordinate: " + ", ".join(
+                f"{v:g} x{n}" for v, n in runs) + ")"
+        self.forwards.append(seen | {f"arg{i}": describe(a) for i, a in enumerate(args)})
 
     def close(self):
         for handle in self.undo:

@@ -10,6 +10,8 @@ configs (SD 1.5, SD 2.1, SDXL, and the shipped "shapes" model) with random weigh
 >>> sd3 = random_pipeline("sd3")                   # SD3 medium's MMDiT, CLIP-L/G + a tiny T5
 >>> sd35 = random_pipeline("sd35", t5=False)       # SD3.5 medium, text_encoder_3=None
 >>> flux = random_pipeline("flux")                 # Flux.1-dev: double + single blocks, CLIP-L + T5
+>>> klein = random_pipeline("flux2-klein", variant="base-4b")  # the 2026 families: pipeline_2026
+>>> big = random_pipeline("qwen-image", scale=1, device="meta")  # 20B transformer, no memory
 
 ``scale`` multiplies every channel count (rounded to a multiple of 16) and, below 0.5, keeps one
 resnet / transformer layer per block; block types, attention layout, cross-attention widths'
