@@ -1111,7 +1111,9 @@ def pipeline_2026(arch: str = "flux2", scale: float = 0.05, seed: int = 0,
             module.eval()
     if (scale < 1 or sample_size is not None) and arch != "z-image":  # Z-Image: 1024 px fixed
         pipe.default_sample_size = sample_size or 4
-    return pipe if meta else _finish(pipe, device, dtype)
+    if meta:
+        return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
+    return _finish(pipe, device, dtype)
 
 
 def reference_image(size: int = 32, seed: int = 0):
@@ -1130,7 +1132,7 @@ def call_kwargs_2026(arch: str, steps: int = 2, size: int = 32, seed: int = 0, *
     Where the pipelines would resize: Z-Image defaults to 1024 px (height / width given here);
     Kontext scales its output to ``max_area`` (1024² by default) and snaps the reference to a
     preferred ~1 MP resolution unless ``_auto_resize=False``; Qwen-Image-Edit always resizes the
-    reference to ~1 MP (its VAE encode of 1024² px dominates that bed's run: ~5 s on one CPU
+    reference to ~1 MP (its VAE encode of 1024² px dominates that bed's run: ~6 s on one CPU
     thread) and gives the output its size unless height / width are given.
     """
     if arch not in BEDS_2026:
