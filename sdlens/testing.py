@@ -711,8 +711,8 @@ BEDS_2026 = ("flux2", "flux2-klein", "qwen-image", "qwen-image-edit", "z-image",
 KLEIN_VARIANTS = ("4b", "9b", "base-4b", "base-9b")
 
 # Qwen2's pre-tokenizer split (the GPT-4-style regex of Qwen2 / Qwen2.5 / Qwen3's tokenizer.json).
-_QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # Tekken's (Mistral-Small-3.x) split: cased words kept whole, "/" joins the trailing newlines.
 _TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
@@ -771,7 +771,7 @@ def _template_texts() -> list[str]:
     return texts
 
 
-@functools.lru_cache(maxsize=None)  # about a second's training, once per process and kind
+@functools.lru_cache(maxsize=None)  # a fraction of a second's training, once per process
 def _byte_bpe(split: str, specials: tuple[str, ...]) -> str:
     """A byte-level BPE (``tokenizers``' JSON) trained on generated prompts and the pipelines'
     template texts, ``split`` the pre-tokenizer's regex, ``specials`` the first ids."""
@@ -980,7 +980,7 @@ def _qwen_vae(scale: float):
 
     if scale >= 1:
         return diffusers.AutoencoderKLQwenImage()
-    return diffusers.AutoencoderKLQwenImage(base_dim=8, num_res_blocks=1)
+    return diffusers.AutoencoderKLQwenImage(base_dim=4, num_res_blocks=1)  # Edit encodes 1 MP
 
 
 def _components_2026(arch: str, scale: float, variant: str | None) -> dict:

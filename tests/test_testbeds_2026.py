@@ -18,7 +18,8 @@ CLASSES = {"flux2": "Flux2Pipeline", "flux2-klein": "Flux2KleinPipeline",
            "flux-kontext": "FluxKontextPipeline"}
 # (arch, variant, component, published size in billions of parameters)
 SIZES = [
-    ("flux2", None, "transformer", 32.0), ("flux2", None, "text_encoder", 24.0),  # Mistral-Small-3.1
+    ("flux2", None, "transformer", 32.0),
+    ("flux2", None, "text_encoder", 24.0),  # Mistral-Small-3.1
     ("flux2-klein", "4b", "transformer", 4.0), ("flux2-klein", "4b", "text_encoder", 4.0),
     ("flux2-klein", "9b", "transformer", 9.0), ("flux2-klein", "9b", "text_encoder", 8.2),
     ("qwen-image", None, "transformer", 20.0), ("qwen-image", None, "text_encoder", 8.3),
