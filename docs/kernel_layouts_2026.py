@@ -244,6 +244,7 @@ def probe(label, arch, build, call):
 def main():
     torch.set_num_threads(1)
     out = ["<!-- probe:begin (written by docs/kernel_layouts_2026.py; do not edit) -->", "",
+           "## Measured", "",
            f"torch {torch.__version__}, diffusers {__import__('diffusers').__version__}, CPU "
            "fp32, tiny beds (2 heads x 16; text encoders 32 wide), 2 steps, 32 px unless said, "
            "prompt \"a red cat on the beach\".", ""]
