@@ -163,6 +163,83 @@ def test_unet_names_only_in_the_unet_adapter():
     assert where == [], "UNet names outside the UNet adapter:\n" + "\n".join(where)
 
 
+# Transformer backbones' names (SD3 / SD3.5, Flux.1, Flux.2, Qwen-Image, ...): their blocks, the
+# text stream's projections and norms, rotary embeddings and ids, text masks, guidance and text
+# encoder components, denoiser configs. Code that reads one of them knows a backbone: it belongs
+# in that backbone's adapter.
+TRANSFORMER_NAMES = frozenset({
+    "transformer_blocks", "single_transformer_blocks",  # block lists (Flux: single-stream)
+    "context_embedder", "add_q_proj", "add_k_proj", "add_v_proj", "to_added_qkv", "to_add_out",
+    "norm_added_q", "norm_added_k", "norm1_context", "norm2_context", "ff_context",
+    "context_pre_only", "to_qkv_mlp_proj",  # joint attention's text stream; Flux.2's fused one
+    "image_rotary_emb", "img_ids", "txt_ids",  # rotary embeddings and the positions they rotate
+    "encoder_hidden_states_mask",  # a masked text stream (Qwen-Image)
+    "guidance_embeds", "time_cond_proj_dim",  # guidance as an input of the denoiser (Flux, LCM)
+    "dual_attention_layers", "pooled_projections",  # SD3.5's image-only attention; SD3's CLIP pool
+    "text_encoder_3", "tokenizer_3", "prompt_3",  # SD3's T5
+    "skip_layers", "joint_attention_kwargs",  # SD3.5's skip-layer guidance; the joint call's extras
+})
+# where they may appear: the backbone adapters, the test beds, the shipped models' code
+ALLOWED_TRANSFORMER = ("sdlens/engine/arch/", "sdlens/models/", "sdlens/testing.py")
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """ids of the string constants that are docstrings (or other bare string statements)."""
+    return {id(n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
+            and isinstance(n.value.value, str)}
+
+
+def code_names(source: str, names: frozenset[str]) -> list[tuple[int, str]]:
+    """``(line, name)`` for each of ``names`` the code of ``source`` uses: as an attribute
+    (``x.name``), a variable, a keyword argument, a parameter, or a word of a string literal
+    (f-strings' literal parts included); comments and docstrings do not count."""
+    tree = ast.parse(source)
+    docs = _docstrings(tree)
+    words = re.compile(r"\b(" + "|".join(map(re.escape, sorted(names))) + r")\b")
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            text = [node.attr]
+        elif isinstance(node, ast.Name):
+            text = [node.id]
+        elif isinstance(node, ast.keyword) and node.arg:
+            text = [node.arg]
+        elif isinstance(node, ast.arg):
+            text = [node.arg]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                and id(node) not in docs:
+            text = words.findall(node.value)
+        else:
+            continue
+        found += [(getattr(node, "lineno", 0), t) for t in text if t in names]
+    return sorted(set(found))
+
+
+def test_the_name_finder_reads_code_not_prose():
+    src = '''
+def f(pipe, guidance_embeds=None):
+    """Reads text_encoder_3."""  # and img_ids
+    a = pipe.text_encoder_3
+    b = getattr(pipe, "tokenizer_3")
+    c = call(txt_ids=1)
+    return f"{a}.single_transformer_blocks.{b}", "no single_transformer_blocksX here"
+'''
+    assert [n for _, n in code_names(src, TRANSFORMER_NAMES)] == [
+        "guidance_embeds", "text_encoder_3", "tokenizer_3", "txt_ids", "single_transformer_blocks"]
+
+
+def test_transformer_names_only_in_the_adapters():
+    where = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG.parent).as_posix()
+        if rel.startswith(ALLOWED_TRANSFORMER):
+            continue
+        for line, name in code_names(path.read_text(), TRANSFORMER_NAMES):
+            where.append(f"{rel}:{line}: {name}")
+    assert where == [], "transformer names outside the backbone adapters:\n" + "\n".join(where)
+
+
 def test_alphas_cumprod_only_in_the_schedule_table():
     where = []
     for path in PKG.rglob("*.py"):

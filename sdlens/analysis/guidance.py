@@ -1,4 +1,4 @@
-"""Classifier-free guidance and the scheduler, seen from a trace (no UNet call).
+"""Classifier-free guidance and the scheduler, seen from a trace (no denoiser call).
 
 CFG: the denoiser predicts twice (noise, or a velocity for flow models: :func:`prediction_label`),
 without the prompt (``noise_uncond``) and with it (``noise_text``); the scheduler gets
@@ -6,7 +6,7 @@ without the prompt (``noise_uncond``) and with it (``noise_text``); the schedule
 :func:`cfg_delta` gives it per step, :func:`guidance_stats` its size, and :func:`x0_at_guidance`
 what the predicted clean latent x0 of one step would have been at another scale ``g'`` (the
 prediction is affine in the model output, so the recorded predictions suffice). Only that step changes: later steps would differ too, which no
-recorded data can tell without running the UNet again.
+recorded data can tell without running the denoiser again.
 
 x0 uses the formula of the trace's scheduler, from the schedule table
 (:mod:`sdlens.engine.schedules`, the one the recorder uses) on a scheduler rebuilt from the

@@ -100,47 +100,50 @@ def plan_batches(cells: Sequence[Cell], cell_bytes, budget: int, max_batch: int 
 # ====================================================================== per-sample guidance
 
 class PerSampleGuidance:
-    """Gives every batch item its own guidance scale, through a forward hook on the backbone.
+    """Gives every batch item its own guidance scale, through a forward hook on the denoiser.
 
-    The pipeline runs with the scalar ``G``; the hook rewrites the text half of the backbone's
+    The pipeline runs with the scalar ``G``; the hook rewrites the text half of the denoiser's
     output ``c_i`` to ``u_i + (g_i / G)(c_i - u_i)`` so that the pipeline's ``u + G (c' - u)``
-    equals ``u + g_i (c - u)``. The forward hook is registered at the backbone's first call
+    equals ``u + g_i (c - u)``. The forward hook is registered at the denoiser's first call
     (from a pre-hook) so that it runs *after* every hook installed before that call, sdlens'
-    recording hooks included: traces record the model's true text prediction.
+    recording hooks included: traces record the model's true text prediction. The backbone's
+    adapter (``adapter``) says where the halves lie in the batch and which tensor the pipeline
+    guides with.
     """
 
-    def __init__(self, scales: Sequence[float], G: float):
+    def __init__(self, scales: Sequence[float], G: float, adapter):
         if G <= 1:
             raise ValueError(f"per-sample guidance needs the call's guidance scale > 1, got {G}")
         self.ratios = torch.tensor([float(g) / float(G) for g in scales], dtype=torch.float32)
+        self.adapter = adapter
         self.post = None
         self.calls = 0
 
-    def install(self, hooks: Hooks, unet: torch.nn.Module) -> None:
-        """Install on ``unet`` for the life of ``hooks``."""
+    def install(self, hooks: Hooks) -> None:
+        """Install on the adapter's denoiser for the life of ``hooks``."""
+        denoiser = self.adapter.denoiser
+
         def register(module, args):
             if self.post is None:
-                self.post = hooks.forward_hook(unet, self._hook)
+                self.post = hooks.forward_hook(denoiser, self._hook)
             return None
 
-        hooks.forward_pre_hook(unet, register)
+        hooks.forward_pre_hook(denoiser, register)
 
     def _hook(self, module, args, output):
-        is_tuple = isinstance(output, (tuple, list))
-        out = output[0] if is_tuple else output.sample
+        out = self.adapter.output_tensor(output)
         n = len(self.ratios)
-        if out.shape[0] != 2 * n:
-            raise RuntimeError(f"per-sample guidance expected the backbone batch cat([uncond, "
-                               f"text]) of {2 * n} rows, got {out.shape[0]}")
-        u, c = out.chunk(2)
+        if out is None or out.shape[0] != 2 * n:
+            got = "no tensor" if out is None else f"{out.shape[0]} rows"
+            raise RuntimeError(f"per-sample guidance expected the denoiser batch of both guidance "
+                               f"halves ({' and '.join(self.adapter.cfg_halves)}, {2 * n} rows), "
+                               f"got {got}")
+        halves = self.adapter.split_cfg(out)
+        u, c = halves["uncond"], halves["text"]
         r = self.ratios.to(out.device).view(-1, *([1] * (out.ndim - 1)))
-        c2 = (u.float() + r * (c.float() - u.float())).to(out.dtype)
-        new = torch.cat([u, c2])
+        halves["text"] = (u.float() + r * (c.float() - u.float())).to(out.dtype)
         self.calls += 1
-        if is_tuple:
-            return [new, *output[1:]] if isinstance(output, list) else (new, *output[1:])
-        output.sample = new
-        return output
+        return self.adapter.with_output_tensor(output, self.adapter.join_cfg(halves))
 
 
 # ====================================================================== running
@@ -206,7 +209,7 @@ def run_batch(pipe, batch: Batch, negative_prompt, height, width, extra, record_
         record_trace(pipe, **trace_options(record_opts, batch.steps))
     with recording as rec, Hooks() as hooks:
         if mixed:
-            PerSampleGuidance(scales, batch.guidance).install(hooks, adapter_for(pipe).denoiser)
+            PerSampleGuidance(scales, batch.guidance, adapter_for(pipe)).install(hooks)
         out = pipe(**kwargs)
     if rec is not None:
         if not rec.runs:  # sdlens stopped recording the call (it warned why); the images stand

@@ -39,11 +39,11 @@ Everything is computed beside the blocks, from their forward pre-hooks' argument
 untraced one. Cost per recorded step: the concepts' projections and attention at every block
 (C queries), and one extra image attention at each recorded site.
 
-**Image->text maps** (``record=(..., "image_to_text")``): at each recorded site, each text
-token's attention to the image patches: its query's softmax over the keys of [image; text], the
-image columns, so a token's map sums to its *image share*. ``trace.image_to_text``: (steps,
-batch, tokens, h, w), tokens as ``trace.attention``'s. Flux: from the RoPE-rotated q / k, in
-the double- and single-stream blocks (:mod:`sdlens.engine.arch.flux`).
+**Image->text maps** (``record=(..., "image_to_text")``) are read at the attention kernel with the
+text->image maps (:class:`~sdlens.engine.sites.MapRecorder`): each text token's attention to the
+image patches, its query's softmax over all the kernel's keys, the image columns, so a token's
+map sums to its *image share*. ``trace.image_to_text``: (steps, batch, tokens, h, w), tokens as
+``trace.attention``'s.
 """
 
 from __future__ import annotations
@@ -55,10 +55,8 @@ import torch
 
 from sdlens.analysis.tokens import tokenize, tokenize_segments
 from sdlens.engine.arch import BackboneAdapter
-from sdlens.engine.sites import (Hooks, SiteCall, joint_call_parts, joint_projections,
-                                 reduce_maps)
-from sdlens.trace.compact import dtype_name, host_maps, stack_maps, store_maps, stored_dtype
-from sdlens.trace.maps import AttentionMaps, ConceptMaps
+from sdlens.engine.sites import Hooks, MapSink
+from sdlens.trace.compact import store_maps
 
 
 def check_joint_options(adapter: BackboneAdapter, options) -> None:
@@ -72,144 +70,6 @@ def check_joint_options(adapter: BackboneAdapter, options) -> None:
         raise TypeError(f"image_to_text maps need joint attention (SD3 / SD3.5, Flux.1), where "
                         f"the text tokens attend to the image; {name} has "
                         f"{adapter.attention_kind} attention")
-
-
-# ====================================================================== collecting
-class ExtraMaps:
-    """Maps of one kind ("concepts", "image_to_text") recorded beside a run's attention maps, at
-    the run's recorded steps and selected sites, on its text rows (``run``: the session's
-    ``_Run``). A site that cannot be computed is left out (``meta["skipped"]["<kind> <site>"]``,
-    one warning per call)."""
-
-    def __init__(self, run, kind: str, concepts: Sequence[str] | None = None):
-        self.run, self.kind = run, kind
-        self.concepts = list(concepts) if concepts is not None else None
-        self.chunks: dict[str, list[torch.Tensor]] = {}
-        self.pending: dict[str, torch.Tensor] = {}
-        self.steps: list[int] = []
-        self.n_tokens: int | None = None
-        self.dtype = stored_dtype(kind, run.opts.attention_dtype)  # how the maps are kept
-
-    def rows(self) -> slice | None:
-        """The batch rows to compute at this denoiser call; None: nothing recorded now."""
-        run = self.run
-        if run.aux or run.abandoned or not run.maps_now or run.half == "uncond":
-            return None  # (Flux's true CFG: the maps come from the prompt's call)
-        return run.rows
-
-    def request(self, layer: str):
-        """As ``attention_request``: (rows, tokens, keep_heads, dtype) or None."""
-        rows = self.rows()
-        if rows is None or layer not in self.run.selected or self.skipped(layer):
-            return None
-        run = self.run
-        return rows, run.n_tokens, run.opts.heads, self.dtype
-
-    def key(self, layer: str) -> str:
-        return f"{self.kind} {layer}"
-
-    def skipped(self, layer: str) -> bool:
-        return self.key(layer) in self.run.skipped
-
-    def skip(self, layer: str, what: str) -> None:
-        self.run.skip(self.key(layer), what)
-
-    def put(self, layer: str, maps: torch.Tensor) -> None:
-        """maps: (n, [heads,] T, HW) on the device."""
-        lh, lw = self.run.resolutions[layer]
-        if maps.shape[-1] != lh * lw:
-            return self.skip(layer, f"{maps.shape[-1]} positions, expected {lh}x{lw}")
-        if self.n_tokens is None:
-            self.n_tokens = int(maps.shape[-2])
-        elif int(maps.shape[-2]) != self.n_tokens:
-            return self.skip(layer, f"{maps.shape[-2]} tokens, other sites had {self.n_tokens}")
-        self.pending[layer] = maps
-
-    def end_step(self) -> None:
-        """At a recorded step's ``scheduler.step``: the step's maps to the host."""
-        run = self.run
-        for layer in run.selected:
-            t = self.pending.get(layer)
-            if t is None and not self.skipped(layer):
-                self.skip(layer, f"not computed at step {run.step}")
-            if not self.skipped(layer):
-                self.chunks.setdefault(layer, []).append(host_maps(t, run._host))
-        self.steps.append(run.step)
-        self.pending = {}
-
-    def build(self) -> AttentionMaps | None:
-        """The maps of the run (None: no step recorded): :class:`ConceptMaps` for concepts."""
-        run = self.run
-        if not self.steps:
-            return None
-        layers = {}
-        for layer in run.selected:
-            chunks = self.chunks.get(layer)
-            if self.skipped(layer) or not chunks or len(chunks) != len(self.steps):
-                continue
-            layers[layer] = stack_maps(chunks, run.resolutions[layer], (), self.dtype)
-        res = {l: run.resolutions[l] for l in layers}
-        family = run.session.adapter.family()
-        dtype = dtype_name(self.dtype)
-        if self.concepts is not None:
-            return ConceptMaps(layers, res, self.steps, self.concepts, family=family, dtype=dtype)
-        positions = list(run.n_tokens) if isinstance(run.n_tokens, list) \
-            else list(range(self.n_tokens or 0))
-        return AttentionMaps(layers, res, self.steps, positions, run.opts.heads, family=family,
-                             dtype=dtype)
-
-
-# ====================================================================== image -> text
-class ImageToTextRecorder:
-    """Observer of a joint-attention site: each text token's attention to the image patches (the
-    text queries' softmax over [image; text] keys, the image columns), reduced as the attention
-    maps are and handed to ``sink`` (an :class:`ExtraMaps`).
-
-    Flux (``text_first``): q / k RoPE-rotated with the processor's ``(cos, sin)`` (text rows
-    first), and the single-stream blocks' joined [text; image] sequence split at the text length
-    the double-stream calls of the same transformer call saw, as
-    :class:`~sdlens.engine.sites.JointAttentionRecorder` does."""
-
-    def __init__(self, sink: ExtraMaps, text_first: bool = False):
-        self.sink, self.text_first = sink, text_first
-        self.text_length: int | None = None  # T of the last call with encoder_hidden_states
-
-    def observe(self, attn, layer: str, call: SiteCall) -> None:
-        ehs = call.encoder_hidden_states
-        if torch.is_tensor(ehs):
-            self.text_length = int(ehs.shape[1])
-        request = self.sink.request(layer)
-        if request is None:
-            return
-        try:  # sdlens is never the reason a generation fails
-            rows, n_tokens, keep_heads, dtype = request
-            parts = joint_call_parts(call, rows, self.text_first, self.text_length)
-            if parts is None:
-                return self.sink.skip(layer, "no text tokens sdlens can find in its joint "
-                                             "attention")
-            hs, ehs, rope, single = parts
-            probs = self.image_probabilities(attn, hs, ehs, rope=rope, text_first=self.text_first,
-                                             single=single)
-            self.sink.put(layer, reduce_maps(probs, n_tokens, keep_heads, dtype))
-        except Exception as e:  # noqa: BLE001 - an unknown processor / layout
-            self.sink.skip(layer, f"{type(e).__name__}: {e}")
-
-    @staticmethod
-    @torch.no_grad()
-    def image_probabilities(attn, hs: torch.Tensor, ehs: torch.Tensor, rope=None,
-                            text_first: bool = False, single: bool = False) -> torch.Tensor:
-        """(B, heads, T, HW) float32: the text queries' probabilities on the image keys, softmax
-        over all keys ([image; text]), from ``hs`` (B, HW, C) and ``ehs`` (B, T, C) as the
-        processor receives them (``rope``, ``text_first``, ``single``: as
-        :func:`~sdlens.engine.sites.joint_projections`)."""
-        p = joint_projections(attn, hs, ehs, ("text_q", "text_k", "image_k"), rope=rope,
-                              text_first=text_first, single=single)
-        query = p["text_q"]
-        query = query.float() * float(getattr(attn, "scale", query.shape[-1] ** -0.5))
-        image = torch.matmul(query, p["image_k"].float().transpose(-1, -2))  # (B, heads, T, HW)
-        text = torch.matmul(query, p["text_k"].float().transpose(-1, -2))  # (B, heads, T, T)
-        lse = torch.logaddexp(image.logsumexp(-1), text.logsumexp(-1))  # (B, heads, T)
-        return (image - lse[..., None]).exp()
 
 
 # ====================================================================== concepts
@@ -242,7 +102,7 @@ class ConceptPass:
     """The concept stream of one pipeline call, run beside the denoiser's blocks (forward
     pre-hooks), its maps handed to ``sink`` (see the module docstring)."""
 
-    def __init__(self, adapter: BackboneAdapter, concepts: Sequence[str], sink: ExtraMaps,
+    def __init__(self, adapter: BackboneAdapter, concepts: Sequence[str], sink: MapSink,
                  params: dict):
         self.adapter, self.concepts, self.sink, self.params = adapter, list(concepts), sink, params
         self.blocks = adapter.concept_blocks() or []
@@ -266,7 +126,7 @@ class ConceptPass:
     def _fail(self, e: Exception) -> None:
         self.failed, self.stream = True, None
         for site, _ in self.blocks:
-            self.sink.skip(site, f"concept pass: {type(e).__name__}: {e}")
+            self.sink.skip("concepts", site, f"concept pass: {type(e).__name__}: {e}")
 
     def _before_block(self, i: int, site: str, block, args, kwargs):
         if not self.failed:
@@ -283,14 +143,15 @@ class ConceptPass:
             self.stream = None
             return
         if i == 0:
-            n = self.sink.run.batch  # the rows of the batch items (the text half under CFG)
+            n = rows.stop - rows.start  # the rows of the batch items (the text half under CFG)
             self.stream = self.adapter.concept_stream(
                 self.vectors[None].expand(n, -1, -1).to(self.adapter.denoiser.device))
         if self.stream is None:
             return
-        want = self.sink.request(site) is not None
-        step = self.adapter.concept_step(block, self.stream, args, kwargs, rows, want)
-        if want:
-            self.sink.put(site, store_maps(concept_maps(step.image, step.concepts),
-                                           self.sink.dtype))
+        request = self.sink.request("concepts", site)
+        step = self.adapter.concept_step(block, self.stream, args, kwargs, rows,
+                                         request is not None)
+        if request is not None:
+            self.sink.put("concepts", site,
+                          store_maps(concept_maps(step.image, step.concepts), request[3]))
         self.stream = step.stream

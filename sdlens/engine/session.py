@@ -9,12 +9,15 @@ How it works (everything is installed through :class:`~sdlens.engine.sites.Hooks
 exit, also on exceptions and KeyboardInterrupt):
 
 * ``pipe``'s class is swapped, for the length of the ``with`` block, for a subclass whose
-  ``__call__`` records the call's arguments (prompts, batch size, seeds) and then runs the
-  original ``__call__``. For the length of each call sdlens installs:
-* a :class:`~sdlens.engine.sites.SiteProcessor` with an
-  :class:`~sdlens.engine.sites.AttentionRecorder` around the processor of every cross-attention
-  site that the pipeline's backbone adapter (:mod:`sdlens.engine.arch`) names (the original
-  processor still computes the output: traced images are identical),
+  ``__call__`` reads the call's arguments (prompts, batch size, seeds) and then runs the
+  original ``__call__`` with exactly the arguments it was given (sdlens adds only its step-end
+  callback, composed with the user's). For the length of each call sdlens installs:
+* a :class:`~sdlens.engine.sites.SiteProcessor` with a
+  :class:`~sdlens.engine.sites.MapRecorder` around the processor of every attention site that
+  the pipeline's backbone adapter (:mod:`sdlens.engine.arch`) names; it reads the attention at
+  the processor's kernel call (:mod:`sdlens.engine.kernel`), laid out by the adapter, into the
+  call's one map collector (:mod:`sdlens.engine.collect`); the original processor still
+  computes the output: traced images are identical,
 * forward (pre-)hooks on the denoiser (batch layout, uncond/text noise),
 * a ``scheduler.step`` wrapper (latents, guided noise, timesteps, sigmas, x0),
 * a ``callback_on_step_end`` composed with the user's (latents after the step as the pipeline
@@ -34,20 +37,20 @@ import random
 import warnings
 
 import torch
+from einops import rearrange
 
-from sdlens.analysis.tokens import (IMAGE_PROMPT_POSITION, check_user_tokens,
-                                    image_prompt_tokens, tokenize_segments)
+from sdlens.analysis.tokens import check_user_tokens, image_prompt_tokens, tokenize_segments
 from sdlens.engine import schedules as sched_hooks
 from sdlens.engine.arch import BackboneAdapter, adapter_for
-from sdlens.engine.joint import ConceptPass, ExtraMaps, ImageToTextRecorder, check_joint_options
+from sdlens.engine.collect import Maps
+from sdlens.engine.joint import ConceptPass, check_joint_options
 from sdlens.engine.options import (RecordOptions, TraceTooLarge, default_max_bytes,
                                    estimate_trace_bytes, human_bytes)
-from sdlens.engine.sites import Hooks, recorder_for, reweighting
+from sdlens.engine.sites import Hooks, KernelSeam, MapRecorder, reweighting
 from sdlens.engine.text import text_axis
 from sdlens.pipeline import pipeline_task
-from sdlens.trace.compact import dtype_name, host_maps, stack_maps
 from sdlens.trace.core import Trace
-from sdlens.trace.maps import AttentionMaps, resolve_layers
+from sdlens.trace.maps import resolve_layers
 from sdlens.trace.steps import select_steps
 
 
@@ -83,24 +86,26 @@ class _Run:
         self.latent_hw = None
         self.total_steps = None
         self.att_steps: set[int] = set()
-        self.att_now = False
         self.maps_now = False  # a recorded step: maps of every kind (attention, concepts, ...)
-        self.extra: dict[str, ExtraMaps] = {}  # "concepts", "image_to_text" (engine/joint.py)
+        kinds = [k for k in ("attention", "image_to_text") if k in self.opts.record]
+        # the one collector of every kind of map (engine/collect.py); its sink protocol is what
+        # the kernel readers and the concept pass speak
+        self.maps = Maps(self, kinds + (["concepts"] if self.opts.concepts else []),
+                         self.opts.concepts)
         self.rows = None
         self.n_tokens = None
-        self.token_count_seen = None
-        self.unet_calls_this_step = 0
-        self.unet_calls = 0
+        self.denoiser_calls_this_step = 0
+        self.denoiser_calls = 0
         self.warned_double = False
         self.pending_noise = None  # (uncond | None, text)
-        self.pending_att: dict[str, torch.Tensor] = {}
+        self.selected: list[str] = list(session.selected_layers)
+        self.resolutions: dict[str, tuple[int, int]] = {}
         self.aux = False  # inside an auxiliary denoiser call (not recorded)
         # guidance as separate denoiser calls per step (Flux's true CFG), in call order
         self.cfg_calls = session.adapter.cfg_calls(params)
         self.half: str | None = None  # the half of the current denoiser call (cfg_calls)
         self.pending_halves: dict[str, torch.Tensor] = {}
         self.segments = None  # per item: the text encoders' segments (several encoders)
-        self.image_tokens: tuple[int, ...] = ()  # image-prompt tokens per IP-Adapter
         self.skipped: dict[str, str] = {}  # layer -> what could not be recorded
         self.control: list[torch.Tensor] = []  # per step (batch, nets, blocks) residual RMS
         self.pending_control: dict[int, torch.Tensor] = {}  # net -> (batch, blocks)
@@ -114,8 +119,6 @@ class _Run:
         self.x0: list[torch.Tensor | None] = []
         self.timesteps: list[float] = []
         self.sigmas: list[float | None] = []
-        self.att: dict[str, list[torch.Tensor]] = {l: [] for l in session.selected_layers}
-        self.att_rec_steps: list[int] = []
         self.devices: set[torch.device] = set()
 
     # ---------------------------------------------------------------- host copies
@@ -134,38 +137,43 @@ class _Run:
         untouched, one warning, and the call adds no trace."""
         if self.abandoned is None:
             self.abandoned = reason
-            self.att_now = False
+            self.maps_now = False
             warnings.warn(f"sdlens: stopped recording this pipeline call: {reason}; the "
                           "generation is not affected, but this call has no trace", stacklevel=3)
 
     # ---------------------------------------------------------------- denoiser hooks
-    def before_unet(self, sample: torch.Tensor) -> None:
+    def recording(self) -> bool:
+        """Whether the maps of the denoiser call in progress are recorded (a recorded step; not
+        an auxiliary call; not true CFG's negative call, whose maps are the text call's)."""
+        return self.maps_now and not self.aux and not self.abandoned and self.half != "uncond"
+
+    def before_denoiser(self, sample: torch.Tensor) -> None:
         if self.abandoned:
             return
         n = sample.shape[0]
         if self.layout is None:
-            self._first_unet_call(sample)
+            self._first_denoiser_call(sample)
             if self.abandoned:
                 return
         expected = 2 * self.batch if self.layout == "cfg" and not self.cfg_calls else self.batch
         if n != expected:
-            return self.abandon(f"the UNet was called with batch {n} at step {self.step}, "
+            return self.abandon(f"the denoiser was called with batch {n} at step {self.step}, "
                                 f"expected {expected} (a batch layout sdlens does not know)")
         calls = len(self.cfg_calls or ())
-        self.half = self.cfg_calls[self.unet_calls_this_step] \
-            if self.unet_calls_this_step < calls else None
-        self.unet_calls_this_step += 1
-        self.unet_calls += 1
-        if self.unet_calls_this_step > max(1, calls) and not self.warned_double:
+        self.half = self.cfg_calls[self.denoiser_calls_this_step] \
+            if self.denoiser_calls_this_step < calls else None
+        self.denoiser_calls_this_step += 1
+        self.denoiser_calls += 1
+        if self.denoiser_calls_this_step > max(1, calls) and not self.warned_double:
             self.warned_double = True
-            warnings.warn("sdlens: the UNet was called more than once before a scheduler step; "
-                          "noise and attention are recorded from the last call", stacklevel=2)
+            warnings.warn("sdlens: the denoiser was called more than once before a scheduler "
+                          "step; noise and attention are recorded from the last call",
+                          stacklevel=2)
         self.maps_now = self.step in self.att_steps
-        self.att_now = "attention" in self.opts.record and self.maps_now
         if self.half != "uncond":  # the text call's maps stay when the uncond call follows
-            self.pending_att = {}
+            self.maps.clear_pending()
 
-    def _first_unet_call(self, sample: torch.Tensor) -> None:
+    def _first_denoiser_call(self, sample: torch.Tensor) -> None:
         n = sample.shape[0]
         b = self.session_batch
         if n == b and self.cfg_calls:  # one call per half (Flux's true CFG)
@@ -178,7 +186,7 @@ class _Run:
             self.layout = "single"
             self.rows = slice(0, b)
         else:
-            return self.abandon(f"the UNet sees batch {n} but the call has {b} batch items "
+            return self.abandon(f"the denoiser sees batch {n} but the call has {b} batch items "
                                 "(prompts x num_images_per_prompt); cannot tell the guidance layout")
         self.batch = b
         self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
@@ -192,7 +200,6 @@ class _Run:
         self.resolutions = adapter.resolutions(self.latent_hw)
         self.selected = resolve_layers(self.opts.layers, self.session.layers,
                                        lambda l: self.resolutions[l], adapter.naming)
-        self.att = {l: [] for l in self.selected}
         if self.opts.keep_padding:
             self.n_tokens = None
         elif self.segments is not None:  # each segment's own tokens, its padding left out
@@ -205,7 +212,8 @@ class _Run:
 
 
     def estimate_bytes(self) -> dict[str, int]:
-        """Estimated host bytes per kind of data (from the shapes known at the first UNet call)."""
+        """Estimated host bytes per kind of data (from the shapes known at the first denoiser
+        call)."""
         return estimate_trace_bytes(
             self.pipe, batch=self.batch, steps=self.total_steps, latent_hw=self.latent_hw,
             n_tokens=(len(self.n_tokens) if isinstance(self.n_tokens, list) else self.n_tokens)
@@ -233,39 +241,19 @@ class _Run:
                 "heads=False (average heads), keep_padding=False, record=(...) without "
                 "'attention' or 'noise', fewer images per call; or raise max_bytes")
 
-    # ---------------------------------------------------------------- attention sink
-    def attention_request(self, layer: str):
-        if self.aux or not self.att_now or self.abandoned or layer not in self.att \
-                or self.half == "uncond":  # maps come from the text call (as the text half)
-            return None
-        return (self.rows, self.n_tokens, self.opts.heads, self.opts.attention_dtype)
-
-    def put_attention(self, layer: str, probs: torch.Tensor, n_queries: int,
-                      image_tokens: tuple[int, ...] = ()) -> None:
-        lh, lw = self.resolutions[layer]
-        if n_queries != lh * lw:
-            return self.skip(layer, f"{n_queries} positions, expected {lh}x{lw} from the latent "
-                                    f"size {self.latent_hw}")
-        if self.token_count_seen is None:
-            self.token_count_seen = int(probs.shape[-2])
-            self.image_tokens = tuple(image_tokens)
-        elif int(probs.shape[-2]) != self.token_count_seen or tuple(image_tokens) != self.image_tokens:
-            return self.skip(layer, f"{probs.shape[-2]} tokens, other layers had "
-                                    f"{self.token_count_seen}")
-        self.pending_att[layer] = probs
-
-    def skip(self, layer: str, what: str) -> None:
-        """A site call sdlens cannot record: the layer's maps are left out of the trace (named in
-        ``meta["skipped"]``), one warning per call of the pipeline, and the run goes on."""
-        if layer in self.skipped:
+    def skip(self, key: str, what: str) -> None:
+        """A site (``key``: its name, or ``"<kind> <site>"``) sdlens cannot record: its maps are
+        left out of the trace (named in ``meta["skipped"]``), one warning per call of the
+        pipeline, and the run goes on."""
+        if key in self.skipped:
             return
         if not self.skipped:
-            warnings.warn(f"sdlens: cannot record the attention of layer {layer} ({what}); its "
+            warnings.warn(f"sdlens: cannot record the attention of layer {key} ({what}); its "
                           "maps are left out of the trace (see trace.meta['skipped'] for every "
                           "layer skipped); the generation is not affected", stacklevel=2)
-        self.skipped[layer] = what
+        self.skipped[key] = what
 
-    def after_unet(self, out: torch.Tensor) -> None:
+    def after_denoiser(self, out: torch.Tensor) -> None:
         if "noise" not in self.opts.record or self.abandoned:
             return
         out = self.session.adapter.spatial(out, self.latent_hw)
@@ -306,7 +294,7 @@ class _Run:
         if self.abandoned:
             return
         if self.layout is None:
-            return self.abandon("scheduler.step was called before the UNet")
+            return self.abandon("scheduler.step was called before the denoiser")
         if sample.shape[0] != self.batch:
             return self.abandon(f"scheduler.step got {sample.shape[0]} latents, expected "
                                 f"{self.batch}")
@@ -330,17 +318,8 @@ class _Run:
         self.timesteps.append(float(timestep) if not torch.is_tensor(timestep)
                               else self._host(timestep.reshape(()), torch.float32))
         self.sigmas.append(None if sigma is None else self._host(sigma.reshape(()), torch.float32))
-        if self.att_now:
-            for layer in self.att:
-                t = self.pending_att.get(layer)
-                if t is None and layer not in self.skipped:
-                    self.skip(layer, f"not called (or not recorded) at step {self.step}")
-                if layer not in self.skipped:
-                    self.att[layer].append(host_maps(t, self._host))
-            self.att_rec_steps.append(self.step)
         if self.maps_now:
-            for sink in self.extra.values():
-                sink.end_step()
+            self.maps.end_step()
         if self.n_nets:
             blocks = next(iter(self.pending_control.values())).shape[1] if self.pending_control \
                 else None
@@ -351,9 +330,9 @@ class _Run:
             else:
                 self.control.append(None)
             self.pending_control = {}
-        self.pending_att = {}
-        self.att_now = self.maps_now = False
-        self.unet_calls_this_step = 0
+        self.maps.clear_pending()
+        self.maps_now = False
+        self.denoiser_calls_this_step = 0
         self.last = {"step": self.step, "timestep": timestep, "sigma": sigma, "sample": sample,
                      "noise": model_output, "x0": x0, "prev_sample": prev_sample}
         self.step += 1
@@ -391,49 +370,26 @@ class _Run:
                 and all(u is not None for u in self.noise_uncond) else None
         if "x0" in rec and all(x is not None for x in self.x0):
             recorded["x0"] = torch.stack(self.x0)
-        maps = None
-        if "attention" in rec:
-            if isinstance(self.n_tokens, list):
-                positions = list(self.n_tokens)
-            else:
-                n_tok = self.token_count_seen if self.token_count_seen is not None \
-                    else (self.n_tokens or 0)
-                positions = list(range(n_tok))
-            n_tok = len(positions)
-            layers = {}
-            for layer, chunks in self.att.items():
-                if layer in self.skipped:  # no maps rather than wrong or partial ones
-                    self.att[layer] = []
-                    continue
-                empty = (self.batch,) + ((1,) if self.opts.heads else ()) + (n_tok,)
-                layers[layer] = stack_maps(chunks, self.resolutions[layer], empty,
-                                           self.opts.attention_dtype)  # (S, B, [heads,] T, h, w)
-                self.att[layer] = []
-            n_img = sum(self.image_tokens)  # IP-Adapter: image-prompt tokens after the text's
-            positions = positions[: n_tok - n_img] + [IMAGE_PROMPT_POSITION + j for j in range(n_img)]
-            maps = AttentionMaps(layers, {l: self.resolutions[l] for l in layers},
-                                 self.att_rec_steps, positions, self.opts.heads,
-                                 family=self.session.adapter.family(),
-                                 dtype=dtype_name(self.opts.attention_dtype))
+        maps = self.maps.build(self.session.adapter.family())
         extra = {}
         if self.n_nets and any(c is not None for c in self.control):
             like = next(c for c in self.control if c is not None)
             extra["controlnet/residual_rms"] = torch.stack(
                 [c if c is not None else torch.full_like(like, float("nan")) for c in self.control])
         tokens = self.tokens
-        if self.image_tokens and maps is not None:
-            image_tokens = image_prompt_tokens(self.image_tokens)
+        if self.maps.image_tokens() and maps.get("attention") is not None:
+            image_tokens = image_prompt_tokens(self.maps.image_tokens())
             tokens = [list(t) + image_tokens for t in tokens]
         return Trace.build(
             prompts=self.prompts, negative_prompts=self.negative_prompts,
             token_ids=self.token_ids, tokens=tokens, truncated_words=self.truncated_words,
             timesteps=scal(self.timesteps),
             sigmas=scal(self.sigmas) if all(s is not None for s in self.sigmas) else None,
-            attention=maps, guidance_scale=self.guidance_scale, do_cfg=self.layout == "cfg",
+            guidance_scale=self.guidance_scale, do_cfg=self.layout == "cfg",
             meta=self.meta(), images=_output_images(self.pipe, output), pipeline=self.pipe,
             extra_info={"text_segments": self.segments} if self.segments is not None else None,
             extra_tensors=extra or None,
-            **{kind: sink.build() for kind, sink in self.extra.items()}, **recorded)
+            **maps, **recorded)
 
     def meta(self) -> dict:
         pipe, p = self.pipe, self.params
@@ -462,10 +418,11 @@ class _Run:
             "num_images_per_prompt": p.get("num_images_per_prompt") or 1,
             "device": str(denoiser.device), "dtype": str(denoiser.dtype).replace("torch.", ""),
             "options": self.opts.to_dict(), "estimated_bytes": self.estimated,
-            "unet_calls": self.unet_calls,
+            "denoiser_calls": self.denoiser_calls,
             "text_length": self.session.adapter.text_length(p),  # None: the tokenizer's (77)
             **({"skipped": dict(self.skipped)} if self.skipped else {}),
-            **({"image_prompt_tokens": list(self.image_tokens)} if self.image_tokens else {}),
+            **({"image_prompt_tokens": list(self.maps.image_tokens())}
+               if self.maps.image_tokens() else {}),
             **({"words_unknown": True} if self.words_unknown else {}),
             **self.conditioning(),
         }
@@ -482,13 +439,13 @@ class _Run:
                 "guess_mode": bool(p.get("guess_mode") or False),
                 "control_guidance_start": p.get("control_guidance_start"),
                 "control_guidance_end": p.get("control_guidance_end")}
-        if self.image_tokens:
+        if self.maps.image_tokens():
             scales = []
             for proc in self.session.adapter.denoiser.attn_processors.values():
                 if hasattr(proc, "to_k_ip") and hasattr(proc, "scale"):
                     scales = [s if isinstance(s, (int, float)) else list(s) for s in proc.scale]
                     break
-            out["ip_adapter"] = {"adapters": len(self.image_tokens), "scale": scales}
+            out["ip_adapter"] = {"adapters": len(self.maps.image_tokens()), "scale": scales}
         return out
 
 
@@ -631,7 +588,7 @@ class _Session:
                 return
             sample = adapter.denoiser_input(args, kwargs)
             if sample is not None:
-                run.before_unet(sample)
+                run.before_denoiser(sample)
 
         def after(module, args, kwargs, output):
             if run.aux:
@@ -639,22 +596,18 @@ class _Session:
                 return
             out = adapter.denoiser_output(output)
             if out is not None:
-                run.after_unet(out)
+                run.after_denoiser(out)
 
         try:
             with Hooks() as hooks:
-                observers = [recorder_for(adapter.attention_kind, run, adapter.joint_order)]
-                if "image_to_text" in self.options.record:
-                    run.extra["image_to_text"] = ExtraMaps(run, "image_to_text")
-                    observers.append(ImageToTextRecorder(run.extra["image_to_text"],
-                                                         adapter.joint_order[0] == "text"))
-                hooks.wrap_sites(denoiser, self.layers, observers=observers)
+                kinds = [k for k in ("attention", "image_to_text") if k in run.maps]
+                readers = [MapRecorder(run.maps, kinds)] if kinds else []
+                hooks.wrap_sites(denoiser, self.layers, readers=readers,
+                                 seam=KernelSeam(adapter))
                 hooks.forward_pre_hook(denoiser, before, with_kwargs=True)
                 hooks.forward_hook(denoiser, after, with_kwargs=True)
                 if self.options.concepts:  # after `before`: its blocks see this step's state
-                    run.extra["concepts"] = ExtraMaps(run, "concepts", self.options.concepts)
-                    ConceptPass(adapter, self.options.concepts, run.extra["concepts"],
-                                full).install(hooks)
+                    ConceptPass(adapter, self.options.concepts, run.maps, full).install(hooks)
                 control = getattr(pipe, "controlnet", None)
                 if "controlnet" in self.options.record and control is not None:
                     nets = list(getattr(control, "nets", None) or [control])

@@ -2,21 +2,23 @@
 
 Recording and editing are one mechanism (as baukit's ``TraceDict`` with retain / edit):
 
-* A *site* is a cross-attention layer of the backbone (which layers: the backbone adapter's
-  ``sites()``, :mod:`sdlens.engine.arch`).
-  :class:`SiteProcessor` wraps the processor installed there. The wrapped processor computes the
-  layer's output exactly as before (SDPA, attention slicing, LoRA, IP-Adapter processors ... keep
-  working); around it the wrapper runs *observers* (``observe(attn, layer, call)``, before the
-  inner processor; they change nothing: :class:`AttentionRecorder`) and *editors*
-  (``edit(attn, layer, call, out) -> out``, after it: :class:`Reweight`).
+* A *site* is an attention layer of the backbone where image tokens meet text tokens (which
+  layers: the backbone adapter's ``sites()``, :mod:`sdlens.engine.arch`). :class:`SiteProcessor`
+  wraps the processor installed there. The wrapped processor computes the layer's output exactly
+  as before (SDPA, dispatch backends, LoRA, IP-Adapter processors ... keep working).
+* sdlens reads attention **where the processor calls the attention kernel**
+  (:mod:`sdlens.engine.kernel`): q / k / v and the mask exactly as the model uses them, after its
+  norms, rotary embeddings and stream concatenation. The backbone adapter only says how the
+  kernel's sequence splits into segments (:meth:`~sdlens.engine.arch.base.BackboneAdapter.
+  kernel_layout`: text, image, image prompts, ...). *Readers* (:class:`MapRecorder`: text->image
+  and image->text maps) see each kernel call and change nothing; *editors* (:class:`Reweight`:
+  prompt-to-prompt's equalizer, ablation) add to its output. A weight of exactly 1 adds an exact
+  zero.
 * :class:`Hooks` installs processor wrappers on chosen sites, forward hooks and forward
-  pre-hooks on modules (and any other undo step) and restores everything on exit, in reverse
-  order, also on exceptions and KeyboardInterrupt.
+  pre-hooks on modules, context managers (the kernel wrapper) and any other undo step, and
+  restores everything on exit, in reverse order, also on exceptions and KeyboardInterrupt.
 
-Observers and editors recompute the attention probabilities themselves,
-``softmax(q k^T * attn.scale)`` from ``attn.to_q`` / ``attn.to_k`` (cross-attention has only ~77
-keys: cheap), for the batch rows they need only. Nothing here synchronises the device (no
-``.cpu()`` / ``.item()``).
+Nothing here synchronises the device (no ``.cpu()`` / ``.item()``).
 """
 
 from __future__ import annotations
@@ -27,88 +29,14 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol, Seque
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 
 from sdlens.analysis.tokens import MAX_POSITIONS
+from sdlens.engine import kernel
 from sdlens.engine.arch import adapter_for
+from sdlens.engine.arch.base import BackboneAdapter, KernelLayout, cross_layout
 from sdlens.engine.text import word_positions
 from sdlens.trace.compact import CompactMaps, store_maps
 from sdlens.trace.steps import step_window
-
-
-# ====================================================================== attention maths
-def _normed_queries_input(attn, hidden_states: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
-    """The image tokens as ``to_q`` sees them: spatial norm, (B, HW, C) layout, group norm."""
-    if attn.spatial_norm is not None:
-        hidden_states = attn.spatial_norm(hidden_states, temb)
-    if hidden_states.ndim == 4:
-        hidden_states = rearrange(hidden_states, "b c h w -> b (h w) c")
-    if attn.group_norm is not None:
-        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    return hidden_states
-
-
-def _across_heads(norm, flat: torch.Tensor) -> bool:
-    """Whether a q/k norm normalises over all heads at once (``qk_norm="rms_norm_across_heads"``:
-    applied before the heads are split, as Sana's processor does)."""
-    dim = getattr(norm, "dim", None)
-    return dim is not None and tuple(dim) == (flat.shape[-1],)
-
-
-def attention_probabilities(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                            attention_mask: torch.Tensor | None = None,
-                            temb: torch.Tensor | None = None, rows: slice = slice(None),
-                            with_values: bool = False):
-    """Cross-attention probabilities of an ``Attention`` module, as ``AttnProcessor`` /
-    ``AttnProcessor2_0`` compute them, in float32.
-
-    Args:
-        attn: diffusers ``Attention`` module (a cross-attention site).
-        hidden_states: (B, HW, C) image tokens (or (B, C, h, w)).
-        encoder_hidden_states: (B, K, D) text tokens.
-        attention_mask: optional mask as passed to the processor (for all B rows).
-        temb: time embedding (only for spatial-norm attention).
-        rows: the batch rows to compute (e.g. the text half of a CFG batch); the norms run on
-            all rows (they are per sample), the projections only on these.
-        with_values: also return the values ``to_v(encoder_hidden_states)``.
-
-    Returns:
-        probs (n, heads, HW, K) float32, rows summing to 1 (n: the selected rows); with
-        ``with_values`` the pair (probs, values (n, heads, K, head_dim)).
-    """
-    hidden_states = _normed_queries_input(attn, hidden_states, temb)
-    batch = hidden_states.shape[0]
-    hidden_states, encoder_hidden_states = hidden_states[rows], encoder_hidden_states[rows]
-    query = attn.to_q(hidden_states)
-    if attn.norm_cross:
-        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-    key = attn.to_k(encoder_hidden_states)
-
-    def heads(t: torch.Tensor) -> torch.Tensor:
-        return rearrange(t, "n l (heads d) -> n heads l d", heads=attn.heads)
-
-    if _across_heads(getattr(attn, "norm_q", None), query):  # Sana 1.5's qk_norm
-        query, key = attn.norm_q(query), attn.norm_k(key)
-    else:
-        query, key = heads(query), heads(key)
-        if getattr(attn, "norm_q", None) is not None:
-            query = attn.norm_q(query)
-        if getattr(attn, "norm_k", None) is not None:
-            key = attn.norm_k(key)
-    query, key = (heads(query), heads(key)) if query.ndim == 3 else (query, key)
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * float(attn.scale)
-    if attention_mask is not None:
-        mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
-        mask = mask.view(batch, attn.heads, -1, mask.shape[-1])[rows]
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        else:
-            scores = scores + mask.float()
-    probs = scores.softmax(dim=-1)
-    if not with_values:
-        return probs
-    return probs, heads(attn.to_v(encoder_hidden_states))
 
 
 # ====================================================================== the site wrapper
@@ -116,8 +44,8 @@ class SiteCall(NamedTuple):
     """The arguments of one processor call, as ``Attention.forward`` passes them."""
 
     hidden_states: torch.Tensor  # (B, HW, C) or (B, C, h, w)
-    # (B, K, D) text tokens (None for self-attention); with an IP-Adapter loaded the pair
-    # (text, [image-prompt embeddings per adapter: (B, [images,] tokens, D)])
+    # (B, K, D) text tokens (None for self-attention and single-stream blocks); with an
+    # IP-Adapter loaded the pair (text, [image-prompt embeddings per adapter])
     encoder_hidden_states: Any
     attention_mask: Any
     temb: Any
@@ -132,41 +60,152 @@ class SiteCall(NamedTuple):
                    kwargs.get("temb", args[2] if len(args) > 2 else None),
                    {k: v for k, v in kwargs.items() if k not in known})
 
-    def text_and_images(self) -> tuple[Any, list | None]:
-        """``(text (B, K, D), image-prompt embeddings or None)``: the text tokens with or
-        without an IP-Adapter's pair."""
-        ehs = self.encoder_hidden_states
-        if isinstance(ehs, tuple) and len(ehs) == 2 and torch.is_tensor(ehs[0]) \
-                and isinstance(ehs[1], (list, tuple)) and all(torch.is_tensor(e) for e in ehs[1]):
-            return ehs[0], list(ehs[1])
-        return ehs, None
 
+class Reader(Protocol):
+    """Sees a site's kernel calls; changes nothing."""
 
-class Observer(Protocol):
-    def observe(self, attn, layer: str, call: SiteCall) -> None: ...
+    def wants(self, layer: str, call: SiteCall) -> bool: ...
+
+    def needs_lse(self, layout: KernelLayout) -> bool: ...
+
+    def read(self, layer: str, call: SiteCall, k: kernel.KernelCall,
+             layout: KernelLayout) -> None: ...
+
+    def done(self, layer: str, call: SiteCall, seen: int) -> None: ...
 
 
 class Editor(Protocol):
-    def edit(self, attn, layer: str, call: SiteCall, out: torch.Tensor) -> torch.Tensor: ...
+    """Adds to a site's kernel outputs."""
+
+    def wants(self, layer: str, call: SiteCall) -> bool: ...
+
+    def needs_lse(self, layout: KernelLayout) -> bool: ...
+
+    def edit(self, layer: str, call: SiteCall, k: kernel.KernelCall, layout: KernelLayout,
+             out: torch.Tensor) -> torch.Tensor: ...
+
+
+class KernelSeam:
+    """What the site wrappers of one installation share: the backbone adapter that lays out a
+    kernel call (None: plain cross-attention, e.g. a processor tested alone) and the keyword
+    arguments of the denoiser call in progress (a forward pre-hook keeps them: a single-stream
+    block's text length is read there)."""
+
+    def __init__(self, adapter: BackboneAdapter | None = None):
+        self.adapter = adapter
+        self.denoiser_kwargs: dict = {}
+
+    def install(self, hooks: "Hooks") -> None:
+        """The kernel wrapper for the length of ``hooks``, and the denoiser pre-hook."""
+        hooks.enter(kernel.installed())
+        if self.adapter is not None:
+            hooks.forward_pre_hook(self.adapter.denoiser, self._before, with_kwargs=True)
+
+    def _before(self, module, args, kwargs):
+        self.denoiser_kwargs = kwargs
+        return None
+
+    def layout(self, layer: str, attn, call: SiteCall, index: int, q_len: int,
+               k_len: int) -> KernelLayout | None:
+        if self.adapter is None:
+            return cross_layout(q_len, k_len) if index == 0 else None
+        return self.adapter.kernel_layout(layer, attn, call, index, q_len, k_len,
+                                          self.denoiser_kwargs)
+
+
+class _SiteTap:
+    """One site call's kernel tap: the readers and editors of every wrapper around it."""
+
+    def __init__(self, seam: KernelSeam, layer: str, attn, call: SiteCall):
+        self.seam, self.layer, self.attn, self.call = seam, layer, attn, call
+        self.readers: list = []
+        self.editors: list = []
+        self.layouts: dict[int, KernelLayout | None] = {}
+        self.tap = kernel.Tap(self.on_kernel, self.wants_lse)
+
+    def _layout(self, index: int, q_len: int, k_len: int) -> KernelLayout | None:
+        if index not in self.layouts:
+            self.layouts[index] = self.seam.layout(self.layer, self.attn, self.call, index,
+                                                   q_len, k_len)
+        return self.layouts[index]
+
+    def wants_lse(self, q: torch.Tensor, k: torch.Tensor, index: int) -> bool:
+        layout = self._layout(index, q.shape[2], k.shape[2])
+        return layout is not None and any(
+            x.needs_lse(layout) for x in self.readers + self.editors)
+
+    def classic(self, scores: list) -> None:
+        """Readers get the ``get_attention_scores`` calls of a processor that made no kernel
+        call, as one kernel call (the slices joined, heads unfolded)."""
+        heads = int(getattr(self.attn, "heads", 1))
+        query = torch.cat([q for q, _, _ in scores])
+        key = torch.cat([k for _, k, _ in scores])
+        if query.shape[0] % heads or key.shape[0] != query.shape[0]:
+            return
+        unfold = lambda t: t.reshape(t.shape[0] // heads, heads, *t.shape[1:])  # noqa: E731
+        masks = [m for _, _, m in scores]
+        mask = None if masks[0] is None else unfold(torch.cat(masks))
+        k = kernel.KernelCall(unfold(query), unfold(key), None, mask, float(self.attn.scale),
+                              False, None, 0)
+        self.tap.calls += 1
+        layout = self._layout(0, k.query.shape[2], k.key.shape[2])
+        if layout is not None and set(layout.keys) == {"text"}:
+            for reader in self.readers:
+                reader.read(self.layer, self.call, k, layout)
+
+    def on_kernel(self, k: kernel.KernelCall, out: torch.Tensor) -> torch.Tensor:
+        layout = self._layout(k.index, k.query.shape[2], k.key.shape[2])
+        if layout is None:
+            return out
+        for reader in self.readers:
+            reader.read(self.layer, self.call, k, layout)
+        for editor in self.editors:
+            out = editor.edit(self.layer, self.call, k, layout, out)
+        return out
+
+
+@contextlib.contextmanager
+def _classic_scores(attn):
+    """Processors that compute attention themselves (``AttnProcessor``, attention slicing's
+    ``SlicedAttnProcessor``) call ``attn.get_attention_scores(query, key, mask)`` (heads folded
+    into the batch, sliced or not) instead of a kernel: their (query, key, mask) are collected
+    here, for readers only (no values: editors need an SDPA processor)."""
+    orig = getattr(attn, "get_attention_scores", None)
+    seen: list = []
+    if orig is None or "get_attention_scores" in vars(attn):
+        yield seen
+        return
+
+    def get_attention_scores(query, key, attention_mask=None):
+        seen.append((query, key, attention_mask))
+        return orig(query, key, attention_mask)
+
+    attn.get_attention_scores = get_attention_scores
+    try:
+        yield seen
+    finally:
+        del attn.get_attention_scores
 
 
 class SiteProcessor:
-    """Wraps the processor of one attention site; runs ``observers`` before and ``editors``
-    after the unchanged inner processor.
+    """Wraps the processor of one attention site; its ``readers`` see, and its ``editors`` edit,
+    the kernel calls the unchanged inner processor makes (see the module docstring).
 
     Args:
         inner: the processor that was installed (it computes the output).
         layer: the site's module path.
-        observers: objects with ``observe(attn, layer, call)``.
-        editors: objects with ``edit(attn, layer, call, out) -> out``, applied in order.
+        readers: :class:`Reader` s (e.g. :class:`MapRecorder`).
+        editors: :class:`Editor` s (e.g. :class:`Reweight`), applied in order.
+        seam: the :class:`KernelSeam` (the adapter's layout); None: plain cross-attention.
     """
 
-    def __init__(self, inner, layer: str, observers: Sequence[Observer] = (),
-                 editors: Sequence[Editor] = ()):
+    def __init__(self, inner, layer: str, readers: Sequence[Reader] = (),
+                 editors: Sequence[Editor] = (), seam: KernelSeam | None = None):
         self.inner = inner
         self.layer = layer
-        self.observers = tuple(observers)
+        self.readers = tuple(readers)
         self.editors = tuple(editors)
+        self.seam = seam if seam is not None else KernelSeam(None)
         try:
             sig = inspect.signature(inner.__call__)
         except (TypeError, ValueError):
@@ -185,18 +224,38 @@ class SiteProcessor:
             self.__dict__["__call__"] = _call
 
     def __repr__(self) -> str:
-        return (f"SiteProcessor({self.inner!r}, layer={self.layer!r}, observers={self.observers!r}, "
+        return (f"SiteProcessor({self.inner!r}, layer={self.layer!r}, readers={self.readers!r}, "
                 f"editors={self.editors!r})")
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
+        inner_kwargs = kwargs if self._inner_params is None else \
+            {k: v for k, v in kwargs.items() if k in self._inner_params}
+        if not self.readers and not self.editors:
+            return self.inner(attn, hidden_states, *args, **inner_kwargs)
         call = SiteCall.parse(hidden_states, args, kwargs)
-        for observer in self.observers:
-            observer.observe(attn, self.layer, call)
-        if self._inner_params is not None:
-            kwargs = {k: v for k, v in kwargs.items() if k in self._inner_params}
-        out = self.inner(attn, hidden_states, *args, **kwargs)
-        for editor in self.editors:
-            out = editor.edit(attn, self.layer, call, out)
+        readers = [r for r in self.readers if r.wants(self.layer, call)]
+        editors = [e for e in self.editors if e.wants(self.layer, call)]
+        if not readers and not editors:
+            return self.inner(attn, hidden_states, *args, **inner_kwargs)
+        outer = kernel.active_tap()
+        site = getattr(outer, "site", None)
+        if site is not None and site.attn is attn and site.layer == self.layer:
+            # wrapped twice (steering inside a trace): one tap; this wrapper's editors act first
+            site.readers += readers
+            site.editors[:0] = editors
+            out = self.inner(attn, hidden_states, *args, **inner_kwargs)
+            for reader in readers:
+                reader.done(self.layer, call, site.tap.calls)
+            return out
+        site = _SiteTap(self.seam, self.layer, attn, call)
+        site.readers, site.editors = list(readers), list(editors)
+        site.tap.site = site
+        with kernel.tapping(site.tap), _classic_scores(attn) as scores:
+            out = self.inner(attn, hidden_states, *args, **inner_kwargs)
+        if site.tap.calls == 0 and scores:
+            site.classic(scores)
+        for reader in site.readers:
+            reader.done(self.layer, call, site.tap.calls)
         return out
 
 
@@ -214,7 +273,8 @@ class Hooks:
     every undo step runs even if one fails).
 
     >>> with Hooks() as hooks:
-    ...     hooks.wrap_sites(adapter.denoiser, adapter.sites(), observers=[recorder])
+    ...     hooks.wrap_sites(adapter.denoiser, adapter.sites(), readers=[recorder],
+    ...                      seam=KernelSeam(adapter))
     ...     hooks.forward_pre_hook(adapter.denoiser, count_step, with_kwargs=True)
     ...     pipe(...)
     """
@@ -237,17 +297,25 @@ class Hooks:
         """Run ``fn`` on exit (for anything else installed, e.g. a ``scheduler.step`` wrapper)."""
         self._undo.callback(fn)
 
-    def wrap_sites(self, model, layers: Sequence[str], observers: Sequence[Observer] = (),
-                   editors: Sequence[Editor] = ()) -> dict[str, SiteProcessor]:
+    def enter(self, cm):
+        """Enter the context manager ``cm`` now and exit it on exit; returns its value."""
+        return self._undo.enter_context(cm)
+
+    def wrap_sites(self, model, layers: Sequence[str], readers: Sequence[Reader] = (),
+                   editors: Sequence[Editor] = (), seam: KernelSeam | None = None
+                   ) -> dict[str, SiteProcessor]:
         """Wrap the processors of ``layers`` (module paths in ``model``) in
-        :class:`SiteProcessor` s; returns ``{layer: wrapper}``. On exit the saved processor
-        objects are put back."""
+        :class:`SiteProcessor` s; returns ``{layer: wrapper}``. ``seam``: the adapter's layout,
+        installed here (the kernel wrapper and its denoiser pre-hook). On exit the saved
+        processor objects are put back."""
         saved = dict(model.attn_processors)
         keys = {f"{layer}.processor": layer for layer in layers}
         missing = [layer for key, layer in keys.items() if key not in saved]
         if missing:
             raise ValueError(f"{type(model).__name__} has no attention processor at {missing}")
-        wrapped = {k: SiteProcessor(p, keys[k], observers, editors) if k in keys else p
+        seam = seam if seam is not None else KernelSeam(None)
+        seam.install(self)
+        wrapped = {k: SiteProcessor(p, keys[k], readers, editors, seam) if k in keys else p
                    for k, p in saved.items()}
         # registered first: a failure half-way through setting the processors is undone too;
         # set_attn_processor empties the dict it is given, so each call gets a copy
@@ -268,18 +336,21 @@ class Hooks:
         return handle
 
 
-# ====================================================================== observer: record
-class AttentionSink(Protocol):
-    def attention_request(self, layer: str):
-        """None (do not record this call) or (rows: slice, tokens: int | Sequence[int] | None
-        (the first n positions, or these positions), keep_heads: bool, dtype)."""
+# ====================================================================== reading maps
+class MapSink(Protocol):
+    """Where recorded maps go (the session's collectors): one protocol for every kind of map
+    ("attention": text->image, "image_to_text", "concepts")."""
 
-    def put_attention(self, layer: str, probs: torch.Tensor, n_queries: int,
-                      image_tokens: tuple[int, ...] = ()) -> None:
-        """probs: (B, T, HW) or (B, heads, T, HW) on the device; the last ``sum(image_tokens)``
+    def request(self, kind: str, layer: str):
+        """None (do not record this call) or (rows: slice, tokens: int | Sequence[int] | None
+        (the first n text positions, or these positions), keep_heads: bool, dtype)."""
+
+    def put(self, kind: str, layer: str, maps: torch.Tensor,
+            image_tokens: tuple[int, ...] = ()) -> None:
+        """maps: (B, T, HW) or (B, heads, T, HW) on the device; the last ``sum(image_tokens)``
         of the T tokens are image-prompt tokens (``image_tokens``: how many per IP-Adapter)."""
 
-    def skip(self, layer: str, what: str) -> None:
+    def skip(self, kind: str, layer: str, what: str) -> None:
         """This call of ``layer`` could not be recorded (``what``: why); the run goes on."""
 
 
@@ -298,289 +369,216 @@ def reduce_maps(probs: torch.Tensor, tokens, keep_heads: bool, dtype) -> torch.T
     return store_maps(probs, dtype)
 
 
-class AttentionRecorder:
-    """Observer: the attention probabilities of the batch rows ``sink`` asks for, reduced on the
-    device (token positions kept, heads averaged unless asked for) and handed to ``sink`` as a
-    device tensor. The keys depend only on the text, so they are computed once per call of the
-    pipeline and site (again if the text embeddings change) and reused at every step."""
-
-    def __init__(self, sink: AttentionSink):
-        self.sink = sink
-        self._keys: dict[str, tuple] = {}  # layer -> (ehs, its version, rows, keys (B, heads, K, d))
-
-    def observe(self, attn, layer: str, call: SiteCall) -> None:
-        request = self.sink.attention_request(layer)
-        if request is None:
-            return
-        # sdlens is never the reason a generation fails: what it cannot read it skips
-        text, _ = call.text_and_images()
-        if not torch.is_tensor(text):
-            self.sink.skip(layer, f"encoder_hidden_states of type {type(text).__name__} "
-                                  "(expected a tensor, or an IP-Adapter's (text, images) pair)")
-            return
-        try:
-            self.record(attn, layer, call, request)
-        except Exception as e:  # noqa: BLE001 - an unknown processor / layout
-            inner = innermost(attn.processor)
-            self.sink.skip(layer, f"processor {type(inner).__name__}: {type(e).__name__}: {e}")
-
-    @torch.no_grad()
-    def record(self, attn, layer: str, call: SiteCall, request) -> None:
-        rows, n_tokens, keep_heads, dtype = request
-        hidden_states, _, mask, temb = call[:4]
-        ehs, images = call.text_and_images()
-        hs = hidden_states[rows]
-        if mask is not None and mask.shape[0] == hidden_states.shape[0]:
-            mask = mask[rows]
-        if temb is not None and torch.is_tensor(temb) and temb.shape[0] == hidden_states.shape[0]:
-            temb = temb[rows]
-        if mask is None and getattr(attn, "norm_q", None) is None:
-            probs = self._token_maps(attn, layer, hs, ehs, rows, temb)  # (B, heads, K, HW)
-        else:  # rare layouts: the reference computation, then (B, heads, K, HW)
-            probs = attention_probabilities(attn, hs, ehs[rows], mask, temb).transpose(-1, -2)
-        counts: tuple[int, ...] = ()
-        if images is not None:  # IP-Adapter: the image-prompt tokens follow the kept text tokens
-            probs = reduce_maps(probs, n_tokens, True, probs.dtype)
-            image_probs, counts = self._image_prompt_maps(attn, hs, images, rows, temb,
-                                                          call.extra.get("ip_adapter_masks"))
-            probs, n_tokens = torch.cat([probs, image_probs], dim=2), None
-        probs = reduce_maps(probs, n_tokens, keep_heads, dtype)  # (B, [heads,] T, HW)
-        self.sink.put_attention(layer, probs, probs.shape[-1], image_tokens=counts)
-
-    @staticmethod
-    def _image_prompt_maps(attn, hs: torch.Tensor, images: list, rows: slice,
-                           temb: torch.Tensor | None, masks) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """The image-prompt tokens' attention, as ``IPAdapterAttnProcessor2_0`` computes it:
-        per IP-Adapter ``i`` a softmax over its own keys ``to_k_ip[i](images[i])`` (with
-        ``ip_adapter_masks``, one softmax per reference image), scaled by 1/sqrt(head_dim) as
-        its SDPA is. Returns ((B, heads, K_img, HW) float32, tokens per adapter)."""
-        processor = innermost(attn.processor)
-        to_k_ip = getattr(processor, "to_k_ip", None)
-        if to_k_ip is None or len(to_k_ip) != len(images):
-            raise TypeError(f"{type(processor).__name__} has no to_k_ip for {len(images)} "
-                            "image prompt(s) (not an IP-Adapter processor sdlens knows)")
-        if masks is not None and not isinstance(masks, (list, tuple)):
-            masks = list(masks.unsqueeze(1))
-        query = rearrange(attn.to_q(_normed_queries_input(attn, hs, temb)).float(),
-                          "n l (heads d) -> n heads d l", heads=attn.heads)
-        scale = query.shape[2] ** -0.5
-        out, counts = [], []
-        for i, (emb, proj) in enumerate(zip(images, to_k_ip)):
-            emb = emb[rows]
-            masked = masks is not None and masks[i] is not None
-            groups = [emb[:, j] for j in range(emb.shape[1])] if masked and emb.ndim == 4 else [emb]
-            n = 0
-            for g in groups:
-                key = proj(g).reshape(g.shape[0], -1, query.shape[1], query.shape[2])
-                key = key.transpose(1, 2).float() * scale  # (B, heads, K_i, d)
-                out.append(torch.matmul(key, query).softmax(dim=-2))
-                n += key.shape[2]
-            counts.append(n)
-        return torch.cat(out, dim=2), tuple(counts)
-
-    def _token_maps(self, attn, layer: str, hs: torch.Tensor, ehs: torch.Tensor, rows: slice,
-                    temb: torch.Tensor | None) -> torch.Tensor:
-        """``attention_probabilities`` without a mask, laid out (B, heads, K, HW) (softmax over K).
-
-        This runs at every site and step, so it is lean: the keys (scaled, float32) depend only
-        on the text, which a pipeline passes unchanged at every step, so they are computed once
-        per ``ehs`` tensor (same object, same in-place version) and reused; the scores are made
-        as ``k q^T`` directly in the recorded layout (no transpose copy).
-        """
-        cached = self._keys.get(layer)
-        if cached is not None and cached[0] is ehs and cached[1] == ehs._version and cached[2] == rows:
-            key = cached[3]
-        else:
-            e = ehs[rows]
-            if attn.norm_cross:
-                e = attn.norm_encoder_hidden_states(e)
-            key = rearrange(attn.to_k(e), "n k (heads d) -> n heads k d", heads=attn.heads)
-            if getattr(attn, "norm_k", None) is not None:
-                key = attn.norm_k(key)
-            key = key.float() * float(attn.scale)
-            # holding ``ehs`` keeps its memory from being reused by another tensor
-            self._keys[layer] = (ehs, ehs._version, rows, key)
-        hs = _normed_queries_input(attn, hs, temb)
-        query = rearrange(attn.to_q(hs).float(), "n l (heads d) -> n heads d l", heads=attn.heads)
-        return torch.matmul(key, query).softmax(dim=-2)
+def kept_positions(tokens, n_text: int, device) -> torch.Tensor:
+    """The text positions a request keeps (``tokens`` as in :func:`reduce_maps`), within the
+    kernel's ``n_text`` text keys, as an index tensor."""
+    if tokens is None:
+        return torch.arange(n_text, device=device)
+    if isinstance(tokens, int):
+        return torch.arange(min(tokens, n_text), device=device)
+    index = torch.as_tensor(list(tokens), dtype=torch.long, device=device)
+    return index[index < n_text]
 
 
-class JointAttentionRecorder(AttentionRecorder):
-    """Observer of a *joint*-attention site (SD3's MMDiT, ``JointAttnProcessor2_0``; Flux's
-    ``FluxAttnProcessor``): the image tokens' attention to the text tokens, laid out and reduced
-    as :class:`AttentionRecorder`'s.
+def _mask_part(mask, rows: slice, q_span: slice, k_span: slice, k_index: torch.Tensor | None):
+    """The kernel mask's block for batch ``rows``, query rows ``q_span`` and key columns
+    ``k_span`` (then ``k_index`` of those), as (n | 1, heads | 1, q | 1, k | 1); None: none."""
+    if mask is None:
+        return None
+    m = mask
+    while m.ndim < 4:
+        m = m.unsqueeze(0)
+    m = m[rows] if m.shape[0] != 1 else m
+    m = m[:, :, q_span] if m.shape[2] != 1 else m
+    if m.shape[3] != 1:
+        m = m[..., k_span]
+        if k_index is not None:
+            m = m.index_select(3, k_index)
+    return m
 
-    Joint attention is one softmax over the keys of [image tokens; text tokens] (heads, q/k
-    norms: ``norm_q`` / ``norm_k`` on the image stream, ``norm_added_k`` on the text stream,
-    ``add_k_proj`` for the text keys). The recorded map is the text columns of that softmax, so
-    a pixel's row over the text tokens sums to its *text share* (the rest went to image keys):
-    ``p(text j) = exp(s_j - logsumexp(all image and text scores))``. The image keys' part of the
-    normaliser is computed in chunks of queries (the image-image scores are (HW x HW) per head).
-    The text stream changes at every block and step, so nothing is cached.
 
-    Flux (``text_first``): the sequence is [text; image] and the processor rotates queries and
-    keys with the RoPE of the whole sequence (``image_rotary_emb``, passed positionally where
-    other processors take ``temb``), so the text keys get its first T rows and the image its
-    rest; the scores are those of the rotated q / k. Its single-stream blocks attend over the
-    concatenated [text; image] hidden states (no ``encoder_hidden_states``; the same ``to_k`` /
-    ``norm_k`` for both parts): T is the text length the last double-stream call saw (the same
-    transformer call runs them first).
+def _add_mask(scores: torch.Tensor, m) -> torch.Tensor:
+    if m is None:
+        return scores
+    if m.dtype == torch.bool:
+        return scores.masked_fill(~m, float("-inf"))
+    return scores + m.float()
+
+
+def segment_probabilities(k: kernel.KernelCall, rows: slice, q_span: slice, k_span: slice,
+                          k_index: torch.Tensor | None = None, normalise_over_all: bool = True,
+                          ) -> torch.Tensor:
+    """(n, heads, |keys|, |queries|) float32: the probabilities of the kernel call's query rows
+    ``q_span`` on its keys ``k_span`` (``k_index`` of them, where given), batch ``rows``, laid
+    out keys first (the recorded maps' layout). ``normalise_over_all``: the softmax over *all*
+    the call's keys (from ``k.lse``: the text columns of joint attention); else over ``k_span``
+    alone (cross-attention, an IP-Adapter's own softmax)."""
+    q = k.query[rows][:, :, q_span].float() * k.scale
+    keys = k.key[rows][:, :, k_span]
+    if k_index is not None:
+        keys = keys.index_select(2, k_index)
+    scores = torch.matmul(keys.float(), q.transpose(-1, -2))  # (n, heads, K, Q)
+    m = _mask_part(k.mask, rows, q_span, k_span, k_index)
+    if m is not None:
+        scores = _add_mask(scores, m.transpose(-1, -2))
+    if normalise_over_all:
+        lse = k.lse[rows][:, :, q_span] if k.lse is not None else None
+        if lse is None:
+            raise RuntimeError("the kernel's log-sum-exp is missing")
+        return (scores - lse[:, :, None, :]).exp()
+    if k_index is not None:
+        raise ValueError("a softmax over a subset of keys needs all of them")
+    return scores.softmax(dim=-2)
+
+
+class MapRecorder:
+    """Reader: the maps of a site's kernel calls, for the batch rows ``sink`` asks for, reduced
+    on the device (kept token positions, heads averaged unless asked for) and handed to ``sink``
+    as device tensors.
+
+    * ``"attention"`` (text->image): the image queries' probabilities on the text keys. Where
+      the kernel's keys are all text (cross-attention) this is their softmax; where there are
+      other keys (joint attention over [image; text], reference images ...) it is the text
+      columns of the softmax over all keys, ``exp(q . k_text * scale + mask - lse)`` with the
+      kernel's own lse: a pixel's row sums to its *text share*. Only the kept text positions'
+      columns are computed (cost: image tokens x kept tokens). An IP-Adapter's image-prompt
+      tokens follow the text (their own softmax per kernel call, as its processor runs them).
+    * ``"image_to_text"``: the kept text tokens' queries' probabilities on the image keys (the
+      image columns of their softmax over all keys): a token's map sums to its *image share*.
     """
 
-    chunk_bytes = 256 << 20  # the image-image scores held at once
+    def __init__(self, sink: MapSink, kinds: Sequence[str] = ("attention",)):
+        self.sink = sink
+        self.kinds = tuple(kinds)
+        self._pending: dict[str, dict] = {}  # layer -> this site call's requests and parts
 
-    def __init__(self, sink: AttentionSink, text_first: bool = False):
-        super().__init__(sink)
-        self.text_first = text_first
-        self.text_length: int | None = None  # T of the last call with encoder_hidden_states
+    def wants(self, layer: str, call: SiteCall) -> bool:
+        requests = {kind: r for kind in self.kinds
+                    if (r := self.sink.request(kind, layer)) is not None}
+        if not requests:
+            self._pending.pop(layer, None)
+            return False
+        self._pending[layer] = {"requests": requests, "text": None, "image_prompts": [],
+                                "image_to_text": None, "error": None}
+        return True
 
-    def observe(self, attn, layer: str, call: SiteCall) -> None:
-        ehs = call.encoder_hidden_states
-        if torch.is_tensor(ehs):
-            self.text_length = int(ehs.shape[1])
-        request = self.sink.attention_request(layer)
-        if request is None:
+    def needs_lse(self, layout: KernelLayout) -> bool:
+        return set(layout.keys) != {"text"} and "text" in layout.keys
+
+    def read(self, layer: str, call: SiteCall, k: kernel.KernelCall, layout: KernelLayout) -> None:
+        state = self._pending.get(layer)
+        if state is None or state["error"] is not None:
             return
-        rows, n_tokens, keep_heads, dtype = request
         try:  # sdlens is never the reason a generation fails
-            parts = joint_call_parts(call, rows, self.text_first, self.text_length)
-            if parts is None:
-                return self.sink.skip(layer, "no text tokens sdlens can find in its joint attention")
-            hs, ehs, rope, single = parts
-            probs = self.text_probabilities(attn, hs, ehs, rope, single=single)
-            probs = reduce_maps(probs, n_tokens, keep_heads, dtype)
-        except Exception as e:  # noqa: BLE001 - an unknown processor / layout
-            return self.sink.skip(layer, f"{type(e).__name__}: {e}")
-        self.sink.put_attention(layer, probs, probs.shape[-1])
+            self._read(state, k, layout)
+        except Exception as e:  # noqa: BLE001 - a layout sdlens does not understand
+            state["error"] = f"{type(e).__name__}: {e}"
 
     @torch.no_grad()
-    def text_probabilities(self, attn, hs: torch.Tensor, ehs: torch.Tensor, rope=None,
-                           single: bool = False) -> torch.Tensor:
-        """(B, heads, T, HW) float32: image queries' probabilities on the text keys, softmax
-        over all keys ([image; text]), from ``hs`` (B, HW, C) and ``ehs`` (B, T, C) as the
-        processor receives them (``single``: both parts of one single-stream sequence, keyed by
-        ``to_k``); ``rope``: the processor's ``(cos, sin)`` over the whole sequence, in
-        ``joint_order``."""
-        p = joint_projections(attn, hs, ehs, ("image_q", "image_k", "text_k"), rope=rope,
-                              text_first=self.text_first, single=single)
-        query, key, text_key = p["image_q"], p["image_k"], p["text_k"]
-        scale = float(getattr(attn, "scale", query.shape[-1] ** -0.5))
-        query = query.float() * scale  # (B, heads, HW, d)
-        key, text_key = key.float(), text_key.float()
-        text_scores = torch.matmul(text_key, query.transpose(-1, -2))  # (B, heads, T, HW)
-        n, h, hw = query.shape[0], query.shape[1], query.shape[2]
-        chunk = max(1, min(hw, self.chunk_bytes // max(1, 4 * n * h * key.shape[2])))
-        image_lse = torch.cat([torch.matmul(query[:, :, i: i + chunk], key.transpose(-1, -2))
-                               .logsumexp(dim=-1) for i in range(0, hw, chunk)], dim=-1)
-        lse = torch.logaddexp(image_lse, text_scores.logsumexp(dim=-2))  # (B, heads, HW)
-        return (text_scores - lse[:, :, None, :]).exp()
+    def _read(self, state: dict, k: kernel.KernelCall, layout: KernelLayout) -> None:
+        requests = state["requests"]
+        text, image_q = layout.keys.get("text"), layout.queries.get("image")
+        att = requests.get("attention")
+        if att is not None and image_q is not None:
+            rows, tokens = att[0], att[1]
+            if text is not None:
+                only_text = set(layout.keys) == {"text"}
+                if only_text:  # cross-attention: the softmax over the text, then kept positions
+                    probs = segment_probabilities(k, rows, image_q, text, None, False)
+                    index = kept_positions(tokens, probs.shape[2], probs.device)
+                    state["text"] = probs.index_select(2, index)
+                else:
+                    index = kept_positions(tokens, text.stop - text.start, k.query.device)
+                    state["text"] = segment_probabilities(k, rows, image_q, text, index, True)
+            prompts = [n for n in layout.keys if n.startswith("image prompt ")]
+            for name in prompts:
+                probs = segment_probabilities(k, rows, image_q, layout.keys[name], None,
+                                              len(layout.keys) > 1)
+                state["image_prompts"].append((int(name.rsplit(" ", 1)[1]), probs))
+        itt = requests.get("image_to_text")
+        if itt is not None and text is not None and "text" in layout.queries \
+                and "image" in layout.keys:
+            state["image_to_text"] = self._image_to_text(k, layout, itt[0], itt[1])
 
+    @staticmethod
+    def _image_to_text(k: kernel.KernelCall, layout: KernelLayout, rows: slice, tokens
+                       ) -> torch.Tensor:
+        """(n, heads, T, HW): the kept text queries' probabilities on the image keys (the image
+        columns of their softmax over all keys)."""
+        t_span, i_span = layout.queries["text"], layout.keys["image"]
+        index = kept_positions(tokens, t_span.stop - t_span.start, k.query.device)
+        q = k.query[rows][:, :, t_span].index_select(2, index).float() * k.scale
+        scores = torch.matmul(q, k.key[rows][:, :, i_span].float().transpose(-1, -2))
+        m = _mask_part(k.mask, rows, t_span, i_span, None)
+        if m is not None:
+            scores = _add_mask(scores, m if m.shape[2] == 1 else m.index_select(2, index))
+        lse = k.lse[rows][:, :, t_span].index_select(2, index)
+        return (scores - lse[..., None]).exp()
 
-def joint_call_parts(call: SiteCall, rows, text_first: bool, text_length: int | None):
-    """``(hs, ehs, rope, single)`` of a joint-attention call, the batch ``rows`` only: the image
-    tokens (B, HW, C) and text tokens (B, T, C) as the processor receives them, its rotary
-    ``(cos, sin)`` or None, and whether they came joined in one single-stream sequence ([text;
-    image], Flux; split at ``text_length``, the T of the last call that had text apart). None
-    when there are no text tokens to find."""
-    ehs = call.encoder_hidden_states
-    rope = call.extra.get("image_rotary_emb", call.temb)
-    rope = tuple(rope) if isinstance(rope, (tuple, list)) and len(rope) == 2 else None
-    hs = call.hidden_states[rows]
-    if torch.is_tensor(ehs):
-        return hs, ehs[rows], rope, False
-    if ehs is None and text_first and text_length and hs.ndim == 3 and hs.shape[1] > text_length:
-        return hs[:, text_length:], hs[:, :text_length], rope, True
-    return None
+    def done(self, layer: str, call: SiteCall, seen: int) -> None:
+        state = self._pending.pop(layer, None)
+        if state is None:
+            return
+        for kind, (rows, tokens, keep_heads, dtype) in state["requests"].items():
+            if state["error"] is not None:
+                self.sink.skip(kind, layer, state["error"])
+            elif seen == 0:
+                self.sink.skip(kind, layer, "its processor made no attention-kernel call sdlens "
+                                            "can see (a dispatch backend other than torch's "
+                                            "SDPA, or a processor that computes attention "
+                                            "itself)")
+            elif kind == "attention":
+                self._put_attention(layer, state, keep_heads, dtype)
+            elif state[kind] is None:
+                self.sink.skip(kind, layer, "no text queries in its attention kernel call")
+            else:
+                self.sink.put(kind, layer, reduce_maps(state[kind], None, keep_heads, dtype))
 
-
-def joint_projections(attn, hs: torch.Tensor, ehs: torch.Tensor, parts: Sequence[str],
-                      rope=None, text_first: bool = False, single: bool = False
-                      ) -> dict[str, torch.Tensor]:
-    """Joint attention's projections as the processor computes them (SD3's
-    ``JointAttnProcessor2_0``, Flux's ``FluxAttnProcessor``), each (B, heads, L, d): ``parts``
-    from ``image_q``, ``image_k``, ``image_v`` (``to_q`` / ``to_k`` / ``to_v`` of ``hs`` (B, HW,
-    C), q/k normed by ``norm_q`` / ``norm_k``) and ``text_q``, ``text_k``, ``text_v``
-    (``add_*_proj`` of ``ehs`` (B, T, C) and ``norm_added_q`` / ``norm_added_k``; ``single``:
-    the single-stream blocks' one ``to_*`` and ``norm_q`` / ``norm_k`` for both parts). Fused
-    projections (``to_qkv`` / ``to_added_qkv``) are read as fused. ``rope``: the processor's
-    ``(cos, sin)`` over the whole sequence in its order (``text_first``: [text; image], Flux),
-    applied to q and k with diffusers' ``apply_rotary_emb``, as the processor applies it."""
-    def heads(t: torch.Tensor) -> torch.Tensor:
-        return rearrange(t, "n l (heads d) -> n heads l d", heads=attn.heads)
-
-    fused = getattr(attn, "fused_projections", False)
-    out = {}
-    for part, x in (("image", hs), ("text", ehs)):
-        names = [n for n in "qkv" if f"{part}_{n}" in parts]
-        if not names:
-            continue
-        added = part == "text" and not single
-        if fused:  # after fuse_qkv_projections(): one to_qkv (to_added_qkv for the text stream)
-            proj = dict(zip("qkv", (attn.to_added_qkv if added else attn.to_qkv)(x)
-                            .chunk(3, dim=-1)))
-        else:
-            proj = {n: getattr(attn, f"add_{n}_proj" if added else f"to_{n}")(x) for n in names}
-        norms = {"q": getattr(attn, "norm_added_q" if added else "norm_q", None),
-                 "k": getattr(attn, "norm_added_k" if added else "norm_k", None), "v": None}
-        for n in names:
-            t = heads(proj[n])
-            if norms[n] is not None:
-                t = norms[n](t)
-            if rope is not None and n != "v":
-                t = _rotate(t, rope, part, hs.shape[1], ehs.shape[1], text_first)
-            out[f"{part}_{n}"] = t
-    return out
-
-
-def _rotate(t: torch.Tensor, rope, part: str, n_image: int, n_text: int,
-            text_first: bool) -> torch.Tensor:
-    """``t`` (B, heads, L, d), the ``part`` ("image" or "text") of joint attention's sequence,
-    rotated with its rows of the processor's ``(cos, sin)`` (the whole sequence, text first
-    where ``text_first``) by diffusers' ``apply_rotary_emb``."""
-    from diffusers.models.embeddings import apply_rotary_emb
-
-    cos, sin = rope
-    first, second = (n_text, n_image) if text_first else (n_image, n_text)
-    at_start = (part == "text") == text_first
-    rows = slice(0, first) if at_start else slice(first, first + second)
-    return apply_rotary_emb(t, (cos[rows], sin[rows]), sequence_dim=2)
-
-
-def recorder_for(kind: str, sink: AttentionSink, order: tuple[str, str] = ("image", "text")
-                 ) -> AttentionRecorder:
-    """The attention observer for a backbone's ``attention_kind`` ("cross" or "joint") and, for
-    joint attention, its ``joint_order``."""
-    if kind == "joint":
-        return JointAttentionRecorder(sink, text_first=order[0] == "text")
-    return AttentionRecorder(sink)
+    def _put_attention(self, layer: str, state: dict, keep_heads: bool, dtype) -> None:
+        probs = state["text"]
+        if probs is None:
+            return self.sink.skip("attention", layer, "no image queries on text keys in its "
+                                                      "attention kernel calls")
+        counts: tuple[int, ...] = ()
+        if state["image_prompts"]:  # IP-Adapter: the image-prompt tokens follow the text
+            adapters = max(i for i, _ in state["image_prompts"]) + 1
+            counts = tuple(sum(p.shape[2] for i, p in state["image_prompts"] if i == a)
+                           for a in range(adapters))
+            probs = torch.cat([probs] + [p for _, p in state["image_prompts"]], dim=2)
+        probs = reduce_maps(probs, None, keep_heads, dtype)  # (B, [heads,] T, HW)
+        self.sink.put("attention", layer, probs, image_tokens=counts)
 
 
 # ====================================================================== editor: reweight
 class Reweight:
-    """Editor: scale chosen tokens' cross-attention (prompt-to-prompt's equalizer).
+    """Editor: scale chosen text tokens' attention (prompt-to-prompt's equalizer), at the kernel.
 
-    With attention probabilities ``P`` (rows sum to 1 over the text tokens), values ``V`` and
-    per-token factors ``w`` the equalizer's output is ``(P * w) V``, and
+    With the image queries' probabilities ``P`` on the text keys, the values ``V`` and per-token
+    factors ``w``, the equalizer's attention output is ``(P * w) V`` and
 
         (P * w) V = P V + ((w - 1) * P) V
 
-    so the editor adds ``to_out(((w - 1) * P) V)`` (the output projection without its bias,
-    divided by ``rescale_output_factor``) to the inner processor's output. Only the reweighted
-    positions' columns of ``P`` and rows of ``V`` enter the correction. The probabilities are
-    **not renormalised** (as in prompt-to-prompt): a weight of 2 doubles the token's share of
-    every pixel's attention. A weight of exactly 1 adds an exact zero: the output is
-    bit-identical to the unsteered one. Only the conditional (text) half of a
-    classifier-free-guidance batch is reweighted; the unconditional half (the negative prompt,
-    whose token positions are different words) is not.
+    so the editor adds ``((w - 1) * P) V`` over the reweighted positions to the kernel's output
+    rows of the image queries (the processor's output projection and everything after it then
+    act on it as on the rest). On cross-attention ``P`` is the softmax over the text; on joint
+    attention (SD3 / SD3.5, Flux.1 double- and single-stream blocks) it is the text columns of the
+    one softmax over all keys (image, text, ...: from the kernel's lse, so the image keys'
+    columns and the text queries' rows are untouched). The probabilities are **not
+    renormalised** (as in prompt-to-prompt): a weight of 2 doubles the token's share of every
+    pixel's attention. A weight of exactly 1 adds an exact zero: the output is bit-identical to
+    the unsteered one. Only the conditional (text) half of a classifier-free-guidance batch is
+    reweighted; the unconditional half (the negative prompt, whose token positions are other
+    words) and true CFG's negative call (``cfg_calls``) are not. An IP-Adapter's image-prompt
+    calls are not reweighted.
 
     Args:
-        factors: (items, 77) float32, the multiplier of every token position per batch item
-            (1 where not reweighted).
+        factors: (items, positions) float32, the multiplier of every text position per batch
+            item (1 where not reweighted).
         positions: the token positions to correct (those named by the user, whatever their
             weight: a weight of 1 runs the same code and adds zeros).
-        steps: ``(start, end)`` from :func:`sdlens.trace.steps.step_window`; None: every step. A step is one
-            backbone call (one ``scheduler.step``), as on a Trace's step axis, counted by
-            :meth:`count_step` (a forward pre-hook on the backbone).
+        steps: ``(start, end)`` from :func:`sdlens.trace.steps.step_window`; None: every step. A
+            step is one backbone call (one ``scheduler.step``), as on a Trace's step axis, counted
+            by :meth:`count_step` (a forward pre-hook on the backbone).
         pipe: the pipeline (for the number of steps, with fractional ranges).
     """
 
@@ -591,12 +589,13 @@ class Reweight:
         self.pipe = pipe
         self.step = -1
         self.total = None
-        self.calls = 0  # site calls that applied a correction (for tests / sanity)
+        self.calls = 0  # kernel calls that applied a correction (for tests / sanity)
         # guidance run as separate backbone calls per step (Flux's true CFG: ("text", "uncond")),
         # set by reweighting(); the half of the current call (None: the halves share a batch)
         self.cfg_calls: tuple[str, ...] | None = None
         self.half: str | None = None
         self._backbone_calls = 0
+        self._factor_cache: dict = {}
 
     def count_step(self, module, args, kwargs):
         """Forward pre-hook on the backbone: one call per ``scheduler.step`` in SD pipelines
@@ -627,12 +626,11 @@ class Reweight:
         start = 0 if start is None else start
         return self.step >= start and (end is None or self.step < end)
 
-    def edit(self, attn, layer: str, call: SiteCall, out: torch.Tensor) -> torch.Tensor:
-        ehs, _ = call.text_and_images()  # with an IP-Adapter: its text part (same equalizer)
-        if ehs is None or not torch.is_tensor(ehs) or not self.positions or not self.active() \
-                or self.half == "uncond":
-            return out
-        return out + self._correction(attn, call._replace(encoder_hidden_states=ehs), out)
+    def wants(self, layer: str, call: SiteCall) -> bool:
+        return bool(self.positions) and self.half != "uncond" and self.active()
+
+    def needs_lse(self, layout: KernelLayout) -> bool:
+        return "text" in layout.keys and set(layout.keys) != {"text"}
 
     def _rows(self, batch: int) -> slice:
         n = self.factors.shape[0]
@@ -644,111 +642,37 @@ class Reweight:
                            f"batch of {batch} (neither {n} nor 2 x {n} under classifier-free "
                            "guidance)")
 
-    def _correction(self, attn, call: SiteCall, out: torch.Tensor) -> torch.Tensor:
-        hidden_states = call.hidden_states
-        rows = self._rows(hidden_states.shape[0])
-        probs, value = attention_probabilities(
-            attn, hidden_states, call.encoder_hidden_states, call.attention_mask, call.temb,
-            rows=rows, with_values=True)  # (n, heads, HW, K), (n, heads, K, d)
-        delta = self._delta(attn, probs, value, out)
-        if hidden_states.ndim == 4:
-            delta = rearrange(delta, "n (h w) c -> n c h w", h=out.shape[2])
-        delta = (delta / attn.rescale_output_factor).to(out.dtype)
-        self.calls += 1
+    @torch.no_grad()
+    def edit(self, layer: str, call: SiteCall, k: kernel.KernelCall, layout: KernelLayout,
+             out: torch.Tensor) -> torch.Tensor:
+        text, image = layout.keys.get("text"), layout.queries.get("image")
+        if text is None or image is None or k.value is None:
+            return out
+        rows = self._rows(k.query.shape[0])
+        n_text = text.stop - text.start
+        pos = torch.tensor([p for p in self.positions if p < n_text], dtype=torch.long,
+                           device=k.query.device)
+        if not len(pos):
+            return out
+        only_text = set(layout.keys) == {"text"}
+        if only_text:  # the softmax over the text (cheap: all text keys), then its columns
+            probs = segment_probabilities(k, rows, image, text, None, False).index_select(2, pos)
+        else:
+            probs = segment_probabilities(k, rows, image, text, pos, True)  # (n, h, P, HW)
+        f = self.factors.to(probs.device)[:, pos] - 1.0  # (n, P)
+        weighted = probs * f[:, None, :, None]
+        value = k.value[rows][:, :, text].index_select(2, pos).float()  # (n, h, P, d)
+        delta = torch.matmul(weighted.transpose(-1, -2), value)  # (n, h, HW, d)
         full = torch.zeros_like(out)
-        full[rows] = delta
-        return full
-
-    def _mixed(self, probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """``((w - 1) * P) V`` over the reweighted positions: probs (n, heads, HW, K), value
-        (n, heads, K, d) -> (n, HW, inner), float32."""
-        pos = torch.tensor(self.positions, device=probs.device)
-        pos = pos[pos < probs.shape[-1]]
-        f = (self.factors.to(probs.device)[:, pos] - 1.0)  # (n, P)
-        weighted = probs[..., pos] * f[:, None, None, :]  # (n, heads, HW, P)
-        delta = torch.matmul(weighted, value.float()[:, :, pos, :])  # (n, heads, HW, d)
-        return rearrange(delta, "n heads l d -> n l (heads d)")
-
-    def _delta(self, attn, probs: torch.Tensor, value: torch.Tensor,
-               out: torch.Tensor) -> torch.Tensor:
-        """``to_out[0]`` without its bias of ``((w - 1) * P) V`` over the reweighted positions:
-        probs (n, heads, HW, K), value (n, heads, K, d) -> (n, HW, C)."""
-        delta = self._mixed(probs, value)
-        proj = attn.to_out[0]
-        if isinstance(proj, torch.nn.Linear) and type(proj) is torch.nn.Linear:
-            return F.linear(delta.to(proj.weight.dtype), proj.weight)
-        # LoRA and other wrappers: linear, so f(x) - f(0) is the bias-free part
-        d = delta.to(out.dtype)
-        return proj(d) - proj(torch.zeros_like(d[:, :1]))
+        full[rows, :, image] = delta.to(out.dtype)
+        self.calls += 1
+        return out + full
 
     def describe(self, weights: Mapping[Any, float]) -> dict:
         """What was steered, for ``trace.meta["reweight"]``."""
         return {"weights": {str(k): float(v) for k, v in weights.items()},
                 "steps": list(self.steps) if self.steps else None,
                 "positions": self.positions, "renormalised": False}
-
-
-class JointReweight(Reweight):
-    """Editor: :class:`Reweight` on a joint-attention site (SD3's MMDiT, ``JointAttnProcessor2_0``;
-    Flux's ``FluxAttnProcessor``).
-
-    The image queries' probabilities ``P`` on the chosen text tokens (the text columns of joint
-    attention's one softmax over [image; text] keys,
-    :meth:`JointAttentionRecorder.text_probabilities`) are multiplied by the weights, and, as for
-    the UNet's cross-attention, not renormalised: the image stream's output gets
-    ``to_out(((w - 1) * P) V_text)`` (``V_text``: ``add_v_proj`` of the text tokens; the output
-    projection without its bias). The image keys' columns, the text stream's output and the
-    unconditional half are untouched; a weight of exactly 1 adds an exact zero.
-
-    Flux (``text_first``): ``P`` from the RoPE-rotated q / k, as recorded. Its single-stream
-    blocks return the attention output of the joined [text; image] sequence before the block's
-    ``proj_out`` (which also reads the parallel MLP): the image rows get ``((w - 1) * P) V_text``
-    itself (``V_text``: ``to_v`` of the text part), the text rows nothing; T is the text length
-    the double-stream calls of the same transformer call saw. True CFG's negative call
-    (``cfg_calls``) is not reweighted.
-    """
-
-    def __init__(self, *args, text_first: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.text_first = text_first
-        self.text_length: int | None = None  # T of the last call with encoder_hidden_states
-        self._joint = JointAttentionRecorder(sink=None, text_first=text_first)
-
-    def edit(self, attn, layer: str, call: SiteCall, out):
-        ehs, hs = call.encoder_hidden_states, call.hidden_states
-        if torch.is_tensor(ehs):
-            self.text_length = int(ehs.shape[1])
-        if not self.positions or not self.active() or self.half == "uncond":
-            return out
-        rope = call.extra.get("image_rotary_emb", call.temb)
-        rope = tuple(rope) if isinstance(rope, (tuple, list)) and len(rope) == 2 else None
-        if torch.is_tensor(ehs):
-            image = out[0] if isinstance(out, tuple) else out  # (image, text) outputs
-            image = image + self._joint_correction(attn, hs, ehs, image, rope)
-            return (image,) + tuple(out[1:]) if isinstance(out, tuple) else image
-        t = self.text_length
-        if ehs is None and self.text_first and t and torch.is_tensor(out) and out.ndim == 3 \
-                and hs.ndim == 3 and hs.shape[1] == out.shape[1] > t:  # single-stream
-            image = out[:, t:] + self._joint_correction(attn, hs[:, t:], hs[:, :t], out[:, t:],
-                                                        rope, single=True)
-            return torch.cat([out[:, :t], image], 1)
-        return out
-
-    @torch.no_grad()
-    def _joint_correction(self, attn, hs: torch.Tensor, ehs: torch.Tensor, out: torch.Tensor,
-                          rope=None, single: bool = False) -> torch.Tensor:
-        rows = self._rows(hs.shape[0])
-        hs, ehs = hs[rows], ehs[rows]
-        probs = self._joint.text_probabilities(attn, hs, ehs, rope, single=single)  # (n,h,T,HW)
-        value = joint_projections(attn, hs, ehs, ("text_v",), single=single)["text_v"]
-        if single:  # before proj_out: the mixed values themselves
-            delta = self._mixed(probs.transpose(-1, -2), value)
-        else:
-            delta = self._delta(attn, probs.transpose(-1, -2), value, out)
-        self.calls += 1
-        full = torch.zeros_like(out)
-        full[rows] = delta.to(out.dtype)
-        return full
 
 
 def reweight_factors(pipe, prompts: Sequence[str], weights: Mapping[Any, float]
@@ -775,9 +699,8 @@ def reweight_factors(pipe, prompts: Sequence[str], weights: Mapping[Any, float]
 def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float], steps=None,
                 num_images_per_prompt: int = 1, params: dict | None = None
                 ) -> Iterator[Reweight]:
-    """Install the equalizer on every attention site of ``pipe`` (cross-attention:
-    :class:`Reweight`; joint attention: :class:`JointReweight`) for the pipeline calls in the
-    ``with`` block (restored on exit, also on errors). Yields the editor.
+    """Install the equalizer (:class:`Reweight`, at each site's attention kernel) on every
+    attention site of ``pipe`` for the pipeline calls in the ``with`` block (restored on exit, also on errors). Yields the editor.
 
     Args:
         prompt: the prompt(s) of the call (to find the words' token positions).
@@ -793,16 +716,12 @@ def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
     adapter = adapter_for(pipe)
-    editors = {"cross": Reweight, "joint": JointReweight}
-    if adapter.attention_kind not in editors:
+    if adapter.attention_kind not in ("cross", "joint"):
         raise TypeError(f"token reweighting works on cross- and joint-attention backbones; "
                         f"{type(pipe).__name__}'s {adapter.attention_kind} attention is not "
                         "supported yet")
     factors, positions = reweight_factors(pipe, prompts, weights)
-    extra = {"text_first": adapter.joint_order[0] == "text"} \
-        if adapter.attention_kind == "joint" else {}
-    editor = editors[adapter.attention_kind](factors, positions, step_window(steps), pipe=pipe,
-                                             **extra)
+    editor = Reweight(factors, positions, step_window(steps), pipe=pipe)
     editor.cfg_calls = adapter.cfg_calls(params or {})
 
     def count_step(module, args, kwargs):
@@ -810,6 +729,7 @@ def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
             editor.count_step(module, args, kwargs)
 
     with Hooks() as hooks:
-        hooks.wrap_sites(adapter.denoiser, adapter.sites(), editors=[editor])
+        hooks.wrap_sites(adapter.denoiser, adapter.sites(), editors=[editor],
+                         seam=KernelSeam(adapter))
         hooks.forward_pre_hook(adapter.denoiser, count_step, with_kwargs=True)
         yield editor

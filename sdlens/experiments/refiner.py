@@ -15,7 +15,7 @@ import torch
 
 from sdlens.engine.options import RecordOptions
 from sdlens.engine.session import trace as _trace
-from sdlens.trace.core import Trace
+from sdlens.trace.core import Trace, denoiser_calls
 from sdlens.trace.maps import AttentionMaps
 from sdlens.trace.ops import concat_steps, replace, slice_steps
 
@@ -63,8 +63,12 @@ def combine_base_refiner(base_trace: Trace, refiner_trace: Trace) -> Trace:
              for name, info, meta, start, stop in (("base", bi, bm, 0, h),
                                                    ("refiner", ri, rm, h, n))]
     meta = dict(bm)
-    meta.update(handover_step=h, steps=n, unet_calls=bm.get("unet_calls", h) +
-                rm.get("unet_calls", n - h), handover=rm.get("denoising_start"),
+    meta.pop("unet_calls", None)  # the older name of "denoiser_calls"
+    calls = [denoiser_calls(m) for m in (bm, rm)]
+    meta.update(handover_step=h, steps=n,
+                denoiser_calls=(h if calls[0] is None else calls[0])
+                + (n - h if calls[1] is None else calls[1]),
+                handover=rm.get("denoising_start"),
                 refiner_pipeline_class=rm.get("pipeline_class"),
                 refiner_family=rm.get("family"), handover_latent_gap=gap,
                 parts=[{"name": p["name"], "start": p["start"], "stop": p["stop"],

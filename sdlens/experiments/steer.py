@@ -11,7 +11,7 @@ Reweighting is prompt-to-prompt's equalizer (:class:`sdlens.engine.sites.Reweigh
 engine's editor that ``sdlens.generate(reweight=...)`` installs): the attention probabilities of
 the chosen tokens in every cross-attention layer are multiplied by the weight, in the text half of
 the batch, at the chosen steps; rows are **not renormalised**. A weight of 1.0 is an exact no-op.
-On joint attention (SD3 / SD3.5, Flux.1: :class:`sdlens.engine.sites.JointReweight`) the image
+On joint attention (SD3 / SD3.5, Flux.1: :class:`sdlens.engine.sites.Reweight` at the kernel) the image
 queries' probabilities on the chosen text tokens are scaled the same way (the image keys' columns
 and the text stream untouched; Flux: RoPE-rotated, in the double- and single-stream blocks), the
 word found in CLIP's and T5's segments alike.
@@ -198,7 +198,7 @@ def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
     if mode not in ("remove", "pad"):
         raise ValueError(f"mode must be 'remove' or 'pad', got {mode!r}")
     params = {**call_defaults(pipe), **pipe_kwargs}
-    text, all_words, parts = _prompt_words(pipe, prompt, params)
+    text, all_words = _prompt_words(pipe, prompt, params)
     if mode == "pad" and adapter_for(pipe).text_tokens(text, params) is not None:
         raise ValueError("mode='pad' cannot place the words in a text laid out around an "
                          "instruction (Sana's complex_human_instruction): pass "
@@ -229,7 +229,7 @@ def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
         cells = [Cell((k,), p, None, int(steps), g, int(seed)) for k, (_, p, _) in enumerate(chunk)]
         batch = Batch(cells, None, int(steps), g > 1)
         with Hooks() as hooks:
-            pads = _pad_hooks(hooks, pipe, text, [r or [] for _, _, r in chunk], params, parts) \
+            pads = _pad_hooks(hooks, pipe, text, [r or [] for _, _, r in chunk], params) \
                 if mode == "pad" else []
             imgs, trs = run_batch(pipe, batch, negative_prompt, None, None, pipe_kwargs, record_opts)
             if not all(p.applied for p in pads):
@@ -245,62 +245,35 @@ def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
 
 
 def _prompt_words(pipe, prompt: str, params: dict):
-    """``(text, words, parts)``: the prompt as the pipeline tokenizes it (a DiT's lower-casing),
-    its words on the maps' text axis (several encoders, SD3: pooled over CLIP's and T5's
-    segments, ``parts`` their ``(encoder, tokenizer, length)``; else None)."""
+    """``(text, words)``: the prompt as the pipeline tokenizes it (a DiT's lower-casing), its
+    words on the maps' text axis (several encoders, SD3: pooled over CLIP's and T5's
+    segments)."""
     adapter = adapter_for(pipe)
     parts = adapter.text_parts(params)
     if parts:
-        return prompt, tokenize_segments(prompt, parts).words, parts
+        return prompt, tokenize_segments(prompt, parts).words
     text = adapter.encoded_prompt(prompt, params)
-    return text, tokenize(text, pipe, limit=adapter.text_length(params)).words, None
+    return text, tokenize(text, pipe, limit=adapter.text_length(params)).words
 
 
-#: The pipelines' (tokenizer, text encoder) attributes, in diffusers' naming.
-_TEXT_ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"),
-                  ("tokenizer_3", "text_encoder_3"))
-
-
-def _token_embeddings(encoder) -> list[torch.nn.Module]:
-    """The token-embedding modules of a text encoder: its input embeddings and every embedding
-    of the same vocabulary (T5's encoder calls an ``embed_tokens`` of its own, a module apart
-    from ``get_input_embeddings()`` in recent transformers)."""
-    rows = encoder.get_input_embeddings().weight.shape[0]
-    return [m for m in encoder.modules()
-            if isinstance(m, torch.nn.Embedding) and m.weight.shape[0] == rows]
-
-
-def _pad_hooks(hooks: Hooks, pipe, text: str, rows: list[list[int]], params: dict,
-               parts: Sequence | None = None) -> list[_PadEmbeddings]:
-    """Install a :class:`_PadEmbeddings` on the token embeddings of every text encoder. ``rows``
-    are positions on the text axis; with several encoders (``parts``: SD3's CLIP then T5) each
-    encoder pads the positions of its own segment, counted from the segment's start."""
-    segments, start = [], 0
-    for _, seg_tok, length in parts or ():
-        segments.append((seg_tok, start, int(length)))
-        start += int(length)
-    default_length = adapter_for(pipe).text_length(params)
+def _pad_hooks(hooks: Hooks, pipe, text: str, rows: list[list[int]],
+               params: dict) -> list[_PadEmbeddings]:
+    """Install a :class:`_PadEmbeddings` on the token embeddings of every text encoder whose
+    hidden states lie on the text axis (the backbone adapter's ``text_encoders``). ``rows`` are
+    positions on the text axis; each encoder pads the positions of its own segment (SD3: CLIP's
+    77, then T5's), counted from the segment's start."""
+    adapter = adapter_for(pipe)
     pads = []
     convert = getattr(pipe, "maybe_convert_prompt", None)  # as the pipeline encodes it
-    for tok_name, enc_name in _TEXT_ENCODERS:
-        tok, enc = getattr(pipe, tok_name, None), getattr(pipe, enc_name, None)
-        if tok is None or enc is None:
-            continue
-        if parts:  # the segment of this encoder's tokenizer (CLIP-L and CLIP-G share CLIP's)
-            seg = next(((s, n) for t, s, n in segments if t is not None and (
-                t is tok or (type(t) is type(tok) and len(t) == len(tok)))), None)
-            if seg is None:
-                continue
-            first, length = seg
-        else:
-            first, length = 0, default_length or tok.model_max_length
+    for enc in adapter.text_encoders(params):
+        tok, first, length = enc.tokenizer, enc.start, enc.length
         t = convert(text, tok) if callable(convert) else text
         ids = tok(t, padding="max_length", max_length=length, truncation=True,
                   return_tensors="pt").input_ids[0]
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         own = [[p - first for p in r if first <= p < first + length] for r in rows]
         pad = _PadEmbeddings(ids, int(pad_id), own)
-        for module in _token_embeddings(enc):
+        for module in adapter.token_embeddings(enc.encoder):
             hooks.forward_hook(module, pad)
         pads.append(pad)
     if not pads:

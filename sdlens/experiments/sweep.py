@@ -17,14 +17,15 @@ starts exactly where the single run ``pipe(prompt, generator=torch.Generator().m
 starts.
 
 Different guidance scales share a call too. diffusers takes one scalar ``guidance_scale``; the
-call runs with ``G = max(g_i)`` and a forward hook on the UNet replaces the text half of its output
-by ``c'_i = u_i + (g_i / G)(c_i - u_i)``, so that the pipeline's ``u + G (c' - u)`` is
+call runs with ``G = max(g_i)`` and a forward hook on the denoiser replaces the text half of its
+output by ``c'_i = u_i + (g_i / G)(c_i - u_i)``, so that the pipeline's ``u + G (c' - u)`` is
 ``u + g_i (c - u)``: what the single run with ``g_i`` computes, up to float rounding. Cells with
 ``g <= 1`` run without classifier-free guidance (as the single runs do: the pipeline then never
 computes the unconditional half) in calls of their own. ``guidance_rescale`` (which reads the raw
-text prediction) and denoisers that embed the guidance scale (``time_cond_proj_dim``, LCM; a
-guidance-distilled transformer's ``guidance_embeds``, Flux.1) are handled by giving every guidance
-scale calls of its own. The ``guidance`` axis is that value whatever kind of guidance it is.
+text prediction) and denoisers that embed the guidance scale (an LCM UNet; a guidance-distilled
+transformer, Flux.1: the backbone adapter's ``embeds_guidance``) are handled by giving every
+guidance scale calls of its own. The ``guidance`` axis is that value whatever kind of guidance
+it is.
 
 Calls are chunked so that a batch fits the memory budget (:func:`estimate_cell_bytes`, a
 documented rough estimate) and ``max_batch``; with ``chunk=False`` a grid that does not fit one
@@ -195,7 +196,7 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
     """Run a grid of prompt x guidance x seed (x steps x scheduler) and return a :class:`Grid`.
 
     Args:
-        pipe: a diffusers SD / SDXL txt2img pipeline.
+        pipe: a diffusers pipeline sdlens traces (``sdlens.engine.arch.SUPPORTED_PIPELINES``).
         prompts: one prompt or a list (the "prompt" axis).
         seeds: ints, or an axis string ``"0-7"`` (see :func:`parse_axis`).
         guidance_scales: floats or an axis string ``"1-13 [5]"``; ``<= 1`` runs without CFG.
@@ -261,17 +262,13 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
     record_opts = batch_record_options(record)
     budget = int(memory_budget) if memory_budget is not None else default_memory_budget(pipe.device)
     trace_bytes = _trace_bytes(pipe, record_opts, steps_list, height, width)
-    # one call per guidance value where the value is an input of the denoiser (LCM's
-    # time_cond_proj_dim; a guidance-distilled transformer's guidance_embeds, Flux.1)
     adapter = adapter_for(pipe)
-    denoiser_config = adapter.denoiser.config
     # what the guidance axis is: a CFG scale, or a guidance-distilled model's guidance value
-    distilled = adapter.guidance_meta({"guidance_scale": 1.0}).get("distilled_guidance")
-    guidance = "distilled" if distilled is not None else "cfg"
+    guidance = "distilled" if adapter.distilled_guidance() else "cfg"
+    # one call per guidance value where the value is an input of the denoiser (an LCM UNet, a
+    # guidance-distilled transformer) or the pipeline does not guide a shared batch
     split_guidance = (pipe_kwargs.get("guidance_rescale", 0.0) or 0.0) > 0 or \
-        getattr(denoiser_config, "time_cond_proj_dim", None) is not None or \
-        bool(getattr(denoiser_config, "guidance_embeds", False)) or \
-        not adapter.cfg_by_default
+        adapter.embeds_guidance() or not adapter.cfg_by_default
     state = _distributed_state()
     nproc = state.num_processes if state else 1
     batches = plan_batches(

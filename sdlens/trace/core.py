@@ -2,7 +2,7 @@
 
 Shapes (all tensors on the CPU; ``steps`` = number of ``scheduler.step`` calls, which is
 ``num_inference_steps`` for most schedulers, fewer for img2img/inpaint with ``strength < 1``, and
-about twice as many for Heun / KDPM2, whose every step calls the UNet twice):
+about twice as many for Heun / KDPM2, whose every step calls the denoiser twice):
 
 ==========================  ====================================  =========================================
 ``images``                  list[PIL.Image]                       the pipeline's output images (empty for
@@ -335,7 +335,8 @@ class Trace:
         """Per batch item, the text encoders' segments of the text sequence (models of several
         text encoders, SD3: ``[{"encoder": "clip", "start": 0, "length": 77, "tokens": n},
         {"encoder": "t5", "start": 77, "length": 256, "tokens": m}]``, see
-        :mod:`sdlens.analysis.tokens`); None for one text encoder (the UNet models)."""
+        :mod:`sdlens.analysis.tokens`); None where the backbone has one text encoder without
+        segments (the UNet models, PixArt, Sana)."""
         segs = self._require().get("text_segments")
         return None if segs is None else [[dict(s) for s in item] for item in segs]
 
@@ -610,6 +611,14 @@ def _read_header(path: Path) -> tuple[dict, int]:
         raise ValueError(f"{path} is truncated: {size} bytes, but its header describes {expected} "
                          "bytes (the copy or download was cut short); save the trace again")
     return header, expected
+
+
+def denoiser_calls(meta: dict) -> int | None:
+    """The denoiser calls a traced run made, from its ``meta`` (``meta["denoiser_calls"]``;
+    traces written before sdlens named it so hold ``meta["unet_calls"]``, for every backbone);
+    None where neither is recorded."""
+    n = meta.get("denoiser_calls", meta.get("unet_calls"))
+    return None if n is None else int(n)
 
 
 def load(path: str | os.PathLike) -> Trace:

@@ -1,7 +1,7 @@
 """Choosing denoising steps: the one selector every API that takes ``steps=`` / ``step=`` uses.
 
-A step index is a position on a Trace's step axis (``trace.timesteps``: one UNet call each),
-``0 .. n_steps - 1``. A selection is one of
+A step index is a position on a Trace's step axis (``trace.timesteps``: one ``scheduler.step``
+each), ``0 .. n_steps - 1``. A selection is one of
 
 * ``None``: every step (every *recorded* step where only some hold data),
 * an int: one step, negative counting from the end of the run (``-1``: the last step),

@@ -90,3 +90,47 @@ def test_unsupported_pipelines():
 
     with pytest.raises(TypeError, match="no cross-attention"):
         trace(NoCross())
+
+
+def test_what_the_rest_of_sdlens_asks_the_adapters():
+    """The questions engine/batch.py and the experiments ask instead of reading the pipeline's
+    components: CFG halves joined back, the denoiser's output tensor, guidance as an input, the
+    text encoders on the text axis and their token embeddings."""
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    from sdlens.testing import random_pipeline
+
+    sdxl = adapter_for(cached_pipe("sdxl"))
+    x = torch.arange(6.0)[:, None]
+    assert torch.equal(sdxl.join_cfg(sdxl.split_cfg(x)), x)
+    t, new = torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8)
+    assert sdxl.output_tensor((t, None)) is t and sdxl.output_tensor("no tensor") is None
+    out = sdxl.with_output_tensor((t, "rest"), new)
+    assert out[0] is new and out[1] == "rest"
+    dc = sdxl.with_output_tensor(UNet2DConditionOutput(sample=t), new)
+    assert sdxl.output_tensor(dc) is new and sdxl.denoiser_output(dc) is new
+    pixart = adapter_for(random_pipeline("pixart", seed=0))
+    both = torch.randn(2, 8, 8, 8)  # learned sigmas: noise and variance channels
+    assert pixart.output_tensor((both,)) is both and pixart.denoiser_output((both,)).shape[1] == 4
+
+    sd3 = adapter_for(random_pipeline("sd3", seed=0))
+    flux = adapter_for(random_pipeline("flux", seed=0))
+    assert [a.embeds_guidance() for a in (sdxl, pixart, sd3, flux)] == [False, False, False, True]
+    assert [a.distilled_guidance() for a in (sdxl, pixart, sd3, flux)] == [False] * 3 + [True]
+
+    def layout(adapter, params):
+        return [(e.name, e.start, e.length) for e in adapter.text_encoders(params)]
+
+    assert layout(sdxl, {}) == [("text_encoder", 0, 77), ("text_encoder_2", 0, 77)]
+    assert layout(sd3, {"max_sequence_length": 64}) == [
+        ("text_encoder", 0, 77), ("text_encoder_2", 0, 77), ("text_encoder_3", 77, 64)]
+    assert layout(adapter_for(random_pipeline("sd3", seed=0, t5=False)), {}) == [
+        ("text_encoder", 0, 77), ("text_encoder_2", 0, 77)]
+    assert layout(flux, {"max_sequence_length": 128}) == [("text_encoder_2", 0, 128)]
+    assert layout(pixart, {}) == [("text_encoder", 0, 300)]
+    for adapter in (sdxl, sd3, flux, pixart):
+        for enc in adapter.text_encoders({}):
+            assert enc.tokenizer is getattr(adapter.pipe, enc.name.replace("text_encoder",
+                                                                           "tokenizer"))
+            embeddings = adapter.token_embeddings(enc.encoder)
+            assert enc.encoder.get_input_embeddings() in embeddings

@@ -77,13 +77,13 @@ def test_random_archs_fp16_traced_equals_untraced(arch):
     full = sdlens.generate(pipe, PROMPT, seed=0, steps=4, keep_padding=True,
                            attention_dtype=torch.float32).attention[layer]
     torch.testing.assert_close(full.sum(2), torch.ones_like(full.sum(2)), rtol=0, atol=2e-3)
-    assert tr.meta["unet_calls"] == tr.num_steps  # PNDM: 4 steps are 5 UNet calls
+    assert tr.meta["denoiser_calls"] == tr.num_steps  # PNDM: 4 steps are 5 UNet calls
 
 
 def test_no_device_sync_inside_attention_layers_on_cuda(monkeypatch):
     """Recording must not stall the GPU: CUDA's sync debug mode raises on any synchronising call
     (a ``.cpu()``, ``.item()``, blocking copy) made while an attention layer records."""
-    orig = att_hooks.AttentionRecorder.record
+    orig = att_hooks.SiteProcessor.__call__  # the whole site: kernel reads, maps, sink
 
     def guarded(self, *a, **k):
         torch.cuda.set_sync_debug_mode("error")
@@ -92,8 +92,10 @@ def test_no_device_sync_inside_attention_layers_on_cuda(monkeypatch):
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    monkeypatch.setattr(att_hooks.AttentionRecorder, "record", guarded)
     pipe = random_pipeline("sd15", scale=0.1, device="cuda", dtype=torch.float16)
+    # the kernel's fused route is checked once per shape against SDPA (one sync, at first use)
+    sdlens.generate(pipe, PROMPT, seed=0, steps=1)
+    monkeypatch.setattr(att_hooks.SiteProcessor, "__call__", guarded)
     tr = sdlens.generate(pipe, PROMPT, seed=0, steps=4)
     assert len(tr.attention.steps) == tr.num_steps
 
@@ -116,3 +118,50 @@ def test_sweep_and_steering_on_cuda(tmp_path):
     assert red(steered) != red(base)
     effects = sdlens.token_effects(pipe, "a red circle", seed=0, steps=10)
     assert len(effects.words) >= 3
+
+
+# ---------------------------------------------------------------- the transformer recorders
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_transformer_traced_equals_untraced_and_maps_match_cpu_on_cuda(arch, dtype):
+    """SD3's joint and Flux's double- and single-stream sites on CUDA: the kernel's fused route
+    (flash / memory-efficient / cuDNN, with its lse) leaves the latents as untraced, and the
+    maps agree with the CPU trace of the same weights."""
+    kw = dict(num_inference_steps=2, output_type="latent",
+              **({"max_sequence_length": 32} if arch == "flux" else {}))
+    cpu = random_pipeline(arch, seed=0)
+    gpu = random_pipeline(arch, seed=0, device="cuda", dtype=dtype)
+    ref = gpu(PROMPT, generator=torch.Generator().manual_seed(0), **kw).images
+    with sdlens.trace(gpu, attention_dtype=torch.float32) as tr:
+        out = gpu(PROMPT, generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.equal(out, ref), "tracing changed the latents on cuda"
+    assert "skipped" not in tr.meta
+    with sdlens.trace(cpu, attention_dtype=torch.float32) as want:
+        cpu(PROMPT, generator=torch.Generator().manual_seed(0), **kw)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for layer in want.attention.layers:
+        torch.testing.assert_close(tr.attention[layer], want.attention[layer], atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_no_device_sync_inside_transformer_sites_on_cuda(monkeypatch, arch):
+    """The joint recorder reads the kernel's lse on the device: no sync inside a site (after the
+    first call of each kernel signature, which is checked against SDPA once)."""
+    pipe = random_pipeline(arch, seed=0, device="cuda", dtype=torch.float16)
+    kw = dict(num_inference_steps=2, output_type="latent",
+              **({"max_sequence_length": 32} if arch == "flux" else {}))
+    with sdlens.trace(pipe, record=("latents", "attention", "image_to_text")):
+        pipe(PROMPT, **kw)  # the one-time check of each kernel signature
+    orig = att_hooks.SiteProcessor.__call__
+
+    def guarded(self, *a, **k):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return orig(self, *a, **k)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(att_hooks.SiteProcessor, "__call__", guarded)
+    with sdlens.trace(pipe, record=("latents", "attention", "image_to_text")) as tr:
+        pipe(PROMPT, **kw)
+    assert len(tr.attention.steps) == tr.num_steps and tr.image_to_text is not None

@@ -256,7 +256,8 @@ def test_recorded_probabilities_reproduce_sana_cross_attention(qk_norm):
     padding mask, and with Sana 1.5's across-heads q/k norm)."""
     from diffusers import SanaTransformer2DModel
 
-    from sdlens.engine.sites import attention_probabilities
+    from sdlens.engine import kernel
+    from sdlens.engine.sites import segment_probabilities
 
     torch.manual_seed(0)
     t = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2,
@@ -266,10 +267,17 @@ def test_recorded_probabilities_reproduce_sana_cross_attention(qk_norm):
     attn = t.transformer_blocks[0].attn2
     hs, ehs = torch.randn(2, 16, 16), torch.randn(2, 5, 16)
     mask = (1 - torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]).float())[:, None] * -10000.0
+    seen = []
+    tap = kernel.Tap(lambda call, out: seen.append(call) or out, lambda q, k, i: False)
     with torch.no_grad():
         ref = attn(hs, encoder_hidden_states=ehs, attention_mask=mask)
-        probs, values = attention_probabilities(attn, hs, ehs, mask, with_values=True)
-        out = attn.to_out[0](torch.einsum("nhqk,nhkd->nqhd", probs, values).flatten(2))
+        with kernel.installed(), kernel.tapping(tap):
+            again = attn(hs, encoder_hidden_states=ehs, attention_mask=mask)
+        call = seen[0]  # the kernel's q / k / v / mask, after the processor's norms
+        probs = segment_probabilities(call, slice(None), slice(0, 16), slice(0, 5), None, False)
+        probs = probs.transpose(-1, -2)  # (n, heads, HW, K)
+        out = attn.to_out[0](torch.einsum("nhqk,nhkd->nqhd", probs, call.value.float()).flatten(2))
+    assert torch.equal(again, ref) and len(seen) == 1
     assert probs[0, :, :, 3:].max() < 1e-4
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 

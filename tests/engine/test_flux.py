@@ -59,13 +59,13 @@ def test_guidance_distilled_has_no_unconditional_pass():
     assert tr.noise_uncond is None and not tr.do_cfg
     assert tr.guidance_scale == 3.5 == tr.meta["distilled_guidance"]
     assert tr.meta["guidance_scale"] == 3.5 and tr.meta["true_cfg_scale"] == 1.0
-    assert tr.meta["unet_calls"] == STEPS
+    assert tr.meta["denoiser_calls"] == STEPS
     torch.testing.assert_close(tr.noise, tr.noise_text, rtol=0, atol=0)
 
 
 def test_true_cfg_records_both_calls():
     pipe, _, _, tr = traced(true_cfg=True)
-    assert tr.do_cfg and tr.noise_uncond is not None and tr.meta["unet_calls"] == 2 * STEPS
+    assert tr.do_cfg and tr.noise_uncond is not None and tr.meta["denoiser_calls"] == 2 * STEPS
     assert tr.guidance_scale == 2.5 == tr.meta["true_cfg_scale"]
     assert tr.meta["distilled_guidance"] == 3.5
     guided = tr.noise_uncond + 2.5 * (tr.noise_text - tr.noise_uncond)

@@ -10,7 +10,6 @@ import torch
 import sdlens
 from sdlens.analysis.tokens import tokenize_segments, trace_words
 from sdlens.engine.arch import adapter_for
-from sdlens.engine.sites import JointAttentionRecorder
 from pipelines import assert_restored, pipe_state, run_latents
 from sdlens.testing import random_pipeline
 
@@ -106,22 +105,22 @@ def test_missing_word_is_a_one_line_error():
 
 
 def test_joint_probabilities_are_the_text_columns_of_the_full_softmax():
-    pipe = pipe_of("sd35")
-    attn = pipe.transformer.transformer_blocks[0].attn
+    """The recorder's maths on one kernel call laid out [image; text]: the text columns of the
+    softmax over all keys, from the kernel's lse (fused route) and from the exact route."""
+    from sdlens.engine import kernel
+    from sdlens.engine.arch.base import joint_layout
+    from sdlens.engine.sites import segment_probabilities
+
     torch.manual_seed(1)
-    hs, ehs = torch.randn(2, 16, 32), torch.randn(2, 10, 32)
-    recorder = JointAttentionRecorder(sink=None)
-    recorder.chunk_bytes = 4 * 2 * 2 * 16 * 3  # a few queries at a time: the chunked path
-    got = recorder.text_probabilities(attn, hs, ehs)  # (B, heads, T, HW)
-
-    def heads(t):
-        return t.view(2, -1, attn.heads, 16).transpose(1, 2)
-
-    q, k = attn.norm_q(heads(attn.to_q(hs))), attn.norm_k(heads(attn.to_k(hs)))
-    kt = attn.norm_added_k(heads(attn.add_k_proj(ehs)))
-    scores = q @ torch.cat([k, kt], dim=2).transpose(-1, -2) * attn.scale
-    ref = scores.softmax(-1)[..., 16:]  # image first, then text: the text columns
-    torch.testing.assert_close(got, ref.transpose(-1, -2), rtol=1e-5, atol=1e-6)
+    q, k = torch.randn(2, 2, 26, 16), torch.randn(2, 2, 26, 16)
+    layout = joint_layout(("image", "text"), {"image": 16, "text": 10}, 26, 26)
+    ref = (q @ k.transpose(-1, -2) / 4).softmax(-1)[:, :, :16, 16:]  # image rows, text columns
+    _, lse = kernel.attention((q, k, k), {})
+    exact = kernel.logsumexp_rows(q, k, None, False, None, chunk_bytes=4 * 2 * 2 * 26 * 3)
+    for lse_ in (lse, exact):
+        call = kernel.KernelCall(q, k, k, None, 0.25, False, lse_, 0)
+        got = segment_probabilities(call, slice(None), layout.queries["image"], layout.keys["text"])
+        torch.testing.assert_close(got, ref.transpose(-1, -2), rtol=1e-5, atol=1e-6)
 
 
 def test_save_load_round_trip(tmp_path):
@@ -183,7 +182,7 @@ def test_skip_layer_guidance_call_is_not_a_step():
     plain, _ = run(pipe, False, **kw)
     out, tr = run(pipe, True, **kw)
     assert torch.equal(plain, out) and tr.num_steps == STEPS
-    assert tr.meta["unet_calls"] == STEPS
+    assert tr.meta["denoiser_calls"] == STEPS
 
 
 @pytest.mark.parametrize("task", ["img2img", "inpaint"])

@@ -46,7 +46,7 @@ def test_faithful_and_decoded_latent(arch, task):
     torch.testing.assert_close(tr.latents[0], unet_in.float(), rtol=1e-5, atol=1e-5)
     steps = tr.num_steps
     assert tr.latents.shape[0] == steps + 1 and tr.noise.shape[0] == steps == tr.x0.shape[0]
-    assert tr.timesteps.shape == (steps,) and tr.meta["unet_calls"] == steps
+    assert tr.timesteps.shape == (steps,) and tr.meta["denoiser_calls"] == steps
     if task == "img2img":
         assert steps < 4 + (1 if arch == "sd15" else 0)  # strength 0.6: fewer steps
     assert tr.meta["task"] == task and tr.meta["pipeline_class"] == type(pipe).__name__
@@ -232,7 +232,7 @@ def test_no_device_sync_inside_attention_layers(monkeypatch):
     from sdlens.engine import sites as att_hooks
 
     inside = {"on": False}
-    orig_record = att_hooks.AttentionRecorder.record
+    orig_record = att_hooks.SiteProcessor.__call__  # the whole site: kernel reads, maps, sink
 
     def guarded(self, *a, **k):
         inside["on"] = True
@@ -250,7 +250,7 @@ def test_no_device_sync_inside_attention_layers(monkeypatch):
             return orig(self, *a, **k)
         return f
 
-    monkeypatch.setattr(att_hooks.AttentionRecorder, "record", guarded)
+    monkeypatch.setattr(att_hooks.SiteProcessor, "__call__", guarded)
     for name in ("cpu", "item", "tolist", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, forbid(name))
     pipe = cached_pipe("sd15")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdlens.engine.text import word_positions
-from sdlens.engine.sites import Hooks, Reweight, SiteProcessor, reweighting
+from sdlens.engine.sites import Hooks, KernelSeam, Reweight, SiteProcessor, reweighting
 from sdlens.experiments import steer
 from sdlens.pipeline import SHIPPED_MODEL
 from sdlens.testing import random_pipeline
@@ -41,7 +41,8 @@ def test_processor_is_the_equalizer():
     factors = torch.ones(2, 77)
     factors[0, 2], factors[0, 3], factors[1, 5] = 3.0, 0.25, 0.0
     editor = Reweight(factors, [2, 3, 5])
-    with torch.no_grad():
+    with torch.no_grad(), Hooks() as hooks:
+        KernelSeam(None).install(hooks)  # the kernel wrapper; plain cross-attention layout
         got = SiteProcessor(AttnProcessor2_0(), name, editors=[editor])(attn, hs,
                                                                        encoder_hidden_states=ehs)
         plain = AttnProcessor2_0()(attn, hs, encoder_hidden_states=ehs)
@@ -312,18 +313,22 @@ def test_joint_processor_is_the_equalizer_on_the_text_columns():
     (columns of the one softmax over [image; text] keys) times the weights, no renormalisation;
     the text stream's output is untouched."""
     from diffusers.models.attention_processor import JointAttnProcessor2_0
-    from sdlens.engine.sites import JointReweight
+    from sdlens.engine.arch import adapter_for
+    from sdlens.engine.sites import KernelSeam
 
-    attn = random_pipeline("sd35", seed=0).transformer.transformer_blocks[0].attn
+    pipe = random_pipeline("sd35", seed=0)
+    attn = pipe.transformer.transformer_blocks[0].attn
     torch.manual_seed(0)
     dim = attn.to_q.in_features
     hs, ehs = torch.randn(4, 16, dim), torch.randn(4, 10, dim)
     factors = torch.ones(2, 77)
     factors[0, 2], factors[0, 3], factors[1, 5] = 3.0, 0.25, 0.0
-    editor = JointReweight(factors, [2, 3, 5])
-    with torch.no_grad():
-        got = SiteProcessor(JointAttnProcessor2_0(), "block", editors=[editor])(
-            attn, hs, encoder_hidden_states=ehs)
+    editor = Reweight(factors, [2, 3, 5])
+    seam = KernelSeam(adapter_for(pipe))  # the family's layout: [image; text]
+    with torch.no_grad(), Hooks() as hooks:
+        seam.install(hooks)
+        got = SiteProcessor(JointAttnProcessor2_0(), "transformer_blocks.0.attn",
+                            editors=[editor], seam=seam)(attn, hs, encoder_hidden_states=ehs)
         plain = JointAttnProcessor2_0()(attn, hs, encoder_hidden_states=ehs)
 
         def heads(t):
@@ -376,12 +381,9 @@ def test_token_effects_on_sd3(sd3):
 
 def test_pad_ablation_on_sd3_pads_every_encoder(sd3):
     """SD3's word has CLIP tokens and T5 pieces: "pad" gives them all the padding embedding."""
-    from sdlens.engine.arch import adapter_for
-
-    parts = adapter_for(sd3).text_parts({"max_sequence_length": 256})
     red = word_positions(sd3, P, "red")
     with Hooks() as hooks:
-        pads = steer._pad_hooks(hooks, sd3, P, [[], red], {"max_sequence_length": 256}, parts)
+        pads = steer._pad_hooks(hooks, sd3, P, [[], red], {"max_sequence_length": 256})
         embeds = sd3.encode_prompt([P, P], None, None, do_classifier_free_guidance=False)[0]
     assert len(pads) == 3 and all(p.applied for p in pads)  # CLIP-L, CLIP-G, T5
     assert pads[2].rows == [[], [p - 77 for p in red if p >= 77]]

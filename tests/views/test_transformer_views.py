@@ -269,6 +269,17 @@ def test_cfg_by_seed_sweep_equals_single_runs(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_mixed_guidance_in_one_call_equals_single_runs(arch):
+    """Two CFG scales share one call (the per-sample guidance hook, through the adapter's CFG
+    halves and output tensor: PixArt guides its noise and variance channels together)."""
+    grid = sdlens.sweep(pipe_of(arch), PROMPT, seeds=[0], guidance_scales=[2.0, 4.0],
+                        steps=STEPS, progress=False, record=None, **CALL[arch])
+    assert grid.meta["batches"] == 1
+    for j, g in enumerate((2.0, 4.0)):
+        np.testing.assert_allclose(grid.arrays[j], single(arch, 0, g), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_token_effects_and_compare(arch):
     eff = sdlens.token_effects(pipe_of(arch), PROMPT, words=["red", "square"], steps=STEPS,
                                guidance_scale=4.0, **CALL[arch])

@@ -121,6 +121,65 @@ class ConceptStep(NamedTuple):
     concepts: torch.Tensor | None  # (n, C, inner): the concept tokens' attention outputs, if asked
 
 
+class KernelLayout(NamedTuple):
+    """How one attention-kernel call's sequences split into segments: ``{name: slice}`` of the
+    query rows and of the key columns (SDPA's Lq and Lk axes). Names: ``"image"`` (the latent
+    patches a map is drawn over), ``"text"`` (the text axis, position 0 first), ``"image prompt
+    i"`` (IP-Adapter ``i``'s tokens), and any other a family has (reference images ...). A
+    segment absent from ``queries`` is not a query of this call (cross-attention: only the image
+    queries)."""
+
+    queries: dict
+    keys: dict
+
+
+def cross_layout(q_len: int, k_len: int, keys: str = "text") -> KernelLayout:
+    """Cross-attention: image queries, keys all of one segment."""
+    return KernelLayout({"image": slice(0, q_len)}, {keys: slice(0, k_len)})
+
+
+def joint_layout(order: tuple[str, ...], lengths: dict, q_len: int, k_len: int
+                 ) -> KernelLayout | None:
+    """Joint attention: queries and keys are the same sequence of segments in ``order`` with
+    these ``lengths``; None when they do not add up to the kernel's (a layout not understood)."""
+    spans, at = {}, 0
+    for name in order:
+        n = int(lengths[name])
+        spans[name] = slice(at, at + n)
+        at += n
+    if at != q_len or at != k_len:
+        return None
+    return KernelLayout(dict(spans), dict(spans))
+
+
+def innermost_processor(processor):
+    """The processor under any wrappers that keep it as ``.inner`` (sdlens's site wrapper)."""
+    while hasattr(processor, "inner") and hasattr(processor, "layer"):
+        processor = processor.inner
+    return processor
+
+
+def image_prompt_calls(processor, call) -> list[int] | None:
+    """For an IP-Adapter processor (``to_k_ip``, ``scale``): the adapter index of each of its
+    kernel calls after the text's, in call order (an adapter at scale 0 is skipped by the
+    processor; with ``ip_adapter_masks`` an adapter attends per reference image, one call each);
+    None for another processor."""
+    to_k_ip, scales = getattr(processor, "to_k_ip", None), getattr(processor, "scale", None)
+    ehs = call.encoder_hidden_states
+    if to_k_ip is None or scales is None or not isinstance(ehs, tuple) or len(ehs) != 2:
+        return None
+    images = list(ehs[1])
+    masks = call.extra.get("ip_adapter_masks")
+    masks = list(masks) if masks is not None else [None] * len(images)
+    out = []
+    for i, (emb, scale) in enumerate(zip(images, scales)):
+        if (all(s == 0 for s in scale) if isinstance(scale, list) else scale == 0):
+            continue
+        masked = i < len(masks) and masks[i] is not None
+        out += [i] * (int(emb.shape[1]) if masked and emb.ndim == 4 else 1)
+    return out
+
+
 class BackboneAdapter(ABC):
     """One live pipeline of a backbone family, as the engine sees it.
 
@@ -191,8 +250,7 @@ class BackboneAdapter(ABC):
     def denoiser_output(self, output) -> torch.Tensor | None:
         """The prediction (B_denoiser, C_out, h, w) of one denoiser call, from what its forward
         returned (a tuple or an output dataclass); None if it is not a tensor."""
-        out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
-        return out if torch.is_tensor(out) else None
+        return self.output_tensor(output)
 
     def spatial(self, t: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
         """A latent-shaped tensor as the pipeline holds it (its latents, the denoiser's
@@ -274,6 +332,39 @@ class BackboneAdapter(ABC):
         """Attention heads of a site."""
         return int(self.denoiser.get_submodule(site).heads)
 
+    # ---------------------------------------------------------------- the kernel's layout
+    def kernel_text_length(self, call, denoiser_kwargs: dict) -> int | None:
+        """Joint attention: the text tokens in a site call's kernel sequence (default: the
+        site call's ``encoder_hidden_states``; a single-stream block reads it from the denoiser
+        call, ``denoiser_kwargs``); None where it cannot be told."""
+        ehs = call.encoder_hidden_states
+        return int(ehs.shape[1]) if torch.is_tensor(ehs) and ehs.ndim == 3 else None
+
+    def kernel_layout(self, site: str, attn, call, index: int, q_len: int, k_len: int,
+                      denoiser_kwargs: dict) -> KernelLayout | None:
+        """The segments of the ``index``-th kernel call of one call of ``site`` (``attn``: its
+        attention module; ``call``: the processor's arguments, a ``SiteCall``; ``q_len`` /
+        ``k_len``: the kernel's sequence lengths; ``denoiser_kwargs``: the keyword arguments of
+        the denoiser call it is part of). None: a call sdlens does not understand (its maps are
+        skipped with one warning).
+
+        Cross-attention (the default): call 0 attends from the image to the text; an IP-Adapter
+        processor's later calls attend to its image prompts (``"image prompt i"``). Joint
+        attention: one sequence in ``joint_order``, the text's length from
+        :meth:`kernel_text_length`, the image the rest."""
+        if self.attention_kind == "joint":
+            n_text = self.kernel_text_length(call, denoiser_kwargs)
+            if n_text is None or n_text >= q_len:
+                return None
+            return joint_layout(self.joint_order, {"text": n_text, "image": q_len - n_text},
+                                q_len, k_len)
+        if index == 0:
+            return cross_layout(q_len, k_len)
+        plan = image_prompt_calls(innermost_processor(attn.processor), call)
+        if plan is None or index - 1 >= len(plan):
+            return None
+        return cross_layout(q_len, k_len, f"image prompt {plan[index - 1]}")
+
     # ---------------------------------------------------------------- concept pass
     def concept_blocks(self) -> list[tuple[str, torch.nn.Module]] | None:
         """``(site, block)`` pairs the concept pass runs through, in forward order; None: the
@@ -306,6 +397,88 @@ class BackboneAdapter(ABC):
         """A denoiser batch (input or output) under classifier-free guidance, by half."""
         rows = self.cfg_rows(t.shape[0] // 2)
         return {half: t[r] for half, r in rows.items()}
+
+    # ================================================================ asked from outside the engine
+    # (sdlens.engine.batch, sdlens.experiments: what they used to read off the pipeline's
+    # components themselves)
+    def join_cfg(self, halves: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The inverse of :meth:`split_cfg`: the halves (each (B, ...)) as one denoiser batch
+        (2B, ...), in ``cfg_halves`` order."""
+        return torch.cat([halves[half] for half in self.cfg_halves])
+
+    def output_tensor(self, output) -> torch.Tensor | None:
+        """Everything one denoiser call predicted (B_denoiser, C, ...), from what its forward
+        returned (a tuple or an output dataclass): the tensor the pipeline's classifier-free
+        guidance combines, every channel (PixArt guides its noise and variance channels
+        together; :meth:`denoiser_output` keeps the noise); None if it is not a tensor."""
+        out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+        return out if torch.is_tensor(out) else None
+
+    def with_output_tensor(self, output, tensor: torch.Tensor):
+        """``output`` (what the denoiser's forward returned) with :meth:`output_tensor` replaced
+        by ``tensor``, of the same kind: a new tuple / list, or the output dataclass updated."""
+        if isinstance(output, tuple):
+            return (tensor, *output[1:])
+        if isinstance(output, list):
+            return [tensor, *output[1:]]
+        if torch.is_tensor(output):
+            return tensor
+        output.sample = tensor
+        return output
+
+    def embeds_guidance(self) -> bool:
+        """Whether the guidance value is an input of the denoiser (LCM UNets' guidance
+        embedding; a guidance-distilled transformer): then every value needs calls of its own
+        (a batch cannot mix them)."""
+        return False
+
+    def distilled_guidance(self) -> bool:
+        """Whether the call's ``guidance_scale`` is a guidance-distilled model's guidance value
+        (Flux.1-dev) rather than a classifier-free guidance scale."""
+        return False
+
+    def text_encoders(self, params: dict) -> list["TextEncoder"]:
+        """The pipeline's text encoders whose hidden states lie on the denoiser's text axis, for
+        a call with ``params``, each with its tokenizer and its positions on that axis (an
+        encoder that only gives a pooled vector, Flux's CLIP, is not one). By default the
+        ``text_encoder`` / ``text_encoder_2`` the pipeline has, both at the axis's start (SDXL
+        joins its two CLIPs channel-wise), ``text_length`` (or the tokenizer's
+        ``model_max_length``) long."""
+        out = []
+        for suffix in ("", "_2"):
+            out += self._text_encoder("tokenizer" + suffix, "text_encoder" + suffix, 0,
+                                      self.text_length(params))
+        return out
+
+    def _text_encoder(self, tok_name: str, enc_name: str, start: int,
+                      length: int | None) -> list["TextEncoder"]:
+        """``[TextEncoder]`` for the pipeline's components of these names; [] where either is
+        missing or None. ``length`` None: the tokenizer's ``model_max_length``."""
+        tok, enc = getattr(self.pipe, tok_name, None), getattr(self.pipe, enc_name, None)
+        if tok is None or enc is None:
+            return []
+        return [TextEncoder(enc_name, tok, enc, int(start),
+                            int(tok.model_max_length if length is None else length))]
+
+    def token_embeddings(self, encoder: torch.nn.Module) -> list[torch.nn.Module]:
+        """The token-embedding modules of a text encoder (one of :meth:`text_encoders`): its
+        input embeddings and every embedding of the same vocabulary (T5's encoder calls an
+        ``embed_tokens`` of its own, a module apart from ``get_input_embeddings()`` in recent
+        transformers). A hook on them sees every token the encoder embeds."""
+        rows = encoder.get_input_embeddings().weight.shape[0]
+        return [m for m in encoder.modules()
+                if isinstance(m, torch.nn.Embedding) and m.weight.shape[0] == rows]
+
+
+class TextEncoder(NamedTuple):
+    """A text encoder of the pipeline (:meth:`BackboneAdapter.text_encoders`): its hidden states
+    are positions ``start .. start + length`` of the denoiser's text axis."""
+
+    name: str  # the pipeline's component, e.g. "text_encoder_2"
+    tokenizer: object
+    encoder: torch.nn.Module
+    start: int
+    length: int
 
 
 def joint_activation_bytes(transformer, tokens: int) -> int:

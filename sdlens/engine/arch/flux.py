@@ -17,7 +17,7 @@ FluxInpaintPipeline; Flux.1-dev and -schnell).
 ``"blocks"`` names every site (double then single); the naming's order is the transformer's
 (double 0..18, then single 0..37). The recorded map of a site is each image token's row of the
 full softmax over ``[text; image]`` keys, its text columns (computed from the RoPE-rotated q / k,
-as the processor does: :class:`sdlens.engine.sites.JointAttentionRecorder` with ``text_first``).
+as the processor does, read at its kernel call: :class:`sdlens.engine.sites.MapRecorder`).
 Maps are at the latents' resolution / 2 (the 2x2 packing).
 
 **Text.** Only T5's sequence is attended to (CLIP-L gives the pooled vector): the text axis is one
@@ -68,7 +68,7 @@ prompt's text tokens are.
 
 **Image->text maps** (``record`` with ``"image_to_text"``) are the text queries' image columns of
 the same RoPE-rotated softmax (the single-stream blocks' text rows of the joined sequence), and
-**token reweighting** (:class:`sdlens.engine.sites.JointReweight`) scales the image queries'
+**token reweighting** (:class:`sdlens.engine.sites.Reweight`, at the kernel) scales the image queries'
 RoPE-rotated probabilities on the chosen text columns, in both block kinds (the single-stream
 blocks: the image rows of the attention output before ``proj_out``); true CFG's negative call is
 not reweighted.
@@ -81,7 +81,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from sdlens.engine.arch.base import (BackboneAdapter, ConceptStep, SiteNaming,
+from sdlens.engine.arch.base import (BackboneAdapter, ConceptStep, SiteNaming, TextEncoder,
                                      joint_activation_bytes)
 
 _DOUBLE, _SINGLE = "transformer_blocks", "single_transformer_blocks"
@@ -217,7 +217,7 @@ class FluxAdapter(BackboneAdapter):
 
     def guidance_meta(self, params: dict) -> dict:
         gs = params.get("guidance_scale")
-        embeds = bool(self.pipe.transformer.config.get("guidance_embeds"))
+        embeds = self.distilled_guidance()
         true_cfg = params.get("true_cfg_scale")
         return {"distilled_guidance": float(gs) if embeds and gs is not None else None,
                 "true_cfg_scale": float(true_cfg) if true_cfg is not None else None}
@@ -247,6 +247,16 @@ class FluxAdapter(BackboneAdapter):
         return joint_activation_bytes(self.pipe.transformer, tokens)
 
     # ---------------------------------------------------------------- sites
+    def kernel_text_length(self, call, denoiser_kwargs: dict) -> int | None:
+        """The double-stream blocks get the text apart (``encoder_hidden_states``); a
+        single-stream block's kernel sequence is the joined [text; image], whose text is the
+        transformer call's ``encoder_hidden_states``."""
+        n = super().kernel_text_length(call, denoiser_kwargs)
+        if n is None:
+            ehs = denoiser_kwargs.get("encoder_hidden_states")
+            n = int(ehs.shape[1]) if torch.is_tensor(ehs) and ehs.ndim == 3 else None
+        return n
+
     def site_of(self, processor_key: str) -> str | None:
         return self.naming.site_of(processor_key)
 
@@ -347,3 +357,16 @@ class FluxAdapter(BackboneAdapter):
         if nxt is not None and nxt.dtype == torch.float16:
             nxt = nxt.clip(-65504, 65504)  # as the blocks clip their fp16 outputs
         return ConceptStep(nxt, image, out_c if outputs else None)
+
+    # ================================================================ asked from outside the engine
+    def embeds_guidance(self) -> bool:
+        return self.distilled_guidance()
+
+    def distilled_guidance(self) -> bool:
+        """Flux.1-dev (``guidance_embeds``): the guidance value is an input of the transformer;
+        schnell has none."""
+        return bool(self.pipe.transformer.config.get("guidance_embeds"))
+
+    def text_encoders(self, params: dict) -> list[TextEncoder]:
+        """T5 (``text_encoder_2``), the whole text axis; CLIP only gives the pooled vector."""
+        return self._text_encoder("tokenizer_2", "text_encoder_2", 0, self.text_length(params))

@@ -5,7 +5,7 @@ Sites are the joint-attention modules of the transformer blocks, ``transformer_b
 softmax over the keys of [image tokens; text tokens] (``JointAttnProcessor2_0`` concatenates image
 first, then text: :attr:`MMDiTAdapter.joint_order`); the recorded map of a site is each image
 patch's attention to each text token, a part of a row whose rest goes to the image keys
-(:class:`sdlens.engine.sites.JointAttentionRecorder`). SD3.5's dual-attention blocks
+(:class:`sdlens.engine.sites.MapRecorder`, at the kernel call). SD3.5's dual-attention blocks
 (``dual_attention_layers``) have a second, image-only attention ``attn2``: no text there, not a
 site. A site's map is at the latents' resolution divided by the patch size (2).
 
@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sdlens.engine.arch.base import (BackboneAdapter, BlockNaming, ConceptStep,
+from sdlens.engine.arch.base import (BackboneAdapter, BlockNaming, ConceptStep, TextEncoder,
                                      joint_activation_bytes)
 
 
@@ -173,3 +173,13 @@ class MMDiTAdapter(BackboneAdapter):
             ff_in = block.norm2_context(c) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
             nxt = c + gate_mlp.unsqueeze(1) * block.ff_context(ff_in)
         return ConceptStep(nxt, image, out_c if outputs else None)
+
+    # ================================================================ asked from outside the engine
+    def text_encoders(self, params: dict) -> list[TextEncoder]:
+        """CLIP-L and CLIP-G on the first 77 positions (joined channel-wise), T5 on the
+        ``max_sequence_length`` after them (none when ``text_encoder_3`` is None):
+        :meth:`text_parts`' segments, encoder by encoder."""
+        (_, _, n_clip), (_, _, n_t5) = self.text_parts(params)
+        return (self._text_encoder("tokenizer", "text_encoder", 0, n_clip)
+                + self._text_encoder("tokenizer_2", "text_encoder_2", 0, n_clip)
+                + self._text_encoder("tokenizer_3", "text_encoder_3", n_clip, n_t5))

@@ -164,6 +164,11 @@ class UNetAdapter(BackboneAdapter):
         n_down = len(self.pipe.unet.down_blocks)
         return {s: _downsampled(latent_hw, _level(s, n_down)) for s in self._sites}
 
+    # ================================================================ asked from outside the engine
+    def embeds_guidance(self) -> bool:
+        """An LCM UNet (``time_cond_proj_dim``) embeds the guidance value."""
+        return getattr(self.pipe.unet.config, "time_cond_proj_dim", None) is not None
+
 
 def _level(site: str, n_down: int) -> int:
     """Times a site's input was downsampled: down_blocks.i -> i, mid -> n_down - 1,
