@@ -528,17 +528,21 @@ class MapRecorder:
                                             "SDPA, or a processor that computes attention "
                                             "itself)")
             elif kind == "attention":
-                self._put_attention(layer, state, keep_heads, dtype)
+                self._put_attention(layer, call, state, keep_heads, dtype)
             elif state[kind] is None:
                 self.sink.skip(kind, layer, "no text queries in its attention kernel call")
             else:
                 self.sink.put(kind, layer, reduce_maps(state[kind], None, keep_heads, dtype))
 
-    def _put_attention(self, layer: str, state: dict, keep_heads: bool, dtype) -> None:
+    def _put_attention(self, layer: str, call: SiteCall, state: dict, keep_heads: bool,
+                       dtype) -> None:
         probs = state["text"]
         if probs is None:
-            return self.sink.skip("attention", layer, "no image queries on text keys in its "
-                                                      "attention kernel calls")
+            ehs = call.encoder_hidden_states
+            what = "" if ehs is None or torch.is_tensor(ehs) or isinstance(ehs, tuple) else \
+                f" (its encoder_hidden_states are a {type(ehs).__name__})"
+            return self.sink.skip("attention", layer, "its attention-kernel calls have no image "
+                                                      f"queries on text keys sdlens can name{what}")
         counts: tuple[int, ...] = ()
         if state["image_prompts"]:  # IP-Adapter: the image-prompt tokens follow the text
             adapters = max(i for i, _ in state["image_prompts"]) + 1
