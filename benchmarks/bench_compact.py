@@ -8,8 +8,8 @@ For each test bed (``random_pipeline("flux")``, ``"sd3"``, ``"sd15"``) and the s
 storage is what the recorder would keep of the same float32 maps (``store_maps``, exactly as it
 is called on them), read back as ``trace.attention`` reads it:
 
-* ``uint4`` / ``uint8``: 4-bit / 8-bit codes with each map's peak as its scale (the default:
-  ``uint4``); ``float16``: the maps in float16 (the old default);
+* ``uint4`` / ``uint8``: 4-bit / 8-bit codes with each map's peak as its scale (the default
+  ``"auto"`` takes 8-bit codes while the trace fits 200 MB, 4-bit beyond: the Flux.1-dev row); ``float16``: the maps in float16 (the old default);
 * ``uint8, every 2nd step`` / ``every 3rd step``: the other way to shrink (a default step
   subset): its maps are exact at the kept steps, so its error is that of the word heatmaps, which
   pool all recorded steps.

@@ -60,7 +60,13 @@ class MapCollector:
         self.steps: list[int] = []
         self.n_tokens: int | None = None  # the token axis's length every site must have
         self.image_tokens: tuple[int, ...] = ()  # image-prompt tokens per IP-Adapter
-        self.dtype = stored_dtype(kind, run.opts.attention_dtype)  # how the maps are kept
+
+
+    @property
+    def dtype(self):
+        """How the maps are kept (the run's ``attention_dtype``, "auto" resolved at the first
+        denoiser call)."""
+        return stored_dtype(self.kind, self.run.opts.attention_dtype)
 
     def key(self, layer: str) -> str:
         return layer if self.kind == "attention" else f"{self.kind} {layer}"

@@ -20,7 +20,9 @@ RECORDABLE = ("latents", "noise", "x0", "attention")  # the default
 # to the image patches (joint-attention models only; ``trace.image_to_text``)
 OPTIONAL = ("controlnet", "image_to_text")
 KINDS = RECORDABLE + OPTIONAL
-_ATT_DTYPES = (torch.uint4, torch.uint8, torch.float16, torch.bfloat16, torch.float32)
+_ATT_DTYPES = ("auto", torch.uint4, torch.uint8, torch.float16, torch.bfloat16, torch.float32)
+#: ``attention_dtype="auto"``: 8-bit codes while the whole trace fits this many bytes, else 4-bit
+AUTO_TRACE_BYTES = 200 << 20
 
 
 class TraceTooLarge(ValueError):
@@ -51,9 +53,11 @@ class RecordOptions:
         max_bytes: refuse (``TraceTooLarge``, a ValueError) to run when the trace is estimated to
             need more host memory than this; default 50% of the available host memory.
         attention_dtype: how the maps are stored (they always read as float maps):
-            ``torch.uint4`` (the default: 4-bit codes and each map's peak, every value within
-            1/30 of its map's peak; :mod:`sdlens.trace.compact`), ``torch.uint8`` (8-bit codes:
-            within 1/510 of the peak, twice the size), or the maps themselves in
+            ``"auto"`` (the default: ``torch.uint8`` while the whole trace is estimated to fit
+            ``AUTO_TRACE_BYTES`` (200 MB), else ``torch.uint4``; the estimate and
+            ``trace.meta["options"]`` say which), ``torch.uint4`` (4-bit codes and each map's
+            peak, every value within 1/30 of its map's peak; :mod:`sdlens.trace.compact`),
+            ``torch.uint8`` (8-bit codes: within 1/510 of the peak, twice the size), or the maps themselves in
             ``torch.float16`` / ``torch.bfloat16`` / ``torch.float32`` (4x / 4x / 8x the size).
             Concept maps stay float16 under a code dtype (each pixel's concepts sum to 1).
         concepts: concept maps (ConceptAttention, :mod:`sdlens.engine.joint`; joint-attention
@@ -68,7 +72,7 @@ class RecordOptions:
     heads: bool = False
     keep_padding: bool = False
     max_bytes: int | None = None
-    attention_dtype: torch.dtype = torch.uint4
+    attention_dtype: torch.dtype | str = "auto"
     concepts: Sequence[str] | None = None
 
     def __post_init__(self):
@@ -134,7 +138,8 @@ class RecordOptions:
             layers = list(layers)
         return dict(record=list(self.record), layers=layers, steps=steps, heads=self.heads,
                     keep_padding=self.keep_padding, max_bytes=self.max_bytes,
-                    attention_dtype=dtype_name(self.attention_dtype),
+                    attention_dtype="auto" if self.attention_dtype == "auto"
+                    else dtype_name(self.attention_dtype),
                     **({"concepts": list(self.concepts)} if self.concepts is not None else {}))
 
     @classmethod
@@ -235,10 +240,12 @@ class TraceEstimate(dict):
     "float32, noise_text is noise (no CFG)", ...}``)."""
 
     storage: dict[str, str]
+    attention_dtype: torch.dtype  # the maps' storage that applies ("auto" resolved)
 
-    def __init__(self, parts: dict[str, int], storage: dict[str, str]):
+    def __init__(self, parts: dict[str, int], storage: dict[str, str], attention_dtype=None):
         super().__init__(parts)
         self.storage = dict(storage)
+        self.attention_dtype = attention_dtype
 
 
 def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
@@ -276,6 +283,24 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
         in bytes, and ``.storage``.
     """
     opts = options or RecordOptions()
+    if opts.attention_dtype == "auto":  # 8-bit codes where the whole trace fits, else 4-bit
+        kw = dict(batch=batch, steps=steps, latent_hw=latent_hw, n_tokens=n_tokens,
+                  do_cfg=do_cfg, layers=layers, attention_steps=attention_steps,
+                  num_inference_steps=num_inference_steps)
+        fine = estimate_trace_bytes(pipe, options=dataclasses.replace(
+            opts, attention_dtype=torch.uint8), **kw)
+        if sum(fine.values()) <= AUTO_TRACE_BYTES:
+            est = fine
+        else:
+            est = estimate_trace_bytes(pipe, options=dataclasses.replace(
+                opts, attention_dtype=torch.uint4), **kw)
+        why = (f"auto: 8-bit codes fit {AUTO_TRACE_BYTES >> 20} MB" if est is fine else
+               f"auto: 8-bit codes would need {human_bytes(sum(fine.values()))}, over "
+               f"{AUTO_TRACE_BYTES >> 20} MB")
+        for kind in ("attention", "image_to_text"):
+            if kind in est.storage:
+                est.storage[kind] += f" ({why})"
+        return est
     adapter = adapter_for(pipe)
     if num_inference_steps is not None:
         steps = scheduler_steps(pipe.scheduler, num_inference_steps)
@@ -315,7 +340,7 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
             rows = len(opts.concepts) if n is None else n
             one = map_bytes(lh * lw, bits) if bits else lh * lw * itemsize
             est[kind] += attention_steps * batch * heads * rows * one
-    return TraceEstimate(est, storage)
+    return TraceEstimate(est, storage, opts.attention_dtype)
 
 
 def _vae_scale(pipe) -> int:

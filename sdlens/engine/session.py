@@ -231,6 +231,8 @@ class _Run:
         est = self.estimate_bytes()
         total = sum(est.values())
         self.estimated = est
+        if self.opts.attention_dtype == "auto":  # the storage the estimate chose, from now on
+            self.opts = dataclasses.replace(self.opts, attention_dtype=est.attention_dtype)
         limit = self.opts.max_bytes if self.opts.max_bytes is not None else default_max_bytes()
         if total > limit:
             parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in est.items() if v)
@@ -418,6 +420,7 @@ class _Run:
             "num_images_per_prompt": p.get("num_images_per_prompt") or 1,
             "device": str(denoiser.device), "dtype": str(denoiser.dtype).replace("torch.", ""),
             "options": self.opts.to_dict(), "estimated_bytes": self.estimated,
+            "estimated_storage": dict(getattr(self.estimated, "storage", {}) or {}),
             "denoiser_calls": self.denoiser_calls,
             "text_length": self.session.adapter.text_length(p),  # None: the tokenizer's (77)
             **({"skipped": dict(self.skipped)} if self.skipped else {}),

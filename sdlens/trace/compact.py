@@ -8,8 +8,9 @@ comes back within ``scale / (2 * (2**bits - 1))`` of the recorded one: a relativ
 1/30 of the map's peak at 4 bits, 1/510 at 8 bits, whatever the map's magnitude. Measured against
 float32 maps in ``benchmarks/bench_compact.py`` (RESULTS-compact.md).
 
-``RecordOptions.attention_dtype`` picks the storage: ``torch.uint4`` (4-bit codes, two per
-byte: the default), ``torch.uint8`` (8-bit codes), or a float dtype (``torch.float16`` etc.:
+``RecordOptions.attention_dtype`` picks the storage: ``"auto"`` (the default: 8-bit codes while
+the whole trace fits 200 MB, else 4-bit), ``torch.uint4`` (4-bit codes, two per byte),
+``torch.uint8`` (8-bit codes), or a float dtype (``torch.float16`` etc.:
 the maps themselves, as before codes existed).
 
 * :func:`store_maps`: the recorder's side, on the device: float maps ``(B, [heads,] T, HW)`` ->

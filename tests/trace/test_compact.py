@@ -90,7 +90,7 @@ def test_new_files_carry_codes_and_read_back_the_same_maps(tmp_path):
         pipe("a red circle", num_inference_steps=2, max_sequence_length=16,
              output_type="latent")
     t = tr.runs[-1]
-    assert t.attention.dtype == "uint4" and t.meta["options"]["attention_dtype"] == "uint4"
+    assert t.attention.dtype == "uint8" and t.meta["options"]["attention_dtype"] == "uint8"
     assert t.noise_text is t.noise  # no CFG: one tensor
     back = load(t.save(tmp_path / "t.sdlens"))
     for kind in ("attention", "concepts", "image_to_text"):
@@ -98,7 +98,7 @@ def test_new_files_carry_codes_and_read_back_the_same_maps(tmp_path):
         if kind == "concepts":  # a softmax over the concepts: kept in float16
             assert b.dtype == "float16"
         else:
-            assert b.dtype == "uint4" and isinstance(b.stored(b.layers[0]), CompactMaps)
+            assert b.dtype == "uint8" and isinstance(b.stored(b.layers[0]), CompactMaps)
         for layer in a.layers:
             assert a[layer].dtype == (torch.float16 if kind == "concepts" else torch.float32)
             assert torch.equal(b[layer], a[layer])
@@ -184,6 +184,10 @@ def test_the_default_flux_dev_trace_fits_200_mb():
               n_tokens=32)
     est = estimate_trace_bytes(pipe, **kw)
     assert sum(est.values()) <= 200e6, est
+    # "auto": 8-bit codes would not fit, so 4-bit; the estimate says so
+    assert est.attention_dtype == torch.uint4 and "auto" in est.storage["attention"]
+    small = estimate_trace_bytes(pipe, **{**kw, "latent_hw": (64, 64)})
+    assert small.attention_dtype == torch.uint8 and sum(small.values()) <= 200e6
     assert "noise_text is noise" in est.storage["noise"]
     fp16 = estimate_trace_bytes(pipe, options=RecordOptions(attention_dtype=torch.float16), **kw)
     assert fp16["attention"] == 57 * 28 * 32 * 64 * 64 * 2  # 2 bytes a value
@@ -204,5 +208,5 @@ def test_trace_operations_keep_the_codes():
         assert torch.equal(one.attention[layer], t.attention[layer][:, 1:2])
         assert isinstance(late.attention.stored(layer), CompactMaps)
         assert torch.equal(late.attention[layer], t.attention[layer][1:3])
-    assert one.attention.dtype == late.attention.dtype == "uint4"
+    assert one.attention.dtype == late.attention.dtype == "uint8"  # "auto": a small trace
     assert one.nbytes()["attention"] * 2 == t.nbytes()["attention"]
