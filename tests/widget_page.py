@@ -95,7 +95,8 @@ def _names(w: Any) -> list[str]:
 
 class WidgetPage:
     """Render ``widgets`` (``{name: anywidget}``) into ``page``, in that order, each in
-    ``<div id=name>`` (or the element ``containers[name]`` selects, when given), with the
+    ``<div id=name>`` (the page's own when ``html`` has one; or the element ``containers[name]``
+    selects), with the
     stand-in model synced with the Python widget. ``links``: ipywidgets Link /
     DirectionalLink objects between these widgets. ``html``: the page's body before rendering.
     ``errors``: what the kernel side raised on a value the page sent (ipywidgets would log it)."""
@@ -132,7 +133,7 @@ class WidgetPage:
         for name, w in self.widgets.items():
             sel = (containers or {}).get(name)
             page.evaluate(
-                "([n, file, sel]) => { let el = sel ? document.querySelector(sel) : null;"
+                "([n, file, sel]) => { let el = document.querySelector(sel || ('#' + n));"
                 " if (!el) { el = document.createElement('div'); el.id = n;"
                 " document.body.appendChild(el); }"
                 " window.__render[file]({ model: window.__models[n], el }); }",

@@ -26,8 +26,13 @@ CONCEPTS = ["circle", "square", "background"]
 
 
 @functools.lru_cache(maxsize=None)
+def pipe():
+    return random_pipeline("sd3", seed=0)
+
+
+@functools.lru_cache(maxsize=None)
 def run(cfg: float = 3.0):
-    return sdlens.generate(random_pipeline("sd3", seed=0), PROMPT, seed=0, steps=2,
+    return sdlens.generate(pipe(), PROMPT, seed=0, steps=2,
                            guidance_scale=cfg, concepts=CONCEPTS)
 
 
@@ -99,4 +104,84 @@ def test_concept_maps_show_their_share_by_default_and_say_their_scale():
         page.locator(".sdl-chip[data-word='circle']").click()
         wp.settle()
         assert _legend(page) == "'circle': per step, min–max"
+        assert wp.errors == []
+
+
+_COLUMNS = ("<div id='panel'></div><div class='sdl-ab-columns' style='display:flex;width:100%'>"
+            "<div style='width:50%;overflow:hidden'><div class='head'>A</div><div id='a'></div></div>"
+            "<div style='width:50%;overflow:hidden'><div class='head'>B</div><div id='b'></div></div>"
+            "</div>")
+
+
+def _ab_page(page, ab):
+    from widget_page import WidgetPage
+
+    return WidgetPage(page, {"panel": ab.panel, "a": ab.viewer_a, "b": ab.viewer_b},
+                      links=ab._links, html=_COLUMNS)
+
+
+def test_ab_columns_share_the_maps_menu_and_word_and_the_difference_knows_concepts():
+    from widget_page import chromium_page
+
+    ab = ABView(run(3.0), run(5.0), viewer={"decoder": "linear"})
+    assert ab.panel.differs == [["CFG", "3", "5"]]  # the headers' word, not "guidance"
+    with chromium_page() as page:
+        wp = _ab_page(page, ab)
+        A, B = "#a", "#b"
+        assert "CFG: A 3 · B 5" in page.locator(".sdl-ab .sdl-differs").first.inner_text()
+        page.locator(f"{A} select.sdl-maps").select_option("concepts")
+        wp.settle()
+        assert ab.viewer_b.maps == "concepts"
+        assert page.locator(f"{B} select.sdl-maps").input_value() == "concepts"
+        assert page.locator(f"{B} .sdl-chip").count() == len(CONCEPTS) + 1
+        page.locator(f"{A} .sdl-chip[data-word='background']").click()
+        wp.settle()
+        assert ab.viewer_a.word == ab.viewer_b.word == ab.panel.word == "background"
+        for col in (A, B):  # each column overlays what its legend names
+            assert page.locator(f"{col} .sdl-overlay[data-panel='image-overlay']").is_visible()
+            assert _legend(page, col) == \
+                "'background': share among the concepts at this step, fixed 0–1"
+        cap = page.locator(".sdl-ab .sdl-panel[data-panel='heat-diff'] .sdl-caption").inner_text()
+        assert cap == "'background': share A − share B (fixed −1 … 1)", cap
+        assert page.locator(".sdl-frame[data-panel='heat-diff']").evaluate(
+            "e => e.style.visibility") == "visible"
+        # B's menu back to word maps: A follows, and neither shows a legend without an overlay
+        page.locator(f"{B} select.sdl-maps").select_option("attention")
+        wp.settle()
+        assert ab.viewer_a.maps == "attention" and ab.viewer_a.word == ab.viewer_b.word == ""
+        for col in (A, B):
+            assert not page.locator(f"{col} .sdl-overlay[data-panel='image-overlay']").is_visible()
+            assert _legend(page, col).startswith("click a word")
+        page.locator(f"{B} .sdl-chip[data-word='circle']").click()
+        wp.settle()
+        assert ab.viewer_a.word == "circle"
+        assert page.locator(f"{A} .sdl-chip-on").inner_text() == "circle"
+        assert wp.errors == []
+
+
+def test_captions_wrap_and_are_never_cut():
+    from widget_page import chromium_page
+
+    ab = ABView(run(3.0), run(5.0), viewer={"decoder": "linear"}, display_px=96)
+    ab.viewer_a.maps = "concepts"
+    ab.viewer_a.select_word("background")
+    with chromium_page(width=900) as page:
+        wp = _ab_page(page, ab)
+        wp.settle()
+        caps = page.locator(".sdl-caption")
+        assert caps.count() >= 10
+        texts = caps.all_inner_texts()
+        assert any("'background' (this step)" in t for t in texts), texts
+        assert any(t.endswith("for all steps)") for t in texts), texts
+        cut = page.evaluate("() => [...document.querySelectorAll('.sdl-caption')]"
+                            ".filter(e => e.scrollHeight > e.clientHeight + 1 || "
+                            "e.scrollWidth > e.clientWidth + 1).map(e => e.textContent)")
+        assert cut == [], f"captions cut: {cut}"
+        # every caption's whole text is its tooltip too
+        assert page.evaluate("() => [...document.querySelectorAll('.sdl-caption')]"
+                             ".every(e => e.title === e.textContent)")
+        # a long title keeps to one line in each column (whole on hover): the panels line up
+        tops = page.evaluate("() => ['#a', '#b'].map(c => document.querySelector("
+                             "c + \" .sdl-frame[data-panel='x0']\").getBoundingClientRect().top)")
+        assert abs(tops[0] - tops[1]) < 1, tops
         assert wp.errors == []
