@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from sdlens.analysis.guidance import guidance_text, prediction_label
+from sdlens.analysis.guidance import check_guidance_scale, guidance_text, prediction_label
 from sdlens.analysis.tokens import encoders_sentence, token_view
 from sdlens.engine.options import RECORDABLE, human_bytes
 from sdlens.engine.session import check_seed, generate
@@ -97,7 +97,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _add_run_options(p: argparse.ArgumentParser, steps: int, cfg: float | None) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default {steps})")
-    p.add_argument("--cfg", type=float, default=cfg,
+    p.add_argument("--cfg", type=_cfg_value, default=cfg,
                    help="guidance scale (default: " + ("the model's" if cfg is None else f"{cfg:g}")
                    + "; <= 1 turns guidance off)")
     p.add_argument("--negative", default=None, help="negative prompt")
@@ -271,7 +271,7 @@ def describe_trace(tr, path: Path | None = None) -> str:
     for i, p in enumerate(tr.prompts):
         view = token_view(tr, i, attention=False)
         encoders = view.encoders()  # several text encoders (SD3): each one's count
-        counts = ", ".join(f"{e['name']} {e['tokens']} of {e['length']}" for e in encoders) \
+        counts = ", ".join(f"{e['name']} {e['tokens']} of {e['limit']}" for e in encoders) \
             if encoders else f"{view.n_prompt_tokens} of {view.limit}"
         lines.append(f"prompt {i}     {p!r}  ({counts} tokens)")
         if encoders:
@@ -428,6 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(_command=cmd)
     add_sweep_parser(sub)
     return parser
+
+
+def _cfg_value(text: str) -> float:
+    """``--cfg``: a finite number (argparse reports the ValueError's words)."""
+    try:
+        return check_guidance_scale(float(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -473,7 +473,7 @@ def token_view(trace: Any, batch: int = 0, ax: Any = None, include_start: bool =
                         f"{r.position}" for r in rows], rotation=60, fontsize=8)
     ax.set_ylabel("share of attention to the text")
     encoders = view.encoders()
-    counts = (", ".join(f"{e['name']} {e['tokens']} of {e['length']}" for e in encoders)
+    counts = (", ".join(f"{e['name']} {e['tokens']} of {e['limit']}" for e in encoders)
               if encoders else f"{view.n_prompt_tokens} of {view.limit}")
     title = f"{counts} tokens: {view.prompt!r}"
     if view.truncated:

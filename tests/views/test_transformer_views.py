@@ -198,7 +198,7 @@ def test_token_view_groups_tokens_by_encoder():
     tv = TokenView(traced("sd3"))
     encoders = [r["encoder"] for r in tv.rows]
     assert encoders == ["CLIP"] * 9 + ["T5"] * 19  # start, 7 words, end; 18 pieces and </s>
-    assert "CLIP 7 of 77 · T5 18 of 256" in tv.title
+    assert "CLIP 7 of 75 · T5 18 of 255" in tv.title
     assert "CLIP and T5 saw every word" in tv.footer and "padding left out (68 positions)" in tv.footer
     red = next(r for r in tv.rows if r["token"] == "▁r")
     assert tv.hover_text(red["position"]).endswith("word 'red' · seen by T5")
@@ -336,7 +336,7 @@ def test_cli_trace_info_report_sweep_on_sd3(sd3_folder, tmp_path, capsys):
     assert main(["info", str(run)]) == 0
     out = capsys.readouterr().out
     assert "the model predicts velocity (flow)" in out
-    assert "(CLIP 7 of 77, T5 18 of 256 tokens)" in out and "CLIP and T5 saw every word" in out
+    assert "(CLIP 7 of 75, T5 18 of 255 tokens)" in out and "CLIP and T5 saw every word" in out
     assert re.search(r"block\.0\s+4x4\s+transformer_blocks\.0\.attn", out)
     assert main(["report", str(run), "--out", str(tmp_path / "r.html"), "--pooling", "daam",
                  "-q"]) == 0

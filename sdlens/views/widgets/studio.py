@@ -30,7 +30,8 @@ import ipywidgets as W
 import torch
 
 from sdlens.analysis.compare import run_settings
-from sdlens.analysis.guidance import guidance_kind, guidance_setting, guidance_text
+from sdlens.analysis.guidance import (check_guidance_scale, guidance_kind, guidance_setting,
+                                     guidance_text)
 from sdlens.analysis.previews import latent_to_rgb, linear_decoder, to_image
 from sdlens.engine.arch import adapter_for
 from sdlens.engine.session import check_seed, generate, live_state
@@ -219,10 +220,11 @@ class Studio(W.VBox):
         problems = []
         if s["steps"] < 1:
             problems.append(f"steps must be at least 1 (got {s['steps']})")
-        try:
-            check_seed(s["seed"])
-        except ValueError as e:
-            problems.append(str(e))
+        for check, value in ((check_seed, s["seed"]), (check_guidance_scale, s["guidance_scale"])):
+            try:
+                check(value)
+            except ValueError as e:
+                problems.append(str(e))
         return problems
 
     def _on_generate(self) -> None:
