@@ -638,11 +638,13 @@ def measure_ablation(work: Path, seeds: int = 2, folder: Path = WEIGHTS) -> dict
 PREVIEW_SEEDS = (0, 1)  # training seeds: the preview fit looks at neither split
 
 
-def fit_preview(folder: Path = WEIGHTS) -> dict:
+def fit_preview(folder: Path = WEIGHTS, guidance: float = 7.5, seeds: tuple = PREVIEW_SEEDS,
+                every: int = 1) -> dict:
     """Fit the linear latent -> RGB preview of the model in ``folder`` against its VAE decoder
     (:func:`sdlens.analysis.previews.fit_linear_decoder` with ``latents=``): the x0 predictions
-    of every step of the evaluation's 36 prompts at ``PREVIEW_SEEDS`` (25 DDIM steps, CFG 7.5),
-    and write ``latent_rgb.json``."""
+    of every step of the evaluation's 36 prompts (every ``every``-th) at ``seeds`` (25 steps of
+    the model's scheduler, CFG ``guidance``), and write ``latent_rgb.json`` (the previews read a
+    model folder's own file)."""
     import torch
     from einops import rearrange
 
@@ -651,11 +653,14 @@ def fit_preview(folder: Path = WEIGHTS) -> dict:
     from sdlens.pipeline import load_pipeline
 
     pipe = load_pipeline(folder, device="cpu")
-    x0 = [rearrange(generate(pipe, ev.default_prompts(), seed=s, steps=25, guidance_scale=7.5).x0,
-                    "steps b c h w -> (steps b) c h w") for s in PREVIEW_SEEDS]
-    coeffs = fit_linear_decoder(pipe.vae, latents=torch.cat(x0), seed=PREVIEW_SEEDS[0])
-    coeffs["fit_on"] = (f"x0 of every step, {len(ev.default_prompts())} prompts x seeds "
-                        f"{list(PREVIEW_SEEDS)}, 25 DDIM steps, CFG 7.5")
+    prompts = ev.default_prompts()[::every]
+    x0 = [rearrange(generate(pipe, prompts, seed=s, steps=25, guidance_scale=guidance,
+                             record=("x0",)).x0,
+                    "steps b c h w -> (steps b) c h w") for s in seeds]
+    coeffs = fit_linear_decoder(pipe.vae, latents=torch.cat(x0), seed=seeds[0])
+    sched = type(pipe.scheduler).__name__.replace("Scheduler", "")
+    coeffs["fit_on"] = (f"x0 of every step, {len(prompts)} prompts x seeds {list(seeds)}, "
+                        f"25 {sched} steps, CFG {guidance:g}")
     save_linear_decoder(coeffs, folder / "latent_rgb.json")
     return coeffs
 
@@ -666,6 +671,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--measure", action="store_true", help="re-measure the test rows first")
     ap.add_argument("--fit-preview", action="store_true", help="refit the linear preview first")
+    ap.add_argument("--fit-preview-mmdit", action="store_true",
+                    help="fit the MMDiT's linear preview (weights_mmdit/latent_rgb.json)")
     ap.add_argument("--mmdit-training", type=Path, metavar="WORK",
                     help="write the MMDiT's training.json from its training folder's log")
     ap.add_argument("--budget", type=float, default=95, help="the MMDiT run's --minutes")
@@ -681,6 +688,8 @@ if __name__ == "__main__":
     args = ap.parse_args()
     if args.fit_preview:
         fit_preview()
+    if args.fit_preview_mmdit:
+        fit_preview(MMDIT, guidance=3.0, seeds=(0,), every=3)
     if args.measure:
         measure()
     if args.mmdit_training:

@@ -58,13 +58,17 @@ MAP_LABELS = {"attention": "attention maps", "concepts": "concept maps",
 MAX_ALPHA = 0.85  # a heat frame's alpha at value 1 (the browser inverts it for the value shown)
 
 
-def panel_label(panel: str, decoder: str = "linear", prediction: str = "noise") -> str:
+def panel_label(panel: str, decoder: str = "linear", prediction: str = "noise",
+                linear: bool = True) -> str:
     """A panel's caption: x_t and x0 say how they were decoded, the prediction panel what the
     model predicts (``prediction``: :func:`~sdlens.analysis.guidance.prediction_label`'s
-    "noise", "velocity", "v" or "x0")."""
+    "noise", "velocity", "v" or "x0"); the prediction and CFG-delta panels say whether they went
+    through the linear preview's matrix (``linear``) or show the first 3 latent channels."""
     label = PANEL_LABELS[panel].format(prediction)
     if panel in ("x_t", "x0"):
         label += f" · {DECODER_LABELS.get(decoder, decoder)}"
+    else:
+        label += f" · {DECODER_LABELS['linear' if linear else 'channels']}"
     return label
 
 

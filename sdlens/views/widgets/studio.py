@@ -24,6 +24,7 @@ import inspect
 import threading
 import time
 import warnings
+from types import SimpleNamespace
 from typing import Any
 
 import ipywidgets as W
@@ -32,12 +33,12 @@ import torch
 from sdlens.analysis.compare import run_settings
 from sdlens.analysis.guidance import (check_guidance_scale, guidance_kind, guidance_setting,
                                      guidance_text)
-from sdlens.analysis.previews import latent_to_rgb, linear_decoder, to_image
+from sdlens.analysis.previews import channels_rgb, latent_to_rgb, linear_decoder, to_image
 from sdlens.engine.arch import adapter_for
 from sdlens.engine.session import check_seed, generate, live_state
 from sdlens.pipeline import SCHEDULERS, describe, make_scheduler
 from sdlens.views.widgets.ab_view import ABView, settings_text
-from sdlens.views.widgets.frames import encode
+from sdlens.views.widgets.frames import DECODER_LABELS, encode
 from sdlens.views.widgets.trace_viewer import TraceViewer
 
 DEFAULT_PROMPT = "a red circle and a blue square"
@@ -286,7 +287,10 @@ class Studio(W.VBox):
     def _live_png(self, pipe, cb_kwargs: dict) -> tuple[bytes, str]:
         if self._decoder is None:
             try:
-                self._decoder = linear_decoder(self.info.family, vae=pipe.vae)
+                # the model folder's own fit first (the shipped MMDiT's), else the VAE's
+                model = SimpleNamespace(meta={"family": self.info.family,
+                                              "model_id": getattr(pipe, "name_or_path", None)})
+                self._decoder = linear_decoder(model, vae=pipe.vae)
             except ValueError:
                 self._decoder = (None, None)
         x = _live_x0(pipe)
@@ -295,7 +299,8 @@ class Studio(W.VBox):
             x, what = cb_kwargs.get("latents"), "x_t (no x0 recorded)"
         x = x[0].detach().float().cpu()
         m, b = self._decoder
-        rgb = latent_to_rgb(x, m, b) if m is not None else x[:3]
+        rgb = latent_to_rgb(x, m, b) if m is not None else channels_rgb(x)
+        what += f" · {DECODER_LABELS['linear' if m is not None else 'channels']}"
         lo_h = max(64, rgb.shape[-2])
         return encode(to_image(rgb, (lo_h, round(lo_h * rgb.shape[-1] / rgb.shape[-2]))), "png"), what
 

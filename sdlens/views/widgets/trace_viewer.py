@@ -19,6 +19,7 @@ import anywidget
 import traitlets
 
 from sdlens.analysis.guidance import guidance_text, prediction_label
+from sdlens.analysis.previews import linear_available
 from sdlens.views.widgets.frames import (CONCEPT_SCALES, DECODER_LABELS, MAP_LABELS, MAX_ALPHA,
                                          WINNER, TraceFrames, chips_for, colorbar_css,
                                          heat_norms, layer_options, map_options, panel_label,
@@ -200,7 +201,9 @@ class TraceViewer(anywidget.AnyWidget):
 
     def _panel_specs(self) -> list[dict]:
         pred = prediction_label(self.trace)
-        return [{"name": p, "label": panel_label(p, self.decoder, pred)} for p in self._frames.panels()]
+        lin = linear_available(self.trace, self._frames.vae)
+        return [{"name": p, "label": panel_label(p, self.decoder, pred, lin)}
+                for p in self._frames.panels()]
 
     # ---------------------------------------------------------------- loading
     def _load_batch(self) -> None:
