@@ -30,7 +30,7 @@ from sdlens.analysis.tokens import encoders_sentence, token_view
 from sdlens.engine.options import RECORDABLE, human_bytes
 from sdlens.engine.session import check_seed, generate
 from sdlens.experiments.sweep import add_sweep_parser, is_grid_file, sweep
-from sdlens.pipeline import load_pipeline
+from sdlens.pipeline import load_pipeline, recommended_settings
 from sdlens.trace.core import load
 from sdlens.version import __version__
 from sdlens.views import plot
@@ -155,7 +155,12 @@ def _concepts_arg(text: str | None) -> list[str] | None:
 
 def _generate(pipe, args: argparse.Namespace, prompt: str, seed: int | None = None,
               cfg: float | None = None):
-    kwargs: dict[str, Any] = {}
+    # the model folder's recommended settings (the shipped MMDiT's) fill what was not given
+    rec = recommended_settings(pipe)
+    kwargs: dict[str, Any] = {k: v for k, v in rec.items()
+                              if k not in ("guidance_scale", "num_inference_steps")}
+    if cfg is None and args.cfg is None:
+        cfg = rec.get("guidance_scale")
     concepts = _concepts_arg(getattr(args, "concepts", None))
     if concepts is not None:
         kwargs["concepts"] = concepts
@@ -332,7 +337,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", default=None,
                    help=f"prompt(s) to trace (repeatable; default {DEMO_PROMPTS[0]!r})")
     _add_model_options(p)
-    _add_run_options(p, steps=20, cfg=5.0)
+    _add_run_options(p, steps=20, cfg=None)  # the model's recommended CFG, else 5
     p.add_argument("--grid-cfg", default="1,3,5,9", help="guidance scales of the CFG x seed grid")
     p.add_argument("--grid-seeds", default="0,1,2", help="seeds of the CFG x seed grid")
     p.add_argument("--no-grid", action="store_true", help="skip the CFG x seed grid")
@@ -365,6 +370,8 @@ def _demo_run(args: argparse.Namespace) -> int:
     t0 = time.time()
     _log(args, "loading the model ...")
     pipe = _load_pipe(args)
+    if args.cfg is None:
+        args.cfg = float(recommended_settings(pipe).get("guidance_scale", 5.0))
     written: list[Path] = []
     per_prompt = 6
     total = per_prompt * len(prompts) + (0 if args.no_grid else 1)

@@ -72,7 +72,8 @@ def test_unet_traces_name_their_prediction(ptype, label):
     assert prediction_label(tr) == label
     assert f"{label} (guided)" in _strip_labels(plot.step_strip(tr, n=2, decoder="linear"))
     v = TraceViewer(tr, decoder="linear")
-    assert [p["label"] for p in v.panels if p["name"] == "noise"] == [f"guided {label}"]
+    assert [p["label"] for p in v.panels if p["name"] == "noise"] == [
+        f"guided {label} · linear preview"]
 
 
 def _strip_labels(fig: Figure) -> list[str]:
@@ -94,7 +95,7 @@ def test_views_name_the_prediction(arch, tmp_path):
     # the viewer's panel captions
     v = TraceViewer(tr, decoder="linear")
     captions = {p["name"]: p["label"] for p in v.panels}
-    assert captions["noise"] == f"guided {label}"
+    assert captions["noise"].startswith(f"guided {label} · ")  # and which preview
     assert not any(other in c for c in captions.values())
     # a trace without the prediction says which panel is missing, by its name
     light = sdlens.generate(pipe_of(arch), PROMPT, seed=0, steps=STEPS, record=["latents"],

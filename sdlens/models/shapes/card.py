@@ -316,7 +316,8 @@ def mmdit_card(evaluation: dict, train: dict, unet: tuple[dict, dict]) -> str:
     """The "shapes-mmdit" card's markdown."""
     from sdlens.models.shapes.architecture import MMDIT_CALL_DEFAULTS, MMDIT_TEXT_HIDDEN
 
-    g0 = evaluation["default_guidance"]
+    rec = recommended_from(evaluation)  # what write() puts in the folder's recommended.json
+    g0 = rec["guidance_scale"]
     g, g1 = _by_cfg(evaluation["test"], g0), _by_cfg(evaluation["test"], 1.0)
     desc = mmdit_description()
     facts = component_facts(MMDIT)
@@ -368,7 +369,13 @@ answer, with ground truth, whether maps localise without being taught.
 ```python
 pipe = sdlens.load_pipeline("shapes-mmdit")            # StableDiffusion3Pipeline, CPU
 trace = sdlens.generate(pipe, "a red circle", guidance_scale={g0:g}, {call})
+image = pipe("a red circle", **sdlens.recommended_settings(pipe)).images[0]  # the same, untraced
 ```
+
+The recommended settings are in this folder's `recommended.json`
+({", ".join(f"`{k}={v!r}`" for k, v in rec.items())}); Studio and the CLI use them by default.
+A plain `pipe(prompt)` runs at the pipeline's own CFG 7 with 256 zero T5 positions: it was not
+measured with the evaluation below (the figures are for the recommended settings).
 
 It has no T5: the pipeline appends `max_sequence_length` zero tokens to the text (256 unless told).
 The model was trained mostly without them (`{call}`, which sdlens's own calls on it pass, and which
@@ -433,10 +440,21 @@ Per block (test seeds, CFG {g0:g}), raw joint-attention maps and concept maps:
 """
 
 
+def recommended_from(evaluation: dict) -> dict:
+    """The MMDiT's recommended call settings, from its measured results: the default guidance
+    its validation rows chose, the call defaults it was trained for, its evaluation's 25 steps."""
+    from sdlens.models.shapes.architecture import MMDIT_CALL_DEFAULTS
+
+    return {"guidance_scale": evaluation["default_guidance"], **MMDIT_CALL_DEFAULTS,
+            "num_inference_steps": 25}
+
+
 def mmdit_paragraph(evaluation: dict, train: dict) -> str:
     """The repository README's paragraph on the MMDiT model (between its markers)."""
-    g = _by_cfg(evaluation["test"], evaluation["default_guidance"])
+    rec = recommended_from(evaluation)
+    g = _by_cfg(evaluation["test"], rec["guidance_scale"])
     concept = _iou(g, "concept")
+    call = ", ".join(f"{k}={v!r}" for k, v in rec.items())
     return f"""`sdlens.load_pipeline("shapes-mmdit")` is a small Stable Diffusion 3 (`SD3Transformer2DModel`,
 two small CLIP encoders, no T5, flow matching) trained on the same shapes world **with no
 attention supervision of any kind**. On held-out test seeds at CFG {g['guidance_scale']:g}
@@ -447,7 +465,10 @@ maps overlap their objects with IoU {g['iou_mean']:.2f} and its concept maps wit
 {_fmt(concept)}, against {_by_cfg(load_results()[0]['test'], 7.5)['iou_mean']:.2f} for the UNet
 model whose maps were taught. Trained for {train['steps']:,} steps ({train['minutes']:.0f} minutes
 on 2 CPU cores); its card ([`sdlens/models/shapes/weights_mmdit/README.md`](sdlens/models/shapes/weights_mmdit/README.md))
-has the per-block figures and the full free-vs-taught table."""
+has the per-block figures and the full free-vs-taught table. The card's figures are for its
+recommended settings (its folder's `recommended.json`, which Studio and the CLI use by default):
+`pipe(prompt, **sdlens.recommended_settings(pipe))`, i.e. `pipe(prompt, {call})`; a plain
+`pipe(prompt)` runs at the pipeline's own CFG 7 with 256 zero T5 positions instead."""
 
 
 def replace_between(text: str, begin: str, end: str, body: str) -> str:
@@ -462,6 +483,9 @@ def write(folder: Path = WEIGHTS, readme: Path | None = README) -> None:
     (folder / "README.md").write_text(model_card(evaluation, train))
     mmdit = _maybe_results(MMDIT)
     if mmdit is not None:
+        from sdlens.pipeline import RECOMMENDED
+
+        (MMDIT / RECOMMENDED).write_text(json.dumps(recommended_from(mmdit[0]), indent=1) + "\n")
         (MMDIT / "README.md").write_text(mmdit_card(*mmdit, (evaluation, train)))
     if readme is not None and readme.exists():
         text = replace_between(readme.read_text(), BEGIN, END, readme_paragraph(evaluation, train))

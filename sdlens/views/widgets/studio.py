@@ -36,7 +36,7 @@ from sdlens.analysis.guidance import (check_guidance_scale, guidance_kind, guida
 from sdlens.analysis.previews import channels_rgb, latent_to_rgb, linear_decoder, to_image
 from sdlens.engine.arch import adapter_for
 from sdlens.engine.session import check_seed, generate, live_state
-from sdlens.pipeline import SCHEDULERS, describe, make_scheduler
+from sdlens.pipeline import SCHEDULERS, describe, make_scheduler, recommended_settings
 from sdlens.views.widgets.ab_view import ABView, settings_text
 from sdlens.views.widgets.frames import DECODER_LABELS, encode
 from sdlens.views.widgets.trace_viewer import TraceViewer
@@ -110,7 +110,16 @@ class Studio(W.VBox):
             raise ValueError(f"scheduler must be one of {sched_opts}, got {scheduler!r}")
         self.pipe = pipe
         self.keep = keep
-        self.pipe_kwargs = dict(pipe_kwargs or {})
+        # the model folder's recommended settings (the shipped MMDiT's CFG 3 and
+        # max_sequence_length=0) are the defaults; what the caller passes wins
+        rec = recommended_settings(pipe)
+        self.pipe_kwargs = {**{k: v for k, v in rec.items()
+                               if k not in ("guidance_scale", "num_inference_steps")},
+                            **(pipe_kwargs or {})}
+        if guidance_scale is None and "guidance_scale" in rec:
+            guidance_scale = float(rec["guidance_scale"])
+        if steps is None and "num_inference_steps" in rec:
+            steps = int(rec["num_inference_steps"])
         self._callback_arg = _callback_argument(pipe)
         self.viewer_kwargs = dict(viewer or {})
         self.record_kwargs = dict(record or {})
