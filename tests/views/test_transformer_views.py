@@ -237,7 +237,7 @@ def test_studio_runs_and_streams(arch):
     ref = traced(arch)
     tr = st.traces[-1]
     assert torch.equal(tr.latents, ref.latents)  # the same run as generate()'s
-    assert [p["label"] for p in st.viewer.panels][2] == f"guided {LABEL[arch]}"
+    assert [p["label"] for p in st.viewer.panels][2].startswith(f"guided {LABEL[arch]} · ")
     st.seed.value = 1
     st.generate(wait=True, timeout=120)
     assert st.ab is not None and st.ab_diff() == {"seed": (0, 1)}
