@@ -109,7 +109,7 @@ def _colorbar_label(kind: str, normalize: bool = True) -> str:
     what = _MAP_VALUES.get(kind, kind)
     if kind == "concepts" and not normalize:
         return f"{what} (softmax over the concepts)"
-    return f"{what} ({'normalised' if normalize else 'mean probability'})"
+    return f"{what} ({'min–max per panel' if normalize else 'mean probability, unstretched'})"
 
 
 def heatmap_grid(trace: Any, words: Iterable[str] | None = None, batch: int = 0, ncols: int = 4,
