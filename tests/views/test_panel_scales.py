@@ -8,6 +8,7 @@ concept maps, CPU, 2 steps."""
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,8 +33,12 @@ def pipe():
 
 @functools.lru_cache(maxsize=None)
 def run(cfg: float = 3.0):
-    return sdlens.generate(pipe(), PROMPT, seed=0, steps=2,
-                           guidance_scale=cfg, concepts=CONCEPTS)
+    """A traced run, saved and loaded: no VAE at hand, so no linear preview is fitted (seconds
+    of CPU per test) and x_t / x0 show their first channels, said so."""
+    import tempfile
+
+    tr = sdlens.generate(pipe(), PROMPT, seed=0, steps=2, guidance_scale=cfg, concepts=CONCEPTS)
+    return sdlens.load(tr.save(Path(tempfile.mkdtemp(prefix="sdlens-panels-")) / "run.sdlens"))
 
 
 def _legend(page, root: str = "") -> str:
@@ -44,7 +49,7 @@ def test_concept_maps_show_their_share_by_default_and_say_their_scale():
     from widget_page import WidgetPage, chromium_page
 
     tr = run()
-    v = TraceViewer(tr, maps="concepts", decoder="linear")
+    v = TraceViewer(tr, maps="concepts", decoder="channels")
     assert v.concept_scale == "share"
     v.select_word("square")
     # the kernel's frame is the share itself (alpha = sqrt(share) * MAX_ALPHA), not stretched
@@ -123,7 +128,7 @@ def _ab_page(page, ab):
 def test_ab_columns_share_the_maps_menu_and_word_and_the_difference_knows_concepts():
     from widget_page import chromium_page
 
-    ab = ABView(run(3.0), run(5.0), viewer={"decoder": "linear"})
+    ab = ABView(run(3.0), run(5.0), viewer={"decoder": "channels"})
     assert ab.panel.differs == [["CFG", "3", "5"]]  # the headers' word, not "guidance"
     with chromium_page() as page:
         wp = _ab_page(page, ab)
@@ -162,7 +167,7 @@ def test_ab_columns_share_the_maps_menu_and_word_and_the_difference_knows_concep
 def test_captions_wrap_and_are_never_cut():
     from widget_page import chromium_page
 
-    ab = ABView(run(3.0), run(5.0), viewer={"decoder": "linear"}, display_px=96)
+    ab = ABView(run(3.0), run(5.0), viewer={"decoder": "channels"}, display_px=96)
     ab.viewer_a.maps = "concepts"
     ab.viewer_a.select_word("background")
     with chromium_page(width=900) as page:
@@ -185,3 +190,28 @@ def test_captions_wrap_and_are_never_cut():
                              "c + \" .sdl-frame[data-panel='x0']\").getBoundingClientRect().top)")
         assert abs(tops[0] - tops[1]) < 1, tops
         assert wp.errors == []
+
+
+def test_keys_step_after_a_menu_and_leave_other_sliders_and_the_page_alone():
+    from widget_page import WidgetPage, chromium_page
+
+    v = TraceViewer(run(), decoder="channels", step=0)
+    with chromium_page(height=400) as page:
+        wp = WidgetPage(page, {"v": v}, html="<div id='v'></div><div style='height:3000px'></div>")
+        step = "() => document.querySelector(\".sdl-frame[data-panel='x0']\").dataset.step"
+        page.locator("select.sdl-mode").select_option("sum")  # a menu, then the arrows step
+        page.keyboard.press("ArrowRight")
+        assert page.evaluate(step) == "1"
+        page.keyboard.press("ArrowLeft")
+        assert page.evaluate(step) == "0"
+        page.locator("input.sdl-opacity").focus()  # the opacity slider keeps its own arrows
+        before = page.locator("input.sdl-opacity").input_value()
+        page.keyboard.press("ArrowRight")
+        assert page.evaluate(step) == "0"
+        assert page.locator("input.sdl-opacity").input_value() != before
+        page.locator(".sdl-frame[data-panel='x0']").click()  # ↑/↓ do not scroll the page
+        page.keyboard.press("ArrowDown")
+        page.keyboard.press("ArrowDown")
+        assert page.evaluate("() => window.scrollY") == 0
+        wp.settle()
+        assert v.heat_mode == "sum" and v.step == 0 and wp.errors == []
