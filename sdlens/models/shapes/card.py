@@ -3,6 +3,7 @@
     python -m sdlens.models.shapes.card            # rewrite weights/README.md and README.md's paragraph
     python -m sdlens.models.shapes.card --measure  # re-measure the test rows first (~10 min, CPU)
     python -m sdlens.models.shapes.card --fit-preview  # refit weights/latent_rgb.json (~3 min)
+    python -m sdlens.models.shapes.card --fit-preview-mmdit  # fit weights_mmdit/latent_rgb.json
     python -m sdlens.models.shapes.card --choose-guidance 3 5 7.5 --measure-mmdit  # shapes-mmdit
 
 Inputs, next to the weights:
