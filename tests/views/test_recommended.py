@@ -33,3 +33,13 @@ def test_studio_takes_the_recommended_settings():
     assert s.pipe_kwargs == {"max_sequence_length": 0}
     mine = Studio(pipe, guidance_scale=5, steps=4, pipe_kwargs={"max_sequence_length": 8})
     assert mine.guidance_scale.value == 5 and mine.pipe_kwargs == {"max_sequence_length": 8}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_sweeps_take_the_recommended_settings():
+    pipe = sdlens.load_pipeline("shapes-mmdit")
+    grid = sdlens.sweep(pipe, "a red circle", steps=1, record=None, progress=False)
+    assert grid.fixed["guidance"] == 3.0 and grid.meta["pipe_kwargs"] == {"max_sequence_length": 0}
+    mine = sdlens.sweep(pipe, "a red circle", guidance_scales=[5], steps=1, record=None,
+                        progress=False, max_sequence_length=4)
+    assert mine.fixed["guidance"] == 5.0 and mine.meta["pipe_kwargs"] == {"max_sequence_length": 4}
