@@ -330,6 +330,8 @@ def mmdit_card(evaluation: dict, train: dict, unet: tuple[dict, dict]) -> str:
     val = "\n".join(_row({**r, "recipe": r.get("recipe", "shapes-mmdit")})
                      for r in evaluation.get("validation", []))
     test = "\n".join(_row({**r, "recipe": "shapes-mmdit"}) for r in evaluation["test"])
+    if evaluation.get("plain_call"):
+        test += "\n" + _row(evaluation["plain_call"])
     call = ", ".join(f"{k}={v!r}" for k, v in MMDIT_CALL_DEFAULTS.items())
     concept = _iou(g, "concept")
     goal = max(x for x in [g["iou_mean"], concept] + [
@@ -359,6 +361,21 @@ def mmdit_card(evaluation: dict, train: dict, unet: tuple[dict, dict]) -> str:
                  f"(min {gen['min']:.2f}, max {gen['max']:.2f}; target 2 s: "
                  f"{gen['target_status']}); recording overhead {ov['median']:.3f}x, "
                  f"{ov['verdict']}; with concept maps {ovc['median']:.3f}x, {ovc['verdict']}.\n")
+    plain = evaluation.get("plain_call")
+    if plain:
+        plain_text = (f"A plain `pipe(prompt)` runs at the pipeline's own CFG "
+                      f"{plain['guidance_scale']:g} with {plain['max_sequence_length']} zero T5 "
+                      "positions; measured the same way on the test seeds "
+                      "(`python -m sdlens.models.shapes.card --measure-plain-call`), it draws the "
+                      f"asked shape {plain['single_shape']:.2f} of the time for single objects "
+                      f"(recommended settings: {g['single_shape']:.2f}) and both shapes "
+                      f"{plain['double_both_shapes']:.2f} (recommended: "
+                      f"{g['double_both_shapes']:.2f}); its row is the last of the table below.")
+    else:
+        plain_text = ("A plain `pipe(prompt)` runs at the pipeline's own CFG 7 with 256 zero T5 "
+                      "positions: it was not measured with the evaluation below (the figures are "
+                      "for the recommended settings; `python -m sdlens.models.shapes.card "
+                      "--measure-plain-call` measures it).")
     return f"""# shapes-mmdit — a small Stable Diffusion 3 trained by sdlens, attention learned freely
 
 **No attention supervision of any kind was used to train this model**: its only loss is the
@@ -370,19 +387,17 @@ answer, with ground truth, whether maps localise without being taught.
 ```python
 pipe = sdlens.load_pipeline("shapes-mmdit")            # StableDiffusion3Pipeline, CPU
 trace = sdlens.generate(pipe, "a red circle", guidance_scale={g0:g}, {call})
-image = pipe("a red circle", **sdlens.recommended_settings(pipe)).images[0]  # the same, untraced
+image = pipe("a red circle", **sdlens.recommended_settings(pipe)).images[0]  # untraced, same settings
 ```
 
 The recommended settings are in this folder's `recommended.json`
-({", ".join(f"`{k}={v!r}`" for k, v in rec.items())}); Studio and the CLI use them by default.
-A plain `pipe(prompt)` runs at the pipeline's own CFG 7 with 256 zero T5 positions: it was not
-measured with the evaluation below (the figures are for the recommended settings).
+({", ".join(f"`{k}={v!r}`" for k, v in rec.items())}); Studio, sweeps and the CLI use them by default.
+{plain_text}
 
 It has no T5: the pipeline appends `max_sequence_length` zero tokens to the text (256 unless told).
 The model was trained mostly without them (`{call}`, which sdlens's own calls on it pass, and which
 costs nothing) and on 256 of them in {train['t5_zero_share']:.0%} of its batches, so that a plain
-`pipe(prompt)` stays within what it was trained on (its figures below are for `{call}`; the plain
-call was not measured separately). A plain `StableDiffusion3Pipeline.from_pretrained(folder,
+`pipe(prompt)` stays within what it was trained on (its figures below are for `{call}`). A plain `StableDiffusion3Pipeline.from_pretrained(folder,
 text_encoder_3=None, tokenizer_3=None)` loads it (diffusers asks for absent components by name).
 
 ## Data
@@ -467,7 +482,7 @@ maps overlap their objects with IoU {g['iou_mean']:.2f} and its concept maps wit
 model whose maps were taught. Trained for {train['steps']:,} steps ({train['minutes']:.0f} minutes
 on 2 CPU cores); its card ([`sdlens/models/shapes/weights_mmdit/README.md`](sdlens/models/shapes/weights_mmdit/README.md))
 has the per-block figures and the full free-vs-taught table. The card's figures are for its
-recommended settings (its folder's `recommended.json`, which Studio and the CLI use by default):
+recommended settings (its folder's `recommended.json`, which Studio, sweeps and the CLI use by default):
 `pipe(prompt, **sdlens.recommended_settings(pipe))`, i.e. `pipe(prompt, {call})`; a plain
 `pipe(prompt)` runs at the pipeline's own CFG 7 with 256 zero T5 positions instead."""
 
@@ -556,6 +571,32 @@ def measure_mmdit(folder: Path = MMDIT, split: str = "test", guidance: tuple = (
     evaluation[split] = rows
     path.write_text(json.dumps(evaluation, indent=1) + "\n")
     return rows
+
+
+def measure_mmdit_plain(folder: Path = MMDIT, seeds: int = MMDIT_SEEDS) -> dict:
+    """Evaluate the plain call on the test seeds, as a new user makes it: ``pipe(prompt)`` with
+    the pipeline's own defaults (its ``guidance_scale`` and ``max_sequence_length``, i.e. 256
+    zero T5 positions; nothing of ``recommended.json``); the row goes to ``evaluation.json``
+    under ``plain_call`` and the card reports it beside the recommended settings' row."""
+    import inspect
+    import time
+
+    from sdlens.pipeline import load_pipeline
+
+    pipe = load_pipeline(folder, device="cpu")
+    params = inspect.signature(type(pipe).__call__).parameters
+    g = float(params["guidance_scale"].default)
+    t0 = time.time()
+    r = ev.evaluate(pipe, ev.default_prompts(), list(range(ev.TEST_SEED, ev.TEST_SEED + seeds)), g,
+                    call={}, progress=False)
+    row = {**r, "recipe": "shapes-mmdit, plain pipe(prompt)", "split": "test",
+           "max_sequence_length": int(params["max_sequence_length"].default),
+           "seconds": round(time.time() - t0, 1)}
+    path = folder / EVALUATION.name
+    evaluation = json.loads(path.read_text())
+    evaluation["plain_call"] = row
+    path.write_text(json.dumps(evaluation, indent=1) + "\n")
+    return row
 
 
 def training_facts(work: Path, budget_minutes: float, lr: float, batch: int) -> dict:
@@ -706,6 +747,8 @@ if __name__ == "__main__":
                          "the best its default guidance")
     ap.add_argument("--measure-mmdit", action="store_true",
                     help="re-measure the MMDiT's test rows (default guidance and CFG 1)")
+    ap.add_argument("--measure-plain-call", action="store_true",
+                    help="measure the MMDiT's plain pipe(prompt) call on the test seeds")
     ap.add_argument("--try-readouts", action="store_true",
                     help="score other readouts of the MMDiT's maps on the validation seeds")
     ap.add_argument("--measure-ablation", type=Path, metavar="WORK",
@@ -724,6 +767,8 @@ if __name__ == "__main__":
         choose_guidance(tuple(args.choose_guidance))
     if args.measure_mmdit:
         measure_mmdit()
+    if args.measure_plain_call:
+        measure_mmdit_plain()
     if args.try_readouts:
         try_readouts()
     if args.measure_ablation:
