@@ -360,7 +360,8 @@ class TraceFrames:
         self.heat_size = _display_size(trace, min(heat_side, max(self.size)))
         self._base: dict[tuple[int, str], dict[str, list[bytes]]] = {}
         self._image: dict[int, bytes] = {}
-        self._heat: dict[tuple[int, str, str], dict[str, dict]] = {}
+        self._heat: dict[tuple[int, str, str, bool], dict[str, dict]] = {}
+        self._winner: dict[tuple[int, str], dict[str, Any]] = {}
         self._scales: dict[tuple[str, int], float] = {}
 
     # ---------------------------------------------------------------- facts
@@ -542,6 +543,8 @@ class TraceFrames:
         cols = self.winner_colours()
         if len(cols) < 2:
             return {}
+        if (batch, layers) in self._winner:  # the same for either concept scale
+            return self._winner[(batch, layers)]
         sel = layer_selector(layers)
         kw = dict(layers=sel, batch=batch, size=self.heat_size, maps="concepts", normalize=False)
         per = torch.stack([word_heatmap(self.trace, c, per_step=True, **kw) for c, _ in cols])
@@ -550,4 +553,5 @@ class TraceFrames:
         lut = np.array([[int(h[i:i + 2], 16) for i in (1, 3, 5)] + [round(MAX_ALPHA * 255)]
                         for _, h in cols], np.uint8)
         frames = encode_many(list(lut[idx]), "png")
-        return {"steps": frames[:-1], "sum": frames[-1]}
+        self._winner[(batch, layers)] = {"steps": frames[:-1], "sum": frames[-1]}
+        return self._winner[(batch, layers)]
