@@ -43,3 +43,21 @@ def test_sweeps_take_the_recommended_settings():
     mine = sdlens.sweep(pipe, "a red circle", guidance_scales=[5], steps=1, record=None,
                         progress=False, max_sequence_length=4)
     assert mine.fixed["guidance"] == 5.0 and mine.meta["pipe_kwargs"] == {"max_sequence_length": 4}
+
+
+def test_generate_takes_the_recommended_settings_and_refuses_nan():
+    import math
+
+    import pytest
+
+    import sdlens
+
+    pipe = sdlens.load_pipeline("shapes-mmdit")
+    with pytest.raises(ValueError, match="finite"):
+        sdlens.generate(pipe, "a red circle", guidance_scale=float("nan"), steps=1)
+    tr = sdlens.generate(pipe, "a red circle", steps=1)
+    rec = sdlens.recommended_settings(pipe)
+    assert tr.guidance_scale == rec["guidance_scale"] and not math.isnan(tr.guidance_scale)
+    # the T5 segment the card's call uses (max_sequence_length=0): CLIP's 77 positions only
+    assert sum(seg["length"] for seg in tr.text_segments[0]) == 77 + rec["max_sequence_length"]
+    assert sdlens.generate(pipe, "a red circle", steps=1, guidance_scale=5).guidance_scale == 5
