@@ -86,16 +86,19 @@ def _n_steps(trace: Any, kind: str = "attention") -> int:
 def resolve_steps(trace: Any, steps: Any, maps: str = "attention") -> list[int]:
     """Step indices (into ``trace.timesteps``) chosen by ``steps`` among the steps with maps of
     kind ``maps`` (:func:`sdlens.trace.steps.select_steps`: None = all recorded)."""
-    return select_steps(steps, _n_steps(trace, maps),
-                        recorded=[int(s) for s in _maps(trace, maps).steps])
+    m = _maps(trace, maps)
+    recorded = [int(s) for s in m.steps]
+    if steps is None and getattr(m, "default_steps", None) == "last" and recorded:
+        return recorded[-1:]  # concept maps whose last step holds the time-averaged map
+    return select_steps(steps, _n_steps(trace, maps), recorded=recorded)
 
 
 def resolve_layers(trace: Any, layers: Any, maps: str = "attention") -> list[str]:
     """Layer names chosen by ``layers`` (anything ``AttentionMaps.select`` accepts)."""
     kind = maps
     maps = _maps(trace, kind)
-    if layers is None:
-        return list(maps.layers)
+    if layers is None:  # concept maps: the method's default blocks where it has some
+        return list(getattr(maps, "default_layers", None) or maps.layers)
     names = list(maps.select(layers))
     if not names:
         raise ValueError(f"layers={layers!r} matches no recorded layer; recorded: "

@@ -99,14 +99,22 @@ def concept_vectors(adapter: BackboneAdapter, concepts: Sequence[str], params: d
 
 class ConceptPass:
     """The concept stream of one pipeline call, run beside the denoiser's blocks (forward
-    pre-hooks), its maps handed to ``sink`` (see the module docstring)."""
+    pre-hooks), its maps handed to ``sink`` (see the module docstring); ``method``:
+    ``"conceptattention"`` or ``"sdlens"``."""
 
     def __init__(self, adapter: BackboneAdapter, concepts: Sequence[str], sink: MapSink,
-                 params: dict):
+                 params: dict, method: str = "conceptattention"):
         self.adapter, self.concepts, self.sink, self.params = adapter, list(concepts), sink, params
-        self.blocks = adapter.concept_blocks() or []
-        self.vectors: torch.Tensor | None = None  # (C, D), encoded by install()
+        self.paper = method == "conceptattention"
+        self.method = method
+        self.blocks = (adapter.paper_concept_blocks() if self.paper
+                       else adapter.concept_blocks()) or []
+        self.vectors: torch.Tensor | None = None  # (C', D), encoded by install()
+        self.lead = 0  # leading stream tokens left out of the softmax (SD3's start token)
         self.stream: torch.Tensor | None = None
+        self.call_kwargs: dict = {}  # the denoiser call's keyword arguments (Flux's pooled vector)
+        self.temb: torch.Tensor | None = None  # the concepts' conditioning, this call
+        self.sums: dict[str, list] = {}  # SD3, the paper's way: per site [sum o_x, sum o_c, n]
         self.failed = False
 
     def install(self, hooks: Hooks) -> None:
@@ -115,16 +123,32 @@ class ConceptPass:
         hook the blocks."""
         try:
             with torch.no_grad():
-                self.vectors = concept_vectors(self.adapter, self.concepts, self.params)
+                if self.paper:
+                    self.vectors, self.lead = self.adapter.paper_concepts(self.concepts,
+                                                                          self.params)
+                else:
+                    self.vectors = concept_vectors(self.adapter, self.concepts, self.params)
         except Exception as e:  # noqa: BLE001 - sdlens is never the reason a run fails
             return self._fail(e)
+        describe = getattr(self.sink, "describe", None)
+        if describe is not None:
+            paper = self.paper
+            describe("concepts", sites=[site for site, _ in self.blocks], method=self.method,
+                     default_layers=self.adapter.paper_default_layers() if paper else None,
+                     default_steps="last" if paper and self.adapter.paper_time_mean else None)
+        hooks.forward_pre_hook(self.adapter.denoiser, self._before_call, with_kwargs=True)
         for i, (site, block) in enumerate(self.blocks):
             hooks.forward_pre_hook(block, functools.partial(self._before_block, i, site),
                                    with_kwargs=True)
 
+    def _before_call(self, module, args, kwargs):
+        self.call_kwargs = kwargs
+        return None
+
     def _fail(self, e: Exception) -> None:
         self.failed, self.stream = True, None
-        for site, _ in self.blocks:
+        blocks = self.blocks or self.adapter.concept_blocks() or []
+        for site, _ in blocks:
             self.sink.skip("concepts", site, f"concept pass: {type(e).__name__}: {e}")
 
     def _before_block(self, i: int, site: str, block, args, kwargs):
@@ -145,11 +169,29 @@ class ConceptPass:
             n = rows.stop - rows.start  # the rows of the batch items (the text half under CFG)
             self.stream = self.adapter.concept_stream(
                 self.vectors[None].expand(n, -1, -1).to(self.adapter.denoiser.device))
+            self.temb = None
+            if self.paper:
+                temb = kwargs["temb"] if "temb" in kwargs else args[2]
+                self.temb = self.adapter.paper_concept_temb(temb[rows], self.call_kwargs, rows)
         if self.stream is None:
             return
         request = self.sink.request("concepts", site)
         step = self.adapter.concept_step(block, self.stream, args, kwargs, rows,
-                                         request is not None)
+                                         request is not None, method=self.method,
+                                         concept_temb=self.temb)
         if request is not None:
-            self.sink.put("concepts", site, concept_maps(step.image, step.concepts).to(request[3]))
+            image, concepts = step.image, step.concepts
+            if self.paper and self.adapter.paper_time_mean:  # the mean over the steps so far
+                acc = self.sums.get(site)
+                if acc is None:
+                    acc = self.sums[site] = [image.float(), concepts.float(), 1]
+                else:
+                    acc[0], acc[1], acc[2] = acc[0] + image.float(), acc[1] + concepts.float(), \
+                        acc[2] + 1
+                image, concepts = acc[0] / acc[2], acc[1] / acc[2]
+            concepts = concepts[:, self.lead:]
+            if self.paper and self.adapter.paper_normalise:
+                concepts = concepts.float()
+                concepts = concepts / (concepts.norm(dim=-1, keepdim=True) + 1e-8)
+            self.sink.put("concepts", site, concept_maps(image, concepts).to(request[3]))
         self.stream = step.stream

@@ -607,7 +607,8 @@ class _Session:
                 hooks.forward_pre_hook(denoiser, before, with_kwargs=True)
                 hooks.forward_hook(denoiser, after, with_kwargs=True)
                 if self.options.concepts:  # after `before`: its blocks see this step's state
-                    ConceptPass(adapter, self.options.concepts, run.maps, full).install(hooks)
+                    ConceptPass(adapter, self.options.concepts, run.maps, full,
+                                self.options.concept_method).install(hooks)
                 control = getattr(pipe, "controlnet", None)
                 if "controlnet" in self.options.record and control is not None:
                     nets = list(getattr(control, "nets", None) or [control])

@@ -143,6 +143,7 @@ class Trace:
                                         ("image_to_text", image_to_text))}
         if maps_info["concepts"] is not None:
             maps_info["concepts"]["concepts"] = list(concepts.concepts)
+            maps_info["concepts"].update(concepts.info())
         tensors.update(extra_tensors or {})
         info = {"prompts": list(prompts), "negative_prompts": list(negative_prompts),
                 "token_ids": [list(t) for t in token_ids], "tokens": [list(t) for t in tokens],
@@ -286,7 +287,8 @@ class Trace:
                 {l: self._tensors[f"concepts/{l}"] for l in c["layers"]},
                 {l: tuple(r) for l, r in c["resolutions"].items()}, c["steps"], c["concepts"],
                 family=info.get("meta", {}).get("family"), dtype=c.get("dtype"),
-                n_steps=len(self.timesteps))
+                n_steps=len(self.timesteps), method=c.get("method", "sdlens"),
+                default_layers=c.get("default_layers"), default_steps=c.get("default_steps"))
         return self._concepts
 
     @property
