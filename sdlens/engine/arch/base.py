@@ -38,6 +38,11 @@ block to block, the maps, recording, errors) is :mod:`sdlens.engine.joint`'s:
   :class:`ConceptStep`: that stream, and where asked the image tokens' and the concepts' attention
   outputs (before the output projections: both are mixtures of the same value vectors).
 
+The paper's own choices (``concept_method="conceptattention"``, the default) are a family's
+``paper_*`` methods and attributes: :meth:`BackboneAdapter.paper_concepts` (how its code encodes
+the concepts), :meth:`BackboneAdapter.paper_concept_blocks`, :meth:`BackboneAdapter.paper_default_layers`,
+:meth:`BackboneAdapter.paper_concept_temb`, ``paper_time_mean`` and ``paper_normalise``.
+
 Everything runs on copies beside the block, under ``torch.no_grad``: the image is unchanged.
 """
 

@@ -43,12 +43,16 @@ calls the transformer twice per step, the prompt first, then the negative prompt
 combination; ``meta["true_cfg_scale"]`` always holds it). Maps are recorded from the prompt's
 call. The schedule is the table's flow row (x0 = x_t - sigma v).
 
-**Concept maps** (``concepts=[...]``, :mod:`sdlens.engine.joint`; the seam in
-:mod:`sdlens.engine.arch.base`), as ConceptAttention does for Flux (Helbling et al., ICML 2025;
-github.com/helblazer811/ConceptAttention): the concepts are encoded as prompts by T5
-(``pipe.encode_prompt``'s ``prompt_embeds``), pooled over their pieces, enter through
-``context_embedder`` and are carried through every block, double-stream then single-stream
-(:meth:`FluxAdapter.concept_step`):
+**Concept maps** (``concepts=[...]``, :mod:`sdlens.engine.joint`, whose docstring lists both
+methods' choices; the seam in :mod:`sdlens.engine.arch.base`). The default,
+``concept_method="conceptattention"``, is ConceptAttention's Flux code (Helbling et al., ICML
+2025; github.com/helblazer811/ConceptAttention): each concept T5's first token of its own
+encoding (:meth:`FluxAdapter.paper_concepts`), modulated with time + guidance + a zero pooled
+vector (:meth:`FluxAdapter.paper_concept_temb`), through the double-stream blocks only, the
+heatmap pooling the last four (:meth:`FluxAdapter.paper_default_layers`). The ``"sdlens"``
+variant encodes the concepts as prompts by T5 (``pipe.encode_prompt``'s ``prompt_embeds``),
+pools them over their pieces, modulates them with the block's ``temb`` and carries them through
+every block, double-stream then single-stream (:meth:`FluxAdapter.concept_step`):
 
 * a double-stream block: the text stream's path, ``norm1_context`` (AdaLN with the block's
   ``temb``), ``add_q_proj`` / ``add_k_proj`` / ``add_v_proj``, ``norm_added_q`` /

@@ -16,9 +16,12 @@ the transformer takes the latents as ``hidden_states=`` and returns ``.sample``.
 skip-layer guidance calls the transformer a second time per step on the text half with
 ``skip_layers=``: an auxiliary call (:meth:`MMDiTAdapter.auxiliary_call`), not recorded.
 
-The concept pass (concept maps, :mod:`sdlens.engine.joint`; the seam in
-:mod:`sdlens.engine.arch.base`): every ``JointTransformerBlock`` in order; the concepts are
-encoded with ``pipe.encode_prompt`` (CLIP-L, CLIP-G and T5, as a prompt is), enter through
+The concept pass (concept maps, :mod:`sdlens.engine.joint`, whose docstring lists both methods'
+choices; the seam in :mod:`sdlens.engine.arch.base`): every ``JointTransformerBlock`` in order.
+The default, ``concept_method="conceptattention"`` (ConceptAttention's SD3 code), encodes all
+concepts as one prompt (:meth:`MMDiTAdapter.paper_concepts`) and takes the image vectors from the
+image's attention over [image; concepts]; the ``"sdlens"`` variant encodes each concept
+with ``pipe.encode_prompt`` (CLIP-L, CLIP-G and T5, as a prompt is). Both enter through
 ``context_embedder``, and at each block take the text stream's path: ``norm1_context`` (AdaLN
 with the block's ``temb``), ``add_q_proj`` / ``add_k_proj`` / ``add_v_proj`` and the added q/k
 norms, attention over the image keys and their own keys, then ``to_add_out``, the gates, and
