@@ -324,7 +324,8 @@ class ConceptMaps(AttentionMaps):
     :attr:`default_layers`, the layers a heatmap pools when it is given no ``layers`` (None: all
     recorded; the paper's default blocks otherwise); :attr:`default_steps`, the steps it pools
     when given no ``steps`` (None: all recorded; ``"last"``: the last recorded step, whose map is
-    made of the vectors averaged over every recorded step, the paper's SD3 recipe).
+    made of the vectors averaged over every recorded step, the paper's SD3 recipe; per-step
+    views still get every recorded step, each the map of the steps up to it).
     """
 
     def __init__(self, tensors, resolutions, steps, concepts: Sequence[str],
