@@ -757,9 +757,11 @@ def trace(pipe, options: RecordOptions | None = None, tokens=None, **kwargs):
             or not; with or without a tokenizer). Other pipelines raise TypeError naming the
             supported ones.
         options: a :class:`RecordOptions`; keyword arguments (``record``, ``layers``, ``steps``,
-            ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``, ``concepts``)
-            override its fields. ``concepts=["circle", "background"]`` (SD3 / SD3.5, Flux.1) records
-            concept maps (:mod:`sdlens.engine.joint`, ``trace.concepts``); other backbones raise
+            ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``, ``concepts``,
+            ``concept_method``) override its fields. ``concepts=["circle", "background"]`` (SD3 /
+            SD3.5, Flux.1) records concept maps (:mod:`sdlens.engine.joint`, ``trace.concepts``),
+            by default as ConceptAttention's code computes them (``concept_method=
+            "conceptattention"``; ``"sdlens"``: sdlens's own variant); other backbones raise
             TypeError.
         tokens: for calls made with ``prompt_embeds`` (and no ``prompt``): the token strings
             the embeddings were made from, position by position (``["<|startoftext|>", "a</w>",

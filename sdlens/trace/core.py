@@ -48,7 +48,8 @@ Tensors that were not recorded (``RecordOptions.record``) are None. Every trace 
 File format (one file, no pickle): a safetensors file whose tensors are ``latents``, ``noise``,
 ..., ``attention/<layer>`` (``concepts/<layer>``, ``image_to_text/<layer>`` where recorded: the
 JSON keys ``concepts`` / ``image_to_text`` are absent otherwise, as in files written before
-them) and ``images/<i>`` (PNG bytes as uint8), and whose ``__metadata__``
+them; ``concepts`` holds the method and its default layers / steps, "sdlens" and all in files
+written before the choice) and ``images/<i>`` (PNG bytes as uint8), and whose ``__metadata__``
 holds ``format = "sdlens.trace"``, ``format_version`` and ``sdlens`` (a JSON document with
 everything else). Loading reads only the header; tensors are read on first access.
 :meth:`Trace.to_bytes` / :meth:`Trace.from_bytes` are the same file in memory.
@@ -277,7 +278,8 @@ class Trace:
     def concepts(self) -> ConceptMaps | None:
         """Concept maps (``sdlens.trace(pipe, concepts=[...])``; ConceptAttention's method,
         :mod:`sdlens.engine.joint`): per site (steps, batch, concepts, h, w), each patch's
-        softmax over the concepts; None when no concepts were given."""
+        softmax over the concepts (``.method``: "conceptattention" or "sdlens", with its
+        default layers / steps for the heatmap); None when no concepts were given."""
         info = self._require()
         c = info.get("concepts")
         if c is None:
