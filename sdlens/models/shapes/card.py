@@ -255,7 +255,7 @@ def verdict(a_name: str, a: dict | None, b_name: str, b: dict | None,
     if a is None or b is None:
         missing = " and ".join(n for n, x in ((a_name, a), (b_name, b)) if x is None)
         return (f"{a_name} vs {b_name}, {label}: inconclusive (no interval measured for "
-                f"{missing}; re-measure with the new measures).")
+                f"{missing}: its row predates the bootstrap measures).")
     fa, fb = (f"{x['mean']:.2f} [{x['low']:.2f}, {x['high']:.2f}]" for x in (a, b))
     if a["low"] > b["high"]:
         return f"{a_name} scores higher than {b_name} on {label}: {fa} vs {fb} (95% intervals)."
@@ -372,9 +372,13 @@ FREE_VS_TAUGHT_NOTE = (
     "All rows: the test seeds (2000-), 25 steps, the evaluation prompts of "
     "`sdlens.models.shapes.evaluate`; IoU is DAAM's protocol (map normalised to [0, 1], threshold "
     "0.4) against the colour segment of the generated object, averaged over colour and shape words. "
+    "Mass in object: the share of the unnormalised map inside the object's largest blob; "
+    "pointing: the share of maps whose maximum lies in it; intervals: bootstrap 95% over images "
+    "(an image's value the mean over its words). "
     "Raw maps: the attention of each image position to the word's tokens, pooled over every site "
     "and step (for the MMDiT: the text columns of its joint attention). Concept maps: "
-    "ConceptAttention's method (Helbling et al., 2025), the concepts being the 4 colour and 3 shape "
+    "ConceptAttention's method (Helbling et al., 2025) as its code computes it (sdlens's default, "
+    "`concept_method=\"conceptattention\"`), the concepts being the 4 colour and 3 shape "
     "words and \"background\", whatever the prompt. Written by `python -m sdlens.models.shapes.card`.")
 
 
@@ -401,7 +405,9 @@ def mmdit_card(evaluation: dict, train: dict, unet: tuple[dict, dict]) -> str:
     facts = component_facts(MMDIT)
     blocks = sorted((k for k in (g.get("iou_by_map") or {}) if k.startswith("block.")),
                     key=lambda k: int(k.split(".")[1]))
-    block_rows = "\n".join(f"| {k} | {g['iou_by_map'][k]['colour']:.2f} | "
+    chosen = best_block(evaluation)
+    block_rows = "\n".join(f"| {k}{' (best on validation)' if k == chosen else ''} | "
+                            f"{g['iou_by_map'][k]['colour']:.2f} | "
                             f"{g['iou_by_map'][k]['shape']:.2f} | {g['iou_by_map'][k]['mean']:.2f} |"
                             for k in blocks + (["concept"] if "concept" in g.get("iou_by_map", {}) else []))
     val = "\n".join(_row({**r, "recipe": r.get("recipe", "shapes-mmdit")})
@@ -527,7 +533,9 @@ def concept_methods_section(folder: Path = MMDIT) -> str:
     for split in ("validation", "test"):
         for method, r in (cm.get(split) or {}).items():
             iv = r["intervals"]
-            rows.append(f"| {method} | {split} | {min(r['seeds'])}-{max(r['seeds'])} | "
+            span = (f"{min(r['seeds'])}-{max(r['seeds'])}" if len(r["seeds"]) > 1
+                    else str(r["seeds"][0]))
+            rows.append(f"| {method} | {split} | {span} | "
                         f"{r['images']} | {_ci(iv['iou'])} | {_ci(iv['mass'])} | "
                         f"{_ci(iv['pointing'])} |")
     said = []
