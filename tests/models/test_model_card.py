@@ -65,3 +65,21 @@ def test_verdicts_follow_the_numbers():
     assert "Shapes-mmdit (free) scores higher than the taught UNet on IoU@0.4" in verdicts(a, b)
     assert "The taught UNet scores higher than shapes-mmdit (free)" in verdicts(b, a)
     assert "inconclusive, the 95% intervals overlap" in verdicts(a, a)
+
+
+def test_threshold_free_measures_and_their_intervals():
+    import numpy as np
+
+    mask = np.zeros((8, 8), bool)
+    mask[2:4, 2:4] = True
+    inside = np.zeros((8, 8))
+    inside[3, 3], inside[0, 0] = 3.0, 1.0
+    assert ev.mass_and_pointing(inside, mask) == (0.75, 1.0)
+    outside = inside.copy()
+    outside[0, 0] = 5.0
+    assert ev.mass_and_pointing(outside, mask) == (0.375, 0.0)
+    mean, low, high = ev.bootstrap_ci([0.2, 0.4, 0.6, 0.8] * 10)
+    assert abs(mean - 0.5) < 1e-9 and low < mean < high and high - low < 0.2
+    assert ev.bootstrap_ci([0.5] * 5) == (0.5, 0.5, 0.5)
+    wide = ev.bootstrap_ci([0.0, 1.0] * 3)
+    assert wide[2] - wide[1] > high - low  # fewer, more spread values: a wider interval
