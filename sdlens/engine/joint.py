@@ -170,6 +170,12 @@ class ConceptPass:
         """Encode the concepts (now, before the pipeline call: the text encoders are not run
         inside the denoiser's forward, where model offloading would move the denoiser away) and
         hook the blocks."""
+        describe = getattr(self.sink, "describe", None)
+        if describe is not None:
+            paper = self.paper
+            describe("concepts", sites=[site for site, _ in self.blocks], method=self.method,
+                     default_layers=self.adapter.paper_default_layers() if paper else None,
+                     default_steps="last" if paper and self.adapter.paper_time_mean else None)
         try:
             with torch.no_grad():
                 if self.paper:
@@ -179,12 +185,6 @@ class ConceptPass:
                     self.vectors = concept_vectors(self.adapter, self.concepts, self.params)
         except Exception as e:  # noqa: BLE001 - sdlens is never the reason a run fails
             return self._fail(e)
-        describe = getattr(self.sink, "describe", None)
-        if describe is not None:
-            paper = self.paper
-            describe("concepts", sites=[site for site, _ in self.blocks], method=self.method,
-                     default_layers=self.adapter.paper_default_layers() if paper else None,
-                     default_steps="last" if paper and self.adapter.paper_time_mean else None)
         hooks.forward_pre_hook(self.adapter.denoiser, self._before_call, with_kwargs=True)
         for i, (site, block) in enumerate(self.blocks):
             hooks.forward_pre_hook(block, functools.partial(self._before_block, i, site),
