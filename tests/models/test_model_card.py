@@ -42,9 +42,9 @@ def test_verdicts_follow_the_numbers():
     a = {"mean": 0.40, "low": 0.35, "high": 0.45}
     b = {"mean": 0.20, "low": 0.15, "high": 0.25}
     higher = card.verdict("free", a, "taught", b)
-    assert "free scores higher than taught" in higher and "0.40 [0.35, 0.45]" in higher
+    assert "Free scores higher than taught" in higher and "0.40 [0.35, 0.45]" in higher
     flipped = card.verdict("free", b, "taught", a)
-    assert "taught scores higher than free" in flipped
+    assert "Taught scores higher than free" in flipped
     close = card.verdict("free", {"mean": 0.30, "low": 0.22, "high": 0.38}, "taught", b)
     assert "inconclusive" in close and "overlap" in close and "higher" not in close
     assert "inconclusive" in card.verdict("free", None, "taught", b)

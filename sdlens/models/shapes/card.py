@@ -251,7 +251,11 @@ def verdict(a_name: str, a: dict | None, b_name: str, b: dict | None,
     """One sentence comparing two models on ``measure`` from their intervals: which is higher
     when the bootstrap 95% intervals do not overlap, else "inconclusive"; "inconclusive" too
     when either has no interval."""
-    label = MEASURE_NAMES.get(measure, measure)
+    text = _verdict(a_name, a, b_name, b, MEASURE_NAMES.get(measure, measure))
+    return text[0].upper() + text[1:]
+
+
+def _verdict(a_name: str, a: dict | None, b_name: str, b: dict | None, label: str) -> str:
     if a is None or b is None:
         missing = " and ".join(n for n, x in ((a_name, a), (b_name, b)) if x is None)
         return (f"{a_name} vs {b_name}, {label}: inconclusive (no interval measured for "
@@ -296,7 +300,7 @@ def free_vs_taught_verdicts(unet: tuple[dict, dict], mmdit: tuple[dict, dict] | 
     lines = [verdict(name, interval(r, m), "the taught UNet", interval(taught, m), m)
              for name, r in free for m in ("iou", "mass", "pointing")]
     return "Verdicts, written from the numbers (bootstrap 95% intervals over images):\n\n" + \
-        "\n".join(f"- {line[0].upper()}{line[1:]}" for line in lines)
+        "\n".join(f"- {line}" for line in lines)
 
 
 def _maybe_results(folder: Path) -> tuple[dict, dict] | None:
@@ -542,7 +546,7 @@ def concept_methods_section(folder: Path = MMDIT) -> str:
     for split in ("validation", "test"):
         both = cm.get(split) or {}
         if len(both) == 2:
-            said += [f"{split.capitalize()} seeds: " + verdict(
+            said += [f"- {split.capitalize()} seeds: " + verdict(
                 '"conceptattention"', both["conceptattention"]["intervals"][m], '"sdlens"',
                 both["sdlens"]["intervals"][m], m) for m in MEASURES_ORDER]
     return (f"\n### Concept maps: the paper's method and sdlens's variant "
@@ -552,7 +556,7 @@ def concept_methods_section(folder: Path = MMDIT) -> str:
             "`sdlens.engine.joint`), \"sdlens\" the named variant. Intervals: bootstrap 95% over "
             "images.\n\n| method | seeds | seed range | images | IoU@0.4 | mass in object | "
             "pointing |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
-            + " ".join(said) + "\n")
+            + "\n".join(said) + "\n")
 
 
 MEASURES_ORDER = ("iou", "mass", "pointing")
