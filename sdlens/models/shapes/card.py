@@ -127,7 +127,7 @@ def model_card(evaluation: dict, train: dict) -> str:
             f"{free['iou_shape_words']:.2f})"
             + (f"; with the loss, the {snap['train_steps']}-step snapshot reached "
                f"{snap['iou_mean']:.2f}" if snap is not None else "")
-            + " (whether the difference holds: the verdicts under \"Free vs taught\")"
+            + " (rows measured before the bootstrap intervals: no verdict is drawn from them)"
             + f". These rows were evaluated on {free['images']} images and trained far less than "
             "the shipped model: compare them with each other, and read the shipped rows as the "
             "model you get.\n")
