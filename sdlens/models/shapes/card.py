@@ -433,7 +433,9 @@ def mmdit_card(evaluation: dict, train: dict, unet: tuple[dict, dict]) -> str:
         best_ro = max(ro["iou_by_map"], key=lambda k: ro["iou_by_map"][k]["mean"])
         tried = (f"  Tried in search of a readout that localises, on the validation seeds "
                  f"({ro['images']} images, CFG {ro['guidance_scale']:g}; "
-                 f"`python -m sdlens.models.shapes.card --try-readouts`): "
+                 f"`python -m sdlens.models.shapes.card --try-readouts`; its concept maps "
+                 f"are sdlens's variant, measured before the paper's method became the "
+                 f"default): "
                  + ", ".join(f"{k} {v['mean']:.2f}" for k, v in ro["iou_by_map"].items())
                  + f". The best, {best_ro}, reaches {ro['iou_by_map'][best_ro]['mean']:.2f}: no "
                  "way of reading these maps that we tried reaches IoU 0.5. How that compares "
