@@ -60,6 +60,13 @@ class MapCollector:
         self.steps: list[int] = []
         self.n_tokens: int | None = None  # the token axis's length every site must have
         self.image_tokens: tuple[int, ...] = ()  # image-prompt tokens per IP-Adapter
+        self.info: dict = {}  # concept maps: how they were computed (ConceptMaps.info)
+        self.only: set[str] | None = None  # the sites this kind can have (None: every one)
+
+    def selected(self) -> list[str]:
+        """The call's selected sites that this kind can have maps at."""
+        sel = self.run.selected
+        return sel if self.only is None else [l for l in sel if l in self.only]
 
 
     @property
@@ -80,7 +87,7 @@ class MapCollector:
     def request(self, layer: str):
         """(rows, tokens, keep_heads, dtype) to compute at this site call, or None."""
         run = self.run
-        if not run.recording() or layer not in run.selected or self.skipped(layer):
+        if not run.recording() or layer not in self.selected() or self.skipped(layer):
             return None
         return run.rows, run.n_tokens, run.opts.heads, self.dtype
 
@@ -99,7 +106,7 @@ class MapCollector:
     def end_step(self) -> None:
         """At a recorded step's ``scheduler.step``: the step's maps to the host."""
         run = self.run
-        for layer in run.selected:
+        for layer in self.selected():
             t = self.pending.get(layer)
             if t is None and not self.skipped(layer):
                 self.skip(layer, f"not called (or not recorded) at step {run.step}")
@@ -131,7 +138,7 @@ class MapCollector:
         if not self.steps and self.kind != "attention":
             return None
         layers = {}
-        for layer in run.selected:
+        for layer in self.selected():
             chunks = self.chunks.get(layer)
             if self.skipped(layer) or (chunks and len(chunks) != len(self.steps)):
                 continue
@@ -144,7 +151,8 @@ class MapCollector:
         res = {l: run.resolutions[l] for l in layers}
         name = dtype_name(self.dtype)
         if self.concepts is not None:
-            return ConceptMaps(layers, res, self.steps, self.concepts, family=family, dtype=name)
+            return ConceptMaps(layers, res, self.steps, self.concepts, family=family, dtype=name,
+                               **self.info)
         return AttentionMaps(layers, res, self.steps, self.positions(), run.opts.heads,
                              family=family, dtype=name)
 
@@ -170,6 +178,16 @@ class Maps:
 
     def skip(self, kind: str, layer: str, what: str) -> None:
         self.by_kind[kind].skip(layer, what)
+
+    def describe(self, kind: str, sites: Sequence[str] | None = None, **info) -> None:
+        """How the maps of ``kind`` are computed (concept maps: ``method``, ``default_layers``,
+        ``default_steps``: :class:`~sdlens.trace.maps.ConceptMaps`); ``sites``: the only sites
+        it has maps at (the concept pass's blocks), the call's other selected sites left out
+        without a warning."""
+        if kind in self.by_kind:
+            self.by_kind[kind].info.update(info)
+            if sites is not None:
+                self.by_kind[kind].only = set(sites)
 
     def rows(self) -> slice | None:
         """The batch rows to compute at this denoiser call; None: nothing recorded now."""
