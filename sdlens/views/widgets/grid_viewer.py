@@ -9,6 +9,7 @@ folder's grid (``sdlens.load_sweep``) is read one cell at a time; missing cells 
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -123,13 +124,17 @@ class GridViewer(W.VBox):
 
     def viewer_at(self, flat: int) -> TraceViewer:
         """The TraceViewer of cell ``flat`` (built on first use; the ``KEEP_VIEWERS`` most
-        recently opened are kept, so that scrolling a large sweep holds a bounded memory)."""
+        recently opened are kept and older ones closed, so that scrolling a large sweep holds a
+        bounded memory)."""
         if flat in self._viewers:
             self._viewers[flat] = self._viewers.pop(flat)  # most recent last
         else:
             self._viewers[flat] = TraceViewer(self.trace_at(flat), **self.viewer_kwargs)
-            while len(self._viewers) > self.KEEP_VIEWERS:
-                self._viewers.pop(next(iter(self._viewers)))
+            if len(self._viewers) > self.KEEP_VIEWERS:
+                while len(self._viewers) > self.KEEP_VIEWERS:
+                    # closed, or ipywidgets' registry of live widgets would keep it (and its trace)
+                    self._viewers.pop(next(iter(self._viewers))).close()
+                gc.collect()  # a viewer's observers form reference cycles: free its trace now
         return self._viewers[flat]
 
     def select(self, *index: int) -> TraceViewer:
