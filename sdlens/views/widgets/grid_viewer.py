@@ -67,6 +67,7 @@ class GridViewer(W.VBox):
         self.grid = grid
         self.viewer_kwargs = dict(viewer or {})
         self._viewers: dict[int, TraceViewer] = {}
+        self._closed = 0
         names = list(grid.axes)
         # the guidance axis' kind (Grid.guidance: "cfg", or "distilled" for Flux.1-dev)
         kind = self._guidance = getattr(grid, "guidance", "cfg")
@@ -130,11 +131,12 @@ class GridViewer(W.VBox):
             self._viewers[flat] = self._viewers.pop(flat)  # most recent last
         else:
             self._viewers[flat] = TraceViewer(self.trace_at(flat), **self.viewer_kwargs)
-            if len(self._viewers) > self.KEEP_VIEWERS:
-                while len(self._viewers) > self.KEEP_VIEWERS:
-                    # closed, or ipywidgets' registry of live widgets would keep it (and its trace)
-                    self._viewers.pop(next(iter(self._viewers))).close()
-                gc.collect()  # a viewer's observers form reference cycles: free its trace now
+            while len(self._viewers) > self.KEEP_VIEWERS:
+                # closed, or ipywidgets' registry of live widgets would keep it (and its trace)
+                self._viewers.pop(next(iter(self._viewers))).close()
+                self._closed += 1
+                if self._closed % self.KEEP_VIEWERS == 0:
+                    gc.collect()  # a viewer's observers form reference cycles: free the traces
         return self._viewers[flat]
 
     def select(self, *index: int) -> TraceViewer:
