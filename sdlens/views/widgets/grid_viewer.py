@@ -67,7 +67,6 @@ class GridViewer(W.VBox):
         self.grid = grid
         self.viewer_kwargs = dict(viewer or {})
         self._viewers: dict[int, TraceViewer] = {}
-        self._closed = 0
         names = list(grid.axes)
         # the guidance axis' kind (Grid.guidance: "cfg", or "distilled" for Flux.1-dev)
         kind = self._guidance = getattr(grid, "guidance", "cfg")
@@ -134,9 +133,7 @@ class GridViewer(W.VBox):
             while len(self._viewers) > self.KEEP_VIEWERS:
                 # closed, or ipywidgets' registry of live widgets would keep it (and its trace)
                 self._viewers.pop(next(iter(self._viewers))).close()
-                self._closed += 1
-                if self._closed % self.KEEP_VIEWERS == 0:
-                    gc.collect()  # a viewer's observers form reference cycles: free the traces
+                gc.collect()  # a viewer's observers form reference cycles: free its trace now
         return self._viewers[flat]
 
     def select(self, *index: int) -> TraceViewer:
