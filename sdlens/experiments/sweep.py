@@ -312,14 +312,14 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
         for k in order:
             b = mine[k]
             sched.set(b.scheduler)
-            start = time.perf_counter()
+            started, start = time.time(), time.perf_counter()
             images, traces = run_batch(pipe, b, negative_prompt, height, width, pipe_kwargs,
                                        record_opts)
             seconds = (time.perf_counter() - start) / len(b.cells)
             for cell, img, tr in zip(b.cells, images, traces):
                 if folder is not None:  # written now; nothing kept in memory
                     folder.write_cell(cell_number(cell.index, full_shape), _settings(cell), img,
-                                      tr, seconds)
+                                      tr, seconds, started)
                 else:
                     results[cell.index] = (img, tr)
             bar.update(len(b.cells))

@@ -214,9 +214,10 @@ class SweepFolder:
         return out
 
     def write_cell(self, number: int, settings: dict, image: np.ndarray, trace,
-                   seconds: float) -> dict:
+                   seconds: float, started: float | None = None) -> dict:
         """Write one finished cell: trace file, PNG image, then its record (the commit).
-        ``image``: float (H, W, 3) in [0, 1]; ``trace``: a Trace or None."""
+        ``image``: float (H, W, 3) in [0, 1]; ``trace``: a Trace or None; ``seconds``: its share
+        of its pipeline call; ``started``: when that call started (``time.time()``)."""
         from PIL import Image
 
         files = {}
@@ -237,7 +238,7 @@ class SweepFolder:
             self._log.parent.mkdir(parents=True, exist_ok=True)
             with open(self._log, "a") as f:  # this process's own file: no concurrent writers
                 f.write(json.dumps({"number": number, "time": time.time(),
-                                    "seconds": rec["seconds"]}) + "\n")
+                                    "started": started, "seconds": rec["seconds"]}) + "\n")
         return rec
 
     def write_index(self) -> dict:
@@ -251,7 +252,8 @@ class SweepFolder:
         return index
 
     def log_lines(self) -> list[dict]:
-        """Every line of every process's log (``number``, ``time``, ``seconds``, ``file``)."""
+        """Every line of every process's log: ``number``, ``time`` (written), ``started`` (its
+        pipeline call's start), ``seconds`` (its share of the call), ``file`` (the log's name)."""
         out = []
         folder = self.path / LOGS
         for file in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
