@@ -7,6 +7,8 @@
 >>> grid.traces[2, 1]             # its (light) Trace
 >>> grid.plot()                   # a labelled matplotlib figure, like A1111's X/Y/Z plot
 >>> grid.save("grid.sdlens"); sdlens.load("grid.sdlens")
+>>> grid = sdlens.sweep(pipe, ..., out="runs/x")  # a resumable folder; sdlens.load_sweep("runs/x")
+>>> grid.table()                  # pandas DataFrame: one row of measures per cell
 
 How the cells are run
 ---------------------
@@ -33,7 +35,10 @@ call per (steps, scheduler, cfg on/off) group is refused with a ValueError inste
 
 Under ``accelerate launch`` (more than one process) the batches are shared among the processes
 and the cells gathered on every process; ``sdlens sweep`` writes its outputs on the main process
-only. Load the pipeline on ``accelerate.PartialState().device`` in each process. On GPUs:
+only. With a sweep folder (``out=DIR``, ``sdlens sweep --folder DIR``;
+:mod:`sdlens.experiments.sweep_folder`) nothing is gathered: each process writes the cells it
+runs to the folder as they finish, and every process returns the folder's lazy grid
+(:func:`load_sweep`); running the sweep again resumes it. Load the pipeline on ``accelerate.PartialState().device`` in each process. On GPUs:
 ``accelerate launch --multi_gpu --num_processes N -m sdlens.experiments.sweep "PROMPT" ...``; on CPUs the same
 command works (the processes use gloo; accelerate's ``--cpu`` flag alone starts one process
 unless mpirun is configured), as does ``torchrun --nproc_per_node N -m sdlens.experiments.sweep ...``.
