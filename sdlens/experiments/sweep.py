@@ -404,6 +404,8 @@ def _plan_value(v):
         pass
     if isinstance(v, (list, tuple)):
         return [_plan_value(x) for x in v]
+    if callable(v) and not hasattr(v, "tobytes"):  # a step callback: by name (its repr has an address)
+        return f"callable {getattr(v, '__module__', '')}.{getattr(v, '__qualname__', type(v).__name__)}"
     if hasattr(v, "tobytes") or isinstance(v, torch.Tensor):
         data = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v
         return f"{type(v).__name__} sha1:{hashlib.sha1(data.tobytes()).hexdigest()[:16]}"

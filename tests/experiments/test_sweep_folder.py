@@ -305,3 +305,19 @@ def test_grid_viewer_scrolls_64_cells_in_bounded_memory(pipe, tmp_path):
     print(f"RSS growth while opening 64 cells: {peak - start:.1f} MB "
           f"(cells on disk {cell_bytes / 2**20:.0f} MB)")
     assert peak - start < RSS_BOUND_MB
+
+
+def test_cli_folder_flag(tmp_path, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    S.add_sweep_parser(parser.add_subparsers())
+    out = tmp_path / "sweep"
+    args = parser.parse_args(["sweep", PROMPT, "--seeds", "0-1", "--cfg", "7.5", "--steps", "2",
+                              "--quiet", "--folder", str(out)])
+    assert args.func(args) == 0
+    assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"  # --out defaults into the folder
+    assert "2 of 2 cells" in capsys.readouterr().out
+    grid = S.load_sweep(out)
+    assert grid.axes == {"seed": [0, 1]} and grid.traces is not None  # --folder records traces
+    assert json.loads((out / "index.json").read_text())["finished"] == 2
