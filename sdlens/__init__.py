@@ -65,6 +65,6 @@ def load(path: str | os.PathLike) -> Trace | Grid:
 
 __all__ = [
     "Comparison", "Grid", "RecordOptions", "Trace", "TraceTooLarge", "__version__", "compare",
-    "describe", "generate", "load", "load_pipeline", "load_sweep", "lora_effect", "plot", "reweight", "sweep",
-    "token_effects", "trace", "trace_base_refiner",
+    "describe", "generate", "load", "load_pipeline", "load_sweep", "lora_effect", "plot",
+    "reweight", "sweep", "token_effects", "trace", "trace_base_refiner",
 ]

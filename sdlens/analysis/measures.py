@@ -20,7 +20,7 @@ from sdlens.analysis.heatmaps import word_heatmap
 from sdlens.analysis.tokens import word_texts
 
 TOP = 0.1               # the top-k% region: the 10% of pixels where the map is highest
-SETTLE_THRESHOLD = 0.02  # x0 has settled once each later step moves it by < 2% (relative L2)
+SETTLE_THRESHOLD = 0.05  # x0 has settled once each later step moves it by < 5% (relative L2)
 
 
 def map_concentration(heatmap: Any, top: float = TOP) -> tuple[float, float]:

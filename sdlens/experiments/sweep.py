@@ -643,7 +643,7 @@ class Grid:
           its attention map inside the map's top ``top`` (default 10%) of pixels, and the map's
           entropy / log(pixels) (maps pooled over the recorded steps and layers);
         * ``x0_settle_step``: the first step from which x0 moves by less than
-          ``settle_threshold`` (default 0.02, relative L2) at every later step (nan: never);
+          ``settle_threshold`` (default 0.05, relative L2) at every later step (nan: never);
         * ``distance_to_reference``: the RMS pixel difference (images in [0, 1]) to the
           ``reference`` cell (an index or ``{axis: value}``; default: the first cell).
 
