@@ -234,7 +234,7 @@ def test_partial_sweep_opens_with_missing_cells_marked(small, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the table
-def test_table_measures(small):
+def test_table_measures(pipe, small):
     import pandas as pd
 
     grid = S.load_sweep(small)
@@ -249,7 +249,17 @@ def test_table_measures(small):
     assert "x0_settle_step" in table
     written = pd.read_csv(small / "table.csv")
     assert list(written.columns) == list(table.columns) and len(written) == 4
-    # the same measures from an in-memory grid
+    # the same measures from the in-memory grid of the same sweep (images there are float, not
+    # 8-bit: the distances agree to the PNG's rounding)
+    memory = S.sweep(pipe, PROMPT, seeds=[0, 1], guidance_scales=[1.0, 7.5], steps=2,
+                     progress=False).table(reference=(1, 0))
+    assert list(memory.columns) == list(table.columns)
+    words = [c for c in table.columns if c.startswith(("mass@", "entropy:", "x0_"))]
+    np.testing.assert_allclose(memory[words].to_numpy(float), table[words].to_numpy(float),
+                               rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(memory["distance_to_reference"], table["distance_to_reference"],
+                               atol=2 / 255)
+
     from sdlens.analysis.measures import map_concentration, x0_settle_step
 
     assert map_concentration(torch.ones(10, 10)) == pytest.approx((0.1, 1.0))
