@@ -38,7 +38,8 @@ and the cells gathered on every process; ``sdlens sweep`` writes its outputs on 
 only. With a sweep folder (``out=DIR``, ``sdlens sweep --folder DIR``;
 :mod:`sdlens.experiments.sweep_folder`) nothing is gathered: each process writes the cells it
 runs to the folder as they finish, and every process returns the folder's lazy grid
-(:func:`load_sweep`); running the sweep again resumes it. Load the pipeline on ``accelerate.PartialState().device`` in each process. On GPUs:
+(:func:`load_sweep`); running the sweep again resumes it. Load the pipeline on
+``accelerate.PartialState().device`` in each process. On GPUs:
 ``accelerate launch --multi_gpu --num_processes N -m sdlens.experiments.sweep "PROMPT" ...``; on CPUs the same
 command works (the processes use gloo; accelerate's ``--cpu`` flag alone starts one process
 unless mpirun is configured), as does ``torchrun --nproc_per_node N -m sdlens.experiments.sweep ...``.
@@ -68,8 +69,8 @@ from sdlens.engine.batch import Cell, batch_record_options, plan_batches, run_ba
 from sdlens.engine.options import (RecordOptions, default_memory_budget, estimate_cell_bytes,
                                    estimate_trace_bytes, latent_hw)
 from sdlens.engine.session import check_seed
-from sdlens.experiments.sweep_folder import (CELLS, MANIFEST, TABLE, LazyCells, SweepFolder, cell_number,
-                                            write_atomic)
+from sdlens.experiments.sweep_folder import (CELLS, MANIFEST, TABLE, LazyCells, SweepFolder,
+                                            cell_number, write_atomic)
 from sdlens.trace.core import Trace, load as load_trace
 
 AXES = ("prompt", "scheduler", "steps", "guidance", "seed")  # canonical order, outermost first
