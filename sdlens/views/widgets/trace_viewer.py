@@ -92,8 +92,11 @@ class TraceViewer(anywidget.AnyWidget):
     say why a panel or the word chips are missing.
     """
 
-    _esm = _STATIC / "trace_viewer.js"
-    _css = _STATIC / "sdlens.css"
+    # the sources as text, not paths: anywidget connects every instance of a path-based widget
+    # to a file-watch signal with a strong reference, which would keep each closed viewer (and
+    # its trace) alive; a GridViewer over a large sweep opens and closes many
+    _esm = (_STATIC / "trace_viewer.js").read_text()
+    _css = (_STATIC / "sdlens.css").read_text()
 
     # what the view shows (kernel -> browser)
     title = traitlets.Unicode("").tag(sync=True)
