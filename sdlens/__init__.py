@@ -9,6 +9,7 @@ The front door::
     grid = sdlens.sweep(pipe, "a red circle", seeds=range(4), guidance_scales=[1, 3, 7.5])
     sdlens.compare(trace_a, trace_b); sdlens.token_effects(pipe, "a red circle")
     sdlens.load("run.sdlens")                           # a saved Trace or Grid
+    sdlens.sweep(pipe, ..., out="runs/x"); sdlens.load_sweep("runs/x")  # a resumable sweep folder
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from sdlens.engine.session import generate, trace
 from sdlens.experiments.lora import lora_effect
 from sdlens.experiments.refiner import trace_base_refiner
 from sdlens.experiments.steer import reweight, token_effects
-from sdlens.experiments.sweep import Grid, is_grid_file, sweep
-from sdlens.pipeline import describe, load_pipeline
+from sdlens.experiments.sweep import Grid, is_grid_file, is_sweep_folder, load_sweep, sweep
+from sdlens.pipeline import describe, load_pipeline, recommended_settings
 from sdlens.trace.core import Trace, load as load_trace
 from sdlens.version import __version__
 from sdlens.views import plot
@@ -55,12 +56,15 @@ def __getattr__(name: str):
 
 
 def load(path: str | os.PathLike) -> Trace | Grid:
-    """Open a file written by ``Trace.save`` or ``Grid.save`` (lazily: tensors load on access)."""
+    """Open a file written by ``Trace.save`` or ``Grid.save``, or a sweep folder
+    (``sweep(..., out=FOLDER)``: :func:`load_sweep`), lazily: tensors load on access."""
+    if is_sweep_folder(path):
+        return load_sweep(path)
     return Grid.load(path) if is_grid_file(path) else load_trace(path)
 
 
 __all__ = [
     "Comparison", "Grid", "RecordOptions", "Trace", "TraceTooLarge", "__version__", "compare",
-    "describe", "generate", "load", "load_pipeline", "lora_effect", "plot", "reweight", "sweep",
-    "token_effects", "trace", "trace_base_refiner",
+    "describe", "generate", "load", "load_pipeline", "load_sweep", "lora_effect", "plot",
+    "recommended_settings", "reweight", "sweep", "token_effects", "trace", "trace_base_refiner",
 ]

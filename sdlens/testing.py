@@ -11,6 +11,8 @@ configs (SD 1.5, SD 2.1, SDXL, and the shipped "shapes" model) with random weigh
 >>> sd35 = random_pipeline("sd35", t5=False)       # SD3.5 medium, text_encoder_3=None
 >>> flux = random_pipeline("flux")                 # Flux.1-dev: double + single blocks, CLIP-L + T5
 >>> wan = random_pipeline("wan")                   # Wan 2.1 T2V 1.3B (video); "wan-i2v", "wan22"
+>>> klein = random_pipeline("flux2-klein", variant="base-4b")  # the 2026 families: pipeline_2026
+>>> big = random_pipeline("qwen-image", scale=1, device="meta")  # 20B transformer, no memory
 
 ``scale`` multiplies every channel count (rounded to a multiple of 16) and, below 0.5, keeps one
 resnet / transformer layer per block; block types, attention layout, cross-attention widths'
@@ -21,6 +23,7 @@ pad with "!" as OpenCLIP does.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -166,7 +169,8 @@ def tokenizer(pad_token: str | None = None):
 def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2img",
                     seed: int = 0, sample_size: int | None = None,
                     prediction_type: str | None = None, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32, t5: bool = True):
+                    dtype: torch.dtype = torch.float32, t5: bool = True,
+                    variant: str | None = None):
     """A diffusers pipeline of a real SD architecture with random (seeded) weights.
 
     Args:
@@ -174,9 +178,11 @@ def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2im
             tokenizer_2 only, aesthetic-score time ids; an img2img pipeline: task "txt2img" gives
             StableDiffusionXLImg2ImgPipeline), "shapes" (the shipped model's layout), or the
             diffusion transformers "pixart" (PixArt-Σ) and "sana" (:func:`random_dit_pipeline`),
-            "sd3" / "sd35" (:func:`sd3_pipeline`), "flux" (Flux.1-dev, :func:`flux_pipeline`), and
-            the video DiTs "wan" / "wan-i2v" / "wan22" (Wan 2.1 T2V 1.3B, Wan 2.1 I2V 14B, Wan 2.2
-            T2V A14B: :func:`wan_pipeline`).
+            "sd3" / "sd35" (:func:`sd3_pipeline`), "flux" (Flux.1-dev, :func:`flux_pipeline`),
+            the 2026 families (:func:`pipeline_2026`): "flux2", "flux2-klein", "qwen-image",
+            "qwen-image-edit", "z-image", "chroma", "flux-kontext", and the video DiTs "wan" /
+            "wan-i2v" / "wan22" (Wan 2.1 T2V 1.3B, Wan 2.1 I2V 14B, Wan 2.2 T2V A14B:
+            :func:`wan_pipeline`).
         scale: channel multiplier; 1.0 is the real size, the default 0.05 a ~1-4M-parameter
             version that keeps every block type and attention layer of the real one.
         task: "txt2img", "img2img" or "inpaint" (inpainting UNets take 9 input channels).
@@ -186,9 +192,16 @@ def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2im
             for the flow-matching "sd3" / "sd35" / "flux").
         t5: "sd3" / "sd35" only: with a T5 encoder (False: ``text_encoder_3=None``, as the
             pipelines allow; the T5 segment of the text is zeros).
+        variant: "flux2-klein" only: "4b", "9b", "base-4b", "base-9b".
     """
     import diffusers
 
+    if arch in BEDS_2026:
+        if task != "txt2img" or prediction_type is not None:
+            raise ValueError(f"{arch}: only task='txt2img' with its own prediction type")
+        return pipeline_2026(arch, scale, seed, sample_size, variant, device=device, dtype=dtype)
+    if variant is not None:
+        raise ValueError("variant is for flux2-klein only")
     if arch in WAN_ARCHS:
         if task != "txt2img" or prediction_type is not None:
             raise ValueError(f"{arch}: only task='txt2img' with its own prediction type (the "
@@ -197,12 +210,14 @@ def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2im
             raise ValueError(f"scale must be in (0, 1], got {scale}")
         torch.manual_seed(seed)
         return _finish(wan_pipeline(arch, scale, seed), device, dtype)
+
     if arch in DIT_ARCHS:
         if task != "txt2img" or prediction_type is not None:
             raise ValueError(f"{arch}: only task='txt2img' with its own prediction type")
         return random_dit_pipeline(arch, scale, seed, sample_size, device=device, dtype=dtype)
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(ARCHS + DIT_ARCHS + WAN_ARCHS)}")
+        raise ValueError(f"unknown arch {arch!r}; allowed: "
+                         f"{', '.join(ARCHS + DIT_ARCHS + BEDS_2026 + WAN_ARCHS)}")
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
     if not 0 < scale <= 1:
@@ -783,3 +798,451 @@ def wan_pipeline(arch: str = "wan", scale: float = 0.05, seed: int = 0, size: st
         return diffusers.WanPipeline(transformer_2=transformers_[1], boundary_ratio=0.875,
                                      **common)
     return diffusers.WanPipeline(**common)
+
+
+# ====================================================================== the 2026 families
+# Flux.2 (dev, klein), Qwen-Image (+ Edit), Z-Image, Chroma and Flux.1 Kontext. Their text
+# encoders are LLMs whose vocabularies cannot be had here, so their tokenizers are byte-level BPE
+# models trained locally with the ``tokenizers`` library (:func:`qwen_tokenizer`,
+# :func:`mistral_tokenizer`): the real pre-tokenizer split, the real special tokens and the chat
+# templates the pipelines apply, a vocabulary of a few hundred pieces.
+
+BEDS_2026 = ("flux2", "flux2-klein", "qwen-image", "qwen-image-edit", "z-image", "chroma",
+             "flux-kontext")
+KLEIN_VARIANTS = ("4b", "9b", "base-4b", "base-9b")
+
+# Qwen2's pre-tokenizer split (the GPT-4-style regex of Qwen2 / Qwen2.5 / Qwen3's tokenizer.json).
+_QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Tekken's (Mistral-Small-3.x) split: cased words kept whole, "/" joins the trailing newlines.
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<think>", "</think>")
+# Tekken's control tokens at their real ids 0..18 ("<pad>" is 11; unused ones keep their slot).
+_MISTRAL_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]",
+                     "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]",
+                     "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
+                     "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
+# Qwen3's chat template, the part the pipelines use: string messages, the generation prompt and
+# the empty think block that ``enable_thinking=False`` adds (Flux.2 klein; Z-Image passes True).
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
+# Mistral-Small-3.1's template, the part Flux2Pipeline uses: a system prompt, user turns whose
+# content is a list of text / image chunks ("[IMG]" where the processor expands an image).
+MISTRAL_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
+    "{%- else %}{%- set text = namespace(s='') %}"
+    "{%- for chunk in message['content'] %}"
+    "{%- if chunk['type'] == 'text' %}{%- set text.s = text.s + chunk['text'] %}"
+    "{%- else %}{%- set text.s = text.s + '[IMG]' %}{%- endif %}{%- endfor %}"
+    "{%- set text = text.s %}{%- endif %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' + text + '[/INST]' }}"
+    "{%- else %}{{- text + eos_token }}{%- endif %}"
+    "{%- endfor %}")
+
+
+def _template_texts() -> list[str]:
+    """The fixed texts the 2026 pipelines put around a prompt (system prompts, templates), so
+    that the local BPE learns their words whole as the real vocabularies hold them."""
+    import ast
+    import inspect
+    import textwrap
+
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import QwenImageEditPipeline
+
+    texts = [SYSTEM_MESSAGE]
+    for cls in (QwenImagePipeline, QwenImageEditPipeline):
+        # an instance attribute set in __init__: read it from the source, without building one
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.__init__)))
+        texts += [ast.literal_eval(node.value) for node in ast.walk(tree)
+                  if isinstance(node, ast.Assign) and ast.unparse(node.targets[0])
+                  == "self.prompt_template_encode"]
+    return texts
+
+
+@functools.lru_cache(maxsize=None)  # a fraction of a second's training, once per process
+def _byte_bpe(split: str, specials: tuple[str, ...]) -> str:
+    """A byte-level BPE (``tokenizers``' JSON) trained on generated prompts and the pipelines'
+    template texts, ``split`` the pre-tokenizer's regex, ``specials`` the first ids."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=list(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_prompt_corpus() + _template_texts() * 20, trainer)
+    return tok.to_str()
+
+
+def qwen_tokenizer(max_length: int = 32768, chat_template: str | None = QWEN3_CHAT_TEMPLATE):
+    """A Qwen2/3-style ``Qwen2Tokenizer``: byte-level BPE with Qwen2's pre-tokenizer split and
+    its special tokens (``<|endoftext|>`` 0 pads, ``<|im_start|>``, ``<|im_end|>``,
+    ``<|vision_start|>``, ``<|image_pad|>``, ..., ``<think>``), Qwen3's chat template, trained
+    locally (the real 151k vocabulary cannot be had here). Every word of the pipelines' fixed
+    texts is one piece, as in the real vocabulary, so Qwen-Image's template prefixes are the 34
+    / 64 tokens the pipelines drop."""
+    import json
+
+    from transformers import Qwen2Tokenizer
+
+    model = json.loads(_byte_bpe(_QWEN_SPLIT, _QWEN_SPECIALS))["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, unk_token=None,
+                         model_max_length=max_length)
+    tok.add_special_tokens({"additional_special_tokens": list(_QWEN_SPECIALS[1:])})
+    tok.chat_template = chat_template
+    return tok
+
+
+def mistral_tokenizer(max_length: int = 131072):
+    """Mistral-Small-3.1's tokenizer as ``Flux2Pipeline`` uses it: a byte-level BPE with
+    Tekken's pre-tokenizer split, its control tokens at their real ids (``<s>`` 1, ``</s>`` 2,
+    ``[INST]`` 3, ``[IMG]`` 10, ``<pad>`` 11, ``[SYSTEM_PROMPT]`` 17) and the chat template's
+    system / user turns; trained locally (the real 131k Tekken vocabulary cannot be had here).
+
+    The real pipeline holds a ``PixtralProcessor`` around the tokenizer; that class needs
+    torchvision, which is not installed here. ``Flux2Pipeline``'s text path calls only
+    ``tokenizer.apply_chat_template(conversations, tokenize=True, padding="max_length", ...)``,
+    which the tokenizer answers as the processor does for text-only conversations; the prompt
+    upsampling path (``caption_upsample_temperature``: generation, images) is not served."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_byte_bpe(_TEKKEN_SPLIT, _MISTRAL_SPECIALS)),
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        model_max_length=max_length, chat_template=MISTRAL_CHAT_TEMPLATE)
+    tok.add_special_tokens({"additional_special_tokens": list(_MISTRAL_SPECIALS[3:])})
+    return tok
+
+
+# The real configs. Transformers: diffusers' conversion script convert_flux2_to_diffusers.py
+# (FLUX.2-dev, klein 4B / 9B; dev is also Flux2Transformer2DModel's defaults); the class defaults
+# of QwenImageTransformer2DModel (Qwen/Qwen-Image), ZImageTransformer2DModel
+# (Tongyi-MAI/Z-Image-Turbo) and ChromaTransformer2DModel (lodestones/Chroma1-HD) -- each gives
+# the published size (32.2B, 3.9B, 9.1B, 20.4B, 6.2B, 8.9B, tests/test_testbeds_2026.py).
+# VAEs: AutoencoderKLFlux2's and AutoencoderKLQwenImage's defaults (what the conversion loads);
+# Z-Image and Chroma use Flux.1's 16-channel VAE. Text encoders: the hub configs of
+# mistralai/Mistral-Small-3.1-24B-Instruct-2503, Qwen/Qwen3-4B, Qwen/Qwen3-8B,
+# Qwen/Qwen2.5-VL-7B-Instruct and google/t5-v1_1-xxl.
+_FLUX2_DEV = dict(num_layers=8, num_single_layers=48, num_attention_heads=48,
+                  joint_attention_dim=15360, guidance_embeds=True)
+_FLUX2_KLEIN = {
+    "4b": dict(num_layers=5, num_single_layers=20, num_attention_heads=24,
+               joint_attention_dim=7680, guidance_embeds=False),
+    "9b": dict(num_layers=8, num_single_layers=24, num_attention_heads=32,
+               joint_attention_dim=12288, guidance_embeds=False),
+}
+_MISTRAL_SMALL_31 = dict(
+    text=dict(hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
+              num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072,
+              max_position_embeddings=131072, rope_theta=1e9, sliding_window=None),
+    vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                num_attention_heads=16, head_dim=64, patch_size=14, image_size=1540,
+                rope_theta=10000.0),
+)
+_QWEN3 = {  # Qwen3-4B (klein 4B, Z-Image) and Qwen3-8B (klein 9B)
+    "4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               tie_word_embeddings=True),
+    "9b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               tie_word_embeddings=False),
+}
+_QWEN25_VL_7B = dict(
+    text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+              num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+              max_position_embeddings=128000, rope_theta=1e6, mrope_section=(16, 24, 24)),
+    vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                out_hidden_size=3584, patch_size=14, spatial_merge_size=2,
+                temporal_patch_size=2, window_size=112, fullatt_block_indexes=(7, 15, 23, 31),
+                tokens_per_second=2),
+)
+_FLUX2_SCHEDULER = _FLUX_DEV["scheduler"]  # the conversion script takes FLUX.1-dev's
+# Qwen/Qwen-Image's scheduler_config.json: exponential time shift, resolution-dependent mu
+_QWEN_IMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True,
+                             base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                             max_image_seq_len=8192, shift_terminal=0.02,
+                             time_shift_type="exponential")
+_Z_IMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+
+# shrunk (scale < 1): transformer heads 2 x 16, text encoders 32 wide (2 heads, 1 KV head)
+_HEADS, _HEAD_DIM, _TEXT_WIDTH = 2, 16, 32
+
+
+def _count(n: int, scale: float) -> int:
+    return n if scale >= 1 else max(2, round(n * scale))
+
+
+def _small_llm(cfg: dict, vocab: int, layers: int | None = None) -> dict:
+    """A real LLM config made 32 wide (2 heads of 16, 1 KV head), its vocabulary the local
+    tokenizer's, ``layers`` deep (default: the real depth, where the pipeline reads hidden
+    states by index)."""
+    return dict(cfg, hidden_size=_TEXT_WIDTH, intermediate_size=2 * _TEXT_WIDTH,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=_TEXT_WIDTH // 2,
+                vocab_size=vocab, num_hidden_layers=layers or cfg["num_hidden_layers"])
+
+
+def _mistral3(scale: float, vocab: int):
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    text, vision = dict(_MISTRAL_SMALL_31["text"]), dict(_MISTRAL_SMALL_31["vision"])
+    if scale < 1:  # Flux.2 reads hidden states 10, 20 and 30 of 40: the real depth stays
+        text = _small_llm(text, vocab)
+        vision.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, head_dim=8)
+    config = Mistral3Config(text_config=dict(text, model_type="mistral"),
+                            vision_config=dict(vision, model_type="pixtral"),
+                            image_token_index=10, spatial_merge_size=2,
+                            multimodal_projector_bias=False, projector_hidden_act="gelu",
+                            vision_feature_layer=-1, tie_word_embeddings=False)
+    config.text_config.pad_token_id = 11
+    return Mistral3ForConditionalGeneration(config)
+
+
+def _qwen3(size: str, scale: float, vocab: int, causal_lm: bool, layers: int | None = None):
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    cfg = dict(_QWEN3[size], vocab_size=151936, max_position_embeddings=40960, rope_theta=1e6,
+               rms_norm_eps=1e-6)
+    if scale < 1:
+        cfg = _small_llm(cfg, vocab, layers)
+    config = Qwen3Config(pad_token_id=0, bos_token_id=None, eos_token_id=2, **cfg)
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
+
+
+def _qwen25_vl(scale: float, tok):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text, vision = dict(_QWEN25_VL_7B["text"]), dict(_QWEN25_VL_7B["vision"])
+    mrope = text.pop("mrope_section")
+    if scale < 1:  # Qwen-Image reads the last hidden state: two layers do
+        text = _small_llm(text, len(tok), layers=2)
+        text.pop("head_dim")
+        mrope = (2, 3, 3)  # halves of the 16-wide heads' rotary, as (16, 24, 24) of 128
+        vision.update(depth=2, hidden_size=16, intermediate_size=32, num_heads=2,
+                      out_hidden_size=_TEXT_WIDTH, fullatt_block_indexes=(1,))
+    rope = dict(rope_type="default", mrope_section=list(mrope), rope_theta=text.pop("rope_theta"))
+    ids = {name: tok.convert_tokens_to_ids(piece) if scale < 1 else real
+           for name, piece, real in (("image_token_id", "<|image_pad|>", 151655),
+                                     ("video_token_id", "<|video_pad|>", 151656),
+                                     ("vision_start_token_id", "<|vision_start|>", 151652),
+                                     ("vision_end_token_id", "<|vision_end|>", 151653))}
+    if scale < 1:  # <|endoftext|> / <|im_end|> as in the real config, the local tokenizer's ids
+        text.update(bos_token_id=0, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    config = Qwen2_5_VLConfig(text_config=dict(text, rope_parameters=rope),
+                              vision_config=vision, **ids)
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def _qwen2vl_processor(tok):
+    """Qwen2.5-VL's processor (14-px patches merged 2x2 into ``<|image_pad|>`` tokens, the PIL
+    image processor) for images only: transformers' video processors need torchvision, which
+    is not installed here, and ``Qwen2VLProcessor`` insists on one; the Qwen-Image pipelines
+    never pass videos."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+    class Qwen2VLImageProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template, **kwargs)
+
+    return Qwen2VLImageProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tok)
+
+
+def _flux2_vae(scale: float):
+    import diffusers
+
+    if scale >= 1:
+        return diffusers.AutoencoderKLFlux2()
+    return diffusers.AutoencoderKLFlux2(block_out_channels=(16, 16, 16, 16), layers_per_block=1,
+                                        norm_num_groups=8)
+
+
+def _qwen_vae(scale: float):
+    import diffusers
+
+    if scale >= 1:
+        return diffusers.AutoencoderKLQwenImage()
+    return diffusers.AutoencoderKLQwenImage(base_dim=4, num_res_blocks=1)  # Edit encodes 1 MP
+
+
+def _components_2026(arch: str, scale: float, variant: str | None) -> dict:
+    """The components of one 2026 bed (see :func:`pipeline_2026`), built on the current
+    default device."""
+    import diffusers
+
+    small = scale < 1
+    heads = dict(num_attention_heads=_HEADS, attention_head_dim=_HEAD_DIM) if small else {}
+    if arch == "flux2":
+        tok = mistral_tokenizer(max_length=512)
+        text = _mistral3(scale, len(tok))
+        cfg = dict(_FLUX2_DEV, joint_attention_dim=3 * text.config.text_config.hidden_size)
+        if small:
+            cfg.update(heads, num_layers=_count(8, scale), num_single_layers=_count(48, scale),
+                       axes_dims_rope=(4, 4, 4, 4))
+        return dict(transformer=diffusers.Flux2Transformer2DModel(**cfg), vae=_flux2_vae(scale),
+                    text_encoder=text, tokenizer=tok,
+                    scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**_FLUX2_SCHEDULER))
+    if arch == "flux2-klein":
+        variant = variant or "4b"
+        if variant not in KLEIN_VARIANTS:
+            raise ValueError(f"unknown flux2-klein variant {variant!r}; allowed: "
+                             f"{', '.join(KLEIN_VARIANTS)}")
+        size = variant[-2:]
+        tok = qwen_tokenizer(max_length=512)
+        text = _qwen3(size, scale, len(tok), causal_lm=True)
+        cfg = dict(_FLUX2_KLEIN[size], joint_attention_dim=3 * text.config.hidden_size)
+        if small:
+            cfg.update(heads, num_layers=_count(cfg["num_layers"], scale),
+                       num_single_layers=_count(cfg["num_single_layers"], scale),
+                       axes_dims_rope=(4, 4, 4, 4))
+        return dict(transformer=diffusers.Flux2Transformer2DModel(**cfg), vae=_flux2_vae(scale),
+                    text_encoder=text, tokenizer=tok, is_distilled=not variant.startswith("base"),
+                    scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**_FLUX2_SCHEDULER))
+    if arch in ("qwen-image", "qwen-image-edit"):
+        tok = qwen_tokenizer(chat_template=None)  # the pipelines format their own template
+        text = _qwen25_vl(scale, tok)
+        cfg = dict(joint_attention_dim=text.config.text_config.hidden_size)
+        if small:
+            cfg.update(heads, num_layers=_count(60, scale), axes_dims_rope=(4, 6, 6))
+        out = dict(transformer=diffusers.QwenImageTransformer2DModel(**cfg), vae=_qwen_vae(scale),
+                   text_encoder=text, tokenizer=tok,
+                   scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**_QWEN_IMAGE_SCHEDULER))
+        if arch == "qwen-image-edit":
+            out["processor"] = _qwen2vl_processor(tok)
+        return out
+    if arch == "z-image":
+        tok = qwen_tokenizer(max_length=512)
+        text = _qwen3("4b", scale, len(tok), causal_lm=False, layers=2)  # reads hidden_states[-2]
+        cfg = dict(cap_feat_dim=text.config.hidden_size)
+        if small:
+            cfg.update(dim=_HEADS * _HEAD_DIM, n_heads=_HEADS, n_kv_heads=_HEADS,
+                       n_layers=_count(30, scale), n_refiner_layers=1, axes_dims=[4, 6, 6])
+        return dict(transformer=diffusers.ZImageTransformer2DModel(**cfg),
+                    vae=_flow_vae(_FLUX_DEV["vae"], scale), text_encoder=text, tokenizer=tok,
+                    scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**_Z_IMAGE_SCHEDULER))
+    if arch == "chroma":
+        tok = t5_tokenizer(max_length=512)
+        t5 = _t5(scale, _shrink(4096, scale / 2) if small else _T5_XXL["d_model"], len(tok))
+        cfg = dict(joint_attention_dim=t5.config.d_model)
+        if small:
+            cfg.update(heads, num_layers=_count(19, scale), num_single_layers=_count(38, scale),
+                       axes_dims_rope=(4, 6, 6), approximator_hidden_dim=32,
+                       approximator_layers=1)
+        return dict(transformer=diffusers.ChromaTransformer2DModel(**cfg),
+                    vae=_flow_vae(_FLUX_DEV["vae"], scale), text_encoder=t5, tokenizer=tok,
+                    scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**_FLUX_DEV["scheduler"]))
+    raise ValueError(f"unknown arch {arch!r}")
+
+
+def pipeline_2026(arch: str = "flux2", scale: float = 0.05, seed: int = 0,
+                  sample_size: int | None = None, variant: str | None = None,
+                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A random-weight pipeline of a 2026 family; :func:`random_pipeline` dispatches here.
+
+    Args:
+        arch: "flux2" (``Flux2Pipeline``: FLUX.2-dev's 8 double + 48 single blocks of 48 heads,
+            Mistral-Small-3.1 as ``Mistral3ForConditionalGeneration``, hidden states 10 / 20 /
+            30 stacked into 3 x 5120 text features, AutoencoderKLFlux2), "flux2-klein"
+            (``Flux2KleinPipeline``, ``Qwen3ForCausalLM``, hidden states 9 / 18 / 27),
+            "qwen-image" (``QwenImagePipeline``: 60 joint blocks, Qwen2.5-VL-7B's last hidden
+            state, AutoencoderKLQwenImage), "qwen-image-edit" (``QwenImageEditPipeline``, the
+            same components plus a ``Qwen2VLProcessor``: the reference image goes through
+            Qwen2.5-VL's vision tower and, as latents, beside the noise), "z-image"
+            (``ZImagePipeline``: Z-Image-Turbo's single stream of 30 blocks after 2 + 2 refiner
+            blocks, ``Qwen3Model`` hidden_states[-2], Flux.1's VAE), "chroma"
+            (``ChromaPipeline``: Chroma1-HD, T5-XXL only, Flux.1's VAE) or "flux-kontext"
+            (``FluxKontextPipeline`` on FLUX.1-Kontext-dev, which has Flux.1-dev's
+            configs: :func:`flux_pipeline`'s components).
+        scale: 1.0 the real sizes (build them with ``device="meta"``); below, transformers of
+            2 heads x 16 with ``round(blocks * scale)`` (at least 2) blocks of each kind, text
+            encoders 32 wide (2 heads; the real depth where the pipeline reads hidden states by
+            index: Mistral 40, Qwen3 36 layers; else 2), small VAEs with the real latent
+            channels and scaling.
+        sample_size: the latent size (default 4 below scale 1: 32-px images; the real
+            pipelines' 128, 1024 px, at scale 1). ``default_sample_size`` of the pipeline.
+        variant: "flux2-klein" only: "4b" (default; step-distilled, no CFG), "9b",
+            "base-4b" or "base-9b" (undistilled: true CFG with a second call).
+        device: "meta" builds every module on the meta device (no memory; for sizes).
+
+    The tokenizers are local (:func:`mistral_tokenizer`, :func:`qwen_tokenizer`,
+    :func:`t5_tokenizer`); the text encoders' token ids (pad, image / vision markers) are those
+    tokenizers' at ``scale < 1`` and the real ones at ``scale=1``.
+    """
+    import diffusers
+
+    if arch not in BEDS_2026:
+        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(BEDS_2026)}")
+    if variant is not None and arch != "flux2-klein":
+        raise ValueError(f"variant is for flux2-klein only, not {arch!r}")
+    if not 0 < scale <= 1:
+        raise ValueError(f"scale must be in (0, 1], got {scale}")
+    torch.manual_seed(seed)
+    meta = torch.device(device).type == "meta"
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        if arch == "flux-kontext":
+            pipe = flux_pipeline(scale, seed=seed, sample_size=sample_size)
+            pipe = diffusers.FluxKontextPipeline(**pipe.components)
+        else:
+            components = _components_2026(arch, scale, variant)
+            cls = {"flux2": "Flux2Pipeline", "flux2-klein": "Flux2KleinPipeline",
+                   "qwen-image": "QwenImagePipeline", "qwen-image-edit": "QwenImageEditPipeline",
+                   "z-image": "ZImagePipeline", "chroma": "ChromaPipeline"}[arch]
+            pipe = getattr(diffusers, cls)(**components)
+    for module in pipe.components.values():  # as from_pretrained leaves them (T5 has dropout)
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    if (scale < 1 or sample_size is not None) and arch != "z-image":  # Z-Image: 1024 px fixed
+        pipe.default_sample_size = sample_size or 4
+    if meta:
+        return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
+    return _finish(pipe, device, dtype)
+
+
+def reference_image(size: int = 32, seed: int = 0):
+    """A seeded random RGB ``PIL.Image`` of ``size`` x ``size`` px: the editing beds' input."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.RandomState(seed).randint(0, 256, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def call_kwargs_2026(arch: str, steps: int = 2, size: int = 32, seed: int = 0, **overrides) -> dict:
+    """The keywords of a fast call of a :func:`pipeline_2026` bed: ``steps`` steps of a
+    ``size``-px image, a seeded generator, the reference image for the editing beds.
+
+    Where the pipelines would resize: Z-Image defaults to 1024 px (height / width given here);
+    Kontext scales its output to ``max_area`` (1024² by default) and snaps the reference to a
+    preferred ~1 MP resolution unless ``_auto_resize=False``; Qwen-Image-Edit always resizes the
+    reference to ~1 MP (its VAE encode of 1024² px dominates that bed's run: ~6 s on one CPU
+    thread) and gives the output its size unless height / width are given.
+    """
+    if arch not in BEDS_2026:
+        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(BEDS_2026)}")
+    kw = dict(prompt="a red cat on the beach", num_inference_steps=steps, height=size,
+              width=size, generator=torch.Generator().manual_seed(seed), output_type="latent")
+    if arch in ("qwen-image-edit", "flux-kontext"):
+        kw["image"] = reference_image(size, seed)
+    if arch == "flux-kontext":
+        kw.update(_auto_resize=False, max_area=size * size)
+    kw.update(overrides)
+    return kw

@@ -18,6 +18,7 @@ import math
 import torch
 
 from sdlens.analysis.tokens import IMAGE_PROMPT_POSITION
+from sdlens.trace.compact import dtype_name, host_maps, stack_maps, stored_dtype
 from sdlens.trace.maps import AttentionMaps, ConceptMaps
 
 #: the kinds of map a call can record, in the order the Trace lists them
@@ -61,6 +62,20 @@ class MapCollector:
         self.steps: list[int] = []
         self.n_tokens: int | None = None  # the token axis's length every site must have
         self.image_tokens: tuple[int, ...] = ()  # image-prompt tokens per IP-Adapter
+        self.info: dict = {}  # concept maps: how they were computed (ConceptMaps.info)
+        self.only: set[str] | None = None  # the sites this kind can have (None: every one)
+
+    def selected(self) -> list[str]:
+        """The call's selected sites that this kind can have maps at."""
+        sel = self.run.selected
+        return sel if self.only is None else [l for l in sel if l in self.only]
+
+
+    @property
+    def dtype(self):
+        """How the maps are kept (the run's ``attention_dtype``, "auto" resolved at the first
+        denoiser call)."""
+        return stored_dtype(self.kind, self.run.opts.attention_dtype)
 
     def key(self, layer: str) -> str:
         return layer if self.kind == "attention" else f"{self.kind} {layer}"
@@ -74,9 +89,9 @@ class MapCollector:
     def request(self, layer: str):
         """(rows, tokens, keep_heads, dtype) to compute at this site call, or None."""
         run = self.run
-        if not run.recording() or layer not in run.selected or self.skipped(layer):
+        if not run.recording() or layer not in self.selected() or self.skipped(layer):
             return None
-        return run.rows, run.n_tokens, run.opts.heads, run.opts.attention_dtype
+        return run.rows, run.n_tokens, run.opts.heads, self.dtype
 
     def put(self, layer: str, maps: torch.Tensor, image_tokens: tuple[int, ...] = ()) -> None:
         """maps: (n, [heads,] T, HW) on the device (video: (n, [heads,] T, FHW))."""
@@ -93,12 +108,12 @@ class MapCollector:
     def end_step(self) -> None:
         """At a recorded step's ``scheduler.step``: the step's maps to the host."""
         run = self.run
-        for layer in run.selected:
+        for layer in self.selected():
             t = self.pending.get(layer)
             if t is None and not self.skipped(layer):
                 self.skip(layer, f"not called (or not recorded) at step {run.step}")
             if not self.skipped(layer):
-                self.chunks.setdefault(layer, []).append(run._host(t, t.dtype, owned=True))
+                self.chunks.setdefault(layer, []).append(host_maps(t, run._host))
         self.steps.append(run.step)
         self.pending = {}
 
@@ -125,26 +140,22 @@ class MapCollector:
         if not self.steps and self.kind != "attention":
             return None
         layers = {}
-        dtype = run.opts.attention_dtype
-        for layer in run.selected:
+        for layer in self.selected():
             chunks = self.chunks.get(layer)
             if self.skipped(layer) or (chunks and len(chunks) != len(self.steps)):
                 continue
+            if not chunks and self.kind != "attention":
+                continue
+            empty = (run.batch,) + ((1,) if run.opts.heads else ()) + (len(self.positions()),)
             grid = tuple(run.resolutions[layer])  # (h, w); video (F, h, w)
-            if not chunks:
-                if self.kind != "attention":
-                    continue
-                rows = len(self.positions())
-                shape = (0, run.batch) + ((1,) if run.opts.heads else ()) + (rows, math.prod(grid))
-                t = torch.zeros(shape, dtype=dtype)
-            else:
-                t = torch.stack(chunks)  # (S, B, [heads,] T, HW)
-            layers[layer] = t.unflatten(-1, grid)  # the patches are flattened row-major
+            layers[layer] = stack_maps(chunks or [], grid, empty,
+                                       self.dtype)  # (S, B, [heads,] T, h, w); video T, F, h, w
         self.chunks = {}
         res = {l: run.resolutions[l] for l in layers}
-        name = str(dtype).replace("torch.", "")
+        name = dtype_name(self.dtype)
         if self.concepts is not None:
-            return ConceptMaps(layers, res, self.steps, self.concepts, family=family, dtype=name)
+            return ConceptMaps(layers, res, self.steps, self.concepts, family=family, dtype=name,
+                               **self.info)
         return AttentionMaps(layers, res, self.steps, self.positions(), run.opts.heads,
                              family=family, dtype=name)
 
@@ -170,6 +181,16 @@ class Maps:
 
     def skip(self, kind: str, layer: str, what: str) -> None:
         self.by_kind[kind].skip(layer, what)
+
+    def describe(self, kind: str, sites: Sequence[str] | None = None, **info) -> None:
+        """How the maps of ``kind`` are computed (concept maps: ``method``, ``default_layers``,
+        ``default_steps``: :class:`~sdlens.trace.maps.ConceptMaps`); ``sites``: the only sites
+        it has maps at (the concept pass's blocks), the call's other selected sites left out
+        without a warning."""
+        if kind in self.by_kind:
+            self.by_kind[kind].info.update(info)
+            if sites is not None:
+                self.by_kind[kind].only = set(sites)
 
     def rows(self) -> slice | None:
         """The batch rows to compute at this denoiser call; None: nothing recorded now."""

@@ -39,6 +39,7 @@ import warnings
 import torch
 from einops import rearrange
 
+from sdlens.analysis.guidance import check_guidance_scale
 from sdlens.analysis.tokens import check_user_tokens, image_prompt_tokens, tokenize_segments
 from sdlens.engine import schedules as sched_hooks
 from sdlens.engine.arch import BackboneAdapter, adapter_for
@@ -48,7 +49,7 @@ from sdlens.engine.options import (RecordOptions, TraceTooLarge, default_max_byt
                                    estimate_trace_bytes, human_bytes, map_steps)
 from sdlens.engine.sites import Hooks, KernelSeam, MapRecorder, reweighting
 from sdlens.engine.text import text_axis
-from sdlens.pipeline import pipeline_task
+from sdlens.pipeline import pipeline_task, recommended_settings
 from sdlens.trace.core import Trace
 from sdlens.trace.maps import resolve_layers
 from sdlens.trace.steps import select_steps
@@ -234,6 +235,8 @@ class _Run:
         est = self.estimate_bytes()
         total = sum(est.values())
         self.estimated = est
+        if self.opts.attention_dtype == "auto":  # the storage the estimate chose, from now on
+            self.opts = dataclasses.replace(self.opts, attention_dtype=est.attention_dtype)
         limit = self.opts.max_bytes if self.opts.max_bytes is not None else default_max_bytes()
         if total > limit:
             parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in est.items() if v)
@@ -430,6 +433,7 @@ class _Run:
             "num_images_per_prompt": p.get("num_images_per_prompt") or 1,
             "device": str(denoiser.device), "dtype": str(denoiser.dtype).replace("torch.", ""),
             "options": self.opts.to_dict(), "estimated_bytes": self.estimated,
+            "estimated_storage": dict(getattr(self.estimated, "storage", {}) or {}),
             "denoiser_calls": self.denoiser_calls,
             "text_length": self.session.adapter.text_length(p),  # None: the tokenizer's (77)
             **({"skipped": dict(self.skipped)} if self.skipped else {}),
@@ -625,7 +629,8 @@ class _Session:
                     hooks.forward_pre_hook(model, before, with_kwargs=True)
                     hooks.forward_hook(model, after, with_kwargs=True)
                 if self.options.concepts:  # after `before`: its blocks see this step's state
-                    ConceptPass(adapter, self.options.concepts, run.maps, full).install(hooks)
+                    ConceptPass(adapter, self.options.concepts, run.maps, full,
+                                self.options.concept_method).install(hooks)
                 control = getattr(pipe, "controlnet", None)
                 if "controlnet" in self.options.record and control is not None:
                     nets = list(getattr(control, "nets", None) or [control])
@@ -774,9 +779,11 @@ def trace(pipe, options: RecordOptions | None = None, tokens=None, **kwargs):
             or not; with or without a tokenizer). Other pipelines raise TypeError naming the
             supported ones.
         options: a :class:`RecordOptions`; keyword arguments (``record``, ``layers``, ``steps``,
-            ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``, ``concepts``)
-            override its fields. ``concepts=["circle", "background"]`` (SD3 / SD3.5, Flux.1) records
-            concept maps (:mod:`sdlens.engine.joint`, ``trace.concepts``); other backbones raise
+            ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``, ``concepts``,
+            ``concept_method``) override its fields. ``concepts=["circle", "background"]`` (SD3 /
+            SD3.5, Flux.1) records concept maps (:mod:`sdlens.engine.joint`, ``trace.concepts``),
+            by default as ConceptAttention's code computes them (``concept_method=
+            "conceptattention"``; ``"sdlens"``: sdlens's own variant); other backbones raise
             TypeError.
         tokens: for calls made with ``prompt_embeds`` (and no ``prompt``): the token strings
             the embeddings were made from, position by position (``["<|startoftext|>", "a</w>",
@@ -827,8 +834,11 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
             seed, recorded in ``trace.meta['seeds']``). Outside that range is an error: torch
             would wrap a negative seed silently.
         steps: ``num_inference_steps``.
-        guidance_scale: classifier-free guidance scale (None: the pipeline's default; <= 1 turns
-            guidance off, below 1 with a warning). Flux: the distilled guidance value the
+        guidance_scale: classifier-free guidance scale (None: the model's recommended value
+            where its folder has one (:func:`sdlens.recommended_settings`: the shipped
+            "shapes-mmdit"), else the pipeline's default; <= 1 turns guidance off, below 1 with a
+            warning; NaN / inf: ValueError). The model's other recommended call settings (e.g.
+            ``max_sequence_length``) apply unless given. Flux: the distilled guidance value the
             transformer is given (true CFG: ``true_cfg_scale=`` and ``negative_prompt=``).
         negative_prompt: a negative prompt (or one per prompt).
         height, width: image size in pixels (None: the model's default).
@@ -876,6 +886,13 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
         raise ValueError(f"seed must be an int, a list of ints or None, got {seed!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    guidance_scale = check_guidance_scale(guidance_scale)  # NaN would run unguided, silently
+    recommended = recommended_settings(pipe)  # the model's own (its card's) call settings
+    if guidance_scale is None and "guidance_scale" in recommended:
+        guidance_scale = float(recommended["guidance_scale"])
+    for key, value in recommended.items():
+        if key not in ("guidance_scale", "num_inference_steps"):
+            kwargs.setdefault(key, value)
     if guidance_scale is not None and float(guidance_scale) < 1 \
             and adapter_for(pipe).cfg_by_default:  # not Flux's distilled guidance value
         # diffusers guides only above 1; below it runs unguided, as 1 does (1 is the usual

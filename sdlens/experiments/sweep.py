@@ -7,6 +7,8 @@
 >>> grid.traces[2, 1]             # its (light) Trace
 >>> grid.plot()                   # a labelled matplotlib figure, like A1111's X/Y/Z plot
 >>> grid.save("grid.sdlens"); sdlens.load("grid.sdlens")
+>>> grid = sdlens.sweep(pipe, ..., out="runs/x")  # a resumable folder; sdlens.load_sweep("runs/x")
+>>> grid.table()                  # pandas DataFrame: one row of measures per cell
 
 How the cells are run
 ---------------------
@@ -33,7 +35,11 @@ call per (steps, scheduler, cfg on/off) group is refused with a ValueError inste
 
 Under ``accelerate launch`` (more than one process) the batches are shared among the processes
 and the cells gathered on every process; ``sdlens sweep`` writes its outputs on the main process
-only. Load the pipeline on ``accelerate.PartialState().device`` in each process. On GPUs:
+only. With a sweep folder (``out=DIR``, ``sdlens sweep --folder DIR``;
+:mod:`sdlens.experiments.sweep_folder`) nothing is gathered: each process writes the cells it
+runs to the folder as they finish, and every process returns the folder's lazy grid
+(:func:`load_sweep`); running the sweep again resumes it. Load the pipeline on
+``accelerate.PartialState().device`` in each process. On GPUs:
 ``accelerate launch --multi_gpu --num_processes N -m sdlens.experiments.sweep "PROMPT" ...``; on CPUs the same
 command works (the processes use gloo; accelerate's ``--cpu`` flag alone starts one process
 unless mpirun is configured), as does ``torchrun --nproc_per_node N -m sdlens.experiments.sweep ...``.
@@ -43,11 +49,14 @@ Axis syntax (A1111's X/Y/Z plot), for the CLI and for string arguments: see :fun
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import os
 import re
+import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -60,7 +69,10 @@ from sdlens.engine.batch import Cell, batch_record_options, plan_batches, run_ba
 from sdlens.engine.options import (RecordOptions, default_memory_budget, estimate_cell_bytes,
                                    estimate_trace_bytes, latent_hw)
 from sdlens.engine.session import check_seed
-from sdlens.trace.core import Trace
+from sdlens.experiments.sweep_folder import (CELLS, MANIFEST, TABLE, LazyCells, SweepFolder,
+                                            cell_number, write_atomic)
+from sdlens.pipeline import recommended_settings
+from sdlens.trace.core import Trace, load as load_trace
 
 AXES = ("prompt", "scheduler", "steps", "guidance", "seed")  # canonical order, outermost first
 AXIS_LABELS = {"prompt": "", "scheduler": "", "steps": "steps ", "guidance": "CFG ", "seed": "seed "}
@@ -188,11 +200,12 @@ def _distributed_state():
     return state if state.num_processes > 1 else None
 
 
-def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales: Any = (7.5,),
+def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales: Any = None,
           steps: Any = 20, scheduler: Any = None, record: Any = "light",
           negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
           max_batch: int | None = None, memory_budget: int | None = None, chunk: bool = True,
-          progress: bool = True, keep_axes: Sequence[str] = (), **pipe_kwargs) -> "Grid":
+          progress: bool = True, keep_axes: Sequence[str] = (), out: str | os.PathLike | None = None,
+          **pipe_kwargs) -> "Grid":
     """Run a grid of prompt x guidance x seed (x steps x scheduler) and return a :class:`Grid`.
 
     Args:
@@ -200,6 +213,8 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
         prompts: one prompt or a list (the "prompt" axis).
         seeds: ints, or an axis string ``"0-7"`` (see :func:`parse_axis`).
         guidance_scales: floats or an axis string ``"1-13 [5]"``; ``<= 1`` runs without CFG.
+            None: the model's recommended scale (:func:`sdlens.pipeline.recommended_settings`,
+            e.g. the shipped MMDiT's 3), else 7.5.
         steps: int, list of ints or axis string (each value runs as separate calls).
         scheduler: None (the pipeline's), a short name (``sdlens.pipeline.SCHEDULERS``), or a
             list of them (separate calls per value; the pipeline's scheduler is restored).
@@ -208,13 +223,21 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
             engine's defaults: everything at every step), None (no traces, fastest) or a dict
             of ``sdlens.RecordOptions`` fields.
         negative_prompt, height, width, **pipe_kwargs: passed to every pipeline call
-            (``generator``, ``prompt_embeds``, ``output_type``, ... are set by the sweep).
+            (``generator``, ``prompt_embeds``, ``output_type``, ... are set by the sweep); the
+            model's other recommended settings (the MMDiT's ``max_sequence_length=0``) fill
+            what is not given.
         max_batch: at most this many cells per call.
         memory_budget: bytes a call may use (default :func:`default_memory_budget`).
         chunk: False refuses (ValueError) grids that need more than one call per group.
         progress: a tqdm progress bar (main process only).
         keep_axes: axes kept in ``grid.axes`` even with a single value (by default only axes
             with more than one value are axes; the others are ``grid.fixed``).
+        out: a folder (:mod:`sdlens.experiments.sweep_folder`): each cell is written there as it
+            finishes (trace file, PNG, record) and the grid returned opens the folder lazily
+            (:func:`load_sweep`). Running the same sweep again resumes it: finished cells are
+            skipped; another plan (axes, pipeline, recording options, pipeline arguments) is
+            refused with a ValueError naming the difference. Under ``accelerate launch`` each
+            process writes its share of the pending cells (no gather).
 
     Every cell equals the single run ``pipe(prompt, generator=torch.Generator().manual_seed(
     seed), guidance_scale=g, num_inference_steps=steps)`` within float rounding (on the CPU
@@ -227,6 +250,11 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
             raise TypeError(f"sweep sets {key!r} itself; pass it through the sweep's own arguments")
     if "image" in pipe_kwargs or "mask_image" in pipe_kwargs:
         pass  # img2img / inpaint: the same image for every cell
+    rec = recommended_settings(pipe)
+    if guidance_scales is None:
+        guidance_scales = (float(rec.get("guidance_scale", 7.5)),)
+    pipe_kwargs = {**{k: v for k, v in rec.items()
+                      if k not in ("guidance_scale", "num_inference_steps")}, **pipe_kwargs}
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:
         raise ValueError("prompts: the axis is empty; give at least one prompt")
@@ -271,8 +299,19 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
         adapter.embeds_guidance() or not adapter.cfg_by_default
     state = _distributed_state()
     nproc = state.num_processes if state else 1
+    full_shape = tuple(len(values[a]) for a in AXES)
+    keep = [a for a in AXES if len(values[a]) > 1 or a in keep_axes]
+    folder = None
+    todo = cells
+    if out is not None:
+        folder = SweepFolder.start(out, _manifest(pipe, values, negative_prompt, height, width,
+                                                  record_opts, pipe_kwargs, guidance, keep), state)
+        done = folder.records()
+        todo = [c for c in cells if cell_number(c.index, full_shape) not in done]
+        if state is not None:  # every process lists the same finished cells before any writes
+            state.wait_for_everyone()
     batches = plan_batches(
-        cells, lambda cfg: estimate_cell_bytes(pipe, height, width, cfg, trace_bytes), budget,
+        todo, lambda cfg: estimate_cell_bytes(pipe, height, width, cfg, trace_bytes), budget,
         max_batch=max_batch, chunk=chunk, split_guidance=split_guidance, min_batches=nproc)
     mine = batches[state.process_index::nproc] if state else batches
     # outer loop: the scheduler, then steps (A1111 puts the most expensive axis outside)
@@ -281,7 +320,7 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
     main = state is None or state.is_main_process
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(cells) if state is None else sum(len(b.cells) for b in mine),
+    bar = tqdm(total=len(todo) if state is None else sum(len(b.cells) for b in mine),
                disable=not progress or not main, desc="sweep", unit="cell")
     results: dict[tuple, tuple] = {}
     sched = _Scheduler(pipe)
@@ -289,14 +328,28 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
         for k in order:
             b = mine[k]
             sched.set(b.scheduler)
+            started, start = time.time(), time.perf_counter()
             images, traces = run_batch(pipe, b, negative_prompt, height, width, pipe_kwargs,
                                        record_opts)
+            seconds = (time.perf_counter() - start) / len(b.cells)
             for cell, img, tr in zip(b.cells, images, traces):
-                results[cell.index] = (img, tr)
+                if folder is not None:  # written now; nothing kept in memory
+                    folder.write_cell(cell_number(cell.index, full_shape), _settings(cell), img,
+                                      tr, seconds, started)
+                else:
+                    results[cell.index] = (img, tr)
             bar.update(len(b.cells))
     finally:
         sched.restore()
         bar.close()
+    if folder is not None:
+        if state is not None:
+            state.wait_for_everyone()
+        if main:
+            folder.write_index()
+        if state is not None:
+            state.wait_for_everyone()
+        return load_sweep(folder.path, keep_axes=keep)
     if state is not None:
         from accelerate.utils import gather_object
 
@@ -315,8 +368,6 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
     if len(results) != len(cells):
         raise RuntimeError(f"sweep: {len(results)} of {len(cells)} cells came back")
 
-    full_shape = tuple(len(values[a]) for a in AXES)
-    keep = [a for a in AXES if len(values[a]) > 1 or a in keep_axes]
     shape = tuple(len(values[a]) for a in keep)
     sample = next(iter(results.values()))[0]
     arrays = np.empty(full_shape + sample.shape, dtype=np.float32)
@@ -347,6 +398,44 @@ def _trace_bytes(pipe, record_opts, steps_list, height, width) -> int:
     opts = RecordOptions(**trace_options(record_opts, steps))
     return sum(estimate_trace_bytes(pipe, num_inference_steps=steps,
                                     latent_hw=latent_hw(pipe, height, width), options=opts).values())
+
+
+def _settings(cell: Cell) -> dict:
+    return {"prompt": cell.prompt, "scheduler": cell.scheduler, "steps": cell.steps,
+            "guidance": cell.guidance, "seed": cell.seed}
+
+
+def _plan_value(v):
+    """A pipeline argument as the manifest records it: JSON as is; images, arrays and tensors
+    by a hash of their content (so that a resume with the same image matches)."""
+    try:
+        json.dumps(v)
+        return v
+    except TypeError:
+        pass
+    if isinstance(v, (list, tuple)):
+        return [_plan_value(x) for x in v]
+    if callable(v) and not hasattr(v, "tobytes"):  # a step callback: by name (its repr has an address)
+        return f"callable {getattr(v, '__module__', '')}.{getattr(v, '__qualname__', type(v).__name__)}"
+    if hasattr(v, "tobytes") or isinstance(v, torch.Tensor):
+        data = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v
+        return f"{type(v).__name__} sha1:{hashlib.sha1(data.tobytes()).hexdigest()[:16]}"
+    return repr(v)
+
+
+def _manifest(pipe, values, negative_prompt, height, width, record_opts, pipe_kwargs, guidance,
+              keep) -> dict:
+    """A sweep folder's plan (:data:`sdlens.experiments.sweep_folder.PLAN_KEYS`) and layout."""
+    identity = _pipeline_meta(pipe)
+    denoiser = adapter_for(pipe).denoiser
+    config = json.dumps(dict(getattr(denoiser, "config", {}) or {}), sort_keys=True, default=str)
+    identity["denoiser_config_sha1"] = hashlib.sha1(config.encode()).hexdigest()[:16]
+    return {"axes": [[a, list(values[a])] for a in AXES], "negative_prompt": negative_prompt,
+            "height": height, "width": width,
+            "record": record_opts if record_opts is None or isinstance(record_opts, str)
+            else {k: _plan_value(v) for k, v in sorted(record_opts.items())},
+            "pipe_kwargs": {k: _plan_value(v) for k, v in sorted(pipe_kwargs.items())},
+            "pipeline": identity, "guidance": guidance, "keep": list(keep)}
 
 
 def _pipeline_meta(pipe) -> dict:
@@ -400,18 +489,28 @@ class Grid:
         images: object array of PIL images, ``axes shape`` (``grid.images[i, j]``).
         traces: object array of Traces (or None when recorded without traces).
         meta: how the grid was run.
+        folder: the sweep folder a grid from :func:`load_sweep` reads (else None). Its
+            ``arrays``, ``images`` and ``traces`` are then :class:`LazyCells`: each cell is read
+            from the folder when indexed and not kept (``arrays`` hold the 8-bit PNG / 255).
+        missing: bool ``axes shape``: the cells not run yet (a partial sweep).
+        problems: ``{index: one-line reason}`` of the cells found damaged so far.
     """
 
     kind = KIND
 
-    def __init__(self, axes: dict, fixed: dict, arrays: np.ndarray, traces: np.ndarray | None,
-                 meta: dict | None = None):
+    def __init__(self, axes: dict, fixed: dict, arrays: np.ndarray | LazyCells,
+                 traces: np.ndarray | LazyCells | None, meta: dict | None = None,
+                 images: LazyCells | None = None, missing: np.ndarray | None = None,
+                 problems: dict | None = None, folder: Path | None = None):
         self.axes = dict(axes)
         self.fixed = dict(fixed)
         self.arrays = arrays
         self.traces = traces
         self.meta = dict(meta or {})
-        self._images = None
+        self._images = images
+        self.missing = missing if missing is not None else np.zeros(self.shape, dtype=bool)
+        self.problems = problems if problems is not None else {}
+        self.folder = folder
 
     @property
     def shape(self) -> tuple:
@@ -452,6 +551,22 @@ class Grid:
                     else pil(self.arrays[idx])
             self._images = imgs
         return self._images
+
+    def status(self, index: Sequence[int] | int) -> str:
+        """"ok", "missing" (not run yet) or "damaged" (its reason: ``grid.problems[index]``)."""
+        index = (index,) if isinstance(index, (int, np.integer)) else tuple(index)
+        if self.missing[index]:
+            return "missing"
+        return "damaged" if index in self.problems else "ok"
+
+    def image_at(self, index: Sequence[int] | int):
+        """The PIL image of cell ``index``, or None where the cell is missing or damaged (the
+        reason goes to ``grid.problems``): what plots and viewers show as a gap."""
+        index = (index,) if isinstance(index, (int, np.integer)) else tuple(index)
+        try:
+            return self.images[index]
+        except ValueError:
+            return None
 
     def settings(self, index: Sequence[int] | int) -> dict:
         """The run settings of cell ``index``: prompt, scheduler, steps, guidance, seed."""
@@ -508,22 +623,27 @@ class Grid:
             rows = int(np.prod(shape[:-1]))
         fig, axs = plt.subplots(rows, cols, figsize=(cell_size * cols + 1.2 * bool(row_names) + 0.2,
                                                      cell_size * rows + 0.6), squeeze=False)
-        arrays = self.arrays
         if self.video:
-            n = arrays.shape[len(shape)]
+            n = self.arrays.shape[len(shape)]
             frame = n // 2 if frame is None else frame
             if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)) \
                     or not -n <= frame < n:
                 raise ValueError(f"frame={frame!r} is out of range: the clips have {n} frames")
-            arrays = arrays[(slice(None),) * len(shape) + (int(frame),)]
         elif frame is not None:
             raise ValueError("frame= is for a video grid (these cells are images)")
-        flat = arrays.reshape((rows, cols) + arrays.shape[len(shape):])
         row_idx = list(np.ndindex(*shape[:-1])) if len(shape) >= 2 else [()]
         for r in range(rows):
             for c in range(cols):
                 ax = axs[r, c]
-                ax.imshow(np.clip(flat[r, c], 0, 1), interpolation="nearest")
+                idx = row_idx[r] + ((c,) if shape else ())
+                try:  # one cell at a time: a folder's grid reads it now and lets it go
+                    cell = self.arrays[idx]  # a video grid's: (frames, H, W, 3)
+                    cell = cell[int(frame)] if self.video else cell
+                    ax.imshow(np.clip(cell, 0, 1), interpolation="nearest")
+                except ValueError:  # not run yet, or damaged: a labelled gap
+                    ax.set_facecolor("0.85")
+                    ax.text(0.5, 0.5, self.status(idx), ha="center", va="center",
+                            transform=ax.transAxes, fontsize=8, color="0.3")
                 ax.set_xticks([])
                 ax.set_yticks([])
                 for s in ax.spines.values():
@@ -539,7 +659,78 @@ class Grid:
                           if not (a == "scheduler" and v is None))
         fig.suptitle(title if title is not None else fixed, fontsize=10)
         fig.tight_layout()
+        if self.problems:
+            warnings.warn(f"{len(self.problems)} damaged cell(s) shown as gaps, e.g. "
+                          f"{next(iter(self.problems.values()))}", stacklevel=2)
         return fig
+
+    # -- measures ----------------------------------------------------------------------------
+    def table(self, top: float | None = None, settle_threshold: float | None = None,
+              reference: Sequence[int] | dict | None = None, path: str | os.PathLike | None = None):
+        """A pandas DataFrame, one row per cell: its five settings (prompt, scheduler, steps,
+        guidance, seed), ``status`` (ok / missing / damaged) and measures
+        (:mod:`sdlens.analysis.measures`):
+
+        * ``mass@10%:<word>`` / ``entropy:<word>``: per word of the cell's prompt, the share of
+          its attention map inside the map's top ``top`` (default 10%) of pixels, and the map's
+          entropy / log(pixels) (maps pooled over the recorded steps and layers);
+        * ``x0_settle_step``: the first step from which x0 moves by less than
+          ``settle_threshold`` (default 0.05, relative L2) at every later step (nan: never);
+        * ``distance_to_reference``: the RMS pixel difference (images in [0, 1]) to the
+          ``reference`` cell (an index or ``{axis: value}``; default: the first cell).
+
+        Cells are read one at a time. A folder's grid writes the table to ``table.csv`` in its
+        folder; others write it where ``path`` says (CSV), if given.
+        """
+        import pandas as pd
+
+        from sdlens.analysis.measures import (SETTLE_THRESHOLD, TOP, image_distance,
+                                              word_measures, x0_settle_step)
+
+        top = TOP if top is None else float(top)
+        settle_threshold = SETTLE_THRESHOLD if settle_threshold is None else float(settle_threshold)
+        shape = self.shape
+        if reference is None:
+            ref_idx = (0,) * len(shape)
+        elif isinstance(reference, dict):
+            ref_idx = self.index(**reference)
+        else:
+            ref_idx = tuple(reference)
+        ref = None
+        try:
+            ref = np.asarray(self.arrays[ref_idx])
+        except ValueError:
+            pass  # a missing / damaged reference: distances are nan
+        rows = []
+        for idx in np.ndindex(*shape):
+            row = dict(self.settings(idx))
+            try:
+                image = np.asarray(self.arrays[idx])
+                trace = self.traces[idx] if self.traces is not None else None
+            except ValueError:
+                rows.append(dict(row, status=self.status(idx)))
+                continue
+            row["status"] = "ok"
+            if trace is not None:
+                try:
+                    row["x0_settle_step"] = x0_settle_step(trace, settle_threshold)
+                    row.update(word_measures(trace, top))
+                except Exception as e:  # noqa: BLE001 - a folder's file that fails to read
+                    if self.folder is None:
+                        raise
+                    self.problems[idx] = (f"cell {self.settings(idx)} is damaged: "
+                                          f"{' '.join(str(e).split())}")
+                    rows.append(dict(self.settings(idx), status="damaged"))
+                    continue
+            row["distance_to_reference"] = image_distance(image, ref) if ref is not None else math.nan
+            rows.append(row)
+            del trace, image
+        df = pd.DataFrame(rows)
+        df.attrs.update(top=top, settle_threshold=settle_threshold, reference=list(ref_idx))
+        target = Path(path) if path is not None else (self.folder / TABLE if self.folder else None)
+        if target is not None:
+            write_atomic(target, df.to_csv(index=False).encode())
+        return df
 
     def _repr_png_(self):  # notebooks show the plot
         import matplotlib.pyplot as plt
@@ -558,6 +749,15 @@ class Grid:
         from safetensors.torch import save_file
 
         path = Path(path)
+        if isinstance(self.arrays, LazyCells):
+            if self.missing.any() or self.problems:
+                raise ValueError(f"the sweep in {self.folder} is partial or damaged "
+                                 f"({int(self.missing.sum())} missing, {len(self.problems)} "
+                                 f"damaged): it cannot be saved as one grid file")
+            return Grid(self.axes, self.fixed, np.stack(list(self.arrays)).reshape(
+                self.shape + np.asarray(self.arrays[(0,) * len(self.shape)]).shape),
+                None if self.traces is None else _object_array(list(self.traces), self.shape),
+                self.meta).save(path)
         tensors = {"arrays": torch.from_numpy(np.ascontiguousarray(self.arrays))}
         if self.traces is not None:
             for k, idx in enumerate(np.ndindex(*self.shape)):
@@ -596,6 +796,92 @@ class Grid:
         return cls(axes, header["fixed"], arrays, traces, header.get("meta"))
 
 
+def _object_array(items: list, shape: tuple) -> np.ndarray:
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out.reshape(shape)
+
+
+def load_sweep(path: str | os.PathLike, keep_axes: Sequence[str] | None = None) -> Grid:
+    """Open a sweep folder (``sdlens.sweep(..., out=path)``) as a :class:`Grid` whose cells are
+    read when indexed (memory bounded by what is viewed, not by the sweep's size).
+
+    A partial sweep opens with its missing cells marked (``grid.missing``; indexing one raises
+    ValueError, ``grid.plot()`` and the GridViewer show a gap). A cell whose files are missing,
+    truncated or unreadable raises a one-line ValueError naming the cell when indexed (and is
+    listed in ``grid.problems``); the other cells open as usual.
+
+    Args:
+        keep_axes: axes kept with a single value (default: as the sweep kept them).
+    """
+    folder = SweepFolder(path)
+    m = folder.manifest
+    values = {a: v for a, v in m["axes"]}
+    full_shape = folder.full_shape
+    keep = [a for a in AXES if len(values[a]) > 1 or a in (
+        m.get("keep", []) if keep_axes is None else keep_axes)]
+    shape = tuple(len(values[a]) for a in keep)
+    pos = [AXES.index(a) for a in keep]
+    fixed = {a: values[a][0] for a in AXES if a not in keep}
+    records = folder.records()
+    cells_dir = folder.path / CELLS
+
+    def full(index: tuple) -> tuple:
+        out = [0] * len(AXES)
+        for p, i in zip(pos, index):
+            out[p] = i
+        return tuple(out)
+
+    def locate(index: tuple) -> tuple[int, dict | None]:
+        number = cell_number(full(index), full_shape)
+        return number, records.get(number)
+
+    def describe(index: tuple) -> str:
+        s = dict(zip(keep, (values[a][i] for a, i in zip(keep, index))))
+        return ", ".join(f"{a}={v!r}" for a, v in s.items()) or "0"
+
+    missing = np.zeros(shape, dtype=bool)
+    problems: dict = {}
+    for index in np.ndindex(*shape):  # sizes only: the files are not read here
+        number, rec = locate(index)
+        if rec is None:
+            missing[index] = True
+            continue
+        for key, name in rec.get("files", {}).items():
+            file = cells_dir / name
+            size = file.stat().st_size if file.exists() else None
+            if size != rec.get("bytes", {}).get(key):
+                what = "is missing" if size is None else f"has {size} bytes, {rec['bytes'][key]} written"
+                problems[index] = f"cell {describe(index)} (cells/{name}) is damaged: it {what}"
+
+    def image(rec):
+        from PIL import Image
+
+        with Image.open(cells_dir / rec["files"]["image"]) as im:
+            return im.convert("RGB")
+
+    def array(rec):
+        return np.asarray(image(rec), dtype=np.float32) / 255.0
+
+    def trace(rec):
+        return load_trace(cells_dir / rec["files"]["trace"])
+
+    lazy = lambda opener, what: LazyCells(shape, locate, opener, describe, problems, what)  # noqa: E731
+    meta = {k: m.get(k) for k in ("negative_prompt", "height", "width", "record", "pipeline",
+                                  "pipe_kwargs", "guidance", "versions", "created")}
+    meta.update(folder=str(folder.path), cells=int(np.prod(shape)) if shape else 1,
+                finished=int((~missing).sum()))
+    return Grid({a: values[a] for a in keep}, fixed, lazy(array, "arrays"),
+                None if m.get("record") is None else lazy(trace, "traces"), meta,
+                images=lazy(image, "images"), missing=missing, problems=problems,
+                folder=folder.path)
+
+
+def is_sweep_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a sweep folder (for ``sdlens.load``)."""
+    return (Path(path).expanduser() / MANIFEST).is_file()
+
+
 def is_grid_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a grid file (for ``sdlens.load``'s dispatch on ``kind``)."""
     from safetensors import safe_open
@@ -626,7 +912,8 @@ def add_sweep_parser(subparsers) -> Any:
 def _add_arguments(p) -> None:
     p.add_argument("prompt", nargs="+", help="one or more prompts (the prompt axis)")
     p.add_argument("--seeds", default="0", help='seed axis, e.g. "0-7" or "1,5,9" (default 0)')
-    p.add_argument("--cfg", default="7.5", help='guidance axis, e.g. "1,3,7.5,12" or "1-13 [5]"')
+    p.add_argument("--cfg", default=None, help='guidance axis, e.g. "1,3,7.5,12" or "1-13 [5]" '
+                   '(default: the model\'s recommended scale, else 7.5)')
     p.add_argument("--steps", default="20", help='steps axis, e.g. "20" or "10,20,40"')
     p.add_argument("--scheduler", default=None,
                    help="scheduler axis: comma-separated short names (ddim, euler, dpm++, ...)")
@@ -635,10 +922,14 @@ def _add_arguments(p) -> None:
     p.add_argument("--device", default=None, help="default: cuda if available (per process), else cpu")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--out", default="grid.png", help="the labelled grid image (PNG)")
+    p.add_argument("--out", default=None,
+                   help="the labelled grid image (PNG; default grid.png, or FOLDER/grid.png)")
+    p.add_argument("--folder", default=None,
+                   help="a sweep folder: each cell (trace, PNG) is written as it finishes; run "
+                        "the same command again to resume (sdlens.load_sweep opens it)")
     p.add_argument("--traces", default=None, help="also save the grid with traces (.sdlens)")
     p.add_argument("--record", default="light", choices=("light", "full"),
-                   help="what each cell's trace keeps (with --traces)")
+                   help="what each cell's trace keeps (with --traces or --folder)")
     p.add_argument("--max-batch", type=int, default=None, help="at most this many cells per call")
     p.add_argument("--memory-budget", type=float, default=None, help="GiB a call may use")
     p.add_argument("--no-chunk", action="store_true",
@@ -653,19 +944,24 @@ def run_sweep(args) -> int:
     state = _distributed_state()
     device = args.device or (state.device if state is not None else None)
     pipe = load_pipeline(args.model, device=device)
+    folder = getattr(args, "folder", None)
     grid = sweep(
         pipe, args.prompt, seeds=args.seeds, guidance_scales=args.cfg, steps=args.steps,
-        scheduler=args.scheduler, record=args.record if args.traces else None,
+        scheduler=args.scheduler, record=args.record if args.traces or folder else None,
         negative_prompt=args.negative_prompt, height=args.height, width=args.width,
         max_batch=args.max_batch, chunk=not args.no_chunk, progress=not args.quiet,
-        memory_budget=int(args.memory_budget * 2**30) if args.memory_budget else None)
+        memory_budget=int(args.memory_budget * 2**30) if args.memory_budget else None,
+        out=folder)
     if state is None or state.is_main_process:
         import matplotlib
 
         matplotlib.use("Agg")
+        out = args.out or (str(Path(folder) / "grid.png") if folder else "grid.png")
         fig = grid.plot()
-        fig.savefig(args.out, dpi=100)
-        print(f"wrote {args.out} ({' x '.join(f'{len(v)} {a}' for a, v in grid.axes.items()) or '1 cell'})")
+        fig.savefig(out, dpi=100)
+        print(f"wrote {out} ({' x '.join(f'{len(v)} {a}' for a, v in grid.axes.items()) or '1 cell'})")
+        if folder:
+            print(f"wrote {folder} ({grid.meta['finished']} of {grid.meta['cells']} cells)")
         if args.traces:
             grid.save(args.traces)
             print(f"wrote {args.traces}")

@@ -6,6 +6,7 @@ Tiny random-weight pipelines (2 blocks, 9 frames at 32 x 32: 3 latent frames of 
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import pytest
@@ -17,6 +18,7 @@ from sdlens.analysis.heatmaps import word_activity
 from sdlens.engine.arch import adapter_for
 from sdlens.engine.text import word_positions
 from sdlens.testing import random_pipeline, wan_pipeline
+from sdlens.trace.compact import map_bytes
 from test_kernel_maps import KernelSpy, explicit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -254,7 +256,13 @@ def test_size_estimate_matches_a_video_trace_and_the_default_wan_trace():
     est = tr.meta["estimated_bytes"]
     assert est["latents"] == tr.latents.nbytes and est["x0"] == tr.x0.nbytes
     assert est["noise"] == tr.noise.nbytes + tr.noise_text.nbytes + tr.noise_uncond.nbytes
-    assert est["attention"] == sum(tr.attention[l].nbytes for l in tr.attention.layers)
+    held = tr.nbytes()  # the maps as stored: "auto" picks 8-bit codes for this small trace
+    assert est["attention"] == held["attention"]
+    assert tr.meta["estimated_storage"]["attention"].startswith("uint8 codes")
+    shapes = [tr.attention[l].shape for l in tr.attention.layers]  # (S, B, T, F, h, w)
+    assert all(len(s) == 6 for s in shapes)
+    assert held["attention"] == sum(math.prod(s[:3]) * map_bytes(math.prod(s[3:]), 8)
+                                    for s in shapes)
     # the real Wan 2.1 1.3B at its defaults (480 x 832, 81 frames: 21 x 60 x 104 latents),
     # 50 steps, CFG, a 20-token prompt; built on the meta device
     with torch.device("meta"):
@@ -264,9 +272,12 @@ def test_size_estimate_matches_a_video_trace_and_the_default_wan_trace():
                                  options=RecordOptions(steps=slice(None)))
     per = 16 * 21 * 60 * 104 * 4
     assert default["latents"] == 51 * per and default["x0"] == 50 * per
-    assert every["attention"] == 50 * 30 * 20 * 21 * 30 * 52 * 2  # steps x sites x tokens x patches
+    # "auto": the latents alone pass 200 MB, so 4-bit codes (a 21 x 30 x 52 map: 16380 bytes
+    # of codes + a 4-byte scale), with maps at every 5th step (the video rule) on top
+    assert default.attention_dtype == every.attention_dtype == torch.uint4
+    assert every["attention"] == 50 * 30 * 20 * (21 * 30 * 52 // 2 + 4)  # steps x sites x tokens
     assert default["attention"] == every["attention"] // 5  # maps at every 5th step by default
-    assert 2.4e9 < sum(default.values()) < 2.6e9 and 4.0e9 < sum(every.values()) < 4.2e9
+    assert 2.15e9 < sum(default.values()) < 2.25e9 and 2.55e9 < sum(every.values()) < 2.65e9
 
 
 def test_full_size_wan_parameter_counts():

@@ -87,8 +87,9 @@ class WanAdapter(BackboneAdapter):
     sample_arg = "hidden_states"
     video = True
     # maps at every 5th step unless asked otherwise: a default Wan 2.1 1.3B trace (480 x 832,
-    # 81 frames, 50 steps, CFG, a 20-token prompt) is then ~2.5 GB instead of ~4.1 GB
-    # (tests/engine/test_wan.py measures both)
+    # 81 frames, 50 steps, CFG, a 20-token prompt; "auto" storage: 4-bit codes, as the latents
+    # alone pass 200 MB) is then ~2.2 GB instead of ~2.6 GB, its maps ~98 MB instead of ~490 MB
+    # (tests/engine/test_wan.py checks both)
     default_map_steps = slice(None, None, 5)
 
     def __init__(self, pipe):

@@ -3,13 +3,14 @@
 The grid (a :class:`sdlens.experiments.sweep.Grid`) is laid out as ``Grid.plot`` does: the last axis runs
 along the columns, the axes before it along the rows (combined labels). Thumbnails are sent once;
 clicking a cell sets ``selected`` (a flat cell index) and the kernel opens that cell's
-:class:`TraceViewer` below the grid (built once per cell, then reused).
+:class:`TraceViewer` below the grid (built on first use; the last few are reused). A sweep
+folder's grid (``sdlens.load_sweep``) is read one cell at a time; missing cells show grey.
 """
 
 from __future__ import annotations
 
+import gc
 import io
-
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,8 @@ class GridViewer(W.VBox):
         viewer: keyword arguments for the cells' :class:`TraceViewer` s.
     """
 
+    KEEP_VIEWERS = 4
+
     def __init__(self, grid: Any, cell_px: int = 96, viewer: dict | None = None, **kwargs: Any):
         for attr in ("axes", "images"):
             if not hasattr(grid, attr):
@@ -78,8 +81,7 @@ class GridViewer(W.VBox):
             row_index = list(np.ndindex(*shape[:-1])) if len(shape) > 1 else [()]
         row_labels = ["\n".join(_label(a, grid.axes[a][i], kind) for a, i in zip(names[:-1], idx))
                       for idx in row_index]
-        images = np.empty(int(np.prod(shape)) if shape else 1, dtype=object)
-        images[:] = [grid.images[idx] for idx in np.ndindex(*shape)]  # a cell: image or clip
+        images = None if hasattr(grid, "image_at") else np.asarray(grid.images, dtype=object).reshape(shape)
         thumbs = []
 
         def thumb(im):
@@ -88,12 +90,16 @@ class GridViewer(W.VBox):
                 im.thumbnail((256, 256), Image.BILINEAR)
             return im
 
-        for im in images:
+        for idx in (np.ndindex(*shape) if shape else [()]):
+            # one cell at a time (a sweep folder's grid reads each image now and lets it go);
+            # a cell not run yet or damaged shows as a grey square
+            im = grid.image_at(idx) if images is None else images[idx]
             if isinstance(im, list):  # a video grid's clip: an animated GIF, the browser plays it
                 buf = io.BytesIO()
                 save_gif([thumb(f) for f in im], buf, fps=8)
                 thumbs.append(buf.getvalue())
             else:
+                im = Image.new("RGB", (64, 64), (215, 215, 215)) if im is None else im
                 thumbs.append(encode(thumb(im), "auto"))
         fixed = getattr(grid, "fixed", {}) or {}
         title = ", ".join(_label(a, v, kind) for a, v in fixed.items() if v is not None and a != "prompt")
@@ -124,12 +130,22 @@ class GridViewer(W.VBox):
         traces = getattr(self.grid, "traces", None)
         if traces is None:
             raise ValueError("this grid was run without traces (record=None): no steps to show")
-        return np.asarray(traces, dtype=object).reshape(-1)[flat]
+        if isinstance(traces, (list, tuple)):
+            traces = np.asarray(traces, dtype=object).reshape(self.shape)
+        return traces[self.index_of(flat)]  # a sweep folder's grid opens the cell's file now
 
     def viewer_at(self, flat: int) -> TraceViewer:
-        """The TraceViewer of cell ``flat`` (built on first use)."""
-        if flat not in self._viewers:
+        """The TraceViewer of cell ``flat`` (built on first use; the ``KEEP_VIEWERS`` most
+        recently opened are kept and older ones closed, so that scrolling a large sweep holds a
+        bounded memory)."""
+        if flat in self._viewers:
+            self._viewers[flat] = self._viewers.pop(flat)  # most recent last
+        else:
             self._viewers[flat] = TraceViewer(self.trace_at(flat), **self.viewer_kwargs)
+            while len(self._viewers) > self.KEEP_VIEWERS:
+                # closed, or ipywidgets' registry of live widgets would keep it (and its trace)
+                self._viewers.pop(next(iter(self._viewers))).close()
+                gc.collect()  # a viewer's observers form reference cycles: free its trace now
         return self._viewers[flat]
 
     def select(self, *index: int) -> TraceViewer:
