@@ -232,8 +232,8 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
         progress: a tqdm progress bar (main process only).
         keep_axes: axes kept in ``grid.axes`` even with a single value (by default only axes
             with more than one value are axes; the others are ``grid.fixed``).
-        out: a folder (:mod:`sdlens.experiments.sweep_folder`): each cell is written there as it
-            finishes (trace file, PNG, record) and the grid returned opens the folder lazily
+        out: a folder (:mod:`sdlens.experiments.sweep_folder`; images only, not a video
+            pipeline's clips): each cell is written there as it finishes (trace file, PNG, record) and the grid returned opens the folder lazily
             (:func:`load_sweep`). Running the same sweep again resumes it: finished cells are
             skipped; another plan (axes, pipeline, recording options, pipeline arguments) is
             refused with a ValueError naming the difference. Under ``accelerate launch`` each
@@ -291,6 +291,9 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
     budget = int(memory_budget) if memory_budget is not None else default_memory_budget(pipe.device)
     trace_bytes = _trace_bytes(pipe, record_opts, steps_list, height, width)
     adapter = adapter_for(pipe)
+    if out is not None and adapter.video:  # before anything runs: a folder's cells are PNGs
+        raise ValueError("out=: a sweep folder holds one image per cell; a video pipeline's "
+                         "sweep runs in memory only (leave out= off)")
     # what the guidance axis is: a CFG scale, or a guidance-distilled model's guidance value
     guidance = "distilled" if adapter.distilled_guidance() else "cfg"
     # one call per guidance value where the value is an input of the denoiser (an LCM UNet, a

@@ -385,6 +385,10 @@ def test_video_sweep_cells_equal_single_runs(arch):
         assert tr.latents.shape[3] == 3 and tr.guidance_scale == gs
     assert len(grid.images[0]) == 9 and grid.images[0][0].size == (32, 32)
     assert len(grid.plot(frame=4).axes) == 2
+    with pytest.raises(ValueError, match="frame=99 is out of range"):
+        grid.plot(frame=99)
+    with pytest.raises(ValueError, match="video pipeline's sweep runs in memory only"):
+        sdlens.sweep(pipe, PROMPT, seeds=[0], steps=1, progress=False, out="unused", **kw)
     if arch == "wan":  # the GridViewer plays the clips: each cell an animated GIF
         import io
 
