@@ -442,16 +442,18 @@ function render({ model, el }) {
   // ---- the keyboard: the panel keeps its keys (JupyterLab would move cells, collapse headings)
   root.addEventListener("keydown", (ev) => {
     const t = ev.target;
-    // a menu or another slider (opacity) keeps its own keys; the step slider's are the panel's
-    const typing = t && (t.tagName === "SELECT" || (t.tagName === "INPUT" && t !== slider));
+    // a menu or another slider (opacity) keeps its own keys; the step and frame sliders' are the
+    // panel's (Home / End on the frame slider move the step, as everywhere in the panel)
+    const typing = t && (t.tagName === "SELECT" ||
+                         (t.tagName === "INPUT" && t !== slider && t !== frameSlider));
     let handled = true;
     if (ev.key === "ArrowLeft" && !typing) setStep(currentStep() - 1);
     else if (ev.key === "ArrowRight" && !typing) setStep(currentStep() + 1);
+    else if (ev.key === "ArrowUp" && !typing && model.get("n_frames") > 1) setFrame(currentFrame() + 1);
+    else if (ev.key === "ArrowDown" && !typing && model.get("n_frames") > 1) setFrame(currentFrame() - 1);
     else if ((ev.key === "ArrowUp" || ev.key === "ArrowDown") && !typing) { /* no notebook scroll */ }
     else if (ev.key === "Home" && !typing) setStep(0);
     else if (ev.key === "End" && !typing) setStep(model.get("n_steps") - 1);
-    else if (ev.key === "ArrowUp" && !typing && model.get("n_frames") > 1) setFrame(currentFrame() + 1);
-    else if (ev.key === "ArrowDown" && !typing && model.get("n_frames") > 1) setFrame(currentFrame() - 1);
     else if ((ev.key === " " || ev.code === "Space") && !typing) {
       model.set("playing", !model.get("playing"));
       model.save_changes();
