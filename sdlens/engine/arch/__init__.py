@@ -11,10 +11,11 @@ from sdlens.engine.arch.base import BackboneAdapter, SiteNaming
 from sdlens.engine.arch.dit import PixArtAdapter, SanaAdapter
 from sdlens.engine.arch.flux import FluxAdapter
 from sdlens.engine.arch.mmdit import MMDiTAdapter
+from sdlens.engine.arch.qwenimage import QwenImageAdapter
 from sdlens.engine.arch.unet import UNetAdapter
 
 ADAPTERS: tuple[type[BackboneAdapter], ...] = (UNetAdapter, MMDiTAdapter, PixArtAdapter, SanaAdapter,
-                                               FluxAdapter)
+                                               FluxAdapter, QwenImageAdapter)
 SUPPORTED_PIPELINES = tuple(p for a in ADAPTERS for p in a.pipelines)
 
 
