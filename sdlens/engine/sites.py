@@ -33,7 +33,8 @@ import torch
 from sdlens.analysis.tokens import MAX_POSITIONS
 from sdlens.engine import kernel
 from sdlens.engine.arch import adapter_for
-from sdlens.engine.arch.base import BackboneAdapter, KernelLayout, cross_layout
+from sdlens.engine.arch.base import (BackboneAdapter, KernelLayout, attention_processors,
+                                     cross_layout, set_attention_processors)
 from sdlens.engine.text import word_positions
 from sdlens.trace.compact import CompactMaps, store_maps
 from sdlens.trace.steps import step_window
@@ -88,8 +89,8 @@ class Editor(Protocol):
 class KernelSeam:
     """What the site wrappers of one installation share: the backbone adapter that lays out a
     kernel call (None: plain cross-attention, e.g. a processor tested alone) and the keyword
-    arguments of the denoiser call in progress (a forward pre-hook keeps them: a single-stream
-    block's text length is read there)."""
+    arguments of the denoiser call in progress, its positional ones under their index (a forward
+    pre-hook keeps them: a single-stream block's text length is read there)."""
 
     def __init__(self, adapter: BackboneAdapter | None = None):
         self.adapter = adapter
@@ -102,7 +103,9 @@ class KernelSeam:
             hooks.forward_pre_hook(self.adapter.denoiser, self._before, with_kwargs=True)
 
     def _before(self, module, args, kwargs):
-        self.denoiser_kwargs = kwargs
+        # positional arguments under their index (Z-Image's pipeline passes its latents and
+        # captions positionally)
+        self.denoiser_kwargs = {**dict(enumerate(args)), **kwargs} if args else kwargs
         return None
 
     def layout(self, layer: str, attn, call: SiteCall, index: int, q_len: int,
@@ -308,7 +311,7 @@ class Hooks:
         :class:`SiteProcessor` s; returns ``{layer: wrapper}``. ``seam``: the adapter's layout,
         installed here (the kernel wrapper and its denoiser pre-hook). On exit the saved
         processor objects are put back."""
-        saved = dict(model.attn_processors)
+        saved = attention_processors(model)
         keys = {f"{layer}.processor": layer for layer in layers}
         missing = [layer for key, layer in keys.items() if key not in saved]
         if missing:
@@ -317,10 +320,9 @@ class Hooks:
         seam.install(self)
         wrapped = {k: SiteProcessor(p, keys[k], readers, editors, seam) if k in keys else p
                    for k, p in saved.items()}
-        # registered first: a failure half-way through setting the processors is undone too;
-        # set_attn_processor empties the dict it is given, so each call gets a copy
-        self.undo(lambda: model.set_attn_processor(dict(saved)))
-        model.set_attn_processor(dict(wrapped))
+        # registered first: a failure half-way through setting the processors is undone too
+        self.undo(lambda: set_attention_processors(model, saved))
+        set_attention_processors(model, wrapped)
         return {layer: wrapped[k] for k, layer in keys.items()}
 
     def forward_hook(self, module: torch.nn.Module, fn: Callable, with_kwargs: bool = False):

@@ -13,9 +13,10 @@ from sdlens.engine.arch.flux import FluxAdapter
 from sdlens.engine.arch.mmdit import MMDiTAdapter
 from sdlens.engine.arch.qwenimage import QwenImageAdapter
 from sdlens.engine.arch.unet import UNetAdapter
+from sdlens.engine.arch.zimage import ZImageAdapter
 
 ADAPTERS: tuple[type[BackboneAdapter], ...] = (UNetAdapter, MMDiTAdapter, PixArtAdapter, SanaAdapter,
-                                               FluxAdapter, QwenImageAdapter)
+                                               FluxAdapter, QwenImageAdapter, ZImageAdapter)
 SUPPORTED_PIPELINES = tuple(p for a in ADAPTERS for p in a.pipelines)
 
 

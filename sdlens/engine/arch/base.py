@@ -157,6 +157,25 @@ def joint_layout(order: tuple[str, ...], lengths: dict, q_len: int, k_len: int
     return KernelLayout(dict(spans), dict(spans))
 
 
+def attention_processors(model: torch.nn.Module) -> dict:
+    """``{"<module path>.processor": processor}`` of every attention module of ``model``:
+    ``model.attn_processors`` where the model has diffusers' ``AttentionMixin``; else (Z-Image's
+    transformer has none) read from the modules that have a ``processor`` and ``set_processor``."""
+    if hasattr(model, "attn_processors"):
+        return dict(model.attn_processors)
+    return {f"{name}.processor": m.processor for name, m in model.named_modules()
+            if hasattr(m, "set_processor") and getattr(m, "processor", None) is not None}
+
+
+def set_attention_processors(model: torch.nn.Module, processors: dict) -> None:
+    """Set the processors :func:`attention_processors` returned (a dict of the same keys)."""
+    if hasattr(model, "set_attn_processor"):
+        model.set_attn_processor(dict(processors))  # it empties the dict it is given
+        return
+    for key, proc in processors.items():
+        model.get_submodule(key[: -len(".processor")]).set_processor(proc)
+
+
 def innermost_processor(processor):
     """The processor under any wrappers that keep it as ``.inner`` (sdlens's site wrapper)."""
     while hasattr(processor, "inner") and hasattr(processor, "layer"):
@@ -326,7 +345,7 @@ class BackboneAdapter(ABC):
 
     def sites(self) -> list[str]:
         """The denoiser's sites (module paths), in the naming's order."""
-        keys = [self.site_of(k) for k in self.denoiser.attn_processors]
+        keys = [self.site_of(k) for k in attention_processors(self.denoiser)]
         return sorted((s for s in keys if s is not None), key=self.naming.sort_key)
 
     @abstractmethod
