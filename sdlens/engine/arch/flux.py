@@ -370,3 +370,65 @@ class FluxAdapter(BackboneAdapter):
     def text_encoders(self, params: dict) -> list[TextEncoder]:
         """T5 (``text_encoder_2``), the whole text axis; CLIP only gives the pooled vector."""
         return self._text_encoder("tokenizer_2", "text_encoder_2", 0, self.text_length(params))
+
+
+class ChromaAdapter(FluxAdapter):
+    """A Chroma pipeline (``ChromaPipeline`` / ``ChromaImg2ImgPipeline`` / ``ChromaInpaintPipeline``:
+    ``ChromaTransformer2DModel``), Flux.1's blocks and sites without CLIP or a guidance input.
+
+    * **Text**: T5 only (``tokenizer`` / ``text_encoder``), ``max_sequence_length`` (512)
+      positions. The pipeline masks the text: the transformer's ``attention_mask`` keeps the
+      prompt's tokens, ``</s>`` and one ``<pad>``, and reaches the kernel as a *float* 0 / 1
+      ``(B, 1, L, L)`` tensor that SDPA adds to the scores (kept pairs +1, the rest +0: padding
+      is down-weighted by e^-1, not excluded). The recorder adds that same float mask
+      (:func:`sdlens.engine.sites.segment_probabilities`), so a map is the kernel's softmax;
+      padding positions are left out of the words / recorded positions as for Flux.1.
+    * **Guidance**: true CFG with two transformer calls per step when ``guidance_scale > 1``
+      (the default, 3.0), the prompt's call first, then the negative prompt's (``""`` by
+      default): ``neg + guidance_scale * (pos - neg)``. ``trace.guidance_scale`` is that scale;
+      with ``guidance_scale <= 1`` one call, no guidance.
+    * No concept pass (Chroma's blocks modulate from a pruned approximator, not Flux.1's
+      AdaLN: :meth:`FluxAdapter.concept_step` does not apply).
+    """
+
+    pipelines = ("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline")
+    families = ("chroma",)
+    cfg_by_default = True
+
+    @classmethod
+    def handles(cls, pipe) -> bool:
+        transformer = getattr(pipe, "transformer", None)
+        return (type(transformer).__name__ == "ChromaTransformer2DModel"
+                and type(pipe).__name__ in cls.pipelines)
+
+    def family(self) -> str:
+        return "chroma"
+
+    def cfg_calls(self, params: dict) -> tuple[str, ...] | None:
+        """Two calls per step, the prompt's then the negative's, when ``guidance_scale > 1``."""
+        gs = params.get("guidance_scale")
+        return ("text", "uncond") if gs is not None and float(gs) > 1 else None
+
+    def cfg_scale(self, params: dict) -> float | None:
+        return BackboneAdapter.cfg_scale(self, params)
+
+    def guidance_meta(self, params: dict) -> dict:
+        return {}
+
+    def embeds_guidance(self) -> bool:
+        return False
+
+    def distilled_guidance(self) -> bool:
+        return False
+
+    def text_prompts(self, prompts: list, params: dict) -> list:
+        return list(prompts)
+
+    def text_parts(self, params: dict) -> list[tuple[str, object, int]]:
+        return [("t5", getattr(self.pipe, "tokenizer", None), self.text_length(params))]
+
+    def text_encoders(self, params: dict) -> list[TextEncoder]:
+        return self._text_encoder("tokenizer", "text_encoder", 0, self.text_length(params))
+
+    def concept_blocks(self) -> None:
+        return None
