@@ -249,9 +249,12 @@ def test_unsupported_transformers_are_one_type_error():
             sdlens.trace(pipe)
         msg = str(e.value)
         assert "\n" not in msg and name in msg and "FluxPipeline" in msg
+    # Flux.1's transformer in a pipeline of another layout: traced as that family, or refused
     kontext = type("FluxKontextPipeline", (), {"transformer": pipe_of().transformer})()
-    with pytest.raises(TypeError, match="FluxKontextPipeline.*FluxTransformer2DModel.*FluxPipeline"):
-        sdlens.trace(kontext)
+    assert adapter_for(kontext).family() == "flux-kontext"
+    fill = type("FluxFillPipeline", (), {"transformer": pipe_of().transformer})()
+    with pytest.raises(TypeError, match="FluxFillPipeline.*FluxTransformer2DModel.*FluxPipeline"):
+        sdlens.trace(fill)
 
 
 def test_last_x0_preview_is_the_pipelines_image():

@@ -33,6 +33,8 @@ IMAGE = 4  # 32 px: 4x4 latents, 2x2 patches
 FAMILIES = {
     "chroma": dict(pipeline="ChromaPipeline", family="chroma", channels=16, blocks=(19, 38),
                    refs=0, calls=2, guidance="true_cfg"),
+    "flux-kontext": dict(pipeline="FluxKontextPipeline", family="flux-kontext", channels=16,
+                         blocks=(19, 38), refs=1, calls=1, guidance="distilled"),
 }
 ARCHS = list(FAMILIES)
 

@@ -27,6 +27,7 @@ STEPS = 2
 # arch -> (guidance kind of a default call, the guidance values a sweep runs)
 FAMILIES = {
     "chroma": ("cfg", [1.0, 4.0]),  # two calls per step, labelled "CFG"
+    "flux-kontext": ("distilled", [2.5, 4.0]),
 }
 ARCHS = list(FAMILIES)
 

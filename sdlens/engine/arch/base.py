@@ -124,10 +124,13 @@ class ConceptStep(NamedTuple):
 class KernelLayout(NamedTuple):
     """How one attention-kernel call's sequences split into segments: ``{name: slice}`` of the
     query rows and of the key columns (SDPA's Lq and Lk axes). Names: ``"image"`` (the latent
-    patches a map is drawn over), ``"text"`` (the text axis, position 0 first), ``"image prompt
-    i"`` (IP-Adapter ``i``'s tokens), and any other a family has (reference images ...). A
-    segment absent from ``queries`` is not a query of this call (cross-attention: only the image
-    queries)."""
+    patches a map is drawn over: the image being generated), ``"text"`` (the text axis, position
+    0 first), ``"image prompt i"`` (IP-Adapter ``i``'s tokens), ``"reference i"`` (an editing
+    model's reference image ``i``, 0-based in the pipeline's order: its latent patches, row-major,
+    beside the image's: Flux.1 Kontext, Flux.2, Qwen-Image-Edit; :func:`reference_layout`), and
+    any other a family has. A segment absent from ``queries`` is not a query of this call
+    (cross-attention: only the image queries). Users name reference ``i`` ``"image {i+1}"``
+    (``trace.heatmap("image 1")``, as the pipelines' docs number their input images)."""
 
     queries: dict
     keys: dict
@@ -150,6 +153,19 @@ def joint_layout(order: tuple[str, ...], lengths: dict, q_len: int, k_len: int
     if at != q_len or at != k_len:
         return None
     return KernelLayout(dict(spans), dict(spans))
+
+
+REFERENCE = "reference {}"  # the segment name of reference image i (KernelLayout)
+
+
+def reference_layout(order_before: tuple[str, ...], lengths: dict, references: list[int],
+                     q_len: int, k_len: int) -> KernelLayout | None:
+    """Joint attention over ``order_before`` (e.g. ``("text", "image")``, lengths in
+    ``lengths``) followed by the reference images' patches, ``references[i]`` of reference
+    ``i`` (segments ``"reference i"``); None when they do not add up to the kernel's."""
+    names = tuple(REFERENCE.format(i) for i in range(len(references)))
+    return joint_layout(order_before + names, {**lengths, **dict(zip(names, references))},
+                        q_len, k_len)
 
 
 def innermost_processor(processor):

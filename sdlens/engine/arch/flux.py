@@ -82,7 +82,7 @@ import torch
 import torch.nn.functional as F
 
 from sdlens.engine.arch.base import (BackboneAdapter, ConceptStep, SiteNaming, TextEncoder,
-                                     joint_activation_bytes)
+                                     joint_activation_bytes, reference_layout)
 
 _DOUBLE, _SINGLE = "transformer_blocks", "single_transformer_blocks"
 
@@ -429,6 +429,75 @@ class ChromaAdapter(FluxAdapter):
 
     def text_encoders(self, params: dict) -> list[TextEncoder]:
         return self._text_encoder("tokenizer", "text_encoder", 0, self.text_length(params))
+
+    def concept_blocks(self) -> None:
+        return None
+
+
+class FluxKontextAdapter(FluxAdapter):
+    """A Flux.1 Kontext pipeline (``FluxKontextPipeline`` on ``FluxTransformer2DModel``): Flux.1
+    with the reference image's packed latent patches appended to the image stream.
+
+    The transformer's ``hidden_states`` are ``[noise; reference]`` patches and ``img_ids`` tells
+    them apart by their first coordinate (0: the image being generated, 1: the reference,
+    whose own rows / columns give its (h, w)); the pipeline keeps the first ``noise`` rows of the
+    prediction. So the kernel sequence at every site is ``[text, image, reference 0]``
+    (:func:`sdlens.engine.arch.base.reference_layout`): the maps are the image queries' text
+    columns of the softmax over all of it; the denoiser's input / output as the trace records
+    them are the noise part only. Text, guidance (distilled; true CFG with a negative prompt) and
+    sites as Flux.1's. No concept pass (its image stream carries the reference's tokens too)."""
+
+    pipelines = ("FluxKontextPipeline",)
+    families = ("flux-kontext",)
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self._parts: tuple | None = None  # (img_ids, [noise, reference, ...] token counts)
+        self._noise: int | None = None  # the noise tokens of the denoiser call in progress
+
+    def family(self) -> str:
+        return "flux-kontext"
+
+    def _image_parts(self, img_ids) -> list[int] | None:
+        """Token counts of the noise and each reference, from ``img_ids`` ((N, 3) or (B, N, 3):
+        first coordinate 0 for the noise, then one value per reference, in sequence order)."""
+        if self._parts is not None and self._parts[0] is img_ids:
+            return self._parts[1]
+        parts = None
+        if torch.is_tensor(img_ids) and img_ids.shape[-1] == 3:
+            first = (img_ids[0] if img_ids.ndim == 3 else img_ids)[:, 0]
+            _, counts = torch.unique_consecutive(first, return_counts=True)
+            parts = [int(c) for c in counts.tolist()] if float(first[0]) == 0 else None
+        self._parts = (img_ids, parts)
+        return parts
+
+    def denoiser_input(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The noise part of the transformer's input, unpacked: (B, C, h, w)."""
+        packed = args[0] if args else kwargs.get(self.sample_arg)
+        ids = kwargs.get("img_ids")
+        parts = self._image_parts(ids)
+        if not torch.is_tensor(packed) or packed.ndim != 3 or not parts:
+            return None
+        noise = parts[0]
+        flat = ids[0] if ids.ndim == 3 else ids
+        self._noise = noise
+        packed = packed[:, :noise]
+        return self.spatial(packed, self._latent_hw(flat[:noise], noise))
+
+    def denoiser_output(self, output) -> torch.Tensor | None:
+        """The noise part of the prediction (the pipeline keeps ``[:, :noise]``)."""
+        out = self.output_tensor(output)
+        noise = self._noise
+        return out[:, :noise] if torch.is_tensor(out) and noise is not None else out
+
+    def kernel_layout(self, site: str, attn, call, index: int, q_len: int, k_len: int,
+                      denoiser_kwargs: dict):
+        n_text = self.kernel_text_length(call, denoiser_kwargs)
+        parts = self._image_parts(denoiser_kwargs.get("img_ids"))
+        if n_text is None or not parts:
+            return None
+        return reference_layout(("text", "image"), {"text": n_text, "image": parts[0]},
+                                parts[1:], q_len, k_len)
 
     def concept_blocks(self) -> None:
         return None
