@@ -407,7 +407,7 @@ class _Run:
             "pipeline_class": self.session.orig_cls.__name__,
             "scheduler_class": type(sched).__name__, "scheduler_config": dict(sched.config),
             "prediction_type": sched_hooks.prediction_kind(sched),
-            "vae_scaling_factor": float(vae.config.scaling_factor) if vae is not None else None,
+            "vae_scaling_factor": _scaling_factor(vae),
             "vae_shift_factor": _shift_factor(vae),
             "height": h * vsf, "width": w * vsf, "latent_height": h, "latent_width": w,
             "seeds": self.seeds, "num_inference_steps": p.get("num_inference_steps"),
@@ -447,6 +447,13 @@ class _Run:
                     break
             out["ip_adapter"] = {"adapters": len(self.maps.image_tokens()), "scale": scales}
         return out
+
+
+def _scaling_factor(vae) -> float | None:
+    """The VAE's latent scale (None where it has none: Flux.2's VAE normalises with a batch
+    norm instead)."""
+    scale = vae.config.get("scaling_factor", None) if vae is not None else None
+    return float(scale) if scale is not None else None
 
 
 def _shift_factor(vae) -> float | None:

@@ -241,8 +241,8 @@ def test_img2img_and_inpaint():
 
 
 def test_unsupported_transformers_are_one_type_error():
-    for name in ("Flux2Transformer2DModel", "QwenImageTransformer2DModel",
-                 "HiDreamImageTransformer2DModel", "ZImageTransformer2DModel"):
+    for name in ("QwenImageTransformer2DModel", "HiDreamImageTransformer2DModel",
+                 "ZImageTransformer2DModel"):
         transformer = type(name, (torch.nn.Module,), {})()
         pipe = type(name.replace("Transformer2DModel", "Pipeline"), (), {"transformer": transformer})()
         with pytest.raises(TypeError) as e:

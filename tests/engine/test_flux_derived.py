@@ -19,7 +19,7 @@ import torch
 import sdlens
 from sdlens.analysis.tokens import trace_words
 from sdlens.engine.arch import adapter_for, naming_for
-from sdlens.testing import call_kwargs_2026, random_pipeline
+from sdlens.testing import call_kwargs_2026, random_pipeline, reference_image
 from pipelines import assert_restored, pipe_state
 from test_kernel_maps import KernelSpy, explicit
 
@@ -28,24 +28,56 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 2
 TEXT = 512  # T5 / Mistral / Qwen3 positions at the pipelines' max_sequence_length
 IMAGE = 4  # 32 px: 4x4 latents, 2x2 patches
-# arch -> what the test knows of it: the pipeline, family, latent channels, full-size (double,
-# single) blocks, reference tokens per call, denoiser calls per step, guidance
+# case -> what the test knows of it: the bed (arch, variant, call keywords), the pipeline,
+# family, latent channels, full-size (double, single) blocks, reference tokens per call,
+# denoiser calls per step, guidance
 FAMILIES = {
     "chroma": dict(pipeline="ChromaPipeline", family="chroma", channels=16, blocks=(19, 38),
                    refs=0, calls=2, guidance="true_cfg"),
     "flux-kontext": dict(pipeline="FluxKontextPipeline", family="flux-kontext", channels=16,
-                         blocks=(19, 38), refs=1, calls=1, guidance="distilled"),
+                         blocks=(19, 38), refs=4, calls=1, guidance="distilled"),
+    "flux2": dict(pipeline="Flux2Pipeline", family="flux2", channels=32, blocks=(8, 48),
+                  refs=0, calls=1, guidance="distilled"),
+    "flux2+ref": dict(arch="flux2", kw=lambda: dict(image=[reference_image(64)]),
+                      pipeline="Flux2Pipeline", family="flux2", channels=32, blocks=(8, 48),
+                      refs=16, calls=1, guidance="distilled"),  # 64 px: 4x4 patches
+    "flux2-klein": dict(pipeline="Flux2KleinPipeline", family="flux2-klein", channels=32,
+                        blocks=(5, 20), refs=0, calls=1, guidance="none"),
+    "flux2-klein-base": dict(arch="flux2-klein", variant="base-4b", pipeline="Flux2KleinPipeline",
+                             family="flux2-klein", channels=32, blocks=(5, 20), refs=0, calls=2,
+                             guidance="true_cfg"),
 }
 ARCHS = list(FAMILIES)
 
 
+def arch_of(case: str) -> str:
+    return FAMILIES[case].get("arch", case)
+
+
 @functools.lru_cache(maxsize=None)
-def pipe_of(arch: str):
-    return random_pipeline(arch, seed=0)
+def pipe_of(case: str):
+    return random_pipeline(arch_of(case), seed=0, variant=FAMILIES[case].get("variant"))
 
 
-def call(arch: str, **kw) -> dict:
-    return call_kwargs_2026(arch, steps=STEPS, **kw)
+def call(case: str, **kw) -> dict:
+    extra = FAMILIES[case].get("kw", dict)()
+    return call_kwargs_2026(arch_of(case), steps=STEPS, **extra, **kw)
+
+
+def final_latents(case: str, pipe, out: torch.Tensor) -> torch.Tensor:
+    """The pipeline's latents after the last step, (B, C, h, w), from its ``output_type=
+    "latent"`` output, with the pipeline's own functions: Flux.1's packing; Flux.2-dev's packed
+    patches (row-major ids); klein's de-normalised, unpatchified latents (normalised back)."""
+    family = FAMILIES[case]["family"]
+    if family in ("chroma", "flux-kontext"):
+        return pipe._unpack_latents(out, 32, 32, pipe.vae_scale_factor)
+    if family == "flux2":
+        ids = pipe._prepare_latent_ids(torch.zeros(out.shape[0], 1, 2, 2))
+        return pipe._unpatchify_latents(pipe._unpack_latents_with_ids(out, ids))
+    bn = pipe.vae.bn
+    mean = bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
+    return pipe._unpatchify_latents((pipe._patchify_latents(out) - mean) / std)
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,10 +114,8 @@ def test_traced_run_is_the_untraced_run(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_last_x0_is_the_final_latents_and_flow_x0(arch):
     pipe, _, out, tr, _ = traced(arch)
-    final = adapter_for(pipe).spatial(out, (4, 4)) if out.ndim == 3 else out
-    if arch != "flux2" and out.ndim == 3:  # the pipeline's own unpacking agrees
-        torch.testing.assert_close(final, pipe._unpack_latents(out, 32, 32, pipe.vae_scale_factor))
-    assert torch.equal(tr.latents[-1], final.float())
+    final = final_latents(arch, pipe, out)
+    torch.testing.assert_close(tr.latents[-1], final.float(), rtol=1e-5, atol=1e-5)
     s = tr.sigmas[:, None, None, None, None]
     torch.testing.assert_close(tr.x0, tr.latents[:-1] - s * tr.noise)
     torch.testing.assert_close(tr.x0[-1], tr.latents[-1], rtol=1e-5, atol=1e-5)
@@ -96,14 +126,18 @@ def test_guidance_as_it_is(arch):
     pipe, _, _, tr, _ = traced(arch)
     kind = FAMILIES[arch]["guidance"]
     if kind == "true_cfg":  # two calls per step: the prompt's, then the negative's
-        g = float(call(arch).get("guidance_scale") or pipe.guidance_scale)
+        g = float(call(arch).get("guidance_scale") or pipe.guidance_scale)  # the default
         assert tr.do_cfg and tr.guidance_scale == g
         guided = tr.noise_uncond + g * (tr.noise_text - tr.noise_uncond)
         torch.testing.assert_close(tr.noise, guided, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(tr.noise_uncond, tr.noise_text)
-    else:
+    else:  # one call: distilled (its guidance value recorded) or none
         assert not tr.do_cfg and tr.noise_uncond is None
         torch.testing.assert_close(tr.noise, tr.noise_text, rtol=0, atol=0)
+        if kind == "distilled":
+            assert tr.guidance_scale == tr.meta["distilled_guidance"] == pipe.guidance_scale
+        else:
+            assert "distilled_guidance" not in tr.meta and tr.guidance_scale != tr.guidance_scale
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -117,7 +151,8 @@ def test_every_text_seeing_site_recorded_and_counted_on_the_full_config(arch):
     assert maps.names("double") == double and maps.names("single") == single
     assert all(maps.resolution(layer) == (2, 2) for layer in maps.layers)
     assert tr.image_to_text.layers == maps.layers
-    full = random_pipeline(arch, scale=1, device="meta")
+    full = random_pipeline(arch_of(arch), scale=1, device="meta",
+                           variant=FAMILIES[arch].get("variant"))
     sites = adapter_for(full).sites()
     n_double, n_single = FAMILIES[arch]["blocks"]
     assert full.transformer.config.num_layers == n_double
@@ -135,12 +170,12 @@ def test_maps_equal_the_explicit_float64_softmax(arch):
     f = FAMILIES[arch]
     img, txt = slice(TEXT, TEXT + IMAGE), slice(0, TEXT)
     kept = tr.attention.token_positions
-    assert 0 < len(kept) < TEXT and kept == list(range(len(kept)))  # padding left out
+    assert 0 < len(kept) < TEXT and kept == list(range(kept[0], kept[-1] + 1))  # no padding
     n = 0
     for layer in tr.attention.layers:
         for i, step in enumerate(tr.attention.steps):
             q, k, mask, scale = spy.calls[(step * f["calls"], layer)][0]  # the prompt's call
-            assert q.shape[2] == k.shape[2] == TEXT + IMAGE * (1 + f["refs"])
+            assert q.shape[2] == k.shape[2] == TEXT + IMAGE + f["refs"]
             p = explicit(q, k, mask, scale)
             want = p[:, :, img][..., txt][..., kept].mean(1).transpose(-1, -2)
             got = tr.attention[layer][i].double().flatten(-2)
@@ -155,7 +190,7 @@ def test_maps_equal_the_explicit_float64_softmax(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_heatmap_of_every_word(arch):
     _, _, _, tr, _ = traced(arch)
-    words = trace_words(tr)
+    words = trace_words(tr)  # the chat templates' tokens are no words
     assert [w.text for w in words] == ["a", "red", "cat", "on", "the", "beach"]
     for w in words:
         hm = tr.heatmap(w.text, occurrence=w.occurrence)
@@ -163,11 +198,35 @@ def test_heatmap_of_every_word(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_recorded_positions_hold_the_prompts_pieces(arch):
+    """The kept positions are where the text encoder read the prompt's own pieces (the chat
+    template around them left out): read from the encoder's input ids."""
+    pipe, _, _, tr, _ = traced(arch)
+    seen = []
+    t5 = getattr(pipe, "text_encoder_2", None) is not None  # Kontext: CLIP pooled, T5 attended
+    encoder = pipe.text_encoder_2 if t5 else pipe.text_encoder
+    tokenizer = pipe.tokenizer_2 if t5 else pipe.tokenizer
+    handle = encoder.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("input_ids", a[0] if a else None)), with_kwargs=True)
+    try:
+        pipe(**call(arch))
+    finally:
+        handle.remove()
+    ids = seen[0][0].tolist()
+    prompt = tokenizer("a red cat on the beach", add_special_tokens=False).input_ids
+    kept = tr.attention.token_positions
+    pieces = [ids[p] for p in kept]
+    assert pieces[: len(prompt)] == prompt and len(pieces) - len(prompt) <= 1  # T5: + </s>
+    assert [tr.token_ids[0][p] for p in kept] == pieces
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_round_trip(arch, tmp_path):
     _, _, _, tr, _ = traced(arch)
     back = sdlens.load(tr.save(tmp_path / f"{arch}.sdlens"))
     assert back.meta["family"] == tr.meta["family"] and back.tokens == tr.tokens
-    assert back.do_cfg == tr.do_cfg and back.guidance_scale == tr.guidance_scale
+    assert back.do_cfg == tr.do_cfg
+    assert repr(back.guidance_scale) == repr(tr.guidance_scale)  # NaN: no guidance (klein)
     assert back.attention.layers == tr.attention.layers
     assert back.attention.names("single") == tr.attention.names("single")
     torch.testing.assert_close(back.heatmap("cat"), tr.heatmap("cat"))
@@ -203,3 +262,23 @@ def test_still_unsupported_families_are_one_type_error():
         msg = str(e.value)
         assert "\n" not in msg and name in msg
         assert all(FAMILIES[a]["pipeline"] in msg for a in ARCHS)
+
+
+def test_klein_inpaint():
+    """``Flux2KleinInpaintPipeline`` on the klein bed's components: traced == untraced, every
+    site recorded, the words the prompt's."""
+    import diffusers
+
+    pipe = diffusers.Flux2KleinInpaintPipeline(**pipe_of("flux2-klein").components)
+    mask = reference_image(32, seed=1).convert("L").point(lambda v: 255 if v > 127 else 0)
+    kw = lambda: call_kwargs_2026("flux2-klein", steps=STEPS, image=reference_image(32),  # noqa: E731
+                                  mask_image=mask, strength=1.0)
+    plain = pipe(**kw()).images
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="sdlens")
+        with sdlens.trace(pipe) as tr:
+            out = pipe(**kw()).images
+    tr = tr.runs[-1]
+    assert torch.equal(plain, out) and tr.meta["family"] == "flux2-klein"
+    assert tr.latents.shape == (STEPS + 1, 1, 32, 4, 4) and len(tr.attention.layers) == 4
+    assert [w.text for w in trace_words(tr)] == ["a", "red", "cat", "on", "the", "beach"]

@@ -28,6 +28,8 @@ STEPS = 2
 FAMILIES = {
     "chroma": ("cfg", [1.0, 4.0]),  # two calls per step, labelled "CFG"
     "flux-kontext": ("distilled", [2.5, 4.0]),
+    "flux2": ("distilled", [2.5, 4.0]),
+    "flux2-klein": ("off", [1.0, 4.0]),  # step-distilled: guidance is ignored
 }
 ARCHS = list(FAMILIES)
 

@@ -165,13 +165,14 @@ class FluxAdapter(BackboneAdapter):
     # ---------------------------------------------------------------- packed latents
     def _latent_hw(self, img_ids, n_tokens: int) -> tuple[int, int]:
         """Unpacked latent (h, w) from ``img_ids`` (N, 3): [0, row, column] of each packed token
+        (Flux.2's (N, 4): [t, row, column, 0])
         (read once per ids tensor: the pipeline passes the same one at every step)."""
         if self._ids_hw is not None and self._ids_hw[0] is img_ids:
             return self._ids_hw[1]
         hw = None
-        if torch.is_tensor(img_ids) and img_ids.shape[-1] == 3:
+        if torch.is_tensor(img_ids) and img_ids.shape[-1] >= 3:  # Flux.2: [t, row, column, l]
             ids = img_ids[0] if img_ids.ndim == 3 else img_ids
-            rows, cols = (int(v) + 1 for v in ids[:, 1:].amax(0).tolist())
+            rows, cols = (int(v) + 1 for v in ids[:, 1:3].amax(0).tolist())
             hw = (2 * rows, 2 * cols) if rows * cols == n_tokens else None
         if hw is None:  # no ids sdlens can read: a square
             side = int(round(n_tokens ** 0.5))
@@ -459,12 +460,13 @@ class FluxKontextAdapter(FluxAdapter):
         return "flux-kontext"
 
     def _image_parts(self, img_ids) -> list[int] | None:
-        """Token counts of the noise and each reference, from ``img_ids`` ((N, 3) or (B, N, 3):
-        first coordinate 0 for the noise, then one value per reference, in sequence order)."""
+        """Token counts of the noise and each reference, from ``img_ids`` ((N, 3) or (B, N, 3);
+        Flux.2's (B, N, 4)): first coordinate 0 for the noise, then one value per reference
+        (Kontext 1; Flux.2 10, 20, ...), in sequence order."""
         if self._parts is not None and self._parts[0] is img_ids:
             return self._parts[1]
         parts = None
-        if torch.is_tensor(img_ids) and img_ids.shape[-1] == 3:
+        if torch.is_tensor(img_ids) and img_ids.shape[-1] >= 3:
             first = (img_ids[0] if img_ids.ndim == 3 else img_ids)[:, 0]
             _, counts = torch.unique_consecutive(first, return_counts=True)
             parts = [int(c) for c in counts.tolist()] if float(first[0]) == 0 else None
