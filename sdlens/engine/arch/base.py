@@ -134,6 +134,7 @@ class KernelLayout(NamedTuple):
 
     queries: dict
     keys: dict
+    grids: dict | None = None  # segment -> (rows, columns) of its patches (reference images)
 
 
 def cross_layout(q_len: int, k_len: int, keys: str = "text") -> KernelLayout:
@@ -159,13 +160,25 @@ REFERENCE = "reference {}"  # the segment name of reference image i (KernelLayou
 
 
 def reference_layout(order_before: tuple[str, ...], lengths: dict, references: list[int],
-                     q_len: int, k_len: int) -> KernelLayout | None:
+                     q_len: int, k_len: int, grids: list[tuple[int, int]] | None = None
+                     ) -> KernelLayout | None:
     """Joint attention over ``order_before`` (e.g. ``("text", "image")``, lengths in
     ``lengths``) followed by the reference images' patches, ``references[i]`` of reference
-    ``i`` (segments ``"reference i"``); None when they do not add up to the kernel's."""
+    ``i`` (segments ``"reference i"``), row-major on a ``grids[i]`` = (rows, columns) grid;
+    None when they do not add up to the kernel's.
+
+    A family opts in to reference maps (``record=(..., "reference_maps")``) by laying its
+    kernel calls out with this (the grids given): :class:`sdlens.engine.sites.MapRecorder`
+    reads every ``"reference i"`` key segment with a grid."""
     names = tuple(REFERENCE.format(i) for i in range(len(references)))
-    return joint_layout(order_before + names, {**lengths, **dict(zip(names, references))},
-                        q_len, k_len)
+    layout = joint_layout(order_before + names, {**lengths, **dict(zip(names, references))},
+                          q_len, k_len)
+    if layout is None or grids is None:
+        return layout
+    if len(grids) != len(references) or any(int(r) * int(c) != n
+                                            for (r, c), n in zip(grids, references)):
+        return layout._replace(grids=None)  # grids that do not fit: no reference maps
+    return layout._replace(grids={n: (int(r), int(c)) for n, (r, c) in zip(names, grids)})
 
 
 def innermost_processor(processor):

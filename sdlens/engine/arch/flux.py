@@ -455,6 +455,7 @@ class FluxKontextAdapter(FluxAdapter):
         super().__init__(pipe)
         self._parts: tuple | None = None  # (img_ids, [noise, reference, ...] token counts)
         self._noise: int | None = None  # the noise tokens of the denoiser call in progress
+        self._grids: list | None = None  # (rows, columns) of each part of ``_parts``
 
     def family(self) -> str:
         return "flux-kontext"
@@ -465,12 +466,16 @@ class FluxKontextAdapter(FluxAdapter):
         (Kontext 1; Flux.2 10, 20, ...), in sequence order."""
         if self._parts is not None and self._parts[0] is img_ids:
             return self._parts[1]
-        parts = None
+        parts, grids = None, None
         if torch.is_tensor(img_ids) and img_ids.shape[-1] >= 3:
-            first = (img_ids[0] if img_ids.ndim == 3 else img_ids)[:, 0]
-            _, counts = torch.unique_consecutive(first, return_counts=True)
-            parts = [int(c) for c in counts.tolist()] if float(first[0]) == 0 else None
+            ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+            _, counts = torch.unique_consecutive(ids[:, 0], return_counts=True)
+            parts = [int(c) for c in counts.tolist()] if float(ids[0, 0]) == 0 else None
+            if parts:  # each part's (rows, columns) from its row / column ids
+                grids = [tuple(int(v) + 1 for v in (g[:, 1:3].amax(0) - g[:, 1:3].amin(0)))
+                         for g in ids.split(parts)]
         self._parts = (img_ids, parts)
+        self._grids = grids
         return parts
 
     def denoiser_input(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -499,7 +504,8 @@ class FluxKontextAdapter(FluxAdapter):
         if n_text is None or not parts:
             return None
         return reference_layout(("text", "image"), {"text": n_text, "image": parts[0]},
-                                parts[1:], q_len, k_len)
+                                parts[1:], q_len, k_len,
+                                self._grids[1:] if self._grids else None)
 
     def concept_blocks(self) -> None:
         return None
