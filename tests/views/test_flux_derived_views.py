@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
@@ -99,3 +100,35 @@ def test_token_effects(arch):
     eff = sdlens.token_effects(pipe(arch), PROMPT, words=["cat"], steps=STEPS,
                                guidance_scale=gs, record=None, **kw)
     assert list(eff.words) == ["cat"]
+
+
+def test_reference_view_panel():
+    """The reference-map panel: a click on the output draws an overlay on each reference, a
+    click on a reference one on the output, the step slider redraws; the overlays are the
+    trace's ReferenceMaps.at / lands."""
+    from sdlens.testing import reference_image
+    from sdlens.views.widgets import ReferenceView
+    from sdlens.views.widgets.frames import decode
+
+    ref = reference_image(64)
+    tr = sdlens.generate(pipe("flux-kontext"), PROMPT, seed=0, steps=STEPS, image=ref,
+                         max_area=32 * 32, _auto_resize=False, height=32, width=32,
+                         record=("latents", "attention", "reference_maps"))
+    v = ReferenceView(tr, references=[ref], px=64)
+    assert v.reference_grids == [[4, 4]] and v.output_grid == [2, 2] and v.steps == [0, 1]
+    assert len(v.reference_overlays) == 1 and v.reference_overlays[0] and not v.output_overlay
+    first = v.reference_overlays[0]
+    v.click_output(0, 1)
+    assert v.reference_overlays[0] != first
+    alpha = np.asarray(decode(v.reference_overlays[0]))[..., 3].astype(float)
+    want = tr.reference_maps.at(0, 1, step=1)  # the last step, where the slider starts
+    cell = alpha[::16, ::16]  # 64 px / 4 patches: one pixel per reference patch
+    assert np.unravel_index(cell.argmax(), cell.shape) == np.unravel_index(
+        int(want.argmax()), tuple(want.shape))
+    v.click_reference(0, 3, 3)
+    assert v.output_overlay and v.direction == "reference 0" and not v.reference_overlays[0]
+    before = v.output_overlay
+    v.step = 0
+    assert v.output_overlay != before
+    with pytest.raises(ValueError, match="reference_maps"):
+        ReferenceView(generated("flux-kontext"))
