@@ -169,3 +169,15 @@ def test_own_latent_as_reference_is_near_diagonal():
     # and the reverse: a reference point lands on the same output patch
     assert all(int(refs.lands(y, x_, step=0).argmax()) == 4 * y + x_
                for y in range(4) for x_ in range(4))
+
+
+def test_slicing_a_trace_slices_its_reference_maps():
+    from sdlens.trace.ops import select_batch, slice_steps
+
+    tr, _ = traced("flux-kontext")
+    refs = tr.reference_maps
+    layer = refs.layers[-1]
+    late = slice_steps(tr, 1, 2).reference_maps
+    assert late.steps == [0] and torch.equal(late[layer], refs[layer][1:2])
+    one = select_batch(tr, [0]).reference_maps
+    assert one.grids == refs.grids and torch.equal(one[layer], refs[layer][:, [0]])
