@@ -36,6 +36,10 @@ FAMILIES = {
                    refs=0, calls=2, guidance="true_cfg"),
     "flux-kontext": dict(pipeline="FluxKontextPipeline", family="flux-kontext", channels=16,
                          blocks=(19, 38), refs=4, calls=1, guidance="distilled"),
+    "flux-kontext-cfg": dict(arch="flux-kontext", kw=lambda: dict(true_cfg_scale=2.0,
+                                                                   negative_prompt="blurry"),
+                             pipeline="FluxKontextPipeline", family="flux-kontext", channels=16,
+                             blocks=(19, 38), refs=4, calls=2, guidance="true_cfg", scale=2.0),
     "flux2": dict(pipeline="Flux2Pipeline", family="flux2", channels=32, blocks=(8, 48),
                   refs=0, calls=1, guidance="distilled"),
     "flux2+ref": dict(arch="flux2", kw=lambda: dict(image=[reference_image(64)]),
@@ -126,7 +130,7 @@ def test_guidance_as_it_is(arch):
     pipe, _, _, tr, _ = traced(arch)
     kind = FAMILIES[arch]["guidance"]
     if kind == "true_cfg":  # two calls per step: the prompt's, then the negative's
-        g = float(call(arch).get("guidance_scale") or pipe.guidance_scale)  # the default
+        g = FAMILIES[arch].get("scale") or pipe.guidance_scale  # the default guidance_scale
         assert tr.do_cfg and tr.guidance_scale == g
         guided = tr.noise_uncond + g * (tr.noise_text - tr.noise_uncond)
         torch.testing.assert_close(tr.noise, guided, rtol=1e-5, atol=1e-5)

@@ -181,3 +181,16 @@ def test_slicing_a_trace_slices_its_reference_maps():
     assert late.steps == [0] and torch.equal(late[layer], refs[layer][1:2])
     one = select_batch(tr, [0]).reference_maps
     assert one.grids == refs.grids and torch.equal(one[layer], refs[layer][:, [0]])
+
+
+def test_size_estimate_counts_reference_maps():
+    """One reference of the output's size assumed, pooled to <= 32 patches a side, fp16: at
+    1024 px (64 x 64 patches) 8 MiB per site and step."""
+    from sdlens.engine.options import RecordOptions, estimate_trace_bytes
+
+    pipe = pipe_of("flux-kontext")
+    opts = RecordOptions(record=RECORD, layers="single.1")
+    est = estimate_trace_bytes(pipe, steps=3, latent_hw=(128, 128), options=opts)
+    assert est["reference_maps"] == 3 * 64 * 64 * 32 * 32 * 2 == 3 * 8 * 2 ** 20
+    small = estimate_trace_bytes(pipe, steps=2, latent_hw=(8, 8), options=opts)  # 4x4 patches
+    assert small["reference_maps"] == 2 * 16 * 16 * 2
