@@ -26,19 +26,28 @@ OUT = HERE / "results-mmdit.json"
 GENERATION_TARGET_S = 2.0  # issue 21: a 25-step generation <= 2 s on the CPU
 
 
-def run(s: C.Settings) -> dict:
+def call_kwargs(steps: int = 25):
+    """A factory of the call every side makes: sdlens's own call on this model
+    (``max_sequence_length=0``, the card's default guidance, 64 px, latents out)."""
     from sdlens.models.shapes.architecture import MMDIT_CALL_DEFAULTS
-    from sdlens.models.shapes.card import MMDIT, MMDIT_CONCEPTS, load_results
-    from sdlens.pipeline import load_pipeline
+    from sdlens.models.shapes.card import MMDIT, load_results
 
-    pipe = load_pipeline("shapes-mmdit", device="cpu")
     g = load_results(MMDIT)[0]["default_guidance"]
 
     def kw():
-        return dict(prompt="a red circle and a blue square", num_inference_steps=25,
+        return dict(prompt="a red circle and a blue square", num_inference_steps=steps,
                     guidance_scale=g, generator=torch.Generator("cpu").manual_seed(0),
                     output_type="latent", **MMDIT_CALL_DEFAULTS)
+    return kw
 
+
+def run(s: C.Settings) -> dict:
+    from sdlens.models.shapes.card import MMDIT_CONCEPTS
+    from sdlens.pipeline import load_pipeline
+
+    pipe = load_pipeline("shapes-mmdit", device="cpu")
+    kw = call_kwargs()
+    g = kw()["guidance_scale"]
     sides = {"untraced": C.untraced(pipe, kw), "sdlens": C.traced(pipe, kw),
              "sdlens + concepts": C.traced(pipe, kw, concepts=MMDIT_CONCEPTS)}
     st = C.alternate(sides, s, reps=5, warmup=1)

@@ -35,14 +35,9 @@ VARIANTS = {
 
 
 def trace_nbytes(tr) -> dict[str, int]:
-    def nb(t):
-        return 0 if t is None else t.numel() * t.element_size()
-    out = {"latents": nb(tr.latents), "noise": nb(tr.noise) + nb(tr.noise_text) + nb(tr.noise_uncond),
-           "x0": nb(tr.x0), "attention": 0}
-    att = tr.attention
-    if att is not None:
-        out["attention"] = sum(nb(att[l]) for l in att.layers)
-    return out
+    """Host bytes the trace holds, as stored (maps as codes, a shared tensor once)."""
+    held = tr.nbytes()
+    return {k: held[k] for k in ("latents", "noise", "x0", "attention")}
 
 
 def n_prompt_tokens(pipe, prompt: str) -> int:

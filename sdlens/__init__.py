@@ -23,7 +23,7 @@ from sdlens.experiments.lora import lora_effect
 from sdlens.experiments.refiner import trace_base_refiner
 from sdlens.experiments.steer import reweight, token_effects
 from sdlens.experiments.sweep import Grid, is_grid_file, sweep
-from sdlens.pipeline import describe, load_pipeline
+from sdlens.pipeline import describe, load_pipeline, recommended_settings
 from sdlens.trace.core import Trace, load as load_trace
 from sdlens.version import __version__
 from sdlens.views import plot
@@ -61,6 +61,7 @@ def load(path: str | os.PathLike) -> Trace | Grid:
 
 __all__ = [
     "Comparison", "Grid", "RecordOptions", "Trace", "TraceTooLarge", "__version__", "compare",
-    "describe", "generate", "load", "load_pipeline", "lora_effect", "plot", "reweight", "sweep",
+    "describe", "generate", "load", "load_pipeline", "lora_effect", "plot", "recommended_settings", "reweight",
+    "sweep",
     "token_effects", "trace", "trace_base_refiner",
 ]

@@ -27,6 +27,29 @@ SHIPPED_MODELS = {
     "shapes-mmdit": Path(__file__).parent / "models" / "shapes" / "weights_mmdit",  # SD3, learned freely
 }
 
+#: A model folder's recommended call settings (``{"guidance_scale": 3, "max_sequence_length": 0,
+#: ...}``): written next to the weights from the model's measured results (the shipped MMDiT's by
+#: ``sdlens.models.shapes.card``, whose card reads the same file).
+RECOMMENDED = "recommended.json"
+
+
+def recommended_settings(model) -> dict:
+    """The call settings ``model`` recommends (its folder's :data:`RECOMMENDED`; {} where there
+    is none): what Studio and the CLI use by default, and what ``pipe(prompt, **settings)`` needs
+    to get the figures of the model's card. ``model``: a pipeline (its ``name_or_path``), a
+    folder, or a shipped model's name ("shapes-mmdit")."""
+    if isinstance(model, (str, os.PathLike)) or model is None:
+        folder = SHIPPED_MODELS.get(model if model is not None else "shapes", model)
+    else:
+        folder = getattr(model, "name_or_path", None)
+    if not folder:
+        return {}
+    path = Path(str(folder)).expanduser() / RECOMMENDED
+    if not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text()))
+
+
 # Short scheduler names accepted wherever a scheduler is chosen.
 SCHEDULERS = {
     "ddim": "DDIMScheduler",

@@ -158,3 +158,48 @@ def test_readme_paragraph_is_written_from_the_results_file():
     for f in r["figures"].values():
         if f["kind"] == "value" and f.get("target_status") == "misses" and f["label"]:
             assert f"target {f['target_text']}: **MISSED**" in text
+
+
+# ---------------------------------------------------------------- 1024-px token counts (issue 29)
+import bench_1024  # noqa: E402  (benchmarks/bench_1024.py)
+
+
+def test_1024_smoke_run_writes_its_record(tmp_path):
+    """``bench_1024.py`` at tiny sizes (the full-width builder and the profile included): the
+    record has every asked row with >= 5 paired rounds, its verdict and target status, the
+    checkout and the load; the markdown beside it is what ``render`` writes from it."""
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_1024.py"), "--smoke",
+                        "--only", "sd3", "flux-narrow", "--profile", "--out-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, cwd=str(REPO))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = json.loads((tmp_path / "1024-smoke.json").read_text())
+    assert not r["partial"] and r["mode"] == "smoke"
+    assert r["checkout"]["commit"] and r["load_start"] and r["machine"]["torch_threads"] == 1
+    assert sorted(r["rows"]) == ["flux-narrow", "sd3"]
+    for key, f in r["rows"].items():
+        assert f["n"] >= 5 and len(f["untraced_s"]["times_s"]) == len(f["traced_s"]["times_s"]) >= 5
+        assert f["min"] <= f["median"] <= f["max"]
+        assert f["target"] == bench_1024.TARGETS[key]
+        assert ("within noise" in f["verdict"]) == (f["min"] <= 1.0 <= f["max"])
+        assert f["sites"] and f["image_tokens"] == 16  # 64 px: 8 x 8 latents, 2 x 2 patches
+    assert any("text_probabilities" in l or "sdlens" in l for l in r["profile"]["cprofile_cumulative"])
+    md = (tmp_path / "RESULTS-1024.md").read_text()
+    assert md == bench_1024.render([r])
+    assert f"**{r['rows']['sd3']['median']:.3f}x**" in md
+
+
+def test_1024_markdown_is_written_from_the_results_files():
+    """benchmarks/RESULTS-1024.md is what bench_1024.py writes from the committed
+    benchmarks/results/1024-*.json: no figure is typed by hand."""
+    recs = bench_1024.load_records()
+    assert recs, "no benchmarks/results/1024-*.json committed"
+    assert bench_1024.MARKDOWN.read_text() == bench_1024.render(recs), (
+        "benchmarks/RESULTS-1024.md differs from benchmarks/results/1024-*.json: run "
+        "python benchmarks/bench_1024.py --publish")
+    for r in recs:
+        assert r["mode"] != "smoke" and not r["partial"]
+        for key, f in r["rows"].items():
+            if "error" in f:
+                continue
+            assert f["n"] >= 5 and f["target"] == bench_1024.TARGETS[key]
+            assert f["target_status"] == common.target_status(f, f["target"])

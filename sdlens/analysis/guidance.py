@@ -16,6 +16,8 @@ trace's ``meta``: ``x0 = a * x_t + b * prediction`` with ``(a, b)`` from
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +91,22 @@ def guidance_kind(trace: Any) -> str:
     if getattr(trace, "do_cfg", True):
         return "true_cfg" if "distilled_guidance" in meta else "cfg"
     return "distilled" if distilled is not None else "off"
+
+
+def check_guidance_scale(value: Any) -> float | None:
+    """``guidance_scale`` as a float (None stays None: the pipeline's default); ValueError for
+    a value that is not a finite number (NaN would silently run unguided: diffusers compares it
+    with 1 and the comparison is false)."""
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_scale must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"guidance_scale must be a finite number, got {value!r} (1 or below "
+                         "turns guidance off; the model card's value is a good start)")
+    return v
 
 
 def guidance_label(scale: Any, kind: str = "cfg", distilled: Any = None) -> str:

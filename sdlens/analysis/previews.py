@@ -103,7 +103,7 @@ def linear_available(trace: Any, vae: Any = None) -> bool:
     """Whether :func:`linear_decoder` has coefficients for the trace without fitting: a family
     with a table (SD 1.x / 2.x / XL, the shipped model), or a VAE at hand to fit one."""
     family = trace if isinstance(trace, str) else (getattr(trace, "meta", None) or {}).get("family")
-    if family in LINEAR or family == "shapes":
+    if family in LINEAR or family == "shapes" or _folder_coeffs(trace) is not None:
         return True
     return not isinstance(trace, str) and (_vae_of(trace, vae) or _folder_vae(trace)) is not None
 
@@ -143,6 +143,9 @@ def linear_decoder(trace: Any, vae: Any = None) -> tuple[list, list]:
         family = (getattr(trace, "meta", None) or {}).get("family")
     if family in LINEAR:
         return LINEAR[family]
+    own = _folder_coeffs(trace)  # the model folder's own fit (the shipped MMDiT's)
+    if own is not None:
+        return own["matrix"], own["bias"]
     if family == "shapes" and SHAPES_COEFFS.exists():
         c = load_linear_decoder(SHAPES_COEFFS)
         return c["matrix"], c["bias"]
@@ -164,6 +167,21 @@ def linear_decoder(trace: Any, vae: Any = None) -> tuple[list, list]:
 
 
 _FOLDER_VAES: dict[str, Any] = {}
+_FOLDER_COEFFS: dict[str, dict | None] = {}
+
+
+def _folder_coeffs(trace: Any) -> dict | None:
+    """The coefficients in the trace's model folder (``meta['model_id']/latent_rgb.json``,
+    written by :func:`save_linear_decoder`), when there is one; else None."""
+    meta = {} if isinstance(trace, str) else (getattr(trace, "meta", None) or {})
+    model = meta.get("model_id")
+    if not model:
+        return None
+    path = Path(str(model)).expanduser() / "latent_rgb.json"
+    key = str(path)
+    if key not in _FOLDER_COEFFS:
+        _FOLDER_COEFFS[key] = load_linear_decoder(path) if path.is_file() else None
+    return _FOLDER_COEFFS[key]
 
 
 def _folder_vae(trace: Any) -> Any:

@@ -379,23 +379,32 @@ def word_matches(words: Sequence[Word], query: str) -> list[Word]:
     return found
 
 
+def _short(where: str, limit: int = 60) -> str:
+    """``where`` for a message: a long quoted prompt cut to its start (the user has it)."""
+    return where if len(where) <= limit else where[:limit - 1].rstrip() + "…"
+
+
 def no_word_error(words: Sequence[Word], query: str, truncated: Sequence[str] = (),
-                  where: str = "the prompt") -> ValueError:
-    """The error for a query that names no word: it was cut by the length limit, or here are
-    the words there are."""
+                  where: str = "the prompt", empty_prompt: bool = False) -> ValueError:
+    """The error for a query that names no word: it was cut by the length limit, the prompt is
+    empty (``empty_prompt``), or here are the words there are (punctuation left out)."""
+    where = _short(where)
     cut = [t.lower() for t in truncated]
     if cut and (query.strip().lower() in cut or any(p in cut for p in split_words(query))):
         return ValueError(f"{query!r} lies beyond the text encoder's {MAX_POSITIONS}-token limit "
                           f"({MAX_PROMPT_TOKENS}-token prompts): the pipeline cut it, so it has no "
                           f"token positions (no attention maps, nothing to steer); words cut: "
                           f"{list(truncated)}")
+    if empty_prompt or (not words and re.search(r"(''|\"\")\)?$", where)):
+        return ValueError(f"{query!r}: {where} is empty: it has no words to map")
     if not words:
         return ValueError(f"{query!r}: no words for {where}: {WORDS_UNKNOWN}")
     return ValueError(f"{query!r} is not a word of {where}; its words: {available(words)}")
 
 
 def match_word(words: Sequence[Word], query: str, occurrence: int = 0,
-               truncated: Sequence[str] = (), where: str = "the prompt") -> Word:
+               truncated: Sequence[str] = (), where: str = "the prompt",
+               empty_prompt: bool = False) -> Word:
     """The :class:`Word` that ``query`` names (see :func:`word_matches`); ``occurrence`` picks
     among repeats (0 = first, negative from the end). ValueError for a word that is not there
     (listing the words, or saying the length limit cut it: ``truncated``)."""
@@ -403,7 +412,7 @@ def match_word(words: Sequence[Word], query: str, occurrence: int = 0,
         raise TypeError(f"occurrence must be an int, got {type(occurrence).__name__}")
     matches = word_matches(words, query)
     if not matches:
-        raise no_word_error(words, query, truncated, where)
+        raise no_word_error(words, query, truncated, where, empty_prompt)
     if not -len(matches) <= occurrence < len(matches):
         raise ValueError(f"occurrence={occurrence} but {query!r} occurs {len(matches)} time(s) "
                          f"in {where} (occurrence 0..{len(matches) - 1})")
@@ -411,8 +420,9 @@ def match_word(words: Sequence[Word], query: str, occurrence: int = 0,
 
 
 def available(words: Sequence[Word]) -> str:
-    """The distinct word texts, quoted, for messages."""
-    return ", ".join(repr(t) for t in dict.fromkeys(w.text for w in words))
+    """The distinct word texts, quoted, for messages (punctuation left out)."""
+    return ", ".join(repr(t) for t in dict.fromkeys(w.text for w in words
+                                                     if not w.is_punctuation))
 
 
 def _trace_tokens(trace: Any, batch: int) -> list[str]:
@@ -462,8 +472,10 @@ def find_word(trace: Any, word: str, batch: int = 0, occurrence: int = 0) -> Wor
     if not isinstance(word, str):
         raise TypeError(f"word must be a str, got {type(word).__name__}; for token positions "
                         f"use sdlens.analysis.heatmaps.token_heatmap")
+    prompts = getattr(trace, "prompts", None) or []
+    empty = batch < len(prompts) and prompts[batch] is not None and not str(prompts[batch]).strip()
     return match_word(trace_words(trace, batch), word, occurrence, _truncated(trace, batch),
-                      f"prompt {batch} ({_prompt(trace, batch)!r})")
+                      f"prompt {batch} ({_prompt(trace, batch)!r})", empty)
 
 
 # --------------------------------------------------------------------------- token view
@@ -484,6 +496,10 @@ class TokenRow:
 
 #: How the views name a text encoder of a segment (``Trace.text_segments``' "encoder").
 ENCODER_NAMES = {"clip": "CLIP", "t5": "T5", "gemma": "Gemma"}
+
+
+#: Special tokens a text encoder's segment spends (CLIP: start and end; T5: end).
+SEGMENT_SPECIALS = {"clip": 2, "t5": 1}
 
 
 def encoder_name(encoder: str) -> str:
@@ -536,8 +552,12 @@ class TokenView:
             n = sum(1 for r in self.rows if r.encoder == enc and r.token not in SPECIAL
                     and r.position < int(seg["start"]) + int(seg["tokens"]))
             words = [w for w in self.words if enc in w.encoders and not w.is_punctuation]
+            length = int(seg["length"])
             out.append({"encoder": enc, "name": encoder_name(enc), "start": int(seg["start"]),
-                        "length": int(seg["length"]), "tokens": n,
+                        "length": length, "tokens": n,
+                        # the prompt tokens it holds (start / end tokens left out), as the
+                        # one-encoder count's "of 75"
+                        "limit": max(0, length - SEGMENT_SPECIALS.get(enc, 0)),
                         "words": [w.name for w in words],
                         "only": [w.name for w in words if len(w.encoders) == 1]})
         return out

@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from einops import rearrange
 
 from sdlens.analysis.tokens import IMAGE_PROMPT_POSITION
+from sdlens.trace.compact import dtype_name, host_maps, stack_maps, stored_dtype
 from sdlens.trace.maps import AttentionMaps, ConceptMaps, ReferenceMaps
 
 #: the kinds of map a call can record, in the order the Trace lists them
@@ -62,6 +62,13 @@ class MapCollector:
         self.image_tokens: tuple[int, ...] = ()  # image-prompt tokens per IP-Adapter
         self.grids: tuple = ()  # reference maps: each reference's (rows, columns)
 
+
+    @property
+    def dtype(self):
+        """How the maps are kept (the run's ``attention_dtype``, "auto" resolved at the first
+        denoiser call)."""
+        return stored_dtype(self.kind, self.run.opts.attention_dtype)
+
     def key(self, layer: str) -> str:
         return layer if self.kind == "attention" else f"{self.kind} {layer}"
 
@@ -76,7 +83,7 @@ class MapCollector:
         run = self.run
         if not run.recording() or layer not in run.selected or self.skipped(layer):
             return None
-        return run.rows, run.n_tokens, run.opts.heads, run.opts.attention_dtype
+        return run.rows, run.n_tokens, run.opts.heads, self.dtype
 
     def put(self, layer: str, maps: torch.Tensor, image_tokens: tuple[int, ...] = (),
             grids: tuple = ()) -> None:
@@ -102,7 +109,7 @@ class MapCollector:
             if t is None and not self.skipped(layer):
                 self.skip(layer, f"not called (or not recorded) at step {run.step}")
             if not self.skipped(layer):
-                self.chunks.setdefault(layer, []).append(run._host(t, t.dtype, owned=True))
+                self.chunks.setdefault(layer, []).append(host_maps(t, run._host))
         self.steps.append(run.step)
         self.pending = {}
 
@@ -131,24 +138,18 @@ class MapCollector:
         if self.kind == "reference_maps" and not self.grids:
             return None  # no site saw a reference image
         layers = {}
-        dtype = run.opts.attention_dtype
         for layer in run.selected:
             chunks = self.chunks.get(layer)
             if self.skipped(layer) or (chunks and len(chunks) != len(self.steps)):
                 continue
-            lh, lw = run.resolutions[layer]
-            if not chunks:
-                if self.kind != "attention":
-                    continue
-                rows = len(self.positions())
-                shape = (0, run.batch) + ((1,) if run.opts.heads else ()) + (rows, lh * lw)
-                t = torch.zeros(shape, dtype=dtype)
-            else:
-                t = torch.stack(chunks)  # (S, B, [heads,] T, HW)
-            layers[layer] = rearrange(t, "... (h w) -> ... h w", h=lh, w=lw)
+            if not chunks and self.kind != "attention":
+                continue
+            empty = (run.batch,) + ((1,) if run.opts.heads else ()) + (len(self.positions()),)
+            layers[layer] = stack_maps(chunks or [], run.resolutions[layer], empty,
+                                       self.dtype)  # (S, B, [heads,] T, h, w)
         self.chunks = {}
         res = {l: run.resolutions[l] for l in layers}
-        name = str(dtype).replace("torch.", "")
+        name = dtype_name(self.dtype)
         if self.concepts is not None:
             return ConceptMaps(layers, res, self.steps, self.concepts, family=family, dtype=name)
         if self.kind == "reference_maps":

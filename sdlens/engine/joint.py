@@ -56,6 +56,7 @@ import torch
 from sdlens.analysis.tokens import tokenize, tokenize_segments
 from sdlens.engine.arch import BackboneAdapter
 from sdlens.engine.sites import Hooks, MapSink
+from sdlens.trace.compact import store_maps
 
 
 def check_joint_options(adapter: BackboneAdapter, options) -> None:
@@ -151,5 +152,6 @@ class ConceptPass:
         step = self.adapter.concept_step(block, self.stream, args, kwargs, rows,
                                          request is not None)
         if request is not None:
-            self.sink.put("concepts", site, concept_maps(step.image, step.concepts).to(request[3]))
+            self.sink.put("concepts", site,
+                          store_maps(concept_maps(step.image, step.concepts), request[3]))
         self.stream = step.stream

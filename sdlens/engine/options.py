@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from sdlens.engine.arch import adapter_for
+from sdlens.trace.compact import CODE_BITS, dtype_name, map_bytes, stored_dtype
 from sdlens.trace.maps import resolve_layers
 
 RECORDABLE = ("latents", "noise", "x0", "attention")  # the default
@@ -21,7 +22,9 @@ RECORDABLE = ("latents", "noise", "x0", "attention")  # the default
 # patches (``trace.reference_maps``)
 OPTIONAL = ("controlnet", "image_to_text", "reference_maps")
 KINDS = RECORDABLE + OPTIONAL
-_ATT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_ATT_DTYPES = ("auto", torch.uint4, torch.uint8, torch.float16, torch.bfloat16, torch.float32)
+#: ``attention_dtype="auto"``: 8-bit codes while the whole trace fits this many bytes, else 4-bit
+AUTO_TRACE_BYTES = 200 << 20
 
 
 class TraceTooLarge(ValueError):
@@ -54,7 +57,14 @@ class RecordOptions:
             and the end token; rows then no longer sum to 1 over the kept tokens).
         max_bytes: refuse (``TraceTooLarge``, a ValueError) to run when the trace is estimated to
             need more host memory than this; default 50% of the available host memory.
-        attention_dtype: dtype of the stored maps (float16 default; bfloat16 or float32).
+        attention_dtype: how the maps are stored (they always read as float maps):
+            ``"auto"`` (the default: ``torch.uint8`` while the whole trace is estimated to fit
+            ``AUTO_TRACE_BYTES`` (200 MB), else ``torch.uint4``; the estimate and
+            ``trace.meta["options"]`` say which), ``torch.uint4`` (4-bit codes and each map's
+            peak, every value within 1/30 of its map's peak; :mod:`sdlens.trace.compact`),
+            ``torch.uint8`` (8-bit codes: within 1/510 of the peak, twice the size), or the maps themselves in
+            ``torch.float16`` / ``torch.bfloat16`` / ``torch.float32`` (4x / 4x / 8x the size).
+            Concept maps stay float16 under a code dtype (each pixel's concepts sum to 1).
         concepts: concept maps (ConceptAttention, :mod:`sdlens.engine.joint`; joint-attention
             models): a list of concepts (words or short phrases, in the prompt or not), each
             mapped at the sites and steps of ``layers`` / ``steps`` (``trace.concepts``,
@@ -67,7 +77,7 @@ class RecordOptions:
     heads: bool = False
     keep_padding: bool = False
     max_bytes: int | None = None
-    attention_dtype: torch.dtype = torch.float16
+    attention_dtype: torch.dtype | str = "auto"
     concepts: Sequence[str] | None = None
 
     def __post_init__(self):
@@ -133,7 +143,8 @@ class RecordOptions:
             layers = list(layers)
         return dict(record=list(self.record), layers=layers, steps=steps, heads=self.heads,
                     keep_padding=self.keep_padding, max_bytes=self.max_bytes,
-                    attention_dtype=str(self.attention_dtype).replace("torch.", ""),
+                    attention_dtype="auto" if self.attention_dtype == "auto"
+                    else dtype_name(self.attention_dtype),
                     **({"concepts": list(self.concepts)} if self.concepts is not None else {}))
 
     @classmethod
@@ -227,13 +238,35 @@ def scheduler_steps(scheduler, num_inference_steps: int) -> int:
     return len(sched.timesteps)
 
 
+class TraceEstimate(dict):
+    """Bytes per kind of data ("latents", "noise", "x0", "attention", and "concepts" /
+    "image_to_text" where recorded), a dict; :attr:`storage` says how each kind is held (the
+    defaults that apply: e.g. ``{"attention": "uint4 codes + float32 scale per map", "noise":
+    "float32, noise_text is noise (no CFG)", ...}``)."""
+
+    storage: dict[str, str]
+    attention_dtype: torch.dtype  # the maps' storage that applies ("auto" resolved)
+
+    def __init__(self, parts: dict[str, int], storage: dict[str, str], attention_dtype=None):
+        super().__init__(parts)
+        self.storage = dict(storage)
+        self.attention_dtype = attention_dtype
+
+
 def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
                          latent_hw: tuple[int, int] | None = None, n_tokens: int | None = None,
                          do_cfg: bool | None = None, options: RecordOptions | None = None,
                          layers: Sequence[str] | None = None,
                          attention_steps: int | None = None,
-                         num_inference_steps: int | None = None) -> dict[str, int]:
-    """Host bytes a trace of ``pipe`` will take, per kind of data (before running anything).
+                         num_inference_steps: int | None = None) -> TraceEstimate:
+    """Host bytes a trace of ``pipe`` will take, per kind of data (before running anything): what
+    :meth:`Trace.nbytes <sdlens.trace.Trace.nbytes>` will say, and within a few percent of the
+    saved file.
+
+    The defaults that apply are counted and named in the result's ``storage``: maps as 4-bit
+    codes + a float32 scale per map (``attention_dtype=torch.uint4``; other dtypes as
+    chosen) and, without classifier-free guidance, ``noise_text`` held once with ``noise`` (the
+    same tensor); latents, noise and x0 in float32.
 
     Args:
         pipe: the pipeline (its denoiser's sites, heads and latent channels are read).
@@ -251,9 +284,28 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
         attention_steps: already-resolved number of steps with attention maps.
 
     Returns:
-        {"latents": ..., "noise": ..., "x0": ..., "attention": ...} in bytes.
+        a :class:`TraceEstimate`: {"latents": ..., "noise": ..., "x0": ..., "attention": ...}
+        in bytes, and ``.storage``.
     """
     opts = options or RecordOptions()
+    if opts.attention_dtype == "auto":  # 8-bit codes where the whole trace fits, else 4-bit
+        kw = dict(batch=batch, steps=steps, latent_hw=latent_hw, n_tokens=n_tokens,
+                  do_cfg=do_cfg, layers=layers, attention_steps=attention_steps,
+                  num_inference_steps=num_inference_steps)
+        fine = estimate_trace_bytes(pipe, options=dataclasses.replace(
+            opts, attention_dtype=torch.uint8), **kw)
+        if sum(fine.values()) <= AUTO_TRACE_BYTES:
+            est = fine
+        else:
+            est = estimate_trace_bytes(pipe, options=dataclasses.replace(
+                opts, attention_dtype=torch.uint4), **kw)
+        why = (f"auto: 8-bit codes fit {AUTO_TRACE_BYTES >> 20} MB" if est is fine else
+               f"auto: 8-bit codes would need {human_bytes(sum(fine.values()))}, over "
+               f"{AUTO_TRACE_BYTES >> 20} MB")
+        for kind in ("attention", "image_to_text"):
+            if kind in est.storage:
+                est.storage[kind] += f" ({why})"
+        return est
     adapter = adapter_for(pipe)
     if num_inference_steps is not None:
         steps = scheduler_steps(pipe.scheduler, num_inference_steps)
@@ -272,15 +324,22 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
             else (steps if opts.steps is None else len(set(opts.steps)))
     per = batch * adapter.latent_channels() * h * w * 4
     rec = opts.record
+    # noise, noise_text (noise_uncond): without CFG noise_text is noise (one tensor)
     est = {"latents": (steps + 1) * per if "latents" in rec else 0,
-           "noise": steps * per * (3 if do_cfg else 2) if "noise" in rec else 0,
+           "noise": steps * per * (3 if do_cfg else 1) if "noise" in rec else 0,
            "x0": steps * per if "x0" in rec else 0, "attention": 0}
-    itemsize = torch.empty((), dtype=opts.attention_dtype).element_size()
+    storage = {"latents": "float32", "x0": "float32",
+               "noise": "float32" + ("" if do_cfg else ", noise_text is noise (no CFG)")}
     # reference maps: assumed one reference of the output's size, pooled to <= 32 x 32 patches
     kinds = {"attention": n_tokens, "image_to_text": n_tokens, "concepts": None,
              "reference_maps": -1}
     kinds = {k: n for k, n in kinds.items() if k in rec or (k == "concepts" and opts.concepts)}
     for kind, n in kinds.items():  # concept maps: one map per concept, heads pooled
+        dtype = stored_dtype(kind, opts.attention_dtype)
+        bits = CODE_BITS.get(dtype)
+        itemsize = None if bits else torch.empty((), dtype=dtype).element_size()
+        storage[kind] = f"{dtype_name(dtype)} codes + float32 scale per map" if bits \
+            else dtype_name(dtype)
         est[kind] = 0
         for l in layers:
             lh, lw = res[l]
@@ -288,8 +347,9 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
             rows = len(opts.concepts) if n is None else n
             if n == -1:
                 rows = min(lh, 32) * min(lw, 32)
-            est[kind] += attention_steps * batch * heads * rows * lh * lw * itemsize
-    return est
+            one = map_bytes(lh * lw, bits) if bits else lh * lw * itemsize
+            est[kind] += attention_steps * batch * heads * rows * one
+    return TraceEstimate(est, storage, opts.attention_dtype)
 
 
 def _vae_scale(pipe) -> int:

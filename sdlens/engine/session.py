@@ -39,6 +39,7 @@ import warnings
 import torch
 from einops import rearrange
 
+from sdlens.analysis.guidance import check_guidance_scale
 from sdlens.analysis.tokens import check_user_tokens, image_prompt_tokens, tokenize_segments
 from sdlens.engine import schedules as sched_hooks
 from sdlens.engine.arch import BackboneAdapter, adapter_for
@@ -48,7 +49,7 @@ from sdlens.engine.options import (RecordOptions, TraceTooLarge, default_max_byt
                                    estimate_trace_bytes, human_bytes)
 from sdlens.engine.sites import Hooks, KernelSeam, MapRecorder, reweighting
 from sdlens.engine.text import text_axis
-from sdlens.pipeline import pipeline_task
+from sdlens.pipeline import pipeline_task, recommended_settings
 from sdlens.trace.core import Trace
 from sdlens.trace.maps import resolve_layers
 from sdlens.trace.steps import select_steps
@@ -232,6 +233,8 @@ class _Run:
         est = self.estimate_bytes()
         total = sum(est.values())
         self.estimated = est
+        if self.opts.attention_dtype == "auto":  # the storage the estimate chose, from now on
+            self.opts = dataclasses.replace(self.opts, attention_dtype=est.attention_dtype)
         limit = self.opts.max_bytes if self.opts.max_bytes is not None else default_max_bytes()
         if total > limit:
             parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in est.items() if v)
@@ -375,7 +378,7 @@ class _Run:
         extra, extra_info = {}, {}
         refs = maps.pop("reference_maps", None)
         if refs is not None:  # travels as the trace's extra tensors (Trace.reference_maps)
-            extra.update({f"reference_maps/{l}": refs[l] for l in refs.layers})
+            extra.update({f"reference_maps/{l}": refs.stored(l) for l in refs.layers})
             extra_info["reference_maps"] = {
                 "layers": list(refs.layers), "steps": list(refs.steps), "grids": refs.grids,
                 "resolutions": {l: list(refs.resolution(l)) for l in refs.layers},
@@ -428,6 +431,7 @@ class _Run:
             "num_images_per_prompt": p.get("num_images_per_prompt") or 1,
             "device": str(denoiser.device), "dtype": str(denoiser.dtype).replace("torch.", ""),
             "options": self.opts.to_dict(), "estimated_bytes": self.estimated,
+            "estimated_storage": dict(getattr(self.estimated, "storage", {}) or {}),
             "denoiser_calls": self.denoiser_calls,
             "text_length": self.session.adapter.text_length(p),  # None: the tokenizer's (77)
             **({"skipped": dict(self.skipped)} if self.skipped else {}),
@@ -827,8 +831,11 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
             seed, recorded in ``trace.meta['seeds']``). Outside that range is an error: torch
             would wrap a negative seed silently.
         steps: ``num_inference_steps``.
-        guidance_scale: classifier-free guidance scale (None: the pipeline's default; <= 1 turns
-            guidance off, below 1 with a warning). Flux: the distilled guidance value the
+        guidance_scale: classifier-free guidance scale (None: the model's recommended value
+            where its folder has one (:func:`sdlens.recommended_settings`: the shipped
+            "shapes-mmdit"), else the pipeline's default; <= 1 turns guidance off, below 1 with a
+            warning; NaN / inf: ValueError). The model's other recommended call settings (e.g.
+            ``max_sequence_length``) apply unless given. Flux: the distilled guidance value the
             transformer is given (true CFG: ``true_cfg_scale=`` and ``negative_prompt=``).
         negative_prompt: a negative prompt (or one per prompt).
         height, width: image size in pixels (None: the model's default).
@@ -876,6 +883,13 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
         raise ValueError(f"seed must be an int, a list of ints or None, got {seed!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    guidance_scale = check_guidance_scale(guidance_scale)  # NaN would run unguided, silently
+    recommended = recommended_settings(pipe)  # the model's own (its card's) call settings
+    if guidance_scale is None and "guidance_scale" in recommended:
+        guidance_scale = float(recommended["guidance_scale"])
+    for key, value in recommended.items():
+        if key not in ("guidance_scale", "num_inference_steps"):
+            kwargs.setdefault(key, value)
     if guidance_scale is not None and float(guidance_scale) < 1 \
             and adapter_for(pipe).cfg_by_default:  # not Flux's distilled guidance value
         # diffusers guides only above 1; below it runs unguided, as 1 does (1 is the usual

@@ -36,6 +36,7 @@ from sdlens.engine import kernel
 from sdlens.engine.arch import adapter_for
 from sdlens.engine.arch.base import BackboneAdapter, KernelLayout, cross_layout
 from sdlens.engine.text import word_positions
+from sdlens.trace.compact import CompactMaps, store_maps
 from sdlens.trace.steps import step_window
 
 
@@ -356,10 +357,11 @@ class MapSink(Protocol):
         """This call of ``layer`` could not be recorded (``what``: why); the run goes on."""
 
 
-def reduce_maps(probs: torch.Tensor, tokens, keep_heads: bool, dtype) -> torch.Tensor:
+def reduce_maps(probs: torch.Tensor, tokens, keep_heads: bool, dtype) -> torch.Tensor | CompactMaps:
     """The recorded form of (B, heads, K, HW) probabilities: the kept token positions
     (``tokens``: None all, an int the first n, a sequence of positions), heads averaged unless
-    kept, in ``dtype``; (B, [heads,] T, HW), on the device."""
+    kept, stored in ``dtype`` (:func:`~sdlens.trace.compact.store_maps`: codes + scales for
+    ``torch.uint4`` / ``torch.uint8``); (B, [heads,] T, HW), on the device."""
     if isinstance(tokens, int):
         probs = probs[:, :, :tokens]
     elif tokens is not None:
@@ -367,7 +369,7 @@ def reduce_maps(probs: torch.Tensor, tokens, keep_heads: bool, dtype) -> torch.T
         probs = probs.index_select(2, index[index < probs.shape[2]])
     if not keep_heads:
         probs = probs[:, 0] if probs.shape[1] == 1 else probs.mean(dim=1)  # (B, T, HW)
-    return probs.to(dtype).contiguous()
+    return store_maps(probs, dtype)
 
 
 def kept_positions(tokens, n_text: int, device) -> torch.Tensor:
@@ -571,7 +573,7 @@ class MapRecorder:
                                             "SDPA, or a processor that computes attention "
                                             "itself)")
             elif kind == "attention":
-                self._put_attention(layer, state, keep_heads, dtype)
+                self._put_attention(layer, call, state, keep_heads, dtype)
             elif kind == "reference_maps":
                 parts = state[kind]
                 if parts is None:
@@ -584,11 +586,15 @@ class MapRecorder:
             else:
                 self.sink.put(kind, layer, reduce_maps(state[kind], None, keep_heads, dtype))
 
-    def _put_attention(self, layer: str, state: dict, keep_heads: bool, dtype) -> None:
+    def _put_attention(self, layer: str, call: SiteCall, state: dict, keep_heads: bool,
+                       dtype) -> None:
         probs = state["text"]
         if probs is None:
-            return self.sink.skip("attention", layer, "no image queries on text keys in its "
-                                                      "attention kernel calls")
+            ehs = call.encoder_hidden_states
+            what = "" if ehs is None or torch.is_tensor(ehs) or isinstance(ehs, tuple) else \
+                f" (its encoder_hidden_states are a {type(ehs).__name__})"
+            return self.sink.skip("attention", layer, "its attention-kernel calls have no image "
+                                                      f"queries on text keys sdlens can name{what}")
         counts: tuple[int, ...] = ()
         if state["image_prompts"]:  # IP-Adapter: the image-prompt tokens follow the text
             adapters = max(i for i, _ in state["image_prompts"]) + 1

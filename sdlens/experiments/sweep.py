@@ -60,6 +60,7 @@ from sdlens.engine.batch import Cell, batch_record_options, plan_batches, run_ba
 from sdlens.engine.options import (RecordOptions, default_memory_budget, estimate_cell_bytes,
                                    estimate_trace_bytes, latent_hw)
 from sdlens.engine.session import check_seed
+from sdlens.pipeline import recommended_settings
 from sdlens.trace.core import Trace
 
 AXES = ("prompt", "scheduler", "steps", "guidance", "seed")  # canonical order, outermost first
@@ -188,7 +189,7 @@ def _distributed_state():
     return state if state.num_processes > 1 else None
 
 
-def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales: Any = (7.5,),
+def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales: Any = None,
           steps: Any = 20, scheduler: Any = None, record: Any = "light",
           negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
           max_batch: int | None = None, memory_budget: int | None = None, chunk: bool = True,
@@ -200,6 +201,8 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
         prompts: one prompt or a list (the "prompt" axis).
         seeds: ints, or an axis string ``"0-7"`` (see :func:`parse_axis`).
         guidance_scales: floats or an axis string ``"1-13 [5]"``; ``<= 1`` runs without CFG.
+            None: the model's recommended scale (:func:`sdlens.pipeline.recommended_settings`,
+            e.g. the shipped MMDiT's 3), else 7.5.
         steps: int, list of ints or axis string (each value runs as separate calls).
         scheduler: None (the pipeline's), a short name (``sdlens.pipeline.SCHEDULERS``), or a
             list of them (separate calls per value; the pipeline's scheduler is restored).
@@ -208,7 +211,9 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
             engine's defaults: everything at every step), None (no traces, fastest) or a dict
             of ``sdlens.RecordOptions`` fields.
         negative_prompt, height, width, **pipe_kwargs: passed to every pipeline call
-            (``generator``, ``prompt_embeds``, ``output_type``, ... are set by the sweep).
+            (``generator``, ``prompt_embeds``, ``output_type``, ... are set by the sweep); the
+            model's other recommended settings (the MMDiT's ``max_sequence_length=0``) fill
+            what is not given.
         max_batch: at most this many cells per call.
         memory_budget: bytes a call may use (default :func:`default_memory_budget`).
         chunk: False refuses (ValueError) grids that need more than one call per group.
@@ -227,6 +232,11 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
             raise TypeError(f"sweep sets {key!r} itself; pass it through the sweep's own arguments")
     if "image" in pipe_kwargs or "mask_image" in pipe_kwargs:
         pass  # img2img / inpaint: the same image for every cell
+    rec = recommended_settings(pipe)
+    if guidance_scales is None:
+        guidance_scales = (float(rec.get("guidance_scale", 7.5)),)
+    pipe_kwargs = {**{k: v for k, v in rec.items()
+                      if k not in ("guidance_scale", "num_inference_steps")}, **pipe_kwargs}
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:
         raise ValueError("prompts: the axis is empty; give at least one prompt")
@@ -605,7 +615,8 @@ def add_sweep_parser(subparsers) -> Any:
 def _add_arguments(p) -> None:
     p.add_argument("prompt", nargs="+", help="one or more prompts (the prompt axis)")
     p.add_argument("--seeds", default="0", help='seed axis, e.g. "0-7" or "1,5,9" (default 0)')
-    p.add_argument("--cfg", default="7.5", help='guidance axis, e.g. "1,3,7.5,12" or "1-13 [5]"')
+    p.add_argument("--cfg", default=None, help='guidance axis, e.g. "1,3,7.5,12" or "1-13 [5]" '
+                   '(default: the model\'s recommended scale, else 7.5)')
     p.add_argument("--steps", default="20", help='steps axis, e.g. "20" or "10,20,40"')
     p.add_argument("--scheduler", default=None,
                    help="scheduler axis: comma-separated short names (ddim, euler, dpm++, ...)")

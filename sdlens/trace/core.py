@@ -24,7 +24,9 @@ about twice as many for Heun / KDPM2, whose every step calls the denoiser twice)
 ``x0``                      (steps, batch, C, h, w)               predicted clean latent (sdlens computes it)
 ``attention``               AttentionMaps, per layer              :class:`~sdlens.trace.maps.AttentionMaps`;
                             (steps', batch, tokens, h, w)         steps' = its recorded steps; heads kept:
-                                                                  (steps', batch, heads, tokens, h, w)
+                                                                  (steps', batch, heads, tokens, h, w);
+                                                                  float maps, stored as 4-bit codes + per-
+                                                                  map scales by default (decoded on access)
 ``concepts``                ConceptMaps, per layer or None        concept maps (``concepts=[...]``, joint
                             (steps', batch, concepts, h, w)       attention): a softmax over the concepts
 ``image_to_text``           AttentionMaps, per layer or None      (``record`` "image_to_text", joint
@@ -45,17 +47,26 @@ Tensors that were not recorded (``RecordOptions.record``) are None. Every trace 
 :meth:`Trace.build`, which takes exactly these fields and checks the shapes; the operations of
 :mod:`sdlens.trace.ops` (select batch items, slice or join steps, replace fields) build on it.
 
+Storage: without classifier-free guidance ``noise_text`` *is* ``noise`` (the same tensor,
+held and written once); maps recorded as codes
+(:mod:`sdlens.trace.compact`) stay codes until read. :meth:`Trace.nbytes` says what is held.
+
 File format (one file, no pickle): a safetensors file whose tensors are ``latents``, ``noise``,
 ..., ``attention/<layer>`` (``concepts/<layer>``, ``image_to_text/<layer>`` where recorded: the
 JSON keys ``concepts`` / ``image_to_text`` are absent otherwise, as in files written before
 them) and ``images/<i>`` (PNG bytes as uint8), and whose ``__metadata__``
 holds ``format = "sdlens.trace"``, ``format_version`` and ``sdlens`` (a JSON document with
-everything else). Loading reads only the header; tensors are read on first access.
-:meth:`Trace.to_bytes` / :meth:`Trace.from_bytes` are the same file in memory.
+everything else). Maps stored as codes (format version 2) are two tensors, ``<name>`` (the uint8
+codes) and ``<name>/scale`` (float32), listed in the document's ``"compact"`` (name -> bits and
+logical shape); a tensor written once for two fields is named in ``"aliases"`` (field -> the
+tensor it shares). Version 1 files (float maps, every tensor written) load as they are. Loading
+reads only the header; tensors are read on first access. :meth:`Trace.to_bytes` /
+:meth:`Trace.from_bytes` are the same file in memory.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -67,10 +78,11 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
+from sdlens.trace.compact import CompactMaps, maps_nbytes
 from sdlens.trace.maps import AttentionMaps, ConceptMaps, ReferenceMaps
 
 FORMAT = "sdlens.trace"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: maps as codes + scales ("compact"), shared tensors ("aliases")
 
 
 class Trace:
@@ -139,6 +151,8 @@ class Trace:
         for name, t in (("noise_uncond", noise_uncond), ("noise_text", noise_text),
                         ("noise", noise), ("x0", x0)):
             tensors[name] = _checked(name, t, (steps, batch), 5)
+        if _same_values(tensors["noise_text"], tensors["noise"]):  # no CFG: hold them once
+            tensors["noise_text"] = tensors["noise"]
         maps_info = {kind: _maps_info(kind, maps, steps, batch, tensors)
                      for kind, maps in (("attention", attention), ("concepts", concepts),
                                         ("image_to_text", image_to_text))}
@@ -381,6 +395,26 @@ class Trace:
         """The traced pipeline while it is alive in this session; None after :func:`load`."""
         return self._pipeline_ref() if self._pipeline_ref is not None else None
 
+    def nbytes(self) -> dict[str, int]:
+        """Host bytes the trace's tensors hold, per kind of data ("latents", "noise" (with
+        ``noise_text`` / ``noise_uncond``), "x0", "attention", "concepts", "image_to_text",
+        "other"), as stored (maps as codes, a shared tensor counted once); reads a loaded
+        trace's tensors. :func:`sdlens.engine.options.estimate_trace_bytes` predicts it."""
+        out = {k: 0 for k in ("latents", "noise", "x0") + _MAPS + ("other",)}
+        seen: set[int] = set()
+        for name in self._tensors:
+            if name.startswith("images/"):
+                continue
+            t = self._tensor(name)
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            kind = name.split("/")[0] if "/" in name else name
+            kind = "noise" if kind.startswith("noise") else kind
+            kind = kind if kind in out else "other"
+            out[kind] += maps_nbytes(t)
+        return out
+
     def heatmap(self, word, **kwargs):
         """Word heatmap; see :func:`sdlens.analysis.heatmaps.word_heatmap` (all keyword arguments go there)."""
         from sdlens.analysis.heatmaps import word_heatmap
@@ -450,12 +484,16 @@ class Trace:
             raise ValueError(f"trace bytes are damaged: safetensors cannot read them ({e})") from None
         info, _ = _info_from_metadata(header.get("__metadata__") or {}, lambda: set(tensors),
                                       "trace bytes")
+        tensors = _stored(tensors, info)
         return cls(tensors, info, _image_reader(tensors, info), None)
 
     def _payload(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The tensors and the ``__metadata__`` of the trace's file."""
         info = self._require()
         tensors: dict[str, torch.Tensor] = {}
+        compact: dict[str, dict] = {}
+        aliases: dict[str, str] = {}
+        written: dict[int, str] = {}
         # every tensor the trace holds: the contract's fields, attention/<layer>, and the extra
         # ones of Trace.build (e.g. 'parts/...' of a combined base + refiner trace); the images
         # are re-encoded below
@@ -463,7 +501,17 @@ class Trace:
             if name.startswith("images/"):
                 continue
             t = self._tensor(name)
-            if t is not None:
+            if t is None:
+                continue
+            if id(t) in written:  # one tensor held for two fields (noise_text = noise)
+                aliases[name] = written[id(t)]
+                continue
+            written[id(t)] = name
+            if isinstance(t, CompactMaps):
+                tensors[name] = t.codes.detach().cpu().contiguous().clone()
+                tensors[f"{name}/scale"] = t.scales.detach().cpu().contiguous().clone()
+                compact[name] = {"bits": t.bits, "shape": list(t.shape)}
+            else:
                 tensors[name] = t.detach().cpu().contiguous().clone()
         for i, img in enumerate(self.images):
             buf = io.BytesIO()
@@ -472,7 +520,13 @@ class Trace:
         doc = dict(info)
         doc["n_images"] = len(self.images)
         doc["tensors"] = sorted(tensors)
-        metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
+        if compact:
+            doc["compact"] = compact
+        if aliases:
+            doc["aliases"] = aliases
+        # version 1 where nothing needs 2: older sdlens still opens such files
+        version = FORMAT_VERSION if compact or aliases else 1
+        metadata = {"format": FORMAT, "format_version": str(version),
                     "sdlens": json.dumps(_jsonable(doc))}
         return tensors, metadata
 
@@ -496,7 +550,7 @@ def _maps_info(kind: str, maps: AttentionMaps | None, steps: int, batch: int,
     resolutions = maps.resolutions
     for layer in maps.layers:
         src = maps.source(layer)
-        if torch.is_tensor(src):
+        if torch.is_tensor(src) or isinstance(src, CompactMaps):
             _checked(f"{kind}[{layer!r}]", src,
                      lead + (len(maps.token_positions),) + resolutions[layer])
         tensors[f"{kind}/{layer}"] = src
@@ -511,7 +565,7 @@ def _checked(name: str, t, lead: tuple, ndim: int | None = None):
     dimensions (default ``len(lead)``); ValueError otherwise."""
     if t is None:
         return None
-    if not torch.is_tensor(t):
+    if not (torch.is_tensor(t) or isinstance(t, CompactMaps)):
         raise ValueError(f"Trace.build: {name} must be a tensor, got {type(t).__name__}")
     want = len(lead) if ndim is None else ndim
     if t.ndim != want or any(n is not None and t.shape[i] != n for i, n in enumerate(lead)):
@@ -622,7 +676,7 @@ def load(path: str | os.PathLike) -> Trace:
                 return f.get_tensor(name)
         return _load
 
-    tensors = {k: loader(k) for k in names}
+    tensors = _stored({k: loader(k) for k in names}, info)
     return Trace(tensors, info, _image_reader(tensors, info), None, source=str(path))
 
 
@@ -655,6 +709,36 @@ def _info_from_metadata(meta: dict, keys: Callable[[], set[str]], where: str
     info.pop("tensors", None)
     info["n_images"] = int(info.get("n_images", 0))
     return info, names
+
+
+def _stored(tensors: dict, info: dict) -> dict:
+    """A file's tensors (loaded, or loaders) as the trace holds them: maps stored as codes
+    (``info["compact"]``: name -> bits and shape, the scales at ``<name>/scale``) as
+    :class:`~sdlens.trace.compact.CompactMaps`, and fields that share a tensor
+    (``info["aliases"]``) as one; takes both keys out of ``info`` (version 1 files have none)."""
+    tensors = dict(tensors)
+    for name, spec in info.pop("compact", {}).items():
+        codes, scales = tensors[name], tensors.pop(f"{name}/scale")
+
+        def read(codes=codes, scales=scales, spec=spec):
+            return CompactMaps(codes() if callable(codes) else codes,
+                               scales() if callable(scales) else scales, spec["bits"],
+                               spec["shape"])
+
+        tensors[name] = read if callable(codes) else read()
+    for name, target in info.pop("aliases", {}).items():
+        src = tensors[target]
+        if callable(src):  # read once for both fields
+            src = functools.cache(src)
+            tensors[target] = src
+        tensors[name] = src
+    return tensors
+
+
+def _same_values(a, b) -> bool:
+    """``a`` and ``b`` are tensors of the same shape, dtype and values."""
+    return torch.is_tensor(a) and torch.is_tensor(b) and a is not b and a.shape == b.shape \
+        and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
 def _image_reader(tensors: dict, info: dict) -> Callable[[], list]:

@@ -14,7 +14,9 @@ site's own resolution::
   default ``0 .. n-1`` where n is the longest ``trace.token_ids[b]`` in the batch: the start token,
   the prompt's tokens and the end token; all 77 with ``keep_padding=True``). With
   ``keep_padding=True`` the maps sum to 1 over the tokens axis (softmax rows).
-* values are attention probabilities (fp16 by default).
+* values are attention probabilities, float32 (float16 / bfloat16 when recorded in that dtype).
+  By default they are stored compactly (:mod:`sdlens.trace.compact`: 4-bit codes and each map's
+  peak, within 1/30 of the peak of the recorded value) and decoded on access.
 
 Layers are named by the site's module path in the denoiser; the model family's naming
 (:func:`sdlens.engine.arch.naming_for`, from ``trace.meta["family"]``) gives them aliases, groups
@@ -39,7 +41,10 @@ import torch
 from sdlens.analysis.tokens import match_word, words_from_tokens
 from sdlens.engine.arch import naming_for
 from sdlens.engine.arch.base import SiteNaming
+from sdlens.trace.compact import CompactMaps, dtype_name
 from sdlens.trace.steps import select_step
+
+Stored = torch.Tensor | CompactMaps  # a layer's maps as held: float maps, or codes + scales
 
 
 def resolve_layers(spec, layers: Sequence[str],
@@ -125,7 +130,9 @@ class AttentionMaps:
     """Recorded cross-attention maps, by layer (see the module docstring for shapes and selectors).
 
     Args:
-        tensors: layer -> tensor, or layer -> zero-argument loader returning it (lazy loading).
+        tensors: layer -> maps (a float tensor, or :class:`~sdlens.trace.compact.CompactMaps`:
+            codes + scales, decoded on access), or layer -> zero-argument loader returning them
+            (lazy loading).
         resolutions: layer -> (h, w) of that layer's maps.
         steps: indices (into ``trace.timesteps``) of the recorded steps.
         n_steps: the number of steps of the run (``len(trace.timesteps)``); default: up to the
@@ -135,12 +142,13 @@ class AttentionMaps:
         tokens: per batch item, the token strings (``trace.tokens``), for word lookup.
         family: the model family (``trace.meta["family"]``) whose naming resolves layer
             selectors (None: the UNet's, as in traces that did not record one).
-        dtype: the maps' dtype name ("float16"); default: that of the first layer's tensor.
+        dtype: the maps' storage dtype name ("uint4": 4-bit codes, "uint8", "float16", ...);
+            default: that of the first layer's.
         segments: per batch item, the text encoders' segments (``trace.text_segments``: SD3's
             CLIP and T5 positions) whose words are pooled; None: one text encoder.
     """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor | Callable[[], torch.Tensor]],
+    def __init__(self, tensors: Mapping[str, Stored | Callable[[], Stored]],
                  resolutions: Mapping[str, Sequence[int]], steps: Sequence[int],
                  token_positions: Sequence[int], heads: bool = False,
                  tokens: Sequence[Sequence[str]] | None = None, family: str | None = None,
@@ -150,7 +158,8 @@ class AttentionMaps:
         self.segments = [list(s) for s in segments] if segments else None
         self.naming: SiteNaming = naming_for(family)
         self._tensors = dict(tensors)
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: dict[str, Stored] = {}  # loaded maps, as stored
+        self._decoded: dict[str, torch.Tensor] = {}  # the last layer decoded from codes
         self._resolutions = {k: (int(v[0]), int(v[1])) for k, v in resolutions.items()}
         self.layers: list[str] = sorted(self._tensors, key=self.naming.sort_key)
         self.steps: list[int] = [int(s) for s in steps]
@@ -165,15 +174,27 @@ class AttentionMaps:
 
     @property
     def dtype(self) -> str | None:
-        """The maps' dtype name ("float16"; None when no layer was recorded)."""
+        """The maps' storage dtype name ("uint4": 4-bit codes + per-map scales, the default;
+        "uint8"; "float16", ...; None when no layer was recorded). Indexing always gives float
+        maps."""
         if self._dtype is None and self.layers:
-            self._dtype = str(self[self.layers[0]].dtype).replace("torch.", "")
+            self._dtype = dtype_name(self.stored(self.layers[0]).dtype)
         return self._dtype
 
-    def source(self, layer: str) -> torch.Tensor | Callable[[], torch.Tensor]:
-        """``layer``'s maps (module path) if loaded, else the zero-argument loader that reads
-        them: what a new trace over the same maps holds without reading them."""
+    def source(self, layer: str) -> Stored | Callable[[], Stored]:
+        """``layer``'s maps (module path) as stored if loaded, else the zero-argument loader
+        that reads them: what a new trace over the same maps holds without reading them."""
         return self._cache.get(layer, self._tensors[layer])
+
+    def stored(self, layer: str) -> Stored:
+        """``layer``'s maps (module path) as stored, loaded: a float tensor, or
+        :class:`~sdlens.trace.compact.CompactMaps` (codes + scales, not decoded)."""
+        t = self._cache.get(layer)
+        if t is None:
+            src = self._tensors[layer]
+            t = src() if callable(src) else src
+            self._cache[layer] = t
+        return t
 
     # ------------------------------------------------------------------ layers
     def __len__(self) -> int:
@@ -219,18 +240,20 @@ class AttentionMaps:
         message lists the available layers)."""
         chosen = self.names(layers)
         sub = self.like({l: self._tensors[l] for l in chosen})
-        sub._cache = self._cache  # share loaded tensors
+        sub._cache, sub._decoded = self._cache, self._decoded  # share loaded tensors
         return sub
 
-    def like(self, tensors: Mapping[str, torch.Tensor | Callable[[], torch.Tensor]],
+    def like(self, tensors: Mapping[str, Stored | Callable[[], Stored]],
              steps: Sequence[int] | None = None,
              token_positions: Sequence[int] | None = None) -> "AttentionMaps":
         """Maps of the same kind and naming over other tensors (or loaders) of some of these
-        layers, optionally at other recorded steps or token positions."""
+        layers, optionally at other recorded steps or token positions (their storage dtype read
+        from them: float tensors given for codes are kept as floats)."""
         return AttentionMaps(tensors, {l: self._resolutions[l] for l in tensors},
                              self.steps if steps is None else steps,
                              self.token_positions if token_positions is None else token_positions,
-                             self.heads, self.tokens, family=self.family, dtype=self._dtype,
+                             self.heads, self.tokens, family=self.family,
+                             dtype=_same_dtype(self, tensors),
                              n_steps=self.n_steps, segments=self.segments)
 
     def _one(self, layer: str) -> str:
@@ -245,12 +268,15 @@ class AttentionMaps:
         """(steps, batch, tokens, h, w) maps of one layer (heads kept: (steps, batch, heads,
         tokens, h, w)). ``layer``: module path or alias naming a single layer."""
         name = self._one(layer) if layer not in self._tensors else layer
-        t = self._cache.get(name)
-        if t is None:
-            src = self._tensors[name]
-            t = src() if callable(src) else src
-            self._cache[name] = t
-        return t
+        t = self.stored(name)
+        if not isinstance(t, CompactMaps):
+            return t
+        out = self._decoded.get(name)
+        if out is None:  # decoded on access; only the last layer is kept decoded
+            out = t.decode()
+            self._decoded.clear()
+            self._decoded[name] = out
+        return out
 
     def step_position(self, step: int) -> int:
         """Position along the steps axis of trace step ``step`` (an int, negative counting from
@@ -337,7 +363,8 @@ class ConceptMaps(AttentionMaps):
             raise ValueError("concept maps keep every concept")
         return ConceptMaps(tensors, {l: self._resolutions[l] for l in tensors},
                            self.steps if steps is None else steps, self.concepts,
-                           family=self.family, dtype=self._dtype, n_steps=self.n_steps)
+                           family=self.family, dtype=_same_dtype(self, tensors),
+                           n_steps=self.n_steps)
 
     def concept_index(self, concept: str) -> int:
         """Index of ``concept`` along the concepts axis (its name as given at trace time, case
@@ -393,11 +420,12 @@ class ReferenceMaps(AttentionMaps):
                 f"references {self.grids})")
 
     def like(self, tensors, steps=None, token_positions=None) -> "ReferenceMaps":
-        if token_positions is not None:
+        if token_positions is not None and list(token_positions) != self.token_positions:
             raise ValueError("reference maps keep every reference patch")
         return ReferenceMaps(tensors, {l: self._resolutions[l] for l in tensors},
                              self.steps if steps is None else steps, self.grids,
-                             family=self.family, dtype=self._dtype, n_steps=self.n_steps)
+                             family=self.family, dtype=_same_dtype(self, tensors),
+                             n_steps=self.n_steps)
 
     def reference(self, layer: str, index: int = 0) -> torch.Tensor:
         """(steps, batch, rows, columns, h, w) float32: reference ``index``'s part of
@@ -439,3 +467,13 @@ class ReferenceMaps(AttentionMaps):
         """(h, w): how much each output patch attends to reference patch (``row``, ``col``)
         (reference grid coordinates): where that point of the reference lands in the output."""
         return self._pooled(layers, index, step, batch)[row, col]
+
+
+def _same_dtype(maps: AttentionMaps, tensors: Mapping) -> str | None:
+    """``maps``' storage dtype name for new maps over ``tensors`` when those are stored alike
+    (loaders, or maps in that storage), else None (read from the new maps)."""
+    for src in tensors.values():
+        if torch.is_tensor(src) or isinstance(src, CompactMaps):
+            if dtype_name(src.dtype) != maps._dtype:
+                return None
+    return maps._dtype

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from sdlens.trace.compact import take
 from sdlens.trace.core import Trace
 
 _PER_ITEM = ("prompts", "negative_prompts", "token_ids", "tokens", "truncated_words")
@@ -72,7 +73,8 @@ def select_batch(trace: Trace, items: int | Sequence[int]) -> Trace:
         if maps is None:
             continue
         if kind == "concepts":  # every concept, whatever the item's prompt
-            f[kind] = maps.like({l: maps[l][:, idx] for l in maps.layers})
+            f[kind] = maps.like({l: take(maps.stored(l), lambda t: t[:, idx])
+                                 for l in maps.layers})
             continue
         keep_padding = bool(f["meta"].get("options", {}).get("keep_padding", False))
         n_tok = len(maps.token_positions)
@@ -80,8 +82,8 @@ def select_batch(trace: Trace, items: int | Sequence[int]) -> Trace:
             len(ids) if ids else n_tok for ids in f["token_ids"])
         own = min(own, n_tok)
         tok_axis = 3 if maps.heads else 2
-        f[kind] = maps.like({l: maps[l].narrow(tok_axis, 0, own)[:, idx] for l in maps.layers},
-                            token_positions=maps.token_positions[:own])
+        f[kind] = maps.like({l: take(maps.stored(l), lambda t: t.narrow(tok_axis, 0, own)[:, idx])
+                             for l in maps.layers}, token_positions=maps.token_positions[:own])
     _reference_maps(f, lambda t: t[:, idx])
     images = trace.images
     f["images"] = [images[i] for i in idx] if images else []
@@ -110,7 +112,8 @@ def slice_steps(trace: Trace, start: int, stop: int) -> Trace:
         if (a, b) == (0, len(maps.steps)):
             sources = {l: maps.source(l) for l in maps.layers}
         else:
-            sources = {l: (lambda l=l, maps=maps, a=a, b=b: maps[l][a:b]) for l in maps.layers}
+            sources = {l: (lambda l=l, maps=maps, a=a, b=b: take(maps.stored(l), lambda t: t[a:b]))
+                       for l in maps.layers}
         f[kind] = maps.like(sources, steps=[maps.steps[k] - start for k in keep])
     refs = f["extra_info"].get("reference_maps")
     if refs is not None:

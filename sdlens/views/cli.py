@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from sdlens.analysis.guidance import guidance_text, prediction_label
+from sdlens.analysis.guidance import check_guidance_scale, guidance_text, prediction_label
 from sdlens.analysis.tokens import encoders_sentence, token_view
 from sdlens.engine.options import RECORDABLE, human_bytes
 from sdlens.engine.session import check_seed, generate
 from sdlens.experiments.sweep import add_sweep_parser, is_grid_file, sweep
-from sdlens.pipeline import load_pipeline
+from sdlens.pipeline import load_pipeline, recommended_settings
+from sdlens.trace.compact import maps_nbytes
 from sdlens.trace.core import load
 from sdlens.version import __version__
 from sdlens.views import plot
@@ -97,7 +98,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _add_run_options(p: argparse.ArgumentParser, steps: int, cfg: float | None) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default {steps})")
-    p.add_argument("--cfg", type=float, default=cfg,
+    p.add_argument("--cfg", type=_cfg_value, default=cfg,
                    help="guidance scale (default: " + ("the model's" if cfg is None else f"{cfg:g}")
                    + "; <= 1 turns guidance off)")
     p.add_argument("--negative", default=None, help="negative prompt")
@@ -155,7 +156,12 @@ def _concepts_arg(text: str | None) -> list[str] | None:
 
 def _generate(pipe, args: argparse.Namespace, prompt: str, seed: int | None = None,
               cfg: float | None = None):
-    kwargs: dict[str, Any] = {}
+    # the model folder's recommended settings (the shipped MMDiT's) fill what was not given
+    rec = recommended_settings(pipe)
+    kwargs: dict[str, Any] = {k: v for k, v in rec.items()
+                              if k not in ("guidance_scale", "num_inference_steps")}
+    if cfg is None and args.cfg is None:
+        cfg = rec.get("guidance_scale")
     concepts = _concepts_arg(getattr(args, "concepts", None))
     if concepts is not None:
         kwargs["concepts"] = concepts
@@ -271,7 +277,7 @@ def describe_trace(tr, path: Path | None = None) -> str:
     for i, p in enumerate(tr.prompts):
         view = token_view(tr, i, attention=False)
         encoders = view.encoders()  # several text encoders (SD3): each one's count
-        counts = ", ".join(f"{e['name']} {e['tokens']} of {e['length']}" for e in encoders) \
+        counts = ", ".join(f"{e['name']} {e['tokens']} of {e['limit']}" for e in encoders) \
             if encoders else f"{view.n_prompt_tokens} of {view.limit}"
         lines.append(f"prompt {i}     {p!r}  ({counts} tokens)")
         if encoders:
@@ -316,7 +322,8 @@ def describe_trace(tr, path: Path | None = None) -> str:
 
 
 def _mib(maps) -> float:
-    return sum(maps[l].numel() * maps[l].element_size() for l in maps.layers) / 2**20
+    """MiB the maps hold as stored (codes and scales, or float maps)."""
+    return sum(maps_nbytes(maps.stored(l)) for l in maps.layers) / 2**20
 
 
 def _info_run(args: argparse.Namespace) -> int:
@@ -332,7 +339,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", default=None,
                    help=f"prompt(s) to trace (repeatable; default {DEMO_PROMPTS[0]!r})")
     _add_model_options(p)
-    _add_run_options(p, steps=20, cfg=5.0)
+    _add_run_options(p, steps=20, cfg=None)  # the model's recommended CFG, else 5
     p.add_argument("--grid-cfg", default="1,3,5,9", help="guidance scales of the CFG x seed grid")
     p.add_argument("--grid-seeds", default="0,1,2", help="seeds of the CFG x seed grid")
     p.add_argument("--no-grid", action="store_true", help="skip the CFG x seed grid")
@@ -365,6 +372,8 @@ def _demo_run(args: argparse.Namespace) -> int:
     t0 = time.time()
     _log(args, "loading the model ...")
     pipe = _load_pipe(args)
+    if args.cfg is None:
+        args.cfg = float(recommended_settings(pipe).get("guidance_scale", 5.0))
     written: list[Path] = []
     per_prompt = 6
     total = per_prompt * len(prompts) + (0 if args.no_grid else 1)
@@ -428,6 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(_command=cmd)
     add_sweep_parser(sub)
     return parser
+
+
+def _cfg_value(text: str) -> float:
+    """``--cfg``: a finite number (argparse reports the ValueError's words)."""
+    try:
+        return check_guidance_scale(float(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,7 +109,7 @@ def _colorbar_label(kind: str, normalize: bool = True) -> str:
     what = _MAP_VALUES.get(kind, kind)
     if kind == "concepts" and not normalize:
         return f"{what} (softmax over the concepts)"
-    return f"{what} ({'normalised' if normalize else 'mean probability'})"
+    return f"{what} ({'min–max per panel' if normalize else 'mean probability, unstretched'})"
 
 
 def heatmap_grid(trace: Any, words: Iterable[str] | None = None, batch: int = 0, ncols: int = 4,
@@ -473,7 +473,7 @@ def token_view(trace: Any, batch: int = 0, ax: Any = None, include_start: bool =
                         f"{r.position}" for r in rows], rotation=60, fontsize=8)
     ax.set_ylabel("share of attention to the text")
     encoders = view.encoders()
-    counts = (", ".join(f"{e['name']} {e['tokens']} of {e['length']}" for e in encoders)
+    counts = (", ".join(f"{e['name']} {e['tokens']} of {e['limit']}" for e in encoders)
               if encoders else f"{view.n_prompt_tokens} of {view.limit}")
     title = f"{counts} tokens: {view.prompt!r}"
     if view.truncated:

@@ -104,8 +104,9 @@ def test_every_double_and_single_block_recorded():
     assert tr.text_segments[0][0]["encoder"] == "t5" and maps.token_positions == list(range(n_t5))
     for layer in maps.layers:  # a part of each row: the rest went to the image keys
         m = maps[layer].float()
-        assert m.shape == (STEPS, 1, n_t5, 4, 4)
-        assert (m > 0).all() and (m.sum(2) < 1).all()
+        assert m.shape == (STEPS, 1, n_t5, 4, 4)  # (4-bit codes: values under 1/30 of a
+        assert (m >= 0).all() and (m.amax(dim=(-2, -1)) > 0).all()  # map's peak may read 0)
+        assert (m.sum(2) < 1).all()
 
 
 def processor_softmax(monkeypatch) -> list:
@@ -215,14 +216,14 @@ def test_size_estimate():
     est = estimate_trace_bytes(pipe, steps=STEPS)  # defaults: no CFG, all 512 T5 positions
     assert estimate_trace_bytes(pipe, num_inference_steps=STEPS) == est  # dynamic shifting
     per = 16 * 8 * 8 * 4
-    assert est["latents"] == (STEPS + 1) * per and est["noise"] == STEPS * per * 2
-    assert est["attention"] == STEPS * 4 * 512 * 4 * 4 * 2  # 4 sites, fp16
+    # no CFG: noise_text is noise (one tensor)
+    assert est["latents"] == (STEPS + 1) * per and est["noise"] == STEPS * per
+    assert est["attention"] == STEPS * 4 * 512 * (4 * 4 // 2 + 4)  # 4 sites, 4-bit codes + scale
     _, _, _, tr = traced()  # the recorded tensors are what was estimated
     n = len(tr.attention.token_positions)
     got = estimate_trace_bytes(pipe, steps=STEPS, n_tokens=n)
-    att = sum(tr.attention[layer].numel() * 2 for layer in tr.attention.layers)
-    assert got["attention"] == att and got["latents"] == tr.latents.numel() * 4
-    assert got["noise"] == (tr.noise.numel() + tr.noise_text.numel()) * 4
+    assert got["attention"] == tr.nbytes()["attention"] and got["latents"] == tr.latents.numel() * 4
+    assert tr.noise_text is tr.noise and got["noise"] == tr.nbytes()["noise"] == tr.noise.nbytes
 
 
 def test_img2img_and_inpaint():

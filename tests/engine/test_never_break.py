@@ -15,7 +15,7 @@ from pipelines import assert_restored, cached_pipe, call_pipe, pipe_state
 class GatedContextProcessor:
     """A processor with a signature sdlens does not know (``gate=``) that projects the text to
     another width before the module's ``to_k`` / ``to_v`` (which it replaced to take that
-    width): sdlens' own ``to_k(text)`` cannot run on it."""
+    width), and computes its attention by hand (no kernel call): sdlens cannot see it."""
 
     def __init__(self, attn, width: int, seed: int):
         g = torch.Generator().manual_seed(seed)
@@ -39,7 +39,10 @@ class GatedContextProcessor:
         q = attn.head_to_batch_dim(attn.to_q(hidden_states))
         k = attn.head_to_batch_dim(attn.to_k(ctx))
         v = attn.head_to_batch_dim(attn.to_v(ctx))
-        out = attn.batch_to_head_dim(torch.bmm(attn.get_attention_scores(q, k), v))
+        # attention written out by hand: no kernel call, no get_attention_scores: sdlens cannot
+        # see it and must skip the site
+        probs = (torch.bmm(q, k.transpose(-1, -2)) * attn.scale).softmax(-1)
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
         return attn.to_out[1](attn.to_out[0](out * gate)) / attn.rescale_output_factor
 
 

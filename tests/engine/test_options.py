@@ -64,8 +64,7 @@ def test_estimate_equals_recorded_size():
     est = tr.meta["estimated_bytes"]
     assert est["latents"] == tr.latents.nbytes and est["x0"] == tr.x0.nbytes
     assert est["noise"] == tr.noise.nbytes + tr.noise_text.nbytes + tr.noise_uncond.nbytes
-    maps = tr.attention
-    assert est["attention"] == sum(maps[l].nbytes for l in maps.layers) > 0
+    assert est["attention"] == tr.nbytes()["attention"] > 0  # 4-bit codes + a scale per map
 
 
 def test_default_trace_of_full_size_sd15_is_under_100_mb():
@@ -83,9 +82,12 @@ def test_default_trace_of_full_size_sd15_is_under_100_mb():
                            tokenizer=cached_pipe("sd15").tokenizer)
     est = estimate_trace_bytes(pipe, batch=1, steps=50, latent_hw=(64, 64), n_tokens=12)
     assert sum(est.values()) < 100e6, est
-    assert est["attention"] == 50 * 12 * 2 * (5 * 64 * 64 + 5 * 32 * 32 + 5 * 16 * 16 + 8 * 8)
+    # "auto": 8-bit codes (a byte a value, as the trace fits 200 MB) and a float32 scale per map
+    assert est.attention_dtype == torch.uint8
+    assert est["attention"] == 50 * 12 * sum(n * (hw + 4) for n, hw in (
+        (5, 64 * 64), (5, 32 * 32), (5, 16 * 16), (1, 8 * 8)))
     heads = estimate_trace_bytes(pipe, batch=1, steps=50, latent_hw=(64, 64), n_tokens=12,
-                                 options=RecordOptions(heads=True))
+                                 options=RecordOptions(heads=True, attention_dtype=torch.uint8))
     assert heads["attention"] == 8 * est["attention"]
 
 

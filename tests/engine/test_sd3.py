@@ -75,7 +75,8 @@ def test_every_joint_attention_site_recorded(arch):
     assert maps.token_positions == list(range(n_clip)) + list(range(77, 77 + n_t5))
     m = maps[maps.layers[0]].float()  # (steps, batch, tokens, h, w): a part of each row
     assert m.shape == (STEPS, 1, n_clip + n_t5) + patches
-    assert (m.sum(2) < 1).all() and (m > 0).all()
+    # (4-bit codes: values under 1/30 of a map's peak may read 0)
+    assert (m.sum(2) < 1).all() and (m >= 0).all() and (m.amax(dim=(-2, -1)) > 0).all()
 
 
 @pytest.mark.parametrize("arch", ["sd3", "sd35"])

@@ -18,7 +18,7 @@ from sdlens.analysis.heatmaps import word_heatmap
 from sdlens.testing import random_pipeline
 from sdlens.views.cli import describe_trace, main
 from sdlens.views.report import build_report
-from sdlens.views.widgets.frames import decode
+from sdlens.views.widgets.frames import WINNER, decode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,13 +112,14 @@ def test_trace_viewer_maps_menu_shows_concepts():
     assert [k for k, _ in v.maps_options] == ["attention", "concepts", "image_to_text"]
     assert v.maps == "attention" and "circle" in v.word_keys and "background" not in v.word_keys
     v.maps = "concepts"
-    assert v.word_keys == CONCEPTS and set(v.heat) == set(CONCEPTS)
+    # the concepts, then the winning concept per pixel beside them
+    assert v.word_keys == CONCEPTS + [WINNER] and set(v.heat) == set(CONCEPTS + [WINNER])
     assert v.heat_index == [0, 1]
     v.select_word("background")
     v.step = 1
-    # the overlay is the concept's heatmap at that step, as word_heatmap pools it
+    # the overlay is the concept's share at that step (fixed 0-1), as word_heatmap pools it
     shown = torch.tensor(np.array(decode(v.overlay())))[..., 3].float()  # alpha: the heat
-    ref = word_heatmap(tr, "background", maps="concepts", per_step=True,
+    ref = word_heatmap(tr, "background", maps="concepts", per_step=True, normalize=False,
                        size=v.trace_frames.heat_size)[1]
     expect = (ref.clamp(0, 1).sqrt() * 0.85 * 255).round()
     assert (shown - expect).abs().max() <= 1
@@ -133,7 +134,7 @@ def test_trace_viewer_maps_menu_shows_concepts():
 
     ab = ABView(tr, plain(), viewer_a=TraceViewer(tr, maps="concepts", decoder="linear"),
                 viewer={"decoder": "linear"})
-    assert ab.viewer_a.word_keys == CONCEPTS and "red" in ab.panel.heat_diff
+    assert ab.viewer_a.word_keys == CONCEPTS + [WINNER] and "red" in ab.panel.heat_diff
     only = TraceViewer(plain(), decoder="linear")
     assert [k for k, _ in only.maps_options] == ["attention"]
     with pytest.raises(ValueError, match="holds no concept maps"):
@@ -279,7 +280,7 @@ def test_maps_menu_in_a_browser():
             page.evaluate("(s) => window.model.update(s)",
                           _state(v, ["heat", "heat_index", "layer_options", "layers", "words"]))
             assert page.locator(".sdl-chips-label").inner_text().strip() == "concepts:"
-            assert page.locator(".sdl-chip").all_inner_texts() == CONCEPTS
+            assert page.locator(".sdl-chip").all_inner_texts() == CONCEPTS + ["winning concept per pixel"]
             page.locator(".sdl-chip[data-word='background']").click()
             overlay = page.locator(".sdl-overlay[data-panel='image-overlay']")
             assert (overlay.get_attribute("src") or "").startswith("blob:")

@@ -71,7 +71,7 @@ def test_trace_viewer_and_ab_view():
     v = TraceViewer(distilled(), decoder="linear")
     assert "guidance 3.5 (distilled)" in v.title and "guidance off" not in v.title
     assert "no CFG delta: guidance 3.5 (distilled), no unconditional pass" in v.notes
-    assert {p["name"]: p["label"] for p in v.panels}["noise"] == "guided velocity"
+    assert {p["name"]: p["label"] for p in v.panels}["noise"].startswith("guided velocity · ")
     assert [p["name"] for p in v.panels] == ["x_t", "x0", "noise"]
     t = TraceViewer(true_cfg(), decoder="linear")
     assert "true CFG 2 (guidance 3.5)" in t.title and "cfg_delta" in [p["name"] for p in t.panels]

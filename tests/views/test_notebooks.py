@@ -3,7 +3,8 @@
 
 The shipped model's six need its weights and skip only while
 ``sdlens/models/shapes/weights/model_index.json`` is missing. Executed copies go to
-``test-artifacts/notebooks/`` (CI artefacts) with each notebook's wall time.
+``test-artifacts/notebooks/`` (CI artefacts) with each notebook's wall time, which must stay under
+the README's 5 minutes (:data:`NOTEBOOK_LIMIT_S`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ SHIPPED = ["attention", "denoising", "guidance-and-seeds", "img2img-and-inpainti
 MMDIT = ["transformers"]  # on the shipped SD3 model
 EXPECTED = sorted(SHIPPED + MMDIT)
 WIDGET = "application/vnd.jupyter.widget-view+json"
+#: What README.md promises: each notebook runs top to bottom within this on the CI machine (2 CPU
+#: cores, shared); measured 85-189 s under load.
+NOTEBOOK_LIMIT_S = 300
 
 
 def _read(name: str):
@@ -92,3 +96,4 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
                if o.output_type in ("display_data", "execute_result") and WIDGET in o.get("data", {})]
     assert widgets, f"{name} displayed no widget"
     print(f"{name}: {seconds:.1f} s")
+    assert seconds < NOTEBOOK_LIMIT_S, f"{name} took {seconds:.0f} s (README promises < 5 minutes)"

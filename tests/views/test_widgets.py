@@ -343,7 +343,7 @@ def test_studio_streams_x0_and_becomes_a_viewer_then_ab(pipe):
     assert col_a.children[1] is s.runs[0]["viewer"] and col_b.children[1] is s.runs[1]["viewer"]
     assert "<span class='sdl-differs'>CFG 3</span>" in col_b.children[0].value
     assert "<span class='sdl-differs'>CFG 7.5</span>" in col_a.children[0].value
-    assert s.ab.panel.differs == [["guidance", "7.5", "3"]]
+    assert s.ab.panel.differs == [["CFG", "7.5", "3"]]  # the headers' word for it
     assert len(s.ab.panel.x0_diff) == n
     s.ab.step = 1
     assert s.runs[0]["viewer"].step == s.runs[1]["viewer"].step == 1

@@ -387,7 +387,11 @@ class BackboneAdapter(ABC):
                 return None
             return joint_layout(self.joint_order, {"text": n_text, "image": q_len - n_text},
                                 q_len, k_len)
-        if index == 0:
+        if index == 0:  # the text, as long as the call's text (else: keys sdlens cannot name)
+            text = call.encoder_hidden_states
+            text = text[0] if isinstance(text, tuple) and text else text
+            if not torch.is_tensor(text) or text.ndim != 3 or int(text.shape[1]) != k_len:
+                return None
             return cross_layout(q_len, k_len)
         plan = image_prompt_calls(innermost_processor(attn.processor), call)
         if plan is None or index - 1 >= len(plan):

@@ -3,6 +3,7 @@
     python -m sdlens.models.shapes.card            # rewrite weights/README.md and README.md's paragraph
     python -m sdlens.models.shapes.card --measure  # re-measure the test rows first (~10 min, CPU)
     python -m sdlens.models.shapes.card --fit-preview  # refit weights/latent_rgb.json (~3 min)
+    python -m sdlens.models.shapes.card --fit-preview-mmdit  # fit weights_mmdit/latent_rgb.json
     python -m sdlens.models.shapes.card --choose-guidance 3 5 7.5 --measure-mmdit  # shapes-mmdit
 
 Inputs, next to the weights:
@@ -316,7 +317,8 @@ def mmdit_card(evaluation: dict, train: dict, unet: tuple[dict, dict]) -> str:
     """The "shapes-mmdit" card's markdown."""
     from sdlens.models.shapes.architecture import MMDIT_CALL_DEFAULTS, MMDIT_TEXT_HIDDEN
 
-    g0 = evaluation["default_guidance"]
+    rec = recommended_from(evaluation)  # what write() puts in the folder's recommended.json
+    g0 = rec["guidance_scale"]
     g, g1 = _by_cfg(evaluation["test"], g0), _by_cfg(evaluation["test"], 1.0)
     desc = mmdit_description()
     facts = component_facts(MMDIT)
@@ -328,6 +330,8 @@ def mmdit_card(evaluation: dict, train: dict, unet: tuple[dict, dict]) -> str:
     val = "\n".join(_row({**r, "recipe": r.get("recipe", "shapes-mmdit")})
                      for r in evaluation.get("validation", []))
     test = "\n".join(_row({**r, "recipe": "shapes-mmdit"}) for r in evaluation["test"])
+    if evaluation.get("plain_call"):
+        test += "\n" + _row(evaluation["plain_call"])
     call = ", ".join(f"{k}={v!r}" for k, v in MMDIT_CALL_DEFAULTS.items())
     concept = _iou(g, "concept")
     goal = max(x for x in [g["iou_mean"], concept] + [
@@ -357,6 +361,21 @@ def mmdit_card(evaluation: dict, train: dict, unet: tuple[dict, dict]) -> str:
                  f"(min {gen['min']:.2f}, max {gen['max']:.2f}; target 2 s: "
                  f"{gen['target_status']}); recording overhead {ov['median']:.3f}x, "
                  f"{ov['verdict']}; with concept maps {ovc['median']:.3f}x, {ovc['verdict']}.\n")
+    plain = evaluation.get("plain_call")
+    if plain:
+        plain_text = (f"A plain `pipe(prompt)` runs at the pipeline's own CFG "
+                      f"{plain['guidance_scale']:g} with {plain['max_sequence_length']} zero T5 "
+                      "positions; measured the same way on the test seeds "
+                      "(`python -m sdlens.models.shapes.card --measure-plain-call`), it draws the "
+                      f"asked shape {plain['single_shape']:.2f} of the time for single objects "
+                      f"(recommended settings: {g['single_shape']:.2f}) and both shapes "
+                      f"{plain['double_both_shapes']:.2f} (recommended: "
+                      f"{g['double_both_shapes']:.2f}); its row is the last of the table below.")
+    else:
+        plain_text = ("A plain `pipe(prompt)` runs at the pipeline's own CFG 7 with 256 zero T5 "
+                      "positions: it was not measured with the evaluation below (the figures are "
+                      "for the recommended settings; `python -m sdlens.models.shapes.card "
+                      "--measure-plain-call` measures it).")
     return f"""# shapes-mmdit — a small Stable Diffusion 3 trained by sdlens, attention learned freely
 
 **No attention supervision of any kind was used to train this model**: its only loss is the
@@ -368,13 +387,17 @@ answer, with ground truth, whether maps localise without being taught.
 ```python
 pipe = sdlens.load_pipeline("shapes-mmdit")            # StableDiffusion3Pipeline, CPU
 trace = sdlens.generate(pipe, "a red circle", guidance_scale={g0:g}, {call})
+image = pipe("a red circle", **sdlens.recommended_settings(pipe)).images[0]  # untraced, same settings
 ```
+
+The recommended settings are in this folder's `recommended.json`
+({", ".join(f"`{k}={v!r}`" for k, v in rec.items())}); Studio, sweeps and the CLI use them by default.
+{plain_text}
 
 It has no T5: the pipeline appends `max_sequence_length` zero tokens to the text (256 unless told).
 The model was trained mostly without them (`{call}`, which sdlens's own calls on it pass, and which
 costs nothing) and on 256 of them in {train['t5_zero_share']:.0%} of its batches, so that a plain
-`pipe(prompt)` stays within what it was trained on (its figures below are for `{call}`; the plain
-call was not measured separately). A plain `StableDiffusion3Pipeline.from_pretrained(folder,
+`pipe(prompt)` stays within what it was trained on (its figures below are for `{call}`). A plain `StableDiffusion3Pipeline.from_pretrained(folder,
 text_encoder_3=None, tokenizer_3=None)` loads it (diffusers asks for absent components by name).
 
 ## Data
@@ -433,10 +456,21 @@ Per block (test seeds, CFG {g0:g}), raw joint-attention maps and concept maps:
 """
 
 
+def recommended_from(evaluation: dict) -> dict:
+    """The MMDiT's recommended call settings, from its measured results: the default guidance
+    its validation rows chose, the call defaults it was trained for, its evaluation's 25 steps."""
+    from sdlens.models.shapes.architecture import MMDIT_CALL_DEFAULTS
+
+    return {"guidance_scale": evaluation["default_guidance"], **MMDIT_CALL_DEFAULTS,
+            "num_inference_steps": 25}
+
+
 def mmdit_paragraph(evaluation: dict, train: dict) -> str:
     """The repository README's paragraph on the MMDiT model (between its markers)."""
-    g = _by_cfg(evaluation["test"], evaluation["default_guidance"])
+    rec = recommended_from(evaluation)
+    g = _by_cfg(evaluation["test"], rec["guidance_scale"])
     concept = _iou(g, "concept")
+    call = ", ".join(f"{k}={v!r}" for k, v in rec.items())
     return f"""`sdlens.load_pipeline("shapes-mmdit")` is a small Stable Diffusion 3 (`SD3Transformer2DModel`,
 two small CLIP encoders, no T5, flow matching) trained on the same shapes world **with no
 attention supervision of any kind**. On held-out test seeds at CFG {g['guidance_scale']:g}
@@ -447,7 +481,10 @@ maps overlap their objects with IoU {g['iou_mean']:.2f} and its concept maps wit
 {_fmt(concept)}, against {_by_cfg(load_results()[0]['test'], 7.5)['iou_mean']:.2f} for the UNet
 model whose maps were taught. Trained for {train['steps']:,} steps ({train['minutes']:.0f} minutes
 on 2 CPU cores); its card ([`sdlens/models/shapes/weights_mmdit/README.md`](sdlens/models/shapes/weights_mmdit/README.md))
-has the per-block figures and the full free-vs-taught table."""
+has the per-block figures and the full free-vs-taught table. The card's figures are for its
+recommended settings (its folder's `recommended.json`, which Studio, sweeps and the CLI use by default):
+`pipe(prompt, **sdlens.recommended_settings(pipe))`, i.e. `pipe(prompt, {call})`; a plain
+`pipe(prompt)` runs at the pipeline's own CFG 7 with 256 zero T5 positions instead."""
 
 
 def replace_between(text: str, begin: str, end: str, body: str) -> str:
@@ -462,6 +499,9 @@ def write(folder: Path = WEIGHTS, readme: Path | None = README) -> None:
     (folder / "README.md").write_text(model_card(evaluation, train))
     mmdit = _maybe_results(MMDIT)
     if mmdit is not None:
+        from sdlens.pipeline import RECOMMENDED
+
+        (MMDIT / RECOMMENDED).write_text(json.dumps(recommended_from(mmdit[0]), indent=1) + "\n")
         (MMDIT / "README.md").write_text(mmdit_card(*mmdit, (evaluation, train)))
     if readme is not None and readme.exists():
         text = replace_between(readme.read_text(), BEGIN, END, readme_paragraph(evaluation, train))
@@ -531,6 +571,32 @@ def measure_mmdit(folder: Path = MMDIT, split: str = "test", guidance: tuple = (
     evaluation[split] = rows
     path.write_text(json.dumps(evaluation, indent=1) + "\n")
     return rows
+
+
+def measure_mmdit_plain(folder: Path = MMDIT, seeds: int = MMDIT_SEEDS) -> dict:
+    """Evaluate the plain call on the test seeds, as a new user makes it: ``pipe(prompt)`` with
+    the pipeline's own defaults (its ``guidance_scale`` and ``max_sequence_length``, i.e. 256
+    zero T5 positions; nothing of ``recommended.json``); the row goes to ``evaluation.json``
+    under ``plain_call`` and the card reports it beside the recommended settings' row."""
+    import inspect
+    import time
+
+    from sdlens.pipeline import load_pipeline
+
+    pipe = load_pipeline(folder, device="cpu")
+    params = inspect.signature(type(pipe).__call__).parameters
+    g = float(params["guidance_scale"].default)
+    t0 = time.time()
+    r = ev.evaluate(pipe, ev.default_prompts(), list(range(ev.TEST_SEED, ev.TEST_SEED + seeds)), g,
+                    call={}, progress=False)
+    row = {**r, "recipe": "shapes-mmdit, plain pipe(prompt)", "split": "test",
+           "max_sequence_length": int(params["max_sequence_length"].default),
+           "seconds": round(time.time() - t0, 1)}
+    path = folder / EVALUATION.name
+    evaluation = json.loads(path.read_text())
+    evaluation["plain_call"] = row
+    path.write_text(json.dumps(evaluation, indent=1) + "\n")
+    return row
 
 
 def training_facts(work: Path, budget_minutes: float, lr: float, batch: int) -> dict:
@@ -638,11 +704,13 @@ def measure_ablation(work: Path, seeds: int = 2, folder: Path = WEIGHTS) -> dict
 PREVIEW_SEEDS = (0, 1)  # training seeds: the preview fit looks at neither split
 
 
-def fit_preview(folder: Path = WEIGHTS) -> dict:
+def fit_preview(folder: Path = WEIGHTS, guidance: float = 7.5, seeds: tuple = PREVIEW_SEEDS,
+                every: int = 1) -> dict:
     """Fit the linear latent -> RGB preview of the model in ``folder`` against its VAE decoder
     (:func:`sdlens.analysis.previews.fit_linear_decoder` with ``latents=``): the x0 predictions
-    of every step of the evaluation's 36 prompts at ``PREVIEW_SEEDS`` (25 DDIM steps, CFG 7.5),
-    and write ``latent_rgb.json``."""
+    of every step of the evaluation's 36 prompts (every ``every``-th) at ``seeds`` (25 steps of
+    the model's scheduler, CFG ``guidance``), and write ``latent_rgb.json`` (the previews read a
+    model folder's own file)."""
     import torch
     from einops import rearrange
 
@@ -651,11 +719,14 @@ def fit_preview(folder: Path = WEIGHTS) -> dict:
     from sdlens.pipeline import load_pipeline
 
     pipe = load_pipeline(folder, device="cpu")
-    x0 = [rearrange(generate(pipe, ev.default_prompts(), seed=s, steps=25, guidance_scale=7.5).x0,
-                    "steps b c h w -> (steps b) c h w") for s in PREVIEW_SEEDS]
-    coeffs = fit_linear_decoder(pipe.vae, latents=torch.cat(x0), seed=PREVIEW_SEEDS[0])
-    coeffs["fit_on"] = (f"x0 of every step, {len(ev.default_prompts())} prompts x seeds "
-                        f"{list(PREVIEW_SEEDS)}, 25 DDIM steps, CFG 7.5")
+    prompts = ev.default_prompts()[::every]
+    x0 = [rearrange(generate(pipe, prompts, seed=s, steps=25, guidance_scale=guidance,
+                             record=("x0",)).x0,
+                    "steps b c h w -> (steps b) c h w") for s in seeds]
+    coeffs = fit_linear_decoder(pipe.vae, latents=torch.cat(x0), seed=seeds[0])
+    sched = type(pipe.scheduler).__name__.replace("Scheduler", "")
+    coeffs["fit_on"] = (f"x0 of every step, {len(prompts)} prompts x seeds {list(seeds)}, "
+                        f"25 {sched} steps, CFG {guidance:g}")
     save_linear_decoder(coeffs, folder / "latent_rgb.json")
     return coeffs
 
@@ -666,6 +737,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--measure", action="store_true", help="re-measure the test rows first")
     ap.add_argument("--fit-preview", action="store_true", help="refit the linear preview first")
+    ap.add_argument("--fit-preview-mmdit", action="store_true",
+                    help="fit the MMDiT's linear preview (weights_mmdit/latent_rgb.json)")
     ap.add_argument("--mmdit-training", type=Path, metavar="WORK",
                     help="write the MMDiT's training.json from its training folder's log")
     ap.add_argument("--budget", type=float, default=95, help="the MMDiT run's --minutes")
@@ -674,6 +747,8 @@ if __name__ == "__main__":
                          "the best its default guidance")
     ap.add_argument("--measure-mmdit", action="store_true",
                     help="re-measure the MMDiT's test rows (default guidance and CFG 1)")
+    ap.add_argument("--measure-plain-call", action="store_true",
+                    help="measure the MMDiT's plain pipe(prompt) call on the test seeds")
     ap.add_argument("--try-readouts", action="store_true",
                     help="score other readouts of the MMDiT's maps on the validation seeds")
     ap.add_argument("--measure-ablation", type=Path, metavar="WORK",
@@ -681,6 +756,8 @@ if __name__ == "__main__":
     args = ap.parse_args()
     if args.fit_preview:
         fit_preview()
+    if args.fit_preview_mmdit:
+        fit_preview(MMDIT, guidance=3.0, seeds=(0,), every=3)
     if args.measure:
         measure()
     if args.mmdit_training:
@@ -690,6 +767,8 @@ if __name__ == "__main__":
         choose_guidance(tuple(args.choose_guidance))
     if args.measure_mmdit:
         measure_mmdit()
+    if args.measure_plain_call:
+        measure_mmdit_plain()
     if args.try_readouts:
         try_readouts()
     if args.measure_ablation:

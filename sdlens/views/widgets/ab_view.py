@@ -2,9 +2,12 @@
 
 Two :class:`TraceViewer` s in columns; above them an :class:`ABPanel` with the one step slider
 that moves both (linked in the browser: ``jslink``, no kernel round trip), the difference of the
-two x0 predictions at that step and of the selected word's heatmaps (A - B), the settings that
-differ (highlighted in each column's header too) and what :func:`sdlens.analysis.compare.compare`
-says about where the runs part. Studio shows its last two runs this way.
+two x0 predictions at that step and of the selected word's (or concept's) heatmaps (A - B), the
+settings that differ (highlighted in each column's header too) and what
+:func:`sdlens.analysis.compare.compare` says about where the runs part. The columns share the
+maps menu, the concept scale and the selected word: a choice in one column is made in the other
+where that column has it, else the other column shows no overlay (never a legend without one).
+Studio shows its last two runs this way.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from sdlens.analysis.compare import compare, run_settings
 from sdlens.analysis.guidance import guidance_label
 from sdlens.analysis.heatmaps import word_heatmap
 from sdlens.analysis.previews import latent_to_rgb, linear_decoder
-from sdlens.views.widgets.frames import colorbar_css, encode_many, word_chips
+from sdlens.views.widgets.frames import DECODER_LABELS, colorbar_css, encode_many, word_chips
 from sdlens.views.widgets.trace_viewer import HELP, TraceViewer
 
 _STATIC = Path(__file__).parent / "static"
@@ -75,7 +78,11 @@ class ABPanel(anywidget.AnyWidget):
     word = traitlets.Unicode("").tag(sync=True)
     x0_diff = traitlets.List(traitlets.Bytes()).tag(sync=True)  # one frame per step
     x0_scale = traitlets.Float(0.0).tag(sync=True)
+    x0_label = traitlets.Unicode("").tag(sync=True)  # the x0 difference panel's caption
     heat_diff = traitlets.Dict().tag(sync=True)  # word key -> [bytes per step] (b"" : no map)
+    concept_diff = traitlets.Dict().tag(sync=True)  # concept -> [bytes per step]: share A - B
+    maps = traitlets.Unicode("attention").tag(sync=True)  # A's maps menu (linked)
+    timesteps_b = traitlets.List(traitlets.Float()).tag(sync=True)  # B's t (A's: timesteps)
     differs = traitlets.List(traitlets.List()).tag(sync=True)  # [name, A, B]
     summary = traitlets.Unicode("").tag(sync=True)
     notes = traitlets.List(traitlets.Unicode()).tag(sync=True)
@@ -139,12 +146,16 @@ class ABView(W.VBox):
         if not linked:
             notes.append(f"A has {va.n_steps} steps, B {vb.n_steps}: the slider moves both by "
                          f"step index up to {n}")
+        self._decoded = "linear preview"
         x0_frames, x0_scale = self._x0_diff(n, va.batch, vb.batch, notes)
         self.panel = ABPanel(
             n_steps=n, timesteps=[float(t) for t in trace_a.timesteps[:n]],
+            timesteps_b=[float(t) for t in trace_b.timesteps[:n]], maps=va.maps,
+            concept_diff=self._concept_diff(n),
             step=min(va.step, n - 1), x0_diff=x0_frames, x0_scale=x0_scale,
+            x0_label=f"|x0 A − x0 B| ({self._decoded}, one scale for all steps)",
             heat_diff=self._heat_diff(n, notes), summary=summary, notes=notes,
-            differs=[[k, _show(a), _show(b)] for k, (a, b) in self.differs.items()],
+            differs=[_differs_row(k, a, b) for k, (a, b) in self.differs.items()],
             colorbar=colorbar_css(DIFF_CMAP), signed_colorbar=colorbar_css(SIGNED_CMAP),
             display_px=display_px, help=HELP.replace("←/→ step", "←/→ step both"),
             word=va.word if va.word in self._common_words else "")
@@ -152,8 +163,14 @@ class ABView(W.VBox):
         self._links = [W.jslink((self.panel, "step"), (va, "step")),
                        W.jslink((self.panel, "step"), (vb, "step"))]
         self._links.append(W.jsdlink((va, "word"), (self.panel, "word")))
-        if set(va.word_keys) == set(vb.word_keys):
-            self._links.append(W.jslink((va, "word"), (vb, "word")))
+        self._links.append(W.jsdlink((va, "maps"), (self.panel, "maps")))
+        # the maps menu, the concept scale and the word: the same in both columns (in the
+        # kernel: a column loads the other maps' chips before it can take their word)
+        for src, dst in ((va, vb), (vb, va)):
+            src.observe(lambda ch, dst=dst: self._follow(dst, ch), names=["maps", "concept_scale",
+                                                                          "word"])
+        for name in ("maps", "concept_scale", "word"):  # Studio's viewers: B takes A's choices
+            self._follow(vb, {"name": name, "new": getattr(va, name)})
         cols = []
         for label, v, s, extra in ((labels[0], va, sa, extra_a), (labels[1], vb, sb, extra_b)):
             head = W.HTML(f"<b>{html.escape(label)}</b> · {settings_text(s, self.differs)}"
@@ -164,6 +181,20 @@ class ABView(W.VBox):
         self.columns = W.HBox(cols, layout=W.Layout(width="100%", flex_flow="row nowrap"))
         self.columns.add_class("sdl-ab-columns")
         super().__init__([self.panel, self.columns], **kwargs)
+
+    def _follow(self, dst: TraceViewer, change: dict) -> None:
+        """Make ``change`` (maps, concept scale or word of one column) in the other column where
+        it has that choice; a word it lacks clears its overlay."""
+        name, new = change["name"], change["new"]
+        if getattr(dst, name) == new:
+            return
+        if name == "maps":
+            if new in {k for k, _ in dst.maps_options}:
+                dst.maps = new
+        elif name == "concept_scale":
+            dst.concept_scale = new
+        else:
+            dst.word = new if new in dst.word_keys else ""
 
     # ---------------------------------------------------------------- differences
     @property
@@ -191,8 +222,9 @@ class ABView(W.VBox):
         try:
             m, _b = linear_decoder(ta)
             da = latent_to_rgb(xa.float(), m, None) - latent_to_rgb(xb.float(), m, None)
-        except ValueError:  # a family without a linear decoder: the first 3 channels
+        except ValueError:  # a family without a linear decoder: the first 3 channels, said so
             da = xa[:, :3].float() - xb[:, :3].float()
+            self._decoded = DECODER_LABELS["channels"]
         d = da.abs().mean(1).numpy()  # (S, h, w)
         scale = float(d.max())
         frames = encode_many(_colour(d / scale if scale > 0 else d, DIFF_CMAP), "png")
@@ -233,6 +265,29 @@ class ABView(W.VBox):
             out[key] = frames
         return out
 
+    def _concept_diff(self, n: int) -> dict[str, list[bytes]]:
+        """Per concept of both runs: A's share minus B's at each step (the shares, unstretched:
+        -1 .. 1), signed colours; b"" before the first recorded step."""
+        va, vb = self.viewer_a, self.viewer_b
+        ca, cb = getattr(self.trace_a, "concepts", None), getattr(self.trace_b, "concepts", None)
+        if ca is None or cb is None:
+            return {}
+        size = va.trace_frames.heat_size
+        ia, ib = va.trace_frames.heat_index("concepts")[:n], vb.trace_frames.heat_index("concepts")[:n]
+        out: dict[str, list[bytes]] = {}
+        for c in [c for c in ca.concepts if c in set(cb.concepts)]:
+            kw = dict(maps="concepts", per_step=True, normalize=False, size=size)
+            ma = word_heatmap(self.trace_a, c, batch=va.batch, **kw)
+            mb = word_heatmap(self.trace_b, c, batch=vb.batch, **kw)
+            where = [s for s in range(n) if ia[s] >= 0 and ib[s] >= 0]
+            todo = [((ma[ia[s]] - mb[ib[s]]).clamp(-1, 1).float().numpy() + 1) / 2 for s in where]
+            enc = encode_many(_colour(np.stack(todo), SIGNED_CMAP), "png") if todo else []
+            frames = [b""] * n
+            for s, e in zip(where, enc):
+                frames[s] = e
+            out[c] = frames
+        return out
+
     # ---------------------------------------------------------------- API
     @property
     def step(self) -> int:
@@ -247,6 +302,20 @@ class ABView(W.VBox):
 
 def _show(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _differs_row(key: str, a: Any, b: Any) -> list[str]:
+    """``[name, A, B]`` of a setting that differs, in the columns' headers' words (guidance: "CFG"
+    for two CFG scales, else each run's guidance as its header names it)."""
+    if key != "guidance":
+        return [key, _show(a), _show(b)]
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return ["CFG", _show(a), _show(b)]
+
+    def name(v: Any) -> str:
+        return guidance_label(v) if isinstance(v, (int, float)) else \
+            guidance_label(None, "off") if v == "off" else str(v)
+    return ["guidance", name(a), name(b)]
 
 
 __all__ = ["ABPanel", "ABView", "settings_text"]

@@ -43,6 +43,14 @@ DECODER_LABELS = {"linear": "linear preview", "vae": "VAE decode", "tiny": "tiny
                   "channels": "first 3 latent channels"}
 #: How a heatmap frame is normalised, per mode (``word_heatmap``: each map min-max to [0, 1]).
 HEAT_NORMS = {"step": "per step, min–max", "sum": "summed over steps, min–max"}
+#: How a concept map is scaled: its share among the concepts (a softmax over the concepts at
+#: each patch: fixed 0-1, the default) or stretched min-max per map (the word heatmaps' way).
+CONCEPT_SCALES = {"share": "share among the concepts (fixed 0–1)",
+                  "minmax": "min–max per map (stretched)"}
+#: The chip key of the "winning concept per pixel" view of concept maps.
+WINNER = "(winner)"
+WINNER_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6",
+                  "#bfef45", "#fabed4", "#469990", "#dcbeff", "#9a6324")
 FORMATS = ("png", "jpeg", "auto")
 #: The recorded maps a heatmap chip can show (``analysis.heatmaps.MAPS``), in the views' words.
 MAP_LABELS = {"attention": "attention maps", "concepts": "concept maps",
@@ -50,14 +58,32 @@ MAP_LABELS = {"attention": "attention maps", "concepts": "concept maps",
 MAX_ALPHA = 0.85  # a heat frame's alpha at value 1 (the browser inverts it for the value shown)
 
 
-def panel_label(panel: str, decoder: str = "linear", prediction: str = "noise") -> str:
+def panel_label(panel: str, decoder: str = "linear", prediction: str = "noise",
+                linear: bool = True) -> str:
     """A panel's caption: x_t and x0 say how they were decoded, the prediction panel what the
     model predicts (``prediction``: :func:`~sdlens.analysis.guidance.prediction_label`'s
-    "noise", "velocity", "v" or "x0")."""
+    "noise", "velocity", "v" or "x0"); the prediction and CFG-delta panels say whether they went
+    through the linear preview's matrix (``linear``) or show the first 3 latent channels."""
     label = PANEL_LABELS[panel].format(prediction)
     if panel in ("x_t", "x0"):
         label += f" · {DECODER_LABELS.get(decoder, decoder)}"
+    else:
+        label += f" · {DECODER_LABELS['linear' if linear else 'channels']}"
     return label
+
+
+def heat_norms(maps: str = "attention", scale: str = "share") -> dict[str, str]:
+    """The legend's words for the heat frames of ``maps`` per mode ("step", "sum"): what the
+    colour bar's 0 and 1 mean (concept maps: ``scale``, a key of :data:`CONCEPT_SCALES`)."""
+    if maps != "concepts":
+        return dict(HEAT_NORMS)
+    if scale not in CONCEPT_SCALES:
+        raise ValueError(f"scale must be one of {tuple(CONCEPT_SCALES)}, got {scale!r}")
+    if scale == "share":
+        return {"step": "share among the concepts at this step, fixed 0–1",
+                "sum": "share among the concepts, mean over steps, fixed 0–1"}
+    return {"step": "per step, min–max (stretched: not its share)",
+            "sum": "summed over steps, min–max (stretched: not its share)"}
 
 
 def colorbar_css(cmap: str = "jet", stops: int = 11) -> str:
@@ -334,7 +360,8 @@ class TraceFrames:
         self.heat_size = _display_size(trace, min(heat_side, max(self.size)))
         self._base: dict[tuple[int, str], dict[str, list[bytes]]] = {}
         self._image: dict[int, bytes] = {}
-        self._heat: dict[tuple[int, str, str], dict[str, dict]] = {}
+        self._heat: dict[tuple[int, str, str, bool], dict[str, dict]] = {}
+        self._winner: dict[tuple[int, str], dict[str, Any]] = {}
         self._scales: dict[tuple[str, int], float] = {}
 
     # ---------------------------------------------------------------- facts
@@ -454,10 +481,16 @@ class TraceFrames:
 
     # ---------------------------------------------------------------- heatmaps
     def heat(self, batch: int = 0, layers: str = "all",
-             words: Sequence[WordChip] | None = None, maps: str = "attention") -> dict[str, dict]:
+             words: Sequence[WordChip] | None = None, maps: str = "attention",
+             scale: str = "share") -> dict[str, dict]:
         """``{word key: {"steps": [bytes per recorded step], "sum": bytes}}`` for the words of
         prompt ``batch`` (concept maps: for the concepts) with the layer choice ``layers`` (a
-        key of :func:`layer_options`) of the recorded maps ``maps`` (:data:`MAP_LABELS`)."""
+        key of :func:`layer_options`) of the recorded maps ``maps`` (:data:`MAP_LABELS`).
+
+        Word maps are min-max normalised (:data:`HEAT_NORMS`); concept maps are scaled by
+        ``scale`` (:data:`CONCEPT_SCALES`: their share, fixed 0-1, or min-max) and, with two
+        concepts or more, come with the :data:`WINNER` entry: the concept with the largest
+        share at each pixel, in the colours of :meth:`winner_colours` (alpha fixed)."""
         if maps not in MAP_LABELS:
             raise ValueError(f"maps must be one of {tuple(MAP_LABELS)}, got {maps!r}")
         if getattr(self.trace, maps, None) is None:
@@ -465,14 +498,17 @@ class TraceFrames:
         keys = [k for k, _ in layer_options(self.trace, maps)]
         if layers not in keys:
             raise ValueError(f"layers={layers!r} is not a choice here; choices: {keys}")
-        cache_key = (batch, layers, maps)
+        if maps == "concepts" and scale not in CONCEPT_SCALES:
+            raise ValueError(f"scale must be one of {tuple(CONCEPT_SCALES)}, got {scale!r}")
+        share = maps == "concepts" and scale == "share"
+        cache_key = (batch, layers, maps, share)
         if cache_key in self._heat:
             return self._heat[cache_key]
         sel = layer_selector(layers)
         out: dict[str, dict] = {}
         for chip in (words if words is not None else chips_for(self.trace, batch, maps)):
             kw = dict(layers=sel, batch=batch, occurrence=chip.occurrence, size=self.heat_size,
-                      maps=maps)
+                      maps=maps, normalize=not share)
             import warnings
 
             with warnings.catch_warnings():  # constant maps (e.g. a 1x1 layer) are fine here
@@ -487,5 +523,35 @@ class TraceFrames:
             rgba = heat_rgba(torch.cat([per, total[None]]), self.cmap, MAX_ALPHA)
             frames = encode_many(list(rgba), "png")
             out[chip.key] = {"steps": frames[:-1], "sum": frames[-1]}
+        if maps == "concepts":
+            win = self.winner(batch, layers)
+            if win:
+                out[WINNER] = win
         self._heat[cache_key] = out
         return out
+
+    def winner_colours(self) -> list[tuple[str, str]]:
+        """``[(concept, "#rrggbb")]``: the colour of each concept in the winner view."""
+        maps = getattr(self.trace, "concepts", None)
+        names = list(maps.concepts) if maps is not None else []
+        return [(c, WINNER_COLOURS[i % len(WINNER_COLOURS)]) for i, c in enumerate(names)]
+
+    def winner(self, batch: int = 0, layers: str = "all") -> dict[str, Any]:
+        """The "winning concept per pixel" frames: ``{"steps": [bytes per recorded step],
+        "sum": bytes}``, each pixel coloured by the concept of largest share (argmax of the
+        concept maps, unnormalised); {} with fewer than two concepts."""
+        cols = self.winner_colours()
+        if len(cols) < 2:
+            return {}
+        if (batch, layers) in self._winner:  # the same for either concept scale
+            return self._winner[(batch, layers)]
+        sel = layer_selector(layers)
+        kw = dict(layers=sel, batch=batch, size=self.heat_size, maps="concepts", normalize=False)
+        per = torch.stack([word_heatmap(self.trace, c, per_step=True, **kw) for c, _ in cols])
+        total = torch.stack([word_heatmap(self.trace, c, per_step=False, **kw) for c, _ in cols])
+        idx = torch.cat([per.argmax(0), total.argmax(0)[None]]).numpy()  # (S + 1, H, W)
+        lut = np.array([[int(h[i:i + 2], 16) for i in (1, 3, 5)] + [round(MAX_ALPHA * 255)]
+                        for _, h in cols], np.uint8)
+        frames = encode_many(list(lut[idx]), "png")
+        self._winner[(batch, layers)] = {"steps": frames[:-1], "sum": frames[-1]}
+        return self._winner[(batch, layers)]

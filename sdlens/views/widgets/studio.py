@@ -24,19 +24,21 @@ import inspect
 import threading
 import time
 import warnings
+from types import SimpleNamespace
 from typing import Any
 
 import ipywidgets as W
 import torch
 
 from sdlens.analysis.compare import run_settings
-from sdlens.analysis.guidance import guidance_kind, guidance_setting, guidance_text
-from sdlens.analysis.previews import latent_to_rgb, linear_decoder, to_image
+from sdlens.analysis.guidance import (check_guidance_scale, guidance_kind, guidance_setting,
+                                     guidance_text)
+from sdlens.analysis.previews import channels_rgb, latent_to_rgb, linear_decoder, to_image
 from sdlens.engine.arch import adapter_for
 from sdlens.engine.session import check_seed, generate, live_state
-from sdlens.pipeline import SCHEDULERS, describe, make_scheduler
+from sdlens.pipeline import SCHEDULERS, describe, make_scheduler, recommended_settings
 from sdlens.views.widgets.ab_view import ABView, settings_text
-from sdlens.views.widgets.frames import encode
+from sdlens.views.widgets.frames import DECODER_LABELS, encode
 from sdlens.views.widgets.trace_viewer import TraceViewer
 
 DEFAULT_PROMPT = "a red circle and a blue square"
@@ -108,7 +110,16 @@ class Studio(W.VBox):
             raise ValueError(f"scheduler must be one of {sched_opts}, got {scheduler!r}")
         self.pipe = pipe
         self.keep = keep
-        self.pipe_kwargs = dict(pipe_kwargs or {})
+        # the model folder's recommended settings (the shipped MMDiT's CFG 3 and
+        # max_sequence_length=0) are the defaults; what the caller passes wins
+        rec = recommended_settings(pipe)
+        self.pipe_kwargs = {**{k: v for k, v in rec.items()
+                               if k not in ("guidance_scale", "num_inference_steps")},
+                            **(pipe_kwargs or {})}
+        if guidance_scale is None and "guidance_scale" in rec:
+            guidance_scale = float(rec["guidance_scale"])
+        if steps is None and "num_inference_steps" in rec:
+            steps = int(rec["num_inference_steps"])
         self._callback_arg = _callback_argument(pipe)
         self.viewer_kwargs = dict(viewer or {})
         self.record_kwargs = dict(record or {})
@@ -219,10 +230,11 @@ class Studio(W.VBox):
         problems = []
         if s["steps"] < 1:
             problems.append(f"steps must be at least 1 (got {s['steps']})")
-        try:
-            check_seed(s["seed"])
-        except ValueError as e:
-            problems.append(str(e))
+        for check, value in ((check_seed, s["seed"]), (check_guidance_scale, s["guidance_scale"])):
+            try:
+                check(value)
+            except ValueError as e:
+                problems.append(str(e))
         return problems
 
     def _on_generate(self) -> None:
@@ -284,7 +296,10 @@ class Studio(W.VBox):
     def _live_png(self, pipe, cb_kwargs: dict) -> tuple[bytes, str]:
         if self._decoder is None:
             try:
-                self._decoder = linear_decoder(self.info.family, vae=pipe.vae)
+                # the model folder's own fit first (the shipped MMDiT's), else the VAE's
+                model = SimpleNamespace(meta={"family": self.info.family,
+                                              "model_id": getattr(pipe, "name_or_path", None)})
+                self._decoder = linear_decoder(model, vae=pipe.vae)
             except ValueError:
                 self._decoder = (None, None)
         x = _live_x0(pipe)
@@ -293,7 +308,8 @@ class Studio(W.VBox):
             x, what = cb_kwargs.get("latents"), "x_t (no x0 recorded)"
         x = x[0].detach().float().cpu()
         m, b = self._decoder
-        rgb = latent_to_rgb(x, m, b) if m is not None else x[:3]
+        rgb = latent_to_rgb(x, m, b) if m is not None else channels_rgb(x)
+        what += f" · {DECODER_LABELS['linear' if m is not None else 'channels']}"
         lo_h = max(64, rgb.shape[-2])
         return encode(to_image(rgb, (lo_h, round(lo_h * rgb.shape[-1] / rgb.shape[-2]))), "png"), what
 

@@ -75,7 +75,7 @@ class TokenView(anywidget.AnyWidget):
         with self.hold_trait_notifications():
             self.rows = rows
             if encoders:  # SD3: each encoder's own count and length
-                counts = " · ".join(f"{e['name']} {e['tokens']} of {e['length']}" for e in encoders)
+                counts = " · ".join(f"{e['name']} {e['tokens']} of {e['limit']}" for e in encoders)
                 self.title = f"{view.prompt!r}: prompt tokens {counts}"
             else:
                 self.title = f"{view.prompt!r}: {view.n_prompt_tokens} of {view.limit} prompt tokens"

@@ -19,9 +19,11 @@ import anywidget
 import traitlets
 
 from sdlens.analysis.guidance import guidance_text, prediction_label
-from sdlens.views.widgets.frames import (DECODER_LABELS, HEAT_NORMS, MAP_LABELS, MAX_ALPHA,
-                                         TraceFrames, chips_for, colorbar_css, layer_options,
-                                         map_options, panel_label, panel_notes)
+from sdlens.analysis.previews import linear_available
+from sdlens.views.widgets.frames import (CONCEPT_SCALES, DECODER_LABELS, MAP_LABELS, MAX_ALPHA,
+                                         WINNER, TraceFrames, chips_for, colorbar_css,
+                                         heat_norms, layer_options, map_options, panel_label,
+                                         panel_notes)
 
 _STATIC = Path(__file__).parent / "static"
 HEAT_MODES = ("step", "sum")
@@ -71,6 +73,11 @@ class TraceViewer(anywidget.AnyWidget):
             chip per concept, in the prompt or not) or ``"image_to_text"`` (the words'
             image->text maps); :attr:`maps_options` lists what the trace holds, the "maps"
             menu switches in the browser.
+        concept_scale: how concept maps are coloured: ``"share"`` (the default: each patch's
+            share among the concepts on the fixed 0-1 scale, as :func:`sdlens.plot.concept_maps`
+            shows them) or ``"minmax"`` (each map stretched min-max, as word heatmaps are; the
+            legend says so). Beside the concepts' chips, "winning concept per pixel" colours
+            each pixel by the concept of largest share.
         max_side, heat_side, decoder, vae, fmt, cmap: frame rendering, see
             :class:`~sdlens.widgets.frames.TraceFrames`.
         fps: playback speed.
@@ -115,7 +122,10 @@ class TraceViewer(anywidget.AnyWidget):
     decoder = traitlets.Unicode("linear").tag(sync=True)
     decoder_options = traitlets.List(traitlets.List()).tag(sync=True)
     colorbar = traitlets.Unicode("").tag(sync=True)
-    heat_norms = traitlets.Dict().tag(sync=True)
+    heat_norms = traitlets.Dict().tag(sync=True)  # mode -> the legend's words for the scale
+    concept_scale = traitlets.Unicode("share").tag(sync=True)
+    concept_scale_options = traitlets.List(traitlets.List()).tag(sync=True)
+    winner_key = traitlets.Unicode(WINNER).tag(sync=True)
     max_alpha = traitlets.Float(MAX_ALPHA).tag(sync=True)
     help = traitlets.Unicode(HELP).tag(sync=True)
     layers = traitlets.Unicode("all").tag(sync=True)
@@ -128,7 +138,7 @@ class TraceViewer(anywidget.AnyWidget):
                  batch: int = 0, heat_mode: str = "step", max_side: int = 256,
                  heat_side: int = 128, decoder: str = "auto", vae: Any = None, fmt: str = "auto",
                  cmap: str = "jet", fps: int = 8, display_px: int = 160, maps: str = "attention",
-                 **kwargs: Any):
+                 concept_scale: str = "share", **kwargs: Any):
         if trace is None or getattr(trace, "timesteps", None) is None:
             raise TypeError(f"TraceViewer needs a Trace, got {type(trace).__name__}")
         self._frames = TraceFrames(trace, max_side, heat_side, decoder, vae, fmt, cmap)
@@ -147,6 +157,9 @@ class TraceViewer(anywidget.AnyWidget):
         if kinds and maps not in dict(kinds):
             raise ValueError(f"maps={maps!r}: this trace holds no {MAP_LABELS[maps]}; it holds "
                              f"{[k for k, _ in kinds]}")
+        if concept_scale not in CONCEPT_SCALES:
+            raise ValueError(f"concept_scale must be one of {tuple(CONCEPT_SCALES)}, got "
+                             f"{concept_scale!r}")
         opts = layer_options(trace, maps)
         keys = [k for k, _ in opts]
         if opts and layers not in keys:
@@ -161,9 +174,11 @@ class TraceViewer(anywidget.AnyWidget):
             self.decoder_options = [[d, DECODER_LABELS.get(d, d)] for d in fr.decoders()]
             self.panels = self._panel_specs()
             self.colorbar = colorbar_css(cmap)
-            self.heat_norms = dict(HEAT_NORMS)
             self.maps_options = [[k, label] for k, label in kinds]
             self.maps = maps
+            self.concept_scale = concept_scale
+            self.concept_scale_options = [[k, label] for k, label in CONCEPT_SCALES.items()]
+            self.heat_norms = heat_norms(maps, concept_scale)
             self.heat_index = fr.heat_index(maps)
             self.layer_options = [[k, label] for k, label in opts]
             self.batch_options = [[i, f"{i}: {prompts[i] if i < len(prompts) else ''}"[:80]]
@@ -182,10 +197,13 @@ class TraceViewer(anywidget.AnyWidget):
         self.observe(self._on_layers, names="layers")
         self.observe(self._on_maps, names="maps")
         self.observe(self._on_decoder, names="decoder")
+        self.observe(self._on_scale, names="concept_scale")
 
     def _panel_specs(self) -> list[dict]:
         pred = prediction_label(self.trace)
-        return [{"name": p, "label": panel_label(p, self.decoder, pred)} for p in self._frames.panels()]
+        lin = linear_available(self.trace, self._frames.vae)
+        return [{"name": p, "label": panel_label(p, self.decoder, pred, lin)}
+                for p in self._frames.panels()]
 
     # ---------------------------------------------------------------- loading
     def _load_batch(self) -> None:
@@ -194,13 +212,19 @@ class TraceViewer(anywidget.AnyWidget):
         try:
             chips = chips_for(self.trace, b, self.maps)
             frames = fr.base(b, self.decoder)
-            heat = fr.heat(b, self.layers, chips, self.maps) if chips else {}
+            heat = fr.heat(b, self.layers, chips, self.maps, self.concept_scale) if chips else {}
+            words = [c.to_dict() for c in chips]
+            if WINNER in heat:  # concept maps: the winner view, beside the concepts' chips
+                words.append({"key": WINNER, "text": "winning concept per pixel", "winner": True,
+                              "colors": [list(c) for c in fr.winner_colours()],
+                              "occurrence": 0, "positions": [], "tokens": [], "encoders": []})
             with self.hold_trait_notifications():
                 self.title = describe_trace(self.trace, b)
                 self.notes = panel_notes(self.trace, b)
                 self.frames = frames
                 self.image = fr.image(b)
-                self.words = [c.to_dict() for c in chips]
+                self.words = words
+                self.heat_norms = heat_norms(self.maps, self.concept_scale)
                 self.heat = heat
                 if self.word and self.word not in heat:
                     self.word = ""
@@ -234,6 +258,16 @@ class TraceViewer(anywidget.AnyWidget):
             if self.layers not in {k for k, _ in opts}:
                 self.layers = "all"  # the other maps' layers (concept maps: their own blocks)
         self._load_batch()
+
+    def _on_scale(self, change: dict) -> None:
+        if change["new"] not in CONCEPT_SCALES:
+            self.concept_scale = change["old"]
+            raise ValueError(f"concept_scale={change['new']!r} is not a choice; choices: "
+                             f"{tuple(CONCEPT_SCALES)}")
+        if self.maps == "concepts":
+            self._load_batch()
+        else:
+            self.heat_norms = heat_norms(self.maps, change["new"])
 
     def _on_decoder(self, change: dict) -> None:
         if change["new"] not in self._frames.decoders():

@@ -54,9 +54,10 @@ function render({ model, el }) {
 
   function rebuild() {
     urls.x0.forEach((u) => u && URL.revokeObjectURL(u));
-    for (const l of Object.values(urls.heat)) l.forEach((u) => u && URL.revokeObjectURL(u));
-    urls = { x0: (model.get("x0_diff") || []).map(toUrl), heat: {} };
+    for (const l of [...Object.values(urls.heat), ...Object.values(urls.concepts || {})]) l.forEach((u) => u && URL.revokeObjectURL(u));
+    urls = { x0: (model.get("x0_diff") || []).map(toUrl), heat: {}, concepts: {} };
     for (const [k, l] of Object.entries(model.get("heat_diff") || {})) urls.heat[k] = l.map(toUrl);
+    for (const [k, l] of Object.entries(model.get("concept_diff") || {})) urls.concepts[k] = l.map(toUrl);
   }
 
   function drawStatic() {
@@ -84,22 +85,31 @@ function render({ model, el }) {
 
   function show() {
     const i = Number(slider.value), n = model.get("n_steps"), ts = model.get("timesteps") || [];
-    stepLabel.textContent = `step ${i + 1}/${n}` + (ts.length ? ` · t=${Math.round(ts[i])}` : "");
+    const tb = model.get("timesteps_b") || [];
+    // each column's own t: two schedulers put the same step at different noise levels
+    const ta = ts.length ? Math.round(ts[i]) : null, tbi = tb.length ? Math.round(tb[i]) : ta;
+    stepLabel.textContent = `step ${i + 1}/${n}` + (ta === null ? "" : ta === tbi ? ` · t=${ta}` : ` · t A=${ta} B=${tbi}`);
     if (urls.x0[i]) x0Img.src = urls.x0[i];
     x0Img.dataset.step = String(i);
-    x0Cap.textContent = "|x0 A − x0 B| (linear preview, one scale for all steps)";
-    const w = model.get("word");
-    const hm = w && urls.heat[w] ? urls.heat[w][i] : "";
-    heatFig.style.display = Object.keys(urls.heat).length ? "" : "none";
+    x0Cap.textContent = x0Cap.title = model.get("x0_label");
+    const w = model.get("word"), maps = model.get("maps");
+    const concepts = maps === "concepts";
+    const table = concepts ? urls.concepts : maps === "attention" ? urls.heat : {};
+    const hm = w && table[w] ? table[w][i] : "";
+    heatFig.style.display = Object.keys(urls.heat).length || Object.keys(urls.concepts).length ? "" : "none";
     if (hm) { heatImg.src = hm; heatImg.style.visibility = "visible"; heatImg.style.height = "auto"; }
     else {  // keep the panel's place: the grid does not jump when a word is picked
       heatImg.style.visibility = "hidden";
       heatImg.style.height = (x0Img.height || px()) + "px";
     }
     heatImg.dataset.step = String(i);
-    heatCap.textContent = !w ? "heat A − B: click a word in A"
-      : (urls.heat[w] ? (hm ? `'${w}': A − B (per step, min–max each)` : `'${w}': not recorded yet at this step`)
-        : `'${w}' is not in both prompts`);
+    const text = !w ? `heat A − B: click a ${concepts ? "concept" : "word"} in A`
+      : table[w] ? (hm ? (concepts ? `'${w}': share A − share B (fixed −1 … 1)`
+        : `'${w}': A − B (per step, min–max each)`) : `'${w}': not recorded yet at this step`)
+        : concepts ? `'${w}' is not a concept of both runs`
+          : maps === "attention" ? `'${w}' is not in both prompts`
+            : `no A − B panel for these maps (attention maps and concept maps have one)`;
+    heatCap.textContent = heatCap.title = text;
   }
 
   function setStep(s) {
@@ -145,6 +155,7 @@ function render({ model, el }) {
   const handlers = {
     "change:step": () => { if (Number(slider.value) !== model.get("step")) slider.value = String(model.get("step")); show(); },
     "change:word": show,
+    "change:maps": show,
     "change:playing": syncPlaying,
     "change:x0_diff": () => { rebuild(); drawStatic(); show(); },
     "change:heat_diff": () => { rebuild(); show(); },

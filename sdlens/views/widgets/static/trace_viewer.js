@@ -50,14 +50,19 @@ function pixelsOf(url) {
 
 const LEVELS = [0.25, 0.5, 0.75];
 
-function drawOutline(canvas, px, maxAlpha) {
+function drawOutline(canvas, px, maxAlpha, byColour) {
   // contour lines at LEVELS: a pixel is on a line where its level band differs from a neighbour's
+  // (byColour: the winner view, a line where the winning concept changes)
   canvas.width = px.w;
   canvas.height = px.h;
   const ctx = canvas.getContext("2d");
   const out = ctx.createImageData(px.w, px.h);
-  const band = new Uint8Array(px.w * px.h);
+  const band = new Uint32Array(px.w * px.h);
   for (let i = 0; i < px.w * px.h; i++) {
+    if (byColour) {
+      band[i] = (px.data[4 * i] << 16) | (px.data[4 * i + 1] << 8) | px.data[4 * i + 2];
+      continue;
+    }
     const a = px.data[4 * i + 3] / 255 / maxAlpha;
     const v = a * a;
     let b = 0;
@@ -112,8 +117,11 @@ function render({ model, el }) {
   styleSel.appendChild(h("option", { value: "fill", text: "filled" }));
   styleSel.appendChild(h("option", { value: "outline", text: "outline (contours 0.25 / 0.5 / 0.75)" }));
   const decoderSel = h("select", { class: "sdl-decoder", title: "how x_t and x0 are turned into pixels" });
+  // concept maps: their share among the concepts (fixed 0-1) or stretched min-max
+  const scaleSel = h("select", { class: "sdl-scale", title: "how a concept map is coloured: its share among the concepts on a fixed 0–1 scale, or each map stretched min–max" });
   const options = h("div", { class: "sdl-options" }, [
     h("label", { class: "sdl-maps-label", text: "maps " }, [mapsSel]),
+    h("label", { class: "sdl-scale-label", text: " scale " }, [scaleSel]),
     h("label", { text: " layers " }, [layerSel]),
     h("label", { text: " mode " }, [modeSel]),
     h("label", { text: " overlay " }, [styleSel]),
@@ -125,10 +133,11 @@ function render({ model, el }) {
   const colorbar = h("div", { class: "sdl-colorbar", title: "heat colour scale, 0 (left) to 1 (right)" });
   const legendText = h("span", { class: "sdl-legend-text" });
   const valueText = h("span", { class: "sdl-value" });
-  const legend = h("div", { class: "sdl-legend" }, [
-    h("span", { class: "sdl-tick", text: "0" }), colorbar, h("span", { class: "sdl-tick", text: "1" }),
-    legendText, valueText,
-  ]);
+  // the winner view's legend: one swatch per concept instead of the colour bar
+  const swatches = h("span", { class: "sdl-swatches" });
+  const bar = h("span", { class: "sdl-bar" }, [
+    h("span", { class: "sdl-tick", text: "0" }), colorbar, h("span", { class: "sdl-tick", text: "1" })]);
+  const legend = h("div", { class: "sdl-legend" }, [bar, swatches, legendText, valueText]);
   const help = h("div", { class: "sdl-help" });
   const status = h("span", { class: "sdl-status" });
   root.append(title, controls, panelRow, legend, chipRow, options, notes, help, status);
@@ -159,6 +168,7 @@ function render({ model, el }) {
         stack.addEventListener("mouseleave", () => { valueText.textContent = ""; });
       }
       const caption = h("div", { class: "sdl-caption", text: spec.label, title: spec.label });
+      caption.dataset.panel = spec.name;
       const fig = h("figure", { class: "sdl-panel", "data-panel": spec.name }, [stack, caption]);
       fig.style.width = (px + 2) + "px";  // fixed: a longer caption wraps, the grid does not move
       panelRow.appendChild(fig);
@@ -168,6 +178,10 @@ function render({ model, el }) {
 
   let overlayUrl = "";
 
+  function wordInfo(key) {
+    return (model.get("words") || []).find((w) => w.key === key) || null;
+  }
+
   async function pointAt(ev, stack) {
     if (!overlayUrl) { valueText.textContent = ""; return; }
     const r = stack.getBoundingClientRect();
@@ -175,8 +189,17 @@ function render({ model, el }) {
     const px = await pixelsOf(overlayUrl);
     if (!px || fx < 0 || fy < 0 || fx >= 1 || fy >= 1) return;
     const x = Math.floor(fx * px.w), y = Math.floor(fy * px.h);
-    const a = px.data[4 * (y * px.w + x) + 3] / 255 / model.get("max_alpha");
-    valueText.textContent = `value here: ${(a * a).toFixed(2)}`;
+    const i = 4 * (y * px.w + x);
+    const info = wordInfo(model.get("word"));
+    if (info && info.winner) {  // the concept whose colour this is
+      const hex = "#" + [0, 1, 2].map((k) => px.data[i + k].toString(16).padStart(2, "0")).join("");
+      const hit = (info.colors || []).find(([, c]) => c.toLowerCase() === hex);
+      valueText.textContent = hit ? `wins here: '${hit[0]}'` : "";
+      return;
+    }
+    const a = px.data[i + 3] / 255 / model.get("max_alpha");
+    const share = model.get("maps") === "concepts" && model.get("concept_scale") === "share";
+    valueText.textContent = `${share ? "share" : "value"} here: ${(a * a).toFixed(2)}`;
   }
 
   function rebuildFrameUrls() {
@@ -206,12 +229,16 @@ function render({ model, el }) {
     if (!words.length) return;
     const concepts = model.get("maps") === "concepts";
     chipRow.appendChild(h("span", { class: "sdl-chips-label", text: concepts ? "concepts: " : "words: " }));
+    const share = model.get("concept_scale") === "share";
     for (const w of words) {
       const chip = h("button", {
         // the chip reads the word's name ("a", "a#2"): the name the kernel, plots and
         // token_effects use for it
-        class: "sdl-chip", text: w.key, "data-word": w.key,
-        title: concepts ? `concept '${w.key}': its share of each patch among the concepts` :
+        class: "sdl-chip" + (w.winner ? " sdl-chip-winner" : ""), text: w.winner ? w.text : w.key,
+        "data-word": w.key,
+        title: w.winner ? "each pixel coloured by the concept with the largest share there" :
+          concepts ? (share ? `concept '${w.key}': its share of each patch among the concepts (0–1)` :
+            `concept '${w.key}': its map stretched min–max (not its share)`) :
           `tokens ${w.tokens.join(" ")} at positions ${w.positions.join(", ")}` +
           (w.encoders && w.encoders.length ? ` · seen by ${w.encoders.join(" and ")}` : ""),
       });
@@ -234,6 +261,13 @@ function render({ model, el }) {
   function fillMaps() {
     fillSelect(mapsSel, model.get("maps_options") || [], model.get("maps"));
     mapsSel.parentElement.style.display = (model.get("maps_options") || []).length > 1 ? "" : "none";
+    fillSelect(scaleSel, model.get("concept_scale_options") || [], model.get("concept_scale"));
+    scaleSel.parentElement.style.display = model.get("maps") === "concepts" ? "" : "none";
+  }
+
+  function setCaption(p, text) {
+    p.caption.textContent = text;
+    p.caption.title = text;  // the whole caption on hover, whatever the panel's width
   }
 
   function currentStep() {
@@ -254,6 +288,8 @@ function render({ model, el }) {
     // overlay
     const word = model.get("word");
     const mode = model.get("heat_mode");
+    const info = wordInfo(word);
+    const winner = !!(info && info.winner);
     let src = "";
     if (word && urls.heat[word]) {
       if (mode === "sum") src = urls.heat[word].sum;
@@ -270,26 +306,41 @@ function render({ model, el }) {
         if (p.overlay.src !== src) p.overlay.src = src;
         p.overlay.style.display = outlined ? "none" : "block";
         p.outline.style.display = outlined ? "block" : "none";
-        p.caption.textContent = `${p.label} + '${word}' (${mode === "sum" ? "summed" : "this step"})`;
+        const what = winner ? "winning concept" : `'${word}'`;
+        setCaption(p, `${p.label} + ${what} (${mode === "sum" ? "summed" : "this step"})`);
       } else {
         p.overlay.removeAttribute("src");
         p.overlay.style.display = "none";
         p.outline.style.display = "none";
-        p.caption.textContent = p.label;
+        setCaption(p, p.label);
       }
       p.overlay.style.opacity = model.get("opacity");
     }
     if (src && outlined) {
       pixelsOf(src).then((px) => {
         if (!px || overlayUrl !== src) return;
-        for (const p of Object.values(panelEls)) if (p.outline) drawOutline(p.outline, px, model.get("max_alpha"));
+        for (const p of Object.values(panelEls)) if (p.outline) drawOutline(p.outline, px, model.get("max_alpha"), winner);
       });
     }
     const norms = model.get("heat_norms") || {};
+    const concepts = model.get("maps") === "concepts";
+    const scale = norms[mode] || mode;
+    swatches.innerHTML = "";
+    bar.style.display = winner ? "none" : "";
     if (!(model.get("words") || []).length) legendText.textContent = "no word heatmaps (see the note below)";
-    else if (word) legendText.textContent = `'${word}': ${norms[mode] || mode}`;
-    else legendText.textContent = `click a ${model.get("maps") === "concepts" ? "concept" : "word"} to overlay its heatmap (${norms[mode] || mode})`;
+    else if (winner) {
+      for (const [c, col] of info.colors || []) {
+        const sw = h("span", { class: "sdl-swatch", "data-concept": c, title: `'${c}' has the largest share here` },
+          [h("span", { class: "sdl-swatch-box" }), document.createTextNode(c)]);
+        sw.firstChild.style.background = col;
+        swatches.appendChild(sw);
+      }
+      legendText.textContent = `winning concept per pixel (largest share, ${mode === "sum" ? "mean over steps" : "this step"})`;
+    } else if (word && src) legendText.textContent = `'${word}': ${scale}`;
+    else if (word) legendText.textContent = `'${word}': no map ${info ? "at this step" : "in these " + (concepts ? "concepts" : "words")}`;
+    else legendText.textContent = `click a ${concepts ? "concept" : "word"} to overlay its heatmap (${scale})`;
     legend.classList.toggle("sdl-legend-off", !src);
+    valueText.textContent = src ? valueText.textContent : "";
     for (const chip of chipRow.querySelectorAll(".sdl-chip")) {
       chip.classList.toggle("sdl-chip-on", chip.dataset.word === word);
     }
@@ -334,7 +385,7 @@ function render({ model, el }) {
   }
 
   function fullRefresh() {
-    title.textContent = model.get("title");
+    title.textContent = title.title = model.get("title");
     notes.textContent = (model.get("notes") || []).join(" · ");
     slider.max = String(Math.max(0, model.get("n_steps") - 1));
     slider.value = String(model.get("step"));
@@ -360,10 +411,12 @@ function render({ model, el }) {
   // ---- the keyboard: the panel keeps its keys (JupyterLab would move cells, collapse headings)
   root.addEventListener("keydown", (ev) => {
     const t = ev.target;
-    const typing = t && t.tagName === "SELECT";
+    // a menu or another slider (opacity) keeps its own keys; the step slider's are the panel's
+    const typing = t && (t.tagName === "SELECT" || (t.tagName === "INPUT" && t !== slider));
     let handled = true;
     if (ev.key === "ArrowLeft" && !typing) setStep(currentStep() - 1);
     else if (ev.key === "ArrowRight" && !typing) setStep(currentStep() + 1);
+    else if ((ev.key === "ArrowUp" || ev.key === "ArrowDown") && !typing) { /* no notebook scroll */ }
     else if (ev.key === "Home" && !typing) setStep(0);
     else if (ev.key === "End" && !typing) setStep(model.get("n_steps") - 1);
     else if ((ev.key === " " || ev.code === "Space") && !typing) {
@@ -382,6 +435,10 @@ function render({ model, el }) {
   });
 
   // ---- events from the user
+  // after a menu choice the panel takes the keys back (←/→ step again, not the menu)
+  for (const sel of [modeSel, layerSel, mapsSel, scaleSel, batchSel, styleSel, decoderSel]) {
+    sel.addEventListener("change", () => root.focus({ preventScroll: true }));
+  }
   slider.addEventListener("input", () => {
     show();
     saveStep(currentStep());
@@ -418,6 +475,11 @@ function render({ model, el }) {
     model.set("layers", layerSel.value);
     model.save_changes();
   });
+  scaleSel.addEventListener("change", () => {
+    status.textContent = "loading maps…";
+    model.set("concept_scale", scaleSel.value);
+    model.save_changes();
+  });
   mapsSel.addEventListener("change", () => {
     status.textContent = "loading maps…";
     model.set("maps", mapsSel.value);
@@ -439,7 +501,7 @@ function render({ model, el }) {
     "change:overlay_style": () => { styleSel.value = model.get("overlay_style"); show(); },
     "change:decoder": () => { decoderSel.value = model.get("decoder"); },
     "change:decoder_options": () => fillSelect(decoderSel, model.get("decoder_options") || [], model.get("decoder")),
-    "change:title": () => { title.textContent = model.get("title"); status.textContent = ""; },
+    "change:title": () => { title.textContent = title.title = model.get("title"); status.textContent = ""; },
     "change:step": () => {
       if (Number(slider.value) !== model.get("step")) { slider.value = String(model.get("step")); show(); }
     },
@@ -450,7 +512,9 @@ function render({ model, el }) {
     "change:playing": () => syncPlaying(),
     "change:fps": () => syncPlaying(),
     "change:layers": () => { layerSel.value = model.get("layers"); },
-    "change:maps": () => { mapsSel.value = model.get("maps"); buildChips(); show(); },
+    "change:maps": () => { fillMaps(); buildChips(); show(); },
+    "change:concept_scale": () => { fillMaps(); buildChips(); show(); },
+    "change:heat_norms": () => show(),
     "change:maps_options": () => fillMaps(),
     "change:batch": () => { batchSel.value = String(model.get("batch")); },
     "change:layer_options": () => fillSelect(layerSel, model.get("layer_options") || [], model.get("layers")),
