@@ -1,5 +1,7 @@
 """The Flux.1 family (``FluxTransformer2DModel``: FluxPipeline, FluxImg2ImgPipeline,
-FluxInpaintPipeline; Flux.1-dev and -schnell).
+FluxInpaintPipeline; Flux.1-dev and -schnell), and beside it the families that share its blocks:
+Chroma (:class:`ChromaAdapter`) and Flux.1 Kontext (:class:`FluxKontextAdapter`, whose reference
+image is a kernel segment of its own, ``"reference 0"``). Flux.2 is :mod:`sdlens.engine.arch.flux2`.
 
 **Sites.** Flux has two kinds of blocks, and image tokens attend to text tokens in both:
 
