@@ -286,3 +286,35 @@ def test_klein_inpaint():
     assert torch.equal(plain, out) and tr.meta["family"] == "flux2-klein"
     assert tr.latents.shape == (STEPS + 1, 1, 32, 4, 4) and len(tr.attention.layers) == 4
     assert [w.text for w in trace_words(tr)] == ["a", "red", "cat", "on", "the", "beach"]
+
+
+def test_a_tokenizer_that_adds_a_bos_keeps_the_prompts_positions():
+    """FLUX.2-dev's real tokenizer puts ``<s>`` before a bare prompt (the bed's does not): the
+    words and the recorded positions stay the prompt's pieces where the encoder read them."""
+    import copy
+
+    import diffusers
+    from tokenizers.processors import TemplateProcessing
+
+    base = pipe_of("flux2")
+    tok = copy.deepcopy(base.tokenizer)
+    bos = tok.convert_tokens_to_ids("<s>")
+    tok._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    assert tok("a red cat").input_ids[0] == bos
+    pipe = diffusers.Flux2Pipeline(**{**base.components, "tokenizer": tok})
+    seen = []
+    handle = pipe.text_encoder.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("input_ids", a[0] if a else None)), with_kwargs=True)
+    try:
+        with sdlens.trace(pipe) as tr:
+            pipe(**call("flux2"))
+    finally:
+        handle.remove()
+    tr = tr.runs[-1]
+    assert [w.text for w in trace_words(tr)] == ["a", "red", "cat", "on", "the", "beach"]
+    ids = seen[0][0].tolist()
+    prompt = tok("a red cat on the beach", add_special_tokens=False).input_ids
+    for w in trace_words(tr):
+        assert [ids[p] for p in w.positions] == [tr.token_ids[0][p] for p in w.positions]
+    kept = tr.attention.token_positions
+    assert [ids[p] for p in kept][-len(prompt):] == prompt

@@ -116,13 +116,25 @@ class Flux2Adapter(FluxKontextAdapter):
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
         return text[0] if isinstance(text, list) else text  # a batch of one conversation
 
+    def tokenizer(self):
+        """The text tokenizer (FLUX.2-dev's pipeline holds a ``PixtralProcessor``: its
+        ``.tokenizer``)."""
+        tok = self.pipe.tokenizer
+        return tok if hasattr(tok, "convert_ids_to_tokens") else getattr(tok, "tokenizer", tok)
+
     def template_prefix(self) -> int:
-        """Tokens of the template before the prompt (the same for every prompt)."""
+        """Positions before the encoder's segment: the template's tokens before the prompt,
+        less the special tokens the tokenizer puts before a bare prompt (a BOS: sdlens cuts the
+        prompt alone, so that BOS sits on the template's last position, no word, and the
+        prompt's pieces on their own positions). The same for every prompt."""
         if self._prefix is None:
-            tok, mark = self.pipe.tokenizer, "\u2603"
+            tok, mark = self.tokenizer(), "\u2603"
             text = self.templated(mark)
-            before = text[: text.index(mark)]
-            self._prefix = len(tok(before, add_special_tokens=False).input_ids)
+            before = len(tok(text[: text.index(mark)], add_special_tokens=False).input_ids)
+            bare = list(tok("cat").input_ids)
+            plain = list(tok("cat", add_special_tokens=False).input_ids)
+            lead = next((k for k in range(len(bare)) if bare[k: k + len(plain)] == plain), 0)
+            self._prefix = max(0, before - lead)
         return self._prefix
 
     def text_prompts(self, prompts: list, params: dict) -> list:
@@ -132,9 +144,11 @@ class Flux2Adapter(FluxKontextAdapter):
         """The template's tokens before the prompt (no words), then the encoder's segment: the
         prompt's own pieces, then (as its padding) the template's end and the padding."""
         n, pre = self.text_length(params), self.template_prefix()
-        return [("template", None, pre),
-                (self.encoder_name(), getattr(self.pipe, "tokenizer", None), n - pre)]
+        return [("template", None, pre), (self.encoder_name(), self.tokenizer(), n - pre)]
 
     def text_encoders(self, params: dict) -> list[TextEncoder]:
-        pre = self.template_prefix()
-        return self._text_encoder("tokenizer", "text_encoder", pre, self.text_length(params) - pre)
+        pre, encoder = self.template_prefix(), getattr(self.pipe, "text_encoder", None)
+        if encoder is None:
+            return []
+        return [TextEncoder("text_encoder", self.tokenizer(), encoder, pre,
+                            self.text_length(params) - pre)]
