@@ -495,7 +495,8 @@ class TokenRow:
 
 
 #: How the views name a text encoder of a segment (``Trace.text_segments``' "encoder").
-ENCODER_NAMES = {"clip": "CLIP", "t5": "T5", "gemma": "Gemma"}
+ENCODER_NAMES = {"clip": "CLIP", "t5": "T5", "gemma": "Gemma", "mistral3": "Mistral-3",
+                 "qwen3": "Qwen3", "template": "chat template"}
 
 
 #: Special tokens a text encoder's segment spends (CLIP: start and end; T5: end).

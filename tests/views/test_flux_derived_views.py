@@ -68,6 +68,11 @@ def test_report_viewer_plots_and_info(arch):
     assert tr.meta["family"] in describe_trace(tr)
     c = compare(tr, generated(arch))
     assert c is not None
+    from sdlens.views.widgets import ABView, TokenView
+
+    tv = TokenView(tr)  # the prompt's own pieces; no chat template
+    assert {r["word"] for r in tv.rows if r["word"]} == {"a", "red", "cat", "on", "the", "beach"}
+    ABView(tr, generated(arch), viewer={"decoder": "linear"})
 
 
 @pytest.mark.parametrize("arch", ARCHS)
