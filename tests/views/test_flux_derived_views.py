@@ -82,6 +82,12 @@ def test_guidance_sweep(arch):
                         progress=False, keep_axes=("guidance", "seed"), **extra(arch))
     assert [tr.guidance_scale for tr in grid.traces[:, 0]] == values
     assert all(tr.attention.layers for tr in grid.traces[:, 0])
+    from sdlens.views.widgets import GridViewer
+
+    gv = GridViewer(grid, viewer={"decoder": "linear"})
+    assert len(gv.panel.row_labels) == len(values)
+    gv.select(1, 0)
+    assert gv.viewer is not None
 
 
 @pytest.mark.parametrize("arch", ARCHS)
