@@ -58,9 +58,14 @@ def paragraph(r: dict) -> str:
                   f"{load[1][0]:.2f} at the end, above {r['loaded_threshold']:g}: other work "
                   "shared the CPUs, so the spreads are wide)") if load[0] and load[1] else \
             " **on a loaded machine**"
+    fewer = {k: v["n"] for k, v in r["figures"].items()
+             if isinstance(v, dict) and isinstance(v.get("n"), int) and v.get("kind") == "ratio"
+             and v["n"] < st["min_rounds"]}  # the grid benchmark runs at least 3
+    except_ = ("; fewer for " + ", ".join(f"`{k}` ({n} rounds)" for k, n in sorted(fewer.items()))
+               if fewer else "")
     lines.append(
         f"`python benchmarks/run.py --quick` runs every benchmark (a warm-up per side, then at "
-        f"least {st['min_rounds']} rounds in rotating order) and rewrites "
+        f"least {st['min_rounds']} rounds in rotating order{except_}) and rewrites "
         "[`benchmarks/RESULTS.md`](benchmarks/RESULTS.md) and "
         "[`benchmarks/results.json`](benchmarks/results.json); `benchmarks/publish.py` writes "
         "this paragraph from the latter. A ratio is the median of the per-round ratios (side / "
@@ -83,8 +88,9 @@ def paragraph(r: dict) -> str:
                         if "sdlens_vs_daam_method_sd15" in F else "") + ".")
     if "daam_heatmap_corr" in F:
         f = F["daam_heatmap_corr"]
-        lines.append(f"- **`pooling=\"daam\"` against DAAM 0.2.0 itself** (same saved SD 1.5 "
-                     f"weights in both venvs, 512 px, {f['steps']} steps): Pearson correlation of "
+        lines.append(f"- **`pooling=\"daam\"` against DAAM 0.2.0 itself** (the same saved "
+                     f"**random-weight** SD 1.5 pipeline in both venvs: near-flat maps, so this "
+                     f"checks the method, not what maps mean; 512 px, {f['steps']} steps): Pearson correlation of "
                      f"the word heatmaps, min over {f['words']} words, **{f['median']:.4f}** "
                      f"(target >= {f['target']:g}: "
                      + ("met" if f["target_status"] == "meets" else "**MISSED**") + ").")

@@ -87,19 +87,25 @@ def _n_steps(trace: Any, kind: str = "attention") -> int:
     return max(_maps(trace, kind).steps) + 1
 
 
-def resolve_steps(trace: Any, steps: Any, maps: str = "attention") -> list[int]:
+def resolve_steps(trace: Any, steps: Any, maps: str = "attention",
+                  per_step: bool = False) -> list[int]:
     """Step indices (into ``trace.timesteps``) chosen by ``steps`` among the steps with maps of
-    kind ``maps`` (:func:`sdlens.trace.steps.select_steps`: None = all recorded)."""
-    return select_steps(steps, _n_steps(trace, maps),
-                        recorded=[int(s) for s in _maps(trace, maps).steps])
+    kind ``maps`` (:func:`sdlens.trace.steps.select_steps`: None = all recorded; concept maps
+    whose method pools one step, the paper's SD3 recipe: that step, unless ``per_step``)."""
+    m = _maps(trace, maps)
+    recorded = [int(s) for s in m.steps]
+    if steps is None and not per_step and getattr(m, "default_steps", None) == "last" \
+            and recorded:
+        return recorded[-1:]  # concept maps whose last step holds the time-averaged map
+    return select_steps(steps, _n_steps(trace, maps), recorded=recorded)
 
 
 def resolve_layers(trace: Any, layers: Any, maps: str = "attention") -> list[str]:
     """Layer names chosen by ``layers`` (anything ``AttentionMaps.select`` accepts)."""
     kind = maps
     maps = _maps(trace, kind)
-    if layers is None:
-        return list(maps.layers)
+    if layers is None:  # concept maps: the method's default blocks where it has some
+        return list(getattr(maps, "default_layers", None) or maps.layers)
     names = list(maps.select(layers))
     if not names:
         raise ValueError(f"layers={layers!r} matches no recorded layer; recorded: "
@@ -197,7 +203,7 @@ def pooled_map(trace: Any, positions: Sequence[int], steps: Any = None, layers: 
     kind = maps
     maps = _maps(trace, kind)
     batch = _check_batch(trace, batch)
-    steps_ = resolve_steps(trace, steps, kind)
+    steps_ = resolve_steps(trace, steps, kind, per_step=per_step)
     recorded = [int(s) for s in maps.steps]
     step_idx = [recorded.index(s) for s in steps_]
     names = resolve_layers(trace, layers, kind)
@@ -410,7 +416,8 @@ def commitment(trace: Any, word: str, threshold: float = 0.9, **kwargs: Any) -> 
         if k in kwargs:
             raise TypeError(f"commitment() sets {k} itself")
     maps = word_heatmap(trace, word, per_step=True, normalize=False, **kwargs)
-    steps = resolve_steps(trace, kwargs.get("steps"), kwargs.get("maps", "attention"))
+    steps = resolve_steps(trace, kwargs.get("steps"), kwargs.get("maps", "attention"),
+                          per_step=True)
     final = maps[-1]
     corr = np.array([_pearson(m, final) for m in maps])
     step = None

@@ -61,6 +61,13 @@ class MapCollector:
         self.n_tokens: int | None = None  # the token axis's length every site must have
         self.image_tokens: tuple[int, ...] = ()  # image-prompt tokens per IP-Adapter
         self.grids: tuple = ()  # reference maps: each reference's (rows, columns)
+        self.info: dict = {}  # concept maps: how they were computed (ConceptMaps.info)
+        self.only: set[str] | None = None  # the sites this kind can have (None: every one)
+
+    def selected(self) -> list[str]:
+        """The call's selected sites that this kind can have maps at."""
+        sel = self.run.selected
+        return sel if self.only is None else [l for l in sel if l in self.only]
 
 
     @property
@@ -81,7 +88,7 @@ class MapCollector:
     def request(self, layer: str):
         """(rows, tokens, keep_heads, dtype) to compute at this site call, or None."""
         run = self.run
-        if not run.recording() or layer not in run.selected or self.skipped(layer):
+        if not run.recording() or layer not in self.selected() or self.skipped(layer):
             return None
         return run.rows, run.n_tokens, run.opts.heads, self.dtype
 
@@ -104,7 +111,7 @@ class MapCollector:
     def end_step(self) -> None:
         """At a recorded step's ``scheduler.step``: the step's maps to the host."""
         run = self.run
-        for layer in run.selected:
+        for layer in self.selected():
             t = self.pending.get(layer)
             if t is None and not self.skipped(layer):
                 self.skip(layer, f"not called (or not recorded) at step {run.step}")
@@ -138,7 +145,7 @@ class MapCollector:
         if self.kind == "reference_maps" and not self.grids:
             return None  # no site saw a reference image
         layers = {}
-        for layer in run.selected:
+        for layer in self.selected():
             chunks = self.chunks.get(layer)
             if self.skipped(layer) or (chunks and len(chunks) != len(self.steps)):
                 continue
@@ -154,6 +161,8 @@ class MapCollector:
             return ConceptMaps(layers, res, self.steps, self.concepts, family=family, dtype=name)
         if self.kind == "reference_maps":
             return ReferenceMaps(layers, res, self.steps, self.grids, family=family, dtype=name)
+            return ConceptMaps(layers, res, self.steps, self.concepts, family=family, dtype=name,
+                               **self.info)
         return AttentionMaps(layers, res, self.steps, self.positions(), run.opts.heads,
                              family=family, dtype=name)
 
@@ -179,6 +188,16 @@ class Maps:
 
     def skip(self, kind: str, layer: str, what: str) -> None:
         self.by_kind[kind].skip(layer, what)
+
+    def describe(self, kind: str, sites: Sequence[str] | None = None, **info) -> None:
+        """How the maps of ``kind`` are computed (concept maps: ``method``, ``default_layers``,
+        ``default_steps``: :class:`~sdlens.trace.maps.ConceptMaps`); ``sites``: the only sites
+        it has maps at (the concept pass's blocks), the call's other selected sites left out
+        without a warning."""
+        if kind in self.by_kind:
+            self.by_kind[kind].info.update(info)
+            if sites is not None:
+                self.by_kind[kind].only = set(sites)
 
     def rows(self) -> slice | None:
         """The batch rows to compute at this denoiser call; None: nothing recorded now."""

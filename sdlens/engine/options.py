@@ -25,6 +25,8 @@ KINDS = RECORDABLE + OPTIONAL
 _ATT_DTYPES = ("auto", torch.uint4, torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 #: ``attention_dtype="auto"``: 8-bit codes while the whole trace fits this many bytes, else 4-bit
 AUTO_TRACE_BYTES = 200 << 20
+#: how concept maps are computed (RecordOptions.concept_method; sdlens.engine.joint)
+CONCEPT_METHODS = ("conceptattention", "sdlens")
 
 
 class TraceTooLarge(ValueError):
@@ -69,6 +71,11 @@ class RecordOptions:
             models): a list of concepts (words or short phrases, in the prompt or not), each
             mapped at the sites and steps of ``layers`` / ``steps`` (``trace.concepts``,
             ``trace.heatmap("circle", maps="concepts")``); None: no concept maps.
+        concept_method: how concept maps are computed (:mod:`sdlens.engine.joint`, whose
+            docstring lists every choice): ``"conceptattention"`` (the default: the paper's
+            code's choices for Flux.1 and SD3 / SD3.5, its default blocks and steps for the
+            heatmap) or ``"sdlens"`` (each concept its own prompt pooled over its tokens, the
+            prompt's conditioning, every block, every block and step pooled).
     """
 
     record: Sequence[str] = RECORDABLE
@@ -79,6 +86,7 @@ class RecordOptions:
     max_bytes: int | None = None
     attention_dtype: torch.dtype | str = "auto"
     concepts: Sequence[str] | None = None
+    concept_method: str = "conceptattention"
 
     def __post_init__(self):
         rec = (self.record,) if isinstance(self.record, str) else self.record
@@ -129,6 +137,9 @@ class RecordOptions:
                              f"{self.max_bytes!r}")
         if self.concepts is not None:
             self.concepts = check_concepts(self.concepts)
+        if self.concept_method not in CONCEPT_METHODS:
+            raise ValueError(f"concept_method must be one of {CONCEPT_METHODS}, got "
+                             f"{self.concept_method!r}")
         if self.attention_dtype not in _ATT_DTYPES:
             raise ValueError(f"attention_dtype must be one of {_ATT_DTYPES}, got "
                              f"{self.attention_dtype!r}")
@@ -145,7 +156,8 @@ class RecordOptions:
                     keep_padding=self.keep_padding, max_bytes=self.max_bytes,
                     attention_dtype="auto" if self.attention_dtype == "auto"
                     else dtype_name(self.attention_dtype),
-                    **({"concepts": list(self.concepts)} if self.concepts is not None else {}))
+                    **({"concepts": list(self.concepts), "concept_method": self.concept_method}
+                       if self.concepts is not None else {}))
 
     @classmethod
     def from_kwargs(cls, options: "RecordOptions | None" = None, **kwargs) -> "RecordOptions":

@@ -629,7 +629,8 @@ class _Session:
                 hooks.forward_pre_hook(denoiser, before, with_kwargs=True)
                 hooks.forward_hook(denoiser, after, with_kwargs=True)
                 if self.options.concepts:  # after `before`: its blocks see this step's state
-                    ConceptPass(adapter, self.options.concepts, run.maps, full).install(hooks)
+                    ConceptPass(adapter, self.options.concepts, run.maps, full,
+                                self.options.concept_method).install(hooks)
                 control = getattr(pipe, "controlnet", None)
                 if "controlnet" in self.options.record and control is not None:
                     nets = list(getattr(control, "nets", None) or [control])
@@ -778,9 +779,11 @@ def trace(pipe, options: RecordOptions | None = None, tokens=None, **kwargs):
             or not; with or without a tokenizer). Other pipelines raise TypeError naming the
             supported ones.
         options: a :class:`RecordOptions`; keyword arguments (``record``, ``layers``, ``steps``,
-            ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``, ``concepts``)
-            override its fields. ``concepts=["circle", "background"]`` (SD3 / SD3.5, Flux.1) records
-            concept maps (:mod:`sdlens.engine.joint`, ``trace.concepts``); other backbones raise
+            ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``, ``concepts``,
+            ``concept_method``) override its fields. ``concepts=["circle", "background"]`` (SD3 /
+            SD3.5, Flux.1) records concept maps (:mod:`sdlens.engine.joint`, ``trace.concepts``),
+            by default as ConceptAttention's code computes them (``concept_method=
+            "conceptattention"``; ``"sdlens"``: sdlens's own variant); other backbones raise
             TypeError.
         tokens: for calls made with ``prompt_embeds`` (and no ``prompt``): the token strings
             the embeddings were made from, position by position (``["<|startoftext|>", "a</w>",

@@ -54,7 +54,8 @@ held and written once); maps recorded as codes
 File format (one file, no pickle): a safetensors file whose tensors are ``latents``, ``noise``,
 ..., ``attention/<layer>`` (``concepts/<layer>``, ``image_to_text/<layer>`` where recorded: the
 JSON keys ``concepts`` / ``image_to_text`` are absent otherwise, as in files written before
-them) and ``images/<i>`` (PNG bytes as uint8), and whose ``__metadata__``
+them; ``concepts`` holds the method and its default layers / steps, "sdlens" and all in files
+written before the choice) and ``images/<i>`` (PNG bytes as uint8), and whose ``__metadata__``
 holds ``format = "sdlens.trace"``, ``format_version`` and ``sdlens`` (a JSON document with
 everything else). Maps stored as codes (format version 2) are two tensors, ``<name>`` (the uint8
 codes) and ``<name>/scale`` (float32), listed in the document's ``"compact"`` (name -> bits and
@@ -158,6 +159,7 @@ class Trace:
                                         ("image_to_text", image_to_text))}
         if maps_info["concepts"] is not None:
             maps_info["concepts"]["concepts"] = list(concepts.concepts)
+            maps_info["concepts"].update(concepts.info())
         tensors.update(extra_tensors or {})
         info = {"prompts": list(prompts), "negative_prompts": list(negative_prompts),
                 "token_ids": [list(t) for t in token_ids], "tokens": [list(t) for t in tokens],
@@ -292,7 +294,8 @@ class Trace:
     def concepts(self) -> ConceptMaps | None:
         """Concept maps (``sdlens.trace(pipe, concepts=[...])``; ConceptAttention's method,
         :mod:`sdlens.engine.joint`): per site (steps, batch, concepts, h, w), each patch's
-        softmax over the concepts; None when no concepts were given."""
+        softmax over the concepts (``.method``: "conceptattention" or "sdlens", with its
+        default layers / steps for the heatmap); None when no concepts were given."""
         info = self._require()
         c = info.get("concepts")
         if c is None:
@@ -302,7 +305,8 @@ class Trace:
                 {l: self._tensors[f"concepts/{l}"] for l in c["layers"]},
                 {l: tuple(r) for l, r in c["resolutions"].items()}, c["steps"], c["concepts"],
                 family=info.get("meta", {}).get("family"), dtype=c.get("dtype"),
-                n_steps=len(self.timesteps))
+                n_steps=len(self.timesteps), method=c.get("method", "sdlens"),
+                default_layers=c.get("default_layers"), default_steps=c.get("default_steps"))
         return self._concepts
 
     @property

@@ -344,14 +344,32 @@ class ConceptMaps(AttentionMaps):
     runs over :attr:`concepts` (the tokens axis of the attention maps; ``token_positions`` are
     ``0 .. len(concepts) - 1``), and ``get(layer, token="circle")`` / :meth:`token_index` take a
     concept's name.
+
+    How they were computed (:mod:`sdlens.engine.joint`): :attr:`method` (``"conceptattention"``,
+    the paper's choices, or ``"sdlens"``; files written before the choice existed: "sdlens");
+    :attr:`default_layers`, the layers a heatmap pools when it is given no ``layers`` (None: all
+    recorded; the paper's default blocks otherwise); :attr:`default_steps`, the steps it pools
+    when given no ``steps`` (None: all recorded; ``"last"``: the last recorded step, whose map is
+    made of the vectors averaged over every recorded step, the paper's SD3 recipe; per-step
+    views still get every recorded step, each the map of the steps up to it).
     """
 
     def __init__(self, tensors, resolutions, steps, concepts: Sequence[str],
                  family: str | None = None, dtype: str | None = None,
-                 n_steps: int | None = None):
+                 n_steps: int | None = None, method: str = "sdlens",
+                 default_layers: Sequence[str] | None = None, default_steps: str | None = None):
         super().__init__(tensors, resolutions, steps, range(len(concepts)), heads=False,
                          family=family, dtype=dtype, n_steps=n_steps)
         self.concepts: list[str] = [str(c) for c in concepts]
+        self.method = str(method)
+        self.default_layers = None if default_layers is None else \
+            [l for l in default_layers if l in self._tensors]
+        self.default_steps = default_steps
+
+    def info(self) -> dict:
+        """The JSON entry of how the maps were computed (a trace file's ``concepts`` entry)."""
+        return {"method": self.method, "default_layers": self.default_layers,
+                "default_steps": self.default_steps}
 
     def __repr__(self) -> str:
         res = sorted({self._resolutions[l] for l in self.layers}, reverse=True)
@@ -364,7 +382,7 @@ class ConceptMaps(AttentionMaps):
         return ConceptMaps(tensors, {l: self._resolutions[l] for l in tensors},
                            self.steps if steps is None else steps, self.concepts,
                            family=self.family, dtype=_same_dtype(self, tensors),
-                           n_steps=self.n_steps)
+                           n_steps=self.n_steps, **self.info())
 
     def concept_index(self, concept: str) -> int:
         """Index of ``concept`` along the concepts axis (its name as given at trace time, case

@@ -31,10 +31,10 @@ def call(pipe, **kw):
 
 
 @functools.lru_cache(maxsize=None)
-def traced(arch: str, t5: bool = True):
+def traced(arch: str, t5: bool = True, method: str = "conceptattention"):
     pipe = pipe_of(arch, t5)
     plain = call(pipe)
-    with sdlens.trace(pipe, concepts=CONCEPTS,
+    with sdlens.trace(pipe, concepts=CONCEPTS, concept_method=method,
                       record=("latents", "attention", "image_to_text")) as tr:
         out = call(pipe)
     return pipe, plain, out, tr.runs[-1]
@@ -73,9 +73,11 @@ def test_concept_heatmaps_at_image_resolution_sum_to_one(arch):
 
 def test_the_stream_is_carried_through_unrecorded_blocks():
     """Maps kept at one block and step only: the concept stream still went through every block
-    before it (the same maps as when every block is kept)."""
-    pipe, _, _, full = traced("sd3")
-    with sdlens.trace(pipe, concepts=CONCEPTS, layers="block.1", steps=[-1]) as tr:
+    before it (the same maps as when every block is kept; sdlens's per-step maps: the paper's
+    SD3 maps average the vectors over the recorded steps)."""
+    pipe, _, _, full = traced("sd3", method="sdlens")
+    with sdlens.trace(pipe, concepts=CONCEPTS, layers="block.1", steps=[-1],
+                      concept_method="sdlens") as tr:
         call(pipe)
     assert tr.concepts.layers == ["transformer_blocks.1.attn"] and tr.concepts.steps == [1]
     torch.testing.assert_close(tr.concepts["block.1"][0], full.concepts["block.1"][1])
@@ -192,7 +194,7 @@ def test_errors_are_one_line():
             sdlens.generate(pipe, PROMPT, steps=1, record=("latents", "image_to_text"))
 
 
-@pytest.mark.parametrize("part", ["concept_text", "concept_step"])
+@pytest.mark.parametrize("part", ["paper_concepts", "concept_step"])
 def test_a_failing_concept_pass_never_fails_the_run(monkeypatch, part):
     from sdlens.engine.arch.mmdit import MMDiTAdapter
 

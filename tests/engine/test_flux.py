@@ -321,7 +321,9 @@ def concept_traced(true_cfg: bool = False):
     pipe = pipe_of()
     kw = dict(negative_prompt=NEGATIVE, true_cfg_scale=2.5) if true_cfg else {}
     plain, _ = run(pipe, False, num_inference_steps=2, **kw)
-    with sdlens.trace(pipe, concepts=CONCEPTS,
+    # sdlens's variant: the stream through the single-stream blocks too (the paper's default:
+    # tests/engine/test_concept_paper.py)
+    with sdlens.trace(pipe, concepts=CONCEPTS, concept_method="sdlens",
                       record=("latents", "attention", "image_to_text")) as tr:
         out, _ = run(pipe, False, num_inference_steps=2, **kw)
     return pipe, plain, out, tr.runs[-1]

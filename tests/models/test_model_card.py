@@ -34,3 +34,52 @@ def test_the_readme_paragraph_is_written_from_the_result_files():
     a, b = readme.index(card.BEGIN) + len(card.BEGIN), readme.index(card.END)
     assert readme[a:b].strip() == card.readme_paragraph(evaluation, train).strip(), \
         "README's shipped-model paragraph differs: run `python -m sdlens.models.shapes.card`"
+
+
+def test_verdicts_follow_the_numbers():
+    """A comparison sentence is written from the intervals: it names the higher model only when
+    the 95% intervals do not overlap, says "inconclusive" otherwise, and changes with them."""
+    a = {"mean": 0.40, "low": 0.35, "high": 0.45}
+    b = {"mean": 0.20, "low": 0.15, "high": 0.25}
+    higher = card.verdict("free", a, "taught", b)
+    assert "Free scores higher than taught" in higher and "0.40 [0.35, 0.45]" in higher
+    flipped = card.verdict("free", b, "taught", a)
+    assert "Taught scores higher than free" in flipped
+    close = card.verdict("free", {"mean": 0.30, "low": 0.22, "high": 0.38}, "taught", b)
+    assert "inconclusive" in close and "overlap" in close and "higher" not in close
+    assert "inconclusive" in card.verdict("free", None, "taught", b)
+    # the card's own verdicts move with its result rows
+    unet, mmdit = card.load_results(), card.load_results(card.MMDIT)
+    g = mmdit[0]["default_guidance"]
+    row = dict(card._by_cfg(mmdit[0]["test"], g))
+    taught = dict(card.taught_row(unet[0]))
+
+    def with_iou(r, iv):
+        return {**r, "intervals": {"default": {m: iv for m in ("iou", "mass", "pointing")}}}
+
+    def verdicts(free_iv, taught_iv):
+        ev_m = {**mmdit[0], "test": [with_iou(row, free_iv)]}
+        ev_u = {**unet[0], "free_vs_taught": [with_iou(taught, taught_iv)], "ablation": []}
+        return card.free_vs_taught_verdicts((ev_u, unet[1]), (ev_m, mmdit[1]))
+
+    assert "Shapes-mmdit (free) scores higher than the taught UNet on IoU@0.4" in verdicts(a, b)
+    assert "The taught UNet scores higher than shapes-mmdit (free)" in verdicts(b, a)
+    assert "inconclusive, the 95% intervals overlap" in verdicts(a, a)
+
+
+def test_threshold_free_measures_and_their_intervals():
+    import numpy as np
+
+    mask = np.zeros((8, 8), bool)
+    mask[2:4, 2:4] = True
+    inside = np.zeros((8, 8))
+    inside[3, 3], inside[0, 0] = 3.0, 1.0
+    assert ev.mass_and_pointing(inside, mask) == (0.75, 1.0)
+    outside = inside.copy()
+    outside[0, 0] = 5.0
+    assert ev.mass_and_pointing(outside, mask) == (0.375, 0.0)
+    mean, low, high = ev.bootstrap_ci([0.2, 0.4, 0.6, 0.8] * 10)
+    assert abs(mean - 0.5) < 1e-9 and low < mean < high and high - low < 0.2
+    assert ev.bootstrap_ci([0.5] * 5) == (0.5, 0.5, 0.5)
+    wide = ev.bootstrap_ci([0.0, 1.0] * 3)
+    assert wide[2] - wide[1] > high - low  # fewer, more spread values: a wider interval

@@ -50,7 +50,9 @@ def test_traced_equals_untraced_with_word_and_concept_maps(pipe, results):
         assert tuple(tr.heatmap(word).shape) == (64, 64)
     maps = [tr.heatmap(c, maps="concepts", normalize=False) for c in concepts]
     assert all(tuple(m.shape) == (64, 64) for m in maps)
-    torch.testing.assert_close(sum(maps), torch.ones(64, 64), atol=1e-4, rtol=0)
+    # fp16-stored maps; the default (the paper's SD3 recipe) pools one step, so its rounding
+    # is not averaged away over the steps
+    torch.testing.assert_close(sum(maps), torch.ones(64, 64), atol=1e-3, rtol=0)
 
 
 def test_the_card_is_written_from_the_result_files_and_says_no_supervision(results):

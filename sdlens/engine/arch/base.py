@@ -38,6 +38,11 @@ block to block, the maps, recording, errors) is :mod:`sdlens.engine.joint`'s:
   :class:`ConceptStep`: that stream, and where asked the image tokens' and the concepts' attention
   outputs (before the output projections: both are mixtures of the same value vectors).
 
+The paper's own choices (``concept_method="conceptattention"``, the default) are a family's
+``paper_*`` methods and attributes: :meth:`BackboneAdapter.paper_concepts` (how its code encodes
+the concepts), :meth:`BackboneAdapter.paper_concept_blocks`, :meth:`BackboneAdapter.paper_default_layers`,
+:meth:`BackboneAdapter.paper_concept_temb`, ``paper_time_mean`` and ``paper_normalise``.
+
 Everything runs on copies beside the block, under ``torch.no_grad``: the image is unchanged.
 """
 
@@ -415,11 +420,41 @@ class BackboneAdapter(ABC):
         raise NotImplementedError(f"{type(self).__name__} has no concept pass")
 
     def concept_step(self, block: torch.nn.Module, stream: torch.Tensor, args: tuple,
-                     kwargs: dict, rows: slice, outputs: bool) -> ConceptStep:
+                     kwargs: dict, rows: slice, outputs: bool, method: str = "sdlens",
+                     concept_temb: torch.Tensor | None = None) -> ConceptStep:
         """One block of the concept pass on batch rows ``rows`` (``stream``: (n, C, dim), the
         rows' concept tokens entering ``block``; ``args`` / ``kwargs``: the block's forward
-        arguments); ``outputs``: also return the attention outputs the maps are made of."""
+        arguments); ``outputs``: also return the attention outputs the maps are made of.
+        ``method``: ``"sdlens"`` or ``"conceptattention"`` (the paper's code's choices, where
+        they differ per family); ``concept_temb``: (n, dim), the conditioning the concept
+        stream is modulated with, where it is not the block's own (:meth:`paper_concept_temb`)."""
         raise NotImplementedError(f"{type(self).__name__} has no concept pass")
+
+    # ConceptAttention's own choices (concept_method="conceptattention"), per family: how its code
+    # encodes concepts, which blocks it runs them through, which it averages by default
+    paper_time_mean = False  # vectors averaged over the recorded steps before the product (SD3)
+    paper_normalise = False  # concept vectors L2-normalised before the product (SD3)
+
+    def paper_concepts(self, concepts: list[str], params: dict) -> tuple[torch.Tensor, int]:
+        """``(vectors (C', D), lead)``: the concepts encoded as ConceptAttention's code encodes
+        them for this family; the first ``lead`` rows go through the stream but are left out of
+        the softmax (SD3's start token)."""
+        raise NotImplementedError(f"{type(self).__name__} has no ConceptAttention recipe")
+
+    def paper_concept_blocks(self) -> list[tuple[str, torch.nn.Module]] | None:
+        """The blocks ConceptAttention's code runs the concepts through (default: all of
+        :meth:`concept_blocks`)."""
+        return self.concept_blocks()
+
+    def paper_default_layers(self) -> list[str] | None:
+        """The sites ConceptAttention's pipeline averages by default (None: all)."""
+        return None
+
+    def paper_concept_temb(self, temb: torch.Tensor, call_kwargs: dict,
+                           rows: slice) -> torch.Tensor | None:
+        """(n, dim): the conditioning ConceptAttention modulates the concept stream with, from
+        the block's ``temb`` rows and the denoiser call's keyword arguments; None: ``temb``."""
+        return None
 
     # ---------------------------------------------------------------- guidance layout
     def cfg_rows(self, batch: int) -> dict[str, slice]:

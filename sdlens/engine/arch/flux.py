@@ -45,12 +45,16 @@ calls the transformer twice per step, the prompt first, then the negative prompt
 combination; ``meta["true_cfg_scale"]`` always holds it). Maps are recorded from the prompt's
 call. The schedule is the table's flow row (x0 = x_t - sigma v).
 
-**Concept maps** (``concepts=[...]``, :mod:`sdlens.engine.joint`; the seam in
-:mod:`sdlens.engine.arch.base`), as ConceptAttention does for Flux (Helbling et al., ICML 2025;
-github.com/helblazer811/ConceptAttention): the concepts are encoded as prompts by T5
-(``pipe.encode_prompt``'s ``prompt_embeds``), pooled over their pieces, enter through
-``context_embedder`` and are carried through every block, double-stream then single-stream
-(:meth:`FluxAdapter.concept_step`):
+**Concept maps** (``concepts=[...]``, :mod:`sdlens.engine.joint`, whose docstring lists both
+methods' choices; the seam in :mod:`sdlens.engine.arch.base`). The default,
+``concept_method="conceptattention"``, is ConceptAttention's Flux code (Helbling et al., ICML
+2025; github.com/helblazer811/ConceptAttention): each concept T5's first token of its own
+encoding (:meth:`FluxAdapter.paper_concepts`), modulated with time + guidance + a zero pooled
+vector (:meth:`FluxAdapter.paper_concept_temb`), through the double-stream blocks only, the
+heatmap pooling the last four (:meth:`FluxAdapter.paper_default_layers`). The ``"sdlens"``
+variant encodes the concepts as prompts by T5 (``pipe.encode_prompt``'s ``prompt_embeds``),
+pools them over their pieces, modulates them with the block's ``temb`` and carries them through
+every block, double-stream then single-stream (:meth:`FluxAdapter.concept_step`):
 
 * a double-stream block: the text stream's path, ``norm1_context`` (AdaLN with the block's
   ``temb``), ``add_q_proj`` / ``add_k_proj`` / ``add_v_proj``, ``norm_added_q`` /
@@ -288,11 +292,44 @@ class FluxAdapter(BackboneAdapter):
         embedder = self.pipe.transformer.context_embedder
         return embedder(vectors.to(embedder.weight.dtype))
 
+    def paper_concepts(self, concepts: list[str], params: dict) -> tuple[torch.Tensor, int]:
+        """ConceptAttention's Flux ``embed_concepts``: each concept encoded by T5 as its own
+        prompt, its FIRST token kept: (C, 4096)."""
+        return self.concept_text(list(concepts), params)[:, 0], 0
+
+    def paper_concept_blocks(self) -> list[tuple[str, torch.nn.Module]]:
+        """The double-stream blocks only (ConceptAttention's ``ModifiedFluxDiT``: the concepts
+        stop before the single-stream blocks)."""
+        tr = self.pipe.transformer
+        return [(f"{_DOUBLE}.{i}.attn", b) for i, b in enumerate(tr.transformer_blocks)]
+
+    def paper_default_layers(self) -> list[str]:
+        """The last four double-stream blocks: 15-18 of Flux.1's 19, ConceptAttention's Flux
+        pipeline's default ``layer_indices``; a transformer with fewer: all of them."""
+        n = len(self.pipe.transformer.transformer_blocks)
+        return [f"{_DOUBLE}.{i}.attn" for i in range(max(0, n - 4), n)]
+
+    def paper_concept_temb(self, temb: torch.Tensor, call_kwargs: dict,
+                           rows: slice) -> torch.Tensor | None:
+        """time + guidance + the pooled-text embedding of a ZERO vector (ConceptAttention's
+        ``embed_concepts`` returns ``zeros_like`` of the CLIP vector as the concepts' ``y``): the
+        block's ``temb`` with its pooled-text term swapped (``time_text_embed`` sums the three
+        terms)."""
+        pooled = call_kwargs.get("pooled_projections")
+        embed = getattr(getattr(self.pipe.transformer, "time_text_embed", None), "text_embedder",
+                        None)
+        if not torch.is_tensor(pooled) or embed is None:
+            raise ValueError("no pooled_projections to swap for the concepts' zero vector")
+        pooled = pooled[rows].to(temb.dtype)
+        return temb - embed(pooled) + embed(torch.zeros_like(pooled))
+
     def concept_step(self, block, stream: torch.Tensor, args: tuple, kwargs: dict, rows: slice,
-                     outputs: bool) -> ConceptStep:
+                     outputs: bool, method: str = "sdlens",
+                     concept_temb: torch.Tensor | None = None) -> ConceptStep:
         """One block of the concept pass (module docstring: "Concept maps"). The concepts get
         the rotary embedding of the first text position (the pipelines' ``txt_ids`` are zeros:
-        the identity, as for every text token)."""
+        the identity, as for every text token); they are modulated with ``concept_temb`` where
+        given (ConceptAttention: :meth:`paper_concept_temb`), else the block's ``temb``."""
         from diffusers.models.embeddings import apply_rotary_emb
 
         def arg(name: str, i: int):
@@ -330,11 +367,12 @@ class FluxAdapter(BackboneAdapter):
         text_rows, image_rows, first = slice(0, t), slice(t, None), slice(0, 1)
         # a single-stream block's norm and projections are per token: its joined sequence's
         # image and text rows are computed apart (the text's only for the image's own output)
+        temb_c = temb if concept_temb is None else concept_temb
         if double:
-            norm_c, c_gate, c_shift, c_scale, c_gate_mlp = block.norm1_context(stream, emb=temb)
+            norm_c, c_gate, c_shift, c_scale, c_gate_mlp = block.norm1_context(stream, emb=temb_c)
             norm_x, norm_t = block.norm1, block.norm1_context
         else:
-            norm_c, gate_c = block.norm(stream, emb=temb)
+            norm_c, gate_c = block.norm(stream, emb=temb_c)
             norm_x = norm_t = block.norm
         q_c, k_c, v_c = qkv(norm_c, double, first)
         q, k, v = qkv(norm_x(hs, emb=temb)[0], False, image_rows, queries=outputs)

@@ -16,9 +16,12 @@ the transformer takes the latents as ``hidden_states=`` and returns ``.sample``.
 skip-layer guidance calls the transformer a second time per step on the text half with
 ``skip_layers=``: an auxiliary call (:meth:`MMDiTAdapter.auxiliary_call`), not recorded.
 
-The concept pass (concept maps, :mod:`sdlens.engine.joint`; the seam in
-:mod:`sdlens.engine.arch.base`): every ``JointTransformerBlock`` in order; the concepts are
-encoded with ``pipe.encode_prompt`` (CLIP-L, CLIP-G and T5, as a prompt is), enter through
+The concept pass (concept maps, :mod:`sdlens.engine.joint`, whose docstring lists both methods'
+choices; the seam in :mod:`sdlens.engine.arch.base`): every ``JointTransformerBlock`` in order.
+The default, ``concept_method="conceptattention"`` (ConceptAttention's SD3 code), encodes all
+concepts as one prompt (:meth:`MMDiTAdapter.paper_concepts`) and takes the image vectors from the
+image's attention over [image; concepts]; the ``"sdlens"`` variant encodes each concept
+with ``pipe.encode_prompt`` (CLIP-L, CLIP-G and T5, as a prompt is). Both enter through
 ``context_embedder``, and at each block take the text stream's path: ``norm1_context`` (AdaLN
 with the block's ``temb``), ``add_q_proj`` / ``add_k_proj`` / ``add_v_proj`` and the added q/k
 norms, attention over the image keys and their own keys, then ``to_add_out``, the gates, and
@@ -128,8 +131,27 @@ class MMDiTAdapter(BackboneAdapter):
         embedder = self.pipe.transformer.context_embedder
         return embedder(vectors.to(embedder.weight.dtype))
 
+    paper_time_mean = True  # concept_attention_pipeline.py: vectors averaged over time first
+    paper_normalise = True  # concept_attention_pipeline.py: concept vectors L2-normalised
+
+    def paper_concepts(self, concepts: list[str], params: dict) -> tuple[torch.Tensor, int]:
+        """ConceptAttention's SD3 ``encode_concepts``: the concepts joined by spaces into one
+        prompt, encoded as a prompt is (CLIP-L, CLIP-G, T5 at 256), its first ``C + 1`` positions
+        kept: (C + 1, 4096), the CLIP start token first (``lead`` 1). A concept of several CLIP
+        tokens shifts the ones after it, as in the paper's code."""
+        embeds = self.pipe.encode_prompt(
+            prompt=" ".join(concepts), prompt_2=None, prompt_3=None,
+            device=getattr(self.pipe, "_execution_device", self.denoiser.device),
+            do_classifier_free_guidance=False, max_sequence_length=256)[0]
+        return embeds[0, : len(concepts) + 1], 1
+
     def concept_step(self, block, stream: torch.Tensor, args: tuple, kwargs: dict, rows: slice,
-                     outputs: bool) -> ConceptStep:
+                     outputs: bool, method: str = "sdlens",
+                     concept_temb: torch.Tensor | None = None) -> ConceptStep:
+        """One block of the concept pass. ``method="conceptattention"``: the image vectors are
+        the image queries' attention over [image; concepts] (ConceptAttention's SD3 block runs
+        the block's attention a second time with the concepts in place of the prompt), not the
+        block's own image output (over [image; prompt])."""
         def arg(name: str, i: int):
             return kwargs[name] if name in kwargs else (args[i] if len(args) > i else None)
 
@@ -160,8 +182,12 @@ class MMDiTAdapter(BackboneAdapter):
                                                torch.cat([value, v_c], 2))
         out_c = out_c.transpose(1, 2).flatten(2)  # (n, C, inner)
         image = None
-        if outputs:  # the image tokens' own attention output, as the block computes it
-            _, k_t, v_t, _ = text_side(arg("encoder_hidden_states", 1)[rows])
+        if outputs:  # the image tokens' attention output over [image; prompt] (the block's own)
+            # or, the paper's way, over [image; concepts]
+            if method == "conceptattention":
+                k_t, v_t = k_c, v_c
+            else:
+                _, k_t, v_t, _ = text_side(arg("encoder_hidden_states", 1)[rows])
             q = normed(attn.norm_q, heads(attn.to_q(norm_hs)))
             image = F.scaled_dot_product_attention(q, torch.cat([key, k_t], 2),
                                                    torch.cat([value, v_t], 2))

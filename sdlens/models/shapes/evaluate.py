@@ -11,7 +11,11 @@ otherwise) and judged without a classifier:
   circle pi/4 = 0.785, triangle 0.5), thresholds half-way between;
 - heatmaps: each colour and shape word's map (``trace.heatmap``, sdlens pooling: all layers and
   steps), normalised to [0, 1] and thresholded at 0.4 (DAAM's protocol), against the object's
-  colour segment in the generated image: IoU.
+  colour segment in the generated image: IoU. Two measures that need no threshold, on the
+  same maps unnormalised: **mass** (the fraction of the map's mass inside the object's
+  largest blob) and **pointing** (a hit when the map's maximum lies in it: the pointing game).
+  Each rate comes with a bootstrap 95% interval over images (:func:`bootstrap_ci`: images
+  resampled with replacement, an image's value the mean over its words).
 
 Prompts are the grammar's captions without place words (so they are in-distribution: the model
 was trained on these very captions; what is held out is the seeds, i.e. the noise). Two seed
@@ -82,6 +86,33 @@ class Judgement:
     ious: dict[str, float]  # "word#object" -> IoU of its heatmap (all sites) with its object's segment
     # map kind ("block.0", ..., "concept") -> "word#object" -> IoU; see ``judge(maps=...)``
     more_ious: dict[str, dict[str, float]] = field(default_factory=dict)
+    # map kind ("default" and those of ``judge(maps=...)``) -> measure ("mass", "pointing") ->
+    # "word#object" -> value (see the module docstring)
+    measures: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+
+
+MEASURES = ("iou", "mass", "pointing")
+
+
+def mass_and_pointing(heatmap, mask: np.ndarray) -> tuple[float, float]:
+    """(fraction of the map's mass inside ``mask``, 1.0 if its maximum lies inside else 0.0);
+    ``heatmap`` (H, W) non-negative, unnormalised."""
+    h = np.clip(np.asarray(heatmap, dtype=np.float64), 0, None)
+    total = h.sum()
+    mass = float((h * mask).sum() / total) if total > 0 else float("nan")
+    return mass, float(bool(mask.flat[int(np.argmax(h))]))
+
+
+def bootstrap_ci(per_image: list[float], n: int = 2000, seed: int = 0
+                 ) -> tuple[float, float, float]:
+    """(mean, low, high): the mean over images and its bootstrap 95% interval (images resampled
+    with replacement ``n`` times; the 2.5th and 97.5th percentiles of the resampled means)."""
+    x = np.asarray([v for v in per_image if v == v], dtype=np.float64)  # NaN: no object seen
+    if x.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n, x.size))].mean(1)
+    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def parse_prompt(prompt: str) -> list[tuple[str, str]]:
@@ -103,6 +134,8 @@ def judge(trace, batch: int, prompt: str, seed: int, threshold: float = 0.4,
     segments = colour_segments(image)
     colours_right, shapes_right, ious = [], [], {}
     more: dict[str, dict[str, float]] = {kind: {} for kind in maps or {}}
+    kinds = {"default": {}, **(maps or {})}
+    measures = {kind: {m: {} for m in MEASURES} for kind in kinds}
     objects = parse_prompt(prompt)
     for k, (colour, shape) in enumerate(objects):
         seg = segments[colour]
@@ -114,12 +147,33 @@ def judge(trace, batch: int, prompt: str, seed: int, threshold: float = 0.4,
             for word in (colour, shape):
                 # a word used for both objects ("a red circle and a red square"): nth occurrence
                 occurrence = sum(1 for c, s in objects[:k] if word in (c, s))
-                hm = trace.heatmap(word, batch=batch, occurrence=occurrence)
-                ious[f"{word}#{k}"] = float(iou(np.asarray(hm), blob, threshold))
-                for kind, kwargs in (maps or {}).items():
+                key = f"{word}#{k}"
+                for kind, kwargs in kinds.items():
                     hm = trace.heatmap(word, batch=batch, occurrence=occurrence, **kwargs)
-                    more[kind][f"{word}#{k}"] = float(iou(np.asarray(hm), blob, threshold))
-    return Judgement(prompt, seed, colours_right, shapes_right, ious, more)
+                    raw = trace.heatmap(word, batch=batch, occurrence=occurrence,
+                                        normalize=False, **kwargs)
+                    score = float(iou(np.asarray(hm), blob, threshold))
+                    (ious if kind == "default" else more[kind])[key] = score
+                    mass, hit = mass_and_pointing(np.asarray(raw), blob)
+                    measures[kind]["iou"][key] = score
+                    measures[kind]["mass"][key] = mass
+                    measures[kind]["pointing"][key] = hit
+    return Judgement(prompt, seed, colours_right, shapes_right, ious, more, measures)
+
+
+def interval_rows(judgements: list[Judgement]) -> dict[str, dict[str, dict]]:
+    """map kind -> measure -> ``{"mean", "low", "high", "images"}``: each measure's rate over
+    the images with a bootstrap 95% interval (an image's value: the mean over its words)."""
+    out: dict[str, dict[str, dict]] = {}
+    kinds = judgements[0].measures if judgements else {}
+    for kind in kinds:
+        out[kind] = {}
+        for m in MEASURES:
+            per_image = [float(np.mean(list(j.measures[kind][m].values())))
+                         for j in judgements if j.measures[kind][m]]
+            mean, low, high = bootstrap_ci(per_image)
+            out[kind][m] = {"mean": mean, "low": low, "high": high, "images": len(per_image)}
+    return out
 
 
 def evaluate(pipe, prompts: list[str], seeds: list[int], guidance_scale: float = 7.5,
@@ -162,6 +216,8 @@ def evaluate(pipe, prompts: list[str], seeds: list[int], guidance_scale: float =
         "iou_shape_words": default["shape"],
         "iou_mean": default["mean"],
         **({"iou_by_map": more} if more else {}),
+        # IoU / mass / pointing per map kind, each with a bootstrap 95% interval over images
+        "intervals": interval_rows(judgements),
         # what was judged of each image, so that a test can re-measure a few and compare
         "per_image": [[j.prompt, j.seed, j.colours_right, j.shapes_right] for j in judgements],
     }
