@@ -88,7 +88,8 @@ class _Run:
         self.total_steps = None
         self.att_steps: set[int] = set()
         self.maps_now = False  # a recorded step: maps of every kind (attention, concepts, ...)
-        kinds = [k for k in ("attention", "image_to_text") if k in self.opts.record]
+        kinds = [k for k in ("attention", "image_to_text", "reference_maps")
+                 if k in self.opts.record]
         # the one collector of every kind of map (engine/collect.py); its sink protocol is what
         # the kernel readers and the concept pass speak
         self.maps = Maps(self, kinds + (["concepts"] if self.opts.concepts else []),
@@ -374,7 +375,16 @@ class _Run:
         if "x0" in rec and all(x is not None for x in self.x0):
             recorded["x0"] = torch.stack(self.x0)
         maps = self.maps.build(self.session.adapter.family())
-        extra = {}
+        extra, extra_info = {}, {}
+        refs = maps.pop("reference_maps", None)
+        if refs is not None:  # travels as the trace's extra tensors (Trace.reference_maps)
+            extra.update({f"reference_maps/{l}": refs.stored(l) for l in refs.layers})
+            extra_info["reference_maps"] = {
+                "layers": list(refs.layers), "steps": list(refs.steps), "grids": refs.grids,
+                "resolutions": {l: list(refs.resolution(l)) for l in refs.layers},
+                "dtype": refs.dtype}
+        if self.segments is not None:
+            extra_info["text_segments"] = self.segments
         if self.n_nets and any(c is not None for c in self.control):
             like = next(c for c in self.control if c is not None)
             extra["controlnet/residual_rms"] = torch.stack(
@@ -390,7 +400,7 @@ class _Run:
             sigmas=scal(self.sigmas) if all(s is not None for s in self.sigmas) else None,
             guidance_scale=self.guidance_scale, do_cfg=self.layout == "cfg",
             meta=self.meta(), images=_output_images(self.pipe, output), pipeline=self.pipe,
-            extra_info={"text_segments": self.segments} if self.segments is not None else None,
+            extra_info=extra_info or None,
             extra_tensors=extra or None,
             **maps, **recorded)
 
@@ -410,7 +420,7 @@ class _Run:
             "pipeline_class": self.session.orig_cls.__name__,
             "scheduler_class": type(sched).__name__, "scheduler_config": dict(sched.config),
             "prediction_type": sched_hooks.prediction_kind(sched),
-            "vae_scaling_factor": float(vae.config.scaling_factor) if vae is not None else None,
+            "vae_scaling_factor": _scaling_factor(vae),
             "vae_shift_factor": _shift_factor(vae),
             "height": h * vsf, "width": w * vsf, "latent_height": h, "latent_width": w,
             "seeds": self.seeds, "num_inference_steps": p.get("num_inference_steps"),
@@ -451,6 +461,13 @@ class _Run:
                     break
             out["ip_adapter"] = {"adapters": len(self.maps.image_tokens()), "scale": scales}
         return out
+
+
+def _scaling_factor(vae) -> float | None:
+    """The VAE's latent scale (None where it has none: Flux.2's VAE normalises with a batch
+    norm instead)."""
+    scale = vae.config.get("scaling_factor", None) if vae is not None else None
+    return float(scale) if scale is not None else None
 
 
 def _shift_factor(vae) -> float | None:
@@ -604,7 +621,8 @@ class _Session:
 
         try:
             with Hooks() as hooks:
-                kinds = [k for k in ("attention", "image_to_text") if k in run.maps]
+                kinds = [k for k in ("attention", "image_to_text", "reference_maps")
+                         if k in run.maps]
                 readers = [MapRecorder(run.maps, kinds)] if kinds else []
                 hooks.wrap_sites(denoiser, self.layers, readers=readers,
                                  seam=KernelSeam(adapter))

@@ -242,17 +242,20 @@ def test_img2img_and_inpaint():
 
 
 def test_unsupported_transformers_are_one_type_error():
-    for name in ("Flux2Transformer2DModel", "QwenImageTransformer2DModel",
-                 "HiDreamImageTransformer2DModel", "ZImageTransformer2DModel"):
+    for name in ("QwenImageTransformer2DModel", "HiDreamImageTransformer2DModel",
+                 "ZImageTransformer2DModel"):
         transformer = type(name, (torch.nn.Module,), {})()
         pipe = type(name.replace("Transformer2DModel", "Pipeline"), (), {"transformer": transformer})()
         with pytest.raises(TypeError) as e:
             sdlens.trace(pipe)
         msg = str(e.value)
         assert "\n" not in msg and name in msg and "FluxPipeline" in msg
+    # Flux.1's transformer in a pipeline of another layout: traced as that family, or refused
     kontext = type("FluxKontextPipeline", (), {"transformer": pipe_of().transformer})()
-    with pytest.raises(TypeError, match="FluxKontextPipeline.*FluxTransformer2DModel.*FluxPipeline"):
-        sdlens.trace(kontext)
+    assert adapter_for(kontext).family() == "flux-kontext"
+    fill = type("FluxFillPipeline", (), {"transformer": pipe_of().transformer})()
+    with pytest.raises(TypeError, match="FluxFillPipeline.*FluxTransformer2DModel.*FluxPipeline"):
+        sdlens.trace(fill)
 
 
 def test_last_x0_preview_is_the_pipelines_image():

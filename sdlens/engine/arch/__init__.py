@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from sdlens.engine.arch.base import BackboneAdapter, SiteNaming
 from sdlens.engine.arch.dit import PixArtAdapter, SanaAdapter
-from sdlens.engine.arch.flux import FluxAdapter
+from sdlens.engine.arch.flux import ChromaAdapter, FluxAdapter, FluxKontextAdapter
+from sdlens.engine.arch.flux2 import Flux2Adapter
 from sdlens.engine.arch.mmdit import MMDiTAdapter
 from sdlens.engine.arch.unet import UNetAdapter
 
 ADAPTERS: tuple[type[BackboneAdapter], ...] = (UNetAdapter, MMDiTAdapter, PixArtAdapter, SanaAdapter,
-                                               FluxAdapter)
+                                               FluxAdapter, ChromaAdapter, FluxKontextAdapter,
+                                               Flux2Adapter)
 SUPPORTED_PIPELINES = tuple(p for a in ADAPTERS for p in a.pipelines)
 
 
