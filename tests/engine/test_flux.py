@@ -218,7 +218,7 @@ def test_size_estimate():
     per = 16 * 8 * 8 * 4
     # no CFG: noise_text is noise (one tensor)
     assert est["latents"] == (STEPS + 1) * per and est["noise"] == STEPS * per
-    assert est["attention"] == STEPS * 4 * 512 * (4 * 4 // 2 + 4)  # 4 sites, 4-bit codes + scale
+    assert est["attention"] == STEPS * 4 * 512 * (4 * 4 + 4)  # 4 sites, "auto": 8-bit codes + scale
     _, _, _, tr = traced()  # the recorded tensors are what was estimated
     n = len(tr.attention.token_positions)
     got = estimate_trace_bytes(pipe, steps=STEPS, n_tokens=n)
