@@ -88,7 +88,8 @@ class _Run:
         self.total_steps = None
         self.att_steps: set[int] = set()
         self.maps_now = False  # a recorded step: maps of every kind (attention, concepts, ...)
-        kinds = [k for k in ("attention", "image_to_text") if k in self.opts.record]
+        kinds = [k for k in ("attention", "image_to_text", "reference_maps")
+                 if k in self.opts.record]
         # the one collector of every kind of map (engine/collect.py); its sink protocol is what
         # the kernel readers and the concept pass speak
         self.maps = Maps(self, kinds + (["concepts"] if self.opts.concepts else []),
@@ -374,7 +375,16 @@ class _Run:
         if "x0" in rec and all(x is not None for x in self.x0):
             recorded["x0"] = torch.stack(self.x0)
         maps = self.maps.build(self.session.adapter.family())
-        extra = {}
+        extra, extra_info = {}, {}
+        refs = maps.pop("reference_maps", None)
+        if refs is not None:  # travels as the trace's extra tensors (Trace.reference_maps)
+            extra.update({f"reference_maps/{l}": refs.stored(l) for l in refs.layers})
+            extra_info["reference_maps"] = {
+                "layers": list(refs.layers), "steps": list(refs.steps), "grids": refs.grids,
+                "resolutions": {l: list(refs.resolution(l)) for l in refs.layers},
+                "dtype": refs.dtype}
+        if self.segments is not None:
+            extra_info["text_segments"] = self.segments
         if self.n_nets and any(c is not None for c in self.control):
             like = next(c for c in self.control if c is not None)
             extra["controlnet/residual_rms"] = torch.stack(
@@ -390,7 +400,7 @@ class _Run:
             sigmas=scal(self.sigmas) if all(s is not None for s in self.sigmas) else None,
             guidance_scale=self.guidance_scale, do_cfg=self.layout == "cfg",
             meta=self.meta(), images=_output_images(self.pipe, output), pipeline=self.pipe,
-            extra_info={"text_segments": self.segments} if self.segments is not None else None,
+            extra_info=extra_info or None,
             extra_tensors=extra or None,
             **maps, **recorded)
 
@@ -611,7 +621,8 @@ class _Session:
 
         try:
             with Hooks() as hooks:
-                kinds = [k for k in ("attention", "image_to_text") if k in run.maps]
+                kinds = [k for k in ("attention", "image_to_text", "reference_maps")
+                         if k in run.maps]
                 readers = [MapRecorder(run.maps, kinds)] if kinds else []
                 hooks.wrap_sites(denoiser, self.layers, readers=readers,
                                  seam=KernelSeam(adapter))

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol, Seque
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from sdlens.analysis.tokens import MAX_POSITIONS
 from sdlens.engine import kernel
@@ -348,9 +349,11 @@ class MapSink(Protocol):
         (the first n text positions, or these positions), keep_heads: bool, dtype)."""
 
     def put(self, kind: str, layer: str, maps: torch.Tensor,
-            image_tokens: tuple[int, ...] = ()) -> None:
+            image_tokens: tuple[int, ...] = (), grids: tuple = ()) -> None:
         """maps: (B, T, HW) or (B, heads, T, HW) on the device; the last ``sum(image_tokens)``
-        of the T tokens are image-prompt tokens (``image_tokens``: how many per IP-Adapter)."""
+        of the T tokens are image-prompt tokens (``image_tokens``: how many per IP-Adapter).
+        ``"reference_maps"``: T runs over the reference images' patches, ``grids`` (rows,
+        columns) each, one reference after the other."""
 
     def skip(self, kind: str, layer: str, what: str) -> None:
         """This call of ``layer`` could not be recorded (``what``: why); the run goes on."""
@@ -433,6 +436,42 @@ def segment_probabilities(k: kernel.KernelCall, rows: slice, q_span: slice, k_sp
     return scores.softmax(dim=-2)
 
 
+#: reference maps keep at most this many reference patches per side (sum-pooled beyond)
+REFERENCE_GRID = 32
+
+
+def reference_probabilities(k: kernel.KernelCall, rows: slice, q_span: slice, k_span: slice,
+                            grid: tuple[int, int], max_side: int | None = None
+                            ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A reference image's part of the image queries' softmax (over *all* the call's keys,
+    from the kernel's lse: not renormalised over the reference), heads averaged, one head at a
+    time: ``(n, R, Q)`` float32 with R the reference's patches, row-major on ``grid``, each
+    ``f x f`` block summed into one (``f = ceil(max(grid) / max_side)``, ``max_side`` by default
+    :data:`REFERENCE_GRID`; the grid's edge padded
+    with zeros: a patch's mass is kept), and the grid that gives."""
+    heads = k.query.shape[1]
+    acc = None
+    for h in range(heads):  # one (n, K, Q) score matrix at a time
+        m = k.mask
+        if m is not None and m.ndim == 4 and m.shape[1] == heads:
+            m = m[:, h: h + 1]
+        one = k._replace(query=k.query[:, h: h + 1], key=k.key[:, h: h + 1], mask=m,
+                         lse=k.lse[:, h: h + 1] if k.lse is not None else None)
+        p = segment_probabilities(one, rows, q_span, k_span, None, True)[:, 0]
+        acc = p if acc is None else acc + p
+    probs = acc / heads  # (n, K, Q)
+    r, c = grid
+    max_side = max_side or REFERENCE_GRID
+    f = -(-max(r, c) // max_side)
+    if f <= 1:
+        return probs, (r, c)
+    n, _, q = probs.shape
+    rr, cc = -(-r // f), -(-c // f)
+    x = probs.transpose(1, 2).reshape(n, q, r, c)
+    x = F.pad(x, (0, cc * f - c, 0, rr * f - r)).reshape(n, q, rr, f, cc, f).sum((3, 5))
+    return x.reshape(n, q, rr * cc).transpose(1, 2), (rr, cc)
+
+
 class MapRecorder:
     """Reader: the maps of a site's kernel calls, for the batch rows ``sink`` asks for, reduced
     on the device (kept token positions, heads averaged unless asked for) and handed to ``sink``
@@ -461,7 +500,7 @@ class MapRecorder:
             self._pending.pop(layer, None)
             return False
         self._pending[layer] = {"requests": requests, "text": None, "image_prompts": [],
-                                "image_to_text": None, "error": None}
+                                "image_to_text": None, "reference_maps": None, "error": None}
         return True
 
     def needs_lse(self, layout: KernelLayout) -> bool:
@@ -501,6 +540,12 @@ class MapRecorder:
         if itt is not None and text is not None and "text" in layout.queries \
                 and "image" in layout.keys:
             state["image_to_text"] = self._image_to_text(k, layout, itt[0], itt[1])
+        ref = requests.get("reference_maps")
+        if ref is not None and image_q is not None and layout.grids:
+            parts = [(reference_probabilities(k, ref[0], image_q, span, layout.grids[name]))
+                     for name, span in layout.keys.items()
+                     if name.startswith("reference ") and name in layout.grids]
+            state["reference_maps"] = parts or None
 
     @staticmethod
     def _image_to_text(k: kernel.KernelCall, layout: KernelLayout, rows: slice, tokens
@@ -531,6 +576,13 @@ class MapRecorder:
                                             "itself)")
             elif kind == "attention":
                 self._put_attention(layer, call, state, keep_heads, dtype)
+            elif kind == "reference_maps":
+                parts = state[kind]
+                if parts is None:
+                    self.sink.skip(kind, layer, "no reference images in its attention kernel call")
+                else:  # the references' (pooled) patches one after the other: (B, R, HW)
+                    maps = torch.cat([p for p, _ in parts], dim=1).to(dtype).contiguous()
+                    self.sink.put(kind, layer, maps, grids=tuple(g for _, g in parts))
             elif state[kind] is None:
                 self.sink.skip(kind, layer, "no text queries in its attention kernel call")
             else:
