@@ -166,3 +166,14 @@ def test_restored_after_an_exception_mid_run(cfg):
     assert torch.nn.functional.scaled_dot_product_attention is before[4]
     assert "step" not in vars(pipe.scheduler)
     assert torch.equal(pipe(**kwargs(cfg)).images, traced(cfg)[1])
+
+
+def test_cfg_truncation_stops_recording_not_the_run():
+    """``cfg_truncation`` drops the guidance (and half the batch) for later steps: one warning,
+    no trace of that call, the same image."""
+    pipe = bed()
+    plain = pipe(**kwargs(True, cfg_truncation=0.1)).images
+    with pytest.warns(UserWarning, match="sdlens: stopped recording"):
+        with sdlens.trace(pipe) as tr:
+            out = pipe(**kwargs(True, cfg_truncation=0.1)).images
+    assert torch.equal(plain, out) and len(tr.runs) == 0
