@@ -158,11 +158,10 @@ class MapCollector:
         res = {l: run.resolutions[l] for l in layers}
         name = dtype_name(self.dtype)
         if self.concepts is not None:
-            return ConceptMaps(layers, res, self.steps, self.concepts, family=family, dtype=name)
-        if self.kind == "reference_maps":
-            return ReferenceMaps(layers, res, self.steps, self.grids, family=family, dtype=name)
             return ConceptMaps(layers, res, self.steps, self.concepts, family=family, dtype=name,
                                **self.info)
+        if self.kind == "reference_maps":
+            return ReferenceMaps(layers, res, self.steps, self.grids, family=family, dtype=name)
         return AttentionMaps(layers, res, self.steps, self.positions(), run.opts.heads,
                              family=family, dtype=name)
 
