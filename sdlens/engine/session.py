@@ -37,7 +37,6 @@ import random
 import warnings
 
 import torch
-from einops import rearrange
 
 from sdlens.analysis.guidance import check_guidance_scale
 from sdlens.analysis.tokens import check_user_tokens, image_prompt_tokens, tokenize_segments

@@ -43,8 +43,6 @@ No concept pass (Flux.2's blocks share their modulation across blocks; not writt
 
 from __future__ import annotations
 
-import torch
-
 from sdlens.engine.arch.base import BackboneAdapter, TextEncoder
 from sdlens.engine.arch.flux import FluxKontextAdapter
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import anywidget
-import numpy as np
 import torch
 import torch.nn.functional as F
 import traitlets
