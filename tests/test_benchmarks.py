@@ -158,3 +158,22 @@ def test_readme_paragraph_is_written_from_the_results_file():
     for f in r["figures"].values():
         if f["kind"] == "value" and f.get("target_status") == "misses" and f["label"]:
             assert f"target {f['target_text']}: **MISSED**" in text
+
+
+def test_diffusers_tests_markdown_is_written_from_its_json():
+    """benchmarks/results/diffusers_tests.md is what check_diffusers_tests.py renders from the
+    committed json (no figure typed by hand), and the json's counts are its lists' lengths."""
+    import check_diffusers_tests as check  # noqa: E402  (benchmarks/check_diffusers_tests.py)
+
+    path = REPO / "benchmarks" / "results" / "diffusers_tests.json"
+    r = json.loads(path.read_text())
+    md = path.with_suffix(".md").read_text()
+    assert md == check.render(r), ("diffusers_tests.md differs from diffusers_tests.json: run "
+                                   "python benchmarks/check_diffusers_tests.py --render")
+    s = r["summary"]
+    assert s["outcomes_differing"] == len(s["differing"])
+    assert s["sdlens_exceptions"] == len(s["sdlens_exception_list"])
+    assert s["pipelines_changed"] == len(s["changed_list"])
+    assert s["tests_run"] > 0 and set(r["families"]) <= set(check.FAMILIES)
+    assert (f"| {s['tests_run']} | **{s['outcomes_differing']}** | **{s['sdlens_exceptions']}** | "
+            f"**{s['pipelines_changed']}** |") in md
