@@ -58,7 +58,7 @@ MIRROR = Path("/work/.mirror/huggingface+diffusers/repo")
 DIFFUSERS_COMMIT = "58eb52c0803ea9af3abec60841c2a093bdf1f951"  # main, 2026-08-23
 
 # family -> diffusers test files (tests/pipelines/...) of the pipeline classes sdlens supports
-FAMILIES = {  # in the order they are run (cheapest first)
+FAMILIES = {
     "pixart-alpha": ["pixart_alpha/test_pixart.py"],
     "pixart-sigma": ["pixart_sigma/test_pixart.py"],
     "sana": ["sana/test_sana.py"],
@@ -314,8 +314,12 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 # ============================================================== the driver
+def raw_path(path: str, mode: str) -> Path:
+    return WORK / "diffusers-check" / mode / (path.replace("/", "__") + ".json")
+
+
 def run_file(path: str, mode: str, timeout: int) -> dict:
-    out = WORK / "diffusers-check" / mode / (path.replace("/", "__") + ".json")
+    out = raw_path(path, mode)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
     env = dict(os.environ, SDLENS_CHECK_MODE=mode, SDLENS_CHECK_OUT=str(out),
@@ -334,6 +338,20 @@ def run_file(path: str, mode: str, timeout: int) -> dict:
     r = json.loads(out.read_text()) if out.exists() else {"outcomes": {}, "crashed": tail}
     r["seconds"] = round(time.monotonic() - t0, 1)
     r["tail"] = tail[-600:]
+    out.write_text(json.dumps(r, indent=1))  # --resume takes it from here
+    return r
+
+
+def resumed(path: str, mode: str, previous: dict) -> dict | None:
+    """A finished run of ``path`` one ``mode`` from an earlier invocation (its raw file), or
+    None. Runs written before the driver kept their time take it from the previous results."""
+    f = raw_path(path, mode)
+    if not f.exists():
+        return None
+    r = json.loads(f.read_text())
+    if "seconds" not in r:
+        r["seconds"] = next((files[path][mode]["seconds"] for files in
+                             previous.get("files", {}).values() if path in files), None)
     return r
 
 
@@ -491,6 +509,8 @@ def main(argv=None) -> None:
     ap.add_argument("--only", nargs="*", choices=list(FAMILIES), help="these families")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per file and mode")
     ap.add_argument("--jobs", type=int, default=1, help="pytest processes at once")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs an earlier invocation finished (benchmarks/_work)")
     ap.add_argument("--render", action="store_true", help="only rewrite the markdown")
     ap.add_argument("--out", type=Path, default=RESULTS / "diffusers_tests.json")
     args = ap.parse_args(argv)
@@ -519,7 +539,19 @@ def main(argv=None) -> None:
                   f"{r['seconds']:7.1f} s", flush=True)
             write(args.out, raw, families, stand_ins, versions)
 
-    jobs = [(fam, p, m) for fam in families for p in FAMILIES[fam] for m in MODES]
+    # one file of every family first, then the second of each, ...: a run cut short still
+    # covers every family
+    order = [(fam, p) for i in range(max(len(FAMILIES[f]) for f in families))
+             for fam in families for p in FAMILIES[fam][i:i + 1]]
+    previous = json.loads(args.out.read_text()) if args.resume and args.out.exists() else {}
+    jobs = []
+    for fam, p in order:
+        for m in MODES:
+            r = resumed(p, m, previous) if args.resume else None
+            if r is None:
+                jobs.append((fam, p, m))
+            else:
+                raw["files"][fam][p][m] = r
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         for f in concurrent.futures.as_completed([pool.submit(one, *j) for j in jobs]):
             f.result()
