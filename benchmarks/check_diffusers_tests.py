@@ -82,6 +82,9 @@ FAMILIES = {
             "stable_diffusion_2/test_stable_diffusion_v_pred.py"],
 }
 MODES = ("untraced", "traced")
+# the fast tests: every class but the integration / slow / nightly ones (those need the hub's
+# real checkpoints and a GPU; most are skipped by their decorators anyway)
+SELECT = "not Integration and not Slow and not Nightly"
 SITE = WORK / "site"  # the tests' own pure-python requirements, outside the venv
 TEST_DEPS = ("parameterized", "requests_mock")
 
@@ -208,18 +211,42 @@ def _state(pipe) -> dict:
             proc = getattr(m, "processor", None)
             if proc is not None:
                 s[key + " processor"] = id(proc)
-            hooks = tuple(tuple(getattr(m, h, {}).keys()) for h in (
-                "_forward_hooks", "_forward_pre_hooks", "_backward_hooks"))
-            if any(hooks):
-                s[key + " hooks"] = hooks
+            for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
+                fns = getattr(m, h, {})
+                if fns:  # (others' hooks, sdlens's hooks): the others may add theirs (transformers
+                    # puts its output-capturing hooks on at the first call), never lose them
+                    ours = {k for k, f in fns.items() if _in_sdlens(f, sdlens_dir)}
+                    s[f"{key} {h}"] = _Hooks(frozenset(fns) - ours, frozenset(ours))
             if "forward" in vars(m):
                 s[key + " forward"] = id(vars(m)["forward"])
             for attr, v in vars(m).items():
-                f = getattr(type(v), "__module__", "") or ""
-                code = getattr(getattr(v, "__code__", None), "co_filename", "")
-                if f.startswith("sdlens") or code.startswith(sdlens_dir):
+                if _in_sdlens(v, sdlens_dir):
                     s[f"{key}.{attr} (sdlens object)"] = id(v)
     return s
+
+
+def _in_sdlens(obj, sdlens_dir: str) -> bool:
+    """An sdlens object, or a function / bound method / partial whose code is in sdlens/."""
+    if (getattr(type(obj), "__module__", "") or "").startswith("sdlens"):
+        return True
+    f = getattr(obj, "func", obj)  # functools.partial
+    f = getattr(f, "__func__", f)  # bound method
+    return getattr(getattr(f, "__code__", None), "co_filename", "").startswith(sdlens_dir)
+
+
+class _Hooks(tuple):
+    """(others' hook ids, sdlens's hook ids) of one module: "unchanged" when none of the others'
+    is gone and sdlens's are as before."""
+
+    def __new__(cls, others, ours):
+        return super().__new__(cls, (others, ours))
+
+    def __eq__(self, other):
+        if not isinstance(other, _Hooks):
+            return False
+        return self[0] <= other[0] and self[1] == other[1]
+
+    __hash__ = tuple.__hash__
 
 
 def _origin(exc: BaseException) -> dict | None:
@@ -268,7 +295,9 @@ def _traced_call(orig):
             raise
         finally:
             after = _state(self)
-            diff = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+            diff = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k)
+                          and not (k not in before and isinstance(after[k], _Hooks)
+                                   and not after[k][1]))  # a module's first hooks, not sdlens's
             if diff:
                 _REPORT["changed"].append({"test": test, "class": type(self).__name__,
                                            "what": diff[:20]})
@@ -330,7 +359,7 @@ def run_file(path: str, mode: str, timeout: int) -> dict:
     try:
         p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "check_diffusers_tests",
                             "-p", "no:cacheprovider", "--tb=short", "-W", "ignore::DeprecationWarning",
-                            "-k", "FastTests", f"tests/pipelines/{path}"], cwd=TESTS, env=env, capture_output=True,
+                            "-k", SELECT, f"tests/pipelines/{path}"], cwd=TESTS, env=env, capture_output=True,
                            text=True, timeout=timeout)
         tail = (p.stdout + p.stderr)[-1500:]
     except subprocess.TimeoutExpired:
@@ -491,7 +520,7 @@ def write(out: Path, raw: dict, families: list, stand_ins: dict, versions: dict)
         "tests_note": "huggingface/diffusers main of 2026-08-23, the newest commit in the "
                       "mirror; it has no v0.42.1 tag or release branch",
         "versions": versions, "families": families, "stand_ins": stand_ins,
-        "selection": "tests/pipelines/<file> -k FastTests, -q, OMP_NUM_THREADS=1",
+        "selection": f"tests/pipelines/<file> -k '{SELECT}', -q, OMP_NUM_THREADS=1",
         "not_run": [p for fam, files in raw["files"].items() for p in files
                     if p not in done[fam]],
         "summary": compare({"files": done}),
