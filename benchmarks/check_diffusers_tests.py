@@ -463,7 +463,8 @@ def render(result: dict) -> str:
         "",
         "## Per file",
         "",
-        "| family | file | untraced | traced | seconds (untraced / traced) |",
+        "| family | file | untraced | traced | wall s, untraced / traced (a shared, loaded "
+        "machine, 2 files at once: not an overhead figure) |",
         "|---|---|---|---|---|",
     ]
     for family, files in result["files"].items():
