@@ -597,8 +597,16 @@ class _Session:
         run.last = None
         self._prepare(run, full)
         self.current = run
-        if "callback_on_step_end" in sig.parameters:  # the one argument sdlens adds: its callback
-            self._compose_callback(run, bound, full)
+        # the call goes on as the caller wrote it (positional stays positional, keywords stay
+        # keywords); the one thing sdlens puts in is its step-end callback
+        args, kwargs = list(args), dict(kwargs)
+        if "callback_on_step_end" in sig.parameters:
+            for name, value in self._compose_callback(run, full).items():
+                pos = list(sig.parameters).index(name) - 1  # -1: self
+                if name not in kwargs and pos < len(args):  # given positionally: replaced there
+                    args[pos] = value
+                else:
+                    kwargs[name] = value
         adapter = self.adapter
         denoiser = adapter.denoiser
 
@@ -640,7 +648,7 @@ class _Session:
                 wrapper = sched_hooks.install(pipe.scheduler, run.on_step,
                                               want_x0="x0" in self.options.record)
                 hooks.undo(functools.partial(sched_hooks.uninstall, pipe.scheduler, wrapper))
-                output = orig_call(*bound.args, **bound.kwargs)
+                output = orig_call(pipe, *args, **kwargs)
         finally:
             self.current = None
         result = run.finish(output)
@@ -651,10 +659,12 @@ class _Session:
             self.abandoned.append(run.abandoned)
         return output
 
-    def _compose_callback(self, run: _Run, bound: inspect.BoundArguments, full: dict) -> None:
-        """Put sdlens's step-end callback into the call (``bound``), composed with the user's:
-        the user's runs first and its outputs are what the pipeline gets back. The tensor inputs
-        are passed only where ``"latents"`` must be added to what the call would use."""
+    def _compose_callback(self, run: _Run, full: dict) -> dict:
+        """The arguments sdlens puts into the call (``full``: the call's arguments by name,
+        defaults included): its step-end callback, composed with the user's (the user's runs
+        first and its outputs are what the pipeline gets back), and the tensor inputs only where
+        ``"latents"`` must be added to what the call would use."""
+        put = {}
         user_cb = full.get("callback_on_step_end")
         inputs = full.get("callback_on_step_end_tensor_inputs")
         try:
@@ -670,7 +680,7 @@ class _Session:
             inputs = list(inputs) + ["latents"]
         if inputs is not None and list(inputs) != list(full.get(
                 "callback_on_step_end_tensor_inputs") or ()):
-            bound.arguments["callback_on_step_end_tensor_inputs"] = list(inputs)
+            put["callback_on_step_end_tensor_inputs"] = list(inputs)
 
         def callback(pipe, i, t, cb_kwargs):
             outputs = cb_kwargs
@@ -683,7 +693,8 @@ class _Session:
             run.on_step_end(lat)
             return outputs if user_cb is not None else {}
 
-        bound.arguments["callback_on_step_end"] = callback
+        put["callback_on_step_end"] = callback
+        return put
 
     def _prepare(self, run: _Run, p: dict) -> None:
         """Prompts, tokens, batch size, seeds, guidance from the call's arguments."""
