@@ -450,7 +450,8 @@ def render(result: dict) -> str:
         f"diffusers tests at commit `{result['diffusers_tests_commit']}` ({result['tests_note']}); "
         f"installed diffusers {result['versions']['diffusers']}, transformers "
         f"{result['versions']['transformers']}, torch {result['versions']['torch']}. "
-        f"Families: {', '.join(result['families'])}. Selection: {result['selection']}.",
+        f"Families: {', '.join(result['families'])}. Selection: {result['selection']}. "
+        f"sdlens at commit `{result.get('sdlens_commit') or 'not recorded'}`.",
         "",
         "| tests run | outcomes differing | sdlens exceptions | pipelines changed | traced pipeline calls | trace refused |",
         "|---|---|---|---|---|---|",
@@ -516,7 +517,15 @@ def write(out: Path, raw: dict, families: list, stand_ins: dict, versions: dict)
     (or run one way only) is named under ``not_run``."""
     done = {fam: {p: modes for p, modes in files.items() if set(modes) == set(MODES)}
             for fam, files in raw["files"].items()}
+    import subprocess
+
+    try:  # the sdlens code the traced runs used
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=str(Path(__file__).resolve().parent)).stdout.strip() or None
+    except OSError:
+        commit = None
     result = {
+        "sdlens_commit": commit,
         "diffusers_tests_commit": DIFFUSERS_COMMIT,
         "tests_note": "huggingface/diffusers main of 2026-08-23, the newest commit in the "
                       "mirror; it has no v0.42.1 tag or release branch",
