@@ -203,3 +203,22 @@ def test_1024_markdown_is_written_from_the_results_files():
                 continue
             assert f["n"] >= 5 and f["target"] == bench_1024.TARGETS[key]
             assert f["target_status"] == common.target_status(f, f["target"])
+
+
+def test_diffusers_tests_markdown_is_written_from_its_json():
+    """benchmarks/results/diffusers_tests.md is what check_diffusers_tests.py renders from the
+    committed json (no figure typed by hand), and the json's counts are its lists' lengths."""
+    import check_diffusers_tests as check  # noqa: E402  (benchmarks/check_diffusers_tests.py)
+
+    path = REPO / "benchmarks" / "results" / "diffusers_tests.json"
+    r = json.loads(path.read_text())
+    md = path.with_suffix(".md").read_text()
+    assert md == check.render(r), ("diffusers_tests.md differs from diffusers_tests.json: run "
+                                   "python benchmarks/check_diffusers_tests.py --render")
+    s = r["summary"]
+    assert s["outcomes_differing"] == len(s["differing"])
+    assert s["sdlens_exceptions"] == len(s["sdlens_exception_list"])
+    assert s["pipelines_changed"] == len(s["changed_list"])
+    assert s["tests_run"] > 0 and set(r["families"]) <= set(check.FAMILIES)
+    assert (f"| {s['tests_run']} | **{s['outcomes_differing']}** | **{s['sdlens_exceptions']}** | "
+            f"**{s['pipelines_changed']}** |") in md

@@ -39,6 +39,7 @@ Only the conditional (text) branch's attention is ever recorded, as DAAM keeps i
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Sequence
@@ -56,11 +57,14 @@ POOLINGS = ("sdlens", "daam")
 # which recorded maps a heatmap pools (the Trace's fields): the image patches' attention to the
 # text (the default), concept maps (``concepts=[...]`` at trace time), the text tokens'
 # attention to the image patches (``record=(..., "image_to_text")``)
-MAPS = ("attention", "concepts", "image_to_text")
+MAPS = ("attention", "concepts", "image_to_text", "reference_maps")
 _HOW = {"attention": "record again with attention on to get heatmaps",
         "concepts": "trace with concepts=[...] (SD3 / SD3.5, Flux.1) to get concept maps",
         "image_to_text": "trace with record=(..., 'image_to_text') (SD3 / SD3.5, Flux.1) to get "
-                         "them"}
+                         "them",
+        "reference_maps": "trace an editing model (Flux.1 Kontext, Flux.2 with image=[...]) "
+                          "with record=(..., 'reference_maps') to get them"}
+_REFERENCE = re.compile(r"^\s*image\s+(\d+)\s*$", re.IGNORECASE)  # "image 1": reference 0
 
 
 # --------------------------------------------------------------------------- argument helpers
@@ -292,7 +296,11 @@ def word_heatmap(trace: Any, word: str, steps: Any = None, layers: Any = None, h
             ``normalize=False`` the concepts' heatmaps sum to 1 at every pixel; ValueError
             listing the recorded concepts for another), or ``"image_to_text"`` (the word's
             tokens' attention to each image patch). Steps, layers, pooling and normalisation
-            work the same for all three.
+            work the same for all three. An editing model's reference maps
+            (``record=(..., "reference_maps")``): ``word="image 1"`` (reference 0; ``"image
+            2"``, ...) is each output patch's attention share on that reference image (the sum
+            over its patches, :meth:`sdlens.trace.maps.ReferenceMaps.share`), whenever the trace
+            holds reference maps.
         frame: a video trace's latent frame (None: every frame).
 
     Returns:
@@ -301,6 +309,20 @@ def word_heatmap(trace: Any, word: str, steps: Any = None, layers: Any = None, h
         clip: a frame the word leaves alone stays dark), or one ``frame``'s ``(H, W)`` /
         ``(steps, H, W)``.
     """
+    ref = _REFERENCE.match(str(word)) if maps in ("attention", "reference_maps") else None
+    if ref is not None and (maps == "reference_maps" or trace.reference_maps is not None):
+        # an editing model's reference image i+1: each output patch's share on its patches
+        refs = _maps(trace, "reference_maps")
+        i = int(ref.group(1)) - 1
+        if not 0 <= i < len(refs.grids):
+            raise ValueError(f"no reference image {word!r}: the trace recorded "
+                             f"{len(refs.grids)} (\"image 1\" .. \"image {len(refs.grids)}\")")
+        start = sum(r * c for r, c in refs.grids[:i])
+        n = refs.grids[i][0] * refs.grids[i][1]
+        m = pooled_map(trace, list(range(start, start + n)), steps, layers, heads, batch,
+                       pooling, per_step, size, normalize, what=f"reference {word!r}",
+                       maps="reference_maps")
+        return m if normalize else m * n  # the mean over its patches -> their sum (the share)
     if maps == "concepts":
         index = _maps(trace, maps).concept_index(word)
         return pooled_map(trace, [index], steps, layers, heads, batch, pooling, per_step, size,

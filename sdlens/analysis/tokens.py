@@ -14,6 +14,11 @@ How tokens are grouped into words
   of its own, as CLIP splits it; CLIP lower-cases, so words are lower case.
 * SentencePiece marks the *first* piece of a word with ``▁`` (``'▁red'``): such a token starts a
   new word (for the T5 / Gemma text encoders).
+* Byte-level BPE without end marks (GPT-2 style: Qwen's, Mistral's Tekken, as the 2026 LLM text
+  encoders use them) marks a piece that follows a space with ``Ġ`` (the byte table's space,
+  ``'Ġred'``): such a token starts a new word, and so does a change between punctuation and
+  letters / digits (``'cat', ','`` are the words "cat" and ","; the digits of a number stay one
+  word). Its text is decoded, the leading space dropped.
 * An added token (textual inversion's ``<my-token>``) is a word of its own: :func:`tokenize`
   marks it as a word end (``'<my-token></w>'``, as ``Trace.tokens`` stores it). A multi-vector
   textual-inversion token ``<t>``, which the pipeline expands into ``<t> <t>_1 <t>_2``, is one word
@@ -77,6 +82,7 @@ MAX_POSITIONS = 77
 MAX_PROMPT_TOKENS = MAX_POSITIONS - 2  # 75
 END_MARK = "</w>"  # CLIP BPE: the last piece of a word
 START_MARK = "\u2581"  # SentencePiece ("▁"): the first piece of a word
+SPACE_MARK = "\u0120"  # byte-level BPE ("Ġ", the byte table's space): a piece after a space
 IMAGE_PROMPT_POSITION = 1000  # position of the first image-prompt token (IP-Adapter)
 IMAGE_PROMPT_WORD = "image prompt"
 _IMAGE_TOKEN = re.compile(r"^<image prompt (\d+):(\d+)>$")
@@ -156,6 +162,11 @@ def _body(token: str) -> str:
     return token[len(START_MARK):] if token.startswith(START_MARK) else token
 
 
+def _punctuation(token: str) -> bool:
+    """Whether a token's text has no letter or digit."""
+    return not any(ch.isalnum() for ch in token_text(token))
+
+
 def _decode(body: str) -> str:
     try:
         return bytes(BYTE_DECODER[c] for c in body).decode("utf-8", errors="replace")
@@ -211,12 +222,16 @@ def words_from_tokens(tokens: Sequence[str], prompt: str | None = None,
     runs: list[list[int]] = []
     run: list[int] = []
     images: dict[str, list[int]] = {}  # IP-Adapter -> its image-prompt tokens' indices
+    byte_level = any(t.startswith(SPACE_MARK) for t in tokens)  # GPT-2 style: no end marks
     for pos, tok in enumerate(tokens):
         m = _IMAGE_TOKEN.match(tok)
         if m:
             images.setdefault(m.group(1), []).append(pos)
             continue
-        if tok in SPECIAL or tok.startswith(START_MARK):
+        starts = tok.startswith(START_MARK) or (byte_level and (
+            tok.startswith(SPACE_MARK) or (run and _punctuation(tok)
+                                           != _punctuation(tokens[run[-1]]))))
+        if tok in SPECIAL or starts:
             if run:
                 runs.append(run)
             run = []
@@ -229,6 +244,8 @@ def words_from_tokens(tokens: Sequence[str], prompt: str | None = None,
     if run:  # a run without an end mark (SentencePiece, or cut mid-word by the limit)
         runs.append(run)
     groups = [(_decode("".join(_body(tokens[p]) for p in r)), r) for r in runs]
+    if byte_level:  # the space a word's first piece carries is no part of the word
+        groups = [(text.strip(), r) for text, r in groups]
     groups = _merge_vectors(groups)
     spans = _spans([t for t, _ in groups], prompt)
     words: list[Word] = []
@@ -478,7 +495,8 @@ class TokenRow:
 
 
 #: How the views name a text encoder of a segment (``Trace.text_segments``' "encoder").
-ENCODER_NAMES = {"clip": "CLIP", "t5": "T5", "gemma": "Gemma"}
+ENCODER_NAMES = {"clip": "CLIP", "t5": "T5", "gemma": "Gemma", "mistral3": "Mistral-3",
+                 "qwen3": "Qwen3", "template": "chat template"}
 
 
 #: Special tokens a text encoder's segment spends (CLIP: start and end; T5: end).

@@ -19,10 +19,10 @@ import torch
 
 from sdlens.analysis.tokens import IMAGE_PROMPT_POSITION
 from sdlens.trace.compact import dtype_name, host_maps, stack_maps, stored_dtype
-from sdlens.trace.maps import AttentionMaps, ConceptMaps
+from sdlens.trace.maps import AttentionMaps, ConceptMaps, ReferenceMaps
 
 #: the kinds of map a call can record, in the order the Trace lists them
-KINDS = ("attention", "image_to_text", "concepts")
+KINDS = ("attention", "image_to_text", "concepts", "reference_maps")
 
 
 class CallState:
@@ -62,6 +62,7 @@ class MapCollector:
         self.steps: list[int] = []
         self.n_tokens: int | None = None  # the token axis's length every site must have
         self.image_tokens: tuple[int, ...] = ()  # image-prompt tokens per IP-Adapter
+        self.grids: tuple = ()  # reference maps: each reference's (rows, columns)
         self.info: dict = {}  # concept maps: how they were computed (ConceptMaps.info)
         self.only: set[str] | None = None  # the sites this kind can have (None: every one)
 
@@ -93,15 +94,19 @@ class MapCollector:
             return None
         return run.rows, run.n_tokens, run.opts.heads, self.dtype
 
-    def put(self, layer: str, maps: torch.Tensor, image_tokens: tuple[int, ...] = ()) -> None:
-        """maps: (n, [heads,] T, HW) on the device (video: (n, [heads,] T, FHW))."""
+    def put(self, layer: str, maps: torch.Tensor, image_tokens: tuple[int, ...] = (),
+            grids: tuple = ()) -> None:
+        """maps: (n, [heads,] T, HW) on the device (video: (n, [heads,] T, FHW); reference
+        maps: T the references' patches on ``grids``)."""
         grid = self.run.resolutions[layer]
         if maps.shape[-1] != math.prod(grid):
             return self.skip(layer, f"{maps.shape[-1]} positions, expected "
                                     f"{'x'.join(map(str, grid))} from the latent size")
         if self.n_tokens is None:
             self.n_tokens, self.image_tokens = int(maps.shape[-2]), tuple(image_tokens)
-        elif int(maps.shape[-2]) != self.n_tokens or tuple(image_tokens) != self.image_tokens:
+            self.grids = tuple(grids)
+        elif int(maps.shape[-2]) != self.n_tokens or tuple(image_tokens) != self.image_tokens \
+                or tuple(grids) != self.grids:
             return self.skip(layer, f"{maps.shape[-2]} tokens, other sites had {self.n_tokens}")
         self.pending[layer] = maps
 
@@ -139,6 +144,8 @@ class MapCollector:
         run = self.run
         if not self.steps and self.kind != "attention":
             return None
+        if self.kind == "reference_maps" and not self.grids:
+            return None  # no site saw a reference image
         layers = {}
         for layer in self.selected():
             chunks = self.chunks.get(layer)
@@ -156,6 +163,8 @@ class MapCollector:
         if self.concepts is not None:
             return ConceptMaps(layers, res, self.steps, self.concepts, family=family, dtype=name,
                                **self.info)
+        if self.kind == "reference_maps":
+            return ReferenceMaps(layers, res, self.steps, self.grids, family=family, dtype=name)
         return AttentionMaps(layers, res, self.steps, self.positions(), run.opts.heads,
                              family=family, dtype=name)
 
@@ -176,8 +185,8 @@ class Maps:
         return c.request(layer) if c is not None else None
 
     def put(self, kind: str, layer: str, maps: torch.Tensor,
-            image_tokens: tuple[int, ...] = ()) -> None:
-        self.by_kind[kind].put(layer, maps, image_tokens)
+            image_tokens: tuple[int, ...] = (), grids: tuple = ()) -> None:
+        self.by_kind[kind].put(layer, maps, image_tokens, grids)
 
     def skip(self, kind: str, layer: str, what: str) -> None:
         self.by_kind[kind].skip(layer, what)

@@ -19,7 +19,9 @@ RECORDABLE = ("latents", "noise", "x0", "attention")  # the default
 # opt-in kinds: "controlnet": the ControlNet residuals' RMS per net, block and step (ControlNet
 # pipelines only; ``sdlens.analysis.controlnet``); "image_to_text": the text tokens' attention
 # to the image patches (joint-attention models only; ``trace.image_to_text``)
-OPTIONAL = ("controlnet", "image_to_text")
+# "reference_maps": an editing model's output patches' attention on its reference images'
+# patches (``trace.reference_maps``)
+OPTIONAL = ("controlnet", "image_to_text", "reference_maps")
 KINDS = RECORDABLE + OPTIONAL
 _ATT_DTYPES = ("auto", torch.uint4, torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 #: ``attention_dtype="auto"``: 8-bit codes while the whole trace fits this many bytes, else 4-bit
@@ -39,10 +41,13 @@ class RecordOptions:
 
     Args:
         record: which kinds of data to keep, a subset of ("latents", "noise", "x0", "attention",
-            "controlnet", "image_to_text"); the default is all but the opt-in kinds "controlnet"
-            (the ControlNet residuals' RMS per block and step) and "image_to_text" (joint
-            attention: each text token's attention to the image patches, ``trace.image_to_text``,
-            at the sites and steps of ``layers`` / ``steps``). Timesteps, sigmas, prompts, tokens
+            "controlnet", "image_to_text", "reference_maps"); the default is all but the opt-in
+            kinds "controlnet" (the ControlNet residuals' RMS per block and step),
+            "image_to_text" (joint attention: each text token's attention to the image patches,
+            ``trace.image_to_text``, at the sites and steps of ``layers`` / ``steps``) and
+            "reference_maps" (editing models: each output patch's attention on each reference
+            image's patches, ``trace.reference_maps``, at those sites and steps; 8 MiB per site
+            and step at 1024 px: :class:`sdlens.trace.maps.ReferenceMaps`). Timesteps, sigmas, prompts, tokens
             and images are always kept.
         layers: which cross-attention sites' maps to keep: None (all), a group ("down" / "mid"
             / "up"), a resolution int (max(h, w) of the map, e.g. 16), an alias ("up.1.0"), a
@@ -345,7 +350,9 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
            "x0": steps * per if "x0" in rec else 0, "attention": 0}
     storage = {"latents": "float32", "x0": "float32",
                "noise": "float32" + ("" if do_cfg else ", noise_text is noise (no CFG)")}
-    kinds = {"attention": n_tokens, "image_to_text": n_tokens, "concepts": None}
+    # reference maps: assumed one reference of the output's size, pooled to <= 32 x 32 patches
+    kinds = {"attention": n_tokens, "image_to_text": n_tokens, "concepts": None,
+             "reference_maps": -1}
     kinds = {k: n for k, n in kinds.items() if k in rec or (k == "concepts" and opts.concepts)}
     for kind, n in kinds.items():  # concept maps: one map per concept, heads pooled
         dtype = stored_dtype(kind, opts.attention_dtype)
@@ -355,8 +362,11 @@ def estimate_trace_bytes(pipe, *, batch: int = 1, steps: int = 50,
             else dtype_name(dtype)
         est[kind] = 0
         for l in layers:
-            heads = adapter.heads(l) if opts.heads and n is not None else 1
+            lh, lw = res[l][-2:]  # a video site's (F, h, w): its last two
+            heads = adapter.heads(l) if opts.heads and n is not None and n >= 0 else 1
             rows = len(opts.concepts) if n is None else n
+            if n == -1:
+                rows = min(lh, 32) * min(lw, 32)
             size = math.prod(res[l])  # h * w; a video site's F * h * w
             one = map_bytes(size, bits) if bits else size * itemsize
             est[kind] += attention_steps * batch * heads * rows * one

@@ -37,7 +37,6 @@ import random
 import warnings
 
 import torch
-from einops import rearrange
 
 from sdlens.analysis.guidance import check_guidance_scale
 from sdlens.analysis.tokens import check_user_tokens, image_prompt_tokens, tokenize_segments
@@ -91,7 +90,8 @@ class _Run:
         self.total_steps = None
         self.att_steps: set[int] = set()
         self.maps_now = False  # a recorded step: maps of every kind (attention, concepts, ...)
-        kinds = [k for k in ("attention", "image_to_text") if k in self.opts.record]
+        kinds = [k for k in ("attention", "image_to_text", "reference_maps")
+                 if k in self.opts.record]
         # the one collector of every kind of map (engine/collect.py); its sink protocol is what
         # the kernel readers and the concept pass speak
         self.maps = Maps(self, kinds + (["concepts"] if self.opts.concepts else []),
@@ -378,7 +378,16 @@ class _Run:
         if "x0" in rec and all(x is not None for x in self.x0):
             recorded["x0"] = torch.stack(self.x0)
         maps = self.maps.build(self.session.adapter.family())
-        extra = {}
+        extra, extra_info = {}, {}
+        refs = maps.pop("reference_maps", None)
+        if refs is not None:  # travels as the trace's extra tensors (Trace.reference_maps)
+            extra.update({f"reference_maps/{l}": refs.stored(l) for l in refs.layers})
+            extra_info["reference_maps"] = {
+                "layers": list(refs.layers), "steps": list(refs.steps), "grids": refs.grids,
+                "resolutions": {l: list(refs.resolution(l)) for l in refs.layers},
+                "dtype": refs.dtype}
+        if self.segments is not None:
+            extra_info["text_segments"] = self.segments
         if self.n_nets and any(c is not None for c in self.control):
             like = next(c for c in self.control if c is not None)
             extra["controlnet/residual_rms"] = torch.stack(
@@ -394,7 +403,7 @@ class _Run:
             sigmas=scal(self.sigmas) if all(s is not None for s in self.sigmas) else None,
             guidance_scale=self.guidance_scale, do_cfg=self.layout == "cfg",
             meta=self.meta(), images=_output_images(self.pipe, output), pipeline=self.pipe,
-            extra_info={"text_segments": self.segments} if self.segments is not None else None,
+            extra_info=extra_info or None,
             extra_tensors=extra or None,
             **maps, **recorded)
 
@@ -420,9 +429,7 @@ class _Run:
             "pipeline_class": self.session.orig_cls.__name__,
             "scheduler_class": type(sched).__name__, "scheduler_config": dict(sched.config),
             "prediction_type": sched_hooks.prediction_kind(sched),
-            # Wan's VAE has none (it normalises by per-channel latents_mean / latents_std)
-            "vae_scaling_factor": float(vae.config.scaling_factor)
-            if vae is not None and vae.config.get("scaling_factor") is not None else None,
+            "vae_scaling_factor": _scaling_factor(vae),
             "vae_shift_factor": _shift_factor(vae),
             "height": h * vsf, "width": w * vsf, "latent_height": h, "latent_width": w,
             "seeds": self.seeds, "num_inference_steps": p.get("num_inference_steps"),
@@ -467,6 +474,13 @@ class _Run:
             else:  # the model's own image conditioning (Wan 2.1 I2V's image-context keys)
                 out["image_context"] = {"tokens": list(self.maps.image_tokens())}
         return out
+
+
+def _scaling_factor(vae) -> float | None:
+    """The VAE's latent scale (None where it has none: Flux.2's VAE normalises with a batch
+    norm instead)."""
+    scale = vae.config.get("scaling_factor", None) if vae is not None else None
+    return float(scale) if scale is not None else None
 
 
 def _shift_factor(vae) -> float | None:
@@ -597,8 +611,16 @@ class _Session:
         run.last = None
         self._prepare(run, full)
         self.current = run
-        if "callback_on_step_end" in sig.parameters:  # the one argument sdlens adds: its callback
-            self._compose_callback(run, bound, full)
+        # the call goes on as the caller wrote it (positional stays positional, keywords stay
+        # keywords); the one thing sdlens puts in is its step-end callback
+        args, kwargs = list(args), dict(kwargs)
+        if "callback_on_step_end" in sig.parameters:
+            for name, value in self._compose_callback(run, full).items():
+                pos = list(sig.parameters).index(name) - 1  # -1: self
+                if name not in kwargs and pos < len(args):  # given positionally: replaced there
+                    args[pos] = value
+                else:
+                    kwargs[name] = value
         adapter = self.adapter
 
         def before(module, args, kwargs):
@@ -620,7 +642,8 @@ class _Session:
 
         try:
             with Hooks() as hooks:
-                kinds = [k for k in ("attention", "image_to_text") if k in run.maps]
+                kinds = [k for k in ("attention", "image_to_text", "reference_maps")
+                         if k in run.maps]
                 readers = [MapRecorder(run.maps, kinds)] if kinds else []
                 seam = KernelSeam(adapter)
                 # every expert that predicts a step (Wan 2.2: two), recorded as one denoiser
@@ -641,7 +664,7 @@ class _Session:
                 wrapper = sched_hooks.install(pipe.scheduler, run.on_step,
                                               want_x0="x0" in self.options.record)
                 hooks.undo(functools.partial(sched_hooks.uninstall, pipe.scheduler, wrapper))
-                output = orig_call(*bound.args, **bound.kwargs)
+                output = orig_call(pipe, *args, **kwargs)
         finally:
             self.current = None
         result = run.finish(output)
@@ -652,10 +675,12 @@ class _Session:
             self.abandoned.append(run.abandoned)
         return output
 
-    def _compose_callback(self, run: _Run, bound: inspect.BoundArguments, full: dict) -> None:
-        """Put sdlens's step-end callback into the call (``bound``), composed with the user's:
-        the user's runs first and its outputs are what the pipeline gets back. The tensor inputs
-        are passed only where ``"latents"`` must be added to what the call would use."""
+    def _compose_callback(self, run: _Run, full: dict) -> dict:
+        """The arguments sdlens puts into the call (``full``: the call's arguments by name,
+        defaults included): its step-end callback, composed with the user's (the user's runs
+        first and its outputs are what the pipeline gets back), and the tensor inputs only where
+        ``"latents"`` must be added to what the call would use."""
+        put = {}
         user_cb = full.get("callback_on_step_end")
         inputs = full.get("callback_on_step_end_tensor_inputs")
         try:
@@ -671,7 +696,7 @@ class _Session:
             inputs = list(inputs) + ["latents"]
         if inputs is not None and list(inputs) != list(full.get(
                 "callback_on_step_end_tensor_inputs") or ()):
-            bound.arguments["callback_on_step_end_tensor_inputs"] = list(inputs)
+            put["callback_on_step_end_tensor_inputs"] = list(inputs)
 
         def callback(pipe, i, t, cb_kwargs):
             outputs = cb_kwargs
@@ -684,7 +709,8 @@ class _Session:
             run.on_step_end(lat)
             return outputs if user_cb is not None else {}
 
-        bound.arguments["callback_on_step_end"] = callback
+        put["callback_on_step_end"] = callback
+        return put
 
     def _prepare(self, run: _Run, p: dict) -> None:
         """Prompts, tokens, batch size, seeds, guidance from the call's arguments."""

@@ -29,11 +29,13 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol, Seque
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from sdlens.analysis.tokens import MAX_POSITIONS
 from sdlens.engine import kernel
 from sdlens.engine.arch import adapter_for
-from sdlens.engine.arch.base import BackboneAdapter, KernelLayout, cross_layout
+from sdlens.engine.arch.base import (BackboneAdapter, KernelLayout, attention_processors,
+                                     cross_layout, set_attention_processors)
 from sdlens.engine.text import word_positions
 from sdlens.trace.compact import CompactMaps, store_maps
 from sdlens.trace.steps import step_window
@@ -88,8 +90,8 @@ class Editor(Protocol):
 class KernelSeam:
     """What the site wrappers of one installation share: the backbone adapter that lays out a
     kernel call (None: plain cross-attention, e.g. a processor tested alone) and the keyword
-    arguments of the denoiser call in progress (a forward pre-hook keeps them: a single-stream
-    block's text length is read there)."""
+    arguments of the denoiser call in progress, its positional ones under their index (a forward
+    pre-hook keeps them: a single-stream block's text length is read there)."""
 
     def __init__(self, adapter: BackboneAdapter | None = None):
         self.adapter = adapter
@@ -107,7 +109,9 @@ class KernelSeam:
                 hooks.forward_pre_hook(model, self._before, with_kwargs=True)
 
     def _before(self, module, args, kwargs):
-        self.denoiser_kwargs = kwargs
+        # positional arguments under their index (Z-Image's pipeline passes its latents and
+        # captions positionally)
+        self.denoiser_kwargs = {**dict(enumerate(args)), **kwargs} if args else kwargs
         return None
 
     def layout(self, layer: str, attn, call: SiteCall, index: int, q_len: int,
@@ -313,7 +317,7 @@ class Hooks:
         :class:`SiteProcessor` s; returns ``{layer: wrapper}``. ``seam``: the adapter's layout,
         installed here (the kernel wrapper and its denoiser pre-hook). On exit the saved
         processor objects are put back."""
-        saved = dict(model.attn_processors)
+        saved = attention_processors(model)
         keys = {f"{layer}.processor": layer for layer in layers}
         missing = [layer for key, layer in keys.items() if key not in saved]
         if missing:
@@ -322,10 +326,9 @@ class Hooks:
         seam.install(self)
         wrapped = {k: SiteProcessor(p, keys[k], readers, editors, seam) if k in keys else p
                    for k, p in saved.items()}
-        # registered first: a failure half-way through setting the processors is undone too;
-        # set_attn_processor empties the dict it is given, so each call gets a copy
-        self.undo(lambda: model.set_attn_processor(dict(saved)))
-        model.set_attn_processor(dict(wrapped))
+        # registered first: a failure half-way through setting the processors is undone too
+        self.undo(lambda: set_attention_processors(model, saved))
+        set_attention_processors(model, wrapped)
         return {layer: wrapped[k] for k, layer in keys.items()}
 
     def forward_hook(self, module: torch.nn.Module, fn: Callable, with_kwargs: bool = False):
@@ -351,9 +354,11 @@ class MapSink(Protocol):
         (the first n text positions, or these positions), keep_heads: bool, dtype)."""
 
     def put(self, kind: str, layer: str, maps: torch.Tensor,
-            image_tokens: tuple[int, ...] = ()) -> None:
+            image_tokens: tuple[int, ...] = (), grids: tuple = ()) -> None:
         """maps: (B, T, HW) or (B, heads, T, HW) on the device; the last ``sum(image_tokens)``
-        of the T tokens are image-prompt tokens (``image_tokens``: how many per IP-Adapter)."""
+        of the T tokens are image-prompt tokens (``image_tokens``: how many per IP-Adapter).
+        ``"reference_maps"``: T runs over the reference images' patches, ``grids`` (rows,
+        columns) each, one reference after the other."""
 
     def skip(self, kind: str, layer: str, what: str) -> None:
         """This call of ``layer`` could not be recorded (``what``: why); the run goes on."""
@@ -436,6 +441,42 @@ def segment_probabilities(k: kernel.KernelCall, rows: slice, q_span: slice, k_sp
     return scores.softmax(dim=-2)
 
 
+#: reference maps keep at most this many reference patches per side (sum-pooled beyond)
+REFERENCE_GRID = 32
+
+
+def reference_probabilities(k: kernel.KernelCall, rows: slice, q_span: slice, k_span: slice,
+                            grid: tuple[int, int], max_side: int | None = None
+                            ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A reference image's part of the image queries' softmax (over *all* the call's keys,
+    from the kernel's lse: not renormalised over the reference), heads averaged, one head at a
+    time: ``(n, R, Q)`` float32 with R the reference's patches, row-major on ``grid``, each
+    ``f x f`` block summed into one (``f = ceil(max(grid) / max_side)``, ``max_side`` by default
+    :data:`REFERENCE_GRID`; the grid's edge padded
+    with zeros: a patch's mass is kept), and the grid that gives."""
+    heads = k.query.shape[1]
+    acc = None
+    for h in range(heads):  # one (n, K, Q) score matrix at a time
+        m = k.mask
+        if m is not None and m.ndim == 4 and m.shape[1] == heads:
+            m = m[:, h: h + 1]
+        one = k._replace(query=k.query[:, h: h + 1], key=k.key[:, h: h + 1], mask=m,
+                         lse=k.lse[:, h: h + 1] if k.lse is not None else None)
+        p = segment_probabilities(one, rows, q_span, k_span, None, True)[:, 0]
+        acc = p if acc is None else acc + p
+    probs = acc / heads  # (n, K, Q)
+    r, c = grid
+    max_side = max_side or REFERENCE_GRID
+    f = -(-max(r, c) // max_side)
+    if f <= 1:
+        return probs, (r, c)
+    n, _, q = probs.shape
+    rr, cc = -(-r // f), -(-c // f)
+    x = probs.transpose(1, 2).reshape(n, q, r, c)
+    x = F.pad(x, (0, cc * f - c, 0, rr * f - r)).reshape(n, q, rr, f, cc, f).sum((3, 5))
+    return x.reshape(n, q, rr * cc).transpose(1, 2), (rr, cc)
+
+
 class MapRecorder:
     """Reader: the maps of a site's kernel calls, for the batch rows ``sink`` asks for, reduced
     on the device (kept token positions, heads averaged unless asked for) and handed to ``sink``
@@ -464,7 +505,7 @@ class MapRecorder:
             self._pending.pop(layer, None)
             return False
         self._pending[layer] = {"requests": requests, "text": None, "image_prompts": [],
-                                "image_to_text": None, "error": None}
+                                "image_to_text": None, "reference_maps": None, "error": None}
         return True
 
     def needs_lse(self, layout: KernelLayout) -> bool:
@@ -504,6 +545,12 @@ class MapRecorder:
         if itt is not None and text is not None and "text" in layout.queries \
                 and "image" in layout.keys:
             state["image_to_text"] = self._image_to_text(k, layout, itt[0], itt[1])
+        ref = requests.get("reference_maps")
+        if ref is not None and image_q is not None and layout.grids:
+            parts = [(reference_probabilities(k, ref[0], image_q, span, layout.grids[name]))
+                     for name, span in layout.keys.items()
+                     if name.startswith("reference ") and name in layout.grids]
+            state["reference_maps"] = parts or None
 
     @staticmethod
     def _image_to_text(k: kernel.KernelCall, layout: KernelLayout, rows: slice, tokens
@@ -534,6 +581,13 @@ class MapRecorder:
                                             "itself)")
             elif kind == "attention":
                 self._put_attention(layer, call, state, keep_heads, dtype)
+            elif kind == "reference_maps":
+                parts = state[kind]
+                if parts is None:
+                    self.sink.skip(kind, layer, "no reference images in its attention kernel call")
+                else:  # the references' (pooled) patches one after the other: (B, R, HW)
+                    maps = torch.cat([p for p, _ in parts], dim=1).to(dtype).contiguous()
+                    self.sink.put(kind, layer, maps, grids=tuple(g for _, g in parts))
             elif state[kind] is None:
                 self.sink.skip(kind, layer, "no text queries in its attention kernel call")
             else:

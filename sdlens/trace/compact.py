@@ -155,11 +155,13 @@ class CompactMaps:
 
 
 def stored_dtype(kind: str, dtype):
-    """How maps of ``kind`` ("attention", "image_to_text", "concepts") are stored under
-    ``RecordOptions.attention_dtype`` = ``dtype``: as asked, except concept maps under a code
+    """How maps of ``kind`` ("attention", "image_to_text", "concepts", "reference_maps") are
+    stored under ``RecordOptions.attention_dtype`` = ``dtype``: as asked, except concept maps under a code
     dtype, kept in float16: each pixel's concepts sum to 1 and per-map codes would not keep
-    that sum (they are opt-in and few: a map per concept, not per token)."""
-    return torch.float16 if kind == "concepts" and is_code_dtype(dtype) else dtype
+    that sum (they are opt-in and few: a map per concept, not per token); reference maps
+    likewise (their maps are the reference's patches: opt-in, and a patch's share is a sum)."""
+    return torch.float16 if kind in ("concepts", "reference_maps") and is_code_dtype(dtype) \
+        else dtype
 
 
 def store_maps(maps: torch.Tensor, dtype) -> torch.Tensor | CompactMaps:

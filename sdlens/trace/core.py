@@ -83,7 +83,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 
 from sdlens.trace.compact import CompactMaps, maps_nbytes
-from sdlens.trace.maps import AttentionMaps, ConceptMaps
+from sdlens.trace.maps import AttentionMaps, ConceptMaps, ReferenceMaps
 
 FORMAT = "sdlens.trace"
 FORMAT_VERSION = 2  # 2: maps as codes + scales ("compact"), shared tensors ("aliases")
@@ -115,6 +115,7 @@ class Trace:
         self._attention: AttentionMaps | None = None
         self._concepts: ConceptMaps | None = None
         self._image_to_text: AttentionMaps | None = None
+        self._reference_maps: ReferenceMaps | None = None
         self._source = source
         self._runs: list[Trace] | None = None
 
@@ -205,6 +206,7 @@ class Trace:
         self._images, self._pipeline_ref = other._images, other._pipeline_ref
         self._attention, self._source = other._attention, other._source
         self._concepts, self._image_to_text = other._concepts, other._image_to_text
+        self._reference_maps = other._reference_maps
 
     def _tensor(self, name: str) -> torch.Tensor | None:
         self._require()
@@ -315,6 +317,24 @@ class Trace:
                 n_steps=len(self.timesteps), method=c.get("method", "sdlens"),
                 default_layers=c.get("default_layers"), default_steps=c.get("default_steps"))
         return self._concepts
+
+    @property
+    def reference_maps(self) -> ReferenceMaps | None:
+        """Reference maps of an editing model (``record=(..., "reference_maps")``; see
+        :class:`sdlens.trace.maps.ReferenceMaps`): per site (steps, batch, reference patches,
+        h, w), each output patch's attention on each reference image's patches. None when not
+        recorded (or the call had no reference image)."""
+        info = self._require()
+        m = info.get("reference_maps")
+        if m is None:
+            return None
+        if self._reference_maps is None:
+            self._reference_maps = ReferenceMaps(
+                {l: self._tensors[f"reference_maps/{l}"] for l in m["layers"]},
+                {l: tuple(r) for l, r in m["resolutions"].items()}, m["steps"], m["grids"],
+                family=info.get("meta", {}).get("family"), dtype=m.get("dtype"),
+                n_steps=len(self.timesteps))
+        return self._reference_maps
 
     @property
     def image_to_text(self) -> AttentionMaps | None:

@@ -405,6 +405,92 @@ class ConceptMaps(AttentionMaps):
         return super().token_index(token, batch, occurrence)
 
 
+class ReferenceMaps(AttentionMaps):
+    """Reference maps of an editing model (``record=(..., "reference_maps")``: Flux.1 Kontext,
+    Flux.2 with ``image=[...]``; any family whose kernel layout names ``"reference i"``
+    segments with their patch grids): where each output patch looks in each reference image::
+
+        maps[layer]     (steps, batch, R, h, w)
+
+    ``h, w``: the output's patches (the site's map resolution); ``R``: the reference images'
+    patches, reference 0's ``grids[0]`` = (rows, columns) row-major, then reference 1's, ...
+    ``maps[layer][s, b, r, y, x]`` is output patch (y, x)'s attention probability on reference
+    patch r: its query's softmax over *all* the kernel's keys (text, the output, every
+    reference), heads averaged, **not** renormalised over the reference (a row sums to the
+    output patch's share on that reference: :meth:`share`; divide by it for the distribution
+    within the reference). A reference wider than 32 patches a side is sum-pooled to at most 32
+    (each cell the sum of an ``f x f`` block of patches: the mass is kept; the grids say what
+    was kept).
+
+    Size: ``steps x sites x batch x (h w) x R x 2`` bytes (fp16). At 1024 px with a 1024-px
+    reference (64 x 64 patches each, the reference pooled to 32 x 32) that is 8 MiB per site and
+    step: record a few (``layers="single.37"``, ``steps=[...]``), which the size check
+    (``max_bytes``) enforces. Both directions come from the one tensor: :meth:`at` (an output
+    point -> its distribution over a reference) and :meth:`lands` (a reference point -> where
+    it lands in the output)."""
+
+    def __init__(self, tensors, resolutions, steps, grids: Sequence[Sequence[int]],
+                 family: str | None = None, dtype: str | None = None,
+                 n_steps: int | None = None):
+        self.grids: list[tuple[int, int]] = [(int(g[0]), int(g[1])) for g in grids]
+        n = sum(r * c for r, c in self.grids)
+        super().__init__(tensors, resolutions, steps, range(n), heads=False, family=family,
+                         dtype=dtype, n_steps=n_steps)
+
+    def __repr__(self) -> str:
+        return (f"ReferenceMaps({len(self.layers)} layers, {len(self.steps)} steps, "
+                f"references {self.grids})")
+
+    def like(self, tensors, steps=None, token_positions=None) -> "ReferenceMaps":
+        if token_positions is not None and list(token_positions) != self.token_positions:
+            raise ValueError("reference maps keep every reference patch")
+        return ReferenceMaps(tensors, {l: self._resolutions[l] for l in tensors},
+                             self.steps if steps is None else steps, self.grids,
+                             family=self.family, dtype=_same_dtype(self, tensors),
+                             n_steps=self.n_steps)
+
+    def reference(self, layer: str, index: int = 0) -> torch.Tensor:
+        """(steps, batch, rows, columns, h, w) float32: reference ``index``'s part of
+        ``maps[layer]``. IndexError for a reference not recorded."""
+        if not 0 <= index < len(self.grids):
+            raise IndexError(f"reference {index} was not recorded; references 0.."
+                             f"{len(self.grids) - 1} (\"image 1\" is reference 0)")
+        start = sum(r * c for r, c in self.grids[:index])
+        r, c = self.grids[index]
+        t = self[layer][:, :, start: start + r * c].float()
+        return t.unflatten(2, (r, c))
+
+    def _pooled(self, layers, index: int, step, batch: int) -> torch.Tensor:
+        """(rows, columns, h, w): reference ``index``'s maps averaged over ``layers`` (None:
+        all) and over the recorded steps (or at trace step ``step``), batch item ``batch``."""
+        names = self.names(layers)
+        if not names:
+            raise ValueError(f"no recorded layer matches {layers!r}")
+        t = torch.stack([self.reference(l, index)[:, batch] for l in names]).mean(0)
+        return t.mean(0) if step is None else t[self.step_position(step)]
+
+    def share(self, layers=None, index: int = 0, step: int | None = None,
+              batch: int = 0) -> torch.Tensor:
+        """(h, w): each output patch's attention share on reference ``index`` (its probability
+        summed over the reference's patches), averaged over ``layers`` and the steps (or at
+        ``step``): the output-side map of a reference image (``trace.heatmap("image 1")``)."""
+        return self._pooled(layers, index, step, batch).sum((0, 1))
+
+    def at(self, y: int, x: int, layers=None, index: int = 0, step: int | None = None,
+           batch: int = 0, normalise: bool = True) -> torch.Tensor:
+        """(rows, columns): where output patch (``y``, ``x``) (map coordinates) looks in
+        reference ``index``; ``normalise``: as a distribution over the reference (divided by
+        the patch's share on it), else the raw probabilities."""
+        m = self._pooled(layers, index, step, batch)[:, :, y, x]
+        return m / m.sum().clamp_min(1e-30) if normalise else m
+
+    def lands(self, row: int, col: int, layers=None, index: int = 0, step: int | None = None,
+              batch: int = 0) -> torch.Tensor:
+        """(h, w): how much each output patch attends to reference patch (``row``, ``col``)
+        (reference grid coordinates): where that point of the reference lands in the output."""
+        return self._pooled(layers, index, step, batch)[row, col]
+
+
 def _same_dtype(maps: AttentionMaps, tensors: Mapping) -> str | None:
     """``maps``' storage dtype name for new maps over ``tensors`` when those are stored alike
     (loaders, or maps in that storage), else None (read from the new maps)."""

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -31,6 +31,22 @@ def replace(trace: Trace, **changes) -> Trace:
 
 
 _MAPS = ("attention", "concepts", "image_to_text")  # maps by site, (steps, batch, ...)
+
+
+def _reference_maps(f: dict, take: Callable[[torch.Tensor], torch.Tensor],
+                    steps: list[int] | None = None) -> None:
+    """An editing model's reference maps travel as the extra tensors ``reference_maps/<layer>``
+    (``extra_info["reference_maps"]``: :attr:`Trace.reference_maps`): each taken with
+    ``take`` (steps, batch, ...); ``steps``: their recorded steps afterwards."""
+    info = f["extra_info"].get("reference_maps")
+    if info is None:
+        return
+    for layer in info["layers"]:
+        key = f"reference_maps/{layer}"
+        src = f["extra_tensors"][key]
+        f["extra_tensors"][key] = take(src() if callable(src) else src)
+    if steps is not None:
+        f["extra_info"]["reference_maps"] = {**info, "steps": list(steps)}
 
 
 def select_batch(trace: Trace, items: int | Sequence[int]) -> Trace:
@@ -68,6 +84,7 @@ def select_batch(trace: Trace, items: int | Sequence[int]) -> Trace:
         tok_axis = 3 if maps.heads else 2
         f[kind] = maps.like({l: take(maps.stored(l), lambda t: t.narrow(tok_axis, 0, own)[:, idx])
                              for l in maps.layers}, token_positions=maps.token_positions[:own])
+    _reference_maps(f, lambda t: t[:, idx])
     images = trace.images
     f["images"] = [images[i] for i in idx] if images else []
     return Trace.build(**f)
@@ -98,6 +115,11 @@ def slice_steps(trace: Trace, start: int, stop: int) -> Trace:
             sources = {l: (lambda l=l, maps=maps, a=a, b=b: take(maps.stored(l), lambda t: t[a:b]))
                        for l in maps.layers}
         f[kind] = maps.like(sources, steps=[maps.steps[k] - start for k in keep])
+    refs = f["extra_info"].get("reference_maps")
+    if refs is not None:
+        keep = [k for k, s in enumerate(refs["steps"]) if start <= s < stop]
+        a, b = (keep[0], keep[-1] + 1) if keep else (0, 0)
+        _reference_maps(f, lambda t: t[a:b], [refs["steps"][k] - start for k in keep])
     f["meta"]["step_offset"] = int(f["meta"].get("step_offset", 0)) + start
     if stop < n:
         f["images"] = []

@@ -201,14 +201,14 @@ def test_img2img_and_inpaint(task):
 
 
 def test_unsupported_transformer_pipeline_is_a_type_error():
-    class Flux2Transformer2DModel(torch.nn.Module):
+    class HiDreamImageTransformer2DModel(torch.nn.Module):
         pass
 
-    class Flux2Pipeline:
-        transformer = Flux2Transformer2DModel()
+    class HiDreamImagePipeline:
+        transformer = HiDreamImageTransformer2DModel()
 
-    with pytest.raises(TypeError, match="Flux2Transformer2DModel.*StableDiffusion3Pipeline"):
-        sdlens.trace(Flux2Pipeline())
+    with pytest.raises(TypeError, match="HiDreamImageTransformer2DModel.*StableDiffusion3Pipeline"):
+        sdlens.trace(HiDreamImagePipeline())
 
 
 def test_generate_reweights_joint_attention():

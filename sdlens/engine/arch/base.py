@@ -129,13 +129,17 @@ class ConceptStep(NamedTuple):
 class KernelLayout(NamedTuple):
     """How one attention-kernel call's sequences split into segments: ``{name: slice}`` of the
     query rows and of the key columns (SDPA's Lq and Lk axes). Names: ``"image"`` (the latent
-    patches a map is drawn over), ``"text"`` (the text axis, position 0 first), ``"image prompt
-    i"`` (IP-Adapter ``i``'s tokens), and any other a family has (reference images ...). A
-    segment absent from ``queries`` is not a query of this call (cross-attention: only the image
-    queries)."""
+    patches a map is drawn over: the image being generated), ``"text"`` (the text axis, position
+    0 first), ``"image prompt i"`` (IP-Adapter ``i``'s tokens), ``"reference i"`` (an editing
+    model's reference image ``i``, 0-based in the pipeline's order: its latent patches, row-major,
+    beside the image's: Flux.1 Kontext, Flux.2, Qwen-Image-Edit; :func:`reference_layout`), and
+    any other a family has. A segment absent from ``queries`` is not a query of this call
+    (cross-attention: only the image queries). Users name reference ``i`` ``"image {i+1}"``
+    (``trace.heatmap("image 1")``, as the pipelines' docs number their input images)."""
 
     queries: dict
     keys: dict
+    grids: dict | None = None  # segment -> (rows, columns) of its patches (reference images)
 
 
 def cross_layout(q_len: int, k_len: int, keys: str = "text") -> KernelLayout:
@@ -155,6 +159,50 @@ def joint_layout(order: tuple[str, ...], lengths: dict, q_len: int, k_len: int
     if at != q_len or at != k_len:
         return None
     return KernelLayout(dict(spans), dict(spans))
+
+
+def attention_processors(model: torch.nn.Module) -> dict:
+    """``{"<module path>.processor": processor}`` of every attention module of ``model``:
+    ``model.attn_processors`` where the model has diffusers' ``AttentionMixin``; else (Z-Image's
+    transformer has none) read from the modules that have a ``processor`` and ``set_processor``."""
+    if hasattr(model, "attn_processors"):
+        return dict(model.attn_processors)
+    return {f"{name}.processor": m.processor for name, m in model.named_modules()
+            if hasattr(m, "set_processor") and getattr(m, "processor", None) is not None}
+
+
+def set_attention_processors(model: torch.nn.Module, processors: dict) -> None:
+    """Set the processors :func:`attention_processors` returned (a dict of the same keys)."""
+    if hasattr(model, "set_attn_processor"):
+        model.set_attn_processor(dict(processors))  # it empties the dict it is given
+        return
+    for key, proc in processors.items():
+        model.get_submodule(key[: -len(".processor")]).set_processor(proc)
+
+
+REFERENCE = "reference {}"  # the segment name of reference image i (KernelLayout)
+
+
+def reference_layout(order_before: tuple[str, ...], lengths: dict, references: list[int],
+                     q_len: int, k_len: int, grids: list[tuple[int, int]] | None = None
+                     ) -> KernelLayout | None:
+    """Joint attention over ``order_before`` (e.g. ``("text", "image")``, lengths in
+    ``lengths``) followed by the reference images' patches, ``references[i]`` of reference
+    ``i`` (segments ``"reference i"``), row-major on a ``grids[i]`` = (rows, columns) grid;
+    None when they do not add up to the kernel's.
+
+    A family opts in to reference maps (``record=(..., "reference_maps")``) by laying its
+    kernel calls out with this (the grids given): :class:`sdlens.engine.sites.MapRecorder`
+    reads every ``"reference i"`` key segment with a grid."""
+    names = tuple(REFERENCE.format(i) for i in range(len(references)))
+    layout = joint_layout(order_before + names, {**lengths, **dict(zip(names, references))},
+                          q_len, k_len)
+    if layout is None or grids is None:
+        return layout
+    if len(grids) != len(references) or any(int(r) * int(c) != n
+                                            for (r, c), n in zip(grids, references)):
+        return layout._replace(grids=None)  # grids that do not fit: no reference maps
+    return layout._replace(grids={n: (int(r), int(c)) for n, (r, c) in zip(names, grids)})
 
 
 def innermost_processor(processor):
@@ -355,7 +403,7 @@ class BackboneAdapter(ABC):
 
     def sites(self) -> list[str]:
         """The denoiser's sites (module paths), in the naming's order."""
-        keys = [self.site_of(k) for k in self.denoiser.attn_processors]
+        keys = [self.site_of(k) for k in attention_processors(self.denoiser)]
         return sorted((s for s in keys if s is not None), key=self.naming.sort_key)
 
     @abstractmethod

@@ -1,5 +1,7 @@
 """The Flux.1 family (``FluxTransformer2DModel``: FluxPipeline, FluxImg2ImgPipeline,
-FluxInpaintPipeline; Flux.1-dev and -schnell).
+FluxInpaintPipeline; Flux.1-dev and -schnell), and beside it the families that share its blocks:
+Chroma (:class:`ChromaAdapter`) and Flux.1 Kontext (:class:`FluxKontextAdapter`, whose reference
+image is a kernel segment of its own, ``"reference 0"``). Flux.2 is :mod:`sdlens.engine.arch.flux2`.
 
 **Sites.** Flux has two kinds of blocks, and image tokens attend to text tokens in both:
 
@@ -86,7 +88,7 @@ import torch
 import torch.nn.functional as F
 
 from sdlens.engine.arch.base import (BackboneAdapter, ConceptStep, SiteNaming, TextEncoder,
-                                     joint_activation_bytes)
+                                     joint_activation_bytes, reference_layout)
 
 _DOUBLE, _SINGLE = "transformer_blocks", "single_transformer_blocks"
 
@@ -169,13 +171,14 @@ class FluxAdapter(BackboneAdapter):
     # ---------------------------------------------------------------- packed latents
     def _latent_hw(self, img_ids, n_tokens: int) -> tuple[int, int]:
         """Unpacked latent (h, w) from ``img_ids`` (N, 3): [0, row, column] of each packed token
+        (Flux.2's (N, 4): [t, row, column, 0])
         (read once per ids tensor: the pipeline passes the same one at every step)."""
         if self._ids_hw is not None and self._ids_hw[0] is img_ids:
             return self._ids_hw[1]
         hw = None
-        if torch.is_tensor(img_ids) and img_ids.shape[-1] == 3:
+        if torch.is_tensor(img_ids) and img_ids.shape[-1] >= 3:  # Flux.2: [t, row, column, l]
             ids = img_ids[0] if img_ids.ndim == 3 else img_ids
-            rows, cols = (int(v) + 1 for v in ids[:, 1:].amax(0).tolist())
+            rows, cols = (int(v) + 1 for v in ids[:, 1:3].amax(0).tolist())
             hw = (2 * rows, 2 * cols) if rows * cols == n_tokens else None
         if hw is None:  # no ids sdlens can read: a square
             side = int(round(n_tokens ** 0.5))
@@ -408,3 +411,141 @@ class FluxAdapter(BackboneAdapter):
     def text_encoders(self, params: dict) -> list[TextEncoder]:
         """T5 (``text_encoder_2``), the whole text axis; CLIP only gives the pooled vector."""
         return self._text_encoder("tokenizer_2", "text_encoder_2", 0, self.text_length(params))
+
+
+class ChromaAdapter(FluxAdapter):
+    """A Chroma pipeline (``ChromaPipeline`` / ``ChromaImg2ImgPipeline`` / ``ChromaInpaintPipeline``:
+    ``ChromaTransformer2DModel``), Flux.1's blocks and sites without CLIP or a guidance input.
+
+    * **Text**: T5 only (``tokenizer`` / ``text_encoder``), ``max_sequence_length`` (512)
+      positions. The pipeline masks the text: the transformer's ``attention_mask`` keeps the
+      prompt's tokens, ``</s>`` and one ``<pad>``, and reaches the kernel as a *float* 0 / 1
+      ``(B, 1, L, L)`` tensor that SDPA adds to the scores (kept pairs +1, the rest +0: padding
+      is down-weighted by e^-1, not excluded). The recorder adds that same float mask
+      (:func:`sdlens.engine.sites.segment_probabilities`), so a map is the kernel's softmax;
+      padding positions are left out of the words / recorded positions as for Flux.1.
+    * **Guidance**: true CFG with two transformer calls per step when ``guidance_scale > 1``
+      (the default, 3.0), the prompt's call first, then the negative prompt's (``""`` by
+      default): ``neg + guidance_scale * (pos - neg)``. ``trace.guidance_scale`` is that scale;
+      with ``guidance_scale <= 1`` one call, no guidance.
+    * No concept pass (Chroma's blocks modulate from a pruned approximator, not Flux.1's
+      AdaLN: :meth:`FluxAdapter.concept_step` does not apply).
+    """
+
+    pipelines = ("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline")
+    families = ("chroma",)
+    cfg_by_default = True
+
+    @classmethod
+    def handles(cls, pipe) -> bool:
+        transformer = getattr(pipe, "transformer", None)
+        return (type(transformer).__name__ == "ChromaTransformer2DModel"
+                and type(pipe).__name__ in cls.pipelines)
+
+    def family(self) -> str:
+        return "chroma"
+
+    def cfg_calls(self, params: dict) -> tuple[str, ...] | None:
+        """Two calls per step, the prompt's then the negative's, when ``guidance_scale > 1``."""
+        gs = params.get("guidance_scale")
+        return ("text", "uncond") if gs is not None and float(gs) > 1 else None
+
+    def cfg_scale(self, params: dict) -> float | None:
+        return BackboneAdapter.cfg_scale(self, params)
+
+    def guidance_meta(self, params: dict) -> dict:
+        return {}
+
+    def embeds_guidance(self) -> bool:
+        return False
+
+    def distilled_guidance(self) -> bool:
+        return False
+
+    def text_prompts(self, prompts: list, params: dict) -> list:
+        return list(prompts)
+
+    def text_parts(self, params: dict) -> list[tuple[str, object, int]]:
+        return [("t5", getattr(self.pipe, "tokenizer", None), self.text_length(params))]
+
+    def text_encoders(self, params: dict) -> list[TextEncoder]:
+        return self._text_encoder("tokenizer", "text_encoder", 0, self.text_length(params))
+
+    def concept_blocks(self) -> None:
+        return None
+
+
+class FluxKontextAdapter(FluxAdapter):
+    """A Flux.1 Kontext pipeline (``FluxKontextPipeline`` on ``FluxTransformer2DModel``): Flux.1
+    with the reference image's packed latent patches appended to the image stream.
+
+    The transformer's ``hidden_states`` are ``[noise; reference]`` patches and ``img_ids`` tells
+    them apart by their first coordinate (0: the image being generated, 1: the reference,
+    whose own rows / columns give its (h, w)); the pipeline keeps the first ``noise`` rows of the
+    prediction. So the kernel sequence at every site is ``[text, image, reference 0]``
+    (:func:`sdlens.engine.arch.base.reference_layout`): the maps are the image queries' text
+    columns of the softmax over all of it; the denoiser's input / output as the trace records
+    them are the noise part only. Text, guidance (distilled; true CFG with a negative prompt) and
+    sites as Flux.1's. No concept pass (its image stream carries the reference's tokens too)."""
+
+    pipelines = ("FluxKontextPipeline",)
+    families = ("flux-kontext",)
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self._parts: tuple | None = None  # (img_ids, [noise, reference, ...] token counts)
+        self._noise: int | None = None  # the noise tokens of the denoiser call in progress
+        self._grids: list | None = None  # (rows, columns) of each part of ``_parts``
+
+    def family(self) -> str:
+        return "flux-kontext"
+
+    def _image_parts(self, img_ids) -> list[int] | None:
+        """Token counts of the noise and each reference, from ``img_ids`` ((N, 3) or (B, N, 3);
+        Flux.2's (B, N, 4)): first coordinate 0 for the noise, then one value per reference
+        (Kontext 1; Flux.2 10, 20, ...), in sequence order."""
+        if self._parts is not None and self._parts[0] is img_ids:
+            return self._parts[1]
+        parts, grids = None, None
+        if torch.is_tensor(img_ids) and img_ids.shape[-1] >= 3:
+            ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+            _, counts = torch.unique_consecutive(ids[:, 0], return_counts=True)
+            parts = [int(c) for c in counts.tolist()] if float(ids[0, 0]) == 0 else None
+            if parts:  # each part's (rows, columns) from its row / column ids
+                grids = [tuple(int(v) + 1 for v in (g[:, 1:3].amax(0) - g[:, 1:3].amin(0)))
+                         for g in ids.split(parts)]
+        self._parts = (img_ids, parts)
+        self._grids = grids
+        return parts
+
+    def denoiser_input(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The noise part of the transformer's input, unpacked: (B, C, h, w)."""
+        packed = args[0] if args else kwargs.get(self.sample_arg)
+        ids = kwargs.get("img_ids")
+        parts = self._image_parts(ids)
+        if not torch.is_tensor(packed) or packed.ndim != 3 or not parts:
+            return None
+        noise = parts[0]
+        flat = ids[0] if ids.ndim == 3 else ids
+        self._noise = noise
+        packed = packed[:, :noise]
+        return self.spatial(packed, self._latent_hw(flat[:noise], noise))
+
+    def denoiser_output(self, output) -> torch.Tensor | None:
+        """The noise part of the prediction (the pipeline keeps ``[:, :noise]``)."""
+        out = self.output_tensor(output)
+        noise = self._noise
+        return out[:, :noise] if torch.is_tensor(out) and noise is not None else out
+
+    def kernel_layout(self, site: str, attn, call, index: int, q_len: int, k_len: int,
+                      denoiser_kwargs: dict):
+        n_text = self.kernel_text_length(call, denoiser_kwargs)
+        parts = self._image_parts(denoiser_kwargs.get("img_ids"))
+        if n_text is None or not parts:
+            return None
+        return reference_layout(("text", "image"), {"text": n_text, "image": parts[0]},
+                                parts[1:], q_len, k_len,
+                                self._grids[1:] if self._grids else None)
+
+    def concept_blocks(self) -> None:
+        return None

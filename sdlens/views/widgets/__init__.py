@@ -5,6 +5,8 @@
 * :class:`ABView` — two runs in columns with one step slider and their difference.
 * :class:`GridViewer` — a labelled CFG x seed (x prompt) grid; click a cell for its TraceViewer.
 * :class:`TokenView` — the prompt's tokens with their share of attention; hover for ids.
+* :class:`ReferenceView` — an editing model's reference maps: click the output, see where it
+  looks in each reference image (or click a reference, see where it lands); scrub the steps.
 
 ``Trace`` displays as a :class:`TraceViewer` in a notebook through :func:`trace_mimebundle`.
 """
@@ -16,6 +18,7 @@ from typing import Any
 from sdlens.views.widgets.ab_view import ABView
 from sdlens.views.widgets.frames import TraceFrames
 from sdlens.views.widgets.grid_viewer import GridViewer
+from sdlens.views.widgets.reference_view import ReferenceView
 from sdlens.views.widgets.studio import Interrupted, Studio
 from sdlens.views.widgets.token_view import TokenView
 from sdlens.views.widgets.trace_viewer import TraceViewer
@@ -28,5 +31,5 @@ def trace_mimebundle(trace: Any, include: Any = None, exclude: Any = None):
     return TraceViewer(trace)._repr_mimebundle_(include=include, exclude=exclude)
 
 
-__all__ = ["ABView", "GridViewer", "Interrupted", "Studio", "TokenView", "TraceFrames", "TraceViewer",
-           "trace_mimebundle"]
+__all__ = ["ABView", "GridViewer", "Interrupted", "ReferenceView", "Studio", "TokenView",
+           "TraceFrames", "TraceViewer", "trace_mimebundle"]

@@ -1,0 +1,186 @@
+"""Qwen-Image (``QwenImageTransformer2DModel``: QwenImagePipeline, QwenImageImg2ImgPipeline,
+QwenImageInpaintPipeline).
+
+**Sites.** Every block ``transformer_blocks.N.attn`` (aliases ``"block.N"``, group
+``"blocks"``; 60 in the real model) is a double-stream joint attention:
+``QwenDoubleStreamAttnProcessor2_0`` concatenates ``[text; image]`` queries, keys and values
+(each stream's own projections, RMS norms and complex rotary embedding applied before the
+concatenation) and calls the attention kernel once. The recorded map of a site is each image
+token's row of that softmax over ``[text; image]`` keys, its text columns, read at the kernel
+call (:class:`sdlens.engine.sites.MapRecorder`): a pixel's row sums to its text share. Where the
+prompts of a batch differ in length the pipeline zero-pads the shorter ones and passes
+``encoder_hidden_states_mask``; the kernel then gets a bool mask, and the masked positions get
+probability 0 (the mask is the kernel's own). Maps are at the latents' resolution / 2 (the
+2x2 packing).
+
+**Text.** The pipeline formats each prompt with its chat template (a system prompt, then
+``<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n``), runs Qwen2.5-VL and drops
+the first ``prompt_template_encode_start_idx`` (34) hidden states: the text axis is the
+prompt's tokens, then the template's 5 closing tokens. The words are the prompt's own tokens,
+as the tokenizer cuts them inside the template (:meth:`QwenImageAdapter.text_tokens`); the
+template's closing tokens are not words, and by default their columns are left out of the maps
+as padding is. The axis is at most ``max_sequence_length`` (512) long.
+
+**Latents.** Packed as Flux.1's, (B, h/2 * w/2, 4 C), 2x2 patches; the trace's latents, noise
+and x0 are unpacked to (B, C, h, w) (C = 16). (h, w) is read from the transformer's
+``img_shapes`` argument (``[(frames, h/2, w/2)]`` per batch item).
+
+**Guidance.** True CFG (``true_cfg_scale > 1``, 4 by default, with a negative prompt or
+negative embeddings): two transformer calls per step, the prompt's then the negative prompt's
+(:meth:`QwenImageAdapter.cfg_calls`). The pipeline guides with
+``comb = neg + true_cfg_scale * (pos - neg)`` and then rescales each packed token's vector of
+``comb`` (its 4 C channels) to the norm of ``pos``'s: ``trace.noise`` is that rescaled
+prediction (the one the scheduler steps with), ``trace.noise_text`` / ``noise_uncond`` the two
+calls', ``trace.guidance_scale`` is ``true_cfg_scale``. Maps are recorded from the prompt's
+call. Without a negative prompt there is one call per step and no guidance
+(``trace.guidance_scale`` is None). The schedule is the table's flow row (x0 = x_t - sigma v).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdlens.engine.arch.base import (BackboneAdapter, BlockNaming, KernelLayout,
+                                     joint_activation_bytes, joint_layout)
+from sdlens.engine.arch.flux import FluxAdapter
+
+
+class QwenImageAdapter(BackboneAdapter):
+    """A Qwen-Image pipeline (``pipe.transformer`` a ``QwenImageTransformer2DModel``)."""
+
+    pipelines = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline")
+    families = ("qwen-image",)
+    naming = BlockNaming("attn")
+    max_text_tokens = 512  # the pipelines' default max_sequence_length
+    sample_arg = "hidden_states"
+    attention_kind = "joint"
+    joint_order = ("text", "image")  # cat([txt_query, img_query])
+    cfg_by_default = False  # without a negative prompt: one call per step
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self._sites = super().sites()
+        if not self._sites:
+            raise TypeError(f"sdlens cannot trace {type(pipe).__name__}: its transformer has no "
+                            "attention blocks")
+
+    @classmethod
+    def handles(cls, pipe) -> bool:
+        transformer = getattr(pipe, "transformer", None)
+        return (type(transformer).__name__ == "QwenImageTransformer2DModel"
+                and type(pipe).__name__ in cls.pipelines)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    def family(self) -> str:
+        return self.families[0]
+
+    def default_latent_hw(self) -> tuple[int, int]:
+        size = int(getattr(self.pipe, "default_sample_size", 128))
+        return (size, size)
+
+    def latent_channels(self) -> int:
+        """Channels of the unpacked latents (the packed ones hold 2x2 patches: 4x as many)."""
+        return int(self.pipe.transformer.config.in_channels) // 4
+
+    # ---------------------------------------------------------------- packed latents
+    @staticmethod
+    def _latent_hw(img_shapes, n_tokens: int) -> tuple[int, int]:
+        """Unpacked latent (h, w) from ``img_shapes`` (per batch item ``[(frames, h/2, w/2)]``);
+        a square where it cannot be read."""
+        try:
+            _, h2, w2 = (int(v) for v in img_shapes[0][0])
+            if h2 * w2 == n_tokens:
+                return (2 * h2, 2 * w2)
+        except (TypeError, ValueError, IndexError):
+            pass
+        side = int(round(n_tokens ** 0.5))
+        return (2 * side, 2 * side)
+
+    def denoiser_input(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The latents the transformer is given, unpacked: (B, C, h, w)."""
+        packed = args[0] if args else kwargs.get(self.sample_arg)
+        if not torch.is_tensor(packed) or packed.ndim != 3:
+            return None
+        return self.spatial(packed, self._latent_hw(kwargs.get("img_shapes"),
+                                                    int(packed.shape[1])))
+
+    def spatial(self, t: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """Packed (B, h/2 * w/2, 4 C) -> (B, C, h, w): Flux.1's packing (the pipelines'
+        ``_unpack_latents`` without the frame axis)."""
+        return FluxAdapter.spatial(self, t, latent_hw)
+
+    # ---------------------------------------------------------------- guidance
+    def cfg_calls(self, params: dict) -> tuple[str, ...] | None:
+        """True CFG (``true_cfg_scale > 1`` with a negative prompt or negative embeddings, as
+        the pipelines decide): the prompt's call, then the negative one, each step."""
+        has_negative = params.get("negative_prompt") is not None \
+            or params.get("negative_prompt_embeds") is not None
+        true_cfg = params.get("true_cfg_scale")
+        if true_cfg is not None and float(true_cfg) > 1 and has_negative:
+            return ("text", "uncond")
+        return None
+
+    def cfg_scale(self, params: dict) -> float | None:
+        """``true_cfg_scale`` under true CFG; None without guidance (``guidance_scale`` is only
+        read by guidance-distilled checkpoints)."""
+        return float(params["true_cfg_scale"]) if self.cfg_calls(params) else None
+
+    def guidance_meta(self, params: dict) -> dict:
+        true_cfg = params.get("true_cfg_scale")
+        return {"true_cfg_scale": float(true_cfg) if true_cfg is not None else None,
+                "guidance_embeds": bool(self.pipe.transformer.config.get("guidance_embeds"))}
+
+    # ---------------------------------------------------------------- text
+    def text_length(self, params: dict) -> int:
+        return int(params.get("max_sequence_length") or self.max_text_tokens)
+
+    def text_tokens(self, prompt: str, params: dict) -> list[int] | None:
+        """The prompt's token ids as the pipeline tokenizes it inside its chat template: the
+        templated text's ids past ``prompt_template_encode_start_idx``, without the template's
+        closing tokens, at most ``max_sequence_length``. None where the pipeline has no template
+        or tokenizer."""
+        tok = getattr(self.pipe, "tokenizer", None)
+        template = getattr(self.pipe, "prompt_template_encode", None)
+        start = getattr(self.pipe, "prompt_template_encode_start_idx", None)
+        if tok is None or not isinstance(template, str) or start is None:
+            return None
+        ids = list(tok(template.format(prompt)).input_ids)
+        closing = len(tok(template.format("")).input_ids) - int(start)  # <|im_end|> ... \n
+        body = ids[int(start): len(ids) - max(closing, 0)]
+        return [int(i) for i in body[: self.text_length(params)]]
+
+    def activation_bytes(self, latent_hw: tuple[int, int]) -> int:
+        h, w = latent_hw
+        tokens = (h // 2) * (w // 2) + self.max_text_tokens
+        return joint_activation_bytes(self.pipe.transformer, tokens)
+
+    # ---------------------------------------------------------------- sites
+    def kernel_layout(self, site: str, attn, call, index: int, q_len: int, k_len: int,
+                      denoiser_kwargs: dict) -> KernelLayout | None:
+        """``[text; image]``: the text as long as the site call's ``encoder_hidden_states``,
+        the image the rest (one kernel call per site call)."""
+        if index != 0:
+            return None
+        n_text = self.kernel_text_length(call, denoiser_kwargs)
+        if n_text is None or n_text >= q_len:
+            return None
+        return joint_layout(self.joint_order, {"text": n_text, "image": q_len - n_text},
+                            q_len, k_len)
+
+    def site_of(self, processor_key: str) -> str | None:
+        return self.naming.site_of(processor_key)
+
+    def sites(self) -> list[str]:
+        return list(self._sites)
+
+    def resolutions(self, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
+        hw = (latent_hw[0] // 2, latent_hw[1] // 2)
+        return {s: hw for s in self._sites}
+
+    # ================================================================ asked from outside the engine
+    def text_encoders(self, params: dict) -> list:
+        """Qwen2.5-VL (``text_encoder``), the whole text axis."""
+        return self._text_encoder("tokenizer", "text_encoder", 0, self.text_length(params))
