@@ -17,7 +17,7 @@ import torch
 import diffusers
 import sdlens
 from sdlens.engine.arch import SUPPORTED_PIPELINES
-from sdlens.testing import controlnet_for, random_pipeline
+from sdlens.testing import BEDS_2026, call_kwargs_2026, controlnet_for, random_pipeline
 from pipelines import PROMPT, task_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,12 +48,37 @@ PIPES = {
     "PixArtAlphaPipeline": ("pixart", "txt2img", False),
     "PixArtSigmaPipeline": ("pixart", "txt2img", False),
     "SanaPipeline": ("sana", "txt2img", False),
+    # the 2026 families (their test beds' own fast calls: sdlens.testing.call_kwargs_2026)
+    "ChromaPipeline": ("chroma", "txt2img", False),
+    "FluxKontextPipeline": ("flux-kontext", "txt2img", False),
+    "Flux2Pipeline": ("flux2", "txt2img", False),
+    "Flux2KleinPipeline": ("flux2-klein", "txt2img", False),
+    "QwenImagePipeline": ("qwen-image", "txt2img", False),
+    "ZImagePipeline": ("z-image", "txt2img", False),
+    "WanPipeline": ("wan", "txt2img", False),  # video: the output's .frames
 }
+# img2img / inpaint / image-to-video classes of the 2026 families: the same _Session.run, the
+# same family adapter as their txt2img class above (covered per family, not per class)
+SAME_FAMILY = {"ChromaImg2ImgPipeline": "ChromaPipeline", "ChromaInpaintPipeline": "ChromaPipeline",
+               "Flux2KleinInpaintPipeline": "Flux2KleinPipeline",
+               "QwenImageImg2ImgPipeline": "QwenImagePipeline",
+               "QwenImageInpaintPipeline": "QwenImagePipeline",
+               "WanImageToVideoPipeline": "WanPipeline"}
 NAMES = list(PIPES)
 
 
 def test_every_supported_class_is_covered():
-    assert set(SUPPORTED_PIPELINES) <= set(PIPES), set(SUPPORTED_PIPELINES) - set(PIPES)
+    covered = set(PIPES) | {c for c, txt in SAME_FAMILY.items() if txt in PIPES}
+    assert set(SUPPORTED_PIPELINES) <= covered, set(SUPPORTED_PIPELINES) - covered
+    for cls, txt in SAME_FAMILY.items():  # the same adapter as the class that is called here
+        assert type(adapter_for_class(cls)) is type(adapter_for_class(txt)), cls
+
+
+def adapter_for_class(name: str):
+    """The adapter sdlens picks for a pipeline of class ``name`` (built from its family's bed)."""
+    from sdlens.engine.arch import ADAPTERS
+
+    return next(a for a in ADAPTERS if name in a.pipelines)
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,6 +113,10 @@ def inputs(name: str) -> dict:
         kw.update(use_resolution_binning=False, clean_caption=False)
     if arch in ("sd3", "sd35", "flux", "sana") and task == "txt2img":
         kw.update(height=32, width=32) if arch == "sana" else kw.update(height=64, width=64)
+    if arch == "wan":
+        kw.update(num_frames=5, height=32, width=32)
+    elif arch in BEDS_2026:
+        kw = {k: v for k, v in call_kwargs_2026(arch).items() if k not in ("prompt", "generator")}
     return kw
 
 
@@ -178,7 +207,8 @@ def assert_same_output(out0, out1):
         for a, b in zip(out0, out1):
             assert type(a) is type(b) and same(a, b), "return values differ"
     else:
-        assert torch.equal(out0.images, out1.images), "tracing changed the latents"
+        field = "frames" if hasattr(out0, "frames") else "images"  # video pipelines: frames
+        assert torch.equal(getattr(out0, field), getattr(out1, field)), "tracing changed the latents"
 
 
 def gen():
@@ -201,11 +231,15 @@ def test_keywords_reach_the_pipeline_unchanged(monkeypatch, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_positional_arguments_and_tuples(monkeypatch, name):
-    """The prompt given positionally stays positional; ``return_dict=False`` gives the same
-    tuple."""
-    plain, traced = call_both(monkeypatch, name, lambda: (
-        (PROMPT,), dict(generator=gen(), return_dict=False, **inputs(name))))
-    assert plain[0] == traced[0] == (PROMPT,)
+    """The first argument (the prompt; Kontext's: the image) given positionally stays positional;
+    ``return_dict=False`` gives the same tuple."""
+    kw = dict(return_dict=False, **inputs(name))
+    first = list(signature(name))[1]  # after self
+    value = (kw.pop(first, None) if first != "prompt" else PROMPT)  # Flux.2: image=None
+    if first != "prompt":
+        kw["prompt"] = PROMPT
+    plain, traced = call_both(monkeypatch, name, lambda: ((value,), dict(kw, generator=gen())))
+    assert plain[0] == traced[0] == (value,)
     assert_same_call(name, plain, traced)
     # a tuple (some SDXL pipelines return their output class for latents all the same): the
     # same type either way
