@@ -395,7 +395,7 @@ def no_word_error(words: Sequence[Word], query: str, truncated: Sequence[str] = 
                           f"({MAX_PROMPT_TOKENS}-token prompts): the pipeline cut it, so it has no "
                           f"token positions (no attention maps, nothing to steer); words cut: "
                           f"{list(truncated)}")
-    if empty_prompt or (not words and re.search(r"(''|\"\")\)?$", where)):
+    if empty_prompt:
         return ValueError(f"{query!r}: {where} is empty: it has no words to map")
     if not words:
         return ValueError(f"{query!r}: no words for {where}: {WORDS_UNKNOWN}")

@@ -70,5 +70,6 @@ def word_positions(pipe, prompt: str, word: Any, params: dict | None = None) -> 
         return [int(word)]
     matches = word_matches(words, str(word))
     if not matches:
-        raise no_word_error(words, str(word), cut, f"the prompt {prompt!r}")
+        raise no_word_error(words, str(word), cut, f"the prompt {prompt!r}",
+                            empty_prompt=isinstance(prompt, str) and not prompt.strip())
     return [p for w in matches for p in w.positions]
