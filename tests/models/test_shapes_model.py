@@ -41,7 +41,7 @@ class _Rendered:
         self.images = [Image.fromarray(sc.image) for sc in scenes]
         self.scenes, self.exact = scenes, exact
 
-    def heatmap(self, word, batch=0, occurrence=0):
+    def heatmap(self, word, batch=0, occurrence=0, normalize=True, **kwargs):
         sc = self.scenes[batch]
         hits = [k for k, o in enumerate(sc.objects) if word in (o.colour, o.shape)]
         mask = sc.masks[hits[occurrence]].astype(np.float32)
