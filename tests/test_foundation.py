@@ -72,7 +72,7 @@ def test_random_inpaint_pipeline_has_nine_channels():
 
 def test_random_pipeline_rejects_unknown_arch():
     with pytest.raises(ValueError, match="sd15, sd21, sdxl"):
-        random_pipeline("flux2")  # not (yet) a test bed: the error lists those that are
+        random_pipeline("hidream")  # not (yet) a test bed: the error lists those that are
 
 
 def test_load_pipeline_errors_are_clear(tmp_path):
@@ -80,7 +80,7 @@ def test_load_pipeline_errors_are_clear(tmp_path):
         sdlens.load_pipeline(str(tmp_path / "missing" / "model"))
     with pytest.raises(FileNotFoundError, match="no model_index.json"):
         sdlens.load_pipeline(tmp_path)
-    (tmp_path / "model_index.json").write_text('{"_class_name": "QwenImagePipeline"}')
+    (tmp_path / "model_index.json").write_text('{"_class_name": "HiDreamImagePipeline"}')
     with pytest.raises(TypeError, match="StableDiffusionPipeline"):
         sdlens.load_pipeline(tmp_path)
     with pytest.raises(ValueError, match="not a valid hub id"):
