@@ -89,24 +89,28 @@ class SiteNaming:
 
 
 class BlockNaming(SiteNaming):
-    """A transformer's sites ``transformer_blocks.N.<attention>`` <-> ``"block.N"`` (or ``"N"``),
-    in block order; the group ``"blocks"`` (all of them). ``attention``: the name of the site's
-    attention module in a block (it differs between families)."""
+    """A transformer's sites ``<blocks>.N.<attention>`` <-> ``"<alias>.N"`` (or ``"N"``), in
+    block order; the group ``group`` (all of them). ``attention``: the name of the site's
+    attention module in a block, ``blocks`` the block list's name (``transformer_blocks``;
+    Wan's ``blocks``, Z-Image's ``layers``), ``alias`` a block's short name (``"block"``;
+    Z-Image: ``"layer"``), ``group`` the group's (``"blocks"``; Z-Image: ``"layers"``)."""
 
     groups = ("blocks",)
 
-    def __init__(self, attention: str):
-        self.site = re.compile(rf"^transformer_blocks\.(\d+)\.{re.escape(attention)}$")
+    def __init__(self, attention: str, blocks: str = "transformer_blocks", alias: str = "block",
+                 group: str = "blocks"):
+        self.site = re.compile(rf"^{re.escape(blocks)}\.(\d+)\.{re.escape(attention)}$")
+        self.blocks, self.short, self.groups = blocks, alias, (group,)
 
     def alias(self, site: str) -> str:
         m = self.site.match(site)
-        return f"block.{m.group(1)}" if m else site
+        return f"{self.short}.{m.group(1)}" if m else site
 
     def expand(self, name: str) -> str | None:
-        if name == "blocks":
-            return "transformer_blocks"
-        m = re.match(r"^(?:block\.)?(\d+)$", name)
-        return f"transformer_blocks.{int(m.group(1))}" if m else None
+        if name == self.groups[0]:
+            return self.blocks
+        m = re.match(rf"^(?:{re.escape(self.short)}\.)?(\d+)$", name)
+        return f"{self.blocks}.{int(m.group(1))}" if m else None
 
     def sort_key(self, site: str) -> tuple:
         m = self.site.match(site)

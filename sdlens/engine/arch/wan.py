@@ -41,39 +41,13 @@ flow row.
 
 from __future__ import annotations
 
-import re
 
 import torch
 
-from sdlens.engine.arch.base import BackboneAdapter, SiteNaming, cross_layout
+from sdlens.engine.arch.base import BackboneAdapter, BlockNaming, cross_layout
 
 # diffusers hardcodes the text encoder's context length in WanAttnProcessor (I2V's split)
 WAN_TEXT_CONTEXT = 512
-
-
-class WanNaming(SiteNaming):
-    """``blocks.N.attn2`` <-> ``"block.N"`` (or ``"N"``); the group ``"blocks"``."""
-
-    groups = ("blocks",)
-    site = re.compile(r"^blocks\.(\d+)\.attn2$")
-
-    def alias(self, site: str) -> str:
-        m = self.site.match(site)
-        return f"block.{m.group(1)}" if m else site
-
-    def expand(self, name: str) -> str | None:
-        if name == "blocks":
-            return "blocks"
-        m = re.match(r"^(?:block\.)?(\d+)$", name)
-        return f"blocks.{int(m.group(1))}" if m else None
-
-    def sort_key(self, site: str) -> tuple:
-        m = self.site.match(site)
-        return (int(m.group(1)), site) if m else (1 << 30, site)
-
-    def site_of(self, processor_key: str) -> str | None:
-        site = processor_key[: -len(".processor")] if processor_key.endswith(".processor") else ""
-        return site if self.site.match(site) else None
 
 
 class WanAdapter(BackboneAdapter):
@@ -82,7 +56,7 @@ class WanAdapter(BackboneAdapter):
 
     pipelines = ("WanPipeline", "WanImageToVideoPipeline")
     families = ("wan",)
-    naming = WanNaming()
+    naming = BlockNaming("attn2", blocks="blocks")  # blocks.N.attn2 <-> "block.N"
     max_text_tokens = WAN_TEXT_CONTEXT
     sample_arg = "hidden_states"
     video = True

@@ -38,11 +38,10 @@ that call (one warning), and the generation is not affected.
 
 from __future__ import annotations
 
-import re
 
 import torch
 
-from sdlens.engine.arch.base import (BackboneAdapter, KernelLayout, SiteNaming,
+from sdlens.engine.arch.base import (BackboneAdapter, BlockNaming, KernelLayout,
                                      joint_activation_bytes)
 
 _LAYERS = "layers"
@@ -53,37 +52,12 @@ def _padded(n: int) -> int:
     return n + (-n) % _MULTIPLE
 
 
-class ZImageNaming(SiteNaming):
-    """``layers.N.attention`` <-> ``"layer.N"`` (or ``"N"``); the group ``"layers"``."""
-
-    groups = ("layers",)
-    site = re.compile(rf"^{_LAYERS}\.(\d+)\.attention$")
-
-    def alias(self, site: str) -> str:
-        m = self.site.match(site)
-        return f"layer.{m.group(1)}" if m else site
-
-    def expand(self, name: str) -> str | None:
-        if name == "layers":
-            return _LAYERS
-        m = re.match(r"^(?:layer\.)?(\d+)$", name)
-        return f"{_LAYERS}.{int(m.group(1))}" if m else None
-
-    def sort_key(self, site: str) -> tuple:
-        m = self.site.match(site)
-        return (int(m.group(1)), site) if m else (1 << 30, site)
-
-    def site_of(self, processor_key: str) -> str | None:
-        site = processor_key[: -len(".processor")] if processor_key.endswith(".processor") else ""
-        return site if self.site.match(site) else None
-
-
 class ZImageAdapter(BackboneAdapter):
     """A Z-Image pipeline (``pipe.transformer`` a ``ZImageTransformer2DModel``)."""
 
     pipelines = ("ZImagePipeline",)
     families = ("z-image",)
-    naming = ZImageNaming()
+    naming = BlockNaming("attention", blocks=_LAYERS, alias="layer", group="layers")
     max_text_tokens = 512  # the pipeline's default max_sequence_length (template included)
     cfg_halves = ("text", "uncond")  # cat([prompt_embeds, negative_prompt_embeds])
     attention_kind = "joint"
