@@ -196,10 +196,12 @@ def attention_loss(store: list, obj_tokens: torch.Tensor, masks: dict, keep: tor
 def train_stage(work: Path, stage: str, modules: dict, step_loss, *, steps: int, lr: float,
                 minutes: float, ckpt_every: int, seed: int, init_from: Path | None = None,
                 ema: float = 0.999, warmup: int = 200, snapshot_every: int = 500,
-                extra: dict | None = None, device: str = "cpu") -> bool:
+                extra: dict | None = None, device: str = "cpu", schedule=None) -> bool:
     """The training loop every denoiser shares: AdamW, warm-up then cosine to 10% of ``lr`` (over
     ``steps`` or the ``minutes`` budget, whichever binds first), gradient clipping at 1, EMA
     weights, checkpoints to ``work/{stage}.pt`` (resumed from there), EMA snapshots.
+    ``schedule(step) -> frac``: the cosine's position in [0, 1] as a function of the step alone
+    (e.g. :func:`shipped_unet_schedule`), replacing the steps / time one; the budget still stops.
 
     ``modules``: ``{name: module}`` trained together (checkpoint keys ``name`` and ``ema_name``).
     ``step_loss(step, g)``: draws its batch from the CPU generator ``g`` (so that a run draws the
@@ -254,8 +256,11 @@ def train_stage(work: Path, stage: str, modules: dict, step_loss, *, steps: int,
         if elapsed >= minutes * 60:
             save(step - 1)
             return False
-        progress = min(1.0, max(step / steps, elapsed / (minutes * 60)))
-        frac = max(0.0, (progress - warmup / steps) / (1 - warmup / steps))
+        if schedule is not None:
+            frac = schedule(step)
+        else:
+            progress = min(1.0, max(step / steps, elapsed / (minutes * 60)))
+            frac = max(0.0, (progress - warmup / steps) / (1 - warmup / steps))
         for group in opt.param_groups:  # warm-up, then cosine to 10%
             group["lr"] = lr * (step / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
         loss, row = step_loss(step, g)
@@ -272,6 +277,27 @@ def train_stage(work: Path, stage: str, modules: dict, step_loss, *, steps: int,
             save(step)
     save(steps)
     return True
+
+
+def shipped_unet_schedule(step: int) -> float:
+    """The shipped UNet stage's learning-rate schedule as a function of the step, so that a
+    recipe trained on another machine (the fair ablation, issue 31) follows it step for step.
+
+    The shipped stage was time-budgeted (``training.json``): ``--steps 20000 --minutes 72`` ended
+    at step 2,250 with the cosine fully annealed, then ``--minutes 161.5`` resumed it at 72 /
+    161.5 of the budget (a warm restart at lr 6.3e-4) and annealed again over 3,450 more steps.
+    Time is taken as even within each run (its speed is not logged; this is the one
+    approximation). Returns the cosine's position ``frac`` (warm-up as ``--steps 20000`` had it).
+    """
+    first, total, budget1, budget2 = 2250, 5700, 72.0, 161.5
+    if step <= first:
+        progress = step / first
+    else:
+        progress = budget1 / budget2 + (step - first) / (total - first) * (1 - budget1 / budget2)
+    return max(0.0, (min(progress, 1.0) - 200 / 20000) / (1 - 200 / 20000))
+
+
+SCHEDULES = {"shipped": shipped_unet_schedule}
 
 
 def _caption_ids(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,7 +325,7 @@ def _draw(cache: dict, batch: int, g: torch.Generator, ids, empty_ids, shift: fl
 def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_loss: float,
                minutes: float, ckpt_every: int, *, stage: str = "unet", init_from: Path | None = None,
                cover: float = 0.0, ema: float = 0.999, warmup: int = 200,
-               snapshot_every: int = 500, device: str = "cpu") -> bool:
+               snapshot_every: int = 500, device: str = "cpu", schedule=None) -> bool:
     """One training stage of text encoder + UNet (:func:`train_stage`): epsilon prediction on
     SD's scaled-linear schedule, min-SNR-5 weighting; with ``attn_loss > 0`` the attention loss,
     and ``cover`` the weight of its coverage part (added to ``attn_loss * (loc + use)``)."""
@@ -338,7 +364,8 @@ def train_unet(work: Path, steps: int, batch: int, seed: int, lr: float, attn_lo
     return train_stage(work, stage, {"unet": unet, "text": text}, step_loss, steps=steps, lr=lr,
                        minutes=minutes, ckpt_every=ckpt_every, seed=seed, init_from=init_from,
                        ema=ema, warmup=warmup, snapshot_every=snapshot_every,
-                       extra={"scaling_factor": cache["scaling_factor"]}, device=device)
+                       extra={"scaling_factor": cache["scaling_factor"]}, device=device,
+                       schedule=schedule)
 
 
 def mmdit_text(encoders, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -479,9 +506,14 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=1e9,
                    help="time budget of the UNet phase (over all resumes): the learning-rate "
                         "schedule anneals to it, and training stops there with a checkpoint")
+    p.add_argument("--schedule", choices=("time", *SCHEDULES), default="time",
+                   help="the UNet stage's learning rate: 'time' anneals over --steps or the "
+                        "--minutes budget; 'shipped' replays the shipped model's schedule step "
+                        "for step (use with --steps 5700)")
     p.add_argument("--refine-steps", type=int, default=1000,
                    help="steps of the refine stage (0: none), which starts from the UNet stage's "
-                        "weights and adds the per-word coverage term to the attention loss")
+                        "weights and adds the per-word coverage term to the attention loss (with "
+                        "--attn-loss 0 it is the same low-lr stage without attention terms)")
     p.add_argument("--refine-lr", type=float, default=1e-4)
     p.add_argument("--cover", type=float, default=0.1,
                    help="weight of the coverage term in the refine stage")
@@ -513,9 +545,10 @@ def main() -> None:
             print(export_mmdit(args.work, args.export))
         return
     done = train_unet(args.work, args.steps, args.batch, args.seed, args.lr, args.attn_loss,
-                      args.minutes, args.ckpt_every, device=args.device)
+                      args.minutes, args.ckpt_every, device=args.device,
+                      schedule=SCHEDULES.get(args.schedule))
     _log(args.work, phase="unet-end", finished=done)
-    if args.refine_steps and args.attn_loss > 0:
+    if args.refine_steps:
         # a short stage at a low learning rate: the UNet stage's recipe leaves shape words'
         # maps peaked at their objects' centres; this one flattens them over the object
         train_unet(args.work, args.refine_steps, args.batch, args.seed + 1, args.refine_lr,
