@@ -6,6 +6,8 @@
     python -m sdlens.models.shapes.card --fit-preview-mmdit  # fit weights_mmdit/latent_rgb.json
     python -m sdlens.models.shapes.card --choose-guidance 3 5 7.5 --measure-mmdit  # shapes-mmdit
     python -m sdlens.models.shapes.card --intervals        # free vs taught: mass, pointing, intervals
+    python -m sdlens.models.shapes.card --common-cfg       # free vs taught at the common CFG 1
+    python -m sdlens.models.shapes.card --measure-ablation WORK  # the ablation, both CFGs
     python -m sdlens.models.shapes.card --concept-methods  # both concept-map methods, shapes-mmdit
 
 Inputs, next to the weights:
@@ -42,6 +44,8 @@ TRAINING = WEIGHTS / "training.json"
 README = Path(__file__).resolve().parents[3] / "README.md"  # present in a source checkout only
 BEGIN, END = "<!-- shapes-model:begin -->", "<!-- shapes-model:end -->"
 MMDIT_BEGIN, MMDIT_END = "<!-- shapes-mmdit:begin -->", "<!-- shapes-mmdit:end -->"
+COMMON_CFG = 1.0  # the free-vs-taught comparison's common guidance: none (each model's own
+# conditional prediction, so that the models' sampling paths differ in the model alone)
 
 
 def load_results(folder: Path = WEIGHTS) -> tuple[dict, dict]:
@@ -274,11 +278,18 @@ def _ci(x: dict | None) -> str:
     return "n/a" if x is None else f"{x['mean']:.2f} [{x['low']:.2f}, {x['high']:.2f}]"
 
 
-def taught_row(ev_u: dict) -> dict:
-    """The taught UNet's row for the comparison: on the MMDiT's test seeds and image count
-    (``free_vs_taught``, :func:`measure_intervals`) where measured, else its card's CFG 7.5 row."""
-    rows = ev_u.get("free_vs_taught") or []
-    return rows[0] if rows else _by_cfg(ev_u["test"], 7.5)
+def taught_row(ev_u: dict, cfg: float = 7.5) -> dict | None:
+    """The taught UNet's row for the comparison at ``cfg``: on the MMDiT's test seeds and image
+    count (``free_vs_taught``, :func:`measure_intervals` / :func:`measure_common_cfg`) where
+    measured; else, at its default CFG 7.5, its card's row; else None (not measured)."""
+    for r in ev_u.get("free_vs_taught") or []:
+        if float(r["guidance_scale"]) == float(cfg):
+            return r
+    return _by_cfg(ev_u["test"], 7.5) if float(cfg) == 7.5 else None
+
+
+def _at(rows: list[dict], cfg: float) -> dict | None:
+    return next((r for r in rows if float(r["guidance_scale"]) == float(cfg)), None)
 
 
 def best_block(ev_m: dict) -> str | None:
@@ -291,17 +302,28 @@ def best_block(ev_m: dict) -> str | None:
 
 
 def free_vs_taught_verdicts(unet: tuple[dict, dict], mmdit: tuple[dict, dict] | None) -> str:
-    """The free-vs-taught verdict sentences, generated from the result files (:func:`verdict`)."""
-    ev_u = unet[0]
-    taught = taught_row(ev_u)
-    free = []
-    if mmdit is not None:
-        free.append(("shapes-mmdit (free)", _by_cfg(mmdit[0]["test"], mmdit[0]["default_guidance"])))
-    free += [("the UNet recipe without the attention loss", a) for a in ev_u.get("ablation", [])]
-    lines = [verdict(name, interval(r, m), "the taught UNet", interval(taught, m), m)
-             for name, r in free for m in ("iou", "mass", "pointing")]
-    return "Verdicts, written from the numbers (bootstrap 95% intervals over images):\n\n" + \
-        "\n".join(f"- {line}" for line in lines)
+    """The free-vs-taught verdict sentences, generated from the result files (:func:`verdict`):
+    each free model against the taught UNet at each one's default CFG, then at ``COMMON_CFG``
+    where both were measured there."""
+    out = []
+    for label, cfg_m, cfg_u in (("at each model's default CFG", None, 7.5),
+                                (f"at the common CFG {COMMON_CFG:g}", COMMON_CFG, COMMON_CFG)):
+        ev_u = unet[0]
+        taught = taught_row(ev_u, cfg_u)
+        free = []
+        if mmdit is not None:
+            r = _at(mmdit[0]["test"], mmdit[0]["default_guidance"] if cfg_m is None else cfg_m)
+            if r is not None:
+                free.append(("shapes-mmdit (free)", r))
+        free += [("the UNet recipe without the attention loss", a)
+                 for a in ev_u.get("ablation", []) if float(a["guidance_scale"]) == float(cfg_u)]
+        if taught is None or not free:
+            continue
+        lines = [verdict(name, interval(r, m), "the taught UNet", interval(taught, m), m)
+                 for name, r in free for m in ("iou", "mass", "pointing")]
+        out.append(f"Verdicts {label}, written from the numbers (bootstrap 95% intervals over "
+                   "images):\n\n" + "\n".join(f"- {line}" for line in lines))
+    return "\n\n".join(out)
 
 
 def _maybe_results(folder: Path) -> tuple[dict, dict] | None:
@@ -321,31 +343,38 @@ def _fmt(x: float | None) -> str:
 
 
 def free_vs_taught(unet: tuple[dict, dict], mmdit: tuple[dict, dict] | None) -> str:
-    """The table both cards carry: each recipe's accuracy and map IoU on the test seeds at its
-    default guidance, with its attention supervision and training steps."""
+    """The table both cards carry: each recipe's accuracy and map measures on the same test
+    seeds, at its default guidance and at ``COMMON_CFG``, with its attention supervision and
+    training steps."""
     rows = []
-    if mmdit is not None:
-        ev_m, tr_m = mmdit
-        r = _by_cfg(ev_m["test"], ev_m["default_guidance"])
-        best = best_block(ev_m)
-        test_blocks = r.get("iou_by_map") or {}
-        raw = _ci(interval(r)) if interval(r) else f"{r['iou_mean']:.2f}"
-        if best and best in test_blocks:
-            raw += f" (best block on validation, {best}: {test_blocks[best]['mean']:.2f} on test)"
-        concept = interval(r, kind="concept")
-        rows.append(("shapes-mmdit (SD3 MMDiT)", "**none**", f"{tr_m['steps']:,}", r, raw,
-                     _ci(concept) if concept else _fmt(_iou(r, "concept"))))
     ev_u, tr_u = unet
-    r = taught_row(ev_u)
-    rows.append(("shapes (UNet), shipped", "attention loss (taught)",
-                 f"{tr_u['unet_steps']:,} + {tr_u['refine_steps']:,} refine", r,
-                 _ci(interval(r)) if interval(r) else f"{r['iou_mean']:.2f}",
-                 "n/a (no joint attention)"))
-    for a in ev_u.get("ablation", []):
-        rows.append((f"UNet recipe without the attention loss ({a['cache']:,}-scene cache)",
-                     "**none**", f"{a['train_steps']:,}", a,
-                     _ci(interval(a)) if interval(a) else f"{a['iou_mean']:.2f}",
-                     "n/a (no joint attention)"))
+    for common in (False, True):
+        if mmdit is not None:
+            ev_m, tr_m = mmdit
+            r = _at(ev_m["test"], COMMON_CFG if common else ev_m["default_guidance"])
+            if r is not None:
+                best = best_block(ev_m)
+                test_blocks = r.get("iou_by_map") or {}
+                raw = _ci(interval(r)) if interval(r) else f"{r['iou_mean']:.2f}"
+                if best and best in test_blocks:
+                    raw += (f" (best block on validation, {best}: {test_blocks[best]['mean']:.2f} "
+                            "on test)")
+                concept = interval(r, kind="concept")
+                rows.append(("shapes-mmdit (SD3 MMDiT)", "**none**", f"{tr_m['steps']:,}", r, raw,
+                             _ci(concept) if concept else _fmt(_iou(r, "concept"))))
+        r = taught_row(ev_u, COMMON_CFG if common else 7.5)
+        if r is not None:
+            rows.append(("shapes (UNet), shipped", "attention loss (taught)",
+                         f"{tr_u['unet_steps']:,} + {tr_u['refine_steps']:,} refine", r,
+                         _ci(interval(r)) if interval(r) else f"{r['iou_mean']:.2f}",
+                         "n/a (no joint attention)"))
+        for a in ev_u.get("ablation", []):
+            if float(a["guidance_scale"]) != float(COMMON_CFG if common else 7.5):
+                continue
+            rows.append((f"UNet recipe without the attention loss ({a['cache']:,}-scene cache)",
+                         "**none**", f"{a['train_steps']:,}", a,
+                         _ci(interval(a)) if interval(a) else f"{a['iou_mean']:.2f}",
+                         "n/a (no joint attention)"))
     head = ("| model | attention supervision | training steps | CFG | test seeds | test images | "
             "single: colour | single: shape | two: both colours | two: both shapes | "
             "IoU@0.4 raw maps | mass in object, raw maps | pointing, raw maps | "
@@ -362,19 +391,35 @@ def free_vs_taught(unet: tuple[dict, dict], mmdit: tuple[dict, dict] | None) -> 
         f"{r['double_both_shapes']:.2f} | {raw} | {_ci(interval(r, 'mass'))} | "
         f"{_ci(interval(r, 'pointing'))} | {concept} |"
         for name, sup, steps, r, raw, concept in rows)
-    shortfall = ""
-    for a in ev_u.get("ablation", []):
-        shipped = tr_u["unet_steps"] + tr_u["refine_steps"]
-        if a["train_steps"] < shipped:
-            shortfall = (f"\n\nThe UNet recipe without the attention loss trained {a['train_steps']:,} "
-                         f"steps, not the shipped model's {shipped:,}: that is as far as the CPU "
-                         "budget of the session that trained it reached (no GPU was lent); the fair "
-                         "ablation (as many steps, the same cache) is not trained yet.")
-    return head + "\n" + body + shortfall + "\n\n" + free_vs_taught_verdicts(unet, mmdit)
+    notes = []
+    shipped = tr_u["unet_steps"] + tr_u["refine_steps"]
+    ablation = ev_u.get("ablation", [])
+    if not ablation:
+        notes.append("The UNet recipe without the attention loss is not measured yet.")
+    elif min(a["train_steps"] for a in ablation) < shipped:
+        a = min(ablation, key=lambda a: a["train_steps"])
+        notes.append(
+            f"The UNet recipe without the attention loss trained {a['train_steps']:,} steps, not "
+            f"the shipped model's {shipped:,}: the fair ablation (as many steps, the same cache "
+            "and schedule: `train.py --attn-loss 0 --steps 5700 --schedule shipped`) had not "
+            "reached them when these rows were measured (CPU only, no GPU lent).")
+    missing = [name for name, r in (("the taught UNet", taught_row(ev_u, COMMON_CFG)),
+                                     ("the UNet without the attention loss",
+                                      _at(ablation, COMMON_CFG)),
+                                     ("shapes-mmdit", _at(mmdit[0]["test"], COMMON_CFG)
+                                      if mmdit is not None else {}))
+               if r is None]
+    if missing:
+        notes.append(f"Not measured at the common CFG {COMMON_CFG:g} on these seeds: "
+                     f"{', '.join(missing)}.")
+    note = "".join(f"\n\n{n}" for n in notes)
+    return head + "\n" + body + note + "\n\n" + free_vs_taught_verdicts(unet, mmdit)
 
 
 FREE_VS_TAUGHT_NOTE = (
-    "All rows: the test seeds (2000-), 25 steps, the evaluation prompts of "
+    f"All rows: the test seeds (2000-), 25 steps, each model at its default CFG (the MMDiT's "
+    f"chosen on validation seeds, the UNet's 7.5) and at the common CFG {COMMON_CFG:g} (no "
+    "guidance), the evaluation prompts of "
     "`sdlens.models.shapes.evaluate`; IoU is DAAM's protocol (map normalised to [0, 1], threshold "
     "0.4) against the colour segment of the generated object, averaged over colour and shape words. "
     "Mass in object: the share of the unnormalised map inside the object's largest blob; "
@@ -807,30 +852,75 @@ def choose_guidance(candidates: tuple, folder: Path = MMDIT, seeds: int = 1) -> 
     return best["guidance_scale"]
 
 
-def measure_ablation(work: Path, seeds: int = 2, folder: Path = WEIGHTS) -> dict:
-    """Evaluate the UNet recipe trained without the attention loss (the EMA weights of
-    ``work/unet.pt``) on the test seeds at CFG 7.5 and record it in the shipped model's
-    ``evaluation.json`` under ``ablation``."""
+def measure_ablation(work: Path, seeds: int | None = None, folder: Path = WEIGHTS) -> list[dict]:
+    """Evaluate the UNet recipe trained without the attention loss (the EMA weights of the last
+    stage in ``work``: ``refine.pt`` when it ran, else ``unet.pt``) on the MMDiT's test seeds and
+    image count (``MMDIT_SEEDS``), at the UNet's CFG 7.5 and at ``COMMON_CFG``, with the
+    bootstrap intervals, and record the rows in the shipped model's ``evaluation.json`` under
+    ``ablation`` (steps counted over both stages)."""
     import tempfile
+    import time
 
     import torch
 
     from sdlens.models.shapes.train import export
     from sdlens.pipeline import load_pipeline
 
-    state = torch.load(work / "unet.pt", weights_only=False, map_location="cpu")
+    seeds = MMDIT_SEEDS if seeds is None else seeds
+    steps = sum(int(torch.load(work / f"{stage}.pt", weights_only=False, map_location="cpu")["step"])
+                for stage in ("unet", "refine") if (work / f"{stage}.pt").exists())
     cache = len(torch.load(work / "cache.pt", weights_only=False)["captions"])
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         pipe = load_pipeline(export(work, Path(tmp) / "model"), device="cpu")
-        r = ev.evaluate(pipe, ev.default_prompts(),
-                        list(range(ev.TEST_SEED, ev.TEST_SEED + seeds)), 7.5)
-    row = {**r, "recipe": f"no attention loss, {state['step']} steps", "split": "test",
-           "stage": "no_attention_loss", "train_steps": int(state["step"]), "cache": cache}
+        for cfg in (7.5, COMMON_CFG):
+            t0 = time.time()
+            r = ev.evaluate(pipe, ev.default_prompts(),
+                            list(range(ev.TEST_SEED, ev.TEST_SEED + seeds)), cfg, progress=False)
+            rows.append({**r, "recipe": f"no attention loss, {steps} steps", "split": "test",
+                         "stage": "no_attention_loss", "train_steps": steps, "cache": cache,
+                         "seconds": round(time.time() - t0, 1)})
     path = folder / EVALUATION.name
     evaluation = json.loads(path.read_text())
-    evaluation["ablation"] = [row]
+    evaluation["ablation"] = rows
     path.write_text(json.dumps(evaluation, indent=1) + "\n")
-    return row
+    return rows
+
+
+def measure_common_cfg(seeds: int | None = None) -> dict:
+    """The shipped MMDiT and the taught UNet at ``COMMON_CFG`` on the same test seeds and image
+    count (``MMDIT_SEEDS``), with the bootstrap intervals: the MMDiT's ``COMMON_CFG`` test row
+    (its maps and concept maps as in :func:`measure_intervals`), the UNet's ``free_vs_taught`` row
+    at that CFG."""
+    import time
+
+    from sdlens.models.shapes.architecture import MMDIT_CALL_DEFAULTS
+    from sdlens.pipeline import load_pipeline
+
+    seeds = MMDIT_SEEDS if seeds is None else seeds
+    prompts, test_seeds = ev.default_prompts(), list(range(ev.TEST_SEED, ev.TEST_SEED + seeds))
+    path_m = MMDIT / EVALUATION.name
+    evm = json.loads(path_m.read_text())
+    mmdit = load_pipeline(MMDIT, device="cpu")
+    t0 = time.time()
+    r = ev.evaluate(mmdit, prompts, test_seeds, COMMON_CFG,
+                    call={**MMDIT_CALL_DEFAULTS, "concepts": MMDIT_CONCEPTS}, maps=mmdit_maps(),
+                    progress=False)
+    row = {**r, "recipe": "shapes-mmdit", "split": "test", "seconds": round(time.time() - t0, 1)}
+    evm["test"] = [x for x in evm["test"] if float(x["guidance_scale"]) != COMMON_CFG] + [row]
+    path_m.write_text(json.dumps(evm, indent=1) + "\n")
+    del mmdit
+    unet = load_pipeline(WEIGHTS, device="cpu")
+    t0 = time.time()
+    u = ev.evaluate(unet, prompts, test_seeds, COMMON_CFG, progress=False)
+    path_u = WEIGHTS / EVALUATION.name
+    evu = json.loads(path_u.read_text())
+    evu["free_vs_taught"] = [x for x in evu.get("free_vs_taught", [])
+                             if float(x["guidance_scale"]) != COMMON_CFG] + [
+        {**u, "recipe": "shapes (UNet), shipped", "split": "test",
+         "seconds": round(time.time() - t0, 1)}]
+    path_u.write_text(json.dumps(evu, indent=1) + "\n")
+    return {"mmdit": row, "unet": u}
 
 
 PREVIEW_SEEDS = (0, 1)  # training seeds: the preview fit looks at neither split
@@ -941,7 +1031,8 @@ def measure_intervals(validation_seeds: int = 1, seeds: int = MMDIT_SEEDS) -> di
     path_u = WEIGHTS / EVALUATION.name
     evu = json.loads(path_u.read_text())
     evu["free_vs_taught"] = [{**u, "recipe": "shapes (UNet), shipped", "split": "test",
-                              "seconds": round(time.time() - t0, 1)}]
+                              "seconds": round(time.time() - t0, 1)}] + [
+        x for x in evu.get("free_vs_taught", []) if float(x["guidance_scale"]) != 7.5]
     path_u.write_text(json.dumps(evu, indent=1) + "\n")
     return {"validation_blocks": evm["validation_blocks"], "mmdit": row, "unet": u}
 
@@ -969,6 +1060,8 @@ if __name__ == "__main__":
                     help="evaluate the UNet recipe trained without attention loss in WORK")
     ap.add_argument("--concept-methods", action="store_true",
                     help="measure both concept-map methods on the MMDiT (concept_methods.json)")
+    ap.add_argument("--common-cfg", action="store_true",
+                    help=f"measure the MMDiT and the taught UNet at the common CFG {COMMON_CFG:g}")
     ap.add_argument("--intervals", action="store_true",
                     help="re-measure the free-vs-taught rows with mass / pointing and intervals")
     args = ap.parse_args()
@@ -976,6 +1069,8 @@ if __name__ == "__main__":
         measure_concept_methods()
     if args.intervals:
         measure_intervals()
+    if args.common_cfg:
+        measure_common_cfg()
     if args.fit_preview:
         fit_preview()
     if args.fit_preview_mmdit:
