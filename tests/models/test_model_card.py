@@ -66,6 +66,23 @@ def test_verdicts_follow_the_numbers():
     assert "The taught UNet scores higher than shapes-mmdit (free)" in verdicts(b, a)
     assert "inconclusive, the 95% intervals overlap" in verdicts(a, a)
 
+    # ... and at the common CFG, from the rows measured there
+    common = card.COMMON_CFG
+    row_c = dict(card._by_cfg(mmdit[0]["test"], common))
+    taught_c = dict(card.taught_row(unet[0], common))
+
+    def common_verdicts(free_iv, taught_iv):
+        ev_m = {**mmdit[0], "test": [with_iou(row, a), with_iou(row_c, free_iv)]}
+        ev_u = {**unet[0], "ablation": [],
+                "free_vs_taught": [with_iou(taught, a), with_iou(taught_c, taught_iv)]}
+        text = card.free_vs_taught_verdicts((ev_u, unet[1]), (ev_m, mmdit[1]))
+        return text[text.index(f"at the common CFG {common:g}"):]
+
+    assert "The taught UNet scores higher than shapes-mmdit (free) on IoU@0.4" in \
+        common_verdicts(b, a)
+    assert "Shapes-mmdit (free) scores higher" in common_verdicts(a, b)
+    assert "inconclusive" in common_verdicts(a, a)
+
 
 def test_threshold_free_measures_and_their_intervals():
     import numpy as np
