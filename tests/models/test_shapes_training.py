@@ -83,3 +83,20 @@ def test_model_card_describes_the_shipped_unet():
     where = ", ".join(f"{k} at {side[n]}x{side[n]}" for n, k in sorted(sizes.items(), reverse=True))
     assert f"{sum(sizes.values())} cross-attention layers ({where})" in desc["text"]
     assert desc["params"] == sum(p.numel() for p in shipped.parameters())
+
+
+def test_the_shipped_schedule_replays_the_shipped_learning_rates():
+    """--schedule shipped (the fair ablation's) gives, step for step, the learning rates the
+    shipped UNet stage's time-budgeted runs had (training.json): fully annealed to 10% at the end
+    of the 72-minute run (step 2,250), a warm restart at ~6.3e-4, annealed again at step 5,700."""
+    import json
+    import math
+
+    from sdlens.models.shapes.train import SCHEDULES, TOKENIZER_DIR
+
+    lr = lambda step: 1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * SCHEDULES["shipped"](step))))  # noqa: E731
+    assert abs(lr(2250) - 1e-4) < 1e-9 and abs(lr(5700) - 1e-4) < 1e-9
+    assert abs(lr(2251) - 6.3e-4) < 1e-5
+    assert all(lr(s) >= lr(s + 1) for s in range(200, 2250)) and lr(2251) > lr(2250)
+    facts = json.loads((TOKENIZER_DIR.parent / "training.json").read_text())
+    assert facts["unet_steps"] == 5700 and "6.3e-4" in facts["schedule"]
