@@ -1,5 +1,6 @@
-"""Qwen-Image-Edit (``QwenImageEditPipeline``, true CFG) and ``QwenImageEditPlusPipeline`` (two
-reference images) traced: the random-weight bed (3 joint blocks), CPU fp32, 2 steps, a 32 px output
+"""Qwen-Image-Edit (``QwenImageEditPipeline``: true CFG; and two prompts of different lengths,
+each with its image, so a text mask) and ``QwenImageEditPlusPipeline`` (two reference images)
+traced: the random-weight bed (3 joint blocks), CPU fp32, 2 steps, a 32 px output
 (2x2 packed latents of 4x4); every reference is VAE-encoded at ~1 MP (64 x 64 patches, reference
 maps sum-pooled to 32 x 32). Maps and reference maps checked against an explicit float64 softmax
 from the q / k the kernel saw; the words against the ids Qwen2.5-VL was given."""
@@ -23,16 +24,21 @@ from test_kernel_maps import KernelSpy, explicit
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = "a red cat on the beach"
+SHORT = "a cat"
 NEGATIVE = "a dog"
 STEPS = 2
 RECORD = ("latents", "noise", "x0", "attention", "reference_maps")
 DROPPED = 64  # the template tokens the edit pipelines drop before the text axis
-# case -> (pipeline class, call keywords, reference count)
+# case -> (pipeline class, call keywords, reference count, prompts)
 CASES = {
     "edit": ("QwenImageEditPipeline",
-             lambda: dict(negative_prompt=NEGATIVE, true_cfg_scale=4.0), 1),
-    "plus": ("QwenImageEditPlusPipeline",
-             lambda: dict(image=[reference_image(32, 0), reference_image(48, 1)]), 2),
+             lambda: dict(negative_prompt=NEGATIVE, true_cfg_scale=4.0), 1, [PROMPT]),
+    # a list of images, one per prompt: Qwen2.5-VL sees each at its own size (32 px: 4 tokens)
+    "edit-batch": ("QwenImageEditPipeline",
+                   lambda: dict(prompt=[PROMPT, SHORT], image=[reference_image(32)] * 2), 1,
+                   [PROMPT, SHORT]),
+    "plus": ("QwenImageEditPlusPipeline",  # one prompt: EditPlus takes no batch
+             lambda: dict(image=[reference_image(32, 0), reference_image(48, 1)]), 2, [PROMPT]),
 }
 
 
@@ -43,19 +49,22 @@ def pipe_of(name: str):
 
 
 def kwargs(case: str) -> dict:
-    return call_kwargs_2026("qwen-image-edit", steps=STEPS, prompt=PROMPT, **CASES[case][1]())
+    return call_kwargs_2026("qwen-image-edit", steps=STEPS, **{"prompt": PROMPT, **CASES[case][1]()})
 
 
 @functools.lru_cache(maxsize=None)
 def traced(case: str):
-    """(pipe, untraced latents, trace, kernel spy, Qwen2.5-VL's input ids of each call)."""
+    """(pipe, untraced latents, trace, kernel spy, Qwen2.5-VL's input ids per call and prompt,
+    padding left out)."""
     pipe = pipe_of(CASES[case][0])
     plain = pipe(**kwargs(case)).images
     adapter = adapter_for(pipe)
     spy = KernelSpy(adapter.denoiser, adapter.sites())
     ids = []
     hook = pipe.text_encoder.register_forward_pre_hook(
-        lambda m, a, kw: ids.append(kw["input_ids"][0].tolist()), with_kwargs=True)
+        lambda m, a, kw: ids.append([i[k.bool()].tolist() for i, k in
+                                     zip(kw["input_ids"], kw["attention_mask"])]),
+        with_kwargs=True)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message="sdlens")  # nothing skipped
@@ -78,9 +87,10 @@ def test_traced_run_is_the_untraced_run(case):
     pipe, plain, tr, _, _ = traced(case)
     assert tr.meta["family"] == "qwen-image-edit" and tr.prediction_type == "flow"
     assert tr.meta["pipeline_class"] == CASES[case][0]
-    assert tr.latents.shape == (STEPS + 1, 1, 16, 4, 4)  # the output only, not the references
+    b = len(CASES[case][3])
+    assert tr.latents.shape == (STEPS + 1, b, 16, 4, 4)  # the output only, not the references
     assert torch.equal(pack(pipe, tr.latents[-1]), plain.float())
-    assert tr.noise.shape == tr.x0.shape == (STEPS, 1, 16, 4, 4)
+    assert tr.noise.shape == tr.x0.shape == (STEPS, b, 16, 4, 4)
     s = tr.sigmas[:, None, None, None, None]
     torch.testing.assert_close(tr.x0, tr.latents[:-1] - s * tr.noise)
     torch.testing.assert_close(tr.x0[-1], tr.latents[-1], rtol=1e-5, atol=1e-5)
@@ -105,30 +115,38 @@ def test_words_are_the_prompt_after_the_vision_tokens(case):
     """The text axis holds the images' vision tokens (EditPlus: "Picture i: " labels too), then
     the prompt: the words are the prompt's pieces, at the positions Qwen2.5-VL gave them."""
     pipe, _, tr, _, ids = traced(case)
-    assert [w.text for w in trace_words(tr)] == PROMPT.split()
-    vision, text = tr.text_segments[0]
-    assert vision["encoder"] == "vision" and vision["tokens"] == 0
-    assert text["start"] == vision["length"] and text["tokens"] == 6
-    axis = ids[0][DROPPED:]  # the prompt's call's text, as the transformer sees it
     tok = pipe.tokenizer
-    assert axis[vision["length"] - 1] == tok.convert_tokens_to_ids("<|vision_end|>")
-    marks = tok.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>"])
-    assert axis.count(marks[0]) == CASES[case][2] and axis.count(marks[1]) > 100
-    positions = tr.attention.token_positions
-    assert positions == list(range(text["start"], text["start"] + 6))
-    assert [axis[p] for p in positions] == [tr.token_ids[0][p] for p in positions] \
-        == tok(PROMPT).input_ids
-    assert len(axis) == text["start"] + 6 + 5  # then the template's 5 closing tokens
-    for w in trace_words(tr):
-        hm = torch.as_tensor(tr.heatmap(w.text, occurrence=w.occurrence))
-        assert hm.shape == (32, 32) and torch.isfinite(hm).all() and hm.max() > 0
+    marks = tok.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"])
+    for b, prompt in enumerate(CASES[case][3]):
+        assert [w.text for w in trace_words(tr, b)] == prompt.split()
+        vision, text = tr.text_segments[b]
+        assert vision["encoder"] == "vision" and vision["tokens"] == 0
+        n = len(tok(prompt).input_ids)
+        assert text["start"] == vision["length"] and text["tokens"] == n
+        axis = ids[0][b][DROPPED:]  # the prompt's call's text, as the transformer sees it
+        assert axis[vision["length"] - 1] == marks[2]
+        assert axis.count(marks[0]) == CASES[case][2]
+        assert axis.count(marks[1]) == (4 if case == "edit-batch" else 1225 if case == "edit"
+                                        else 2 * 196)  # 28 px a token, 1 MP / 384² px
+        own = list(range(text["start"], text["start"] + n))
+        assert [axis[p] for p in own] == [tr.token_ids[b][p] for p in own] \
+            == tok(prompt).input_ids
+        assert len(axis) == text["start"] + n + 5  # then the template's 5 closing tokens
+        for w in trace_words(tr, b):
+            hm = torch.as_tensor(tr.heatmap(w.text, occurrence=w.occurrence, batch=b))
+            assert hm.shape == (32, 32) and torch.isfinite(hm).all() and hm.max() > 0
+    # the maps keep the longest prompt's positions (the shorter's padding is masked)
+    first = tr.text_segments[0][1]
+    assert tr.attention.token_positions == list(range(first["start"],
+                                                      first["start"] + first["tokens"]))
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_maps_and_reference_maps_equal_the_explicit_softmax(case):
     """Every block, every step: the output patches' text columns (kept positions, heads
     averaged) and each reference's columns (sum-pooled 2x2 to 32 x 32) of the float64 softmax
-    over [text, image, reference 0, ...] keys, from the prompt's call's q / k."""
+    over [text, image, reference 0, ...] keys (the text mask included), from the prompt's
+    call's q / k."""
     _, _, tr, spy, _ = traced(case)
     n_refs = CASES[case][2]
     per_step = 2 if tr.do_cfg else 1
@@ -139,8 +157,11 @@ def test_maps_and_reference_maps_equal_the_explicit_softmax(case):
     for layer in maps.layers:
         for i, step in enumerate(maps.steps):
             q, k, mask, scale = spy.calls[(per_step * step, layer)][0]
+            assert (mask is not None) == (len(CASES[case][3]) > 1)
             n_text = k.shape[2] - 4 - 4096 * n_refs  # [text, 2x2 image, 64x64 references]
             image = slice(n_text, n_text + 4)
+            if mask is not None and mask.shape[-2] != 1:
+                mask = mask[..., image, :]
             p = explicit(q[:, :, image], k, mask, scale).mean(1)  # (B, 4, L) heads averaged
             want = p[..., maps.token_positions].transpose(-1, -2)
             torch.testing.assert_close(maps[layer][i].double().flatten(-2), want,

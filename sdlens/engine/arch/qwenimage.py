@@ -271,9 +271,10 @@ class QwenImageEditAdapter(QwenImageAdapter):
     def _vision_length(self, params: dict) -> int | None:
         """Tokens of the text axis before the prompt's (the ``"vision"`` segment), for the
         call's ``image`` (PIL images: the pipelines read their ``.size``); None where it cannot
-        be told. The images are resized as the pipeline resizes them for Qwen2.5-VL and the
-        templated text up to the prompt goes through the pipeline's processor (which expands
-        each ``<|image_pad|>`` to the image's tokens)."""
+        be told. The images are resized as the pipeline resizes them for Qwen2.5-VL (EditPlus:
+        each to ~384² px; Edit: one image to ~1 MP, a list of one image per prompt kept as
+        given) and the templated text up to the prompt goes through the pipeline's processor
+        (which expands each ``<|image_pad|>`` to the image's tokens)."""
         from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
             CONDITION_IMAGE_SIZE, VAE_IMAGE_SIZE, calculate_dimensions)
 
@@ -296,13 +297,18 @@ class QwenImageEditAdapter(QwenImageAdapter):
             if plus:  # each image resized to ~384² px for the VL tower, labelled "Picture i: "
                 dims = [calculate_dimensions(CONDITION_IMAGE_SIZE, w / h) for w, h in sizes]
                 prefix += "".join(_PICTURE.format(i + 1) for i in range(len(images)))
-            else:  # Edit: the (first) image's ~1 MP size for all; its template holds the marks
+                shown = [pipe.image_processor.resize(im, dh, dw)
+                         for im, (dw, dh) in zip(images, dims)]
+            elif isinstance(image, (list, tuple)):  # Edit: one image per prompt, as given (the
+                if len(set(sizes)) != 1:  # pipeline's resize passes a list through unchanged)
+                    return None  # vision tokens of another length per prompt
+                shown = images[:1]
+            else:  # Edit: the image resized to ~1 MP; its template holds the marks
                 w, h = sizes[0]
-                dims = [calculate_dimensions(VAE_IMAGE_SIZE, w / h)] * len(images)
+                dw, dh, *_ = calculate_dimensions(VAE_IMAGE_SIZE, w / h)
+                shown = [pipe.image_processor.resize(image, dh, dw)]
             try:
-                resized = [pipe.image_processor.resize(im, dh, dw)
-                           for im, (dw, dh) in zip(images, dims)]
-                ids = pipe.processor(text=[prefix], images=resized).input_ids[0]
+                ids = pipe.processor(text=[prefix], images=shown).input_ids[0]
             except Exception:  # noqa: BLE001 - what the pipeline cannot take either
                 return None
             self._vision[key] = len(ids) - int(start)
