@@ -49,7 +49,8 @@ def pipe_of(name: str):
 
 
 def kwargs(case: str) -> dict:
-    return call_kwargs_2026("qwen-image-edit", steps=STEPS, **{"prompt": PROMPT, **CASES[case][1]()})
+    return call_kwargs_2026("qwen-image-edit", steps=STEPS,
+                            **{"prompt": PROMPT, **CASES[case][1]()})
 
 
 @functools.lru_cache(maxsize=None)

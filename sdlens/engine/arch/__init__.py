@@ -19,8 +19,8 @@ from sdlens.engine.arch.zimage import ZImageAdapter
 
 ADAPTERS: tuple[type[BackboneAdapter], ...] = (UNetAdapter, MMDiTAdapter, PixArtAdapter, SanaAdapter,
                                                FluxAdapter, ChromaAdapter, FluxKontextAdapter,
-                                               Flux2Adapter, QwenImageAdapter, QwenImageEditAdapter,
-                                               ZImageAdapter, WanAdapter)
+                                               Flux2Adapter, QwenImageAdapter,
+                                               QwenImageEditAdapter, ZImageAdapter, WanAdapter)
 SUPPORTED_PIPELINES = tuple(p for a in ADAPTERS for p in a.pipelines)
 
 

@@ -209,9 +209,9 @@ class QwenImageEditAdapter(QwenImageAdapter):
     **Text.** The pipelines drop the template's first 64 tokens (its system prompt and
     ``<|im_start|>user\\n``); what is left is, in order: the reference images as Qwen2.5-VL
     sees them (Edit: ``<|vision_start|>``, the image's ``<|image_pad|>`` tokens, one per 28 x 28
-    px of the ~1 MP resized image, ``<|vision_end|>``; EditPlus: ``Picture i: <|vision_start|>
-    ... <|vision_end|>`` per image, each resized to ~384² px), the prompt's pieces, the
-    template's 5 closing tokens. The text axis is two segments (``text_parts``): ``"vision"``
+    px of the image resized to ~1 MP -- a list of images, one per prompt, is shown as given --
+    then ``<|vision_end|>``; EditPlus: ``Picture i: <|vision_start|> ... <|vision_end|>`` per
+    image, each resized to ~384² px), the prompt's pieces, the template's 5 closing tokens. The text axis is two segments (``text_parts``): ``"vision"``
     (the images' tokens and labels: no words, not recorded; its length computed from the
     images' sizes by the pipeline's own processor) and ``"qwen2.5-vl"`` (the prompt's pieces,
     cut alone: a special token before them splits the text; then the closing tokens, that
