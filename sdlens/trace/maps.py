@@ -407,8 +407,9 @@ class ConceptMaps(AttentionMaps):
 
 class ReferenceMaps(AttentionMaps):
     """Reference maps of an editing model (``record=(..., "reference_maps")``: Flux.1 Kontext,
-    Flux.2 with ``image=[...]``; any family whose kernel layout names ``"reference i"``
-    segments with their patch grids): where each output patch looks in each reference image::
+    Flux.2 with ``image=[...]``, Qwen-Image-Edit / EditPlus; any family whose kernel layout names
+    ``"reference i"`` segments with their patch grids): where each output patch looks in each
+    reference image::
 
         maps[layer]     (steps, batch, R, h, w)
 

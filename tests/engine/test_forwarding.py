@@ -54,6 +54,8 @@ PIPES = {
     "Flux2Pipeline": ("flux2", "txt2img", False),
     "Flux2KleinPipeline": ("flux2-klein", "txt2img", False),
     "QwenImagePipeline": ("qwen-image", "txt2img", False),
+    "QwenImageEditPipeline": ("qwen-image-edit", "txt2img", False),  # Kontext's: image first
+    "QwenImageEditPlusPipeline": ("qwen-image-edit", "txt2img", False),
     "ZImagePipeline": ("z-image", "txt2img", False),
     "WanPipeline": ("wan", "txt2img", False),  # video: the output's .frames
 }

@@ -12,15 +12,15 @@ from sdlens.engine.arch.dit import PixArtAdapter, SanaAdapter
 from sdlens.engine.arch.flux import ChromaAdapter, FluxAdapter, FluxKontextAdapter
 from sdlens.engine.arch.flux2 import Flux2Adapter
 from sdlens.engine.arch.mmdit import MMDiTAdapter
-from sdlens.engine.arch.qwenimage import QwenImageAdapter
+from sdlens.engine.arch.qwenimage import QwenImageAdapter, QwenImageEditAdapter
 from sdlens.engine.arch.unet import UNetAdapter
 from sdlens.engine.arch.wan import WanAdapter
 from sdlens.engine.arch.zimage import ZImageAdapter
 
 ADAPTERS: tuple[type[BackboneAdapter], ...] = (UNetAdapter, MMDiTAdapter, PixArtAdapter, SanaAdapter,
                                                FluxAdapter, ChromaAdapter, FluxKontextAdapter,
-                                               Flux2Adapter, QwenImageAdapter, ZImageAdapter,
-                                               WanAdapter)
+                                               Flux2Adapter, QwenImageAdapter,
+                                               QwenImageEditAdapter, ZImageAdapter, WanAdapter)
 SUPPORTED_PIPELINES = tuple(p for a in ADAPTERS for p in a.pipelines)
 
 

@@ -1,5 +1,6 @@
 """Qwen-Image (``QwenImageTransformer2DModel``: QwenImagePipeline, QwenImageImg2ImgPipeline,
-QwenImageInpaintPipeline).
+QwenImageInpaintPipeline) and Qwen-Image-Edit (QwenImageEditPipeline, QwenImageEditPlusPipeline:
+:class:`QwenImageEditAdapter`, whose reference images are kernel segments of their own).
 
 **Sites.** Every block ``transformer_blocks.N.attn`` (aliases ``"block.N"``, group
 ``"blocks"``; 60 in the real model) is a double-stream joint attention:
@@ -40,8 +41,8 @@ from __future__ import annotations
 
 import torch
 
-from sdlens.engine.arch.base import (BackboneAdapter, BlockNaming, KernelLayout,
-                                     joint_activation_bytes, joint_layout)
+from sdlens.engine.arch.base import (BackboneAdapter, BlockNaming, KernelLayout, TextEncoder,
+                                     joint_activation_bytes, joint_layout, reference_layout)
 from sdlens.engine.arch.flux import FluxAdapter
 
 
@@ -184,3 +185,166 @@ class QwenImageAdapter(BackboneAdapter):
     def text_encoders(self, params: dict) -> list:
         """Qwen2.5-VL (``text_encoder``), the whole text axis."""
         return self._text_encoder("tokenizer", "text_encoder", 0, self.text_length(params))
+
+
+# EditPlus's label of image i (1-based) before the prompt (a local of its _get_qwen_prompt_embeds)
+_PICTURE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+_REFERENCE_PATCHES = 64 * 64  # a reference as the edit pipelines VAE-encode it: ~1 MP, 2x2 packed
+
+
+class QwenImageEditAdapter(QwenImageAdapter):
+    """A Qwen-Image-Edit pipeline (``QwenImageEditPipeline``; ``QwenImageEditPlusPipeline``,
+    several reference images) on ``QwenImageTransformer2DModel``: Qwen-Image with the reference
+    images' packed latents appended to the image stream and shown to Qwen2.5-VL in the prompt.
+
+    **Sites, kernel.** The transformer's ``hidden_states`` are ``[noise; reference 0; ...]``
+    packed patches; ``img_shapes`` (per batch item ``[(1, h/2, w/2), (1, rh_0/2, rw_0/2), ...]``)
+    gives each part's grid, and the pipeline keeps the first ``noise`` rows of the prediction. So
+    every site's kernel sequence is ``[text, image, reference 0, ...]``
+    (:func:`sdlens.engine.arch.base.reference_layout`, the grids from ``img_shapes``): the maps
+    are the image queries' text columns of the softmax over all of it, reference maps
+    (``record=(..., "reference_maps")``, ``trace.heatmap("image 1")``) its reference columns.
+    The trace's latents / noise / x0 are the noise part, unpacked as Qwen-Image's.
+
+    **Text.** The pipelines drop the template's first 64 tokens (its system prompt and
+    ``<|im_start|>user\\n``); what is left is, in order: the reference images as Qwen2.5-VL
+    sees them (Edit: ``<|vision_start|>``, the image's ``<|image_pad|>`` tokens, one per 28 x 28
+    px of the image resized to ~1 MP -- a list of images, one per prompt, is shown as given --
+    then ``<|vision_end|>``; EditPlus: ``Picture i: <|vision_start|> ... <|vision_end|>`` per
+    image, each resized to ~384² px), the prompt's pieces, the template's 5 closing tokens. The text axis is two segments (``text_parts``): ``"vision"``
+    (the images' tokens and labels: no words, not recorded; its length computed from the
+    images' sizes by the pipeline's own processor) and ``"qwen2.5-vl"`` (the prompt's pieces,
+    cut alone: a special token before them splits the text; then the closing tokens, that
+    segment's padding). The pipelines do not truncate the prompt; its segment is given
+    ``tokenizer_max_length`` (1024) positions. Guidance as Qwen-Image's (true CFG, two calls;
+    the negative prompt's text has the same vision tokens).
+    """
+
+    pipelines = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+    families = ("qwen-image-edit",)
+    max_text_tokens = 1024  # the pipelines' tokenizer_max_length (the prompt's segment)
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self._noise: int | None = None  # noise tokens of the denoiser call in progress
+        self._vision: dict = {}  # image sizes -> tokens of the "vision" segment
+
+    def plus(self) -> bool:
+        return type(self.pipe).__name__ == "QwenImageEditPlusPipeline"
+
+    # ---------------------------------------------------------------- packed latents
+    @staticmethod
+    def _image_parts(img_shapes) -> tuple[list[int], list[tuple[int, int]]] | None:
+        """Token counts and (rows, columns) of the noise and each reference, from ``img_shapes``
+        (the first batch item's ``[(frames, rows, columns), ...]``); None where unreadable."""
+        try:
+            shapes = [tuple(int(v) for v in s) for s in img_shapes[0]]
+            counts = [f * h * w for f, h, w in shapes]
+        except (TypeError, ValueError, IndexError):
+            return None
+        return (counts, [(h, w) for _, h, w in shapes]) if counts else None
+
+    def denoiser_input(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The noise part of the transformer's input, unpacked: (B, C, h, w)."""
+        packed = args[0] if args else kwargs.get(self.sample_arg)
+        parts = self._image_parts(kwargs.get("img_shapes"))
+        self._noise = None
+        if not torch.is_tensor(packed) or packed.ndim != 3 or parts is None \
+                or sum(parts[0]) != packed.shape[1]:
+            return None
+        self._noise = parts[0][0]
+        rows, cols = parts[1][0]
+        return self.spatial(packed[:, : self._noise], (2 * rows, 2 * cols))
+
+    def denoiser_output(self, output) -> torch.Tensor | None:
+        """The noise part of the prediction (the pipeline keeps ``[:, :noise]``)."""
+        out = self.output_tensor(output)
+        return out[:, : self._noise] if torch.is_tensor(out) and self._noise is not None else None
+
+    def activation_bytes(self, latent_hw: tuple[int, int]) -> int:
+        """One ~1 MP reference (64 x 64 patches) and its ~1225 vision tokens assumed."""
+        h, w = latent_hw
+        tokens = (h // 2) * (w // 2) + _REFERENCE_PATCHES + 1227 + self.max_text_tokens
+        return joint_activation_bytes(self.pipe.transformer, tokens)
+
+    # ---------------------------------------------------------------- text
+    def _vision_length(self, params: dict) -> int | None:
+        """Tokens of the text axis before the prompt's (the ``"vision"`` segment), for the
+        call's ``image`` (PIL images: the pipelines read their ``.size``); None where it cannot
+        be told. The images are resized as the pipeline resizes them for Qwen2.5-VL (EditPlus:
+        each to ~384² px; Edit: one image to ~1 MP, a list of one image per prompt kept as
+        given) and the templated text up to the prompt goes through the pipeline's processor
+        (which expands each ``<|image_pad|>`` to the image's tokens)."""
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
+            CONDITION_IMAGE_SIZE, VAE_IMAGE_SIZE, calculate_dimensions)
+
+        image = params.get("image")
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        sizes = [getattr(im, "size", None) for im in images]
+        if not images or not all(isinstance(s, tuple) and len(s) == 2 and min(s) > 0
+                                 for s in sizes):
+            return None
+        plus = self.plus()
+        key = (plus, tuple(sizes))
+        if key not in self._vision:
+            pipe = self.pipe
+            template = getattr(pipe, "prompt_template_encode", None)
+            start = getattr(pipe, "prompt_template_encode_start_idx", None)
+            if getattr(pipe, "processor", None) is None or not isinstance(template, str) \
+                    or "{}" not in template or start is None:
+                return None
+            prefix = template[: template.index("{}")]
+            if plus:  # each image resized to ~384² px for the VL tower, labelled "Picture i: "
+                dims = [calculate_dimensions(CONDITION_IMAGE_SIZE, w / h) for w, h in sizes]
+                prefix += "".join(_PICTURE.format(i + 1) for i in range(len(images)))
+                shown = [pipe.image_processor.resize(im, dh, dw)
+                         for im, (dw, dh) in zip(images, dims)]
+            elif isinstance(image, (list, tuple)):  # Edit: one image per prompt, as given (the
+                if len(set(sizes)) != 1:  # pipeline's resize passes a list through unchanged)
+                    return None  # vision tokens of another length per prompt
+                shown = images[:1]
+            else:  # Edit: the image resized to ~1 MP; its template holds the marks
+                w, h = sizes[0]
+                dw, dh, *_ = calculate_dimensions(VAE_IMAGE_SIZE, w / h)
+                shown = [pipe.image_processor.resize(image, dh, dw)]
+            try:
+                ids = pipe.processor(text=[prefix], images=shown).input_ids[0]
+            except Exception:  # noqa: BLE001 - what the pipeline cannot take either
+                return None
+            self._vision[key] = len(ids) - int(start)
+        return self._vision[key]
+
+    def text_length(self, params: dict) -> int:
+        return (self._vision_length(params) or 0) + self.max_text_tokens
+
+    def text_tokens(self, prompt: str, params: dict) -> None:
+        return None  # laid out by text_parts
+
+    def text_parts(self, params: dict) -> list[tuple[str, object, int]]:
+        """The images' tokens (no words), then the prompt's pieces; with images sdlens cannot
+        read, the prompt's segment gets no tokenizer (its words unknown, not misplaced)."""
+        vision = self._vision_length(params)
+        tok = getattr(self.pipe, "tokenizer", None) if vision is not None else None
+        return [("vision", None, vision or 0), ("qwen2.5-vl", tok, self.max_text_tokens)]
+
+    def text_encoders(self, params: dict) -> list[TextEncoder]:
+        """Qwen2.5-VL (``text_encoder``): the prompt's segment of the text axis."""
+        vision = self._vision_length(params)
+        if vision is None:
+            return []
+        return self._text_encoder("tokenizer", "text_encoder", vision, self.max_text_tokens)
+
+    # ---------------------------------------------------------------- sites
+    def kernel_layout(self, site: str, attn, call, index: int, q_len: int, k_len: int,
+                      denoiser_kwargs: dict) -> KernelLayout | None:
+        """``[text, image, reference 0, ...]``: the text as long as the site call's
+        ``encoder_hidden_states``, the image parts from ``img_shapes``."""
+        if index != 0:
+            return None
+        n_text = self.kernel_text_length(call, denoiser_kwargs)
+        parts = self._image_parts(denoiser_kwargs.get("img_shapes"))
+        if n_text is None or parts is None:
+            return None
+        counts, grids = parts
+        return reference_layout(("text", "image"), {"text": n_text, "image": counts[0]},
+                                counts[1:], q_len, k_len, grids[1:])
