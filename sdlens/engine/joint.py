@@ -102,7 +102,6 @@ from typing import Sequence
 
 import torch
 
-from sdlens.analysis.tokens import tokenize, tokenize_segments
 from sdlens.engine.arch import BackboneAdapter
 from sdlens.engine.sites import Hooks, MapSink
 from sdlens.trace.compact import store_maps
@@ -113,8 +112,9 @@ def check_joint_options(adapter: BackboneAdapter, options) -> None:
     image->text maps on a backbone that has no concept pass / no joint attention."""
     name = type(adapter.pipe).__name__
     if options.concepts is not None and adapter.concept_blocks() is None:
-        raise TypeError(f"concept maps need a joint-attention backbone (SD3 / SD3.5, Flux.1); "
-                        f"{name}'s {adapter.attention_kind}-attention backbone has no concept pass")
+        raise TypeError(f"concept maps need a joint-attention backbone with a concept pass (SD3 / "
+                        f"SD3.5, Flux.1, Flux.1 Kontext, Chroma, Flux.2, Qwen-Image); {name}'s "
+                        f"{adapter.attention_kind}-attention backbone has none")
     if "image_to_text" in options.record and adapter.attention_kind != "joint":
         raise TypeError(f"image_to_text maps need joint attention (SD3 / SD3.5, Flux.1), where "
                         f"the text tokens attend to the image; {name} has "
@@ -132,19 +132,11 @@ def concept_maps(image: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
 def concept_vectors(adapter: BackboneAdapter, concepts: Sequence[str], params: dict
                     ) -> torch.Tensor:
     """(C, D): each concept encoded as its own prompt (:meth:`BackboneAdapter.concept_text`) and
-    pooled by the mean over its words' token positions (the Word model's: every encoder's)."""
+    pooled by the mean over its pieces' positions (:meth:`BackboneAdapter.concept_pieces`: the
+    Word model's, every encoder's)."""
     text = adapter.concept_text(list(concepts), params)  # (C, L, D)
-    parts = adapter.text_parts(params)
-    out = []
-    for i, concept in enumerate(concepts):
-        view = tokenize_segments(concept, parts) if parts is not None else tokenize(
-            adapter.encoded_prompt(concept, params), adapter.pipe,
-            limit=adapter.text_length(params))
-        positions = sorted({p for w in view.words for p in w.positions if p < text.shape[1]})
-        if not positions:
-            raise ValueError(f"the concept {concept!r} has no tokens")
-        out.append(text[i, positions].float().mean(0))
-    return torch.stack(out)
+    return torch.stack([text[i, adapter.concept_pieces(c, params, text.shape[1])].float().mean(0)
+                        for i, c in enumerate(concepts)])
 
 
 class ConceptPass:
@@ -220,15 +212,15 @@ class ConceptPass:
             self.stream = self.adapter.concept_stream(
                 self.vectors[None].expand(n, -1, -1).to(self.adapter.denoiser.device))
             self.temb = None
-            if self.paper:
-                temb = kwargs["temb"] if "temb" in kwargs else args[2]
+            temb = kwargs["temb"] if "temb" in kwargs else (args[2] if len(args) > 2 else None)
+            if self.paper and torch.is_tensor(temb):  # (Flux.2's blocks get no "temb")
                 self.temb = self.adapter.paper_concept_temb(temb[rows], self.call_kwargs, rows)
         if self.stream is None:
             return
         request = self.sink.request("concepts", site)
         step = self.adapter.concept_step(block, self.stream, args, kwargs, rows,
                                          request is not None, method=self.method,
-                                         concept_temb=self.temb)
+                                         concept_temb=self.temb, call_kwargs=self.call_kwargs)
         if request is not None:
             image, concepts = step.image, step.concepts
             if self.paper and self.adapter.paper_time_mean:  # the mean over the steps so far

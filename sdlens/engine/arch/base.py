@@ -54,6 +54,8 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
+from sdlens.analysis.tokens import tokenize, tokenize_segments
+
 
 class SiteNaming:
     """How a family names its sites, without a pipeline.
@@ -473,14 +475,32 @@ class BackboneAdapter(ABC):
 
     def concept_step(self, block: torch.nn.Module, stream: torch.Tensor, args: tuple,
                      kwargs: dict, rows: slice, outputs: bool, method: str = "sdlens",
-                     concept_temb: torch.Tensor | None = None) -> ConceptStep:
+                     concept_temb: torch.Tensor | None = None,
+                     call_kwargs: dict | None = None) -> ConceptStep:
         """One block of the concept pass on batch rows ``rows`` (``stream``: (n, C, dim), the
         rows' concept tokens entering ``block``; ``args`` / ``kwargs``: the block's forward
         arguments); ``outputs``: also return the attention outputs the maps are made of.
         ``method``: ``"sdlens"`` or ``"conceptattention"`` (the paper's code's choices, where
         they differ per family); ``concept_temb``: (n, dim), the conditioning the concept
-        stream is modulated with, where it is not the block's own (:meth:`paper_concept_temb`)."""
+        stream is modulated with, where it is not the block's own (:meth:`paper_concept_temb`);
+        ``call_kwargs``: the denoiser call's keyword arguments (where a block's own arguments do
+        not tell the text's length or the generated image's tokens: a single-stream block given
+        the joined sequence, reference images' patches beside the image's)."""
         raise NotImplementedError(f"{type(self).__name__} has no concept pass")
+
+    def concept_pieces(self, concept: str, params: dict, length: int) -> list[int]:
+        """The positions of ``concept``'s own pieces on the text axis when it is encoded as a
+        prompt (:meth:`concept_text`, ``length`` positions): its words' token positions from the
+        Word model (:meth:`text_parts` where the family has segments, else the tokenizer's cut
+        of :meth:`encoded_prompt`), start / end tokens, templates and padding left out.
+        ValueError when it has none."""
+        parts = self.text_parts(params)
+        view = tokenize_segments(concept, parts) if parts is not None else tokenize(
+            self.encoded_prompt(concept, params), self.pipe, limit=self.text_length(params))
+        positions = sorted({p for w in view.words for p in w.positions if p < length})
+        if not positions:
+            raise ValueError(f"the concept {concept!r} has no tokens")
+        return positions
 
     # ConceptAttention's own choices (concept_method="conceptattention"), per family: how its code
     # encodes concepts, which blocks it runs them through, which it averages by default
