@@ -113,8 +113,8 @@ def check_joint_options(adapter: BackboneAdapter, options) -> None:
     name = type(adapter.pipe).__name__
     if options.concepts is not None and adapter.concept_blocks() is None:
         raise TypeError(f"concept maps need a joint-attention backbone with a concept pass (SD3 / "
-                        f"SD3.5, Flux.1, Flux.1 Kontext, Chroma, Flux.2, Qwen-Image); {name}'s "
-                        f"{adapter.attention_kind}-attention backbone has none")
+                        f"SD3.5, Flux.1, Flux.1 Kontext, Chroma, Flux.2, Qwen-Image, Z-Image); "
+                        f"{name}'s {adapter.attention_kind}-attention backbone has none")
     if "image_to_text" in options.record and adapter.attention_kind != "joint":
         raise TypeError(f"image_to_text maps need joint attention (SD3 / SD3.5, Flux.1), where "
                         f"the text tokens attend to the image; {name} has "
@@ -154,7 +154,7 @@ class ConceptPass:
         self.vectors: torch.Tensor | None = None  # (C', D), encoded by install()
         self.lead = 0  # leading stream tokens left out of the softmax (SD3's start token)
         self.stream: torch.Tensor | None = None
-        self.call_kwargs: dict = {}  # the denoiser call's keyword arguments (Flux's pooled vector)
+        self.call_kwargs: dict = {}  # the denoiser call's arguments (Flux's pooled vector, ...)
         self.temb: torch.Tensor | None = None  # the concepts' conditioning, this call
         self.sums: dict[str, list] = {}  # SD3, the paper's way: per site [sum o_x, sum o_c, n]
         self.failed = False
@@ -184,7 +184,8 @@ class ConceptPass:
                                    with_kwargs=True)
 
     def _before_call(self, module, args, kwargs):
-        self.call_kwargs = kwargs
+        # positional arguments under their index (Z-Image's pipeline passes its latents so)
+        self.call_kwargs = {**dict(enumerate(args)), **kwargs} if args else kwargs
         return None
 
     def _fail(self, e: Exception) -> None:

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = "a red cat on the beach"
 CONCEPTS = ["cat", "beach", "zebra"]  # "zebra": not in the prompt
-ARCHS = ["flux2", "flux2-klein", "qwen-image", "chroma", "flux-kontext"]
+ARCHS = ["flux2", "flux2-klein", "qwen-image", "chroma", "flux-kontext", "z-image"]
+FLUX_LIKE = ARCHS[:-1]  # their blocks are called with keyword arguments
 METHODS = ["conceptattention", "sdlens"]
 STEPS = 2
 
@@ -54,12 +55,14 @@ def test_concept_maps_leave_the_image_unchanged_and_sum_to_one(arch, method):
     assert "skipped" not in tr.meta
     concepts = tr.concepts
     assert concepts.concepts == CONCEPTS and concepts.steps == list(range(STEPS))
-    doubles = double_sites(pipe)
+    adapter = adapter_for(pipe)
     if method == "conceptattention":  # double-stream blocks only; the last four by default
-        assert concepts.layers == doubles and concepts.default_layers == doubles[-4:]
+        paper = [site for site, _ in adapter.paper_concept_blocks()]
+        assert concepts.layers == paper and concepts.default_layers == paper[-4:]
+        if arch != "z-image":  # (no double-stream blocks: its main layers)
+            assert paper == double_sites(pipe)
     else:  # every block: double-stream, then single-stream
-        assert concepts.layers == adapter_for(pipe).sites() and concepts.default_layers is None
-        assert len(concepts.layers) > len(doubles) or arch == "qwen-image"
+        assert concepts.layers == adapter.sites() and concepts.default_layers is None
     for layer in concepts.layers:  # (steps, batch, concepts, h, w), a softmax over concepts
         m = concepts[layer].float()
         assert m.shape == (STEPS, 1, len(CONCEPTS), 2, 2)
@@ -122,7 +125,7 @@ def block_outputs(block, kwargs: dict, t: int, noise: int):
     return text, seen[0]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", FLUX_LIKE)
 def test_concept_step_is_the_blocks_text_stream(arch):
     """With the prompt's own text stream as the 'concepts' and every text position rotated as
     the first (the concepts' rotation; Flux.1's and Chroma's text already is), each block's
@@ -165,8 +168,65 @@ def test_concept_step_is_the_blocks_text_stream(arch):
                 torch.testing.assert_close(step.stream, text_out, atol=1e-5, rtol=1e-5)
 
 
+def test_zimage_concept_step_is_the_layers_caption_path():
+    """Z-Image's single stream: with the prompt's caption tokens as the 'concepts' (every caption
+    position rotated as the first), each main layer's concept step is the layer's own update of
+    those tokens, its image output the patches' attention output before ``to_out``; the
+    refiners' pass of a one-token caption is the refiner layer's own."""
+    pipe = pipe_of("z-image")
+    adapter, tr = adapter_for(pipe), pipe_of("z-image").transformer
+    blocks = adapter.concept_blocks()
+    assert [s for s, _ in blocks] == adapter.sites()
+    calls, inputs = [], {}
+
+    def on_call(module, args, kwargs):
+        calls.append({**dict(enumerate(args)), **kwargs})
+
+    def on_layer(site, module, args, kwargs):
+        inputs.setdefault(site, args)
+
+    handles = [tr.register_forward_pre_hook(on_call, with_kwargs=True)]
+    handles += [b.register_forward_pre_hook(functools.partial(on_layer, s), with_kwargs=True)
+                for s, b in blocks]
+    try:
+        call(pipe, "z-image")
+    finally:
+        for h in handles:
+            h.remove()
+    x0 = calls[0][0][0]  # the first latents, (16, 1, h, w)
+    n_image = (x0.shape[2] // 2) * (x0.shape[3] // 2)
+    start = n_image + (-n_image) % 32  # the caption, after the image's padding
+    for site, layer in blocks:
+        x, mask, freqs, adaln = inputs[site][:4]
+        end = int(mask[0].sum()) if mask is not None else x.shape[1]  # row 0: the prompt's
+        freqs = freqs.clone()
+        freqs[:, start:] = freqs[:, start:start + 1]
+        seen = []
+        handle = layer.attention.to_out[0].register_forward_pre_hook(
+            lambda m, a: seen.append(a[0][:1, :n_image]))
+        with torch.no_grad():
+            out = layer(x, mask, freqs, adaln)
+            handle.remove()
+            step = adapter.concept_step(layer, x[:1, start:end], (x, mask, freqs, adaln), {},
+                                        slice(0, 1), True, call_kwargs=calls[0])
+        torch.testing.assert_close(step.image, seen[0], atol=1e-5, rtol=1e-5)
+        if site == blocks[-1][0]:
+            assert step.stream is None
+        else:
+            torch.testing.assert_close(step.stream, out[:1, start:end], atol=1e-5, rtol=1e-5)
+    refiner = tr.context_refiner[0]  # a caption of one token attends to itself only
+    one = torch.randn(1, 1, tr.cap_embedder[0].weight.shape[0])
+    with torch.no_grad():
+        emb = tr.cap_embedder(one)
+        want = emb
+        for layer in tr.context_refiner:
+            want = layer(want, None, torch.ones(1, 1, freqs.shape[-1], dtype=freqs.dtype))
+        torch.testing.assert_close(adapter.concept_stream(one), want, atol=1e-5, rtol=1e-5)
+    assert refiner.modulation is False
+
+
 # ---------------------------------------------------------------- the paper's recipe, transferred
-@pytest.mark.parametrize("arch", ["flux2", "flux2-klein", "qwen-image"])
+@pytest.mark.parametrize("arch", ["flux2", "flux2-klein", "qwen-image", "z-image"])
 def test_paper_concepts_are_each_concepts_first_piece(arch):
     """Causal, chat-templated encoders: a concept is its own encoding at its first piece (the
     template's first position is the same vector for every concept)."""
@@ -179,8 +239,8 @@ def test_paper_concepts_are_each_concepts_first_piece(arch):
         first = adapter.concept_pieces(c, {}, text.shape[1])[0]
         torch.testing.assert_close(vectors[i], text[i, first])
     assert not torch.allclose(vectors[0], vectors[1])
-    if arch != "qwen-image":  # (Qwen-Image's pipeline drops the template's opening)
-        torch.testing.assert_close(text[0, 0], text[1, 0])
+    if arch.startswith("flux2"):  # (Qwen-Image's pipeline and Z-Image's concept_text drop the
+        torch.testing.assert_close(text[0, 0], text[1, 0])  # template's opening)
 
 
 def test_chroma_and_flux2_keep_their_own_modulation_kontext_swaps_the_pooled_vector():
@@ -210,9 +270,9 @@ def test_errors_are_one_line():
     with pytest.raises(ValueError, match="'tiger'") as e:
         tr.heatmap("tiger", maps="concepts")
     assert "\n" not in str(e.value)
-    zimage = random_pipeline("z-image", seed=0)
-    with pytest.raises(TypeError, match="Flux.2, Qwen-Image.*ZImagePipeline") as e:
-        sdlens.trace(zimage, concepts=["cat"])
+    pixart = random_pipeline("pixart", seed=0)
+    with pytest.raises(TypeError, match="Flux.2, Qwen-Image, Z-Image.*PixArt.*Pipeline") as e:
+        sdlens.trace(pixart, concepts=["cat"])
     assert "\n" not in str(e.value)
 
 

@@ -483,9 +483,10 @@ class BackboneAdapter(ABC):
         ``method``: ``"sdlens"`` or ``"conceptattention"`` (the paper's code's choices, where
         they differ per family); ``concept_temb``: (n, dim), the conditioning the concept
         stream is modulated with, where it is not the block's own (:meth:`paper_concept_temb`);
-        ``call_kwargs``: the denoiser call's keyword arguments (where a block's own arguments do
-        not tell the text's length or the generated image's tokens: a single-stream block given
-        the joined sequence, reference images' patches beside the image's)."""
+        ``call_kwargs``: the denoiser call's arguments, keyword ones by name and positional ones
+        by index (where a block's own arguments do not tell the text's length or the generated
+        image's tokens: a single-stream block given the joined sequence, reference images'
+        patches beside the image's, Z-Image's latents)."""
         raise NotImplementedError(f"{type(self).__name__} has no concept pass")
 
     def concept_pieces(self, concept: str, params: dict, length: int) -> list[int]:
