@@ -1,6 +1,6 @@
-"""What sdlens records beside joint attention's text maps (SD3 / SD3.5, Flux.1; any backbone
-adapter that provides the concept pass, :mod:`sdlens.engine.arch.base`): concept maps and
-image->text maps.
+"""What sdlens records beside joint attention's text maps (SD3 / SD3.5, Flux.1, Flux.1 Kontext,
+Chroma, Flux.2, Qwen-Image, Z-Image; any backbone adapter that provides the concept pass,
+:mod:`sdlens.engine.arch.base`): concept maps and image->text maps.
 
 **Concept maps** follow ConceptAttention (Helbling, Meral, Hoover, Yeh, Chau: "ConceptAttention:
 Diffusion Transformers Learn Highly Interpretable Features", ICML 2025; its code:
@@ -56,16 +56,38 @@ arguments ``trace.heatmap("circle", maps="concepts")`` is the paper's pipeline's
      batch item's maps from its conditional (text) rows; without CFG and with one image the two
      are the same.
 
+* The families ConceptAttention's code has no path for (Flux.1 Kontext, Chroma, Flux.2,
+  Qwen-Image, Z-Image): **sdlens's transfer of its Flux recipe**, not code of the paper (each
+  adapter's module docstring says what it becomes there):
+
+  1. a concept is one vector of its own encoding as a prompt: T5's first token where the
+     encoder is T5 (Kontext, Chroma: as Flux.1); with a chat-templated causal LM (Flux.2's
+     Mistral-3 / Qwen3, Qwen-Image's Qwen2.5-VL, Z-Image's Qwen3), whose position 0 is the
+     template's, the same for every concept, the concept's **first piece** (T5's position 0 is
+     the concept's first piece: :func:`concept_pieces`; the adapter's ``paper_first_piece``);
+  2. the modulation: time + guidance + a zero pooled vector where there is a pooled vector
+     (Kontext, as Flux.1); Chroma (its approximator reads only the timestep, a guidance fixed at
+     0 and the modulation's index), Flux.2 (time + guidance), Qwen-Image and Z-Image (the
+     timestep) have no pooled text, so the paper's recipe is their own text modulation;
+  3. the double-stream blocks only (Qwen-Image: every block is one; Z-Image has none, so its
+     main single-stream layers, where image and text meet), the concepts attending to [image;
+     concepts] (the image stream with any reference image's patches, as the text's; the maps
+     over the generated image's), every concept at the first text position's rotary embedding;
+  4. the map as Flux.1's, per step, the heatmap averaging every step and the **last four**
+     of those blocks.
+
 **"sdlens"** (the variant sdlens had first; kept as a named option): the same core
 (``softmax_c(o_c . o_x)``), with these choices instead:
 
 1. **Encoding.** Each concept is encoded as its own short prompt by the pipeline's own text
-   encoders (SD3: CLIP-L, CLIP-G and T5, at the call's ``max_sequence_length``; Flux: T5) and
+   encoders (SD3: CLIP-L, CLIP-G and T5, at the call's ``max_sequence_length``; Flux.1, Chroma:
+   T5; Flux.2, Qwen-Image, Z-Image: the chat-templated LM, as the pipeline encodes a prompt) and
    pooled into one vector: the mean over its tokens (its words' token positions, from the one
    Word model, start / end tokens and padding left out), as a word's heatmap is pooled.
 2. **The concept stream** is modulated with the prompt's own conditioning (the block's ``temb``)
    and carried through **every** block (Flux: the single-stream blocks too, through their
-   shared path: :meth:`~sdlens.engine.arch.base.BackboneAdapter.concept_step`). Its queries attend
+   shared path, Flux.2's fused one; Z-Image: its main layers:
+   :meth:`~sdlens.engine.arch.base.BackboneAdapter.concept_step`). Its queries attend
    to the image keys and the concept keys, never the prompt's; nothing attends to them.
 3. **The map** at a recorded site and step: ``o_x`` the image tokens' output of the block's own
    attention (over [image; prompt]), ``o_c`` the concepts', per step; the heatmap pools every
@@ -102,6 +124,7 @@ from typing import Sequence
 
 import torch
 
+from sdlens.analysis.tokens import tokenize, tokenize_segments
 from sdlens.engine.arch import BackboneAdapter
 from sdlens.engine.sites import Hooks, MapSink
 from sdlens.trace.compact import store_maps
@@ -129,14 +152,33 @@ def concept_maps(image: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
     return scores.softmax(dim=1)
 
 
-def concept_vectors(adapter: BackboneAdapter, concepts: Sequence[str], params: dict
-                    ) -> torch.Tensor:
-    """(C, D): each concept encoded as its own prompt (:meth:`BackboneAdapter.concept_text`) and
-    pooled by the mean over its pieces' positions (:meth:`BackboneAdapter.concept_pieces`: the
-    Word model's, every encoder's)."""
+def concept_pieces(adapter: BackboneAdapter, concept: str, params: dict,
+                   length: int) -> list[int]:
+    """The positions of ``concept``'s own pieces on the text axis when it is encoded as a prompt
+    (:meth:`BackboneAdapter.concept_text`, ``length`` positions): its words' token positions
+    from the Word model (the adapter's ``text_parts`` where the family has segments, else the
+    tokenizer's cut of its ``encoded_prompt``), start / end tokens, templates and padding left
+    out. ValueError when it has none."""
+    parts = adapter.text_parts(params)
+    view = tokenize_segments(concept, parts) if parts is not None else tokenize(
+        adapter.encoded_prompt(concept, params), adapter.pipe, limit=adapter.text_length(params))
+    positions = sorted({p for w in view.words for p in w.positions if p < length})
+    if not positions:
+        raise ValueError(f"the concept {concept!r} has no tokens")
+    return positions
+
+
+def concept_vectors(adapter: BackboneAdapter, concepts: Sequence[str], params: dict,
+                    first: bool = False) -> torch.Tensor:
+    """(C, D): each concept encoded as its own prompt (:meth:`BackboneAdapter.concept_text`),
+    pooled by the mean over its pieces (:func:`concept_pieces`: the Word model's, every
+    encoder's), or, ``first``, its first piece's vector (``paper_first_piece``)."""
     text = adapter.concept_text(list(concepts), params)  # (C, L, D)
-    return torch.stack([text[i, adapter.concept_pieces(c, params, text.shape[1])].float().mean(0)
-                        for i, c in enumerate(concepts)])
+    out = []
+    for i, concept in enumerate(concepts):
+        pieces = concept_pieces(adapter, concept, params, text.shape[1])
+        out.append(text[i, pieces[:1] if first else pieces].float().mean(0))
+    return torch.stack(out)
 
 
 class ConceptPass:
@@ -171,11 +213,12 @@ class ConceptPass:
                      default_steps="last" if paper and self.adapter.paper_time_mean else None)
         try:
             with torch.no_grad():
-                if self.paper:
+                if self.paper and not self.adapter.paper_first_piece:
                     self.vectors, self.lead = self.adapter.paper_concepts(self.concepts,
                                                                           self.params)
                 else:
-                    self.vectors = concept_vectors(self.adapter, self.concepts, self.params)
+                    self.vectors = concept_vectors(self.adapter, self.concepts, self.params,
+                                                   first=self.paper)
         except Exception as e:  # noqa: BLE001 - sdlens is never the reason a run fails
             return self._fail(e)
         hooks.forward_pre_hook(self.adapter.denoiser, self._before_call, with_kwargs=True)

@@ -12,6 +12,7 @@ import torch
 
 import sdlens
 from sdlens.engine.arch import adapter_for
+from sdlens.engine.joint import concept_pieces, concept_vectors
 from sdlens.testing import call_kwargs_2026, random_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -231,13 +232,14 @@ def test_paper_concepts_are_each_concepts_first_piece(arch):
     """Causal, chat-templated encoders: a concept is its own encoding at its first piece (the
     template's first position is the same vector for every concept)."""
     adapter = adapter_for(pipe_of(arch))
+    assert adapter.paper_first_piece
     with torch.no_grad():
-        vectors, lead = adapter.paper_concepts(CONCEPTS, {})
+        vectors = concept_vectors(adapter, CONCEPTS, {}, first=True)
         text = adapter.concept_text(CONCEPTS, {})
-    assert lead == 0 and vectors.shape == (len(CONCEPTS), text.shape[-1])
+    assert vectors.shape == (len(CONCEPTS), text.shape[-1])
     for i, c in enumerate(CONCEPTS):
-        first = adapter.concept_pieces(c, {}, text.shape[1])[0]
-        torch.testing.assert_close(vectors[i], text[i, first])
+        first = concept_pieces(adapter, c, {}, text.shape[1])[0]
+        torch.testing.assert_close(vectors[i], text[i, first].float())
     assert not torch.allclose(vectors[0], vectors[1])
     if arch.startswith("flux2"):  # (Qwen-Image's pipeline and Z-Image's concept_text drop the
         torch.testing.assert_close(text[0, 0], text[1, 0])  # template's opening)

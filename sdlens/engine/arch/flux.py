@@ -72,6 +72,15 @@ first text position's rotary embedding. The Flux pipelines' ``txt_ids`` are zero
 token's rotation, and the concepts', is the identity: concepts are placed exactly as the
 prompt's text tokens are.
 
+The same :meth:`FluxAdapter.concept_step` serves the families built on these blocks, each
+supplying its modulation (:meth:`FluxAdapter._concept_norm`): Chroma (the approximator's
+vectors, and its float text mask on the image's own attention), Flux.1 Kontext (the reference's
+patches in the image stream: the concepts attend to them as the text does, the maps are over the
+generated image's patches, :meth:`FluxAdapter._concept_noise`) and Flux.2
+(:mod:`sdlens.engine.arch.flux2`: shared modulation, fused single-stream projections). A
+single-stream block given the joined [text; image] sequence (Chroma's, Flux.2's) is split at
+the transformer call's text length.
+
 **Image->text maps** (``record`` with ``"image_to_text"``) are the text queries' image columns of
 the same RoPE-rotated softmax (the single-stream blocks' text rows of the joined sequence), and
 **token reweighting** (:class:`sdlens.engine.sites.Reweight`, at the kernel) scales the image queries'

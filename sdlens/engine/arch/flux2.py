@@ -54,12 +54,12 @@ transfer of its Flux recipe**, not code of the paper: the double-stream blocks o
 four by default, every step, the concepts modulated as the paper modulates them, with time +
 guidance and no pooled text, which in Flux.2 *is* the text stream's own modulation (Flux.2 has
 no pooled-text vector: :meth:`Flux2Adapter.paper_concept_temb`); a concept is one vector of its
-own encoding, the **first of its own pieces** (:meth:`Flux2Adapter.paper_concepts`): the paper
+own encoding, the **first of its own pieces** (``paper_first_piece``): the paper
 keeps T5's position 0, which is the concept's first piece (T5 puts nothing before it, and as an
 encoder it reads the whole concept there); Flux.2's encoders are chat-templated causal LMs,
 whose position 0 is the template's first token, the same vector for every concept.
 The ``"sdlens"`` variant: every block, double- then single-stream, each concept the mean over
-its pieces (:meth:`~sdlens.engine.arch.base.BackboneAdapter.concept_pieces`).
+its pieces (:func:`sdlens.engine.joint.concept_pieces`).
 """
 
 from __future__ import annotations
@@ -185,12 +185,7 @@ class Flux2Adapter(FluxKontextAdapter):
             max_sequence_length=self.text_length(params),
             **({"text_encoder_out_layers": tuple(layers)} if layers is not None else {}))[0]
 
-    def paper_concepts(self, concepts: list[str], params: dict) -> tuple[torch.Tensor, int]:
-        """sdlens's transfer of ConceptAttention's "first T5 token": each concept's own
-        encoding at its first piece (module docstring): (C, D)."""
-        text = self.concept_text(list(concepts), params)
-        first = [self.concept_pieces(c, params, text.shape[1])[0] for c in concepts]
-        return text[torch.arange(len(concepts)), first], 0
+    paper_first_piece = True  # the paper's "first T5 token", transferred (module docstring)
 
     def paper_concept_temb(self, temb: torch.Tensor, call_kwargs: dict,
                            rows: slice) -> torch.Tensor | None:

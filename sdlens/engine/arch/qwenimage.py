@@ -35,7 +35,8 @@ calls', ``trace.guidance_scale`` is ``true_cfg_scale``. Maps are recorded from t
 call. Without a negative prompt there is one call per step and no guidance
 (``trace.guidance_scale`` is None). The schedule is the table's flow row (x0 = x_t - sigma v).
 
-**Concept maps** (``concepts=[...]``, :mod:`sdlens.engine.joint`; :meth:`QwenImageAdapter.concept_step`).
+**Concept maps** (``concepts=[...]``, :mod:`sdlens.engine.joint`;
+:meth:`QwenImageAdapter.concept_step`).
 The concepts enter as the text does (``txt_norm``, ``txt_in``) and take each block's text path:
 ``txt_norm1`` modulated by ``txt_mod`` of the block's ``temb`` (the timestep's embedding: Qwen-
 Image has no pooled text), ``add_q_proj`` / ``add_k_proj`` / ``add_v_proj``, ``norm_added_q`` /
@@ -227,12 +228,7 @@ class QwenImageAdapter(BackboneAdapter):
         tr = self.pipe.transformer
         return tr.txt_in(tr.txt_norm(vectors.to(tr.txt_in.weight.dtype)))
 
-    def paper_concepts(self, concepts: list[str], params: dict) -> tuple[torch.Tensor, int]:
-        """sdlens's transfer of ConceptAttention's "first T5 token": each concept's own
-        encoding at its first piece (module docstring): (C, D)."""
-        text = self.concept_text(list(concepts), params)
-        first = [self.concept_pieces(c, params, text.shape[1])[0] for c in concepts]
-        return text[torch.arange(len(concepts)), first], 0
+    paper_first_piece = True  # the paper's "first T5 token", transferred (module docstring)
 
     def concept_step(self, block, stream: torch.Tensor, args: tuple, kwargs: dict, rows: slice,
                      outputs: bool, method: str = "sdlens",

@@ -35,7 +35,8 @@ predicts ``-v``): the trace's ``noise_text`` / ``noise_uncond`` are the two halv
 the guidance for later steps changes the denoiser's batch mid-run: sdlens then stops recording
 that call (one warning), and the generation is not affected.
 
-**Concept maps** (``concepts=[...]``, :mod:`sdlens.engine.joint`; :meth:`ZImageAdapter.concept_step`),
+**Concept maps** (``concepts=[...]``, :mod:`sdlens.engine.joint`;
+:meth:`ZImageAdapter.concept_step`),
 beside the main layers, from their forward pre-hooks' arguments, under ``torch.no_grad``: the
 image is unchanged (``tests/engine/test_concepts_2026.py`` checks it). A concept is encoded as
 the caption is (Qwen3 in the chat template, ``hidden_states[-2]``, the template's opening left
@@ -246,12 +247,7 @@ class ZImageAdapter(BackboneAdapter):
         return torch.nn.utils.rnn.pad_sequence([e[template[0]:] for e in embeds],
                                                batch_first=True)
 
-    def paper_concepts(self, concepts: list[str], params: dict) -> tuple[torch.Tensor, int]:
-        """sdlens's transfer of ConceptAttention's "first T5 token": each concept's own
-        encoding at its first piece: (C, D)."""
-        text = self.concept_text(list(concepts), params)
-        first = [self.concept_pieces(c, params, text.shape[1])[0] for c in concepts]
-        return text[torch.arange(len(concepts)), first], 0
+    paper_first_piece = True  # the paper's "first T5 token", transferred (module docstring)
 
     def concept_stream(self, vectors: torch.Tensor) -> torch.Tensor:
         """``cap_embedder``, then the ``context_refiner`` layers with each concept the one token
