@@ -1,7 +1,8 @@
 """Concept maps (ConceptAttention) on the joint-attention families of 2026: Flux.2 (dev and klein:
 double-stream and fused single-stream blocks), Qwen-Image (dual-stream blocks), Chroma (Flux.1's
-blocks, the approximator's modulation) and Flux.1 Kontext (a reference image in the image
-stream). Random weights, CPU fp32, 2 steps, 32 px (``sdlens.testing.call_kwargs_2026``)."""
+blocks, the approximator's modulation), Flux.1 Kontext (a reference image in the image stream)
+and Z-Image (one stream: the pass runs beside its main layers). Random weights, CPU fp32, 2
+steps, 32 px (``sdlens.testing.call_kwargs_2026``)."""
 
 from __future__ import annotations
 
