@@ -59,7 +59,7 @@ POOLINGS = ("sdlens", "daam")
 # attention to the image patches (``record=(..., "image_to_text")``)
 MAPS = ("attention", "concepts", "image_to_text", "reference_maps")
 _HOW = {"attention": "record again with attention on to get heatmaps",
-        "concepts": "trace with concepts=[...] (SD3 / SD3.5, Flux.1) to get concept maps",
+        "concepts": "trace with concepts=[...] (a joint-attention model) to get concept maps",
         "image_to_text": "trace with record=(..., 'image_to_text') (SD3 / SD3.5, Flux.1) to get "
                          "them",
         "reference_maps": "trace an editing model (Flux.1 Kontext, Flux.2 with image=[...]) "

@@ -1,6 +1,6 @@
-"""What sdlens records beside joint attention's text maps (SD3 / SD3.5, Flux.1; any backbone
-adapter that provides the concept pass, :mod:`sdlens.engine.arch.base`): concept maps and
-image->text maps.
+"""What sdlens records beside joint attention's text maps (SD3 / SD3.5, Flux.1, Flux.1 Kontext,
+Chroma, Flux.2, Qwen-Image, Z-Image; any backbone adapter that provides the concept pass,
+:mod:`sdlens.engine.arch.base`): concept maps and image->text maps.
 
 **Concept maps** follow ConceptAttention (Helbling, Meral, Hoover, Yeh, Chau: "ConceptAttention:
 Diffusion Transformers Learn Highly Interpretable Features", ICML 2025; its code:
@@ -56,16 +56,38 @@ arguments ``trace.heatmap("circle", maps="concepts")`` is the paper's pipeline's
      batch item's maps from its conditional (text) rows; without CFG and with one image the two
      are the same.
 
+* The families ConceptAttention's code has no path for (Flux.1 Kontext, Chroma, Flux.2,
+  Qwen-Image, Z-Image): **sdlens's transfer of its Flux recipe**, not code of the paper (each
+  adapter's module docstring says what it becomes there):
+
+  1. a concept is one vector of its own encoding as a prompt: T5's first token where the
+     encoder is T5 (Kontext, Chroma: as Flux.1); with a chat-templated causal LM (Flux.2's
+     Mistral-3 / Qwen3, Qwen-Image's Qwen2.5-VL, Z-Image's Qwen3), whose position 0 is the
+     template's, the same for every concept, the concept's **first piece** (T5's position 0 is
+     the concept's first piece: :func:`concept_pieces`; the adapter's ``paper_first_piece``);
+  2. the modulation: time + guidance + a zero pooled vector where there is a pooled vector
+     (Kontext, as Flux.1); Chroma (its approximator reads only the timestep, a guidance fixed at
+     0 and the modulation's index), Flux.2 (time + guidance), Qwen-Image and Z-Image (the
+     timestep) have no pooled text, so the paper's recipe is their own text modulation;
+  3. the double-stream blocks only (Qwen-Image: every block is one; Z-Image has none, so its
+     main single-stream layers, where image and text meet), the concepts attending to [image;
+     concepts] (the image stream with any reference image's patches, as the text's; the maps
+     over the generated image's), every concept at the first text position's rotary embedding;
+  4. the map as Flux.1's, per step, the heatmap averaging every step and the **last four**
+     of those blocks.
+
 **"sdlens"** (the variant sdlens had first; kept as a named option): the same core
 (``softmax_c(o_c . o_x)``), with these choices instead:
 
 1. **Encoding.** Each concept is encoded as its own short prompt by the pipeline's own text
-   encoders (SD3: CLIP-L, CLIP-G and T5, at the call's ``max_sequence_length``; Flux: T5) and
+   encoders (SD3: CLIP-L, CLIP-G and T5, at the call's ``max_sequence_length``; Flux.1, Chroma:
+   T5; Flux.2, Qwen-Image, Z-Image: the chat-templated LM, as the pipeline encodes a prompt) and
    pooled into one vector: the mean over its tokens (its words' token positions, from the one
    Word model, start / end tokens and padding left out), as a word's heatmap is pooled.
 2. **The concept stream** is modulated with the prompt's own conditioning (the block's ``temb``)
    and carried through **every** block (Flux: the single-stream blocks too, through their
-   shared path: :meth:`~sdlens.engine.arch.base.BackboneAdapter.concept_step`). Its queries attend
+   shared path, Flux.2's fused one; Z-Image: its main layers:
+   :meth:`~sdlens.engine.arch.base.BackboneAdapter.concept_step`). Its queries attend
    to the image keys and the concept keys, never the prompt's; nothing attends to them.
 3. **The map** at a recorded site and step: ``o_x`` the image tokens' output of the block's own
    attention (over [image; prompt]), ``o_c`` the concepts', per step; the heatmap pools every
@@ -113,8 +135,9 @@ def check_joint_options(adapter: BackboneAdapter, options) -> None:
     image->text maps on a backbone that has no concept pass / no joint attention."""
     name = type(adapter.pipe).__name__
     if options.concepts is not None and adapter.concept_blocks() is None:
-        raise TypeError(f"concept maps need a joint-attention backbone (SD3 / SD3.5, Flux.1); "
-                        f"{name}'s {adapter.attention_kind}-attention backbone has no concept pass")
+        raise TypeError(f"concept maps need a joint-attention backbone with a concept pass (SD3 / "
+                        f"SD3.5, Flux.1, Flux.1 Kontext, Chroma, Flux.2, Qwen-Image, Z-Image); "
+                        f"{name}'s {adapter.attention_kind}-attention backbone has none")
     if "image_to_text" in options.record and adapter.attention_kind != "joint":
         raise TypeError(f"image_to_text maps need joint attention (SD3 / SD3.5, Flux.1), where "
                         f"the text tokens attend to the image; {name} has "
@@ -129,21 +152,32 @@ def concept_maps(image: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
     return scores.softmax(dim=1)
 
 
-def concept_vectors(adapter: BackboneAdapter, concepts: Sequence[str], params: dict
-                    ) -> torch.Tensor:
-    """(C, D): each concept encoded as its own prompt (:meth:`BackboneAdapter.concept_text`) and
-    pooled by the mean over its words' token positions (the Word model's: every encoder's)."""
-    text = adapter.concept_text(list(concepts), params)  # (C, L, D)
+def concept_pieces(adapter: BackboneAdapter, concept: str, params: dict,
+                   length: int) -> list[int]:
+    """The positions of ``concept``'s own pieces on the text axis when it is encoded as a prompt
+    (:meth:`BackboneAdapter.concept_text`, ``length`` positions): its words' token positions
+    from the Word model (the adapter's ``text_parts`` where the family has segments, else the
+    tokenizer's cut of its ``encoded_prompt``), start / end tokens, templates and padding left
+    out. ValueError when it has none."""
     parts = adapter.text_parts(params)
+    view = tokenize_segments(concept, parts) if parts is not None else tokenize(
+        adapter.encoded_prompt(concept, params), adapter.pipe, limit=adapter.text_length(params))
+    positions = sorted({p for w in view.words for p in w.positions if p < length})
+    if not positions:
+        raise ValueError(f"the concept {concept!r} has no tokens")
+    return positions
+
+
+def concept_vectors(adapter: BackboneAdapter, concepts: Sequence[str], params: dict,
+                    first: bool = False) -> torch.Tensor:
+    """(C, D): each concept encoded as its own prompt (:meth:`BackboneAdapter.concept_text`),
+    pooled by the mean over its pieces (:func:`concept_pieces`: the Word model's, every
+    encoder's), or, ``first``, its first piece's vector (``paper_first_piece``)."""
+    text = adapter.concept_text(list(concepts), params)  # (C, L, D)
     out = []
     for i, concept in enumerate(concepts):
-        view = tokenize_segments(concept, parts) if parts is not None else tokenize(
-            adapter.encoded_prompt(concept, params), adapter.pipe,
-            limit=adapter.text_length(params))
-        positions = sorted({p for w in view.words for p in w.positions if p < text.shape[1]})
-        if not positions:
-            raise ValueError(f"the concept {concept!r} has no tokens")
-        out.append(text[i, positions].float().mean(0))
+        pieces = concept_pieces(adapter, concept, params, text.shape[1])
+        out.append(text[i, pieces[:1] if first else pieces].float().mean(0))
     return torch.stack(out)
 
 
@@ -162,7 +196,7 @@ class ConceptPass:
         self.vectors: torch.Tensor | None = None  # (C', D), encoded by install()
         self.lead = 0  # leading stream tokens left out of the softmax (SD3's start token)
         self.stream: torch.Tensor | None = None
-        self.call_kwargs: dict = {}  # the denoiser call's keyword arguments (Flux's pooled vector)
+        self.call_kwargs: dict = {}  # the denoiser call's arguments (Flux's pooled vector, ...)
         self.temb: torch.Tensor | None = None  # the concepts' conditioning, this call
         self.sums: dict[str, list] = {}  # SD3, the paper's way: per site [sum o_x, sum o_c, n]
         self.failed = False
@@ -179,11 +213,12 @@ class ConceptPass:
                      default_steps="last" if paper and self.adapter.paper_time_mean else None)
         try:
             with torch.no_grad():
-                if self.paper:
+                if self.paper and not self.adapter.paper_first_piece:
                     self.vectors, self.lead = self.adapter.paper_concepts(self.concepts,
                                                                           self.params)
                 else:
-                    self.vectors = concept_vectors(self.adapter, self.concepts, self.params)
+                    self.vectors = concept_vectors(self.adapter, self.concepts, self.params,
+                                                   first=self.paper)
         except Exception as e:  # noqa: BLE001 - sdlens is never the reason a run fails
             return self._fail(e)
         hooks.forward_pre_hook(self.adapter.denoiser, self._before_call, with_kwargs=True)
@@ -192,7 +227,8 @@ class ConceptPass:
                                    with_kwargs=True)
 
     def _before_call(self, module, args, kwargs):
-        self.call_kwargs = kwargs
+        # positional arguments under their index (Z-Image's pipeline passes its latents so)
+        self.call_kwargs = {**dict(enumerate(args)), **kwargs} if args else kwargs
         return None
 
     def _fail(self, e: Exception) -> None:
@@ -220,15 +256,15 @@ class ConceptPass:
             self.stream = self.adapter.concept_stream(
                 self.vectors[None].expand(n, -1, -1).to(self.adapter.denoiser.device))
             self.temb = None
-            if self.paper:
-                temb = kwargs["temb"] if "temb" in kwargs else args[2]
+            temb = kwargs["temb"] if "temb" in kwargs else (args[2] if len(args) > 2 else None)
+            if self.paper and torch.is_tensor(temb):  # (Flux.2's blocks get no "temb")
                 self.temb = self.adapter.paper_concept_temb(temb[rows], self.call_kwargs, rows)
         if self.stream is None:
             return
         request = self.sink.request("concepts", site)
         step = self.adapter.concept_step(block, self.stream, args, kwargs, rows,
                                          request is not None, method=self.method,
-                                         concept_temb=self.temb)
+                                         concept_temb=self.temb, call_kwargs=self.call_kwargs)
         if request is not None:
             image, concepts = step.image, step.concepts
             if self.paper and self.adapter.paper_time_mean:  # the mean over the steps so far

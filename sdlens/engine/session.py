@@ -806,8 +806,9 @@ def trace(pipe, options: RecordOptions | None = None, tokens=None, **kwargs):
             supported ones.
         options: a :class:`RecordOptions`; keyword arguments (``record``, ``layers``, ``steps``,
             ``heads``, ``keep_padding``, ``max_bytes``, ``attention_dtype``, ``concepts``,
-            ``concept_method``) override its fields. ``concepts=["circle", "background"]`` (SD3 /
-            SD3.5, Flux.1) records concept maps (:mod:`sdlens.engine.joint`, ``trace.concepts``),
+            ``concept_method``) override its fields. ``concepts=["circle", "background"]`` (the
+            joint-attention backbones: SD3 / SD3.5, Flux.1, Flux.1 Kontext, Chroma, Flux.2,
+            Qwen-Image, Z-Image) records concept maps (:mod:`sdlens.engine.joint`, ``trace.concepts``),
             by default as ConceptAttention's code computes them (``concept_method=
             "conceptattention"``; ``"sdlens"``: sdlens's own variant); other backbones raise
             TypeError.

@@ -16,22 +16,25 @@ own prompt and pooling it over its tokens with the Word model, carrying the conc
 block to block, the maps, recording, errors) is :mod:`sdlens.engine.joint`'s:
 
 * :meth:`BackboneAdapter.concept_blocks`: the blocks the concept tokens pass through, in forward
-  order, each with the site its maps are named by (one of ``sites()``; SD3:
-  ``transformer_blocks.N`` and its ``.attn``; Flux: its double-stream blocks, then its
-  single-stream blocks). None (the default) means no concept pass: ``concepts=`` raises
-  TypeError;
+  order, each with the site its maps are named by (one of ``sites()``; SD3, Qwen-Image:
+  ``transformer_blocks.N`` and its ``.attn``; Flux.1, Chroma, Kontext, Flux.2: its double-stream
+  blocks, then its single-stream blocks; Z-Image: its main layers). None (the default) means no
+  concept pass: ``concepts=`` raises TypeError;
 * :meth:`BackboneAdapter.concept_text`: the concepts encoded as prompts, laid out as the
   denoiser's text input, position ``p`` of the text axis at ``[:, p]`` (the layout
-  ``text_parts`` / ``text_length`` describe, where the Word model finds a concept's tokens;
-  SD3: ``pipe.encode_prompt`` -> ``(C, 77 + T5, 4096)``; Flux: its T5 ``prompt_embeds``), and
+  ``text_parts`` / ``text_length`` describe, where the Word model finds a concept's tokens:
+  :func:`sdlens.engine.joint.concept_pieces`; SD3: ``pipe.encode_prompt`` -> ``(C, 77 + T5,
+  4096)``; Flux: its T5 ``prompt_embeds``), and
   :meth:`BackboneAdapter.concept_stream`: the pooled vectors as the first block receives text
-  (SD3 and Flux: ``transformer.context_embedder``);
+  (SD3 and Flux: ``transformer.context_embedder``; Qwen-Image: ``txt_norm``, ``txt_in``;
+  Z-Image: ``cap_embedder`` and its caption refiners);
 * :meth:`BackboneAdapter.concept_step`: one block of the concept pass, from the block's forward
   arguments (its forward pre-hook's ``args`` / ``kwargs``): the concept tokens go through the
   block's *text-stream* modulation / norms and projections (SD3: ``norm1_context``,
   ``add_q_proj`` / ``add_k_proj`` / ``add_v_proj``, ``norm_added_q`` / ``norm_added_k``; Flux's
   single-stream blocks: the block's one norm and ``to_q`` / ``to_k`` / ``to_v``, with the text
-  tokens' rotary embedding), attend to the image keys and the concept keys (never the prompt's
+  tokens' rotary embedding; Flux.2's single-stream blocks: the fused ``to_qkv_mlp_proj`` and
+  ``to_out``), attend to the image keys and the concept keys (never the prompt's
   text keys; nothing attends to them), and the block's text-stream output path (SD3:
   ``to_add_out``, gates, ``ff_context``; Flux's single-stream blocks: the block's parallel MLP
   and ``proj_out``) gives the stream entering the next block. It returns a
@@ -41,7 +44,8 @@ block to block, the maps, recording, errors) is :mod:`sdlens.engine.joint`'s:
 The paper's own choices (``concept_method="conceptattention"``, the default) are a family's
 ``paper_*`` methods and attributes: :meth:`BackboneAdapter.paper_concepts` (how its code encodes
 the concepts), :meth:`BackboneAdapter.paper_concept_blocks`, :meth:`BackboneAdapter.paper_default_layers`,
-:meth:`BackboneAdapter.paper_concept_temb`, ``paper_time_mean`` and ``paper_normalise``.
+:meth:`BackboneAdapter.paper_concept_temb`, ``paper_time_mean``, ``paper_normalise`` and
+``paper_first_piece``.
 
 Everything runs on copies beside the block, under ``torch.no_grad``: the image is unchanged.
 """
@@ -473,19 +477,28 @@ class BackboneAdapter(ABC):
 
     def concept_step(self, block: torch.nn.Module, stream: torch.Tensor, args: tuple,
                      kwargs: dict, rows: slice, outputs: bool, method: str = "sdlens",
-                     concept_temb: torch.Tensor | None = None) -> ConceptStep:
+                     concept_temb: torch.Tensor | None = None,
+                     call_kwargs: dict | None = None) -> ConceptStep:
         """One block of the concept pass on batch rows ``rows`` (``stream``: (n, C, dim), the
         rows' concept tokens entering ``block``; ``args`` / ``kwargs``: the block's forward
         arguments); ``outputs``: also return the attention outputs the maps are made of.
         ``method``: ``"sdlens"`` or ``"conceptattention"`` (the paper's code's choices, where
         they differ per family); ``concept_temb``: (n, dim), the conditioning the concept
-        stream is modulated with, where it is not the block's own (:meth:`paper_concept_temb`)."""
+        stream is modulated with, where it is not the block's own (:meth:`paper_concept_temb`);
+        ``call_kwargs``: the denoiser call's arguments, keyword ones by name and positional ones
+        by index (where a block's own arguments do not tell the text's length or the generated
+        image's tokens: a single-stream block given the joined sequence, reference images'
+        patches beside the image's, Z-Image's latents)."""
         raise NotImplementedError(f"{type(self).__name__} has no concept pass")
 
     # ConceptAttention's own choices (concept_method="conceptattention"), per family: how its code
     # encodes concepts, which blocks it runs them through, which it averages by default
     paper_time_mean = False  # vectors averaged over the recorded steps before the product (SD3)
     paper_normalise = False  # concept vectors L2-normalised before the product (SD3)
+    # each concept its own encoding at its first piece (sdlens.engine.joint.concept_vectors), the
+    # transfer of the paper's "first T5 token" to a chat-templated causal LM encoder (whose first
+    # position is the template's, the same for every concept): Flux.2, Qwen-Image, Z-Image
+    paper_first_piece = False
 
     def paper_concepts(self, concepts: list[str], params: dict) -> tuple[torch.Tensor, int]:
         """``(vectors (C', D), lead)``: the concepts encoded as ConceptAttention's code encodes

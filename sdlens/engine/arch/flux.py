@@ -72,6 +72,15 @@ first text position's rotary embedding. The Flux pipelines' ``txt_ids`` are zero
 token's rotation, and the concepts', is the identity: concepts are placed exactly as the
 prompt's text tokens are.
 
+The same :meth:`FluxAdapter.concept_step` serves the families built on these blocks, each
+supplying its modulation (:meth:`FluxAdapter._concept_norm`): Chroma (the approximator's
+vectors, and its float text mask on the image's own attention), Flux.1 Kontext (the reference's
+patches in the image stream: the concepts attend to them as the text does, the maps are over the
+generated image's patches, :meth:`FluxAdapter._concept_noise`) and Flux.2
+(:mod:`sdlens.engine.arch.flux2`: shared modulation, fused single-stream projections). A
+single-stream block given the joined [text; image] sequence (Chroma's, Flux.2's) is split at
+the transformer call's text length.
+
 **Image->text maps** (``record`` with ``"image_to_text"``) are the text queries' image columns of
 the same RoPE-rotated softmax (the single-stream blocks' text rows of the joined sequence), and
 **token reweighting** (:class:`sdlens.engine.sites.Reweight`, at the kernel) scales the image queries'
@@ -325,30 +334,49 @@ class FluxAdapter(BackboneAdapter):
 
     def concept_step(self, block, stream: torch.Tensor, args: tuple, kwargs: dict, rows: slice,
                      outputs: bool, method: str = "sdlens",
-                     concept_temb: torch.Tensor | None = None) -> ConceptStep:
-        """One block of the concept pass (module docstring: "Concept maps"). The concepts get
-        the rotary embedding of the first text position (the pipelines' ``txt_ids`` are zeros:
-        the identity, as for every text token); they are modulated with ``concept_temb`` where
-        given (ConceptAttention: :meth:`paper_concept_temb`), else the block's ``temb``."""
+                     concept_temb: torch.Tensor | None = None,
+                     call_kwargs: dict | None = None) -> ConceptStep:
+        """One block of the concept pass (module docstring: "Concept maps"), for Flux.1's
+        blocks and those built as theirs (Chroma's, Flux.2's: :meth:`_concept_norm` is where they
+        differ). The concepts get the rotary embedding of the first text position (ids zeros, as
+        ConceptAttention's concept ids: the Flux.1 pipelines' ``txt_ids`` are zeros, so that is
+        every text token's rotation, the identity); they are modulated with ``concept_temb``
+        where given (ConceptAttention: :meth:`paper_concept_temb`), else as the block's text.
+        They attend to every image-stream token (the generated image's patches and any
+        reference image's, as the prompt's text does) and to each other; the map's image
+        factor is the generated image's patches' own attention output."""
         from diffusers.models.embeddings import apply_rotary_emb
 
         def arg(name: str, i: int):
             return kwargs[name] if name in kwargs else (args[i] if len(args) > i else None)
 
-        hs, ehs = arg("hidden_states", 0), arg("encoder_hidden_states", 1)
-        temb, rope = arg("temb", 2)[rows], arg("image_rotary_emb", 3)
+        hs, ehs, rope = (arg("hidden_states", 0), arg("encoder_hidden_states", 1),
+                         arg("image_rotary_emb", 3))
         rope = tuple(rope) if isinstance(rope, (tuple, list)) and len(rope) == 2 else None
-        hs, ehs = hs[rows], ehs[rows]  # both block kinds get the two parts apart
+        hs = hs[rows]
+        if ehs is None:  # a joined [text; image] (Chroma's and Flux.2's single-stream blocks)
+            t = self._call_text_length(call_kwargs)
+            ehs, hs = hs[:, :t], hs[:, t:]
+        else:
+            ehs = ehs[rows]
         t = int(ehs.shape[1])
+        noise = self._concept_noise(call_kwargs, int(hs.shape[1]))
         attn = block.attn
         double = hasattr(block, "norm1_context")
+        parallel = hasattr(attn, "to_qkv_mlp_proj")  # Flux.2's single-stream blocks
 
         def heads(x: torch.Tensor) -> torch.Tensor:  # (n, L, inner) -> (n, heads, L, d)
             return x.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
 
         def qkv(x: torch.Tensor, added: bool, rope_rows: slice, queries: bool = True):
-            """(q or None, k, v), each (n, heads, L, d), as the processor computes them."""
-            if getattr(attn, "fused_projections", False):  # after fuse_qkv_projections()
+            """(q or None, k, v, the parallel MLP's input or None), q / k / v (n, heads, L, d),
+            as the processor computes them."""
+            mlp = None
+            if parallel:  # one projection: q, k, v and the MLP's input
+                proj = attn.to_qkv_mlp_proj(x)
+                q, k, v = proj[..., : 3 * attn.inner_dim].chunk(3, dim=-1)
+                mlp = proj[..., 3 * attn.inner_dim:]
+            elif getattr(attn, "fused_projections", False):  # after fuse_qkv_projections()
                 q, k, v = (attn.to_added_qkv if added else attn.to_qkv)(x).chunk(3, dim=-1)
             else:
                 pre = "add_{}_proj" if added else "to_{}"
@@ -362,42 +390,79 @@ class FluxAdapter(BackboneAdapter):
                     cos, sin = cos.expand(x.shape[1], -1), sin.expand(x.shape[1], -1)
                 q = apply_rotary_emb(q, (cos, sin), sequence_dim=2) if queries else None
                 k = apply_rotary_emb(k, (cos, sin), sequence_dim=2)
-            return q, k, v
+            return q, k, v, mlp
 
-        text_rows, image_rows, first = slice(0, t), slice(t, None), slice(0, 1)
+        text_rows, first = slice(0, t), slice(0, 1)
+        image_rows = slice(t, t + int(hs.shape[1]))
         # a single-stream block's norm and projections are per token: its joined sequence's
         # image and text rows are computed apart (the text's only for the image's own output)
-        temb_c = temb if concept_temb is None else concept_temb
-        if double:
-            norm_c, c_gate, c_shift, c_scale, c_gate_mlp = block.norm1_context(stream, emb=temb_c)
-            norm_x, norm_t = block.norm1, block.norm1_context
-        else:
-            norm_c, gate_c = block.norm(stream, emb=temb_c)
-            norm_x = norm_t = block.norm
-        q_c, k_c, v_c = qkv(norm_c, double, first)
-        q, k, v = qkv(norm_x(hs, emb=temb)[0], False, image_rows, queries=outputs)
-        if outputs:
-            _, k_t, v_t = qkv(norm_t(ehs, emb=temb)[0], double, text_rows, queries=False)
-        # the concepts attend to the image and to each other; nothing attends to them
+        norm_c, *mods_c = self._concept_norm(block, double, "concept", stream, kwargs, args, rows,
+                                             concept_temb)
+        q_c, k_c, v_c, mlp_c = qkv(norm_c, double, first)
+        norm_x = self._concept_norm(block, double, "image", hs, kwargs, args, rows)[0]
+        q, k, v, _ = qkv(norm_x, False, image_rows, queries=outputs)
+        # the concepts attend to the image stream and to each other; nothing attends to them
         out_c = F.scaled_dot_product_attention(q_c, torch.cat([k, k_c], 2), torch.cat([v, v_c], 2))
         out_c = out_c.transpose(1, 2).flatten(2)  # (n, C, inner)
         image = None
-        if outputs:  # the image tokens' own attention output (over [text; image], as the block)
-            image = F.scaled_dot_product_attention(q, torch.cat([k_t, k], 2),
-                                                   torch.cat([v_t, v], 2))
+        if outputs:  # the image patches' own attention output (over [text; image], as the block)
+            norm_t = self._concept_norm(block, double, "text", ehs, kwargs, args, rows)[0]
+            _, k_t, v_t, _ = qkv(norm_t, double, text_rows, queries=False)
+            image = F.scaled_dot_product_attention(
+                q[:, :, :noise], torch.cat([k_t, k], 2), torch.cat([v_t, v], 2),
+                attn_mask=self._concept_image_mask(kwargs, rows, t, noise))
             image = image.transpose(1, 2).flatten(2)  # (n, HW, inner)
-        if double:  # FluxTransformerBlock's text-stream update
-            c = stream + c_gate.unsqueeze(1) * attn.to_add_out(out_c)
-            ff_in = block.norm2_context(c) * (1 + c_scale[:, None]) + c_shift[:, None]
-            nxt = c + c_gate_mlp.unsqueeze(1) * block.ff_context(ff_in)
+        if double:  # the text stream's update (FluxTransformerBlock's; Chroma's, Flux.2's alike)
+            gate, shift_mlp, scale_mlp, gate_mlp = mods_c
+            c = stream + gate * attn.to_add_out(out_c)
+            ff_in = block.norm2_context(c) * (1 + scale_mlp) + shift_mlp
+            nxt = c + gate_mlp * block.ff_context(ff_in)
         elif block is self.pipe.transformer.single_transformer_blocks[-1]:
             nxt = None  # the last block: nothing reads the stream after it
+        elif parallel:  # Flux.2: the fused MLP beside attention, one fused output projection
+            nxt = stream + mods_c[0] * attn.to_out(torch.cat([out_c, attn.mlp_act_fn(mlp_c)], 2))
         else:  # FluxSingleTransformerBlock: the parallel MLP beside attention, one proj_out
             mlp = block.act_mlp(block.proj_mlp(norm_c))
-            nxt = stream + gate_c.unsqueeze(1) * block.proj_out(torch.cat([out_c, mlp], 2))
+            nxt = stream + mods_c[0] * block.proj_out(torch.cat([out_c, mlp], 2))
         if nxt is not None and nxt.dtype == torch.float16:
             nxt = nxt.clip(-65504, 65504)  # as the blocks clip their fp16 outputs
         return ConceptStep(nxt, image, out_c if outputs else None)
+
+    def _concept_norm(self, block, double: bool, part: str, x: torch.Tensor, kwargs: dict,
+                      args: tuple, rows: slice, concept_temb: torch.Tensor | None = None
+                      ) -> tuple:
+        """``x`` (n, L, dim) normalised and modulated as ``block`` does its ``part`` ("image",
+        "text" or "concept": the text stream's modulation, or ``concept_temb``'s), with the
+        gates and MLP modulation of that stream, each broadcastable to (n, L, dim): a double-
+        stream block ``(x, gate, shift_mlp, scale_mlp, gate_mlp)``, a single-stream block ``(x,
+        gate)``. Flux.1: AdaLN from the block's ``temb`` (n, dim)."""
+        temb = (kwargs["temb"] if "temb" in kwargs else args[2])[rows]
+        if part == "concept" and concept_temb is not None:
+            temb = concept_temb
+        if not double:
+            normed, gate = block.norm(x, emb=temb)
+            return normed, gate.unsqueeze(1)
+        normed, gate, shift, scale, gate_mlp = (block.norm1 if part == "image"
+                                                else block.norm1_context)(x, emb=temb)
+        return normed, gate.unsqueeze(1), shift[:, None], scale[:, None], gate_mlp.unsqueeze(1)
+
+    def _call_text_length(self, call_kwargs: dict | None) -> int:
+        """The text tokens of the denoiser call (its ``encoder_hidden_states``' length), for a
+        block given the joined [text; image] sequence."""
+        ehs = (call_kwargs or {}).get("encoder_hidden_states")
+        if not torch.is_tensor(ehs) or ehs.ndim != 3:
+            raise ValueError("the denoiser call's encoder_hidden_states are not known")
+        return int(ehs.shape[1])
+
+    def _concept_noise(self, call_kwargs: dict | None, n_image: int) -> int:
+        """The generated image's patches among the ``n_image`` image-stream tokens (the first
+        ones): all of them (Flux.1 Kontext and Flux.2: the reference images' follow them)."""
+        return n_image
+
+    def _concept_image_mask(self, kwargs: dict, rows: slice, t: int, noise: int):
+        """The mask the block's attention adds for the image patches' queries over [text;
+        image] keys (Chroma's); None (Flux.1, Flux.2: no mask)."""
+        return None
 
     # ================================================================ asked from outside the engine
     def embeds_guidance(self) -> bool:
@@ -428,8 +493,13 @@ class ChromaAdapter(FluxAdapter):
       (the default, 3.0), the prompt's call first, then the negative prompt's (``""`` by
       default): ``neg + guidance_scale * (pos - neg)``. ``trace.guidance_scale`` is that scale;
       with ``guidance_scale <= 1`` one call, no guidance.
-    * No concept pass (Chroma's blocks modulate from a pruned approximator, not Flux.1's
-      AdaLN: :meth:`FluxAdapter.concept_step` does not apply).
+    * **Concept maps** as Flux.1's (:meth:`FluxAdapter.concept_step`), the modulation read
+      from the approximator's vectors the blocks are given (:meth:`_concept_norm`); the image
+      patches' own attention output adds the blocks' float mask. The paper's way is sdlens's
+      transfer of ConceptAttention's Flux recipe (its code has no Chroma path): each concept
+      T5's first token, double-stream blocks only, the last four by default; its "zero pooled
+      vector" is no change here (:meth:`paper_concept_temb`: Chroma's modulation has no
+      pooled-text input), so the concepts are modulated as the block's text.
     """
 
     pipelines = ("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline")
@@ -471,8 +541,45 @@ class ChromaAdapter(FluxAdapter):
     def text_encoders(self, params: dict) -> list[TextEncoder]:
         return self._text_encoder("tokenizer", "text_encoder", 0, self.text_length(params))
 
-    def concept_blocks(self) -> None:
+    # ---------------------------------------------------------------- concept pass
+    def concept_text(self, concepts: list[str], params: dict) -> torch.Tensor:
+        """T5's ``prompt_embeds`` of the concepts as prompts: (C, max_sequence_length, 4096)."""
+        return self.pipe.encode_prompt(
+            prompt=list(concepts), device=getattr(self.pipe, "_execution_device",
+                                                  self.denoiser.device),
+            do_classifier_free_guidance=False, max_sequence_length=self.text_length(params))[0]
+
+    def paper_concept_temb(self, temb: torch.Tensor, call_kwargs: dict,
+                           rows: slice) -> torch.Tensor | None:
+        """None: the block's own text-stream modulation. ConceptAttention's Flux code modulates
+        the concepts with time + guidance + the pooled-text embedding of a zero vector; Chroma's
+        modulation has no text input to zero (its approximator reads the timestep, a guidance
+        fixed at 0 and each modulation's index), so that recipe is its own modulation."""
         return None
+
+    def _concept_norm(self, block, double: bool, part: str, x: torch.Tensor, kwargs: dict,
+                      args: tuple, rows: slice, concept_temb: torch.Tensor | None = None
+                      ) -> tuple:
+        """Chroma's blocks get their modulation vectors from the approximator: a double-stream
+        block's ``temb`` (n, 12, dim), the image's six then the text's, a single-stream
+        block's (n, 3, dim)."""
+        temb = kwargs["temb"][rows]
+        if not double:
+            normed, gate = block.norm(x, emb=temb)
+            return normed, gate.unsqueeze(1)
+        norm, emb = (block.norm1, temb[:, :6]) if part == "image" else (block.norm1_context,
+                                                                         temb[:, 6:])
+        normed, gate, shift, scale, gate_mlp = norm(x, emb=emb)
+        return normed, gate.unsqueeze(1), shift[:, None], scale[:, None], gate_mlp.unsqueeze(1)
+
+    def _concept_image_mask(self, kwargs: dict, rows: slice, t: int, noise: int):
+        """The blocks' float mask (the pipeline's 0 / 1 over [text; image], as pairs ``m_i *
+        m_j`` added to the scores): the image patches' rows of it."""
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            return None
+        m = mask[rows]
+        return m[:, None, t:t + noise, None] * m[:, None, None, :]
 
 
 class FluxKontextAdapter(FluxAdapter):
@@ -486,7 +593,11 @@ class FluxKontextAdapter(FluxAdapter):
     (:func:`sdlens.engine.arch.base.reference_layout`): the maps are the image queries' text
     columns of the softmax over all of it; the denoiser's input / output as the trace records
     them are the noise part only. Text, guidance (distilled; true CFG with a negative prompt) and
-    sites as Flux.1's. No concept pass (its image stream carries the reference's tokens too)."""
+    sites as Flux.1's. Concept maps as Flux.1's, both methods (the paper's way exactly as
+    ConceptAttention's Flux code, which has no Kontext path but whose recipe reads the same
+    inputs): the concepts attend to the whole image stream, the reference's patches too, as the
+    prompt's text does; the maps are over the generated image's patches
+    (:meth:`_concept_noise`)."""
 
     pipelines = ("FluxKontextPipeline",)
     families = ("flux-kontext",)
@@ -547,5 +658,7 @@ class FluxKontextAdapter(FluxAdapter):
                                 parts[1:], q_len, k_len,
                                 self._grids[1:] if self._grids else None)
 
-    def concept_blocks(self) -> None:
-        return None
+    def _concept_noise(self, call_kwargs: dict | None, n_image: int) -> int:
+        """The noise part of the image stream (``img_ids``' first coordinate 0)."""
+        parts = self._image_parts((call_kwargs or {}).get("img_ids"))
+        return int(parts[0]) if parts else n_image

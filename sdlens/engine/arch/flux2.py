@@ -38,10 +38,33 @@ checkpoints (``is_distilled``) take no guidance (one call, ``trace.guidance_scal
 off"); the base checkpoints run true CFG when ``guidance_scale > 1``: two calls per step, the
 prompt's, then ``""`` (or the negative prompt), ``neg + g (pos - neg)``.
 
-No concept pass (Flux.2's blocks share their modulation across blocks; not written yet).
+**Concept maps** (``concepts=[...]``, :mod:`sdlens.engine.joint`) through
+:meth:`sdlens.engine.arch.flux.FluxAdapter.concept_step`: the double-stream blocks' text path
+(``norm1_context`` modulated by the shared ``temb_mod_txt``, ``add_q_proj`` / ``add_k_proj`` /
+``add_v_proj``, ``norm_added_q`` / ``norm_added_k``, ``to_add_out``, ``ff_context``) and the
+single-stream blocks' fused one (``to_qkv_mlp_proj``: q, k, v and the MLP's input in one
+projection; ``to_out`` over [attention; MLP]; the shared ``temb_mod``); the text length of a
+single-stream block's joined sequence is the transformer call's. The concepts attend to the
+whole image stream (references too, as the text does); the maps are over the generated image's
+patches. Every concept gets the first text position's rotary embedding (``txt_ids`` [0, 0, 0,
+0]; the prompt's tokens are at ``l = 0, 1, ...``).
+
+ConceptAttention's code has no Flux.2 path: the default (``"conceptattention"``) is **sdlens's
+transfer of its Flux recipe**, not code of the paper: the double-stream blocks only, the last
+four by default, every step, the concepts modulated as the paper modulates them, with time +
+guidance and no pooled text, which in Flux.2 *is* the text stream's own modulation (Flux.2 has
+no pooled-text vector: :meth:`Flux2Adapter.paper_concept_temb`); a concept is one vector of its
+own encoding, the **first of its own pieces** (``paper_first_piece``): the paper
+keeps T5's position 0, which is the concept's first piece (T5 puts nothing before it, and as an
+encoder it reads the whole concept there); Flux.2's encoders are chat-templated causal LMs,
+whose position 0 is the template's first token, the same vector for every concept.
+The ``"sdlens"`` variant: every block, double- then single-stream, each concept the mean over
+its pieces (:func:`sdlens.engine.joint.concept_pieces`).
 """
 
 from __future__ import annotations
+
+import torch
 
 from sdlens.engine.arch.base import BackboneAdapter, TextEncoder
 from sdlens.engine.arch.flux import FluxKontextAdapter
@@ -150,3 +173,42 @@ class Flux2Adapter(FluxKontextAdapter):
             return []
         return [TextEncoder("text_encoder", self.tokenizer(), encoder, pre,
                             self.text_length(params) - pre)]
+
+    # ---------------------------------------------------------------- concept pass
+    def concept_text(self, concepts: list[str], params: dict) -> torch.Tensor:
+        """The pipeline's ``prompt_embeds`` of the concepts as prompts (its chat template, its
+        stacked hidden-state layers): (C, max_sequence_length, 3 x hidden)."""
+        layers = params.get("text_encoder_out_layers")
+        return self.pipe.encode_prompt(
+            prompt=list(concepts),
+            device=getattr(self.pipe, "_execution_device", self.denoiser.device),
+            max_sequence_length=self.text_length(params),
+            **({"text_encoder_out_layers": tuple(layers)} if layers is not None else {}))[0]
+
+    paper_first_piece = True  # the paper's "first T5 token", transferred (module docstring)
+
+    def paper_concept_temb(self, temb: torch.Tensor, call_kwargs: dict,
+                           rows: slice) -> torch.Tensor | None:
+        """None: the text stream's own modulation (time + guidance; Flux.2 has no pooled text
+        to replace by a zero vector)."""
+        return None
+
+    def _concept_norm(self, block, double: bool, part: str, x: torch.Tensor, kwargs: dict,
+                      args: tuple, rows: slice, concept_temb: torch.Tensor | None = None
+                      ) -> tuple:
+        """Flux.2's blocks share their modulation: a double-stream block gets
+        ``temb_mod_img`` / ``temb_mod_txt`` (n, 6 dim: shift, scale, gate for attention, then
+        for the MLP), a single-stream block ``temb_mod`` (n, 3 dim), applied after a plain
+        LayerNorm."""
+        if not double:
+            shift, scale, gate = self._split(kwargs["temb_mod"][rows], 1)
+            return (1 + scale) * block.norm(x) + shift, gate
+        mod = kwargs["temb_mod_img" if part == "image" else "temb_mod_txt"][rows]
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self._split(mod, 2)
+        norm = block.norm1 if part == "image" else block.norm1_context
+        return (1 + scale) * norm(x) + shift, gate, shift_mlp, scale_mlp, gate_mlp
+
+    @staticmethod
+    def _split(mod: torch.Tensor, sets: int) -> tuple[torch.Tensor, ...]:
+        """(n, 3 sets dim) -> 3 sets tensors (n, 1, dim), as ``Flux2Modulation.split``."""
+        return (mod if mod.ndim == 3 else mod[:, None]).chunk(3 * sets, dim=-1)

@@ -147,7 +147,8 @@ class MMDiTAdapter(BackboneAdapter):
 
     def concept_step(self, block, stream: torch.Tensor, args: tuple, kwargs: dict, rows: slice,
                      outputs: bool, method: str = "sdlens",
-                     concept_temb: torch.Tensor | None = None) -> ConceptStep:
+                     concept_temb: torch.Tensor | None = None,
+                     call_kwargs: dict | None = None) -> ConceptStep:
         """One block of the concept pass. ``method="conceptattention"``: the image vectors are
         the image queries' attention over [image; concepts] (ConceptAttention's SD3 block runs
         the block's attention a second time with the concepts in place of the prompt), not the

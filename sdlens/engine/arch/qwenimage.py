@@ -35,14 +35,40 @@ prediction (the one the scheduler steps with), ``trace.noise_text`` / ``noise_un
 calls', ``trace.guidance_scale`` is ``true_cfg_scale``. Maps are recorded from the prompt's
 call. Without a negative prompt there is one call per step and no guidance
 (``trace.guidance_scale`` is None). The schedule is the table's flow row (x0 = x_t - sigma v).
+
+**Concept maps** (``concepts=[...]``, :mod:`sdlens.engine.joint`;
+:meth:`QwenImageAdapter.concept_step`).
+The concepts enter as the text does (``txt_norm``, ``txt_in``) and take each block's text path:
+``txt_norm1`` modulated by ``txt_mod`` of the block's ``temb`` (the timestep's embedding: Qwen-
+Image has no pooled text), ``add_q_proj`` / ``add_k_proj`` / ``add_v_proj``, ``norm_added_q`` /
+``norm_added_k``, attention over the image keys and their own (nothing attends to them), then
+``to_add_out``, the gate, ``txt_norm2`` / ``txt_mlp``. Every concept gets the first text
+position's rotary frequencies (the prompt's tokens have consecutive ones after the image's). The
+map's image factor is the image patches' own attention output over [text; image] (with the
+pipeline's text mask), before ``to_out``.
+
+ConceptAttention's code has no Qwen-Image path: the default (``"conceptattention"``) is
+**sdlens's transfer of its Flux recipe**, not code of the paper: every block is double-stream,
+the heatmap pools the last four by default, every step; the concepts are modulated with the
+timestep's conditioning and no pooled text, which is the block's own text modulation (there is
+no pooled vector to replace by zeros); a concept is its own encoding's **first piece** (the
+paper keeps T5's position 0, the concept's first piece; Qwen2.5-VL is a causal LM, so a
+concept's first piece is where its own text starts, as T5's position 0 is: the pipeline drops
+the chat template's opening tokens, so that is its position 0 here too, and it sees the
+template before it). The ``"sdlens"`` variant: the same blocks, each concept the mean over its
+pieces. Qwen-Image-Edit-2511's ``zero_cond_t`` modulation is not handled (the pass is skipped
+with one warning).
 """
 
 from __future__ import annotations
 
 import torch
 
-from sdlens.engine.arch.base import (BackboneAdapter, BlockNaming, KernelLayout, TextEncoder,
-                                     joint_activation_bytes, joint_layout, reference_layout)
+import torch.nn.functional as F
+
+from sdlens.engine.arch.base import (BackboneAdapter, BlockNaming, ConceptStep, KernelLayout,
+                                     TextEncoder, joint_activation_bytes, joint_layout,
+                                     reference_layout)
 from sdlens.engine.arch.flux import FluxAdapter
 
 
@@ -180,6 +206,98 @@ class QwenImageAdapter(BackboneAdapter):
     def resolutions(self, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
         hw = (latent_hw[0] // 2, latent_hw[1] // 2)
         return {s: hw for s in self._sites}
+
+    # ---------------------------------------------------------------- concept pass
+    def concept_blocks(self) -> list[tuple[str, torch.nn.Module]]:
+        """Every block (all are double-stream)."""
+        blocks = self.pipe.transformer.transformer_blocks
+        return [(f"transformer_blocks.{i}.attn", b) for i, b in enumerate(blocks)]
+
+    def paper_default_layers(self) -> list[str]:
+        """The last four blocks (sdlens's transfer of ConceptAttention's Flux default)."""
+        n = len(self.pipe.transformer.transformer_blocks)
+        return [f"transformer_blocks.{i}.attn" for i in range(max(0, n - 4), n)]
+
+    def concept_text(self, concepts: list[str], params: dict) -> torch.Tensor:
+        """The pipeline's ``prompt_embeds`` of the concepts as prompts (the template's opening
+        dropped; zero-padded to the longest): (C, L, 3584)."""
+        return self.pipe.encode_prompt(
+            prompt=list(concepts),
+            device=getattr(self.pipe, "_execution_device", self.denoiser.device),
+            max_sequence_length=self.text_length(params))[0]
+
+    def concept_stream(self, vectors: torch.Tensor) -> torch.Tensor:
+        tr = self.pipe.transformer
+        return tr.txt_in(tr.txt_norm(vectors.to(tr.txt_in.weight.dtype)))
+
+    paper_first_piece = True  # the paper's "first T5 token", transferred (module docstring)
+
+    def concept_step(self, block, stream: torch.Tensor, args: tuple, kwargs: dict, rows: slice,
+                     outputs: bool, method: str = "sdlens",
+                     concept_temb: torch.Tensor | None = None,
+                     call_kwargs: dict | None = None) -> ConceptStep:
+        """One block of the concept pass (module docstring: "Concept maps")."""
+        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+        if getattr(block, "zero_cond_t", False):
+            raise ValueError("zero_cond_t modulation (Qwen-Image-Edit-2511) is not handled")
+        hs, ehs = kwargs["hidden_states"][rows], kwargs["encoder_hidden_states"][rows]
+        temb, rope = kwargs["temb"][rows], kwargs.get("image_rotary_emb")
+        mask = kwargs.get("encoder_hidden_states_mask")
+        attn = block.attn
+        d = attn.inner_dim // attn.heads
+
+        def modulated(norm, x, mod):  # the block's _modulate: x (1 + scale) + shift; gate
+            shift, scale, gate = mod.chunk(3, dim=-1)
+            return norm(x) * (1 + scale[:, None]) + shift[:, None], gate[:, None]
+
+        def qkv(x, added: bool, freqs, queries: bool = True):
+            """(q or None, k, v), each (n, heads, L, d), as the processor computes them."""
+            pre = "add_{}_proj" if added else "to_{}"
+            q, k, v = (getattr(attn, pre.format(n))(x).unflatten(-1, (-1, d))
+                       if n != "q" or queries else None for n in "qkv")
+            norm_q, norm_k = ((attn.norm_added_q, attn.norm_added_k) if added
+                              else (attn.norm_q, attn.norm_k))
+            q = norm_q(q) if queries and norm_q is not None else q
+            k = norm_k(k) if norm_k is not None else k
+            if freqs is not None:
+                q = apply_rotary_emb_qwen(q, freqs, use_real=False) if queries else None
+                k = apply_rotary_emb_qwen(k, freqs, use_real=False)
+            return tuple(x.transpose(1, 2) if x is not None else None for x in (q, k, v))
+
+        img_freqs, txt_freqs = rope if rope is not None else (None, None)
+        first = txt_freqs[:1].expand(stream.shape[1], -1) if txt_freqs is not None else None
+        txt_mod1, txt_mod2 = block.txt_mod(temb if concept_temb is None
+                                           else concept_temb).chunk(2, dim=-1)
+        norm_c, gate_c = modulated(block.txt_norm1, stream, txt_mod1)
+        q_c, k_c, v_c = qkv(norm_c, True, first)
+        img_mod1 = block.img_mod(temb).chunk(2, dim=-1)[0]
+        q, k, v = qkv(modulated(block.img_norm1, hs, img_mod1)[0], False, img_freqs,
+                      queries=outputs)
+        # the concepts attend to the image and to each other; nothing attends to them
+        out_c = F.scaled_dot_product_attention(q_c, torch.cat([k, k_c], 2), torch.cat([v, v_c], 2))
+        out_c = out_c.transpose(1, 2).flatten(2)  # (n, C, inner)
+        image = None
+        if outputs:  # the image patches' own attention output over [text; image], as the block
+            own_mod1 = block.txt_mod(temb).chunk(2, dim=-1)[0]
+            _, k_t, v_t = qkv(modulated(block.txt_norm1, ehs, own_mod1)[0], True, txt_freqs,
+                              queries=False)
+            joint_mask = None
+            if mask is not None:  # the processor's: [text mask; image all kept]
+                m = mask[rows]
+                joint_mask = torch.cat([m, torch.ones(m.shape[0], hs.shape[1], dtype=torch.bool,
+                                                      device=m.device)], 1)[:, None, None, :]
+            image = F.scaled_dot_product_attention(q, torch.cat([k_t, k], 2),
+                                                   torch.cat([v_t, v], 2), attn_mask=joint_mask)
+            image = image.transpose(1, 2).flatten(2)  # (n, HW, inner)
+        nxt = None
+        if block is not self.pipe.transformer.transformer_blocks[-1]:  # the text's update
+            c = stream + gate_c * attn.to_add_out(out_c)
+            ff_in, gate2 = modulated(block.txt_norm2, c, txt_mod2)
+            nxt = c + gate2 * block.txt_mlp(ff_in)
+            if nxt.dtype == torch.float16:
+                nxt = nxt.clip(-65504, 65504)  # as the blocks clip their fp16 outputs
+        return ConceptStep(nxt, image, out_c if outputs else None)
 
     # ================================================================ asked from outside the engine
     def text_encoders(self, params: dict) -> list:

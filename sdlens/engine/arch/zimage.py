@@ -34,14 +34,39 @@ predicts ``-v``): the trace's ``noise_text`` / ``noise_uncond`` are the two halv
 ``trace.guidance_scale`` is ``guidance_scale`` as given. A call whose ``cfg_truncation`` drops
 the guidance for later steps changes the denoiser's batch mid-run: sdlens then stops recording
 that call (one warning), and the generation is not affected.
+
+**Concept maps** (``concepts=[...]``, :mod:`sdlens.engine.joint`;
+:meth:`ZImageAdapter.concept_step`),
+beside the main layers, from their forward pre-hooks' arguments, under ``torch.no_grad``: the
+image is unchanged (``tests/engine/test_concepts_2026.py`` checks it). A concept is encoded as
+the caption is (Qwen3 in the chat template, ``hidden_states[-2]``, the template's opening left
+out so position ``p`` is the concept's ``p``-th piece) and enters as the caption does:
+``cap_embedder``, then the caption-only ``context_refiner`` layers, in which each concept is the
+one token of its own caption (it attends to itself only). In each main layer it takes the
+layer's one shared path as a caption token does: ``attention_norm1`` scaled by the layer's
+modulation (the timestep's only: Z-Image has no pooled text), ``to_q`` / ``to_k`` / ``to_v``,
+``norm_q`` / ``norm_k``, the first caption position's rotary frequencies; it attends to the
+image part of the sequence (the patches and the image padding, as the caption does) and to the
+concepts (nothing attends to them); then ``to_out``, ``attention_norm2``, the tanh gate and the
+gated ``feed_forward``. The map's image factor is the image patches' own attention output over
+the whole sequence (with the batch's mask), before ``to_out``.
+
+ConceptAttention's code has no Z-Image path and Z-Image has no double-stream blocks: the
+default (``"conceptattention"``) is **sdlens's transfer of its Flux recipe**, not code of the
+paper: every main layer (the only layers where image and text meet), the heatmap pooling the
+last four by default, every step, each concept its own encoding's **first piece** (the paper
+keeps T5's position 0, the concept's first piece; Qwen3 is a causal LM in a chat template), the
+layers' own modulation (no pooled text to replace by zeros). ``"sdlens"``: the same layers, each
+concept the mean over its pieces. Omni mode (``siglip_feats``, per-token modulation) is not
+handled: the pass is skipped with one warning.
 """
 
 from __future__ import annotations
 
-
 import torch
+import torch.nn.functional as F
 
-from sdlens.engine.arch.base import (BackboneAdapter, BlockNaming, KernelLayout,
+from sdlens.engine.arch.base import (BackboneAdapter, BlockNaming, ConceptStep, KernelLayout,
                                      joint_activation_bytes)
 
 _LAYERS = "layers"
@@ -196,6 +221,109 @@ class ZImageAdapter(BackboneAdapter):
     def resolutions(self, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
         p = self._patch
         return {s: (latent_hw[0] // p, latent_hw[1] // p) for s in self._sites}
+
+    # ---------------------------------------------------------------- concept pass
+    def concept_blocks(self) -> list[tuple[str, torch.nn.Module]]:
+        """The main layers (the refiners see no text->image attention)."""
+        return [(f"{_LAYERS}.{i}.attention", b) for i, b in
+                enumerate(self.pipe.transformer.layers)]
+
+    def paper_default_layers(self) -> list[str]:
+        """The last four main layers (sdlens's transfer of ConceptAttention's Flux default)."""
+        n = len(self.pipe.transformer.layers)
+        return [f"{_LAYERS}.{i}.attention" for i in range(max(0, n - 4), n)]
+
+    def concept_text(self, concepts: list[str], params: dict) -> torch.Tensor:
+        """The pipeline's caption features of the concepts as prompts, the chat template's
+        opening left out (position ``p``: the concept's ``p``-th piece, as the text axis of the
+        words), zero-padded to the longest: (C, L, D)."""
+        template = self.template_tokens()
+        if template is None:
+            raise ValueError("the tokenizer has no chat template: the concepts' pieces are unknown")
+        embeds = self.pipe.encode_prompt(
+            prompt=list(concepts), device=getattr(self.pipe, "_execution_device",
+                                                  self.denoiser.device),
+            do_classifier_free_guidance=False, max_sequence_length=self.text_length(params))[0]
+        return torch.nn.utils.rnn.pad_sequence([e[template[0]:] for e in embeds],
+                                               batch_first=True)
+
+    paper_first_piece = True  # the paper's "first T5 token", transferred (module docstring)
+
+    def concept_stream(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``cap_embedder``, then the ``context_refiner`` layers with each concept the one token
+        of its own caption (its attention output is its own value)."""
+        tr = self.pipe.transformer
+        c = tr.cap_embedder(vectors.to(tr.cap_embedder[-1].weight.dtype))
+        for layer in tr.context_refiner:
+            attn = layer.attention
+            c = c + layer.attention_norm2(attn.to_out[0](attn.to_v(layer.attention_norm1(c))))
+            c = c + layer.ffn_norm2(layer.feed_forward(layer.ffn_norm1(c)))
+        return c
+
+    @staticmethod
+    def _rotated(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        """``ZSingleStreamAttnProcessor``'s rotation: x (n, L, heads, d), freqs (n, L, d / 2)
+        complex."""
+        z = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(z * freqs.unsqueeze(2)).flatten(3).type_as(x)
+
+    def concept_step(self, block, stream: torch.Tensor, args: tuple, kwargs: dict, rows: slice,
+                     outputs: bool, method: str = "sdlens",
+                     concept_temb: torch.Tensor | None = None,
+                     call_kwargs: dict | None = None) -> ConceptStep:
+        """One main layer of the concept pass (module docstring: "Concept maps")."""
+        names = ("x", "attn_mask", "freqs_cis", "adaln_input", "noise_mask")
+        arg = {n: kwargs[n] if n in kwargs else (args[i] if len(args) > i else None)
+               for i, n in enumerate(names)}
+        if arg["noise_mask"] is not None or arg["adaln_input"] is None:
+            raise ValueError("Z-Image's omni mode (per-token modulation) is not handled")
+        call_kwargs = call_kwargs or {}
+        latents = call_kwargs.get(0, call_kwargs.get("x"))  # (the pipeline passes it first)
+        if not isinstance(latents, (list, tuple)) or not torch.is_tensor(latents[0]):
+            raise ValueError("the denoiser call's latents are not known")
+        p = int(call_kwargs.get("patch_size", self._patch))
+        fp = int(call_kwargs.get("f_patch_size", 1))
+        _, f, h, w = latents[0].shape
+        n_image = (f // fp) * (h // p) * (w // p)
+        image_end = _padded(n_image)  # the caption starts after the image's padding
+        x, freqs = arg["x"][rows], arg["freqs_cis"][rows]
+        attn = block.attention
+        mod = block.adaLN_modulation(arg["adaln_input"][rows]).unsqueeze(1)
+        scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=2)
+        scale_msa, scale_mlp = 1 + scale_msa, 1 + scale_mlp
+        gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
+
+        def qkv(t: torch.Tensor, f: torch.Tensor, queries: bool = True):
+            """(q or None, k, v), each (n, heads, L, d), as the processor computes them."""
+            t = block.attention_norm1(t) * scale_msa
+            q, k, v = (getattr(attn, f"to_{n}")(t).unflatten(-1, (attn.heads, -1))
+                       if n != "q" or queries else None for n in "qkv")
+            q = attn.norm_q(q) if queries and attn.norm_q is not None else q
+            k = attn.norm_k(k) if attn.norm_k is not None else k
+            q = self._rotated(q, f) if queries else None
+            return tuple(u.transpose(1, 2) if u is not None else None
+                         for u in (q, self._rotated(k, f), v))
+
+        first = freqs[:, image_end:image_end + 1].expand(-1, stream.shape[1], -1)
+        q_c, k_c, v_c = qkv(stream, first)
+        # the concepts attend to the image part (patches and padding) and to each other
+        q, k, v = qkv(x if outputs else x[:, :image_end], freqs if outputs
+                      else freqs[:, :image_end], queries=outputs)
+        out_c = F.scaled_dot_product_attention(
+            q_c, torch.cat([k[:, :, :image_end], k_c], 2), torch.cat([v[:, :, :image_end], v_c], 2))
+        out_c = out_c.transpose(1, 2).flatten(2)  # (n, C, inner)
+        image = None
+        if outputs:  # the image patches' own attention output over the whole sequence
+            mask = arg["attn_mask"]
+            mask = mask[rows][:, None, None, :] if torch.is_tensor(mask) and mask.ndim == 2 \
+                else mask
+            image = F.scaled_dot_product_attention(q[:, :, :n_image], k, v, attn_mask=mask)
+            image = image.transpose(1, 2).flatten(2)  # (n, HW, inner)
+        nxt = None
+        if block is not self.pipe.transformer.layers[-1]:  # the layer's update of a token
+            c = stream + gate_msa * block.attention_norm2(attn.to_out[0](out_c))
+            nxt = c + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(c) * scale_mlp))
+        return ConceptStep(nxt, image, out_c if outputs else None)
 
     # ================================================================ asked from outside the engine
     def text_encoders(self, params: dict) -> list:

@@ -90,9 +90,9 @@ class Studio(W.VBox):
 
     A flow-matching pipeline (SD3, Sana) keeps its own scheduler: the menu's others (DDIM,
     Euler, ...) are the UNet models' noise schedules and are not offered. A backbone with a
-    concept pass (joint attention: SD3 / SD3.5) gets a "concepts" box: comma-separated
-    concepts are mapped in the run (``concepts=[...]``) and the run's viewer offers them in its
-    "maps" menu.
+    concept pass (joint attention: SD3 / SD3.5, the Flux families, Qwen-Image, Z-Image) gets a
+    "concepts" box: comma-separated concepts are mapped in the run (``concepts=[...]``) and the
+    run's viewer offers them in its "maps" menu.
     """
 
     def __init__(self, pipe: Any, prompt: str = DEFAULT_PROMPT, negative_prompt: str = "",
