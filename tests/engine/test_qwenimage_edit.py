@@ -225,3 +225,36 @@ def test_restored_after_an_exception_mid_run():
             pipe(**kwargs("edit"), callback_on_step_end=stop)
     assert_restored(pipe, before)
     assert torch.equal(pipe(**kwargs("edit")).images, plain)
+
+
+@pytest.mark.parametrize("case", ["edit", "plus"])
+def test_concept_maps_of_the_generated_image(case):
+    """Concept maps on the edit pipelines: each concept is encoded beside the call's reference
+    images (as the prompt is: its pieces after the "vision" segment), attends to the image stream
+    (references included, as the prompt does) and maps the generated image only; the image is
+    the untraced one and the maps are each patch's distribution over the concepts."""
+    pipe = pipe_of(CASES[case][0])
+    kw = kwargs(case)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    plain = pipe(**{**kw, "generator": g()}).images
+    concepts = ["cat", "zebra"]
+    with sdlens.trace(pipe, concepts=concepts, record=("latents",)) as tr:
+        out = pipe(**{**kw, "generator": g()}).images
+    assert torch.equal(plain, out)
+    run = tr.runs[-1]
+    assert "skipped" not in run.meta
+    for layer in run.concepts.layers:  # (steps, batch, concepts, h, w) of the 4x4 latents / 2
+        m = run.concepts[layer].float()
+        assert m.shape == (STEPS, 1, 2, 2, 2)
+        torch.testing.assert_close(m.sum(2), torch.ones(STEPS, 1, 2, 2), atol=2e-3, rtol=0)
+    assert run.heatmap("zebra", maps="concepts").shape == (32, 32)
+    # the first piece of "cat" encoded beside the images is the paper's concept vector
+    from sdlens.engine.joint import concept_vectors
+
+    adapter = adapter_for(pipe)
+    assert adapter.paper_first_piece
+    vectors = concept_vectors(adapter, concepts, kw, first=True)
+    text = adapter.concept_text(concepts, kw)
+    vision = adapter.text_parts(kw)[0][2]
+    assert vision > 0
+    torch.testing.assert_close(vectors[0], text[0, vision].float())

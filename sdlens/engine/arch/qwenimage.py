@@ -226,6 +226,11 @@ class QwenImageAdapter(BackboneAdapter):
             device=getattr(self.pipe, "_execution_device", self.denoiser.device),
             max_sequence_length=self.text_length(params))[0]
 
+    def _concept_noise(self, call_kwargs: dict | None, n_image: int) -> int:
+        """The generated image's patches among the image stream's ``n_image`` (all of them
+        here; the edit pipelines append their references' patches)."""
+        return n_image
+
     def concept_stream(self, vectors: torch.Tensor) -> torch.Tensor:
         tr = self.pipe.transformer
         return tr.txt_in(tr.txt_norm(vectors.to(tr.txt_in.weight.dtype)))
@@ -290,6 +295,7 @@ class QwenImageAdapter(BackboneAdapter):
             image = F.scaled_dot_product_attention(q, torch.cat([k_t, k], 2),
                                                    torch.cat([v_t, v], 2), attn_mask=joint_mask)
             image = image.transpose(1, 2).flatten(2)  # (n, HW, inner)
+            image = image[:, : self._concept_noise(call_kwargs, image.shape[1])]
         nxt = None
         if block is not self.pipe.transformer.transformer_blocks[-1]:  # the text's update
             c = stream + gate_c * attn.to_add_out(out_c)
@@ -386,13 +392,12 @@ class QwenImageEditAdapter(QwenImageAdapter):
         return joint_activation_bytes(self.pipe.transformer, tokens)
 
     # ---------------------------------------------------------------- text
-    def _vision_length(self, params: dict) -> int | None:
-        """Tokens of the text axis before the prompt's (the ``"vision"`` segment), for the
-        call's ``image`` (PIL images: the pipelines read their ``.size``); None where it cannot
-        be told. The images are resized as the pipeline resizes them for Qwen2.5-VL (EditPlus:
-        each to ~384² px; Edit: one image to ~1 MP, a list of one image per prompt kept as
-        given) and the templated text up to the prompt goes through the pipeline's processor
-        (which expands each ``<|image_pad|>`` to the image's tokens)."""
+    def _shown_images(self, params: dict) -> list | None:
+        """The call's reference images as the pipeline shows them to Qwen2.5-VL (PIL images: the
+        pipelines read their ``.size``): EditPlus resizes each to ~384² px; Edit resizes one image
+        to ~1 MP and keeps a list of one image per prompt as given (the first here; None when the
+        list's images differ in size: vision tokens of another length per prompt). None where it
+        cannot be told."""
         from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
             CONDITION_IMAGE_SIZE, VAE_IMAGE_SIZE, calculate_dimensions)
 
@@ -402,35 +407,68 @@ class QwenImageEditAdapter(QwenImageAdapter):
         if not images or not all(isinstance(s, tuple) and len(s) == 2 and min(s) > 0
                                  for s in sizes):
             return None
-        plus = self.plus()
-        key = (plus, tuple(sizes))
+        resize = self.pipe.image_processor.resize
+        if self.plus():
+            dims = [calculate_dimensions(CONDITION_IMAGE_SIZE, w / h) for w, h in sizes]
+            return [resize(im, dh, dw) for im, (dw, dh, *_) in zip(images, dims)]
+        if isinstance(image, (list, tuple)):  # the pipeline's resize passes a list through
+            return images[:1] if len(set(sizes)) == 1 else None
+        w, h = sizes[0]
+        dw, dh, *_ = calculate_dimensions(VAE_IMAGE_SIZE, w / h)
+        return [resize(image, dh, dw)]
+
+    def _vision_length(self, params: dict) -> int | None:
+        """Tokens of the text axis before the prompt's (the ``"vision"`` segment), for the
+        call's ``image``; None where it cannot be told. The images as shown
+        (:meth:`_shown_images`) and the templated text up to the prompt (EditPlus: with its
+        ``"Picture i: "`` labels) go through the pipeline's processor (which expands each
+        ``<|image_pad|>`` to the image's tokens)."""
+        image = params.get("image")
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        sizes = tuple(getattr(im, "size", None) for im in images)
+        key = (self.plus(), sizes)
         if key not in self._vision:
             pipe = self.pipe
             template = getattr(pipe, "prompt_template_encode", None)
             start = getattr(pipe, "prompt_template_encode_start_idx", None)
-            if getattr(pipe, "processor", None) is None or not isinstance(template, str) \
-                    or "{}" not in template or start is None:
+            shown = self._shown_images(params)
+            if shown is None or getattr(pipe, "processor", None) is None \
+                    or not isinstance(template, str) or "{}" not in template or start is None:
                 return None
             prefix = template[: template.index("{}")]
-            if plus:  # each image resized to ~384² px for the VL tower, labelled "Picture i: "
-                dims = [calculate_dimensions(CONDITION_IMAGE_SIZE, w / h) for w, h in sizes]
-                prefix += "".join(_PICTURE.format(i + 1) for i in range(len(images)))
-                shown = [pipe.image_processor.resize(im, dh, dw)
-                         for im, (dw, dh) in zip(images, dims)]
-            elif isinstance(image, (list, tuple)):  # Edit: one image per prompt, as given (the
-                if len(set(sizes)) != 1:  # pipeline's resize passes a list through unchanged)
-                    return None  # vision tokens of another length per prompt
-                shown = images[:1]
-            else:  # Edit: the image resized to ~1 MP; its template holds the marks
-                w, h = sizes[0]
-                dw, dh, *_ = calculate_dimensions(VAE_IMAGE_SIZE, w / h)
-                shown = [pipe.image_processor.resize(image, dh, dw)]
+            if self.plus():
+                prefix += "".join(_PICTURE.format(i + 1) for i in range(len(shown)))
             try:
                 ids = pipe.processor(text=[prefix], images=shown).input_ids[0]
             except Exception:  # noqa: BLE001 - what the pipeline cannot take either
                 return None
             self._vision[key] = len(ids) - int(start)
         return self._vision[key]
+
+    def _concept_noise(self, call_kwargs: dict | None, n_image: int) -> int:
+        """The noise part of the image stream (``img_shapes``' first grid): the concepts attend
+        to the references' patches too, as the prompt does, and map the generated image only."""
+        parts = self._image_parts((call_kwargs or {}).get("img_shapes"))
+        if parts is None or sum(parts[0]) != n_image:
+            raise ValueError("the image stream's parts cannot be read from img_shapes")
+        return parts[0][0]
+
+    def concept_text(self, concepts: list[str], params: dict) -> torch.Tensor:
+        """The pipeline's ``prompt_embeds`` of each concept as the prompt, beside the call's
+        reference images as the pipeline shows them (so a concept's pieces sit where the
+        prompt's do: after the ``"vision"`` segment), one concept at a time (the processor takes
+        one set of images per text); zero-padded to the longest: (C, L, 3584)."""
+        shown = self._shown_images(params)
+        if shown is None:
+            raise ValueError("the reference images of this call cannot be read (PIL images "
+                             "expected), so the concepts cannot be encoded beside them")
+        device = getattr(self.pipe, "_execution_device", self.denoiser.device)
+        embeds = [self.pipe.encode_prompt(prompt=[c], image=shown if self.plus() else shown[0],
+                                          device=device,
+                                          max_sequence_length=self.max_text_tokens)[0][0]
+                  for c in concepts]
+        length = max(e.shape[0] for e in embeds)
+        return torch.stack([F.pad(e, (0, 0, 0, length - e.shape[0])) for e in embeds])
 
     def text_length(self, params: dict) -> int:
         return (self._vision_length(params) or 0) + self.max_text_tokens
