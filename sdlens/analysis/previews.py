@@ -267,10 +267,16 @@ def fit_linear_decoder(vae: Any, images: Any = None, n: int = 256, seed: int = 0
         param = next(iter(vae.parameters()), None) if hasattr(vae, "parameters") else None
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None else torch.float32
+        stats = _latent_stats(vae)  # a video VAE (Qwen-Image's): one frame, z = (mu - mean) / std
         lats = []
         for i in range(0, len(x), batch_size):
-            post = vae.encode(x[i : i + batch_size].to(device, dtype)).latent_dist
-            lats.append((post.mean.float().cpu() - shift) * sf)
+            xi = x[i : i + batch_size].to(device, dtype)
+            if stats is None:
+                post = vae.encode(xi).latent_dist
+                lats.append((post.mean.float().cpu() - shift) * sf)
+            else:
+                mu = vae.encode(xi[:, :, None]).latent_dist.mean[:, :, 0].float().cpu()
+                lats.append((mu - stats[0]) / stats[1])
         lat = torch.cat(lats)  # (n, C, h, w)
         source = "encoder"
     target = F.adaptive_avg_pool2d(x, lat.shape[-2:])  # (n, 3, h, w)
@@ -289,20 +295,28 @@ def fit_linear_decoder(vae: Any, images: Any = None, n: int = 256, seed: int = 0
 def decode_vae(vae: Any, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """Decode latents as the pipeline does (``latents / scaling_factor (+ shift)``):
     ``(n, C, h, w)`` -> ``(n, 3, H, W)`` float32 in ``[-1, 1]`` on the CPU. Works for
-    ``AutoencoderKL`` and ``AutoencoderTiny`` (whose scaling factor is 1)."""
+    ``AutoencoderKL`` and ``AutoencoderTiny`` (whose scaling factor is 1), and for a video VAE
+    used on images (Qwen-Image's ``AutoencoderKLQwenImage``: ``z * latents_std + latents_mean``
+    decoded as a one-frame clip, as its pipelines do)."""
     vae = getattr(vae, "vae", vae)
     if not hasattr(vae, "decode"):
         raise TypeError(f"expected a VAE with .decode, got {type(vae).__name__}")
     cfg = getattr(vae, "config", None)
     sf = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
     shift = getattr(cfg, "shift_factor", None)
+    stats = _latent_stats(vae)
     param = next(iter(vae.parameters()))
     out = []
     for i in range(0, len(latents), batch_size):
-        z = latents[i : i + batch_size].to(param.device, torch.float32) / sf
-        if shift:
-            z = z + shift
-        img = vae.decode(z.to(param.dtype)).sample.float()
+        z = latents[i : i + batch_size].to(param.device, torch.float32)
+        if stats is not None:
+            z = z * stats[1].to(z.device) + stats[0].to(z.device)
+            img = vae.decode(z[:, :, None].to(param.dtype)).sample[:, :, 0].float()
+        else:
+            z = z / sf
+            if shift:
+                z = z + shift
+            img = vae.decode(z.to(param.dtype)).sample.float()
         if not torch.isfinite(img).all():
             raise FloatingPointError("the VAE decoded NaN/inf (SDXL's fp16 VAE does this): decode "
                                      "in float32 (vae.to(torch.float32)) or use the fp16-fix VAE")
@@ -314,19 +328,28 @@ def decode_video(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """A video VAE's decode as Wan's pipelines do it (``z * latents_std + latents_mean``):
     ``(C, F, h, w)`` -> ``(frames, 3, H, W)`` float32 in ``[-1, 1]`` on the CPU."""
     vae = getattr(vae, "vae", vae)
-    cfg = vae.config
     param = next(iter(vae.parameters()))
-    mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
+    mean, std = (t[None, :, None] for t in _latent_stats(vae))  # (1, C, 1, 1, 1)
     with torch.no_grad():
         x = vae.decode((latents.float()[None] * std + mean).to(param.device, param.dtype)).sample
     return x[0].float().clamp(-1, 1).cpu().transpose(0, 1)
 
 
-def _video_vae(vae: Any) -> bool:
+def _latent_stats(vae: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A video VAE's per-channel ``(latents_mean, latents_std)``, each (C, 1, 1) float32 (the
+    pipelines' latents are ``(mu - mean) / std``); None for an image VAE (scaling / shift; an
+    ``AutoencoderKL`` with ``latents_mean`` too, whose pipelines use them otherwise). A video
+    VAE (Wan's, Qwen-Image's) is told by its temporal downsampling."""
     cfg = getattr(getattr(vae, "vae", vae), "config", None)
-    return cfg is not None and cfg.get("latents_mean") is not None and \
-        cfg.get("latents_std") is not None
+    if cfg is None or cfg.get("temperal_downsample") is None or \
+            cfg.get("latents_mean") is None or cfg.get("latents_std") is None:
+        return None
+    return (torch.tensor(cfg.latents_mean, dtype=torch.float32).view(-1, 1, 1),
+            torch.tensor(cfg.latents_std, dtype=torch.float32).view(-1, 1, 1))
+
+
+def _video_vae(vae: Any) -> bool:
+    return _latent_stats(vae) is not None
 
 
 def decode_clip(trace: Any, kind: str = "x0", step: int = -1, batch: int = 0,

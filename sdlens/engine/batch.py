@@ -32,7 +32,9 @@ from sdlens.trace.ops import replace, select_batch
 
 @dataclass(frozen=True)
 class Cell:
-    """One run; ``index`` is its position in the caller's grid (a sweep: along every axis)."""
+    """One run; ``index`` is its position in the caller's grid (a sweep: along every axis).
+    ``cfg``: whether the pipeline guides at ``guidance`` (the backbone adapter's
+    ``cfg_weight``; None: diffusers' rule, above 1)."""
 
     index: tuple
     prompt: str
@@ -40,10 +42,11 @@ class Cell:
     steps: int
     guidance: float
     seed: int
+    cfg: bool | None = None
 
-    @property
-    def cfg(self) -> bool:
-        return self.guidance > 1
+    def __post_init__(self):
+        if self.cfg is None:
+            object.__setattr__(self, "cfg", self.guidance > 1)
 
 
 @dataclass
@@ -104,7 +107,9 @@ class PerSampleGuidance:
 
     The pipeline runs with the scalar ``G``; the hook rewrites the text half of the denoiser's
     output ``c_i`` to ``u_i + (g_i / G)(c_i - u_i)`` so that the pipeline's ``u + G (c' - u)``
-    equals ``u + g_i (c - u)``. The forward hook is registered at the denoiser's first call
+    equals ``u + g_i (c - u)``. Here ``g`` and ``G`` are the weights of that combination
+    (``adapter.cfg_weight`` of the scales: Z-Image's ``pos + s (pos - neg)`` is ``u + (1 + s)
+    (c - u)``). The forward hook is registered at the denoiser's first call
     (from a pre-hook) so that it runs *after* every hook installed before that call, sdlens'
     recording hooks included: traces record the model's true text prediction. The backbone's
     adapter (``adapter``) says where the halves lie in the batch and which tensor the pipeline
@@ -118,12 +123,15 @@ class PerSampleGuidance:
     """
 
     def __init__(self, scales: Sequence[float], G: float, adapter):
-        if G <= 1:
-            raise ValueError(f"per-sample guidance needs the call's guidance scale > 1, got {G}")
-        self.G = float(G)
-        self.ratios = torch.tensor([float(g) / float(G) for g in scales], dtype=torch.float32)
+        W = adapter.cfg_weight(G)
+        if W is None or W <= 1:
+            raise ValueError(f"per-sample guidance needs a call that guides, got the guidance "
+                             f"scale {G}")
+        self.G = float(W)
+        weights = [adapter.cfg_weight(g) or 1.0 for g in scales]  # unguided: c, the weight 1
+        self.ratios = torch.tensor([w / self.G for w in weights], dtype=torch.float32)
         self.adapter = adapter
-        self.order = adapter.cfg_calls({"guidance_scale": float(G)})  # one call per half
+        self.order = adapter.cfg_calls({adapter.cfg_arg: float(G)})  # one call per half
         self.pending: torch.Tensor | None = None  # the step's text call (one call per half)
         self.half = 0
         self.post: dict[int, object] = {}
@@ -181,13 +189,15 @@ def generator_for(pipe, seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int(seed))
 
 
-def batch_call_kwargs(batch: Batch, negative_prompt, height, width, extra) -> dict:
-    """The pipeline arguments of one batched call: a prompt and a generator per cell."""
+def batch_call_kwargs(batch: Batch, negative_prompt, height, width, extra,
+                      cfg_arg: str = "guidance_scale") -> dict:
+    """The pipeline arguments of one batched call: a prompt and a generator per cell; the
+    guidance scale as ``cfg_arg`` (the backbone adapter's: Qwen-Image's ``true_cfg_scale``)."""
     prompts = [c.prompt for c in batch.cells]
     kwargs = dict(extra)
     kwargs.update(prompt=prompts, generator=[generator_for(None, c.seed) for c in batch.cells],
-                  num_inference_steps=batch.steps, guidance_scale=batch.guidance,
-                  output_type="np")
+                  num_inference_steps=batch.steps, output_type="np")
+    kwargs[cfg_arg] = batch.guidance
     if negative_prompt is not None:
         kwargs["negative_prompt"] = [negative_prompt] * len(prompts)
     if height is not None:
@@ -228,7 +238,8 @@ def trace_options(record_opts, steps: int) -> dict:
 def run_batch(pipe, batch: Batch, negative_prompt, height, width, extra, record_opts):
     """Run one batch; returns (float images (n, H, W, 3), list of per-cell traces or Nones).
     ``record_opts``: from :func:`batch_record_options`."""
-    kwargs = batch_call_kwargs(batch, negative_prompt, height, width, extra)
+    kwargs = batch_call_kwargs(batch, negative_prompt, height, width, extra,
+                               adapter_for(pipe).cfg_arg)
     scales = [c.guidance for c in batch.cells]
     mixed = batch.cfg and len(set(scales)) > 1
     traces: list = [None] * len(batch.cells)
@@ -242,7 +253,7 @@ def run_batch(pipe, batch: Batch, negative_prompt, height, width, extra, record_
         if not rec.runs:  # sdlens stopped recording the call (it warned why); the images stand
             raise RuntimeError("sdlens could not record this batch (see the warning above)")
         full = rec.runs[-1]
-        traces = [cell_trace(full, i, guidance=c.guidance, seed=c.seed)
+        traces = [cell_trace(full, i, guidance=c.guidance, seed=c.seed, cfg=c.cfg)
                   for i, c in enumerate(batch.cells)]
     # a video pipeline returns clips: (n, frames, H, W, 3)
     images = np.asarray(getattr(out, "images", None) if hasattr(out, "images") else out.frames,
@@ -251,14 +262,16 @@ def run_batch(pipe, batch: Batch, negative_prompt, height, width, extra, record_
 
 
 def cell_trace(trace: Trace, i: int, guidance: float | None = None, seed: int | None = None,
-               extra_meta: dict | None = None) -> Trace:
+               extra_meta: dict | None = None, cfg: bool | None = None) -> Trace:
     """Batch item ``i`` of a batched Trace as a Trace of its own (what the single run of that
-    item records, :func:`~sdlens.trace.ops.select_batch`), with its seed and guidance scale."""
+    item records, :func:`~sdlens.trace.ops.select_batch`), with its seed and guidance scale
+    (``cfg``: whether that scale guides, :attr:`Cell.cfg`; None: above 1)."""
     cell = select_batch(trace, i)
     changes: dict = {}
     meta = cell.meta
     if guidance is not None:
-        changes.update(guidance_scale=float(guidance), do_cfg=cell.do_cfg and guidance > 1)
+        guides = guidance > 1 if cfg is None else cfg
+        changes.update(guidance_scale=float(guidance), do_cfg=cell.do_cfg and guides)
         meta["guidance_scale"] = float(guidance)
     if seed is not None:
         meta["seeds"] = [int(seed)]

@@ -867,6 +867,8 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
             warning; NaN / inf: ValueError). The model's other recommended call settings (e.g.
             ``max_sequence_length``) apply unless given. Flux: the distilled guidance value the
             transformer is given (true CFG: ``true_cfg_scale=`` and ``negative_prompt=``).
+            Qwen-Image: its ``true_cfg_scale`` (guidance needs a ``negative_prompt``); Z-Image:
+            0 turns guidance off (its pipeline guides above 0).
         negative_prompt: a negative prompt (or one per prompt).
         height, width: image size in pixels (None: the model's default).
         options: a :class:`RecordOptions`.
@@ -883,6 +885,11 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
             ``prompt_embeds``, ``ip_adapter_image_embeds``, ...).
         tokens: the token strings of ``prompt_embeds`` (see :func:`trace`).
     """
+    cfg_arg = adapter_for(pipe).cfg_arg
+    if guidance_scale is not None and cfg_arg != "guidance_scale":  # Qwen-Image's true CFG
+        if cfg_arg in kwargs:
+            raise ValueError(f"give the guidance scale once: guidance_scale= or {cfg_arg}=")
+        kwargs[cfg_arg], guidance_scale = check_guidance_scale(guidance_scale), None
     if reweight is not None:
         n_images = int(kwargs.get("num_images_per_prompt", 1) or 1)
         with reweighting(pipe, prompt, reweight, reweight_steps, num_images_per_prompt=n_images,
@@ -915,20 +922,22 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     guidance_scale = check_guidance_scale(guidance_scale)  # NaN would run unguided, silently
     recommended = recommended_settings(pipe)  # the model's own (its card's) call settings
-    if guidance_scale is None and "guidance_scale" in recommended:
+    if guidance_scale is None and "guidance_scale" in recommended \
+            and adapter_for(pipe).cfg_arg not in kwargs:
         guidance_scale = float(recommended["guidance_scale"])
     for key, value in recommended.items():
         if key not in ("guidance_scale", "num_inference_steps"):
             kwargs.setdefault(key, value)
-    if guidance_scale is not None and float(guidance_scale) < 1 \
-            and adapter_for(pipe).cfg_by_default:  # not Flux's distilled guidance value
+    adapter = adapter_for(pipe)
+    if guidance_scale is not None and float(guidance_scale) < 1 and adapter.cfg_by_default \
+            and adapter.cfg_weight(1.0) is None:  # not Flux's distilled value, not Z-Image's
         # diffusers guides only above 1; below it runs unguided, as 1 does (1 is the usual
         # "no guidance" and stays quiet)
         warnings.warn(f"sdlens: guidance_scale={guidance_scale:g} is below 1: the pipeline runs "
                       "without classifier-free guidance (as at 1)", UserWarning, stacklevel=2)
     call = dict(prompt=prompt, num_inference_steps=steps, generator=generator, **kwargs)
     if guidance_scale is not None:
-        call["guidance_scale"] = guidance_scale
+        call[adapter.cfg_arg] = guidance_scale
     if negative_prompt is not None:
         if isinstance(prompt, (list, tuple)) and isinstance(negative_prompt, str):
             negative_prompt = [negative_prompt] * len(prompt)  # SD pipelines want the same type

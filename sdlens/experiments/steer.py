@@ -189,7 +189,10 @@ def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
         words: the words to ablate (default: every word of the prompt but punctuation: the words
             of :func:`sdlens.analysis.tokens.tokenize`, as the heatmaps see them; a repeated word
             is ablated once per occurrence, named ``"a"``, ``"a#2"``, ...).
-        steps, guidance_scale, negative_prompt, **pipe_kwargs: as for the pipeline.
+        steps, guidance_scale, negative_prompt, **pipe_kwargs: as for the pipeline;
+            ``guidance_scale`` is the CFG scale, given as the pipeline's guidance argument
+            (the backbone adapter's ``cfg_arg``: Qwen-Image's ``true_cfg_scale``, which guides
+            only with a ``negative_prompt``).
         record: traces to keep, as for :func:`sdlens.sweep` ("light", "full", None).
 
     Returns a :class:`TokenEffects`: per word the (H, W) map of mean |RGB change| and its mean
@@ -197,12 +200,16 @@ def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
     """
     if mode not in ("remove", "pad"):
         raise ValueError(f"mode must be 'remove' or 'pad', got {mode!r}")
+    cfg_arg = adapter_for(pipe).cfg_arg
+    if cfg_arg in pipe_kwargs:
+        raise TypeError(f"token_effects sets {cfg_arg!r} itself: pass guidance_scale=")
     params = {**call_defaults(pipe), **pipe_kwargs}
     text, all_words = _prompt_words(pipe, prompt, params)
     if mode == "pad" and adapter_for(pipe).text_tokens(text, params) is not None:
-        raise ValueError("mode='pad' cannot place the words in a text laid out around an "
-                         "instruction (Sana's complex_human_instruction): pass "
-                         "complex_human_instruction=None, or use mode='remove'")
+        raise ValueError("mode='pad' cannot place the words in a text the pipeline lays out "
+                         "around the prompt (Sana's complex_human_instruction: pass "
+                         "complex_human_instruction=None; Qwen-Image's and Z-Image's chat "
+                         "templates), use mode='remove'")
     if words is None:
         chosen = [w for w in all_words if not w.is_punctuation]
     else:
@@ -225,9 +232,13 @@ def token_effects(pipe, prompt: str, seed: int = 0, mode: str = "remove",
     for a in range(0, len(items), size):
         chunks.append(items[a: a + size])
     images, traces = {}, {}
+    adapter = adapter_for(pipe)
+    guides = adapter.cfg_weight(g) is not None and not (adapter.cfg_needs_negative
+                                                        and negative_prompt is None)
     for chunk in chunks:
-        cells = [Cell((k,), p, None, int(steps), g, int(seed)) for k, (_, p, _) in enumerate(chunk)]
-        batch = Batch(cells, None, int(steps), g > 1)
+        cells = [Cell((k,), p, None, int(steps), g, int(seed), cfg=guides)
+                 for k, (_, p, _) in enumerate(chunk)]
+        batch = Batch(cells, None, int(steps), guides)
         with Hooks() as hooks:
             pads = _pad_hooks(hooks, pipe, text, [r or [] for _, _, r in chunk], params) \
                 if mode == "pad" else []

@@ -212,9 +212,12 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
         pipe: a diffusers pipeline sdlens traces (``sdlens.engine.arch.SUPPORTED_PIPELINES``).
         prompts: one prompt or a list (the "prompt" axis).
         seeds: ints, or an axis string ``"0-7"`` (see :func:`parse_axis`).
-        guidance_scales: floats or an axis string ``"1-13 [5]"``; ``<= 1`` runs without CFG.
-            None: the model's recommended scale (:func:`sdlens.pipeline.recommended_settings`,
-            e.g. the shipped MMDiT's 3), else 7.5.
+        guidance_scales: floats or an axis string ``"1-13 [5]"``; ``<= 1`` runs without CFG
+            (Z-Image: 0; the backbone adapter's ``cfg_weight``). The values go to the pipeline's
+            guidance argument (the adapter's ``cfg_arg``: Qwen-Image's ``true_cfg_scale``,
+            which guides only with a ``negative_prompt``). None: the model's recommended scale
+            (:func:`sdlens.pipeline.recommended_settings`, e.g. the shipped MMDiT's 3), else
+            7.5 (1, unguided, where the pipeline would need a negative prompt and has none).
         steps: int, list of ints or axis string (each value runs as separate calls).
         scheduler: None (the pipeline's), a short name (``sdlens.pipeline.SCHEDULERS``), or a
             list of them (separate calls per value; the pipeline's scheduler is restored).
@@ -243,16 +246,18 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
     seed), guidance_scale=g, num_inference_steps=steps)`` within float rounding (on the CPU
     ~1e-5 of the pixel range; on a GPU the kernels depend on the batch size, ~1e-2).
     """
+    adapter = adapter_for(pipe)
     for key in ("generator", "prompt_embeds", "negative_prompt_embeds", "latents",
                 "num_images_per_prompt", "output_type", "prompt", "guidance_scale",
-                "num_inference_steps"):
+                "num_inference_steps", adapter.cfg_arg):
         if key in pipe_kwargs:
             raise TypeError(f"sweep sets {key!r} itself; pass it through the sweep's own arguments")
     if "image" in pipe_kwargs or "mask_image" in pipe_kwargs:
         pass  # img2img / inpaint: the same image for every cell
     rec = recommended_settings(pipe)
+    no_negative = adapter.cfg_needs_negative and negative_prompt is None
     if guidance_scales is None:
-        guidance_scales = (float(rec.get("guidance_scale", 7.5)),)
+        guidance_scales = (1.0,) if no_negative else (float(rec.get("guidance_scale", 7.5)),)
     pipe_kwargs = {**{k: v for k, v in rec.items()
                       if k not in ("guidance_scale", "num_inference_steps")}, **pipe_kwargs}
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -283,22 +288,28 @@ def sweep(pipe, prompts: str | Sequence[str], seeds: Any = (0,), guidance_scales
         if k not in AXES:
             raise ValueError(f"keep_axes: unknown axis {k!r}; axes: {', '.join(AXES)}")
 
+    if no_negative and any(adapter.cfg_weight(g) is not None for g in cfg_list):
+        raise ValueError(f"{type(pipe).__name__} guides only with a negative prompt: the "
+                         f"guidance values {cfg_list} would all run unguided; pass "
+                         "negative_prompt= (e.g. ' ')")
     cells = [Cell(idx, prompt_list[idx[0]], sched_list[idx[1]], steps_list[idx[2]],
-                  cfg_list[idx[3]], seed_list[idx[4]])
+                  cfg_list[idx[3]], seed_list[idx[4]],
+                  cfg=adapter.cfg_weight(cfg_list[idx[3]]) is not None)
              for idx in np.ndindex(*(len(values[a]) for a in AXES))]
 
     record_opts = batch_record_options(record)
     budget = int(memory_budget) if memory_budget is not None else default_memory_budget(pipe.device)
     trace_bytes = _trace_bytes(pipe, record_opts, steps_list, height, width)
-    adapter = adapter_for(pipe)
     if out is not None and adapter.video:  # before anything runs: a folder's cells are PNGs
         raise ValueError("out=: a sweep folder holds one image per cell; a video pipeline's "
                          "sweep runs in memory only (leave out= off)")
     # what the guidance axis is: a CFG scale, or a guidance-distilled model's guidance value
     guidance = "distilled" if adapter.distilled_guidance() else "cfg"
     # one call per guidance value where the value is an input of the denoiser (an LCM UNet, a
-    # guidance-distilled transformer) or the pipeline does not guide a shared batch
+    # guidance-distilled transformer), the pipeline does not guide a shared batch, or its
+    # guidance is not linear in the scale (guidance_rescale, Z-Image's cfg_normalization)
     split_guidance = (pipe_kwargs.get("guidance_rescale", 0.0) or 0.0) > 0 or \
+        bool(pipe_kwargs.get("cfg_normalization")) or \
         adapter.embeds_guidance() or not adapter.cfg_by_default
     state = _distributed_state()
     nproc = state.num_processes if state else 1

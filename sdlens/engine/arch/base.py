@@ -260,6 +260,11 @@ class BackboneAdapter(ABC):
         joint_order: joint attention's order of the sequence (SD3: image then text; Flux: text
             then image, which matters where RoPE rotates by position).
         cfg_by_default: whether the pipeline's default call guides (size estimates).
+        cfg_arg: the pipeline argument that holds the classifier-free guidance scale (what
+            ``sdlens.generate(guidance_scale=)``, a sweep's guidance axis and Studio's CFG box
+            set): ``guidance_scale`` in diffusers; Qwen-Image's ``true_cfg_scale``.
+        cfg_needs_negative: whether the pipeline guides only when given a negative prompt
+            (Qwen-Image's true CFG).
         video: whether the denoiser's latents have a frame axis (Wan: (B, C, F, h, w)).
     """
 
@@ -273,6 +278,8 @@ class BackboneAdapter(ABC):
     attention_kind: ClassVar[str] = "cross"
     joint_order: ClassVar[tuple[str, str]] = ("image", "text")
     cfg_by_default: ClassVar[bool] = True
+    cfg_arg: ClassVar[str] = "guidance_scale"
+    cfg_needs_negative: ClassVar[bool] = False
     # a video family: latents (B, C, F, h, w), maps (F, h, w) (:meth:`latent_size`)
     video: ClassVar[bool] = False
     # the steps with maps when RecordOptions.steps is None (None: every step)
@@ -353,6 +360,12 @@ class BackboneAdapter(ABC):
         true CFG: ``("text", "uncond")``), for the call's arguments ``params``; None where the
         halves share one batch (``cfg_halves``) or there is no guidance."""
         return None
+
+    def cfg_weight(self, scale: float) -> float | None:
+        """The weight ``w`` of the pipeline's guided prediction ``u + w (c - u)`` at guidance
+        scale ``scale`` (:attr:`cfg_arg`); None where the pipeline runs unguided at that scale.
+        diffusers' rule: ``w = scale`` above 1, unguided at 1 and below."""
+        return float(scale) if float(scale) > 1 else None
 
     def cfg_scale(self, params: dict) -> float | None:
         """The guidance scale of the call (``trace.guidance_scale``)."""
@@ -614,12 +627,15 @@ class TextEncoder(NamedTuple):
     length: int
 
 
-def joint_activation_bytes(transformer, tokens: int) -> int:
+def joint_activation_bytes(transformer, tokens: int, heads: int | None = None,
+                           dim: int | None = None) -> int:
     """A joint-attention transformer's peak activations for one sample of ``tokens`` (patches +
     text tokens): 30 tensors of the sequence's width (norms, projections, the 4x MLP) and one
-    attention score matrix (heads x tokens^2), at the transformer's dtype."""
+    attention score matrix (heads x tokens^2), at the transformer's dtype. ``heads`` / ``dim``
+    (the width): from the config's ``num_attention_heads`` / ``attention_head_dim`` unless
+    given (Z-Image names them ``n_heads`` / ``dim``)."""
     dtype = transformer.dtype
     itemsize = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
-    heads = int(transformer.config.num_attention_heads)
-    dim = heads * int(transformer.config.attention_head_dim)
+    heads = int(heads if heads is not None else transformer.config.num_attention_heads)
+    dim = int(dim if dim is not None else heads * int(transformer.config.attention_head_dim))
     return 30 * dim * tokens * itemsize + heads * tokens * tokens * itemsize

@@ -34,7 +34,10 @@ negative embeddings): two transformer calls per step, the prompt's then the nega
 prediction (the one the scheduler steps with), ``trace.noise_text`` / ``noise_uncond`` the two
 calls', ``trace.guidance_scale`` is ``true_cfg_scale``. Maps are recorded from the prompt's
 call. Without a negative prompt there is one call per step and no guidance
-(``trace.guidance_scale`` is None). The schedule is the table's flow row (x0 = x_t - sigma v).
+(``trace.guidance_scale`` is nan). sdlens' own ``guidance_scale`` (``sdlens.generate``, a
+sweep's guidance axis, Studio) sets ``true_cfg_scale`` (:attr:`QwenImageAdapter.cfg_arg`); the
+guided prediction is rescaled (not linear in the scale), so a sweep runs one call per value.
+The schedule is the table's flow row (x0 = x_t - sigma v).
 
 **Concept maps** (``concepts=[...]``, :mod:`sdlens.engine.joint`;
 :meth:`QwenImageAdapter.concept_step`).
@@ -83,6 +86,8 @@ class QwenImageAdapter(BackboneAdapter):
     attention_kind = "joint"
     joint_order = ("text", "image")  # cat([txt_query, img_query])
     cfg_by_default = False  # without a negative prompt: one call per step
+    cfg_arg = "true_cfg_scale"  # guidance_scale is a guidance-distilled checkpoint's input
+    cfg_needs_negative = True
 
     def __init__(self, pipe):
         super().__init__(pipe)

@@ -25,7 +25,8 @@ default, are left out of the maps as padding is.
 **Latents.** Unpacked, (B, 16, h, w), as the pipeline holds them; the transformer gets a list of
 (16, 1, h, w) and returns one, which is stacked here.
 
-**Guidance.** CFG (``guidance_scale > 0``, 5 by default) is one batched call per step, the
+**Guidance.** CFG (``guidance_scale > 0``, 5 by default; 0 turns it off, 1 does not) is one
+batched call per step, the
 prompts first, then the negative prompts (``cfg_halves = ("text", "uncond")``). The pipeline
 combines ``pos + guidance_scale * (pos - neg)`` and then negates the result (the model
 predicts ``-v``): the trace's ``noise_text`` / ``noise_uncond`` are the two halves negated, so
@@ -87,6 +88,11 @@ class ZImageAdapter(BackboneAdapter):
     cfg_halves = ("text", "uncond")  # cat([prompt_embeds, negative_prompt_embeds])
     attention_kind = "joint"
     joint_order = ("image", "text")
+
+    def cfg_weight(self, scale: float) -> float | None:
+        """The pipeline guides above 0 with ``pos + scale (pos - neg)``: ``u + (1 + scale)
+        (c - u)``."""
+        return 1.0 + float(scale) if float(scale) > 0 else None
 
     def __init__(self, pipe):
         super().__init__(pipe)
@@ -186,7 +192,9 @@ class ZImageAdapter(BackboneAdapter):
         h, w = latent_hw
         p = self._patch
         tokens = _padded((h // p) * (w // p)) + self.max_text_tokens
-        return joint_activation_bytes(self.pipe.transformer, tokens)
+        cfg = self.pipe.transformer.config
+        return joint_activation_bytes(self.pipe.transformer, tokens, int(cfg.n_heads),
+                                      int(cfg.dim))
 
     # ---------------------------------------------------------------- sites
     def kernel_layout(self, site: str, attn, call, index: int, q_len: int, k_len: int,
