@@ -630,8 +630,9 @@ class Reweight:
     renormalised** (as in prompt-to-prompt): a weight of 2 doubles the token's share of every
     pixel's attention. A weight of exactly 1 adds an exact zero: the output is bit-identical to
     the unsteered one. Only the conditional (text) half of a classifier-free-guidance batch is
-    reweighted; the unconditional half (the negative prompt, whose token positions are other
-    words) and true CFG's negative call (``cfg_calls``) are not. An IP-Adapter's image-prompt
+    reweighted (the half :attr:`cfg_halves` names "text"); the unconditional half (the negative
+    prompt, whose token positions are other words) and true CFG's negative call
+    (``cfg_calls``) are not. An IP-Adapter's image-prompt
     calls are not reweighted.
 
     Args:
@@ -657,6 +658,9 @@ class Reweight:
         # set by reweighting(); the half of the current call (None: the halves share a batch)
         self.cfg_calls: tuple[str, ...] | None = None
         self.half: str | None = None
+        # the halves of a guided batch, in batch order (the adapter's ``cfg_halves``: diffusers'
+        # cat([uncond, text]); Z-Image's prompts first), set by reweighting()
+        self.cfg_halves: tuple[str, str] = ("uncond", "text")
         self._backbone_calls = 0
         self._factor_cache: dict = {}
 
@@ -697,8 +701,9 @@ class Reweight:
 
     def _rows(self, batch: int) -> slice:
         n = self.factors.shape[0]
-        if batch == 2 * n:
-            return slice(n, 2 * n)  # cat([uncond, text]): the text half
+        if batch == 2 * n:  # the text half
+            i = self.cfg_halves.index("text")
+            return slice(i * n, (i + 1) * n)
         if batch == n:
             return slice(0, n)
         raise RuntimeError(f"reweighting was set up for {n} batch items but the backbone saw a "
@@ -786,6 +791,7 @@ def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
     factors, positions = reweight_factors(pipe, prompts, weights)
     editor = Reweight(factors, positions, step_window(steps), pipe=pipe)
     editor.cfg_calls = adapter.cfg_calls(params or {})
+    editor.cfg_halves = tuple(adapter.cfg_halves)
 
     def count_step(module, args, kwargs):
         if not adapter.auxiliary_call(args, kwargs):  # SD3.5's skip-layer call is no step
