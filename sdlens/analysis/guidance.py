@@ -149,7 +149,8 @@ def guidance_text(trace: Any, explain: bool = False) -> str:
 
     The one place for the kind of guidance (:func:`guidance_kind`). ``explain``: say why there
     is no unconditional prediction where there is none ("guidance off (scale 1; diffusers
-    guides only above 1)", "guidance 3.5 (distilled), no unconditional pass")."""
+    guides only above 1)", the family's own rule where ``meta["cfg_rule"]`` holds one,
+    "guidance 3.5 (distilled), no unconditional pass")."""
     kind = guidance_kind(trace)
     meta = _meta(trace)
     gs = getattr(trace, "guidance_scale", None)
@@ -163,7 +164,11 @@ def guidance_text(trace: Any, explain: bool = False) -> str:
     if kind == "off":
         if "distilled_guidance" in meta:  # a family that takes a guidance value, but not this model
             return text + " (the model takes no guidance value)"
-        return text + f" (scale {_scale_text(gs)}; diffusers guides only above 1)"
+        # the family's rule where its adapter recorded one (Z-Image guides above 0; Qwen-Image
+        # with a negative prompt and true_cfg_scale above 1)
+        rule = meta.get("cfg_rule") or "diffusers guides only above 1"
+        scale = _scale_text(gs)
+        return text + (f" (scale {scale}; {rule})" if scale not in ("?", "nan") else f" ({rule})")
     return text
 
 

@@ -163,7 +163,8 @@ class QwenImageAdapter(BackboneAdapter):
     def guidance_meta(self, params: dict) -> dict:
         true_cfg = params.get("true_cfg_scale")
         return {"true_cfg_scale": float(true_cfg) if true_cfg is not None else None,
-                "guidance_embeds": bool(self.pipe.transformer.config.get("guidance_embeds"))}
+                "guidance_embeds": bool(self.pipe.transformer.config.get("guidance_embeds")),
+                "cfg_rule": "Qwen-Image guides with a negative prompt and true_cfg_scale above 1"}
 
     # ---------------------------------------------------------------- text
     def text_length(self, params: dict) -> int:

@@ -94,6 +94,9 @@ class ZImageAdapter(BackboneAdapter):
         (c - u)``."""
         return 1.0 + float(scale) if float(scale) > 0 else None
 
+    def guidance_meta(self, params: dict) -> dict:
+        return {"cfg_rule": "Z-Image guides above 0"}  # how the views explain "guidance off"
+
     def __init__(self, pipe):
         super().__init__(pipe)
         self._sites = super().sites()

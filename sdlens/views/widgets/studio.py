@@ -12,7 +12,8 @@ their difference, the settings that changed highlighted).
 
 Settings are checked, never changed silently: steps below 1 or a seed outside what
 ``torch.Generator.manual_seed`` keeps as given stop the run with a message in the panel; a CFG
-scale below 1 runs unguided (as diffusers does) and the panel says "guidance off". A
+scale below 1 runs unguided (as diffusers does; Z-Image's at 0, Qwen-Image's without a negative
+prompt: the backbone adapter's rule) and the panel says "guidance off". A
 guidance-distilled model (Flux.1-dev) names its box "guidance (distilled)" (its value is an input
 of the model; :func:`sdlens.analysis.guidance.guidance_setting`).
 """
@@ -160,6 +161,7 @@ class Studio(W.VBox):
             self.concepts = W.Text("", description="concepts", layout=lay, style=style,
                                    placeholder="comma-separated, e.g. circle, square, background")
         self.guidance_scale.observe(lambda _c: self._note_guidance(), names="value")
+        self.negative_prompt.observe(lambda _c: self._note_guidance(), names="value")
         self.scheduler = W.Dropdown(options=[(f"default ({self.info.scheduler_class})", "default")]
                                     + [(f"{k} ({SCHEDULERS[k]})", k) for k in sched_opts[1:]],
                                     value=scheduler, description="scheduler", style=style, layout=lay)
@@ -194,10 +196,20 @@ class Studio(W.VBox):
             self.guidance_note.value = ("<span style='color:#777'>distilled: the value is an "
                                         "input of the model, no unconditional pass</span>")
             return
-        self.guidance_note.value = (
-            f"<span style='color:#b06000'>guidance off: CFG {g:g} is below 1, the run is "
-            "unguided (as at 1)</span>" if g < 1 else
-            "<span style='color:#777'>guidance off (1 = no guidance)</span>" if g == 1 else "")
+        adapter = adapter_for(self.pipe)  # the family's rule (Z-Image guides above 0)
+        if adapter.cfg_weight(g) is not None:
+            off = adapter.cfg_needs_negative and not self.negative_prompt.value
+            self.guidance_note.value = (
+                "<span style='color:#b06000'>guidance off: this model guides only with a "
+                "negative prompt</span>" if off else "")
+        elif adapter.cfg_weight(1.0) is not None:  # off at 0 and below, not at 1
+            self.guidance_note.value = (f"<span style='color:#777'>guidance off (CFG {g:g}: "
+                                        "0 = no guidance)</span>")
+        else:
+            self.guidance_note.value = (
+                f"<span style='color:#b06000'>guidance off: CFG {g:g} is below 1, the run is "
+                "unguided (as at 1)</span>" if g < 1 else
+                "<span style='color:#777'>guidance off (1 = no guidance)</span>")
 
     # ---------------------------------------------------------------- settings
     def settings(self) -> dict:
