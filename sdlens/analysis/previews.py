@@ -341,11 +341,11 @@ def _latent_stats(vae: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     ``AutoencoderKL`` with ``latents_mean`` too, whose pipelines use them otherwise). A video
     VAE (Wan's, Qwen-Image's) is told by its temporal downsampling."""
     cfg = getattr(getattr(vae, "vae", vae), "config", None)
-    if cfg is None or cfg.get("temperal_downsample") is None or \
-            cfg.get("latents_mean") is None or cfg.get("latents_std") is None:
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if getattr(cfg, "temperal_downsample", None) is None or mean is None or std is None:
         return None
-    return (torch.tensor(cfg.latents_mean, dtype=torch.float32).view(-1, 1, 1),
-            torch.tensor(cfg.latents_std, dtype=torch.float32).view(-1, 1, 1))
+    return (torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1),
+            torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
 
 
 def _video_vae(vae: Any) -> bool:
