@@ -893,7 +893,9 @@ def generate(pipe, prompt: str | list[str], seed: int | list[int] | None = 0, st
     if reweight is not None:
         n_images = int(kwargs.get("num_images_per_prompt", 1) or 1)
         with reweighting(pipe, prompt, reweight, reweight_steps, num_images_per_prompt=n_images,
-                         params={**kwargs, "negative_prompt": negative_prompt}) as editor:
+                         params={**kwargs, "negative_prompt": negative_prompt,
+                                 **({} if guidance_scale is None
+                                    else {"guidance_scale": guidance_scale})}) as editor:
             tr = generate(pipe, prompt, seed=seed, steps=steps, guidance_scale=guidance_scale,
                           negative_prompt=negative_prompt, height=height, width=width,
                           options=options, **kwargs)

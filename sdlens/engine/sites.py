@@ -36,7 +36,7 @@ from sdlens.engine import kernel
 from sdlens.engine.arch import adapter_for
 from sdlens.engine.arch.base import (BackboneAdapter, KernelLayout, attention_processors,
                                      cross_layout, set_attention_processors)
-from sdlens.engine.text import word_positions
+from sdlens.engine.text import call_defaults, word_positions
 from sdlens.trace.compact import CompactMaps, store_maps
 from sdlens.trace.steps import step_window
 
@@ -768,7 +768,8 @@ def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
                 num_images_per_prompt: int = 1, params: dict | None = None
                 ) -> Iterator[Reweight]:
     """Install the equalizer (:class:`Reweight`, at each site's attention kernel) on every
-    attention site of ``pipe`` for the pipeline calls in the ``with`` block (restored on exit, also on errors). Yields the editor.
+    attention site of ``pipe`` (of every denoiser: Wan 2.2's two experts) for the pipeline calls
+    in the ``with`` block (restored on exit, also on errors). Yields the editor.
 
     Args:
         prompt: the prompt(s) of the call (to find the words' token positions).
@@ -777,8 +778,9 @@ def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
         steps: ``(start, end)`` denoising step indices (end exclusive, None for the end; the
             step axis of a Trace: one backbone call each) or fractions of the run as floats
             (``(0.0, 0.5)``: the first half); None: every step.
-        params: the pipeline call's arguments, where the backbone runs guidance as separate
-            calls per step (Flux's true CFG: ``true_cfg_scale``, ``negative_prompt``): then the
+        params: the pipeline call's arguments (its defaults fill the rest), where the backbone
+            runs guidance as separate calls per step (Flux's and Qwen-Image's true CFG:
+            ``true_cfg_scale``, ``negative_prompt``; Wan's ``guidance_scale``): then the
             negative call is not reweighted and a step is that many calls.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -790,7 +792,8 @@ def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
                         "supported yet")
     factors, positions = reweight_factors(pipe, prompts, weights)
     editor = Reweight(factors, positions, step_window(steps), pipe=pipe)
-    editor.cfg_calls = adapter.cfg_calls(params or {})
+    # the call's own arguments over its defaults (Wan guides by default: two calls per step)
+    editor.cfg_calls = adapter.cfg_calls({**call_defaults(pipe), **(params or {})})
     editor.cfg_halves = tuple(adapter.cfg_halves)
 
     def count_step(module, args, kwargs):
@@ -798,7 +801,9 @@ def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
             editor.count_step(module, args, kwargs)
 
     with Hooks() as hooks:
-        hooks.wrap_sites(adapter.denoiser, adapter.sites(), editors=[editor],
-                         seam=KernelSeam(adapter))
-        hooks.forward_pre_hook(adapter.denoiser, count_step, with_kwargs=True)
+        seam = KernelSeam(adapter)
+        # every expert that predicts a step (Wan 2.2's two: each step is one expert's call(s))
+        for model in adapter.denoisers():
+            hooks.wrap_sites(model, adapter.sites(), editors=[editor], seam=seam)
+            hooks.forward_pre_hook(model, count_step, with_kwargs=True)
         yield editor

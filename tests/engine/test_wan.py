@@ -398,3 +398,66 @@ def test_video_sweep_cells_equal_single_runs(arch):
         assert len(gv.panel.thumbs) == 2
         with Image.open(io.BytesIO(gv.panel.thumbs[0])) as gif:
             assert gif.format == "GIF" and gif.n_frames > 1
+
+
+class _WanEqualizer:
+    """The equalizer written out on Wan's cross-attention: ``dispatch_attention_fn`` replaced
+    by a float64 softmax over the text keys whose columns ``cols`` are multiplied by ``weight`` in
+    the ``attn2`` calls of the experts in ``experts``, in the prompt's call of each step (the
+    first of the step's two calls), at the steps ``steps``."""
+
+    def __init__(self, pipe, cols: list[int], weight: float, steps: set[int]):
+        self.cols, self.weight, self.steps = cols, weight, steps
+        self.calls = 0  # denoiser calls (two per step: the prompt's, then the negative one)
+        self.site = False
+        self.edits = 0
+        self.handles = []
+        for model in (pipe.transformer, pipe.transformer_2):
+            self.handles.append(model.register_forward_pre_hook(self.count))
+            for block in model.blocks:
+                self.handles.append(block.attn2.register_forward_pre_hook(
+                    lambda *_: setattr(self, "site", True)))
+                self.handles.append(block.attn2.register_forward_hook(
+                    lambda *_: setattr(self, "site", False)))
+
+    def count(self, *_):
+        self.calls += 1
+
+    def attention(self, query, key, value, attn_mask=None, **_):
+        q, k, v = (t.transpose(1, 2).double() for t in (query, key, value))  # (B, H, L, D)
+        probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+        step, prompt_call = (self.calls - 1) // 2, (self.calls - 1) % 2 == 0
+        if self.site and prompt_call and step in self.steps:
+            probs[..., self.cols] *= self.weight
+            self.edits += 1
+        return (probs @ v).transpose(1, 2).to(query.dtype)
+
+
+@pytest.mark.parametrize("which", ["second expert", "both experts"])
+def test_wan22_reweighting_steers_both_experts(which, monkeypatch):
+    """Reweighting reaches the low-noise expert too: a weight of 1 is the untraced video; 4 on
+    the second expert's steps (or on every step) equals the explicit equalizer there."""
+    import diffusers.models.transformers.transformer_wan as wan_module
+
+    pipe = pipe_of("wan22")
+    plain = pipe(generator=torch.Generator().manual_seed(0), **CALL).frames
+    run = dict(seed=0, steps=3, num_frames=9, height=32, width=32, output_type="latent")
+    same = sdlens.generate(pipe, PROMPT, reweight={"red": 1.0}, **run)
+    assert torch.equal(same.latents[-1], plain)
+    switch = same.meta["switch_step"]
+    window = (switch, None) if which == "second expert" else None
+    steered = sdlens.generate(pipe, PROMPT, reweight={"red": 4.0}, reweight_steps=window, **run)
+    assert (steered.latents[-1] - plain).abs().max() > 1e-4
+    pos = word_positions(pipe, PROMPT, "red")
+    assert pos == steered.meta["reweight"]["positions"] and len(pos) == 2  # UMT5: r, ed
+    steps = set(range(switch if which == "second expert" else 0, 3))
+    eq = _WanEqualizer(pipe, pos, 4.0, steps)
+    monkeypatch.setattr(wan_module, "dispatch_attention_fn", eq.attention)
+    try:
+        ref = pipe(generator=torch.Generator().manual_seed(0), **CALL).frames
+    finally:
+        for h in eq.handles:
+            h.remove()
+    blocks = pipe.transformer.config.num_layers
+    assert eq.calls == 6 and eq.edits == blocks * len(steps)
+    torch.testing.assert_close(steered.latents[-1], ref.float(), rtol=1e-4, atol=1e-5)
