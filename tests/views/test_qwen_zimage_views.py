@@ -181,7 +181,8 @@ def test_reweighting_is_the_equalizer(arch, weight, monkeypatch):
 @functools.lru_cache(maxsize=None)
 def with_heads(arch: str):
     return sdlens.generate(pipe(arch), PROMPT, seed=0, steps=STEPS, heads=True,
-                           attention_dtype=torch.float32, **GUIDED[arch], **extra(arch))
+                           attention_dtype=torch.float32, **GUIDED[arch], **extra(arch),
+                           record=("latents", "x0", "noise", "attention", "image_to_text"))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -214,6 +215,9 @@ def test_heatmaps_every_pooling_and_layer_choice(arch, pooling):
                                             size=4, heads=[0, 1]) if pooling == "sdlens" else
                                word_heatmap(th, "cat", pooling=pooling, heads=[0, 1]))
     assert word_heatmap(th, "cat", pooling=pooling, heads=1).shape == (32, 32)
+    # the word's attention to the image (its text queries' rows), pooled the same way
+    i2t = word_heatmap(th, "cat", pooling=pooling, maps="image_to_text")
+    assert i2t.shape == (32, 32) and float(i2t.max()) == 1
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -226,6 +230,12 @@ def test_sdlens_pooling_is_the_mean_of_the_upsampled_layers(arch):
                         for layer in maps.layers]).mean(0)  # (2, 2)
     got = word_heatmap(tr, "cat", size=2, normalize=False)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    i2t = tr.image_to_text
+    want = torch.stack([i2t[layer][:, 0, :, cat].float().mean((0, 1))
+                        for layer in i2t.layers]).mean(0)
+    torch.testing.assert_close(word_heatmap(tr, "cat", size=2, normalize=False,
+                                            maps="image_to_text"), want, rtol=1e-5, atol=1e-7)
+    assert isinstance(plot.image_to_text_maps(tr), Figure)
 
 
 # ----------------------------------------------------------------------------- plots, report
