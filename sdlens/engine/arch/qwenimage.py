@@ -496,6 +496,9 @@ class QwenImageEditAdapter(QwenImageAdapter):
             return []
         return self._text_encoder("tokenizer", "text_encoder", vision, self.max_text_tokens)
 
+    def encoder_ids(self, enc, prompt: str, params: dict) -> None:
+        return None  # the processor's ids (the images' vision tokens inside): not Qwen-Image's
+
     # ---------------------------------------------------------------- sites
     def kernel_layout(self, site: str, attn, call, index: int, q_len: int, k_len: int,
                       denoiser_kwargs: dict) -> KernelLayout | None:
