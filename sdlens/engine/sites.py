@@ -743,10 +743,11 @@ class Reweight:
                 "positions": self.positions, "renormalised": False}
 
 
-def reweight_factors(pipe, prompts: Sequence[str], weights: Mapping[Any, float]
-                     ) -> tuple[torch.Tensor, list[int]]:
+def reweight_factors(pipe, prompts: Sequence[str], weights: Mapping[Any, float],
+                     params: dict | None = None) -> tuple[torch.Tensor, list[int]]:
     """(items, 77) factors for ``{word: weight}`` in each prompt of ``pipe``'s call, and the
-    positions named."""
+    positions named; ``params``: the call's arguments, where they place the words (the edit
+    pipelines' reference images come before the prompt on the text axis)."""
     if not weights:
         raise ValueError("reweight needs at least one {word: weight}")
     named: list[tuple[int, int, float]] = []  # (item, position, weight)
@@ -755,7 +756,7 @@ def reweight_factors(pipe, prompts: Sequence[str], weights: Mapping[Any, float]
             w = float(w)
             if not np.isfinite(w):
                 raise ValueError(f"the weight of {word!r} is not finite: {w}")
-            named += [(i, p, w) for p in word_positions(pipe, prompt, word)]
+            named += [(i, p, w) for p in word_positions(pipe, prompt, word, params)]
     # T5 / Gemma texts (PixArt, Sana) run past CLIP's 77 positions
     factors = torch.ones(len(prompts), max([MAX_POSITIONS] + [p + 1 for _, p, _ in named]))
     for i, p, w in named:
@@ -790,7 +791,7 @@ def reweighting(pipe, prompt: str | Sequence[str], weights: Mapping[Any, float],
         raise TypeError(f"token reweighting works on cross- and joint-attention backbones; "
                         f"{type(pipe).__name__}'s {adapter.attention_kind} attention is not "
                         "supported yet")
-    factors, positions = reweight_factors(pipe, prompts, weights)
+    factors, positions = reweight_factors(pipe, prompts, weights, params)
     editor = Reweight(factors, positions, step_window(steps), pipe=pipe)
     # the call's own arguments over its defaults (Wan guides by default: two calls per step)
     editor.cfg_calls = adapter.cfg_calls({**call_defaults(pipe), **(params or {})})

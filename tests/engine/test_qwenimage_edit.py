@@ -258,3 +258,26 @@ def test_concept_maps_of_the_generated_image(case):
     vision = adapter.text_parts(kw)[0][2]
     assert vision > 0
     torch.testing.assert_close(vectors[0], text[0, vision].float())
+
+
+def test_reweighting_places_the_words_after_the_images():
+    """Token reweighting on the edit pipelines: the words are found where the call's reference
+    images put them on the text axis (after the "vision" segment), weight 1 is the untraced
+    image, and weight 0 on a word changes it."""
+    from sdlens.analysis.tokens import find_word
+
+    pipe = pipe_of("QwenImageEditPipeline")
+    kw = {k: v for k, v in kwargs("edit").items()
+          if k not in ("prompt", "num_inference_steps", "generator", "negative_prompt",
+                       "true_cfg_scale")}
+    plain = sdlens.generate(pipe, PROMPT, seed=0, steps=STEPS, record=("latents", "attention"),
+                            **kw)
+    same = sdlens.generate(pipe, PROMPT, seed=0, steps=STEPS, record=("latents",),
+                           reweight={"cat": 1.0}, **kw)
+    torch.testing.assert_close(same.latents, plain.latents, atol=0, rtol=0)
+    cut = sdlens.generate(pipe, PROMPT, seed=0, steps=STEPS, record=("latents",),
+                          reweight={"cat": 0.0}, **kw)
+    assert not torch.equal(cut.latents[-1], plain.latents[-1])
+    positions = list(find_word(plain, "cat").positions)
+    assert positions[0] > adapter_for(pipe).text_parts(kw)[0][2] > 0  # after the images' tokens
+    assert cut.meta["reweight"]["positions"] == positions
