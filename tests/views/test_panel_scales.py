@@ -18,6 +18,7 @@ import sdlens
 from sdlens.analysis.heatmaps import word_heatmap
 from sdlens.testing import random_pipeline
 from sdlens.views.widgets import ABView, TraceViewer
+from sdlens.views.overlay import GREY_NOTE
 from sdlens.views.widgets.frames import MAX_ALPHA, WINNER, decode
 
 pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("one_thread")]
@@ -65,7 +66,8 @@ def test_concept_maps_show_their_share_by_default_and_say_their_scale():
         wp.settle()
         assert v.word == "square"
         legend = _legend(page)
-        assert legend == "'square': share among the concepts at this step, fixed 0–1", legend
+        assert legend == ("'square': share among the concepts at this step, fixed 0–1 · "
+                          f"{GREY_NOTE}"), legend
         assert "its share" in page.locator(".sdl-chip[data-word='square']").get_attribute("title")
         page.locator(".sdl-panel[data-panel='image'] .sdl-stack").hover()
         page.wait_for_function("() => /share here: \\d\\.\\d\\d/.test("
@@ -77,7 +79,7 @@ def test_concept_maps_show_their_share_by_default_and_say_their_scale():
         scale.select_option("minmax")
         wp.settle()
         assert v.concept_scale == "minmax"
-        assert _legend(page) == "'square': per step, min–max (stretched: not its share)"
+        assert _legend(page) == f"'square': per step, min–max (stretched: not its share) · {GREY_NOTE}"
         assert "not its share" in page.locator(".sdl-chip[data-word='square']").get_attribute("title")
         scale.select_option("share")
         wp.settle()
@@ -108,7 +110,28 @@ def test_concept_maps_show_their_share_by_default_and_say_their_scale():
         assert not page.locator("select.sdl-scale").is_visible()
         page.locator(".sdl-chip[data-word='circle']").click()
         wp.settle()
+        assert _legend(page) == f"'circle': per step, min–max · {GREY_NOTE}"
+
+        # under a filled heat the image is grey (CSS grayscale: sdlens.views.overlay); the
+        # "grey image" box or viewer.grey = False shows it in colour, outline mode keeps colour
+        def filt(panel):
+            return page.locator(f".sdl-frame[data-panel='{panel}']").first.evaluate(
+                "e => getComputedStyle(e).filter")
+        assert filt("image") == filt("x0") == "grayscale(1)"
+        assert filt("x_t") == "none"  # no overlay on x_t
+        page.locator("input.sdl-grey").uncheck()
+        wp.settle()
+        assert v.grey is False and filt("image") == "none"
         assert _legend(page) == "'circle': per step, min–max"
+        v.grey = True
+        wp.settle()
+        assert page.locator("input.sdl-grey").is_checked() and filt("image") == "grayscale(1)"
+        page.locator("select.sdl-style").select_option("outline")
+        wp.settle()
+        assert filt("image") == "none"
+        v.word = ""
+        wp.settle()
+        assert filt("image") == "none"  # no heat: the image in colour
         assert wp.errors == []
 
 
@@ -145,7 +168,7 @@ def test_ab_columns_share_the_maps_menu_and_word_and_the_difference_knows_concep
         for col in (A, B):  # each column overlays what its legend names
             assert page.locator(f"{col} .sdl-overlay[data-panel='image-overlay']").is_visible()
             assert _legend(page, col) == \
-                "'background': share among the concepts at this step, fixed 0–1"
+                f"'background': share among the concepts at this step, fixed 0–1 · {GREY_NOTE}"
         cap = page.locator(".sdl-ab .sdl-panel[data-panel='heat-diff'] .sdl-caption").inner_text()
         assert cap == "'background': share A − share B (fixed −1 … 1)", cap
         assert page.locator(".sdl-frame[data-panel='heat-diff']").evaluate(
