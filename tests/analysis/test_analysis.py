@@ -214,6 +214,17 @@ def test_fit_linear_decoder_recovers_a_linear_vae():
         P.fit_linear_decoder(object())
 
 
+def test_fit_linear_decoder_reads_a_deterministic_encoder():
+    """Sana's DC-AE encodes to a latent, not a posterior: the fit reads it (the TraceViewer of a
+    Sana trace fits its linear preview this way)."""
+    from sdlens.testing import random_pipeline
+
+    vae = random_pipeline("sana", seed=0).vae
+    c = P.fit_linear_decoder(vae, n=4, seed=0)
+    assert c["n_images"] == 4 and len(c["matrix"]) == vae.config.latent_channels
+    assert np.isfinite(np.asarray(c["matrix"])).all()
+
+
 def _sd1(tr):
     """``tr`` as an SD 1.x trace: the SD 1.x linear decoder for previews."""
     return replace(tr, meta={**tr.meta, "family": "sd1"})

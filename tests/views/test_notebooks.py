@@ -92,8 +92,9 @@ def test_transformers_notebook_loads_its_pipeline_in_one_switchable_cell():
     edit = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith("# EDITING")]
     assert len(edit) == 1 and 'random_pipeline("flux-kontext"' in edit[0].source
     assert '"reference_maps"' in edit[0].source
-    prose = [c.source for c in nb.cells if c.cell_type == "markdown" and "reference maps" in c.source]
-    assert prose and "Random weights" in prose[0] and "the method" in prose[0]
+    prose = [c.source for c in nb.cells if c.cell_type == "markdown"
+             and c.source.startswith("## An editing model's reference maps")]
+    assert prose and "**Random weights.**" in prose[0] and "not meaning" in prose[0]
     assert all(not c.outputs for c in nb.cells if c.cell_type == "code")
 
 
