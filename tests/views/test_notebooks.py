@@ -115,7 +115,8 @@ def test_every_family_of_the_pipeline_cell_has_its_test_bed():
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_the_pipeline_cell_switches_to_each_family_offline(family):
     """The pipeline cell with BACKBONE = family (OFFLINE): its test bed traces the notebook's
-    prompt (2 steps; concept maps where the family has a concept pass)."""
+    prompt (2 steps; concept maps where the family has a concept pass) and the TraceViewer shows
+    it."""
     cell = _pipeline_cell().replace("\nBACKBONE = None", f"\nBACKBONE = {family!r}", 1)
     assert f"\nBACKBONE = {family!r}" in cell
     scope: dict = {}
@@ -125,6 +126,9 @@ def test_the_pipeline_cell_switches_to_each_family_offline(family):
                                   **scope["CALL"])
     assert tr.images and tr.attention is not None
     assert (tr.concepts is not None) == bool(scope["CONCEPTS"])
+    from sdlens.widgets import TraceViewer
+
+    assert TraceViewer(tr).frames  # the notebook's viewer on it (its linear preview fitted)
 
 
 def test_video_notebook_says_its_wan_has_random_weights():
