@@ -91,8 +91,7 @@ class ReferenceView(anywidget.AnyWidget):
             else None
         h, w = maps.resolution(names[0])
         super().__init__(
-            title=f"reference maps · {len(names)} site(s) · click the output or a reference"
-                  + (f" · {GREY_NOTE}" if grey else ""), grey=bool(grey),
+            title=self._title(len(names), grey), grey=bool(grey),
             output=encode(_rgb(out, size), "png"),
             references=[encode(_rgb(refs[i] if i < len(refs) else None, size), "png")
                         for i in range(len(maps.grids))],
@@ -100,7 +99,14 @@ class ReferenceView(anywidget.AnyWidget):
             steps=list(maps.steps), step=len(maps.steps) - 1, point=[h // 2, w // 2],
             px=int(px), **kwargs)
         self.observe(lambda _: self.redraw(), names=["step", "point", "direction"])
+        self.observe(lambda c: setattr(self, "title", self._title(len(names), c["new"])),
+                     names="grey")
         self.redraw()
+
+    @staticmethod
+    def _title(sites: int, grey: bool) -> str:
+        return (f"reference maps · {sites} site(s) · click the output or a reference"
+                + (f" · {GREY_NOTE}" if grey else ""))
 
     def _overlay(self, values: torch.Tensor) -> bytes:
         v = values.float()
