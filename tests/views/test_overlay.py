@@ -14,7 +14,7 @@ import pytest
 from fakes import fake_trace
 from sdlens.views import plot, report
 from sdlens.views.overlay import GREY_NOTE, blend, compose, underlay
-from sdlens.views.widgets import ReferenceView, TraceViewer  # noqa: F401 (ReferenceView: traits)
+from sdlens.views.widgets import ReferenceView, TraceViewer
 from sdlens.views.widgets.frames import MAX_ALPHA, heat_rgba
 
 RED = (255, 0, 0)
