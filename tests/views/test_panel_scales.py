@@ -1,7 +1,8 @@
 """Panels that never overstate, in a browser: concept maps on their fixed 0-1 share scale by
 default (min-max only when chosen, and then the legend says so), the winning concept per pixel
 beside them, the A/B view's maps menu and word in sync with a difference panel that knows
-concepts, and captions that wrap instead of being cut. The front ends render in a bare Chromium
+concepts, captions that wrap instead of being cut, and the image grey under a filled heat (the
+TraceViewer's "grey image" box, ReferenceView). The front ends render in a bare Chromium
 page synced with their kernel widgets (``tests/widget_page.py``); a tiny random-weight SD3 with
 concept maps, CPU, 2 steps."""
 
@@ -238,3 +239,34 @@ def test_keys_step_after_a_menu_and_leave_other_sliders_and_the_page_alone():
         assert page.evaluate("() => window.scrollY") == 0
         wp.settle()
         assert v.heat_mode == "sum" and v.step == 0 and wp.errors == []
+
+
+def test_reference_view_draws_the_image_under_an_overlay_grey():
+    """ReferenceView: the image under a heat overlay is grey (sdlens.views.overlay), the one
+    without an overlay keeps its colour; ``grey=False`` shows both in colour."""
+    from widget_page import WidgetPage, chromium_page
+
+    from sdlens.testing import reference_image
+    from sdlens.views.widgets import ReferenceView
+
+    ref = reference_image(64)
+    tr = sdlens.generate(random_pipeline("flux-kontext", seed=0), PROMPT, seed=0, steps=2,
+                         image=ref, max_area=32 * 32, _auto_resize=False, height=32, width=32,
+                         record=("latents", "attention", "reference_maps"))
+    v = ReferenceView(tr, references=[ref], px=64)
+
+    def filters(page):
+        return page.locator(".sdl-refview img:not([style*='absolute'])").evaluate_all(
+            "es => es.map(e => getComputedStyle(e).filter)")
+
+    with chromium_page() as page:
+        wp = WidgetPage(page, {"v": v})
+        assert filters(page) == ["none", "grayscale(1)"]  # output, image 1 (under its overlay)
+        v.click_reference(0, 1, 1)
+        wp.settle()
+        assert filters(page) == ["grayscale(1)", "none"]  # now the output holds the overlay
+        v.grey = False
+        wp.settle()
+        assert filters(page) == ["none", "none"]
+        assert "grey" not in page.locator(".sdl-refview .sdl-title").inner_text()
+        assert wp.errors == []
