@@ -272,8 +272,10 @@ def fit_linear_decoder(vae: Any, images: Any = None, n: int = 256, seed: int = 0
         for i in range(0, len(x), batch_size):
             xi = x[i : i + batch_size].to(device, dtype)
             if stats is None:
-                post = vae.encode(xi).latent_dist
-                lats.append((post.mean.float().cpu() - shift) * sf)
+                enc = vae.encode(xi)
+                # AutoencoderKL: a posterior (its mean); Sana's DC-AE: the latent itself
+                mean = enc.latent_dist.mean if hasattr(enc, "latent_dist") else enc.latent
+                lats.append((mean.float().cpu() - shift) * sf)
             else:
                 mu = vae.encode(xi[:, :, None]).latent_dist.mean[:, :, 0].float().cpu()
                 lats.append((mu - stats[0]) / stats[1])

@@ -28,6 +28,7 @@ from sdlens.analysis.heatmaps import (Commitment, commitments, output_size, reso
                                      word_heatmap)
 from sdlens.analysis.previews import (latent_to_rgb, linear_decoder, previews, resolve_decoder,
                                       to_image)
+from sdlens.views.overlay import GREY_NOTE, blend, underlay
 from sdlens.analysis.tokens import (BOS, encoder_name, find_word, token_text,
                                     token_view as _token_view, word_texts)
 from sdlens.trace.steps import select_step, select_steps
@@ -72,8 +73,9 @@ def to_png(fig: Figure, dpi: int = 100) -> bytes:
 # --------------------------------------------------------------------------- heatmaps
 def overlay(trace: Any, word: str, ax: Any = None, batch: int = 0, alpha: float = 0.55,
             cmap: str = "jet", colorbar: bool = True, title: str | None = None,
-            **heatmap_kwargs: Any) -> Figure:
-    """One word's heatmap over the image (``heatmap_kwargs`` go to ``word_heatmap``)."""
+            grey: bool = True, **heatmap_kwargs: Any) -> Figure:
+    """One word's heatmap over the image (``heatmap_kwargs`` go to ``word_heatmap``); the image
+    in grey under the heat (``grey=False``: in colour; :mod:`sdlens.views.overlay`)."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     fig, ax = _new_axes(ax, (3.2, 3.2))
@@ -81,7 +83,7 @@ def overlay(trace: Any, word: str, ax: Any = None, batch: int = 0, alpha: float 
     size = heatmap_kwargs.pop("size", None) or (img.shape[:2] if img is not None else None)
     h = _np(word_heatmap(trace, word, batch=batch, size=size, **heatmap_kwargs))
     if img is not None:
-        ax.imshow(img)
+        ax.imshow(underlay(img, grey))
         im = ax.imshow(h, cmap=cmap, alpha=alpha, vmin=0, vmax=1 if h.max() <= 1 else None)
     else:
         im = ax.imshow(h, cmap=cmap)
@@ -96,7 +98,8 @@ def overlay(trace: Any, word: str, ax: Any = None, batch: int = 0, alpha: float 
     _strip_axis(ax)
     if colorbar:
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03,
-                     label=_colorbar_label(kind, heatmap_kwargs.get("normalize", True)))
+                     label=_colorbar_label(kind, heatmap_kwargs.get("normalize", True),
+                                           grey and img is not None))
     return fig
 
 
@@ -105,18 +108,21 @@ _MAP_VALUES = {"attention": "attention", "concepts": "concept share",
                "image_to_text": "image→text attention"}
 
 
-def _colorbar_label(kind: str, normalize: bool = True) -> str:
+def _colorbar_label(kind: str, normalize: bool = True, grey: bool = False) -> str:
     what = _MAP_VALUES.get(kind, kind)
     if kind == "concepts" and not normalize:
-        return f"{what} (softmax over the concepts)"
-    return f"{what} ({'min–max per panel' if normalize else 'mean probability, unstretched'})"
+        label = f"{what} (softmax over the concepts)"
+    else:
+        label = f"{what} ({'min–max per panel' if normalize else 'mean probability, unstretched'})"
+    return f"{label}\n{GREY_NOTE}" if grey else label
 
 
 def heatmap_grid(trace: Any, words: Iterable[str] | None = None, batch: int = 0, ncols: int = 4,
                  alpha: float = 0.55, cmap: str = "jet", show_image: bool = True,
-                 panel_size: float = 2.6, **heatmap_kwargs: Any) -> Figure:
+                 panel_size: float = 2.6, grey: bool = True, **heatmap_kwargs: Any) -> Figure:
     """Heatmap overlays of several words (default: every word of the prompt, punctuation left
-    out) in a grid, the image first, one shared colour bar."""
+    out) in a grid, the image first (in colour), one shared colour bar; under the heat the
+    image is grey (``grey=False``: in colour)."""
     if words is None:
         words = word_texts(trace, batch)
     elif isinstance(words, str):
@@ -140,22 +146,25 @@ def heatmap_grid(trace: Any, words: Iterable[str] | None = None, batch: int = 0,
         i = 1
     for w in words:
         overlay(trace, w, ax=axes[i], batch=batch, alpha=alpha, cmap=cmap, colorbar=False,
-                **heatmap_kwargs)
+                grey=grey, **heatmap_kwargs)
         i += 1
     for ax in axes[i:]:
         ax.set_visible(False)
     mappable = axes[i - 1].images[-1]
     fig.colorbar(mappable, ax=list(axes[:i]), fraction=0.03, pad=0.02,
-                 label="attention (normalised)")
+                 label="attention (normalised)" + (f"\n{GREY_NOTE}" if grey and img is not None
+                                                   else ""))
     pooling = heatmap_kwargs.get("pooling", "sdlens")
     fig.suptitle(f"{trace.prompts[batch]!r}  -  word heatmaps ({pooling} pooling)", fontsize=11)
     return fig
 
 
 def heatmap_steps(trace: Any, word: str, steps: Any = None, n: int = 8, batch: int = 0,
-                  cmap: str = "jet", alpha: float = 0.55, **heatmap_kwargs: Any) -> Figure:
+                  cmap: str = "jet", alpha: float = 0.55, grey: bool = True,
+                  **heatmap_kwargs: Any) -> Figure:
     """A word's map forming: its per-step heatmap at ``n`` evenly spaced recorded steps (or the
-    ``steps`` given), each normalised on its own."""
+    ``steps`` given), each normalised on its own, over the image in grey (``grey=False``: in
+    colour)."""
     kind = heatmap_kwargs.get("maps", "attention")  # concept maps have steps of their own
     recorded = getattr(trace, kind, None)
     chosen = _pick_steps(steps, n, len(trace.timesteps),
@@ -167,11 +176,12 @@ def heatmap_steps(trace: Any, word: str, steps: Any = None, n: int = 8, batch: i
     axes = fig.subplots(1, len(chosen), squeeze=False)[0]
     for ax, s, m in zip(axes, chosen, maps):
         if img is not None:
-            ax.imshow(img)
+            ax.imshow(underlay(img, grey))
         im = ax.imshow(m, cmap=cmap, alpha=alpha if img is not None else 1, vmin=0, vmax=1)
         ax.set_title(f"step {s + 1}", fontsize=9)
         _strip_axis(ax)
-    fig.colorbar(im, ax=list(axes), fraction=0.03, pad=0.02)
+    fig.colorbar(im, ax=list(axes), fraction=0.03, pad=0.02,
+                 label=GREY_NOTE if grey and img is not None else None)
     what = {"concepts": " (concept map)", "image_to_text": " (image→text)"}.get(kind, "")
     fig.suptitle(f"{word!r}{what} per step", fontsize=10)
     return fig
@@ -179,9 +189,10 @@ def heatmap_steps(trace: Any, word: str, steps: Any = None, n: int = 8, batch: i
 
 def _map_grid(trace: Any, kind: str, names: list[str], titles: list[str], batch: int,
               per_block: bool, layers: Any, alpha: float, cmap: str, panel_size: float,
-              normalize: bool, heading: str, **heatmap_kwargs: Any) -> Figure:
+              normalize: bool, heading: str, grey: bool = True, **heatmap_kwargs: Any) -> Figure:
     """One panel per name (a concept, a word) of the recorded maps ``kind``: pooled over the
-    chosen layers (one row), or one row per block (``per_block``); the image first."""
+    chosen layers (one row), or one row per block (``per_block``); the image first (in
+    colour), grey under the heat unless not ``grey``."""
     if not names:
         raise ValueError("no concepts or words to show")
     rows = resolve_layers(trace, layers, kind) if per_block else [layers]
@@ -207,7 +218,7 @@ def _map_grid(trace: Any, kind: str, names: list[str], titles: list[str], batch:
             h = _np(word_heatmap(trace, name, layers=sel, batch=batch, size=size, maps=kind,
                                  normalize=normalize, **heatmap_kwargs))
             if img is not None:
-                ax.imshow(img)
+                ax.imshow(underlay(img, grey))
             mappable = ax.imshow(h, cmap=cmap, alpha=alpha if img is not None else 1, vmin=0,
                                  vmax=1)
             if r == 0:
@@ -216,7 +227,7 @@ def _map_grid(trace: Any, kind: str, names: list[str], titles: list[str], batch:
             if per_block and img is None and c == 0:
                 ax.set_ylabel(maps.alias(sel), fontsize=9)
     fig.colorbar(mappable, ax=list(axes.ravel()), fraction=0.03, pad=0.02,
-                 label=_colorbar_label(kind, normalize))
+                 label=_colorbar_label(kind, normalize, grey and img is not None))
     where = "per block" if per_block else (
         "all blocks" if layers is None else f"layers {layers!r}")
     fig.suptitle(f"{trace.prompts[batch]!r}  -  {heading} ({where})", fontsize=11)
@@ -226,7 +237,7 @@ def _map_grid(trace: Any, kind: str, names: list[str], titles: list[str], batch:
 def concept_maps(trace: Any, concepts: Iterable[str] | None = None, batch: int = 0,
                  per_block: bool = False, layers: Any = None, normalize: bool = False,
                  alpha: float = 0.55, cmap: str = "jet", panel_size: float = 2.4,
-                 **heatmap_kwargs: Any) -> Figure:
+                 grey: bool = True, **heatmap_kwargs: Any) -> Figure:
     """The concept maps of a trace made with ``concepts=[...]`` (ConceptAttention's maps,
     ``trace.concepts``): one panel per concept over the image, pooled over ``layers`` (default
     every recorded block) and the recorded steps (``steps=``), or one row per block with
@@ -245,14 +256,14 @@ def concept_maps(trace: Any, concepts: Iterable[str] | None = None, batch: int =
         names = [concepts] if isinstance(concepts, str) else list(concepts)
         names = [cmaps.concepts[cmaps.concept_index(c)] for c in names]  # ValueError: unknown
     return _map_grid(trace, "concepts", names, [repr(c) for c in names], batch, per_block,
-                     layers, alpha, cmap, panel_size, normalize, "concept maps",
+                     layers, alpha, cmap, panel_size, normalize, "concept maps", grey,
                      **heatmap_kwargs)
 
 
 def image_to_text_maps(trace: Any, words: Iterable[str] | None = None, batch: int = 0,
                        per_block: bool = False, layers: Any = None, normalize: bool = True,
                        alpha: float = 0.55, cmap: str = "jet", panel_size: float = 2.4,
-                       **heatmap_kwargs: Any) -> Figure:
+                       grey: bool = True, **heatmap_kwargs: Any) -> Figure:
     """The image->text maps of a trace recorded with ``record=(..., "image_to_text")``
     (``trace.image_to_text``: each word's tokens' attention to the image patches): one panel
     per word (default every word of the prompt), pooled over ``layers``, or one row per block
@@ -264,7 +275,7 @@ def image_to_text_maps(trace: Any, words: Iterable[str] | None = None, batch: in
         words = word_texts(trace, batch)
     names = [words] if isinstance(words, str) else list(words)
     return _map_grid(trace, "image_to_text", names, [repr(w) for w in names], batch, per_block,
-                     layers, alpha, cmap, panel_size, normalize, "image→text maps",
+                     layers, alpha, cmap, panel_size, normalize, "image→text maps", grey,
                      **heatmap_kwargs)
 
 
@@ -540,12 +551,11 @@ def word_activity(trace: Any, words: Iterable[str] | None = None, batch: int = 0
 
 def heatmap_clip(trace: Any, word: str, alpha: float = 0.5, cmap: str = "jet",
                  kind: str = "x0", step: int = -1, batch: int = 0, vae: Any = None,
-                 **heatmap_kwargs: Any) -> list:
+                 grey: bool = True, **heatmap_kwargs: Any) -> list:
     """``word``'s heatmap over a video trace's clip: one PIL image per clip frame, the decoded
-    clip (:func:`sdlens.analysis.previews.decode_clip` of ``kind`` at ``step``) under the
-    heatmap of its latent frame (normalised over the clip). ``heatmap_kwargs`` go to
-    ``word_heatmap`` (``steps``, ``layers``, ...)."""
-    from matplotlib import colormaps
+    clip (:func:`sdlens.analysis.previews.decode_clip` of ``kind`` at ``step``; in grey unless
+    not ``grey``) under the heatmap of its latent frame (normalised over the clip).
+    ``heatmap_kwargs`` go to ``word_heatmap`` (``steps``, ``layers``, ...)."""
     from PIL import Image
 
     from sdlens.analysis.previews import decode_clip
@@ -555,9 +565,7 @@ def heatmap_clip(trace: Any, word: str, alpha: float = 0.5, cmap: str = "jet",
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     clip = decode_clip(trace, kind, step, batch, vae)  # (frames, H, W, 3) uint8
     heat = _np(word_heatmap(trace, word, batch=batch, size=clip.shape[1:3], **heatmap_kwargs))
-    colour = colormaps[cmap](heat)[..., :3]  # (latent frames, H, W, 3) in [0, 1]
-    return [Image.fromarray(((1 - alpha) * clip[i] + alpha * 255 * colour[f]).round()
-                            .clip(0, 255).astype(np.uint8))
+    return [Image.fromarray(blend(clip[i], heat[f], alpha, cmap, grey))
             for i, f in enumerate(latent_frames_of_clip(trace))]
 
 
@@ -572,7 +580,7 @@ def save_gif(frames: Sequence[Any], target: Any, fps: int = 8) -> None:
 
 def heatmap_video(trace: Any, word: str, path: Any, fps: int = 8, alpha: float = 0.5,
                   cmap: str = "jet", kind: str = "x0", step: int = -1, batch: int = 0,
-                  vae: Any = None, **heatmap_kwargs: Any):
+                  vae: Any = None, grey: bool = True, **heatmap_kwargs: Any):
     """Write ``word``'s heatmap over a video trace's clip (:func:`heatmap_clip`) as an
     animated GIF (Pillow; no ffmpeg needed); returns the path. Without a VAE the clip is a
     per-latent-frame preview: the GIF then holds one still per latent frame, each lasting the
@@ -584,7 +592,8 @@ def heatmap_video(trace: Any, word: str, path: Any, fps: int = 8, alpha: float =
         raise ValueError(f"heatmap_video writes GIF files (give a .gif path), got {path.name!r}")
     if not isinstance(fps, int) or isinstance(fps, bool) or fps < 1:
         raise ValueError(f"fps must be an int >= 1, got {fps!r}")
-    frames = heatmap_clip(trace, word, alpha, cmap, kind, step, batch, vae, **heatmap_kwargs)
+    frames = heatmap_clip(trace, word, alpha, cmap, kind, step, batch, vae, grey,
+                          **heatmap_kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_gif(frames, path, fps)
     return path

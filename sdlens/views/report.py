@@ -39,6 +39,7 @@ from sdlens.analysis.tokens import (WORDS_UNKNOWN, encoder_name, encoders_senten
                                     nearest_tokens, token_view, word_texts)
 from sdlens.analysis.video import is_video
 from sdlens.views import plot
+from sdlens.views.overlay import GREY_NOTE, blend
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;
@@ -111,13 +112,10 @@ def _img_tag(uri: str, alt: str, width: int | None = None, cls: str = "fig", **a
 
 
 def overlay_image(image: np.ndarray, heat: np.ndarray, alpha: float = 0.55,
-                  cmap: str = "jet") -> Image.Image:
-    """RGB ``image`` (H, W, 3) uint8 blended with ``heat`` (H, W) in [0, 1] through ``cmap``."""
-    from matplotlib import colormaps
-
-    colours = colormaps[cmap](np.clip(heat, 0, 1))[..., :3]
-    out = (1 - alpha) * image.astype(np.float32) / 255 + alpha * colours
-    return Image.fromarray((out * 255).round().clip(0, 255).astype(np.uint8))
+                  cmap: str = "jet", grey: bool = True) -> Image.Image:
+    """RGB ``image`` (H, W, 3) uint8, in grey unless not ``grey``, blended with ``heat`` (H, W)
+    in [0, 1] through ``cmap`` (:func:`sdlens.views.overlay.blend`)."""
+    return Image.fromarray(blend(image, heat, alpha, cmap, grey))
 
 
 class _Doc:
@@ -159,13 +157,13 @@ def _settings(trace: Any, batch: int) -> str:
     return f"<table>{body}</table>"
 
 
-def _final(trace: Any, batch: int, words: list[str], kw: dict) -> str:
+def _final(trace: Any, batch: int, words: list[str], kw: dict, grey: bool) -> str:
     out = []
     images = trace.images
     if images and len(images) > batch:
         out.append(_img_tag(_png_uri(images[batch]), "final image", 256, "pix"))
     if words and trace.attention is not None:
-        fig = plot.heatmap_grid(trace, words, batch=batch, **kw)
+        fig = plot.heatmap_grid(trace, words, batch=batch, grey=grey, **kw)
         out.append("<br>" + _img_tag(_fig_uri(fig), "word heatmaps"))
         out.append("<p>Pooling: " + html.escape(kw.get("pooling", "sdlens")) + " (see "
                    "<code>sdlens.analysis.heatmaps</code>: sub-word tokens averaged, bilinear "
@@ -176,7 +174,7 @@ def _final(trace: Any, batch: int, words: list[str], kw: dict) -> str:
 
 
 def _scrubber(trace: Any, batch: int, words: list[str], decoder: str, vae: Any,
-              kw: dict, display: int) -> str:
+              kw: dict, display: int, grey: bool) -> str:
     n = len(trace.timesteps)
     frames: dict[str, Any] = {"t": [round(float(t), 2) for t in trace.timesteps], "xt": [],
                               "x0": [], "maps": {}, "mapstep": {}}
@@ -207,7 +205,7 @@ def _scrubber(trace: Any, batch: int, words: list[str], decoder: str, vae: Any,
                             **{k: v for k, v in kind_kw.items() if k not in ("steps", "maps")})
         pngs = {}
         for s, heat in zip(recorded, maps.numpy()):
-            img = overlay_image(base, heat) if base is not None else Image.fromarray(
+            img = overlay_image(base, heat, grey=grey) if base is not None else Image.fromarray(
                 (heat * 255).astype(np.uint8))
             pngs[s] = _png_uri(img)
         frames["maps"][key] = [pngs[nearest[i]] for i in range(n)]
@@ -238,8 +236,9 @@ def _scrubber(trace: Any, batch: int, words: list[str], decoder: str, vae: Any,
     data = json.dumps(frames).replace("</", "<\\/")
     parts.append(f'<script type="application/json" id="frames">{data}</script>')
     parts.append(f"<script>{_JS}</script>")
-    parts.append("<p>Drag the slider or press play; each step's maps are normalised on their own."
-                 " Open <code>report.html#step=3&amp;word=circle</code> to start at a step.</p>")
+    parts.append("<p>Drag the slider or press play; each step's maps are normalised on their own"
+                 + (f" ({GREY_NOTE})" if grey and frames["maps"] and base is not None else "")
+                 + ". Open <code>report.html#step=3&amp;word=circle</code> to start at a step.</p>")
     return "\n".join(parts)
 
 
@@ -321,7 +320,7 @@ def _tokens(trace: Any, batch: int) -> str:
     return "\n".join(out)
 
 
-def _concepts(trace: Any, batch: int, kw: dict) -> str:
+def _concepts(trace: Any, batch: int, kw: dict, grey: bool) -> str:
     """The concept maps (``trace.concepts``): pooled over the blocks, then per block."""
     cm = trace.concepts
     kw = {k: v for k, v in kw.items() if k in ("steps",)}  # layers / pooling: the word maps'
@@ -337,18 +336,19 @@ def _concepts(trace: Any, batch: int, kw: dict) -> str:
            "pixel's value is its softmax over the concepts of the concepts' attention outputs · "
            "the image tokens' (ConceptAttention, Helbling et al. 2025), so the panels sum to 1 "
            "at every pixel. Pick a concept in the step scrubber below to see it per step.</p>",
-           _img_tag(_fig_uri(plot.concept_maps(trace, batch=batch, **kw)), "concept maps"),
+           _img_tag(_fig_uri(plot.concept_maps(trace, batch=batch, grey=grey, **kw)), "concept maps"),
            f"<p>Mean share over the image (all blocks and recorded steps): {html.escape(top)} "
            f"takes the largest, {shares[top]:.3f}.</p>",
            f"<table><tr><th>concept</th><th>mean share</th></tr>{rows}</table>"]
     if len(cm.layers) > 1:
         out.append("<details><summary>per block</summary>" + _img_tag(_fig_uri(
-            plot.concept_maps(trace, batch=batch, per_block=True, **kw)), "concept maps per block")
+            plot.concept_maps(trace, batch=batch, per_block=True, grey=grey, **kw)),
+            "concept maps per block")
             + "</details>")
     return "\n".join(out)
 
 
-def _image_to_text(trace: Any, batch: int, words: list[str], kw: dict) -> str:
+def _image_to_text(trace: Any, batch: int, words: list[str], kw: dict, grey: bool) -> str:
     """The image->text maps (``trace.image_to_text``): each word's attention to the image."""
     kw = {k: v for k, v in kw.items() if k in ("steps", "pooling")}
     maps = trace.image_to_text
@@ -356,7 +356,7 @@ def _image_to_text(trace: Any, batch: int, words: list[str], kw: dict) -> str:
            "the joint softmax), the other direction of the word heatmaps above; each panel is "
            f"min-max normalised ({len(maps.layers)} block(s), {len(maps.steps)} recorded "
            "step(s)).</p>",
-           _img_tag(_fig_uri(plot.image_to_text_maps(trace, words, batch=batch, **kw)),
+           _img_tag(_fig_uri(plot.image_to_text_maps(trace, words, batch=batch, grey=grey, **kw)),
                     "image to text maps")]
     return "\n".join(out)
 
@@ -402,28 +402,32 @@ def _scheduler_section(trace: Any) -> str:
             + f"<details><summary>table</summary><table>{head}{rows}</table></details>")
 
 
-def _clips(trace: Any, batch: int, words: list[str], vae: Any, heatmap_kwargs: dict) -> str:
+def _clips(trace: Any, batch: int, words: list[str], vae: Any, heatmap_kwargs: dict,
+           grey: bool) -> str:
     """A video trace: each word's heatmap over the clip, an animated GIF per word (the final
     x0, decoded by the VAE where one is at hand, else the latents' channel preview)."""
     out = []
     for w in words:
         buf = io.BytesIO()
-        plot.save_gif(plot.heatmap_clip(trace, w, batch=batch, vae=vae, **heatmap_kwargs), buf)
+        plot.save_gif(plot.heatmap_clip(trace, w, batch=batch, vae=vae, grey=grey,
+                                        **heatmap_kwargs), buf)
         uri = "data:image/gif;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
         out.append(f'<figure style="display:inline-block;margin:4px">{_img_tag(uri, w, 192)}'
                    f"<figcaption>{html.escape(w)}</figcaption></figure>")
     frames = trace.meta.get("latent_frames")
     return (f"<p>{frames} latent frames ({trace.meta.get('num_frames')} video frames); each "
             "heatmap is normalised over the whole clip, so a frame the word leaves alone stays "
-            "dark.</p>" + "".join(out))
+            f"dark{f' ({GREY_NOTE})' if grey else ''}.</p>" + "".join(out))
 
 
 def build_report(trace: Any, batch: int = 0, words: Iterable[str] | None = None,
                  decoder: str = "auto", vae: Any = None, title: str | None = None,
-                 display_size: int = 256, **heatmap_kwargs: Any) -> str:
+                 display_size: int = 256, grey: bool = True, **heatmap_kwargs: Any) -> str:
     """The report's HTML as a string (see the module docstring). ``words``: the words to show
     (default every non-punctuation word); ``decoder``: latent previews ("auto": the VAE decode
-    where it is cheap, else "linear"; "vae", "tiny" with ``vae=``); ``heatmap_kwargs`` (``layers``, ``pooling``...) go to the heatmaps."""
+    where it is cheap, else "linear"; "vae", "tiny" with ``vae=``); ``grey``: the image in grey
+    under every heatmap (False: in colour; :mod:`sdlens.views.overlay`); ``heatmap_kwargs``
+    (``layers``, ``pooling``...) go to the heatmaps."""
     if getattr(trace, "latents", None) is None or getattr(trace, "timesteps", None) is None:
         raise TypeError(f"expected a Trace with latents, got {type(trace).__name__}")
     if not 0 <= batch < len(trace.prompts):
@@ -445,7 +449,7 @@ def build_report(trace: Any, batch: int = 0, words: Iterable[str] | None = None,
     doc.section("Settings", lambda: _settings(trace, batch))
     if is_video(trace):  # a video model's trace: its clip per word instead of image sections
         doc.section("Each word over the clip", lambda: _clips(trace, batch, words, vae,
-                                                              heatmap_kwargs))
+                                                              heatmap_kwargs, grey))
         doc.section("Words over time", lambda: _img_tag(_fig_uri(plot.word_activity(
             trace, words, batch=batch)), "word activity per latent frame"))
         doc.section("Tokens", lambda: _tokens(trace, batch))
@@ -453,13 +457,15 @@ def build_report(trace: Any, batch: int = 0, words: Iterable[str] | None = None,
         doc.add("<p style=\"color:#888;font-size:.8em\">Made by sdlens from a recorded video "
                 "trace; this file needs no kernel and no network.</p></body></html>")
         return "\n".join(doc.parts)
-    doc.section("Image and word heatmaps", lambda: _final(trace, batch, words, heatmap_kwargs))
+    doc.section("Image and word heatmaps", lambda: _final(trace, batch, words, heatmap_kwargs,
+                                                                    grey))
     if getattr(trace, "concepts", None) is not None:
-        doc.section("Concept maps", lambda: _concepts(trace, batch, heatmap_kwargs))
+        doc.section("Concept maps", lambda: _concepts(trace, batch, heatmap_kwargs, grey))
     if getattr(trace, "image_to_text", None) is not None:
-        doc.section("Image→text maps", lambda: _image_to_text(trace, batch, words, heatmap_kwargs))
+        doc.section("Image→text maps", lambda: _image_to_text(trace, batch, words, heatmap_kwargs,
+                                                                     grey))
     doc.section("Step by step", lambda: _scrubber(trace, batch, words, decoder, vae,
-                                                  heatmap_kwargs, display_size))
+                                                  heatmap_kwargs, display_size, grey))
     doc.section("Step strip", lambda: _img_tag(_fig_uri(plot.step_strip(
         trace, batch=batch, decoder=decoder, vae=vae)), "step strip"))
     doc.section("Tokens", lambda: _tokens(trace, batch))

@@ -214,6 +214,32 @@ def test_fit_linear_decoder_recovers_a_linear_vae():
         P.fit_linear_decoder(object())
 
 
+def test_fit_linear_decoder_reads_a_deterministic_encoder():
+    """Sana's DC-AE encodes to a latent, not a posterior: the fit reads it (the TraceViewer of a
+    Sana trace fits its linear preview this way)."""
+    from sdlens.testing import random_pipeline
+
+    vae = random_pipeline("sana", seed=0).vae
+    c = P.fit_linear_decoder(vae, n=4, seed=0)
+    assert c["n_images"] == 4 and len(c["matrix"]) == vae.config.latent_channels
+    assert np.isfinite(np.asarray(c["matrix"])).all()
+
+
+@pytest.mark.parametrize("arch", ["qwen-image", "sana"])
+def test_vae_preview_of_the_final_latents_is_the_pipelines_image(arch):
+    """The VAE decode of a trace's final latents is the pipeline's own image: Qwen-Image's
+    video-style VAE (one frame, latents_mean / latents_std) and Sana's DC-AE too."""
+    import sdlens
+    from sdlens.testing import random_pipeline
+
+    kw = dict(use_resolution_binning=False, clean_caption=False) if arch == "sana" else {}
+    tr = sdlens.generate(random_pipeline(arch, seed=0), "a red circle", seed=0, steps=2,
+                         height=64, width=64, **kw)
+    im = P.previews(tr, "latents", [len(tr.timesteps)], 0, "vae")[0]
+    diff = np.abs(np.asarray(im, dtype=int) - np.asarray(tr.images[0].convert("RGB"), dtype=int))
+    assert diff.max() <= 1
+
+
 def _sd1(tr):
     """``tr`` as an SD 1.x trace: the SD 1.x linear decoder for previews."""
     return replace(tr, meta={**tr.meta, "family": "sd1"})

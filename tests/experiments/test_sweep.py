@@ -168,6 +168,15 @@ def test_img2img_grid_equals_single_runs():
 
 
 # ----------------------------------------------------------------------------- memory budget
+@pytest.mark.parametrize("arch", ["z-image", "qwen-image", "flux2-klein"])
+def test_memory_estimate_reads_each_transformers_config(arch):
+    """A sweep's memory estimate on the 2026 transformers (Z-Image names its width n_heads / dim):
+    positive, and larger for larger images."""
+    p = random_pipeline(arch, seed=0)
+    small, big = S.estimate_cell_bytes(p, 64, 64), S.estimate_cell_bytes(p, 512, 512)
+    assert 0 < small < big
+
+
 def test_chunking_by_memory_budget(pipe):
     per = S.estimate_cell_bytes(pipe, cfg=True)
     assert per > 0 and S.estimate_cell_bytes(pipe, cfg=False) < per

@@ -187,7 +187,10 @@ def test_trace_viewer_in_jupyterlab(chromium, tmp_path):
             assert bar.is_visible()
             assert "linear-gradient" in bar.evaluate("e => getComputedStyle(e).backgroundImage")
             legend = page.locator(".sdl-viewer .sdl-legend-text").first.inner_text()
-            assert legend == "'circle': per step, min–max", legend
+            assert legend == "'circle': per step, min–max · image shown in grey under the heat", legend
+            # the image under the filled heat is grey (hue is the heat's: sdlens.views.overlay)
+            assert page.locator(".sdl-viewer .sdl-frame[data-panel='x0']").first.evaluate(
+                "e => getComputedStyle(e).filter") == "grayscale(1)"
             stack = page.locator(".sdl-viewer .sdl-panel[data-panel='x0'] .sdl-stack").first
             stack.hover()
             page.wait_for_function("() => /value here: \\d\\.\\d\\d/.test("

@@ -126,6 +126,10 @@ def test_reference_view_panel():
                          max_area=32 * 32, _auto_resize=False, height=32, width=32,
                          record=("latents", "attention", "reference_maps"))
     v = ReferenceView(tr, references=[ref], px=64)
+    # the images under the overlays in grey by default (sdlens.views.overlay), the title says so
+    assert v.grey and v.title.endswith("image shown in grey under the heat")
+    v.grey = False
+    assert "grey" not in v.title
     assert v.reference_grids == [[4, 4]] and v.output_grid == [2, 2] and v.steps == [0, 1]
     assert len(v.reference_overlays) == 1 and v.reference_overlays[0] and not v.output_overlay
     first = v.reference_overlays[0]

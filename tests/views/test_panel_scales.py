@@ -1,7 +1,8 @@
 """Panels that never overstate, in a browser: concept maps on their fixed 0-1 share scale by
 default (min-max only when chosen, and then the legend says so), the winning concept per pixel
 beside them, the A/B view's maps menu and word in sync with a difference panel that knows
-concepts, and captions that wrap instead of being cut. The front ends render in a bare Chromium
+concepts, captions that wrap instead of being cut, and the image grey under a filled heat (the
+TraceViewer's "grey image" box, ReferenceView). The front ends render in a bare Chromium
 page synced with their kernel widgets (``tests/widget_page.py``); a tiny random-weight SD3 with
 concept maps, CPU, 2 steps."""
 
@@ -18,6 +19,7 @@ import sdlens
 from sdlens.analysis.heatmaps import word_heatmap
 from sdlens.testing import random_pipeline
 from sdlens.views.widgets import ABView, TraceViewer
+from sdlens.views.overlay import GREY_NOTE
 from sdlens.views.widgets.frames import MAX_ALPHA, WINNER, decode
 
 pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("one_thread")]
@@ -65,7 +67,8 @@ def test_concept_maps_show_their_share_by_default_and_say_their_scale():
         wp.settle()
         assert v.word == "square"
         legend = _legend(page)
-        assert legend == "'square': share among the concepts at this step, fixed 0–1", legend
+        assert legend == ("'square': share among the concepts at this step, fixed 0–1 · "
+                          f"{GREY_NOTE}"), legend
         assert "its share" in page.locator(".sdl-chip[data-word='square']").get_attribute("title")
         page.locator(".sdl-panel[data-panel='image'] .sdl-stack").hover()
         page.wait_for_function("() => /share here: \\d\\.\\d\\d/.test("
@@ -77,7 +80,7 @@ def test_concept_maps_show_their_share_by_default_and_say_their_scale():
         scale.select_option("minmax")
         wp.settle()
         assert v.concept_scale == "minmax"
-        assert _legend(page) == "'square': per step, min–max (stretched: not its share)"
+        assert _legend(page) == f"'square': per step, min–max (stretched: not its share) · {GREY_NOTE}"
         assert "not its share" in page.locator(".sdl-chip[data-word='square']").get_attribute("title")
         scale.select_option("share")
         wp.settle()
@@ -108,7 +111,28 @@ def test_concept_maps_show_their_share_by_default_and_say_their_scale():
         assert not page.locator("select.sdl-scale").is_visible()
         page.locator(".sdl-chip[data-word='circle']").click()
         wp.settle()
+        assert _legend(page) == f"'circle': per step, min–max · {GREY_NOTE}"
+
+        # under a filled heat the image is grey (CSS grayscale: sdlens.views.overlay); the
+        # "grey image" box or viewer.grey = False shows it in colour, outline mode keeps colour
+        def filt(panel):
+            return page.locator(f".sdl-frame[data-panel='{panel}']").first.evaluate(
+                "e => getComputedStyle(e).filter")
+        assert filt("image") == filt("x0") == "grayscale(1)"
+        assert filt("x_t") == "none"  # no overlay on x_t
+        page.locator("input.sdl-grey").uncheck()
+        wp.settle()
+        assert v.grey is False and filt("image") == "none"
         assert _legend(page) == "'circle': per step, min–max"
+        v.grey = True
+        wp.settle()
+        assert page.locator("input.sdl-grey").is_checked() and filt("image") == "grayscale(1)"
+        page.locator("select.sdl-style").select_option("outline")
+        wp.settle()
+        assert filt("image") == "none"
+        v.word = ""
+        wp.settle()
+        assert filt("image") == "none"  # no heat: the image in colour
         assert wp.errors == []
 
 
@@ -145,7 +169,7 @@ def test_ab_columns_share_the_maps_menu_and_word_and_the_difference_knows_concep
         for col in (A, B):  # each column overlays what its legend names
             assert page.locator(f"{col} .sdl-overlay[data-panel='image-overlay']").is_visible()
             assert _legend(page, col) == \
-                "'background': share among the concepts at this step, fixed 0–1"
+                f"'background': share among the concepts at this step, fixed 0–1 · {GREY_NOTE}"
         cap = page.locator(".sdl-ab .sdl-panel[data-panel='heat-diff'] .sdl-caption").inner_text()
         assert cap == "'background': share A − share B (fixed −1 … 1)", cap
         assert page.locator(".sdl-frame[data-panel='heat-diff']").evaluate(
@@ -215,3 +239,34 @@ def test_keys_step_after_a_menu_and_leave_other_sliders_and_the_page_alone():
         assert page.evaluate("() => window.scrollY") == 0
         wp.settle()
         assert v.heat_mode == "sum" and v.step == 0 and wp.errors == []
+
+
+def test_reference_view_draws_the_image_under_an_overlay_grey():
+    """ReferenceView: the image under a heat overlay is grey (sdlens.views.overlay), the one
+    without an overlay keeps its colour; ``grey=False`` shows both in colour."""
+    from widget_page import WidgetPage, chromium_page
+
+    from sdlens.testing import reference_image
+    from sdlens.views.widgets import ReferenceView
+
+    ref = reference_image(64)
+    tr = sdlens.generate(random_pipeline("flux-kontext", seed=0), PROMPT, seed=0, steps=2,
+                         image=ref, max_area=32 * 32, _auto_resize=False, height=32, width=32,
+                         record=("latents", "attention", "reference_maps"))
+    v = ReferenceView(tr, references=[ref], px=64)
+
+    def filters(page):
+        return page.locator(".sdl-refview img:not([style*='absolute'])").evaluate_all(
+            "es => es.map(e => getComputedStyle(e).filter)")
+
+    with chromium_page() as page:
+        wp = WidgetPage(page, {"v": v})
+        assert filters(page) == ["none", "grayscale(1)"]  # output, image 1 (under its overlay)
+        v.click_reference(0, 1, 1)
+        wp.settle()
+        assert filters(page) == ["grayscale(1)", "none"]  # now the output holds the overlay
+        v.grey = False
+        wp.settle()
+        assert filters(page) == ["none", "none"]
+        assert "grey" not in page.locator(".sdl-refview .sdl-title").inner_text()
+        assert wp.errors == []

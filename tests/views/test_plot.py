@@ -15,6 +15,7 @@ from sdlens.analysis.guidance import guidance_stats, scheduler_view
 from sdlens.analysis.heatmaps import commitment
 from sdlens.analysis.tokens import token_view
 from sdlens.views import plot
+from sdlens.views.overlay import underlay
 from sdlens.trace import replace
 
 
@@ -43,7 +44,8 @@ def test_heatmap_grid_shows_each_words_map(tr):
     # the overlay drawn for 'circle' is the heatmap itself, over the image
     circle = axes[3]
     assert np.allclose(circle.images[-1].get_array(), tr.heatmap("circle").numpy())
-    assert np.array_equal(circle.images[0].get_array(), np.asarray(tr.images[0]))
+    # ... over the image in grey (hue is the heat's: sdlens.views.overlay)
+    assert np.array_equal(circle.images[0].get_array(), underlay(np.asarray(tr.images[0])))
     assert any(a.get_label() == "<colorbar>" for a in fig.axes)
     assert "sdlens pooling" in fig._suptitle.get_text()
     assert _png(fig).size[0] > 100

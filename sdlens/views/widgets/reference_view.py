@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import traitlets
 from PIL import Image
 
+from sdlens.views.overlay import GREY_NOTE
 from sdlens.views.widgets.frames import encode, heat_rgba
 
 _STATIC = Path(__file__).parent / "static"
@@ -50,6 +51,8 @@ class ReferenceView(anywidget.AnyWidget):
         layers: the sites averaged (any layer selector; None: every recorded site).
         batch: the batch item.
         px: the side of each image on screen.
+        grey: the image under an overlay shown in grey (its luminance: the heat's hue never
+            meets the picture's; the title says so); False: in colour.
     """
 
     _esm = _STATIC / "reference_view.js"
@@ -67,9 +70,11 @@ class ReferenceView(anywidget.AnyWidget):
     point = traitlets.List(traitlets.Int(), [0, 0]).tag(sync=True)
     direction = traitlets.Unicode("output").tag(sync=True)
     px = traitlets.Int(256).tag(sync=True)
+    # the image under an overlay in grey (sdlens.views.overlay); False: in colour
+    grey = traitlets.Bool(True).tag(sync=True)
 
     def __init__(self, trace: Any, references: Sequence[Any] | None = None, layers: Any = None,
-                 batch: int = 0, px: int = 256, **kwargs: Any):
+                 batch: int = 0, px: int = 256, grey: bool = True, **kwargs: Any):
         maps = getattr(trace, "reference_maps", None)
         if maps is None:
             raise ValueError("this trace holds no reference maps; trace an editing model "
@@ -86,7 +91,7 @@ class ReferenceView(anywidget.AnyWidget):
             else None
         h, w = maps.resolution(names[0])
         super().__init__(
-            title=f"reference maps · {len(names)} site(s) · click the output or a reference",
+            title=self._title(len(names), grey), grey=bool(grey),
             output=encode(_rgb(out, size), "png"),
             references=[encode(_rgb(refs[i] if i < len(refs) else None, size), "png")
                         for i in range(len(maps.grids))],
@@ -94,7 +99,14 @@ class ReferenceView(anywidget.AnyWidget):
             steps=list(maps.steps), step=len(maps.steps) - 1, point=[h // 2, w // 2],
             px=int(px), **kwargs)
         self.observe(lambda _: self.redraw(), names=["step", "point", "direction"])
+        self.observe(lambda c: setattr(self, "title", self._title(len(names), c["new"])),
+                     names="grey")
         self.redraw()
+
+    @staticmethod
+    def _title(sites: int, grey: bool) -> str:
+        return (f"reference maps · {sites} site(s) · click the output or a reference"
+                + (f" · {GREY_NOTE}" if grey else ""))
 
     def _overlay(self, values: torch.Tensor) -> bytes:
         v = values.float()

@@ -20,6 +20,7 @@ import traitlets
 
 from sdlens.analysis.guidance import guidance_text, prediction_label
 from sdlens.analysis.previews import linear_available
+from sdlens.views.overlay import GREY_NOTE
 from sdlens.views.widgets.frames import (CONCEPT_SCALES, DECODER_LABELS, MAP_LABELS, MAX_ALPHA,
                                          WINNER, TraceFrames, chips_for, colorbar_css,
                                          heat_norms, layer_options, map_options, panel_label,
@@ -85,6 +86,9 @@ class TraceViewer(anywidget.AnyWidget):
         fps: playback speed.
         frame: a video trace's latent frame to show first (its frame slider, beside the step
             slider, and ↑ / ↓ move it; ``viewer.frame``).
+        grey: under a filled heatmap, the x0 and image panels in grey (their luminance: the
+            heat's hue never meets the object's, a red map on a red object still reads; the
+            legend says so); False, or the "grey image" box, shows them in colour.
 
     In the browser: ←/→ step, space plays / pauses, Home / End go to the first / last step (the
     panel keeps these keys: JupyterLab does not see them). Steps show as 1..N, as diffusers'
@@ -126,8 +130,12 @@ class TraceViewer(anywidget.AnyWidget):
     fps = traitlets.Int(8).tag(sync=True)
     word = traitlets.Unicode("").tag(sync=True)
     heat_mode = traitlets.Unicode("step").tag(sync=True)
-    # low enough that the object's own colour stays readable under the heat colours
+    # low enough that the object's own shading stays readable under the heat colours
     opacity = traitlets.Float(0.45).tag(sync=True)
+    # the x0 / image panels in grey under a filled heat: the heat's hue never meets the
+    # object's (sdlens.views.overlay); False shows them in colour
+    grey = traitlets.Bool(True).tag(sync=True)
+    grey_note = traitlets.Unicode(GREY_NOTE).tag(sync=True)
     overlay_style = traitlets.Unicode("fill").tag(sync=True)
     decoder = traitlets.Unicode("linear").tag(sync=True)
     decoder_options = traitlets.List(traitlets.List()).tag(sync=True)
@@ -148,7 +156,7 @@ class TraceViewer(anywidget.AnyWidget):
                  batch: int = 0, heat_mode: str = "step", max_side: int = 256,
                  heat_side: int = 128, decoder: str = "auto", vae: Any = None, fmt: str = "auto",
                  cmap: str = "jet", fps: int = 8, display_px: int = 160, maps: str = "attention",
-                 frame: int = 0, concept_scale: str = "share", **kwargs: Any):
+                 frame: int = 0, concept_scale: str = "share", grey: bool = True, **kwargs: Any):
         if trace is None or getattr(trace, "timesteps", None) is None:
             raise TypeError(f"TraceViewer needs a Trace, got {type(trace).__name__}")
         self._frames = TraceFrames(trace, max_side, heat_side, decoder, vae, fmt, cmap)
@@ -208,6 +216,7 @@ class TraceViewer(anywidget.AnyWidget):
             self.layers = layers if opts else "all"
             self.batch = batch
             self.step = step % n
+            self.grey = bool(grey)
         self._load_batch()
         if word:
             self.select_word(word)

@@ -32,6 +32,7 @@ function render({ model, el }) {
       ov.height = px;
       ov.style.cssText = "position:absolute;left:0;top:0;pointer-events:none";
       box.appendChild(ov);
+      if (model.get("grey")) img.style.filter = "grayscale(1)";  // hue is the heat's alone
     }
     img.addEventListener("click", (e) => {
       const r = img.getBoundingClientRect();
@@ -88,7 +89,7 @@ function render({ model, el }) {
   }
 
   draw();
-  for (const name of ["output_overlay", "reference_overlays", "step", "point", "direction"]) {
+  for (const name of ["output_overlay", "reference_overlays", "step", "point", "direction", "grey", "title"]) {
     model.on(`change:${name}`, draw);
   }
   return () => urls.forEach((u) => u && URL.revokeObjectURL(u));

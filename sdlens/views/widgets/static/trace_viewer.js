@@ -120,6 +120,8 @@ function render({ model, el }) {
   const styleSel = h("select", { class: "sdl-style", title: "heatmap as a filled overlay or as contour lines" });
   styleSel.appendChild(h("option", { value: "fill", text: "filled" }));
   styleSel.appendChild(h("option", { value: "outline", text: "outline (contours 0.25 / 0.5 / 0.75)" }));
+  // the image in grey under a filled heat (hue is the heat's alone), or in colour
+  const greyBox = h("input", { type: "checkbox", class: "sdl-grey", title: "show the image in grey (its luminance) under a filled heatmap, so a red map on a red object still reads" });
   const decoderSel = h("select", { class: "sdl-decoder", title: "how x_t and x0 are turned into pixels" });
   // concept maps: their share among the concepts (fixed 0-1) or stretched min-max
   const scaleSel = h("select", { class: "sdl-scale", title: "how a concept map is coloured: its share among the concepts on a fixed 0–1 scale, or each map stretched min–max" });
@@ -130,6 +132,7 @@ function render({ model, el }) {
     h("label", { text: " mode " }, [modeSel]),
     h("label", { text: " overlay " }, [styleSel]),
     h("label", { text: " opacity " }, [opacity]),
+    h("label", { text: " grey image " }, [greyBox]),
     h("label", { class: "sdl-decoder-label", text: " x_t / x0 " }, [decoderSel]),
     h("label", { class: "sdl-batch-label", text: " image " }, [batchSel]),
   ]);
@@ -318,6 +321,7 @@ function render({ model, el }) {
       }
     }
     const outlined = model.get("overlay_style") === "outline";
+    const grey = !!(src && !outlined && model.get("grey"));
     overlayUrl = src;
     for (const [name, p] of Object.entries(panelEls)) {
       if (!p.overlay) continue;
@@ -334,6 +338,7 @@ function render({ model, el }) {
         setCaption(p, p.label);
       }
       p.overlay.style.opacity = model.get("opacity");
+      p.img.style.filter = grey ? "grayscale(1)" : "";  // CSS's Rec. 709 luminance
     }
     if (src && outlined) {
       pixelsOf(src).then((px) => {
@@ -358,6 +363,7 @@ function render({ model, el }) {
     } else if (word && src) legendText.textContent = `'${word}': ${scale}`;
     else if (word) legendText.textContent = `'${word}': no map ${info ? "at this step" : "in these " + (concepts ? "concepts" : "words")}`;
     else legendText.textContent = `click a ${concepts ? "concept" : "word"} to overlay its heatmap (${scale})`;
+    if (grey) legendText.textContent += ` · ${model.get("grey_note")}`;
     legend.classList.toggle("sdl-legend-off", !src);
     valueText.textContent = src ? valueText.textContent : "";
     for (const chip of chipRow.querySelectorAll(".sdl-chip")) {
@@ -423,6 +429,7 @@ function render({ model, el }) {
     modeSel.value = model.get("heat_mode");
     styleSel.value = model.get("overlay_style");
     opacity.value = String(model.get("opacity"));
+    greyBox.checked = !!model.get("grey");
     colorbar.style.background = model.get("colorbar");
     help.textContent = model.get("help");
     fillSelect(decoderSel, model.get("decoder_options") || [], model.get("decoder"));
@@ -496,6 +503,11 @@ function render({ model, el }) {
     model.save_changes();
     show();
   });
+  greyBox.addEventListener("change", () => {
+    model.set("grey", greyBox.checked);
+    model.save_changes();
+    show();
+  });
   styleSel.addEventListener("change", () => {
     model.set("overlay_style", styleSel.value);
     model.save_changes();
@@ -548,6 +560,7 @@ function render({ model, el }) {
     "change:word": () => show(),
     "change:heat_mode": () => { modeSel.value = model.get("heat_mode"); show(); },
     "change:opacity": () => { opacity.value = String(model.get("opacity")); show(); },
+    "change:grey": () => { greyBox.checked = !!model.get("grey"); show(); },
     "change:heat_index": () => show(),
     "change:playing": () => syncPlaying(),
     "change:fps": () => syncPlaying(),
