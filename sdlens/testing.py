@@ -192,7 +192,7 @@ def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2im
             for the flow-matching "sd3" / "sd35" / "flux").
         t5: "sd3" / "sd35" only: with a T5 encoder (False: ``text_encoder_3=None``, as the
             pipelines allow; the T5 segment of the text is zeros).
-        variant: "flux2-klein" only: "4b", "9b", "base-4b", "base-9b".
+        variant: "flux2-klein": "4b", "9b", "base-4b", "base-9b"; "qwen-image-edit": "2511".
     """
     import diffusers
 
@@ -201,7 +201,7 @@ def random_pipeline(arch: str = "sd15", scale: float = 0.05, task: str = "txt2im
             raise ValueError(f"{arch}: only task='txt2img' with its own prediction type")
         return pipeline_2026(arch, scale, seed, sample_size, variant, device=device, dtype=dtype)
     if variant is not None:
-        raise ValueError("variant is for flux2-klein only")
+        raise ValueError("variant is for flux2-klein and qwen-image-edit only")
     if arch in WAN_ARCHS:
         if task != "txt2img" or prediction_type is not None:
             raise ValueError(f"{arch}: only task='txt2img' with its own prediction type (the "
@@ -810,6 +810,7 @@ def wan_pipeline(arch: str = "wan", scale: float = 0.05, seed: int = 0, size: st
 BEDS_2026 = ("flux2", "flux2-klein", "qwen-image", "qwen-image-edit", "z-image", "chroma",
              "flux-kontext")
 KLEIN_VARIANTS = ("4b", "9b", "base-4b", "base-9b")
+QWEN_EDIT_VARIANTS = ("2511",)  # Qwen-Image-Edit-2511: EditPlus, zero_cond_t
 
 # Qwen2's pre-tokenizer split (the GPT-4-style regex of Qwen2 / Qwen2.5 / Qwen3's tokenizer.json).
 _QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -1123,6 +1124,11 @@ def _components_2026(arch: str, scale: float, variant: str | None) -> dict:
         tok = qwen_tokenizer(chat_template=None)  # the pipelines format their own template
         text = _qwen25_vl(scale, tok)
         cfg = dict(joint_attention_dim=text.config.text_config.hidden_size)
+        if variant is not None:
+            if arch != "qwen-image-edit" or variant not in QWEN_EDIT_VARIANTS:
+                raise ValueError(f"unknown {arch} variant {variant!r}; allowed: qwen-image-edit "
+                                 f"{', '.join(QWEN_EDIT_VARIANTS)}")
+            cfg["zero_cond_t"] = True  # 2511: the references modulated at t = 0
         if small:
             cfg.update(heads, num_layers=_count(60, scale), axes_dims_rope=(4, 6, 6))
         out = dict(transformer=diffusers.QwenImageTransformer2DModel(**cfg), vae=_qwen_vae(scale),
@@ -1181,8 +1187,10 @@ def pipeline_2026(arch: str = "flux2", scale: float = 0.05, seed: int = 0,
             channels and scaling.
         sample_size: the latent size (default 4 below scale 1: 32-px images; the real
             pipelines' 128, 1024 px, at scale 1). ``default_sample_size`` of the pipeline.
-        variant: "flux2-klein" only: "4b" (default; step-distilled, no CFG), "9b",
-            "base-4b" or "base-9b" (undistilled: true CFG with a second call).
+        variant: "flux2-klein": "4b" (default; step-distilled, no CFG), "9b",
+            "base-4b" or "base-9b" (undistilled: true CFG with a second call);
+            "qwen-image-edit": "2511" (Qwen-Image-Edit-2511: ``QwenImageEditPlusPipeline`` on a
+            transformer with ``zero_cond_t``, the reference patches modulated at t = 0).
         device: "meta" builds every module on the meta device (no memory; for sizes).
 
     The tokenizers are local (:func:`mistral_tokenizer`, :func:`qwen_tokenizer`,
@@ -1193,8 +1201,8 @@ def pipeline_2026(arch: str = "flux2", scale: float = 0.05, seed: int = 0,
 
     if arch not in BEDS_2026:
         raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(BEDS_2026)}")
-    if variant is not None and arch != "flux2-klein":
-        raise ValueError(f"variant is for flux2-klein only, not {arch!r}")
+    if variant is not None and arch not in ("flux2-klein", "qwen-image-edit"):
+        raise ValueError(f"variant is for flux2-klein and qwen-image-edit only, not {arch!r}")
     if not 0 < scale <= 1:
         raise ValueError(f"scale must be in (0, 1], got {scale}")
     torch.manual_seed(seed)
@@ -1208,6 +1216,8 @@ def pipeline_2026(arch: str = "flux2", scale: float = 0.05, seed: int = 0,
             cls = {"flux2": "Flux2Pipeline", "flux2-klein": "Flux2KleinPipeline",
                    "qwen-image": "QwenImagePipeline", "qwen-image-edit": "QwenImageEditPipeline",
                    "z-image": "ZImagePipeline", "chroma": "ChromaPipeline"}[arch]
+            if variant == "2511":
+                cls = "QwenImageEditPlusPipeline"
             pipe = getattr(diffusers, cls)(**components)
     for module in pipe.components.values():  # as from_pretrained leaves them (T5 has dropout)
         if isinstance(module, torch.nn.Module):

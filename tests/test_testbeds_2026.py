@@ -100,3 +100,5 @@ def test_unknown_names_are_refused():
         random_pipeline("flux2-klein", variant="2b")
     with pytest.raises(ValueError, match="variant"):
         random_pipeline("chroma", variant="4b")
+    with pytest.raises(ValueError, match="variant"):
+        random_pipeline("qwen-image", variant="2511")

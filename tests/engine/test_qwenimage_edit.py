@@ -281,3 +281,77 @@ def test_reweighting_places_the_words_after_the_images():
     positions = list(find_word(plain, "cat").positions)
     assert positions[0] > adapter_for(pipe).text_parts(kw)[0][2] > 0  # after the images' tokens
     assert cut.meta["reweight"]["positions"] == positions
+
+
+# ---------------------------------------------------------------- Qwen-Image-Edit-2511
+@functools.lru_cache(maxsize=None)
+def pipe_2511():
+    """EditPlus on a ``zero_cond_t`` transformer: the step's modulation for the text and the
+    generated patches, t = 0's for the reference patches (``modulate_index``)."""
+    pipe = random_pipeline("qwen-image-edit", variant="2511", seed=0)
+    assert type(pipe).__name__ == "QwenImageEditPlusPipeline"
+    assert pipe.transformer.config.zero_cond_t
+    return pipe
+
+
+def kwargs_2511(**kw) -> dict:
+    return call_kwargs_2026("qwen-image-edit", steps=STEPS, prompt=PROMPT,
+                            image=[reference_image(32, 0)], **kw)
+
+
+def test_2511_traced_with_concepts_is_the_untraced_run():
+    pipe = pipe_2511()
+    plain = pipe(**kwargs_2511()).images
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="sdlens")  # nothing skipped
+        with sdlens.trace(pipe, concepts=["cat", "zebra"],
+                          record=("latents", "attention", "reference_maps")) as tr:
+            out = pipe(**kwargs_2511()).images
+    assert torch.equal(plain, out)
+    run = tr.runs[-1]
+    assert "skipped" not in run.meta and run.reference_maps is not None
+    for layer in run.concepts.layers:
+        m = run.concepts[layer].float()  # (steps, batch, concepts, 2, 2)
+        torch.testing.assert_close(m.sum(2), torch.ones(STEPS, 1, 2, 2), atol=2e-3, rtol=0)
+
+
+def test_2511_concept_step_is_the_blocks_path_with_its_modulation():
+    """With the prompt's own text stream as the concepts (every text position rotated as the
+    first, as the concepts are), each block's concept step is the block's own computation under
+    ``zero_cond_t``: its next stream the block's text output, its image output the generated
+    patches' attention output, whose keys include the references modulated at t = 0."""
+    from test_concepts_2026 import block_outputs, flat_text_rope
+
+    pipe = pipe_2511()
+    adapter = adapter_for(pipe)
+    blocks = adapter.concept_blocks()
+    calls, inputs = [], {}
+    handles = [pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(dict(kw)), with_kwargs=True)]
+
+    def on_block(site, module, args, kw):
+        inputs.setdefault(site, dict(kw))  # the first call's
+
+    handles += [block.register_forward_pre_hook(functools.partial(on_block, site),
+                                                with_kwargs=True) for site, block in blocks]
+    try:
+        pipe(**kwargs_2511())
+    finally:
+        for h in handles:
+            h.remove()
+    call_kwargs, rows = calls[0], slice(0, 1)
+    noise = int(call_kwargs["hidden_states"].shape[1]) - 64 * 64  # one ~1 MP reference after it
+    for site, block in blocks:
+        kw = dict(inputs[site])
+        assert kw["temb"].shape[0] == 2 * kw["hidden_states"].shape[0]
+        index = kw["modulate_index"][0]
+        assert index[:noise].eq(0).all() and index[noise:].eq(1).all()
+        t = int(kw["encoder_hidden_states"].shape[1])
+        kw["image_rotary_emb"] = flat_text_rope(kw["image_rotary_emb"], t)
+        with torch.no_grad():
+            text_out, image_out = block_outputs(block, kw, t, noise)
+            step = adapter.concept_step(block, kw["encoder_hidden_states"][rows], (), kw, rows,
+                                        True, call_kwargs=call_kwargs)
+        torch.testing.assert_close(step.image, image_out, atol=1e-5, rtol=1e-5)
+        if site != blocks[-1][0]:
+            torch.testing.assert_close(step.stream, text_out, atol=1e-5, rtol=1e-5)

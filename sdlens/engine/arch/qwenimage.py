@@ -59,8 +59,9 @@ paper keeps T5's position 0, the concept's first piece; Qwen2.5-VL is a causal L
 concept's first piece is where its own text starts, as T5's position 0 is: the pipeline drops
 the chat template's opening tokens, so that is its position 0 here too, and it sees the
 template before it). The ``"sdlens"`` variant: the same blocks, each concept the mean over its
-pieces. Qwen-Image-Edit-2511's ``zero_cond_t`` modulation is not handled (the pass is skipped
-with one warning).
+pieces. Qwen-Image-Edit-2511's ``zero_cond_t`` modulation is the block's: the concepts take the
+text's (the step's timestep), the image stream's patches their own ``modulate_index`` half (the
+references' at t = 0).
 """
 
 from __future__ import annotations
@@ -250,17 +251,29 @@ class QwenImageAdapter(BackboneAdapter):
         """One block of the concept pass (module docstring: "Concept maps")."""
         from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
-        if getattr(block, "zero_cond_t", False):
-            raise ValueError("zero_cond_t modulation (Qwen-Image-Edit-2511) is not handled")
         hs, ehs = kwargs["hidden_states"][rows], kwargs["encoder_hidden_states"][rows]
-        temb, rope = kwargs["temb"][rows], kwargs.get("image_rotary_emb")
+        temb, rope = kwargs["temb"], kwargs.get("image_rotary_emb")
+        index = None
+        if getattr(block, "zero_cond_t", False):
+            # Qwen-Image-Edit-2511: temb is (2n, dim), the step's rows then t = 0's; the text
+            # stream takes the first half, each image-stream token the half its
+            # modulate_index names (0: the noise, 1: the references, at t = 0)
+            temb, temb_ref = temb.chunk(2, dim=0)
+            temb_ref, index = temb_ref[rows], kwargs["modulate_index"][rows]
+        temb = temb[rows]
         mask = kwargs.get("encoder_hidden_states_mask")
         attn = block.attn
         d = attn.inner_dim // attn.heads
 
-        def modulated(norm, x, mod):  # the block's _modulate: x (1 + scale) + shift; gate
-            shift, scale, gate = mod.chunk(3, dim=-1)
-            return norm(x) * (1 + scale[:, None]) + shift[:, None], gate[:, None]
+        def modulated(norm, x, mod, ref=None):
+            """The block's modulation: norm(x) (1 + scale) + shift, and the gate; with ``ref``
+            (zero_cond_t), the tokens whose modulate_index is 1 take ``ref``'s."""
+            shift, scale, gate = (m[:, None] for m in mod.chunk(3, dim=-1))
+            if ref is not None:
+                noise = index[..., None] == 0
+                shift, scale, gate = (torch.where(noise, a, b[:, None]) for a, b in
+                                      zip((shift, scale, gate), ref.chunk(3, dim=-1)))
+            return norm(x) * (1 + scale) + shift, gate
 
         def qkv(x, added: bool, freqs, queries: bool = True):
             """(q or None, k, v), each (n, heads, L, d), as the processor computes them."""
@@ -283,7 +296,8 @@ class QwenImageAdapter(BackboneAdapter):
         norm_c, gate_c = modulated(block.txt_norm1, stream, txt_mod1)
         q_c, k_c, v_c = qkv(norm_c, True, first)
         img_mod1 = block.img_mod(temb).chunk(2, dim=-1)[0]
-        q, k, v = qkv(modulated(block.img_norm1, hs, img_mod1)[0], False, img_freqs,
+        ref_mod1 = block.img_mod(temb_ref).chunk(2, dim=-1)[0] if index is not None else None
+        q, k, v = qkv(modulated(block.img_norm1, hs, img_mod1, ref_mod1)[0], False, img_freqs,
                       queries=outputs)
         # the concepts attend to the image and to each other; nothing attends to them
         out_c = F.scaled_dot_product_attention(q_c, torch.cat([k, k_c], 2), torch.cat([v, v_c], 2))
