@@ -100,3 +100,20 @@ def test_threshold_free_measures_and_their_intervals():
     assert ev.bootstrap_ci([0.5] * 5) == (0.5, 0.5, 0.5)
     wide = ev.bootstrap_ci([0.0, 1.0] * 3)
     assert wide[2] - wide[1] > high - low  # fewer, more spread values: a wider interval
+
+
+def test_a_cut_short_ablation_says_where_it_was_measured():
+    """The fair ablation measured before the shipped model's step count: the table's note says
+    so, with the step, the stage and the learning rate where its last checkpoint was taken."""
+    unet, mmdit = card.load_results(), card.load_results(card.MMDIT)
+    shipped = unet[1]["unet_steps"] + unet[1]["refine_steps"]
+    row = {**unet[0]["ablation"][0], "train_steps": 3100,
+           "stopped": {"stage": "unet", "lr": 6.1e-4, "schedule": "shipped"}}
+    table = card.free_vs_taught(({**unet[0], "ablation": [row]}, unet[1]), mmdit)
+    assert f"trained 3,100 steps, not the shipped model's {shipped:,}" in table
+    assert ("measured at its last checkpoint, step 3,100, in the UNet stage, before the refine "
+            "stage, on the shipped model's learning-rate schedule, replayed step for step "
+            "(learning rate 6.1e-04 there)") in table
+    done = {**row, "train_steps": shipped, "stopped": {**row["stopped"], "stage": "refine"}}
+    assert "last checkpoint" not in card.free_vs_taught(({**unet[0], "ablation": [done]}, unet[1]),
+                                                        mmdit)

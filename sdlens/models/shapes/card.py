@@ -301,6 +301,19 @@ def best_block(ev_m: dict) -> str | None:
     return max(blocks, key=blocks.get) if blocks else None
 
 
+def stopped_at(row: dict) -> str:
+    """A sentence on where an ablation run cut short was measured (its ``stopped`` record)."""
+    stop = row.get("stopped")
+    if not stop:
+        return ""
+    where = ("the UNet stage, before the refine stage" if stop["stage"] == "unet"
+             else "the refine stage")
+    schedule = ("the shipped model's learning-rate schedule, replayed step for step"
+                if stop.get("schedule") == "shipped" else f"the {stop.get('schedule')} schedule")
+    return (f" It was measured at its last checkpoint, step {row['train_steps']:,}, in {where}, "
+            f"on {schedule} (learning rate {stop['lr']:.1e} there).")
+
+
 def free_vs_taught_verdicts(unet: tuple[dict, dict], mmdit: tuple[dict, dict] | None) -> str:
     """The free-vs-taught verdict sentences, generated from the result files (:func:`verdict`):
     each free model against the taught UNet at each one's default CFG, then at ``COMMON_CFG``
@@ -402,7 +415,8 @@ def free_vs_taught(unet: tuple[dict, dict], mmdit: tuple[dict, dict] | None) -> 
             f"The UNet recipe without the attention loss trained {a['train_steps']:,} steps, not "
             f"the shipped model's {shipped:,}: the fair ablation (as many steps, the same cache "
             "and schedule: `train.py --attn-loss 0 --steps 5700 --schedule shipped`) had not "
-            "reached them when these rows were measured (CPU only, no GPU lent).")
+            "reached them when these rows were measured (CPU only, no GPU lent)."
+            + stopped_at(a))
     missing = [name for name, r in (("the taught UNet", taught_row(ev_u, COMMON_CFG)),
                                      ("the UNet without the attention loss",
                                       _at(ablation, COMMON_CFG)),
@@ -870,6 +884,14 @@ def measure_ablation(work: Path, seeds: int | None = None, folder: Path = WEIGHT
     steps = sum(int(torch.load(work / f"{stage}.pt", weights_only=False, map_location="cpu")["step"])
                 for stage in ("unet", "refine") if (work / f"{stage}.pt").exists())
     cache = len(torch.load(work / "cache.pt", weights_only=False)["captions"])
+    # where the run stopped: its last logged stage and learning rate (a run cut short is
+    # measured at its last checkpoint, and the card says where on the schedule that was)
+    log = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()
+           if line.strip()] if (work / "log.jsonl").exists() else []
+    logged = [e for e in log if e.get("phase") in ("unet", "refine") and "lr" in e]
+    args = json.loads((work / "args.json").read_text()) if (work / "args.json").exists() else {}
+    stopped = {"stage": logged[-1]["phase"], "lr": float(logged[-1]["lr"]),
+               "schedule": args.get("schedule", "time")} if logged else None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         pipe = load_pipeline(export(work, Path(tmp) / "model"), device="cpu")
@@ -879,6 +901,7 @@ def measure_ablation(work: Path, seeds: int | None = None, folder: Path = WEIGHT
                             list(range(ev.TEST_SEED, ev.TEST_SEED + seeds)), cfg, progress=False)
             rows.append({**r, "recipe": f"no attention loss, {steps} steps", "split": "test",
                          "stage": "no_attention_loss", "train_steps": steps, "cache": cache,
+                         "stopped": stopped,
                          "seconds": round(time.time() - t0, 1)})
     path = folder / EVALUATION.name
     evaluation = json.loads(path.read_text())
