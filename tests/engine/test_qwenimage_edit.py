@@ -299,9 +299,31 @@ def kwargs_2511(**kw) -> dict:
                             image=[reference_image(32, 0)], **kw)
 
 
-def test_2511_traced_with_concepts_is_the_untraced_run():
+def test_2511_concept_pass_is_the_blocks_own_path_and_changes_nothing():
+    """Under ``zero_cond_t``: traced with concepts == untraced, nothing skipped, the maps sum to
+    1; and with the prompt's own text stream as the concepts (every text position rotated as
+    the first, as the concepts are), each block's concept step is the block's own computation:
+    its next stream the block's text output, its image output the generated patches' attention
+    output, whose keys include the references modulated at t = 0."""
+    from test_concepts_2026 import block_outputs, flat_text_rope
+
     pipe = pipe_2511()
-    plain = pipe(**kwargs_2511()).images
+    adapter = adapter_for(pipe)
+    blocks = adapter.concept_blocks()
+    calls, inputs = [], {}
+
+    def on_block(site, module, args, kw):
+        inputs.setdefault(site, dict(kw))  # the first call's
+
+    handles = [pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(dict(kw)), with_kwargs=True)]
+    handles += [block.register_forward_pre_hook(functools.partial(on_block, site),
+                                                with_kwargs=True) for site, block in blocks]
+    try:
+        plain = pipe(**kwargs_2511()).images
+    finally:
+        for h in handles:
+            h.remove()
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="sdlens")  # nothing skipped
         with sdlens.trace(pipe, concepts=["cat", "zebra"],
@@ -314,31 +336,6 @@ def test_2511_traced_with_concepts_is_the_untraced_run():
         m = run.concepts[layer].float()  # (steps, batch, concepts, 2, 2)
         torch.testing.assert_close(m.sum(2), torch.ones(STEPS, 1, 2, 2), atol=2e-3, rtol=0)
 
-
-def test_2511_concept_step_is_the_blocks_path_with_its_modulation():
-    """With the prompt's own text stream as the concepts (every text position rotated as the
-    first, as the concepts are), each block's concept step is the block's own computation under
-    ``zero_cond_t``: its next stream the block's text output, its image output the generated
-    patches' attention output, whose keys include the references modulated at t = 0."""
-    from test_concepts_2026 import block_outputs, flat_text_rope
-
-    pipe = pipe_2511()
-    adapter = adapter_for(pipe)
-    blocks = adapter.concept_blocks()
-    calls, inputs = [], {}
-    handles = [pipe.transformer.register_forward_pre_hook(
-        lambda m, a, kw: calls.append(dict(kw)), with_kwargs=True)]
-
-    def on_block(site, module, args, kw):
-        inputs.setdefault(site, dict(kw))  # the first call's
-
-    handles += [block.register_forward_pre_hook(functools.partial(on_block, site),
-                                                with_kwargs=True) for site, block in blocks]
-    try:
-        pipe(**kwargs_2511())
-    finally:
-        for h in handles:
-            h.remove()
     call_kwargs, rows = calls[0], slice(0, 1)
     noise = int(call_kwargs["hidden_states"].shape[1]) - 64 * 64  # one ~1 MP reference after it
     for site, block in blocks:
