@@ -361,3 +361,22 @@ def test_prompt_embeds_without_a_tokenizer(case):
     assert torch.equal(plain, out) and tr.meta.get("words_unknown")
     assert tr.latents.shape[0] == STEPS + 1 and trace_words(tr) == []
 
+
+def test_a_prompt_sdlens_cannot_tokenize_is_recorded_without_words(monkeypatch):
+    """Whatever fails in cutting a prompt into the text axis's tokens (here: the segmenter
+    raises) is not the call's failure: one warning, the run recorded, its words not known."""
+    import sdlens.engine.session as session
+
+    def broken(prompt, parts):
+        raise RuntimeError("a prompt sdlens does not understand")
+
+    monkeypatch.setattr(session, "tokenize_segments", broken)
+    pipe = pipe_of("flux2-klein")
+    plain = pipe(**call("flux2-klein")).images
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with sdlens.trace(pipe) as tr:
+            out = pipe(**call("flux2-klein")).images
+    tr = tr.runs[-1]
+    assert torch.equal(plain, out) and tr.meta.get("words_unknown") and trace_words(tr) == []
+    assert len([w for w in caught if "cannot tell the tokens" in str(w.message)]) == 1
