@@ -3,9 +3,14 @@
     python benchmarks/check_diffusers_tests.py                 # every family (CPU: long)
     python benchmarks/check_diffusers_tests.py --only sana pixart-alpha
     python benchmarks/check_diffusers_tests.py --render        # the markdown again from the json
+    python benchmarks/check_diffusers_tests.py --only flux2 qwen-image z-image chroma \
+        flux-kontext --out benchmarks/results/diffusers_tests-2026.json   # the 2026 families
 
 For every pipeline class sdlens supports (SD 1.x / 2.x / XL, SD3 / SD3.5, Flux.1, PixArt-alpha /
-Sigma, Sana, ControlNet) it runs diffusers' test files for that class twice in fresh pytest
+Sigma, Sana, ControlNet; and the 2026 families: Flux.2 dev / klein / klein inpaint, Qwen-Image /
+img2img / inpaint / Edit / Edit-Plus, Z-Image, Chroma / img2img, Flux.1 Kontext; every class
+sdlens traces that has a test file of its own) it runs diffusers' test files for that class
+twice in fresh pytest
 processes: once as they are, once with every call of a supported pipeline made inside
 ``sdlens.trace(pipe)`` (this file is the pytest plugin that does it: ``-p check_diffusers_tests``).
 It lists
@@ -17,7 +22,9 @@ It lists
   processors, module hooks, an instance-level ``forward``, any sdlens object left in a
   component's attributes),
 
-and writes them to ``benchmarks/results/diffusers_tests.json`` and ``diffusers_tests.md``.
+and writes them to ``benchmarks/results/diffusers_tests.json`` and ``diffusers_tests.md`` (or
+``--out``'s json and the markdown beside it: ``diffusers_tests-2026.json`` for the 2026
+families; the markdown names its json).
 
 The test files are diffusers' at ``DIFFUSERS_COMMIT`` (the mirror's newest commit; the installed
 diffusers is newer, see the json), unpacked under ``benchmarks/_work/diffusers-tests`` (ignored by
@@ -29,7 +36,24 @@ stand-ins in a local hub cache (``benchmarks/_work/hub``, ``HF_HUB_OFFLINE=1``):
 * ``hf-internal-testing/tiny-random-t5``: a tiny T5 config and sdlens's local SentencePiece T5
   tokenizer (``sdlens.testing.t5_tokenizer``),
 * ``hf-internal-testing/dummy-gemma``: a Gemma tokenizer of 8 pieces (the Sana tests' Gemma-2 has
-  ``vocab_size=8``; every word is ``<unk>``).
+  ``vocab_size=8``; every word is ``<unk>``),
+* ``hf-internal-testing/tiny-random-Qwen2VLForConditionalGeneration`` (the Qwen-Image, Z-Image and
+  Flux.2 klein tests' ``Qwen2Tokenizer`` / ``Qwen2TokenizerFast``): ``sdlens.testing.qwen_tokenizer``,
+  a byte-level BPE of a few hundred pieces trained here with Qwen2's pre-tokenizer split, its
+  special tokens (``<|im_start|>``, ``<|vision_start|>``, ``<|image_pad|>``, ... at small ids, not
+  the real 151643+) and Qwen3's chat template; and Qwen2-VL's image processor (PIL backend). No
+  video processor: transformers' video processors need torchvision, which is not installed
+  (the one wheel here does not load against the CPU torch), so ``Qwen2VLProcessor.from_pretrained``
+  fails, and with it every Qwen-Image-Edit / Edit-Plus test that builds the pipeline, the same
+  way in both runs (sdlens's own Edit beds, ``tests/engine/test_qwenimage_edit.py``, build the
+  processor without a video processor),
+* ``hf-internal-testing/Mistral-Small-3.1-24B-Instruct-2503-only-processor`` (the Flux.2 dev
+  tests' ``AutoProcessor``): ``sdlens.testing.mistral_tokenizer`` alone (a byte-level BPE trained
+  here with Tekken's split, its control tokens at their real ids, the system / user chat
+  template) and a tiny ``MistralConfig`` so that ``AutoProcessor`` falls back to the tokenizer;
+  not the real ``PixtralProcessor`` (its image processor needs torchvision). Flux2Pipeline's
+  text path only calls ``apply_chat_template``, which the tokenizer answers as the processor
+  does for text.
 
 Tests that need what is not here (other hub files, images by URL, a GPU) fail or skip the same
 way in both runs and are counted as such.
@@ -80,6 +104,17 @@ FAMILIES = {
     "sd2": ["stable_diffusion_2/test_stable_diffusion.py",
             "stable_diffusion_2/test_stable_diffusion_inpaint.py",
             "stable_diffusion_2/test_stable_diffusion_v_pred.py"],
+    # the 2026 families (their results: --out benchmarks/results/diffusers_tests-2026.json);
+    # only the files of the classes sdlens traces (not Flux2KleinKVPipeline,
+    # ZImageImg2Img / Inpaint, ChromaInpaint (no test file), FluxKontextInpaint, QwenImageControlNet)
+    "flux2": ["flux2/test_pipeline_flux2.py", "flux2/test_pipeline_flux2_klein.py",
+              "flux2/test_pipeline_flux2_klein_inpaint.py"],
+    "qwen-image": ["qwenimage/test_qwenimage.py", "qwenimage/test_qwenimage_img2img.py",
+                   "qwenimage/test_qwenimage_inpaint.py", "qwenimage/test_qwenimage_edit.py",
+                   "qwenimage/test_qwenimage_edit_plus.py"],
+    "z-image": ["z_image/test_z_image.py"],
+    "chroma": ["chroma/test_pipeline_chroma.py", "chroma/test_pipeline_chroma_img2img.py"],
+    "flux-kontext": ["flux/test_pipeline_flux_kontext.py"],
 }
 MODES = ("untraced", "traced")
 # the fast tests: every class but the integration / slow / nightly ones (those need the hub's
@@ -177,6 +212,39 @@ def build_hub() -> dict[str, str]:
         tok = GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True, model_max_length=300)
         tok.save_pretrained(snap)
     made["hf-internal-testing/dummy-gemma"] = "Gemma BPE tokenizer of 8 pieces (no merges)"
+    # Qwen2-VL (Qwen-Image, Qwen-Image-Edit, Z-Image, Flux.2 klein): sdlens's local Qwen2-style
+    # byte-level BPE, and Qwen2.5-VL's image processor (PIL backend) for the Edit processors
+    snap = _snapshot("hf-internal-testing/tiny-random-Qwen2VLForConditionalGeneration")
+    if not (snap / "tokenizer_config.json").exists():
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil)
+
+        from sdlens.testing import qwen_tokenizer
+
+        qwen_tokenizer().save_pretrained(snap)
+        Qwen2VLImageProcessorPil().save_pretrained(snap)
+    made["hf-internal-testing/tiny-random-Qwen2VLForConditionalGeneration"] = (
+        "sdlens.testing.qwen_tokenizer (a Qwen2Tokenizer: byte-level BPE of ~2000 pieces trained "
+        "here with Qwen2's pre-tokenizer split, special tokens and Qwen3's chat template) + "
+        "Qwen2-VL's image processor (PIL); no video processor (it needs torchvision, not "
+        "installed)")
+    # Mistral-Small-3.1's processor (Flux.2 dev): the tokenizer alone (AutoProcessor falls back
+    # to it; PixtralProcessor's image processor needs torchvision)
+    snap = _snapshot("hf-internal-testing/Mistral-Small-3.1-24B-Instruct-2503-only-processor")
+    if not (snap / "tokenizer_config.json").exists():
+        from sdlens.testing import mistral_tokenizer
+
+        tok = mistral_tokenizer()
+        tok.save_pretrained(snap)
+        # AutoProcessor reads a config.json when no processor config names its class: a Mistral
+        # one (no processor of its own: AutoTokenizer)
+        transformers.MistralConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=37,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2).save_pretrained(snap)
+    made["hf-internal-testing/Mistral-Small-3.1-24B-Instruct-2503-only-processor"] = (
+        "sdlens.testing.mistral_tokenizer alone (byte-level BPE of ~2000 pieces trained here with "
+        "Tekken's split, its control tokens at their real ids and the system / user chat "
+        "template); AutoProcessor loads it as the tokenizer, no PixtralProcessor (torchvision)")
     return made
 
 
@@ -445,7 +513,8 @@ def render(result: dict) -> str:
     lines = [
         "# diffusers' fast tests, untraced and traced",
         "",
-        "Written by `benchmarks/check_diffusers_tests.py` from `diffusers_tests.json`; do not edit.",
+        f"Written by `benchmarks/check_diffusers_tests.py` from "
+        f"`{result.get('json', 'diffusers_tests.json')}`; do not edit.",
         "",
         f"diffusers tests at commit `{result['diffusers_tests_commit']}` ({result['tests_note']}); "
         f"installed diffusers {result['versions']['diffusers']}, transformers "
@@ -525,6 +594,7 @@ def write(out: Path, raw: dict, families: list, stand_ins: dict, versions: dict)
     except OSError:
         commit = None
     result = {
+        "json": out.name,
         "sdlens_commit": commit,
         "diffusers_tests_commit": DIFFUSERS_COMMIT,
         "tests_note": "huggingface/diffusers main of 2026-08-23, the newest commit in the "

@@ -205,16 +205,28 @@ def test_1024_markdown_is_written_from_the_results_files():
             assert f["target_status"] == common.target_status(f, f["target"])
 
 
-def test_diffusers_tests_markdown_is_written_from_its_json():
-    """benchmarks/results/diffusers_tests.md is what check_diffusers_tests.py renders from the
-    committed json (no figure typed by hand), and the json's counts are its lists' lengths."""
+DIFFUSERS_TESTS_MD = sorted((REPO / "benchmarks" / "results").glob("diffusers_tests*.md"))
+
+
+def test_every_diffusers_tests_markdown_has_its_json():
+    assert len(DIFFUSERS_TESTS_MD) >= 3  # diffusers_tests, -kernel-seam, -2026
+    for md in DIFFUSERS_TESTS_MD:
+        assert md.with_suffix(".json").exists(), f"{md.name} has no json beside it"
+
+
+@pytest.mark.parametrize("md_path", DIFFUSERS_TESTS_MD, ids=lambda p: p.name)
+def test_diffusers_tests_markdown_is_written_from_its_json(md_path):
+    """Every benchmarks/results/diffusers_tests*.md is what check_diffusers_tests.py renders
+    from the committed json beside it (no figure typed by hand), and the json's counts are its
+    lists' lengths."""
     import check_diffusers_tests as check  # noqa: E402  (benchmarks/check_diffusers_tests.py)
 
-    path = REPO / "benchmarks" / "results" / "diffusers_tests.json"
+    path = md_path.with_suffix(".json")
     r = json.loads(path.read_text())
-    md = path.with_suffix(".md").read_text()
-    assert md == check.render(r), ("diffusers_tests.md differs from diffusers_tests.json: run "
-                                   "python benchmarks/check_diffusers_tests.py --render")
+    md = md_path.read_text()
+    assert md == check.render(r), (f"{md_path.name} differs from {path.name}: run python "
+                                   f"benchmarks/check_diffusers_tests.py --render --out {path}")
+    assert "json" not in r or r["json"] == path.name  # the json the markdown names
     s = r["summary"]
     assert s["outcomes_differing"] == len(s["differing"])
     assert s["sdlens_exceptions"] == len(s["sdlens_exception_list"])

@@ -683,7 +683,8 @@ def tokenize_segments(prompt: str, parts: Sequence[tuple[str, Any, int]]) -> Tok
     cut: list[str] | None = None
     start = 0
     for encoder, tok, length in parts:
-        seg = {"encoder": encoder, "start": start, "length": int(length), "tokens": 0}
+        length = max(0, int(length))  # a segment the pipeline's max length leaves no position
+        seg = {"encoder": encoder, "start": start, "length": length, "tokens": 0}
         segments.append(seg)
         if tok is not None:
             if getattr(tokenizer_of(tok), "bos_token", None) == BOS:  # CLIP: as tokenize() does
@@ -691,8 +692,10 @@ def tokenize_segments(prompt: str, parts: Sequence[tuple[str, Any, int]]) -> Tok
                 seg_ids, seg_strings, seg_cut = view.ids, view.tokens, view.truncated_words
             else:
                 tk = tokenizer_of(tok)
-                seg_ids = list(tk(prompt, truncation=True, max_length=int(length)).input_ids)
                 full = list(tk(prompt, truncation=False).input_ids)
+                # (a tokenizer cannot be asked for max_length=0: nothing of the prompt is kept)
+                seg_ids = list(tk(prompt, truncation=True, max_length=length).input_ids) \
+                    if length else []
                 seg_strings = token_strings(tk, seg_ids)
                 kept = {(w.text, w.occurrence) for w in words_from_tokens(seg_strings)}
                 seg_cut = [w.text for w in words_from_tokens(token_strings(tk, full))

@@ -721,8 +721,8 @@ class _Session:
             prompts = [prompt]
         elif isinstance(prompt, (list, tuple)):
             prompts = list(prompt)
-        elif prompt is None and torch.is_tensor(p.get("prompt_embeds")):
-            prompts = [None] * int(p["prompt_embeds"].shape[0])
+        elif prompt is None and _embeds_shape(p.get("prompt_embeds")) is not None:
+            prompts = [None] * _embeds_shape(p["prompt_embeds"])[0]
         else:
             raise TypeError(f"sdlens: prompt must be a str or a list of str (or prompt_embeds "
                             f"given), got {type(prompt).__name__}")
@@ -746,7 +746,7 @@ class _Session:
             if parts is not None else None
         given = None
         if prompt is None and self.tokens is not None:
-            given = check_user_tokens(self.tokens, len(prompts), int(p["prompt_embeds"].shape[1]))
+            given = check_user_tokens(self.tokens, len(prompts), _embeds_shape(p["prompt_embeds"])[1])
             given = [t for t in given for _ in range(n_per)]
         run.words_unknown = prompt is None and given is None
         cache: dict[str, tuple] = {}
@@ -762,13 +762,22 @@ class _Session:
             else:
                 q = texts[b]
                 if q not in cache:  # as the pipeline encodes it (multi-vector TI expanded)
-                    if parts is None:  # one text encoder: the adapter lays the text out
-                        axis = text_axis(pipe, q, p, adapter)
-                        cache[q] = (axis.ids, axis.tokens, axis.truncated_words, None, axis.limit)
-                    else:  # several (SD3: CLIP then T5)
-                        view = tokenize_segments(q, parts)
-                        cache[q] = (view.ids, view.tokens, view.truncated_words, view.segments,
-                                    None)
+                    try:
+                        if parts is None:  # one text encoder: the adapter lays the text out
+                            axis = text_axis(pipe, q, p, adapter)
+                            cache[q] = (axis.ids, axis.tokens, axis.truncated_words, None,
+                                        axis.limit)
+                        else:  # several (SD3: CLIP then T5)
+                            view = tokenize_segments(q, parts)
+                            cache[q] = (view.ids, view.tokens, view.truncated_words,
+                                        view.segments, None)
+                    except Exception as e:  # noqa: BLE001 - never the reason a call fails
+                        # a prompt sdlens cannot cut into tokens: recorded without its words
+                        warnings.warn(f"sdlens: cannot tell the tokens of the prompt {q[:60]!r} "
+                                      f"({type(e).__name__}: {e}); the trace has no words for "
+                                      f"it", stacklevel=4)
+                        cache[q] = ([], [], [], no_tokens, None)
+                        run.words_unknown = True
                 ids, toks, cut, segs, _ = cache[q]
             run.token_ids.append(list(ids))
             run.tokens.append(list(toks))
@@ -790,6 +799,18 @@ class _Session:
         gen = p.get("generator")
         gens = gen if isinstance(gen, (list, tuple)) else ([gen] if gen is not None else [])
         run.seeds = [int(g.initial_seed()) for g in gens if isinstance(g, torch.Generator)] or None
+
+
+def _embeds_shape(embeds) -> tuple[int, int] | None:
+    """(prompts, text positions) of a call's ``prompt_embeds``: a (B, L, D) tensor, or a list
+    of one (L_i, D) tensor per prompt (Z-Image: each prompt its own length; L the longest);
+    None for anything else."""
+    if torch.is_tensor(embeds) and embeds.ndim >= 2:
+        return int(embeds.shape[0]), int(embeds.shape[1])
+    if isinstance(embeds, (list, tuple)) and embeds and all(
+            torch.is_tensor(e) and e.ndim >= 1 for e in embeds):
+        return len(embeds), max(int(e.shape[0]) for e in embeds)
+    return None
 
 
 def trace(pipe, options: RecordOptions | None = None, tokens=None, **kwargs):

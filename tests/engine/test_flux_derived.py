@@ -318,3 +318,65 @@ def test_a_tokenizer_that_adds_a_bos_keeps_the_prompts_positions():
         assert [ids[p] for p in w.positions] == [tr.token_ids[0][p] for p in w.positions]
     kept = tr.attention.token_positions
     assert [ids[p] for p in kept][-len(prompt):] == prompt
+
+
+@pytest.mark.parametrize("case", ["flux2", "flux2-klein"])
+def test_a_max_sequence_length_shorter_than_the_template(case):
+    """``max_sequence_length`` shorter than the chat template's opening (diffusers' fast tests
+    call FLUX.2-dev with 8: its system prompt alone is longer): the pipeline cuts the whole
+    prompt; the traced run is the untraced one, the trace holds no words and names them cut."""
+    pipe = pipe_of(case)
+    kw = lambda: call(case, max_sequence_length=2)  # noqa: E731
+    plain = pipe(**kw()).images
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with sdlens.trace(pipe) as tr:
+            out = pipe(**kw()).images
+    tr = tr.runs[-1]
+    assert torch.equal(plain, out) and tr.latents.shape[0] == STEPS + 1
+    assert trace_words(tr) == [] and tr.truncated_words[0] == ["a", "red", "cat", "on", "the",
+                                                               "beach"]
+    assert [str(w.message) for w in caught if "sdlens" in str(w.message)
+            and "cannot tell the tokens" in str(w.message)] == []
+
+
+@pytest.mark.parametrize("case", ["flux2", "flux2-klein"])
+def test_prompt_embeds_without_a_tokenizer(case):
+    """A pipeline without tokenizer / text encoder, called with ``prompt_embeds`` (diffusers'
+    ``test_encode_prompt_works_in_isolation``): traced == untraced, the words not known."""
+    import diffusers
+
+    base = pipe_of(case)
+    embeds = base.encode_prompt(prompt="a red cat on the beach", device="cpu",
+                                max_sequence_length=TEXT)[0]
+    cls = getattr(diffusers, FAMILIES[case]["pipeline"])
+    pipe = cls(**{**base.components, "tokenizer": None, "text_encoder": None})
+    # (klein with guidance would encode the negative prompt ""; the text encoder is gone)
+    extra = dict(guidance_scale=1.0) if case == "flux2-klein" else {}
+    kw = lambda: call(case, prompt=None, prompt_embeds=embeds.clone(), **extra)  # noqa: E731
+    plain = pipe(**kw()).images
+    with sdlens.trace(pipe) as tr:
+        out = pipe(**kw()).images
+    tr = tr.runs[-1]
+    assert torch.equal(plain, out) and tr.meta.get("words_unknown")
+    assert tr.latents.shape[0] == STEPS + 1 and trace_words(tr) == []
+
+
+def test_a_prompt_sdlens_cannot_tokenize_is_recorded_without_words(monkeypatch):
+    """Whatever fails in cutting a prompt into the text axis's tokens (here: the segmenter
+    raises) is not the call's failure: one warning, the run recorded, its words not known."""
+    import sdlens.engine.session as session
+
+    def broken(prompt, parts):
+        raise RuntimeError("a prompt sdlens does not understand")
+
+    monkeypatch.setattr(session, "tokenize_segments", broken)
+    pipe = pipe_of("flux2-klein")
+    plain = pipe(**call("flux2-klein")).images
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with sdlens.trace(pipe) as tr:
+            out = pipe(**call("flux2-klein")).images
+    tr = tr.runs[-1]
+    assert torch.equal(plain, out) and tr.meta.get("words_unknown") and trace_words(tr) == []
+    assert len([w for w in caught if "cannot tell the tokens" in str(w.message)]) == 1

@@ -177,3 +177,21 @@ def test_cfg_truncation_stops_recording_not_the_run():
         with sdlens.trace(pipe) as tr:
             out = pipe(**kwargs(True, cfg_truncation=0.1)).images
     assert torch.equal(plain, out) and len(tr.runs) == 0
+
+
+@pytest.mark.parametrize("cfg", [False, True])
+def test_prompt_embeds_as_a_list_of_tensors(cfg):
+    """Z-Image's ``prompt_embeds`` are a list, one (L_i, D) tensor per prompt (diffusers'
+    ``test_encode_prompt_works_in_isolation`` passes them with no prompt): traced == untraced,
+    the words not known."""
+    pipe = bed()
+    pos, neg = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=cfg)
+    assert isinstance(pos, list) and torch.is_tensor(pos[0]) and pos[0].ndim == 2
+    kw = lambda: kwargs(cfg, prompt=None, prompt_embeds=[t.clone() for t in pos],  # noqa: E731
+                        negative_prompt_embeds=[t.clone() for t in neg] if cfg else None)
+    plain = pipe(**kw()).images
+    with sdlens.trace(pipe) as tr:
+        out = pipe(**kw()).images
+    tr = tr.runs[-1]
+    assert torch.equal(plain, out) and tr.meta.get("words_unknown")
+    assert tr.latents.shape == (STEPS + 1, 1, 16, 4, 4) and trace_words(tr) == []

@@ -143,17 +143,24 @@ class Flux2Adapter(FluxKontextAdapter):
         tok = self.pipe.tokenizer
         return tok if hasattr(tok, "convert_ids_to_tokens") else getattr(tok, "tokenizer", tok)
 
-    def template_prefix(self) -> int:
+    def template_prefix(self) -> int | None:
         """Positions before the encoder's segment: the template's tokens before the prompt,
         less the special tokens the tokenizer puts before a bare prompt (a BOS: sdlens cuts the
         prompt alone, so that BOS sits on the template's last position, no word, and the
-        prompt's pieces on their own positions). The same for every prompt."""
+        prompt's pieces on their own positions). The same for every prompt. None where it cannot
+        be told: no tokenizer (a pipeline called with ``prompt_embeds`` only), or one without a
+        chat template it can apply (the words are then not known)."""
         if self._prefix is None:
             tok, mark = self.tokenizer(), "\u2603"
-            text = self.templated(mark)
-            before = len(tok(text[: text.index(mark)], add_special_tokens=False).input_ids)
-            bare = list(tok("cat").input_ids)
-            plain = list(tok("cat", add_special_tokens=False).input_ids)
+            if tok is None:
+                return None
+            try:
+                text = self.templated(mark)
+                before = len(tok(text[: text.index(mark)], add_special_tokens=False).input_ids)
+                bare = list(tok("cat").input_ids)
+                plain = list(tok("cat", add_special_tokens=False).input_ids)
+            except Exception:  # noqa: BLE001 - no usable template: the words are not known
+                return None
             lead = next((k for k in range(len(bare)) if bare[k: k + len(plain)] == plain), 0)
             self._prefix = max(0, before - lead)
         return self._prefix
@@ -163,16 +170,23 @@ class Flux2Adapter(FluxKontextAdapter):
 
     def text_parts(self, params: dict) -> list[tuple[str, object, int]]:
         """The template's tokens before the prompt (no words), then the encoder's segment: the
-        prompt's own pieces, then (as its padding) the template's end and the padding."""
+        prompt's own pieces, then (as its padding) the template's end and the padding. A
+        ``max_sequence_length`` shorter than the template's opening leaves the prompt no
+        position (the pipeline cuts all of it); without a template prefix (see
+        :meth:`template_prefix`) the whole text axis is one segment without tokens."""
         n, pre = self.text_length(params), self.template_prefix()
+        if pre is None:
+            return [(self.encoder_name(), None, n)]
+        pre = min(pre, n)
         return [("template", None, pre), (self.encoder_name(), self.tokenizer(), n - pre)]
 
     def text_encoders(self, params: dict) -> list[TextEncoder]:
         pre, encoder = self.template_prefix(), getattr(self.pipe, "text_encoder", None)
-        if encoder is None:
+        if encoder is None or pre is None:
             return []
-        return [TextEncoder("text_encoder", self.tokenizer(), encoder, pre,
-                            self.text_length(params) - pre)]
+        n = self.text_length(params)
+        pre = min(pre, n)
+        return [TextEncoder("text_encoder", self.tokenizer(), encoder, pre, n - pre)]
 
     # ---------------------------------------------------------------- concept pass
     def concept_text(self, concepts: list[str], params: dict) -> torch.Tensor:
