@@ -232,5 +232,7 @@ def test_diffusers_tests_markdown_is_written_from_its_json(md_path):
     assert s["sdlens_exceptions"] == len(s["sdlens_exception_list"])
     assert s["pipelines_changed"] == len(s["changed_list"])
     assert s["tests_run"] > 0 and set(r["families"]) <= set(check.FAMILIES)
+    # README: diffusers' fast tests "end the same way" traced and untraced
+    assert s["outcomes_differing"] == s["sdlens_exceptions"] == s["pipelines_changed"] == 0
     assert (f"| {s['tests_run']} | **{s['outcomes_differing']}** | **{s['sdlens_exceptions']}** | "
             f"**{s['pipelines_changed']}** |") in md
