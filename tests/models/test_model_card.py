@@ -117,3 +117,15 @@ def test_a_cut_short_ablation_says_where_it_was_measured():
     done = {**row, "train_steps": shipped, "stopped": {**row["stopped"], "stage": "refine"}}
     assert "last checkpoint" not in card.free_vs_taught(({**unet[0], "ablation": [done]}, unet[1]),
                                                         mmdit)
+
+
+def test_a_full_ablation_names_its_recipe_and_cache():
+    unet, mmdit = card.load_results(), card.load_results(card.MMDIT)
+    shipped = unet[1]["unet_steps"] + unet[1]["refine_steps"]
+    row = {**unet[0]["ablation"][0], "train_steps": shipped}
+    table = card.free_vs_taught(({**unet[0], "ablation": [row]}, unet[1]), mmdit)
+    assert "--attn-loss 0 --steps 5700 --schedule shipped" in table
+    assert f"a cache of as many scenes ({unet[1]['cache']:,})" in table
+    small = {**row, "cache": 20000}
+    table = card.free_vs_taught(({**unet[0], "ablation": [small]}, unet[1]), mmdit)
+    assert f"a cache of 20,000 scenes (the shipped model's: {unet[1]['cache']})" in table

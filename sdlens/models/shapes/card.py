@@ -314,6 +314,13 @@ def stopped_at(row: dict) -> str:
             f"on {schedule} (learning rate {stop['lr']:.1e} there).")
 
 
+def cache_words(ablation: list[dict], train: dict) -> str:
+    """The ablation's latent cache beside the shipped model's (``training.json``'s ``cache``)."""
+    n = min(a["cache"] for a in ablation)
+    return (f"a cache of as many scenes ({n:,})" if n == train.get("cache")
+            else f"a cache of {n:,} scenes (the shipped model's: {train.get('cache', 'unknown')})")
+
+
 def free_vs_taught_verdicts(unet: tuple[dict, dict], mmdit: tuple[dict, dict] | None) -> str:
     """The free-vs-taught verdict sentences, generated from the result files (:func:`verdict`):
     each free model against the taught UNet at each one's default CFG, then at ``COMMON_CFG``
@@ -417,6 +424,16 @@ def free_vs_taught(unet: tuple[dict, dict], mmdit: tuple[dict, dict] | None) -> 
             "and schedule: `train.py --attn-loss 0 --steps 5700 --schedule shipped`) had not "
             "reached them when these rows were measured (CPU only, no GPU lent)."
             + stopped_at(a))
+    else:
+        notes.append(
+            f"The UNet recipe without the attention loss: the shipped recipe with "
+            f"`--attn-loss 0`, trained as many steps ({shipped:,}, the refine stage included, "
+            "without its attention terms) on the same schedule (`python -m "
+            "sdlens.models.shapes.train --vae-from sdlens/models/shapes/weights/vae "
+            "--attn-loss 0 --steps 5700 --schedule shipped`: the shipped learning rates replayed "
+            f"step for step) and {cache_words(ablation, tr_u)}, with the shipped VAE; measured "
+            "by `python -m sdlens.models.shapes.card "
+            "--measure-ablation WORK`.")
     missing = [name for name, r in (("the taught UNet", taught_row(ev_u, COMMON_CFG)),
                                      ("the UNet without the attention loss",
                                       _at(ablation, COMMON_CFG)),
