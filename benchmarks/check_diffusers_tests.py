@@ -224,7 +224,7 @@ def build_hub() -> dict[str, str]:
         qwen_tokenizer().save_pretrained(snap)
         Qwen2VLImageProcessorPil().save_pretrained(snap)
     made["hf-internal-testing/tiny-random-Qwen2VLForConditionalGeneration"] = (
-        "sdlens.testing.qwen_tokenizer (a Qwen2Tokenizer: byte-level BPE of ~2000 pieces trained "
+        "sdlens.testing.qwen_tokenizer (a Qwen2Tokenizer: byte-level BPE of ~700 pieces trained "
         "here with Qwen2's pre-tokenizer split, special tokens and Qwen3's chat template) + "
         "Qwen2-VL's image processor (PIL); no video processor (it needs torchvision, not "
         "installed)")
@@ -242,7 +242,7 @@ def build_hub() -> dict[str, str]:
                                    num_hidden_layers=1, num_attention_heads=4,
                                    num_key_value_heads=2).save_pretrained(snap)
     made["hf-internal-testing/Mistral-Small-3.1-24B-Instruct-2503-only-processor"] = (
-        "sdlens.testing.mistral_tokenizer alone (byte-level BPE of ~2000 pieces trained here with "
+        "sdlens.testing.mistral_tokenizer alone (byte-level BPE of ~700 pieces trained here with "
         "Tekken's split, its control tokens at their real ids and the system / user chat "
         "template); AutoProcessor loads it as the tokenizer, no PixtralProcessor (torchvision)")
     return made

@@ -721,8 +721,8 @@ class _Session:
             prompts = [prompt]
         elif isinstance(prompt, (list, tuple)):
             prompts = list(prompt)
-        elif prompt is None and _embeds_shape(p.get("prompt_embeds")) is not None:
-            prompts = [None] * _embeds_shape(p["prompt_embeds"])[0]
+        elif prompt is None and (shape := _embeds_shape(p.get("prompt_embeds"))) is not None:
+            prompts = [None] * shape[0]
         else:
             raise TypeError(f"sdlens: prompt must be a str or a list of str (or prompt_embeds "
                             f"given), got {type(prompt).__name__}")
